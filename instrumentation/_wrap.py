@@ -1,0 +1,313 @@
+"""``@dispatcher.span``: one wrapper per kind of callable.
+
+With no handler in the dispatcher's chain a wrapper costs one attribute read and a
+call. Otherwise it opens a span (see :mod:`instrumentation._spans`), makes it
+current while the wrapped code runs, and closes it when the code is done: for a
+generator, when it is exhausted, closed or raises, and the span is made current
+again at every resume, so that interleaved generators each parent their own work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable
+
+from instrumentation._spans import Chain, LazyBoundArguments, LazySignature, fail, finish, start
+from instrumentation.context import SpanContext, _suppressed, activate, deactivate
+
+#: Set on every wrapper: the dispatcher that made it (LlamaIndex's marker name too).
+MARK = "__instrumentation_dispatcher__"
+LLAMA_MARK = "__dispatcher_span_decorated__"
+
+_METHOD_FIRST_PARAMS = frozenset({"self", "cls", "mcs", "klass", "metacls"})
+
+_awaitable_types: dict[type, bool] = {}
+
+
+def _is_awaitable(value: Any) -> bool:
+    kind = type(value)
+    known = _awaitable_types.get(kind)
+    if known is None:
+        known = getattr(kind, "__await__", None) is not None
+        if len(_awaitable_types) < 4096:
+            _awaitable_types[kind] = known
+    return known
+
+
+def _looks_like_method(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` was defined in a class body with ``self``/``cls`` first.
+
+    Decided once, at decoration: a function defined in a class body has a dotted
+    qualified name whose last scope is not ``<locals>``, and a method's first
+    parameter is ``self`` or ``cls`` by universal convention (a staticmethod's is not).
+    """
+    qualname = getattr(func, "__qualname__", "")
+    scope, _, _ = qualname.rpartition(".")
+    if not scope or scope.endswith("<locals>"):
+        return False
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].name in _METHOD_FIRST_PARAMS and params[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
+def _await_in_span(awaitable: Any, span: SpanContext) -> Any:
+    async def run() -> Any:
+        handle = activate(span)
+        try:
+            result = await awaitable
+        except BaseException as err:
+            fail(span, err)
+            raise
+        else:
+            finish(span, result)
+            return result
+        finally:
+            deactivate(handle)
+
+    return run()
+
+
+def _end_with_future(future: asyncio.Future[Any], span: SpanContext) -> asyncio.Future[Any]:
+    def done(fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            fail(span, asyncio.CancelledError())
+            return
+        err = fut.exception()
+        if err is not None:
+            fail(span, err)
+        else:
+            finish(span, fut.result())
+
+    future.add_done_callback(done)
+    return future
+
+
+def wrap(
+    dispatcher: Any,
+    func: Any,
+    name: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> Any:
+    """Wrap ``func`` so that each call is a span of ``dispatcher``."""
+    if isinstance(func, staticmethod):
+        return staticmethod(wrap(dispatcher, func.__func__, name, attributes))
+    if isinstance(func, classmethod):
+        inner = _wrap_callable(dispatcher, func.__func__, name, attributes, method=True)
+        return classmethod(inner)
+    if not callable(func):
+        raise TypeError(
+            f"@dispatcher.span decorates functions, methods, coroutines and generators; "
+            f"got {type(func).__name__} object {func!r}"
+        )
+    if getattr(func, MARK, None) is dispatcher and name is None and attributes is None:
+        return func  # idempotent: decorating twice with the same dispatcher is one span
+    return _wrap_callable(dispatcher, func, name, attributes, method=None)
+
+
+def _wrap_callable(
+    dispatcher: Any,
+    func: Callable[..., Any],
+    name: str | None,
+    attributes: Mapping[str, Any] | None,
+    method: bool | None,
+) -> Any:
+    d = dispatcher
+    bound_self: Any = None
+    target: Any = func
+    if inspect.ismethod(func):  # an already-bound method: the instance is fixed
+        bound_self = func.__self__
+        target = func.__func__
+        is_method = False
+    else:
+        is_method = _looks_like_method(func) if method is None else method
+    signature = LazySignature(func, drop_first=is_method)
+    attrs = dict(attributes) if attributes else None
+
+    fixed_name: str | None = name
+    short = getattr(target, "__name__", None) or type(target).__name__
+    if fixed_name is None and not is_method:
+        fixed_name = getattr(target, "__qualname__", None) or short
+    names_by_type: dict[type, str] = {}
+
+    def method_name(instance: Any) -> str:
+        # Named after the instance's own class, as LlamaIndex does ("Sub.method"), and
+        # for a classmethod after the class itself.
+        owner = instance if isinstance(instance, type) else type(instance)
+        found = names_by_type.get(owner)
+        if found is None:
+            found = f"{owner.__name__}.{short}"
+            if len(names_by_type) < 1024:
+                names_by_type[owner] = found
+        return found
+
+    def begin(chain: Chain, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpanContext:
+        if is_method and args:
+            instance = args[0]
+            span_name = fixed_name or method_name(instance)
+            call_args = args[1:]
+        else:
+            instance = bound_self
+            span_name = fixed_name or short
+            call_args = args
+        bound = LazyBoundArguments(signature, call_args, kwargs) if chain.spans else None
+        return start(chain, span_name, instance, bound, attrs)  # type: ignore[arg-type]
+
+    wrapper: Any
+    if inspect.isasyncgenfunction(target):
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            chain = d._hot
+            span = None
+            if chain is not None and not _suppressed.get():
+                span = begin(chain, args, kwargs)
+            agen = func(*args, **kwargs)
+            to_send: Any = None
+            to_throw: BaseException | None = None
+            while True:
+                handle = activate(span) if span is not None else None
+                try:
+                    if to_throw is not None:
+                        err, to_throw = to_throw, None
+                        item = await agen.athrow(err)
+                    else:
+                        item = await agen.asend(to_send)
+                except StopAsyncIteration:
+                    if span is not None:
+                        finish(span, None)
+                    return
+                except BaseException as err:
+                    if span is not None:
+                        fail(span, err)
+                    raise
+                finally:
+                    if handle is not None:
+                        deactivate(handle)
+                try:
+                    to_send = yield item
+                except GeneratorExit as closing:
+                    handle = activate(span) if span is not None else None
+                    try:
+                        await agen.aclose()
+                    except BaseException as err:
+                        if span is not None:
+                            fail(span, err)
+                        raise
+                    finally:
+                        if handle is not None:
+                            deactivate(handle)
+                    if span is not None:
+                        fail(span, closing)
+                    raise
+                except BaseException as err:
+                    to_throw, to_send = err, None
+
+    elif inspect.isgeneratorfunction(target):
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            chain = d._hot
+            if chain is None or _suppressed.get():
+                return (yield from func(*args, **kwargs))
+            span = begin(chain, args, kwargs)
+            handle = activate(span)
+            try:
+                gen = func(*args, **kwargs)
+            except BaseException as err:
+                fail(span, err)
+                raise
+            finally:
+                deactivate(handle)
+            to_send: Any = None
+            to_throw: BaseException | None = None
+            while True:
+                handle = activate(span)
+                try:
+                    if to_throw is not None:
+                        err, to_throw = to_throw, None
+                        item = gen.throw(err)
+                    else:
+                        item = gen.send(to_send)
+                except StopIteration as stop:
+                    finish(span, stop.value)
+                    return stop.value
+                except BaseException as err:
+                    fail(span, err)
+                    raise
+                finally:
+                    deactivate(handle)
+                try:
+                    to_send = yield item
+                except GeneratorExit as closing:
+                    handle = activate(span)
+                    try:
+                        gen.close()
+                    except BaseException as err:
+                        fail(span, err)
+                        raise
+                    finally:
+                        deactivate(handle)
+                    fail(span, closing)
+                    raise
+                except BaseException as err:
+                    to_throw, to_send = err, None
+
+    elif inspect.iscoroutinefunction(target):
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            chain = d._hot
+            if chain is None or _suppressed.get():
+                return await func(*args, **kwargs)
+            span = begin(chain, args, kwargs)
+            handle = activate(span)
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as err:
+                fail(span, err)
+                raise
+            else:
+                finish(span, result)
+                return result
+            finally:
+                deactivate(handle)
+
+    else:
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            chain = d._hot
+            if chain is None or _suppressed.get():
+                return func(*args, **kwargs)
+            span = begin(chain, args, kwargs)
+            handle = activate(span)
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as err:
+                fail(span, err)
+                raise
+            else:
+                if _is_awaitable(result):
+                    if isinstance(result, asyncio.Future):
+                        return _end_with_future(result, span)
+                    return _await_in_span(result, span)
+                finish(span, result)
+                return result
+            finally:
+                deactivate(handle)
+
+    try:
+        functools.update_wrapper(wrapper, target)
+    except (AttributeError, TypeError):  # callables without the usual attributes
+        pass
+    wrapper.__wrapped__ = func
+    setattr(wrapper, MARK, d)
+    setattr(wrapper, LLAMA_MARK, True)
+    return wrapper
+
+
+__all__ = ["LLAMA_MARK", "MARK", "wrap"]

@@ -1,0 +1,308 @@
+"""What is active right now: the current span, the current tags, and suppression.
+
+Everything here lives in ``contextvars``, so it follows asyncio tasks (each task
+starts from a copy of its creator's context) and threads started with a copied
+context (:class:`instrumentation.threads.Thread`). Nothing here takes a lock.
+
+A *bridge* (see :func:`register_bridge`) lets another tracing system, such as
+OpenTelemetry, take part: it can name the parent of a new root span of ours and
+make our spans current in its own context while they run. The core knows bridges
+only through the small :class:`ContextBridge` protocol and never imports one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from typing import Any, Protocol
+
+from instrumentation._ids import new_span_hex, new_trace_id
+
+_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
+
+
+class SpanContext:
+    """The identity of a live span, as children and events see it.
+
+    ``id_`` is the span id handlers receive (``"Qualname-<16 hex digits>"`` for
+    decorated calls, as in LlamaIndex); ``trace_id`` is shared by a whole call tree
+    (32 hex digits, W3C); ``span_hex`` is the 16-hex-digit W3C span id.
+    ``bound_args`` and ``instance`` are what the decorated call received; ``remote``
+    marks a parent that lives in another process or tracing system.
+    """
+
+    __slots__ = (
+        "bound_args",
+        "dispatcher",
+        "id_",
+        "instance",
+        "name",
+        "parent_id",
+        "remote",
+        "tags",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        id_: str,
+        trace_id: str,
+        parent_id: str | None = None,
+        name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        bound_args: Any = None,
+        instance: Any = None,
+        dispatcher: Any = None,
+        remote: bool = False,
+    ) -> None:
+        self.id_ = id_
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.name = name
+        self.tags = tags
+        self.bound_args = bound_args
+        self.instance = instance
+        self.dispatcher = dispatcher
+        self.remote = remote
+
+    @property
+    def span_hex(self) -> str:
+        return span_hex_of(self.id_)
+
+    def __repr__(self) -> str:
+        return (
+            f"SpanContext(id_={self.id_!r}, trace_id={self.trace_id!r}, "
+            f"parent_id={self.parent_id!r})"
+        )
+
+
+def span_hex_of(span_id: str) -> str:
+    """The 16-hex-digit W3C span id behind one of our span id strings.
+
+    Decorated spans end in 16 hex digits; any other string (a span id chosen by hand)
+    is hashed to 64 bits, so the same string always maps to the same W3C id.
+    """
+    tail = span_id[-16:]
+    if _HEX16.match(tail):
+        return tail
+    import hashlib
+
+    return hashlib.blake2b(span_id.encode("utf-8"), digest_size=8).hexdigest()
+
+
+_active_span: ContextVar[SpanContext | None] = ContextVar(
+    "instrumentation_active_span", default=None
+)
+_EMPTY_TAGS: Mapping[str, Any] = {}
+_active_tags: ContextVar[Mapping[str, Any]] = ContextVar(
+    "instrumentation_active_tags", default=_EMPTY_TAGS
+)
+_suppressed: ContextVar[bool] = ContextVar("instrumentation_suppressed", default=False)
+
+
+def current_span() -> SpanContext | None:
+    """The innermost span of ours active in this context, if any."""
+    return _active_span.get()
+
+
+def current_span_id() -> str | None:
+    span = _active_span.get()
+    return None if span is None else span.id_
+
+
+def current_trace_id() -> str | None:
+    span = _active_span.get()
+    return None if span is None else span.trace_id
+
+
+def current_tags() -> Mapping[str, Any]:
+    return _active_tags.get()
+
+
+class _ActiveSpanId:
+    """Read-only stand-in for LlamaIndex's ``active_span_id`` context variable."""
+
+    __slots__ = ()
+
+    def get(self, default: str | None = None) -> str | None:
+        span = _active_span.get()
+        return default if span is None else span.id_
+
+
+#: Compatibility: ``active_span_id.get()`` returns the current span's id, as in LlamaIndex.
+active_span_id = _ActiveSpanId()
+
+
+@contextmanager
+def instrument_tags(new_tags: Mapping[str, Any]) -> Iterator[None]:
+    """Attach ``new_tags`` to every event and span started inside the block.
+
+    Nested blocks merge: inner keys win. Tags must be JSON-able if they are to cross
+    processes with :meth:`Dispatcher.capture_propagation_context`.
+    """
+    if not isinstance(new_tags, Mapping):
+        raise TypeError(
+            f"instrument_tags() takes a mapping of tag names to values, got {type(new_tags).__name__}"
+        )
+    outer = _active_tags.get()
+    token = _active_tags.set({**outer, **new_tags} if outer else dict(new_tags))
+    try:
+        yield
+    finally:
+        _active_tags.reset(token)
+
+
+@contextmanager
+def suppress_instrumentation() -> Iterator[None]:
+    """Emit no events and start no spans inside the block.
+
+    Exporters and writers run their own I/O under it so that the library never traces
+    itself (an instrumented HTTP or database client would otherwise loop forever).
+    """
+    token = _suppressed.set(True)
+    try:
+        yield
+    finally:
+        _suppressed.reset(token)
+
+
+def is_suppressed() -> bool:
+    return _suppressed.get()
+
+
+class ContextBridge(Protocol):
+    """How another tracing system joins ours (see ``instrumentation.otel``).
+
+    ``parent_for`` is called when a span starts, with our innermost active span; it
+    returns the parent to use instead (for example a foreign span that is more
+    recent), or ``own`` unchanged. ``attach`` is called each time one of our spans
+    becomes current in a context (enter, and each resume of a generator) and
+    ``detach`` with what it returned when it stops being current. They must not raise.
+    """
+
+    def parent_for(self, own: SpanContext | None) -> SpanContext | None: ...
+
+    def attach(self, span: SpanContext) -> object: ...
+
+    def detach(self, token: object) -> None: ...
+
+
+_bridges: tuple[ContextBridge, ...] = ()
+
+
+def register_bridge(bridge: ContextBridge) -> None:
+    """Let ``bridge`` see our spans become current; idempotent."""
+    global _bridges
+    if bridge not in _bridges:
+        _bridges = (*_bridges, bridge)
+
+
+def unregister_bridge(bridge: ContextBridge) -> None:
+    global _bridges
+    _bridges = tuple(b for b in _bridges if b is not bridge)
+
+
+def bridges() -> tuple[ContextBridge, ...]:
+    return _bridges
+
+
+def parent_for_new_span() -> SpanContext | None:
+    """The parent a span starting now gets: ours, or what a bridge says."""
+    own = _active_span.get()
+    for bridge in _bridges:
+        try:
+            own = bridge.parent_for(own)
+        except Exception:  # a bridge must not break the application
+            pass
+    return own
+
+
+class _Activation:
+    __slots__ = ("bridge_tokens", "token")
+
+    def __init__(self, token: Token[SpanContext | None], bridge_tokens: list[object]) -> None:
+        self.token = token
+        self.bridge_tokens = bridge_tokens
+
+
+def activate(span: SpanContext) -> Token[SpanContext | None] | _Activation:
+    """Make ``span`` current; return what :func:`deactivate` needs to undo it."""
+    token = _active_span.set(span)
+    if not _bridges:
+        return token
+    attached: list[object] = []
+    for bridge in _bridges:
+        try:
+            attached.append(bridge.attach(span))
+        except Exception:
+            attached.append(None)
+    return _Activation(token, attached)
+
+
+def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
+    if type(handle) is _Activation:
+        for bridge, tok in zip(reversed(_bridges), reversed(handle.bridge_tokens)):
+            try:
+                bridge.detach(tok)
+            except Exception:
+                pass
+        handle = handle.token
+    try:
+        _active_span.reset(handle)  # type: ignore[arg-type]
+    except ValueError:
+        # The token was made in another context (a generator or coroutine driven
+        # from elsewhere): put back the value it replaced instead.
+        old = handle.old_value  # type: ignore[union-attr]
+        _active_span.set(None if old is Token.MISSING else old)
+
+
+def new_root_ids() -> tuple[str, str]:
+    """A fresh (span hex, trace id) pair."""
+    return new_span_hex(), new_trace_id()
+
+
+# -- W3C traceparent ---------------------------------------------------------------
+
+_TRACEPARENT = re.compile(r"\A00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+
+
+def format_traceparent(trace_id: str, span_hex: str, sampled: bool = True) -> str:
+    return f"00-{trace_id}-{span_hex}-{'01' if sampled else '00'}"
+
+
+def parse_traceparent(value: str) -> tuple[str, str, bool]:
+    """``(trace_id, span_hex, sampled)`` from a W3C ``traceparent`` header value."""
+    if not isinstance(value, str):
+        raise TypeError(f"traceparent must be a string, got {type(value).__name__}")
+    match = _TRACEPARENT.match(value.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"not a W3C traceparent (expected '00-<32 hex>-<16 hex>-<2 hex>'): {value!r}"
+        )
+    trace_id, span_hex, flags = match.groups()
+    if trace_id == "0" * 32 or span_hex == "0" * 16:
+        raise ValueError(f"traceparent has an all-zero trace or span id: {value!r}")
+    return trace_id, span_hex, bool(int(flags, 16) & 1)
+
+
+__all__ = [
+    "ContextBridge",
+    "SpanContext",
+    "activate",
+    "active_span_id",
+    "current_span",
+    "current_span_id",
+    "current_tags",
+    "current_trace_id",
+    "deactivate",
+    "format_traceparent",
+    "instrument_tags",
+    "is_suppressed",
+    "parse_traceparent",
+    "register_bridge",
+    "span_hex_of",
+    "suppress_instrumentation",
+    "unregister_bridge",
+]

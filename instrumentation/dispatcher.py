@@ -1,0 +1,775 @@
+"""Dispatchers and the tree they form.
+
+Dispatchers are named like loggers and form the same kind of tree: ``a.b`` sits
+under ``a``, everything under ``root``, whatever order they are created in. Missing
+ancestors are held by placeholders that are replaced when the real dispatcher
+appears (as ``logging.Manager`` does), and a name that merely shares a prefix with
+another ("r" and "root", "ab" and "a") is never taken for its ancestor.
+
+Changing the tree or a handler list takes the module lock; dispatching never does.
+Each dispatcher keeps the tuple of handlers its events and spans reach (its own and
+its ancestors', until one has ``propagate`` off); every change rebuilds those
+tuples, so the hot path reads one attribute.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, overload
+
+from instrumentation import telemetry
+from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, dispatch_event, fail, finish, start
+from instrumentation._wrap import LLAMA_MARK, MARK, wrap
+from instrumentation.context import (
+    SpanContext,
+    _active_span,
+    _active_tags,
+    _suppressed,
+    activate,
+    current_span,
+    deactivate,
+    format_traceparent,
+    instrument_tags,
+    parse_traceparent,
+    span_hex_of,
+)
+from instrumentation.event_handlers.base import BaseEventHandler
+from instrumentation.events.base import BaseEvent
+from instrumentation.span_handlers.base import BaseSpanHandler
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ROOT_NAME = "root"
+
+#: Guards the tree and every handler list. Re-entrant because a handler's
+#: ``close()`` or a placeholder fix-up may come back into the tree while it is held.
+_lock = threading.RLock()
+
+
+def _reinit_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_reinit_lock_after_fork)
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"a dispatcher name must be a str such as __name__ or 'myapp.db'; got {type(name).__name__}"
+        )
+    if not name or any(part == "" or part.strip() != part for part in name.split(".")):
+        raise ValueError(
+            f"a dispatcher name is dot-separated non-empty parts without surrounding spaces "
+            f"(like 'myapp.db'); got {name!r}"
+        )
+    return name
+
+
+class _PlaceHolder:
+    """Stands for a missing ancestor and remembers the dispatchers below it."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, child: Dispatcher) -> None:
+        self.children: dict[int, Dispatcher] = {id(child): child}
+
+
+_SHUTDOWN_ERROR_TEXT = "instrumentation shut down while the span was open"
+
+
+class Dispatcher:
+    """Emits events and spans to its handlers and, unless ``propagate`` is off, its ancestors'.
+
+    Get one with :func:`get_dispatcher` (``get_dispatcher(__name__)`` in each module);
+    a dispatcher made directly is not in the tree and reaches only its own handlers.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_ev",
+        "_event_handlers",
+        "_hot",
+        "_manager",
+        "_parent",
+        "_propagate",
+        "_span_handlers",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str = ROOT_NAME,
+        event_handlers: Iterable[BaseEventHandler] = (),
+        span_handlers: Iterable[BaseSpanHandler[Any]] = (),
+        propagate: bool = True,
+        **_ignored: Any,
+    ) -> None:
+        self.name = _check_name(name)
+        self._event_handlers: tuple[BaseEventHandler, ...] = tuple(
+            _check_event_handler(h) for h in event_handlers
+        )
+        self._span_handlers: tuple[BaseSpanHandler[Any], ...] = tuple(
+            _check_span_handler(h) for h in span_handlers
+        )
+        self._propagate = bool(propagate)
+        self._parent: Dispatcher | None = None
+        self._manager: Manager | None = None
+        self._ev: tuple[BaseEventHandler, ...] = ()
+        self._hot: Chain | None = None
+        self._rebuild()
+
+    # -- the tree -------------------------------------------------------------------
+
+    @property
+    def parent(self) -> Dispatcher | None:
+        """The nearest existing ancestor (``None`` for the root)."""
+        return self._parent
+
+    @property
+    def parent_name(self) -> str:
+        return "" if self._parent is None else self._parent.name
+
+    @property
+    def root(self) -> Dispatcher:
+        node = self
+        while node._parent is not None:
+            node = node._parent
+        return node
+
+    @property
+    def manager(self) -> Manager | None:
+        return self._manager
+
+    @property
+    def log_name(self) -> str:
+        return self.name
+
+    @property
+    def propagate(self) -> bool:
+        """Whether events and spans also reach the ancestors' handlers."""
+        return self._propagate
+
+    @propagate.setter
+    def propagate(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"propagate is True or False, got {value!r}")
+        with _lock:
+            self._propagate = value
+            self._changed()
+
+    # -- handlers -------------------------------------------------------------------
+
+    @property
+    def event_handlers(self) -> tuple[BaseEventHandler, ...]:
+        """This dispatcher's own event handlers (assign a list to replace them)."""
+        return self._event_handlers
+
+    @event_handlers.setter
+    def event_handlers(self, handlers: Iterable[BaseEventHandler]) -> None:
+        checked = tuple(_check_event_handler(h) for h in handlers)
+        with _lock:
+            self._event_handlers = checked
+            self._changed()
+
+    @property
+    def span_handlers(self) -> tuple[BaseSpanHandler[Any], ...]:
+        """This dispatcher's own span handlers (assign a list to replace them)."""
+        return self._span_handlers
+
+    @span_handlers.setter
+    def span_handlers(self, handlers: Iterable[BaseSpanHandler[Any]]) -> None:
+        checked = tuple(_check_span_handler(h) for h in handlers)
+        with _lock:
+            self._span_handlers = checked
+            self._changed()
+
+    def add_event_handler(self, handler: BaseEventHandler) -> None:
+        """Attach ``handler``; attaching the same handler twice is a no-op."""
+        _check_event_handler(handler)
+        with _lock:
+            if not any(h is handler for h in self._event_handlers):
+                self._event_handlers = (*self._event_handlers, handler)
+                self._changed()
+
+    def add_span_handler(self, handler: BaseSpanHandler[Any]) -> None:
+        """Attach ``handler``; attaching the same handler twice is a no-op."""
+        _check_span_handler(handler)
+        with _lock:
+            if not any(h is handler for h in self._span_handlers):
+                self._span_handlers = (*self._span_handlers, handler)
+                self._changed()
+
+    def remove_event_handler(self, handler: BaseEventHandler) -> None:
+        """Detach ``handler``; a handler that is not attached is ignored."""
+        with _lock:
+            self._event_handlers = tuple(h for h in self._event_handlers if h is not handler)
+            self._changed()
+
+    def remove_span_handler(self, handler: BaseSpanHandler[Any]) -> None:
+        """Detach ``handler``; a handler that is not attached is ignored."""
+        with _lock:
+            self._span_handlers = tuple(h for h in self._span_handlers if h is not handler)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._manager is not None:
+            self._manager._rebuild_all()
+        else:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Recompute the handler chains (called with the lock held)."""
+        events: list[BaseEventHandler] = []
+        spans: list[BaseSpanHandler[Any]] = []
+        node: Dispatcher | None = self
+        while node is not None:
+            events.extend(h for h in node._event_handlers if not any(h is e for e in events))
+            spans.extend(h for h in node._span_handlers if not any(h is s for s in spans))
+            if not node._propagate:
+                break
+            node = node._parent
+        self._ev = tuple(events)
+        self._hot = Chain(self.name, self._ev, tuple(spans)) if events or spans else None
+
+    # -- events ---------------------------------------------------------------------
+
+    def event(self, event: BaseEvent, **kwargs: Any) -> None:
+        """Send ``event`` to the handlers; the active tags are merged into its ``tags``."""
+        if not isinstance(event, BaseEvent):
+            raise TypeError(
+                f"dispatcher.event() takes a BaseEvent (subclass it for your data); "
+                f"got {type(event).__name__}"
+            )
+        handlers = self._ev
+        if not handlers or _suppressed.get():
+            return
+        tags = _active_tags.get()
+        if tags:
+            own = event.tags
+            for key, value in tags.items():
+                own.setdefault(key, value)
+        dispatch_event(handlers, event, kwargs)
+
+    async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
+        """Like :meth:`event`, awaiting each handler's ``ahandle``."""
+        if not isinstance(event, BaseEvent):
+            raise TypeError(
+                f"dispatcher.aevent() takes a BaseEvent; got {type(event).__name__}"
+            )
+        handlers = self._ev
+        if not handlers or _suppressed.get():
+            return
+        tags = _active_tags.get()
+        if tags:
+            for key, value in tags.items():
+                event.tags.setdefault(key, value)
+        telemetry.EVENTS_DISPATCHED.inc()
+        for handler in handlers:
+            try:
+                await handler.ahandle(event, **kwargs)
+            except Exception as exc:
+                telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
+
+    # -- spans by hand --------------------------------------------------------------
+
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Tell the span handlers that span ``id_`` started (it is not made current)."""
+        chain = self._hot
+        if chain is None:
+            return
+        if "trace_id" not in kwargs:
+            parent = _active_span.get()
+            kwargs["trace_id"] = parent.trace_id if parent is not None else _new_trace()
+        kwargs.setdefault("name", id_.rpartition("-")[0] or id_)
+        kwargs.setdefault("dispatcher", self.name)
+        kwargs.setdefault("attributes", None)
+        telemetry.SPANS_STARTED.inc()
+        for handler in chain.spans:
+            try:
+                handler.span_enter(
+                    id_=id_,
+                    bound_args=bound_args,
+                    instance=instance,
+                    parent_id=parent_id,
+                    tags=tags,
+                    **kwargs,
+                )
+            except Exception as exc:
+                telemetry.report_handler_error(handler, "span_enter", id_, exc)
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Tell the span handlers that span ``id_`` ended with ``result``."""
+        chain = self._hot
+        if chain is None:
+            return
+        telemetry.SPANS_ENDED.inc()
+        for handler in chain.spans:
+            try:
+                handler.span_exit(
+                    id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
+                )
+            except Exception as exc:
+                telemetry.report_handler_error(handler, "span_exit", id_, exc)
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Tell the span handlers that span ``id_`` ended early because of ``err``."""
+        chain = self._hot
+        if chain is None:
+            return
+        telemetry.SPANS_DROPPED.inc()
+        for handler in chain.spans:
+            try:
+                handler.span_drop(
+                    id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs
+                )
+            except Exception as exc:
+                telemetry.report_handler_error(handler, "span_drop", id_, exc)
+
+    # -- the decorator and the block --------------------------------------------------
+
+    @overload
+    def span(self, func: F, /) -> F: ...
+
+    @overload
+    def span(
+        self,
+        func: str,
+        /,
+        *,
+        tags: Mapping[str, Any] | None = None,
+        request: bool = False,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> SpanBlock: ...
+
+    @overload
+    def span(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        request: bool = False,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> SpanBlock: ...
+
+    def span(
+        self,
+        func: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        request: bool = False,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Trace calls of a function, or a block of code.
+
+        - ``@dispatcher.span`` on a function, method, coroutine, generator or async
+          generator: each call is a span.
+        - ``@dispatcher.span(name=..., request=True, attributes={...})``: the same with
+          options; ``request=True`` marks the span as one user request (see
+          ``instrumentation.audit``) and ``attributes`` reach the span handlers.
+        - ``with dispatcher.span("name"):`` / ``async with``: the block is a span.
+        """
+        attrs = _merge_attributes(attributes, request)
+        if func is None:
+            return SpanBlock(self, name, tags, attrs)
+        if isinstance(func, str):
+            if name is not None:
+                raise TypeError("give the span's name once: span('name') or span(name='name')")
+            return SpanBlock(self, func, tags, attrs)
+        if tags is not None:
+            raise TypeError(
+                "tags= applies to span blocks; for decorated calls use instrument_tags()"
+            )
+        return wrap(self, func, name, attrs)
+
+    # -- propagation ------------------------------------------------------------------
+
+    def capture_propagation_context(self) -> dict[str, Any]:
+        """The current trace as a JSON-able dict, to continue it in another process.
+
+        Holds a W3C ``traceparent``, the active span id, the active tags, and whatever
+        the span handlers add. Pass it to :meth:`restore_propagation_context` there.
+        """
+        out: dict[str, Any] = {}
+        chain = self._hot
+        for handler in chain.spans if chain is not None else ():
+            try:
+                out.update(handler.capture_propagation_context())
+            except Exception as exc:
+                telemetry.report_handler_error(
+                    handler, "capture_propagation_context", self.name, exc
+                )
+        span = current_span()
+        if span is not None:
+            out["traceparent"] = format_traceparent(span.trace_id, span.span_hex)
+            out["active_span_id"] = span.id_
+        tags = _active_tags.get()
+        if tags:
+            out["instrument_tags"] = dict(tags)
+        return out
+
+    def restore_propagation_context(self, context: Mapping[str, Any]) -> None:
+        """Continue the trace captured by :meth:`capture_propagation_context`.
+
+        Spans started afterwards in this context (thread, task) are children of the
+        captured span, in its trace, with its tags.
+        """
+        if not isinstance(context, Mapping):
+            raise TypeError(
+                f"restore_propagation_context() takes the dict that capture_propagation_context() "
+                f"returned; got {type(context).__name__}"
+            )
+        chain = self._hot
+        for handler in chain.spans if chain is not None else ():
+            try:
+                handler.restore_propagation_context(dict(context))
+            except Exception as exc:
+                telemetry.report_handler_error(
+                    handler, "restore_propagation_context", self.name, exc
+                )
+        traceparent = context.get("traceparent")
+        if traceparent is not None:
+            trace_id, span_hex, _sampled = parse_traceparent(traceparent)
+            span_id = context.get("active_span_id")
+            if not isinstance(span_id, str) or span_hex_of(span_id) != span_hex:
+                span_id = span_hex
+            _active_span.set(SpanContext(span_id, trace_id, None, None, remote=True))
+        tags = context.get("instrument_tags")
+        if tags:
+            if not isinstance(tags, Mapping):
+                raise TypeError(f"instrument_tags must be a mapping, got {type(tags).__name__}")
+            _active_tags.set(dict(tags))
+
+    # -- shutting down ----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Drop open spans, close and detach the handlers of this dispatcher and those below.
+
+        Safe to call twice: the second call finds nothing attached. Spans dropped here
+        are counted in ``telemetry.SPANS_DROPPED_BY_SHUTDOWN``.
+        """
+        with _lock:
+            nodes = [self] if self._manager is None else self._manager._subtree(self)
+            event_handlers: list[BaseEventHandler] = []
+            span_handlers: list[BaseSpanHandler[Any]] = []
+            for node in nodes:
+                event_handlers.extend(node._event_handlers)
+                span_handlers.extend(node._span_handlers)
+                node._event_handlers = ()
+                node._span_handlers = ()
+            self._changed()
+        error = RuntimeError(_SHUTDOWN_ERROR_TEXT)
+        closed: list[object] = []
+        for handler in span_handlers:
+            if any(handler is c for c in closed):
+                continue
+            closed.append(handler)
+            for span_id in list(getattr(handler, "open_spans", {})):
+                try:
+                    handler.span_drop(id_=span_id, bound_args=EMPTY_BOUND_ARGS, err=error)
+                    telemetry.SPANS_DROPPED_BY_SHUTDOWN.inc()
+                except Exception as exc:
+                    telemetry.report_handler_error(handler, "span_drop", span_id, exc)
+            _close(handler)
+        for ev_handler in event_handlers:
+            if not any(ev_handler is c for c in closed):
+                closed.append(ev_handler)
+                _close(ev_handler)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Dispatcher {self.name!r} parent={self.parent_name!r} propagate={self._propagate} "
+            f"event_handlers={len(self._event_handlers)} span_handlers={len(self._span_handlers)}>"
+        )
+
+
+def _close(handler: Any) -> None:
+    try:
+        handler.close()
+    except Exception as exc:
+        telemetry.report_handler_error(handler, "close", "shutdown", exc)
+
+
+def _new_trace() -> str:
+    from instrumentation._ids import new_trace_id
+
+    return new_trace_id()
+
+
+def _merge_attributes(attributes: Mapping[str, Any] | None, request: bool) -> dict[str, Any] | None:
+    if attributes is not None and not isinstance(attributes, Mapping):
+        raise TypeError(f"attributes must be a mapping, got {type(attributes).__name__}")
+    if not request:
+        return dict(attributes) if attributes else None
+    return {**(attributes or {}), "request": True}
+
+
+def _check_event_handler(handler: object) -> BaseEventHandler:
+    if not isinstance(handler, BaseEventHandler):
+        raise TypeError(
+            f"expected an event handler (a subclass of BaseEventHandler with handle()); "
+            f"got {type(handler).__name__}"
+            + (" - that is a span handler: use add_span_handler()" if isinstance(handler, BaseSpanHandler) else "")
+        )
+    return handler
+
+
+def _check_span_handler(handler: object) -> BaseSpanHandler[Any]:
+    if not isinstance(handler, BaseSpanHandler):
+        raise TypeError(
+            f"expected a span handler (a subclass of BaseSpanHandler); got {type(handler).__name__}"
+            + (" - that is an event handler: use add_event_handler()" if isinstance(handler, BaseEventHandler) else "")
+        )
+    return handler
+
+
+class SpanBlock:
+    """A span around a block of code (``with``/``async with``), or a decorator with options.
+
+    Each ``with`` opens a new span; one ``SpanBlock`` must not be entered twice at
+    the same time (make one per use: ``with dispatcher.span("step"):``). Inside the
+    block, ``block.id_`` and ``block.trace_id`` name the span (``None`` when no
+    handler listens), and ``block.result`` is handed to ``span_exit``.
+    """
+
+    __slots__ = ("_attributes", "_dispatcher", "_handle", "_name", "_tags", "context", "result")
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        name: str | None,
+        tags: Mapping[str, Any] | None,
+        attributes: dict[str, Any] | None,
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"a span name is a str, got {type(name).__name__}")
+        if tags is not None and not isinstance(tags, Mapping):
+            raise TypeError(f"tags must be a mapping, got {type(tags).__name__}")
+        self._dispatcher = dispatcher
+        self._name = name
+        self._tags = tags
+        self._attributes = attributes
+        self._handle: Any = None
+        self.context: SpanContext | None = None
+        self.result: Any = None
+
+    @property
+    def id_(self) -> str | None:
+        return None if self.context is None else self.context.id_
+
+    @property
+    def trace_id(self) -> str | None:
+        return None if self.context is None else self.context.trace_id
+
+    def __call__(self, func: F) -> F:
+        return wrap(self._dispatcher, func, self._name, self._attributes)  # type: ignore[no-any-return]
+
+    def __enter__(self) -> SpanBlock:
+        if self._name is None:
+            raise TypeError("a span block needs a name: with dispatcher.span('name'):")
+        if self.context is not None:
+            raise RuntimeError("this span block is already open; make a new one per use")
+        chain = self._dispatcher._hot
+        if chain is None or _suppressed.get():
+            return self
+        span = start(chain, self._name, None, EMPTY_BOUND_ARGS, self._attributes, self._tags)
+        self.context = span
+        self._handle = activate(span)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        span = self.context
+        if span is None:
+            return
+        try:
+            if exc is not None:
+                fail(span, exc)
+            else:
+                finish(span, self.result)
+        finally:
+            deactivate(self._handle)
+            self.context = None
+            self._handle = None
+
+    async def __aenter__(self) -> SpanBlock:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+class Manager:
+    """Owns the name tree; one per process (``root_manager``)."""
+
+    def __init__(self, root: Dispatcher) -> None:
+        self.root = root
+        self.dispatchers: dict[str, Dispatcher | _PlaceHolder] = {root.name: root}
+        root._manager = self
+
+    def get(self, name: str) -> Dispatcher:
+        found = self.dispatchers.get(name)
+        if type(found) is Dispatcher:
+            return found
+        with _lock:
+            found = self.dispatchers.get(name)
+            if isinstance(found, Dispatcher):
+                return found
+            made = Dispatcher(name)
+            made._manager = self
+            self.dispatchers[name] = made
+            self._fix_parent(made)
+            if isinstance(found, _PlaceHolder):
+                self._fix_children(found, made)
+            self._rebuild_all()
+            return made
+
+    def _fix_parent(self, made: Dispatcher) -> None:
+        name = made.name
+        parent: Dispatcher | None = None
+        i = name.rfind(".")
+        while i > 0 and parent is None:
+            prefix = name[:i]
+            node = self.dispatchers.get(prefix)
+            if node is None:
+                self.dispatchers[prefix] = _PlaceHolder(made)
+            elif isinstance(node, _PlaceHolder):
+                node.children[id(made)] = made
+            else:
+                parent = node
+            i = name.rfind(".", 0, i)
+        made._parent = parent if parent is not None else self.root
+
+    def _fix_children(self, holder: _PlaceHolder, made: Dispatcher) -> None:
+        # Each dispatcher below the placeholder whose parent is above ``made`` now
+        # hangs from ``made``. "Above" is decided by whole name parts, so "root" is
+        # never taken for a descendant of "r" (CPython's logging compares prefixes).
+        prefix = made.name + "."
+        for child in holder.children.values():
+            current = child._parent
+            if current is None or current is self.root or not (
+                current.name == made.name or current.name.startswith(prefix)
+            ):
+                child._parent = made
+
+    def _subtree(self, top: Dispatcher) -> list[Dispatcher]:
+        nodes = [d for d in self.dispatchers.values() if isinstance(d, Dispatcher)]
+        if top is self.root:
+            return nodes
+        prefix = top.name + "."
+        return [d for d in nodes if d is top or d.name.startswith(prefix)]
+
+    def _rebuild_all(self) -> None:
+        for node in list(self.dispatchers.values()):
+            if isinstance(node, Dispatcher):
+                node._rebuild()
+
+    def add_dispatcher(self, d: Dispatcher) -> None:
+        """Put a dispatcher made by hand into the tree (LlamaIndex's spelling)."""
+        with _lock:
+            if d.name in self.dispatchers and isinstance(self.dispatchers[d.name], Dispatcher):
+                return
+            found = self.dispatchers.get(d.name)
+            d._manager = self
+            self.dispatchers[d.name] = d
+            self._fix_parent(d)
+            if isinstance(found, _PlaceHolder):
+                self._fix_children(found, d)
+            self._rebuild_all()
+
+
+root_dispatcher: Dispatcher = Dispatcher(ROOT_NAME)
+root_manager: Manager = Manager(root_dispatcher)
+
+
+def get_dispatcher(name: str = ROOT_NAME) -> Dispatcher:
+    """The dispatcher called ``name``, made (and placed in the tree) at first use.
+
+    Use ``get_dispatcher(__name__)`` in each module; ``get_dispatcher()`` is the root,
+    whose handlers see everything that propagates.
+    """
+    found = root_manager.dispatchers.get(name)
+    if type(found) is Dispatcher:
+        return found
+    return root_manager.get(_check_name(name))
+
+
+class DispatcherSpanMixin:
+    """Spans for subclasses' implementations of abstract and already-traced methods.
+
+    A subclass's implementation of an abstract method, or its override of a method
+    decorated with ``@dispatcher.span`` in a base class, is decorated with the
+    dispatcher of the subclass's module. Decorating by hand as well is harmless: the
+    decorator is idempotent.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        wanted: set[str] = set()
+        for base in cls.__mro__[1:]:
+            for attr, member in vars(base).items():
+                func = getattr(member, "__func__", member)
+                if getattr(func, "__isabstractmethod__", False) or getattr(func, MARK, None) or getattr(
+                    func, LLAMA_MARK, False
+                ):
+                    wanted.add(attr)
+        if not wanted:
+            return
+        dispatcher = get_dispatcher(cls.__module__)
+        for attr, member in list(vars(cls).items()):
+            if attr not in wanted:
+                continue
+            func = getattr(member, "__func__", member)
+            if not callable(func) or getattr(func, "__isabstractmethod__", False):
+                continue
+            if getattr(func, MARK, None) is not None:
+                continue  # already traced (by any dispatcher)
+            setattr(cls, attr, dispatcher.span(member))
+
+
+def copy_context_run(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``func`` in a copy of the current context (so spans keep their parents)."""
+    return contextvars.copy_context().run(func, *args, **kwargs)
+
+
+__all__ = [
+    "Dispatcher",
+    "DispatcherSpanMixin",
+    "Manager",
+    "SpanBlock",
+    "get_dispatcher",
+    "instrument_tags",
+    "root_dispatcher",
+    "root_manager",
+]

@@ -1,0 +1,211 @@
+"""The span handler: turns span enter/exit/drop into spans of its own type."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from abc import abstractmethod
+from collections import deque
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from instrumentation.span.base import BaseSpan
+
+T = TypeVar("T", bound=BaseSpan)
+
+_takes_kwargs_cache: dict[type, tuple[bool, bool, bool]] = {}
+
+
+def _accepts_var_keyword(func: Any) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _takes_kwargs(cls: type) -> tuple[bool, bool, bool]:
+    """Whether ``new_span``/``prepare_to_exit_span``/``prepare_to_drop_span`` take ``**kwargs``.
+
+    Handlers written for LlamaIndex may omit ``**kwargs``; they are then called with
+    the guide's arguments only, and the extra ones (``name``, ``trace_id``, ...) are
+    filled into the span afterwards.
+    """
+    found = _takes_kwargs_cache.get(cls)
+    if found is None:
+        found = (
+            _accepts_var_keyword(cls.new_span),  # type: ignore[attr-defined]
+            _accepts_var_keyword(cls.prepare_to_exit_span),  # type: ignore[attr-defined]
+            _accepts_var_keyword(cls.prepare_to_drop_span),  # type: ignore[attr-defined]
+        )
+        _takes_kwargs_cache[cls] = found
+    return found
+
+
+class BaseSpanHandler(BaseModel, Generic[T]):
+    """Subclass it with your span type and implement the three ``new``/``prepare`` methods.
+
+    The dispatcher calls :meth:`span_enter`, :meth:`span_exit` and :meth:`span_drop`
+    on the application's thread; they must be quick and should not raise (an error is
+    logged and counted, and the application goes on). Besides the guide's arguments,
+    the dispatcher passes keyword arguments ``name`` (the function's qualified name),
+    ``trace_id``, ``dispatcher`` (the dispatcher's name) and ``attributes`` (what
+    ``@dispatcher.span(...)`` was given, or ``None``).
+
+    ``completed_spans`` and ``dropped_spans`` keep at most ``max_completed_spans``
+    spans each (the oldest go first), so a long-running process does not grow.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    open_spans: dict[str, T] = Field(default_factory=dict, description="Spans not ended yet.")
+    completed_spans: deque[T] = Field(default_factory=deque, description="Spans that ended.")
+    dropped_spans: deque[T] = Field(default_factory=deque, description="Spans that raised.")
+    current_span_ids: dict[Any, str | None] = Field(default_factory=dict)
+    max_completed_spans: int = Field(
+        default=10_000, ge=0, description="How many completed (and dropped) spans to keep."
+    )
+    _lock: threading.Lock | None = PrivateAttr(default=None)
+
+    def model_post_init(self, __context: Any) -> None:
+        self.completed_spans = deque(self.completed_spans, maxlen=self.max_completed_spans)
+        self.dropped_spans = deque(self.dropped_spans, maxlen=self.max_completed_spans)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return cls.__name__
+
+    @property
+    def lock(self) -> threading.Lock:
+        if self._lock is None:
+            self._lock = threading.Lock()
+        return self._lock
+
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Make and keep a span with :meth:`new_span`, unless ``id_`` is open already."""
+        if id_ in self.open_spans:
+            return
+        if _takes_kwargs(type(self))[0]:
+            span = self.new_span(
+                id_=id_,
+                bound_args=bound_args,
+                instance=instance,
+                parent_span_id=parent_id,
+                tags=tags,
+                **kwargs,
+            )
+        else:
+            span = self.new_span(
+                id_=id_,
+                bound_args=bound_args,
+                instance=instance,
+                parent_span_id=parent_id,
+                tags=tags,
+            )
+        if span is None:
+            return
+        # Fill what a handler written for LlamaIndex does not know about, without
+        # pydantic's __setattr__ (this runs once per span).
+        fields = getattr(span, "__dict__", None)
+        if fields is not None:
+            if fields.get("trace_id", False) is None and "trace_id" in kwargs:
+                fields["trace_id"] = kwargs["trace_id"]
+            if fields.get("name", False) is None and "name" in kwargs:
+                fields["name"] = kwargs["name"]
+        self.open_spans[id_] = span
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """End span ``id_`` with :meth:`prepare_to_exit_span`."""
+        if _takes_kwargs(type(self))[1]:
+            span = self.prepare_to_exit_span(
+                id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
+            )
+        else:
+            span = self.prepare_to_exit_span(
+                id_=id_, bound_args=bound_args, instance=instance, result=result
+            )
+        if span is not None:
+            self.open_spans.pop(id_, None)
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
+        if _takes_kwargs(type(self))[2]:
+            span = self.prepare_to_drop_span(
+                id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs
+            )
+        else:
+            span = self.prepare_to_drop_span(
+                id_=id_, bound_args=bound_args, instance=instance, err=err
+            )
+        if span is not None:
+            self.open_spans.pop(id_, None)
+
+    def capture_propagation_context(self) -> dict[str, Any]:
+        """What this handler needs to continue a trace in another process (nothing here)."""
+        return {}
+
+    def restore_propagation_context(self, context: dict[str, Any]) -> None:
+        """Take back what :meth:`capture_propagation_context` gave, in the other process."""
+
+    def close(self) -> None:
+        """Flush and release resources; called by :meth:`Dispatcher.shutdown`."""
+
+    @abstractmethod
+    def new_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_span_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> T | None:
+        """Make the span (``None`` to keep nothing)."""
+
+    @abstractmethod
+    def prepare_to_exit_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> T | None:
+        """Finish the span; return it to have it removed from ``open_spans``."""
+
+    @abstractmethod
+    def prepare_to_drop_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> T | None:
+        """Finish the span after ``err``; return it to have it removed from ``open_spans``."""
+
+
+__all__ = ["BaseSpanHandler"]
