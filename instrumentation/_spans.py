@@ -11,21 +11,17 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from instrumentation import telemetry
-from instrumentation._ids import new_span_hex, new_trace_id
+from instrumentation import _ids, telemetry
 from instrumentation import context as _context
 from instrumentation.context import SpanContext, _active_span, _active_tags, parent_for_new_span
 from instrumentation.events.span import SpanDropEvent
 
 _report = telemetry.report_handler_error
-_SPANS_STARTED = telemetry.SPANS_STARTED
-_SPANS_ENDED = telemetry.SPANS_ENDED
-_SPANS_DROPPED = telemetry.SPANS_DROPPED
 
 class Chain:
     """The handlers a dispatcher's spans and events reach, parents included."""
 
-    __slots__ = ("dispatcher", "events", "spans")
+    __slots__ = ("dispatcher", "enters", "events", "exits", "needs_bound_args", "spans")
 
     def __init__(
         self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...]
@@ -33,6 +29,14 @@ class Chain:
         self.dispatcher = dispatcher
         self.events = events
         self.spans = spans
+        # A handler may offer positional versions of span_enter/span_exit (keyword
+        # calls with nine arguments cost several times more); None means "use the
+        # public method with keywords".
+        # Handlers that never look at the arguments (needs_bound_args = False) spare
+        # every call the making of a BoundArguments.
+        self.needs_bound_args = any(getattr(h, "needs_bound_args", True) for h in spans)
+        self.enters = tuple((h, getattr(h, "positional_span_enter", None)) for h in spans)
+        self.exits = tuple((h, getattr(h, "positional_span_exit", None)) for h in spans)
 
 
 class LazySignature:
@@ -70,33 +74,34 @@ class LazyBoundArguments(inspect.BoundArguments):
     what it can (``bind_partial``), and failing that, nothing.
     """
 
-    __slots__ = ("_lazy_args", "_lazy_bound", "_lazy_kwargs", "_lazy_sig")
+    __slots__ = ("_lazy_bound", "_lazy_call")
 
     def __init__(
         self, signature: LazySignature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        self._lazy_sig = signature
-        self._lazy_args = args
-        self._lazy_kwargs = kwargs
-        self._lazy_bound: dict[str, Any] | None = None
+        self._lazy_call = (signature, args, kwargs)
 
     @property  # type: ignore[override]
     def _signature(self) -> inspect.Signature:
-        return EMPTY_SIGNATURE if self._lazy_sig is None else self._lazy_sig.get()
+        holder = self._lazy_call[0]
+        return EMPTY_SIGNATURE if holder is None else holder.get()
 
     @property  # type: ignore[override]
     def arguments(self) -> dict[str, Any]:
-        bound = self._lazy_bound
-        if bound is None:
-            sig = self._signature
+        try:
+            return self._lazy_bound
+        except AttributeError:
+            pass
+        sig = self._signature
+        _, args, kwargs = self._lazy_call
+        try:
+            bound = sig.bind(*args, **kwargs).arguments
+        except TypeError:
             try:
-                bound = sig.bind(*self._lazy_args, **self._lazy_kwargs).arguments
+                bound = sig.bind_partial(*args, **kwargs).arguments
             except TypeError:
-                try:
-                    bound = sig.bind_partial(*self._lazy_args, **self._lazy_kwargs).arguments
-                except TypeError:
-                    bound = {}
-            self._lazy_bound = bound
+                bound = {}
+        self._lazy_bound = bound
         return bound
 
     @arguments.setter
@@ -104,25 +109,43 @@ class LazyBoundArguments(inspect.BoundArguments):
         self._lazy_bound = value
 
     def __repr__(self) -> str:
-        return f"<LazyBoundArguments ({', '.join(f'{k}={v!r}' for k, v in self.arguments.items())})>"
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
+        return f"<LazyBoundArguments ({shown})>"
 
 
 EMPTY_BOUND_ARGS = LazyBoundArguments(None, (), {})
+
+
+_next = next
+_started = telemetry.SPANS_STARTED.ticks
+_ended = telemetry.SPANS_ENDED.ticks
+_dropped = telemetry.SPANS_DROPPED.ticks
+_events_dispatched = telemetry.EVENTS_DISPATCHED.ticks
+_getrandbits = _ids._getrandbits
+_hex = hex
+_new_context = tuple.__new__
+_TOP64 = _ids.TOP64
+_TOP128 = _ids.TOP128
 
 
 def start(
     chain: Chain,
     name: str,
     instance: Any,
-    bound_args: inspect.BoundArguments,
+    bound_args: Any,
     attributes: Mapping[str, Any] | None,
     extra_tags: Mapping[str, Any] | None = None,
 ) -> SpanContext:
-    """Open a span under the current one and tell the chain's span handlers."""
+    """Open a span under the current one and tell the chain's span handlers.
+
+    The caller keeps ``chain``, ``bound_args`` and ``instance`` and hands them to
+    :func:`finish` or :func:`fail`: the span context itself stays small, since one
+    is made for every call.
+    """
     # _context._bridges is read each time: the tuple is replaced when bridges change.
     parent = parent_for_new_span() if _context._bridges else _active_span.get()
     if parent is None:
-        trace_id = new_trace_id()
+        trace_id = _hex((_getrandbits(128) or 1) | _TOP128)[3:]
         parent_id = None
     else:
         trace_id = parent.trace_id
@@ -130,66 +153,81 @@ def start(
     tags = _active_tags.get()
     if extra_tags:
         tags = {**tags, **extra_tags}
-    span_id = f"{name}-{new_span_hex()}"
-    span = SpanContext(span_id, trace_id, parent_id, name, tags, bound_args, instance, chain)
-    _SPANS_STARTED.inc()
-    for handler in chain.spans:
+    span_id = name + "-" + _hex((_getrandbits(64) or 1) | _TOP64)[3:]
+    span = _new_context(SpanContext, (span_id, trace_id, parent_id, name))
+    _next(_started)
+    for handler, positional in chain.enters:
         try:
-            handler.span_enter(
-                id_=span_id,
-                bound_args=bound_args,
-                instance=instance,
-                parent_id=parent_id,
-                tags=tags,
-                name=name,
-                trace_id=trace_id,
-                dispatcher=chain.dispatcher,
-                attributes=attributes,
-            )
+            if positional is not None:
+                positional(
+                    span_id,
+                    bound_args,
+                    instance,
+                    parent_id,
+                    tags,
+                    name,
+                    trace_id,
+                    chain.dispatcher,
+                    attributes,
+                )
+            else:
+                handler.span_enter(
+                    id_=span_id,
+                    bound_args=bound_args,
+                    instance=instance,
+                    parent_id=parent_id,
+                    tags=tags,
+                    name=name,
+                    trace_id=trace_id,
+                    dispatcher=chain.dispatcher,
+                    attributes=attributes,
+                )
         except Exception as exc:
             _report(handler, "span_enter", span_id, exc)
     return span
 
 
-def finish(span: SpanContext, result: Any) -> None:
+def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
     """Close ``span`` normally."""
-    _SPANS_ENDED.inc()
+    _next(_ended)
     span_id = span.id_
-    for handler in span.dispatcher.spans:
+    for handler, positional in chain.exits:
         try:
-            handler.span_exit(
-                id_=span_id, bound_args=span.bound_args, instance=span.instance, result=result
-            )
+            if positional is not None:
+                positional(span_id, bound_args, instance, result)
+            else:
+                handler.span_exit(
+                    id_=span_id, bound_args=bound_args, instance=instance, result=result
+                )
         except Exception as exc:
             _report(handler, "span_exit", span_id, exc)
 
 
-def fail(span: SpanContext, err: BaseException) -> None:
+def fail(
+    chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
+) -> None:
     """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
-    _SPANS_DROPPED.inc()
-    chain: Chain = span.dispatcher
+    _next(_dropped)
     span_id = span.id_
     if chain.events:
         try:
-            drop_event = SpanDropEvent(
-                span_id=span_id, trace_id=span.trace_id, err_str=str(err), tags=dict(span.tags or {})
-            )
-        except Exception:  # str(err) itself can raise
-            drop_event = SpanDropEvent(
-                span_id=span_id, trace_id=span.trace_id, err_str=type(err).__name__
-            )
+            text = str(err)
+        except Exception:  # str() of a broken exception can itself raise
+            text = type(err).__name__
+        tags = _active_tags.get()
+        drop_event = SpanDropEvent(
+            span_id=span_id, trace_id=span.trace_id, err_str=text, tags=dict(tags)
+        )
         dispatch_event(chain.events, drop_event, {})
     for handler in chain.spans:
         try:
-            handler.span_drop(
-                id_=span_id, bound_args=span.bound_args, instance=span.instance, err=err
-            )
+            handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)
         except Exception as exc:
             _report(handler, "span_drop", span_id, exc)
 
 
 def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]) -> None:
-    telemetry.EVENTS_DISPATCHED.inc()
+    _next(_events_dispatched)
     for handler in handlers:
         try:
             handler.handle(event, **kwargs)

@@ -15,8 +15,14 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from instrumentation._spans import Chain, LazyBoundArguments, LazySignature, fail, finish, start
-from instrumentation.context import SpanContext, _suppressed, activate, deactivate
+from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, LazyBoundArguments, LazySignature, fail, finish, start
+from contextvars import Token
+
+from instrumentation import context as _context
+from instrumentation.context import SpanContext, _active_span, _suppressed, activate, deactivate
+
+_set_active = _active_span.set
+_reset_active = _active_span.reset
 
 #: Set on every wrapper: the dispatcher that made it (LlamaIndex's marker name too).
 MARK = "__instrumentation_dispatcher__"
@@ -58,16 +64,18 @@ def _looks_like_method(func: Callable[..., Any]) -> bool:
     )
 
 
-def _await_in_span(awaitable: Any, span: SpanContext) -> Any:
+def _await_in_span(
+    awaitable: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any
+) -> Any:
     async def run() -> Any:
         handle = activate(span)
         try:
             result = await awaitable
         except BaseException as err:
-            fail(span, err)
+            fail(chain, span, bound, instance, err)
             raise
         else:
-            finish(span, result)
+            finish(chain, span, bound, instance, result)
             return result
         finally:
             deactivate(handle)
@@ -75,16 +83,18 @@ def _await_in_span(awaitable: Any, span: SpanContext) -> Any:
     return run()
 
 
-def _end_with_future(future: asyncio.Future[Any], span: SpanContext) -> asyncio.Future[Any]:
+def _end_with_future(
+    future: asyncio.Future[Any], chain: Chain, span: SpanContext, bound: Any, instance: Any
+) -> asyncio.Future[Any]:
     def done(fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
-            fail(span, asyncio.CancelledError())
+            fail(chain, span, bound, instance, asyncio.CancelledError())
             return
         err = fut.exception()
         if err is not None:
-            fail(span, err)
+            fail(chain, span, bound, instance, err)
         else:
-            finish(span, fut.result())
+            finish(chain, span, bound, instance, fut.result())
 
     future.add_done_callback(done)
     return future
@@ -148,7 +158,9 @@ def _wrap_callable(
                 names_by_type[owner] = found
         return found
 
-    def begin(chain: Chain, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SpanContext:
+    def begin(
+        chain: Chain, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[SpanContext, Any, Any]:
         if is_method and args:
             instance = args[0]
             span_name = fixed_name or method_name(instance)
@@ -157,17 +169,21 @@ def _wrap_callable(
             instance = bound_self
             span_name = fixed_name or short
             call_args = args
-        bound = LazyBoundArguments(signature, call_args, kwargs) if chain.spans else None
-        return start(chain, span_name, instance, bound, attrs)  # type: ignore[arg-type]
+        bound = (
+            LazyBoundArguments(signature, call_args, kwargs)
+            if chain.needs_bound_args
+            else EMPTY_BOUND_ARGS
+        )
+        return start(chain, span_name, instance, bound, attrs), bound, instance
 
     wrapper: Any
     if inspect.isasyncgenfunction(target):
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             chain = d._hot
-            span = None
+            span = bound = instance = None
             if chain is not None and not _suppressed.get():
-                span = begin(chain, args, kwargs)
+                span, bound, instance = begin(chain, args, kwargs)
             agen = func(*args, **kwargs)
             to_send: Any = None
             to_throw: BaseException | None = None
@@ -181,11 +197,11 @@ def _wrap_callable(
                         item = await agen.asend(to_send)
                 except StopAsyncIteration:
                     if span is not None:
-                        finish(span, None)
+                        finish(chain, span, bound, instance, None)  # type: ignore[arg-type]
                     return
                 except BaseException as err:
                     if span is not None:
-                        fail(span, err)
+                        fail(chain, span, bound, instance, err)  # type: ignore[arg-type]
                     raise
                 finally:
                     if handle is not None:
@@ -198,13 +214,13 @@ def _wrap_callable(
                         await agen.aclose()
                     except BaseException as err:
                         if span is not None:
-                            fail(span, err)
+                            fail(chain, span, bound, instance, err)  # type: ignore[arg-type]
                         raise
                     finally:
                         if handle is not None:
                             deactivate(handle)
                     if span is not None:
-                        fail(span, closing)
+                        fail(chain, span, bound, instance, closing)  # type: ignore[arg-type]
                     raise
                 except BaseException as err:
                     to_throw, to_send = err, None
@@ -215,12 +231,12 @@ def _wrap_callable(
             chain = d._hot
             if chain is None or _suppressed.get():
                 return (yield from func(*args, **kwargs))
-            span = begin(chain, args, kwargs)
+            span, bound, instance = begin(chain, args, kwargs)
             handle = activate(span)
             try:
                 gen = func(*args, **kwargs)
             except BaseException as err:
-                fail(span, err)
+                fail(chain, span, bound, instance, err)
                 raise
             finally:
                 deactivate(handle)
@@ -235,10 +251,10 @@ def _wrap_callable(
                     else:
                         item = gen.send(to_send)
                 except StopIteration as stop:
-                    finish(span, stop.value)
+                    finish(chain, span, bound, instance, stop.value)
                     return stop.value
                 except BaseException as err:
-                    fail(span, err)
+                    fail(chain, span, bound, instance, err)
                     raise
                 finally:
                     deactivate(handle)
@@ -249,11 +265,11 @@ def _wrap_callable(
                     try:
                         gen.close()
                     except BaseException as err:
-                        fail(span, err)
+                        fail(chain, span, bound, instance, err)
                         raise
                     finally:
                         deactivate(handle)
-                    fail(span, closing)
+                    fail(chain, span, bound, instance, closing)
                     raise
                 except BaseException as err:
                     to_throw, to_send = err, None
@@ -264,15 +280,15 @@ def _wrap_callable(
             chain = d._hot
             if chain is None or _suppressed.get():
                 return await func(*args, **kwargs)
-            span = begin(chain, args, kwargs)
-            handle = activate(span)
+            span, bound, instance = begin(chain, args, kwargs)
+            handle = _set_active(span) if not _context._bridges else activate(span)
             try:
                 result = await func(*args, **kwargs)
             except BaseException as err:
-                fail(span, err)
+                fail(chain, span, bound, instance, err)
                 raise
             else:
-                finish(span, result)
+                finish(chain, span, bound, instance, result)
                 return result
             finally:
                 deactivate(handle)
@@ -283,22 +299,43 @@ def _wrap_callable(
             chain = d._hot
             if chain is None or _suppressed.get():
                 return func(*args, **kwargs)
-            span = begin(chain, args, kwargs)
-            handle = activate(span)
+            # begin() inlined: this is the hottest path of the library.
+            if is_method and args:
+                instance = args[0]
+                span_name = fixed_name or method_name(instance)
+                bound = LazyBoundArguments(signature, args[1:], kwargs) if chain.needs_bound_args else EMPTY_BOUND_ARGS
+            else:
+                instance = bound_self
+                span_name = fixed_name or short
+                bound = LazyBoundArguments(signature, args, kwargs) if chain.needs_bound_args else EMPTY_BOUND_ARGS
+            span = start(chain, span_name, instance, bound, attrs)
+            if _context._bridges:
+                handle = activate(span)
+            else:
+                handle = _set_active(span)
             try:
                 result = func(*args, **kwargs)
             except BaseException as err:
-                fail(span, err)
+                fail(chain, span, bound, instance, err)
                 raise
             else:
-                if _is_awaitable(result):
+                awaitable = _awaitable_types.get(type(result))
+                if awaitable is None:
+                    awaitable = _is_awaitable(result)
+                if awaitable:
                     if isinstance(result, asyncio.Future):
-                        return _end_with_future(result, span)
-                    return _await_in_span(result, span)
-                finish(span, result)
+                        return _end_with_future(result, chain, span, bound, instance)
+                    return _await_in_span(result, chain, span, bound, instance)
+                finish(chain, span, bound, instance, result)
                 return result
             finally:
-                deactivate(handle)
+                if type(handle) is Token:
+                    try:
+                        _reset_active(handle)
+                    except ValueError:
+                        deactivate(handle)
+                else:
+                    deactivate(handle)
 
     try:
         functools.update_wrapper(wrapper, target)

@@ -13,6 +13,7 @@ only through the small :class:`ContextBridge` protocol and never imports one.
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -23,59 +24,49 @@ from instrumentation._ids import new_span_hex, new_trace_id
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
 
 
-class SpanContext:
+class SpanContext(tuple):  # type: ignore[type-arg]
     """The identity of a live span, as children and events see it.
 
     ``id_`` is the span id handlers receive (``"Qualname-<16 hex digits>"`` for
     decorated calls, as in LlamaIndex); ``trace_id`` is shared by a whole call tree
-    (32 hex digits, W3C); ``span_hex`` is the 16-hex-digit W3C span id.
-    ``bound_args`` and ``instance`` are what the decorated call received; ``remote``
+    (32 hex digits, W3C); ``span_hex`` is the 16-hex-digit W3C span id. ``remote``
     marks a parent that lives in another process or tracing system.
+
+    A tuple underneath: one is made for every traced call, and a tuple is the
+    cheapest object Python can make (the hot path calls ``tuple.__new__`` directly).
     """
 
-    __slots__ = (
-        "bound_args",
-        "dispatcher",
-        "id_",
-        "instance",
-        "name",
-        "parent_id",
-        "remote",
-        "tags",
-        "trace_id",
-    )
+    __slots__ = ()
 
-    def __init__(
-        self,
-        id_: str,
-        trace_id: str,
-        parent_id: str | None = None,
-        name: str | None = None,
-        tags: Mapping[str, Any] | None = None,
-        bound_args: Any = None,
-        instance: Any = None,
-        dispatcher: Any = None,
-        remote: bool = False,
-    ) -> None:
-        self.id_ = id_
-        self.trace_id = trace_id
-        self.parent_id = parent_id
-        self.name = name
-        self.tags = tags
-        self.bound_args = bound_args
-        self.instance = instance
-        self.dispatcher = dispatcher
-        self.remote = remote
+    remote = False
+
+    def __new__(
+        cls, id_: str, trace_id: str, parent_id: str | None = None, name: str | None = None
+    ) -> SpanContext:
+        return tuple.__new__(cls, (id_, trace_id, parent_id, name))
+
+    id_: str = property(itemgetter(0))  # type: ignore[assignment]
+    trace_id: str = property(itemgetter(1))  # type: ignore[assignment]
+    parent_id: str | None = property(itemgetter(2))  # type: ignore[assignment]
+    name: str | None = property(itemgetter(3))  # type: ignore[assignment]
 
     @property
     def span_hex(self) -> str:
-        return span_hex_of(self.id_)
+        return span_hex_of(self[0])
 
     def __repr__(self) -> str:
         return (
-            f"SpanContext(id_={self.id_!r}, trace_id={self.trace_id!r}, "
-            f"parent_id={self.parent_id!r})"
+            f"{type(self).__name__}(id_={self[0]!r}, trace_id={self[1]!r}, "
+            f"parent_id={self[2]!r}, name={self[3]!r})"
         )
+
+
+class RemoteSpanContext(SpanContext):
+    """A parent span that lives in another process or another tracing system."""
+
+    __slots__ = ()
+
+    remote = True
 
 
 def span_hex_of(span_id: str) -> str:
@@ -289,6 +280,7 @@ def parse_traceparent(value: str) -> tuple[str, str, bool]:
 
 __all__ = [
     "ContextBridge",
+    "RemoteSpanContext",
     "SpanContext",
     "activate",
     "active_span_id",

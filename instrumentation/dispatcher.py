@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from instrumentation import telemetry
-from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, dispatch_event, fail, finish, start
+from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, fail, finish, start
 from instrumentation._wrap import LLAMA_MARK, MARK, wrap
 from instrumentation.context import (
+    RemoteSpanContext,
     SpanContext,
     _active_span,
     _active_tags,
@@ -44,6 +45,9 @@ from instrumentation.span_handlers.base import BaseSpanHandler
 F = TypeVar("F", bound=Callable[..., Any])
 
 ROOT_NAME = "root"
+
+_next = next
+_events_dispatched = telemetry.EVENTS_DISPATCHED.ticks
 
 #: Guards the tree and every handler list. Re-entrant because a handler's
 #: ``close()`` or a placeholder fix-up may come back into the tree while it is held.
@@ -255,7 +259,12 @@ class Dispatcher:
             own = event.tags
             for key, value in tags.items():
                 own.setdefault(key, value)
-        dispatch_event(handlers, event, kwargs)
+        _next(_events_dispatched)
+        for handler in handlers:
+            try:
+                handler.handle(event, **kwargs)
+            except Exception as exc:
+                telemetry.report_handler_error(handler, "handle", event.class_name(), exc)
 
     async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
         """Like :meth:`event`, awaiting each handler's ``ahandle``."""
@@ -465,7 +474,7 @@ class Dispatcher:
             span_id = context.get("active_span_id")
             if not isinstance(span_id, str) or span_hex_of(span_id) != span_hex:
                 span_id = span_hex
-            _active_span.set(SpanContext(span_id, trace_id, None, None, remote=True))
+            _active_span.set(RemoteSpanContext(span_id, trace_id, None, None))
         tags = context.get("instrument_tags")
         if tags:
             if not isinstance(tags, Mapping):
@@ -564,7 +573,16 @@ class SpanBlock:
     handler listens), and ``block.result`` is handed to ``span_exit``.
     """
 
-    __slots__ = ("_attributes", "_dispatcher", "_handle", "_name", "_tags", "context", "result")
+    __slots__ = (
+        "_attributes",
+        "_chain",
+        "_dispatcher",
+        "_handle",
+        "_name",
+        "_tags",
+        "context",
+        "result",
+    )
 
     def __init__(
         self,
@@ -582,6 +600,7 @@ class SpanBlock:
         self._tags = tags
         self._attributes = attributes
         self._handle: Any = None
+        self._chain: Chain | None = None
         self.context: SpanContext | None = None
         self.result: Any = None
 
@@ -606,6 +625,7 @@ class SpanBlock:
             return self
         span = start(chain, self._name, None, EMPTY_BOUND_ARGS, self._attributes, self._tags)
         self.context = span
+        self._chain = chain
         self._handle = activate(span)
         return self
 
@@ -613,15 +633,17 @@ class SpanBlock:
         span = self.context
         if span is None:
             return
+        chain = self._chain
         try:
             if exc is not None:
-                fail(span, exc)
+                fail(chain, span, EMPTY_BOUND_ARGS, None, exc)
             else:
-                finish(span, self.result)
+                finish(chain, span, EMPTY_BOUND_ARGS, None, self.result)
         finally:
             deactivate(self._handle)
             self.context = None
             self._handle = None
+            self._chain = None
 
     async def __aenter__(self) -> SpanBlock:
         return self.__enter__()

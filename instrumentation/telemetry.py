@@ -30,13 +30,20 @@ LOG_INTERVAL_SECONDS: float = 10.0
 class Counter:
     """A monotonic, thread-safe counter read with :attr:`value`."""
 
-    __slots__ = ("_lock", "_more", "_ticks", "name")
+    __slots__ = ("_base", "_lock", "_more", "_ticks", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Never replaced, so hot paths may bind ``next`` to it once (``ticks``).
         self._ticks = itertools.count()
+        self._base = 0
         self._more = 0
         self._lock = threading.Lock()
+
+    @property
+    def ticks(self) -> itertools.count[int]:
+        """The underlying ``itertools.count``: ``next(counter.ticks)`` adds one."""
+        return self._ticks
 
     def inc(self) -> None:
         """Add one; never blocks."""
@@ -53,11 +60,14 @@ class Counter:
     def value(self) -> int:
         # repr(itertools.count(7)) == "count(7)": the only way to read it without
         # advancing it, and stable across CPython versions.
-        return int(repr(self._ticks)[6:-1]) + self._more
+        return self._read_ticks() - self._base + self._more
+
+    def _read_ticks(self) -> int:
+        return int(repr(self._ticks)[6:-1])
 
     def reset(self) -> None:
         with self._lock:
-            self._ticks = itertools.count()
+            self._base = self._read_ticks()
             self._more = 0
 
     def __repr__(self) -> str:

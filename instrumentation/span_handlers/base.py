@@ -6,7 +6,7 @@ import inspect
 import threading
 from abc import abstractmethod
 from collections import deque
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -67,6 +67,10 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         default=10_000, ge=0, description="How many completed (and dropped) spans to keep."
     )
     _lock: threading.Lock | None = PrivateAttr(default=None)
+
+    #: Set to False in a handler that never reads ``bound_args``: the dispatcher then
+    #: passes an empty one and saves making it on every call.
+    needs_bound_args: ClassVar[bool] = True
 
     def model_post_init(self, __context: Any) -> None:
         self.completed_spans = deque(self.completed_spans, maxlen=self.max_completed_spans)

@@ -4,19 +4,107 @@ from __future__ import annotations
 
 import inspect
 from datetime import datetime, timezone
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
 from instrumentation.tree import build_forest, format_duration, render_forest
 
 
+_utc = timezone.utc
+_now = datetime.now
+_new_span_object = SimpleSpan.__new__
+_set = object.__setattr__
+_FIELDS_SET = frozenset(SimpleSpan.model_fields)
+_fast_classes: dict[type, bool] = {}
+
+
+def _uses_own_methods(cls: type) -> bool:
+    """Whether ``cls`` keeps SimpleSpanHandler's span methods (so the fast path is right)."""
+    found = _fast_classes.get(cls)
+    if found is None:
+        found = all(
+            getattr(cls, name) is getattr(SimpleSpanHandler, name)
+            for name in (
+                "new_span",
+                "prepare_to_exit_span",
+                "prepare_to_drop_span",
+                "span_enter",
+                "span_exit",
+            )
+        )
+        _fast_classes[cls] = found
+    return found
+
+
 class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
     """Keeps the last ``max_completed_spans`` spans with their timings.
 
     Good for development, notebooks and tests; for keeping traces, use
-    ``instrumentation.storage``.
+    ``instrumentation.storage``. It runs on every traced call, so entering and
+    leaving a span skip pydantic's validation (the values are ours and already of
+    the right types); subclasses that override ``new_span`` or the ``prepare``
+    methods go the ordinary way.
     """
+
+    needs_bound_args: ClassVar[bool] = False
+
+    @property
+    def positional_span_enter(self) -> Callable[..., None] | None:
+        """The dispatcher's fast entry point, unless a subclass changed how spans are made."""
+        return self._enter if _uses_own_methods(type(self)) else None
+
+    @property
+    def positional_span_exit(self) -> Callable[..., None] | None:
+        return self._exit if _uses_own_methods(type(self)) else None
+
+    def _enter(
+        self,
+        id_: str,
+        bound_args: Any,
+        instance: Any,
+        parent_id: str | None,
+        tags: Any,
+        name: str | None,
+        trace_id: str | None,
+        dispatcher: str | None,
+        attributes: Any,
+    ) -> None:
+        open_spans = self.open_spans
+        if id_ in open_spans:
+            return
+        span = _new_span_object(SimpleSpan)
+        _set(
+            span,
+            "__dict__",
+            {
+                "id_": id_,
+                "parent_id": parent_id,
+                "tags": dict(tags) if tags else {},
+                "trace_id": trace_id,
+                "name": name,
+                "start_time": _now(_utc),
+                "end_time": None,
+                "duration": 0.0,
+                "metadata": None,
+                "dispatcher": dispatcher,
+            },
+        )
+        _set(span, "__pydantic_fields_set__", set(_FIELDS_SET))
+        _set(span, "__pydantic_extra__", None)
+        _set(span, "__pydantic_private__", None)
+        open_spans[id_] = span
+
+    def _exit(self, id_: str, bound_args: Any, instance: Any, result: Any) -> None:
+        span = self.open_spans.pop(id_, None)
+        if span is None:
+            return
+        fields = span.__dict__
+        end = _now(_utc)
+        fields["end_time"] = end
+        fields["duration"] = (end - fields["start_time"]).total_seconds()
+        self.completed_spans.append(span)
 
     def new_span(
         self,

@@ -1,0 +1,162 @@
+"""Helpers for testing code that is instrumented, shipped with the library.
+
+``capture_events()`` and ``capture_spans()`` record what a block of code emits, as
+the pydantic objects themselves, and restore every handler list afterwards. The
+pytest plugin (registered automatically) offers the same as the fixture
+``instrumentation_capture``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from instrumentation import telemetry
+from instrumentation.dispatcher import Dispatcher, _lock, root_dispatcher, root_manager
+from instrumentation.event_handlers.base import BaseEventHandler
+from instrumentation.events.base import BaseEvent
+from instrumentation.span.simple import SimpleSpan
+from instrumentation.span_handlers.simple import SimpleSpanHandler
+
+
+class RecordingEventHandler(BaseEventHandler):
+    """Keeps every event it is given, in order (thread-safe)."""
+
+    events: list[BaseEvent] = []
+
+    def model_post_init(self, __context: Any) -> None:
+        self.events = []
+        self._guard = threading.Lock()
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        with self._guard:
+            self.events.append(event)
+
+
+class CapturedSpans(list[SimpleSpan]):
+    """The spans recorded by :func:`capture_spans` (completed and dropped), by start."""
+
+    def __init__(self, handler: SimpleSpanHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def refresh(self) -> CapturedSpans:
+        self[:] = sorted(
+            [*self.handler.completed_spans, *self.handler.dropped_spans],
+            key=lambda s: s.start_time,
+        )
+        return self
+
+    def named(self, name: str) -> list[SimpleSpan]:
+        return [s for s in self if s.name == name]
+
+    def tree(self) -> str:
+        return self.handler.format_trace_trees()
+
+
+@contextmanager
+def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[list[BaseEvent]]:
+    """Record the events that reach ``dispatcher`` (the root by default) in the block."""
+    target = root_dispatcher if dispatcher is None else dispatcher
+    handler = RecordingEventHandler()
+    events = handler.events
+    target.add_event_handler(handler)
+    try:
+        yield events
+    finally:
+        target.remove_event_handler(handler)
+
+
+@contextmanager
+def capture_spans(
+    dispatcher: Dispatcher | None = None, max_spans: int = 100_000
+) -> Iterator[CapturedSpans]:
+    """Record the spans that reach ``dispatcher`` (the root by default) in the block.
+
+    The list is filled when the block ends; call ``.refresh()`` to look inside it.
+    """
+    target = root_dispatcher if dispatcher is None else dispatcher
+    handler = SimpleSpanHandler(max_completed_spans=max_spans)
+    spans = CapturedSpans(handler)
+    target.add_span_handler(handler)
+    try:
+        yield spans
+    finally:
+        target.remove_span_handler(handler)
+        spans.refresh()
+
+
+class Snapshot:
+    """The handler lists and ``propagate`` flags of every dispatcher, to put back later."""
+
+    def __init__(self) -> None:
+        with _lock:
+            self.state = {
+                name: (node._event_handlers, node._span_handlers, node._propagate)
+                for name, node in root_manager.dispatchers.items()
+                if isinstance(node, Dispatcher)
+            }
+
+    def restore(self) -> None:
+        with _lock:
+            for name, node in root_manager.dispatchers.items():
+                if not isinstance(node, Dispatcher):
+                    continue
+                ev, sp, prop = self.state.get(name, ((), (), True))
+                node._event_handlers, node._span_handlers, node._propagate = ev, sp, prop
+            root_manager._rebuild_all()
+
+
+class Capture:
+    """What the ``instrumentation_capture`` fixture gives: events and spans of the test."""
+
+    def __init__(self) -> None:
+        self._events = RecordingEventHandler()
+        self._spans = SimpleSpanHandler(max_completed_spans=100_000)
+        root_dispatcher.add_event_handler(self._events)
+        root_dispatcher.add_span_handler(self._spans)
+
+    @property
+    def events(self) -> list[BaseEvent]:
+        return self._events.events
+
+    @property
+    def spans(self) -> list[SimpleSpan]:
+        return sorted(
+            [*self._spans.completed_spans, *self._spans.dropped_spans],
+            key=lambda s: s.start_time,
+        )
+
+    def events_of(self, kind: type[BaseEvent]) -> list[BaseEvent]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def tree(self) -> str:
+        return self._spans.format_trace_trees()
+
+
+@contextmanager
+def isolated() -> Iterator[Capture]:
+    """Record everything in the block, then restore all handlers and zero no counters."""
+    snapshot = Snapshot()
+    try:
+        yield Capture()
+    finally:
+        snapshot.restore()
+
+
+def reset_counters() -> None:
+    telemetry.reset()
+
+
+__all__ = [
+    "Capture",
+    "CapturedSpans",
+    "RecordingEventHandler",
+    "Snapshot",
+    "capture_events",
+    "capture_spans",
+    "isolated",
+    "reset_counters",
+]
