@@ -1,0 +1,86 @@
+"""Turns the LLM layer's start/end events into :class:`LLMEvent`.
+
+The LLM contract (``instrumentation.events.llm``) is matched by class name along the
+event's MRO rather than imported, so this module works whether or not the LLM layer
+is installed, and subclasses of the contract's events are recognised too. Only chat
+and completion calls are audited: predict/structured-predict call chat underneath
+(auditing both would count the call twice), and embeddings are not LLM calls here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from instrumentation.audit.events import LLMEvent
+
+_STARTS = {"LLMChatStartEvent": "chat", "LLMCompletionStartEvent": "completion"}
+_ENDS = {"LLMChatEndEvent": "chat", "LLMCompletionEndEvent": "completion"}
+_kinds: dict[type, tuple[str, str] | None] = {}
+
+
+def classify(event: object) -> tuple[str, str] | None:
+    """``("start"|"end", "chat"|"completion")`` for an LLM event, else ``None``."""
+    cls = type(event)
+    found = _kinds.get(cls, False)
+    if found is not False:
+        return found  # type: ignore[return-value]
+    kind: tuple[str, str] | None = None
+    for base in cls.__mro__:
+        if base.__name__ in _STARTS:
+            kind = ("start", _STARTS[base.__name__])
+            break
+        if base.__name__ in _ENDS:
+            kind = ("end", _ENDS[base.__name__])
+            break
+    _kinds[cls] = kind
+    return kind
+
+
+def _role(message: Any) -> str:
+    role = getattr(message, "role", None)
+    return str(getattr(role, "value", role))
+
+
+def _prompt(event: Any, llm_type: str) -> str | tuple[dict[str, Any], ...]:
+    if llm_type == "completion":
+        return str(getattr(event, "prompt", ""))
+    messages = getattr(event, "messages", None) or ()
+    return tuple({"role": _role(m), "content": getattr(m, "content", None)} for m in messages)
+
+
+def start_event(event: Any, llm_type: str) -> LLMEvent:
+    return LLMEvent(
+        prompt=_prompt(event, llm_type),
+        type=llm_type,
+        model=getattr(event, "model", None),
+        provider=getattr(event, "provider", None),
+        span_id=getattr(event, "span_id", None),
+    )
+
+
+def end_event(event: Any, llm_type: str) -> LLMEvent:
+    response = getattr(event, "response", None)
+    text: str | None = None
+    if response is not None:
+        if llm_type == "completion":
+            text = getattr(response, "text", None)
+        else:
+            message = getattr(response, "message", None)
+            text = getattr(message, "content", None)
+    usage = getattr(event, "usage", None)
+    return LLMEvent(
+        prompt=_prompt(event, llm_type),
+        type=llm_type,
+        response=text,
+        completion_tokens=getattr(usage, "completion_tokens", None),
+        prompt_tokens=getattr(usage, "prompt_tokens", None),
+        total_tokens=getattr(usage, "total_tokens", None),
+        model=getattr(event, "model", None),
+        provider=getattr(event, "provider", None),
+        latency_ms=getattr(event, "latency_ms", None),
+        cost_usd=getattr(event, "cost_usd", None),
+        span_id=getattr(event, "span_id", None),
+    )
+
+
+__all__ = ["classify", "end_event", "start_event"]

@@ -1,0 +1,225 @@
+"""Audit handlers on a dispatcher: request spans become audited requests.
+
+``attach(dispatcher, [FileEventHandler("logs")])`` attaches an :class:`AuditAdapter`
+(a span handler) to ``dispatcher``. Every span marked as a request that reaches it,
+``@dispatcher.span(request=True)`` on the dispatcher or any dispatcher below it,
+becomes ``request_start``/``request_end``; LLM calls inside it, through any
+dispatcher, become ``event_start``/``event_end``.
+
+What the request is made of, from the span:
+
+* ``question``: the call's argument named ``question``, ``query``, ``user_request``
+  or ``prompt`` (the first that is a str), else its first str argument, else "".
+* ``collection``: ``attributes={"collection": ...}`` on the span, else a str argument
+  named ``collection``, else the adapter's ``collection=``, else the dispatcher's name.
+* ``metadata``: the span's name, id, trace id and dispatcher, and its tags.
+* ``result``: what the call returned; ``error``: what it raised.
+
+When the span ends, the adapter waits for the request's handler calls, at most
+``timeout`` seconds, on the thread that ends the span (an event loop's thread, for
+async functions: keep ``timeout`` small there, or 0 not to wait and ``await
+adapter.aflush()`` when convenient).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import PrivateAttr
+
+from instrumentation.audit.base import EventHandler
+from instrumentation.audit.collector import registry
+from instrumentation.audit.events import RequestStart
+from instrumentation.audit.request import DEFAULT_TIMEOUT
+from instrumentation.audit.runner import RequestRun, check_handlers, check_timeout
+from instrumentation.dispatcher import Dispatcher
+from instrumentation.span.base import BaseSpan
+from instrumentation.span_handlers.base import BaseSpanHandler
+
+QUESTION_ARGUMENTS = ("question", "query", "user_request", "prompt")
+
+
+def _question(arguments: Mapping[str, Any]) -> str:
+    for name in QUESTION_ARGUMENTS:
+        value = arguments.get(name)
+        if isinstance(value, str):
+            return value
+    for value in arguments.values():
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def _collection(
+    arguments: Mapping[str, Any], attributes: Mapping[str, Any], fixed: str | None, dispatcher: str
+) -> str:
+    given = attributes.get("collection")
+    if isinstance(given, str):
+        return given
+    argument = arguments.get("collection")
+    if isinstance(argument, str):
+        return argument
+    return fixed if fixed is not None else dispatcher
+
+
+class AuditAdapter(BaseSpanHandler[BaseSpan]):
+    """A span handler that runs audit handlers for each request span (see the module doc)."""
+
+    handlers: list[Any]
+    timeout: float = DEFAULT_TIMEOUT
+    collection: str | None = None
+    _runs: dict[str, RequestRun] = PrivateAttr(default_factory=dict)
+    _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
+    _guard: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _pending: set[RequestRun] = PrivateAttr(default_factory=set)
+
+    def model_post_init(self, __context: Any) -> None:
+        super().model_post_init(__context)
+        self.handlers = list(check_handlers(self.handlers))
+        self.timeout = check_timeout(self.timeout)
+
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        attributes = kwargs.get("attributes") or {}
+        if not attributes.get("request"):
+            return
+        arguments = bound_args.arguments
+        dispatcher = str(kwargs.get("dispatcher", ""))
+        start = RequestStart(
+            question=_question(arguments),
+            collection=_collection(arguments, attributes, self.collection, dispatcher),
+            metadata={
+                "span_name": kwargs.get("name"),
+                "span_id": id_,
+                "trace_id": kwargs.get("trace_id"),
+                "dispatcher": dispatcher,
+                "tags": dict(tags or {}),
+            },
+        )
+        run = RequestRun(self.handlers, start)
+        with self._guard:
+            self._runs[id_] = run
+        registry.activate(run, span_id=id_)
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._end(id_, result, None)
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._end(id_, None, err if err is not None else RuntimeError("request span dropped"))
+
+    def _end(self, id_: str, result: Any, error: BaseException | None) -> None:
+        with self._guard:
+            run = self._runs.pop(id_, None)
+        if run is None:
+            return
+        try:
+            run.finish(result=result, error=error)
+        finally:
+            registry.deactivate(run)
+        with self._guard:
+            self._pending.add(run)
+        run.done.add_done_callback(lambda _: self._settled(run))
+        if self.timeout > 0:
+            run.wait(self.timeout)
+
+    def _settled(self, run: RequestRun) -> None:
+        with self._guard:
+            self._pending.discard(run)
+
+    def flush(self, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        """Wait until the handler calls of every ended request have run (``timeout=0`` mode)."""
+        deadline = time.monotonic() + check_timeout(timeout)
+        with self._guard:
+            runs = list(self._pending)
+        return all(run.wait(max(0.0, deadline - time.monotonic())) for run in runs)
+
+    async def aflush(self, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        """:meth:`flush` for async code: waits without blocking the event loop."""
+        deadline = time.monotonic() + check_timeout(timeout)
+        with self._guard:
+            runs = list(self._pending)
+        for run in runs:
+            if not await run.await_done(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._runs)
+
+    def detach(self) -> None:
+        """Remove this adapter from every dispatcher :func:`attach` put it on."""
+        for dispatcher in self._attached:
+            dispatcher.remove_span_handler(self)
+        self._attached.clear()
+
+    def close(self) -> None:
+        """End the requests still open (``Dispatcher.shutdown``), without waiting."""
+        with self._guard:
+            left = list(self._runs.items())
+            self._runs.clear()
+        for _, run in left:
+            try:
+                run.finish(error=RuntimeError("instrumentation shut down during the request"))
+            finally:
+                registry.deactivate(run)
+
+    def new_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def attach(
+    dispatcher: Dispatcher,
+    handlers: Sequence[EventHandler[Any, Any]],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    collection: str | None = None,
+) -> AuditAdapter:
+    """Run ``handlers`` for every request span reaching ``dispatcher``; returns the adapter."""
+    if not isinstance(dispatcher, Dispatcher):
+        raise TypeError(
+            "attach() takes a dispatcher, e.g. get_dispatcher('myapp'); "
+            f"got {type(dispatcher).__name__}"
+        )
+    if collection is not None and not isinstance(collection, str):
+        raise TypeError(f"collection is a str or None; got {type(collection).__name__}")
+    adapter = AuditAdapter(
+        handlers=list(check_handlers(handlers)), timeout=timeout, collection=collection
+    )
+    dispatcher.add_span_handler(adapter)
+    adapter._attached.append(dispatcher)
+    return adapter
+
+
+__all__ = ["QUESTION_ARGUMENTS", "AuditAdapter", "attach"]

@@ -1,0 +1,110 @@
+"""What audit handlers receive: a request's start and end, and the events inside it.
+
+These are plain dataclasses, as in db-ally, so a handler written for db-ally reads
+the same attributes (``question``, ``collection``, ``result``, ``prompt``, ``response``,
+``*_tokens``). Each object is handed to every handler and never changed afterwards:
+an event's end is a new object (``dataclasses.replace``), so a handler that keeps the
+start event still sees the start.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Union
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class RequestStart:
+    """One user request begins: what was asked, of which collection, and free metadata."""
+
+    question: str
+    collection: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    request_id: str = field(default_factory=_new_id)
+    started_at: datetime = field(default_factory=_now)
+
+
+@dataclass
+class RequestEnd:
+    """The request ended: its ``result``, or the ``error`` it raised (then ``result`` is None)."""
+
+    result: Any = None
+    error: BaseException | None = None
+    request_id: str = ""
+    duration_s: float = 0.0
+
+
+@dataclass
+class Event:
+    """Base of every event inside a request (subclass it for your own kinds)."""
+
+
+ChatFormat = tuple[dict[str, Any], ...]
+"""A chat prompt as db-ally spells it: ``({"role": ..., "content": ...}, ...)``."""
+
+
+@dataclass
+class LLMEvent(Event):
+    """One LLM call: the prompt, the response and the token usage.
+
+    ``type`` is ``"chat"`` or ``"completion"``. The start event has ``response`` and the
+    token counts unset; the end event has them (``error`` instead when the call failed
+    or never ended before the request did). ``span_id`` is the LLM call's span.
+    """
+
+    prompt: str | ChatFormat
+    type: str
+    response: str | None = None
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    total_tokens: int | None = None
+    model: str | None = None
+    provider: str | None = None
+    latency_ms: float | None = None
+    cost_usd: float | None = None
+    error: str | None = None
+    span_id: str | None = None
+
+
+@dataclass
+class RetrievalEvent(Event):
+    """A lookup of documents for a query (vector search, SQL, full text...)."""
+
+    query: str
+    source: str | None = None
+    documents: list[str] | None = None
+    error: str | None = None
+
+
+@dataclass
+class ToolCallEvent(Event):
+    """A tool the application (or the model) called, its arguments and its output."""
+
+    name: str
+    arguments: Any = None
+    output: Any = None
+    error: str | None = None
+
+
+AnyEvent = Union[LLMEvent, RetrievalEvent, ToolCallEvent]
+
+__all__ = [
+    "AnyEvent",
+    "ChatFormat",
+    "Event",
+    "LLMEvent",
+    "RequestEnd",
+    "RequestStart",
+    "RetrievalEvent",
+    "ToolCallEvent",
+]

@@ -1,0 +1,98 @@
+"""``CLIEventHandler``: each request as one readable block in the terminal.
+
+A request's lines are gathered in its context and written in one piece when it ends,
+under a lock shared by every instance, so concurrent requests never interleave.
+Colour (ANSI) is on when the stream is a terminal, unless ``color=`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TextIO
+
+from instrumentation.audit.base import EventHandler
+from instrumentation.audit.events import Event, RequestEnd, RequestStart
+from instrumentation.audit.handlers._format import clip, end_lines, title
+
+_write_lock = threading.Lock()
+
+_BOLD, _DIM, _RED, _GREEN, _CYAN, _RESET = (
+    "\033[1m",
+    "\033[2m",
+    "\033[31m",
+    "\033[32m",
+    "\033[36m",
+    "\033[0m",
+)
+
+
+class CLIEventHandler(EventHandler[list[str], float]):
+    """Prints requests to ``stream`` (``sys.stderr`` at the time of writing by default)."""
+
+    def __init__(self, stream: TextIO | None = None, color: bool | None = None) -> None:
+        if stream is not None and not hasattr(stream, "write"):
+            raise TypeError(
+                f"stream must have write(), like sys.stdout; got {type(stream).__name__}"
+            )
+        if color is not None and not isinstance(color, bool):
+            raise TypeError(f"color is True, False or None (auto); got {color!r}")
+        self.stream = stream
+        self.color = color
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _paint(self, code: str, text: str) -> str:
+        color = self.color
+        if color is None:
+            isatty = getattr(self._out(), "isatty", None)
+            color = bool(isatty()) if callable(isatty) else False
+        return f"{code}{text}{_RESET}" if color else text
+
+    def request_start(self, user_request: RequestStart) -> list[str]:
+        head = self._paint(_BOLD, f"Request {user_request.request_id[:8]}")
+        return [
+            f"{head} [{user_request.collection}] {clip(user_request.question, 500)}",
+        ]
+
+    def event_start(self, event: Event, request_context: list[str]) -> float:
+        return time.monotonic()
+
+    def event_end(
+        self, event: Event | None, request_context: list[str], event_context: float
+    ) -> None:
+        if request_context is None:
+            return
+        took = (
+            ""
+            if event_context is None
+            else f" ({(time.monotonic() - event_context) * 1000:.1f} ms)"
+        )
+        failed = getattr(event, "error", None)
+        request_context.append(
+            "  " + self._paint(_RED if failed else _CYAN, title(event)) + self._paint(_DIM, took)
+        )
+        request_context.extend(f"    {line}" for line in end_lines(event))
+
+    def request_end(self, output: RequestEnd, request_context: list[str]) -> None:
+        lines = list(request_context or [f"Request {output.request_id[:8]}"])
+        if output.error is not None:
+            lines.append(
+                "  "
+                + self._paint(
+                    _RED, f"error: {type(output.error).__name__}: {clip(str(output.error), 500)}"
+                )
+            )
+        else:
+            lines.append("  " + self._paint(_GREEN, f"result: {clip(output.result, 500)}"))
+        lines.append(self._paint(_DIM, f"  took {output.duration_s * 1000:.1f} ms"))
+        text = "\n".join(lines) + "\n"
+        with _write_lock:
+            out = self._out()
+            out.write(text)
+            out.flush()
+
+
+__all__ = ["CLIEventHandler"]

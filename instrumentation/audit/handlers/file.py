@@ -1,0 +1,101 @@
+"""``FileEventHandler``: one text file per request under a directory, as in the how-to.
+
+Its methods are plain ``def``: the runner calls them on its worker threads, so the
+writes never block an event loop (the application's or the audit loop). A file is
+written as ``.<name>.part`` and renamed to ``<name>`` when the request ends, so a
+file with its final name is complete. Names are ``<UTC time>-<request id>.log``
+where the request id is 32 hex digits made here: two requests never share a file,
+and nothing the user asked can steer the path out of the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from instrumentation.audit.base import EventHandler
+from instrumentation.audit.events import Event, RequestEnd, RequestStart
+from instrumentation.audit.handlers._format import clip, end_lines, title
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+
+
+@dataclass
+class FileContext:
+    """The request context: the open file and the paths it moves between."""
+
+    part: Path
+    final: Path
+    file: IO[str]
+    events: int = field(default=0)
+
+
+class FileEventHandler(EventHandler[FileContext | None, float]):
+    """Writes each request to its own file in ``directory`` (created if missing)."""
+
+    def __init__(self, directory: str | os.PathLike[str] = "logs") -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory is a path (str or Path); got {type(directory).__name__}")
+        self.directory = Path(directory)
+
+    def path_for(self, start: RequestStart) -> Path:
+        """Where the request's file goes: inside :attr:`directory`, whatever the request says."""
+        rid = start.request_id if _HEX32.match(start.request_id) else uuid.uuid4().hex
+        stamp = start.started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        return self.directory / f"{stamp}-{rid}.log"
+
+    def request_start(self, user_request: RequestStart) -> FileContext:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path_for(user_request)
+        part = final.with_name(f".{final.name}.part")
+        handle = open(part, "x", encoding="utf-8")  # noqa: SIM115 - closed in request_end
+        handle.write(f"Request: {user_request.request_id}\n")
+        handle.write(f"Started: {user_request.started_at.isoformat()}\n")
+        handle.write(f"Collection: {user_request.collection}\n")
+        handle.write(f"Question: {user_request.question}\n")
+        if user_request.metadata:
+            handle.write(f"Metadata: {clip(user_request.metadata)}\n")
+        return FileContext(part=part, final=final, file=handle)
+
+    def event_start(self, event: Event, request_context: FileContext | None) -> float:
+        if request_context is not None:
+            request_context.events += 1
+            request_context.file.write(f"\n[{request_context.events}] {title(event)} started\n")
+        return time.monotonic()
+
+    def event_end(
+        self, event: Event | None, request_context: FileContext | None, event_context: float
+    ) -> None:
+        if request_context is None:
+            return
+        elapsed = (
+            "?" if event_context is None else f"{(time.monotonic() - event_context) * 1000:.1f}"
+        )
+        out = request_context.file
+        out.write(f"{title(event)} ended, elapsed: {elapsed} ms\n")
+        for line in end_lines(event):
+            out.write(f"  {line}\n")
+
+    def request_end(self, output: RequestEnd, request_context: FileContext | None) -> None:
+        if request_context is None:
+            return
+        out = request_context.file
+        try:
+            if output.error is not None:
+                out.write(f"\nError: {type(output.error).__name__}: {clip(str(output.error))}\n")
+            else:
+                out.write(f"\nOutput: {clip(output.result)}\n")
+            out.write(f"Duration: {output.duration_s * 1000:.1f} ms\n")
+            out.write(f"Ended: {datetime.now(timezone.utc).isoformat()}\n")
+        finally:
+            out.close()
+            os.replace(request_context.part, request_context.final)
+
+
+__all__ = ["FileContext", "FileEventHandler"]

@@ -1,0 +1,93 @@
+"""``LoggingEventHandler``: one structured ``logging`` record per request start, event and end.
+
+Each record carries its data in ``record.audit`` (a dict: ``phase``, ``request_id``,
+and the event's fields), for JSON formatters and log shippers; the message is a short
+human line. Logging is thread-safe, so the methods are plain ``def``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from instrumentation.audit.base import EventHandler
+from instrumentation.audit.events import Event, RequestEnd, RequestStart
+from instrumentation.audit.handlers._format import clip, fields, title
+
+DEFAULT_LOGGER = "instrumentation.audit.events"
+
+
+class LoggingEventHandler(EventHandler[str, float]):
+    """Logs to ``logger`` (a name or a Logger) at ``level``; errors at ``logging.ERROR``."""
+
+    def __init__(
+        self, logger: str | logging.Logger = DEFAULT_LOGGER, level: int = logging.INFO
+    ) -> None:
+        if isinstance(logger, str):
+            logger = logging.getLogger(logger)
+        if not isinstance(logger, logging.Logger):
+            raise TypeError(
+                f"logger is a logger name or a logging.Logger; got {type(logger).__name__}"
+            )
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise TypeError(f"level is a logging level such as logging.INFO; got {level!r}")
+        self.logger = logger
+        self.level = level
+
+    def _log(self, level: int, message: str, data: dict[str, Any]) -> None:
+        self.logger.log(level, message, extra={"audit": data})
+
+    def request_start(self, user_request: RequestStart) -> str:
+        rid = user_request.request_id
+        self._log(
+            self.level,
+            f"audit request {rid[:8]} started [{user_request.collection}]: "
+            + clip(user_request.question, 200),
+            {
+                "phase": "request_start",
+                "request_id": rid,
+                "question": user_request.question,
+                "collection": user_request.collection,
+                "metadata": {k: clip(v, 200) for k, v in user_request.metadata.items()},
+            },
+        )
+        return rid
+
+    def event_start(self, event: Event, request_context: str) -> float:
+        return time.monotonic()
+
+    def event_end(self, event: Event | None, request_context: str, event_context: float) -> None:
+        duration = None if event_context is None else (time.monotonic() - event_context) * 1000
+        data = {
+            "phase": "event",
+            "request_id": request_context,
+            "duration_ms": duration,
+            **fields(event),
+        }
+        failed = bool(getattr(event, "error", None))
+        self._log(
+            logging.ERROR if failed else self.level,
+            f"audit request {str(request_context)[:8]}: {title(event)}"
+            + (f" failed: {clip(event.error, 200)}" if failed and event is not None else "")  # type: ignore[attr-defined]
+            + ("" if duration is None else f" ({duration:.1f} ms)"),
+            data,
+        )
+
+    def request_end(self, output: RequestEnd, request_context: str) -> None:
+        error = None if output.error is None else f"{type(output.error).__name__}: {output.error}"
+        self._log(
+            logging.ERROR if error else self.level,
+            f"audit request {output.request_id[:8]} "
+            + (f"failed: {clip(error, 200)}" if error else f"ended: {clip(output.result, 200)}"),
+            {
+                "phase": "request_end",
+                "request_id": output.request_id,
+                "result": clip(output.result),
+                "error": error,
+                "duration_ms": output.duration_s * 1000,
+            },
+        )
+
+
+__all__ = ["DEFAULT_LOGGER", "LoggingEventHandler"]

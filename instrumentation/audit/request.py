@@ -1,0 +1,192 @@
+"""``audit.request()``: one user request, by hand, for sync and async code.
+
+::
+
+    with audit.request(question=q, collection="recipes", handlers=[h]) as req:
+        req.result = answer(q)
+
+Entering calls every handler's ``request_start``; LLM calls inside the block become
+``event_start``/``event_end``; leaving calls ``request_end`` (with the error, if the
+block raised, which then propagates) and waits until every handler call of the
+request has run, at most ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from contextvars import Token
+from typing import Any, Generic, TypeVar
+
+from instrumentation.audit.base import EventHandler
+from instrumentation.audit.collector import current_run, registry
+from instrumentation.audit.events import Event, RequestStart
+from instrumentation.audit.runner import HandlerError, RequestRun, check_handlers, check_timeout
+from instrumentation.context import is_suppressed
+
+#: Seconds a request's exit waits for its handlers, unless ``timeout=`` says otherwise.
+DEFAULT_TIMEOUT = 10.0
+
+E = TypeVar("E", bound=Event)
+
+
+class AuditRequest:
+    """An active request; set :attr:`result` before the block ends.
+
+    After the block, :attr:`completed` tells whether the handlers finished within the
+    timeout and :attr:`errors` lists the handler calls that raised.
+    """
+
+    def __init__(
+        self,
+        question: str,
+        collection: str,
+        handlers: Sequence[EventHandler[Any, Any]],
+        metadata: Mapping[str, Any] | None,
+        timeout: float,
+    ) -> None:
+        if not isinstance(question, str):
+            raise TypeError(
+                f"question is the user's request as a str; got {type(question).__name__}"
+            )
+        if not isinstance(collection, str):
+            raise TypeError(
+                "collection names what was asked (a str such as 'recipes'); "
+                f"got {type(collection).__name__}"
+            )
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata is a dict of extra fields; got {type(metadata).__name__}")
+        self.handlers = check_handlers(handlers)
+        self.timeout = check_timeout(timeout)
+        self.start = RequestStart(
+            question=question, collection=collection, metadata=dict(metadata or {})
+        )
+        self.result: Any = None
+        self.completed: bool | None = None
+        self._run: RequestRun | None = None
+        self._token: Token[RequestRun | None] | None = None
+        self._used = False
+
+    @property
+    def id(self) -> str:
+        return self.start.request_id
+
+    @property
+    def errors(self) -> list[HandlerError]:
+        """Handler calls of this request that raised (complete once the block has exited)."""
+        return [] if self._run is None else list(self._run.errors)
+
+    def _begin(self) -> None:
+        if self._used:
+            raise RuntimeError("an audit request is entered once; call audit.request() per request")
+        self._used = True
+        if is_suppressed():
+            return  # inside the library's own work (or a handler): not audited
+        run = RequestRun(self.handlers, self.start)
+        registry.activate(run)
+        self._run = run
+        self._token = current_run.set(run)
+
+    def _end(self, exc: BaseException | None) -> RequestRun | None:
+        run = self._run
+        if run is None:
+            return None
+        if self._token is not None:
+            try:
+                current_run.reset(self._token)
+            except ValueError:  # left in another context than it was entered in
+                current_run.set(None)
+            self._token = None
+        try:
+            run.finish(result=None if exc is not None else self.result, error=exc)
+        finally:
+            registry.deactivate(run)
+        return run
+
+    def __enter__(self) -> AuditRequest:
+        self._begin()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        run = self._end(exc)
+        if run is not None:
+            self.completed = run.wait(self.timeout)
+
+    async def __aenter__(self) -> AuditRequest:
+        self._begin()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        run = self._end(exc)
+        if run is not None:
+            self.completed = await run.await_done(self.timeout)
+
+
+def request(
+    question: str,
+    collection: str = "",
+    *,
+    handlers: Sequence[EventHandler[Any, Any]],
+    metadata: Mapping[str, Any] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> AuditRequest:
+    """A request for ``with``/``async with``; see the module docstring."""
+    return AuditRequest(question, collection, handlers, metadata, timeout)
+
+
+class AuditEvent(Generic[E]):
+    """An event by hand inside the current request; :meth:`update` fields for its end."""
+
+    def __init__(self, event: E) -> None:
+        if not isinstance(event, Event) or not dataclasses.is_dataclass(event):
+            raise TypeError(
+                "audit.event() takes an audit event such as ToolCallEvent(name='search') "
+                f"or RetrievalEvent(query='...'); got {type(event).__name__}"
+            )
+        self.started = event
+        self.changes: dict[str, Any] = {}
+        self._run: RequestRun | None = None
+        self._key = object()
+
+    def update(self, **changes: Any) -> None:
+        """Fields the end event gets (e.g. ``output=...``, ``documents=[...]``)."""
+        names = {f.name for f in dataclasses.fields(self.started)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(
+                f"{type(self.started).__name__} has no field(s) {unknown}; "
+                f"its fields are {sorted(names)}"
+            )
+        self.changes.update(changes)
+
+    def __enter__(self) -> AuditEvent[E]:
+        run = registry.innermost(current_run.get())
+        if run is not None and run.begin_event(self._key, self.started):
+            self._run = run
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        run = self._run
+        if run is None:
+            return
+        changes = dict(self.changes)
+        if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
+            changes.setdefault("error", f"{type(exc).__name__}: {exc}")
+        run.end_event(self._key, dataclasses.replace(self.started, **changes))
+
+    async def __aenter__(self) -> AuditEvent[E]:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def event(event: E) -> AuditEvent[E]:
+    """An event by hand: ``with audit.event(ToolCallEvent(name="search")) as ev:``.
+
+    Call ``ev.update(output=...)`` inside the block for the fields of its end.
+    """
+    return AuditEvent(event)
+
+
+__all__ = ["DEFAULT_TIMEOUT", "AuditEvent", "AuditRequest", "event", "request"]

@@ -1,0 +1,295 @@
+"""One request's run: calls each handler in order and keeps the contexts it returned.
+
+The application side (any thread) posts calls; the audit loop queues them per
+handler and runs them one at a time, so ``event_start`` always sees the context
+``request_start`` returned and ``event_end`` the one its own ``event_start`` returned,
+however many requests and events are interleaved. Contexts live in this run object
+(one per request, one slot per handler, one per open event), never in the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from instrumentation import telemetry
+from instrumentation.audit._loop import audit_loop
+from instrumentation.audit.base import EventHandler
+from instrumentation.audit.events import Event, RequestEnd, RequestStart
+
+logger = logging.getLogger("instrumentation.audit")
+
+HANDLER_ERRORS = telemetry.counter("audit.handler_errors")
+TIMEOUTS = telemetry.counter("audit.timeouts")
+REQUESTS = telemetry.counter("audit.requests")
+EVENTS = telemetry.counter("audit.events")
+
+#: At most one log record per handler class and method in this many seconds.
+LOG_INTERVAL_SECONDS = 10.0
+_last_logged: dict[tuple[str, str], float] = {}
+
+_sequence = itertools.count(1)
+_tasks: set[asyncio.Task[None]] = set()
+
+UNFINISHED = "the request ended before this event did"
+
+
+class HandlerError(NamedTuple):
+    """A handler method that raised: which handler, which method, what."""
+
+    handler: EventHandler[Any, Any]
+    method: str
+    error: BaseException
+
+
+def check_handlers(handlers: object) -> tuple[EventHandler[Any, Any], ...]:
+    """The handlers as a tuple, or a TypeError saying what was expected."""
+    if isinstance(handlers, (str, bytes)) or not isinstance(handlers, (list, tuple)):
+        raise TypeError(
+            "handlers= takes a list of audit EventHandler instances, "
+            f"e.g. handlers=[FileEventHandler('logs')]; got {type(handlers).__name__}"
+        )
+    for handler in handlers:
+        if isinstance(handler, type):
+            raise TypeError(
+                f"handlers= takes instances: write {handler.__name__}(), not {handler.__name__}"
+            )
+        if not isinstance(handler, EventHandler):
+            raise TypeError(
+                "each audit handler must subclass instrumentation.audit.EventHandler; "
+                f"got {type(handler).__name__}"
+            )
+    return tuple(handlers)
+
+
+def check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout is a number of seconds, got {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout is seconds >= 0 (0 = do not wait); got {timeout!r}")
+    return float(timeout)
+
+
+def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) -> None:
+    HANDLER_ERRORS.inc()
+    name = type(handler).__name__
+    now = time.monotonic()
+    last = _last_logged.get((name, method))
+    if last is not None and now - last < LOG_INTERVAL_SECONDS:
+        return
+    _last_logged[(name, method)] = now
+    logger.error(
+        "audit handler %s failed in %s: %r (the request goes on; its later calls get None "
+        "for the context it could not make)",
+        name,
+        method,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+
+
+async def _call(method: Any, args: tuple[Any, ...]) -> Any:
+    if inspect.iscoroutinefunction(method):
+        return await method(*args)
+    result = await audit_loop.run_sync(method, *args)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+class RequestRun:
+    """The state of one request: handlers, their contexts, and the calls still to run."""
+
+    def __init__(self, handlers: Sequence[EventHandler[Any, Any]], start: RequestStart) -> None:
+        self.seq = next(_sequence)
+        self.start = start
+        self.handlers = tuple(handlers)
+        self.errors: list[HandlerError] = []
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.ended = False
+        self.span_ids: list[str] = []
+        self._started_at = time.perf_counter()
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
+        self._open: dict[object, list[tuple[int, Event]]] = {}
+        # Loop-side state (touched only on the audit loop's thread).
+        count = len(self.handlers)
+        self._request_ctx: list[Any] = [None] * count
+        self._event_ctx: list[dict[int, Any]] = [{} for _ in range(count)]
+        self._queues: list[deque[tuple[Any, ...]]] = [deque() for _ in range(count)]
+        self._draining = [False] * count
+        self._remaining = count
+        REQUESTS.inc()
+        if count == 0:
+            self.done.set_result(None)
+        else:
+            audit_loop.call_soon(self._enqueue, ("request_start",))
+
+    # -- application side (any thread) ---------------------------------------------
+
+    def begin_event(self, key: object, event: Event) -> bool:
+        """Start ``event``; a later :meth:`end_event` with the same ``key`` ends it."""
+        with self._lock:
+            if self.ended:
+                return False
+            number = next(self._keys)
+            self._open.setdefault(key, []).append((number, event))
+        EVENTS.inc()
+        if self.handlers:
+            audit_loop.call_soon(self._enqueue, ("event_start", number, event))
+        return True
+
+    def end_event(self, key: object, event: Event | None = None) -> bool:
+        """End the newest open event under ``key`` (``None``: the one it started with)."""
+        with self._lock:
+            stack = self._open.get(key)
+            if self.ended or not stack:
+                return False
+            number, started = stack.pop()
+            if not stack:
+                del self._open[key]
+        if self.handlers:
+            audit_loop.call_soon(
+                self._enqueue, ("event_end", number, started if event is None else event)
+            )
+        return True
+
+    def has_open(self, key: object) -> bool:
+        with self._lock:
+            return bool(self._open.get(key))
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> RequestEnd:
+        """End the request: close its open events, then ``request_end`` for every handler."""
+        with self._lock:
+            if self.ended:
+                raise RuntimeError("this request has ended already")
+            self.ended = True
+            left = [item for stack in self._open.values() for item in stack]
+            self._open.clear()
+        end = RequestEnd(
+            result=result,
+            error=error,
+            request_id=self.start.request_id,
+            duration_s=time.perf_counter() - self._started_at,
+        )
+        if self.handlers:
+            for number, started in sorted(left, key=lambda item: item[0]):
+                audit_loop.call_soon(self._enqueue, ("event_end", number, _unfinished(started)))
+            audit_loop.call_soon(self._enqueue, ("request_end", end))
+        return end
+
+    def wait(self, timeout: float) -> bool:
+        """Block until every handler call of this request ran, at most ``timeout`` seconds."""
+        if self.done.done():
+            return True
+        if audit_loop.in_loop_thread():
+            return False  # a handler started a request: waiting here would deadlock
+        try:
+            self.done.result(timeout=timeout)
+            return True
+        except concurrent.futures.TimeoutError:
+            self._timed_out(timeout)
+            return False
+
+    async def await_done(self, timeout: float) -> bool:
+        """Like :meth:`wait` without blocking the caller's event loop."""
+        if self.done.done():
+            return True
+        if audit_loop.in_loop_thread():
+            return False
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object) -> None:
+            # Runs on the audit loop; the caller's loop may be gone by then.
+            try:
+                loop.call_soon_threadsafe(_resolve, finished)
+            except RuntimeError:
+                pass
+
+        self.done.add_done_callback(wake)
+        try:
+            await asyncio.wait_for(finished, timeout)
+            return True
+        except asyncio.TimeoutError:
+            self._timed_out(timeout)
+            return False
+
+    def _timed_out(self, timeout: float) -> None:
+        TIMEOUTS.inc()
+        logger.warning(
+            "audit handlers of request %s did not finish within %.3gs; the application goes "
+            "on and they keep running in the background (raise timeout= to wait longer)",
+            self.start.request_id,
+            timeout,
+        )
+
+    # -- audit loop side -----------------------------------------------------------
+
+    def _enqueue(self, call: tuple[Any, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        for index, queue in enumerate(self._queues):
+            queue.append(call)
+            if not self._draining[index]:
+                self._draining[index] = True
+                task = loop.create_task(self._drain(index))
+                _tasks.add(task)  # keep a reference until it finishes
+                task.add_done_callback(_tasks.discard)
+
+    async def _drain(self, index: int) -> None:
+        queue = self._queues[index]
+        while queue:
+            await self._invoke(index, queue.popleft())
+        self._draining[index] = False
+
+    async def _invoke(self, index: int, call: tuple[Any, ...]) -> None:
+        handler = self.handlers[index]
+        kind = call[0]
+        args: tuple[Any, ...]
+        if kind == "request_start":
+            args = (self.start,)
+        elif kind == "event_start":
+            args = (call[2], self._request_ctx[index])
+        elif kind == "event_end":
+            args = (call[2], self._request_ctx[index], self._event_ctx[index].pop(call[1], None))
+        else:
+            args = (call[1], self._request_ctx[index])
+        result: Any = None
+        try:
+            result = await _call(getattr(handler, kind), args)
+        except (Exception, asyncio.CancelledError) as exc:
+            self.errors.append(HandlerError(handler, kind, exc))
+            _report(handler, kind, exc)
+        if kind == "request_start":
+            self._request_ctx[index] = result
+        elif kind == "event_start":
+            self._event_ctx[index][call[1]] = result
+        elif kind == "request_end":
+            self._request_ctx[index] = None
+            self._event_ctx[index].clear()
+            self._remaining -= 1
+            if self._remaining == 0 and not self.done.done():
+                self.done.set_result(None)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _unfinished(event: Event) -> Event:
+    if any(f.name == "error" for f in dataclasses.fields(event)):
+        return dataclasses.replace(event, error=UNFINISHED)  # type: ignore[call-arg]
+    return event
+
+
+__all__ = ["HandlerError", "RequestRun", "check_handlers", "check_timeout"]

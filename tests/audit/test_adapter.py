@@ -1,0 +1,207 @@
+"""Request spans on a dispatcher become audited requests."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from instrumentation import audit, get_dispatcher
+from instrumentation.audit import RequestStart
+from instrumentation.llms import ChatMessage, OfflineLLM, OfflineLLMError
+
+from .helpers import AsyncRecorder, SyncRecorder
+
+
+class Starts(SyncRecorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[RequestStart] = []
+
+    def request_start(self, user_request: RequestStart) -> Any:
+        self.starts.append(user_request)
+        return super().request_start(user_request)
+
+
+def test_request_span_becomes_a_request_and_llm_calls_its_events() -> None:
+    d = get_dispatcher("tests.audit.app")
+    handler = Starts()
+    audit.attach(d, [handler])
+    llm = OfflineLLM(answers={"cake": "carrot cake"})  # its spans go through instrumentation.llms
+
+    @d.span(request=True)
+    def ask(question: str, user: str = "ann") -> str:
+        return str(llm.chat([ChatMessage(role="user", content=question)]).message.content)
+
+    @d.span
+    def not_a_request(question: str) -> str:
+        return str(llm.chat([ChatMessage(role="user", content=question)]).message.content)
+
+    assert ask("which cake?") == "carrot cake"
+    not_a_request("which cake? (not audited)")
+    handler.rec.check(expected_requests=1, events_per_request=1)
+    start = handler.starts[0]
+    assert start.question == "which cake?"
+    assert start.collection == "tests.audit.app"  # no collection given: the dispatcher's name
+    assert start.metadata["span_name"].endswith("ask")
+    assert handler.rec.request_ends[0][0].result == "carrot cake"
+
+
+def test_question_and_collection_mapping() -> None:
+    d = get_dispatcher("tests.audit.mapping")
+    handler = Starts()
+    audit.attach(d, [handler], collection="fixed")
+
+    @d.span(request=True)
+    def by_query(limit: int, query: str) -> None: ...
+
+    @d.span(request=True)
+    def first_str(limit: int, text: str, other: str) -> None: ...
+
+    @d.span(request=True)
+    def with_collection_arg(question: str, collection: str) -> None: ...
+
+    @d.span(request=True, attributes={"collection": "from-attributes"})
+    def with_attribute(question: str) -> None: ...
+
+    @d.span(request=True)
+    def nothing(limit: int) -> None: ...
+
+    by_query(3, "q1")
+    first_str(3, "q2", "ignored")
+    with_collection_arg("q3", "recipes")
+    with_attribute(question="q4")
+    nothing(1)
+    got = [(s.question, s.collection) for s in handler.starts]
+    assert got == [
+        ("q1", "fixed"),
+        ("q2", "fixed"),
+        ("q3", "recipes"),
+        ("q4", "from-attributes"),
+        ("", "fixed"),
+    ]
+
+
+def test_request_span_on_a_child_dispatcher_and_span_block() -> None:
+    parent = get_dispatcher("tests.audit.tree")
+    child = get_dispatcher("tests.audit.tree.child")
+    handler = SyncRecorder()
+    audit.attach(parent, [handler])
+    llm = OfflineLLM()
+    with child.span("handle", request=True) as block:
+        llm.chat([ChatMessage(role="user", content="")])
+        block.result = "done"
+    handler.rec.check(expected_requests=1, events_per_request=1)
+    assert handler.rec.request_ends[0][0].result == "done"
+
+
+def test_raising_request_span_and_failed_llm_call() -> None:
+    d = get_dispatcher("tests.audit.fail")
+    handler = SyncRecorder()
+    audit.attach(d, [handler])
+    llm = OfflineLLM(fail_with="provider down")
+
+    @d.span(request=True)
+    def ask(question: str) -> str:
+        try:
+            llm.chat([ChatMessage(role="user", content=question)])
+        except OfflineLLMError:
+            pass
+        raise LookupError("no answer")
+
+    with pytest.raises(LookupError):
+        ask("q")
+    output, _ = handler.rec.request_ends[0]
+    assert isinstance(output.error, LookupError)
+    (_, event_ctx, event) = handler.rec.event_ends[0]
+    assert event.response is None and "provider down" in event.error
+    assert event_ctx is handler.rec.returned_events[0]
+
+
+def test_llm_call_in_a_plain_sub_span_and_thread_is_attributed() -> None:
+    from instrumentation import Thread
+
+    d = get_dispatcher("tests.audit.deep")
+    other = get_dispatcher("somewhere.else.entirely")
+    handler = AsyncRecorder()
+    audit.attach(d, [handler])
+    llm = OfflineLLM()
+
+    @other.span
+    def helper(question: str) -> None:
+        llm.chat([ChatMessage(role="user", content=question)])
+
+    @d.span(request=True)
+    def ask(question: str) -> None:
+        helper(question)
+        worker = Thread(target=helper, args=(question + " (thread)",))
+        worker.start()
+        worker.join()
+
+    ask("deep question")
+    handler.rec.check(expected_requests=1, events_per_request=2)
+
+
+def test_detach_and_bad_arguments() -> None:
+    d = get_dispatcher("tests.audit.detach")
+    handler = SyncRecorder()
+    adapter = audit.attach(d, [handler])
+
+    @d.span(request=True)
+    def ask(question: str) -> None: ...
+
+    adapter.detach()
+    ask("q")
+    assert handler.rec.calls == []
+    with pytest.raises(TypeError, match="dispatcher"):
+        audit.attach("tests.audit", [handler])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must subclass"):
+        audit.attach(d, [object()])  # type: ignore[list-item]
+
+
+def test_shutdown_ends_open_requests() -> None:
+    d = get_dispatcher("tests.audit.shutdown")
+    handler = SyncRecorder()
+    audit.attach(d, [handler])
+    entered, release = threading.Event(), threading.Event()
+
+    @d.span(request=True)
+    def ask(question: str) -> None:
+        entered.set()
+        release.wait(5)
+
+    worker = threading.Thread(target=ask, args=("q",))
+    worker.start()
+    entered.wait(5)
+    d.shutdown()
+    release.set()
+    worker.join()
+    for _ in range(200):
+        if handler.rec.request_ends:
+            break
+        threading.Event().wait(0.01)
+    assert "shut down" in str(handler.rec.request_ends[0][0].error)
+
+
+def test_flush_waits_for_handlers_when_the_span_does_not() -> None:
+    import asyncio
+
+    from instrumentation.audit import RequestEnd
+
+    class Slow(AsyncRecorder):
+        async def request_end(self, output: RequestEnd, request_context: Any) -> None:
+            await asyncio.sleep(0.1)
+            self.rec.request_end(output, request_context)
+
+    d = get_dispatcher("tests.audit.flush")
+    handler = Slow()
+    adapter = audit.attach(d, [handler], timeout=0)
+
+    @d.span(request=True)
+    def ask(question: str) -> None: ...
+
+    ask("q")
+    assert handler.rec.request_ends == []  # timeout=0: the span did not wait
+    assert adapter.flush(timeout=5) is True
+    assert len(handler.rec.request_ends) == 1

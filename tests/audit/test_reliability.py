@@ -1,0 +1,186 @@
+"""A failing handler is logged and counted and breaks nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from instrumentation import audit, telemetry
+from instrumentation.audit import Event, RequestEnd, RequestStart
+from instrumentation.llms import ChatMessage, OfflineLLM
+
+from .helpers import AsyncRecorder, SyncRecorder
+
+METHODS = ["request_start", "event_start", "event_end", "request_end"]
+
+
+def _failing(base: type, method: str) -> Any:
+    class Failing(base):  # type: ignore[valid-type, misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.got: list[tuple[str, Any]] = []
+
+    if base is AsyncRecorder:
+
+        async def broken(self: Any, *args: Any) -> Any:
+            self.got.append((method, args[1:]))
+            raise ZeroDivisionError(f"bug in {method}")
+
+    else:
+
+        def broken(self: Any, *args: Any) -> Any:
+            self.got.append((method, args[1:]))
+            raise ZeroDivisionError(f"bug in {method}")
+
+    setattr(Failing, method, broken)
+
+    def recording(name: str) -> Any:
+        original = getattr(base, name)
+
+        def call(self: Any, *args: Any) -> Any:
+            self.got.append((name, args[1:]))
+            return original(self, *args)
+
+        async def acall(self: Any, *args: Any) -> Any:
+            self.got.append((name, args[1:]))
+            return await original(self, *args)
+
+        return acall if base is AsyncRecorder else call
+
+    for other in METHODS:
+        if other != method:
+            setattr(Failing, other, recording(other))
+    return Failing()
+
+
+@pytest.mark.parametrize("base", [SyncRecorder, AsyncRecorder])
+@pytest.mark.parametrize("method", METHODS)
+def test_failing_method_breaks_nothing(
+    base: type, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = _failing(base, method)
+    healthy = SyncRecorder()
+    llm = OfflineLLM()
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(question="q", handlers=[broken, healthy]) as req,
+    ):
+        req.result = llm.chat([ChatMessage(role="user", content="q")]).message.content
+    assert req.result == "Echo: q"
+    healthy.rec.check(expected_requests=1, events_per_request=1)
+    assert [m for m, _ in broken.got] == METHODS  # every later call still happened
+    assert [(e.method, type(e.error)) for e in req.errors] == [(method, ZeroDivisionError)]
+    assert telemetry.counter("audit.handler_errors").value == 1
+    assert any(method in r.getMessage() and "Failing" in r.getMessage() for r in caplog.records)
+    got = dict(broken.got)
+    if method == "request_start":  # its context could not be made: None from then on
+        assert got["event_start"][0] is None
+        assert got["event_end"][0] is None and got["request_end"][-1] is None
+    if method == "event_start":
+        assert got["event_end"][-1] is None
+        assert got["event_end"][0] is not None
+
+
+def test_raising_base_exception_subclass_cancelled_is_survived() -> None:
+    class Cancels(AsyncRecorder):
+        async def event_start(self, event: Event, request_context: Any) -> Any:
+            raise asyncio.CancelledError()
+
+    handler = Cancels()
+    with (
+        audit.request(question="q", handlers=[handler], timeout=5) as req,
+        audit.event(audit.ToolCallEvent(name="t")),
+    ):
+        pass
+    assert req.completed is True
+    assert len(handler.rec.request_ends) == 1
+    assert handler.rec.event_ends[0][1] is None
+
+
+def test_slow_sync_handler_does_not_block_the_caller_beyond_timeout() -> None:
+    release = threading.Event()
+
+    class Slow(SyncRecorder):
+        def event_start(self, event: Event, request_context: Any) -> Any:
+            release.wait(5)
+            return super().event_start(event, request_context)
+
+    llm = OfflineLLM()
+    began = time.monotonic()
+    with audit.request(question="q", handlers=[Slow()], timeout=0.1) as req:
+        for _ in range(5):  # events are queued, the caller never waits for them
+            llm.chat([ChatMessage(role="user", content="q")])
+        inside = time.monotonic() - began
+    total = time.monotonic() - began
+    release.set()
+    assert inside < 1.0  # five events, each stuck 5 s in the handler
+    assert total < 2.0 and req.completed is False
+
+
+def test_sync_app_slow_async_handler_per_event_is_not_waited_for() -> None:
+    class Slow(AsyncRecorder):
+        async def event_end(self, event: Event | None, request_context: Any, ctx: Any) -> None:
+            await asyncio.sleep(0.1)
+            self.rec.event_end(event, request_context, ctx)
+
+    handler = Slow()
+    llm = OfflineLLM()
+    began = time.monotonic()
+    with audit.request(question="q", handlers=[handler], timeout=10):
+        for _ in range(10):
+            llm.chat([ChatMessage(role="user", content="q")])
+        inside = time.monotonic() - began
+    assert inside < 0.6  # ten event_end calls of 0.1 s each did not hold the app
+    handler.rec.check(expected_requests=1, events_per_request=10)  # but all ran by the exit
+
+
+def test_handler_that_starts_a_request_is_not_audited_and_does_not_deadlock() -> None:
+    inner = SyncRecorder()
+
+    class Nested(SyncRecorder):
+        def request_start(self, user_request: RequestStart) -> Any:
+            with audit.request(question="from a handler", handlers=[inner]):
+                pass
+            return super().request_start(user_request)
+
+    handler = Nested()
+    with audit.request(question="q", handlers=[handler], timeout=5) as req:
+        pass
+    assert req.completed is True
+    assert inner.rec.calls == []  # handlers run with instrumentation suppressed
+
+
+def test_events_after_the_request_ended_are_dropped() -> None:
+    handler = SyncRecorder()
+    with audit.request(question="q", handlers=[handler]) as req:
+        pass
+    run = req._run
+    assert run is not None
+    assert run.begin_event("late", audit.ToolCallEvent(name="late")) is False
+    with pytest.raises(RuntimeError, match="ended already"):
+        run.finish()
+
+
+def test_unfinished_event_is_ended_with_the_request() -> None:
+    handler = SyncRecorder()
+    with audit.request(question="q", handlers=[handler]) as req:
+        assert req._run is not None
+        req._run.begin_event("never-ends", audit.ToolCallEvent(name="t"))
+    (_, ctx, event) = handler.rec.event_ends[0]
+    assert ctx is handler.rec.returned_events[0]
+    assert "ended before" in event.error
+
+
+def test_request_end_error_does_not_hide_the_application_error() -> None:
+    class Bad(SyncRecorder):
+        def request_end(self, output: RequestEnd, request_context: Any) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(KeyError), audit.request(question="q", handlers=[Bad()]):
+        raise KeyError("app")
+    assert telemetry.counter("audit.handler_errors").value == 1
