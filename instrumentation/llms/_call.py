@@ -1,0 +1,342 @@
+"""One LLM call's events: start, one in-progress per chunk, end.
+
+Shared by :class:`BaseLLM` and the OpenAI instrumentation so both report the same
+way: redaction applied before any event exists, latency and time to first token
+measured here, usage taken from the provider or estimated (and flagged so), cost from
+the price table. Event objects are only built when some handler listens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from instrumentation.dispatcher import Dispatcher
+from instrumentation.events.llm import (
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    EmbeddingEndEvent,
+    EmbeddingStartEvent,
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMChatStartEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
+    LLMCompletionStartEvent,
+    MessageRole,
+    TokenUsage,
+)
+from instrumentation.llms.pricing import PriceTable
+from instrumentation.llms.redaction import Redaction
+from instrumentation.llms.tokens import count_message_tokens, count_tokens
+
+Kind = Literal["chat", "completion"]
+
+#: ``finish_reason`` of a stream the caller stopped reading.
+ABANDONED = "abandoned"
+
+
+def listening(dispatcher: Dispatcher) -> bool:
+    """Whether any handler would see this dispatcher's events (a cheap read)."""
+    return dispatcher._hot is not None
+
+
+def coerce_usage(value: Any) -> TokenUsage | None:
+    """A :class:`TokenUsage` from one, a dict, or a provider object with the same fields."""
+    if value is None or isinstance(value, TokenUsage):
+        return value
+    if isinstance(value, dict):
+        return TokenUsage.model_validate(value)
+    fields = {
+        name: getattr(value, name)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+        if isinstance(getattr(value, name, None), int)
+    }
+    details = getattr(value, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None)
+    if isinstance(cached, int):
+        fields["cached_tokens"] = cached
+    out_details = getattr(value, "completion_tokens_details", None)
+    reasoning = getattr(out_details, "reasoning_tokens", None)
+    if isinstance(reasoning, int):
+        fields["reasoning_tokens"] = reasoning
+    return TokenUsage.model_validate(fields) if fields else None
+
+
+class LLMCall:
+    """Records one chat or completion call; not thread-safe (one call, one caller)."""
+
+    __slots__ = (
+        "_first_token",
+        "_red_messages",
+        "_red_prompt",
+        "_t0",
+        "_text",
+        "additional_kwargs",
+        "dispatcher",
+        "kind",
+        "listening",
+        "messages",
+        "model",
+        "model_dict",
+        "prices",
+        "prompt",
+        "provider",
+        "redaction",
+    )
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        kind: Kind,
+        *,
+        model: str | None,
+        provider: str | None,
+        redaction: Redaction,
+        prices: PriceTable,
+        messages: Sequence[ChatMessage] = (),
+        prompt: str = "",
+        additional_kwargs: dict[str, Any] | None = None,
+        model_dict: dict[str, Any] | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.kind = kind
+        self.model = model
+        self.provider = provider
+        self.redaction = redaction
+        self.prices = prices
+        self.messages = list(messages)
+        self.prompt = prompt
+        self.additional_kwargs = additional_kwargs or {}
+        self.model_dict = model_dict or {}
+        self.listening = False
+        self._text = ""
+        self._first_token: float | None = None
+        self._t0 = 0.0
+        self._red_messages: list[ChatMessage] = []
+        self._red_prompt = ""
+
+    # -- start ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Emit the start event and start the clock."""
+        self.listening = listening(self.dispatcher)
+        if self.listening:
+            red = self.redaction
+            if self.kind == "chat":
+                self._red_messages = red.messages(self.messages)
+                self.dispatcher.event(
+                    LLMChatStartEvent(
+                        messages=self._red_messages,
+                        additional_kwargs=self.additional_kwargs,
+                        model_dict=self.model_dict,
+                        model=self.model,
+                        provider=self.provider,
+                    )
+                )
+            else:
+                self._red_prompt = red.text(self.prompt) or ""
+                self.dispatcher.event(
+                    LLMCompletionStartEvent(
+                        prompt=self._red_prompt,
+                        additional_kwargs=self.additional_kwargs,
+                        model_dict=self.model_dict,
+                        model=self.model,
+                        provider=self.provider,
+                    )
+                )
+        self._t0 = time.perf_counter()
+
+    # -- chunks ---------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The streamed text so far."""
+        return self._text
+
+    def chunk(self, delta: str, raw: Any = None, role: MessageRole = MessageRole.ASSISTANT) -> None:
+        """Record one streamed chunk and emit its in-progress event (if anyone listens)."""
+        if self._first_token is None and delta:
+            self._first_token = time.perf_counter()
+        self._text += delta
+        if not self.listening:
+            return
+        text = self._text
+        if self.kind == "chat":
+            response: Any = ChatResponse(
+                message=ChatMessage(role=role, content=text), delta=delta, raw=raw
+            )
+        else:
+            response = CompletionResponse(text=text, delta=delta, raw=raw)
+        self._emit_progress(response)
+
+    def _emit_progress(self, response: Any) -> None:
+        red = self.redaction
+        if red.active:
+            response = self._redact_response(response)
+        if self.kind == "chat":
+            self.dispatcher.event(
+                LLMChatInProgressEvent(
+                    messages=self._red_messages,
+                    response=response,
+                    model=self.model,
+                    provider=self.provider,
+                )
+            )
+        else:
+            self.dispatcher.event(
+                LLMCompletionInProgressEvent(
+                    prompt=self._red_prompt,
+                    response=response,
+                    model=self.model,
+                    provider=self.provider,
+                )
+            )
+
+    def _redact_response(self, response: Any) -> Any:
+        red = self.redaction
+        if isinstance(response, ChatResponse):
+            return ChatResponse(
+                message=red.message(response.message),
+                delta=red.text(response.delta),
+                additional_kwargs=response.additional_kwargs,
+            )
+        assert isinstance(response, CompletionResponse)
+        return CompletionResponse(
+            text=red.text(response.text) or "",
+            delta=red.text(response.delta),
+            additional_kwargs=response.additional_kwargs,
+        )
+
+    # -- end ------------------------------------------------------------------------
+
+    def estimate_usage(self, completion_text: str | None = None) -> TokenUsage:
+        """Usage counted by :mod:`instrumentation.llms.tokens`, flagged as estimated."""
+        prompt = (
+            count_message_tokens(self.messages)
+            if self.kind == "chat"
+            else count_tokens(self.prompt)
+        )
+        text = self.text if completion_text is None else completion_text
+        completion = count_tokens(text)
+        return TokenUsage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            estimated=True,
+        )
+
+    def end(
+        self,
+        response: ChatResponse | CompletionResponse | None,
+        usage: TokenUsage | None = None,
+        finish_reason: str | None = None,
+        model: str | None = None,
+    ) -> TokenUsage:
+        """Emit the end event; returns the usage reported (estimated when none is given)."""
+        now = time.perf_counter()
+        if model:
+            self.model = model
+        if usage is None:
+            if isinstance(response, ChatResponse):
+                usage = self.estimate_usage(response.message.content or "")
+            elif isinstance(response, CompletionResponse):
+                usage = self.estimate_usage(response.text)
+            else:
+                usage = self.estimate_usage()
+        if not self.listening:
+            return usage
+        latency_ms = (now - self._t0) * 1000.0
+        ttft_ms = None if self._first_token is None else (self._first_token - self._t0) * 1000.0
+        if response is not None and self.redaction.active:
+            response = self._redact_response(response)
+        common: dict[str, Any] = {
+            "model": self.model,
+            "provider": self.provider,
+            "usage": usage,
+            "latency_ms": latency_ms,
+            "time_to_first_token_ms": ttft_ms,
+            "finish_reason": finish_reason,
+            "cost_usd": self.prices.cost(self.model, usage),
+        }
+        if self.kind == "chat":
+            assert response is None or isinstance(response, ChatResponse)
+            self.dispatcher.event(
+                LLMChatEndEvent(messages=self._red_messages, response=response, **common)
+            )
+        else:
+            assert response is None or isinstance(response, CompletionResponse)
+            self.dispatcher.event(
+                LLMCompletionEndEvent(prompt=self._red_prompt, response=response, **common)
+            )
+        return usage
+
+    def end_stream(
+        self,
+        usage: TokenUsage | None = None,
+        finish_reason: str | None = None,
+        raw: Any = None,
+        model: str | None = None,
+    ) -> TokenUsage:
+        """End a stream with the text it produced (``finish_reason`` "abandoned" if cut)."""
+        text = self.text
+        response: ChatResponse | CompletionResponse
+        if self.kind == "chat":
+            response = ChatResponse(
+                message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw
+            )
+        else:
+            response = CompletionResponse(text=text, raw=raw)
+        return self.end(response, usage, finish_reason, model)
+
+
+def emit_embedding_start(
+    dispatcher: Dispatcher, model: str | None, provider: str | None, model_dict: dict[str, Any]
+) -> float:
+    """Emit :class:`EmbeddingStartEvent`; returns the start time for the end event."""
+    if listening(dispatcher):
+        dispatcher.event(EmbeddingStartEvent(model_dict=model_dict, model=model, provider=provider))
+    return time.perf_counter()
+
+
+def emit_embedding_end(
+    dispatcher: Dispatcher,
+    t0: float,
+    *,
+    model: str | None,
+    provider: str | None,
+    chunks: Sequence[str],
+    embeddings: list[list[float]],
+    usage: TokenUsage | None,
+    redaction: Redaction,
+    prices: PriceTable,
+) -> None:
+    """Emit :class:`EmbeddingEndEvent` (usage estimated from the texts when not given)."""
+    if not listening(dispatcher):
+        return
+    if usage is None:
+        prompt = sum(count_tokens(c) for c in chunks)
+        usage = TokenUsage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
+    dispatcher.event(
+        EmbeddingEndEvent(
+            chunks=[redaction.text(c) or "" for c in chunks],
+            embeddings=embeddings,
+            model=model,
+            provider=provider,
+            usage=usage,
+            latency_ms=(time.perf_counter() - t0) * 1000.0,
+            cost_usd=prices.cost(model, usage),
+        )
+    )
+
+
+__all__ = [
+    "ABANDONED",
+    "LLMCall",
+    "coerce_usage",
+    "emit_embedding_end",
+    "emit_embedding_start",
+    "listening",
+]

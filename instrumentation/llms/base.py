@@ -1,0 +1,414 @@
+"""``BaseLLM``: the public LLM calls, traced; subclasses only talk to their model.
+
+A subclass implements ``_chat`` and ``_stream_chat`` (and, if it has better than the
+defaults, ``_complete``, ``_stream_complete`` and the async variants ``_achat``,
+``_astream_chat``, ``_acomplete``, ``_astream_complete``). The public methods
+(``chat``, ``achat``, ``complete``, ``acomplete``, ``stream_chat``, ``astream_chat``,
+``stream_complete``, ``astream_complete``, ``predict``, ``structured_predict``) each
+open a span named ``<Class>.<method>`` on the dispatcher ``instrumentation.llms.base``
+and emit the start event, one in-progress event per streamed chunk and the end event;
+on an error the span is dropped and no end event is sent.
+
+Usage and finish reason travel from a subclass in ``response.additional_kwargs``
+(keys ``"usage"`` - a :class:`TokenUsage` or dict - and ``"finish_reason"``); a
+streamed chunk carries them on the last chunk. Without usage the call reports an
+estimate (``usage.estimated`` is True).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from instrumentation.dispatcher import get_dispatcher
+from instrumentation.events.llm import (
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    LLMPredictEndEvent,
+    LLMPredictStartEvent,
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictStartEvent,
+    MessageRole,
+    TokenUsage,
+)
+from instrumentation.llms._call import ABANDONED, Kind, LLMCall, coerce_usage, listening
+from instrumentation.llms._streams import READY, STOP, SpannedStream, astart_stream, start_stream
+from instrumentation.llms.pricing import PriceTable, default_price_table
+from instrumentation.llms.redaction import Redaction, get_redaction
+
+dispatcher = get_dispatcher(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+ChatStream = Iterator[ChatResponse]
+CompletionStream = Iterator[CompletionResponse]
+
+
+def as_messages(messages: Sequence[ChatMessage | dict[str, Any]] | str) -> list[ChatMessage]:
+    """Messages as :class:`ChatMessage` (a str is one user message; dicts are validated)."""
+    if isinstance(messages, str):
+        return [ChatMessage(role=MessageRole.USER, content=messages)]
+    if isinstance(messages, ChatMessage) or not isinstance(messages, Sequence):
+        raise TypeError(
+            f"messages is a list of ChatMessage (or of dicts with role and content); "
+            f"got {type(messages).__name__}"
+        )
+    return [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
+
+
+def _check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt is a str, got {type(prompt).__name__}")
+    return prompt
+
+
+def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | None]:
+    reason = extra.get("finish_reason")
+    return coerce_usage(extra.get("usage")), reason if isinstance(reason, str) else None
+
+
+class BaseLLM(abc.ABC):
+    """An LLM whose every call is traced; see the module docstring for what to implement.
+
+    ``model`` and ``provider`` name it in the events; ``redaction`` (default: the global
+    setting at call time) masks recorded text; ``price_table`` prices its usage.
+    Instances are safe to share between threads if the subclass's methods are.
+    """
+
+    provider: str | None = None
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        provider: str | None = None,
+        redaction: Redaction | None = None,
+        price_table: PriceTable | None = None,
+    ) -> None:
+        if not isinstance(model, str) or not model:
+            raise TypeError(f"model is the model's name, a non-empty str; got {model!r}")
+        if provider is not None and not isinstance(provider, str):
+            raise TypeError(f"provider is a str or None, got {type(provider).__name__}")
+        if redaction is not None and not isinstance(redaction, Redaction):
+            raise TypeError("redaction is a Redaction(mask=..., record_content=...) or None")
+        self.model = model
+        if provider is not None:
+            self.provider = provider
+        self.redaction = redaction
+        self.price_table = price_table if price_table is not None else default_price_table
+
+    # -- what subclasses implement ----------------------------------------------------
+
+    @abc.abstractmethod
+    def _chat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer ``messages``."""
+
+    @abc.abstractmethod
+    def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
+        """Answer ``messages`` chunk by chunk (each response's ``delta`` is the new text)."""
+
+    def _complete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
+        response = self._chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
+        return CompletionResponse(
+            text=response.message.content or "",
+            raw=response.raw,
+            additional_kwargs=response.additional_kwargs,
+        )
+
+    def _stream_complete(self, prompt: str, **kwargs: Any) -> Iterator[CompletionResponse]:
+        messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+        for chunk in self._stream_chat(messages, **kwargs):
+            yield CompletionResponse(
+                text=chunk.message.content or "",
+                delta=chunk.delta,
+                raw=chunk.raw,
+                additional_kwargs=chunk.additional_kwargs,
+            )
+
+    async def _achat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, **kwargs)
+
+    async def _acomplete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
+        return self._complete(prompt, **kwargs)
+
+    async def _astream_chat(
+        self, messages: list[ChatMessage], **kwargs: Any
+    ) -> AsyncIterator[ChatResponse]:
+        for chunk in self._stream_chat(messages, **kwargs):
+            yield chunk
+
+    async def _astream_complete(
+        self, prompt: str, **kwargs: Any
+    ) -> AsyncIterator[CompletionResponse]:
+        for chunk in self._stream_complete(prompt, **kwargs):
+            yield chunk
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What the start events carry as ``model_dict``."""
+        return {"class_name": type(self).__name__, "model": self.model, "provider": self.provider}
+
+    def _call(
+        self,
+        kind: Kind,
+        kwargs: dict[str, Any],
+        messages: Sequence[ChatMessage] = (),
+        prompt: str = "",
+    ) -> LLMCall:
+        return LLMCall(
+            dispatcher,
+            kind,
+            model=self.model,
+            provider=self.provider,
+            redaction=self.redaction if self.redaction is not None else get_redaction(),
+            prices=self.price_table,
+            messages=messages,
+            prompt=prompt,
+            additional_kwargs=dict(kwargs),
+            model_dict=self.metadata,
+        )
+
+    @staticmethod
+    def _finish(call: LLMCall, response: ChatResponse | CompletionResponse) -> None:
+        usage, reason = _usage_and_reason(response.additional_kwargs)
+        call.end(response, usage, reason)
+
+    # -- chat ---------------------------------------------------------------------------
+
+    @dispatcher.span
+    def chat(
+        self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
+    ) -> ChatResponse:
+        """Answer ``messages`` (a list of ChatMessage, or a str as one user message)."""
+        msgs = as_messages(messages)
+        if not listening(dispatcher):
+            return self._chat(msgs, **kwargs)
+        call = self._call("chat", kwargs, messages=msgs)
+        call.start()
+        response = self._chat(msgs, **kwargs)
+        self._finish(call, response)
+        return response
+
+    @dispatcher.span
+    async def achat(
+        self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
+    ) -> ChatResponse:
+        """Async :meth:`chat`."""
+        msgs = as_messages(messages)
+        if not listening(dispatcher):
+            return await self._achat(msgs, **kwargs)
+        call = self._call("chat", kwargs, messages=msgs)
+        call.start()
+        response = await self._achat(msgs, **kwargs)
+        self._finish(call, response)
+        return response
+
+    # -- completion ---------------------------------------------------------------------
+
+    @dispatcher.span
+    def complete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
+        """Complete ``prompt``."""
+        _check_prompt(prompt)
+        if not listening(dispatcher):
+            return self._complete(prompt, **kwargs)
+        call = self._call("completion", kwargs, prompt=prompt)
+        call.start()
+        response = self._complete(prompt, **kwargs)
+        self._finish(call, response)
+        return response
+
+    @dispatcher.span
+    async def acomplete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
+        """Async :meth:`complete`."""
+        _check_prompt(prompt)
+        if not listening(dispatcher):
+            return await self._acomplete(prompt, **kwargs)
+        call = self._call("completion", kwargs, prompt=prompt)
+        call.start()
+        response = await self._acomplete(prompt, **kwargs)
+        self._finish(call, response)
+        return response
+
+    # -- streams ------------------------------------------------------------------------
+
+    def stream_chat(
+        self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
+    ) -> SpannedStream[ChatResponse]:
+        """Answer chunk by chunk; ``close()`` the stream (or drop it) to stop early."""
+        msgs = as_messages(messages)
+        call = self._call("chat", kwargs, messages=msgs)
+        body = _stream_body(call, lambda: self._stream_chat(msgs, **kwargs))
+        return _started(start_stream(dispatcher, f"{type(self).__name__}.stream_chat", body))
+
+    def stream_complete(self, prompt: str, **kwargs: Any) -> SpannedStream[CompletionResponse]:
+        """Complete ``prompt`` chunk by chunk."""
+        call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
+        body = _stream_body(call, lambda: self._stream_complete(prompt, **kwargs))
+        return _started(start_stream(dispatcher, f"{type(self).__name__}.stream_complete", body))
+
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
+    ) -> AsyncGenerator[ChatResponse, None]:
+        """Async :meth:`stream_chat`: ``async for r in await llm.astream_chat(...)``;
+        ``aclose()`` it to stop early."""
+        msgs = as_messages(messages)
+        call = self._call("chat", kwargs, messages=msgs)
+        body = _astream_body(call, lambda: self._astream_chat(msgs, **kwargs))
+        name = f"{type(self).__name__}.astream_chat"
+        return _started(await astart_stream(dispatcher, name, body))
+
+    async def astream_complete(
+        self, prompt: str, **kwargs: Any
+    ) -> AsyncGenerator[CompletionResponse, None]:
+        """Async :meth:`stream_complete`."""
+        call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
+        body = _astream_body(call, lambda: self._astream_complete(prompt, **kwargs))
+        name = f"{type(self).__name__}.astream_complete"
+        return _started(await astart_stream(dispatcher, name, body))
+
+    # -- prompts ------------------------------------------------------------------------
+
+    @dispatcher.span
+    def predict(self, template: str, **template_args: Any) -> str:
+        """Fill ``template`` (``str.format`` style) with ``template_args`` and chat with it."""
+        if not isinstance(template, str):
+            raise TypeError(
+                f"template is a str with {{placeholders}}, got {type(template).__name__}"
+            )
+        listen = listening(dispatcher)
+        if listen:
+            dispatcher.event(
+                LLMPredictStartEvent(
+                    template=self._redacted(template),
+                    template_args=self._redacted_args(template_args),
+                    model=self.model,
+                    provider=self.provider,
+                )
+            )
+        answer = self.chat(
+            [ChatMessage(role=MessageRole.USER, content=template.format(**template_args))]
+        )
+        output = answer.message.content or ""
+        if listen:
+            dispatcher.event(
+                LLMPredictEndEvent(
+                    output=self._redacted(output), model=self.model, provider=self.provider
+                )
+            )
+        return output
+
+    @dispatcher.span
+    def structured_predict(self, output_cls: type[M], template: str, **template_args: Any) -> M:
+        """Like :meth:`predict`, the answer parsed as JSON into ``output_cls``."""
+        if not (isinstance(output_cls, type) and issubclass(output_cls, BaseModel)):
+            raise TypeError("output_cls is a pydantic model class")
+        listen = listening(dispatcher)
+        if listen:
+            dispatcher.event(
+                LLMStructuredPredictStartEvent(
+                    output_cls=output_cls.__name__,
+                    template=self._redacted(template),
+                    template_args=self._redacted_args(template_args),
+                    model=self.model,
+                    provider=self.provider,
+                )
+            )
+        text = self.predict(template, **template_args)
+        output = output_cls.model_validate_json(text)
+        if listen:
+            recorded: Any = output if not self._redaction().active else None
+            dispatcher.event(
+                LLMStructuredPredictEndEvent(
+                    output=recorded, model=self.model, provider=self.provider
+                )
+            )
+        return output
+
+    def _redaction(self) -> Redaction:
+        return self.redaction if self.redaction is not None else get_redaction()
+
+    def _redacted(self, text: str) -> str:
+        return self._redaction().text(text) or ""
+
+    def _redacted_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        red = self._redaction()
+        if not red.active:
+            return dict(args)
+        return {k: red.text(str(v)) for k, v in args.items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r})"
+
+
+def _stream_body(call: LLMCall, open_stream: Any) -> Generator[Any, Any, None]:
+    """The span-side generator of a sync stream (see :mod:`._streams`)."""
+    call.start()
+    source: Iterator[ChatResponse | CompletionResponse] = iter(open_stream())
+    if (yield READY) is STOP:
+        _close_source(source)
+        call.end_stream(finish_reason=ABANDONED)
+        return
+    usage: TokenUsage | None = None
+    reason: str | None = None
+    for chunk in source:
+        delta = chunk.delta or ""
+        call.chunk(delta, raw=chunk.raw)
+        u, r = _usage_and_reason(chunk.additional_kwargs)
+        usage, reason = u or usage, r or reason
+        if (yield chunk) is STOP:
+            _close_source(source)
+            call.end_stream(finish_reason=ABANDONED)
+            return
+    call.end_stream(usage, reason)
+
+
+async def _astream_body(call: LLMCall, open_stream: Any) -> AsyncGenerator[Any, Any]:
+    """The span-side async generator of an async stream."""
+    call.start()
+    source: AsyncIterator[ChatResponse | CompletionResponse] = open_stream()
+    if (yield READY) is STOP:
+        await _aclose_source(source)
+        call.end_stream(finish_reason=ABANDONED)
+        return
+    usage: TokenUsage | None = None
+    reason: str | None = None
+    async for chunk in source:
+        delta = chunk.delta or ""
+        call.chunk(delta, raw=chunk.raw)
+        u, r = _usage_and_reason(chunk.additional_kwargs)
+        usage, reason = u or usage, r or reason
+        if (yield chunk) is STOP:
+            await _aclose_source(source)
+            call.end_stream(finish_reason=ABANDONED)
+            return
+    call.end_stream(usage, reason)
+
+
+S = TypeVar("S")
+
+
+def _started(stream: S | None) -> S:
+    if stream is None:  # pragma: no cover - the bodies here always yield READY
+        raise RuntimeError("the stream ended before it started")
+    return stream
+
+
+def _close_source(source: Any) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+async def _aclose_source(source: Any) -> None:
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+__all__ = ["BaseLLM", "ChatStream", "CompletionStream", "as_messages", "dispatcher"]

@@ -1,0 +1,52 @@
+"""Counting tokens without a tokenizer: deterministic, and flagged as an estimate.
+
+Used where the provider reports no usage (an abandoned stream, a server that sends
+no usage chunk) and by :class:`OfflineLLM`, whose "tokens" are exactly these. A word,
+a number or a punctuation mark is one token; real tokenizers differ, which is why
+estimated usage carries ``estimated=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from instrumentation.events.llm import ChatMessage
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str | None) -> int:
+    """The number of words and punctuation marks in ``text`` (0 for None or "")."""
+    if not text:
+        return 0
+    return len(_TOKEN.findall(text))
+
+
+def count_message_tokens(messages: Iterable[ChatMessage]) -> int:
+    """The estimated prompt tokens of ``messages``: their text plus the tool-call arguments."""
+    total = 0
+    for message in messages:
+        total += count_tokens(message.content)
+        for call in message.tool_calls:
+            total += count_tokens(call.arguments)
+    return total
+
+
+def split_chunks(text: str, words_per_chunk: int = 1) -> list[str]:
+    """``text`` cut into stream chunks of ``words_per_chunk`` words, spaces kept,
+    so that joining the chunks gives ``text`` back exactly."""
+    if words_per_chunk < 1:
+        raise ValueError(f"words_per_chunk must be at least 1, got {words_per_chunk}")
+    pieces = re.findall(r"\s*\S+", text)
+    if not pieces:
+        return [text] if text else []
+    trailing = text[len("".join(pieces)) :]
+    chunks = [
+        "".join(pieces[i : i + words_per_chunk]) for i in range(0, len(pieces), words_per_chunk)
+    ]
+    chunks[-1] += trailing
+    return chunks
+
+
+__all__ = ["count_message_tokens", "count_tokens", "split_chunks"]

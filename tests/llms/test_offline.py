@@ -1,0 +1,302 @@
+"""BaseLLM's traced calls, exercised through OfflineLLM."""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from instrumentation import BaseEventHandler, SpanDropEvent, get_dispatcher, telemetry
+from instrumentation.events.base import BaseEvent
+from instrumentation.llms import (
+    ChatMessage,
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMChatStartEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
+    LLMCompletionStartEvent,
+    LLMPredictEndEvent,
+    LLMPredictStartEvent,
+    LLMStructuredPredictEndEvent,
+    OfflineLLM,
+    OfflineLLMError,
+    count_tokens,
+)
+from instrumentation.testing import Capture
+
+QUESTION = "What is the capital of France?"
+ANSWER = "Paris is the capital of France."
+
+
+def llm(**kwargs: Any) -> OfflineLLM:
+    return OfflineLLM(answers={"capital": ANSWER}, **kwargs)
+
+
+def test_chat_answers_and_emits_start_then_end_in_its_span(cap: Capture) -> None:
+    """chat() returns the canned answer; start and end events carry the span id and usage."""
+    response = llm().chat(QUESTION)
+    assert response.message.content == ANSWER
+    start, end = cap.events_of(LLMChatStartEvent), cap.events_of(LLMChatEndEvent)
+    assert len(start) == len(end) == 1
+    [span] = cap.spans
+    assert span.name == "OfflineLLM.chat"
+    assert start[0].span_id == end[0].span_id == span.id_
+    assert start[0].messages[0].content == QUESTION
+    assert start[0].model == end[0].model == "offline"
+    assert end[0].provider == "offline"
+    usage = end[0].usage
+    assert usage is not None and not usage.estimated
+    assert usage.prompt_tokens == count_tokens(QUESTION) == 7
+    assert usage.completion_tokens == count_tokens(ANSWER) == 7
+    assert end[0].finish_reason == "stop"
+    assert end[0].response is not None and end[0].response.message.content == ANSWER
+    assert end[0].latency_ms is not None and end[0].latency_ms >= 0
+
+
+def test_echo_and_list_answers_are_deterministic() -> None:
+    """Without a matching key the LLM echoes; a list of answers is used in turn."""
+    assert OfflineLLM().chat("hello").message.content == "Echo: hello"
+    turns = OfflineLLM(answers=["one", "two"])
+    assert [turns.chat("q").message.content for _ in range(3)] == ["one", "two", "one"]
+
+
+def test_latency_is_applied_and_measured(cap: Capture) -> None:
+    """latency_s delays the answer, and the end event's latency covers it."""
+    began = time.perf_counter()
+    OfflineLLM(latency_s=0.05).chat("x")
+    assert time.perf_counter() - began >= 0.05
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.latency_ms is not None and end.latency_ms >= 50
+
+
+def test_stream_emits_one_in_progress_event_per_chunk(cap: Capture) -> None:
+    """Each chunk is an in-progress event whose delta is the chunk; usage from the last."""
+    chunks = list(llm().stream_chat(QUESTION))
+    assert "".join(c.delta or "" for c in chunks) == ANSWER
+    progress = cap.events_of(LLMChatInProgressEvent)
+    assert [e.response.delta for e in progress] == [c.delta for c in chunks]
+    assert progress[-1].response.message.content == ANSWER
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.usage is not None and not end.usage.estimated
+    assert end.usage.completion_tokens == 7
+    assert end.time_to_first_token_ms is not None
+    assert end.latency_ms is not None and end.time_to_first_token_ms <= end.latency_ms
+    [span] = cap.spans
+    assert span.name == "OfflineLLM.stream_chat"
+    assert {e.span_id for e in cap.events} == {span.id_}
+
+
+def test_stream_without_provider_usage_reports_an_estimate(cap: Capture) -> None:
+    """report_usage=False: the end event's usage is counted here and flagged estimated."""
+    list(OfflineLLM(report_usage=False).stream_chat("a b c"))
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.usage is not None and end.usage.estimated
+    assert end.usage.prompt_tokens == 3
+
+
+def test_abandoned_stream_ends_its_span_with_tokens_seen(cap: Capture) -> None:
+    """Closing a stream half way ends (not drops) its span; usage covers what was read."""
+    stream = llm().stream_chat(QUESTION)
+    first, second = next(stream), next(stream)
+    stream.close()
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.estimated
+    assert end.usage.completion_tokens == count_tokens((first.delta or "") + (second.delta or ""))
+    assert end.response is not None and end.response.message.content == "Paris is"
+    assert not cap.events_of(SpanDropEvent)
+    [span] = cap.spans
+    assert span.end_time is not None and not (span.metadata or {}).get("error")
+
+
+def test_stream_dropped_by_the_caller_is_ended_by_garbage_collection(cap: Capture) -> None:
+    """A stream the caller just forgets also ends its span."""
+    stream = llm().stream_chat(QUESTION)
+    next(stream)
+    del stream
+    gc.collect()
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.completion_tokens == 1
+
+
+def test_failure_drops_the_span_and_sends_no_end_event(cap: Capture) -> None:
+    """An injected failure propagates; the span is dropped with its error, no end event."""
+    with pytest.raises(OfflineLLMError, match="boom"):
+        OfflineLLM(fail_with="boom").chat("x")
+    assert cap.events_of(LLMChatStartEvent)
+    assert not cap.events_of(LLMChatEndEvent)
+    [drop] = cap.events_of(SpanDropEvent)
+    assert drop.err_str == "boom"
+    assert drop.span_id == cap.events_of(LLMChatStartEvent)[0].span_id
+
+
+def test_fail_times_fails_only_the_first_calls() -> None:
+    """fail_times=2: two failures, then answers (what retry logic needs)."""
+    model = OfflineLLM(fail_with=TimeoutError("slow"), fail_times=2)
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            model.chat("x")
+    assert model.chat("x").message.content == "Echo: x"
+
+
+def test_mid_stream_failure_drops_the_span_after_the_chunks(cap: Capture) -> None:
+    """fail_after_chunks=2: two chunks arrive, then the error; no end event."""
+    stream = llm(fail_after_chunks=2).stream_chat(QUESTION)
+    got = []
+    with pytest.raises(OfflineLLMError):
+        for chunk in stream:
+            got.append(chunk)
+    assert len(got) == 2
+    assert len(cap.events_of(LLMChatInProgressEvent)) == 2
+    assert not cap.events_of(LLMChatEndEvent)
+    assert len(cap.events_of(SpanDropEvent)) == 1
+
+
+def test_a_handler_raising_on_chunks_does_not_break_the_stream(cap: Capture) -> None:
+    """A handler that raises on every in-progress event is reported; the stream goes on."""
+
+    class Broken(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            if isinstance(event, LLMChatInProgressEvent):
+                raise RuntimeError("handler bug")
+
+    get_dispatcher().add_event_handler(Broken())
+    chunks = list(llm().stream_chat(QUESTION))
+    assert "".join(c.delta or "" for c in chunks) == ANSWER
+    assert len(cap.events_of(LLMChatEndEvent)) == 1
+    assert telemetry.HANDLER_ERRORS.value == len(chunks)
+
+
+def test_complete_and_stream_complete(cap: Capture) -> None:
+    """Completion calls emit the completion events, streamed ones per chunk."""
+    assert llm().complete(QUESTION).text == ANSWER
+    text = "".join(c.delta or "" for c in llm(words_per_chunk=3).stream_complete(QUESTION))
+    assert text == ANSWER
+    assert [e.prompt for e in cap.events_of(LLMCompletionStartEvent)] == [QUESTION] * 2
+    assert len(cap.events_of(LLMCompletionInProgressEvent)) == 2  # 6 words, 3 per chunk
+    ends = cap.events_of(LLMCompletionEndEvent)
+    assert [e.response.text for e in ends if e.response] == [ANSWER, ANSWER]
+    assert [s.name for s in cap.spans] == ["OfflineLLM.complete", "OfflineLLM.stream_complete"]
+
+
+async def test_async_calls(cap: Capture) -> None:
+    """achat, acomplete and astream_chat emit the same events in their own spans."""
+    model = llm()
+    assert (await model.achat(QUESTION)).message.content == ANSWER
+    assert (await model.acomplete(QUESTION)).text == ANSWER
+    stream = await model.astream_chat(QUESTION)
+    deltas = [c.delta async for c in stream]
+    assert "".join(d or "" for d in deltas) == ANSWER
+    stream2 = await model.astream_complete(QUESTION)
+    assert "".join([c.delta or "" async for c in stream2]) == ANSWER
+    assert len(cap.events_of(LLMChatInProgressEvent)) == len(deltas)
+    names = [s.name for s in cap.spans]
+    assert names == [
+        "OfflineLLM.achat",
+        "OfflineLLM.acomplete",
+        "OfflineLLM.astream_chat",
+        "OfflineLLM.astream_complete",
+    ]
+
+
+async def test_async_stream_closed_early_ends_with_tokens_seen(cap: Capture) -> None:
+    """aclose() half way: end event with the tokens read, span ended not dropped."""
+    stream = await llm().astream_chat(QUESTION)
+    await stream.__anext__()
+    await stream.aclose()
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.completion_tokens == 1 and end.usage.estimated
+    assert not cap.events_of(SpanDropEvent)
+
+
+async def test_async_failure_drops_span(cap: Capture) -> None:
+    """An async failure, upfront or mid-stream, drops the span with no end event."""
+    with pytest.raises(OfflineLLMError):
+        await OfflineLLM(fail_with="no").achat("x")
+    stream = await llm(fail_after_chunks=1).astream_chat(QUESTION)
+    with pytest.raises(OfflineLLMError):
+        async for _ in stream:
+            pass
+    assert not cap.events_of(LLMChatEndEvent)
+    assert len(cap.events_of(SpanDropEvent)) == 2
+
+
+def test_stream_calls_nest_under_the_callers_span(cap: Capture) -> None:
+    """An LLM call inside an application span is its child, in the same trace."""
+    d = get_dispatcher("tests.llms.app")
+    with d.span("answer") as block:
+        parent_id = block.id_
+        list(llm().stream_chat(QUESTION))
+        llm().chat(QUESTION)
+    assert parent_id is not None
+    children = [s for s in cap.spans if s.name.startswith("OfflineLLM")]
+    assert len(children) == 2
+    assert {s.parent_id for s in children} == {parent_id}
+    [outer] = [s for s in cap.spans if s.name == "answer"]
+    assert {s.trace_id for s in children} == {outer.trace_id}
+
+
+class Capital(BaseModel):
+    city: str
+
+
+def test_predict_and_structured_predict(cap: Capture) -> None:
+    """predict fills the template; structured_predict parses JSON; both emit their events."""
+    model = OfflineLLM(answers={"json": '{"city": "Paris"}', "capital": ANSWER})
+    assert model.predict("The capital of {country}?", country="France") == ANSWER
+    assert model.structured_predict(Capital, "Reply in json for {c}", c="France") == Capital(
+        city="Paris"
+    )
+    [start, _] = cap.events_of(LLMPredictStartEvent)
+    assert start.template_args == {"country": "France"}
+    assert cap.events_of(LLMPredictEndEvent)[0].output == ANSWER
+    [structured] = cap.events_of(LLMStructuredPredictEndEvent)
+    assert structured.output == Capital(city="Paris")
+    names = [s.name for s in cap.spans]
+    assert "OfflineLLM.structured_predict" in names and names.count("OfflineLLM.chat") == 2
+
+
+def test_no_handler_means_no_events_and_the_same_answer() -> None:
+    """With nothing listening, calls still answer (and streams still stream)."""
+    assert llm().chat(QUESTION).message.content == ANSWER
+    assert "".join(c.delta or "" for c in llm().stream_chat(QUESTION)) == ANSWER
+
+
+def test_messages_may_be_dicts_and_bad_ones_are_rejected() -> None:
+    """Dict messages are validated; an unknown role is a ValidationError naming role."""
+    from pydantic import ValidationError
+
+    model = OfflineLLM()
+    answer = model.chat(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert answer.message.content == "Echo: hi"
+    with pytest.raises(ValidationError, match="role"):
+        model.chat([{"role": "boss", "content": "hi"}])
+    with pytest.raises(TypeError, match="messages"):
+        model.chat(ChatMessage(content="hi"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompt"):
+        model.complete(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"latency_s": -1}, ValueError),
+        ({"words_per_chunk": 0}, ValueError),
+        ({"fail_times": -2}, ValueError),
+        ({"answers": "just one"}, TypeError),
+        ({"model": 5}, TypeError),
+        ({"fail_with": 3}, TypeError),
+    ],
+)
+def test_bad_configuration_is_rejected(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    """OfflineLLM's settings are checked up front with a message naming the setting."""
+    with pytest.raises(error):
+        OfflineLLM(**kwargs)

@@ -1,0 +1,72 @@
+"""The price table: known models priced, unknown ones not, overrides honoured."""
+
+from __future__ import annotations
+
+import pytest
+
+from instrumentation.llms import (
+    LLMChatEndEvent,
+    ModelPrice,
+    OfflineLLM,
+    PriceTable,
+    TokenUsage,
+    cost_usd,
+    default_price_table,
+    set_model_price,
+)
+from instrumentation.testing import Capture
+
+USAGE = TokenUsage(prompt_tokens=1_000_000, completion_tokens=1_000_000)
+
+
+def test_known_model_is_priced_and_snapshots_share_the_price() -> None:
+    """gpt-4o: $2.50 in + $10 out per million; a dated snapshot and a prefix price the same."""
+    assert cost_usd("gpt-4o", USAGE) == pytest.approx(12.5)
+    assert cost_usd("gpt-4o-2024-08-06", USAGE) == pytest.approx(12.5)
+    assert cost_usd("openai/gpt-4o", USAGE) == pytest.approx(12.5)
+
+
+def test_unknown_model_has_no_price_not_a_neighbours() -> None:
+    """A model not in the table, even one sharing a prefix, costs None."""
+    assert cost_usd("gpt-4o-turbo-ultra", USAGE) is None
+    assert cost_usd("my-local-model", USAGE) is None
+    assert cost_usd(None, USAGE) is None
+    assert cost_usd("gpt-4o", None) is None
+
+
+def test_cached_tokens_use_the_cached_price() -> None:
+    """Cached prompt tokens are charged at the cached rate."""
+    usage = TokenUsage(prompt_tokens=1_000_000, completion_tokens=0, cached_tokens=400_000)
+    assert cost_usd("gpt-4o", usage) == pytest.approx(0.6 * 2.5 + 0.4 * 1.25)
+
+
+def test_override_changes_the_price_and_reset_restores() -> None:
+    """set_model_price overrides or adds; reset() goes back to the defaults."""
+    set_model_price("gpt-4o", 1.0, 2.0)
+    set_model_price("offline", 0.5)
+    assert cost_usd("gpt-4o", USAGE) == pytest.approx(3.0)
+    assert cost_usd("offline", USAGE) == pytest.approx(0.5)
+    default_price_table.reset()
+    assert cost_usd("gpt-4o", USAGE) == pytest.approx(12.5)
+    assert cost_usd("offline", USAGE) is None
+
+
+def test_end_events_carry_the_cost(cap: Capture) -> None:
+    """An LLM's end event is priced by its table; an unpriced model reports None."""
+    OfflineLLM().chat("a b c")
+    table = PriceTable({"offline": ModelPrice(1_000_000.0, 2_000_000.0)})
+    OfflineLLM(price_table=table).chat("a b c")
+    first, second = cap.events_of(LLMChatEndEvent)
+    assert first.cost_usd is None
+    usage = second.usage
+    assert usage is not None
+    assert second.cost_usd == pytest.approx(usage.prompt_tokens + 2 * usage.completion_tokens)
+
+
+@pytest.mark.parametrize("bad", [-1, "cheap", True])
+def test_bad_price_is_rejected(bad: object) -> None:
+    """Prices are numbers >= 0; anything else is a ValueError naming the field."""
+    with pytest.raises(ValueError, match="input"):
+        ModelPrice(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        default_price_table.set("", 1.0)

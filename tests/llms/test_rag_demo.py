@@ -1,0 +1,62 @@
+"""The demo app: importable, and its printed tree shows the LLM calls with tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from instrumentation import BaseEventHandler
+from instrumentation.events.base import BaseEvent
+from instrumentation.llms import LLMChatInProgressEvent
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "rag_demo.py"
+
+
+def load_demo() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("rag_demo_under_test", DEMO)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_demo_prints_the_tree_with_tokens_and_takes_extra_handlers() -> None:
+    """run_demo() answers, streams once, and labels both LLM spans with their tokens."""
+    demo = load_demo()
+
+    class Chunks(BaseEventHandler):
+        count: int = 0
+
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            if isinstance(event, LLMChatInProgressEvent):
+                self.count += 1
+
+    chunks = Chunks()
+    out = io.StringIO()
+    tree = demo.run_demo(demo.build_app(), out=out, event_handlers=[chunks])
+    printed = out.getvalue()
+    assert "Paris" in printed and "A (streamed): A span is" in printed
+    lines = tree.splitlines()
+    assert lines[0].startswith("RagApp.answer ")
+    assert any("RagApp.retrieve" in line for line in lines)
+    chat = [line for line in lines if "OfflineLLM.chat" in line]
+    stream = [line for line in lines if "OfflineLLM.stream_chat" in line]
+    assert len(chat) == len(stream) == 1
+    assert "tokens]" in chat[0] and "tokens]" in stream[0]
+    assert chunks.count > 1
+    assert "LLM calls: 2" in printed
+
+
+def test_demo_runs_as_a_script() -> None:
+    """``python examples/rag_demo.py`` (what ``make demo`` runs) exits 0 with a tree."""
+    done = subprocess.run(
+        [sys.executable, str(DEMO)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Trace:" in done.stdout and "OfflineLLM.stream_chat" in done.stdout

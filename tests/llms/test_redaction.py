@@ -1,0 +1,78 @@
+"""Redaction: applied before any handler sees an event; the application keeps the text."""
+
+from __future__ import annotations
+
+import re
+
+from instrumentation import telemetry
+from instrumentation.llms import (
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMChatStartEvent,
+    LLMCompletionStartEvent,
+    OfflineLLM,
+    Redaction,
+    configure_redaction,
+    count_tokens,
+)
+from instrumentation.testing import Capture
+
+SECRET = "mail bob@example.com now"
+
+
+def mask_emails(text: str) -> str:
+    return re.sub(r"\S+@\S+", "<email>", text)
+
+
+def test_mask_applies_to_prompts_chunks_and_answers(cap: Capture) -> None:
+    """With a mask, no event holds the address; the caller still gets the real answer."""
+    configure_redaction(mask=mask_emails)
+    model = OfflineLLM()
+    assert model.chat(SECRET).message.content == f"Echo: {SECRET}"
+    deltas = [c.delta for c in model.stream_chat(SECRET)]
+    assert "".join(d or "" for d in deltas) == f"Echo: {SECRET}"
+    dumped = " ".join(str(e.model_dump()) for e in cap.events)
+    assert "bob@example.com" not in dumped
+    assert "<email>" in dumped
+    start = cap.events_of(LLMChatStartEvent)[0]
+    assert start.messages[0].content == "mail <email> now"
+    end = cap.events_of(LLMChatEndEvent)[0]
+    assert end.response is not None and end.response.message.content == "Echo: mail <email> now"
+
+
+def test_record_content_false_records_no_text(cap: Capture) -> None:
+    """record_content=False: contents None, prompts "", but usage still counted."""
+    configure_redaction(record_content=False)
+    model = OfflineLLM()
+    model.chat(SECRET)
+    list(model.stream_chat(SECRET))
+    model.complete(SECRET)
+    for event in cap.events_of(LLMChatStartEvent):
+        assert [m.content for m in event.messages] == [None]
+    for progress in cap.events_of(LLMChatInProgressEvent):
+        assert progress.response.delta == "" and progress.response.message.content is None
+    assert cap.events_of(LLMCompletionStartEvent)[0].prompt == ""
+    for end in cap.events_of(LLMChatEndEvent):
+        assert end.response is not None and end.response.message.content is None
+        assert end.usage is not None and end.usage.completion_tokens == count_tokens(
+            f"Echo: {SECRET}"
+        )
+
+
+def test_per_llm_redaction_overrides_the_global_one(cap: Capture) -> None:
+    """An LLM given its own Redaction uses it whatever the global setting."""
+    configure_redaction(mask=mask_emails)
+    OfflineLLM(redaction=Redaction()).chat(SECRET)
+    assert cap.events_of(LLMChatStartEvent)[0].messages[0].content == SECRET
+
+
+def test_a_raising_mask_withholds_the_text_and_is_counted(cap: Capture) -> None:
+    """A broken mask never leaks the text nor breaks the call."""
+
+    def broken(text: str) -> str:
+        raise ValueError("bad regex")
+
+    configure_redaction(mask=broken)
+    assert OfflineLLM().chat(SECRET).message.content == f"Echo: {SECRET}"
+    assert cap.events_of(LLMChatStartEvent)[0].messages[0].content == "[redaction failed]"
+    assert telemetry.counter("llms.redaction_errors").value >= 1

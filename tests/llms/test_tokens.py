@@ -1,0 +1,39 @@
+"""Token counting and chunking: the estimates streams fall back on."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from instrumentation.llms import ChatMessage, ToolCall, count_tokens
+from instrumentation.llms.tokens import count_message_tokens, split_chunks
+
+
+def test_words_and_punctuation_are_tokens() -> None:
+    """A word, a number or a punctuation mark is one token; nothing is zero."""
+    assert count_tokens("Hello, world 42!") == 5
+    assert count_tokens("") == count_tokens(None) == 0
+
+
+def test_message_tokens_include_tool_call_arguments() -> None:
+    """Prompt estimates count message text and tool-call arguments."""
+    messages = [
+        ChatMessage(role="user", content="two words"),
+        ChatMessage(role="assistant", tool_calls=[ToolCall(name="f", arguments='{"a": 1}')]),
+    ]
+    assert count_message_tokens(messages) == 2 + count_tokens('{"a": 1}')
+
+
+@given(st.text(), st.integers(min_value=1, max_value=5))
+def test_chunks_join_back_to_the_text(text: str, per_chunk: int) -> None:
+    """However the text is cut, the chunks put together are the text."""
+    chunks = split_chunks(text, per_chunk)
+    assert "".join(chunks) == text
+    assert all(chunks)
+
+
+def test_chunk_size_must_be_positive() -> None:
+    """words_per_chunk < 1 is refused with a message naming it."""
+    with pytest.raises(ValueError, match="words_per_chunk"):
+        split_chunks("a b", 0)
