@@ -1,0 +1,133 @@
+"""Join our context and OpenTelemetry's, in both directions.
+
+The core knows other tracing systems only through the ``ContextBridge`` protocol
+(:func:`instrumentation.context.register_bridge`). This bridge, registered while any
+:class:`~instrumentation.otel.table.SpanTable` is alive, does two things:
+
+- ``attach``: whenever one of our spans becomes current (enter, and every resume of
+  a generator), the OpenTelemetry span made for it becomes current in
+  OpenTelemetry's context too, so ``tracer.start_as_current_span(...)`` inside a
+  decorated function makes a child of our span. A span of ours that no handler turned
+  into an OpenTelemetry span (its dispatcher has no such handler) is made current as a
+  non-recording span with our ids, so foreign children still point at the right parent.
+- ``parent_for``: when a span of ours starts while a *foreign* OpenTelemetry span is
+  current (one started by the application or by another instrumentation, after our
+  innermost span), that foreign span is its parent and its trace is ours.
+
+How "more recent" is decided without clocks: since ``attach`` makes each of our spans
+current in OpenTelemetry's context, the current OpenTelemetry span is our innermost
+span's unless something foreign was started inside it. A parent restored explicitly
+with ``restore_propagation_context`` (``remote``) is kept, because the application
+asked for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as trace_api
+
+from instrumentation.context import RemoteSpanContext, SpanContext, register_bridge, span_hex_of
+
+if TYPE_CHECKING:
+    from instrumentation.otel.spans import SpanTable
+
+_SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
+_get_current_span = trace_api.get_current_span
+_set_span_in_context = trace_api.set_span_in_context
+_attach = otel_context.attach
+_detach = otel_context.detach
+
+
+def foreign_parent(span_context: trace_api.SpanContext) -> SpanContext:
+    """Our view of an OpenTelemetry span: 16-hex id, 32-hex trace id, ``remote``."""
+    return RemoteSpanContext(
+        format(span_context.span_id, "016x"), format(span_context.trace_id, "032x"), None, None
+    )
+
+
+def stand_in_context(span: SpanContext) -> otel_context.Context:
+    """An OpenTelemetry context whose current span carries ``span``'s ids (not recorded)."""
+    ids = trace_api.SpanContext(
+        int(span.trace_id, 16),
+        int(span_hex_of(span.id_), 16),
+        is_remote=False,
+        trace_flags=_SAMPLED,
+    )
+    return _set_span_in_context(trace_api.NonRecordingSpan(ids))
+
+
+class OpenTelemetryBridge:
+    """The one bridge of this process; each handler's span table registers with :meth:`add`.
+
+    Thread-safe: the table list is a tuple of weak references replaced under a lock
+    and read without one. ``attach``/``detach``/``parent_for`` never raise.
+    """
+
+    def __init__(self) -> None:
+        self._tables: tuple[weakref.ref[SpanTable], ...] = ()
+        self._lock = threading.Lock()
+
+    # -- which tables exist -------------------------------------------------------------
+
+    def add(self, table: SpanTable) -> None:
+        with self._lock:
+            live = tuple(r for r in self._tables if r() is not None)
+            if not any(r() is table for r in live):
+                live = (*live, weakref.ref(table))
+            self._tables = live
+        register_bridge(self)
+
+    def remove(self, table: SpanTable) -> None:
+        """Stop bridging for ``table``.
+
+        The bridge itself stays registered with the core (as a pass-through once no
+        table is left): the core hands a token back to the bridges registered *when a
+        span stops being current*, so unregistering while one of our spans is current
+        somewhere would leave that span attached in OpenTelemetry's context for good.
+        """
+        with self._lock:
+            self._tables = tuple(r for r in self._tables if r() is not None and r() is not table)
+
+    def tables(self) -> list[SpanTable]:
+        return [t for t in (r() for r in self._tables) if t is not None]
+
+    # -- the ContextBridge protocol ------------------------------------------------------
+
+    def parent_for(self, own: SpanContext | None) -> SpanContext | None:
+        if (own is not None and own.remote) or not self._tables:
+            return own
+        current = _get_current_span().get_span_context()
+        if not current.is_valid:
+            return own
+        if own is not None and int(span_hex_of(own.id_), 16) == current.span_id:
+            return own
+        return foreign_parent(current)
+
+    def attach(self, span: SpanContext) -> object:
+        span_id = span.id_
+        live = False
+        for ref in self._tables:
+            table = ref()
+            if table is None:
+                continue  # a handler dropped without close()
+            live = True
+            opened = table.open.get(span_id)
+            if opened is not None:
+                return _attach(opened.context)
+        if not live:
+            return None
+        return _attach(stand_in_context(span))
+
+    def detach(self, token: Any) -> None:
+        if token is not None:
+            _detach(token)
+
+
+#: The bridge every handler in this process shares.
+BRIDGE = OpenTelemetryBridge()
+
+__all__ = ["BRIDGE", "OpenTelemetryBridge", "foreign_parent", "stand_in_context"]

@@ -1,0 +1,197 @@
+"""configure_otlp end to end: the real SDK and exporter, a real OTLP/HTTP receiver."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from instrumentation import BaseEvent, get_dispatcher, root_dispatcher, telemetry
+from instrumentation.context import is_suppressed
+from instrumentation.otel import configure_otlp
+from instrumentation.otel.configure import traces_url
+from instrumentation.otel.receiver import OTLPReceiver
+
+from .conftest import short
+
+
+class Step(BaseEvent):
+    label: str
+
+
+def test_spans_reach_the_collector_with_names_parents_attributes(receiver: OTLPReceiver) -> None:
+    """Nested calls, an event and an error arrive decoded, with the right structure."""
+    otlp = configure_otlp(endpoint=receiver.endpoint, service_name="checkout")
+    d = get_dispatcher("tests.otel.shop")
+
+    @d.span
+    def pay(amount: int) -> int:
+        d.event(Step(label="charged"))
+        if amount < 0:
+            raise ValueError("negative amount")
+        return amount
+
+    @d.span(attributes={"http.route": "/checkout"}, request=True)
+    def checkout() -> int:
+        total = pay(5)
+        try:
+            pay(-1)
+        except ValueError:
+            pass
+        return total
+
+    try:
+        assert checkout() == 5
+    finally:
+        otlp.shutdown()
+    spans = receiver.spans  # no waiting: shutdown flushed everything
+    assert sorted(short(s.name) for s in spans) == ["checkout", "pay", "pay"]
+    top = next(s for s in spans if short(s.name) == "checkout")
+    pays = [s for s in spans if s is not top]
+    assert top.parent_span_id is None
+    assert {s.parent_span_id for s in pays} == {top.span_id}
+    assert {s.trace_id for s in spans} == {top.trace_id}
+    assert top.attributes["http.route"] == "/checkout"
+    assert top.attributes["instrumentation.request"] is True
+    assert top.resource["service.name"] == "checkout"
+    assert {s.scope for s in spans} == {"tests.otel.shop"}
+    failed = [s for s in pays if s.is_error]
+    assert len(failed) == 1 and failed[0].status_message == "ValueError: negative amount"
+    assert [e.name for e in failed[0].events] == ["Step", "exception"]
+    assert all(e.attributes["label"] == "charged" for s in pays for e in s.events[:1])
+    assert root_dispatcher.span_handlers == () and root_dispatcher.event_handlers == ()
+
+
+def test_shutdown_flushes_everything_and_is_idempotent(receiver: OTLPReceiver) -> None:
+    """Hundreds of spans still queued in the batch processor all arrive on shutdown."""
+    with configure_otlp(endpoint=receiver.endpoint) as otlp:
+        d = get_dispatcher("tests.otel.bulk")
+
+        @d.span
+        def unit(i: int) -> int:
+            return i
+
+        for i in range(600):
+            unit(i)
+    assert otlp.closed
+    assert len(receiver.spans) == 600
+    otlp.shutdown()  # a second time: nothing happens
+    unit(1)  # detached: nothing more is exported
+    assert len(receiver.spans) == 600
+    assert telemetry.counter("otel.spans_exported").value == 600
+
+
+def test_otel_environment_variables_are_honoured(
+    receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no arguments, OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME configure it."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=secret")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    otlp = configure_otlp()
+
+    @get_dispatcher("tests.otel.env").span
+    def work() -> None:
+        pass
+
+    work()
+    otlp.shutdown()
+    (span,) = receiver.spans
+    assert span.resource["service.name"] == "from-env"
+    assert receiver.request_headers[0]["x-api-key"] == "secret"
+
+
+def test_headers_argument_is_sent(receiver: OTLPReceiver) -> None:
+    """headers= reach the collector (e.g. an authorization header for a SaaS backend)."""
+    otlp = configure_otlp(
+        endpoint=receiver.endpoint + "/v1/traces/", headers={"authorization": "Basic abc"}
+    )
+
+    @get_dispatcher("tests.otel.auth").span
+    def work() -> None:
+        pass
+
+    work()
+    otlp.shutdown()
+    assert len(receiver.spans) == 1
+    assert receiver.request_headers[0]["authorization"] == "Basic abc"
+
+
+def test_traces_url_appends_the_path_once() -> None:
+    """The base URL gets /v1/traces; a URL that has it already is left alone."""
+    assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
+    assert traces_url("https://h/api/public/otel/") == "https://h/api/public/otel/v1/traces"
+    assert traces_url("http://h:4318/v1/traces") == "http://h:4318/v1/traces"
+
+
+def test_bad_arguments_say_what_to_do() -> None:
+    """Wrong protocol, endpoint or headers are refused before anything is set up."""
+    with pytest.raises(ValueError, match="http/protobuf"):
+        configure_otlp(endpoint="http://127.0.0.1:1", protocol="http/json")
+    with pytest.raises(ValueError, match="http://"):
+        configure_otlp(endpoint="127.0.0.1:4318")
+    with pytest.raises(TypeError, match="base URL"):
+        configure_otlp(endpoint=4318)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mapping of str"):
+        configure_otlp(endpoint="http://127.0.0.1:1", headers=[("a", "b")])  # type: ignore[arg-type]
+    assert root_dispatcher.span_handlers == ()
+
+
+def test_grpc_protocol_uses_the_grpc_exporter() -> None:
+    """protocol='grpc' builds the gRPC exporter for the endpoint as given."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    otlp = configure_otlp(endpoint="http://127.0.0.1:4317", protocol="grpc")
+    try:
+        assert isinstance(otlp.exporter.inner, OTLPSpanExporter)  # type: ignore[attr-defined]
+        assert otlp.protocol == "grpc"
+    finally:
+        otlp.shutdown()
+
+
+class TracingExporter(SpanExporter):
+    """An exporter whose I/O is itself instrumented (as an instrumented HTTP client is)."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.suppressed: list[bool] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.suppressed.append(is_suppressed())
+        send()
+        self.batches.append(len(spans))
+        return SpanExportResult.SUCCESS
+
+
+@get_dispatcher("tests.otel.http_client").span
+def send() -> None:
+    """Stands for an instrumented HTTP client's request."""
+
+
+def test_exporter_io_is_not_traced() -> None:
+    """Spans made by the exporter's own I/O are suppressed: no feedback loop."""
+    exporter = TracingExporter()
+    with configure_otlp(exporter=exporter):
+
+        @get_dispatcher("tests.otel.app").span
+        def work() -> None:
+            pass
+
+        work()
+    assert exporter.batches == [1]  # only work(), never send()
+    assert exporter.suppressed == [True]
+
+
+def test_openinference_switch_reaches_the_collector(receiver: OTLPReceiver) -> None:
+    """configure_otlp(openinference=True) marks spans with an OpenInference kind."""
+    with configure_otlp(endpoint=receiver.endpoint, openinference=True):
+
+        @get_dispatcher("tests.otel.oi").span
+        def work() -> None:
+            pass
+
+        work()
+    (span,) = receiver.spans
+    assert span.attributes["openinference.span.kind"] == "CHAIN"
