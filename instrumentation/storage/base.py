@@ -1,0 +1,375 @@
+"""The store interface, and the read-back queries every SQL store shares.
+
+A store does three things: migrate its schema, write a batch of rows in one
+transaction (idempotently: rows already stored are skipped, so a batch can be
+replayed after an error without duplicates), and answer the read-back queries.
+Subclasses supply a connection and a :class:`~instrumentation.storage.schema.Dialect`;
+the SQL here is written once for both.
+
+Stores are thread-safe: one connection, used under a lock. The writer thread and
+readers share it; SQLite in WAL mode and PostgreSQL both let other processes read
+while one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from instrumentation.storage.models import (
+    METADATA_KEYS,
+    StoredEvent,
+    StoredSpan,
+    TraceSummary,
+    to_datetime,
+)
+from instrumentation.storage.schema import (
+    EVENT_COLUMNS,
+    META_COLUMNS,
+    SPAN_COLUMNS,
+    Dialect,
+)
+
+Row = tuple[Any, ...]
+
+_STATUSES = ("ok", "error")
+
+
+def _epoch(value: datetime | float | int | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(
+                f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc)); got {value!r}"
+            )
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{what} is a datetime or seconds since the epoch, got {type(value).__name__}")
+
+
+def _json(text: Any) -> Any:
+    if text is None:
+        return {}
+    if isinstance(text, (dict, list)):
+        return text
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {"__unreadable__": str(text)}
+
+
+def _metadata(values: Sequence[Any]) -> dict[str, str]:
+    keys = list(METADATA_KEYS)
+    return {keys[i]: v for i, v in enumerate(values) if v is not None}
+
+
+class Store(ABC):
+    """Where traces are kept: :class:`SQLiteStore` or :class:`PostgresStore`."""
+
+    @abstractmethod
+    def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        """Store rows (in ``SPAN_COLUMNS``/``EVENT_COLUMNS`` order) in one transaction.
+
+        Rows whose id is stored already are skipped. Raises on a database error, after
+        rolling back: nothing of the batch is stored then.
+        """
+
+    @abstractmethod
+    def traces(
+        self,
+        limit: int = 20,
+        *,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        name: str | None = None,
+        status: str | None = None,
+        min_duration: float | None = None,
+        dispatcher: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        ended_after: datetime | float | None = None,
+    ) -> list[TraceSummary]:
+        """Recent traces, newest first (by their root span's start)."""
+
+    @abstractmethod
+    def trace(self, trace_id: str) -> list[StoredSpan]:
+        """Every stored span of one trace, by start time, with ``events`` and ``children``."""
+
+    @abstractmethod
+    def events(
+        self, *, trace_id: str | None = None, type: str | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        """Stored events, oldest first, optionally of one trace and/or one type."""
+
+    @abstractmethod
+    def resolve_trace_id(self, prefix: str) -> str | None:
+        """The trace id starting with ``prefix`` (``"latest"``: the newest), if exactly one."""
+
+    @property
+    @abstractmethod
+    def spool_key(self) -> str:
+        """A stable name for this database, without secrets (names the spool file)."""
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's connection without closing it (it is the parent's)."""
+        return None
+
+    def is_data_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is about the rows themselves (retrying the same rows won't help)."""
+        return isinstance(exc, (OverflowError, UnicodeError))
+
+    def close(self) -> None:
+        """Close the connection; a later call reconnects."""
+        return None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SQLStore(Store):
+    """The queries, over an abstract connection; subclasses connect and execute."""
+
+    dialect: Dialect
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # -- what subclasses provide --------------------------------------------------------
+
+    @abstractmethod
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """Run one read-only statement and return its rows."""
+
+    # -- read back --------------------------------------------------------------------
+
+    def traces(
+        self,
+        limit: int = 20,
+        *,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        name: str | None = None,
+        status: str | None = None,
+        min_duration: float | None = None,
+        dispatcher: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        ended_after: datetime | float | None = None,
+    ) -> list[TraceSummary]:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit is a positive int, got {limit!r}")
+        d = self.dialect
+        p = d.param
+        where = [
+            "r.is_root = 1",
+            "(r.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM spans q WHERE q.id = r.parent_id))",
+        ]
+        params: list[Any] = []
+        for value, time_column, op, what in (
+            (since, "start_time", ">=", "since"),
+            (until, "start_time", "<", "until"),
+            (ended_after, "end_time", ">", "ended_after"),
+        ):
+            epoch = _epoch(value, what)
+            if epoch is not None:
+                where.append(f"r.{time_column} {op} {d.time_param()}")
+                params.append(epoch)
+        if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"name is a str (use * as a wildcard), got {type(name).__name__}")
+            if "*" in name:
+                where.append(f"r.name LIKE {p} ESCAPE '\\'")
+                params.append(name.replace("%", r"\%").replace("*", "%"))
+            else:
+                where.append(f"r.name = {p}")
+                params.append(name)
+        if status is not None:
+            if status not in _STATUSES:
+                raise ValueError(f"status is 'ok' or 'error', got {status!r}")
+            where.append(f"r.status = {p}")
+            params.append(status)
+        if min_duration is not None:
+            if not isinstance(min_duration, (int, float)) or isinstance(min_duration, bool):
+                raise TypeError(f"min_duration is seconds (a number), got {min_duration!r}")
+            where.append(f"r.duration >= {p}")
+            params.append(float(min_duration))
+        if dispatcher is not None:
+            if not isinstance(dispatcher, str):
+                raise TypeError(f"dispatcher is a dispatcher name, got {type(dispatcher).__name__}")
+            where.append(f"(r.dispatcher = {p} OR r.dispatcher LIKE {p} ESCAPE '\\')")
+            params.extend([dispatcher, dispatcher.replace("%", r"\%") + ".%"])
+        for key, wanted in (metadata or {}).items():
+            column: str | None = METADATA_KEYS.get(key) or (key if key in META_COLUMNS else None)
+            if column is None:
+                raise ValueError(
+                    f"unknown metadata key {key!r}; filter on one of {sorted(METADATA_KEYS)}"
+                )
+            where.append(f"r.{column} = {p}")
+            params.append(str(wanted))
+        order = "r.end_time ASC" if ended_after is not None else "r.start_time DESC"
+        sql = f"""
+            SELECT r.trace_id, r.id, r.name, r.dispatcher, {d.time_value("r.start_time")},
+                   {d.time_value("r.end_time")}, r.duration, r.status, r.error,
+                   {", ".join("r." + c for c in META_COLUMNS)},
+                   (SELECT COUNT(*) FROM spans s WHERE s.trace_id = r.trace_id),
+                   (SELECT COUNT(*) FROM spans s WHERE s.trace_id = r.trace_id
+                        AND s.status = 'error'),
+                   (SELECT SUM(e.prompt_tokens) FROM events e WHERE e.trace_id = r.trace_id),
+                   (SELECT SUM(e.completion_tokens) FROM events e WHERE e.trace_id = r.trace_id),
+                   (SELECT SUM(e.total_tokens) FROM events e WHERE e.trace_id = r.trace_id),
+                   (SELECT SUM(e.cost_usd) FROM events e WHERE e.trace_id = r.trace_id)
+            FROM spans r
+            WHERE {" AND ".join(where)}
+            ORDER BY {order}
+            LIMIT {p}
+        """
+        params.append(limit)
+        out = []
+        n_meta = len(META_COLUMNS)
+        for row in self._query(sql, params):
+            meta = row[9 : 9 + n_meta]
+            counts = row[9 + n_meta :]
+            out.append(
+                TraceSummary(
+                    trace_id=row[0],
+                    root_span_id=row[1],
+                    name=row[2],
+                    dispatcher=row[3],
+                    start=to_datetime(row[4]),  # type: ignore[arg-type]
+                    end=to_datetime(row[5]),
+                    duration=float(row[6]),
+                    status=row[7],
+                    error=row[8],
+                    span_count=int(counts[0]),
+                    error_count=int(counts[1]),
+                    prompt_tokens=int(counts[2] or 0),
+                    completion_tokens=int(counts[3] or 0),
+                    total_tokens=int(counts[4] or 0),
+                    cost_usd=None if counts[5] is None else float(counts[5]),
+                    metadata=_metadata(meta),
+                )
+            )
+        return out
+
+    def _span_select(self) -> str:
+        d = self.dialect
+        cols = []
+        for column in SPAN_COLUMNS:
+            if column in ("start_time", "end_time"):
+                cols.append(d.time_value(column))
+            elif column in ("tags", "attributes"):
+                cols.append(d.json_value(column))
+            else:
+                cols.append(column)
+        return ", ".join(cols)
+
+    def _event_select(self) -> str:
+        d = self.dialect
+        cols = []
+        for column in EVENT_COLUMNS:
+            if column == "time":
+                cols.append(d.time_value(column))
+            elif column == "payload":
+                cols.append(d.json_value(column))
+            else:
+                cols.append(column)
+        return ", ".join(cols)
+
+    def trace(self, trace_id: str) -> list[StoredSpan]:
+        if not isinstance(trace_id, str):
+            raise TypeError(f"trace_id is a str of 32 hex digits, got {type(trace_id).__name__}")
+        p = self.dialect.param
+        span_rows = self._query(
+            f"SELECT {self._span_select()} FROM spans WHERE trace_id = {p} ORDER BY start_time",
+            [trace_id],
+        )
+        spans = [_span_from_row(row) for row in span_rows]
+        by_id = {s.id_: s for s in spans}
+        for event in self.events(trace_id=trace_id, limit=1_000_000):
+            owner = by_id.get(event.span_id) if event.span_id is not None else None
+            if owner is not None:
+                owner.events.append(event)
+        for span in spans:
+            parent = by_id.get(span.parent_id) if span.parent_id is not None else None
+            if parent is not None and parent is not span:
+                parent.children.append(span)
+        return spans
+
+    def events(
+        self, *, trace_id: str | None = None, type: str | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        p = self.dialect.param
+        where, params = [], []
+        if trace_id is not None:
+            where.append(f"trace_id = {p}")
+            params.append(trace_id)
+        if type is not None:
+            where.append(f"type = {p}")
+            params.append(type)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._query(
+            f"SELECT {self._event_select()} FROM events {clause} ORDER BY time LIMIT {p}",
+            [*params, limit],
+        )
+        return [_event_from_row(row) for row in rows]
+
+    def resolve_trace_id(self, prefix: str) -> str | None:
+        if prefix == "latest":
+            found = self.traces(limit=1)
+            return found[0].trace_id if found else None
+        p = self.dialect.param
+        rows = self._query(
+            f"SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE {p} LIMIT 2",
+            [prefix.replace("%", "") + "%"],
+        )
+        return rows[0][0] if len(rows) == 1 else None
+
+
+def _span_from_row(row: Row) -> StoredSpan:
+    values = dict(zip(SPAN_COLUMNS, row, strict=False))
+    return StoredSpan(
+        id_=values["id"],
+        trace_id=values["trace_id"],
+        parent_id=values["parent_id"],
+        name=values["name"],
+        dispatcher=values["dispatcher"],
+        start=to_datetime(values["start_time"]),  # type: ignore[arg-type]
+        end=to_datetime(values["end_time"]),
+        duration=float(values["duration"]),
+        status=values["status"],
+        error=values["error"],
+        tags=_json(values["tags"]),
+        attributes=_json(values["attributes"]),
+        metadata=_metadata([values[c] for c in META_COLUMNS]),
+    )
+
+
+def _event_from_row(row: Row) -> StoredEvent:
+    values = dict(zip(EVENT_COLUMNS, row, strict=False))
+    return StoredEvent(
+        id_=values["id"],
+        type=values["type"],
+        time=to_datetime(values["time"]),  # type: ignore[arg-type]
+        span_id=values["span_id"],
+        trace_id=values["trace_id"],
+        payload=_json(values["payload"]),
+        model=values["model"],
+        provider=values["provider"],
+        prompt_tokens=values["prompt_tokens"],
+        completion_tokens=values["completion_tokens"],
+        total_tokens=values["total_tokens"],
+        cost_usd=values["cost_usd"],
+        latency_ms=values["latency_ms"],
+        error=values["error"],
+        metadata=_metadata([values[c] for c in META_COLUMNS]),
+    )
+
+
+__all__ = ["Row", "SQLStore", "Store"]

@@ -1,0 +1,293 @@
+"""``python -m instrumentation``: list, show, follow and export stored traces.
+
+    python -m instrumentation --db traces.db list --limit 20 --status error
+    python -m instrumentation --db traces.db show latest          # or an id (prefix)
+    python -m instrumentation --db postgresql://localhost/traces tail --interval 1
+    python -m instrumentation --db traces.db export --limit 100 > traces.jsonl
+
+``--db`` takes a SQLite path or a PostgreSQL DSN; it defaults to
+``$INSTRUMENTATION_DB``, then ``instrumentation.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, TextIO
+
+from instrumentation.storage.base import Store
+from instrumentation.storage.models import StoredSpan, TraceSummary, roots_of
+from instrumentation.tree import build_forest, format_duration, render_forest
+
+
+def _when(value: str) -> datetime:
+    """``2026-11-23T10:00``, or an age such as ``15m``, ``2h``, ``3d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a time: use ISO 8601 (2026-11-23T10:00) or an age (15m, 2h, 3d)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _meta(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--meta takes KEY=VALUE (e.g. --meta user=alice), got {item!r}")
+        out[key] = value
+    return out
+
+
+def _tokens(n: int) -> str:
+    return f"{n} tok" if n else ""
+
+
+def _cost(c: float | None) -> str:
+    return f"${c:.4f}" if c else ""
+
+
+def summary_line(s: TraceSummary) -> str:
+    parts = [
+        s.start.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        s.trace_id,
+        f"{s.name or '?'}",
+        format_duration(s.duration),
+        f"{s.span_count} spans",
+        "✗ " + (s.error or f"{s.error_count} errors")
+        if s.status == "error" or s.error_count
+        else "ok",
+        _tokens(s.total_tokens),
+        _cost(s.cost_usd),
+    ]
+    return "  ".join(p for p in parts if p)
+
+
+def span_label(span: StoredSpan) -> str:
+    parts = [span.name or span.id_, format_duration(span.duration)]
+    models = sorted({e.model for e in span.events if e.model})
+    if models:
+        parts.append(",".join(models))
+    if span.total_tokens:
+        parts.append(_tokens(span.total_tokens))
+    if span.cost_usd:
+        parts.append(_cost(span.cost_usd))
+    if span.status == "error":
+        parts.append(f"✗ {span.error}")
+    return "  ".join(parts)
+
+
+def format_trace(spans: list[StoredSpan], *, events: bool = False) -> str:
+    """A stored trace as an indented tree (the same drawing as ``SimpleSpanHandler``)."""
+    if events:
+
+        def label(item: Any) -> str:
+            if isinstance(item, StoredSpan):
+                return span_label(item)
+            return f"· {item.type}" + (f"  ✗ {item.error}" if item.error else "")
+
+        items: list[Any] = [*spans, *(e for s in spans for e in s.events)]
+        forest = build_forest(
+            items,
+            lambda i: i.id_,
+            lambda i: i.parent_id if isinstance(i, StoredSpan) else i.span_id,
+            lambda i: i.start if isinstance(i, StoredSpan) else i.time,
+        )
+        return render_forest(forest, label)
+    forest = build_forest(spans, lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start)
+    return render_forest(forest, span_label)
+
+
+def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:
+    """The most recent traces, oldest first, each as its summary line and its tree.
+
+    ``filters`` are those of ``store.traces()``. What ``make demo`` prints after
+    reading the demo's traces back from its SQLite file.
+    """
+    blocks = []
+    for summary in reversed(store.traces(limit=limit, **filters)):
+        blocks.append(summary_line(summary) + "\n" + format_trace(store.trace(summary.trace_id)))
+    return "\n\n".join(blocks) if blocks else "(no traces)"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def trace_record(trace_id: str, spans: list[StoredSpan]) -> dict[str, Any]:
+    """One exported JSON line: the trace with its spans (flat, with parent ids) and events."""
+    flat = []
+    for span in spans:
+        data = dataclasses.asdict(span)
+        data.pop("children")
+        flat.append(data)
+    return {"trace_id": trace_id, "roots": [s.id_ for s in roots_of(spans)], "spans": flat}
+
+
+def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    found = store.traces(
+        limit=args.limit,
+        since=args.since,
+        until=args.until,
+        name=args.name,
+        status=args.status,
+        min_duration=args.min_duration,
+        dispatcher=args.dispatcher,
+        metadata=_meta(args.meta),
+    )
+    for summary in found:
+        print(summary_line(summary), file=out)
+    if not found:
+        print("(no traces)", file=out)
+    return 0
+
+
+def _cmd_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    trace_id = store.resolve_trace_id(args.trace_id)
+    if trace_id is None:
+        print(f"no single trace matches {args.trace_id!r}", file=sys.stderr)
+        return 1
+    spans = store.trace(trace_id)
+    if args.json:
+        print(json.dumps(trace_record(trace_id, spans), default=_jsonable), file=out)
+    else:
+        print(f"trace {trace_id}", file=out)
+        print(format_trace(spans, events=args.events), file=out)
+    return 0
+
+
+def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    seen: set[str] = set()
+    started = time.monotonic()
+    cursor = datetime.now(timezone.utc) - timedelta(seconds=args.lookback)
+    shown = 0
+    while True:
+        for summary in store.traces(limit=1000, ended_after=cursor - timedelta(seconds=60)):
+            if summary.trace_id in seen:
+                continue
+            seen.add(summary.trace_id)
+            if summary.end is not None and summary.end > cursor:
+                cursor = summary.end
+            if args.tree:
+                print(summary_line(summary), file=out)
+                print(format_trace(store.trace(summary.trace_id)), file=out)
+            else:
+                print(summary_line(summary), file=out)
+            out.flush()
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                return 0
+        if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
+            return 0
+        time.sleep(args.interval)
+
+
+def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    ids = args.trace_ids or [
+        s.trace_id for s in store.traces(limit=args.limit, since=args.since, until=args.until)
+    ]
+    target = open(args.output, "w", encoding="utf-8") if args.output else out  # noqa: SIM115
+    try:
+        for given in ids:
+            trace_id = store.resolve_trace_id(given) or given
+            record = trace_record(trace_id, store.trace(trace_id))
+            target.write(json.dumps(record, default=_jsonable, ensure_ascii=False) + "\n")
+    finally:
+        if target is not out:
+            target.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m instrumentation",
+        description="Read traces kept by instrumentation.storage.",
+    )
+    parser.add_argument(
+        "--db",
+        help="SQLite path or PostgreSQL DSN (default: $INSTRUMENTATION_DB or instrumentation.db)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="recent traces, newest first")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--since", type=_when, help="ISO time or age (15m, 2h)")
+    ls.add_argument("--until", type=_when)
+    ls.add_argument("--name", help="root span name (* is a wildcard)")
+    ls.add_argument("--status", choices=["ok", "error"])
+    ls.add_argument("--min-duration", type=float, help="seconds")
+    ls.add_argument("--dispatcher", help="dispatcher name (and those below it)")
+    ls.add_argument("--meta", action="append", help="KEY=VALUE, e.g. user=alice (repeatable)")
+
+    show = sub.add_parser("show", help="one trace as a tree")
+    show.add_argument("trace_id", help="a trace id, a unique prefix of one, or 'latest'")
+    show.add_argument("--events", action="store_true", help="list each span's events too")
+    show.add_argument("--json", action="store_true", help="print the trace as JSON")
+
+    tail = sub.add_parser("tail", help="print traces as they finish")
+    tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    tail.add_argument("--max-seconds", type=float, help="stop after this long")
+    tail.add_argument("--count", type=int, help="stop after this many traces")
+    tail.add_argument(
+        "--lookback",
+        type=float,
+        default=0.0,
+        help="also show traces that ended this many seconds before starting",
+    )
+    tail.add_argument("--tree", action="store_true", help="print each trace's tree")
+
+    export = sub.add_parser("export", help="traces as JSON lines")
+    export.add_argument("trace_ids", nargs="*", help="traces to export (default: recent)")
+    export.add_argument("--limit", type=int, default=100)
+    export.add_argument("--since", type=_when)
+    export.add_argument("--until", type=_when)
+    export.add_argument("--output", "-o", help="file to write (default: stdout)")
+    return parser
+
+
+_COMMANDS = {"list": _cmd_list, "show": _cmd_show, "tail": _cmd_tail, "export": _cmd_export}
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    from instrumentation.storage import open_store
+
+    args = build_parser().parse_args(argv)
+    stream = out if out is not None else sys.stdout
+    try:
+        store = open_store(args.db)
+    except Exception as exc:
+        print(f"cannot open the trace database {args.db!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _COMMANDS[args.command](store, args, stream)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        store.close()
+
+
+__all__ = [
+    "build_parser",
+    "format_trace",
+    "format_traces",
+    "main",
+    "span_label",
+    "summary_line",
+    "trace_record",
+]

@@ -1,0 +1,257 @@
+"""The storage handler: every finished span and every event, handed to a batch writer.
+
+One object is both the event handler and the span handler
+(``class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler)``): attach it to
+a dispatcher with both ``add_event_handler`` and ``add_span_handler``, or let
+:meth:`StorageHandler.attach` do both.
+
+On the application's thread it does the least it can: ``span_enter`` keeps a tuple
+of the start (wall clock, ``perf_counter``, parent, tags...) in ``open_spans``;
+``span_exit``/``span_drop`` pop it and queue ``(start, id, end, error)``; ``handle``
+queues the event object itself. Rows are made on the writer thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, PrivateAttr, field_validator
+
+from instrumentation.context import current_span, instrument_tags
+from instrumentation.dispatcher import Dispatcher, root_dispatcher
+from instrumentation.event_handlers.base import BaseEventHandler
+from instrumentation.events.base import BaseEvent
+from instrumentation.span.base import BaseSpan
+from instrumentation.span_handlers.base import BaseSpanHandler
+from instrumentation.storage.base import Store
+from instrumentation.storage.models import METADATA_KEYS
+from instrumentation.storage.serialise import RowMaker
+from instrumentation.storage.writer import BatchWriter, OnFull
+
+_perf_counter = time.perf_counter
+_time = time.time
+
+
+def _check_metadata(value: Mapping[str, Any] | None, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} is a mapping such as {{'application': 'rag'}}, got {value!r}")
+    unknown = sorted(set(value) - set(METADATA_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown metadata key(s) {unknown} in {what}; use {sorted(METADATA_KEYS)} "
+            "(put anything else in instrument_tags: tags are stored too)"
+        )
+    return {k: str(v) for k, v in value.items() if v is not None}
+
+
+@contextmanager
+def metadata(**values: Any) -> Iterator[None]:
+    """Set storage metadata for the spans and events of one request.
+
+    ``with metadata(user="alice", session="s-42"):`` is ``instrument_tags`` with
+    checked keys (application, environment, user, session, run_id, step_id): the
+    values follow the request into threads, tasks and other processes like any tag,
+    and fill the metadata columns of every row. They win over the handler's and the
+    dispatcher's metadata.
+    """
+    checked = _check_metadata(values, "metadata()")
+    with instrument_tags(checked):
+        yield
+
+
+class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
+    """Keeps every span and event in a :class:`Store`, written in the background.
+
+    ``metadata`` fills the application/environment/user/session/run_id/step_id
+    columns of every row; ``dispatcher_metadata`` maps a dispatcher name to metadata
+    for its spans (and its events, and those of dispatchers below it); tags with those
+    names (see :func:`metadata`) win over both. The other arguments configure the
+    :class:`BatchWriter` (see there). ``max_payload_chars`` bounds each JSON value.
+    """
+
+    store: Store
+    batch_size: int = 500
+    debounce: float = 0.5
+    max_queue: int = 100_000
+    on_full: OnFull = "block"
+    block_timeout: float = 1.0
+    retry_for: float = 5.0
+    retry_backoff: float = 0.05
+    replay_interval: float = 1.0
+    spool_dir: str | None = None
+    max_payload_chars: int = Field(default=65_536, gt=100)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    dispatcher_metadata: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    _writer: BatchWriter = PrivateAttr()
+    _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
+    if TYPE_CHECKING:  # set in model_post_init, outside pydantic's knowledge
+        _fast_put: Any
+        _fast_by_dispatcher: bool
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _valid_metadata(cls, value: Any) -> dict[str, str]:
+        return _check_metadata(value, "metadata")
+
+    @field_validator("dispatcher_metadata", mode="before")
+    @classmethod
+    def _valid_dispatcher_metadata(cls, value: Any) -> dict[str, dict[str, str]]:
+        if not isinstance(value, Mapping):
+            raise TypeError("dispatcher_metadata maps dispatcher names to metadata mappings")
+        return {str(k): _check_metadata(v, f"dispatcher_metadata[{k!r}]") for k, v in value.items()}
+
+    def model_post_init(self, __context: Any) -> None:
+        super().model_post_init(__context)
+        rows = RowMaker(self.metadata, self.dispatcher_metadata, self.max_payload_chars)
+        self._writer = BatchWriter(
+            self.store,
+            rows.rows,
+            batch_size=self.batch_size,
+            debounce=self.debounce,
+            max_queue=self.max_queue,
+            on_full=self.on_full,
+            block_timeout=self.block_timeout,
+            retry_for=self.retry_for,
+            retry_backoff=self.retry_backoff,
+            replay_interval=self.replay_interval,
+            spool_dir=self.spool_dir,
+        )
+        # The hot path reads these two from the instance __dict__: a pydantic private
+        # attribute is looked up through __getattr__, which costs microseconds.
+        self.__dict__["_fast_put"] = self._writer.put
+        self.__dict__["_fast_by_dispatcher"] = bool(self.dispatcher_metadata)
+
+    @property
+    def writer(self) -> BatchWriter:
+        return self._writer
+
+    @property
+    def dropped(self) -> int:
+        """Entries refused because the queue was full (or after shutdown)."""
+        return self._writer.dropped
+
+    # -- events ------------------------------------------------------------------------
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        if self._fast_by_dispatcher:
+            opened = self.open_spans.get(event.span_id) if event.span_id else None
+            self._fast_put((event, opened[6] if opened is not None else None))  # type: ignore[index]
+        else:
+            self._fast_put(event)
+
+    # -- spans -------------------------------------------------------------------------
+
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        is_root = parent_id is None
+        if not is_root:
+            # A parent in another process (restore_propagation_context) is not ours:
+            # this span is the root of what this process stores.
+            active = current_span()
+            is_root = active is not None and active.remote and active.id_ == parent_id
+        opened: dict[str, Any] = self.open_spans
+        opened[id_] = (
+            _time(),
+            _perf_counter(),
+            parent_id,
+            is_root,
+            kwargs.get("name") or id_.rpartition("-")[0] or id_,
+            kwargs.get("trace_id"),
+            kwargs.get("dispatcher"),
+            tags,
+            kwargs.get("attributes"),
+        )
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        info = self.open_spans.pop(id_, None)
+        if info is not None:
+            self._fast_put((info, id_, _perf_counter(), None))
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
+        info = self.open_spans.pop(id_, None)
+        if info is not None:
+            try:
+                error = f"{type(err).__name__}: {err}" if err is not None else "dropped"
+            except Exception:  # str(err) itself can raise
+                error = type(err).__name__
+            self._fast_put((info, id_, _perf_counter(), error))
+
+    # BaseSpanHandler's abstract methods: unused, span_enter/exit/drop are overridden.
+    def new_span(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
+        return None
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
+        return None
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover
+        return None
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def attach(self, dispatcher: Dispatcher | None = None) -> StorageHandler:
+        """Add this handler for events and spans to ``dispatcher`` (the root by default)."""
+        target = root_dispatcher if dispatcher is None else dispatcher
+        if not isinstance(target, Dispatcher):
+            raise TypeError(f"attach() takes a Dispatcher, got {type(target).__name__}")
+        target.add_event_handler(self)
+        target.add_span_handler(self)
+        if not any(d is target for d in self._attached):
+            self._attached.append(target)
+        return self
+
+    def detach(self) -> None:
+        """Remove this handler from the dispatchers :meth:`attach` added it to."""
+        for target in self._attached:
+            target.remove_event_handler(self)
+            target.remove_span_handler(self)
+        self._attached.clear()
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """``True`` once everything handled before the call is in the database."""
+        return self._writer.flush(timeout)
+
+    def shutdown(self, timeout: float | None = 10.0) -> bool:
+        """Write what is queued and stop the writer (idempotent); see ``BatchWriter.shutdown``."""
+        return self._writer.shutdown(timeout)
+
+    def close(self) -> None:
+        """Called by ``Dispatcher.shutdown()``: write what is queued and stop."""
+        self.shutdown()
+
+    def __enter__(self) -> StorageHandler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+        self.shutdown()
+
+
+__all__ = ["StorageHandler", "metadata"]

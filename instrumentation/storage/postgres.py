@@ -1,0 +1,155 @@
+"""A PostgreSQL store, for many processes or machines writing one place.
+
+psycopg 3 is imported when a :class:`PostgresStore` is made (install the extra:
+``pip install 'instrumentation[postgres]'``), never when the package is imported.
+A lost connection is dropped and made again on the next call, so a server restart
+costs the writer a retry, not a restart of the application.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from instrumentation.storage.base import Row, SQLStore
+from instrumentation.storage.schema import (
+    EVENT_COLUMNS,
+    POSTGRES,
+    SPAN_COLUMNS,
+    check_version,
+    insert_sql,
+    migrations,
+)
+
+#: Connections of a parent process, kept (never closed) in a forked child: closing
+#: one there would end the parent's session on the shared socket.
+_inherited: list[Any] = []
+
+_MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+        raise ImportError(
+            "PostgresStore needs psycopg 3: pip install 'instrumentation[postgres]'"
+        ) from exc
+    return psycopg
+
+
+class PostgresStore(SQLStore):
+    """Traces in PostgreSQL; ``dsn`` is a libpq connection string or URL.
+
+    The tables are created (and migrated) on first connection. ``connect_timeout``
+    bounds how long a call waits for an unreachable server.
+    """
+
+    dialect = POSTGRES
+
+    def __init__(self, dsn: str, *, connect_timeout: float = 5.0) -> None:
+        super().__init__()
+        if not isinstance(dsn, str) or not dsn.strip():
+            raise TypeError(
+                "PostgresStore takes a connection string such as "
+                "'postgresql://user@localhost:5432/traces' or 'host=... dbname=...'"
+            )
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+        self._psycopg = _psycopg()
+        self._conn: Any = None
+        self._insert_spans = insert_sql(POSTGRES, "spans", SPAN_COLUMNS)
+        self._insert_events = insert_sql(POSTGRES, "events", EVENT_COLUMNS)
+        with self._lock:
+            self._connection()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.spool_key!r})"
+
+    @property
+    def spool_key(self) -> str:
+        try:
+            parts = self._psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except Exception:
+            return "postgres:?"
+        parts.pop("password", None)
+        return "postgres:" + " ".join(f"{k}={parts[k]}" for k in sorted(parts))
+
+    def _connection(self) -> Any:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        conn = self._psycopg.connect(
+            self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
+        )
+        try:
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _migrate(self, conn: Any) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            check_version(found)
+            for version, statements in sorted(migrations(POSTGRES).items()):
+                if found is not None and version <= found:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def _forget_broken(self, exc: BaseException) -> None:
+        if isinstance(exc, self._psycopg.OperationalError) and self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        with self._lock:
+            try:
+                conn = self._connection()
+                with conn.transaction(), conn.cursor() as cur:
+                    if spans:
+                        cur.executemany(self._insert_spans, spans)
+                    if events:
+                        cur.executemany(self._insert_events, events)
+            except BaseException as exc:
+                self._forget_broken(exc)
+                raise
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._lock:
+            try:
+                return list(self._connection().execute(sql, list(params)).fetchall())
+            except BaseException as exc:
+                self._forget_broken(exc)
+                raise
+
+    def is_data_error(self, exc: BaseException) -> bool:
+        psycopg = self._psycopg
+        return super().is_data_error(exc) or isinstance(
+            exc, (psycopg.DataError, psycopg.IntegrityError)
+        )
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        if self._conn is not None:
+            _inherited.append(self._conn)
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+__all__ = ["PostgresStore"]

@@ -1,0 +1,185 @@
+"""The tables, their columns and the migrations that create them, for each SQL dialect.
+
+Rows travel from the writer to a store (and through the spool file) as tuples in the
+column order below, with times as seconds since the epoch and JSON columns as text,
+so a row is JSON-able as it is and both backends take the same rows.
+
+A store records the version it migrated to in ``schema_version``. A database whose
+version is newer than :data:`SCHEMA_VERSION` was written by a newer release: the store
+refuses it with :class:`SchemaVersionError` rather than writing rows it cannot read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+META_COLUMNS: tuple[str, ...] = (
+    "application",
+    "environment",
+    "user_id",
+    "session_id",
+    "run_id",
+    "step_id",
+)
+
+SPAN_COLUMNS: tuple[str, ...] = (
+    "id",
+    "trace_id",
+    "parent_id",
+    "is_root",
+    "name",
+    "dispatcher",
+    "start_time",
+    "end_time",
+    "duration",
+    "status",
+    "error",
+    "tags",
+    "attributes",
+    *META_COLUMNS,
+)
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "type",
+    "time",
+    "span_id",
+    "trace_id",
+    "payload",
+    "model",
+    "provider",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+    "latency_ms",
+    "error",
+    *META_COLUMNS,
+)
+
+TIME_COLUMNS = frozenset({"start_time", "end_time", "time"})
+JSON_COLUMNS = frozenset({"tags", "attributes", "payload"})
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was created by a newer release of instrumentation than this one."""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one SQL backend spells the few things that differ."""
+
+    name: str
+    param: str  # the placeholder: "?" or "%s"
+    text: str
+    real: str
+    integer: str
+    timestamp: str
+    json: str
+
+    def time_param(self) -> str:
+        """A placeholder for a time given as epoch seconds."""
+        return self.param if self.timestamp == self.real else f"to_timestamp({self.param})"
+
+    def time_value(self, column: str) -> str:
+        """A time column read back as epoch seconds."""
+        if self.timestamp == self.real:
+            return column
+        return f"EXTRACT(EPOCH FROM {column})::float8"
+
+    def json_param(self) -> str:
+        return self.param if self.json == self.text else f"{self.param}::{self.json}"
+
+    def json_value(self, column: str) -> str:
+        return column if self.json == self.text else f"{column}::text"
+
+
+SQLITE = Dialect("sqlite", "?", "TEXT", "REAL", "INTEGER", "REAL", "TEXT")
+POSTGRES = Dialect("postgres", "%s", "TEXT", "DOUBLE PRECISION", "BIGINT", "TIMESTAMPTZ", "JSONB")
+
+
+def _column_type(d: Dialect, column: str) -> str:
+    if column in TIME_COLUMNS:
+        return d.timestamp
+    if column in JSON_COLUMNS:
+        return d.json
+    if column in {"is_root", "prompt_tokens", "completion_tokens", "total_tokens"}:
+        return d.integer
+    if column in {"duration", "cost_usd", "latency_ms"}:
+        return d.real
+    return d.text
+
+
+def _create_table(d: Dialect, table: str, columns: tuple[str, ...]) -> str:
+    lines = []
+    for column in columns:
+        kind = _column_type(d, column)
+        if column == "id":
+            kind += " PRIMARY KEY"
+        elif column in {"trace_id", "start_time", "duration", "status", "type", "time"} and (
+            table == "spans" or column in {"type", "time"}
+        ):
+            kind += " NOT NULL"
+        lines.append(f"    {column} {kind}")
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n" + ",\n".join(lines) + "\n)"
+
+
+def migrations(d: Dialect) -> dict[int, list[str]]:
+    """Version -> the statements that bring a database from ``version - 1`` to it."""
+    return {
+        1: [
+            _create_table(d, "spans", SPAN_COLUMNS),
+            _create_table(d, "events", EVENT_COLUMNS),
+            # store.trace(): every span and event of one trace.
+            "CREATE INDEX IF NOT EXISTS spans_trace_id ON spans (trace_id)",
+            "CREATE INDEX IF NOT EXISTS events_trace_id ON events (trace_id)",
+            "CREATE INDEX IF NOT EXISTS events_span_id ON events (span_id)",
+            # store.traces(): recent roots first, or roots that ended since (tail).
+            "CREATE INDEX IF NOT EXISTS spans_roots_start ON spans (start_time) WHERE is_root = 1",
+            "CREATE INDEX IF NOT EXISTS spans_roots_end ON spans (end_time) WHERE is_root = 1",
+            "CREATE INDEX IF NOT EXISTS spans_name_start ON spans (name, start_time)",
+            "CREATE INDEX IF NOT EXISTS events_type_time ON events (type, time)",
+        ],
+    }
+
+
+def insert_sql(d: Dialect, table: str, columns: tuple[str, ...]) -> str:
+    """An idempotent insert: replaying a row already stored does nothing."""
+    values = []
+    for column in columns:
+        if column in TIME_COLUMNS:
+            values.append(d.time_param())
+        elif column in JSON_COLUMNS:
+            values.append(d.json_param())
+        else:
+            values.append(d.param)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(values)}) "
+        "ON CONFLICT (id) DO NOTHING"
+    )
+
+
+def check_version(found: int | None) -> None:
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the trace database has schema version {found}, newer than the version this "
+            f"release of instrumentation knows ({SCHEMA_VERSION}); upgrade instrumentation "
+            "to read or write it (nothing was changed)"
+        )
+
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "META_COLUMNS",
+    "POSTGRES",
+    "SCHEMA_VERSION",
+    "SPAN_COLUMNS",
+    "SQLITE",
+    "Dialect",
+    "SchemaVersionError",
+    "check_version",
+    "insert_sql",
+    "migrations",
+]

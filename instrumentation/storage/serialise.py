@@ -1,0 +1,292 @@
+"""Turn what the application handed over (events, finished spans) into table rows.
+
+Runs on the writer thread, never the application's. Nothing here raises for bad
+data: a value that cannot be serialised is stored as its ``repr`` under the marker
+``"__unserialisable__"`` (the row is kept), and a JSON value longer than
+``max_payload_chars`` is replaced by ``{"__truncated__": true, "original_chars": n,
+"preview": "<the first characters>"}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Mapping
+from datetime import date, datetime, time
+from decimal import Decimal
+from pathlib import PurePath
+from time import monotonic as _monotonic
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel
+
+from instrumentation import telemetry
+from instrumentation.storage.base import Row
+from instrumentation.storage.models import METADATA_KEYS
+
+logger = logging.getLogger("instrumentation.storage")
+
+UNSERIALISABLE = "__unserialisable__"
+TRUNCATED = "__truncated__"
+
+_FALLBACKS = telemetry.counter("storage.unserialisable_values")
+_TRUNCATED = telemetry.counter("storage.truncated_payloads")
+_UNWRITABLE = telemetry.counter("storage.unwritable_entries")
+
+#: Fields of an event stored in their own columns, left out of the payload.
+_EVENT_COLUMN_FIELDS = {"id_", "timestamp", "span_id", "trace_id"}
+
+
+def _safe_repr(value: Any, limit: int = 2000) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__
+        text = f"<{type(value).__qualname__} (repr failed: {type(exc).__name__})>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def unserialisable(value: Any) -> dict[str, str]:
+    """The marker stored in place of ``value``."""
+    _FALLBACKS.inc()
+    return {UNSERIALISABLE: type(value).__qualname__, "repr": _safe_repr(value)}
+
+
+def _default(value: Any) -> Any:
+    """``json.dumps`` hook: common non-JSON types by value, anything else as a marker."""
+    if isinstance(value, BaseModel):
+        try:
+            return value.model_dump(mode="json", fallback=unserialisable)
+        except Exception:
+            return unserialisable(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (UUID, Decimal, PurePath)):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, bytes):
+        return {UNSERIALISABLE: "bytes", "repr": _safe_repr(value, 200), "length": len(value)}
+    return unserialisable(value)
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    _TRUNCATED.inc()
+    return json.dumps(
+        {TRUNCATED: True, "original_chars": len(text), "preview": text[: max(0, limit - 100)]},
+        ensure_ascii=False,
+    )
+
+
+def to_json(value: Any, limit: int) -> str:
+    """``value`` as JSON text, never raising, at most about ``limit`` characters."""
+    try:
+        text = json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        text = json.dumps(unserialisable(value), ensure_ascii=False)
+    return _truncate(text, limit)
+
+
+def event_payload(event: Any, limit: int) -> str:
+    """The event's fields (except those with their own columns) as JSON text."""
+    try:
+        text = event.model_dump_json(exclude=_EVENT_COLUMN_FIELDS, fallback=unserialisable)
+    except Exception:
+        try:
+            data = event.model_dump(exclude=_EVENT_COLUMN_FIELDS)
+        except Exception:
+            data = unserialisable(event)
+        return to_json(data, limit)
+    return _truncate(text, limit)
+
+
+def _str_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else _safe_repr(value, 500)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def metadata_columns(
+    tags: Mapping[str, Any] | None, *defaults: Mapping[str, str] | None
+) -> tuple[str | None, ...]:
+    """The six metadata columns: from the tags first, then each mapping of defaults."""
+    out: list[str | None] = []
+    for key in METADATA_KEYS:
+        value: Any = None
+        if tags:
+            value = tags.get(key)
+        if value is None:
+            for mapping in defaults:
+                if mapping and mapping.get(key) is not None:
+                    value = mapping[key]
+                    break
+        out.append(None if value is None else str(value))
+    return tuple(out)
+
+
+_META_KEYSET = frozenset(METADATA_KEYS)
+_LLM_FIELDS = ("usage", "err_str", "error", "model", "provider", "cost_usd", "latency_ms")
+_fields_cache: dict[type, frozenset[str]] = {}
+
+
+def _fields_of(cls: type) -> frozenset[str]:
+    """Which of the LLM columns' fields an event class has (looked up once per class).
+
+    ``getattr(event, name, None)`` on a pydantic model that lacks ``name`` costs
+    microseconds (it raises inside ``__getattr__``); this keeps rows cheap for the
+    events that are not LLM events, whether or not ``instrumentation.events.llm``
+    exists.
+    """
+    found = _fields_cache.get(cls)
+    if found is None:
+        found = frozenset(
+            name
+            for name in _LLM_FIELDS
+            if name in getattr(cls, "model_fields", {})
+            or isinstance(getattr(cls, name, None), property)
+        )
+        _fields_cache[cls] = found
+    return found
+
+
+class RowMaker:
+    """Makes rows for one handler: knows its metadata and payload limit."""
+
+    def __init__(
+        self,
+        metadata: Mapping[str, str] | None,
+        dispatcher_metadata: Mapping[str, Mapping[str, str]] | None,
+        max_payload_chars: int,
+    ) -> None:
+        self.metadata = dict(metadata or {})
+        self.dispatcher_metadata = {k: dict(v) for k, v in (dispatcher_metadata or {}).items()}
+        self.limit = max_payload_chars
+        self._defaults: dict[str | None, tuple[str | None, ...]] = {}
+        self._last_log = float("-inf")
+
+    def meta(self, tags: Any, dispatcher: str | None) -> tuple[str | None, ...]:
+        """The metadata columns of a row: tags, then dispatcher, then handler metadata."""
+        defaults = self._defaults.get(dispatcher)
+        if defaults is None:
+            defaults = metadata_columns(None, self.for_dispatcher(dispatcher), self.metadata)
+            if len(self._defaults) < 10_000:
+                self._defaults[dispatcher] = defaults
+        if not tags or not isinstance(tags, Mapping) or _META_KEYSET.isdisjoint(tags):
+            return defaults
+        return metadata_columns(tags, self.for_dispatcher(dispatcher), self.metadata)
+
+    def for_dispatcher(self, name: str | None) -> Mapping[str, str] | None:
+        """The metadata of the nearest configured dispatcher at or above ``name``."""
+        if not self.dispatcher_metadata or name is None:
+            return None
+        while True:
+            found = self.dispatcher_metadata.get(name)
+            if found is not None:
+                return found
+            if "." not in name:
+                return self.dispatcher_metadata.get("root")
+            name = name.rpartition(".")[0]
+
+    def span_row(self, entry: tuple[Any, ...]) -> Row:
+        """A row from the writer entry ``(start_info, id_, end_perf, error)``."""
+        info, span_id, end_perf, error = entry
+        start_wall, start_perf, parent_id, is_root, name, trace_id, dispatcher, tags, attrs = info
+        duration = max(0.0, end_perf - start_perf)
+        return (
+            span_id,
+            trace_id,
+            parent_id,
+            1 if is_root else 0,
+            _str_or_none(name),
+            dispatcher,
+            start_wall,
+            start_wall + duration,
+            duration,
+            "ok" if error is None else "error",
+            error,
+            to_json(dict(tags) if tags else {}, self.limit),
+            to_json(dict(attrs) if attrs else {}, self.limit),
+            *self.meta(tags, dispatcher),
+        )
+
+    def event_row(self, event: Any, dispatcher: str | None) -> Row:
+        """A row from an event (LLM columns are read by duck typing, so any event works)."""
+        has = _fields_of(type(event))
+        usage = event.usage if "usage" in has else None
+        prompt = completion = total = None
+        if usage is not None:
+            prompt = _int_or_none(getattr(usage, "prompt_tokens", None))
+            completion = _int_or_none(getattr(usage, "completion_tokens", None))
+            total = _int_or_none(getattr(usage, "total_tokens", None))
+            if total is None and (prompt is not None or completion is not None):
+                total = (prompt or 0) + (completion or 0)
+        error = event.err_str if "err_str" in has else None
+        if error is None and "error" in has:
+            error = event.error
+        timestamp = event.timestamp
+        tags = event.tags
+        return (
+            str(event.id_),
+            event.class_name(),
+            timestamp.timestamp() if isinstance(timestamp, datetime) else 0.0,
+            event.span_id,
+            event.trace_id,
+            event_payload(event, self.limit),
+            _str_or_none(event.model) if "model" in has else None,
+            _str_or_none(event.provider) if "provider" in has else None,
+            prompt,
+            completion,
+            total,
+            _float_or_none(event.cost_usd) if "cost_usd" in has else None,
+            _float_or_none(event.latency_ms) if "latency_ms" in has else None,
+            _str_or_none(error),
+            *self.meta(tags, dispatcher),
+        )
+
+    def rows(self, entries: list[Any]) -> tuple[list[Row], list[Row]]:
+        """Span rows and event rows for a batch; a broken entry is logged and skipped."""
+        spans: list[Row] = []
+        events: list[Row] = []
+        for entry in entries:
+            try:
+                if type(entry) is tuple:
+                    if len(entry) == 4:
+                        spans.append(self.span_row(entry))
+                    else:
+                        events.append(self.event_row(entry[0], entry[1]))
+                else:
+                    events.append(self.event_row(entry, None))
+            except Exception:
+                self._unwritable(entry)
+        return spans, events
+
+    def _unwritable(self, entry: Any) -> None:
+        """Count an entry no row could be made of; log it at most every 10 seconds."""
+        _UNWRITABLE.inc()
+        now = _monotonic()
+        if now - self._last_log >= 10.0:
+            self._last_log = now
+            logger.error(
+                "instrumentation.storage could not make a row of %s (%d such entries so far)",
+                _safe_repr(entry, 300),
+                _UNWRITABLE.value,
+                exc_info=True,
+            )
+
+
+__all__ = ["TRUNCATED", "UNSERIALISABLE", "RowMaker", "event_payload", "to_json"]

@@ -1,0 +1,142 @@
+"""The embedded default: a SQLite file (standard library ``sqlite3``, WAL mode).
+
+WAL lets readers (``python -m instrumentation tail`` in another terminal) read while
+the writer writes; ``synchronous=NORMAL`` keeps a committed batch safe from an
+application crash (not from a power cut), which is what tracing needs, at a fraction
+of the cost of a full sync per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from instrumentation.storage.base import Row, SQLStore
+from instrumentation.storage.schema import (
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    SPAN_COLUMNS,
+    SQLITE,
+    check_version,
+    insert_sql,
+    migrations,
+)
+
+#: Connections of a parent process, kept (never closed) in a forked child.
+_inherited: list[Any] = []
+
+
+class SQLiteStore(SQLStore):
+    """Traces in a SQLite file (created with its schema if missing).
+
+    ``path`` may be ``":memory:"`` for a store that lives as long as the object.
+    Thread-safe; several processes may write one file (SQLite serialises them; each
+    waits up to ``busy_timeout`` seconds for the lock).
+    """
+
+    dialect = SQLITE
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        super().__init__()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"SQLiteStore takes a file path (str or pathlib.Path), got {type(path).__name__}"
+            )
+        self.path = str(path) if str(path) == ":memory:" else str(Path(path).resolve())
+        self.busy_timeout = float(busy_timeout)
+        self._conn: sqlite3.Connection | None = None
+        self._insert_spans = insert_sql(SQLITE, "spans", SPAN_COLUMNS)
+        self._insert_events = insert_sql(SQLITE, "events", EVENT_COLUMNS)
+        with self._lock:
+            self._connection()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @property
+    def spool_key(self) -> str:
+        return f"sqlite:{self.path}"
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            found = row[0] if row else None
+            check_version(found)
+            for version, statements in sorted(migrations(SQLITE).items()):
+                if found is not None and version <= found:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def schema_version(self) -> int:
+        rows = self._query("SELECT MAX(version) FROM schema_version", [])
+        return int(rows[0][0]) if rows and rows[0][0] is not None else SCHEMA_VERSION
+
+    def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN")
+            try:
+                if spans:
+                    conn.executemany(self._insert_spans, spans)
+                if events:
+                    conn.executemany(self._insert_events, events)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._lock:
+            return list(self._connection().execute(sql, tuple(params)).fetchall())
+
+    def is_data_error(self, exc: BaseException) -> bool:
+        return super().is_data_error(exc) or isinstance(
+            exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
+        )
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        if self._conn is not None:
+            _inherited.append(self._conn)
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+__all__ = ["SQLiteStore"]

@@ -1,0 +1,516 @@
+"""The batch writer: a bounded queue and one background thread that writes batches.
+
+The application's thread only appends to a ``deque`` (and, once per batch, sets an
+``Event``): no I/O, no serialisation, no lock on the way in. The writer thread turns
+entries into rows, and writes a batch when ``batch_size`` entries wait or ``debounce``
+seconds have passed since the first of them arrived, whichever comes first, in one
+transaction with ``executemany``. Its own database calls run under
+``suppress_instrumentation()``, so an instrumented database client never traces the
+writer.
+
+Nothing is lost silently:
+
+- a full queue blocks the caller for up to ``block_timeout`` seconds
+  (``on_full="block"``) or refuses the newest entry at once (``"drop_newest"``); every
+  refused entry is counted (``writer.dropped``, counter ``storage.dropped``) and logged
+  (at most every 10 seconds);
+- a failing database is retried with exponential backoff for ``retry_for`` seconds,
+  keeping the batch; then the rows go to a local spool file (see
+  :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
+  database answers again. Inserts skip rows already stored, so a replay never
+  duplicates.
+
+``flush(timeout)`` is true only when everything queued before the call is in the
+database (not merely in the spool); ``shutdown(timeout)`` writes what is queued and
+stops, and is safe to call twice. Every live writer is shut down at interpreter exit
+(``atexit``), and after ``os.fork`` the child starts a writer thread of its own with
+an empty queue (what the parent had queued is the parent's to write).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal
+
+from instrumentation import telemetry
+from instrumentation.context import suppress_instrumentation
+from instrumentation.storage.base import Row, Store
+from instrumentation.storage.spool import Spool
+
+logger = logging.getLogger("instrumentation.storage")
+
+OnFull = Literal["block", "drop_newest"]
+RowsOf = Callable[[list[Any]], tuple[list[Row], list[Row]]]
+
+_DROPPED = telemetry.counter("storage.dropped")
+_ROWS_WRITTEN = telemetry.counter("storage.rows_written")
+_BATCHES = telemetry.counter("storage.batches_written")
+_WRITE_ERRORS = telemetry.counter("storage.write_errors")
+_REPLAYED = telemetry.counter("storage.replayed_rows")
+_LOST = telemetry.counter("storage.lost_rows")
+_REJECTED = telemetry.counter("storage.rejected_rows")
+
+_LOG_EVERY = 10.0
+
+
+def _without_nul(row: Row) -> Row:
+    return tuple(
+        v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd") if isinstance(v, str) else v
+        for v in row
+    )
+
+
+class _Marker:
+    """Put in the queue by flush/shutdown: resolved once everything before it is written."""
+
+    __slots__ = ("done", "ok", "stop")
+
+    def __init__(self, stop: bool = False) -> None:
+        self.done = threading.Event()
+        self.ok = False
+        self.stop = stop
+
+
+def _positive(name: str, value: Any) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
+class BatchWriter:
+    """Writes entries to ``store`` in batches on its own thread (see the module docstring).
+
+    ``rows_of(entries)`` turns a list of entries into ``(span rows, event rows)``; it
+    runs on the writer thread. ``put()`` is thread-safe and never raises.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        rows_of: RowsOf,
+        *,
+        batch_size: int = 500,
+        debounce: float = 0.5,
+        max_queue: int = 100_000,
+        on_full: OnFull = "block",
+        block_timeout: float = 1.0,
+        retry_for: float = 5.0,
+        retry_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        replay_interval: float = 1.0,
+        spool_dir: str | os.PathLike[str] | None = None,
+        exit_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(
+                f"BatchWriter needs a Store (SQLiteStore(path) or PostgresStore(dsn)), "
+                f"got {type(store).__name__}"
+            )
+        if not isinstance(batch_size, int):
+            raise TypeError(f"batch_size is an int, got {type(batch_size).__name__}")
+        if not isinstance(max_queue, int):
+            raise TypeError(f"max_queue is an int, got {type(max_queue).__name__}")
+        _positive("batch_size", batch_size)
+        _positive("max_queue", max_queue)
+        _positive("debounce", debounce)
+        _positive("retry_backoff", retry_backoff)
+        _positive("max_backoff", max_backoff)
+        _positive("replay_interval", replay_interval)
+        _positive("exit_timeout", exit_timeout)
+        if on_full not in ("block", "drop_newest"):
+            raise ValueError(f"on_full is 'block' or 'drop_newest', got {on_full!r}")
+        if not isinstance(block_timeout, (int, float)) or block_timeout < 0:
+            raise ValueError(f"block_timeout is seconds >= 0, got {block_timeout!r}")
+        if not isinstance(retry_for, (int, float)) or retry_for < 0:
+            raise ValueError(f"retry_for is seconds >= 0, got {retry_for!r}")
+        self.store = store
+        self._rows_of = rows_of
+        self.batch_size = batch_size
+        self.debounce = float(debounce)
+        self.max_queue = max_queue
+        self.on_full: OnFull = on_full
+        self.block_timeout = float(block_timeout)
+        self.retry_for = float(retry_for)
+        self.retry_backoff = float(retry_backoff)
+        self.max_backoff = float(max_backoff)
+        self.replay_interval = float(replay_interval)
+        self.exit_timeout = float(exit_timeout)
+        self.spool = Spool(store.spool_key, spool_dir)
+        #: Entries refused because the queue was full or the writer shut down.
+        self.dropped = 0
+        self.rows_written = 0
+        self._queue: deque[Any] = deque()
+        self._limit = max_queue  # 0 once shut down: every put() then takes the slow path
+        self._init_runtime()
+        _writers.add(self)
+        self._start()
+
+    def _init_runtime(self) -> None:
+        self._queue.clear()
+        self._wake = threading.Event()
+        self._idle = True
+        self._space = threading.Condition(threading.Lock())
+        self._space_waiters = 0
+        self._state_lock = threading.Lock()
+        self._markers_pending = 0
+        self._abort = threading.Event()
+        self._closed = False
+        self._stopped = threading.Event()
+        self._next_replay = 0.0
+        self._last_drop_log = 0.0
+        self._drops_since_log = 0
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        thread = threading.Thread(
+            target=self._run, name="instrumentation-storage-writer", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+
+    def __repr__(self) -> str:
+        return (
+            f"<BatchWriter {self.store!r} queued={len(self._queue)} "
+            f"written={self.rows_written} dropped={self.dropped}>"
+        )
+
+    # -- the application's side ----------------------------------------------------------
+
+    def put(self, entry: Any) -> bool:
+        """Queue ``entry``; ``False`` if it was refused (counted and logged)."""
+        queue = self._queue
+        if len(queue) >= self._limit:
+            return self._put_when_full(entry)
+        queue.append(entry)
+        if self._idle or len(queue) == self.batch_size:
+            self._idle = False
+            self._wake.set()
+        return True
+
+    def _put_when_full(self, entry: Any) -> bool:
+        if not self._closed and self.on_full == "block" and self.block_timeout > 0:
+            deadline = time.monotonic() + self.block_timeout
+            queue = self._queue
+            self._wake.set()
+            with self._space:
+                self._space_waiters += 1
+                try:
+                    while len(queue) >= self._limit and not self._closed:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._space.wait(remaining)
+                    if len(queue) < self._limit and not self._closed:
+                        queue.append(entry)
+                        self._wake.set()
+                        return True
+                finally:
+                    self._space_waiters -= 1
+        self._count_drop()
+        return False
+
+    def _count_drop(self) -> None:
+        with self._state_lock:
+            self.dropped += 1
+            self._drops_since_log += 1
+            now = time.monotonic()
+            if now - self._last_drop_log < _LOG_EVERY:
+                _DROPPED.inc()
+                return
+            self._last_drop_log = now
+            count, self._drops_since_log = self._drops_since_log, 0
+        _DROPPED.inc()
+        reason = (
+            "the writer is shut down"
+            if self._closed
+            else (f"the queue is full ({self.max_queue} entries; on_full={self.on_full!r})")
+        )
+        logger.warning(
+            "instrumentation.storage dropped %d entr%s because %s; %d dropped in all",
+            count,
+            "y" if count == 1 else "ies",
+            reason,
+            self.dropped,
+        )
+
+    @property
+    def queued(self) -> int:
+        """Entries waiting to be written (approximate while others put)."""
+        return len(self._queue)
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until everything queued before the call is in the database.
+
+        ``False`` when ``timeout`` seconds pass first, or when rows are in the spool
+        because the database cannot be reached.
+        """
+        if self._closed:
+            self._stopped.wait(timeout)
+            return self._stopped.is_set() and not self._queue and not self.spool.pending
+        marker = _Marker()
+        self._put_marker(marker)
+        return marker.done.wait(timeout) and marker.ok
+
+    def _put_marker(self, marker: _Marker) -> None:
+        with self._state_lock:
+            self._markers_pending += 1
+        self._queue.append(marker)
+        self._idle = False
+        self._wake.set()
+
+    def shutdown(self, timeout: float | None = 10.0) -> bool:
+        """Write what is queued, stop the thread; ``True`` if all of it reached the database.
+
+        Entries put afterwards are refused (and counted). If the database still fails
+        when most of ``timeout`` has passed, the rest goes to the spool file. Safe to
+        call twice and from several threads.
+        """
+        with self._state_lock:
+            first = not self._closed
+            self._closed = True
+            self._limit = 0
+        if first:
+            with self._space:
+                self._space.notify_all()
+            self._put_marker(_Marker(stop=True))
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            if timeout is None:
+                thread.join()
+            else:
+                thread.join(timeout * 0.8)
+                if thread.is_alive():
+                    self._abort.set()  # stop retrying: spool the rest
+                    thread.join(timeout * 0.2)
+        _writers.discard(self)
+        return self._stopped.is_set() and not self._queue and not self.spool.pending
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        with suppress_instrumentation():
+            try:
+                self.spool.adopt_orphans()
+            except Exception:
+                logger.exception("instrumentation.storage could not look for old spool files")
+            try:
+                self._loop()
+            except BaseException:  # pragma: no cover - a bug here must not kill silently
+                logger.exception("instrumentation.storage writer stopped by an error")
+                raise
+            finally:
+                self._stopped.set()
+                with self._space:
+                    self._space.notify_all()
+
+    def _wait_for_work(self) -> None:
+        queue = self._queue
+        while not queue:
+            self._idle = True
+            self._wake.clear()
+            if queue:
+                break
+            timeout = self.replay_interval if self.spool.pending else None
+            self._wake.wait(timeout)
+            if not queue and self.spool.pending and time.monotonic() >= self._next_replay:
+                self._replay()
+        self._idle = False
+        # Debounce: give the batch until ``debounce`` after its first entry to fill.
+        deadline = time.monotonic() + self.debounce
+        while len(queue) < self.batch_size and not self._markers_pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            if len(queue) >= self.batch_size or self._markers_pending:
+                break
+            self._wake.wait(remaining)
+
+    def _loop(self) -> None:
+        queue = self._queue
+        while True:
+            self._wait_for_work()
+            batch: list[Any] = []
+            marker: _Marker | None = None
+            while queue and len(batch) < self.batch_size:
+                item = queue.popleft()
+                if type(item) is _Marker:
+                    marker = item
+                    break
+                batch.append(item)
+            if self._space_waiters:
+                with self._space:
+                    self._space.notify_all()
+            if batch:
+                spans, events = self._rows_of(batch)
+                self._write(spans, events)
+            if marker is not None:
+                with self._state_lock:
+                    self._markers_pending -= 1
+                if self.spool.pending and not self._abort.is_set():
+                    self._replay()
+                marker.ok = not self.spool.pending
+                if marker.stop:
+                    # Anything put between shutdown() and here was refused; write the
+                    # rest that was queued before the stop marker (none: FIFO).
+                    marker.done.set()
+                    return
+                marker.done.set()
+
+    def _write(self, spans: list[Row], events: list[Row]) -> None:
+        if not spans and not events:
+            return
+        # Keep the order: older spooled rows go first, or these join them.
+        if self.spool.pending and (
+            self._abort.is_set() or time.monotonic() < self._next_replay or not self._replay()
+        ):
+            self._to_spool(spans, events)
+            return
+        delay = self.retry_backoff
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                self.store.write(spans, events)
+            except Exception as exc:
+                _WRITE_ERRORS.inc()
+                if self.store.is_data_error(exc):
+                    self._write_row_by_row(spans, events)
+                    return
+                logger.warning(
+                    "instrumentation.storage could not write %d rows to %r (%s: %s); %s",
+                    len(spans) + len(events),
+                    self.store,
+                    type(exc).__name__,
+                    exc,
+                    "retrying" if time.monotonic() + delay <= deadline else "spooling them",
+                )
+                if time.monotonic() + delay > deadline or self._abort.wait(delay):
+                    break
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            self._written(len(spans) + len(events))
+            return
+        self._to_spool(spans, events)
+        self._next_replay = time.monotonic() + self.replay_interval
+
+    def _write_row_by_row(self, spans: list[Row], events: list[Row]) -> None:
+        """A batch the database refused for its content: keep every row it will take.
+
+        A row it refuses is tried once more with NUL characters replaced (PostgreSQL
+        takes none), then rejected: counted (``storage.rejected_rows``) and logged. If
+        the database stops answering meanwhile, the rest goes to the spool.
+        """
+        pending = [(r, True) for r in spans] + [(r, False) for r in events]
+        for i, (row, is_span) in enumerate(pending):
+            for attempt in (row, _without_nul(row)):
+                try:
+                    self.store.write([attempt] if is_span else [], [] if is_span else [attempt])
+                except Exception as exc:
+                    if self.store.is_data_error(exc):
+                        continue
+                    rest = pending[i:]
+                    self._to_spool([r for r, s in rest if s], [r for r, s in rest if not s])
+                    self._next_replay = time.monotonic() + self.replay_interval
+                    return
+                self._written(1)
+                break
+            else:
+                _REJECTED.inc()
+                logger.error(
+                    "instrumentation.storage: the database refused row %r of %s; it is dropped",
+                    row[0],
+                    "spans" if is_span else "events",
+                )
+
+    def _written(self, n: int) -> None:
+        self.rows_written += n
+        _ROWS_WRITTEN.add(n)
+        _BATCHES.inc()
+
+    def _to_spool(self, spans: list[Row], events: list[Row]) -> None:
+        try:
+            self.spool.append(spans, events)
+        except Exception:
+            _LOST.add(len(spans) + len(events))
+            logger.exception(
+                "instrumentation.storage lost %d rows: the database failed and the spool "
+                "file %s could not be written",
+                len(spans) + len(events),
+                self.spool.path,
+            )
+
+    def _replay(self) -> bool:
+        """Write the spooled rows; ``True`` (and the spool emptied) if the database took them."""
+        spans, events = self.spool.read()
+        try:
+            step = max(self.batch_size, 1000)
+            for i in range(0, len(spans), step):
+                self.store.write(spans[i : i + step], [])
+            for i in range(0, len(events), step):
+                self.store.write([], events[i : i + step])
+        except Exception as exc:
+            _WRITE_ERRORS.inc()
+            self._next_replay = time.monotonic() + self.replay_interval
+            logger.info(
+                "instrumentation.storage: database still failing (%s); %d rows wait in %s",
+                type(exc).__name__,
+                self.spool.rows_pending,
+                self.spool.path,
+            )
+            return False
+        self.spool.clear()
+        n = len(spans) + len(events)
+        _REPLAYED.add(n)
+        self._written(n)
+        logger.info("instrumentation.storage replayed %d spooled rows into %r", n, self.store)
+        return True
+
+    # -- process life --------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        was_closed = self._closed
+        self.store.after_fork_in_child()
+        self._init_runtime()
+        self.spool.rows_pending = 0
+        self.dropped = 0
+        self.rows_written = 0
+        if was_closed:
+            self._closed = True
+            self._stopped.set()
+        else:
+            self._limit = self.max_queue
+            self._start()
+
+
+_writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_writers):
+        try:
+            writer._after_fork_in_child()
+        except Exception:  # pragma: no cover
+            logger.exception("instrumentation.storage could not restart a writer after fork")
+
+
+def _shutdown_all_at_exit() -> None:
+    for writer in list(_writers):
+        try:
+            writer.shutdown(writer.exit_timeout)
+        except Exception:  # pragma: no cover
+            logger.exception("instrumentation.storage could not flush a writer at exit")
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_shutdown_all_at_exit)
+
+
+__all__ = ["BatchWriter", "OnFull"]

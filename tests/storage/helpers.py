@@ -1,0 +1,71 @@
+"""Small pieces shared by the storage tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from instrumentation import BaseEvent
+from instrumentation.storage import SQLiteStore, Store
+from instrumentation.storage.base import Row
+
+
+class Usage:
+    """Stands for TokenUsage by duck typing (the storage reads it with getattr)."""
+
+    def __init__(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens = prompt
+        self.completion_tokens = completion
+        self.total_tokens = prompt + completion
+
+
+class FakeLLMEndEvent(BaseEvent):
+    """An event shaped like the LLM end events of instrumentation.events.llm."""
+
+    model: str | None = None
+    provider: str | None = None
+    usage: Any = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+
+
+class NoteEvent(BaseEvent):
+    text: str = ""
+    value: Any = None
+
+
+class ControlledSQLiteStore(SQLiteStore):
+    """A real SQLite store whose writes can be made to fail or to wait."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.attempts = 0
+        self.on_write: Callable[[], None] | None = None
+
+    def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        self.attempts += 1
+        if self.on_write is not None:
+            self.on_write()
+        self.gate.wait(30)
+        if self.fail:
+            raise OSError("database unreachable (test)")
+        super().write(spans, events)
+
+
+def count(store: Store, table: str) -> int:
+    rows = store._query(f"SELECT COUNT(*) FROM {table}", [])  # type: ignore[attr-defined]
+    return int(rows[0][0])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

@@ -1,0 +1,190 @@
+"""The command line: list, show, tail and export, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instrumentation import get_dispatcher
+from instrumentation.__main__ import main as module_main
+from instrumentation.storage import SQLiteStore, Store
+from instrumentation.storage.cli import main
+
+from .helpers import FakeLLMEndEvent, Usage
+
+d = get_dispatcher("tests.storage.cli")
+
+
+@d.span
+def pipeline() -> None:
+    step()
+    try:
+        failing_step()
+    except RuntimeError:
+        pass
+
+
+@d.span
+def step() -> None:
+    d.event(FakeLLMEndEvent(model="m-cli", usage=Usage(7, 3), cost_usd=0.5))
+
+
+@d.span
+def failing_step() -> None:
+    raise RuntimeError("tool broke")
+
+
+def _db_arg(store: Store) -> str:
+    return store.path if isinstance(store, SQLiteStore) else store.dsn  # type: ignore[attr-defined]
+
+
+def _run(*argv: str) -> str:
+    out = io.StringIO()
+    assert main(list(argv), out=out) == 0
+    return out.getvalue()
+
+
+def test_list_show_and_export(any_store: Store, make_handler: Any, tmp_path: Path) -> None:
+    """list prints summaries; show prints the tree with durations, tokens and errors."""
+    handler = make_handler(any_store).attach(d)
+    pipeline()
+    assert handler.flush(10)
+    db = _db_arg(any_store)
+    listed = _run("--db", db, "list")
+    (line,) = listed.splitlines()
+    trace_id = any_store.traces()[0].trace_id
+    assert trace_id in line and "pipeline" in line and "3 spans" in line and "10 tok" in line
+    shown = _run("--db", db, "show", trace_id[:10])
+    lines = shown.splitlines()
+    assert lines[0] == f"trace {trace_id}"
+    assert lines[1].startswith("pipeline  ")
+    assert lines[2].startswith("├── step  ") and "m-cli" in lines[2] and "10 tok" in lines[2]
+    assert lines[2].endswith("$0.5000")
+    assert lines[3].startswith("└── failing_step  ") and "✗ RuntimeError: tool broke" in lines[3]
+    assert _run("--db", db, "show", "latest") == shown
+    with_events = _run("--db", db, "show", "latest", "--events")
+    assert "· FakeLLMEndEvent" in with_events and "· SpanDropEvent  ✗ tool broke" in with_events
+    out_file = tmp_path / "out.jsonl"
+    _run("--db", db, "export", "--output", str(out_file))
+    (record,) = [json.loads(x) for x in out_file.read_text().splitlines()]
+    assert record["trace_id"] == trace_id and len(record["spans"]) == 3
+    assert record["roots"] == [any_store.traces()[0].root_span_id]
+    assert any(e["total_tokens"] == 10 for s in record["spans"] for e in s["events"])
+    assert _run("--db", db, "list", "--status", "error") == "(no traces)\n"
+
+
+def test_show_unknown_trace_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--db", str(tmp_path / "e.db"), "show", "abc"]) == 1
+    assert "no single trace matches" in capsys.readouterr().err
+
+
+def test_tail_follows_new_traces(tmp_path: Path, make_handler: Any) -> None:
+    """tail prints traces that finish after it starts, bounded by --count."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    pipeline()  # before tail: not shown
+    assert handler.flush(10)
+    out = io.StringIO()
+    result: list[int] = []
+    follower = threading.Thread(
+        target=lambda: result.append(
+            main(
+                [
+                    "--db",
+                    store.path,
+                    "tail",
+                    "--interval",
+                    "0.05",
+                    "--count",
+                    "2",
+                    "--max-seconds",
+                    "20",
+                ],
+                out=out,
+            )
+        )
+    )
+    follower.start()
+    time.sleep(0.3)
+    for _ in range(2):
+        pipeline()
+    assert handler.flush(10)
+    follower.join(30)
+    assert result == [0]
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all("pipeline" in x for x in lines)
+    assert len({x.split()[2] for x in lines}) == 2  # two different trace ids
+
+
+def test_tail_stops_after_max_seconds(tmp_path: Path) -> None:
+    started = time.monotonic()
+    assert (
+        main(
+            ["--db", str(tmp_path / "t.db"), "tail", "--interval", "0.05", "--max-seconds", "0.3"],
+            out=io.StringIO(),
+        )
+        == 0
+    )
+    assert time.monotonic() - started < 5
+
+
+def test_python_dash_m_instrumentation(tmp_path: Path, make_handler: Any) -> None:
+    """The module entry point and main() run the same CLI."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    pipeline()
+    assert handler.flush(10)
+    done = subprocess.run(
+        [sys.executable, "-m", "instrumentation", "--db", store.path, "show", "latest"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "└── failing_step" in done.stdout
+    assert module_main(["--db", store.path, "list"]) == 0
+
+
+def test_bad_arguments_exit_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["--db", str(tmp_path / "t.db"), "list", "--since", "yesterday-ish"])
+    assert "not a time" in capsys.readouterr().err
+    assert main(["--db", str(tmp_path / "t.db"), "list", "--meta", "colour=red"]) == 2
+
+
+def test_format_traces_reads_back_oldest_first(tmp_path: Path) -> None:
+    """storage.format_traces() prints each recent trace's summary and tree (the demo's view)."""
+    from instrumentation import storage
+
+    with storage.record_to(tmp_path / "demo.db", dispatcher=d, debounce=0.01) as recorder:
+        pipeline()
+        step()
+    text = storage.format_traces(recorder.store)
+    blocks = text.split("\n\n")
+    assert len(blocks) == 2
+    assert "pipeline" in blocks[0].splitlines()[0] and "└── failing_step" in blocks[0]
+    assert blocks[1].splitlines()[1].startswith("step  ")
+    assert storage.format_traces(storage.SQLiteStore(tmp_path / "empty.db")) == "(no traces)"
+
+
+def test_open_store_picks_the_backend(tmp_path: Path, postgres_dsn: str) -> None:
+    """A DSN opens PostgreSQL, anything else a SQLite file."""
+    from instrumentation import storage
+    from instrumentation.storage.postgres import PostgresStore
+
+    sqlite_store = storage.open_store(tmp_path / "x.db")
+    pg_store = storage.open_store(postgres_dsn)
+    assert isinstance(sqlite_store, SQLiteStore) and isinstance(pg_store, PostgresStore)
+    assert "password" not in pg_store.spool_key
+    with pytest.raises(TypeError, match="connection string"):
+        PostgresStore("")

@@ -1,0 +1,241 @@
+"""Writing traces and reading them back, the same on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from instrumentation import get_dispatcher
+from instrumentation.storage import SchemaVersionError, SQLiteStore, Store, metadata, roots_of
+from instrumentation.storage.schema import SCHEMA_VERSION
+
+from .helpers import FakeLLMEndEvent, NoteEvent, Usage, count
+
+d = get_dispatcher("tests.storage.app")
+d_db = get_dispatcher("tests.storage.app.db")
+
+
+@d.span
+def answer(question: str) -> str:
+    docs = retrieve(question)
+    return generate(question, docs)
+
+
+@d_db.span
+def retrieve(question: str) -> list[str]:
+    d_db.event(NoteEvent(text="searched"))
+    return ["a", "b"]
+
+
+@d.span
+def generate(question: str, docs: list[str]) -> str:
+    d.event(
+        FakeLLMEndEvent(
+            model="m-1", provider="offline", usage=Usage(10, 5), cost_usd=0.002, latency_ms=12.5
+        )
+    )
+    return "42"
+
+
+@d.span
+def broken() -> None:
+    time.sleep(0.03)
+    raise ValueError("no answer")
+
+
+def _record(store: Store, make_handler: Any, **options: Any) -> Any:
+    handler = make_handler(store, **options).attach(d)
+    answer("why?")
+    with pytest.raises(ValueError):
+        broken()
+    assert handler.flush(10)
+    return handler
+
+
+def test_traces_summarise_roots_with_counts_tokens_and_cost(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Each root span is a trace summary with span count, errors, tokens and cost."""
+    _record(any_store, make_handler)
+    found = any_store.traces(limit=10)
+    assert [s.name for s in found] == ["broken", "answer"]  # newest first
+    broken_s, answer_s = found
+    assert answer_s.span_count == 3 and answer_s.error_count == 0 and answer_s.status == "ok"
+    assert (answer_s.prompt_tokens, answer_s.completion_tokens, answer_s.total_tokens) == (
+        10,
+        5,
+        15,
+    )
+    assert answer_s.cost_usd == pytest.approx(0.002)
+    assert answer_s.dispatcher == "tests.storage.app"
+    assert broken_s.status == "error" and broken_s.error == "ValueError: no answer"
+    assert broken_s.duration >= 0.03 and broken_s.total_tokens == 0 and broken_s.cost_usd is None
+    assert answer_s.start.tzinfo is not None and answer_s.end is not None
+    assert answer_s.end >= answer_s.start
+
+
+def test_trace_returns_a_walkable_tree_with_events(any_store: Store, make_handler: Any) -> None:
+    """store.trace() gives every span with parent ids, children and its own events."""
+    _record(any_store, make_handler)
+    summary = any_store.traces(name="answer")[0]
+    spans = any_store.trace(summary.trace_id)
+    assert [s.name for s in spans] == ["answer", "retrieve", "generate"]
+    (root,) = roots_of(spans)
+    assert root.id_ == summary.root_span_id and root.parent_id is None
+    assert [c.name for c in root.children] == ["retrieve", "generate"]
+    assert [(depth, s.name) for depth, s in root.walk()] == [
+        (0, "answer"),
+        (1, "retrieve"),
+        (1, "generate"),
+    ]
+    generate_span = root.children[1]
+    (llm,) = generate_span.events
+    assert llm.type == "FakeLLMEndEvent" and llm.model == "m-1" and llm.provider == "offline"
+    assert (llm.prompt_tokens, llm.completion_tokens, llm.total_tokens) == (10, 5, 15)
+    assert llm.latency_ms == 12.5 and llm.span_id == generate_span.id_
+    assert llm.payload["model"] == "m-1"
+    assert root.children[0].events[0].payload["text"] == "searched"
+    assert root.children[0].dispatcher == "tests.storage.app.db"
+    assert any_store.trace("0" * 32) == []
+
+
+def test_filters(any_store: Store, make_handler: Any) -> None:
+    """traces() filters by name, status, duration, dispatcher (with children) and time."""
+    _record(any_store, make_handler)
+    assert [s.name for s in any_store.traces(status="error")] == ["broken"]
+    assert [s.name for s in any_store.traces(status="ok")] == ["answer"]
+    assert [s.name for s in any_store.traces(min_duration=0.025)] == ["broken"]
+    assert [s.name for s in any_store.traces(name="ans*")] == ["answer"]
+    assert len(any_store.traces(dispatcher="tests.storage")) == 2
+    assert any_store.traces(dispatcher="tests.storage.app.db") == []
+    now = datetime.now(timezone.utc)
+    assert len(any_store.traces(since=now - timedelta(minutes=1))) == 2
+    assert any_store.traces(since=now + timedelta(seconds=5)) == []
+    assert len(any_store.traces(until=now + timedelta(seconds=5), limit=1)) == 1
+    with pytest.raises(ValueError, match="'ok' or 'error'"):
+        any_store.traces(status="failed")
+    with pytest.raises(ValueError, match="unknown metadata key"):
+        any_store.traces(metadata={"colour": "red"})
+    with pytest.raises(ValueError, match="timezone-aware"):
+        any_store.traces(since=datetime(2020, 1, 1))
+
+
+def test_metadata_from_handler_dispatcher_and_request(any_store: Store, make_handler: Any) -> None:
+    """Handler metadata, per-dispatcher metadata and per-request metadata fill the columns."""
+    handler = make_handler(
+        any_store,
+        metadata={"application": "rag", "environment": "test"},
+        dispatcher_metadata={"tests.storage.app.db": {"environment": "db-env"}},
+    ).attach(d)
+    with metadata(user="alice", session="s-1", run_id="r1"):
+        answer("q")
+    answer("anonymous")
+    assert handler.flush(10)
+    alice = any_store.traces(metadata={"user": "alice"})
+    assert len(alice) == 1
+    assert alice[0].metadata == {
+        "application": "rag",
+        "environment": "test",
+        "user": "alice",
+        "session": "s-1",
+        "run_id": "r1",
+    }
+    spans = any_store.trace(alice[0].trace_id)
+    retrieve_span = next(s for s in spans if s.name == "retrieve")
+    assert retrieve_span.metadata["environment"] == "db-env"
+    assert retrieve_span.events[0].metadata["environment"] == "db-env"
+    assert retrieve_span.events[0].metadata["user"] == "alice"
+    assert len(any_store.traces(metadata={"application": "rag"})) == 2
+    with pytest.raises(ValueError, match="unknown metadata key"), metadata(colour="red"):
+        pass
+
+
+def test_writes_are_idempotent(any_store: Store, make_handler: Any) -> None:
+    """Writing the same rows again (a replay) stores nothing twice."""
+    _record(any_store, make_handler)
+    spans_before, events_before = count(any_store, "spans"), count(any_store, "events")
+    span_rows = any_store._query("SELECT id FROM spans", [])  # type: ignore[attr-defined]
+    assert len(span_rows) == spans_before
+    from instrumentation.storage.serialise import RowMaker
+
+    maker = RowMaker({}, {}, 10_000)
+    event = NoteEvent(text="again")
+    any_store.write([], [maker.event_row(event, None)])
+    any_store.write([], [maker.event_row(event, None)])
+    assert count(any_store, "events") == events_before + 1
+    assert count(any_store, "spans") == spans_before
+
+
+def test_newer_schema_is_refused(tmp_path: Any) -> None:
+    """A database written by a newer release is a clear error, and is left untouched."""
+    path = tmp_path / "new.db"
+    store = SQLiteStore(path)
+    store._query("INSERT INTO schema_version (version) VALUES (?)", [SCHEMA_VERSION + 1])
+    store.close()
+    with pytest.raises(SchemaVersionError, match="newer than the version"):
+        SQLiteStore(path)
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    assert found == SCHEMA_VERSION + 1
+
+
+def test_newer_schema_is_refused_on_postgres(postgres_dsn: str) -> None:
+    """PostgreSQL refuses a newer schema the same way."""
+    import psycopg
+
+    from instrumentation.storage.postgres import PostgresStore
+
+    PostgresStore(postgres_dsn).close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(SchemaVersionError, match="upgrade instrumentation"):
+        PostgresStore(postgres_dsn)
+
+
+def test_reopening_migrates_nothing_twice(tmp_path: Any) -> None:
+    """Opening an existing database keeps its rows and its single version row."""
+    store = SQLiteStore(tmp_path / "a.db")
+    store.close()
+    store = SQLiteStore(tmp_path / "a.db")
+    assert store._query("SELECT version FROM schema_version", []) == [(SCHEMA_VERSION,)]
+
+
+def test_bad_arguments_say_what_to_do(tmp_path: Any) -> None:
+    with pytest.raises(TypeError, match="file path"):
+        SQLiteStore(42)  # type: ignore[arg-type]
+    store = SQLiteStore(tmp_path / "x.db")
+    with pytest.raises(ValueError, match="positive int"):
+        store.traces(limit=0)
+    with pytest.raises(TypeError, match="32 hex"):
+        store.trace(5)  # type: ignore[arg-type]
+
+
+def test_a_trace_continued_elsewhere_is_listed_once(tmp_path: Any, make_handler: Any) -> None:
+    """A span whose parent is remote is a root here; once the parent is stored, one trace."""
+    import contextvars
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    carried: dict[str, Any] = {}
+
+    def worker() -> None:  # stands for another process: a fresh context
+        d.restore_propagation_context(carried)
+        retrieve("remote")
+
+    with d.span("front"):
+        carried.update(d.capture_propagation_context())
+        assert handler.flush(10)
+        contextvars.Context().run(worker)
+        assert handler.flush(10)
+        (alone,) = store.traces()
+        assert alone.name == "retrieve"  # the parent has not ended yet: the part is listed
+    assert handler.flush(10)
+    (whole,) = store.traces()
+    assert whole.name == "front" and whole.span_count == 2
+    (root,) = roots_of(store.trace(whole.trace_id))
+    assert [c.name for c in root.children] == ["retrieve"]

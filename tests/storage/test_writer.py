@@ -1,0 +1,351 @@
+"""The batch writer: batching, flush and shutdown, full queues, bad values, failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instrumentation import get_dispatcher, telemetry
+from instrumentation.storage import TRUNCATED, UNSERIALISABLE, SQLiteStore, StorageHandler
+from instrumentation.storage.spool import Spool
+
+from .helpers import ControlledSQLiteStore, NoteEvent, count, wait_until
+
+d = get_dispatcher("tests.storage.writer")
+
+
+def test_batch_is_written_when_batch_size_is_reached(tmp_path: Path, make_handler: Any) -> None:
+    """A full batch is written at once; a smaller one waits for the debounce."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, batch_size=5, debounce=30)
+    for _ in range(4):
+        handler.handle(NoteEvent())
+    time.sleep(0.3)
+    assert count(store, "events") == 0
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: count(store, "events") == 5, 5)
+
+
+def test_debounce_writes_a_partial_batch(tmp_path: Path, make_handler: Any) -> None:
+    """Entries fewer than batch_size are written once debounce has passed."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, batch_size=1000, debounce=0.2)
+    started = time.monotonic()
+    for _ in range(3):
+        handler.handle(NoteEvent())
+    assert wait_until(lambda: count(store, "events") == 3, 5)
+    assert time.monotonic() - started >= 0.15
+
+
+def test_one_transaction_per_batch(tmp_path: Path, make_handler: Any) -> None:
+    """250 entries with batch_size 100 take three writes, not 250."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()  # hold the writer so the queue fills up
+    handler = make_handler(store, batch_size=100, debounce=5)
+    handler.handle(NoteEvent())
+    for _ in range(249):
+        handler.handle(NoteEvent())
+    store.gate.set()
+    assert handler.flush(10)
+    assert count(store, "events") == 250
+    assert store.attempts <= 4
+
+
+def test_flush_covers_everything_queued_before_it(tmp_path: Path, make_handler: Any) -> None:
+    """flush() returns True only after earlier entries are committed, without the debounce."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, batch_size=10_000, debounce=60).attach(d)
+    started = time.monotonic()
+    for i in range(500):
+        d.event(NoteEvent(text=str(i)))
+    assert handler.flush(10)
+    assert count(store, "events") == 500
+    assert time.monotonic() - started < 30
+
+
+def test_flush_times_out_false_while_the_database_blocks(tmp_path: Path, make_handler: Any) -> None:
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store)
+    handler.handle(NoteEvent())
+    assert handler.flush(0.3) is False
+    store.gate.set()
+    assert handler.flush(10) is True
+
+
+def test_shutdown_writes_the_queue_and_is_idempotent(tmp_path: Path, make_handler: Any) -> None:
+    """shutdown() writes what is queued; a second call is harmless; later entries are counted."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, batch_size=10_000, debounce=60)
+    for _ in range(50):
+        handler.handle(NoteEvent())
+    assert handler.shutdown(10) is True
+    assert count(store, "events") == 50
+    assert handler.shutdown(10) is True
+    handler.handle(NoteEvent())
+    assert handler.dropped == 1 and telemetry.counter("storage.dropped").value == 1
+    assert handler.flush(1) is True
+
+
+def test_dispatcher_shutdown_closes_the_handler(tmp_path: Path, make_handler: Any) -> None:
+    """Dispatcher.shutdown() drops open spans into the store and stops the writer."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    with d.span("left-open"):
+        d.shutdown()
+    assert handler.writer._stopped.is_set()
+    spans = store.trace(store.traces()[0].trace_id)
+    assert spans[0].status == "error" and "shut down" in (spans[0].error or "")
+
+
+def test_drop_newest_counts_and_logs(
+    tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With on_full='drop_newest' a full queue refuses at once, counted and logged."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store, max_queue=5, batch_size=1, on_full="drop_newest")
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: store.attempts == 1)  # the writer holds one, waiting
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        started = time.monotonic()
+        for _ in range(20):
+            handler.handle(NoteEvent())
+        assert time.monotonic() - started < 0.5
+    assert handler.dropped == 15
+    assert telemetry.counter("storage.dropped").value == 15
+    assert any("queue is full" in r.getMessage() for r in caplog.records)
+    store.gate.set()
+    assert handler.flush(10)
+    assert count(store, "events") == 6
+
+
+def test_block_waits_for_space_then_drops_after_the_timeout(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """With on_full='block' the caller waits up to block_timeout for room."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store, max_queue=2, batch_size=1, block_timeout=0.2)
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: store.attempts == 1)
+    handler.handle(NoteEvent())
+    handler.handle(NoteEvent())
+    started = time.monotonic()
+    handler.handle(NoteEvent())  # no room: waits 0.2 s, then drops
+    assert 0.15 <= time.monotonic() - started < 2
+    assert handler.dropped == 1
+    # Room appears while it waits: the entry goes in.
+    handler.writer.block_timeout = 5.0
+    threading.Timer(0.2, store.gate.set).start()
+    started = time.monotonic()
+    handler.handle(NoteEvent())
+    assert time.monotonic() - started < 4
+    assert handler.dropped == 1
+    assert handler.flush(10)
+    assert count(store, "events") == 4
+
+
+def test_unserialisable_values_become_marked_reprs(tmp_path: Path, make_handler: Any) -> None:
+    """A value json cannot take is stored as its repr with a marker; the row is kept."""
+
+    class Odd:
+        def __repr__(self) -> str:
+            return "<Odd thing>"
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    d.event(NoteEvent(value=Odd(), tags={"obj": Odd()}))
+    with d.span("tagged", tags={"weird": Odd()}):
+        pass
+    assert handler.flush(10)
+    (event,) = store.events()
+    assert event.payload["value"]["repr"] == "<Odd thing>"
+    assert event.payload["value"][UNSERIALISABLE].endswith(".Odd")
+    assert event.payload["tags"]["obj"]["repr"] == "<Odd thing>"
+    (span,) = store.trace(store.traces()[0].trace_id)
+    assert span.tags["weird"]["repr"] == "<Odd thing>"
+    assert span.tags["weird"][UNSERIALISABLE].endswith(".Odd")
+    assert telemetry.counter("storage.unserialisable_values").value >= 2
+
+
+def test_large_payloads_are_truncated_with_a_marker(tmp_path: Path, make_handler: Any) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, max_payload_chars=1000)
+    handler.handle(NoteEvent(text="x" * 50_000))
+    handler.handle(NoteEvent(text="small"))
+    assert handler.flush(10)
+    big, small = sorted(store.events(), key=lambda e: len(json.dumps(e.payload)), reverse=True)
+    assert big.payload[TRUNCATED] is True and big.payload["original_chars"] > 50_000
+    assert len(big.payload["preview"]) <= 1000
+    assert small.payload["text"] == "small"
+
+
+def test_the_writer_never_traces_itself(tmp_path: Path, make_handler: Any) -> None:
+    """Spans and events made during the writer's own database calls are suppressed."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    inner = get_dispatcher("tests.storage.dbclient")
+
+    @inner.span
+    def instrumented_client_call() -> None:
+        inner.event(NoteEvent(text="from the db client"))
+
+    store.on_write = instrumented_client_call
+    handler = make_handler(store).attach()
+    d.event(NoteEvent(text="app"))
+    assert handler.flush(10)
+    time.sleep(0.2)
+    assert handler.flush(10)
+    assert [e.payload["text"] for e in store.events()] == ["app"]
+    assert store.traces() == []
+
+
+def test_failed_writes_are_retried_then_spooled_then_replayed_once(
+    tmp_path: Path, make_handler: Any, spool_dir: Path
+) -> None:
+    """A failing database: retry with backoff, spool, replay when back; each row once."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.fail = True
+    handler = make_handler(store, retry_for=0.2, retry_backoff=0.02, replay_interval=0.1)
+    for i in range(30):
+        handler.handle(NoteEvent(text=str(i)))
+    assert handler.flush(0.5) is False  # not in the database: spooled
+    assert wait_until(lambda: handler.writer.spool.pending)
+    assert store.attempts >= 3  # retried before spooling
+    for i in range(30, 40):
+        handler.handle(NoteEvent(text=str(i)))
+    store.fail = False
+    assert wait_until(lambda: handler.flush(1), 10)
+    texts = sorted(int(e.payload["text"]) for e in store.events())
+    assert texts == list(range(40))
+    assert not handler.writer.spool.path.exists()
+    assert telemetry.counter("storage.replayed_rows").value >= 30
+
+
+def test_spool_of_a_dead_process_is_replayed(
+    tmp_path: Path, make_handler: Any, spool_dir: Path
+) -> None:
+    """Rows spooled by a process that died are adopted and written by the next writer."""
+    store = SQLiteStore(tmp_path / "t.db")
+    from instrumentation.storage.serialise import RowMaker
+
+    rows = [RowMaker({}, {}, 10_000).event_row(NoteEvent(text=f"old{i}"), None) for i in range(3)]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = Spool(store.spool_key, spool_dir)
+    orphan.directory.mkdir(parents=True)
+    own_path = orphan.path
+    orphan.append([], rows)
+    own_path.rename(own_path.with_name(f"{orphan.prefix}-{int(dead.stdout)}.jsonl"))
+    handler = make_handler(store)
+    assert wait_until(lambda: count(store, "events") == 3, 10)
+    assert sorted(e.payload["text"] for e in store.events()) == ["old0", "old1", "old2"]
+    assert handler.flush(5)
+    assert list(spool_dir.glob("*")) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_writer_of_its_own(tmp_path: Path, make_handler: Any) -> None:
+    """After os.fork the child's entries are written by the child's own writer thread."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    d.event(NoteEvent(text="parent-before"))
+    assert handler.flush(10)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            d.event(NoteEvent(text="child"))
+            with d.span("child-span"):
+                pass
+            code = 0 if handler.flush(10) else 3
+        finally:
+            os._exit(code)
+    d.event(NoteEvent(text="parent-after"))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert handler.flush(10)
+    texts = sorted(e.payload["text"] for e in store.events())
+    assert texts == ["child", "parent-after", "parent-before"]
+    assert [s.name for s in store.traces()] == ["child-span"]
+
+
+def test_queued_entries_are_written_at_interpreter_exit(tmp_path: Path) -> None:
+    """A program that never flushes still has its entries stored (atexit)."""
+    db = tmp_path / "exit.db"
+    script = f"""
+from instrumentation import get_dispatcher, BaseEvent
+from instrumentation.storage import record_to
+d = get_dispatcher("exit.app")
+record_to({str(db)!r}, batch_size=100000, debounce=60)
+@d.span
+def work(i):
+    d.event(BaseEvent())
+for i in range(200):
+    work(i)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    store = SQLiteStore(db)
+    assert count(store, "spans") == 200 and count(store, "events") == 200
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(ValueError, match="on_full"):
+        StorageHandler(store=store, on_full="ignore")
+    with pytest.raises(ValueError, match="batch_size"):
+        StorageHandler(store=store, batch_size=0)
+    with pytest.raises(ValueError, match="unknown metadata"):
+        StorageHandler(store=store, metadata={"colour": "red"})
+    with pytest.raises(Exception, match="store"):
+        StorageHandler(store="traces.db")
+
+
+def test_one_object_is_both_event_and_span_handler(tmp_path: Path, make_handler: Any) -> None:
+    """attach() adds the same object as event handler and span handler."""
+    handler = make_handler(SQLiteStore(tmp_path / "t.db")).attach(d)
+    assert handler in d.event_handlers and handler in d.span_handlers
+    handler.detach()
+    assert handler not in d.event_handlers and handler not in d.span_handlers
+
+
+def test_an_entry_that_is_no_event_is_skipped_and_counted(
+    tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage handed to the writer is counted and logged once, not per entry; others are kept."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store)
+    with caplog.at_level(logging.ERROR, logger="instrumentation.storage"):
+        for _ in range(50):
+            handler.writer.put(object())
+        handler.handle(NoteEvent(text="fine"))
+        assert handler.flush(10)
+    assert [e.payload["text"] for e in store.events()] == ["fine"]
+    assert telemetry.counter("storage.unwritable_entries").value == 50
+    assert len([r for r in caplog.records if "could not make a row" in r.getMessage()]) == 1
+
+
+def test_rows_the_database_refuses_do_not_block_the_rest(any_store: Any, make_handler: Any) -> None:
+    """NUL characters (refused by PostgreSQL) are replaced; one bad row never poisons a batch."""
+    handler = make_handler(any_store, batch_size=100)
+    handler.handle(NoteEvent(text="before"))
+    handler.handle(NoteEvent(text="nul\x00inside", tags={"k": "v\x00"}))
+    handler.handle(NoteEvent(text="after"))
+    assert handler.flush(10)
+    texts = sorted(e.payload["text"] for e in any_store.events())
+    assert texts[0] == "after" and texts[1] == "before"
+    assert texts[2].startswith("nul") and texts[2].endswith("inside")
+    assert telemetry.counter("storage.rejected_rows").value == 0
