@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/rag_demo.py
+	$(PY) examples/rag_demo.py --db demo-traces.db
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check instrumentation tests benchmarks examples

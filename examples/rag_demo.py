@@ -201,7 +201,25 @@ def run_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run_demo()
+    """Run the demo, record it into SQLite, and print the traces read back from the file."""
+    import argparse
+
+    from instrumentation import storage
+
+    parser = argparse.ArgumentParser(description="Retrieval-and-answer demo on OfflineLLM.")
+    parser.add_argument("--db", default="demo-traces.db", help="SQLite file to record into")
+    parser.add_argument("--no-store", action="store_true", help="only print, record nothing")
+    args = parser.parse_args(argv)
+    if args.no_store:
+        run_demo()
+        return 0
+    store = storage.SQLiteStore(args.db)
+    recorder = storage.StorageHandler(store=store, metadata={"application": "rag_demo"})
+    try:
+        run_demo(span_handlers=[recorder], event_handlers=[recorder])
+    finally:
+        recorder.shutdown()
+    print(f"\nRead back from {args.db}:\n" + storage.format_traces(store, limit=10))
     return 0
 
 

@@ -53,10 +53,20 @@ def test_run_demo_prints_the_tree_with_tokens_and_takes_extra_handlers() -> None
     assert "LLM calls: 2" in printed
 
 
-def test_demo_runs_as_a_script() -> None:
-    """``python examples/rag_demo.py`` (what ``make demo`` runs) exits 0 with a tree."""
+def test_demo_runs_as_a_script(tmp_path: Path) -> None:
+    """``python examples/rag_demo.py`` (what ``make demo`` runs) records into SQLite and
+    prints both traces read back from the file."""
     done = subprocess.run(
-        [sys.executable, str(DEMO)], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, str(DEMO)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "Trace:" in done.stdout and "OfflineLLM.stream_chat" in done.stdout
+    assert (tmp_path / "demo-traces.db").exists()
+    read_back = done.stdout.split("Read back from demo-traces.db:", 1)[1]
+    assert "RagApp.answer_streaming" in read_back and "OfflineLLM.chat" in read_back
+    assert "3 spans" in read_back
