@@ -18,14 +18,13 @@ from instrumentation.events.span import SpanDropEvent
 
 _report = telemetry.report_handler_error
 
+
 class Chain:
     """The handlers a dispatcher's spans and events reach, parents included."""
 
     __slots__ = ("dispatcher", "enters", "events", "exits", "needs_bound_args", "spans")
 
-    def __init__(
-        self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...]
-    ) -> None:
+    def __init__(self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...]) -> None:
         self.dispatcher = dispatcher
         self.events = events
         self.spans = spans
@@ -76,17 +75,19 @@ class LazyBoundArguments(inspect.BoundArguments):
 
     __slots__ = ("_lazy_bound", "_lazy_call")
 
+    _lazy_bound: dict[str, Any]
+
     def __init__(
         self, signature: LazySignature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         self._lazy_call = (signature, args, kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def _signature(self) -> inspect.Signature:
         holder = self._lazy_call[0]
         return EMPTY_SIGNATURE if holder is None else holder.get()
 
-    @property  # type: ignore[override]
+    @property
     def arguments(self) -> dict[str, Any]:
         try:
             return self._lazy_bound

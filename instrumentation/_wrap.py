@@ -12,13 +12,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable
-
-from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, LazyBoundArguments, LazySignature, fail, finish, start
+from collections.abc import Callable, Mapping
 from contextvars import Token
+from typing import Any
 
 from instrumentation import context as _context
+from instrumentation._spans import (
+    EMPTY_BOUND_ARGS,
+    Chain,
+    LazyBoundArguments,
+    LazySignature,
+    fail,
+    finish,
+    start,
+)
 from instrumentation.context import SpanContext, _active_span, _suppressed, activate, deactivate
 
 _set_active = _active_span.set
@@ -58,9 +65,14 @@ def _looks_like_method(func: Callable[..., Any]) -> bool:
         params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):
         return False
-    return bool(params) and params[0].name in _METHOD_FIRST_PARAMS and params[0].kind in (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    return (
+        bool(params)
+        and params[0].name in _METHOD_FIRST_PARAMS
+        and params[0].kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
     )
 
 
@@ -110,6 +122,8 @@ def wrap(
     if isinstance(func, staticmethod):
         return staticmethod(wrap(dispatcher, func.__func__, name, attributes))
     if isinstance(func, classmethod):
+        if getattr(func.__func__, MARK, None) is dispatcher and name is None and attributes is None:
+            return func  # idempotent, as below
         inner = _wrap_callable(dispatcher, func.__func__, name, attributes, method=True)
         return classmethod(inner)
     if not callable(func):
@@ -191,17 +205,17 @@ def _wrap_callable(
                 handle = activate(span) if span is not None else None
                 try:
                     if to_throw is not None:
-                        err, to_throw = to_throw, None
-                        item = await agen.athrow(err)
+                        pending, to_throw = to_throw, None
+                        item = await agen.athrow(pending)
                     else:
                         item = await agen.asend(to_send)
                 except StopAsyncIteration:
                     if span is not None:
-                        finish(chain, span, bound, instance, None)  # type: ignore[arg-type]
+                        finish(chain, span, bound, instance, None)
                     return
                 except BaseException as err:
                     if span is not None:
-                        fail(chain, span, bound, instance, err)  # type: ignore[arg-type]
+                        fail(chain, span, bound, instance, err)
                     raise
                 finally:
                     if handle is not None:
@@ -214,13 +228,13 @@ def _wrap_callable(
                         await agen.aclose()
                     except BaseException as err:
                         if span is not None:
-                            fail(chain, span, bound, instance, err)  # type: ignore[arg-type]
+                            fail(chain, span, bound, instance, err)
                         raise
                     finally:
                         if handle is not None:
                             deactivate(handle)
                     if span is not None:
-                        fail(chain, span, bound, instance, closing)  # type: ignore[arg-type]
+                        fail(chain, span, bound, instance, closing)
                     raise
                 except BaseException as err:
                     to_throw, to_send = err, None
@@ -246,8 +260,8 @@ def _wrap_callable(
                 handle = activate(span)
                 try:
                     if to_throw is not None:
-                        err, to_throw = to_throw, None
-                        item = gen.throw(err)
+                        pending, to_throw = to_throw, None
+                        item = gen.throw(pending)
                     else:
                         item = gen.send(to_send)
                 except StopIteration as stop:
@@ -303,16 +317,21 @@ def _wrap_callable(
             if is_method and args:
                 instance = args[0]
                 span_name = fixed_name or method_name(instance)
-                bound = LazyBoundArguments(signature, args[1:], kwargs) if chain.needs_bound_args else EMPTY_BOUND_ARGS
+                bound = (
+                    LazyBoundArguments(signature, args[1:], kwargs)
+                    if chain.needs_bound_args
+                    else EMPTY_BOUND_ARGS
+                )
             else:
                 instance = bound_self
                 span_name = fixed_name or short
-                bound = LazyBoundArguments(signature, args, kwargs) if chain.needs_bound_args else EMPTY_BOUND_ARGS
+                bound = (
+                    LazyBoundArguments(signature, args, kwargs)
+                    if chain.needs_bound_args
+                    else EMPTY_BOUND_ARGS
+                )
             span = start(chain, span_name, instance, bound, attrs)
-            if _context._bridges:
-                handle = activate(span)
-            else:
-                handle = _set_active(span)
+            handle = activate(span) if _context._bridges else _set_active(span)
             try:
                 result = func(*args, **kwargs)
             except BaseException as err:

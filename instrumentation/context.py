@@ -13,10 +13,11 @@ only through the small :class:`ContextBridge` protocol and never imports one.
 from __future__ import annotations
 
 import re
-from operator import itemgetter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
+from operator import itemgetter
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from instrumentation._ids import new_span_hex, new_trace_id
@@ -86,7 +87,10 @@ def span_hex_of(span_id: str) -> str:
 _active_span: ContextVar[SpanContext | None] = ContextVar(
     "instrumentation_active_span", default=None
 )
-_EMPTY_TAGS: Mapping[str, Any] = {}
+# Read-only: handlers receive the active tags as they are (no copy per span), and this
+# default is shared by every context, so a handler writing into it must fail rather
+# than tag everything. (A block's own dict is private to the block's context.)
+_EMPTY_TAGS: Mapping[str, Any] = MappingProxyType({})
 _active_tags: ContextVar[Mapping[str, Any]] = ContextVar(
     "instrumentation_active_tags", default=_EMPTY_TAGS
 )
@@ -135,7 +139,8 @@ def instrument_tags(new_tags: Mapping[str, Any]) -> Iterator[None]:
     """
     if not isinstance(new_tags, Mapping):
         raise TypeError(
-            f"instrument_tags() takes a mapping of tag names to values, got {type(new_tags).__name__}"
+            "instrument_tags() takes a mapping of tag names to values, "
+            f"got {type(new_tags).__name__}"
         )
     outer = _active_tags.get()
     token = _active_tags.set({**outer, **new_tags} if outer else dict(new_tags))
@@ -234,7 +239,7 @@ def activate(span: SpanContext) -> Token[SpanContext | None] | _Activation:
 
 def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
     if type(handle) is _Activation:
-        for bridge, tok in zip(reversed(_bridges), reversed(handle.bridge_tokens)):
+        for bridge, tok in zip(reversed(_bridges), reversed(handle.bridge_tokens), strict=False):
             try:
                 bridge.detach(tok)
             except Exception:

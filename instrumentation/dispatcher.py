@@ -66,7 +66,8 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(
-            f"a dispatcher name must be a str such as __name__ or 'myapp.db'; got {type(name).__name__}"
+            "a dispatcher name must be a str such as __name__ or 'myapp.db'; "
+            f"got {type(name).__name__}"
         )
     if not name or any(part == "" or part.strip() != part for part in name.split(".")):
         raise ValueError(
@@ -269,9 +270,7 @@ class Dispatcher:
     async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
         """Like :meth:`event`, awaiting each handler's ``ahandle``."""
         if not isinstance(event, BaseEvent):
-            raise TypeError(
-                f"dispatcher.aevent() takes a BaseEvent; got {type(event).__name__}"
-            )
+            raise TypeError(f"dispatcher.aevent() takes a BaseEvent; got {type(event).__name__}")
         handlers = self._ev
         if not handlers or _suppressed.get():
             return
@@ -550,7 +549,11 @@ def _check_event_handler(handler: object) -> BaseEventHandler:
         raise TypeError(
             f"expected an event handler (a subclass of BaseEventHandler with handle()); "
             f"got {type(handler).__name__}"
-            + (" - that is a span handler: use add_span_handler()" if isinstance(handler, BaseSpanHandler) else "")
+            + (
+                " - that is a span handler: use add_span_handler()"
+                if isinstance(handler, BaseSpanHandler)
+                else ""
+            )
         )
     return handler
 
@@ -559,7 +562,11 @@ def _check_span_handler(handler: object) -> BaseSpanHandler[Any]:
     if not isinstance(handler, BaseSpanHandler):
         raise TypeError(
             f"expected a span handler (a subclass of BaseSpanHandler); got {type(handler).__name__}"
-            + (" - that is an event handler: use add_event_handler()" if isinstance(handler, BaseEventHandler) else "")
+            + (
+                " - that is an event handler: use add_event_handler()"
+                if isinstance(handler, BaseEventHandler)
+                else ""
+            )
         )
     return handler
 
@@ -613,6 +620,10 @@ class SpanBlock:
         return None if self.context is None else self.context.trace_id
 
     def __call__(self, func: F) -> F:
+        if self._tags is not None:
+            raise TypeError(
+                "tags= applies to span blocks; for decorated calls use instrument_tags()"
+            )
         return wrap(self._dispatcher, func, self._name, self._attributes)  # type: ignore[no-any-return]
 
     def __enter__(self) -> SpanBlock:
@@ -631,9 +642,9 @@ class SpanBlock:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         span = self.context
-        if span is None:
-            return
         chain = self._chain
+        if span is None or chain is None:
+            return
         try:
             if exc is not None:
                 fail(chain, span, EMPTY_BOUND_ARGS, None, exc)
@@ -700,8 +711,10 @@ class Manager:
         prefix = made.name + "."
         for child in holder.children.values():
             current = child._parent
-            if current is None or current is self.root or not (
-                current.name == made.name or current.name.startswith(prefix)
+            if (
+                current is None
+                or current is self.root
+                or not (current.name == made.name or current.name.startswith(prefix))
             ):
                 child._parent = made
 
@@ -741,7 +754,10 @@ def get_dispatcher(name: str = ROOT_NAME) -> Dispatcher:
     Use ``get_dispatcher(__name__)`` in each module; ``get_dispatcher()`` is the root,
     whose handlers see everything that propagates.
     """
-    found = root_manager.dispatchers.get(name)
+    try:
+        found = root_manager.dispatchers.get(name)
+    except TypeError:  # an unhashable name: let _check_name say what was expected
+        found = None
     if type(found) is Dispatcher:
         return found
     return root_manager.get(_check_name(name))
@@ -762,8 +778,10 @@ class DispatcherSpanMixin:
         for base in cls.__mro__[1:]:
             for attr, member in vars(base).items():
                 func = getattr(member, "__func__", member)
-                if getattr(func, "__isabstractmethod__", False) or getattr(func, MARK, None) or getattr(
-                    func, LLAMA_MARK, False
+                if (
+                    getattr(func, "__isabstractmethod__", False)
+                    or getattr(func, MARK, None)
+                    or getattr(func, LLAMA_MARK, False)
                 ):
                     wanted.add(attr)
         if not wanted:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -88,6 +89,18 @@ def counter(name: str) -> Counter:
         return found
     with _registry_lock:
         return _counters.setdefault(name, Counter(name))
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock held by another thread at fork() stays held forever in the child.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for c in [*_counters.values(), *_handler_errors.values()]:
+        c._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
 
 
 EVENTS_DISPATCHED = counter("events.dispatched")

@@ -8,7 +8,7 @@ looks the same wherever it is read. A span whose parent is not among the spans g
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -17,7 +17,7 @@ def build_forest(
     items: Iterable[T],
     id_of: Callable[[T], str],
     parent_of: Callable[[T], str | None],
-    sort_key: Callable[[T], object] | None = None,
+    sort_key: Callable[[T], Any] | None = None,
 ) -> list[tuple[T, list[tuple[T, list]]]]:  # type: ignore[type-arg]
     """Nest ``items`` by parent id: a list of ``(item, children)`` pairs, recursively."""
     items = list(items)

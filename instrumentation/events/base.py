@@ -48,7 +48,7 @@ class BaseEvent(BaseModel):
         data["class_name"] = self.class_name()
         return data
 
-    def dict(self, **kwargs: Any) -> builtins.dict[str, Any]:  # type: ignore[override]
+    def dict(self, **kwargs: Any) -> builtins.dict[str, Any]:
         """Pydantic 1 spelling, kept for handlers written against LlamaIndex."""
         return self.model_dump(**kwargs)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
 from instrumentation.tree import build_forest, format_duration, render_forest
-
 
 _utc = timezone.utc
 _now = datetime.now
@@ -169,7 +168,8 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         """Every kept span as an indented tree with durations, one tree per root."""
 
         def label(span: SimpleSpan) -> str:
-            text = f"{span.name or span.id_}  {format_duration(span.duration if span.end_time else None)}"
+            took = format_duration(span.duration if span.end_time else None)
+            text = f"{span.name or span.id_}  {took}"
             if span.metadata and span.metadata.get("error"):
                 text += f"  ✗ {span.metadata['error']}"
             return text

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
-from instrumentation.dispatcher import Dispatcher, _lock, root_dispatcher, root_manager
+from instrumentation.dispatcher import Dispatcher, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.span.simple import SimpleSpan
@@ -92,7 +93,7 @@ class Snapshot:
     """The handler lists and ``propagate`` flags of every dispatcher, to put back later."""
 
     def __init__(self) -> None:
-        with _lock:
+        with _dispatcher_module._lock:  # looked up each time: re-made after fork
             self.state = {
                 name: (node._event_handlers, node._span_handlers, node._propagate)
                 for name, node in root_manager.dispatchers.items()
@@ -100,7 +101,7 @@ class Snapshot:
             }
 
     def restore(self) -> None:
-        with _lock:
+        with _dispatcher_module._lock:  # looked up each time: re-made after fork
             for name, node in root_manager.dispatchers.items():
                 if not isinstance(node, Dispatcher):
                     continue

@@ -1,0 +1,85 @@
+"""A forked child keeps working: the tree lock is re-created and ids differ from the parent's."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from instrumentation import SimpleSpanHandler, get_dispatcher, telemetry
+from instrumentation import dispatcher as dispatcher_module
+from instrumentation._ids import new_span_hex, new_trace_id
+
+from ._support import fresh
+
+CHILD_OK = 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(60)
+def test_fork_child_works_while_parent_thread_holds_the_locks() -> None:
+    """Forking while another thread holds the tree and telemetry locks: the child still makes
+    dispatchers, counts and traces, with ids that differ from the parent's.
+    """
+    name = fresh("fork")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with dispatcher_module._lock, telemetry._registry_lock, telemetry.SPANS_STARTED._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            import signal
+
+            signal.alarm(20)
+            os.close(read_fd)
+            d = get_dispatcher(f"{name}.child")
+            h = SimpleSpanHandler()
+            d.add_span_handler(h)
+
+            @d.span
+            def work() -> int:
+                return 1
+
+            work()
+            telemetry.counter(f"{name}.in_child").add(2)
+            telemetry.SPANS_STARTED.add(1)
+            telemetry.report_handler_error(h, "test", "fork", RuntimeError("x"))
+            assert telemetry.handler_errors()["SimpleSpanHandler"] >= 1
+            (span,) = h.completed_spans
+            payload = {
+                "hex": [new_span_hex() for _ in range(5)],
+                "trace": new_trace_id(),
+                "span_trace": span.trace_id,
+                "parent": d.parent.name if d.parent else None,
+            }
+            os.write(write_fd, json.dumps(payload).encode())
+            status = CHILD_OK
+        finally:
+            os._exit(status)
+    try:
+        os.close(write_fd)
+        mine = {"hex": [new_span_hex() for _ in range(5)], "trace": new_trace_id()}
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == CHILD_OK
+    child = json.loads(b"".join(chunks))
+    assert set(child["hex"]).isdisjoint(mine["hex"])
+    assert child["trace"] != mine["trace"] and len(child["span_trace"]) == 32
+    assert child["parent"] == "root"

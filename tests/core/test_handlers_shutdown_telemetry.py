@@ -1,0 +1,283 @@
+"""SimpleSpanHandler's bounded buffers and trees, shutdown(), telemetry counters and the testing
+kit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from instrumentation import (
+    BaseEvent,
+    BaseEventHandler,
+    Dispatcher,
+    SimpleSpanHandler,
+    get_dispatcher,
+    root_dispatcher,
+    telemetry,
+)
+from instrumentation.testing import Capture, capture_events, capture_spans, isolated
+
+from ._support import EventList, Recorder, fresh
+
+
+@pytest.fixture
+def d() -> Dispatcher:
+    return get_dispatcher(fresh())
+
+
+def test_simple_span_handler_is_bounded(d: Dispatcher) -> None:
+    """With max_completed_spans=5, 20 calls and 20 failures keep only the newest 5 of each."""
+    h = SimpleSpanHandler(max_completed_spans=5)
+    d.add_span_handler(h)
+
+    @d.span
+    def f(i: int) -> int:
+        return i
+
+    @d.span
+    def bad() -> None:
+        raise ValueError("x")
+
+    ids = []
+    for i in range(20):
+        f(i)
+        with pytest.raises(ValueError):
+            bad()
+    for s in h.completed_spans:
+        ids.append(s.id_)
+    assert len(h.completed_spans) == 5 and len(h.dropped_spans) == 5
+    assert h.open_spans == {}
+    assert all(s.end_time is not None and s.duration >= 0 for s in h.completed_spans)
+    with pytest.raises(ValueError):
+        SimpleSpanHandler(max_completed_spans=-1)
+
+
+def test_format_and_print_trace_trees(d: Dispatcher, capsys: pytest.CaptureFixture[str]) -> None:
+    """format_trace_trees draws children indented under parents with durations and marks dropped
+    spans' errors.
+    """
+    h = SimpleSpanHandler()
+    d.add_span_handler(h)
+
+    @d.span
+    def leaf() -> None:
+        return None
+
+    @d.span
+    def broken() -> None:
+        raise RuntimeError("kaput")
+
+    @d.span
+    def top() -> None:
+        leaf()
+        try:
+            broken()
+        except RuntimeError:
+            pass
+
+    top()
+    text = h.format_trace_trees()
+    lines = text.splitlines()
+    assert lines[0].startswith(top.__qualname__)
+    assert lines[1].startswith("├── " + leaf.__qualname__)
+    assert lines[2].startswith("└── " + broken.__qualname__) and "RuntimeError: kaput" in lines[2]
+    assert all(("µs" in ln or "ms" in ln or " s" in ln) for ln in lines)
+    h.print_trace_trees()
+    assert capsys.readouterr().out.strip() == text
+    SimpleSpanHandler().print_trace_trees()
+    assert capsys.readouterr().out.strip() == "(no spans)"
+
+
+class Closing(BaseEventHandler):
+    closed: int = 0
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class ClosingSpans(SimpleSpanHandler):
+    closed: int = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_shutdown_drops_open_spans_closes_handlers_and_is_safe_twice(d: Dispatcher) -> None:
+    """shutdown() drops open spans (counted), closes and detaches handlers once, and a second call
+    does nothing.
+    """
+    spans, events = ClosingSpans(), Closing()
+    child = get_dispatcher(f"{d.name}.child")
+    child_events = Closing()
+    d.add_span_handler(spans)
+    d.add_event_handler(events)
+    child.add_event_handler(child_events)
+
+    @d.span
+    def gen() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    it = gen()
+    next(it)
+    blk = d.span("open-block")
+    blk.__enter__()
+    assert len(spans.open_spans) == 2
+    d.shutdown()
+    blk.__exit__(None, None, None)
+    assert spans.open_spans == {} and len(spans.dropped_spans) == 2
+    assert all("shut down" in (s.metadata or {}).get("error", "") for s in spans.dropped_spans)
+    assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 2
+    assert (spans.closed, events.closed, child_events.closed) == (1, 1, 1)
+    assert d.span_handlers == () and d.event_handlers == () and child.event_handlers == ()
+    assert list(it) == [2]  # the application goes on after shutdown
+    d.shutdown()
+    assert (spans.closed, events.closed) == (1, 1)
+    assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 2
+
+
+def test_shutdown_survives_a_failing_close(d: Dispatcher) -> None:
+    """A handler whose close() raises is counted as a handler error and the others are still
+    closed.
+    """
+
+    class BadClose(Closing):
+        def close(self) -> None:
+            raise OSError("disk gone")
+
+    good = Closing()
+    d.add_event_handler(BadClose())
+    d.add_event_handler(good)
+    d.shutdown()
+    assert good.closed == 1 and telemetry.handler_errors() == {"BadClose": 1}
+
+
+def test_telemetry_counters(d: Dispatcher) -> None:
+    """Counters count spans started, ended and dropped and events dispatched; snapshot() shows them
+    all.
+    """
+    d.add_span_handler(Recorder())
+    d.add_event_handler(EventList())
+
+    @d.span
+    def ok() -> None:
+        d.event(BaseEvent())
+
+    @d.span
+    def bad() -> None:
+        raise ValueError
+
+    for _ in range(3):
+        ok()
+    with pytest.raises(ValueError):
+        bad()
+    snap = telemetry.snapshot()
+    assert snap["spans.started"] == 4 and snap["spans.ended"] == 3 and snap["spans.dropped"] == 1
+    assert snap["events.dispatched"] == 4  # three events plus the SpanDropEvent
+    assert telemetry.SPANS_STARTED.value == 4
+    mine = telemetry.counter("core_tests.things")
+    assert telemetry.counter("core_tests.things") is mine
+    mine.inc()
+    mine.add(4)
+    assert mine.value == 5 and telemetry.snapshot()["core_tests.things"] == 5
+    with pytest.raises(ValueError, match="only goes up"):
+        mine.add(-1)
+    telemetry.reset()
+    assert mine.value == 0 and telemetry.SPANS_STARTED.value == 0
+
+
+def test_counters_are_thread_safe() -> None:
+    """Eight threads incrementing one counter 10,000 times each give exactly 80,000."""
+    import threading
+
+    c = telemetry.counter("core_tests.concurrent")
+
+    def bump() -> None:
+        for _ in range(10_000):
+            c.inc()
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert c.value == 80_000
+
+
+def test_no_handler_means_nothing_counted(d: Dispatcher) -> None:
+    """With no handlers the decorated call and event() do no bookkeeping at all."""
+
+    @d.span
+    def f() -> None:
+        d.event(BaseEvent())
+
+    f()
+    assert telemetry.SPANS_STARTED.value == 0 and telemetry.EVENTS_DISPATCHED.value == 0
+
+
+def test_capture_events_and_spans_restore_handlers(d: Dispatcher) -> None:
+    """capture_events()/capture_spans() record the block's pydantic objects and leave the handler
+    lists as they were.
+    """
+    before = (root_dispatcher.event_handlers, root_dispatcher.span_handlers, d.event_handlers)
+
+    @d.span
+    def f() -> None:
+        d.event(BaseEvent(tags={"a": 1}))
+
+    with capture_events() as events, capture_spans() as spans, capture_events(d) as local:
+        f()
+    f()
+    assert len(events) == 1 and isinstance(events[0], BaseEvent) and events[0].tags == {"a": 1}
+    assert len(local) == 1 and local[0] is events[0]
+    assert [s.name for s in spans] == [f.__qualname__] and spans.named(f.__qualname__)
+    assert f.__qualname__ in spans.tree()
+    assert events[0].span_id == spans[0].id_
+    assert (
+        root_dispatcher.event_handlers,
+        root_dispatcher.span_handlers,
+        d.event_handlers,
+    ) == before
+
+
+def test_isolated_restores_state_even_on_error(d: Dispatcher) -> None:
+    """isolated() records everything and restores every handler list and propagate flag, also after
+    an exception.
+    """
+    keep = EventList()
+    d.add_event_handler(keep)
+
+    @d.span
+    def f() -> None:
+        d.event(BaseEvent())
+
+    with pytest.raises(RuntimeError), isolated() as cap:
+        d.propagate = False
+        d.add_event_handler(EventList())
+        d.propagate = True
+        f()
+        assert len(cap.events) == 1 and len(cap.spans) == 1
+        assert cap.events_of(BaseEvent) == cap.events and f.__qualname__ in cap.tree()
+        d.propagate = False
+        raise RuntimeError
+    assert d.event_handlers == (keep,) and d.propagate is True
+    assert root_dispatcher.event_handlers == () and root_dispatcher.span_handlers == ()
+
+
+def test_pytest_fixture(instrumentation_capture: Capture) -> None:
+    """The instrumentation_capture fixture (pytest plugin) records what the test emits."""
+    d = get_dispatcher(fresh())
+
+    @d.span
+    def f() -> None:
+        d.event(BaseEvent())
+
+    f()
+    assert len(instrumentation_capture.events) == 1
+    assert [s.name for s in instrumentation_capture.spans] == [f.__qualname__]

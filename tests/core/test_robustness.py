@@ -1,0 +1,199 @@
+"""Concurrency, hand-made dispatchers, subclassed handlers, forests, the error log rate limit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+from instrumentation import (
+    BaseEvent,
+    BaseEventHandler,
+    Dispatcher,
+    SimpleSpan,
+    SimpleSpanHandler,
+    get_dispatcher,
+    root_manager,
+    telemetry,
+)
+from instrumentation.tree import build_forest, format_duration, render_forest
+
+from ._support import EventList, fresh
+
+
+def test_concurrent_spans_in_many_threads() -> None:
+    """Eight threads making 300 nested calls each: every span is kept, none stays open, parents are
+    right.
+    """
+    d = get_dispatcher(fresh())
+    h = SimpleSpanHandler(max_completed_spans=100_000)
+    d.add_span_handler(h)
+
+    @d.span
+    def inner(i: int) -> int:
+        return i
+
+    @d.span
+    def outer(i: int) -> int:
+        return inner(i)
+
+    def run() -> None:
+        for i in range(300):
+            outer(i)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert h.open_spans == {} and len(h.completed_spans) == 8 * 300 * 2
+    outers = {s.id_: s for s in h.completed_spans if s.name == outer.__qualname__}
+    inners = [s for s in h.completed_spans if s.name == inner.__qualname__]
+    assert len(outers) == len(inners) == 2400
+    assert {s.parent_id for s in inners} == set(outers)
+    assert all(s.trace_id == outers[s.parent_id or ""].trace_id for s in inners)
+
+
+def test_concurrent_handler_changes_lose_nothing() -> None:
+    """Eight threads adding 50 handlers each to one dispatcher while events flow: all 400 are
+    attached.
+    """
+    d = get_dispatcher(fresh())
+    child = get_dispatcher(f"{d.name}.child")
+    stop = threading.Event()
+
+    def emit() -> None:
+        while not stop.is_set():
+            child.event(BaseEvent())
+
+    emitter = threading.Thread(target=emit)
+    emitter.start()
+    added: list[EventList] = []
+    lock = threading.Lock()
+
+    def add() -> None:
+        mine = [EventList() for _ in range(50)]
+        for h in mine:
+            d.add_event_handler(h)
+        with lock:
+            added.extend(mine)
+
+    threads = [threading.Thread(target=add) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    emitter.join()
+    assert len(d.event_handlers) == 400 and set(map(id, d.event_handlers)) == set(map(id, added))
+    before = [len(h.events) for h in added]
+    child.event(BaseEvent())
+    assert [len(h.events) for h in added] == [n + 1 for n in before]
+
+
+def test_hand_made_dispatcher_and_add_dispatcher() -> None:
+    """Dispatcher(...) made by hand reaches its own handlers; root_manager.add_dispatcher puts it
+    in the tree.
+    """
+    own = EventList()
+    name = fresh("hand")
+    made = Dispatcher(name=f"{name}.x", event_handlers=[own], propagate=True, parent_name="ignored")
+    made.event(BaseEvent())
+    assert len(own.events) == 1 and made.parent is None
+    root_manager.add_dispatcher(made)
+    assert get_dispatcher(f"{name}.x") is made
+    parent_handler = EventList()
+    get_dispatcher(name).add_event_handler(parent_handler)
+    assert made.parent is get_dispatcher(name)
+    made.event(BaseEvent())
+    assert len(own.events) == 2 and len(parent_handler.events) == 1
+    with pytest.raises(TypeError):
+        Dispatcher(name="y", event_handlers=[object()])  # type: ignore[list-item]
+
+
+def test_simple_span_handler_subclass_uses_its_overrides() -> None:
+    """A SimpleSpanHandler subclass overriding prepare_to_exit_span is called (the fast path steps
+    aside).
+    """
+
+    class Tagging(SimpleSpanHandler):
+        def prepare_to_exit_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any | None = None,
+            result: Any | None = None,
+            **kwargs: Any,
+        ) -> SimpleSpan | None:
+            span = super().prepare_to_exit_span(id_, bound_args, instance, result, **kwargs)
+            if span is not None:
+                span.metadata = {"result": result}
+            return span
+
+    d = get_dispatcher(fresh())
+    h = Tagging()
+    d.add_span_handler(h)
+
+    @d.span
+    def f() -> int:
+        return 7
+
+    f()
+    (span,) = h.completed_spans
+    assert span.metadata == {"result": 7} and span.name == f.__qualname__ and span.trace_id
+
+
+def test_forest_with_missing_parents_and_durations() -> None:
+    """Items whose parent is absent become roots; children nest and sort; durations read well."""
+    items = [("c", "b", 3), ("b", "a", 2), ("x", "gone", 1), ("d", "b", 4)]
+    forest = build_forest(items, lambda i: i[0], lambda i: i[1], lambda i: i[2])
+    assert [root[0][0] for root in forest] == ["x", "b"]
+    text = render_forest(forest, lambda i: i[0])
+    assert text.splitlines() == ["x", "b", "├── c", "└── d"]
+    assert format_duration(None) == "open" and format_duration(5e-6) == "5 µs"
+    assert format_duration(0.0123) == "12.3 ms" and format_duration(2.5) == "2.50 s"
+    loop = [("a", "b", 1), ("b", "a", 2)]
+    assert build_forest(loop, lambda i: i[0], lambda i: i[1]) == []
+
+
+def test_rate_limited_log_reports_the_suppressed_count(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the interval passes, the next log line says how many errors went unlogged."""
+
+    class Boom(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            raise RuntimeError("x")
+
+    now = [1000.0]
+    monkeypatch.setattr("instrumentation.telemetry.time.monotonic", lambda: now[0])
+    d = get_dispatcher(fresh())
+    d.add_event_handler(Boom())
+    with caplog.at_level(logging.ERROR, logger="instrumentation"):
+        for _ in range(3):
+            d.event(BaseEvent())
+        now[0] += telemetry.LOG_INTERVAL_SECONDS + 1
+        d.event(BaseEvent())
+    records = [r.getMessage() for r in caplog.records if r.name == "instrumentation"]
+    assert len(records) == 2 and "2 more errors" in records[1]
+    assert telemetry.handler_errors() == {"Boom": 4}
+
+
+async def test_failing_ahandle_is_counted() -> None:
+    """An async handler raising in ahandle() does not break aevent() and is counted."""
+
+    class ABoom(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            return None
+
+        async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+            raise RuntimeError("async handler")
+
+    d = get_dispatcher(fresh())
+    ok = EventList()
+    d.add_event_handler(ABoom())
+    d.add_event_handler(ok)
+    await d.aevent(BaseEvent())
+    assert len(ok.events) == 1 and telemetry.handler_errors() == {"ABoom": 1}

@@ -1,0 +1,267 @@
+"""Exceptions drop the span with a SpanDropEvent and are re-raised unchanged, cancellation and
+interrupts included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+
+import pytest
+
+from instrumentation import Dispatcher, SpanDropEvent, current_span, get_dispatcher
+
+from ._support import EventList, Recorder, fresh
+
+
+@pytest.fixture
+def d() -> Dispatcher:
+    return get_dispatcher(fresh())
+
+
+@pytest.fixture
+def rec(d: Dispatcher) -> Recorder:
+    r = Recorder()
+    d.add_span_handler(r)
+    return r
+
+
+@pytest.fixture
+def events(d: Dispatcher) -> EventList:
+    h = EventList()
+    d.add_event_handler(h)
+    return h
+
+
+class AppError(Exception):
+    pass
+
+
+def test_exception_drops_span_emits_event_and_reraises_same_object(
+    d: Dispatcher, rec: Recorder, events: EventList
+) -> None:
+    """The very exception object reaches the caller; span_drop gets it; a SpanDropEvent names the
+    span and the error.
+    """
+    err = AppError("bad thing")
+
+    @d.span
+    def f() -> None:
+        raise err
+
+    with pytest.raises(AppError) as caught:
+        f()
+    assert caught.value is err
+    (r,) = rec.records.values()
+    assert r.status == "drop" and r.err is err
+    (ev,) = events.events
+    assert isinstance(ev, SpanDropEvent)
+    assert ev.span_id == r.id_ and ev.trace_id == r.trace_id and ev.err_str == "bad thing"
+    assert current_span() is None
+
+
+def test_traceback_is_unchanged(d: Dispatcher, rec: Recorder) -> None:
+    """The re-raised exception's traceback still ends in the function that raised it."""
+
+    @d.span
+    def deep() -> None:
+        raise AppError("x")
+
+    with pytest.raises(AppError) as caught:
+        deep()
+    assert caught.traceback[-1].name == "deep"
+
+
+def test_parent_survives_child_error(d: Dispatcher, rec: Recorder) -> None:
+    """A child that raises is dropped while its parent, which catches, exits normally."""
+
+    @d.span
+    def child() -> None:
+        raise AppError("x")
+
+    @d.span
+    def parent() -> str:
+        try:
+            child()
+        except AppError:
+            return "caught"
+        return "no"
+
+    assert parent() == "caught"
+    p = rec.one(parent.__qualname__)
+    c = rec.one(child.__qualname__)
+    assert (p.status, c.status, c.parent_id) == ("exit", "drop", p.id_)
+
+
+async def test_coroutine_exception(d: Dispatcher, rec: Recorder, events: EventList) -> None:
+    """A coroutine's exception drops its span and is re-raised unchanged."""
+
+    @d.span
+    async def f() -> None:
+        await asyncio.sleep(0)
+        raise AppError("async bad")
+
+    with pytest.raises(AppError, match="async bad"):
+        await f()
+    assert next(iter(rec.records.values())).status == "drop"
+    assert isinstance(events.events[0], SpanDropEvent)
+
+
+async def test_cancelled_error_drops_and_propagates(d: Dispatcher, rec: Recorder) -> None:
+    """Cancelling a task inside a decorated coroutine drops its span and the task ends cancelled."""
+    started = asyncio.Event()
+
+    @d.span
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(slow())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    (r,) = rec.records.values()
+    assert r.status == "drop" and isinstance(r.err, asyncio.CancelledError)
+
+
+async def test_wait_for_timeout_drops(d: Dispatcher, rec: Recorder) -> None:
+    """asyncio.wait_for timing out a decorated coroutine drops its span and raises TimeoutError."""
+
+    @d.span
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(slow(), 0.01)
+    (r,) = rec.records.values()
+    assert r.status == "drop" and isinstance(r.err, asyncio.CancelledError)
+
+
+def test_keyboard_interrupt_drops_and_propagates(d: Dispatcher, rec: Recorder) -> None:
+    """KeyboardInterrupt raised by the function drops the span and reaches the caller."""
+
+    @d.span
+    def f() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        f()
+    (r,) = rec.records.values()
+    assert r.status == "drop" and isinstance(r.err, KeyboardInterrupt)
+
+
+def test_generator_close_drops_with_generator_exit(d: Dispatcher, rec: Recorder) -> None:
+    """close() on a half-consumed generator drops its span with GeneratorExit and runs its finally
+    block.
+    """
+    cleaned: list[bool] = []
+
+    @d.span
+    def gen() -> Generator[int, None, None]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            cleaned.append(current_span() is not None)
+
+    it = gen()
+    assert next(it) == 1
+    it.close()
+    (r,) = rec.records.values()
+    assert r.status == "drop" and isinstance(r.err, GeneratorExit)
+    assert cleaned == [True]  # the generator's cleanup ran inside its own span
+    assert current_span() is None
+
+
+def test_generator_closed_before_start(d: Dispatcher, rec: Recorder) -> None:
+    """Closing a generator that never ran leaves no open span behind."""
+
+    @d.span
+    def gen() -> Generator[int, None, None]:
+        yield 1
+
+    gen().close()
+    assert all(r.status != "open" for r in rec.records.values())
+
+
+def test_generator_raising_mid_iteration(d: Dispatcher, rec: Recorder) -> None:
+    """A generator that raises after some items drops its span and the consumer gets the same
+    exception.
+    """
+    err = AppError("mid")
+
+    @d.span
+    def gen() -> Iterator[int]:
+        yield 1
+        raise err
+
+    it = gen()
+    assert next(it) == 1
+    with pytest.raises(AppError) as caught:
+        next(it)
+    assert caught.value is err
+    (r,) = rec.records.values()
+    assert r.status == "drop" and r.err is err
+
+
+async def test_async_generator_aclose_and_raise(d: Dispatcher, rec: Recorder) -> None:
+    """aclose() drops an async generator's span with GeneratorExit; raising inside drops it with
+    the error.
+    """
+
+    @d.span
+    async def agen() -> AsyncGenerator[int, None]:
+        yield 1
+        yield 2
+
+    @d.span
+    async def bad() -> AsyncIterator[int]:
+        yield 1
+        raise AppError("agen")
+
+    it = agen()
+    assert await it.__anext__() == 1
+    await it.aclose()
+    r = rec.one(agen.__qualname__)
+    assert r.status == "drop" and isinstance(r.err, GeneratorExit)
+    with pytest.raises(AppError, match="agen"):
+        async for _ in bad():
+            pass
+    assert rec.one(bad.__qualname__).status == "drop"
+
+
+async def test_async_generator_cancelled(d: Dispatcher, rec: Recorder) -> None:
+    """Cancelling a task iterating a traced async generator drops its span (CancelledError)."""
+    started = asyncio.Event()
+
+    @d.span
+    async def agen() -> AsyncIterator[int]:
+        yield 1
+        started.set()
+        await asyncio.sleep(30)
+        yield 2
+
+    async def consume() -> None:
+        async for _ in agen():
+            pass
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (r,) = rec.records.values()
+    assert r.status == "drop" and isinstance(r.err, asyncio.CancelledError)
+
+
+def test_span_block_exception(d: Dispatcher, rec: Recorder, events: EventList) -> None:
+    """An exception in a `with d.span(...)` block drops its span and propagates unchanged."""
+    err = AppError("in block")
+    with pytest.raises(AppError) as caught, d.span("block"):
+        raise err
+    assert caught.value is err
+    r = rec.one("block")
+    assert r.status == "drop" and r.err is err
+    assert isinstance(events.events[0], SpanDropEvent)

@@ -1,0 +1,201 @@
+"""The dispatcher tree: placement in any creation order, propagation, thread safety, bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from instrumentation import BaseEvent, SimpleSpanHandler, get_dispatcher, root_dispatcher
+from instrumentation import dispatcher as dispatcher_module
+
+from ._support import EventList, fresh
+
+
+def test_out_of_order_creation_reaches_each_ancestor_once() -> None:
+    """Creating a.b.c, then a, then a.b: a.b.c's events reach a.b's, a's and root's handlers once
+    each.
+    """
+    a = fresh("a")
+    abc = get_dispatcher(f"{a}.b.c")
+    da = get_dispatcher(a)
+    dab = get_dispatcher(f"{a}.b")
+    assert abc.parent is dab and dab.parent is da and da.parent is root_dispatcher
+    seen = {name: EventList() for name in ("abc", "ab", "a", "root")}
+    abc.add_event_handler(seen["abc"])
+    dab.add_event_handler(seen["ab"])
+    da.add_event_handler(seen["a"])
+    root_dispatcher.add_event_handler(seen["root"])
+    event = BaseEvent()
+    abc.event(event)
+    for handler in seen.values():
+        assert handler.events == [event]
+    dab.event(BaseEvent())
+    assert [len(h.events) for h in seen.values()] == [1, 2, 2, 2]
+
+
+def test_siblings_sharing_a_prefix_are_not_ancestors() -> None:
+    """'ab' is not the parent of 'a.x', and 'a' created late is not the parent of 'ab.x'."""
+    a = fresh("p")
+    abx = get_dispatcher(f"{a}b.x")
+    ax = get_dispatcher(f"{a}.x")
+    da = get_dispatcher(a)
+    assert ax.parent is da
+    assert abx.parent is root_dispatcher
+
+
+@pytest.mark.parametrize("prefix", ["r", "ro"])
+def test_prefix_of_root_name_gets_its_children(prefix: str) -> None:
+    """A dispatcher named 'r' or 'ro' (a prefix of 'root') becomes the parent of its children made
+    earlier.
+    """
+    child = get_dispatcher(f"{prefix}.{fresh()}")
+    parent = get_dispatcher(prefix)
+    assert child.parent is parent
+    assert parent.parent is root_dispatcher
+    ev = EventList()
+    parent.add_event_handler(ev)
+    child.event(BaseEvent())
+    assert len(ev.events) == 1
+
+
+def test_propagate_false_stops_the_walk() -> None:
+    """With propagate off on a.b, events from a.b.c reach a.b's handlers but not a's or root's."""
+    a = fresh("a")
+    da, dab, dabc = get_dispatcher(a), get_dispatcher(f"{a}.b"), get_dispatcher(f"{a}.b.c")
+    h_a, h_ab, h_root = EventList(), EventList(), EventList()
+    da.add_event_handler(h_a)
+    dab.add_event_handler(h_ab)
+    root_dispatcher.add_event_handler(h_root)
+    dab.propagate = False
+    dabc.event(BaseEvent())
+    assert (len(h_ab.events), len(h_a.events), len(h_root.events)) == (1, 0, 0)
+    dab.propagate = True
+    dabc.event(BaseEvent())
+    assert (len(h_ab.events), len(h_a.events), len(h_root.events)) == (2, 1, 1)
+
+
+def test_handler_added_after_decoration_is_seen_and_removed_one_is_not() -> None:
+    """The cached handler chain is rebuilt when handlers change, for decorated functions too."""
+    d = get_dispatcher(fresh())
+    calls = EventList()
+
+    @d.span
+    def work() -> int:
+        d.event(BaseEvent())
+        return 1
+
+    work()
+    handler = SimpleSpanHandler()
+    root_dispatcher.add_span_handler(handler)
+    root_dispatcher.add_event_handler(calls)
+    work()
+    assert len(handler.completed_spans) == 1 and len(calls.events) == 1
+    root_dispatcher.remove_span_handler(handler)
+    root_dispatcher.remove_event_handler(calls)
+    work()
+    assert len(handler.completed_spans) == 1 and len(calls.events) == 1
+
+
+def test_adding_a_handler_twice_is_a_no_op() -> None:
+    """The same handler object attached twice receives each event once."""
+    d = get_dispatcher(fresh())
+    h = EventList()
+    d.add_event_handler(h)
+    d.add_event_handler(h)
+    d.event(BaseEvent())
+    assert len(h.events) == 1
+
+
+def test_concurrent_creation_gives_one_dispatcher_per_name() -> None:
+    """Many threads creating the same names at once all get the same dispatcher for each name."""
+    base = fresh("c")
+    names = [f"{base}.x.y", f"{base}", f"{base}.x", f"{base}.x.y.z", f"{base}.w"]
+    barrier = threading.Barrier(16)
+    results: list[dict[str, object]] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        barrier.wait()
+        got: dict[str, object] = {}
+        for i in range(len(names)):
+            name = names[(i + offset) % len(names)]
+            got[name] = get_dispatcher(name)
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16
+    for name in names:
+        assert len({id(r[name]) for r in results}) == 1
+    assert get_dispatcher(f"{base}.x.y.z").parent is get_dispatcher(f"{base}.x.y")
+    assert get_dispatcher(f"{base}.x.y").parent is get_dispatcher(f"{base}.x")
+    assert get_dispatcher(f"{base}.w").parent is get_dispatcher(base)
+
+
+def test_dispatching_takes_no_lock() -> None:
+    """An event is delivered while another thread holds the tree lock."""
+    d = get_dispatcher(fresh())
+    h = EventList()
+    d.add_event_handler(h)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with dispatcher_module._lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        done = threading.Event()
+
+        def emit() -> None:
+            d.event(BaseEvent())
+            done.set()
+
+        threading.Thread(target=emit).start()
+        assert done.wait(5), "event() blocked on the tree lock"
+    finally:
+        release.set()
+        t.join()
+    assert len(h.events) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "a..b", ".a", "a.", " a", "a. b"])
+def test_bad_names_raise_value_error(bad: str) -> None:
+    """Empty or malformed dotted names are refused with a ValueError showing the right form."""
+    with pytest.raises(ValueError, match="dot-separated"):
+        get_dispatcher(bad)
+
+
+@pytest.mark.parametrize("bad", [3, None, b"a", ["a"]])
+def test_non_string_names_raise_type_error(bad: object) -> None:
+    """A name that is not a str is refused with a TypeError saying a str is expected."""
+    with pytest.raises(TypeError, match="must be a str"):
+        get_dispatcher(bad)  # type: ignore[arg-type]
+
+
+def test_wrong_handler_types_raise_type_error_with_advice() -> None:
+    """Adding a span handler as an event handler (and vice versa, or junk) says what to use
+    instead.
+    """
+    d = get_dispatcher(fresh())
+    with pytest.raises(TypeError, match="use add_span_handler"):
+        d.add_event_handler(SimpleSpanHandler())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="use add_event_handler"):
+        d.add_span_handler(EventList())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="BaseEventHandler"):
+        d.add_event_handler(lambda e: None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="BaseSpanHandler"):
+        d.add_span_handler(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="True or False"):
+        d.propagate = "no"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="BaseEvent"):
+        d.event({"not": "an event"})  # type: ignore[arg-type]
+    assert d.event_handlers == () and d.span_handlers == ()
