@@ -43,7 +43,16 @@ def per_call(fn: Callable[[], Any], n: int = N) -> float:
     for _ in range(REPEATS):
         start = time.perf_counter()
         for _ in range(n // 10):
-            fn(); fn(); fn(); fn(); fn(); fn(); fn(); fn(); fn(); fn()  # noqa: E702
+            fn()
+            fn()
+            fn()
+            fn()
+            fn()
+            fn()
+            fn()
+            fn()
+            fn()
+            fn()
         samples.append((time.perf_counter() - start) / n * 1e6)
     return statistics.median(samples)
 
@@ -101,7 +110,9 @@ def reset_ours() -> None:
     ours.root_dispatcher.span_handlers = []
 
 
-def memory_after_spans(decorate: Callable[[Callable[..., Any]], Callable[..., Any]], n: int) -> float:
+def memory_after_spans(
+    decorate: Callable[[Callable[..., Any]], Callable[..., Any]], n: int
+) -> float:
     fn = decorate(fresh_noop())
     gc.collect()
     tracemalloc.start()
@@ -130,8 +141,12 @@ def main() -> None:
     if peer is not None:
         pd = peer.get_dispatcher("bench.nohandler")
         peer_default = per_call(pd.span(fresh_noop()))
-    row("decorated call, no handler (peer: defaults)", ours_none, peer_default,
-        f"target <= 3x pass-through: {ours_none / wrapped:.2f}x")
+    row(
+        "decorated call, no handler (peer: defaults)",
+        ours_none,
+        peer_default,
+        f"target <= 3x pass-through: {ours_none / wrapped:.2f}x",
+    )
 
     # -- SimpleSpanHandler ------------------------------------------------------------
     reset_ours()

@@ -216,11 +216,15 @@ def parent_for_new_span() -> SpanContext | None:
 
 
 class _Activation:
-    __slots__ = ("bridge_tokens", "token")
+    __slots__ = ("attached", "token")
 
-    def __init__(self, token: Token[SpanContext | None], bridge_tokens: list[object]) -> None:
+    def __init__(
+        self, token: Token[SpanContext | None], attached: list[tuple[ContextBridge, object]]
+    ) -> None:
         self.token = token
-        self.bridge_tokens = bridge_tokens
+        # Each bridge with its own token: a bridge registered or unregistered while
+        # the span is current must still get back exactly what it returned.
+        self.attached = attached
 
 
 def activate(span: SpanContext) -> Token[SpanContext | None] | _Activation:
@@ -228,18 +232,18 @@ def activate(span: SpanContext) -> Token[SpanContext | None] | _Activation:
     token = _active_span.set(span)
     if not _bridges:
         return token
-    attached: list[object] = []
+    attached: list[tuple[ContextBridge, object]] = []
     for bridge in _bridges:
         try:
-            attached.append(bridge.attach(span))
+            attached.append((bridge, bridge.attach(span)))
         except Exception:
-            attached.append(None)
+            pass
     return _Activation(token, attached)
 
 
 def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
     if type(handle) is _Activation:
-        for bridge, tok in zip(reversed(_bridges), reversed(handle.bridge_tokens), strict=False):
+        for bridge, tok in reversed(handle.attached):
             try:
                 bridge.detach(tok)
             except Exception:

@@ -157,6 +157,12 @@ class Dispatcher:
         return self.name
 
     @property
+    def is_listening(self) -> bool:
+        """Whether a handler (its own or an ancestor's) would see this dispatcher's
+        events and spans here and now; producers check it to skip building events."""
+        return self._hot is not None and not _suppressed.get()
+
+    @property
     def propagate(self) -> bool:
         """Whether events and spans also reach the ancestors' handlers."""
         return self._propagate

@@ -18,7 +18,8 @@ _BLOCK = re.compile(r"^```python([^\n]*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 def python_blocks(page: Path) -> list[str]:
     return [
-        code for flags, code in _BLOCK.findall(page.read_text(encoding="utf-8"))
+        code
+        for flags, code in _BLOCK.findall(page.read_text(encoding="utf-8"))
         if "no-run" not in flags
     ]
 

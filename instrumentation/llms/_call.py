@@ -40,7 +40,7 @@ ABANDONED = "abandoned"
 
 def listening(dispatcher: Dispatcher) -> bool:
     """Whether any handler would see this dispatcher's events (a cheap read)."""
-    return dispatcher._hot is not None
+    return dispatcher.is_listening
 
 
 def coerce_usage(value: Any) -> TokenUsage | None:

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
 
-from instrumentation.context import RemoteSpanContext, SpanContext, register_bridge, span_hex_of
+from instrumentation.context import (
+    RemoteSpanContext,
+    SpanContext,
+    register_bridge,
+    span_hex_of,
+    unregister_bridge,
+)
 
 if TYPE_CHECKING:
     from instrumentation.otel.spans import SpanTable
@@ -82,15 +88,16 @@ class OpenTelemetryBridge:
         register_bridge(self)
 
     def remove(self, table: SpanTable) -> None:
-        """Stop bridging for ``table``.
+        """Stop bridging for ``table``; with no table left, leave the core's bridges.
 
-        The bridge itself stays registered with the core (as a pass-through once no
-        table is left): the core hands a token back to the bridges registered *when a
-        span stops being current*, so unregistering while one of our spans is current
-        somewhere would leave that span attached in OpenTelemetry's context for good.
+        Unregistering is safe while one of our spans is current somewhere: the core
+        keeps each bridge's token with the activation and detaches it all the same.
         """
         with self._lock:
             self._tables = tuple(r for r in self._tables if r() is not None and r() is not table)
+            empty = not self._tables
+        if empty:
+            unregister_bridge(self)
 
     def tables(self) -> list[SpanTable]:
         return [t for t in (r() for r in self._tables) if t is not None]
