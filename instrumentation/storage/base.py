@@ -134,6 +134,10 @@ class Store(ABC):
         self.close()
 
 
+#: Connections inherited across ``os.fork``, kept alive so the child never closes them.
+_inherited_connections: list[Any] = []
+
+
 class SQLStore(Store):
     """The queries, over an abstract connection; subclasses connect and execute."""
 
@@ -141,6 +145,21 @@ class SQLStore(Store):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._conn: Any = None
+
+    def after_fork_in_child(self) -> None:
+        # The parent's connection must be neither used nor closed here (closing it
+        # would end the parent's session): keep it referenced and open a new one.
+        self._lock = threading.RLock()
+        if self._conn is not None:
+            _inherited_connections.append(self._conn)
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     # -- what subclasses provide --------------------------------------------------------
 

@@ -8,7 +8,6 @@ costs the writer a retry, not a restart of the application.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,10 +20,6 @@ from instrumentation.storage.schema import (
     insert_sql,
     migrations,
 )
-
-#: Connections of a parent process, kept (never closed) in a forked child: closing
-#: one there would end the parent's session on the shared socket.
-_inherited: list[Any] = []
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
 
@@ -58,7 +53,6 @@ class PostgresStore(SQLStore):
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self._psycopg = _psycopg()
-        self._conn: Any = None
         self._insert_spans = insert_sql(POSTGRES, "spans", SPAN_COLUMNS)
         self._insert_events = insert_sql(POSTGRES, "events", EVENT_COLUMNS)
         with self._lock:
@@ -138,18 +132,6 @@ class PostgresStore(SQLStore):
         return super().is_data_error(exc) or isinstance(
             exc, (psycopg.DataError, psycopg.IntegrityError)
         )
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.RLock()
-        if self._conn is not None:
-            _inherited.append(self._conn)
-            self._conn = None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
 
 
 __all__ = ["PostgresStore"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,6 @@ from instrumentation.storage.schema import (
     insert_sql,
     migrations,
 )
-
-#: Connections of a parent process, kept (never closed) in a forked child.
-_inherited: list[Any] = []
 
 
 class SQLiteStore(SQLStore):
@@ -125,18 +121,6 @@ class SQLiteStore(SQLStore):
         return super().is_data_error(exc) or isinstance(
             exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
         )
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.RLock()
-        if self._conn is not None:
-            _inherited.append(self._conn)
-            self._conn = None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
 
 
 __all__ = ["SQLiteStore"]
