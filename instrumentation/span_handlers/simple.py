@@ -7,14 +7,20 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
 from instrumentation.tree import build_forest, format_duration, render_forest
 
 _utc = timezone.utc
 _now = datetime.now
-_new_span_object = SimpleSpan.__new__
+_new_span_object = object.__new__
 _set = object.__setattr__
+# pydantic's own slots, set through their descriptors (cheaper than setattr by name).
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 _FIELDS_SET = frozenset(SimpleSpan.model_fields)
 _fast_classes: dict[type, bool] = {}
 
@@ -90,9 +96,9 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
                 "dispatcher": dispatcher,
             },
         )
-        _set(span, "__pydantic_fields_set__", set(_FIELDS_SET))
-        _set(span, "__pydantic_extra__", None)
-        _set(span, "__pydantic_private__", None)
+        _set_fields_set(span, set(_FIELDS_SET))
+        _set_extra(span, None)
+        _set_private(span, None)
         open_spans[id_] = span
 
     def _exit(self, id_: str, bound_args: Any, instance: Any, result: Any) -> None:
