@@ -231,7 +231,10 @@ def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]
     _next(_events_dispatched)
     for handler in handlers:
         try:
-            handler.handle(event, **kwargs)
+            if kwargs:
+                handler.handle(event, **kwargs)
+            else:
+                handler.handle(event)
         except Exception as exc:
             _report(handler, "handle", event.class_name(), exc)
 

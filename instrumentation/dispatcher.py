@@ -269,7 +269,11 @@ class Dispatcher:
         _next(_events_dispatched)
         for handler in handlers:
             try:
-                handler.handle(event, **kwargs)
+                # Without keywords, no empty dict is built for each handler call.
+                if kwargs:
+                    handler.handle(event, **kwargs)
+                else:
+                    handler.handle(event)
             except Exception as exc:
                 telemetry.report_handler_error(handler, "handle", event.class_name(), exc)
 
