@@ -10,8 +10,10 @@ again at every resume, so that interleaved generators each parent their own work
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import Any
@@ -44,7 +46,7 @@ def _is_awaitable(value: Any) -> bool:
     kind = type(value)
     known = _awaitable_types.get(kind)
     if known is None:
-        known = getattr(kind, "__await__", None) is not None
+        known = issubclass(kind, (asyncio.Future, collections.abc.Coroutine))
         if len(_awaitable_types) < 4096:
             _awaitable_types[kind] = known
     return known
@@ -79,7 +81,10 @@ def _looks_like_method(func: Callable[..., Any]) -> bool:
 def _await_in_span(
     awaitable: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any
 ) -> Any:
+    started = [False]
+
     async def run() -> Any:
+        started[0] = True
         handle = activate(span)
         try:
             result = await awaitable
@@ -92,7 +97,16 @@ def _await_in_span(
         finally:
             deactivate(handle)
 
-    return run()
+    coro = run()
+    weakref.finalize(coro, _drop_unstarted, started, chain, span, bound, instance)
+    return coro
+
+
+def _drop_unstarted(
+    started: list[bool], chain: Chain, span: SpanContext, bound: Any, instance: Any
+) -> None:
+    if not started[0]:
+        fail(chain, span, bound, instance, RuntimeError("the returned awaitable was never awaited"))
 
 
 def _end_with_future(
@@ -201,8 +215,11 @@ def _wrap_callable(
             agen = func(*args, **kwargs)
             to_send: Any = None
             to_throw: BaseException | None = None
+            # What is current inside the body when it yields (a block it opened, say)
+            # is made current again when it resumes, not just the generator's span.
+            current: SpanContext | None = span
             while True:
-                handle = activate(span) if span is not None else None
+                handle = activate(current) if current is not None else None
                 try:
                     if to_throw is not None:
                         pending, to_throw = to_throw, None
@@ -219,11 +236,12 @@ def _wrap_callable(
                     raise
                 finally:
                     if handle is not None:
+                        current = _active_span.get() or span
                         deactivate(handle)
                 try:
                     to_send = yield item
                 except GeneratorExit as closing:
-                    handle = activate(span) if span is not None else None
+                    handle = activate(current) if current is not None else None
                     try:
                         await agen.aclose()
                     except BaseException as err:
@@ -256,8 +274,9 @@ def _wrap_callable(
                 deactivate(handle)
             to_send: Any = None
             to_throw: BaseException | None = None
+            current: SpanContext = span
             while True:
-                handle = activate(span)
+                handle = activate(current)
                 try:
                     if to_throw is not None:
                         pending, to_throw = to_throw, None
@@ -271,11 +290,12 @@ def _wrap_callable(
                     fail(chain, span, bound, instance, err)
                     raise
                 finally:
+                    current = _active_span.get() or span
                     deactivate(handle)
                 try:
                     to_send = yield item
                 except GeneratorExit as closing:
-                    handle = activate(span)
+                    handle = activate(current)
                     try:
                         gen.close()
                     except BaseException as err:

@@ -25,6 +25,7 @@ from instrumentation import telemetry
 from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, fail, finish, start
 from instrumentation._wrap import LLAMA_MARK, MARK, wrap
 from instrumentation.context import (
+    _EMPTY_TAGS,
     RemoteSpanContext,
     SpanContext,
     _active_span,
@@ -484,11 +485,15 @@ class Dispatcher:
             if not isinstance(span_id, str) or span_hex_of(span_id) != span_hex:
                 span_id = span_hex
             _active_span.set(RemoteSpanContext(span_id, trace_id, None, None))
+        else:
+            _active_span.set(None)
         tags = context.get("instrument_tags")
         if tags:
             if not isinstance(tags, Mapping):
                 raise TypeError(f"instrument_tags must be a mapping, got {type(tags).__name__}")
             _active_tags.set(dict(tags))
+        else:
+            _active_tags.set(_EMPTY_TAGS)
 
     # -- shutting down ----------------------------------------------------------------
 
@@ -641,6 +646,7 @@ class SpanBlock:
             raise TypeError("a span block needs a name: with dispatcher.span('name'):")
         if self.context is not None:
             raise RuntimeError("this span block is already open; make a new one per use")
+        self.result = None
         chain = self._dispatcher._hot
         if chain is None or _suppressed.get():
             return self

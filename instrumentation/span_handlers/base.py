@@ -136,6 +136,8 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         **kwargs: Any,
     ) -> None:
         """End span ``id_`` with :meth:`prepare_to_exit_span`."""
+        if id_ not in self.open_spans:
+            return
         if _takes_kwargs(type(self))[1]:
             span = self.prepare_to_exit_span(
                 id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
@@ -156,6 +158,8 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         **kwargs: Any,
     ) -> None:
         """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
+        if id_ not in self.open_spans:
+            return
         if _takes_kwargs(type(self))[2]:
             span = self.prepare_to_drop_span(
                 id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs

@@ -63,11 +63,12 @@ def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[list[BaseEv
     target = root_dispatcher if dispatcher is None else dispatcher
     handler = RecordingEventHandler()
     events = handler.events
+    snapshot = Snapshot()
     target.add_event_handler(handler)
     try:
         yield events
     finally:
-        target.remove_event_handler(handler)
+        snapshot.restore()
 
 
 @contextmanager
@@ -81,11 +82,12 @@ def capture_spans(
     target = root_dispatcher if dispatcher is None else dispatcher
     handler = SimpleSpanHandler(max_completed_spans=max_spans)
     spans = CapturedSpans(handler)
+    snapshot = Snapshot()
     target.add_span_handler(handler)
     try:
         yield spans
     finally:
-        target.remove_span_handler(handler)
+        snapshot.restore()
         spans.refresh()
 
 
