@@ -32,6 +32,7 @@ from instrumentation.storage.schema import (
     META_COLUMNS,
     SPAN_COLUMNS,
     Dialect,
+    insert_sql,
 )
 
 Row = tuple[Any, ...]
@@ -146,6 +147,8 @@ class SQLStore(Store):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._conn: Any = None
+        self._insert_spans = insert_sql(self.dialect, "spans", SPAN_COLUMNS)
+        self._insert_events = insert_sql(self.dialect, "events", EVENT_COLUMNS)
 
     def after_fork_in_child(self) -> None:
         # The parent's connection must be neither used nor closed here (closing it

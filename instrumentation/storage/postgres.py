@@ -13,11 +13,8 @@ from typing import Any
 
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
-    EVENT_COLUMNS,
     POSTGRES,
-    SPAN_COLUMNS,
     check_version,
-    insert_sql,
     migrations,
 )
 
@@ -53,8 +50,6 @@ class PostgresStore(SQLStore):
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self._psycopg = _psycopg()
-        self._insert_spans = insert_sql(POSTGRES, "spans", SPAN_COLUMNS)
-        self._insert_events = insert_sql(POSTGRES, "events", EVENT_COLUMNS)
         with self._lock:
             self._connection()
 

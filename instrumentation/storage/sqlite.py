@@ -16,12 +16,9 @@ from typing import Any
 
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
-    EVENT_COLUMNS,
     SCHEMA_VERSION,
-    SPAN_COLUMNS,
     SQLITE,
     check_version,
-    insert_sql,
     migrations,
 )
 
@@ -45,8 +42,6 @@ class SQLiteStore(SQLStore):
         self.path = str(path) if str(path) == ":memory:" else str(Path(path).resolve())
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
-        self._insert_spans = insert_sql(SQLITE, "spans", SPAN_COLUMNS)
-        self._insert_events = insert_sql(SQLITE, "events", EVENT_COLUMNS)
         with self._lock:
             self._connection()
 
