@@ -20,8 +20,6 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from instrumentation._ids import new_span_hex, new_trace_id
-
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
 
 
@@ -256,11 +254,6 @@ def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
         # from elsewhere): put back the value it replaced instead.
         old = handle.old_value  # type: ignore[union-attr]
         _active_span.set(None if old is Token.MISSING else old)
-
-
-def new_root_ids() -> tuple[str, str]:
-    """A fresh (span hex, trace id) pair."""
-    return new_span_hex(), new_trace_id()
 
 
 # -- W3C traceparent ---------------------------------------------------------------

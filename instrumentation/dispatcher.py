@@ -14,7 +14,6 @@ tuples, so the hot path reads one attribute.
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import os
 import threading
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from instrumentation import telemetry
+from instrumentation._ids import new_trace_id
 from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, fail, finish, start
 from instrumentation._wrap import LLAMA_MARK, MARK, wrap
 from instrumentation.context import (
@@ -313,7 +313,7 @@ class Dispatcher:
             return
         if "trace_id" not in kwargs:
             parent = _active_span.get()
-            kwargs["trace_id"] = parent.trace_id if parent is not None else _new_trace()
+            kwargs["trace_id"] = parent.trace_id if parent is not None else new_trace_id()
         kwargs.setdefault("name", id_.rpartition("-")[0] or id_)
         kwargs.setdefault("dispatcher", self.name)
         kwargs.setdefault("attributes", None)
@@ -543,12 +543,6 @@ def _close(handler: Any) -> None:
         handler.close()
     except Exception as exc:
         telemetry.report_handler_error(handler, "close", "shutdown", exc)
-
-
-def _new_trace() -> str:
-    from instrumentation._ids import new_trace_id
-
-    return new_trace_id()
 
 
 def _merge_attributes(attributes: Mapping[str, Any] | None, request: bool) -> dict[str, Any] | None:
@@ -812,11 +806,6 @@ class DispatcherSpanMixin:
             if getattr(func, MARK, None) is not None:
                 continue  # already traced (by any dispatcher)
             setattr(cls, attr, dispatcher.span(member))
-
-
-def copy_context_run(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``func`` in a copy of the current context (so spans keep their parents)."""
-    return contextvars.copy_context().run(func, *args, **kwargs)
 
 
 __all__ = [
