@@ -122,11 +122,11 @@ _started = telemetry.SPANS_STARTED.ticks
 _ended = telemetry.SPANS_ENDED.ticks
 _dropped = telemetry.SPANS_DROPPED.ticks
 _events_dispatched = telemetry.EVENTS_DISPATCHED.ticks
-_getrandbits = _ids._getrandbits
-_hex = hex
+_pop_span_hex = _ids.pop_span_hex
+_pop_trace_hex = _ids.pop_trace_hex
+_refill_span_hex = _ids.refill_span_hex
+_refill_trace_hex = _ids.refill_trace_hex
 _new_context = tuple.__new__
-_TOP64 = _ids.TOP64
-_TOP128 = _ids.TOP128
 
 
 def start(
@@ -146,7 +146,10 @@ def start(
     # _context._bridges is read each time: the tuple is replaced when bridges change.
     parent = parent_for_new_span() if _context._bridges else _active_span.get()
     if parent is None:
-        trace_id = _hex((_getrandbits(128) or 1) | _TOP128)[3:]
+        try:
+            trace_id = _pop_trace_hex()
+        except IndexError:
+            trace_id = _refill_trace_hex()
         parent_id = None
     else:
         trace_id = parent.trace_id
@@ -154,7 +157,11 @@ def start(
     tags = _active_tags.get()
     if extra_tags:
         tags = {**tags, **extra_tags}
-    span_id = name + "-" + _hex((_getrandbits(64) or 1) | _TOP64)[3:]
+    try:
+        span_hex = _pop_span_hex()
+    except IndexError:
+        span_hex = _refill_span_hex()
+    span_id = name + "-" + span_hex
     span = _new_context(SpanContext, (span_id, trace_id, parent_id, name))
     _next(_started)
     for handler, positional in chain.enters:

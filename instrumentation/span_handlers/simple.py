@@ -3,26 +3,72 @@
 from __future__ import annotations
 
 import inspect
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from instrumentation.span.simple import SimpleSpan
+from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict
 from instrumentation.span_handlers.base import BaseSpanHandler
 from instrumentation.tree import build_forest, format_duration, render_forest
 
 _utc = timezone.utc
-_now = datetime.now
+_from_timestamp = datetime.fromtimestamp
 _new_span_object = object.__new__
 _set = object.__setattr__
 # pydantic's own slots, set through their descriptors (cheaper than setattr by name).
 _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
-_FIELDS_SET = frozenset(SimpleSpan.model_fields)
+_FIELDS = frozenset(SimpleSpan.model_fields)
 _fast_classes: dict[type, bool] = {}
+
+#: What the fast path buffers for an open span, in this order: id_, parent_id, tags,
+#: trace_id, name, dispatcher, start (``time.time()``); and for an ended one
+#: ``(open record, end)``.
+OpenRecord = tuple[str, "str | None", Any, "str | None", "str | None", "str | None", float]
+
+
+def _span(record: OpenRecord, end: float | None) -> SimpleSpan:
+    """A SimpleSpan from a record, without validation: every value is ours and typed."""
+    id_, parent_id, tags, trace_id, name, dispatcher, start = record
+    span = _new_span_object(SimpleSpan)
+    _set(
+        span,
+        "__dict__",
+        {
+            "id_": id_,
+            "parent_id": parent_id,
+            "tags": dict(tags) if tags else {},
+            "trace_id": trace_id,
+            "name": name,
+            "start_time": _from_timestamp(start, _utc),
+            "end_time": None if end is None else _from_timestamp(end, _utc),
+            "duration": 0.0 if end is None else end - start,
+            "metadata": None,
+            "dispatcher": dispatcher,
+        },
+    )
+    _set_fields_set(span, set(_FIELDS))
+    _set_extra(span, None)
+    _set_private(span, None)
+    return span
+
+
+def _open_span(record: OpenRecord) -> SimpleSpan:
+    return _span(record, None)
+
+
+def _ended_span(item: tuple[OpenRecord, float] | SimpleSpan) -> SimpleSpan:
+    # A span that was looked at while open is buffered as the SimpleSpan itself.
+    if type(item) is tuple:
+        return _span(item[0], item[1])
+    return item  # type: ignore[return-value]
 
 
 def _uses_own_methods(cls: type) -> bool:
@@ -43,73 +89,153 @@ def _uses_own_methods(cls: type) -> bool:
     return found
 
 
+_CONTAINERS = frozenset({"open_spans", "completed_spans"})
+
+
 class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
     """Keeps the last ``max_completed_spans`` spans with their timings.
 
     Good for development, notebooks and tests; for keeping traces, use
-    ``instrumentation.storage``. It runs on every traced call, so entering and
-    leaving a span skip pydantic's validation (the values are ours and already of
-    the right types); subclasses that override ``new_span`` or the ``prepare``
-    methods go the ordinary way.
+    ``instrumentation.storage``. It runs on every traced call, so a traced call only
+    records a tuple (ids, tags, ``time.time()``); ``open_spans`` and
+    ``completed_spans`` make the pydantic spans the first time they are read, and
+    hand out the same objects afterwards. Subclasses that override ``new_span`` or
+    the ``prepare`` methods go the ordinary way, a span object per call.
     """
 
     needs_bound_args: ClassVar[bool] = False
 
+    _open_records: dict[str, OpenRecord] = PrivateAttr(default_factory=dict)
+    _ended_records: deque[Any] = PrivateAttr(default_factory=deque)
+    _read_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def model_post_init(self, __context: Any) -> None:
+        self._ended_records = deque(maxlen=self.max_completed_spans)
+        super().model_post_init(__context)
+        for name in _CONTAINERS:
+            value = self.__dict__[name]
+            if not isinstance(value, (BufferedDict, BufferedDeque)):
+                self.__dict__[name] = self._buffered(name, value)
+
+    def _buffered(self, name: str, value: Any) -> Any:
+        """``value`` as a container fed from this handler's buffers."""
+        if name == "open_spans":
+            return BufferedDict(
+                value, buffer=self._open_records, make=_open_span, lock=self._read_lock
+            )
+        return BufferedDeque(
+            value,
+            self.max_completed_spans,
+            buffer=self._ended_records,
+            make=_ended_span,
+            lock=self._read_lock,
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONTAINERS:
+            # What is buffered goes with the container being replaced.
+            old = self.__dict__.get(name)
+            if isinstance(old, (BufferedDict, BufferedDeque)):
+                old.take_in()
+            value = self._buffered(name, value)
+        super().__setattr__(name, value)
+
     @property
     def positional_span_enter(self) -> Callable[..., None] | None:
         """The dispatcher's fast entry point, unless a subclass changed how spans are made."""
-        return self._enter if _uses_own_methods(type(self)) else None
+        if not _uses_own_methods(type(self)):
+            return None
+        records = self._open_records
+        clock = time.time
+
+        def enter(
+            id_: str,
+            bound_args: Any,
+            instance: Any,
+            parent_id: str | None,
+            tags: Any,
+            name: str | None,
+            trace_id: str | None,
+            dispatcher: str | None,
+            attributes: Any,
+        ) -> None:
+            records[id_] = (id_, parent_id, tags, trace_id, name, dispatcher, clock())
+
+        return enter
 
     @property
     def positional_span_exit(self) -> Callable[..., None] | None:
-        return self._exit if _uses_own_methods(type(self)) else None
+        if not _uses_own_methods(type(self)):
+            return None
+        pop_record = self._open_records.pop
+        buffer_ended = self._ended_records.append
+        clock = time.time
+        exit_looked_at = self._exit_looked_at
 
-    def _enter(
-        self,
-        id_: str,
-        bound_args: Any,
-        instance: Any,
-        parent_id: str | None,
-        tags: Any,
-        name: str | None,
-        trace_id: str | None,
-        dispatcher: str | None,
-        attributes: Any,
-    ) -> None:
+        def exit(id_: str, bound_args: Any, instance: Any, result: Any) -> None:
+            record = pop_record(id_, None)
+            if record is None:
+                exit_looked_at(id_)
+            else:
+                buffer_ended((record, clock()))
+
+        return exit
+
+    def _exit_looked_at(self, id_: str) -> None:
+        """End a span that was read while open, so is a SimpleSpan in ``open_spans``."""
         open_spans = self.open_spans
-        if id_ in open_spans:
+        if not isinstance(open_spans, BufferedDict):
             return
-        span = _new_span_object(SimpleSpan)
-        _set(
-            span,
-            "__dict__",
-            {
-                "id_": id_,
-                "parent_id": parent_id,
-                "tags": dict(tags) if tags else {},
-                "trace_id": trace_id,
-                "name": name,
-                "start_time": _now(_utc),
-                "end_time": None,
-                "duration": 0.0,
-                "metadata": None,
-                "dispatcher": dispatcher,
-            },
-        )
-        _set_fields_set(span, set(_FIELDS_SET))
-        _set_extra(span, None)
-        _set_private(span, None)
-        open_spans[id_] = span
-
-    def _exit(self, id_: str, bound_args: Any, instance: Any, result: Any) -> None:
-        span = self.open_spans.pop(id_, None)
+        span = open_spans.take_out(id_)
         if span is None:
             return
+        end = time.time()
         fields = span.__dict__
-        end = _now(_utc)
-        fields["end_time"] = end
-        fields["duration"] = (end - fields["start_time"]).total_seconds()
-        self.completed_spans.append(span)
+        fields["end_time"] = _from_timestamp(end, _utc)
+        fields["duration"] = end - fields["start_time"].timestamp()
+        self._ended_records.append(span)
+
+    def _adopt(self, id_: str) -> None:
+        """Make the buffered open span ``id_`` a SimpleSpan in ``open_spans``, alone."""
+        record = self._open_records.pop(id_, None)
+        if record is not None:
+            dict.__setitem__(self.open_spans, id_, _open_span(record))
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._adopt(id_)
+        super().span_exit(id_, bound_args, instance, result, **kwargs)
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._adopt(id_)
+        super().span_drop(id_, bound_args, instance, err, **kwargs)
+
+    def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._take_in()
+        return super().model_dump(*args, **kwargs)
+
+    def model_dump_json(self, *args: Any, **kwargs: Any) -> str:
+        self._take_in()
+        return super().model_dump_json(*args, **kwargs)
+
+    def _take_in(self) -> None:
+        for name in _CONTAINERS:
+            container = self.__dict__.get(name)
+            if isinstance(container, (BufferedDict, BufferedDeque)):
+                container.take_in()
 
     def new_span(
         self,

@@ -31,6 +31,10 @@ def test_fork_child_works_while_parent_thread_holds_the_locks() -> None:
             held.set()
             release.wait(30)
 
+    # Fill the id pools before forking: a child that kept them would hand out the
+    # same ids as the parent.
+    new_span_hex()
+    new_trace_id()
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(10)

@@ -1,0 +1,274 @@
+"""SimpleSpanHandler buffers records on the hot path and makes spans when they are read.
+
+Whatever the order of reads and writes, a reader sees SimpleSpan objects (never a
+buffered tuple), in the order the spans ended, the same objects on every read, and
+at most ``max_completed_spans`` of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+import time
+from collections import deque
+from datetime import timezone
+
+import pytest
+
+from instrumentation import SimpleSpan, SimpleSpanHandler, get_dispatcher
+from instrumentation._spans import EMPTY_BOUND_ARGS
+
+from ._support import fresh
+
+
+def traced(handler: SimpleSpanHandler, prefix: str = "buf") -> tuple[object, object]:
+    d = get_dispatcher(fresh(prefix))
+    d.add_span_handler(handler)
+
+    @d.span
+    def leaf(i: int) -> int:
+        return i
+
+    @d.span
+    def parent(n: int) -> int:
+        return sum(leaf(i) for i in range(n))
+
+    return d, (leaf, parent)
+
+
+def test_spans_read_after_the_calls_are_simple_spans_in_end_order() -> None:
+    h = SimpleSpanHandler()
+    _, (_leaf, parent) = traced(h)
+    before = time.time()
+    parent(3)
+    after = time.time()
+    spans = list(h.completed_spans)
+    assert all(type(s) is SimpleSpan for s in spans)
+    names = [s.name.rsplit(".", 1)[-1] for s in spans]
+    assert names == ["leaf", "leaf", "leaf", "parent"]
+    root = spans[-1]
+    assert all(s.parent_id == root.id_ and s.trace_id == root.trace_id for s in spans[:3])
+    for s in spans:
+        assert s.start_time.tzinfo is timezone.utc and s.end_time is not None
+        assert before - 0.001 <= s.start_time.timestamp() <= s.end_time.timestamp() <= after + 0.001
+        assert s.duration == pytest.approx((s.end_time - s.start_time).total_seconds(), abs=2e-6)
+        assert s.duration >= 0
+    assert not h.open_spans
+
+
+def test_reads_hand_out_the_same_objects_and_len_counts_buffered_spans() -> None:
+    h = SimpleSpanHandler()
+    _, (leaf, _parent) = traced(h)
+    leaf(1)
+    assert len(h.completed_spans) == 1
+    first = h.completed_spans[0]
+    leaf(2)
+    assert len(h.completed_spans) == 2 and bool(h.completed_spans)
+    assert h.completed_spans[0] is first
+    first.metadata = {"seen": True}
+    assert h.completed_spans[0].metadata == {"seen": True}
+
+
+def test_a_span_read_while_open_is_the_object_that_ends() -> None:
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("open"))
+    d.add_span_handler(h)
+    seen: list[SimpleSpan] = []
+
+    @d.span
+    def look() -> None:
+        (span,) = h.open_spans.values()
+        assert span.end_time is None and span.duration == 0.0
+        seen.append(span)
+
+    look()
+    (ended,) = h.completed_spans
+    assert ended is seen[0]
+    assert ended.end_time is not None and ended.duration >= 0
+    assert not h.open_spans
+
+
+def test_open_spans_mapping_reads() -> None:
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("map"))
+    d.add_span_handler(h)
+    checks: dict[str, object] = {}
+
+    @d.span
+    def inner() -> None:
+        ids = list(h.open_spans)
+        checks["ids"] = ids
+        checks["in"] = all(i in h.open_spans for i in ids)
+        checks["get"] = [h.open_spans.get(i) for i in ids]
+        checks["copy"] = dict(h.open_spans)
+        checks["len"] = len(h.open_spans)
+
+    @d.span
+    def outer() -> None:
+        inner()
+
+    outer()
+    ids = checks["ids"]
+    assert isinstance(ids, list) and len(ids) == 2 and checks["len"] == 2
+    assert ids[0].startswith(outer.__qualname__) and ids[1].startswith(inner.__qualname__)
+    assert checks["in"] is True
+    got = checks["get"]
+    assert isinstance(got, list) and all(type(s) is SimpleSpan for s in got)
+    copied = checks["copy"]
+    assert isinstance(copied, dict) and all(type(s) is SimpleSpan for s in copied.values())
+    # The two spans read while open ended as those same objects.
+    assert [s.id_ for s in h.completed_spans] == [ids[1], ids[0]]
+    assert h.completed_spans[0] is got[1]
+
+
+def test_kept_spans_are_bounded_and_the_oldest_go_first() -> None:
+    h = SimpleSpanHandler(max_completed_spans=5)
+    _, (leaf, _parent) = traced(h)
+    for i in range(3):
+        leaf(i)
+    assert len(h.completed_spans) == 3  # read in between: some made, some buffered
+    for i in range(3, 12):
+        leaf(i)
+    spans = list(h.completed_spans)
+    assert len(spans) == 5
+    starts = [s.start_time for s in spans]
+    assert starts == sorted(starts)
+    assert h.completed_spans.maxlen == 5
+
+
+def test_clear_and_reassign_forget_buffered_spans() -> None:
+    h = SimpleSpanHandler()
+    _, (leaf, _parent) = traced(h)
+    leaf(1)
+    h.completed_spans.clear()
+    assert list(h.completed_spans) == []
+    leaf(2)
+    h.completed_spans = deque()
+    assert len(h.completed_spans) == 0
+    leaf(3)
+    (span,) = h.completed_spans
+    assert type(span) is SimpleSpan and span.end_time is not None
+
+
+def test_a_raising_call_is_dropped_with_its_error_and_not_completed() -> None:
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("drop"))
+    d.add_span_handler(h)
+
+    @d.span
+    def boom() -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        boom()
+    assert list(h.completed_spans) == [] and not h.open_spans
+    (dropped,) = h.dropped_spans
+    assert dropped.metadata == {"error": "ValueError: no"} and dropped.end_time is not None
+
+
+def test_manual_exit_of_a_traced_span_ends_it_once() -> None:
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("manual"))
+    d.add_span_handler(h)
+    ids: list[str] = []
+
+    @d.span
+    def work() -> None:
+        (span_id,) = h._open_records
+        ids.append(span_id)
+        # Ending it by hand first (keyword path), then the decorator's own exit.
+        h.span_exit(id_=span_id, bound_args=EMPTY_BOUND_ARGS)
+
+    work()
+    (span,) = h.completed_spans
+    assert span.id_ == ids[0] and span.end_time is not None
+
+
+def test_model_dump_copy_and_pickle_include_buffered_spans() -> None:
+    h = SimpleSpanHandler()
+    _, (leaf, _parent) = traced(h)
+    leaf(1)
+    dumped = h.model_dump()
+    assert len(dumped["completed_spans"]) == 1
+    assert dumped["completed_spans"][0]["end_time"] is not None
+    leaf(2)
+    plain = copy.copy(h.completed_spans)
+    assert len(plain) == 2 and all(type(s) is SimpleSpan for s in plain)
+    leaf(3)
+    restored = pickle.loads(pickle.dumps(h.completed_spans))
+    assert type(restored) is deque and len(restored) == 3
+    assert [s.id_ for s in restored] == [s.id_ for s in h.completed_spans]
+
+
+def test_shutdown_drops_buffered_open_spans() -> None:
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("shut"))
+    d.add_span_handler(h)
+    started, release = threading.Event(), threading.Event()
+
+    @d.span
+    def waits() -> None:
+        started.set()
+        release.wait(10)
+
+    t = threading.Thread(target=waits)
+    t.start()
+    assert started.wait(10)
+    assert h._open_records  # buffered, not yet a span object
+    d.shutdown()
+    release.set()
+    t.join()
+    (dropped,) = h.dropped_spans
+    assert dropped.metadata is not None and "shut down" in str(dropped.metadata["error"])
+    assert list(h.completed_spans) == []
+
+
+def test_a_reader_racing_writers_only_ever_sees_spans() -> None:
+    h = SimpleSpanHandler(max_completed_spans=50_000)
+    _, (_leaf, parent) = traced(h, "race")
+    stop = threading.Event()
+    bad: list[object] = []
+
+    def write() -> None:
+        while not stop.is_set():
+            parent(2)
+
+    writers = [threading.Thread(target=write) for _ in range(3)]
+    for w in writers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        reads = 0
+        while time.monotonic() < deadline:
+            for span in list(h.completed_spans):
+                if type(span) is not SimpleSpan:
+                    bad.append(span)
+            for span in list(h.open_spans.values()):
+                if type(span) is not SimpleSpan:
+                    bad.append(span)
+            reads += 1
+    finally:
+        stop.set()
+        for w in writers:
+            w.join()
+    assert reads > 0 and not bad
+    spans = list(h.completed_spans)
+    assert len({s.id_ for s in spans}) == len(spans)
+    assert not h.open_spans
+    assert all(s.end_time is not None for s in spans)
+
+
+def test_a_subclass_with_its_own_new_span_gets_span_objects_directly() -> None:
+    class Tagged(SimpleSpanHandler):
+        def new_span(self, *args: object, **kwargs: object) -> SimpleSpan:
+            span = super().new_span(*args, **kwargs)  # type: ignore[arg-type]
+            span.metadata = {"made": "by subclass"}
+            return span
+
+    h = Tagged()
+    assert h.positional_span_enter is None
+    _, (leaf, _parent) = traced(h)
+    leaf(1)
+    (span,) = h.completed_spans
+    assert span.metadata == {"made": "by subclass"} and not h._open_records
