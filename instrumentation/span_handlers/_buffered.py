@@ -3,12 +3,16 @@
 :class:`~instrumentation.span_handlers.SimpleSpanHandler` runs on every traced
 call, and building a pydantic span costs more than the rest of the call, while
 most spans are never looked at. So the application's thread only puts a tuple in
-a buffer (a ``dict`` or ``deque`` of its own, never these containers), and the
-containers turn the buffered tuples into spans when anything reads them.
+the container's buffer (a plain ``dict`` or ``deque``, never the container
+itself), and the container turns the buffered tuples into spans when anything
+reads it through its own methods.
 
-Readers serialise on a lock; the writer never takes it on its fast path. A
-container never holds a tuple, so a reader racing the writer sees spans, or not
-yet the newest ones: never a half-made span.
+Readers serialise on the container's re-entrant lock (a garbage-collector
+finalizer or a signal handler may read again on the same thread); the writer takes
+it only to end a span that was read while open. A container never holds a tuple,
+so a reader racing the writer sees spans, or not yet the newest ones. What reads
+the ``dict`` storage directly (``json.dumps`` of ``open_spans``, say) sees only
+what was taken in already; dict views are live but do not take in by themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-#: deque methods that read or reorder: each first takes in what is buffered.
+#: deque methods that read, reorder or add: each first takes in what is buffered.
 _DEQUE_METHODS = (
     "__add__",
     "__contains__",
@@ -84,7 +88,7 @@ _DICT_METHODS = (
 def _taking_in_first(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._buffer:
+        if self.buffer:
             self.take_in()
         return method(self, *args, **kwargs)
 
@@ -94,107 +98,118 @@ def _taking_in_first(method: Callable[..., Any]) -> Callable[..., Any]:
 class BufferedDeque(deque[T]):
     """A bounded deque of spans fed from ``buffer`` (records or spans, oldest first)."""
 
-    __slots__ = ("_buffer", "_lock", "_make")
+    __slots__ = ("buffer", "lock", "make")
 
     def __init__(
         self,
         iterable: Any = (),
         maxlen: int | None = None,
         *,
-        buffer: deque[Any] | None = None,
         make: Callable[[Any], T] | None = None,
-        lock: threading.Lock | None = None,
     ) -> None:
         super().__init__(iterable, maxlen)
-        # Without a buffer (a copy, say) it is a plain deque.
-        self._buffer: deque[Any] = buffer if buffer is not None else deque()
-        self._make = make
-        self._lock = lock or threading.Lock()
+        self.buffer: deque[Any] = deque(maxlen=maxlen)
+        self.make = make
+        self.lock = threading.RLock()
 
     def take_in(self) -> None:
         """Make spans of what is buffered and append them, oldest first."""
-        buffer, make = self._buffer, self._make
+        buffer, make = self.buffer, self.make
         append = deque.append
-        with self._lock:
+        with self.lock:
             # Only what is there now: writers may keep appending while this runs.
             for _ in range(len(buffer)):
                 try:
                     item = buffer.popleft()
-                except IndexError:  # cleared meanwhile
+                except IndexError:  # taken by a re-entrant reader, or cleared
                     return
                 append(self, make(item) if make is not None else item)
 
     def clear(self) -> None:
-        self._buffer.clear()
-        deque.clear(self)
+        with self.lock:
+            self.buffer.clear()
+            deque.clear(self)
 
     # Iterators run over a copy: ``list(container)`` asks for the length after making
     # the iterator, and taking in then would change what is being iterated.
     def __iter__(self) -> Iterator[T]:
-        if self._buffer:
+        if self.buffer:
             self.take_in()
         return iter(list(deque.__iter__(self)))
 
     def __reversed__(self) -> Iterator[T]:
-        if self._buffer:
+        if self.buffer:
             self.take_in()
         return iter(list(deque.__reversed__(self)))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Copies and pickles are plain: the buffer and lock belong to the handler.
+        # Copies and pickles are plain deques: the buffer belongs to the handler's path.
         return (deque, (list(self), self.maxlen))
 
 
 class BufferedDict(dict[str, T]):
     """Open spans by id, fed from ``buffer`` (records by span id)."""
 
-    __slots__ = ("_buffer", "_lock", "_make")
+    __slots__ = ("buffer", "lock", "make")
 
-    def __init__(
-        self,
-        *args: Any,
-        buffer: dict[str, Any] | None = None,
-        make: Callable[[Any], T] | None = None,
-        lock: threading.Lock | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, make: Callable[[Any], T] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._buffer: dict[str, Any] = buffer if buffer is not None else {}
-        self._make = make
-        self._lock = lock or threading.Lock()
+        self.buffer: dict[str, Any] = {}
+        self.make = make
+        self.lock = threading.RLock()
 
     def take_in(self) -> None:
         """Make spans of what is buffered and add them, in the order they started."""
-        buffer, make = self._buffer, self._make
+        buffer, make = self.buffer, self.make
         put = dict.__setitem__
-        with self._lock:
+        with self.lock:
             for key in list(buffer):
                 # The writer may end a span meanwhile: it pops the record first.
                 record = buffer.pop(key, None)
                 if record is not None:
                     put(self, key, make(record) if make is not None else record)
 
+    def take_one(self, key: str) -> None:
+        """Make a span of the record ``key`` alone, if it is buffered."""
+        with self.lock:
+            record = self.buffer.pop(key, None)
+            if record is not None:
+                dict.__setitem__(self, key, self.make(record) if self.make else record)
+
     def take_out(self, key: str) -> T | None:
-        """Remove and return the span ``key`` once it is no longer buffered (for the writer)."""
-        with self._lock:
+        """Remove and return the span ``key`` once no reader is taking it in (for the writer)."""
+        with self.lock:
             return dict.pop(self, key, None)
 
     def clear(self) -> None:
-        self._buffer.clear()
-        dict.clear(self)
+        with self.lock:
+            self.buffer.clear()
+            dict.clear(self)
 
     def __iter__(self) -> Iterator[str]:
-        if self._buffer:
+        if self.buffer:
             self.take_in()
         return iter(list(dict.__iter__(self)))
 
     def __reversed__(self) -> Iterator[str]:
-        if self._buffer:
+        if self.buffer:
             self.take_in()
         return iter(list(dict.__reversed__(self)))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (dict, (dict(self.items()),))
+
+
+def move_buffer(old: BufferedDeque[Any] | BufferedDict[Any], new: Any) -> None:
+    """Hand ``old``'s buffer (which the handler's fast path writes to) to ``new``.
+
+    ``old`` takes in what is buffered first and keeps it, then gets an empty buffer of
+    its own, so a reference to it kept elsewhere no longer takes spans away.
+    """
+    with old.lock:
+        old.take_in()
+        new.buffer = old.buffer
+        old.buffer = deque(maxlen=old.maxlen) if isinstance(old, BufferedDeque) else {}
 
 
 for _name in _DEQUE_METHODS:
@@ -204,4 +219,4 @@ for _name in _DICT_METHODS:
 del _name
 
 
-__all__ = ["BufferedDeque", "BufferedDict"]
+__all__ = ["BufferedDeque", "BufferedDict", "move_buffer"]

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import inspect
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, PrivateAttr
+from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer
 
 from instrumentation.span.simple import SimpleSpan
-from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict
+from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict, move_buffer
 from instrumentation.span_handlers.base import BaseSpanHandler
 from instrumentation.tree import build_forest, format_duration, render_forest
 
@@ -98,54 +97,70 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
     Good for development, notebooks and tests; for keeping traces, use
     ``instrumentation.storage``. It runs on every traced call, so a traced call only
     records a tuple (ids, tags, ``time.time()``); ``open_spans`` and
-    ``completed_spans`` make the pydantic spans the first time they are read, and
-    hand out the same objects afterwards. Subclasses that override ``new_span`` or
-    the ``prepare`` methods go the ordinary way, a span object per call.
+    ``completed_spans`` make the pydantic spans the first time they are read through
+    their methods (or the handler is serialised), and hand out the same objects
+    afterwards. Code that reads the dict's storage directly, such as
+    ``json.dumps(handler.open_spans)``, sees only spans made already. Assigning a new
+    container keeps what was buffered with the old one; ``completed_spans`` stays a
+    bounded deque (the assigned deque's ``maxlen``, else ``max_completed_spans``).
+    Subclasses that override ``new_span`` or the ``prepare`` methods go the ordinary
+    way, a span object per call.
     """
 
     needs_bound_args: ClassVar[bool] = False
 
-    _open_records: dict[str, OpenRecord] = PrivateAttr(default_factory=dict)
-    _ended_records: deque[Any] = PrivateAttr(default_factory=deque)
-    _read_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-
     def model_post_init(self, __context: Any) -> None:
-        self._ended_records = deque(maxlen=self.max_completed_spans)
         super().model_post_init(__context)
         for name in _CONTAINERS:
             value = self.__dict__[name]
             if not isinstance(value, (BufferedDict, BufferedDeque)):
-                self.__dict__[name] = self._buffered(name, value)
+                self.__dict__[name] = self._container(name, value)
 
-    def _buffered(self, name: str, value: Any) -> Any:
-        """``value`` as a container fed from this handler's buffers."""
+    def _container(self, name: str, value: Any) -> Any:
+        """``value`` as a buffered container; the fast path's buffer moves to it."""
+        old = self.__dict__.get(name)
+        if value is old and isinstance(value, (BufferedDict, BufferedDeque)):
+            return value  # ``handler.completed_spans += ...`` assigns the same object
+        new: BufferedDict[SimpleSpan] | BufferedDeque[SimpleSpan]
         if name == "open_spans":
-            return BufferedDict(
-                value, buffer=self._open_records, make=_open_span, lock=self._read_lock
+            new = BufferedDict(value, make=_open_span)
+        else:
+            maxlen = getattr(value, "maxlen", None)
+            new = BufferedDeque(
+                value, self.max_completed_spans if maxlen is None else maxlen, make=_ended_span
             )
-        return BufferedDeque(
-            value,
-            self.max_completed_spans,
-            buffer=self._ended_records,
-            make=_ended_span,
-            lock=self._read_lock,
-        )
+        if isinstance(old, (BufferedDict, BufferedDeque)):
+            move_buffer(old, new)
+        return new
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CONTAINERS:
-            # What is buffered goes with the container being replaced.
-            old = self.__dict__.get(name)
-            if isinstance(old, (BufferedDict, BufferedDeque)):
-                old.take_in()
-            value = self._buffered(name, value)
+            value = self._container(name, value)
         super().__setattr__(name, value)
+
+    @field_serializer("open_spans", "completed_spans", mode="wrap")
+    def _serialize_taken_in(self, value: Any, serialize: SerializerFunctionWrapHandler) -> Any:
+        if isinstance(value, (BufferedDict, BufferedDeque)):
+            value.take_in()
+        return serialize(value)
+
+    def _buffers(self) -> tuple[dict[str, Any], deque[Any]] | None:
+        """The buffers the fast path writes to, or None to go the ordinary way."""
+        if not _uses_own_methods(type(self)):
+            return None
+        open_spans = self.__dict__.get("open_spans")
+        completed = self.__dict__.get("completed_spans")
+        if isinstance(open_spans, BufferedDict) and isinstance(completed, BufferedDeque):
+            return open_spans.buffer, completed.buffer
+        return None  # e.g. a subclass whose model_post_init skipped ours
 
     @property
     def positional_span_enter(self) -> Callable[..., None] | None:
         """The dispatcher's fast entry point, unless a subclass changed how spans are made."""
-        if not _uses_own_methods(type(self)):
+        buffers = self._buffers()
+        if buffers is None:
             return None
-        records = self._open_records
+        records = buffers[0]
         clock = time.time
 
         def enter(
@@ -165,41 +180,35 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
 
     @property
     def positional_span_exit(self) -> Callable[..., None] | None:
-        if not _uses_own_methods(type(self)):
+        buffers = self._buffers()
+        if buffers is None:
             return None
-        pop_record = self._open_records.pop
-        buffer_ended = self._ended_records.append
+        pop_record = buffers[0].pop
+        buffer_ended = buffers[1].append
         clock = time.time
-        exit_looked_at = self._exit_looked_at
 
         def exit(id_: str, bound_args: Any, instance: Any, result: Any) -> None:
             record = pop_record(id_, None)
-            if record is None:
-                exit_looked_at(id_)
-            else:
+            if record is not None:
                 buffer_ended((record, clock()))
+                return
+            # Read while open: it is a SimpleSpan in open_spans by now.
+            end = clock()
+            open_spans = self.open_spans
+            span = open_spans.take_out(id_) if isinstance(open_spans, BufferedDict) else None
+            if span is not None:
+                fields = span.__dict__
+                fields["end_time"] = _from_timestamp(end, _utc)
+                fields["duration"] = end - fields["start_time"].timestamp()
+                buffer_ended(span)
 
         return exit
 
-    def _exit_looked_at(self, id_: str) -> None:
-        """End a span that was read while open, so is a SimpleSpan in ``open_spans``."""
-        open_spans = self.open_spans
-        if not isinstance(open_spans, BufferedDict):
-            return
-        span = open_spans.take_out(id_)
-        if span is None:
-            return
-        end = time.time()
-        fields = span.__dict__
-        fields["end_time"] = _from_timestamp(end, _utc)
-        fields["duration"] = end - fields["start_time"].timestamp()
-        self._ended_records.append(span)
-
-    def _adopt(self, id_: str) -> None:
+    def _take_one(self, id_: str) -> None:
         """Make the buffered open span ``id_`` a SimpleSpan in ``open_spans``, alone."""
-        record = self._open_records.pop(id_, None)
-        if record is not None:
-            dict.__setitem__(self.open_spans, id_, _open_span(record))
+        open_spans = self.open_spans
+        if isinstance(open_spans, BufferedDict):
+            open_spans.take_one(id_)
 
     def span_exit(
         self,
@@ -209,7 +218,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         result: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        self._adopt(id_)
+        self._take_one(id_)
         super().span_exit(id_, bound_args, instance, result, **kwargs)
 
     def span_drop(
@@ -220,22 +229,8 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> None:
-        self._adopt(id_)
+        self._take_one(id_)
         super().span_drop(id_, bound_args, instance, err, **kwargs)
-
-    def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self._take_in()
-        return super().model_dump(*args, **kwargs)
-
-    def model_dump_json(self, *args: Any, **kwargs: Any) -> str:
-        self._take_in()
-        return super().model_dump_json(*args, **kwargs)
-
-    def _take_in(self) -> None:
-        for name in _CONTAINERS:
-            container = self.__dict__.get(name)
-            if isinstance(container, (BufferedDict, BufferedDeque)):
-                container.take_in()
 
     def new_span(
         self,

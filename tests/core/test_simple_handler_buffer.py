@@ -8,11 +8,13 @@ at most ``max_completed_spans`` of them.
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 import threading
 import time
 from collections import deque
 from datetime import timezone
+from typing import Any
 
 import pytest
 
@@ -175,7 +177,7 @@ def test_manual_exit_of_a_traced_span_ends_it_once() -> None:
 
     @d.span
     def work() -> None:
-        (span_id,) = h._open_records
+        (span_id,) = h.open_spans.buffer
         ids.append(span_id)
         # Ending it by hand first (keyword path), then the decorator's own exit.
         h.span_exit(id_=span_id, bound_args=EMPTY_BOUND_ARGS)
@@ -215,7 +217,7 @@ def test_shutdown_drops_buffered_open_spans() -> None:
     t = threading.Thread(target=waits)
     t.start()
     assert started.wait(10)
-    assert h._open_records  # buffered, not yet a span object
+    assert h.open_spans.buffer  # buffered, not yet a span object
     d.shutdown()
     release.set()
     t.join()
@@ -271,4 +273,109 @@ def test_a_subclass_with_its_own_new_span_gets_span_objects_directly() -> None:
     _, (leaf, _parent) = traced(h)
     leaf(1)
     (span,) = h.completed_spans
-    assert span.metadata == {"made": "by subclass"} and not h._open_records
+    assert span.metadata == {"made": "by subclass"} and not h.open_spans.buffer
+
+
+# -- regressions found by a second reading -----------------------------------------------
+
+
+def test_a_drop_racing_a_reader_that_is_taking_the_span_in_is_not_lost() -> None:
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("droprace"))
+    d.add_span_handler(h)
+    open_spans = h.open_spans
+    real_make = open_spans.make
+    in_make, may_finish = threading.Event(), threading.Event()
+
+    def slow_make(record: Any) -> SimpleSpan:
+        in_make.set()
+        may_finish.wait(2)  # a thread switch in the middle of making the span
+        return real_make(record)  # type: ignore[misc]
+
+    open_spans.make = slow_make
+    reader = threading.Thread(target=lambda: len(h.open_spans))
+
+    @d.span
+    def fails() -> None:
+        reader.start()
+        assert in_make.wait(2)
+        threading.Timer(0.2, may_finish.set).start()
+        raise ValueError("x")
+
+    with pytest.raises(ValueError):
+        fails()
+    reader.join()
+    assert [s.name for s in h.dropped_spans] == [fails.__qualname__]
+    assert not h.open_spans
+
+
+def test_reading_again_on_the_same_thread_while_taking_in_does_not_deadlock() -> None:
+    """A garbage-collector finalizer or a signal handler may read while a read runs."""
+    h = SimpleSpanHandler()
+    _, (leaf, _parent) = traced(h, "reenter")
+    for i in range(5):
+        leaf(i)
+    completed = h.completed_spans
+    real_make = completed.make
+    nested: list[int] = []
+
+    def make_and_read(item: Any) -> SimpleSpan:
+        if not nested:
+            nested.append(len(h.completed_spans) + len(h.open_spans))
+        return real_make(item)  # type: ignore[misc]
+
+    completed.make = make_and_read
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (len(h.completed_spans), done.set()))
+    t.start()
+    assert done.wait(10), "a nested read on the same thread deadlocked"
+    t.join()
+    assert len(h.completed_spans) == 5 and nested
+
+
+def test_a_reference_to_a_replaced_container_no_longer_takes_spans() -> None:
+    h = SimpleSpanHandler()
+    _, (leaf, _parent) = traced(h, "stale")
+    old_completed = h.completed_spans
+    leaf(1)
+    h.completed_spans = deque(maxlen=2)
+    assert len(old_completed) == 1  # what was buffered went with the old container
+    for i in range(3):
+        leaf(i)
+    assert len(old_completed) == 1
+    assert len(h.completed_spans) == 2 and h.completed_spans.maxlen == 2
+    kept = h.completed_spans
+    h.completed_spans += []
+    assert h.completed_spans is kept
+
+
+def test_the_handler_pickles_copies_compares_and_serialises_with_buffered_spans() -> None:
+    import pydantic_core
+
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("ser"))
+    d.add_span_handler(h)
+    seen: dict[str, Any] = {}
+
+    @d.span
+    def running() -> None:
+        seen["json"] = json.loads(pydantic_core.to_json(h))
+
+    running()
+    assert list(seen["json"]["open_spans"]) == [h.completed_spans[0].id_]
+    assert SimpleSpanHandler() == SimpleSpanHandler()
+    for copied in (pickle.loads(pickle.dumps(h)), copy.deepcopy(h), h.model_copy(deep=True)):
+        assert [s.id_ for s in copied.completed_spans] == [s.id_ for s in h.completed_spans]
+
+
+def test_a_subclass_that_skips_model_post_init_still_keeps_its_spans() -> None:
+    class Forgetful(SimpleSpanHandler):
+        def model_post_init(self, __context: Any) -> None:
+            pass
+
+    h = Forgetful()
+    assert h.positional_span_enter is None
+    _, (leaf, _parent) = traced(h, "forget")
+    for i in range(3):
+        leaf(i)
+    assert len(h.completed_spans) == 3
