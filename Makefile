@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) examples/rag_demo.py --db demo-traces.db
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check instrumentation tests benchmarks examples
+	$(VENV)/bin/ruff check instrumentation tests benchmarks examples notebooks
 	$(VENV)/bin/ruff format --check instrumentation
 
 typecheck: $(STAMP)
