@@ -70,6 +70,12 @@ def _ended_span(item: tuple[OpenRecord, float] | SimpleSpan) -> SimpleSpan:
     return item  # type: ignore[return-value]
 
 
+def _end(span: SimpleSpan, end: float) -> None:
+    """Stamp the end of a span made as an object (``end`` from ``time.time()``)."""
+    span.end_time = _from_timestamp(end, _utc)
+    span.duration = end - span.start_time.timestamp()
+
+
 def _uses_own_methods(cls: type) -> bool:
     """Whether ``cls`` keeps SimpleSpanHandler's span methods (so the fast path is right)."""
     found = _fast_classes.get(cls)
@@ -197,9 +203,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
             open_spans = self.open_spans
             span = open_spans.take_out(id_) if isinstance(open_spans, BufferedDict) else None
             if span is not None:
-                fields = span.__dict__
-                fields["end_time"] = _from_timestamp(end, _utc)
-                fields["duration"] = end - fields["start_time"].timestamp()
+                _end(span, end)
                 buffer_ended(span)
 
         return exit
@@ -261,9 +265,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         span = self.open_spans.get(id_)
         if span is None:
             return None
-        end = datetime.now(timezone.utc)
-        span.end_time = end
-        span.duration = (end - span.start_time).total_seconds()
+        _end(span, time.time())
         self.completed_spans.append(span)
         return span
 
@@ -278,9 +280,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         span = self.open_spans.get(id_)
         if span is None:
             return None
-        end = datetime.now(timezone.utc)
-        span.end_time = end
-        span.duration = (end - span.start_time).total_seconds()
+        _end(span, time.time())
         span.metadata = {"error": f"{type(err).__name__}: {err}" if err is not None else None}
         self.dropped_spans.append(span)
         return span

@@ -24,7 +24,7 @@ from instrumentation._spans import EMPTY_BOUND_ARGS
 from ._support import fresh
 
 
-def traced(handler: SimpleSpanHandler, prefix: str = "buf") -> tuple[object, object]:
+def traced(handler: SimpleSpanHandler, prefix: str = "buf") -> tuple[Any, tuple[Any, Any]]:
     d = get_dispatcher(fresh(prefix))
     d.add_span_handler(handler)
 
