@@ -34,31 +34,27 @@ pop_span_hex = span_hexes.pop
 pop_trace_hex = trace_hexes.pop
 
 
-def _cut(size: int) -> list[str]:
+def _refill(pool: list[str], size: int) -> str:
     # bytes.hex puts a space between ids and str.split cuts there: both in C.
     ids = _rng.randbytes(size * BATCH).hex(" ", size).split()
     zero = "00" * size
     while zero in ids:  # one chance in 2**64 per span id
         ids.remove(zero)
-    return ids
+    # The id handed out comes from the new batch, not the pool: other threads may
+    # empty the pool between the two steps.
+    mine = ids.pop()
+    pool.extend(ids)
+    return mine
 
 
 def refill_span_hex() -> str:
     """Refill the span id pool and take one id (the hot path's fallback)."""
-    # The id comes from the new batch, not the pool: other threads may empty the pool
-    # between the two steps.
-    ids = _cut(_SPAN_BYTES)
-    mine = ids.pop()
-    span_hexes.extend(ids)
-    return mine
+    return _refill(span_hexes, _SPAN_BYTES)
 
 
 def refill_trace_hex() -> str:
     """Refill the trace id pool and take one id (the hot path's fallback)."""
-    ids = _cut(_TRACE_BYTES)
-    mine = ids.pop()
-    trace_hexes.extend(ids)
-    return mine
+    return _refill(trace_hexes, _TRACE_BYTES)
 
 
 def new_span_hex() -> str:
