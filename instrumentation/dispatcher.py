@@ -690,13 +690,19 @@ class Manager:
             if isinstance(found, Dispatcher):
                 return found
             made = Dispatcher(name)
-            made._manager = self
-            self.dispatchers[name] = made
-            self._fix_parent(made)
-            if isinstance(found, _PlaceHolder):
-                self._fix_children(found, made)
-            self._rebuild_all()
+            self._place(made, found)
             return made
+
+    def _place(self, made: Dispatcher, found: Dispatcher | _PlaceHolder | None) -> None:
+        # Published last: the lock-free lookup in get_dispatcher() may hand ``made`` out
+        # the moment it is in ``dispatchers``, so it must be linked and listening by then.
+        made._manager = self
+        self._fix_parent(made)
+        if isinstance(found, _PlaceHolder):
+            self._fix_children(found, made)
+        made._rebuild()
+        self.dispatchers[made.name] = made
+        self._rebuild_all()
 
     def _fix_parent(self, made: Dispatcher) -> None:
         name = made.name
@@ -745,13 +751,7 @@ class Manager:
         with _lock:
             if d.name in self.dispatchers and isinstance(self.dispatchers[d.name], Dispatcher):
                 return
-            found = self.dispatchers.get(d.name)
-            d._manager = self
-            self.dispatchers[d.name] = d
-            self._fix_parent(d)
-            if isinstance(found, _PlaceHolder):
-                self._fix_children(found, d)
-            self._rebuild_all()
+            self._place(d, self.dispatchers.get(d.name))
 
 
 root_dispatcher: Dispatcher = Dispatcher(ROOT_NAME)

@@ -137,6 +137,35 @@ def test_concurrent_creation_gives_one_dispatcher_per_name() -> None:
     assert get_dispatcher(f"{base}.w").parent is get_dispatcher(base)
 
 
+def test_a_dispatcher_is_linked_and_listening_before_another_thread_can_get_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lock-free lookup must never hand out a dispatcher that is still being placed."""
+    name = f"{fresh('half')}.mod"
+    seen = EventList()
+    root_dispatcher.add_event_handler(seen)
+    manager = dispatcher_module.root_manager
+    placing = threading.Event()
+    original = manager._fix_parent
+
+    def slow_fix_parent(made: dispatcher_module.Dispatcher) -> None:
+        placing.set()
+        threading.Event().wait(0.2)  # widen the window in which a half-made one could leak
+        original(made)
+
+    monkeypatch.setattr(manager, "_fix_parent", slow_fix_parent)
+    maker = threading.Thread(target=get_dispatcher, args=(name,))
+    maker.start()
+    assert placing.wait(5)
+    got = get_dispatcher(name)  # while the other thread is placing it
+    parent, listening = got.parent, got.is_listening
+    got.event(BaseEvent())
+    maker.join()
+    assert parent is root_dispatcher
+    assert listening
+    assert len(seen.events) == 1
+
+
 def test_dispatching_takes_no_lock() -> None:
     """An event is delivered while another thread holds the tree lock."""
     d = get_dispatcher(fresh())
