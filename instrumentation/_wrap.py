@@ -13,6 +13,7 @@ import asyncio
 import collections.abc
 import functools
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from contextvars import Token
@@ -43,9 +44,18 @@ _awaitable_types: dict[type, bool] = {}
 
 
 def _is_awaitable(value: Any) -> bool:
+    """Whether the span should last until ``value`` is awaited.
+
+    Futures and coroutines, including generator-based ones (``types.coroutine``).
+    Other objects with ``__await__`` are returned as they are, and their span ends
+    at the return: they are often something else too (an async context manager, a
+    response), and wrapping them in a coroutine would take that away.
+    """
     kind = type(value)
     known = _awaitable_types.get(kind)
     if known is None:
+        if kind is types.GeneratorType:  # a coroutine only if its code says so
+            return inspect.isawaitable(value)
         known = issubclass(kind, (asyncio.Future, collections.abc.Coroutine))
         if len(_awaitable_types) < 4096:
             _awaitable_types[kind] = known
@@ -212,7 +222,12 @@ def _wrap_callable(
             span = bound = instance = None
             if chain is not None and not _suppressed.get():
                 span, bound, instance = begin(chain, args, kwargs)
-            agen = func(*args, **kwargs)
+            try:
+                agen = func(*args, **kwargs)
+            except BaseException as err:  # bad arguments: the body never ran
+                if span is not None:
+                    fail(chain, span, bound, instance, err)
+                raise
             to_send: Any = None
             to_throw: BaseException | None = None
             # What is current inside the body when it yields (a block it opened, say)

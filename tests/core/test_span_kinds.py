@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import types
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Iterator
 from typing import Any
 
@@ -358,6 +359,85 @@ async def test_function_returning_a_coroutine(d: Dispatcher, rec: Recorder) -> N
     assert await aw == 2
     assert s.status == "exit" and s.result == 2
     assert rec.one(leaf.__qualname__).parent_id == s.id_
+
+
+async def test_function_returning_a_generator_based_coroutine(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """A ``types.coroutine`` generator is awaited like a coroutine: the span lasts until then."""
+
+    @types.coroutine
+    def old_style() -> Generator[Any, None, int]:
+        yield from asyncio.sleep(0).__await__()
+        return 7
+
+    @d.span
+    def starter() -> Any:
+        return old_style()
+
+    aw = starter()
+    (s,) = rec.named(starter.__qualname__)
+    assert s.status == "open"
+    assert await aw == 7
+    assert s.status == "exit" and s.result == 7
+
+
+async def test_other_awaitables_are_returned_as_they_are(d: Dispatcher, rec: Recorder) -> None:
+    """An object with ``__await__`` that is also an async context manager stays usable as one."""
+
+    class Both:
+        def __await__(self) -> Generator[Any, None, str]:
+            yield from asyncio.sleep(0).__await__()
+            return "awaited"
+
+        async def __aenter__(self) -> str:
+            return "entered"
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+    @d.span
+    def make() -> Both:
+        return Both()
+
+    made = make()
+    assert isinstance(made, Both)
+    async with make() as got:
+        assert got == "entered"
+    assert await made == "awaited"
+    assert [r.status for r in rec.named(make.__qualname__)] == ["exit", "exit"]
+
+
+def test_plain_generator_returned_by_a_function_is_not_awaited(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """A function that returns a generator object (not a coroutine) ends its span at once."""
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    def make() -> Iterator[int]:
+        return numbers()
+
+    assert list(make()) == [1]
+    assert rec.one(make.__qualname__).status == "exit"
+
+
+async def test_async_generator_called_with_bad_arguments_drops_its_span(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """Bad arguments fail before the body runs; the span is dropped, not left open."""
+
+    @d.span
+    async def agen(n: int) -> AsyncIterator[int]:
+        yield n
+
+    with pytest.raises(TypeError):
+        async for _ in agen(1, 2, 3):  # type: ignore[call-arg]
+            pass
+    r = rec.one(agen.__qualname__)
+    assert r.status == "drop" and isinstance(r.err, TypeError)
 
 
 async def test_function_returning_a_future(d: Dispatcher, rec: Recorder) -> None:
