@@ -247,6 +247,10 @@ class Dispatcher:
             if not node._propagate:
                 break
             node = node._parent
+        manager = self._manager
+        if manager is not None:
+            events.extend(h for h in manager.tap_event_handlers if not any(h is e for e in events))
+            spans.extend(h for h in manager.tap_span_handlers if not any(h is s for s in spans))
         self._ev = tuple(events)
         self._hot = Chain(self.name, self._ev, tuple(spans)) if events or spans else None
 
@@ -679,7 +683,23 @@ class Manager:
     def __init__(self, root: Dispatcher) -> None:
         self.root = root
         self.dispatchers: dict[str, Dispatcher | _PlaceHolder] = {root.name: root}
+        #: Handlers every dispatcher in the tree reaches, ``propagate`` or not: what the
+        #: test kit uses to see everything a test emits. Change them with :meth:`tap`.
+        self.tap_event_handlers: tuple[BaseEventHandler, ...] = ()
+        self.tap_span_handlers: tuple[BaseSpanHandler[Any], ...] = ()
         root._manager = self
+
+    def tap(
+        self,
+        event_handlers: Iterable[BaseEventHandler] = (),
+        span_handlers: Iterable[BaseSpanHandler[Any]] = (),
+    ) -> None:
+        """Replace the handlers that every dispatcher in the tree reaches."""
+        ev = tuple(_check_event_handler(h) for h in event_handlers)
+        sp = tuple(_check_span_handler(h) for h in span_handlers)
+        with _lock:
+            self.tap_event_handlers, self.tap_span_handlers = ev, sp
+            self._rebuild_all()
 
     def get(self, name: str) -> Dispatcher:
         found = self.dispatchers.get(name)

@@ -15,6 +15,7 @@ from typing import Any
 
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
+from instrumentation.context import _active_span, _active_tags, _suppressed
 from instrumentation.dispatcher import Dispatcher, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
@@ -69,6 +70,7 @@ def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[list[BaseEv
         yield events
     finally:
         snapshot.restore()
+        target.remove_event_handler(handler)  # a dispatcher made by hand is not in the tree
 
 
 @contextmanager
@@ -88,11 +90,17 @@ def capture_spans(
         yield spans
     finally:
         snapshot.restore()
+        target.remove_span_handler(handler)  # a dispatcher made by hand is not in the tree
         spans.refresh()
 
 
 class Snapshot:
-    """The handler lists and ``propagate`` flags of every dispatcher, to put back later."""
+    """The global state a test can change, to put back later.
+
+    The handler lists and ``propagate`` flags of every dispatcher, the tree's taps,
+    ``telemetry.raise_handler_errors``, and the current span, tags and suppression
+    (which ``restore_propagation_context`` sets without a token to undo it).
+    """
 
     def __init__(self) -> None:
         with _dispatcher_module._lock:  # looked up each time: re-made after fork
@@ -101,6 +109,9 @@ class Snapshot:
                 for name, node in root_manager.dispatchers.items()
                 if isinstance(node, Dispatcher)
             }
+            self.taps = (root_manager.tap_event_handlers, root_manager.tap_span_handlers)
+        self.raise_handler_errors = telemetry.raise_handler_errors
+        self.context = (_active_span.get(), _active_tags.get(), _suppressed.get())
 
     def restore(self) -> None:
         with _dispatcher_module._lock:  # looked up each time: re-made after fork
@@ -109,17 +120,32 @@ class Snapshot:
                     continue
                 ev, sp, prop = self.state.get(name, ((), (), True))
                 node._event_handlers, node._span_handlers, node._propagate = ev, sp, prop
+            root_manager.tap_event_handlers, root_manager.tap_span_handlers = self.taps
             root_manager._rebuild_all()
+        telemetry.raise_handler_errors = self.raise_handler_errors
+        span, tags, suppressed = self.context
+        if _active_span.get() is not span:
+            _active_span.set(span)
+        if _active_tags.get() is not tags:
+            _active_tags.set(tags)
+        if _suppressed.get() is not suppressed:
+            _suppressed.set(suppressed)
 
 
 class Capture:
-    """What the ``instrumentation_capture`` fixture gives: events and spans of the test."""
+    """What the ``instrumentation_capture`` fixture gives: events and spans of the test.
+
+    Its handlers tap the whole tree, so dispatchers with ``propagate = False`` are
+    recorded too.
+    """
 
     def __init__(self) -> None:
         self._events = RecordingEventHandler()
         self._spans = SimpleSpanHandler(max_completed_spans=100_000)
-        root_dispatcher.add_event_handler(self._events)
-        root_dispatcher.add_span_handler(self._spans)
+        root_manager.tap(
+            (*root_manager.tap_event_handlers, self._events),
+            (*root_manager.tap_span_handlers, self._spans),
+        )
 
     @property
     def events(self) -> list[BaseEvent]:
@@ -141,7 +167,9 @@ class Capture:
 
 @contextmanager
 def isolated() -> Iterator[Capture]:
-    """Record everything in the block, then restore all handlers and zero no counters."""
+    """Record everything in the block, then put back the state :class:`Snapshot` keeps.
+
+    Counters are not zeroed (see :func:`reset_counters`)."""
     snapshot = Snapshot()
     try:
         yield Capture()

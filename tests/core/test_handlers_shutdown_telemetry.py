@@ -281,3 +281,52 @@ def test_pytest_fixture(instrumentation_capture: Capture) -> None:
     f()
     assert len(instrumentation_capture.events) == 1
     assert [s.name for s in instrumentation_capture.spans] == [f.__qualname__]
+
+
+def test_capture_on_a_dispatcher_made_by_hand_leaves_no_handler() -> None:
+    """A dispatcher outside the tree is not in the snapshot; the capture still detaches."""
+    alone = Dispatcher(fresh("alone"))
+    with capture_events(alone) as events, capture_spans(alone):
+        alone.event(BaseEvent())
+    assert len(events) == 1
+    assert alone.event_handlers == () and alone.span_handlers == ()
+
+
+def test_isolated_records_dispatchers_that_do_not_propagate(d: Dispatcher) -> None:
+    """The capture taps the whole tree, so ``propagate = False`` hides nothing from it."""
+
+    @d.span
+    def f() -> None:
+        d.event(BaseEvent())
+
+    d.propagate = False
+    with isolated() as cap:
+        f()
+        late = get_dispatcher(fresh("late"))
+        late.propagate = False
+        late.event(BaseEvent())
+    assert len(cap.events) == 2 and [s.name for s in cap.spans] == [f.__qualname__]
+    f()
+    assert len(cap.events) == 2  # detached afterwards
+
+
+def test_isolated_puts_back_the_context_and_the_error_switch(d: Dispatcher) -> None:
+    """restore_propagation_context() sets the current span and tags with no token to undo
+    them; the next test must not inherit them, nor raise_handler_errors.
+    """
+
+    @d.span
+    def work() -> None:
+        return None
+
+    carried = {"traceparent": f"00-{'a' * 32}-{'b' * 16}-01", "instrument_tags": {"tenant": "t1"}}
+    with isolated() as cap:
+        d.restore_propagation_context(carried)
+        telemetry.raise_handler_errors = True
+        work()
+    assert cap.spans[0].trace_id == "a" * 32
+    assert telemetry.raise_handler_errors is False
+    with isolated() as after:
+        work()
+    (span,) = after.spans
+    assert span.parent_id is None and span.trace_id != "a" * 32 and span.tags == {}
