@@ -114,7 +114,27 @@ class LazyBoundArguments(inspect.BoundArguments):
         return f"<LazyBoundArguments ({shown})>"
 
 
-EMPTY_BOUND_ARGS = LazyBoundArguments(None, (), {})
+class _NoArguments(LazyBoundArguments):
+    """The arguments of a span that has none (a block, a drop at shutdown, or a call
+    whose handlers do not ask). One object serves them all, so it must not carry a
+    handler's edits from one span to the next: each read gives a fresh empty dict,
+    and assigning is ignored."""
+
+    __slots__ = ()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return {}
+
+    @arguments.setter
+    def arguments(self, value: dict[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<LazyBoundArguments ()>"
+
+
+EMPTY_BOUND_ARGS: LazyBoundArguments = _NoArguments(None, (), {})
 
 
 _next = next

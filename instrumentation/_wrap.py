@@ -143,6 +143,8 @@ def wrap(
     attributes: Mapping[str, Any] | None = None,
 ) -> Any:
     """Wrap ``func`` so that each call is a span of ``dispatcher``."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"a span name is a str, got {type(name).__name__}")
     if isinstance(func, staticmethod):
         return staticmethod(wrap(dispatcher, func.__func__, name, attributes))
     if isinstance(func, classmethod):

@@ -474,6 +474,19 @@ class Dispatcher:
                 f"restore_propagation_context() takes the dict that capture_propagation_context() "
                 f"returned; got {type(context).__name__}"
             )
+        # Everything is checked before anything changes: a rejected context leaves the
+        # current span, the tags and the handlers as they were.
+        parent: RemoteSpanContext | None = None
+        traceparent = context.get("traceparent")
+        if traceparent is not None:
+            trace_id, span_hex, _sampled = parse_traceparent(traceparent)
+            span_id = context.get("active_span_id")
+            if not isinstance(span_id, str) or span_hex_of(span_id) != span_hex:
+                span_id = span_hex
+            parent = RemoteSpanContext(span_id, trace_id, None, None)
+        tags = context.get("instrument_tags")
+        if tags and not isinstance(tags, Mapping):
+            raise TypeError(f"instrument_tags must be a mapping, got {type(tags).__name__}")
         chain = self._hot
         for handler in chain.spans if chain is not None else ():
             try:
@@ -482,22 +495,8 @@ class Dispatcher:
                 telemetry.report_handler_error(
                     handler, "restore_propagation_context", self.name, exc
                 )
-        traceparent = context.get("traceparent")
-        if traceparent is not None:
-            trace_id, span_hex, _sampled = parse_traceparent(traceparent)
-            span_id = context.get("active_span_id")
-            if not isinstance(span_id, str) or span_hex_of(span_id) != span_hex:
-                span_id = span_hex
-            _active_span.set(RemoteSpanContext(span_id, trace_id, None, None))
-        else:
-            _active_span.set(None)
-        tags = context.get("instrument_tags")
-        if tags:
-            if not isinstance(tags, Mapping):
-                raise TypeError(f"instrument_tags must be a mapping, got {type(tags).__name__}")
-            _active_tags.set(dict(tags))
-        else:
-            _active_tags.set(_EMPTY_TAGS)
+        _active_span.set(parent)
+        _active_tags.set(dict(tags) if tags else _EMPTY_TAGS)
 
     # -- shutting down ----------------------------------------------------------------
 
@@ -519,6 +518,7 @@ class Dispatcher:
             self._changed()
         error = RuntimeError(_SHUTDOWN_ERROR_TEXT)
         closed: list[object] = []
+        dropped: set[str] = set()  # a span open in two handlers is one span dropped
         for handler in span_handlers:
             if any(handler is c for c in closed):
                 continue
@@ -526,9 +526,12 @@ class Dispatcher:
             for span_id in list(getattr(handler, "open_spans", {})):
                 try:
                     handler.span_drop(id_=span_id, bound_args=EMPTY_BOUND_ARGS, err=error)
-                    telemetry.SPANS_DROPPED_BY_SHUTDOWN.inc()
                 except Exception as exc:
                     telemetry.report_handler_error(handler, "span_drop", span_id, exc)
+                else:
+                    if span_id not in dropped:
+                        dropped.add(span_id)
+                        telemetry.SPANS_DROPPED_BY_SHUTDOWN.inc()
             _close(handler)
         for ev_handler in event_handlers:
             if not any(ev_handler is c for c in closed):

@@ -330,3 +330,11 @@ def test_isolated_puts_back_the_context_and_the_error_switch(d: Dispatcher) -> N
         work()
     (span,) = after.spans
     assert span.parent_id is None and span.trace_id != "a" * 32 and span.tags == {}
+
+
+def test_a_span_open_in_two_handlers_counts_as_one_dropped_by_shutdown(d: Dispatcher) -> None:
+    d.add_span_handler(SimpleSpanHandler())
+    d.add_span_handler(SimpleSpanHandler())
+    with d.span("open-at-shutdown"):
+        d.shutdown()
+    assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 1

@@ -109,6 +109,19 @@ def test_bad_contexts_are_refused(d: Dispatcher) -> None:
     )
 
 
+
+def test_a_refused_context_changes_nothing(d: Dispatcher, rec: Recorder) -> None:
+    """A context refused for bad tags leaves the current span as it was, and the span
+    handlers are not asked to restore it.
+    """
+    with d.span("mine") as block:
+        with pytest.raises(TypeError, match="mapping"):
+            d.restore_propagation_context(
+                {"traceparent": f"00-{'a' * 32}-{'b' * 16}-01", "instrument_tags": ["x"]}
+            )
+        current = current_span()
+        assert current is not None and current.id_ == block.id_
+
 CHILD = textwrap.dedent(
     """
     import json, sys

@@ -732,3 +732,36 @@ async def test_generator_methods_get_their_instance(d: Dispatcher, rec: Recorder
     assert rows.instance is src and dict(rows.bound_args.arguments) == {"n": 2}
     assert arows.instance is src and dict(arows.bound_args.arguments) == {"n": 3}
     assert rows.status == arows.status == "exit"
+
+
+def test_a_span_name_that_is_not_a_string_is_refused_at_decoration(d: Dispatcher) -> None:
+    def f() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="span name is a str"):
+        d.span(f, name=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="span name is a str"):
+        d.span(name=3)(f)  # type: ignore[arg-type]
+
+
+def test_handlers_cannot_leak_arguments_between_spans_without_any(d: Dispatcher) -> None:
+    """Spans with no arguments share one empty arguments object; a handler writing into
+    it must not show its edit to the next span.
+    """
+    seen: list[dict[str, Any]] = []
+
+    class Annotating(Recorder):
+        def span_enter(
+            self, id_: str, bound_args: inspect.BoundArguments, *a: Any, **k: Any
+        ) -> None:
+            seen.append(dict(bound_args.arguments))
+            bound_args.arguments["seen_by"] = id_
+            bound_args.arguments = {"replaced": True}
+            super().span_enter(id_, bound_args, *a, **k)
+
+    d.add_span_handler(Annotating())
+    with d.span("first"):
+        pass
+    with d.span("second"):
+        pass
+    assert seen == [{}, {}]
