@@ -21,6 +21,7 @@ logged and counted (``llms.openai.describe_errors``).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Mapping
@@ -34,6 +35,7 @@ from instrumentation.events.llm import (
     ChatMessage,
     ChatResponse,
     ContentBlock,
+    MessageRole,
     TokenUsage,
     ToolCall,
 )
@@ -79,6 +81,16 @@ def _get(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
 
+def _arguments_text(arguments: Any) -> str:
+    """A tool call's arguments as JSON text (some compatible servers send an object)."""
+    if arguments is None or isinstance(arguments, str):
+        return arguments or ""
+    try:
+        return json.dumps(arguments, default=str)
+    except (TypeError, ValueError):
+        return str(arguments)
+
+
 def to_chat_message(message: Any) -> ChatMessage:
     """An OpenAI message (dict or pydantic object) as a :class:`ChatMessage`."""
     content = _get(message, "content")
@@ -99,7 +111,7 @@ def to_chat_message(message: Any) -> ChatMessage:
         ToolCall(
             id=_get(call, "id"),
             name=_get(_get(call, "function"), "name") or "",
-            arguments=_get(_get(call, "function"), "arguments") or "",
+            arguments=_arguments_text(_get(_get(call, "function"), "arguments")),
         )
         for call in (_get(message, "tool_calls") or ())
     ]
@@ -109,7 +121,8 @@ def to_chat_message(message: Any) -> ChatMessage:
         if _get(message, key) is not None
     }
     return ChatMessage(
-        role=_get(message, "role"),
+        # Some compatible servers leave out the role of a reply.
+        role=_get(message, "role") or MessageRole.ASSISTANT,
         content=text,
         blocks=blocks,
         tool_calls=calls,
@@ -156,7 +169,24 @@ def _new_call(instance: Any, kwargs: Mapping[str, Any]) -> LLMCall | None:
 
 
 def _finish_completion(call: LLMCall, completion: Any) -> None:
-    """End ``call`` with a ``ChatCompletion`` (or whatever ``create`` returned)."""
+    """End ``call`` with a ``ChatCompletion`` (or whatever ``create`` returned).
+
+    A reply we cannot describe still ends the call, without a response: the client's
+    caller gets the reply either way.
+    """
+    try:
+        _describe_completion(call, completion)
+    except Exception as exc:
+        telemetry.counter("llms.openai.describe_errors").inc()
+        logger.warning("an OpenAI chat reply could not be described: %r", exc)
+        try:
+            usage = coerce_usage(_get(completion, "usage"))
+        except Exception:
+            usage = None
+        call.end(None, usage, None)
+
+
+def _describe_completion(call: LLMCall, completion: Any) -> None:
     choices = _get(completion, "choices")
     if not choices:  # e.g. a raw-response wrapper: end without a description
         call.end(None, coerce_usage(_get(completion, "usage")), None)

@@ -7,7 +7,9 @@ request asks ``stream_options.include_usage``, then ``data: [DONE]``).
 
 Behaviour is chosen by the model name: ``error-429`` and ``error-500`` answer with
 that status and an OpenAI error body. The answer is ``server.answer`` if set, else
-``"Echo: <last user message>"``. Every request body is kept in ``server.requests``.
+``"Echo: <last user message>"``; ``server.message``, if set, is sent as the whole reply
+message instead (for replies that compatible servers shape oddly). Every request body
+is kept in ``server.requests``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": answer},
+                            "message": self.server.message
+                            or {"role": "assistant", "content": answer},
                             "finish_reason": "stop",
                         }
                     ],
@@ -177,6 +180,7 @@ class OpenAIServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[dict[str, Any]] = []
         self.answer: str | None = None
+        self.message: dict[str, Any] | None = None
         self.cached_tokens = 0
         self.chunk_delay_s = 0.0
         self._thread: threading.Thread | None = None

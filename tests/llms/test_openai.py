@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -296,6 +297,52 @@ def test_untraceable_request_runs_untraced(cap: Capture, client: openai.OpenAI) 
     assert completion.choices[0].message.content == "Echo: "  # the server saw no user
     assert not cap.events_of(LLMChatStartEvent)
     assert telemetry.counter("llms.openai.describe_errors").value == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"content": "no role given"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c2", "function": {"name": 5, "arguments": "{}"}}],
+        },
+    ],
+    ids=["no-role", "object-arguments", "undescribable"],
+)
+def test_an_oddly_shaped_reply_is_returned_and_the_call_still_ends(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer, message: dict[str, Any]
+) -> None:
+    """The patch never turns a reply the client accepts into an error."""
+    server.message = message
+    try:
+        completion = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "q"}]
+        )
+    finally:
+        server.message = None
+    assert completion.choices[0].message.content == message["content"]
+    (end,) = cap.events_of(LLMChatEndEvent)
+    assert end.usage is not None and end.usage.total_tokens > 0
+    if message.get("content"):
+        assert end.response is not None and end.response.message.role == "assistant"
+    calls = message.get("tool_calls") or []
+    if calls and calls[0]["function"]["name"] == "f":
+        assert end.response is not None
+        assert json.loads(end.response.message.tool_calls[0].arguments) == {"x": 1}
+    if calls and calls[0]["function"]["name"] == 5:
+        assert end.response is None
+        assert telemetry.counter("llms.openai.describe_errors").value == 1
+    [span] = cap.spans
+    assert span.name == CHAT_SPAN and end.span_id == span.id_ and span.end_time is not None
 
 
 def test_nothing_listening_costs_no_events(client: openai.OpenAI) -> None:
