@@ -70,12 +70,13 @@ def _without_nul(row: Row) -> Row:
 class _Marker:
     """Put in the queue by flush/shutdown: resolved once everything before it is written."""
 
-    __slots__ = ("done", "ok", "stop")
+    __slots__ = ("done", "lost_before", "ok", "stop")
 
     def __init__(self, stop: bool = False) -> None:
         self.done = threading.Event()
         self.ok = False
         self.stop = stop
+        self.lost_before = 0
 
 
 def _positive(name: str, value: Any) -> Any:
@@ -146,6 +147,8 @@ class BatchWriter:
         #: Entries refused because the queue was full or the writer shut down.
         self.dropped = 0
         self.rows_written = 0
+        #: Rows neither written nor spooled (refused by the database, or the spool failed).
+        self.rows_lost = 0
         self._queue: deque[Any] = deque()
         self._limit = max_queue  # 0 once shut down: every put() then takes the slow path
         self._init_runtime()
@@ -248,8 +251,9 @@ class BatchWriter:
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until everything queued before the call is in the database.
 
-        ``False`` when ``timeout`` seconds pass first, or when rows are in the spool
-        because the database cannot be reached.
+        ``False`` when ``timeout`` seconds pass first, when rows are in the spool
+        because the database cannot be reached, or when rows that were waiting were lost
+        (refused by the database, or the spool could not be written: see ``rows_lost``).
         """
         if self._closed:
             self._stopped.wait(timeout)
@@ -259,6 +263,7 @@ class BatchWriter:
         return marker.done.wait(timeout) and marker.ok
 
     def _put_marker(self, marker: _Marker) -> None:
+        marker.lost_before = self.rows_lost
         with self._state_lock:
             self._markers_pending += 1
         self._queue.append(marker)
@@ -356,7 +361,8 @@ class BatchWriter:
                     self._markers_pending -= 1
                 if self.spool.pending and not self._abort.is_set():
                     self._replay()
-                marker.ok = not self.spool.pending
+                # Rows lost while this marker waited were queued before it.
+                marker.ok = not self.spool.pending and self.rows_lost == marker.lost_before
                 if marker.stop:
                     # Anything put between shutdown() and here was refused; write the
                     # rest that was queued before the stop marker (none: FIFO).
@@ -423,6 +429,7 @@ class BatchWriter:
                 break
             else:
                 _REJECTED.inc()
+                self.rows_lost += 1
                 logger.error(
                     "instrumentation.storage: the database refused row %r of %s; it is dropped",
                     row[0],
@@ -439,6 +446,7 @@ class BatchWriter:
             self.spool.append(spans, events)
         except Exception:
             _LOST.add(len(spans) + len(events))
+            self.rows_lost += len(spans) + len(events)
             logger.exception(
                 "instrumentation.storage lost %d rows: the database failed and the spool "
                 "file %s could not be written",
@@ -481,6 +489,7 @@ class BatchWriter:
         self.spool.rows_pending = 0
         self.dropped = 0
         self.rows_written = 0
+        self.rows_lost = 0
         if was_closed:
             self._closed = True
             self._stopped.set()

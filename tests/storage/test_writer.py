@@ -231,6 +231,27 @@ def test_failed_writes_are_retried_then_spooled_then_replayed_once(
     assert telemetry.counter("storage.replayed_rows").value >= 30
 
 
+def test_flush_is_false_when_rows_waiting_for_it_were_lost(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """The database fails and the spool cannot be written: the rows are lost, counted,
+    and flush() says so instead of reporting success."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.fail = True
+    not_a_dir = tmp_path / "file-not-dir"
+    not_a_dir.write_text("")
+    handler = make_handler(store, retry_for=0.1, retry_backoff=0.02, spool_dir=str(not_a_dir))
+    for i in range(10):
+        handler.handle(NoteEvent(text=str(i)))
+    assert handler.flush(5) is False
+    assert handler.writer.rows_lost == 10
+    assert telemetry.counter("storage.lost_rows").value == 10
+    store.fail = False
+    handler.handle(NoteEvent(text="later"))
+    assert handler.flush(5) is True  # a later flush covers only what came after
+    assert [e.payload["text"] for e in store.events()] == ["later"]
+
+
 def test_spool_of_a_dead_process_is_replayed(
     tmp_path: Path, make_handler: Any, spool_dir: Path
 ) -> None:
