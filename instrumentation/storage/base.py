@@ -13,6 +13,7 @@ while one writes.
 
 from __future__ import annotations
 
+import builtins
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -185,8 +186,7 @@ class SQLStore(Store):
         metadata: Mapping[str, str] | None = None,
         ended_after: datetime | float | None = None,
     ) -> list[TraceSummary]:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit is a positive int, got {limit!r}")
+        _check_limit(limit)
         d = self.dialect
         p = d.param
         where = [
@@ -208,7 +208,7 @@ class SQLStore(Store):
                 raise TypeError(f"name is a str (use * as a wildcard), got {type(name).__name__}")
             if "*" in name:
                 where.append(f"r.name LIKE {p} ESCAPE '\\'")
-                params.append(name.replace("%", r"\%").replace("*", "%"))
+                params.append(_like_literal(name).replace("*", "%"))
             else:
                 where.append(f"r.name = {p}")
                 params.append(name)
@@ -226,7 +226,7 @@ class SQLStore(Store):
             if not isinstance(dispatcher, str):
                 raise TypeError(f"dispatcher is a dispatcher name, got {type(dispatcher).__name__}")
             where.append(f"(r.dispatcher = {p} OR r.dispatcher LIKE {p} ESCAPE '\\')")
-            params.extend([dispatcher, dispatcher.replace("%", r"\%") + ".%"])
+            params.extend([dispatcher, _like_literal(dispatcher) + ".%"])
         for key, wanted in (metadata or {}).items():
             column: str | None = METADATA_KEYS.get(key) or (key if key in META_COLUMNS else None)
             if column is None:
@@ -327,6 +327,10 @@ class SQLStore(Store):
     def events(
         self, *, trace_id: str | None = None, type: str | None = None, limit: int = 1000
     ) -> list[StoredEvent]:
+        _check_limit(limit)
+        for value, what in ((trace_id, "trace_id"), (type, "type")):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{what} is a str, got {builtins.type(value).__name__}")
         p = self.dialect.param
         where, params = [], []
         if trace_id is not None:
@@ -348,10 +352,21 @@ class SQLStore(Store):
             return found[0].trace_id if found else None
         p = self.dialect.param
         rows = self._query(
-            f"SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE {p} LIMIT 2",
-            [prefix.replace("%", "") + "%"],
+            f"SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE {p} ESCAPE '\\' LIMIT 2",
+            [_like_literal(prefix) + "%"],
         )
         return rows[0][0] if len(rows) == 1 else None
+
+
+def _check_limit(limit: Any) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit is a positive int, got {limit!r}")
+
+
+def _like_literal(text: str) -> str:
+    """``text`` for a LIKE pattern with ``ESCAPE '\\'``: its ``%`` and ``_`` match
+    only themselves (``my_app`` must not match ``myXapp``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _span_from_row(row: Row) -> StoredSpan:

@@ -205,6 +205,38 @@ def test_reopening_migrates_nothing_twice(tmp_path: Any) -> None:
     assert store._query("SELECT version FROM schema_version", []) == [(SCHEMA_VERSION,)]
 
 
+d_under = get_dispatcher("tests.storage.my_app")
+d_lookalike = get_dispatcher("tests.storage.myXapp.sub")
+
+
+@d_under.span
+def get_user() -> None:
+    return None
+
+
+@d_lookalike.span
+def getXuser_list() -> None:
+    return None
+
+
+def test_filters_take_underscores_and_percents_literally(
+    any_store: Store, make_handler: Any
+) -> None:
+    """In a name or dispatcher filter, ``_`` and ``%`` are characters, not SQL wildcards."""
+    handler = make_handler(any_store).attach(d_under).attach(d_lookalike)
+    get_user()
+    getXuser_list()
+    assert handler.flush(10)
+    assert [t.name for t in any_store.traces(name="get_user*")] == ["get_user"]
+    assert [t.name for t in any_store.traces(name="get_use%")] == []
+    assert [t.dispatcher for t in any_store.traces(dispatcher="tests.storage.my_app")] == [
+        "tests.storage.my_app"
+    ]
+    (trace,) = any_store.traces(name="get_user")
+    assert any_store.resolve_trace_id("_" * 8) is None
+    assert any_store.resolve_trace_id(trace.trace_id[:12]) == trace.trace_id
+
+
 def test_bad_arguments_say_what_to_do(tmp_path: Any) -> None:
     with pytest.raises(TypeError, match="file path"):
         SQLiteStore(42)  # type: ignore[arg-type]
@@ -213,6 +245,11 @@ def test_bad_arguments_say_what_to_do(tmp_path: Any) -> None:
         store.traces(limit=0)
     with pytest.raises(TypeError, match="32 hex"):
         store.trace(5)  # type: ignore[arg-type]
+    for bad in (0, -1, "x", True):
+        with pytest.raises(ValueError, match="positive int"):
+            store.events(limit=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="trace_id is a str"):
+        store.events(trace_id=5)  # type: ignore[arg-type]
 
 
 def test_a_trace_continued_elsewhere_is_listed_once(tmp_path: Any, make_handler: Any) -> None:
