@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -199,15 +200,20 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         s.trace_id for s in store.traces(limit=args.limit, since=args.since, until=args.until)
     ]
     target = open(args.output, "w", encoding="utf-8") if args.output else out  # noqa: SIM115
+    status = 0
     try:
         for given in ids:
-            trace_id = store.resolve_trace_id(given) or given
+            trace_id = store.resolve_trace_id(given)
+            if trace_id is None:
+                print(f"no single trace matches {given!r}", file=sys.stderr)
+                status = 1
+                continue
             record = trace_record(trace_id, store.trace(trace_id))
             target.write(json.dumps(record, default=_jsonable, ensure_ascii=False) + "\n")
     finally:
         if target is not out:
             target.close()
-    return 0
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,10 +268,15 @@ _COMMANDS = {"list": _cmd_list, "show": _cmd_show, "tail": _cmd_tail, "export": 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from instrumentation.storage import open_store
+    from instrumentation.storage import DB_ENV, DEFAULT_DB, is_postgres_dsn, open_store
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
+    where = args.db or os.environ.get(DB_ENV) or DEFAULT_DB
+    if not is_postgres_dsn(where) and not os.path.exists(where):
+        # Reading never creates a database: a mistyped path would look like an empty one.
+        print(f"no trace database at {where!r} (give --db or set ${DB_ENV})", file=sys.stderr)
+        return 2
     try:
         store = open_store(args.db)
     except Exception as exc:

@@ -82,8 +82,30 @@ def test_list_show_and_export(any_store: Store, make_handler: Any, tmp_path: Pat
 
 
 def test_show_unknown_trace_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    SQLiteStore(tmp_path / "e.db").close()
     assert main(["--db", str(tmp_path / "e.db"), "show", "abc"]) == 1
     assert "no single trace matches" in capsys.readouterr().err
+
+
+def test_export_of_an_unknown_trace_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    SQLiteStore(tmp_path / "e.db").close()
+    out = io.StringIO()
+    assert main(["--db", str(tmp_path / "e.db"), "export", "deadbeef"], out=out) == 1
+    assert out.getvalue() == ""
+    assert "no single trace matches 'deadbeef'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "latest"], ["export"], ["tail"]])
+def test_a_missing_database_is_an_error_and_is_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A mistyped path must not look like an empty store."""
+    typo = tmp_path / "typo.db"
+    assert main(["--db", str(typo), *command], out=io.StringIO()) == 2
+    assert "no trace database at" in capsys.readouterr().err
+    assert not typo.exists()
 
 
 def test_tail_follows_new_traces(tmp_path: Path, make_handler: Any) -> None:
@@ -125,6 +147,7 @@ def test_tail_follows_new_traces(tmp_path: Path, make_handler: Any) -> None:
 
 
 def test_tail_stops_after_max_seconds(tmp_path: Path) -> None:
+    SQLiteStore(tmp_path / "t.db").close()
     started = time.monotonic()
     assert (
         main(
@@ -156,6 +179,7 @@ def test_python_dash_m_instrumentation(tmp_path: Path, make_handler: Any) -> Non
 def test_bad_arguments_exit_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    SQLiteStore(tmp_path / "t.db").close()
     with pytest.raises(SystemExit):
         main(["--db", str(tmp_path / "t.db"), "list", "--since", "yesterday-ish"])
     assert "not a time" in capsys.readouterr().err
