@@ -18,6 +18,7 @@ estimate (``usage.estimated`` is True).
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -277,6 +278,12 @@ class BaseLLM(abc.ABC):
     @dispatcher.span
     def predict(self, template: str, **template_args: Any) -> str:
         """Fill ``template`` (``str.format`` style) with ``template_args`` and chat with it."""
+        return self._predict(template, template_args)[0]
+
+    def _predict(
+        self, template: str, template_args: dict[str, Any]
+    ) -> tuple[str, TokenUsage | None, str | None]:
+        """The answer, with the usage and finish reason its end event reports."""
         if not isinstance(template, str):
             raise TypeError(
                 f"template is a str with {{placeholders}}, got {type(template).__name__}"
@@ -291,17 +298,34 @@ class BaseLLM(abc.ABC):
                     provider=self.provider,
                 )
             )
-        answer = self.chat(
-            [ChatMessage(role=MessageRole.USER, content=template.format(**template_args))]
-        )
+        started = time.perf_counter()
+        messages = [ChatMessage(role=MessageRole.USER, content=template.format(**template_args))]
+        answer = self.chat(messages)
         output = answer.message.content or ""
-        if listen:
-            dispatcher.event(
-                LLMPredictEndEvent(
-                    output=self._redacted(output), model=self.model, provider=self.provider
-                )
+        if not listen:
+            return output, None, None
+        usage, reason = _usage_and_reason(answer.additional_kwargs)
+        if usage is None:
+            usage = self._call("chat", {}, messages=messages).estimate_usage(output)
+        dispatcher.event(
+            LLMPredictEndEvent(
+                output=self._redacted(output),
+                **self._end_info(usage, reason, started),
             )
-        return output
+        )
+        return output, usage, reason
+
+    def _end_info(
+        self, usage: TokenUsage | None, reason: str | None, started: float
+    ) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "usage": usage,
+            "latency_ms": (time.perf_counter() - started) * 1000.0,
+            "finish_reason": reason,
+            "cost_usd": None if usage is None else self.price_table.cost(self.model, usage),
+        }
 
     @dispatcher.span
     def structured_predict(self, output_cls: type[M], template: str, **template_args: Any) -> M:
@@ -319,13 +343,15 @@ class BaseLLM(abc.ABC):
                     provider=self.provider,
                 )
             )
-        text = self.predict(template, **template_args)
+        started = time.perf_counter()
+        with dispatcher.span(f"{type(self).__name__}.predict"):
+            text, usage, reason = self._predict(template, template_args)
         output = output_cls.model_validate_json(text)
         if listen:
             recorded: Any = output if not self._redaction().active else None
             dispatcher.event(
                 LLMStructuredPredictEndEvent(
-                    output=recorded, model=self.model, provider=self.provider
+                    output=recorded, **self._end_info(usage, reason, started)
                 )
             )
         return output

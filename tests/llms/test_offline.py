@@ -260,6 +260,15 @@ def test_predict_and_structured_predict(cap: Capture) -> None:
     assert structured.output == Capital(city="Paris")
     names = [s.name for s in cap.spans]
     assert "OfflineLLM.structured_predict" in names and names.count("OfflineLLM.chat") == 2
+    assert names.count("OfflineLLM.predict") == 2
+    # Like every end event, they carry the chat's usage, a latency and the finish reason.
+    first, second = cap.events_of(LLMChatEndEvent)
+    ends = [*cap.events_of(LLMPredictEndEvent), structured]
+    for end, chat in zip(ends, [first, second, second], strict=True):
+        assert end.usage == chat.usage and end.usage is not None and end.usage.total_tokens > 0
+        assert end.finish_reason == chat.finish_reason == "stop"
+        assert end.latency_ms is not None and end.latency_ms >= chat.latency_ms  # type: ignore[operator]
+        assert end.model == chat.model and end.cost_usd == chat.cost_usd
 
 
 def test_no_handler_means_no_events_and_the_same_answer() -> None:
