@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from instrumentation import telemetry
 from instrumentation.storage.models import (
     METADATA_KEYS,
     StoredEvent,
@@ -140,6 +142,10 @@ class Store(ABC):
 _inherited_connections: list[Any] = []
 
 
+logger = logging.getLogger("instrumentation.storage")
+_CONNECT_ERRORS = telemetry.counter("storage.connect_errors")
+
+
 class SQLStore(Store):
     """The queries, over an abstract connection; subclasses connect and execute."""
 
@@ -150,6 +156,35 @@ class SQLStore(Store):
         self._conn: Any = None
         self._insert_spans = insert_sql(self.dialect, "spans", SPAN_COLUMNS)
         self._insert_events = insert_sql(self.dialect, "events", EVENT_COLUMNS)
+
+    def _connect_at_start(self) -> None:
+        """Connect and migrate now, so that a wrong path or a newer schema fails here;
+        but a database that cannot be reached *yet* must not stop the application.
+
+        Then the store is made all the same: the writer retries, spools and replays,
+        and a reader gets the error on its first query.
+        """
+        try:
+            with self._lock:
+                self._connection()
+        except Exception as exc:
+            if not self._unreachable(exc):
+                raise
+            _CONNECT_ERRORS.inc()
+            logger.warning(
+                "instrumentation.storage: %r cannot be reached yet (%s); writes are "
+                "retried, then spooled and replayed when it is back; reads fail until then",
+                self,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+
+    @abstractmethod
+    def _connection(self) -> Any:
+        """The open connection, made (and the schema migrated) if there is none."""
+
+    def _unreachable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the database is down or busy (not misconfigured)."""
+        return False
 
     def after_fork_in_child(self) -> None:
         # The parent's connection must be neither used nor closed here (closing it

@@ -289,6 +289,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the database went away, or refused the query
+        print(f"cannot read the trace database {where!r}: {exc}", file=sys.stderr)
+        return 2
     finally:
         store.close()
 

@@ -34,8 +34,10 @@ def _psycopg() -> Any:
 class PostgresStore(SQLStore):
     """Traces in PostgreSQL; ``dsn`` is a libpq connection string or URL.
 
-    The tables are created (and migrated) on first connection. ``connect_timeout``
-    bounds how long a call waits for an unreachable server.
+    The tables are created (and migrated) on first connection, tried when the store
+    is made; a server that cannot be reached then is tried again on each call (the
+    writer retries, spools and replays). ``connect_timeout`` bounds how long a call
+    waits for an unreachable server.
     """
 
     dialect = POSTGRES
@@ -50,8 +52,7 @@ class PostgresStore(SQLStore):
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self._psycopg = _psycopg()
-        with self._lock:
-            self._connection()
+        self._connect_at_start()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.spool_key!r})"
@@ -92,6 +93,9 @@ class PostgresStore(SQLStore):
                 for statement in statements:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def _unreachable(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.OperationalError)
 
     def _forget_broken(self, exc: BaseException) -> None:
         if isinstance(exc, self._psycopg.OperationalError) and self._conn is not None:

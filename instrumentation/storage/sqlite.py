@@ -40,10 +40,14 @@ class SQLiteStore(SQLStore):
                 f"SQLiteStore takes a file path (str or pathlib.Path), got {type(path).__name__}"
             )
         self.path = str(path) if str(path) == ":memory:" else str(Path(path).resolve())
+        if not isinstance(busy_timeout, (int, float)) or isinstance(busy_timeout, bool):
+            raise TypeError(f"busy_timeout is seconds (a number), got {busy_timeout!r}")
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
-        with self._lock:
-            self._connection()
+        # A file locked by another process must not hold up the application's start.
+        self._lock_wait = min(self.busy_timeout, 0.5)
+        self._connect_at_start()
+        self._lock_wait = self.busy_timeout
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -52,12 +56,19 @@ class SQLiteStore(SQLStore):
     def spool_key(self) -> str:
         return f"sqlite:{self.path}"
 
+    def _unreachable(self, exc: BaseException) -> bool:
+        # Another process holds the lock: busy, not broken. A path that cannot be
+        # opened is a mistake, and is raised.
+        return isinstance(exc, sqlite3.OperationalError) and (
+            "locked" in str(exc) or "busy" in str(exc)
+        )
+
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
             conn = sqlite3.connect(
                 self.path,
-                timeout=self.busy_timeout,
+                timeout=self._lock_wait,
                 check_same_thread=False,
                 isolation_level=None,
             )
@@ -65,6 +76,7 @@ class SQLiteStore(SQLStore):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 self._migrate(conn)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             except BaseException:
                 conn.close()
                 raise

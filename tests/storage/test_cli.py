@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -212,3 +213,14 @@ def test_open_store_picks_the_backend(tmp_path: Path, postgres_dsn: str) -> None
     assert "password" not in pg_store.spool_key
     with pytest.raises(TypeError, match="connection string"):
         PostgresStore("")
+
+
+def test_a_database_that_cannot_be_reached_is_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dsn = f"postgresql://nobody@127.0.0.1:{port}/traces?connect_timeout=1"
+    assert main(["--db", dsn, "list"], out=io.StringIO()) == 2
+    assert "cannot read the trace database" in capsys.readouterr().err

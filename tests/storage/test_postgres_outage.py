@@ -63,3 +63,27 @@ def test_every_entry_arrives_exactly_once_across_a_server_restart(
     assert sorted(int(t[0]) for t in texts) == list(range(produced))
     assert handler.writer.rows_written >= down_at
     assert not handler.writer.spool.path.exists()
+
+
+def test_a_server_down_when_the_application_starts_does_not_stop_it(
+    postgres_server: Any, postgres_dsn: str, make_handler: Any, spool_dir: Path
+) -> None:
+    """Making the store and recording work while the server is down; the rows arrive
+    once it is up."""
+    postgres_server.stop()
+    try:
+        store = PostgresStore(postgres_dsn, connect_timeout=1)
+        assert telemetry.counter("storage.connect_errors").value == 1
+        handler = make_handler(
+            store, retry_for=0.2, retry_backoff=0.05, replay_interval=0.2
+        ).attach(d)
+        for i in range(10):
+            d.event(NoteEvent(text=f"early-{i}"))
+        assert wait_until(lambda: handler.writer.spool.pending, 10)
+    finally:
+        postgres_server.start()
+    assert wait_until(lambda: handler.flush(2), 30)
+    reader = PostgresStore(postgres_dsn)
+    texts = reader._query("SELECT payload->>'text' FROM events", [])
+    early = sorted(t[0] for t in texts if t[0] and t[0].startswith("early-"))
+    assert early == sorted(f"early-{i}" for i in range(10))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -250,6 +251,35 @@ def test_flush_is_false_when_rows_waiting_for_it_were_lost(
     handler.handle(NoteEvent(text="later"))
     assert handler.flush(5) is True  # a later flush covers only what came after
     assert [e.payload["text"] for e in store.events()] == ["later"]
+
+
+def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Another process holds the SQLite lock as the store is made: it is made at once,
+    and the rows arrive when the lock is released."""
+    path = tmp_path / "t.db"
+    SQLiteStore(path).close()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        store = SQLiteStore(path, busy_timeout=5)
+        assert time.monotonic() - started < 3  # not the whole busy_timeout
+        assert telemetry.counter("storage.connect_errors").value == 1
+        handler = make_handler(store, retry_for=0.1, retry_backoff=0.02, replay_interval=0.1)
+        handler.handle(NoteEvent(text="while locked"))
+        assert handler.flush(1) is False
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert wait_until(lambda: handler.flush(1), 15)
+    assert [e.payload["text"] for e in store.events()] == ["while locked"]
+
+
+def test_a_path_that_cannot_be_opened_is_still_an_error(tmp_path: Path) -> None:
+    with pytest.raises(sqlite3.OperationalError):
+        SQLiteStore(tmp_path / "no-such-dir" / "t.db")
 
 
 def test_spool_of_a_dead_process_is_replayed(
