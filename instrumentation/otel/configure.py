@@ -18,10 +18,12 @@ client used by the exporter never produces spans about exporting spans.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace as trace_api
@@ -41,35 +43,83 @@ TRACES_PATH = "/v1/traces"
 
 _SPANS_EXPORTED = telemetry.counter("otel.spans_exported")
 _EXPORT_FAILURES = telemetry.counter("otel.export_failures")
+_SPANS_NOT_EXPORTED = telemetry.counter("otel.spans_not_exported")
 
 
 class SuppressedExporter(SpanExporter):
-    """Runs another exporter under ``suppress_instrumentation()`` and counts the outcome."""
+    """Runs another exporter under ``suppress_instrumentation()`` and counts the outcome.
+
+    It also bounds shutting down: after :meth:`give_up_at`'s deadline every batch
+    still waiting fails at once and is counted, instead of each waiting out the
+    exporter's retries against a collector that does not answer.
+    """
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
+        #: Spans exported, and spans whose export failed or was given up (this exporter).
+        self.exported = 0
+        self.not_exported = 0
+        self._give_up_at: float | None = None
+        self._inner_shut = False
+        self._lock = threading.Lock()
+
+    def give_up_at(self, deadline: float) -> None:
+        """From ``deadline`` (``time.monotonic()``) on, fail batches without sending."""
+        self._give_up_at = deadline
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+            self._not_exported(len(spans))
+            return SpanExportResult.FAILURE
         with suppress_instrumentation():
             try:
                 result = self.inner.export(spans)
             except Exception:
                 logger.exception("OTLP export of %d spans failed", len(spans))
-                _EXPORT_FAILURES.inc()
-                return SpanExportResult.FAILURE
+                result = SpanExportResult.FAILURE
         if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
             _SPANS_EXPORTED.add(len(spans))
         else:
             _EXPORT_FAILURES.inc()
+            self._not_exported(len(spans))
         return result
 
+    def _not_exported(self, n: int) -> None:
+        with self._lock:
+            first = self.not_exported == 0
+            self.not_exported += n
+        _SPANS_NOT_EXPORTED.add(n)
+        if first:
+            logger.warning(
+                "%d spans were not exported (the collector failed or did not answer); "
+                "the count is in telemetry counter otel.spans_not_exported",
+                n,
+            )
+
     def shutdown(self) -> None:
+        with self._lock:  # also called to cut short an export that is retrying
+            if self._inner_shut:
+                return
+            self._inner_shut = True
         with suppress_instrumentation():
             self.inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         with suppress_instrumentation():
             return bool(self.inner.force_flush(timeout_millis))
+
+
+def _in_thread(target: Callable[[], Any], name: str) -> tuple[threading.Thread, list[Any]]:
+    """Start ``target`` in a daemon thread; its result lands in the list.
+
+    The SDK's flush and shutdown wait for the exporter however long it retries, so
+    the caller waits on the thread, with a bound.
+    """
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(target()), name=name, daemon=True)
+    worker.start()
+    return worker, outcome
 
 
 def resolve_protocol(protocol: str | None) -> str:
@@ -178,25 +228,63 @@ class OTLPHandle:
         self.protocol = protocol
         self._lock = threading.Lock()
         self._closed = False
+        self._clean_shutdown = True
+        #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
+        self.exit_timeout_millis = 5_000
+        atexit.register(self._at_exit)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Export every ended span now; True when all were exported in time."""
-        return bool(self.tracer_provider.force_flush(timeout_millis))
+        """Export every ended span now; True when all were exported in time.
 
-    def shutdown(self) -> None:
-        """Detach the handler, end spans still open, flush everything, stop the exporter."""
+        False when ``timeout_millis`` passes first (the export goes on in the
+        background) or when any export failed meanwhile.
+        """
+        failed_before = self._failures()
+        worker, outcome = _in_thread(
+            lambda: self.tracer_provider.force_flush(timeout_millis), "instrumentation-otel-flush"
+        )
+        worker.join(max(timeout_millis, 0) / 1000)
+        return bool(outcome) and bool(outcome[0]) and self._failures() == failed_before
+
+    def shutdown(self, timeout_millis: int = 10_000) -> bool:
+        """Detach the handler, end spans still open, flush everything, stop the exporter.
+
+        Waits at most about ``timeout_millis``: spans not sent by then are given up and
+        counted (``otel.spans_not_exported``). True when every span was exported.
+        Idempotent; also run at interpreter exit if not called.
+        """
         with self._lock:
             if self._closed:
-                return
+                return self._clean_shutdown
             self._closed = True
+        atexit.unregister(self._at_exit)
+        failed_before = self._failures()
         self.dispatcher.remove_span_handler(self.handler)
         self.dispatcher.remove_event_handler(self.handler)
         self.handler.close()
-        self.tracer_provider.shutdown()
+        timeout_s = timeout_millis / 1000
+        if isinstance(self.exporter, SuppressedExporter):
+            self.exporter.give_up_at(time.monotonic() + timeout_s)
+        worker, _ = _in_thread(self.tracer_provider.shutdown, "instrumentation-otel-shutdown")
+        worker.join(max(timeout_s, 0.0))
+        if worker.is_alive():
+            # An export is still retrying against a collector that does not answer:
+            # stopping the exporter cuts its wait short; what is left is counted.
+            self.exporter.shutdown()
+            worker.join(1.0)
+        self._clean_shutdown = not worker.is_alive() and self._failures() == failed_before
+        return self._clean_shutdown
+
+    def _failures(self) -> int:
+        exporter = self.exporter
+        return exporter.not_exported if isinstance(exporter, SuppressedExporter) else 0
+
+    def _at_exit(self) -> None:
+        self.shutdown(timeout_millis=self.exit_timeout_millis)
 
     def __enter__(self) -> OTLPHandle:
         return self
@@ -256,7 +344,8 @@ def configure_otlp(
     attributes: dict[str, Any] = dict(resource_attributes or {})
     if service_name is not None:
         attributes[SERVICE_NAME] = service_name
-    provider = TracerProvider(resource=Resource.create(attributes))
+    # Our handle shuts the provider down at exit, with a bound on the wait.
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     inner = (
         exporter
         if exporter is not None

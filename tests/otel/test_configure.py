@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -77,10 +82,59 @@ def test_shutdown_flushes_everything_and_is_idempotent(receiver: OTLPReceiver) -
             unit(i)
     assert otlp.closed
     assert len(receiver.spans) == 600
-    otlp.shutdown()  # a second time: nothing happens
+    assert otlp.shutdown() is True  # a second time: nothing happens, same answer
     unit(1)  # detached: nothing more is exported
     assert len(receiver.spans) == 600
     assert telemetry.counter("otel.spans_exported").value == 600
+
+
+def test_a_collector_that_does_not_answer_bounds_flush_and_shutdown() -> None:
+    """Flush and shutdown wait at most their timeouts, say False, and count every span
+    that did not go out; the exporter's own timeout (30 s here) is not what bounds them."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", timeout=30)
+    d = get_dispatcher("tests.otel.unreachable")
+
+    @d.span
+    def unit(i: int) -> int:
+        return i
+
+    for i in range(50):
+        unit(i)
+    started = time.monotonic()
+    assert otlp.force_flush(500) is False
+    assert time.monotonic() - started < 5
+    started = time.monotonic()
+    assert otlp.shutdown(timeout_millis=1_000) is False
+    assert time.monotonic() - started < 8
+    assert telemetry.counter("otel.spans_exported").value == 0
+    assert telemetry.counter("otel.spans_not_exported").value == 50
+    assert otlp.shutdown() is False  # idempotent
+
+
+def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer() -> None:
+    """Without shutdown(), exit flushes through the handle, waiting exit_timeout_millis."""
+    code = textwrap.dedent(
+        """
+        import socket
+        from instrumentation import get_dispatcher
+        from instrumentation.otel import configure_otlp
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", timeout=30)
+        otlp.exit_timeout_millis = 500
+        d = get_dispatcher("exit")
+        for i in range(20):
+            with d.span("unit"):
+                pass
+        """
+    )
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+    assert time.monotonic() - started < 15
 
 
 def test_otel_environment_variables_are_honoured(
