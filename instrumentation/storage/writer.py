@@ -169,6 +169,7 @@ class BatchWriter:
         self._next_replay = 0.0
         self._last_drop_log = 0.0
         self._drops_since_log = 0
+        self._stop_marker: _Marker | None = None
         self._thread: threading.Thread | None = None
 
     def _start(self) -> None:
@@ -284,7 +285,8 @@ class BatchWriter:
         if first:
             with self._space:
                 self._space.notify_all()
-            self._put_marker(_Marker(stop=True))
+            self._stop_marker = _Marker(stop=True)
+            self._put_marker(self._stop_marker)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             if timeout is None:
@@ -295,7 +297,29 @@ class BatchWriter:
                     self._abort.set()  # stop retrying: spool the rest
                     thread.join(timeout * 0.2)
         _writers.discard(self)
-        return self._stopped.is_set() and not self._queue and not self.spool.pending
+        if first:
+            self._log_unlogged_drops()
+        stop = self._stop_marker
+        return (
+            self._stopped.is_set()
+            and not self._queue
+            and not self.spool.pending
+            and (stop is None or stop.ok)
+        )
+
+    def _log_unlogged_drops(self) -> None:
+        # Drops are logged at most every _LOG_EVERY seconds; the last ones would
+        # otherwise never reach the log.
+        with self._state_lock:
+            count, self._drops_since_log = self._drops_since_log, 0
+        if count:
+            logger.warning(
+                "instrumentation.storage dropped %d more entr%s since the last warning; "
+                "%d dropped in all",
+                count,
+                "y" if count == 1 else "ies",
+                self.dropped,
+            )
 
     # -- the writer thread --------------------------------------------------------------
 

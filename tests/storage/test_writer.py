@@ -128,6 +128,14 @@ def test_drop_newest_counts_and_logs(
     store.gate.set()
     assert handler.flush(10)
     assert count(store, "events") == 6
+    # Only the first drop was logged (rate limit); shutdown logs the other 14.
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        caplog.clear()
+        handler.shutdown()
+    assert any(
+        "dropped 14 more entries" in r.getMessage() and "15 dropped in all" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_block_waits_for_space_then_drops_after_the_timeout(
