@@ -107,7 +107,23 @@ def _await_in_span(
         finally:
             deactivate(handle)
 
-    coro = run()
+    @types.coroutine
+    def run_generator_based() -> Any:
+        # A ``types.coroutine`` result stays one: plain generators may ``yield from`` it.
+        started[0] = True
+        handle = activate(span)
+        try:
+            result = yield from awaitable
+        except BaseException as err:
+            fail(chain, span, bound, instance, err)
+            raise
+        else:
+            finish(chain, span, bound, instance, result)
+            return result
+        finally:
+            deactivate(handle)
+
+    coro = run_generator_based() if type(awaitable) is types.GeneratorType else run()
     weakref.finalize(coro, _drop_unstarted, started, chain, span, bound, instance)
     return coro
 
@@ -274,7 +290,9 @@ def _wrap_callable(
                 except BaseException as err:
                     to_throw, to_send = err, None
 
-    elif inspect.isgeneratorfunction(target):
+    elif inspect.isgeneratorfunction(target) and not (
+        target.__code__.co_flags & inspect.CO_ITERABLE_COROUTINE
+    ):
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             chain = d._hot

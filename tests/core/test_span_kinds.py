@@ -382,6 +382,47 @@ async def test_function_returning_a_generator_based_coroutine(
     assert s.status == "exit" and s.result == 7
 
 
+def test_a_generator_based_coroutine_result_can_still_be_driven_by_hand(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """What a function returns stays a generator-based coroutine: a plain generator may
+    ``yield from`` it, and ``send`` reaches it."""
+
+    @types.coroutine
+    def step() -> Generator[str, int, int]:
+        x = yield "need-x"
+        return x * 2
+
+    @d.span
+    def make_step() -> Any:
+        return step()
+
+    def trampoline() -> Generator[str, int, int]:
+        return (yield from make_step())
+
+    driven = trampoline()
+    assert next(driven) == "need-x"
+    with pytest.raises(StopIteration) as stopped:
+        driven.send(21)
+    assert stopped.value.value == 42
+    r = rec.one(make_step.__qualname__)
+    assert r.status == "exit" and r.result == 42
+
+
+async def test_a_types_coroutine_function_can_be_decorated(d: Dispatcher, rec: Recorder) -> None:
+    """``@types.coroutine`` generator functions are awaited, not iterated, by the wrapper."""
+
+    @d.span
+    @types.coroutine
+    def old_style() -> Generator[Any, None, int]:
+        yield from asyncio.sleep(0).__await__()
+        return 7
+
+    assert await old_style() == 7
+    r = rec.one(old_style.__qualname__)
+    assert r.status == "exit" and r.result == 7
+
+
 async def test_other_awaitables_are_returned_as_they_are(d: Dispatcher, rec: Recorder) -> None:
     """An object with ``__await__`` that is also an async context manager stays usable as one."""
 
