@@ -501,13 +501,15 @@ class Dispatcher:
     # -- shutting down ----------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Drop open spans, close and detach the handlers of this dispatcher and those below.
+        """Drop open spans, close and detach the handlers of this dispatcher and those below
+        (for the root, also the handlers that tap the whole tree).
 
         Safe to call twice: the second call finds nothing attached. Spans dropped here
         are counted in ``telemetry.SPANS_DROPPED_BY_SHUTDOWN``.
         """
         with _lock:
-            nodes = [self] if self._manager is None else self._manager._subtree(self)
+            manager = self._manager
+            nodes = [self] if manager is None else manager._subtree(self)
             event_handlers: list[BaseEventHandler] = []
             span_handlers: list[BaseSpanHandler[Any]] = []
             for node in nodes:
@@ -515,6 +517,10 @@ class Dispatcher:
                 span_handlers.extend(node._span_handlers)
                 node._event_handlers = ()
                 node._span_handlers = ()
+            if manager is not None and manager.root is self:  # the whole tree: taps too
+                event_handlers.extend(manager.tap_event_handlers)
+                span_handlers.extend(manager.tap_span_handlers)
+                manager.tap_event_handlers = manager.tap_span_handlers = ()
             self._changed()
         error = RuntimeError(_SHUTDOWN_ERROR_TEXT)
         closed: list[object] = []

@@ -338,3 +338,14 @@ def test_a_span_open_in_two_handlers_counts_as_one_dropped_by_shutdown(d: Dispat
     with d.span("open-at-shutdown"):
         d.shutdown()
     assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 1
+
+
+def test_root_shutdown_also_shuts_the_capture_that_taps_the_tree(d: Dispatcher) -> None:
+    with isolated() as cap:
+        with d.span("open-at-shutdown"):
+            root_dispatcher.shutdown()
+        d.event(BaseEvent())
+    assert [(s.name, s in cap._spans.dropped_spans) for s in cap.spans] == [
+        ("open-at-shutdown", True)
+    ]
+    assert cap.events == []
