@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -70,6 +71,12 @@ def _check_prompt(prompt: object) -> str:
 def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | None]:
     reason = extra.get("finish_reason")
     return coerce_usage(extra.get("usage")), reason if isinstance(reason, str) else None
+
+
+#: What the last predict() in this context reported, for structured_predict's end event.
+_last_predict: ContextVar[tuple[TokenUsage | None, str | None]] = ContextVar(
+    "instrumentation_last_predict", default=(None, None)
+)
 
 
 class BaseLLM(abc.ABC):
@@ -278,7 +285,9 @@ class BaseLLM(abc.ABC):
     @dispatcher.span
     def predict(self, template: str, **template_args: Any) -> str:
         """Fill ``template`` (``str.format`` style) with ``template_args`` and chat with it."""
-        return self._predict(template, template_args)[0]
+        output, usage, reason = self._predict(template, template_args)
+        _last_predict.set((usage, reason))  # for structured_predict, which calls this
+        return output
 
     def _predict(
         self, template: str, template_args: dict[str, Any]
@@ -344,8 +353,12 @@ class BaseLLM(abc.ABC):
                 )
             )
         started = time.perf_counter()
-        with dispatcher.span(f"{type(self).__name__}.predict"):
-            text, usage, reason = self._predict(template, template_args)
+        token = _last_predict.set((None, None))  # a predict() override may not set it
+        try:
+            text = self.predict(template, **template_args)
+            usage, reason = _last_predict.get()
+        finally:
+            _last_predict.reset(token)
         output = output_cls.model_validate_json(text)
         if listen:
             recorded: Any = output if not self._redaction().active else None

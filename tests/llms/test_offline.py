@@ -309,3 +309,22 @@ def test_bad_configuration_is_rejected(kwargs: dict[str, Any], error: type[Excep
     """OfflineLLM's settings are checked up front with a message naming the setting."""
     with pytest.raises(error):
         OfflineLLM(**kwargs)
+
+
+def test_structured_predict_goes_through_an_overridden_predict(cap: Capture) -> None:
+    """A subclass's predict (a cache, say) is what structured_predict uses."""
+
+    class Cached(OfflineLLM):
+        calls = 0
+
+        def predict(self, template: str, **template_args: Any) -> str:
+            type(self).calls += 1
+            return '{"city": "Paris (cached)"}'
+
+    model = Cached()
+    assert model.structured_predict(Capital, "Reply in json for {c}", c="France") == Capital(
+        city="Paris (cached)"
+    )
+    assert Cached.calls == 1 and cap.events_of(LLMChatEndEvent) == []
+    [structured] = cap.events_of(LLMStructuredPredictEndEvent)
+    assert structured.usage is None and structured.latency_ms is not None
