@@ -175,7 +175,7 @@ def _finish_completion(call: LLMCall, completion: Any) -> None:
     caller gets the reply either way.
     """
     try:
-        _describe_completion(call, completion)
+        response, usage, reason, model = _describe_completion(completion)
     except Exception as exc:
         telemetry.counter("llms.openai.describe_errors").inc()
         logger.warning("an OpenAI chat reply could not be described: %r", exc)
@@ -183,20 +183,23 @@ def _finish_completion(call: LLMCall, completion: Any) -> None:
             usage = coerce_usage(_get(completion, "usage"))
         except Exception:
             usage = None
-        call.end(None, usage, None)
+        response = reason = model = None
+    call.end(response, usage, reason, model)
 
 
-def _describe_completion(call: LLMCall, completion: Any) -> None:
+def _describe_completion(
+    completion: Any,
+) -> tuple[ChatResponse | None, TokenUsage | None, str | None, str | None]:
+    usage = coerce_usage(_get(completion, "usage"))
     choices = _get(completion, "choices")
     if not choices:  # e.g. a raw-response wrapper: end without a description
-        call.end(None, coerce_usage(_get(completion, "usage")), None)
-        return
+        return None, usage, None, None
     first = choices[0]
     message = to_chat_message(_get(first, "message"))
     model = _get(completion, "model")
-    call.end(
+    return (
         ChatResponse(message=message, raw=completion),
-        coerce_usage(_get(completion, "usage")),
+        usage,
         _get(first, "finish_reason"),
         model if isinstance(model, str) else None,
     )

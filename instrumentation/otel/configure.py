@@ -228,7 +228,8 @@ class OTLPHandle:
         self.protocol = protocol
         self._lock = threading.Lock()
         self._closed = False
-        self._clean_shutdown = True
+        self._clean_shutdown = False
+        self._shut_down = threading.Event()
         #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
         self.exit_timeout_millis = 5_000
         atexit.register(self._at_exit)
@@ -258,9 +259,11 @@ class OTLPHandle:
         Idempotent; also run at interpreter exit if not called.
         """
         with self._lock:
-            if self._closed:
-                return self._clean_shutdown
+            first = not self._closed
             self._closed = True
+        if not first:  # another call is shutting down, or did: its answer is ours
+            self._shut_down.wait(max(timeout_millis, 0) / 1000 + 2.0)
+            return self._shut_down.is_set() and self._clean_shutdown
         atexit.unregister(self._at_exit)
         failed_before = self._failures()
         self.dispatcher.remove_span_handler(self.handler)
@@ -277,6 +280,7 @@ class OTLPHandle:
             self.exporter.shutdown()
             worker.join(1.0)
         self._clean_shutdown = not worker.is_alive() and self._failures() == failed_before
+        self._shut_down.set()
         return self._clean_shutdown
 
     def _failures(self) -> int:

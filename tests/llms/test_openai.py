@@ -382,3 +382,30 @@ async def test_forgotten_async_stream_is_ended_by_the_event_loop(
             break
     [end] = cap.events_of(LLMChatEndEvent)
     assert end.finish_reason == "abandoned"
+
+
+def test_a_handler_error_on_the_end_event_does_not_end_the_call_twice(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """With raise_handler_errors on, the handler's error surfaces, and the end event is
+    sent once (it is not mistaken for a reply that could not be described)."""
+
+    class FailsOnEnd(BaseEventHandler):
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if isinstance(event, LLMChatEndEvent):
+                raise RuntimeError("handler bug")
+
+    ends: list[Any] = []
+
+    class Before(BaseEventHandler):
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if isinstance(event, LLMChatEndEvent):
+                ends.append(event)
+
+    get_dispatcher().add_event_handler(Before())
+    get_dispatcher().add_event_handler(FailsOnEnd())
+    telemetry.raise_handler_errors = True
+    with pytest.raises(RuntimeError, match="handler bug"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
+    assert len(ends) == 1 and ends[0].response is not None
+    assert telemetry.counter("llms.openai.describe_errors").value == 0

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Sequence
 
@@ -112,6 +113,23 @@ def test_a_collector_that_does_not_answer_bounds_flush_and_shutdown() -> None:
     assert telemetry.counter("otel.spans_exported").value == 0
     assert telemetry.counter("otel.spans_not_exported").value == 50
     assert otlp.shutdown() is False  # idempotent
+
+
+def test_a_shutdown_racing_another_gets_the_same_answer() -> None:
+    """The second caller waits for the first, instead of answering True at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", timeout=30)
+    with get_dispatcher("tests.otel.race").span("unit"):
+        pass
+    answers: list[bool] = []
+    first = threading.Thread(target=lambda: answers.append(otlp.shutdown(timeout_millis=800)))
+    first.start()
+    time.sleep(0.1)
+    second = otlp.shutdown(timeout_millis=5_000)
+    first.join()
+    assert answers == [False] and second is False
 
 
 def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer() -> None:
