@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
     where = args.db or os.environ.get(DB_ENV) or DEFAULT_DB
-    if not is_postgres_dsn(where) and not os.path.exists(where):
+    if not is_postgres_dsn(where) and where != ":memory:" and not os.path.exists(where):
         # Reading never creates a database: a mistyped path would look like an empty one.
         print(f"no trace database at {where!r} (give --db or set ${DB_ENV})", file=sys.stderr)
         return 2
@@ -289,6 +289,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # e.g. export --output into a folder that does not exist
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # the database went away, or refused the query
         print(f"cannot read the trace database {where!r}: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,16 @@ from instrumentation.storage.schema import (
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
 
+#: FATAL messages from a server that is there but cannot take a connection just now.
+_TRANSIENT_FATAL = (
+    "starting up",
+    "shutting down",
+    "in recovery",
+    "too many clients",
+    "not yet accepting connections",
+    "remaining connection slots",
+)
+
 
 def _psycopg() -> Any:
     try:
@@ -95,7 +105,14 @@ class PostgresStore(SQLStore):
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
     def _unreachable(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._psycopg.OperationalError)
+        # A connection error carries no SQLSTATE, only libpq's text. A server that
+        # answered FATAL ("database ... does not exist", "role ... does not exist",
+        # "password authentication failed") is there but misconfigured: raise. Unless
+        # it is only busy or on its way up or down.
+        if not isinstance(exc, self._psycopg.OperationalError):
+            return False
+        text = str(exc)
+        return "FATAL" not in text or any(word in text for word in _TRANSIENT_FATAL)
 
     def _forget_broken(self, exc: BaseException) -> None:
         if isinstance(exc, self._psycopg.OperationalError) and self._conn is not None:

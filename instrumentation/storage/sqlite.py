@@ -42,6 +42,8 @@ class SQLiteStore(SQLStore):
         self.path = str(path) if str(path) == ":memory:" else str(Path(path).resolve())
         if not isinstance(busy_timeout, (int, float)) or isinstance(busy_timeout, bool):
             raise TypeError(f"busy_timeout is seconds (a number), got {busy_timeout!r}")
+        if not 0 <= busy_timeout <= 86_400:
+            raise ValueError(f"busy_timeout is 0 to 86400 seconds, got {busy_timeout!r}")
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
         # A file locked by another process must not hold up the application's start.

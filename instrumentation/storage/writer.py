@@ -258,7 +258,7 @@ class BatchWriter:
         """
         if self._closed:
             self._stopped.wait(timeout)
-            return self._stopped.is_set() and not self._queue and not self.spool.pending
+            return self._stopped_with_all_stored()
         marker = _Marker()
         self._put_marker(marker)
         return marker.done.wait(timeout) and marker.ok
@@ -299,6 +299,9 @@ class BatchWriter:
         _writers.discard(self)
         if first:
             self._log_unlogged_drops()
+        return self._stopped_with_all_stored()
+
+    def _stopped_with_all_stored(self) -> bool:
         stop = self._stop_marker
         return (
             self._stopped.is_set()

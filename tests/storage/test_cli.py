@@ -98,6 +98,21 @@ def test_export_of_an_unknown_trace_fails(
     assert "no single trace matches 'deadbeef'" in capsys.readouterr().err
 
 
+def test_memory_database_and_output_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """':memory:' is a database that needs no file; an output file that cannot be
+    written is reported as such, not blamed on the database."""
+    out = io.StringIO()
+    assert main(["--db", ":memory:", "list"], out=out) == 0
+    assert "(no traces)" in out.getvalue()
+    SQLiteStore(tmp_path / "t.db").close()
+    target = tmp_path / "no-such-dir" / "out.jsonl"
+    assert main(["--db", str(tmp_path / "t.db"), "export", "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "out.jsonl" in err and "trace database" not in err
+
+
 @pytest.mark.parametrize("command", [["list"], ["show", "latest"], ["export"], ["tail"]])
 def test_a_missing_database_is_an_error_and_is_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]

@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
+
 from instrumentation import get_dispatcher, telemetry
 from instrumentation.storage.postgres import PostgresStore
 
@@ -87,3 +90,19 @@ def test_a_server_down_when_the_application_starts_does_not_stop_it(
     texts = reader._query("SELECT payload->>'text' FROM events", [])
     early = sorted(t[0] for t in texts if t[0] and t[0].startswith("early-"))
     assert early == sorted(f"early-{i}" for i in range(10))
+
+
+@pytest.mark.parametrize("wrong", ["database", "role"])
+def test_a_misconfigured_server_address_is_still_an_error_at_once(
+    postgres_server: Any, wrong: str
+) -> None:
+    """A server that answers 'no such database' or 'no such role' is not 'down'."""
+    port = postgres_server.port
+    dsn = (
+        postgres_server.dsn("no_such_database")
+        if wrong == "database"
+        else f"postgresql://no_such_role@127.0.0.1:{port}/postgres"
+    )
+    with pytest.raises(psycopg.OperationalError, match="does not exist"):
+        PostgresStore(dsn, connect_timeout=2)
+    assert telemetry.counter("storage.connect_errors").value == 0

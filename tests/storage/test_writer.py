@@ -259,6 +259,10 @@ def test_flush_is_false_when_rows_waiting_for_it_were_lost(
     handler.handle(NoteEvent(text="later"))
     assert handler.flush(5) is True  # a later flush covers only what came after
     assert [e.payload["text"] for e in store.events()] == ["later"]
+    store.fail = True
+    handler.handle(NoteEvent(text="lost at shutdown"))
+    assert handler.shutdown(5) is False
+    assert handler.flush(1) is False  # after shutdown, flush keeps shutdown's answer
 
 
 def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
@@ -288,6 +292,11 @@ def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
 def test_a_path_that_cannot_be_opened_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         SQLiteStore(tmp_path / "no-such-dir" / "t.db")
+    for bad in (float("inf"), -1, 10**9):
+        with pytest.raises(ValueError, match="busy_timeout"):
+            SQLiteStore(tmp_path / "t.db", busy_timeout=bad)
+    with pytest.raises(TypeError, match="busy_timeout"):
+        SQLiteStore(tmp_path / "t.db", busy_timeout="10")  # type: ignore[arg-type]
 
 
 def test_spool_of_a_dead_process_is_replayed(
