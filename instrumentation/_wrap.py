@@ -62,6 +62,14 @@ def _is_awaitable(value: Any) -> bool:
     return known
 
 
+def _is_types_coroutine(func: Any) -> bool:
+    """A ``@types.coroutine`` generator function: awaited, not iterated."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    code = getattr(getattr(func, "__func__", func), "__code__", None)
+    return code is not None and bool(code.co_flags & inspect.CO_ITERABLE_COROUTINE)
+
+
 def _looks_like_method(func: Callable[..., Any]) -> bool:
     """Whether ``func`` was defined in a class body with ``self``/``cls`` first.
 
@@ -110,22 +118,56 @@ def _await_in_span(
     @types.coroutine
     def run_generator_based() -> Any:
         # A ``types.coroutine`` result stays one: plain generators may ``yield from`` it.
+        # Whoever drives it, the span is current only while it runs.
         started[0] = True
-        handle = activate(span)
-        try:
-            result = yield from awaitable
-        except BaseException as err:
-            fail(chain, span, bound, instance, err)
-            raise
-        else:
-            finish(chain, span, bound, instance, result)
-            return result
-        finally:
-            deactivate(handle)
+        return (yield from _drive(awaitable, chain, span, bound, instance))
 
     coro = run_generator_based() if type(awaitable) is types.GeneratorType else run()
     weakref.finalize(coro, _drop_unstarted, started, chain, span, bound, instance)
     return coro
+
+
+def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any) -> Any:
+    """Run generator ``gen`` to its end as the span: current at each resume (not while
+    it is suspended, so interleaved generators each parent their own work), ended when
+    it returns, raises or is closed."""
+    to_send: Any = None
+    to_throw: BaseException | None = None
+    # What is current inside the body when it yields (a block it opened, say) is made
+    # current again when it resumes, not just the generator's span.
+    current: SpanContext = span
+    while True:
+        handle = activate(current)
+        try:
+            if to_throw is not None:
+                pending, to_throw = to_throw, None
+                item = gen.throw(pending)
+            else:
+                item = gen.send(to_send)
+        except StopIteration as stop:
+            finish(chain, span, bound, instance, stop.value)
+            return stop.value
+        except BaseException as err:
+            fail(chain, span, bound, instance, err)
+            raise
+        finally:
+            current = _active_span.get() or span
+            deactivate(handle)
+        try:
+            to_send = yield item
+        except GeneratorExit as closing:
+            handle = activate(current)
+            try:
+                gen.close()
+            except BaseException as err:
+                fail(chain, span, bound, instance, err)
+                raise
+            finally:
+                deactivate(handle)
+            fail(chain, span, bound, instance, closing)
+            raise
+        except BaseException as err:
+            to_throw, to_send = err, None
 
 
 def _drop_unstarted(
@@ -290,9 +332,7 @@ def _wrap_callable(
                 except BaseException as err:
                     to_throw, to_send = err, None
 
-    elif inspect.isgeneratorfunction(target) and not (
-        target.__code__.co_flags & inspect.CO_ITERABLE_COROUTINE
-    ):
+    elif inspect.isgeneratorfunction(target) and not _is_types_coroutine(target):
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             chain = d._hot
@@ -307,41 +347,7 @@ def _wrap_callable(
                 raise
             finally:
                 deactivate(handle)
-            to_send: Any = None
-            to_throw: BaseException | None = None
-            current: SpanContext = span
-            while True:
-                handle = activate(current)
-                try:
-                    if to_throw is not None:
-                        pending, to_throw = to_throw, None
-                        item = gen.throw(pending)
-                    else:
-                        item = gen.send(to_send)
-                except StopIteration as stop:
-                    finish(chain, span, bound, instance, stop.value)
-                    return stop.value
-                except BaseException as err:
-                    fail(chain, span, bound, instance, err)
-                    raise
-                finally:
-                    current = _active_span.get() or span
-                    deactivate(handle)
-                try:
-                    to_send = yield item
-                except GeneratorExit as closing:
-                    handle = activate(current)
-                    try:
-                        gen.close()
-                    except BaseException as err:
-                        fail(chain, span, bound, instance, err)
-                        raise
-                    finally:
-                        deactivate(handle)
-                    fail(chain, span, bound, instance, closing)
-                    raise
-                except BaseException as err:
-                    to_throw, to_send = err, None
+            return (yield from _drive(gen, chain, span, bound, instance))
 
     elif inspect.iscoroutinefunction(target):
 

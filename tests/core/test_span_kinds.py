@@ -400,13 +400,31 @@ def test_a_generator_based_coroutine_result_can_still_be_driven_by_hand(
     def trampoline() -> Generator[str, int, int]:
         return (yield from make_step())
 
+    @d.span
+    def unrelated() -> None:
+        return None
+
     driven = trampoline()
     assert next(driven) == "need-x"
+    assert current_span() is None  # suspended: the caller's context is its own
+    unrelated()
     with pytest.raises(StopIteration) as stopped:
         driven.send(21)
     assert stopped.value.value == 42
     r = rec.one(make_step.__qualname__)
     assert r.status == "exit" and r.result == 42
+    assert rec.one(unrelated.__qualname__).parent_id is None
+
+
+def test_a_partial_of_a_generator_function_can_be_decorated(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    def numbers(step: int) -> Iterator[int]:
+        yield from range(0, 3 * step, step)
+
+    wrapped = d.span(functools.partial(numbers, 2), name="numbers")
+    assert list(wrapped()) == [0, 2, 4]
+    assert rec.one("numbers").status == "exit"
 
 
 async def test_a_types_coroutine_function_can_be_decorated(d: Dispatcher, rec: Recorder) -> None:
