@@ -73,9 +73,10 @@ def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | N
     return coerce_usage(extra.get("usage")), reason if isinstance(reason, str) else None
 
 
-#: What the last predict() in this context reported, for structured_predict's end event.
-_last_predict: ContextVar[tuple[TokenUsage | None, str | None]] = ContextVar(
-    "instrumentation_last_predict", default=(None, None)
+#: Inside structured_predict: the usage and finish reason each model's predict() reported
+#: (by ``id`` of the model), for structured_predict's end event.
+_predict_reports: ContextVar[dict[int, tuple[TokenUsage | None, str | None]] | None] = ContextVar(
+    "instrumentation_predict_reports", default=None
 )
 
 
@@ -286,7 +287,9 @@ class BaseLLM(abc.ABC):
     def predict(self, template: str, **template_args: Any) -> str:
         """Fill ``template`` (``str.format`` style) with ``template_args`` and chat with it."""
         output, usage, reason = self._predict(template, template_args)
-        _last_predict.set((usage, reason))  # for structured_predict, which calls this
+        reports = _predict_reports.get()
+        if reports is not None:  # inside structured_predict, which calls this
+            reports[id(self)] = (usage, reason)
         return output
 
     def _predict(
@@ -353,12 +356,15 @@ class BaseLLM(abc.ABC):
                 )
             )
         started = time.perf_counter()
-        token = _last_predict.set((None, None))  # a predict() override may not set it
+        reports: dict[int, tuple[TokenUsage | None, str | None]] = {}
+        token = _predict_reports.set(reports)
         try:
             text = self.predict(template, **template_args)
-            usage, reason = _last_predict.get()
         finally:
-            _last_predict.reset(token)
+            _predict_reports.reset(token)
+        # This model's own predict (an override may ask another model too, or not call
+        # ours at all).
+        usage, reason = reports.get(id(self), (None, None))
         output = output_cls.model_validate_json(text)
         if listen:
             recorded: Any = output if not self._redaction().active else None

@@ -230,6 +230,7 @@ class OTLPHandle:
         self._closed = False
         self._clean_shutdown = False
         self._shut_down = threading.Event()
+        self._shutting_down_in: int | None = None
         #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
         self.exit_timeout_millis = 5_000
         atexit.register(self._at_exit)
@@ -261,9 +262,19 @@ class OTLPHandle:
         with self._lock:
             first = not self._closed
             self._closed = True
+            if first:
+                self._shutting_down_in = threading.get_ident()
         if not first:  # another call is shutting down, or did: its answer is ours
+            if self._shutting_down_in == threading.get_ident():
+                return self._shut_down.is_set() and self._clean_shutdown  # re-entered
             self._shut_down.wait(max(timeout_millis, 0) / 1000 + 2.0)
             return self._shut_down.is_set() and self._clean_shutdown
+        try:
+            return self._shutdown(timeout_millis)
+        finally:
+            self._shut_down.set()  # also when interrupted: later calls must not wait
+
+    def _shutdown(self, timeout_millis: int) -> bool:
         atexit.unregister(self._at_exit)
         failed_before = self._failures()
         self.dispatcher.remove_span_handler(self.handler)
@@ -280,7 +291,6 @@ class OTLPHandle:
             self.exporter.shutdown()
             worker.join(1.0)
         self._clean_shutdown = not worker.is_alive() and self._failures() == failed_before
-        self._shut_down.set()
         return self._clean_shutdown
 
     def _failures(self) -> int:

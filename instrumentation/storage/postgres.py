@@ -20,14 +20,12 @@ from instrumentation.storage.schema import (
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
 
-#: FATAL messages from a server that is there but cannot take a connection just now.
-_TRANSIENT_FATAL = (
-    "starting up",
-    "shutting down",
-    "in recovery",
-    "too many clients",
-    "not yet accepting connections",
-    "remaining connection slots",
+#: What PostgreSQL (in English) answers to a wrong database, role or password.
+_MISCONFIGURED = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
 )
 
 
@@ -105,14 +103,14 @@ class PostgresStore(SQLStore):
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
     def _unreachable(self, exc: BaseException) -> bool:
-        # A connection error carries no SQLSTATE, only libpq's text. A server that
-        # answered FATAL ("database ... does not exist", "role ... does not exist",
-        # "password authentication failed") is there but misconfigured: raise. Unless
-        # it is only busy or on its way up or down.
+        # A connection error carries no SQLSTATE, only libpq's text. Only a server that
+        # plainly says the address is wrong (no such database or role, a refused
+        # password) is raised; anything else, in any language, counts as "down": the
+        # application goes on, and the failure is logged and counted.
         if not isinstance(exc, self._psycopg.OperationalError):
             return False
         text = str(exc)
-        return "FATAL" not in text or any(word in text for word in _TRANSIENT_FATAL)
+        return not any(words in text for words in _MISCONFIGURED)
 
     def _forget_broken(self, exc: BaseException) -> None:
         if isinstance(exc, self._psycopg.OperationalError) and self._conn is not None:

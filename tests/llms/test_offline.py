@@ -328,3 +328,22 @@ def test_structured_predict_goes_through_an_overridden_predict(cap: Capture) -> 
     assert Cached.calls == 1 and cap.events_of(LLMChatEndEvent) == []
     [structured] = cap.events_of(LLMStructuredPredictEndEvent)
     assert structured.usage is None and structured.latency_ms is not None
+
+
+def test_structured_predict_reports_its_own_models_usage(cap: Capture) -> None:
+    """An override that also asks another model: the structured end event keeps this
+    model's usage, not the other's."""
+    judge = OfflineLLM(model="judge-model", answers=["yes " * 50])
+
+    class Checked(OfflineLLM):
+        def predict(self, template: str, **template_args: Any) -> str:
+            out = super().predict(template, **template_args)
+            judge.predict("Is this JSON? {x}", x=out)
+            return out
+
+    Checked(model="main-model", answers=['{"city": "Paris"}']).structured_predict(
+        Capital, "Capital of {c} as json", c="France"
+    )
+    mine = [e for e in cap.events_of(LLMPredictEndEvent) if e.model == "main-model"]
+    [structured] = cap.events_of(LLMStructuredPredictEndEvent)
+    assert structured.usage is not None and structured.usage == mine[0].usage

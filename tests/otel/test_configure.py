@@ -267,3 +267,36 @@ def test_openinference_switch_reaches_the_collector(receiver: OTLPReceiver) -> N
         work()
     (span,) = receiver.spans
     assert span.attributes["openinference.span.kind"] == "CHAIN"
+
+
+def test_shutdown_answers_at_once_after_an_interrupted_or_reentered_shutdown(
+    receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C during shutdown, or a signal handler calling shutdown again from the same
+    thread, must not leave later calls waiting."""
+    interrupted = configure_otlp(endpoint=receiver.endpoint)
+    finish_later = interrupted._shutdown
+
+    def ctrl_c(timeout_millis: int) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(interrupted, "_shutdown", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.shutdown()
+    started = time.monotonic()
+    assert interrupted.shutdown(timeout_millis=5_000) is False
+    assert time.monotonic() - started < 1
+    finish_later(5_000)  # what the interrupted call would have done
+
+    reentered = configure_otlp(endpoint=receiver.endpoint)
+    inner: list[tuple[bool, float]] = []
+    real = reentered._shutdown
+
+    def with_signal(timeout_millis: int) -> bool:
+        started = time.monotonic()
+        inner.append((reentered.shutdown(timeout_millis=5_000), time.monotonic() - started))
+        return real(timeout_millis)
+
+    monkeypatch.setattr(reentered, "_shutdown", with_signal)
+    assert reentered.shutdown() is True
+    assert inner[0][0] is False and inner[0][1] < 1

@@ -106,3 +106,26 @@ def test_a_misconfigured_server_address_is_still_an_error_at_once(
     with pytest.raises(psycopg.OperationalError, match="does not exist"):
         PostgresStore(dsn, connect_timeout=2)
     assert telemetry.counter("storage.connect_errors").value == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "down"),
+    [
+        ('connection to server at "h" failed: Connection refused', True),
+        ("FATAL:  sorry, too many clients already", True),
+        ('FATAL:  too many connections for role "app"', True),
+        ("FATAL:  terminating connection due to administrator command", True),
+        ("FATAL:  the database system is starting up", True),
+        ("FATAL:  das Datenbanksystem fährt herunter", True),
+        ('FATAL:  database "traces" does not exist', False),
+        ('FATAL:  role "app" does not exist', False),
+        ('FATAL:  password authentication failed for user "app"', False),
+        ('FATAL:  no pg_hba.conf entry for host "10.0.0.1"', False),
+    ],
+)
+def test_which_connection_errors_count_as_down(message: str, down: bool) -> None:
+    """Down (deferred, counted) unless the server plainly says the address is wrong."""
+    store = PostgresStore.__new__(PostgresStore)
+    store._psycopg = psycopg
+    assert store._unreachable(psycopg.OperationalError(message)) is down
+    assert store._unreachable(ValueError(message)) is False
