@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Hashable
 from typing import Any
 
 logger = logging.getLogger("instrumentation")
@@ -78,8 +79,8 @@ class Counter:
 _registry_lock = threading.Lock()
 _counters: dict[str, Counter] = {}
 _handler_errors: dict[str, Counter] = {}
-_last_logged: dict[str, float] = {}
-_suppressed_since_log: dict[str, int] = {}
+_last_logged: dict[Hashable, float] = {}
+_suppressed_since_log: dict[Hashable, int] = {}
 
 
 def counter(name: str) -> Counter:
@@ -120,6 +121,22 @@ def handler_name(handler: object) -> str:
     return str(name)
 
 
+def log_turn(key: Hashable) -> int | None:
+    """Whether a rate-limited log line about ``key`` may go out now.
+
+    At most one line per key every ``LOG_INTERVAL_SECONDS``, so that a handler failing
+    on every call cannot flood the log. Returns how many lines were held back since
+    the last one went out, or None when this one is held back too.
+    """
+    now = time.monotonic()
+    last = _last_logged.get(key)
+    if last is not None and now - last < LOG_INTERVAL_SECONDS:
+        _suppressed_since_log[key] = _suppressed_since_log.get(key, 0) + 1
+        return None
+    _last_logged[key] = now
+    return _suppressed_since_log.pop(key, 0)
+
+
 def report_handler_error(handler: object, where: str, subject: str, exc: BaseException) -> None:
     """Count and log an exception raised by a handler; never raises (unless asked to).
 
@@ -136,13 +153,9 @@ def report_handler_error(handler: object, where: str, subject: str, exc: BaseExc
                 per_handler = _handler_errors.setdefault(name, Counter(name))
         per_handler.inc()
         HANDLER_ERRORS.inc()
-        now = time.monotonic()
-        last = _last_logged.get(name)
-        if last is not None and now - last < LOG_INTERVAL_SECONDS:
-            _suppressed_since_log[name] = _suppressed_since_log.get(name, 0) + 1
+        suppressed = log_turn(name)
+        if suppressed is None:
             return
-        _last_logged[name] = now
-        suppressed = _suppressed_since_log.pop(name, 0)
         more = f" ({suppressed} more errors from it in the last interval)" if suppressed else ""
         logger.error(
             "instrumentation handler %s failed in %s while handling %s: %r%s",
@@ -189,6 +202,7 @@ __all__ = [
     "Counter",
     "counter",
     "handler_errors",
+    "log_turn",
     "report_handler_error",
     "reset",
     "snapshot",

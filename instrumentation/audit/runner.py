@@ -33,10 +33,6 @@ TIMEOUTS = telemetry.counter("audit.timeouts")
 REQUESTS = telemetry.counter("audit.requests")
 EVENTS = telemetry.counter("audit.events")
 
-#: At most one log record per handler class and method in this many seconds.
-LOG_INTERVAL_SECONDS = 10.0
-_last_logged: dict[tuple[str, str], float] = {}
-
 _sequence = itertools.count(1)
 _tasks: set[asyncio.Task[None]] = set()
 
@@ -82,11 +78,8 @@ def check_timeout(timeout: object) -> float:
 def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) -> None:
     HANDLER_ERRORS.inc()
     name = type(handler).__name__
-    now = time.monotonic()
-    last = _last_logged.get((name, method))
-    if last is not None and now - last < LOG_INTERVAL_SECONDS:
+    if telemetry.log_turn(("audit", name, method)) is None:
         return
-    _last_logged[(name, method)] = now
     logger.error(
         "audit handler %s failed in %s: %r (the request goes on; its later calls get None "
         "for the context it could not make)",
