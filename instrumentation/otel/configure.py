@@ -56,8 +56,7 @@ class SuppressedExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
-        #: Spans exported, and spans whose export failed or was given up (this exporter).
-        self.exported = 0
+        #: Spans whose export failed or was given up (by this exporter).
         self.not_exported = 0
         self._give_up_at: float | None = None
         self._inner_shut = False
@@ -78,7 +77,6 @@ class SuppressedExporter(SpanExporter):
                 logger.exception("OTLP export of %d spans failed", len(spans))
                 result = SpanExportResult.FAILURE
         if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
             _SPANS_EXPORTED.add(len(spans))
         else:
             _EXPORT_FAILURES.inc()
@@ -217,7 +215,7 @@ class OTLPHandle:
         self,
         tracer_provider: TracerProvider,
         handler: OpenTelemetrySpanHandler,
-        exporter: SpanExporter,
+        exporter: SuppressedExporter,
         dispatcher: Dispatcher,
         protocol: str,
     ) -> None:
@@ -245,12 +243,12 @@ class OTLPHandle:
         False when ``timeout_millis`` passes first (the export goes on in the
         background) or when any export failed meanwhile.
         """
-        failed_before = self._failures()
+        failed_before = self.exporter.not_exported
         worker, outcome = _in_thread(
             lambda: self.tracer_provider.force_flush(timeout_millis), "instrumentation-otel-flush"
         )
         worker.join(max(timeout_millis, 0) / 1000)
-        return bool(outcome) and bool(outcome[0]) and self._failures() == failed_before
+        return bool(outcome) and bool(outcome[0]) and self.exporter.not_exported == failed_before
 
     def shutdown(self, timeout_millis: int = 10_000) -> bool:
         """Detach the handler, end spans still open, flush everything, stop the exporter.
@@ -276,13 +274,12 @@ class OTLPHandle:
 
     def _shutdown(self, timeout_millis: int) -> bool:
         atexit.unregister(self._at_exit)
-        failed_before = self._failures()
+        failed_before = self.exporter.not_exported
         self.dispatcher.remove_span_handler(self.handler)
         self.dispatcher.remove_event_handler(self.handler)
         self.handler.close()
         timeout_s = timeout_millis / 1000
-        if isinstance(self.exporter, SuppressedExporter):
-            self.exporter.give_up_at(time.monotonic() + timeout_s)
+        self.exporter.give_up_at(time.monotonic() + timeout_s)
         worker, _ = _in_thread(self.tracer_provider.shutdown, "instrumentation-otel-shutdown")
         worker.join(max(timeout_s, 0.0))
         if worker.is_alive():
@@ -290,12 +287,8 @@ class OTLPHandle:
             # stopping the exporter cuts its wait short; what is left is counted.
             self.exporter.shutdown()
             worker.join(1.0)
-        self._clean_shutdown = not worker.is_alive() and self._failures() == failed_before
+        self._clean_shutdown = not worker.is_alive() and self.exporter.not_exported == failed_before
         return self._clean_shutdown
-
-    def _failures(self) -> int:
-        exporter = self.exporter
-        return exporter.not_exported if isinstance(exporter, SuppressedExporter) else 0
 
     def _at_exit(self) -> None:
         self.shutdown(timeout_millis=self.exit_timeout_millis)

@@ -124,12 +124,9 @@ class Snapshot:
             root_manager._rebuild_all()
         telemetry.raise_handler_errors = self.raise_handler_errors
         span, tags, suppressed = self.context
-        if _active_span.get() is not span:
-            _active_span.set(span)
-        if _active_tags.get() is not tags:
-            _active_tags.set(tags)
-        if _suppressed.get() is not suppressed:
-            _suppressed.set(suppressed)
+        _active_span.set(span)
+        _active_tags.set(tags)
+        _suppressed.set(suppressed)
 
 
 class Capture:
