@@ -55,6 +55,7 @@ logger = logging.getLogger("instrumentation.llms")
 dispatcher = get_dispatcher(__name__)
 
 PROVIDER = "openai"
+_describe_errors = telemetry.counter("llms.openai.describe_errors")
 CHAT_SPAN = "OpenAI.chat.completions.create"
 EMBEDDING_SPAN = "OpenAI.embeddings.create"
 
@@ -161,7 +162,7 @@ def _new_call(instance: Any, kwargs: Mapping[str, Any]) -> LLMCall | None:
             model_dict=_model_dict(instance, model),
         )
     except Exception as exc:
-        telemetry.counter("llms.openai.describe_errors").inc()
+        _describe_errors.inc()
         logger.warning(
             "an OpenAI chat request could not be described, so it is not traced: %r", exc
         )
@@ -171,35 +172,36 @@ def _new_call(instance: Any, kwargs: Mapping[str, Any]) -> LLMCall | None:
 def _finish_completion(call: LLMCall, completion: Any) -> None:
     """End ``call`` with a ``ChatCompletion`` (or whatever ``create`` returned).
 
-    A reply we cannot describe still ends the call, without a response: the client's
-    caller gets the reply either way.
+    A reply we cannot describe still ends the call, with its usage when that can be
+    read: the client's caller gets the reply either way.
     """
     try:
-        response, usage, reason, model = _describe_completion(completion)
+        usage = coerce_usage(_get(completion, "usage"))
     except Exception as exc:
-        telemetry.counter("llms.openai.describe_errors").inc()
-        logger.warning("an OpenAI chat reply could not be described: %r", exc)
-        try:
-            usage = coerce_usage(_get(completion, "usage"))
-        except Exception:
-            usage = None
+        _describe_failed("reply usage", exc)
+        usage = None
+    try:
+        response, reason, model = _describe_completion(completion)
+    except Exception as exc:
+        _describe_failed("reply", exc)
         response = reason = model = None
     call.end(response, usage, reason, model)
 
 
-def _describe_completion(
-    completion: Any,
-) -> tuple[ChatResponse | None, TokenUsage | None, str | None, str | None]:
-    usage = coerce_usage(_get(completion, "usage"))
+def _describe_failed(what: str, exc: Exception) -> None:
+    _describe_errors.inc()
+    logger.warning("an OpenAI chat %s could not be described: %r", what, exc)
+
+
+def _describe_completion(completion: Any) -> tuple[ChatResponse | None, str | None, str | None]:
     choices = _get(completion, "choices")
     if not choices:  # e.g. a raw-response wrapper: end without a description
-        return None, usage, None, None
+        return None, None, None
     first = choices[0]
     message = to_chat_message(_get(first, "message"))
     model = _get(completion, "model")
     return (
         ChatResponse(message=message, raw=completion),
-        usage,
         _get(first, "finish_reason"),
         model if isinstance(model, str) else None,
     )
