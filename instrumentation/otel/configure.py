@@ -229,6 +229,7 @@ class OTLPHandle:
         self._clean_shutdown = False
         self._shut_down = threading.Event()
         self._shutting_down_in: int | None = None
+        self._flushing: threading.Thread | None = None
         #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
         self.exit_timeout_millis = 5_000
         atexit.register(self._at_exit)
@@ -243,11 +244,21 @@ class OTLPHandle:
         False when ``timeout_millis`` passes first (the export goes on in the
         background) or when any export failed meanwhile.
         """
+        deadline = time.monotonic() + max(timeout_millis, 0) / 1000
         failed_before = self.exporter.not_exported
+        earlier = self._flushing
+        if earlier is not None and earlier.is_alive():
+            # An earlier flush that timed out still waits on the exporter. A new one
+            # would only queue behind it, so wait for it instead of adding a thread.
+            earlier.join(max(deadline - time.monotonic(), 0.0))
+            if earlier.is_alive():
+                return False
+        left_millis = max(int((deadline - time.monotonic()) * 1000), 0)
         worker, outcome = _in_thread(
-            lambda: self.tracer_provider.force_flush(timeout_millis), "instrumentation-otel-flush"
+            lambda: self.tracer_provider.force_flush(left_millis), "instrumentation-otel-flush"
         )
-        worker.join(max(timeout_millis, 0) / 1000)
+        self._flushing = worker
+        worker.join(max(deadline - time.monotonic(), 0.0))
         return bool(outcome) and bool(outcome[0]) and self.exporter.not_exported == failed_before
 
     def shutdown(self, timeout_millis: int = 10_000) -> bool:

@@ -115,6 +115,23 @@ def test_a_collector_that_does_not_answer_bounds_flush_and_shutdown() -> None:
     assert otlp.shutdown() is False  # idempotent
 
 
+def test_flushes_that_time_out_keep_at_most_one_thread_waiting() -> None:
+    """Each flush that times out used to leave a thread behind until its export ended."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        for i in range(4):
+            with get_dispatcher("tests.otel.flushes").span(f"unit{i}"):
+                pass
+            assert otlp.force_flush(200) is False
+        flushing = [t for t in threading.enumerate() if t.name == "instrumentation-otel-flush"]
+        assert len(flushing) == 1
+    finally:
+        assert otlp.shutdown(timeout_millis=500) is False
+
+
 def test_a_shutdown_racing_another_gets_the_same_answer() -> None:
     """The second caller waits for the first, instead of answering True at once."""
     with socket.socket() as probe:
