@@ -34,8 +34,73 @@ class Chain:
         # Handlers that never look at the arguments (needs_bound_args = False) spare
         # every call the making of a BoundArguments.
         self.needs_bound_args = any(getattr(h, "needs_bound_args", True) for h in spans)
-        self.enters = tuple((h, getattr(h, "positional_span_enter", None)) for h in spans)
+        self.enters = tuple((h, _positional_enter(h)) for h in spans)
         self.exits = tuple((h, getattr(h, "positional_span_exit", None)) for h in spans)
+
+
+#: What the dispatcher passes to ``span_enter`` besides the guide's arguments.
+ENTER_EXTRAS = ("name", "trace_id", "dispatcher", "attributes")
+
+_enter_extras_cache: dict[type, tuple[str, ...] | None] = {}
+
+
+def enter_extras(cls: type) -> tuple[str, ...] | None:
+    """Which of :data:`ENTER_EXTRAS` ``cls.span_enter`` takes; None when it takes them all.
+
+    A handler written for LlamaIndex may override ``span_enter`` with the guide's
+    arguments only, without ``**kwargs``; it is then called with those (and whichever
+    extras it names), instead of failing on every span.
+    """
+    try:
+        return _enter_extras_cache[cls]
+    except KeyError:
+        pass
+    found: tuple[str, ...] | None = None
+    try:
+        params = inspect.signature(cls.span_enter).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        params = None
+    if params is not None and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    ):
+        found = tuple(name for name in ENTER_EXTRAS if name in params)
+    _enter_extras_cache[cls] = found
+    return found
+
+
+def _positional_enter(handler: Any) -> Any:
+    """The callable :func:`start` calls positionally, or None for ``span_enter(**all)``."""
+    positional = getattr(handler, "positional_span_enter", None)
+    if positional is not None:
+        return positional
+    extras = enter_extras(type(handler))
+    if extras is None:
+        return None
+    span_enter = handler.span_enter
+
+    def enter(
+        id_: str,
+        bound_args: Any,
+        instance: Any,
+        parent_id: str | None,
+        tags: Any,
+        name: str,
+        trace_id: str,
+        dispatcher: str,
+        attributes: Any,
+    ) -> None:
+        given = {"name": name, "trace_id": trace_id, "dispatcher": dispatcher}
+        given["attributes"] = attributes
+        span_enter(
+            id_=id_,
+            bound_args=bound_args,
+            instance=instance,
+            parent_id=parent_id,
+            tags=tags,
+            **{key: given[key] for key in extras},
+        )
+
+    return enter
 
 
 class LazySignature:
@@ -268,10 +333,12 @@ def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]
 
 __all__ = [
     "EMPTY_BOUND_ARGS",
+    "ENTER_EXTRAS",
     "Chain",
     "LazyBoundArguments",
     "LazySignature",
     "dispatch_event",
+    "enter_extras",
     "fail",
     "finish",
     "start",

@@ -18,11 +18,13 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, overload
+from typing import Any, SupportsIndex, TypeVar, overload
+
+from typing_extensions import Self
 
 from instrumentation import telemetry
 from instrumentation._ids import new_trace_id
-from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, fail, finish, start
+from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, enter_extras, fail, finish, start
 from instrumentation._wrap import LLAMA_MARK, MARK, wrap
 from instrumentation.context import (
     _EMPTY_TAGS,
@@ -76,6 +78,80 @@ def _check_name(name: object) -> str:
             f"(like 'myapp.db'); got {name!r}"
         )
     return name
+
+
+_H = TypeVar("_H")
+
+
+class HandlerList(list[_H]):
+    """A dispatcher's own handlers as a list; changing it changes the dispatcher.
+
+    LlamaIndex keeps handlers in plain lists that code appends to and removes from.
+    The dispatcher itself keeps a tuple (so that dispatching needs no lock), and each
+    change made through this list is applied to the dispatcher's current handlers,
+    checked, and re-links the handler chains, as ``add_*_handler`` does.
+    """
+
+    __slots__ = ("_attr", "_owner")
+
+    def __init__(self, owner: Dispatcher, attr: str) -> None:
+        super().__init__(getattr(owner, attr))
+        self._owner = owner
+        self._attr = attr
+
+    def _apply(self, change: Callable[[list[_H]], Any]) -> Any:
+        owner, attr = self._owner, self._attr
+        with _lock:
+            # From the dispatcher's handlers as they are now, not as they were when
+            # this list was made: another thread may have added one meanwhile.
+            handlers: list[_H] = list(getattr(owner, attr))
+            result = change(handlers)
+            owner._set_own(attr, handlers)
+            list.__init__(self, getattr(owner, attr))
+        return result
+
+    def append(self, handler: _H) -> None:
+        self._apply(lambda hs: hs.append(handler))
+
+    def extend(self, handlers: Iterable[_H]) -> None:
+        more = list(handlers)
+        self._apply(lambda hs: hs.extend(more))
+
+    def insert(self, index: SupportsIndex, handler: _H) -> None:
+        self._apply(lambda hs: hs.insert(index, handler))
+
+    def remove(self, handler: _H) -> None:
+        self._apply(lambda hs: hs.remove(handler))
+
+    def pop(self, index: SupportsIndex = -1) -> _H:
+        popped: _H = self._apply(lambda hs: hs.pop(index))
+        return popped
+
+    def clear(self) -> None:
+        self._apply(lambda hs: hs.clear())
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        self._apply(lambda hs: hs.sort(*args, **kwargs))
+
+    def reverse(self) -> None:
+        self._apply(lambda hs: hs.reverse())
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._apply(lambda hs: hs.__setitem__(index, value))
+
+    def __delitem__(self, index: Any) -> None:
+        self._apply(lambda hs: hs.__delitem__(index))
+
+    def __iadd__(self, handlers: Iterable[_H]) -> Self:  # type: ignore[override,misc]
+        self.extend(handlers)
+        return self
+
+    def __imul__(self, times: SupportsIndex) -> Self:
+        self._apply(lambda hs: hs.__imul__(times))
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (list(self),))
 
 
 class _PlaceHolder:
@@ -179,27 +255,30 @@ class Dispatcher:
     # -- handlers -------------------------------------------------------------------
 
     @property
-    def event_handlers(self) -> tuple[BaseEventHandler, ...]:
-        """This dispatcher's own event handlers (assign a list to replace them)."""
-        return self._event_handlers
+    def event_handlers(self) -> HandlerList[BaseEventHandler]:
+        """This dispatcher's own event handlers, as a list that may be changed in place
+        (``d.event_handlers.append(h)``, as LlamaIndex code does) or replaced."""
+        return HandlerList(self, "_event_handlers")
 
     @event_handlers.setter
     def event_handlers(self, handlers: Iterable[BaseEventHandler]) -> None:
-        checked = tuple(_check_event_handler(h) for h in handlers)
-        with _lock:
-            self._event_handlers = checked
-            self._changed()
+        self._set_own("_event_handlers", handlers)
 
     @property
-    def span_handlers(self) -> tuple[BaseSpanHandler[Any], ...]:
-        """This dispatcher's own span handlers (assign a list to replace them)."""
-        return self._span_handlers
+    def span_handlers(self) -> HandlerList[BaseSpanHandler[Any]]:
+        """This dispatcher's own span handlers, as a list that may be changed in place
+        (``d.span_handlers.append(h)``, as LlamaIndex code does) or replaced."""
+        return HandlerList(self, "_span_handlers")
 
     @span_handlers.setter
     def span_handlers(self, handlers: Iterable[BaseSpanHandler[Any]]) -> None:
-        checked = tuple(_check_span_handler(h) for h in handlers)
+        self._set_own("_span_handlers", handlers)
+
+    def _set_own(self, attr: str, handlers: Iterable[Any]) -> None:
+        check = _check_event_handler if attr == "_event_handlers" else _check_span_handler
+        checked = tuple(check(h) for h in handlers)
         with _lock:
-            self._span_handlers = checked
+            setattr(self, attr, checked)
             self._changed()
 
     def add_event_handler(self, handler: BaseEventHandler) -> None:
@@ -323,6 +402,7 @@ class Dispatcher:
         kwargs.setdefault("attributes", None)
         telemetry.SPANS_STARTED.inc()
         for handler in chain.spans:
+            extras = enter_extras(type(handler))
             try:
                 handler.span_enter(
                     id_=id_,
@@ -330,7 +410,7 @@ class Dispatcher:
                     instance=instance,
                     parent_id=parent_id,
                     tags=tags,
-                    **kwargs,
+                    **(kwargs if extras is None else {k: kwargs[k] for k in extras}),
                 )
             except Exception as exc:
                 telemetry.report_handler_error(handler, "span_enter", id_, exc)
@@ -535,6 +615,8 @@ class Dispatcher:
                 except Exception as exc:
                     telemetry.report_handler_error(handler, "span_drop", span_id, exc)
                 else:
+                    if isinstance(handler, BaseSpanHandler):
+                        handler._dropped_at_shutdown(span_id)
                     if span_id not in dropped:
                         dropped.add(span_id)
                         telemetry.SPANS_DROPPED_BY_SHUTDOWN.inc()
@@ -840,6 +922,7 @@ class DispatcherSpanMixin:
 __all__ = [
     "Dispatcher",
     "DispatcherSpanMixin",
+    "HandlerList",
     "Manager",
     "SpanBlock",
     "get_dispatcher",

@@ -14,6 +14,16 @@ from instrumentation.span.base import BaseSpan
 
 T = TypeVar("T", bound=BaseSpan)
 
+#: The methods that receive ``bound_args``.
+_SPAN_METHODS = (
+    "new_span",
+    "prepare_to_exit_span",
+    "prepare_to_drop_span",
+    "span_enter",
+    "span_exit",
+    "span_drop",
+)
+
 _takes_kwargs_cache: dict[type, tuple[bool, bool, bool]] = {}
 
 
@@ -67,10 +77,23 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         default=10_000, ge=0, description="How many completed (and dropped) spans to keep."
     )
     _lock: threading.Lock | None = PrivateAttr(default=None)
+    # Spans that Dispatcher.shutdown() dropped while their calls still ran: the calls'
+    # own exit or drop, when it comes, is not passed on a second time.
+    _ended_by_shutdown: set[str] | None = PrivateAttr(default=None)
 
     #: Set to False in a handler that never reads ``bound_args``: the dispatcher then
     #: passes an empty one and saves making it on every call.
     needs_bound_args: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A handler that said it never reads the arguments speaks for its own methods
+        # only: a subclass that overrides one of them (a LlamaIndex-style subclass of
+        # SimpleSpanHandler, say) gets them, unless it says otherwise itself.
+        if "needs_bound_args" not in cls.__dict__ and any(
+            name in cls.__dict__ for name in _SPAN_METHODS
+        ):
+            cls.needs_bound_args = True
 
     def model_post_init(self, __context: Any) -> None:
         self.completed_spans = deque(self.completed_spans, maxlen=self.max_completed_spans)
@@ -123,8 +146,10 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         if fields is not None:
             if fields.get("trace_id", False) is None and "trace_id" in kwargs:
                 fields["trace_id"] = kwargs["trace_id"]
-            if fields.get("name", False) is None and "name" in kwargs:
-                fields["name"] = kwargs["name"]
+            if fields.get("name", False) is None:
+                # An override of span_enter without **kwargs gets no name: take the
+                # one in the id ("Qualname-<hex>").
+                fields["name"] = kwargs.get("name") or id_.rpartition("-")[0] or id_
         self.open_spans[id_] = span
 
     def span_exit(
@@ -135,8 +160,11 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         result: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        """End span ``id_`` with :meth:`prepare_to_exit_span`."""
-        if id_ not in self.open_spans:
+        """End span ``id_`` with :meth:`prepare_to_exit_span`, called even when ``id_`` is
+        not open here (``new_span`` kept nothing), as in LlamaIndex."""
+        ended = self._ended_by_shutdown
+        if ended is not None and id_ in ended:
+            ended.discard(id_)
             return
         if _takes_kwargs(type(self))[1]:
             span = self.prepare_to_exit_span(
@@ -158,7 +186,9 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         **kwargs: Any,
     ) -> None:
         """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
-        if id_ not in self.open_spans:
+        ended = self._ended_by_shutdown
+        if ended is not None and id_ in ended:
+            ended.discard(id_)
             return
         if _takes_kwargs(type(self))[2]:
             span = self.prepare_to_drop_span(
@@ -170,6 +200,12 @@ class BaseSpanHandler(BaseModel, Generic[T]):
             )
         if span is not None:
             self.open_spans.pop(id_, None)
+
+    def _dropped_at_shutdown(self, id_: str) -> None:
+        """Note that shutdown dropped span ``id_`` (see ``_ended_by_shutdown``)."""
+        if self._ended_by_shutdown is None:
+            self._ended_by_shutdown = set()
+        self._ended_by_shutdown.add(id_)
 
     def capture_propagation_context(self) -> dict[str, Any]:
         """What this handler needs to continue a trace in another process (nothing here)."""

@@ -135,7 +135,7 @@ def test_shutdown_drops_open_spans_closes_handlers_and_is_safe_twice(d: Dispatch
     assert all("shut down" in (s.metadata or {}).get("error", "") for s in spans.dropped_spans)
     assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 2
     assert (spans.closed, events.closed, child_events.closed) == (1, 1, 1)
-    assert d.span_handlers == () and d.event_handlers == () and child.event_handlers == ()
+    assert d.span_handlers == [] and d.event_handlers == [] and child.event_handlers == []
     assert list(it) == [2]  # the application goes on after shutdown
     d.shutdown()
     assert (spans.closed, events.closed) == (1, 1)
@@ -266,8 +266,8 @@ def test_isolated_restores_state_even_on_error(d: Dispatcher) -> None:
         assert cap.events_of(BaseEvent) == cap.events and f.__qualname__ in cap.tree()
         d.propagate = False
         raise RuntimeError
-    assert d.event_handlers == (keep,) and d.propagate is True
-    assert root_dispatcher.event_handlers == () and root_dispatcher.span_handlers == ()
+    assert d.event_handlers == [keep] and d.propagate is True
+    assert root_dispatcher.event_handlers == [] and root_dispatcher.span_handlers == []
 
 
 def test_pytest_fixture(instrumentation_capture: Capture) -> None:
@@ -289,7 +289,7 @@ def test_capture_on_a_dispatcher_made_by_hand_leaves_no_handler() -> None:
     with capture_events(alone) as events, capture_spans(alone):
         alone.event(BaseEvent())
     assert len(events) == 1
-    assert alone.event_handlers == () and alone.span_handlers == ()
+    assert alone.event_handlers == [] and alone.span_handlers == []
 
 
 def test_isolated_records_dispatchers_that_do_not_propagate(d: Dispatcher) -> None:

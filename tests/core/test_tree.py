@@ -227,4 +227,4 @@ def test_wrong_handler_types_raise_type_error_with_advice() -> None:
         d.propagate = "no"  # type: ignore[assignment]
     with pytest.raises(TypeError, match="BaseEvent"):
         d.event({"not": "an event"})  # type: ignore[arg-type]
-    assert d.event_handlers == () and d.span_handlers == ()
+    assert d.event_handlers == [] and d.span_handlers == []

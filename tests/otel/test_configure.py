@@ -67,7 +67,7 @@ def test_spans_reach_the_collector_with_names_parents_attributes(receiver: OTLPR
     assert len(failed) == 1 and failed[0].status_message == "ValueError: negative amount"
     assert [e.name for e in failed[0].events] == ["Step", "exception"]
     assert all(e.attributes["label"] == "charged" for s in pays for e in s.events[:1])
-    assert root_dispatcher.span_handlers == () and root_dispatcher.event_handlers == ()
+    assert root_dispatcher.span_handlers == [] and root_dispatcher.event_handlers == []
 
 
 def test_shutdown_flushes_everything_and_is_idempotent(receiver: OTLPReceiver) -> None:
@@ -225,7 +225,7 @@ def test_bad_arguments_say_what_to_do() -> None:
         configure_otlp(endpoint=4318)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="mapping of str"):
         configure_otlp(endpoint="http://127.0.0.1:1", headers=[("a", "b")])  # type: ignore[arg-type]
-    assert root_dispatcher.span_handlers == ()
+    assert root_dispatcher.span_handlers == []
 
 
 def test_grpc_protocol_uses_the_grpc_exporter() -> None:

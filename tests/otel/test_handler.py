@@ -374,7 +374,7 @@ def test_handler_is_one_object_for_both_roles() -> None:
     try:
         d.add_span_handler(handler)
         d.add_event_handler(handler)
-        assert d.span_handlers == (handler,) and d.event_handlers == (handler,)
+        assert d.span_handlers == [handler] and d.event_handlers == [handler]
     finally:
         d.remove_span_handler(handler)
         d.remove_event_handler(handler)
@@ -463,7 +463,7 @@ def test_dispatcher_shutdown_ends_open_spans_and_detaches(traced: Traced) -> Non
         block.__exit__(None, None, None)
     (span,) = traced.spans()
     assert span.status.status_code is StatusCode.ERROR
-    assert d.span_handlers == () and BRIDGE.tables() == []
+    assert d.span_handlers == [] and BRIDGE.tables() == []
 
 
 def test_nothing_is_traced_where_otel_suppresses_instrumentation(traced: Traced) -> None:

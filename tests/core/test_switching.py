@@ -1,0 +1,166 @@
+"""Code written for LlamaIndex's instrumentation runs with its imports changed.
+
+Each test is a pattern found in LlamaIndex's own code or its users', that used to
+fail or lose spans here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+
+import instrumentation as instrument
+from instrumentation import get_dispatcher, root_dispatcher, telemetry
+from instrumentation.event_handlers import BaseEventHandler
+from instrumentation.events import BaseEvent
+from instrumentation.span import SimpleSpan
+from instrumentation.span_handlers import BaseSpanHandler, SimpleSpanHandler
+
+
+class Counting(BaseEventHandler):
+    seen: int = 0
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        self.seen += 1
+
+
+def test_handler_lists_can_be_changed_in_place() -> None:
+    """``root.span_handlers.append(h)`` / ``.remove(h)``, as LlamaIndex's tests do."""
+    d = get_dispatcher("switching.lists")
+    counting = Counting()
+    root_dispatcher.event_handlers.append(counting)
+    d.event(BaseEvent())
+    assert counting.seen == 1 and root_dispatcher.event_handlers == [counting]
+    root_dispatcher.event_handlers.remove(counting)
+    d.event(BaseEvent())
+    assert counting.seen == 1 and root_dispatcher.event_handlers == []
+
+    spans = SimpleSpanHandler()
+    d.span_handlers += [spans]
+    with d.span("block"):
+        pass
+    assert [s.name for s in spans.completed_spans] == ["block"]
+    d.span_handlers.clear()
+    with d.span("unseen"):
+        pass
+    assert len(spans.completed_spans) == 1
+
+
+def test_a_handler_list_applies_changes_to_the_current_handlers() -> None:
+    """A list read before another change does not undo that change."""
+    d = get_dispatcher("switching.stale")
+    first, second = Counting(), Counting()
+    held = d.event_handlers
+    d.add_event_handler(first)
+    held.append(second)
+    assert d.event_handlers == [first, second] and held == [first, second]
+    d.event(BaseEvent())
+    assert (first.seen, second.seen) == (1, 1)
+
+
+def test_a_handler_list_refuses_what_is_not_a_handler() -> None:
+    d = get_dispatcher("switching.refuse")
+    with pytest.raises(TypeError, match="BaseSpanHandler"):
+        d.span_handlers.append(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="BaseEventHandler"):
+        d.event_handlers.insert(0, SimpleSpanHandler())  # type: ignore[arg-type]
+    assert d.span_handlers == [] and d.event_handlers == []
+
+
+def test_a_subclass_of_simple_span_handler_receives_the_arguments() -> None:
+    """SimpleSpanHandler skips binding arguments it never reads; a subclass may read them."""
+    seen: list[dict[str, Any]] = []
+
+    class WithArgs(SimpleSpanHandler):
+        def new_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            parent_span_id: str | None = None,
+            tags: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> SimpleSpan:
+            seen.append(dict(bound_args.arguments))
+            return super().new_span(id_, bound_args, instance, parent_span_id, tags, **kwargs)
+
+    root_dispatcher.add_span_handler(WithArgs())
+    d = get_dispatcher("switching.args")
+
+    @d.span
+    def add(a: int, b: int = 2) -> int:
+        return a + b
+
+    add(1, b=5)
+    assert seen == [{"a": 1, "b": 5}]
+
+
+def test_a_span_enter_override_without_kwargs_still_sees_every_span() -> None:
+    """The dispatcher's extra keywords (name, trace_id, ...) go only where they are taken."""
+    entered: list[str] = []
+
+    class GuideOnly(SimpleSpanHandler):
+        def span_enter(  # type: ignore[override]
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            parent_id: str | None = None,
+            tags: dict[str, Any] | None = None,
+        ) -> None:
+            entered.append(id_)
+            super().span_enter(id_, bound_args, instance, parent_id, tags)
+
+    handler = GuideOnly()
+    root_dispatcher.add_span_handler(handler)
+    d = get_dispatcher("switching.enter")
+
+    @d.span
+    def work() -> None:
+        pass
+
+    work()
+    no_args = inspect.signature(lambda: None).bind()
+    d.span_enter("manual-1", bound_args=no_args)
+    d.span_exit("manual-1", bound_args=no_args)
+    assert len(entered) == 2 and telemetry.HANDLER_ERRORS.value == 0
+    assert sorted(s.name or "" for s in handler.completed_spans) == sorted(
+        ["manual", work.__qualname__]
+    )
+
+
+def test_prepare_methods_run_for_spans_new_span_did_not_keep() -> None:
+    """As in LlamaIndex: a handler whose new_span returns None still hears of the end."""
+    ends: list[str] = []
+
+    class EndsOnly(BaseSpanHandler[SimpleSpan]):
+        def new_span(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> None:
+            ends.append("exit")
+
+        def prepare_to_drop_span(self, id_: str, *args: Any, **kwargs: Any) -> None:
+            ends.append("drop")
+
+    root_dispatcher.add_span_handler(EndsOnly())
+    d = get_dispatcher("switching.ends")
+
+    @d.span
+    def fine() -> None:
+        pass
+
+    @d.span
+    def broken() -> None:
+        raise ValueError("no")
+
+    fine()
+    with pytest.raises(ValueError):
+        broken()
+    assert ends == ["exit", "drop"]
+
+
+def test_compat_names_import() -> None:
+    assert instrument.Dispatcher is not None
