@@ -20,6 +20,8 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from instrumentation._ids import new_trace_id
+
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
 
 
@@ -115,17 +117,46 @@ def current_tags() -> Mapping[str, Any]:
 
 
 class _ActiveSpanId:
-    """Read-only stand-in for LlamaIndex's ``active_span_id`` context variable."""
+    """Stands in for LlamaIndex's ``active_span_id`` context variable.
+
+    ``get()`` gives the current span's id. ``set(id_)`` makes a span of that id
+    current (a child of the span current before, in its trace; a new trace at the
+    top), so the hand-made spans of code written for LlamaIndex still parent what
+    runs inside them; ``reset(token)`` puts back what was current.
+    """
 
     __slots__ = ()
+
+    name = "active_span_id"
 
     def get(self, default: str | None = None) -> str | None:
         span = _active_span.get()
         return default if span is None else span.id_
 
+    def set(self, value: str | None) -> Token[SpanContext | None]:
+        if value is None:
+            return _active_span.set(None)
+        if not isinstance(value, str):
+            raise TypeError(f"active_span_id.set() takes a span id (str) or None; got {value!r}")
+        parent = _active_span.get()
+        if parent is None:
+            span = SpanContext(value, new_trace_id(), None, value.rpartition("-")[0] or value)
+        else:
+            span = SpanContext(
+                value, parent.trace_id, parent.id_, value.rpartition("-")[0] or value
+            )
+        return _active_span.set(span)
 
-#: Compatibility: ``active_span_id.get()`` returns the current span's id, as in LlamaIndex.
+    def reset(self, token: Token[SpanContext | None]) -> None:
+        _active_span.reset(token)
+
+
+#: Compatibility: LlamaIndex's ``active_span_id`` (``get``, ``set``, ``reset``).
 active_span_id = _ActiveSpanId()
+
+#: Compatibility: LlamaIndex's ``active_instrument_tags`` context variable, the tags
+#: :func:`instrument_tags` makes active.
+active_instrument_tags = _active_tags
 
 
 @contextmanager
@@ -285,6 +316,7 @@ __all__ = [
     "RemoteSpanContext",
     "SpanContext",
     "activate",
+    "active_instrument_tags",
     "active_span_id",
     "current_span",
     "current_span_id",

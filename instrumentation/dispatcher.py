@@ -18,7 +18,7 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, SupportsIndex, TypeVar, overload
+from typing import Any, Protocol, SupportsIndex, TypeVar, overload
 
 from typing_extensions import Self
 
@@ -34,6 +34,7 @@ from instrumentation.context import (
     _active_tags,
     _suppressed,
     activate,
+    active_instrument_tags,
     current_span,
     deactivate,
     format_traceparent,
@@ -48,6 +49,16 @@ from instrumentation.span_handlers.base import BaseSpanHandler
 F = TypeVar("F", bound=Callable[..., Any])
 
 ROOT_NAME = "root"
+
+#: LlamaIndex's name for the attribute that marks a function as already decorated.
+DISPATCHER_SPAN_DECORATED_ATTR = LLAMA_MARK
+
+
+class EventDispatcher(Protocol):
+    """What :meth:`Dispatcher.get_dispatch_event` returns (LlamaIndex's name)."""
+
+    def __call__(self, event: BaseEvent, **kwargs: Any) -> None: ...
+
 
 _next = next
 _events_dispatched = telemetry.EVENTS_DISPATCHED.ticks
@@ -169,8 +180,9 @@ _SHUTDOWN_ERROR_TEXT = "instrumentation shut down while the span was open"
 class Dispatcher:
     """Emits events and spans to its handlers and, unless ``propagate`` is off, its ancestors'.
 
-    Get one with :func:`get_dispatcher` (``get_dispatcher(__name__)`` in each module);
-    a dispatcher made directly is not in the tree and reaches only its own handlers.
+    Get one with :func:`get_dispatcher` (``get_dispatcher(__name__)`` in each module).
+    One made directly is not in the tree, and reaches only its own handlers, unless
+    it is given ``manager=root_manager``.
     """
 
     __slots__ = (
@@ -180,6 +192,7 @@ class Dispatcher:
         "_hot",
         "_manager",
         "_parent",
+        "_parent_name_given",
         "_propagate",
         "_span_handlers",
         "name",
@@ -191,9 +204,28 @@ class Dispatcher:
         event_handlers: Iterable[BaseEventHandler] = (),
         span_handlers: Iterable[BaseSpanHandler[Any]] = (),
         propagate: bool = True,
-        **_ignored: Any,
+        *,
+        manager: Manager | None = None,
+        parent_name: str | None = None,
+        root_name: str = ROOT_NAME,
+        current_span_ids: object = None,
     ) -> None:
+        """LlamaIndex's keyword arguments are taken: ``manager`` puts the dispatcher in
+        that manager's tree at once (as ``get_dispatcher`` would); ``parent_name``, if
+        given, must be the parent the dotted name gives when the dispatcher joins the
+        tree (a ``ValueError`` then says so); ``current_span_ids`` is ignored (current
+        spans live in context variables here)."""
         self.name = _check_name(name)
+        if root_name != ROOT_NAME:
+            raise ValueError(
+                f"the root dispatcher is called {ROOT_NAME!r}; got root_name={root_name!r}"
+            )
+        if parent_name is not None and not isinstance(parent_name, str):
+            raise TypeError(f"parent_name is a dispatcher name (str); got {parent_name!r}")
+        if manager is not None and not isinstance(manager, Manager):
+            raise TypeError(
+                f"manager is a Manager (such as root_manager); got {type(manager).__name__}"
+            )
         self._event_handlers: tuple[BaseEventHandler, ...] = tuple(
             _check_event_handler(h) for h in event_handlers
         )
@@ -206,6 +238,14 @@ class Dispatcher:
         self._ev: tuple[BaseEventHandler, ...] = ()
         self._hot: Chain | None = None
         self._rebuild()
+        self._parent_name_given = parent_name or None
+        if manager is not None:
+            manager.add_dispatcher(self)
+            if manager.dispatchers.get(self.name) is not self:
+                raise ValueError(
+                    f"the tree already has a dispatcher {self.name!r}: "
+                    f"use get_dispatcher({self.name!r}) to get it"
+                )
 
     # -- the tree -------------------------------------------------------------------
 
@@ -226,8 +266,23 @@ class Dispatcher:
         return node
 
     @property
+    def root_name(self) -> str:
+        return self.root.name
+
+    @property
     def manager(self) -> Manager | None:
         return self._manager
+
+    @property
+    def current_span_ids(self) -> dict[Any, str]:
+        """LlamaIndex's field, kept for code that reads it: the current span by dispatcher
+        name (an empty dict when no span is current)."""
+        span = _active_span.get()
+        return {} if span is None else {self.name: span.id_}
+
+    def get_dispatch_event(self) -> EventDispatcher:
+        """LlamaIndex's older spelling: the dispatcher's :meth:`event`."""
+        return self.event
 
     @property
     def log_name(self) -> str:
@@ -534,13 +589,13 @@ class Dispatcher:
                 telemetry.report_handler_error(
                     handler, "capture_propagation_context", self.name, exc
                 )
+        # Both keys are always there, so that restoring a context captured outside any
+        # span, or without tags, also clears what an earlier restore left current.
         span = current_span()
         if span is not None:
             out["traceparent"] = format_traceparent(span.trace_id, span.span_hex)
-            out["active_span_id"] = span.id_
-        tags = _active_tags.get()
-        if tags:
-            out["instrument_tags"] = dict(tags)
+        out["active_span_id"] = None if span is None else span.id_
+        out["instrument_tags"] = dict(_active_tags.get())
         return out
 
     def restore_propagation_context(self, context: Mapping[str, Any]) -> None:
@@ -556,14 +611,21 @@ class Dispatcher:
             )
         # Everything is checked before anything changes: a rejected context leaves the
         # current span, the tags and the handlers as they were.
+        # A key that is not there leaves its part as it is (as in LlamaIndex); what
+        # capture_propagation_context() gives always has both.
         parent: RemoteSpanContext | None = None
         traceparent = context.get("traceparent")
+        span_id = context.get("active_span_id")
+        if span_id is not None and not isinstance(span_id, str):
+            raise TypeError(f"active_span_id must be a str or None, got {type(span_id).__name__}")
         if traceparent is not None:
             trace_id, span_hex, _sampled = parse_traceparent(traceparent)
-            span_id = context.get("active_span_id")
-            if not isinstance(span_id, str) or span_hex_of(span_id) != span_hex:
+            if span_id is None or span_hex_of(span_id) != span_hex:
                 span_id = span_hex
             parent = RemoteSpanContext(span_id, trace_id, None, None)
+        elif span_id is not None:  # LlamaIndex's own key alone: the trace is not known
+            parent = RemoteSpanContext(span_id, new_trace_id(), None, None)
+        sets_span = "traceparent" in context or "active_span_id" in context
         tags = context.get("instrument_tags")
         if tags and not isinstance(tags, Mapping):
             raise TypeError(f"instrument_tags must be a mapping, got {type(tags).__name__}")
@@ -575,8 +637,10 @@ class Dispatcher:
                 telemetry.report_handler_error(
                     handler, "restore_propagation_context", self.name, exc
                 )
-        _active_span.set(parent)
-        _active_tags.set(dict(tags) if tags else _EMPTY_TAGS)
+        if sets_span:
+            _active_span.set(parent)
+        if "instrument_tags" in context:
+            _active_tags.set(dict(tags) if tags else _EMPTY_TAGS)
 
     # -- shutting down ----------------------------------------------------------------
 
@@ -857,11 +921,28 @@ class Manager:
             if isinstance(node, Dispatcher):
                 node._rebuild()
 
+    def parent_name_for(self, name: str) -> str:
+        """The name of the dispatcher that one called ``name`` would hang from now."""
+        i = name.rfind(".")
+        while i > 0:
+            if isinstance(self.dispatchers.get(name[:i]), Dispatcher):
+                return name[:i]
+            i = name.rfind(".", 0, i)
+        return self.root.name
+
     def add_dispatcher(self, d: Dispatcher) -> None:
-        """Put a dispatcher made by hand into the tree (LlamaIndex's spelling)."""
+        """Put a dispatcher made by hand into the tree (LlamaIndex's spelling); a name
+        the tree has already is left as it is."""
         with _lock:
             if d.name in self.dispatchers and isinstance(self.dispatchers[d.name], Dispatcher):
                 return
+            wanted, expected = d._parent_name_given, self.parent_name_for(d.name)
+            if wanted is not None and wanted != expected and d is not self.root:
+                raise ValueError(
+                    f"a dispatcher's parent comes from its dotted name: {d.name!r} would hang "
+                    f"from {expected!r}, not {wanted!r}; name it '{wanted}.{d.name}' to hang "
+                    f"it there, or leave parent_name out"
+                )
             self._place(d, self.dispatchers.get(d.name))
 
 
@@ -920,11 +1001,14 @@ class DispatcherSpanMixin:
 
 
 __all__ = [
+    "DISPATCHER_SPAN_DECORATED_ATTR",
     "Dispatcher",
     "DispatcherSpanMixin",
+    "EventDispatcher",
     "HandlerList",
     "Manager",
     "SpanBlock",
+    "active_instrument_tags",
     "get_dispatcher",
     "instrument_tags",
     "root_dispatcher",

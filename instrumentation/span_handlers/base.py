@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from instrumentation.span.base import BaseSpan
+from instrumentation.threads import Thread  # LlamaIndex's home for it
 
 T = TypeVar("T", bound=BaseSpan)
 
@@ -252,4 +253,4 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         """Finish the span after ``err``; return it to have it removed from ``open_spans``."""
 
 
-__all__ = ["BaseSpanHandler"]
+__all__ = ["BaseSpanHandler", "Thread"]

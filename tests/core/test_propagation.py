@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 from instrumentation import Dispatcher, current_span, get_dispatcher, instrument_tags
-from instrumentation.context import format_traceparent, parse_traceparent, span_hex_of
+from instrumentation.context import (
+    current_tags,
+    format_traceparent,
+    parse_traceparent,
+    span_hex_of,
+)
 
 from ._support import Recorder, fresh
 
@@ -63,12 +68,25 @@ def test_round_trip_through_json(d: Dispatcher, rec: Recorder) -> None:
     assert c.parent_id == p.id_ and c.trace_id == p.trace_id and c.tags == {"tenant": "acme"}
 
 
-def test_capture_outside_any_span_is_empty_and_restorable(d: Dispatcher) -> None:
-    """Outside a span with no tags the captured dict is empty, and restoring it changes nothing."""
+def test_capture_outside_any_span_says_so_and_restoring_it_clears(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """A context captured outside any span, without tags, says so; restoring it where a
+    span and tags are current (a queue consumer that restored the previous message's
+    context, say) leaves neither current. An empty dict changes nothing, as in LlamaIndex.
+    """
     ctx = d.capture_propagation_context()
-    assert ctx == {}
-    d.restore_propagation_context(ctx)
-    assert current_span() is None
+    assert ctx == {"active_span_id": None, "instrument_tags": {}}
+    json.dumps(ctx)
+
+    def consumer() -> None:
+        with instrument_tags({"tenant": "acme"}), d.span("previous message"):
+            d.restore_propagation_context({})
+            assert current_span() is not None and current_tags() == {"tenant": "acme"}
+            d.restore_propagation_context(ctx)
+            assert current_span() is None and current_tags() == {}
+
+    contextvars.Context().run(consumer)
 
 
 def test_traceparent_from_another_system(d: Dispatcher, rec: Recorder) -> None:
@@ -109,7 +127,6 @@ def test_bad_contexts_are_refused(d: Dispatcher) -> None:
     )
 
 
-
 def test_a_refused_context_changes_nothing(d: Dispatcher, rec: Recorder) -> None:
     """A context refused for bad tags leaves the current span as it was, and the span
     handlers are not asked to restore it.
@@ -121,6 +138,7 @@ def test_a_refused_context_changes_nothing(d: Dispatcher, rec: Recorder) -> None
             )
         current = current_span()
         assert current is not None and current.id_ == block.id_
+
 
 CHILD = textwrap.dedent(
     """

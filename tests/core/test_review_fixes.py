@@ -51,7 +51,7 @@ def test_restore_without_traceparent_clears_an_earlier_restore() -> None:
         with instrument.instrument_tags({"job": "A"}), d.span("request-A"):
             ctx_a = d.capture_propagation_context()
         ctx_b = d.capture_propagation_context()
-        assert ctx_b == {}
+        assert ctx_b == {"active_span_id": None, "instrument_tags": {}}
 
         def worker() -> None:
             d.restore_propagation_context(ctx_a)

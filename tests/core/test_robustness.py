@@ -99,7 +99,7 @@ def test_hand_made_dispatcher_and_add_dispatcher() -> None:
     """
     own = EventList()
     name = fresh("hand")
-    made = Dispatcher(name=f"{name}.x", event_handlers=[own], propagate=True, parent_name="ignored")
+    made = Dispatcher(name=f"{name}.x", event_handlers=[own], propagate=True, parent_name="root")
     made.event(BaseEvent())
     assert len(own.events) == 1 and made.parent is None
     root_manager.add_dispatcher(made)
@@ -111,6 +111,10 @@ def test_hand_made_dispatcher_and_add_dispatcher() -> None:
     assert len(own.events) == 2 and len(parent_handler.events) == 1
     with pytest.raises(TypeError):
         Dispatcher(name="y", event_handlers=[object()])  # type: ignore[list-item]
+    misplaced = Dispatcher(name=f"{name}.y", parent_name="elsewhere")
+    with pytest.raises(ValueError, match="dotted name"):
+        root_manager.add_dispatcher(misplaced)
+    assert root_manager.dispatchers.get(f"{name}.y") is None
 
 
 def test_simple_span_handler_subclass_uses_its_overrides() -> None:

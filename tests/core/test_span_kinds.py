@@ -361,9 +361,7 @@ async def test_function_returning_a_coroutine(d: Dispatcher, rec: Recorder) -> N
     assert rec.one(leaf.__qualname__).parent_id == s.id_
 
 
-async def test_function_returning_a_generator_based_coroutine(
-    d: Dispatcher, rec: Recorder
-) -> None:
+async def test_function_returning_a_generator_based_coroutine(d: Dispatcher, rec: Recorder) -> None:
     """A ``types.coroutine`` generator is awaited like a coroutine: the span lasts until then."""
 
     @types.coroutine
@@ -416,9 +414,7 @@ def test_a_generator_based_coroutine_result_can_still_be_driven_by_hand(
     assert rec.one(unrelated.__qualname__).parent_id is None
 
 
-def test_a_partial_of_a_generator_function_can_be_decorated(
-    d: Dispatcher, rec: Recorder
-) -> None:
+def test_a_partial_of_a_generator_function_can_be_decorated(d: Dispatcher, rec: Recorder) -> None:
     def numbers(step: int) -> Iterator[int]:
         yield from range(0, 3 * step, step)
 

@@ -162,5 +162,108 @@ def test_prepare_methods_run_for_spans_new_span_did_not_keep() -> None:
     assert ends == ["exit", "drop"]
 
 
-def test_compat_names_import() -> None:
-    assert instrument.Dispatcher is not None
+def test_llamaindex_module_paths_and_names_import() -> None:
+    from instrumentation.base import BaseEvent as BaseEventAgain
+    from instrumentation.base import BaseInstrumentationHandler
+    from instrumentation.base.event import BaseEvent as BaseEventThere
+    from instrumentation.dispatcher import (
+        DISPATCHER_SPAN_DECORATED_ATTR,
+        EventDispatcher,
+        active_instrument_tags,
+    )
+    from instrumentation.span_handlers.base import Thread
+    from instrumentation.threads import Thread as OurThread
+
+    assert BaseEventAgain is BaseEvent is BaseEventThere and Thread is OurThread
+
+    class Setup(BaseInstrumentationHandler):
+        @classmethod
+        def init(cls) -> None:
+            root_dispatcher.add_event_handler(Counting())
+
+    Setup.init()
+    assert len(root_dispatcher.event_handlers) == 1
+    with pytest.raises(TypeError):
+        BaseInstrumentationHandler()  # type: ignore[abstract]
+
+    d = get_dispatcher("switching.names")
+
+    @d.span
+    def traced() -> None:
+        pass
+
+    assert getattr(traced, DISPATCHER_SPAN_DECORATED_ATTR) is True
+    send: EventDispatcher = d.get_dispatch_event()
+    send(BaseEvent())
+    assert root_dispatcher.event_handlers[0].seen == 1  # type: ignore[attr-defined]
+    with instrument.instrument_tags({"k": "v"}):
+        assert active_instrument_tags.get() == {"k": "v"}
+
+
+def test_active_span_id_can_be_set_and_reset_for_hand_made_spans() -> None:
+    """LlamaIndex code makes its own spans current with ``active_span_id.set(id_)``."""
+    from instrumentation.span import active_span_id
+
+    spans = SimpleSpanHandler()
+    root_dispatcher.add_span_handler(spans)
+    d = get_dispatcher("switching.manual")
+
+    @d.span
+    def inner() -> None:
+        d.event(BaseEvent())
+
+    seen: list[BaseEvent] = []
+
+    class Keep(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            seen.append(event)
+
+    root_dispatcher.add_event_handler(Keep())
+    no_args = inspect.signature(lambda: None).bind()
+    with d.span("outer") as block:
+        outer_id = block.id_
+        token = active_span_id.set("manual-1")
+        try:
+            d.span_enter(id_="manual-1", bound_args=no_args, parent_id=outer_id)
+            inner()
+            d.span_exit(id_="manual-1", bound_args=no_args)
+        finally:
+            active_span_id.reset(token)
+        assert active_span_id.get() == outer_id
+    by_name = {s.name: s for s in spans.completed_spans}
+    assert by_name[inner.__qualname__].parent_id == "manual-1"
+    assert by_name["manual"].parent_id == outer_id
+    assert by_name[inner.__qualname__].trace_id == by_name["outer"].trace_id
+    assert seen[0].trace_id == by_name["outer"].trace_id
+    with pytest.raises(TypeError, match="span id"):
+        active_span_id.set(42)  # type: ignore[arg-type]
+
+
+def test_dispatchers_made_the_llamaindex_way_join_the_tree() -> None:
+    """``Dispatcher(name=..., parent_name=..., manager=...)`` as LlamaIndex's get_dispatcher
+    does; a parent the dotted name does not give is an error, not silently ignored."""
+    from instrumentation import root_manager
+
+    parent = get_dispatcher("switching.made")
+    counting = Counting()
+    parent.add_event_handler(counting)
+    made = instrument.Dispatcher(
+        name="switching.made.child",
+        parent_name="switching.made",
+        manager=root_manager,
+        root_name="root",
+    )
+    assert get_dispatcher("switching.made.child") is made and made.parent is parent
+    assert made.root_name == "root" and made.current_span_ids == {}
+    made.event(BaseEvent())
+    assert counting.seen == 1
+    with pytest.raises(ValueError, match="already has"):
+        instrument.Dispatcher(name="switching.made.child", manager=root_manager)
+    with pytest.raises(ValueError, match="dotted name"):
+        instrument.Dispatcher(
+            name="switching.other", parent_name="switching.made", manager=root_manager
+        )
+    with pytest.raises(ValueError, match="root"):
+        instrument.Dispatcher(name="switching.x", root_name="top")
+    with pytest.raises(TypeError, match="Manager"):
+        instrument.Dispatcher(name="switching.y", manager="root")  # type: ignore[arg-type]
