@@ -15,6 +15,8 @@ from instrumentation.threads import Thread  # LlamaIndex's home for it
 
 T = TypeVar("T", bound=BaseSpan)
 
+_BOUNDED = frozenset({"completed_spans", "dropped_spans"})
+
 #: The methods that receive ``bound_args``.
 _SPAN_METHODS = (
     "new_span",
@@ -99,6 +101,21 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     def model_post_init(self, __context: Any) -> None:
         self.completed_spans = deque(self.completed_spans, maxlen=self.max_completed_spans)
         self.dropped_spans = deque(self.dropped_spans, maxlen=self.max_completed_spans)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # What is assigned later stays bounded too: a plain list or an unbounded deque
+        # becomes a deque of the last ``max_completed_spans``; a bounded deque keeps
+        # its own bound.
+        if name in _BOUNDED:
+            if not isinstance(value, deque) or value.maxlen is None:
+                value = deque(value, maxlen=self.max_completed_spans)
+        elif name == "max_completed_spans" and "max_completed_spans" in self.__dict__:
+            raise ValueError(
+                "max_completed_spans is fixed when the handler is made "
+                f"({type(self).__name__}(max_completed_spans=...)), or assign bounded deques: "
+                "handler.completed_spans = deque(maxlen=...)"
+            )
+        super().__setattr__(name, value)
 
     @classmethod
     def class_name(cls) -> str:

@@ -379,3 +379,54 @@ def test_a_subclass_that_skips_model_post_init_still_keeps_its_spans() -> None:
     for i in range(3):
         leaf(i)
     assert len(h.completed_spans) == 3
+
+
+@pytest.mark.parametrize("kind", ["simple", "guide"])
+def test_spans_stay_bounded_after_the_containers_are_assigned(kind: str) -> None:
+    """``handler.dropped_spans = []`` used to leave an unbounded list behind."""
+    from collections import deque
+
+    from instrumentation.span import SimpleSpan
+    from instrumentation.span_handlers import BaseSpanHandler
+
+    class Guide(BaseSpanHandler[SimpleSpan]):
+        def new_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan:
+            return SimpleSpan(id_=id_)
+
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan:
+            span = self.open_spans[id_]
+            self.completed_spans.append(span)
+            return span
+
+        def prepare_to_drop_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan:
+            span = self.open_spans[id_]
+            self.dropped_spans.append(span)
+            return span
+
+    handler: BaseSpanHandler[Any] = (
+        SimpleSpanHandler(max_completed_spans=20)
+        if kind == "simple"
+        else Guide(max_completed_spans=20)
+    )
+    handler.completed_spans = []  # type: ignore[assignment]
+    handler.dropped_spans = []  # type: ignore[assignment]
+    get_dispatcher().add_span_handler(handler)
+    d = get_dispatcher(f"bounded.{kind}")
+
+    @d.span
+    def ok() -> None:
+        pass
+
+    @d.span
+    def broken() -> None:
+        raise ValueError("no")
+
+    for _ in range(50):
+        ok()
+        with pytest.raises(ValueError):
+            broken()
+    assert len(handler.completed_spans) == 20 and len(handler.dropped_spans) == 20
+    handler.dropped_spans = deque(maxlen=5)
+    assert handler.dropped_spans.maxlen == 5
+    with pytest.raises(ValueError, match="fixed when the handler is made"):
+        handler.max_completed_spans = 10
