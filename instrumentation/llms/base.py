@@ -18,8 +18,16 @@ estimate (``usage.estimated`` is True).
 from __future__ import annotations
 
 import abc
+import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -78,6 +86,42 @@ def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | N
 _predict_reports: ContextVar[dict[int, tuple[TokenUsage | None, str | None]] | None] = ContextVar(
     "instrumentation_predict_reports", default=None
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _call_span(method: F) -> F:
+    """Trace an LLM call as LlamaIndex does: span handlers get its arguments and result.
+
+    With redaction on for the call's LLM, they get neither (the span is a block), since
+    the arguments hold the prompt and the result the answer: redaction covers span
+    handlers as well as events.
+    """
+    traced = dispatcher.span(method)
+
+    @functools.wraps(method)
+    def call(self: BaseLLM, *args: Any, **kwargs: Any) -> Any:
+        if self._redaction().active:
+            with dispatcher.span(f"{type(self).__name__}.{method.__name__}"):
+                return method(self, *args, **kwargs)
+        return traced(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def _acall_span(method: F) -> F:
+    """:func:`_call_span` for a coroutine method."""
+    traced = dispatcher.span(method)
+
+    @functools.wraps(method)
+    async def call(self: BaseLLM, *args: Any, **kwargs: Any) -> Any:
+        if self._redaction().active:
+            async with dispatcher.span(f"{type(self).__name__}.{method.__name__}"):
+                return await method(self, *args, **kwargs)
+        return await traced(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 class BaseLLM(abc.ABC):
@@ -190,7 +234,7 @@ class BaseLLM(abc.ABC):
 
     # -- chat ---------------------------------------------------------------------------
 
-    @dispatcher.span
+    @_call_span
     def chat(
         self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
     ) -> ChatResponse:
@@ -204,7 +248,7 @@ class BaseLLM(abc.ABC):
         self._finish(call, response)
         return response
 
-    @dispatcher.span
+    @_acall_span
     async def achat(
         self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
     ) -> ChatResponse:
@@ -220,7 +264,7 @@ class BaseLLM(abc.ABC):
 
     # -- completion ---------------------------------------------------------------------
 
-    @dispatcher.span
+    @_call_span
     def complete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
         """Complete ``prompt``."""
         _check_prompt(prompt)
@@ -232,7 +276,7 @@ class BaseLLM(abc.ABC):
         self._finish(call, response)
         return response
 
-    @dispatcher.span
+    @_acall_span
     async def acomplete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
         """Async :meth:`complete`."""
         _check_prompt(prompt)
@@ -283,7 +327,7 @@ class BaseLLM(abc.ABC):
 
     # -- prompts ------------------------------------------------------------------------
 
-    @dispatcher.span
+    @_call_span
     def predict(self, template: str, **template_args: Any) -> str:
         """Fill ``template`` (``str.format`` style) with ``template_args`` and chat with it."""
         output, usage, reason = self._predict(template, template_args)
@@ -339,7 +383,7 @@ class BaseLLM(abc.ABC):
             "cost_usd": None if usage is None else self.price_table.cost(self.model, usage),
         }
 
-    @dispatcher.span
+    @_call_span
     def structured_predict(self, output_cls: type[M], template: str, **template_args: Any) -> M:
         """Like :meth:`predict`, the answer parsed as JSON into ``output_cls``."""
         if not (isinstance(output_cls, type) and issubclass(output_cls, BaseModel)):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
+from typing import Any
 
-from instrumentation import telemetry
+from pydantic import BaseModel
+
+from instrumentation import get_dispatcher, telemetry
 from instrumentation.llms import (
     LLMChatEndEvent,
     LLMChatInProgressEvent,
@@ -15,6 +20,8 @@ from instrumentation.llms import (
     configure_redaction,
     count_tokens,
 )
+from instrumentation.span import SimpleSpan
+from instrumentation.span_handlers import BaseSpanHandler
 from instrumentation.testing import Capture
 
 SECRET = "mail bob@example.com now"
@@ -76,3 +83,70 @@ def test_a_raising_mask_withholds_the_text_and_is_counted(cap: Capture) -> None:
     assert OfflineLLM().chat(SECRET).message.content == f"Echo: {SECRET}"
     assert cap.events_of(LLMChatStartEvent)[0].messages[0].content == "[redaction failed]"
     assert telemetry.counter("llms.redaction_errors").value >= 1
+
+
+class _Answer(BaseModel):
+    text: str
+
+
+class _Spy(BaseSpanHandler[SimpleSpan]):
+    """A LlamaIndex-style span handler that records what it is given."""
+
+    seen: list[tuple[str, str]] = []
+
+    def new_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_span_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> SimpleSpan:
+        self.seen.append((str(kwargs.get("name")), repr(bound_args.arguments)))
+        return SimpleSpan(id_=id_)
+
+    def prepare_to_exit_span(
+        self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+    ) -> SimpleSpan | None:
+        self.seen.append(("result", repr(result)))
+        return self.open_spans.get(id_)
+
+    def prepare_to_drop_span(self, id_: str, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+JSON_ANSWER = {"json": '{"text": "fine"}'}
+
+
+def _calls(model: OfflineLLM) -> None:
+    model.chat(SECRET)
+    model.complete(SECRET)
+    model.predict("say {x}", x=SECRET)
+    model.structured_predict(_Answer, "reply in json: {x}", x=SECRET)
+
+    async def both() -> None:
+        await model.achat(SECRET)
+        await model.acomplete(SECRET)
+
+    asyncio.run(both())
+
+
+def test_redaction_covers_span_handlers_too(cap: Capture) -> None:
+    """A span handler reading bound_args or the result sees the text only without redaction."""
+    spy = _Spy(seen=[])
+    get_dispatcher().add_span_handler(spy)
+    _calls(OfflineLLM(answers=JSON_ANSWER))
+    names = [name for name, _ in spy.seen if name != "result"]
+    assert "OfflineLLM.chat" in names and "OfflineLLM.acomplete" in names
+    assert "bob@example.com" in " ".join(text for _, text in spy.seen)  # as in LlamaIndex
+
+    spy.seen.clear()
+    _calls(OfflineLLM(answers=JSON_ANSWER, redaction=Redaction(record_content=False)))
+    assert [name for name, _ in spy.seen if name != "result"] == names
+    assert "bob@example.com" not in " ".join(text for _, text in spy.seen)
+
+    spy.seen.clear()
+    configure_redaction(mask=mask_emails)
+    _calls(OfflineLLM(answers=JSON_ANSWER))
+    assert "bob@example.com" not in " ".join(text for _, text in spy.seen)
