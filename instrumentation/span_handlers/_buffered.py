@@ -95,7 +95,33 @@ def _taking_in_first(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-class BufferedDeque(deque[T]):
+class SpanDeque(deque[T]):
+    """A bounded deque that also reads like the list LlamaIndex keeps spans in:
+    it slices (``spans[-3:]`` gives a list) and compares equal to a list of the same
+    spans (``handler.completed_spans == []``)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        return deque.__getitem__(self, index)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list):
+            return list(self) == other
+        return deque.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (list(self), self.maxlen))
+
+
+class BufferedDeque(SpanDeque[T]):
     """A bounded deque of spans fed from ``buffer`` (records or spans, oldest first)."""
 
     __slots__ = ("buffer", "lock", "make")
@@ -143,8 +169,9 @@ class BufferedDeque(deque[T]):
         return iter(list(deque.__reversed__(self)))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Copies and pickles are plain deques: the buffer belongs to the handler's path.
-        return (deque, (list(self), self.maxlen))
+        # Copies and pickles are SpanDeques without a buffer: the buffer belongs to
+        # the handler's path.
+        return (SpanDeque, (list(self), self.maxlen))
 
 
 class BufferedDict(dict[str, T]):
@@ -213,10 +240,10 @@ def move_buffer(old: BufferedDeque[Any] | BufferedDict[Any], new: Any) -> None:
 
 
 for _name in _DEQUE_METHODS:
-    setattr(BufferedDeque, _name, _taking_in_first(getattr(deque, _name)))
+    setattr(BufferedDeque, _name, _taking_in_first(getattr(SpanDeque, _name)))
 for _name in _DICT_METHODS:
     setattr(BufferedDict, _name, _taking_in_first(getattr(dict, _name)))
 del _name
 
 
-__all__ = ["BufferedDeque", "BufferedDict", "move_buffer"]
+__all__ = ["BufferedDeque", "BufferedDict", "SpanDeque", "move_buffer"]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from instrumentation.span.base import BaseSpan
+from instrumentation.span_handlers._buffered import SpanDeque
 from instrumentation.threads import Thread  # LlamaIndex's home for it
 
 T = TypeVar("T", bound=BaseSpan)
@@ -99,16 +100,16 @@ class BaseSpanHandler(BaseModel, Generic[T]):
             cls.needs_bound_args = True
 
     def model_post_init(self, __context: Any) -> None:
-        self.completed_spans = deque(self.completed_spans, maxlen=self.max_completed_spans)
-        self.dropped_spans = deque(self.dropped_spans, maxlen=self.max_completed_spans)
+        self.completed_spans = SpanDeque(self.completed_spans, maxlen=self.max_completed_spans)
+        self.dropped_spans = SpanDeque(self.dropped_spans, maxlen=self.max_completed_spans)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # What is assigned later stays bounded too: a plain list or an unbounded deque
-        # becomes a deque of the last ``max_completed_spans``; a bounded deque keeps
-        # its own bound.
-        if name in _BOUNDED:
-            if not isinstance(value, deque) or value.maxlen is None:
-                value = deque(value, maxlen=self.max_completed_spans)
+        # becomes a SpanDeque of the last ``max_completed_spans``; a bounded deque
+        # keeps its own bound.
+        if name in _BOUNDED and not isinstance(value, SpanDeque):
+            maxlen = value.maxlen if isinstance(value, deque) else None
+            value = SpanDeque(value, maxlen=self.max_completed_spans if maxlen is None else maxlen)
         elif name == "max_completed_spans" and "max_completed_spans" in self.__dict__:
             raise ValueError(
                 "max_completed_spans is fixed when the handler is made "

@@ -20,6 +20,7 @@ import pytest
 
 from instrumentation import SimpleSpan, SimpleSpanHandler, get_dispatcher
 from instrumentation._spans import EMPTY_BOUND_ARGS
+from instrumentation.span_handlers._buffered import SpanDeque
 
 from ._support import fresh
 
@@ -199,7 +200,7 @@ def test_model_dump_copy_and_pickle_include_buffered_spans() -> None:
     assert len(plain) == 2 and all(type(s) is SimpleSpan for s in plain)
     leaf(3)
     restored = pickle.loads(pickle.dumps(h.completed_spans))
-    assert type(restored) is deque and len(restored) == 3
+    assert type(restored) is SpanDeque and len(restored) == 3  # no buffer of the handler
     assert [s.id_ for s in restored] == [s.id_ for s in h.completed_spans]
 
 

@@ -267,3 +267,22 @@ def test_dispatchers_made_the_llamaindex_way_join_the_tree() -> None:
         instrument.Dispatcher(name="switching.x", root_name="top")
     with pytest.raises(TypeError, match="Manager"):
         instrument.Dispatcher(name="switching.y", manager="root")  # type: ignore[arg-type]
+
+
+def test_kept_spans_read_like_lists() -> None:
+    """LlamaIndex keeps spans in lists: tests compare them to lists and slice them."""
+    import copy
+
+    for handler in (SimpleSpanHandler(), SimpleSpanHandler(max_completed_spans=3)):
+        assert handler.completed_spans == [] and handler.dropped_spans == []
+        assert (handler.completed_spans != []) is False
+        root_dispatcher.span_handlers[:] = [handler]
+        d = get_dispatcher("switching.kept")
+        for name in ("a", "b", "c", "d"):
+            with d.span(name):
+                pass
+        names = [s.name for s in handler.completed_spans]
+        assert [s.name for s in handler.completed_spans[-2:]] == names[-2:] == ["c", "d"]
+        assert handler.completed_spans == list(handler.completed_spans)
+        assert copy.copy(handler.completed_spans) == list(handler.completed_spans)
+        assert handler.completed_spans[0].name == names[0]
