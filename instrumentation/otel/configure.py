@@ -44,21 +44,43 @@ TRACES_PATH = "/v1/traces"
 _SPANS_EXPORTED = telemetry.counter("otel.spans_exported")
 _EXPORT_FAILURES = telemetry.counter("otel.export_failures")
 _SPANS_NOT_EXPORTED = telemetry.counter("otel.spans_not_exported")
+_SPANS_EXPORTED_LATE = telemetry.counter("otel.spans_exported_late")
+
+#: When shutdown() has a collector still not answering this close to its deadline, it
+#: stops the exporter (cutting short a retry) and waits out the rest of its time.
+_CUT_SHORT_BEFORE_S = 0.1
 
 
 class SuppressedExporter(SpanExporter):
-    """Runs another exporter under ``suppress_instrumentation()`` and counts the outcome.
+    """Runs another exporter under ``suppress_instrumentation()`` and keeps the accounts.
+
+    Every span the batch processor accepts is counted as handed over
+    (:meth:`span_handed`), and every batch's outcome as exported or not exported.
+    :meth:`settle` closes the accounts when shutting down: whatever was handed over
+    and is neither exported nor counted yet (a batch still in flight, the
+    processor's queue, spans the processor dropped) is counted as not exported at
+    that moment. An outcome arriving after that changes nothing already counted; a
+    batch that still reaches the collector is counted in ``otel.spans_exported_late``.
 
     It also bounds shutting down: after :meth:`give_up_at`'s deadline every batch
-    still waiting fails at once and is counted, instead of each waiting out the
-    exporter's retries against a collector that does not answer.
+    still waiting fails at once, instead of each waiting out the exporter's retries
+    against a collector that does not answer.
     """
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
-        #: Spans whose export failed or was given up (by this exporter).
+        #: Spans the batch processor accepted for export (see :meth:`span_handed`).
+        self.handed = 0
+        #: Spans the collector confirmed before the accounts were settled.
+        self.exported = 0
+        #: Spans whose export failed, was given up, or was not confirmed at settling.
         self.not_exported = 0
+        #: Spans already counted as not exported that reached the collector afterwards.
+        self.exported_late = 0
         self._give_up_at: float | None = None
+        self._settled = False
+        self._warned = False
+        self._warned_after_settling = False
         self._inner_shut = False
         self._lock = threading.Lock()
 
@@ -66,9 +88,45 @@ class SuppressedExporter(SpanExporter):
         """From ``deadline`` (``time.monotonic()``) on, fail batches without sending."""
         self._give_up_at = deadline
 
+    def span_handed(self) -> bool:
+        """Count one span handed to the batch processor.
+
+        False once the accounts are settled: the span is then counted as not
+        exported at once, and the caller must not queue it.
+        """
+        with self._lock:
+            self.handed += 1
+            if not self._settled:
+                return True
+            self.not_exported += 1
+            _SPANS_NOT_EXPORTED.inc()
+            warn = not self._warned_after_settling
+            self._warned_after_settling = True
+        if warn:
+            logger.warning(
+                "a span ended after the OTLP exporter was shut down is not exported; "
+                "such spans are counted in telemetry counter otel.spans_not_exported"
+            )
+        return False
+
+    def settle(self) -> int:
+        """Close the accounts; returns how many spans this counted as not exported.
+
+        Every span handed over and neither confirmed exported nor counted yet is
+        counted now in ``otel.spans_not_exported``. Idempotent.
+        """
+        with self._lock:
+            if self._settled:
+                return 0
+            self._settled = True
+            lost = max(self.handed - self.exported - self.not_exported, 0)
+            self.not_exported += lost
+            _SPANS_NOT_EXPORTED.add(lost)
+        return lost
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
-            self._not_exported(len(spans))
+            self._record(len(spans), exported=False)
             return SpanExportResult.FAILURE
         with suppress_instrumentation():
             try:
@@ -76,18 +134,38 @@ class SuppressedExporter(SpanExporter):
             except Exception:
                 logger.exception("OTLP export of %d spans failed", len(spans))
                 result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            _SPANS_EXPORTED.add(len(spans))
-        else:
-            _EXPORT_FAILURES.inc()
-            self._not_exported(len(spans))
+        self._record(len(spans), exported=result is SpanExportResult.SUCCESS)
         return result
 
-    def _not_exported(self, n: int) -> None:
+    def _record(self, n: int, *, exported: bool) -> None:
+        # The counters move under the lock too: once settle() has returned, they
+        # already hold every outcome recorded before it.
         with self._lock:
-            first = self.not_exported == 0
-            self.not_exported += n
-        _SPANS_NOT_EXPORTED.add(n)
+            late = self._settled
+            if late:  # these spans were counted as not exported when settling
+                if exported:
+                    self.exported_late += n
+                    _SPANS_EXPORTED_LATE.add(n)
+            elif exported:
+                self.exported += n
+                _SPANS_EXPORTED.add(n)
+            else:
+                self.not_exported += n
+                _SPANS_NOT_EXPORTED.add(n)
+                _EXPORT_FAILURES.inc()
+            first = not late and not exported and not self._warned
+            if first:
+                self._warned = True
+        if late:
+            if exported:
+                logger.info(
+                    "%d spans reached the collector after shutdown had counted them as "
+                    "not exported; counted in telemetry counter otel.spans_exported_late",
+                    n,
+                )
+            else:
+                logger.debug("an abandoned export of %d spans failed (already counted)", n)
+            return
         if first:
             logger.warning(
                 "%d spans were not exported (the collector failed or did not answer); "
@@ -106,6 +184,24 @@ class SuppressedExporter(SpanExporter):
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         with suppress_instrumentation():
             return bool(self.inner.force_flush(timeout_millis))
+
+
+class AccountedBatchSpanProcessor(BatchSpanProcessor):
+    """A ``BatchSpanProcessor`` that counts every span it is handed in its exporter.
+
+    Spans ended after the accounts are settled are counted as not exported and
+    dropped here (the SDK would drop them too, with no count).
+    """
+
+    def __init__(self, exporter: SuppressedExporter) -> None:
+        super().__init__(exporter)
+        self.accounts = exporter
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return  # the SDK's batch processor ignores these too
+        if self.accounts.span_handed():
+            super().on_end(span)
 
 
 def _in_thread(target: Callable[[], Any], name: str) -> tuple[threading.Thread, list[Any]]:
@@ -264,9 +360,12 @@ class OTLPHandle:
     def shutdown(self, timeout_millis: int = 10_000) -> bool:
         """Detach the handler, end spans still open, flush everything, stop the exporter.
 
-        Waits at most about ``timeout_millis``: spans not sent by then are given up and
-        counted (``otel.spans_not_exported``). True when every span was exported.
-        Idempotent; also run at interpreter exit if not called.
+        Returns within about ``timeout_millis``. Spans not confirmed exported by then
+        (in flight, or still queued) are given up: before returning they are counted
+        in ``otel.spans_not_exported`` and a warning is logged. True when every span
+        handed to the SDK was exported. Idempotent; a call made while another is
+        shutting down waits for that one (at most its own ``timeout_millis``) and gives
+        its answer, or False if it is not done. Also run at interpreter exit.
         """
         with self._lock:
             first = not self._closed
@@ -276,7 +375,7 @@ class OTLPHandle:
         if not first:  # another call is shutting down, or did: its answer is ours
             if self._shutting_down_in == threading.get_ident():
                 return self._shut_down.is_set() and self._clean_shutdown  # re-entered
-            self._shut_down.wait(max(timeout_millis, 0) / 1000 + 2.0)
+            self._shut_down.wait(max(timeout_millis, 0) / 1000)
             return self._shut_down.is_set() and self._clean_shutdown
         try:
             return self._shutdown(timeout_millis)
@@ -284,21 +383,47 @@ class OTLPHandle:
             self._shut_down.set()  # also when interrupted: later calls must not wait
 
     def _shutdown(self, timeout_millis: int) -> bool:
+        budget = max(timeout_millis, 0) / 1000
+        deadline = time.monotonic() + budget
+        # No batch starts this close to the deadline: it could not finish in time.
+        cut_short_at = deadline - min(_CUT_SHORT_BEFORE_S, budget / 10)
         atexit.unregister(self._at_exit)
         failed_before = self.exporter.not_exported
         self.dispatcher.remove_span_handler(self.handler)
         self.dispatcher.remove_event_handler(self.handler)
         self.handler.close()
-        timeout_s = timeout_millis / 1000
-        self.exporter.give_up_at(time.monotonic() + timeout_s)
+        self.exporter.give_up_at(cut_short_at)
         worker, _ = _in_thread(self.tracer_provider.shutdown, "instrumentation-otel-shutdown")
-        worker.join(max(timeout_s, 0.0))
+        worker.join(max(cut_short_at - time.monotonic(), 0.0))
         if worker.is_alive():
-            # An export is still retrying against a collector that does not answer:
-            # stopping the exporter cuts its wait short; what is left is counted.
-            self.exporter.shutdown()
-            worker.join(1.0)
-        self._clean_shutdown = not worker.is_alive() and self.exporter.not_exported == failed_before
+            # An export is still retrying, or waiting on a collector that does not
+            # answer: stopping the exporter cuts a retry short (in a thread: stopping
+            # may block too), and the rest of the budget lets the worker finish.
+            _in_thread(self.exporter.shutdown, "instrumentation-otel-stop")
+            worker.join(max(deadline - time.monotonic(), 0.0))
+        # What is not confirmed now is counted as not exported, before returning: the
+        # process may exit next. A late outcome of an abandoned export counts nothing.
+        given_up = self.exporter.settle()
+        lost = self.exporter.not_exported - failed_before
+        self._clean_shutdown = lost == 0
+        if given_up:
+            logger.warning(
+                "OTLP shutdown gave up after %d ms: %d spans not exported (%d not "
+                "confirmed in time, %d failed); the count is in telemetry counter "
+                "otel.spans_not_exported",
+                timeout_millis,
+                lost,
+                given_up,
+                lost - given_up,
+            )
+        elif lost:
+            logger.warning(
+                "OTLP shutdown: %d spans were not exported; the count is in telemetry "
+                "counter otel.spans_not_exported",
+                lost,
+            )
+        elif worker.is_alive():
+            logger.info("every span was exported, but the OTLP exporter is still stopping")
         return self._clean_shutdown
 
     def _at_exit(self) -> None:
@@ -370,7 +495,7 @@ def configure_otlp(
         else make_exporter(checked_endpoint, chosen, checked_headers, timeout)
     )
     wrapped = SuppressedExporter(inner)
-    provider.add_span_processor(BatchSpanProcessor(wrapped))
+    provider.add_span_processor(AccountedBatchSpanProcessor(wrapped))
     if set_global:
         trace_api.set_tracer_provider(provider)
     handler = OpenTelemetrySpanHandler(
@@ -383,6 +508,7 @@ def configure_otlp(
 
 __all__ = [
     "PROTOCOLS",
+    "AccountedBatchSpanProcessor",
     "OTLPHandle",
     "SuppressedExporter",
     "configure_otlp",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import socket
+import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -72,6 +74,60 @@ def traced_oi() -> Iterator[Traced]:
 def receiver() -> Iterator[OTLPReceiver]:
     with OTLPReceiver() as rx:
         yield rx
+
+
+class SilentCollector:
+    """A TCP server on loopback that accepts connections and never answers (until
+    :meth:`answer`): an exporter talking to it hangs instead of being refused."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # so that the accepting thread sees close()
+        self._closed = threading.Event()
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._accepting = threading.Thread(target=self._accept, name="silent-collector")
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            with self._lock:
+                if self._closed.is_set():
+                    conn.close()
+                    return
+                self._held.append(conn)
+
+    def answer(self) -> None:
+        """Answer every request held so far with 200 OK, late."""
+        with self._lock:
+            held = list(self._held)
+        for conn in held:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self) -> None:
+        """Stop listening and drop every connection: a hung export then fails."""
+        with self._lock:
+            self._closed.set()
+            self._listener.close()  # a retry is refused, not held again
+            for conn in self._held:
+                conn.close()
+        self._accepting.join()
+
+
+@pytest.fixture
+def silent_collector() -> Iterator[SilentCollector]:
+    collector = SilentCollector()
+    try:
+        yield collector
+    finally:
+        collector.close()
 
 
 @pytest.fixture(autouse=True)
