@@ -5,83 +5,255 @@ async, handlers may be ``async def`` or plain ``def``, and neither should wait f
 other. ``async def`` methods run as tasks on this loop; plain ``def`` methods run on a
 few worker threads, so a blocking write never stalls the loop (nor the application's).
 Everything here runs with instrumentation suppressed, so handlers are never traced.
+
+The loop must outlive any handler. The runner reports whatever a handler call raises
+(``SystemExit`` and ``KeyboardInterrupt`` included); what still reaches the loop (such
+an exception from a task or callback a handler started itself, or a handler stopping
+the loop) is logged, counted in ``audit.loop_errors``, and the loop runs on. Should
+its thread end anyway, the requests it was serving are told at once (they end with
+``completed=False`` instead of waiting out their timeout) and the next request starts
+a new loop, counted in ``audit.loop_restarts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
+from instrumentation import telemetry
 from instrumentation.context import suppress_instrumentation
 
 #: Worker threads for handler methods written as plain ``def``.
 SYNC_WORKERS = 4
 
+#: Seconds a dying loop's thread gives the calls it leaves to take their cancellation.
+DISPOSE_SECONDS = 1.0
+
+logger = logging.getLogger("instrumentation.audit")
+
+LOOP_ERRORS = telemetry.counter("audit.loop_errors")
+LOOP_RESTARTS = telemetry.counter("audit.loop_restarts")
+
+_on_loop_thread = threading.local()
+
+
+class Served(Protocol):
+    """What a worker serves (a request's run): told when the worker's thread ends."""
+
+    def worker_lost(self, error: BaseException | None) -> None: ...
+
+
+class Worker:
+    """One event loop and the thread running it, with the runs it serves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread: threading.Thread | None = None
+        self.context = contextvars.Context()  # the suppressed one, set on its thread
+        self.alive = True
+        self.served: set[Served] = set()
+
+    def running(self) -> bool:
+        return self.alive and self.thread is not None and self.thread.is_alive()
+
+
+def report_loop_error(error: BaseException | None, what: str) -> None:
+    """Count and log something that reached the audit loop itself."""
+    LOOP_ERRORS.inc()
+    if telemetry.log_turn(("audit", "loop", what)) is None:
+        return
+    try:
+        if error is None:
+            logger.error("the audit loop %s; it goes on", what)
+        else:
+            logger.error(
+                "the audit loop %s: %r; it goes on",
+                what,
+                error,
+                exc_info=(type(error), error, error.__traceback__),
+            )
+    except Exception:  # pragma: no cover - a broken log filter: counted all the same
+        pass
+
+
+def _dispose(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what was left on a loop whose thread is ending, then close it.
+
+    Its requests have been told, so their pending calls stop quietly; closing makes
+    late posts fail at once instead of piling up.
+    """
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=DISPOSE_SECONDS))
+    except BaseException:  # pragma: no cover - what is left is collected with the loop
+        pass
+    finally:
+        try:
+            loop.close()
+        except Exception:  # pragma: no cover
+            pass
+
 
 class AuditLoop:
-    """Starts its thread at first use; ``call_soon`` is safe from any thread."""
+    """Starts its thread at first use, and again if it ever ends; safe from any thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._context: contextvars.Context | None = None
+        self._worker: Worker | None = None
         self._executor: ThreadPoolExecutor | None = None
 
-    def _start(self) -> asyncio.AbstractEventLoop:
+    # -- the worker -------------------------------------------------------------------
+
+    def worker(self, serve: Served | None = None) -> Worker:
+        """The running worker (started, or replaced if its thread ended), serving ``serve``."""
+        lost: Worker | None = None
         with self._lock:
-            if self._loop is not None:
-                return self._loop
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
+            worker = self._worker
+            if worker is not None and not worker.running():
+                lost, worker, self._worker = worker, None, None
+            if worker is None:
+                worker = self._start()
+            if serve is not None:
+                worker.served.add(serve)
+        if lost is not None:  # its thread ended without a word (it always says, so far)
+            self._lost(lost, None, on_its_thread=False)
+        return worker
 
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                with suppress_instrumentation():
-                    self._context = contextvars.copy_context()
-                    ready.set()
-                    loop.run_forever()
+    def release(self, worker: Worker, served: Served) -> None:
+        """``served`` is finished: ``worker`` no longer needs to tell it anything."""
+        with self._lock:
+            worker.served.discard(served)
 
-            thread = threading.Thread(target=run, name="instrumentation-audit", daemon=True)
-            thread.start()
-            ready.wait()
+    def _start(self) -> Worker:
+        if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=SYNC_WORKERS, thread_name_prefix="instrumentation-audit-sync"
             )
-            self._thread = thread
-            self._loop = loop
-            return loop
+        worker = Worker(asyncio.new_event_loop())
+        ready = threading.Event()
+        thread = threading.Thread(
+            target=self._run, args=(worker, ready), name="instrumentation-audit", daemon=True
+        )
+        worker.thread = thread
+        thread.start()
+        ready.wait()
+        self._worker = worker
+        return worker
+
+    def _run(self, worker: Worker, ready: threading.Event) -> None:
+        error: BaseException | None = None
+        try:
+            _on_loop_thread.worker = worker
+            asyncio.set_event_loop(worker.loop)
+            with suppress_instrumentation():
+                worker.context = contextvars.copy_context()
+                ready.set()
+                self._serve(worker.loop)
+        except BaseException as exc:  # the loop must not end silently, whatever ended it
+            error = exc
+        finally:
+            ready.set()
+            with self._lock:
+                worker.alive = False
+                if self._worker is worker:
+                    self._worker = None
+            self._lost(worker, error, on_its_thread=True)
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop) -> None:
+        while not loop.is_closed():
+            try:
+                loop.run_forever()
+            except BaseException as exc:
+                # A task or callback let SystemExit/KeyboardInterrupt through (asyncio
+                # re-raises those out of run_forever): a handler's doing, on this
+                # thread, so it ends nothing. The loop resumes where it was.
+                report_loop_error(exc, "got an exception no handler call caught")
+            else:
+                if not loop.is_closed():  # nothing here stops it: a handler did
+                    report_loop_error(None, "was stopped (by a handler?)")
+
+    def _lost(self, worker: Worker, error: BaseException | None, on_its_thread: bool) -> None:
+        with self._lock:
+            served = list(worker.served)
+            worker.served.clear()
+        LOOP_RESTARTS.inc()
+        try:
+            logger.error(
+                "the audit loop's thread ended (%r); %d request(s) lose their pending "
+                "handler calls and end with completed=False; the next request starts "
+                "a new loop",
+                error,
+                len(served),
+                exc_info=None if error is None else (type(error), error, error.__traceback__),
+            )
+        except Exception:  # pragma: no cover - logging must not stop the clean-up
+            pass
+        for run in served:
+            try:
+                run.worker_lost(error)
+            except Exception:  # pragma: no cover - one run must not stop the others
+                logger.exception("audit: could not end a request its loop lost")
+        if on_its_thread:
+            _dispose(worker.loop)
+
+    # -- using it ---------------------------------------------------------------------
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop if self._loop is not None else self._start()
+        return self.worker().loop
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        worker = self._worker
+        return None if worker is None else worker.loop
+
+    @property
+    def _thread(self) -> threading.Thread | None:
+        worker = self._worker
+        return None if worker is None else worker.thread
 
     def in_loop_thread(self) -> bool:
-        """True on the audit loop's own thread (waiting there would deadlock)."""
-        return self._thread is not None and threading.current_thread() is self._thread
+        """True on an audit loop's own thread (waiting there would deadlock)."""
+        return getattr(_on_loop_thread, "worker", None) is not None
+
+    @staticmethod
+    def post(worker: Worker, func: Callable[..., object], *args: Any) -> bool:
+        """Run ``func(*args)`` on ``worker``'s loop, in its suppressed context; FIFO.
+
+        False when that loop is gone (its runs have been told).
+        """
+        try:
+            worker.loop.call_soon_threadsafe(func, *args, context=worker.context)
+        except RuntimeError:  # closed: its thread ended
+            return False
+        return True
 
     def call_soon(self, func: Callable[..., object], *args: Any) -> None:
-        """Run ``func(*args)`` on the loop, in its suppressed context; FIFO per caller."""
-        loop = self.loop
-        loop.call_soon_threadsafe(func, *args, context=self._context)
+        """Run ``func(*args)`` on the current loop, in its suppressed context; FIFO per caller."""
+        self.post(self.worker(), func, *args)
 
     async def run_sync(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run a plain function on a worker thread (instrumentation suppressed) and await it."""
         loop = asyncio.get_running_loop()
-        context = self._context.copy() if self._context is not None else contextvars.Context()
+        worker: Worker | None = getattr(_on_loop_thread, "worker", None)
+        context = worker.context.copy() if worker is not None else contextvars.Context()
         return await loop.run_in_executor(self._executor, context.run, func, *args)
 
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()
-        self._loop = None
-        self._thread = None
-        self._context = None
+        self._worker = None
         self._executor = None
+        _on_loop_thread.worker = None
 
 
 audit_loop = AuditLoop()
@@ -89,4 +261,13 @@ audit_loop = AuditLoop()
 if hasattr(os, "register_at_fork"):  # pragma: no branch
     os.register_at_fork(after_in_child=audit_loop.reset_after_fork)
 
-__all__ = ["SYNC_WORKERS", "AuditLoop", "audit_loop"]
+__all__ = [
+    "LOOP_ERRORS",
+    "LOOP_RESTARTS",
+    "SYNC_WORKERS",
+    "AuditLoop",
+    "Served",
+    "Worker",
+    "audit_loop",
+    "report_loop_error",
+]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from instrumentation import telemetry
-from instrumentation.audit._loop import audit_loop
+from instrumentation.audit._loop import Worker, audit_loop, report_loop_error
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 
@@ -80,14 +80,21 @@ def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) ->
     name = type(handler).__name__
     if telemetry.log_turn(("audit", name, method)) is None:
         return
-    logger.error(
-        "audit handler %s failed in %s: %r (the request goes on; its later calls get None "
-        "for the context it could not make)",
-        name,
-        method,
-        exc,
-        exc_info=(type(exc), exc, exc.__traceback__),
-    )
+    # SystemExit, KeyboardInterrupt and the like are reported too, never raised: the
+    # call ran on an audit thread, where they could only have stopped the audit loop.
+    note = "" if isinstance(exc, Exception) else "; raised in a handler, it stops nothing"
+    try:
+        logger.error(
+            "audit handler %s failed in %s: %r (the request goes on; its later calls get "
+            "None for the context it could not make%s)",
+            name,
+            method,
+            exc,
+            note,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+    except Exception:  # pragma: no cover - a broken log filter: counted all the same
+        pass
 
 
 async def _call(method: Any, args: tuple[Any, ...]) -> Any:
@@ -107,7 +114,9 @@ class RequestRun:
         self.start = start
         self.handlers = tuple(handlers)
         self.errors: list[HandlerError] = []
-        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        #: True once every handler call ran; False at once if the audit loop's thread
+        #: ended first (it says so in the log).
+        self.done: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.ended = False
         self.span_ids: list[str] = []
         self._started_at = time.perf_counter()
@@ -121,11 +130,13 @@ class RequestRun:
         self._queues: list[deque[tuple[Any, ...]]] = [deque() for _ in range(count)]
         self._draining = [False] * count
         self._remaining = count
+        self._worker: Worker | None = None
         REQUESTS.inc()
         if count == 0:
-            self.done.set_result(None)
+            self.done.set_result(True)
         else:
-            audit_loop.call_soon(self._enqueue, ("request_start",))
+            self._worker = audit_loop.worker(serve=self)
+            self._post(("request_start",))
 
     # -- application side (any thread) ---------------------------------------------
 
@@ -137,8 +148,7 @@ class RequestRun:
             number = next(self._keys)
             self._open.setdefault(key, []).append((number, event))
         EVENTS.inc()
-        if self.handlers:
-            audit_loop.call_soon(self._enqueue, ("event_start", number, event))
+        self._post(("event_start", number, event))
         return True
 
     def end_event(self, key: object, event: Event | None = None) -> bool:
@@ -150,10 +160,7 @@ class RequestRun:
             number, started = stack.pop()
             if not stack:
                 del self._open[key]
-        if self.handlers:
-            audit_loop.call_soon(
-                self._enqueue, ("event_end", number, started if event is None else event)
-            )
+        self._post(("event_end", number, started if event is None else event))
         return True
 
     def has_open(self, key: object) -> bool:
@@ -174,21 +181,24 @@ class RequestRun:
             request_id=self.start.request_id,
             duration_s=time.perf_counter() - self._started_at,
         )
-        if self.handlers:
-            for number, started in sorted(left, key=lambda item: item[0]):
-                audit_loop.call_soon(self._enqueue, ("event_end", number, _unfinished(started)))
-            audit_loop.call_soon(self._enqueue, ("request_end", end))
+        for number, started in sorted(left, key=lambda item: item[0]):
+            self._post(("event_end", number, _unfinished(started)))
+        self._post(("request_end", end))
         return end
+
+    def _post(self, call: tuple[Any, ...]) -> None:
+        worker = self._worker
+        if worker is not None and not self.done.done():
+            audit_loop.post(worker, self._enqueue, call)  # False: its loop is gone, we know
 
     def wait(self, timeout: float) -> bool:
         """Block until every handler call of this request ran, at most ``timeout`` seconds."""
         if self.done.done():
-            return True
+            return self.done.result()
         if audit_loop.in_loop_thread():
             return False  # a handler started a request: waiting here would deadlock
         try:
-            self.done.result(timeout=timeout)
-            return True
+            return self.done.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             self._timed_out(timeout)
             return False
@@ -196,7 +206,7 @@ class RequestRun:
     async def await_done(self, timeout: float) -> bool:
         """Like :meth:`wait` without blocking the caller's event loop."""
         if self.done.done():
-            return True
+            return self.done.result()
         if audit_loop.in_loop_thread():
             return False
         loop = asyncio.get_running_loop()
@@ -212,7 +222,7 @@ class RequestRun:
         self.done.add_done_callback(wake)
         try:
             await asyncio.wait_for(finished, timeout)
-            return True
+            return self.done.result()
         except asyncio.TimeoutError:
             self._timed_out(timeout)
             return False
@@ -226,23 +236,49 @@ class RequestRun:
             timeout,
         )
 
+    def _settle(self, completed: bool) -> None:
+        try:
+            self.done.set_result(completed)
+        except concurrent.futures.InvalidStateError:  # settled already
+            pass
+
+    def worker_lost(self, error: BaseException | None) -> None:
+        """The audit loop's thread ended before this request's calls all ran (it logged so)."""
+        self._settle(False)
+
     # -- audit loop side -----------------------------------------------------------
 
     def _enqueue(self, call: tuple[Any, ...]) -> None:
-        loop = asyncio.get_running_loop()
         for index, queue in enumerate(self._queues):
             queue.append(call)
             if not self._draining[index]:
                 self._draining[index] = True
-                task = loop.create_task(self._drain(index))
-                _tasks.add(task)  # keep a reference until it finishes
-                task.add_done_callback(_tasks.discard)
+                self._start_drain(index)
+
+    def _start_drain(self, index: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(index))
+        _tasks.add(task)  # keep a reference until it finishes
+        task.add_done_callback(lambda done: self._drained(index, done))
 
     async def _drain(self, index: int) -> None:
         queue = self._queues[index]
-        while queue:
+        while queue and not self.done.done():  # done early: lost with its loop
             await self._invoke(index, queue.popleft())
-        self._draining[index] = False
+
+    def _drained(self, index: int, task: asyncio.Task[None]) -> None:
+        # Only here does a handler's queue stop being drained: a call queued after the
+        # task's last look at the queue, or left by a task cut short, is run by a new one.
+        _tasks.discard(task)
+        error = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if self.done.done():  # finished, or lost with its loop (that was logged)
+            self._draining[index] = False
+            return
+        if error is not None and not isinstance(error, GeneratorExit):  # that one: reported
+            report_loop_error(error, "stopped running an audit handler's calls")
+        if self._queues[index]:
+            self._start_drain(index)
+        else:
+            self._draining[index] = False
 
     async def _invoke(self, index: int, call: tuple[Any, ...]) -> None:
         handler = self.handlers[index]
@@ -257,11 +293,19 @@ class RequestRun:
         else:
             args = (call[1], self._request_ctx[index])
         result: Any = None
+        closing: GeneratorExit | None = None
         try:
             result = await _call(getattr(handler, kind), args)
-        except (Exception, asyncio.CancelledError) as exc:
+        except BaseException as exc:
+            if self.done.done():  # lost with its loop (logged then): its calls stop here
+                raise
+            # Whatever the handler raised, SystemExit and KeyboardInterrupt included, is
+            # its failure: on this thread they could only kill the audit loop, not stop
+            # the application (a real Ctrl-C goes to the main thread, never here).
             self.errors.append(HandlerError(handler, kind, exc))
             _report(handler, kind, exc)
+            if isinstance(exc, GeneratorExit):  # this coroutine may be being closed
+                closing = exc
         if kind == "request_start":
             self._request_ctx[index] = result
         elif kind == "event_start":
@@ -270,8 +314,12 @@ class RequestRun:
             self._request_ctx[index] = None
             self._event_ctx[index].clear()
             self._remaining -= 1
-            if self._remaining == 0 and not self.done.done():
-                self.done.set_result(None)
+            if self._remaining == 0:
+                self._settle(True)
+                if self._worker is not None:
+                    audit_loop.release(self._worker, self)
+        if closing is not None:
+            raise closing
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

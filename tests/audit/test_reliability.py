@@ -19,7 +19,7 @@ from .helpers import AsyncRecorder, SyncRecorder
 METHODS = ["request_start", "event_start", "event_end", "request_end"]
 
 
-def _failing(base: type, method: str) -> Any:
+def _failing(base: type, method: str, error: type[BaseException] = ZeroDivisionError) -> Any:
     class Failing(base):  # type: ignore[valid-type, misc]
         def __init__(self) -> None:
             super().__init__()
@@ -29,13 +29,13 @@ def _failing(base: type, method: str) -> Any:
 
         async def broken(self: Any, *args: Any) -> Any:
             self.got.append((method, args[1:]))
-            raise ZeroDivisionError(f"bug in {method}")
+            raise error(f"bug in {method}")
 
     else:
 
         def broken(self: Any, *args: Any) -> Any:
             self.got.append((method, args[1:]))
-            raise ZeroDivisionError(f"bug in {method}")
+            raise error(f"bug in {method}")
 
     setattr(Failing, method, broken)
 
@@ -58,23 +58,25 @@ def _failing(base: type, method: str) -> Any:
     return Failing()
 
 
+@pytest.mark.parametrize("error", [ZeroDivisionError, SystemExit, KeyboardInterrupt])
 @pytest.mark.parametrize("base", [SyncRecorder, AsyncRecorder])
 @pytest.mark.parametrize("method", METHODS)
 def test_failing_method_breaks_nothing(
-    base: type, method: str, caplog: pytest.LogCaptureFixture
+    base: type, method: str, error: type[BaseException], caplog: pytest.LogCaptureFixture
 ) -> None:
-    broken = _failing(base, method)
+    broken = _failing(base, method, error)
     healthy = SyncRecorder()
     llm = OfflineLLM()
     with (
         caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
-        audit.request(question="q", handlers=[broken, healthy]) as req,
+        audit.request(question="q", handlers=[broken, healthy], timeout=5) as req,
     ):
         req.result = llm.chat([ChatMessage(role="user", content="q")]).message.content
     assert req.result == "Echo: q"
+    assert req.completed is True
     healthy.rec.check(expected_requests=1, events_per_request=1)
     assert [m for m, _ in broken.got] == METHODS  # every later call still happened
-    assert [(e.method, type(e.error)) for e in req.errors] == [(method, ZeroDivisionError)]
+    assert [(e.method, type(e.error)) for e in req.errors] == [(method, error)]
     assert telemetry.counter("audit.handler_errors").value == 1
     assert any(method in r.getMessage() and "Failing" in r.getMessage() for r in caplog.records)
     got = dict(broken.got)
