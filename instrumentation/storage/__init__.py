@@ -22,7 +22,11 @@ from instrumentation.dispatcher import Dispatcher
 from instrumentation.storage.base import SQLStore, Store
 from instrumentation.storage.handler import StorageHandler, metadata
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
-from instrumentation.storage.schema import SCHEMA_VERSION, SchemaVersionError
+from instrumentation.storage.schema import (
+    SCHEMA_VERSION,
+    NotATraceDatabaseError,
+    SchemaVersionError,
+)
 from instrumentation.storage.serialise import TRUNCATED, UNSERIALISABLE
 from instrumentation.storage.sqlite import SQLiteStore
 from instrumentation.storage.writer import BatchWriter
@@ -38,17 +42,22 @@ def is_postgres_dsn(target: str) -> bool:
     )
 
 
-def open_store(target: str | os.PathLike[str] | None = None) -> Store:
+def open_store(target: str | os.PathLike[str] | None = None, *, read_only: bool = False) -> Store:
     """A store for a SQLite path or a PostgreSQL DSN (default: ``$INSTRUMENTATION_DB``
-    or ``instrumentation.db``)."""
+    or ``instrumentation.db``).
+
+    ``read_only=True`` opens an existing trace database to read it, creating and
+    migrating nothing (what the command line does): anything else raises
+    :class:`NotATraceDatabaseError` or :class:`SchemaVersionError`.
+    """
     if target is None:
         target = os.environ.get(DB_ENV) or DEFAULT_DB
     text = os.fspath(target)
     if is_postgres_dsn(text):
         from instrumentation.storage.postgres import PostgresStore
 
-        return PostgresStore(text)
-    return SQLiteStore(text)
+        return PostgresStore(text, read_only=read_only)
+    return SQLiteStore(text, read_only=read_only)
 
 
 def record_to(
@@ -87,6 +96,7 @@ __all__ = [
     "TRUNCATED",
     "UNSERIALISABLE",
     "BatchWriter",
+    "NotATraceDatabaseError",
     "PostgresStore",
     "SQLStore",
     "SQLiteStore",

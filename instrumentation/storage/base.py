@@ -76,6 +76,9 @@ def _metadata(values: Sequence[Any]) -> dict[str, str]:
 class Store(ABC):
     """Where traces are kept: :class:`SQLiteStore` or :class:`PostgresStore`."""
 
+    #: Opened only to read (``read_only=True``): creates, migrates and writes nothing.
+    read_only: bool = False
+
     @abstractmethod
     def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
         """Store rows (in ``SPAN_COLUMNS``/``EVENT_COLUMNS`` order) in one transaction.
@@ -106,9 +109,13 @@ class Store(ABC):
 
     @abstractmethod
     def events(
-        self, *, trace_id: str | None = None, type: str | None = None, limit: int = 1000
+        self, *, trace_id: str | None = None, type: str | None = None, limit: int | None = 1000
     ) -> list[StoredEvent]:
-        """Stored events, oldest first, optionally of one trace and/or one type."""
+        """Stored events, oldest first, optionally of one trace and/or one type.
+
+        At most ``limit`` of them (the oldest): 1000 by default, every one with
+        ``limit=None``.
+        """
 
     @abstractmethod
     def resolve_trace_id(self, prefix: str) -> str | None:
@@ -158,8 +165,9 @@ class SQLStore(Store):
         self._insert_events = insert_sql(self.dialect, "events", EVENT_COLUMNS)
 
     def _connect_at_start(self) -> None:
-        """Connect and migrate now, so that a wrong path or a newer schema fails here;
-        but a database that cannot be reached *yet* must not stop the application.
+        """Connect and migrate (or, read-only, check) now, so that a wrong path or a
+        schema this release cannot use fails here; but a database that cannot be
+        reached *yet* must not stop the application.
 
         Then the store is made all the same: the writer retries, spools and replays,
         and a reader gets the error on its first query.
@@ -176,6 +184,12 @@ class SQLStore(Store):
                 "retried, then spooled and replayed when it is back; reads fail until then",
                 self,
                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise PermissionError(
+                f"{self!r} was opened with read_only=True: it reads traces, it does not write"
             )
 
     @abstractmethod
@@ -349,7 +363,7 @@ class SQLStore(Store):
         )
         spans = [_span_from_row(row) for row in span_rows]
         by_id = {s.id_: s for s in spans}
-        for event in self.events(trace_id=trace_id, limit=1_000_000):
+        for event in self.events(trace_id=trace_id, limit=None):
             owner = by_id.get(event.span_id) if event.span_id is not None else None
             if owner is not None:
                 owner.events.append(event)
@@ -360,14 +374,15 @@ class SQLStore(Store):
         return spans
 
     def events(
-        self, *, trace_id: str | None = None, type: str | None = None, limit: int = 1000
+        self, *, trace_id: str | None = None, type: str | None = None, limit: int | None = 1000
     ) -> list[StoredEvent]:
-        _check_limit(limit)
+        _check_limit(limit, none_means="every event")
         for value, what in ((trace_id, "trace_id"), (type, "type")):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{what} is a str, got {builtins.type(value).__name__}")
         p = self.dialect.param
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if trace_id is not None:
             where.append(f"trace_id = {p}")
             params.append(trace_id)
@@ -375,10 +390,12 @@ class SQLStore(Store):
             where.append(f"type = {p}")
             params.append(type)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._query(
-            f"SELECT {self._event_select()} FROM events {clause} ORDER BY time LIMIT {p}",
-            [*params, limit],
-        )
+        if limit is not None:
+            clause += f" ORDER BY time LIMIT {p}"
+            params.append(limit)
+        else:
+            clause += " ORDER BY time"
+        rows = self._query(f"SELECT {self._event_select()} FROM events {clause}", params)
         return [_event_from_row(row) for row in rows]
 
     def resolve_trace_id(self, prefix: str) -> str | None:
@@ -393,9 +410,12 @@ class SQLStore(Store):
         return rows[0][0] if len(rows) == 1 else None
 
 
-def _check_limit(limit: Any) -> None:
+def _check_limit(limit: Any, none_means: str | None = None) -> None:
+    if limit is None and none_means is not None:
+        return
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ValueError(f"limit is a positive int, got {limit!r}")
+        also = f" (or None for {none_means})" if none_means is not None else ""
+        raise ValueError(f"limit is a positive int{also}, got {limit!r}")
 
 
 def _like_literal(text: str) -> str:

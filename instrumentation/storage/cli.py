@@ -6,7 +6,10 @@
     python -m instrumentation --db traces.db export --limit 100 > traces.jsonl
 
 ``--db`` takes a SQLite path or a PostgreSQL DSN; it defaults to
-``$INSTRUMENTATION_DB``, then ``instrumentation.db``.
+``$INSTRUMENTATION_DB``, then ``instrumentation.db``. The command line only reads: it
+opens the store with ``read_only=True``, so it never creates a database, creates
+tables or migrates a schema; anything that is not a trace database of this release's
+schema exits with status 2 and says why.
 """
 
 from __future__ import annotations
@@ -278,9 +281,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"no trace database at {where!r} (give --db or set ${DB_ENV})", file=sys.stderr)
         return 2
     try:
-        store = open_store(args.db)
+        # Nor does it create tables or migrate: a file that is not a trace database
+        # (an application's own SQLite file, say) is refused, and left as it was.
+        store = open_store(where, read_only=True)
     except Exception as exc:
-        print(f"cannot open the trace database {args.db!r}: {exc}", file=sys.stderr)
+        print(f"cannot open the trace database {where!r}: {exc}", file=sys.stderr)
         return 2
     try:
         return _COMMANDS[args.command](store, args, stream)

@@ -28,7 +28,7 @@ from instrumentation.events.base import BaseEvent
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
 from instrumentation.storage.base import Store
-from instrumentation.storage.models import METADATA_KEYS
+from instrumentation.storage.models import METADATA_ALIASES, METADATA_KEYS
 from instrumentation.storage.serialise import RowMaker
 from instrumentation.storage.writer import BatchWriter, OnFull
 
@@ -37,17 +37,33 @@ _time = time.time
 
 
 def _check_metadata(value: Mapping[str, Any] | None, what: str) -> dict[str, str]:
+    """``value`` with its keys checked (``user_id``/``session_id`` become ``user``/``session``)
+    and its values made ``str`` (``None`` values left out)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} is a mapping such as {{'application': 'rag'}}, got {value!r}")
-    unknown = sorted(set(value) - set(METADATA_KEYS))
+    unknown = sorted(str(k) for k in value if k not in METADATA_KEYS and k not in METADATA_ALIASES)
     if unknown:
         raise ValueError(
             f"unknown metadata key(s) {unknown} in {what}; use {sorted(METADATA_KEYS)} "
-            "(put anything else in instrument_tags: tags are stored too)"
+            f"({', '.join(f'{c} for {k}' for c, k in METADATA_ALIASES.items())} are taken "
+            "too; put anything else in instrument_tags: tags are stored too)"
         )
-    return {k: str(v) for k, v in value.items() if v is not None}
+    out: dict[str, str] = {}
+    for key, raw in value.items():
+        if raw is None:
+            continue
+        name = METADATA_ALIASES.get(key, key)
+        text = str(raw)
+        if out.get(name, text) != text:
+            raise ValueError(
+                f"{what} gives {name!r} twice, as {name!r} and as "
+                f"{next(c for c, k in METADATA_ALIASES.items() if k == name)!r}, "
+                "with different values"
+            )
+        out[name] = text
+    return out
 
 
 @contextmanager
@@ -55,10 +71,11 @@ def metadata(**values: Any) -> Iterator[None]:
     """Set storage metadata for the spans and events of one request.
 
     ``with metadata(user="alice", session="s-42"):`` is ``instrument_tags`` with
-    checked keys (application, environment, user, session, run_id, step_id): the
-    values follow the request into threads, tasks and other processes like any tag,
-    and fill the metadata columns of every row. They win over the handler's and the
-    dispatcher's metadata.
+    checked keys (application, environment, user, session, run_id, step_id; the
+    column names ``user_id`` and ``session_id`` are taken for ``user`` and
+    ``session``): the values follow the request into threads, tasks and other
+    processes like any tag (named by the key: ``user``), and fill the metadata columns
+    of every row. They win over the handler's and the dispatcher's metadata.
     """
     checked = _check_metadata(values, "metadata()")
     with instrument_tags(checked):
@@ -68,9 +85,14 @@ def metadata(**values: Any) -> Iterator[None]:
 class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     """Keeps every span and event in a :class:`Store`, written in the background.
 
-    ``metadata`` fills the application/environment/user/session/run_id/step_id
-    columns of every row; ``dispatcher_metadata`` maps a dispatcher name to metadata
-    for its spans (and its events, and those of dispatchers below it); tags with those
+    ``metadata`` fills the metadata columns of every row (keys application,
+    environment, user, session, run_id, step_id; columns ``user_id`` and
+    ``session_id`` for user and session, whose names are taken as keys too).
+    ``dispatcher_metadata`` maps a dispatcher name (``"root"``: every dispatcher) to
+    metadata for its spans and those of the dispatchers below it, and for everything
+    inside those spans: nested spans of any dispatcher and their events. Where several
+    apply, each key comes from the innermost span's dispatcher that sets it (a
+    dispatcher's own over those above it by name, ``"root"`` last). Tags with those
     names (see :func:`metadata`) win over both. The other arguments configure the
     :class:`BatchWriter` (see there). ``max_payload_chars`` bounds each JSON value.
     """
@@ -142,7 +164,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
         if self._fast_by_dispatcher:
             opened = self.open_spans.get(event.span_id) if event.span_id else None
-            self._fast_put((event, opened[6] if opened is not None else None))  # type: ignore[index]
+            self._fast_put((event, opened[9] if opened is not None else None))  # type: ignore[index]
         else:
             self._fast_put(event)
 
@@ -164,6 +186,15 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             active = current_span()
             is_root = active is not None and active.remote and active.id_ == parent_id
         opened: dict[str, Any] = self.open_spans
+        dispatcher = kwargs.get("dispatcher")
+        scope = None
+        if self._fast_by_dispatcher:
+            # The dispatchers of the spans this one is inside, innermost first, as a
+            # linked tuple shared with the parent: dispatcher_metadata applies to all
+            # that is nested in a configured dispatcher's spans (resolved on the writer).
+            parent = opened.get(parent_id) if parent_id is not None else None
+            outer = parent[9] if parent is not None else None
+            scope = outer if outer is not None and outer[0] == dispatcher else (dispatcher, outer)
         opened[id_] = (
             _time(),
             _perf_counter(),
@@ -171,9 +202,10 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             is_root,
             kwargs.get("name") or id_.rpartition("-")[0] or id_,
             kwargs.get("trace_id"),
-            kwargs.get("dispatcher"),
+            dispatcher,
             tags,
             kwargs.get("attributes"),
+            scope,
         )
 
     def span_exit(

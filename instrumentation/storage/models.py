@@ -25,6 +25,12 @@ METADATA_KEYS: dict[str, str] = {
 }
 
 
+#: Column names accepted as keys too (``metadata={"user_id": ...}`` is ``"user"``).
+METADATA_ALIASES: dict[str, str] = {
+    column: key for key, column in METADATA_KEYS.items() if column != key
+}
+
+
 def to_datetime(epoch: float | None) -> datetime | None:
     """Seconds since the epoch -> aware UTC datetime (``None`` stays ``None``)."""
     if epoch is None:
@@ -121,6 +127,7 @@ def roots_of(spans: list[StoredSpan]) -> list[StoredSpan]:
 
 
 __all__ = [
+    "METADATA_ALIASES",
     "METADATA_KEYS",
     "StoredEvent",
     "StoredSpan",

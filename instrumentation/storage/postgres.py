@@ -14,6 +14,8 @@ from typing import Any
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
     POSTGRES,
+    TABLES,
+    check_readable,
     check_version,
     migrations,
 )
@@ -46,12 +48,18 @@ class PostgresStore(SQLStore):
     is made; a server that cannot be reached then is tried again on each call (the
     writer retries, spools and replays). ``connect_timeout`` bounds how long a call
     waits for an unreachable server.
+
+    ``read_only=True`` only reads: the session is read-only, no table is created or
+    migrated, and a database without the trace tables (or of another schema
+    version) is refused with :class:`NotATraceDatabaseError` or
+    :class:`SchemaVersionError`.
     """
 
     dialect = POSTGRES
 
-    def __init__(self, dsn: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, dsn: str, *, connect_timeout: float = 5.0, read_only: bool = False) -> None:
         super().__init__()
+        self.read_only = bool(read_only)
         if not isinstance(dsn, str) or not dsn.strip():
             raise TypeError(
                 "PostgresStore takes a connection string such as "
@@ -63,7 +71,7 @@ class PostgresStore(SQLStore):
         self._connect_at_start()
 
     def __repr__(self) -> str:
-        return f"PostgresStore({self.spool_key!r})"
+        return f"PostgresStore({self.spool_key!r}{', read_only=True' if self.read_only else ''})"
 
     @property
     def spool_key(self) -> str:
@@ -82,7 +90,10 @@ class PostgresStore(SQLStore):
             self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
         )
         try:
-            self._migrate(conn)
+            if self.read_only:
+                self._check_readable(conn)
+            else:
+                self._migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -101,6 +112,17 @@ class PostgresStore(SQLStore):
                 for statement in statements:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def _check_readable(self, conn: Any) -> None:
+        conn.execute("SET default_transaction_read_only = on")
+        found = conn.execute(
+            "SELECT " + ", ".join("to_regclass(%s) IS NOT NULL" for _ in TABLES), list(TABLES)
+        ).fetchone()
+        tables = {name for name, present in zip(TABLES, found, strict=True) if present}
+        version = None
+        if "schema_version" in tables:
+            version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        check_readable(f"PostgreSQL database {self.spool_key!r}", tables, version)
 
     def _unreachable(self, exc: BaseException) -> bool:
         # A connection error carries no SQLSTATE, only libpq's text. Only a server that
@@ -121,6 +143,7 @@ class PostgresStore(SQLStore):
             self._conn = None
 
     def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        self._refuse_if_read_only()
         with self._lock:
             try:
                 conn = self._connection()

@@ -7,6 +7,12 @@ so a row is JSON-able as it is and both backends take the same rows.
 A store records the version it migrated to in ``schema_version``. A database whose
 version is newer than :data:`SCHEMA_VERSION` was written by a newer release: the store
 refuses it with :class:`SchemaVersionError` rather than writing rows it cannot read.
+
+A store opened with ``read_only=True`` (what the command line does) creates and
+migrates nothing: a database without the trace tables is refused with
+:class:`NotATraceDatabaseError`, and one of an older version with
+:class:`SchemaVersionError` (opening it once for writing with this release migrates
+it).
 """
 
 from __future__ import annotations
@@ -63,8 +69,18 @@ TIME_COLUMNS = frozenset({"start_time", "end_time", "time"})
 JSON_COLUMNS = frozenset({"tags", "attributes", "payload"})
 
 
+#: The tables every trace database has.
+TABLES: tuple[str, ...] = ("schema_version", "spans", "events")
+
+
 class SchemaVersionError(RuntimeError):
-    """The database was created by a newer release of instrumentation than this one."""
+    """The database was created by a newer release of instrumentation than this one
+    (or, opened ``read_only``, by an older one: it must be migrated first)."""
+
+
+class NotATraceDatabaseError(RuntimeError):
+    """Opened ``read_only``, the database has no trace tables (it was never written by
+    a trace store, or belongs to something else); nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,35 @@ def check_version(found: int | None) -> None:
         )
 
 
+def check_readable(where: str, tables: set[str], found: int | None) -> None:
+    """Refuse, for reading only, a database that is not a trace database of this schema.
+
+    ``tables`` are those of :data:`TABLES` the database has; ``found`` the highest
+    version in its ``schema_version`` table (``None`` if none).
+    """
+    missing = [t for t in TABLES if t not in tables]
+    if missing:
+        raise NotATraceDatabaseError(
+            f"{where} is not a trace database: it has no {', '.join(missing)} "
+            f"table{'s' if len(missing) > 1 else ''} (nothing was changed). Reading never "
+            "creates or migrates tables; record traces into it first "
+            "(storage.record_to() or a store opened for writing creates them)"
+        )
+    if found is None:
+        raise NotATraceDatabaseError(
+            f"{where} is not a trace database: its schema_version table is empty "
+            "(nothing was changed)"
+        )
+    check_version(found)
+    if found < SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where} has trace schema version {found}, older than the version this "
+            f"release reads ({SCHEMA_VERSION}); reading never migrates (nothing was "
+            "changed): open it once for writing with this release (storage.open_store("
+            "...) or an application recording into it) to migrate it"
+        )
+
+
 __all__ = [
     "EVENT_COLUMNS",
     "META_COLUMNS",
@@ -177,8 +222,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "SPAN_COLUMNS",
     "SQLITE",
+    "TABLES",
     "Dialect",
+    "NotATraceDatabaseError",
     "SchemaVersionError",
+    "check_readable",
     "check_version",
     "insert_sql",
     "migrations",

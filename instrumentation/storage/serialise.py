@@ -23,6 +23,7 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from instrumentation import telemetry
+from instrumentation.dispatcher import ROOT_NAME
 from instrumentation.storage.base import Row
 from instrumentation.storage.models import METADATA_KEYS
 
@@ -140,6 +141,8 @@ def metadata_columns(
 
 
 _META_KEYSET = frozenset(METADATA_KEYS)
+#: The key of ``dispatcher_metadata`` that applies to every dispatcher.
+ROOT_KEY = ROOT_NAME
 _LLM_FIELDS = ("usage", "err_str", "error", "model", "provider", "cost_usd", "latency_ms")
 _fields_cache: dict[type, frozenset[str]] = {}
 
@@ -176,36 +179,72 @@ class RowMaker:
         self.metadata = dict(metadata or {})
         self.dispatcher_metadata = {k: dict(v) for k, v in (dispatcher_metadata or {}).items()}
         self.limit = max_payload_chars
-        self._defaults: dict[str | None, tuple[str | None, ...]] = {}
+        self._defaults: dict[Any, tuple[str | None, ...]] = {}
+        self._scopes: dict[Any, dict[str, str]] = {}
         self._last_log = float("-inf")
 
-    def meta(self, tags: Any, dispatcher: str | None) -> tuple[str | None, ...]:
-        """The metadata columns of a row: tags, then dispatcher, then handler metadata."""
-        defaults = self._defaults.get(dispatcher)
+    def meta(self, tags: Any, scope: Any) -> tuple[str | None, ...]:
+        """The metadata columns of a row: tags, then dispatchers, then handler metadata.
+
+        ``scope`` is what the handler recorded for the row's span: ``None`` (no span),
+        a dispatcher name, or the linked tuple ``(dispatcher, outer scope)`` of the
+        dispatchers of the spans it is inside, innermost first.
+        """
+        defaults = self._defaults.get(scope)
         if defaults is None:
-            defaults = metadata_columns(None, self.for_dispatcher(dispatcher), self.metadata)
+            defaults = metadata_columns(None, self.for_scope(scope), self.metadata)
             if len(self._defaults) < 10_000:
-                self._defaults[dispatcher] = defaults
+                self._defaults[scope] = defaults
         if not tags or not isinstance(tags, Mapping) or _META_KEYSET.isdisjoint(tags):
             return defaults
-        return metadata_columns(tags, self.for_dispatcher(dispatcher), self.metadata)
+        return metadata_columns(tags, self.for_scope(scope), self.metadata)
+
+    def for_scope(self, scope: Any) -> Mapping[str, str] | None:
+        """The dispatcher metadata of a row whose span is inside ``scope``.
+
+        Every dispatcher of the enclosing spans contributes; on a key they both set,
+        the inner span's dispatcher wins, and ``"root"`` (every dispatcher) loses.
+        """
+        if not self.dispatcher_metadata or scope is None:
+            return None
+        found = self._scopes.get(scope)
+        if found is not None:
+            return found
+        names: list[str | None] = []
+        link = (scope, None) if isinstance(scope, str) else scope
+        while link is not None:
+            names.append(link[0])
+            link = link[1]
+        merged = dict(self.dispatcher_metadata.get(ROOT_KEY) or {})
+        for name in reversed(names):  # outermost first: the inner ones overwrite
+            merged.update(self._own(name))
+        if len(self._scopes) < 10_000:
+            self._scopes[scope] = merged
+        return merged
 
     def for_dispatcher(self, name: str | None) -> Mapping[str, str] | None:
-        """The metadata of the nearest configured dispatcher at or above ``name``."""
-        if not self.dispatcher_metadata or name is None:
-            return None
-        while True:
-            found = self.dispatcher_metadata.get(name)
-            if found is not None:
-                return found
-            if "." not in name:
-                return self.dispatcher_metadata.get("root")
-            name = name.rpartition(".")[0]
+        """The metadata configured for dispatcher ``name``: its own merged over that of
+        the dispatchers above it (the nearer wins a key), over ``"root"``'s."""
+        return self.for_scope(name)
+
+    def _own(self, name: str | None) -> dict[str, str]:
+        """``name``'s metadata over its ancestors' (by name), ``"root"`` left out."""
+        out: dict[str, str] = {}
+        if not name or name == ROOT_KEY:
+            return out
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            found = self.dispatcher_metadata.get(".".join(parts[:i]))
+            if found:
+                out.update(found)
+        return out
 
     def span_row(self, entry: tuple[Any, ...]) -> Row:
         """A row from the writer entry ``(start_info, id_, end_perf, error)``."""
         info, span_id, end_perf, error = entry
-        start_wall, start_perf, parent_id, is_root, name, trace_id, dispatcher, tags, attrs = info
+        # scope: None, or the dispatchers of the enclosing spans (see StorageHandler).
+        start_wall, start_perf, parent_id, is_root, name, trace_id = info[:6]
+        dispatcher, tags, attrs, scope = info[6:]
         duration = max(0.0, end_perf - start_perf)
         return (
             span_id,
@@ -221,10 +260,10 @@ class RowMaker:
             error,
             to_json(dict(tags) if tags else {}, self.limit),
             to_json(dict(attrs) if attrs else {}, self.limit),
-            *self.meta(tags, dispatcher),
+            *self.meta(tags, scope),
         )
 
-    def event_row(self, event: Any, dispatcher: str | None) -> Row:
+    def event_row(self, event: Any, scope: Any) -> Row:
         """A row from an event (LLM columns are read by duck typing, so any event works)."""
         has = _fields_of(type(event))
         usage = event.usage if "usage" in has else None
@@ -255,7 +294,7 @@ class RowMaker:
             _float_or_none(event.cost_usd) if "cost_usd" in has else None,
             _float_or_none(event.latency_ms) if "latency_ms" in has else None,
             _str_or_none(error),
-            *self.meta(tags, dispatcher),
+            *self.meta(tags, scope),
         )
 
     def rows(self, entries: list[Any]) -> tuple[list[Row], list[Row]]:

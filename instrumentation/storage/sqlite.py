@@ -13,11 +13,15 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
     SCHEMA_VERSION,
     SQLITE,
+    TABLES,
+    NotATraceDatabaseError,
+    check_readable,
     check_version,
     migrations,
 )
@@ -29,12 +33,25 @@ class SQLiteStore(SQLStore):
     ``path`` may be ``":memory:"`` for a store that lives as long as the object.
     Thread-safe; several processes may write one file (SQLite serialises them; each
     waits up to ``busy_timeout`` seconds for the lock).
+
+    ``read_only=True`` only reads: the file must exist (else ``FileNotFoundError``)
+    and be a trace database of this schema version (else
+    :class:`NotATraceDatabaseError` or :class:`SchemaVersionError`), and nothing in it
+    is created, migrated or written (``":memory:"`` is the exception: a fresh, empty
+    trace database).
     """
 
     dialect = SQLITE
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 10.0,
+        read_only: bool = False,
+    ) -> None:
         super().__init__()
+        self.read_only = bool(read_only)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"SQLiteStore takes a file path (str or pathlib.Path), got {type(path).__name__}"
@@ -52,7 +69,7 @@ class SQLiteStore(SQLStore):
         self._lock_wait = self.busy_timeout
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({self.path!r})"
+        return f"SQLiteStore({self.path!r}{', read_only=True' if self.read_only else ''})"
 
     @property
     def spool_key(self) -> str:
@@ -68,21 +85,70 @@ class SQLiteStore(SQLStore):
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._lock_wait,
-                check_same_thread=False,
-                isolation_level=None,
-            )
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                self._migrate(conn)
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            except BaseException:
-                conn.close()
-                raise
+            if self.read_only and self.path != ":memory:":
+                conn = self._connect_read_only()
+            else:
+                conn = self._connect_and_migrate()
             self._conn = conn
+        return conn
+
+    def _connect_and_migrate(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._lock_wait,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(conn)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        # mode=rw: never create the file (a read-only file is still opened, read-only);
+        # no journal_mode change, no migration; query_only refuses any write.
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(
+                f"no trace database at {self.path!r}: the file does not exist "
+                "(a read_only store never creates one)"
+            )
+        conn = sqlite3.connect(
+            f"file:{quote(self.path)}?mode=rw",
+            uri=True,
+            timeout=self._lock_wait,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            try:
+                found_tables = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    ).fetchall()
+                    if row[0] in TABLES
+                }
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise  # locked, busy, unreadable: not about what the file is
+                raise NotATraceDatabaseError(
+                    f"{self.path!r} is not a trace database: {exc} (nothing was changed)"
+                ) from exc
+            version = None
+            if "schema_version" in found_tables:
+                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+                version = row[0] if row else None
+            check_readable(repr(self.path), found_tables, version)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -108,6 +174,7 @@ class SQLiteStore(SQLStore):
         return int(rows[0][0]) if rows and rows[0][0] is not None else SCHEMA_VERSION
 
     def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        self._refuse_if_read_only()
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN")

@@ -17,8 +17,8 @@ Nothing is lost silently:
 - a failing database is retried with exponential backoff for ``retry_for`` seconds,
   keeping the batch; then the rows go to a local spool file (see
   :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
-  database answers again. Inserts skip rows already stored, so a replay never
-  duplicates.
+  database answers again, a bounded chunk at a time. Inserts skip rows already
+  stored, so a replay never duplicates.
 
 ``flush(timeout)`` is true only when everything queued before the call is in the
 database (not merely in the spool); ``shutdown(timeout)`` writes what is queued and
@@ -113,6 +113,11 @@ class BatchWriter:
             raise TypeError(
                 f"BatchWriter needs a Store (SQLiteStore(path) or PostgresStore(dsn)), "
                 f"got {type(store).__name__}"
+            )
+        if store.read_only:
+            raise ValueError(
+                f"{store!r} was opened with read_only=True; a writer needs a store that "
+                "writes (read_only=False)"
             )
         if not isinstance(batch_size, int):
             raise TypeError(f"batch_size is an int, got {type(batch_size).__name__}")
@@ -440,6 +445,17 @@ class BatchWriter:
         takes none), then rejected: counted (``storage.rejected_rows``) and logged. If
         the database stops answering meanwhile, the rest goes to the spool.
         """
+        rest = self._write_one_by_one(spans, events)
+        if rest is not None:
+            self._to_spool(*rest)
+            self._next_replay = time.monotonic() + self.replay_interval
+
+    def _write_one_by_one(
+        self, spans: list[Row], events: list[Row]
+    ) -> tuple[list[Row], list[Row]] | None:
+        """Write rows one at a time, rejecting those the database refuses for content;
+        ``None`` when done, or the rows not written because the database stopped
+        answering (from that row on)."""
         pending = [(r, True) for r in spans] + [(r, False) for r in events]
         for i, (row, is_span) in enumerate(pending):
             for attempt in (row, _without_nul(row)):
@@ -449,9 +465,7 @@ class BatchWriter:
                     if self.store.is_data_error(exc):
                         continue
                     rest = pending[i:]
-                    self._to_spool([r for r, s in rest if s], [r for r, s in rest if not s])
-                    self._next_replay = time.monotonic() + self.replay_interval
-                    return
+                    return [r for r, s in rest if s], [r for r, s in rest if not s]
                 self._written(1)
                 break
             else:
@@ -462,6 +476,7 @@ class BatchWriter:
                     row[0],
                     "spans" if is_span else "events",
                 )
+        return None
 
     def _written(self, n: int) -> None:
         self.rows_written += n
@@ -482,30 +497,58 @@ class BatchWriter:
             )
 
     def _replay(self) -> bool:
-        """Write the spooled rows; ``True`` (and the spool emptied) if the database took them."""
-        spans, events = self.spool.read()
-        try:
-            step = max(self.batch_size, 1000)
-            for i in range(0, len(spans), step):
-                self.store.write(spans[i : i + step], [])
-            for i in range(0, len(events), step):
-                self.store.write([], events[i : i + step])
-        except Exception as exc:
-            _WRITE_ERRORS.inc()
-            self._next_replay = time.monotonic() + self.replay_interval
+        """Write the spooled rows; ``True`` (and the spool emptied) if the database took them.
+
+        The file is read a chunk at a time (at most ``max(batch_size, 1000)`` rows), each
+        chunk written in one transaction, so memory stays bounded however long the
+        outage was. When the database fails part-way, the chunks it took are not read
+        again on the next try; rows it refuses for their content are rejected one by
+        one (as for a batch), so they cannot hold up the spool.
+        """
+        step = max(self.batch_size, 1000)
+        replayed = 0
+        while True:
+            if self._abort.is_set():  # shutdown ran out of time: the rest stays spooled
+                return False
+            chunk = self.spool.next_chunk(step)
+            if chunk is None:
+                break
+            written_before = self.rows_written
+            try:
+                self._replay_chunk(chunk.spans, chunk.events)
+            except Exception as exc:
+                _WRITE_ERRORS.inc()
+                self._next_replay = time.monotonic() + self.replay_interval
+                logger.info(
+                    "instrumentation.storage: database still failing (%s); %d rows wait in %s",
+                    type(exc).__name__,
+                    self.spool.rows_pending,
+                    self.spool.path,
+                )
+                return False
+            self.spool.mark_replayed(chunk)
+            n = self.rows_written - written_before
+            _REPLAYED.add(n)
+            replayed += n
+        if replayed:
             logger.info(
-                "instrumentation.storage: database still failing (%s); %d rows wait in %s",
-                type(exc).__name__,
-                self.spool.rows_pending,
-                self.spool.path,
+                "instrumentation.storage replayed %d spooled rows into %r", replayed, self.store
             )
-            return False
-        self.spool.clear()
-        n = len(spans) + len(events)
-        _REPLAYED.add(n)
-        self._written(n)
-        logger.info("instrumentation.storage replayed %d spooled rows into %r", n, self.store)
         return True
+
+    def _replay_chunk(self, spans: list[Row], events: list[Row]) -> None:
+        """Write one chunk of the spool; raises if the database did not take it all."""
+        if not spans and not events:
+            return
+        try:
+            self.store.write(spans, events)
+        except Exception as exc:
+            if not self.store.is_data_error(exc):
+                raise
+            if self._write_one_by_one(spans, events) is not None:
+                raise
+            return
+        self._written(len(spans) + len(events))
 
     # -- process life --------------------------------------------------------------------
 
@@ -513,7 +556,7 @@ class BatchWriter:
         was_closed = self._closed
         self.store.after_fork_in_child()
         self._init_runtime()
-        self.spool.rows_pending = 0
+        self.spool.forget()
         self.dropped = 0
         self.rows_written = 0
         self.rows_lost = 0

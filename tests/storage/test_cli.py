@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +17,13 @@ import pytest
 
 from instrumentation import get_dispatcher
 from instrumentation.__main__ import main as module_main
-from instrumentation.storage import SQLiteStore, Store
+from instrumentation.storage import (
+    NotATraceDatabaseError,
+    SchemaVersionError,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 from instrumentation.storage.cli import main
 
 from .helpers import FakeLLMEndEvent, Usage
@@ -239,3 +246,118 @@ def test_a_database_that_cannot_be_reached_is_an_error(
     dsn = f"postgresql://nobody@127.0.0.1:{port}/traces?connect_timeout=1"
     assert main(["--db", dsn, "list"], out=io.StringIO()) == 2
     assert "cannot read the trace database" in capsys.readouterr().err
+
+
+def _sqlite_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("kind", ["application database", "empty file", "not sqlite"])
+@pytest.mark.parametrize("command", [["list"], ["show", "latest"], ["export"], ["tail"]])
+def test_reading_never_turns_another_file_into_a_trace_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, command: list[str]
+) -> None:
+    """An application's own SQLite file, an empty file or any other file is refused
+    with exit status 2 and a reason, and left byte for byte as it was."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    target = folder / "app.db"
+    if kind == "application database":
+        with sqlite3.connect(target) as conn:
+            conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+            conn.execute("INSERT INTO users (name) VALUES ('alice')")
+        conn.close()
+    elif kind == "empty file":
+        target.write_bytes(b"")
+    else:
+        target.write_text("name,age\nalice,42\n")
+    before = _sqlite_files(folder)
+    assert (
+        main(
+            [
+                "--db",
+                str(target),
+                *command,
+                *(["--max-seconds", "0.1"] if command == ["tail"] else []),
+            ],
+            out=io.StringIO(),
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "is not a trace database" in err and "nothing was changed" in err
+    assert _sqlite_files(folder) == before  # no tables, no journal files, no -wal/-shm
+
+
+def test_an_older_trace_schema_is_refused_not_migrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line does not migrate: a trace database of an older schema version
+    is an error saying how to migrate it; a store opened for writing migrates it."""
+    path = tmp_path / "old.db"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 0")
+    conn.close()
+    assert main(["--db", str(path), "list"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "older than the version this release reads" in err and "open it once for writing" in err
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(0,)]
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="older"):
+        SQLiteStore(path, read_only=True)
+    SQLiteStore(path).close()  # opened for writing: migrated
+    assert _run("--db", str(path), "list") == "(no traces)\n"
+
+
+def test_a_read_only_store_reads_and_refuses_to_write(tmp_path: Path, make_handler: Any) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    pipeline()
+    assert handler.flush(10)
+    reader = open_store(tmp_path / "t.db", read_only=True)
+    assert reader.read_only and [t.name for t in reader.traces()] == ["pipeline"]
+    with pytest.raises(PermissionError, match="read_only=True"):
+        reader.write([], [])
+    with pytest.raises(ValueError, match="read_only"):
+        make_handler(reader)
+    with pytest.raises(FileNotFoundError, match="never creates one"):
+        SQLiteStore(tmp_path / "missing.db", read_only=True)
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(NotATraceDatabaseError, match="no schema_version, spans, events tables"):
+        SQLiteStore(tmp_path / "empty.db", read_only=True)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_reading_a_postgres_database_creates_no_tables(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On PostgreSQL too the command line only reads: a database without the trace
+    tables is refused (status 2) and gets none; a trace database is read as usual."""
+    import psycopg
+
+    def tables() -> list[str]:
+        with psycopg.connect(postgres_dsn) as conn:
+            rows = conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = 'public' ORDER BY 1"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    assert main(["--db", postgres_dsn, "list"], out=io.StringIO()) == 2
+    assert "is not a trace database" in capsys.readouterr().err
+    assert tables() == ["users"]
+    from instrumentation.storage.postgres import PostgresStore
+
+    PostgresStore(postgres_dsn).close()  # a writer's store makes the tables
+    assert _run("--db", postgres_dsn, "list") == "(no traces)\n"
+    reader = PostgresStore(postgres_dsn, read_only=True)
+    with pytest.raises(PermissionError):
+        reader.write([], [])
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        reader._query("CREATE TABLE sneaky (id INTEGER)", [])
+    reader.close()
+    assert tables() == ["events", "schema_version", "spans", "users"]

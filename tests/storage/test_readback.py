@@ -276,3 +276,117 @@ def test_a_trace_continued_elsewhere_is_listed_once(tmp_path: Any, make_handler:
     assert whole.name == "front" and whole.span_count == 2
     (root,) = roots_of(store.trace(whole.trace_id))
     assert [c.name for c in root.children] == ["retrieve"]
+
+
+def test_events_returns_at_most_limit_and_none_means_all(
+    any_store: Store, make_handler: Any
+) -> None:
+    """events() stops at its limit (1000 unless told), oldest first; limit=None is all."""
+    handler = make_handler(any_store, batch_size=2000).attach(d)
+    with d.span("many"):
+        for i in range(1500):
+            d.event(NoteEvent(text=str(i)))
+    assert handler.flush(30)
+    assert len(any_store.events()) == 1000
+    every = any_store.events(limit=None)
+    assert sorted(int(e.payload["text"]) for e in every) == list(range(1500))
+    assert len(any_store.events(type="NoteEvent", limit=None)) == 1500
+    assert len(any_store.events(limit=10)) == 10
+    (span,) = any_store.trace(any_store.traces()[0].trace_id)
+    assert len(span.events) == 1500
+    with pytest.raises(ValueError, match="or None for every event"):
+        any_store.events(limit=0)
+
+
+d_other = get_dispatcher("tests.storage.elsewhere")
+
+
+@d_other.span
+def other_library_call() -> None:
+    d_other.event(NoteEvent(text="from elsewhere"))
+
+
+@d_db.span
+def db_call_with_a_library_inside() -> None:
+    d.event(NoteEvent(text="app event in a db span"))
+    other_library_call()
+
+
+def test_dispatcher_metadata_covers_everything_inside_its_spans(
+    any_store: Store, make_handler: Any
+) -> None:
+    """A configured dispatcher's metadata reaches the spans and events of other
+    dispatchers nested in its spans; on a clash the inner dispatcher's value wins,
+    and "root" is the fallback for every dispatcher."""
+    handler = make_handler(
+        any_store,
+        metadata={"environment": "handler"},
+        dispatcher_metadata={
+            "root": {"application": "everyone", "step_id": "root-step"},
+            "tests.storage.app.db": {"application": "db", "run_id": "db-run"},
+            "tests.storage.elsewhere": {"run_id": "lib-run"},
+        },
+    ).attach()
+    with metadata(user="carol"):
+        db_call_with_a_library_inside()
+    other_library_call()  # not inside a db span
+    assert handler.flush(10)
+    nested = next(t for t in any_store.traces() if t.name == "db_call_with_a_library_inside")
+    spans = {s.name: s for s in any_store.trace(nested.trace_id)}
+    common = {"environment": "handler", "user": "carol", "step_id": "root-step"}
+    db_meta = {**common, "application": "db", "run_id": "db-run"}
+    assert spans["db_call_with_a_library_inside"].metadata == db_meta
+    assert [e.metadata for e in spans["db_call_with_a_library_inside"].events] == [db_meta]
+    inner = {**common, "application": "db", "run_id": "lib-run"}  # inner wins run_id
+    assert spans["other_library_call"].metadata == inner
+    assert [e.metadata for e in spans["other_library_call"].events] == [inner]
+    alone = next(t for t in any_store.traces() if t.name == "other_library_call")
+    (alone_span,) = any_store.trace(alone.trace_id)
+    assert alone_span.metadata == {
+        "environment": "handler",
+        "application": "everyone",
+        "run_id": "lib-run",
+        "step_id": "root-step",
+    }
+
+
+def test_dispatcher_metadata_of_a_parent_dispatcher_applies_below_it(
+    tmp_path: Any, make_handler: Any
+) -> None:
+    """A dispatcher's metadata merges over its ancestors' (by name), key by key."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(
+        store,
+        dispatcher_metadata={
+            "tests.storage.app": {"application": "app", "environment": "app-env"},
+            "tests.storage.app.db": {"environment": "db-env"},
+        },
+    ).attach(d)
+    retrieve("q")
+    assert handler.flush(10)
+    (span,) = store.trace(store.traces()[0].trace_id)
+    assert span.metadata == {"application": "app", "environment": "db-env"}
+
+
+def test_column_names_are_taken_as_metadata_keys(any_store: Store, make_handler: Any) -> None:
+    """user_id and session_id (the columns) work as the keys user and session."""
+    handler = make_handler(
+        any_store,
+        metadata={"session_id": "s-9"},
+        dispatcher_metadata={"tests.storage.app": {"user_id": "dispatcher-user"}},
+    ).attach(d)
+    answer("anonymous")
+    with metadata(user_id="dave", session="s-10"):
+        answer("q")
+    assert handler.flush(10)
+    dave = any_store.traces(metadata={"user": "dave"})
+    assert [t.metadata for t in dave] == [{"user": "dave", "session": "s-10"}]
+    assert any_store.traces(metadata={"user_id": "dave"}) == dave
+    (anonymous,) = any_store.traces(metadata={"user": "dispatcher-user"})
+    assert anonymous.metadata == {"user": "dispatcher-user", "session": "s-9"}
+    with pytest.raises(ValueError, match="'user' twice"), metadata(user="a", user_id="b"):
+        pass
+    with metadata(user="same", user_id="same"):
+        pass
+    with pytest.raises(ValueError, match="user_id for user"):
+        make_handler(any_store, metadata={"userid": "x"})

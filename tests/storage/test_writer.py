@@ -417,3 +417,27 @@ def test_rows_the_database_refuses_do_not_block_the_rest(any_store: Any, make_ha
     assert texts[0] == "after" and texts[1] == "before"
     assert texts[2].startswith("nul") and texts[2].endswith("inside")
     assert telemetry.counter("storage.rejected_rows").value == 0
+
+
+def test_every_documented_counter_is_there_from_import(tmp_path: Path) -> None:
+    """docs/storage.md lists the storage counters of telemetry.snapshot(); a healthy
+    process that never spooled has them all (at 0), not a KeyError."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "storage.md").read_text("utf-8")
+    paragraph = doc[doc.index("Counters (`instrumentation.telemetry.snapshot()`") :]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    documented = set(re.findall(r"`(storage\.[a-z_]+)`", paragraph))
+    assert {"storage.spooled_rows", "storage.rows_written", "storage.dropped"} <= documented
+    script = (
+        "import json, instrumentation.storage\n"
+        "from instrumentation import telemetry\n"
+        "print(json.dumps(telemetry.snapshot()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    snapshot = json.loads(done.stdout)
+    assert {name: snapshot.get(name) for name in documented} == dict.fromkeys(documented, 0)
+    registered = {name for name in snapshot if name.startswith("storage.")}
+    assert registered == documented  # and none undocumented
