@@ -116,6 +116,36 @@ def current_tags() -> Mapping[str, Any]:
     return _active_tags.get()
 
 
+_UUID_TAIL = re.compile(r"-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def span_name_of(span_id: str) -> str:
+    """The name in a span id: ours end in ``-<16 hex>``, LlamaIndex's in ``-<uuid4>``."""
+    uuid_tail = _UUID_TAIL.search(span_id)
+    if uuid_tail is not None:
+        return span_id[: uuid_tail.start()] or span_id
+    return span_id.rpartition("-")[0] or span_id
+
+
+#: The traces of spans entered by hand (``Dispatcher.span_enter``) and not ended yet,
+#: so that ``active_span_id.set(id_)`` after the enter puts the span in its own trace.
+_manual_traces: dict[str, str] = {}
+_MANUAL_TRACES_KEPT = 10_000
+
+
+def remember_manual_trace(span_id: str, trace_id: str) -> None:
+    if len(_manual_traces) >= _MANUAL_TRACES_KEPT:  # spans never ended: forget the oldest
+        try:
+            del _manual_traces[next(iter(_manual_traces))]
+        except (StopIteration, KeyError, RuntimeError):
+            pass
+    _manual_traces[span_id] = trace_id
+
+
+def forget_manual_trace(span_id: str) -> None:
+    _manual_traces.pop(span_id, None)
+
+
 class _ActiveSpanId:
     """Stands in for LlamaIndex's ``active_span_id`` context variable.
 
@@ -133,22 +163,21 @@ class _ActiveSpanId:
         span = _active_span.get()
         return default if span is None else span.id_
 
-    def set(self, value: str | None) -> Token[SpanContext | None]:
+    def set(self, value: str | None) -> Token[SpanContext | None] | _Activation:
         if value is None:
             return _active_span.set(None)
         if not isinstance(value, str):
             raise TypeError(f"active_span_id.set() takes a span id (str) or None; got {value!r}")
         parent = _active_span.get()
         if parent is None:
-            span = SpanContext(value, new_trace_id(), None, value.rpartition("-")[0] or value)
+            trace_id = _manual_traces.get(value) or new_trace_id()
+            span = SpanContext(value, trace_id, None, span_name_of(value))
         else:
-            span = SpanContext(
-                value, parent.trace_id, parent.id_, value.rpartition("-")[0] or value
-            )
-        return _active_span.set(span)
+            span = SpanContext(value, parent.trace_id, parent.id_, span_name_of(value))
+        return activate(span)
 
-    def reset(self, token: Token[SpanContext | None]) -> None:
-        _active_span.reset(token)
+    def reset(self, token: Token[SpanContext | None] | _Activation) -> None:
+        deactivate(token)
 
 
 #: Compatibility: LlamaIndex's ``active_span_id`` (``get``, ``set``, ``reset``).
@@ -323,12 +352,15 @@ __all__ = [
     "current_tags",
     "current_trace_id",
     "deactivate",
+    "forget_manual_trace",
     "format_traceparent",
     "instrument_tags",
     "is_suppressed",
     "parse_traceparent",
     "register_bridge",
+    "remember_manual_trace",
     "span_hex_of",
+    "span_name_of",
     "suppress_instrumentation",
     "unregister_bridge",
 ]

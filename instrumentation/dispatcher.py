@@ -37,10 +37,13 @@ from instrumentation.context import (
     active_instrument_tags,
     current_span,
     deactivate,
+    forget_manual_trace,
     format_traceparent,
     instrument_tags,
     parse_traceparent,
+    remember_manual_trace,
     span_hex_of,
+    span_name_of,
 )
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
@@ -103,23 +106,41 @@ class HandlerList(list[_H]):
     checked, and re-links the handler chains, as ``add_*_handler`` does.
     """
 
-    __slots__ = ("_attr", "_owner")
+    __slots__ = ("_assigned_back", "_attr", "_owner")
 
     def __init__(self, owner: Dispatcher, attr: str) -> None:
         super().__init__(getattr(owner, attr))
         self._owner = owner
         self._attr = attr
+        self._assigned_back = False
 
-    def _apply(self, change: Callable[[list[_H]], Any]) -> Any:
+    def _apply(self, change: Callable[[list[_H]], Any], *, by_position: bool = False) -> Any:
         owner, attr = self._owner, self._attr
         with _lock:
             # From the dispatcher's handlers as they are now, not as they were when
             # this list was made: another thread may have added one meanwhile.
-            handlers: list[_H] = list(getattr(owner, attr))
+            current: tuple[_H, ...] = getattr(owner, attr)
+            if by_position and (
+                len(current) != len(self)
+                or any(a is not b for a, b in zip(current, self, strict=True))
+            ):
+                # A position in this list may name another handler by now.
+                raise RuntimeError(
+                    f"{owner.name!r}'s {attr[1:]} changed since this list was read; "
+                    f"read dispatcher.{attr[1:]} again, or use append/remove"
+                )
+            handlers = list(current)
             result = change(handlers)
             owner._set_own(attr, handlers)
             list.__init__(self, getattr(owner, attr))
         return result
+
+    def _position(self, handlers: list[_H], handler: object) -> int:
+        # By identity: two handlers of one class with the same fields compare equal.
+        for i, h in enumerate(handlers):
+            if h is handler:
+                return i
+        raise ValueError(f"{handler!r} is not among {self._owner.name!r}'s {self._attr[1:]}")
 
     def append(self, handler: _H) -> None:
         self._apply(lambda hs: hs.append(handler))
@@ -129,13 +150,13 @@ class HandlerList(list[_H]):
         self._apply(lambda hs: hs.extend(more))
 
     def insert(self, index: SupportsIndex, handler: _H) -> None:
-        self._apply(lambda hs: hs.insert(index, handler))
+        self._apply(lambda hs: hs.insert(index, handler), by_position=True)
 
     def remove(self, handler: _H) -> None:
-        self._apply(lambda hs: hs.remove(handler))
+        self._apply(lambda hs: hs.pop(self._position(hs, handler)))
 
     def pop(self, index: SupportsIndex = -1) -> _H:
-        popped: _H = self._apply(lambda hs: hs.pop(index))
+        popped: _H = self._apply(lambda hs: hs.pop(index), by_position=True)
         return popped
 
     def clear(self) -> None:
@@ -148,18 +169,34 @@ class HandlerList(list[_H]):
         self._apply(lambda hs: hs.reverse())
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        self._apply(lambda hs: hs.__setitem__(index, value))
+        whole = isinstance(index, slice) and index == slice(None)
+        self._apply(lambda hs: hs.__setitem__(index, value), by_position=not whole)
 
     def __delitem__(self, index: Any) -> None:
-        self._apply(lambda hs: hs.__delitem__(index))
+        whole = isinstance(index, slice) and index == slice(None)
+        self._apply(lambda hs: hs.__delitem__(index), by_position=not whole)
 
     def __iadd__(self, handlers: Iterable[_H]) -> Self:  # type: ignore[override,misc]
         self.extend(handlers)
+        self._assigned_back = True  # what Python does next: see Dispatcher._set_own
         return self
 
     def __imul__(self, times: SupportsIndex) -> Self:
         self._apply(lambda hs: hs.__imul__(times))
+        self._assigned_back = True
         return self
+
+    def __contains__(self, handler: object) -> bool:
+        return any(h is handler for h in self)
+
+    def index(self, handler: _H, start: SupportsIndex = 0, stop: SupportsIndex = 2**62) -> int:
+        for i in range(*slice(start, stop).indices(len(self))):
+            if list.__getitem__(self, i) is handler:
+                return i
+        raise ValueError(f"{handler!r} is not among {self._owner.name!r}'s {self._attr[1:]}")
+
+    def count(self, handler: _H) -> int:
+        return sum(1 for h in self if h is handler)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (list, (list(self),))
@@ -330,6 +367,16 @@ class Dispatcher:
         self._set_own("_span_handlers", handlers)
 
     def _set_own(self, attr: str, handlers: Iterable[Any]) -> None:
+        if (
+            isinstance(handlers, HandlerList)
+            and handlers._owner is self
+            and handlers._attr == attr
+            and handlers._assigned_back
+        ):
+            # ``d.span_handlers += [h]`` assigns the list back after changing it in
+            # place: the change is made already, and the list may be stale by now.
+            handlers._assigned_back = False
+            return
         check = _check_event_handler if attr == "_event_handlers" else _check_span_handler
         checked = tuple(check(h) for h in handlers)
         with _lock:
@@ -452,7 +499,8 @@ class Dispatcher:
         if "trace_id" not in kwargs:
             parent = _active_span.get()
             kwargs["trace_id"] = parent.trace_id if parent is not None else new_trace_id()
-        kwargs.setdefault("name", id_.rpartition("-")[0] or id_)
+        remember_manual_trace(id_, kwargs["trace_id"])
+        kwargs.setdefault("name", span_name_of(id_))
         kwargs.setdefault("dispatcher", self.name)
         kwargs.setdefault("attributes", None)
         telemetry.SPANS_STARTED.inc()
@@ -479,6 +527,7 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended with ``result``."""
+        forget_manual_trace(id_)
         chain = self._hot
         if chain is None:
             return
@@ -500,6 +549,7 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended early because of ``err``."""
+        forget_manual_trace(id_)
         chain = self._hot
         if chain is None:
             return
@@ -595,7 +645,8 @@ class Dispatcher:
         if span is not None:
             out["traceparent"] = format_traceparent(span.trace_id, span.span_hex)
         out["active_span_id"] = None if span is None else span.id_
-        out["instrument_tags"] = dict(_active_tags.get())
+        tags = _active_tags.get()
+        out["instrument_tags"] = dict(tags) if isinstance(tags, Mapping) else {}
         return out
 
     def restore_propagation_context(self, context: Mapping[str, Any]) -> None:
@@ -936,11 +987,17 @@ class Manager:
         with _lock:
             if d.name in self.dispatchers and isinstance(self.dispatchers[d.name], Dispatcher):
                 return
-            wanted, expected = d._parent_name_given, self.parent_name_for(d.name)
-            if wanted is not None and wanted != expected and d is not self.root:
+            wanted = d._parent_name_given
+            if (
+                wanted is not None
+                and wanted != self.root.name
+                and not d.name.startswith(wanted + ".")
+                and d is not self.root
+            ):
                 raise ValueError(
-                    f"a dispatcher's parent comes from its dotted name: {d.name!r} would hang "
-                    f"from {expected!r}, not {wanted!r}; name it '{wanted}.{d.name}' to hang "
+                    f"a dispatcher's parent comes from its dotted name: {d.name!r} hangs from "
+                    f"the nearest of its ancestors ({self.parent_name_for(d.name)!r} now), "
+                    f"not {wanted!r}; name it '{wanted}.{d.name.rpartition('.')[2]}' to hang "
                     f"it there, or leave parent_name out"
                 )
             self._place(d, self.dispatchers.get(d.name))

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from instrumentation._wrap import LLAMA_MARK, MARK
 from instrumentation.dispatcher import get_dispatcher
 from instrumentation.events.llm import (
     ChatMessage,
@@ -91,6 +92,14 @@ _predict_reports: ContextVar[dict[int, tuple[TokenUsage | None, str | None]] | N
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _marked_like(call: Callable[..., Any], traced: F) -> F:
+    # Marked as traced, as ``@dispatcher.span`` marks what it wraps: decorating again
+    # is a no-op, and DispatcherSpanMixin treats overrides as it did.
+    for mark in (MARK, LLAMA_MARK):
+        setattr(call, mark, getattr(traced, mark, None))
+    return call  # type: ignore[return-value]
+
+
 def _call_span(method: F) -> F:
     """Trace an LLM call as LlamaIndex does: span handlers get its arguments and result.
 
@@ -107,7 +116,7 @@ def _call_span(method: F) -> F:
                 return method(self, *args, **kwargs)
         return traced(self, *args, **kwargs)
 
-    return call  # type: ignore[return-value]
+    return _marked_like(call, traced)
 
 
 def _acall_span(method: F) -> F:
@@ -121,7 +130,7 @@ def _acall_span(method: F) -> F:
                 return await method(self, *args, **kwargs)
         return await traced(self, *args, **kwargs)
 
-    return call  # type: ignore[return-value]
+    return _marked_like(call, traced)
 
 
 class BaseLLM(abc.ABC):

@@ -10,11 +10,14 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from instrumentation.context import span_name_of
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers._buffered import SpanDeque
 from instrumentation.threads import Thread  # LlamaIndex's home for it
 
 T = TypeVar("T", bound=BaseSpan)
+
+_ENDED_BY_SHUTDOWN_KEPT = 1_000
 
 _BOUNDED = frozenset({"completed_spans", "dropped_spans"})
 
@@ -83,7 +86,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     _lock: threading.Lock | None = PrivateAttr(default=None)
     # Spans that Dispatcher.shutdown() dropped while their calls still ran: the calls'
     # own exit or drop, when it comes, is not passed on a second time.
-    _ended_by_shutdown: set[str] | None = PrivateAttr(default=None)
+    _ended_by_shutdown: dict[str, None] | None = PrivateAttr(default=None)
 
     #: Set to False in a handler that never reads ``bound_args``: the dispatcher then
     #: passes an empty one and saves making it on every call.
@@ -92,11 +95,18 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # A handler that said it never reads the arguments speaks for its own methods
-        # only: a subclass that overrides one of them (a LlamaIndex-style subclass of
-        # SimpleSpanHandler, say) gets them, unless it says otherwise itself.
-        if "needs_bound_args" not in cls.__dict__ and any(
-            name in cls.__dict__ for name in _SPAN_METHODS
-        ):
+        # only: a subclass whose span methods come from elsewhere (its own body, or a
+        # mixin ahead in the MRO: a LlamaIndex-style subclass of SimpleSpanHandler,
+        # say) gets them, unless it says otherwise itself.
+        if cls.needs_bound_args or "needs_bound_args" in cls.__dict__:
+            return
+        mro = cls.__mro__
+
+        def provider(name: str) -> int:
+            return next((i for i, k in enumerate(mro) if name in k.__dict__), len(mro))
+
+        said_so = provider("needs_bound_args")
+        if any(provider(name) < said_so for name in _SPAN_METHODS):
             cls.needs_bound_args = True
 
     def model_post_init(self, __context: Any) -> None:
@@ -168,7 +178,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
             if fields.get("name", False) is None:
                 # An override of span_enter without **kwargs gets no name: take the
                 # one in the id ("Qualname-<hex>").
-                fields["name"] = kwargs.get("name") or id_.rpartition("-")[0] or id_
+                fields["name"] = kwargs.get("name") or span_name_of(id_)
         self.open_spans[id_] = span
 
     def span_exit(
@@ -183,7 +193,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         not open here (``new_span`` kept nothing), as in LlamaIndex."""
         ended = self._ended_by_shutdown
         if ended is not None and id_ in ended:
-            ended.discard(id_)
+            ended.pop(id_, None)
             return
         if _takes_kwargs(type(self))[1]:
             span = self.prepare_to_exit_span(
@@ -207,7 +217,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
         ended = self._ended_by_shutdown
         if ended is not None and id_ in ended:
-            ended.discard(id_)
+            ended.pop(id_, None)
             return
         if _takes_kwargs(type(self))[2]:
             span = self.prepare_to_drop_span(
@@ -222,9 +232,14 @@ class BaseSpanHandler(BaseModel, Generic[T]):
 
     def _dropped_at_shutdown(self, id_: str) -> None:
         """Note that shutdown dropped span ``id_`` (see ``_ended_by_shutdown``)."""
-        if self._ended_by_shutdown is None:
-            self._ended_by_shutdown = set()
-        self._ended_by_shutdown.add(id_)
+        ended = self._ended_by_shutdown
+        if ended is None:
+            ended = self._ended_by_shutdown = {}
+        elif len(ended) >= _ENDED_BY_SHUTDOWN_KEPT:
+            # Calls that never come back (or handlers that end spans their own way)
+            # would keep ids forever: the oldest go first.
+            del ended[next(iter(ended))]
+        ended[id_] = None
 
     def capture_propagation_context(self) -> dict[str, Any]:
         """What this handler needs to continue a trace in another process (nothing here)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from instrumentation.context import current_span, instrument_tags
+from instrumentation.context import current_span, instrument_tags, span_name_of
 from instrumentation.dispatcher import Dispatcher, root_dispatcher
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
@@ -200,7 +200,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             _perf_counter(),
             parent_id,
             is_root,
-            kwargs.get("name") or id_.rpartition("-")[0] or id_,
+            kwargs.get("name") or span_name_of(id_),
             kwargs.get("trace_id"),
             dispatcher,
             tags,
