@@ -286,3 +286,138 @@ def test_kept_spans_read_like_lists() -> None:
         assert handler.completed_spans == list(handler.completed_spans)
         assert copy.copy(handler.completed_spans) == list(handler.completed_spans)
         assert handler.completed_spans[0].name == names[0]
+
+
+def test_handler_list_changes_act_on_the_handlers_themselves() -> None:
+    """Handlers compare equal by their fields: remove() and ``in`` must not confuse two."""
+    d = get_dispatcher("switching.identity")
+    first, second = SimpleSpanHandler(), SimpleSpanHandler()
+    assert first == second  # pydantic equality
+    d.span_handlers.extend([first, second])
+    assert second in d.span_handlers and d.span_handlers.index(second) == 1
+    d.span_handlers.remove(second)
+    assert d.span_handlers == [first] and d.span_handlers[0] is first
+    with pytest.raises(ValueError):
+        d.span_handlers.remove(second)
+
+
+def test_a_stale_handler_list_refuses_changes_by_position() -> None:
+    d = get_dispatcher("switching.positions")
+    a, b = Counting(), Counting()
+    d.event_handlers.extend([a, b])
+    held = d.event_handlers
+    d.remove_event_handler(a)
+    with pytest.raises(RuntimeError, match=r"read dispatcher\.event_handlers again"):
+        del held[0]
+    assert d.event_handlers[0] is b
+    fresh_list = d.event_handlers
+    del fresh_list[0]
+    assert d.event_handlers == []
+
+
+def test_plus_equals_keeps_handlers_added_meanwhile_by_other_threads() -> None:
+    import threading
+
+    d = get_dispatcher("switching.iadd")
+    added: list[Counting] = []
+
+    def add_directly() -> None:
+        for _ in range(200):
+            h = Counting()
+            added.append(h)
+            d.add_event_handler(h)
+
+    other = threading.Thread(target=add_directly)
+    other.start()
+    mine = [Counting() for _ in range(200)]
+    for h in mine:
+        d.event_handlers += [h]
+    other.join()
+    attached = d.event_handlers
+    assert all(h in attached for h in added) and all(h in attached for h in mine)
+    saved = d.event_handlers
+    d.event_handlers.clear()
+    d.event_handlers = saved  # a list read earlier still restores
+    assert len(d.event_handlers) == 400
+
+
+def test_a_mixin_with_span_methods_gets_the_arguments() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class RecordArgs:
+        def new_span(self, id_: str, bound_args: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append(dict(bound_args.arguments))
+            return super().new_span(id_, bound_args, *args, **kwargs)  # type: ignore[misc]
+
+    class ViaMixin(RecordArgs, SimpleSpanHandler):
+        pass
+
+    assert ViaMixin.needs_bound_args is True
+    root_dispatcher.add_span_handler(ViaMixin())
+
+    @get_dispatcher("switching.mixin").span
+    def work(x: int) -> int:
+        return x
+
+    work(42)
+    assert seen == [{"x": 42}]
+
+
+def test_hand_made_spans_keep_one_trace_in_either_order_and_uuid_ids_name_them() -> None:
+    from instrumentation.context import span_name_of
+    from instrumentation.span import active_span_id
+
+    assert span_name_of("Workflow.run-c014c830-6790-4f2b-bdd3-0123456789ab") == "Workflow.run"
+    assert span_name_of("f-0123456789abcdef") == "f"
+    spans = SimpleSpanHandler()
+    root_dispatcher.add_span_handler(spans)
+    d = get_dispatcher("switching.order")
+
+    @d.span
+    def child() -> None:
+        pass
+
+    no_args = inspect.signature(lambda: None).bind()
+    span_id = "Workflow.run-c014c830-6790-4f2b-bdd3-0123456789ab"
+    d.span_enter(id_=span_id, bound_args=no_args)  # enter first, then make it current
+    token = active_span_id.set(span_id)
+    child()
+    active_span_id.reset(token)
+    d.span_exit(id_=span_id, bound_args=no_args)
+    by_name = {s.name: s for s in spans.completed_spans}
+    assert by_name[child.__qualname__].parent_id == span_id
+    assert by_name[child.__qualname__].trace_id == by_name["Workflow.run"].trace_id
+
+
+def test_llm_calls_stay_marked_as_traced() -> None:
+    from instrumentation._wrap import LLAMA_MARK
+    from instrumentation.llms import BaseLLM
+    from instrumentation.llms.base import dispatcher as llm_dispatcher
+
+    for name in ("chat", "achat", "complete", "acomplete", "predict", "structured_predict"):
+        method = getattr(BaseLLM, name)
+        assert getattr(method, LLAMA_MARK) is True
+        assert llm_dispatcher.span(method) is method  # decorating again changes nothing
+
+
+def test_llamaindex_parent_names_are_accepted_when_they_are_ancestors() -> None:
+    from instrumentation import root_manager
+
+    get_dispatcher("switching.pkg.sub.mod")  # leaves "switching.pkg.sub" a placeholder
+    made = instrument.Dispatcher(
+        name="switching.pkg.sub.other", parent_name="switching.pkg.sub", manager=root_manager
+    )
+    later = get_dispatcher("switching.pkg.sub")
+    assert made.parent is later
+
+
+def test_capture_tolerates_tags_set_by_hand_to_something_else() -> None:
+    from instrumentation.dispatcher import active_instrument_tags
+
+    token = active_instrument_tags.set(None)  # type: ignore[arg-type]
+    try:
+        assert (
+            get_dispatcher("switching.tags").capture_propagation_context()["instrument_tags"] == {}
+        )
+    finally:
+        active_instrument_tags.reset(token)
