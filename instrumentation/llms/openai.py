@@ -175,20 +175,23 @@ def _finish_completion(call: LLMCall, completion: Any) -> None:
     A reply we cannot describe still ends the call, with its usage when that can be
     read: the client's caller gets the reply either way.
     """
+    failures: list[Exception] = []
     try:
         usage = coerce_usage(_get(completion, "usage"))
     except Exception as exc:
-        _describe_failed("reply usage", exc)
+        failures.append(exc)
         usage = None
     try:
         response, reason, model = _describe_completion(completion)
     except Exception as exc:
-        _describe_failed("reply", exc)
+        failures.append(exc)
         response = reason = model = None
+    if failures:  # one reply, counted once
+        _describe_failed("reply", failures[0] if len(failures) == 1 else failures)
     call.end(response, usage, reason, model)
 
 
-def _describe_failed(what: str, exc: Exception) -> None:
+def _describe_failed(what: str, exc: object) -> None:
     _describe_errors.inc()
     logger.warning("an OpenAI chat %s could not be described: %r", what, exc)
 

@@ -409,3 +409,19 @@ def test_a_handler_error_on_the_end_event_does_not_end_the_call_twice(
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "q"}])
     assert len(ends) == 1 and ends[0].response is not None
     assert telemetry.counter("llms.openai.describe_errors").value == 0
+
+
+def test_a_reply_that_cannot_be_described_at_all_is_counted_once() -> None:
+    """Unreadable usage and unreadable choices in one reply: one describe error, and the
+    call still ends."""
+    from instrumentation.llms import openai as patch
+
+    ended: list[tuple[Any, ...]] = []
+
+    class Ending:
+        def end(self, *args: Any) -> None:
+            ended.append(args)
+
+    patch._finish_completion(Ending(), {"usage": {"prompt_tokens": "many"}, "choices": 5})  # type: ignore[arg-type]
+    assert ended == [(None, None, None, None)]
+    assert telemetry.counter("llms.openai.describe_errors").value == 1
