@@ -21,7 +21,10 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
+
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import CoreSchema, core_schema
 
 T = TypeVar("T")
 
@@ -119,6 +122,18 @@ class SpanDeque(deque[T]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (list(self), self.maxlen))
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        # Validated and serialised as a deque of its items (a list in JSON), kept a SpanDeque.
+        args = get_args(source)
+        items = handler.generate_schema(deque[args[0]] if args else deque)  # type: ignore[valid-type]
+        return core_schema.no_info_after_validator_function(
+            lambda value: (
+                value if isinstance(value, cls) else cls(value, getattr(value, "maxlen", None))
+            ),
+            items,
+        )
 
 
 class BufferedDeque(SpanDeque[T]):

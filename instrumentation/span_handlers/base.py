@@ -77,8 +77,10 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     open_spans: dict[str, T] = Field(default_factory=dict, description="Spans not ended yet.")
-    completed_spans: deque[T] = Field(default_factory=deque, description="Spans that ended.")
-    dropped_spans: deque[T] = Field(default_factory=deque, description="Spans that raised.")
+    completed_spans: SpanDeque[T] = Field(
+        default_factory=SpanDeque, description="Spans that ended."
+    )
+    dropped_spans: SpanDeque[T] = Field(default_factory=SpanDeque, description="Spans that raised.")
     current_span_ids: dict[Any, str | None] = Field(default_factory=dict)
     max_completed_spans: int = Field(
         default=10_000, ge=0, description="How many completed (and dropped) spans to keep."
