@@ -82,6 +82,34 @@ def metadata(**values: Any) -> Iterator[None]:
         yield
 
 
+class _RecentScopes:
+    """The scopes of the spans that ended last (at most ``2 * size``), by span id.
+
+    A span can start after the span it is inside has ended (in an asyncio task, or a
+    thread, the parent started and did not wait for), and its events arrive after it.
+    Two generations of dicts: adding and looking up cost a dict operation each, and
+    the oldest half is dropped at once. A race between threads can lose an entry
+    (its spans then get the metadata of their own dispatcher only); it cannot fail.
+    """
+
+    __slots__ = ("new", "old", "size")
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self.new: dict[str, Any] = {}
+        self.old: dict[str, Any] = {}
+
+    def add(self, span_id: str, scope: Any) -> None:
+        new = self.new
+        new[span_id] = scope
+        if len(new) >= self.size:
+            self.old, self.new = new, {}
+
+    def get(self, span_id: str) -> Any:
+        found = self.new.get(span_id)
+        return found if found is not None else self.old.get(span_id)
+
+
 class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     """Keeps every span and event in a :class:`Store`, written in the background.
 
@@ -92,8 +120,11 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     metadata for its spans and those of the dispatchers below it, and for everything
     inside those spans: nested spans of any dispatcher and their events. Where several
     apply, each key comes from the innermost span's dispatcher that sets it (a
-    dispatcher's own over those above it by name, ``"root"`` last). Tags with those
-    names (see :func:`metadata`) win over both. The other arguments configure the
+    dispatcher's own over those above it by name, ``"root"`` last). "Inside" holds for
+    a span started after its parent ended (among the last 10,000 spans to end) and
+    through one span of a dispatcher this handler does not see, not through two in a
+    row (``docs/storage.md``). Tags with those names (see :func:`metadata`) win over
+    both. The other arguments configure the
     :class:`BatchWriter` (see there). ``max_payload_chars`` bounds each JSON value.
     """
 
@@ -116,6 +147,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     if TYPE_CHECKING:  # set in model_post_init, outside pydantic's knowledge
         _fast_put: Any
         _fast_by_dispatcher: bool
+        _recent_scopes: _RecentScopes
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -149,6 +181,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         # attribute is looked up through __getattr__, which costs microseconds.
         self.__dict__["_fast_put"] = self._writer.put
         self.__dict__["_fast_by_dispatcher"] = bool(self.dispatcher_metadata)
+        self.__dict__["_recent_scopes"] = _RecentScopes()
 
     @property
     def writer(self) -> BatchWriter:
@@ -163,10 +196,33 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
         if self._fast_by_dispatcher:
-            opened = self.open_spans.get(event.span_id) if event.span_id else None
-            self._fast_put((event, opened[9] if opened is not None else None))  # type: ignore[index]
+            span_id = event.span_id
+            opened = self.open_spans.get(span_id) if span_id else None
+            if opened is not None:
+                self._fast_put((event, opened[9]))  # type: ignore[index]
+            else:
+                self._fast_put((event, self._scope_outside(span_id) if span_id else None))
         else:
             self._fast_put(event)
+
+    def _scope_outside(self, span_id: str) -> Any:
+        """The scope (see ``span_enter``) of a span that is not open in this handler:
+        one that ended a moment ago (a task it started runs on), or one of a dispatcher
+        this handler is not attached to, through the span that span is inside."""
+        recent: _RecentScopes = self._recent_scopes
+        found = recent.get(span_id)
+        if found is not None:
+            return found
+        active = current_span()
+        if active is None or active.id_ != span_id or active.remote:
+            return None
+        # ``span_id`` is the current span, which this handler never saw (the dispatcher
+        # it belongs to does not reach this handler): look at the span it is inside.
+        outer_id = active.parent_id
+        if outer_id is None:
+            return None
+        opened = self.open_spans.get(outer_id)
+        return opened[9] if opened is not None else recent.get(outer_id)  # type: ignore[index]
 
     # -- spans -------------------------------------------------------------------------
 
@@ -192,8 +248,10 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             # The dispatchers of the spans this one is inside, innermost first, as a
             # linked tuple shared with the parent: dispatcher_metadata applies to all
             # that is nested in a configured dispatcher's spans (resolved on the writer).
-            parent = opened.get(parent_id) if parent_id is not None else None
-            outer = parent[9] if parent is not None else None
+            outer = None
+            if parent_id is not None and not is_root:
+                parent = opened.get(parent_id)
+                outer = parent[9] if parent is not None else self._scope_outside(parent_id)
             scope = outer if outer is not None and outer[0] == dispatcher else (dispatcher, outer)
         opened[id_] = (
             _time(),
@@ -216,9 +274,11 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         result: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        info = self.open_spans.pop(id_, None)
+        info: Any = self.open_spans.pop(id_, None)
         if info is not None:
             self._fast_put((info, id_, _perf_counter(), None))
+            if info[9] is not None:  # only with dispatcher_metadata
+                self._recent_scopes.add(id_, info[9])
 
     def span_drop(
         self,
@@ -228,13 +288,15 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> None:
-        info = self.open_spans.pop(id_, None)
+        info: Any = self.open_spans.pop(id_, None)
         if info is not None:
             try:
                 error = f"{type(err).__name__}: {err}" if err is not None else "dropped"
             except Exception:  # str(err) itself can raise
                 error = type(err).__name__
             self._fast_put((info, id_, _perf_counter(), error))
+            if info[9] is not None:
+                self._recent_scopes.add(id_, info[9])
 
     # BaseSpanHandler's abstract methods: unused, span_enter/exit/drop are overridden.
     def new_span(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover

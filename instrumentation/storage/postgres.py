@@ -165,9 +165,17 @@ class PostgresStore(SQLStore):
                 raise
 
     def is_data_error(self, exc: BaseException) -> bool:
+        # A ProgrammingError raised by psycopg itself (no SQLSTATE: a value it cannot
+        # adapt, a row with the wrong number of values) is about the row; one from the
+        # server (SQLSTATE class 42: no such table or column, no privilege) is about
+        # the database, and the rows wait in the spool until it is put right.
         psycopg = self._psycopg
-        return super().is_data_error(exc) or isinstance(
-            exc, (psycopg.DataError, psycopg.IntegrityError)
+        return (
+            super().is_data_error(exc)
+            or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
+            or (
+                isinstance(exc, psycopg.ProgrammingError) and getattr(exc, "sqlstate", None) is None
+            )
         )
 
 

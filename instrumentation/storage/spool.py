@@ -7,16 +7,32 @@ again. Each process has its own file (shared by its writers for that store),
 ``<prefix>`` is the first 16 hex digits of the SHA-256 of the store's
 :attr:`~instrumentation.storage.base.Store.spool_key` (``sqlite:<absolute path>`` or
 ``postgres:<connection parameters without the password>``); ``Spool.path`` names the
-file. A writer starting up adopts the files of dead processes for the same store, so
-rows spooled just before a crash are replayed by the next run.
+file. A writer starting up adopts the files of dead processes for the same store
+(and those an adopting process left half-adopted, ``<prefix>-<pid>.claimed-<its
+pid>``, when it died too), so rows spooled just before a crash are replayed by the
+next run.
 
 Lines are ``{"t": "s" | "e", "r": [row values]}``. Replay reads the file a bounded
 chunk at a time (:meth:`Spool.next_chunk`), so memory does not grow with the length
-of an outage, and remembers (in memory) how far the database has taken it, so a replay
-that fails half-way resumes there instead of reading the file again from the start;
-after a crash, the adopting writer replays the file from its start, and the rows
-already stored are skipped. A line cut short by a crash is skipped on replay (and
-counted: ``storage.spool_bad_lines``).
+of an outage, and remembers (in memory) how far the database has taken it, down to
+the line, so a replay that fails half-way resumes there instead of reading the file
+again from the start; after a crash, the adopting writer replays the file from its
+start, and the rows already stored are skipped. The writers of one file in one process
+replay it one chunk at a time (:meth:`Spool.replaying`), so no row is sent twice.
+
+The position is only trusted for the file it was taken on: if the file was removed or
+replaced by something else (a temporary-files cleaner, an operator), which is told by
+its device and inode and by its size against what this process last wrote, replay
+starts again from the start of the file that is there now, and the rows that were
+waiting in the old one are logged and counted as lost. Writers whose ``spool_dir``
+is spelled differently (relative or absolute, through a symbolic link) share what is
+known of the file: it is keyed by its real path.
+
+A line cut short by a crash (in an adopted file, or one left under this process's own
+pid by a process that crashed) is ended before anything is appended after it, skipped
+on replay and counted once (``storage.spool_bad_lines``); a line that is JSON but not
+a row (the wrong number of values, a nested value) is a rejected row (counted once by
+the writer, as a row the database refused).
 """
 
 from __future__ import annotations
@@ -28,12 +44,14 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from instrumentation import telemetry
 from instrumentation.storage.base import Row
+from instrumentation.storage.schema import EVENT_COLUMNS, SPAN_COLUMNS
 
 logger = logging.getLogger("instrumentation.storage")
 
@@ -43,6 +61,9 @@ _BAD_LINES = telemetry.counter("storage.spool_bad_lines")
 #: A replay chunk stops at the first line that takes it past this many bytes.
 CHUNK_BYTES = 4 * 1024 * 1024
 _COPY_BLOCK = 1024 * 1024
+_N_SPAN_COLUMNS = len(SPAN_COLUMNS)
+_N_EVENT_COLUMNS = len(EVENT_COLUMNS)
+_SCALARS = (str, int, float)
 
 
 def default_spool_dir() -> Path:
@@ -61,13 +82,17 @@ def _pid_alive(pid: int) -> bool:
 
 def _count_lines(path: Path, start: int = 0) -> int:
     """Lines in ``path`` after byte ``start`` (a last line without its newline counts)."""
+    with open(path, "rb") as f:
+        return _count_lines_of(f, start)
+
+
+def _count_lines_of(f: BinaryIO, start: int = 0) -> int:
     lines = 0
     last = b"\n"
-    with open(path, "rb") as f:
-        f.seek(start)
-        while block := f.read(_COPY_BLOCK):
-            lines += block.count(b"\n")
-            last = block[-1:]
+    f.seek(start)
+    while block := f.read(_COPY_BLOCK):
+        lines += block.count(b"\n")
+        last = block[-1:]
     return lines + (last != b"\n")
 
 
@@ -79,17 +104,41 @@ def _line(kind: str, row: Row) -> bytes:
         return json.dumps({"t": kind, "r": list(row)}).encode("ascii") + b"\n"
 
 
+def malformed(is_span: bool, row: Sequence[Any]) -> str | None:
+    """Why ``row`` (read back from a spool file) cannot be a row of its table, or None.
+
+    A row is as many values as the table has columns, each ``None``, a string or a
+    number: what the writer spools. Anything else (a file written by another release,
+    a line edited by hand) no database would take, whatever its state.
+    """
+    wanted = _N_SPAN_COLUMNS if is_span else _N_EVENT_COLUMNS
+    if len(row) != wanted:
+        return f"{len(row)} values for the {wanted} columns of {'spans' if is_span else 'events'}"
+    for i, value in enumerate(row):
+        if value is not None and (type(value) is bool or not isinstance(value, _SCALARS)):
+            return f"value {i} is a {type(value).__name__}"
+    return None
+
+
 @dataclass
 class SpoolChunk:
-    """Consecutive rows of the spool file, and where they are in it."""
+    """Consecutive lines of the spool file, and where they are in it."""
 
     spans: list[Row] = field(default_factory=list)
     events: list[Row] = field(default_factory=list)
+    #: The rows in file order: ``(is_span, row, offset just after its line, lines of the
+    #: chunk up to and including its line)``; what :meth:`Spool.mark_replayed` needs to
+    #: mark part of the chunk replayed.
+    rows: list[tuple[bool, Row, int, int]] = field(default_factory=list)
     #: The byte offsets of the chunk's first line and just after its last.
     start: int = 0
     end: int = 0
-    #: Lines read, bad ones included.
+    #: Lines read, bad and malformed ones included.
     lines: int = 0
+    #: Lines that are JSON but not a row (see :func:`malformed`), first read now (a
+    #: chunk read again after a failure does not report them again), with an example.
+    malformed: int = 0
+    malformed_example: str = ""
     #: Which incarnation of the file the offsets are about (see ``_FileState``).
     generation: int = 0
 
@@ -98,18 +147,35 @@ class _FileState:
     """What this process knows of one spool file, shared by every :class:`Spool` on it.
 
     Two writers for one store in one process (two handlers on one database) share
-    the file; its lock keeps an append from interleaving with a read, and the file
-    from being removed while rows not yet replayed are in it. ``generation`` counts
-    removals, so that a chunk read before one cannot move the position in the next file.
+    the file; ``lock`` keeps an append from interleaving with a read, and the file
+    from being removed while rows not yet replayed are in it; ``replay_lock`` lets one
+    writer at a time replay a chunk. ``generation`` counts the times the position
+    was reset, so that a chunk read before cannot move the position in the next file.
+    ``ident`` and ``size`` are the device and inode of the file and its size as this
+    process last left it (``None``: no file known); ``judged_bytes`` is how far bad and
+    malformed lines have been counted already.
     """
 
-    __slots__ = ("generation", "lock", "replayed_bytes", "rows_pending")
+    __slots__ = (
+        "generation",
+        "ident",
+        "judged_bytes",
+        "lock",
+        "replay_lock",
+        "replayed_bytes",
+        "rows_pending",
+        "size",
+    )
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.replay_lock = threading.Lock()
         self.rows_pending = 0
         self.replayed_bytes = 0
         self.generation = 0
+        self.ident: tuple[int, int] | None = None
+        self.size = 0
+        self.judged_bytes = 0
 
 
 _states_lock = threading.Lock()
@@ -117,10 +183,12 @@ _states: dict[str, _FileState] = {}
 
 
 def _state_of(path: Path) -> _FileState:
+    # By real path: "spool" and "/app/spool", or a symbolic link to it, are one file.
+    key = os.path.realpath(path)
     with _states_lock:
-        state = _states.get(str(path))
+        state = _states.get(key)
         if state is None:
-            state = _states[str(path)] = _FileState()
+            state = _states[key] = _FileState()
         return state
 
 
@@ -140,12 +208,24 @@ class Spool:
     """The spool file of one store in this process.
 
     Each writer has its own ``Spool``; those of one store in one process share the
-    file and what is known of it (thread-safe).
+    file and what is known of it (thread-safe). ``on_lost(n)`` is called (on the
+    calling thread) when ``n`` rows waiting in the file were found gone: the file was
+    removed or replaced by something else.
     """
 
-    def __init__(self, key: str, directory: str | os.PathLike[str] | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else default_spool_dir()
+    def __init__(
+        self,
+        key: str,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        on_lost: Callable[[int], None] | None = None,
+    ) -> None:
+        # Absolute now: a later chdir() must not move the file.
+        self.directory = (
+            Path(directory).absolute() if directory is not None else default_spool_dir()
+        )
         self.prefix = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        self.on_lost = on_lost
         self._pid = -1
         self._state_cache: _FileState | None = None
 
@@ -176,6 +256,21 @@ class Spool:
     def pending(self) -> bool:
         return self._state.rows_pending > 0
 
+    @contextlib.contextmanager
+    def replaying(self, give_up: threading.Event | None = None) -> Iterator[bool]:
+        """Hold the file's replay turn: one writer of this process at a time reads a
+        chunk, writes it and marks it replayed, so no chunk is sent twice. Yields
+        ``False`` (without the turn) if ``give_up`` is set while waiting."""
+        lock = self._state.replay_lock
+        while not lock.acquire(timeout=0.05):
+            if give_up is not None and give_up.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            lock.release()
+
     def append(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
         """Add rows to the file, flushed to the OS before returning.
 
@@ -185,10 +280,12 @@ class Spool:
         items = [("s", r) for r in spans] + [("e", r) for r in events]
         data = b"".join(_line(kind, row) for kind, row in items)
         state = self._state
+        lost = 0
         with state.lock:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as f:
-                start = f.tell()
+            with open(self.path, "a+b") as f:
+                lost = self._check_file(state, f)
+                start = f.seek(0, os.SEEK_END)
                 try:
                     f.write(data)
                     f.flush()
@@ -197,54 +294,139 @@ class Spool:
                     with contextlib.suppress(OSError):
                         f.truncate(start)
                     raise
+                finally:
+                    with contextlib.suppress(OSError):
+                        state.size = os.fstat(f.fileno()).st_size
             state.rows_pending += len(items)
         _SPOOLED.add(len(items))
+        self._report_lost(lost)
+
+    def _check_file(self, state: _FileState, f: BinaryIO) -> int:
+        """Make ``state`` about the file open as ``f`` (``state.lock`` held); rows lost.
+
+        The replay position is about the file this process last wrote: if the file
+        there now is another one (removed and made again), or not the size this process
+        left it, it is read again from its start, and the rows that were waiting and
+        are not in it any more are lost.
+        """
+        st = os.fstat(f.fileno())
+        ident = (st.st_dev, st.st_ino)
+        if state.ident == ident and st.st_size == state.size:
+            return 0
+        known = state.ident is not None
+        size = st.st_size
+        if not known and size and f.writable():
+            # Left by a process that crashed (one that had our pid): a last line cut
+            # short must not swallow the next row appended.
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                f.flush()
+                size += 1
+        lines = _count_lines_of(f, 0) if size else 0
+        lost = max(0, state.rows_pending - lines) if known else 0
+        if known:
+            logger.log(
+                logging.WARNING if lost else logging.INFO,
+                "instrumentation.storage: the spool file %s was removed, replaced or "
+                "changed by something other than this process; %d rows that were waiting "
+                "in it are lost; replaying the %d lines there now from the start",
+                self.path,
+                lost,
+                lines,
+            )
+        state.rows_pending = lines
+        state.replayed_bytes = 0
+        state.judged_bytes = 0
+        state.generation += 1
+        state.ident = ident
+        state.size = size
+        return lost
+
+    def _report_lost(self, lost: int) -> None:
+        if lost and self.on_lost is not None:
+            self.on_lost(lost)
 
     def next_chunk(self, max_rows: int, max_bytes: int = CHUNK_BYTES) -> SpoolChunk | None:
-        """The next rows not replayed yet: at most ``max_rows`` lines and about
+        """The next lines not replayed yet: at most ``max_rows`` lines and about
         ``max_bytes`` bytes. ``None`` once every row is replayed: the file is then
         removed.
 
         Reading does not move the replay position: call :meth:`mark_replayed` once the
-        chunk's rows are in the database.
+        chunk's rows are in the database. Hold :meth:`replaying` from this call to that
+        one, or another writer may send the same rows.
         """
         state = self._state
-        with state.lock:
-            try:
-                f = open(self.path, "rb")  # noqa: SIM115 - closed below
-            except FileNotFoundError:
+        lost = 0
+        try:
+            with state.lock:
+                try:
+                    f = open(self.path, "rb")  # noqa: SIM115 - closed below
+                except FileNotFoundError:
+                    if state.rows_pending:
+                        lost = state.rows_pending
+                        logger.warning(
+                            "instrumentation.storage: the spool file %s was removed by "
+                            "something other than this process; %d rows that were waiting "
+                            "in it are lost",
+                            self.path,
+                            lost,
+                        )
+                    self._reset(state)
+                    return None
+                with f:
+                    lost = self._check_file(state, f)
+                    chunk = self._read(state, f, max_rows, max_bytes)
+                if chunk.lines:
+                    return chunk
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
                 self._reset(state)
                 return None
-            with f:
-                chunk = SpoolChunk(
-                    start=state.replayed_bytes,
-                    end=state.replayed_bytes,
-                    generation=state.generation,
-                )
-                f.seek(state.replayed_bytes)
-                size = 0
-                while chunk.lines < max_rows and size < max_bytes:
-                    line = f.readline()
-                    if not line:
-                        break
-                    size += len(line)
-                    chunk.lines += 1
-                    try:
-                        item = json.loads(line)
-                        rows = chunk.spans if item["t"] == "s" else chunk.events
-                        rows.append(tuple(item["r"]))
-                    except (ValueError, KeyError, TypeError):
-                        _BAD_LINES.inc()
-                chunk.end += size
-            if chunk.lines:
-                return chunk
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self._reset(state)
-            return None
+        finally:
+            self._report_lost(lost)
 
-    def mark_replayed(self, chunk: SpoolChunk) -> None:
-        """The rows of ``chunk`` are in the database: the next chunk starts after them.
+    @staticmethod
+    def _read(state: _FileState, f: BinaryIO, max_rows: int, max_bytes: int) -> SpoolChunk:
+        chunk = SpoolChunk(
+            start=state.replayed_bytes, end=state.replayed_bytes, generation=state.generation
+        )
+        f.seek(state.replayed_bytes)
+        offset = state.replayed_bytes
+        judged = state.judged_bytes
+        while chunk.lines < max_rows and offset - chunk.start < max_bytes:
+            line = f.readline()
+            if not line:
+                break
+            offset += len(line)
+            chunk.lines += 1
+            first_read = offset > judged
+            try:
+                item = json.loads(line)
+                is_span = item["t"] == "s"
+                row = tuple(item["r"])
+            except (ValueError, KeyError, TypeError):
+                if first_read:
+                    _BAD_LINES.inc()
+                continue
+            why = malformed(is_span, row)
+            if why is not None:
+                if first_read:
+                    chunk.malformed += 1
+                    if not chunk.malformed_example:
+                        chunk.malformed_example = f"{why}: {line[:200]!r}"
+                continue
+            (chunk.spans if is_span else chunk.events).append(row)
+            chunk.rows.append((is_span, row, offset, chunk.lines))
+        chunk.end = offset
+        state.judged_bytes = max(judged, offset)
+        return chunk
+
+    def mark_replayed(self, chunk: SpoolChunk, rows_done: int | None = None) -> None:
+        """The rows of ``chunk`` are in the database (or rejected): the next chunk
+        starts after them. With ``rows_done``, only its first ``rows_done`` rows (in
+        file order) are, and the next chunk starts at the one after.
 
         A chunk another writer has replayed meanwhile (the position moved, or the
         file was replaced) changes nothing: its rows are stored, and no later row is
@@ -252,35 +434,52 @@ class Spool:
         """
         state = self._state
         with state.lock:
-            if chunk.generation == state.generation and chunk.start == state.replayed_bytes:
-                state.replayed_bytes = chunk.end
-                state.rows_pending = max(0, state.rows_pending - chunk.lines)
+            if chunk.generation != state.generation or chunk.start != state.replayed_bytes:
+                return
+            if rows_done is None or rows_done >= len(chunk.rows):
+                end, lines = chunk.end, chunk.lines
+            elif rows_done <= 0:
+                return
+            else:
+                _, _, end, lines = chunk.rows[rows_done - 1]
+            state.replayed_bytes = end
+            state.rows_pending = max(0, state.rows_pending - lines)
 
     @staticmethod
     def _reset(state: _FileState) -> None:
         state.rows_pending = 0
         state.replayed_bytes = 0
+        state.judged_bytes = 0
         state.generation += 1
+        state.ident = None
+        state.size = 0
 
     def forget(self) -> None:
         """After ``os.fork``, in the child: the file (named by the parent's pid) is not ours."""
         self._state_cache = None
 
     def adopt_orphans(self) -> int:
-        """Take over the spool files left by dead processes for this store; rows adopted."""
+        """Take over the spool files left by dead processes for this store; rows adopted.
+
+        A file an adopting process had claimed (renamed ``.claimed-<its pid>``) when it
+        died is adopted too.
+        """
         adopted = 0
         try:
             candidates = list(self.directory.glob(f"{self.prefix}-*.jsonl"))
+            candidates += self.directory.glob(f"{self.prefix}-*.claimed-*")
         except OSError:
             return 0
         state = self._state
+        me = os.getpid()
         for candidate in candidates:
-            pid_text = candidate.stem.rpartition("-")[2]
-            if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            if candidate.suffix == ".jsonl":
+                pid_text = candidate.stem.rpartition("-")[2]
+            else:
+                pid_text = candidate.suffix.rpartition("-")[2]
+            if not pid_text.isdigit() or int(pid_text) == me or _pid_alive(int(pid_text)):
                 continue
-            if _pid_alive(int(pid_text)):
-                continue
-            claimed = candidate.with_suffix(f".claimed-{os.getpid()}")
+            claimed = candidate.with_suffix(f".claimed-{me}")
             try:
                 candidate.rename(claimed)  # atomic: only one adopter wins
             except OSError:
@@ -288,33 +487,50 @@ class Spool:
             try:
                 with state.lock:
                     lines = self._append_file(claimed)
-                    state.rows_pending += lines
                 adopted += lines
                 claimed.unlink()
             except OSError:
                 logger.exception("instrumentation.storage could not adopt spool %s", candidate)
-        # Our own file may also exist from an earlier writer in this very process.
+        # Our own file may also exist from an earlier writer in this very process, or
+        # from a dead process that had our pid.
+        lost = 0
         with state.lock:
-            if not state.rows_pending and self.path.exists():
-                state.rows_pending = _count_lines(self.path, state.replayed_bytes)
+            try:
+                with open(self.path, "r+b") as f:
+                    lost = self._check_file(state, f)
+            except FileNotFoundError:
+                pass
+        self._report_lost(lost)
         return adopted
 
     def _append_file(self, source: Path) -> int:
-        """Copy ``source`` to the end of our file, a block at a time; lines copied."""
+        """Copy ``source`` to the end of our file, a block at a time (the file's lock
+        held); lines copied."""
+        state = self._state
         self.directory.mkdir(parents=True, exist_ok=True)
         lines = 0
         last = b"\n"
-        with open(source, "rb") as src, open(self.path, "ab") as dst:
-            while block := src.read(_COPY_BLOCK):
-                dst.write(block)
-                lines += block.count(b"\n")
-                last = block[-1:]
-            if last != b"\n":  # a line cut short by the crash: keep it on its own line
-                dst.write(b"\n")
-                lines += 1
-            dst.flush()
-            os.fsync(dst.fileno())
+        with open(source, "rb") as src, open(self.path, "a+b") as dst:
+            lost = self._check_file(state, dst)
+            try:
+                while block := src.read(_COPY_BLOCK):
+                    dst.write(block)
+                    lines += block.count(b"\n")
+                    last = block[-1:]
+                if last != b"\n":  # a line cut short by the crash: keep it on its own line
+                    dst.write(b"\n")
+                    lines += 1
+                dst.flush()
+                os.fsync(dst.fileno())
+            except BaseException:
+                state.ident = None  # part of it copied: count the lines again next time
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    state.size = os.fstat(dst.fileno()).st_size
+            state.rows_pending += lines
+        self._report_lost(lost)
         return lines
 
 
-__all__ = ["CHUNK_BYTES", "Spool", "SpoolChunk", "default_spool_dir"]
+__all__ = ["CHUNK_BYTES", "Spool", "SpoolChunk", "default_spool_dir", "malformed"]

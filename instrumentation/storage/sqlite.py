@@ -27,6 +27,14 @@ from instrumentation.storage.schema import (
 )
 
 
+def _cannot_make_files(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed to make the ``-wal``/``-shm`` files it needs to read a
+    WAL database (as another user: "attempt to write a readonly database"; as root in
+    a directory that is immutable: "unable to open database file")."""
+    text = str(exc)
+    return "readonly database" in text or "unable to open database file" in text
+
+
 class SQLiteStore(SQLStore):
     """Traces in a SQLite file (created with its schema if missing).
 
@@ -63,6 +71,7 @@ class SQLiteStore(SQLStore):
             raise ValueError(f"busy_timeout is 0 to 86400 seconds, got {busy_timeout!r}")
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
+        self._snapshot = False
         # A file locked by another process must not hold up the application's start.
         self._lock_wait = min(self.busy_timeout, 0.5)
         self._connect_at_start()
@@ -110,15 +119,43 @@ class SQLiteStore(SQLStore):
         return conn
 
     def _connect_read_only(self) -> sqlite3.Connection:
-        # mode=rw: never create the file (a read-only file is still opened, read-only);
-        # no journal_mode change, no migration; query_only refuses any write.
+        """A connection that reads the file and changes nothing in it.
+
+        - No ``-wal`` file (the database was closed cleanly, or is not in WAL mode):
+          ``mode=rw`` (a file that cannot be written is still opened, read-only).
+          SQLite makes ``-wal`` and ``-shm`` files to read a WAL database, and removes
+          them when the connection closes; there is nothing in them to copy into the
+          database. (``mode=ro`` would leave them behind.)
+        - A ``-wal`` file (another process is writing, or one crashed): ``mode=ro``.
+          A read-write connection closing last would checkpoint the WAL into the
+          database and remove it; a read-only one never writes either file.
+        - A WAL database without ``-wal`` in a directory this user cannot write:
+          SQLite cannot make the files it needs to read it, and neither mode opens it.
+          Then it is opened ``immutable`` (no ``-wal``: every committed row is in the
+          file), and, since ``immutable`` also means "nobody else writes it", again for
+          every query, so rows written since are read (see :meth:`_query`).
+
+        No journal-mode change, no migration, and ``query_only`` refuses any write.
+        """
         if not os.path.exists(self.path):
             raise FileNotFoundError(
                 f"no trace database at {self.path!r}: the file does not exist "
                 "(a read_only store never creates one)"
             )
+        self._snapshot = False
+        wal = os.path.exists(self.path + "-wal")
+        try:
+            return self._open_checked("mode=ro" if wal else "mode=rw")
+        except sqlite3.OperationalError as exc:
+            if wal or os.path.exists(self.path + "-journal") or not _cannot_make_files(exc):
+                raise
+            conn = self._open_checked("mode=ro&immutable=1")
+            self._snapshot = True
+            return conn
+
+    def _open_checked(self, query: str) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            f"file:{quote(self.path)}?mode=rw",
+            f"file:{quote(self.path)}?{query}",
             uri=True,
             timeout=self._lock_wait,
             check_same_thread=False,
@@ -191,11 +228,21 @@ class SQLiteStore(SQLStore):
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
         with self._lock:
-            return list(self._connection().execute(sql, tuple(params)).fetchall())
+            try:
+                return list(self._connection().execute(sql, tuple(params)).fetchall())
+            finally:
+                if self._snapshot:  # immutable: opened again for the next query
+                    self.close()
 
     def is_data_error(self, exc: BaseException) -> bool:
-        return super().is_data_error(exc) or isinstance(
-            exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
+        # A value sqlite3 cannot bind (a dict, a list) or a row of the wrong length is
+        # a ProgrammingError, raised before SQLite runs anything: about the row. The
+        # other ProgrammingErrors (a closed connection...) and every OperationalError
+        # ("no such table", "database is locked") are not.
+        return (
+            super().is_data_error(exc)
+            or isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError))
+            or (isinstance(exc, sqlite3.ProgrammingError) and "binding" in str(exc))
         )
 
 

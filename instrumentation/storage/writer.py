@@ -36,13 +36,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from instrumentation import telemetry
 from instrumentation.context import suppress_instrumentation
 from instrumentation.storage.base import Row, Store
-from instrumentation.storage.spool import Spool
+from instrumentation.storage.spool import Spool, SpoolChunk
 
 logger = logging.getLogger("instrumentation.storage")
 
@@ -148,7 +148,7 @@ class BatchWriter:
         self.max_backoff = float(max_backoff)
         self.replay_interval = float(replay_interval)
         self.exit_timeout = float(exit_timeout)
-        self.spool = Spool(store.spool_key, spool_dir)
+        self.spool = Spool(store.spool_key, spool_dir, on_lost=self._spool_rows_lost)
         #: Entries refused because the queue was full or the writer shut down.
         self.dropped = 0
         self.rows_written = 0
@@ -172,6 +172,7 @@ class BatchWriter:
         self._closed = False
         self._stopped = threading.Event()
         self._next_replay = 0.0
+        self._last_error = ""
         self._last_drop_log = 0.0
         self._drops_since_log = 0
         self._stop_marker: _Marker | None = None
@@ -445,38 +446,45 @@ class BatchWriter:
         takes none), then rejected: counted (``storage.rejected_rows``) and logged. If
         the database stops answering meanwhile, the rest goes to the spool.
         """
-        rest = self._write_one_by_one(spans, events)
-        if rest is not None:
-            self._to_spool(*rest)
+        pending = [(True, r) for r in spans] + [(False, r) for r in events]
+        stopped_at = self._write_one_by_one(pending)
+        if stopped_at is not None:
+            rest = pending[stopped_at:]
+            self._to_spool([r for s, r in rest if s], [r for s, r in rest if not s])
             self._next_replay = time.monotonic() + self.replay_interval
 
-    def _write_one_by_one(
-        self, spans: list[Row], events: list[Row]
-    ) -> tuple[list[Row], list[Row]] | None:
-        """Write rows one at a time, rejecting those the database refuses for content;
-        ``None`` when done, or the rows not written because the database stopped
-        answering (from that row on)."""
-        pending = [(r, True) for r in spans] + [(r, False) for r in events]
-        for i, (row, is_span) in enumerate(pending):
-            for attempt in (row, _without_nul(row)):
+    def _write_one_by_one(self, pending: Sequence[tuple[bool, Row]]) -> int | None:
+        """Write ``(is_span, row)`` one at a time, in order, rejecting the rows the
+        database refuses for their content; ``None`` when done, or the index of the
+        first row not written because the database stopped answering."""
+        for i, (is_span, row) in enumerate(pending):
+            cleaned = _without_nul(row)
+            error: BaseException | None = None
+            for attempt in (row,) if cleaned == row else (row, cleaned):
                 try:
                     self.store.write([attempt] if is_span else [], [] if is_span else [attempt])
                 except Exception as exc:
+                    error = exc
                     if self.store.is_data_error(exc):
                         continue
-                    rest = pending[i:]
-                    return [r for r, s in rest if s], [r for r, s in rest if not s]
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    return i
                 self._written(1)
                 break
             else:
-                _REJECTED.inc()
-                self.rows_lost += 1
-                logger.error(
-                    "instrumentation.storage: the database refused row %r of %s; it is dropped",
-                    row[0],
-                    "spans" if is_span else "events",
+                self._reject(
+                    1,
+                    f"the database refused row {row[0]!r} of {'spans' if is_span else 'events'}"
+                    f" ({type(error).__name__}: {error})",
                 )
         return None
+
+    def _reject(self, n: int, why: str) -> None:
+        _REJECTED.add(n)
+        self.rows_lost += n
+        logger.error(
+            "instrumentation.storage: %s; %s dropped", why, "it is" if n == 1 else "they are"
+        )
 
     def _written(self, n: int) -> None:
         self.rows_written += n
@@ -496,59 +504,78 @@ class BatchWriter:
                 self.spool.path,
             )
 
+    def _spool_rows_lost(self, n: int) -> None:
+        """Rows that waited in the spool file are gone (the file was removed or replaced
+        by something else; the spool logged it)."""
+        _LOST.add(n)
+        self.rows_lost += n
+
     def _replay(self) -> bool:
         """Write the spooled rows; ``True`` (and the spool emptied) if the database took them.
 
         The file is read a chunk at a time (at most ``max(batch_size, 1000)`` rows), each
         chunk written in one transaction, so memory stays bounded however long the
-        outage was. When the database fails part-way, the chunks it took are not read
-        again on the next try; rows it refuses for their content are rejected one by
-        one (as for a batch), so they cannot hold up the spool.
+        outage was. When the database fails part-way, the rows it took are not read
+        again on the next try; rows it refuses for their content (and lines that are
+        not rows) are rejected one by one (as for a batch), so they cannot hold up the
+        spool. The writers of one file take turns, a chunk at a time, so each row is
+        sent (and counted) once.
         """
         step = max(self.batch_size, 1000)
         replayed = 0
         while True:
             if self._abort.is_set():  # shutdown ran out of time: the rest stays spooled
                 return False
-            chunk = self.spool.next_chunk(step)
-            if chunk is None:
-                break
-            written_before = self.rows_written
-            try:
-                self._replay_chunk(chunk.spans, chunk.events)
-            except Exception as exc:
-                _WRITE_ERRORS.inc()
-                self._next_replay = time.monotonic() + self.replay_interval
-                logger.info(
-                    "instrumentation.storage: database still failing (%s); %d rows wait in %s",
-                    type(exc).__name__,
-                    self.spool.rows_pending,
-                    self.spool.path,
-                )
-                return False
-            self.spool.mark_replayed(chunk)
-            n = self.rows_written - written_before
-            _REPLAYED.add(n)
-            replayed += n
+            with self.spool.replaying(self._abort) as turn:
+                if not turn:
+                    return False
+                chunk = self.spool.next_chunk(step)
+                if chunk is None:
+                    break
+                if chunk.malformed:
+                    self._reject(
+                        chunk.malformed,
+                        f"{chunk.malformed} line(s) of the spool file {self.spool.path} are "
+                        f"not rows of this release's tables (first: {chunk.malformed_example})",
+                    )
+                written_before = self.rows_written
+                try:
+                    done = self._replay_chunk(chunk)
+                finally:
+                    n = self.rows_written - written_before
+                    _REPLAYED.add(n)
+                    replayed += n
+                self.spool.mark_replayed(chunk, done)
+                if done is not None:
+                    _WRITE_ERRORS.inc()
+                    self._next_replay = time.monotonic() + self.replay_interval
+                    logger.info(
+                        "instrumentation.storage: database still failing (%s); %d rows wait in %s",
+                        self._last_error,
+                        self.spool.rows_pending,
+                        self.spool.path,
+                    )
+                    return False
         if replayed:
             logger.info(
                 "instrumentation.storage replayed %d spooled rows into %r", replayed, self.store
             )
         return True
 
-    def _replay_chunk(self, spans: list[Row], events: list[Row]) -> None:
-        """Write one chunk of the spool; raises if the database did not take it all."""
-        if not spans and not events:
-            return
+    def _replay_chunk(self, chunk: SpoolChunk) -> int | None:
+        """Write one chunk of the spool; ``None`` if the database took (or rejected)
+        every row, else how many of its first rows (in file order) it did."""
+        if not chunk.rows:
+            return None
         try:
-            self.store.write(spans, events)
+            self.store.write(chunk.spans, chunk.events)
         except Exception as exc:
             if not self.store.is_data_error(exc):
-                raise
-            if self._write_one_by_one(spans, events) is not None:
-                raise
-            return
-        self._written(len(spans) + len(events))
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                return 0
+            return self._write_one_by_one([(s, r) for s, r, _, _ in chunk.rows])
+        self._written(len(chunk.rows))
+        return None
 
     # -- process life --------------------------------------------------------------------
 

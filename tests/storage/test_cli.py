@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -361,3 +362,65 @@ def test_reading_a_postgres_database_creates_no_tables(
         reader._query("CREATE TABLE sneaky (id INTEGER)", [])
     reader.close()
     assert tables() == ["events", "schema_version", "spans", "users"]
+
+
+_CRASHING_WRITER = """
+import os, sys
+from instrumentation.storage import SQLiteStore
+from instrumentation.storage.serialise import RowMaker
+store = SQLiteStore(sys.argv[1])
+maker = RowMaker({}, {}, 10_000)
+info = (1.7e9, 0.0, None, True, "crashed", "c" * 32, "app", None, None, None)
+store.write([maker.span_row((info, "crashed-1", 0.5, None))], [])
+os._exit(0)  # no close: the row is only in the -wal file
+"""
+
+
+def test_reading_what_a_crashed_writer_left_changes_no_file(tmp_path: Path) -> None:
+    """A writer that crashed leaves rows in the -wal file; the command line reads them
+    and leaves the database and the -wal file as they were (a read-write connection
+    would copy the WAL into the database and remove it on closing)."""
+    path = tmp_path / "t.db"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(path)], check=True, cwd=root)
+    wal = tmp_path / "t.db-wal"
+    before = {p: p.read_bytes() for p in (path, wal)}
+    assert before[wal]  # the row is there, not yet in the database file
+    assert "crashed" in _run("--db", str(path), "list")
+    assert "crashed" in _run("--db", str(path), "show", "latest")
+    assert {p: p.read_bytes() for p in (path, wal)} == before
+
+
+def test_a_wal_database_in_a_folder_the_reader_cannot_write(tmp_path: Path) -> None:
+    """Reading a WAL database needs -wal and -shm files SQLite cannot make in a folder
+    the reader may not write: with no -wal there (every row is in the file) it is
+    read all the same, and nothing is made."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "t.db"
+    store = SQLiteStore(path)
+    maker_info = (1.7e9, 0.0, None, True, "kept", "k" * 32, "app", None, None, None)
+    from instrumentation.storage.serialise import RowMaker
+
+    store.write([RowMaker({}, {}, 1000).span_row((maker_info, "kept-1", 0.5, None))], [])
+    store.close()
+    if os.geteuid() == 0:  # root writes anywhere, except where the folder is immutable
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not available here")
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        os.chmod(path, 0o444)
+        os.chmod(folder, 0o555)
+        undo = ["chmod", "755", str(folder)]
+    try:
+        assert sorted(os.listdir(folder)) == ["t.db"]
+        out = io.StringIO()
+        assert main(["--db", str(path), "list"], out=out) == 0, out.getvalue()
+        assert "kept" in out.getvalue()
+        reader = SQLiteStore(path, read_only=True)
+        assert [t.name for t in reader.traces()] == ["kept"]
+        assert [s.name for s in reader.trace("k" * 32)] == ["kept"]
+        reader.close()
+        assert sorted(os.listdir(folder)) == ["t.db"]
+    finally:
+        subprocess.run(undo, check=True)

@@ -390,3 +390,66 @@ def test_column_names_are_taken_as_metadata_keys(any_store: Store, make_handler:
         pass
     with pytest.raises(ValueError, match="user_id for user"):
         make_handler(any_store, metadata={"userid": "x"})
+
+
+d_unseen = get_dispatcher("tests.storage.unseen")
+
+
+@d_unseen.span
+def library_wrapper() -> None:
+    """A span of a dispatcher the handler is not attached to (another handler sees it)."""
+    generate("q", [])
+
+
+def test_dispatcher_metadata_reaches_through_a_span_the_handler_does_not_see(
+    tmp_path: Any, make_handler: Any
+) -> None:
+    """A span of a dispatcher this handler does not see (only another handler does)
+    between a configured span and the handler's own spans hides nothing."""
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(
+        store, dispatcher_metadata={"tests.storage.app.db": {"application": "db"}}
+    ).attach(d)
+    d_unseen.add_span_handler(SimpleSpanHandler())
+
+    @d_db.span
+    def cached() -> None:
+        library_wrapper()
+
+    cached()
+    assert handler.flush(10)
+    spans = {s.name: s for s in store.trace(store.traces()[0].trace_id)}
+    assert "library_wrapper" not in spans
+    assert spans["generate"].metadata == {"application": "db"}
+    assert [e.metadata for e in spans["generate"].events] == [{"application": "db"}]
+
+
+def test_dispatcher_metadata_reaches_a_span_started_after_its_parent_ended(
+    tmp_path: Any, make_handler: Any
+) -> None:
+    """An asyncio task started in a configured span runs on after it ended: its spans
+    and events still get the configured metadata."""
+    import asyncio
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(
+        store, dispatcher_metadata={"tests.storage.app.db": {"application": "db"}}
+    ).attach(d)
+
+    async def later() -> None:
+        await asyncio.sleep(0.01)
+        generate("late", [])
+
+    async def main() -> None:
+        with d_db.span("cache"):
+            task = asyncio.create_task(later())
+        await task
+
+    asyncio.run(main())
+    assert handler.flush(10)
+    spans = {s.name: s for s in store.trace(store.traces()[0].trace_id)}
+    assert spans["generate"].parent_id == spans["cache"].id_
+    assert spans["generate"].metadata == {"application": "db"}
+    assert [e.metadata for e in spans["generate"].events] == [{"application": "db"}]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -187,3 +191,228 @@ def test_two_handlers_on_one_failing_database_store_every_row_once(
     assert wait_until(lambda: all(h.flush(1) for h in handlers), 30)
     texts = [e.payload["text"] for e in store.events(limit=None)]
     assert len(texts) == 1200 and len(set(texts)) == 1200
+
+
+def _replay_all(spool: Spool) -> list[Row]:
+    rows: list[Row] = []
+    while (chunk := spool.next_chunk(10)) is not None:
+        rows += chunk.events
+        spool.mark_replayed(chunk)
+    return rows
+
+
+def test_a_spool_file_removed_part_way_through_a_replay_loses_no_newer_row(
+    tmp_path: Path, make_handler: Any, spool_dir: Path, caplog: Any
+) -> None:
+    """The file is removed (a temporary-files cleaner) after part of it was replayed;
+    the next rows spooled make a new, smaller file. The position in the old file must
+    not be applied to it: its rows are replayed, and the rows that were lost with the
+    old file are counted, logged, and make flush() False."""
+    store = CountingStore(tmp_path / "t.db")
+    spool = _spool_events(store, spool_dir, 3000)
+    store.fail_writes = {2}  # the first chunk goes in, the second fails
+    handler = make_handler(store, batch_size=100, retry_for=0, replay_interval=3600)
+    assert handler.flush(30) is False
+    assert count(store, "events") == 1000 and spool.replayed_bytes > 0
+    os.unlink(spool.path)
+    store.fail_writes = {3}  # still down: the new rows go to a new file
+    for i in range(10):
+        handler.handle(NoteEvent(text=f"new {i}"))
+    assert handler.flush(30) is False  # 2000 rows were lost with the old file
+    assert handler.flush(30) is True
+    new = [e.payload["text"] for e in store.events(limit=None) if e.payload["text"][:3] == "new"]
+    assert sorted(new) == [f"new {i}" for i in range(10)]
+    assert handler.writer.rows_lost == 2000
+    assert telemetry.counter("storage.lost_rows").value == 2000
+    assert "2000 rows that were waiting in it are lost" in caplog.text
+    assert not spool.path.exists()
+
+
+def test_writers_whose_spool_dir_is_spelled_differently_share_the_file(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A relative spool_dir, the absolute one and a symbolic link to it are one file:
+    one replay position (no row sent twice) and no rows lost when one writer empties
+    the file while the other had replayed part of it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "spool")
+    key = f"sqlite:{tmp_path / 't.db'}"
+    spools = [Spool(key, "spool"), Spool(key, tmp_path / "spool"), Spool(key, tmp_path / "link")]
+    maker = RowMaker({}, {}, 10_000)
+    rows = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(5)]
+    relative, absolute, linked = spools
+    relative.append([], rows[:3])
+    assert absolute.rows_pending == 3 and linked.rows_pending == 3
+    first = relative.next_chunk(1)
+    assert first is not None
+    relative.mark_replayed(first)
+    assert _replay_all(linked) == rows[1:3]  # not from the start again
+    assert not absolute.path.exists()
+    relative.append([], rows[3:])  # a new file: replayed from its start
+    assert _replay_all(absolute) == rows[3:]
+    monkeypatch.chdir(tmp_path / "spool")
+    assert relative.path == tmp_path / "spool" / absolute.path.name  # chdir moves nothing
+
+
+def test_a_spooled_line_that_is_not_a_row_is_rejected_and_replay_goes_on(
+    any_store: Any, make_handler: Any, spool_dir: Path, caplog: Any
+) -> None:
+    """JSON lines no database can bind (the wrong number of values, a nested value,
+    a boolean) are rejected, counted once and logged; the rows around them are
+    replayed, on SQLite and on PostgreSQL."""
+    maker = RowMaker({}, {}, 10_000)
+    spool = Spool(any_store.spool_key, spool_dir)
+    good = [maker.event_row(NoteEvent(text=f"good {i}"), None) for i in range(4)]
+    spool.append([], good[:2])
+    spool.append([], [(1, 2, 3)])  # another release's row, say
+    spool.append([], [(*good[0][:-1], {"nested": 1})])
+    info = (1.0, 0.0, None, True, "s", "t" * 32, "d", None, None, None)
+    span = list(maker.span_row((info, "s-1", 0.5, None)))
+    span[3] = True  # is_root as a JSON boolean: PostgreSQL's integer column refuses it
+    spool.append([tuple(span)], [])
+    spool.append([], good[2:])
+    handler = make_handler(any_store, replay_interval=3600)
+    assert handler.flush(10) is False  # rows waiting for it were rejected
+    assert sorted(e.payload["text"] for e in any_store.events()) == [f"good {i}" for i in range(4)]
+    assert telemetry.counter("storage.rejected_rows").value == 3
+    assert handler.writer.rows_lost == 3
+    assert "3 values for the 20 columns of events" in caplog.text
+    assert not spool.path.exists() and not handler.writer.spool.pending
+    handler.handle(NoteEvent(text="later"))
+    assert handler.flush(10) is True
+    assert telemetry.counter("storage.rejected_rows").value == 3
+
+
+class FailOnceStore(SQLiteStore):
+    """A real SQLite store that "goes down" once: for the first write of one row alone
+    (``fail_alone``), or for the first write of several rows (``fail_batch``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_alone: set[str] = set()
+        self.fail_batch = False
+
+    def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        rows = [*spans, *events]
+        if len(rows) == 1 and rows[0][0] in self.fail_alone:
+            self.fail_alone.discard(rows[0][0])
+            raise OSError("database unreachable (test)")
+        if len(rows) > 1 and self.fail_batch:
+            self.fail_batch = False
+            raise OSError("database unreachable (test)")
+        super().write(spans, events)
+
+
+def _dead_pids(n: int) -> list[int]:
+    return [
+        int(
+            subprocess.run(
+                [sys.executable, "-c", "import os; print(os.getpid())"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for _ in range(n)
+    ]
+
+
+def _orphan(store: SQLiteStore, spool_dir: Path, rows: list[Row], name: str) -> Path:
+    """A spool file of ``rows`` left in ``spool_dir`` by a process that died, as
+    ``<prefix>-<name>``."""
+    elsewhere = Spool(store.spool_key, spool_dir.parent / "elsewhere")
+    elsewhere.append([], rows)
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    return elsewhere.path.rename(spool_dir / f"{elsewhere.prefix}-{name}")
+
+
+def test_a_chunk_read_again_after_a_failure_counts_nothing_twice(
+    tmp_path: Path, make_handler: Any, spool_dir: Path
+) -> None:
+    """A row the database refuses, then the database fails on the next row: the chunk
+    resumes after the rejected row, so it is rejected (and counted) once; a line cut
+    short by a crash is counted once however often its chunk is read."""
+    store = FailOnceStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 10_000)
+    bad = maker.event_row(FakeLLMEndEvent(model="huge", usage=Usage(2**70, 1)), None)
+    good = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(5)]
+    orphan = _orphan(store, spool_dir, [bad, *good], f"{_dead_pids(1)[0]}.jsonl")
+    with open(orphan, "a", encoding="utf-8") as f:
+        f.write('{"t": "e", "r": ["cut')
+    store.fail_alone = {good[0][0]}  # down just after the bad row was rejected
+    handler = make_handler(store, replay_interval=3600)
+    assert handler.flush(10) is False
+    assert count(store, "events") == 0
+    store.fail_batch = True  # and once more, for the chunk that resumes
+    assert handler.flush(10) is False
+    assert handler.flush(10) is True
+    assert count(store, "events") == 5
+    assert telemetry.counter("storage.rejected_rows").value == 1
+    assert handler.writer.rows_lost == 1
+    assert telemetry.counter("storage.spool_bad_lines").value == 1
+    assert telemetry.counter("storage.replayed_rows").value == 5
+
+
+def test_two_writers_replaying_one_file_send_each_row_once(
+    tmp_path: Path, make_handler: Any, spool_dir: Path
+) -> None:
+    """Two handlers on one database replay the shared file a chunk at a time in turn:
+    neither sends (nor counts) a chunk the other is writing."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    _spool_events(store, spool_dir, 3000)
+    handlers = [make_handler(store, batch_size=100, replay_interval=3600) for _ in range(2)]
+    store.gate.clear()  # the first chunk's write waits
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda h=h: results.append(h.flush(30))) for h in handlers]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: store.attempts >= 1)
+    time.sleep(0.2)  # the other writer reaches the file meanwhile
+    store.gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert results == [True, True]
+    assert count(store, "events") == 3000
+    assert sum(h.writer.rows_written for h in handlers) == 3000
+    assert telemetry.counter("storage.replayed_rows").value == 3000
+    assert store.attempts == 3  # three chunks, each written once
+
+
+def test_a_spool_claimed_by_an_adopter_that_died_is_adopted(
+    tmp_path: Path, make_handler: Any, spool_dir: Path
+) -> None:
+    """A process that died after renaming an orphan to ``.claimed-<its pid>`` (and
+    before copying it) leaves it to the next writer, not forever."""
+    store = SQLiteStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 10_000)
+    rows = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(3)]
+    spooler, adopter = _dead_pids(2)
+    _orphan(store, spool_dir, rows, f"{spooler}.claimed-{adopter}")
+    handler = make_handler(store, replay_interval=3600)
+    assert handler.flush(10)
+    assert count(store, "events") == 3
+    assert list(spool_dir.iterdir()) == []
+    assert handler.writer.rows_lost == 0
+
+
+def test_a_line_cut_short_in_a_file_left_under_our_own_pid_swallows_no_row(
+    tmp_path: Path, make_handler: Any, spool_dir: Path
+) -> None:
+    """A process that crashed with the pid this one has (a container's pid 1, say)
+    left a file ending in a line cut short: the rows spooled next start on a line of
+    their own, and the fragment is one bad line."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    left = Spool(store.spool_key, spool_dir)
+    spool_dir.mkdir()
+    old = RowMaker({}, {}, 10_000).event_row(NoteEvent(text="old"), None)
+    with open(left.path, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"t": "e", "r": list(old)}) + '\n{"t": "e", "r": ["cut')
+    store.fail = True  # the old row cannot be replayed: the new one is appended
+    handler = make_handler(store, retry_for=0, replay_interval=3600)
+    handler.handle(NoteEvent(text="spooled"))
+    assert handler.flush(10) is False
+    store.fail = False
+    assert handler.flush(10) is True
+    assert sorted(e.payload["text"] for e in store.events()) == ["old", "spooled"]
+    assert telemetry.counter("storage.spool_bad_lines").value == 1

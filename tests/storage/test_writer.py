@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from instrumentation import get_dispatcher, telemetry
-from instrumentation.storage import TRUNCATED, UNSERIALISABLE, SQLiteStore, StorageHandler
+from instrumentation.storage import (
+    TRUNCATED,
+    UNSERIALISABLE,
+    BatchWriter,
+    SQLiteStore,
+    StorageHandler,
+)
 from instrumentation.storage.spool import Spool
 
 from .helpers import ControlledSQLiteStore, NoteEvent, count, wait_until
@@ -441,3 +447,64 @@ def test_every_documented_counter_is_there_from_import(tmp_path: Path) -> None:
     assert {name: snapshot.get(name) for name in documented} == dict.fromkeys(documented, 0)
     registered = {name for name in snapshot if name.startswith("storage.")}
     assert registered == documented  # and none undocumented
+
+
+def test_rows_the_driver_cannot_bind_are_rejected_not_spooled_forever(
+    any_store: Any, spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row of the wrong length or with a nested value (from a ``rows_of`` of one's
+    own) makes sqlite3 and psycopg raise ProgrammingError before the database sees
+    it: the row is rejected and counted, the others of its batch are written."""
+    from instrumentation.storage.serialise import RowMaker
+
+    maker = RowMaker({}, {}, 10_000)
+    good = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(3)]
+    writer = BatchWriter(
+        any_store,
+        lambda entries: ([], list(entries)),
+        debounce=0.01,
+        retry_for=0,
+        replay_interval=3600,
+        spool_dir=spool_dir,
+    )
+    try:
+        for row in (good[0], good[1][:5], good[1], (*good[2][:-1], {"nested": 1}), good[2]):
+            writer.put(row)
+        assert writer.flush(10) is False  # two rows waiting for it were rejected
+        assert sorted(e.payload["text"] for e in any_store.events()) == ["0", "1", "2"]
+        assert writer.rows_lost == 2 and not writer.spool.pending
+        assert telemetry.counter("storage.rejected_rows").value == 2
+        assert "ProgrammingError" in caplog.text
+    finally:
+        writer.shutdown(5)
+
+
+def test_a_missing_table_keeps_the_rows_spooled_for_later(
+    any_store: Any, make_handler: Any
+) -> None:
+    """An error about the database rather than the rows (no such table: SQLite's
+    OperationalError, PostgreSQL's UndefinedTable, a ProgrammingError too) rejects
+    nothing: the rows wait in the spool until the table is back."""
+    from instrumentation.storage.postgres import PostgresStore
+
+    def rename(old: str, new: str) -> None:
+        if isinstance(any_store, PostgresStore):
+            import psycopg
+
+            with psycopg.connect(any_store.dsn, autocommit=True) as conn:
+                conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+        else:
+            with any_store._lock:
+                any_store._connection().execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+    handler = make_handler(any_store, retry_for=0, replay_interval=0.05)
+    rename("events", "events_away")
+    for i in range(5):
+        handler.handle(NoteEvent(text=str(i)))
+    assert handler.flush(3) is False
+    assert handler.writer.spool.rows_pending == 5
+    assert handler.writer.rows_lost == 0
+    assert telemetry.counter("storage.rejected_rows").value == 0
+    rename("events_away", "events")
+    assert wait_until(lambda: handler.flush(1), 15)
+    assert sorted(e.payload["text"] for e in any_store.events()) == ["0", "1", "2", "3", "4"]
