@@ -19,11 +19,14 @@ client used by the exporter never produces spans about exporting spans.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence, Sized
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace as trace_api
@@ -44,6 +47,7 @@ TRACES_PATH = "/v1/traces"
 _SPANS_EXPORTED = telemetry.counter("otel.spans_exported")
 _EXPORT_FAILURES = telemetry.counter("otel.export_failures")
 _SPANS_NOT_EXPORTED = telemetry.counter("otel.spans_not_exported")
+_SPANS_DROPPED = telemetry.counter("otel.spans_dropped")
 _SPANS_EXPORTED_LATE = telemetry.counter("otel.spans_exported_late")
 
 #: When shutdown() has a collector still not answering this close to its deadline, it
@@ -51,63 +55,141 @@ _SPANS_EXPORTED_LATE = telemetry.counter("otel.spans_exported_late")
 _CUT_SHORT_BEFORE_S = 0.1
 
 
+def _after_fork_in_child(method: Callable[[], None]) -> None:
+    """Run ``method`` (a bound method, held weakly) in the child after each ``fork()``."""
+    if not hasattr(os, "register_at_fork"):  # pragma: no cover - Windows
+        return
+    weak = weakref.WeakMethod(method)
+
+    def after_in_child() -> None:
+        alive = weak()
+        if alive is not None:
+            alive()
+
+    os.register_at_fork(after_in_child=after_in_child)
+
+
+@dataclass(frozen=True)
+class SpanAccounts:
+    """The exporter's accounts at one moment (:meth:`SuppressedExporter.accounts`).
+
+    ``not_exported == dropped + failed + cut_off + unconfirmed + refused``.
+    """
+
+    #: Spans handed to the batch processor (each sampled span that ended).
+    handed: int
+    #: Spans the collector confirmed before the accounts were settled.
+    exported: int
+    #: Spans counted as not exported, for any of the reasons below.
+    not_exported: int
+    #: Dropped on arrival because the batch processor's queue was full.
+    dropped: int
+    #: In a batch whose export failed (the collector refused it, or the exporter raised).
+    failed: int
+    #: In a batch that shutdown's deadline failed without sending it.
+    cut_off: int
+    #: Neither confirmed nor failed when the accounts were settled (in flight, queued).
+    unconfirmed: int
+    #: Ended after shutdown began: never queued.
+    refused: int
+    #: Counted as not exported, then confirmed by the collector after all.
+    exported_late: int
+
+
 class SuppressedExporter(SpanExporter):
     """Runs another exporter under ``suppress_instrumentation()`` and keeps the accounts.
 
-    Every span the batch processor accepts is counted as handed over
-    (:meth:`span_handed`), and every batch's outcome as exported or not exported.
-    :meth:`settle` closes the accounts when shutting down: whatever was handed over
-    and is neither exported nor counted yet (a batch still in flight, the
-    processor's queue, spans the processor dropped) is counted as not exported at
-    that moment. An outcome arriving after that changes nothing already counted; a
-    batch that still reaches the collector is counted in ``otel.spans_exported_late``.
+    Every span the :class:`AccountedBatchSpanProcessor` is handed is counted
+    (``handed``), and every span's outcome as exported or not exported, with the
+    reason (see :class:`SpanAccounts`): dropped because the queue was full (counted
+    as it is dropped), in a batch that failed, cut off by shutdown's deadline, ended
+    after shutdown began. :meth:`settle` closes the accounts when shutting down:
+    whatever was handed over and is neither exported nor counted yet (a batch still in
+    flight, the processor's queue) is counted as not exported at that moment. An
+    outcome arriving after that changes nothing already counted; a batch that still
+    reaches the collector is counted in ``otel.spans_exported_late``.
 
     It also bounds shutting down: after :meth:`give_up_at`'s deadline every batch
     still waiting fails at once, instead of each waiting out the exporter's retries
     against a collector that does not answer.
+
+    In a child made by ``fork()`` the accounts start from zero: the SDK empties the
+    child's copy of the queue, and the parent's batches are the parent's.
     """
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
-        #: Spans the batch processor accepted for export (see :meth:`span_handed`).
-        self.handed = 0
-        #: Spans the collector confirmed before the accounts were settled.
-        self.exported = 0
-        #: Spans whose export failed, was given up, or was not confirmed at settling.
-        self.not_exported = 0
-        #: Spans already counted as not exported that reached the collector afterwards.
-        self.exported_late = 0
         self._give_up_at: float | None = None
+        self._accepting = True
         self._settled = False
-        self._warned = False
-        self._warned_after_settling = False
         self._inner_shut = False
-        self._lock = threading.Lock()
+        self._reset_accounts()
+        _after_fork_in_child(self._reset_accounts)
+
+    def _reset_accounts(self) -> None:
+        """Zero the accounts and make a new lock (also in a forked child: the parent's
+        lock may have been held by a thread the child does not have)."""
+        # Reentrant: a signal handler (SIGTERM -> shutdown, or ending a span) may run in
+        # a thread that holds it, in the middle of on_end.
+        self._lock = threading.RLock()
+        self.handed = 0
+        self.exported = 0
+        self.not_exported = 0
+        self.dropped = 0
+        self.failed = 0
+        self.cut_off = 0
+        self.unconfirmed = 0
+        self.refused = 0
+        self.exported_late = 0
+        self._warned_failure = False
+        self._warned_drop = False
+        self._warned_refused = False
+
+    def accounts(self) -> SpanAccounts:
+        """A consistent snapshot of the accounts."""
+        with self._lock:
+            return SpanAccounts(
+                handed=self.handed,
+                exported=self.exported,
+                not_exported=self.not_exported,
+                dropped=self.dropped,
+                failed=self.failed,
+                cut_off=self.cut_off,
+                unconfirmed=self.unconfirmed,
+                refused=self.refused,
+                exported_late=self.exported_late,
+            )
 
     def give_up_at(self, deadline: float) -> None:
         """From ``deadline`` (``time.monotonic()``) on, fail batches without sending."""
         self._give_up_at = deadline
 
-    def span_handed(self) -> bool:
-        """Count one span handed to the batch processor.
+    def stop_accepting(self) -> None:
+        """From now on, every span handed over is counted as not exported at once.
 
-        False once the accounts are settled: the span is then counted as not
-        exported at once, and the caller must not queue it.
+        Called before the batch processor shuts down: the SDK would drop later spans
+        without a count.
         """
         with self._lock:
-            self.handed += 1
-            if not self._settled:
-                return True
-            self.not_exported += 1
-            _SPANS_NOT_EXPORTED.inc()
-            warn = not self._warned_after_settling
-            self._warned_after_settling = True
-        if warn:
-            logger.warning(
-                "a span ended after the OTLP exporter was shut down is not exported; "
-                "such spans are counted in telemetry counter otel.spans_not_exported"
-            )
-        return False
+            self._accepting = False
+
+    def _refuse(self, *, queue_full: bool) -> bool:
+        """Count one span handed over and not queued; the caller holds the lock.
+
+        True when this is the first of its kind (the caller logs a warning).
+        """
+        self.not_exported += 1
+        _SPANS_NOT_EXPORTED.inc()
+        if queue_full:
+            self.dropped += 1
+            _SPANS_DROPPED.inc()
+            first = not self._warned_drop
+            self._warned_drop = True
+        else:
+            self.refused += 1
+            first = not self._warned_refused
+            self._warned_refused = True
+        return first
 
     def settle(self) -> int:
         """Close the accounts; returns how many spans this counted as not exported.
@@ -116,17 +198,19 @@ class SuppressedExporter(SpanExporter):
         counted now in ``otel.spans_not_exported``. Idempotent.
         """
         with self._lock:
+            self._accepting = False
             if self._settled:
                 return 0
             self._settled = True
             lost = max(self.handed - self.exported - self.not_exported, 0)
+            self.unconfirmed += lost
             self.not_exported += lost
             _SPANS_NOT_EXPORTED.add(lost)
         return lost
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
-            self._record(len(spans), exported=False)
+            self._record(len(spans), SpanExportResult.FAILURE, cut_off=True)
             return SpanExportResult.FAILURE
         with suppress_instrumentation():
             try:
@@ -134,10 +218,11 @@ class SuppressedExporter(SpanExporter):
             except Exception:
                 logger.exception("OTLP export of %d spans failed", len(spans))
                 result = SpanExportResult.FAILURE
-        self._record(len(spans), exported=result is SpanExportResult.SUCCESS)
+        self._record(len(spans), result)
         return result
 
-    def _record(self, n: int, *, exported: bool) -> None:
+    def _record(self, n: int, result: SpanExportResult, *, cut_off: bool = False) -> None:
+        exported = result is SpanExportResult.SUCCESS
         # The counters move under the lock too: once settle() has returned, they
         # already hold every outcome recorded before it.
         with self._lock:
@@ -153,9 +238,14 @@ class SuppressedExporter(SpanExporter):
                 self.not_exported += n
                 _SPANS_NOT_EXPORTED.add(n)
                 _EXPORT_FAILURES.inc()
-            first = not late and not exported and not self._warned
+                if cut_off:
+                    self.cut_off += n
+                else:
+                    self.failed += n
+            # Spans shutdown cut off are in its own warning, logged before it returns.
+            first = not late and not exported and not cut_off and not self._warned_failure
             if first:
-                self._warned = True
+                self._warned_failure = True
         if late:
             if exported:
                 logger.info(
@@ -186,25 +276,77 @@ class SuppressedExporter(SpanExporter):
             return bool(self.inner.force_flush(timeout_millis))
 
 
+def _sdk_queue(processor: BatchSpanProcessor) -> collections.deque[Any] | None:
+    """The batch processor's bounded queue, where this SDK version keeps it."""
+    for owner, name in (
+        (getattr(processor, "_batch_processor", None), "_queue"),
+        (processor, "queue"),
+    ):
+        queue = getattr(owner, name, None)
+        if isinstance(queue, collections.deque) and queue.maxlen is not None:
+            return queue
+    return None
+
+
 class AccountedBatchSpanProcessor(BatchSpanProcessor):
     """A ``BatchSpanProcessor`` that counts every span it is handed in its exporter.
 
-    Spans ended after the accounts are settled are counted as not exported and
-    dropped here (the SDK would drop them too, with no count).
+    A span that finds the queue full is dropped and counted at once (``dropped``, in
+    ``otel.spans_dropped`` and ``otel.spans_not_exported``): the SDK would drop the
+    oldest queued span instead, counted nowhere. Spans ended once the exporter stopped
+    accepting (shutdown began) are counted as not exported and dropped here too (the
+    SDK would drop them with no count).
     """
 
-    def __init__(self, exporter: SuppressedExporter) -> None:
-        super().__init__(exporter)
+    def __init__(self, exporter: SuppressedExporter, **options: Any) -> None:
+        super().__init__(exporter, **options)
         self.accounts = exporter
+        queue = _sdk_queue(self)
+        # Spans are queued only under the accounts' lock, and the worker only takes
+        # them out, so a queue found below capacity under the lock drops nothing.
+        # With an SDK that keeps its queue elsewhere, drops are counted at settling.
+        self._queue: Sized = queue if queue is not None else ()
+        self._capacity: int = queue.maxlen if queue is not None and queue.maxlen else 1
+        # The SDK's on_end would check sampling again (two properties, about a third of
+        # a microsecond a span); its batch processor's emit is what it then calls.
+        batch_processor = getattr(self, "_batch_processor", None)
+        emit = getattr(batch_processor, "emit", None)
+        self._emit: Callable[[ReadableSpan], None] = (
+            emit if queue is not None and callable(emit) else super().on_end
+        )
 
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):
             return  # the SDK's batch processor ignores these too
-        if self.accounts.span_handed():
-            super().on_end(span)
+        accounts = self.accounts
+        with accounts._lock:
+            accounts.handed += 1
+            accepting = accounts._accepting
+            if accepting and len(self._queue) < self._capacity:
+                self._emit(span)
+                return
+            first = accounts._refuse(queue_full=accepting)
+        if not first:
+            return
+        if accepting:
+            logger.warning(
+                "the batch span processor's queue is full (%d spans): spans are dropped "
+                "and counted in telemetry counters otel.spans_dropped and "
+                "otel.spans_not_exported (OTEL_BSP_MAX_QUEUE_SIZE sets the size)",
+                self._capacity,
+            )
+        else:
+            logger.warning(
+                "a span ended after the OTLP exporter began shutting down is not exported; "
+                "such spans are counted in telemetry counter otel.spans_not_exported"
+            )
 
 
-def _in_thread(target: Callable[[], Any], name: str) -> tuple[threading.Thread, list[Any]]:
+#: A thread started by _in_thread, and the list its result lands in.
+_Job = tuple[threading.Thread, list[Any]]
+
+
+def _in_thread(target: Callable[[], Any], name: str) -> _Job:
     """Start ``target`` in a daemon thread; its result lands in the list.
 
     The SDK's flush and shutdown wait for the exporter however long it retries, so
@@ -320,15 +462,32 @@ class OTLPHandle:
         self.exporter = exporter
         self.dispatcher = dispatcher
         self.protocol = protocol
-        self._lock = threading.Lock()
         self._closed = False
         self._clean_shutdown = False
-        self._shut_down = threading.Event()
         self._shutting_down_in: int | None = None
-        self._flushing: threading.Thread | None = None
+        self._new_locks()
         #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
         self.exit_timeout_millis = 5_000
         atexit.register(self._at_exit)
+        _after_fork_in_child(self._after_fork)
+
+    def _new_locks(self) -> None:
+        # Reentrant, as the accounts' lock: shutdown() may be called by a signal handler.
+        self._lock = threading.RLock()
+        self._shut_down = threading.Event()
+        #: Guards starting a flush thread: at most one waits on the exporter.
+        self._flush_lock = threading.RLock()
+        self._flushing: _Job | None = None
+
+    def _after_fork(self) -> None:
+        """In a forked child: locks a parent's thread may have held are new, and a
+        shutdown the parent had under way (its thread is not in the child) is over."""
+        done = self._shut_down.is_set()
+        self._new_locks()
+        if self._closed:
+            if not done:
+                self.exporter.settle()  # the child's accounts: nothing handed yet
+            self._shut_down.set()
 
     @property
     def closed(self) -> bool:
@@ -338,34 +497,58 @@ class OTLPHandle:
         """Export every ended span now; True when all were exported in time.
 
         False when ``timeout_millis`` passes first (the export goes on in the
-        background) or when any export failed meanwhile.
+        background), when a span was not exported meanwhile (an export failed, or the
+        queue was full), and at once after shutdown has begun (as the SDK's).
+        Concurrent calls share one flush: at most one thread waits on the exporter.
         """
+        if self._closed:
+            return False  # nothing is flushed after shutdown
         deadline = time.monotonic() + max(timeout_millis, 0) / 1000
         failed_before = self.exporter.not_exported
-        earlier = self._flushing
-        if earlier is not None and earlier.is_alive():
-            # An earlier flush that timed out still waits on the exporter. A new one
-            # would only queue behind it, so wait for it instead of adding a thread.
-            earlier.join(max(deadline - time.monotonic(), 0.0))
-            if earlier.is_alive():
+        with self._flush_lock:
+            current = self._flushing
+            earlier = current if current is not None and current[0].is_alive() else None
+            flush = self._start_flush(deadline) if earlier is None else earlier
+        if earlier is not None:
+            # An earlier flush still waits on the exporter, and it may have begun before
+            # some span this call must flush ended. A new flush would only queue behind
+            # it, so wait for it, then for a flush begun after this call.
+            earlier[0].join(max(deadline - time.monotonic(), 0.0))
+            if earlier[0].is_alive() or time.monotonic() >= deadline:
                 return False
-        left_millis = max(int((deadline - time.monotonic()) * 1000), 0)
-        worker, outcome = _in_thread(
-            lambda: self.tracer_provider.force_flush(left_millis), "instrumentation-otel-flush"
-        )
-        self._flushing = worker
+            with self._flush_lock:
+                newer = self._flushing
+                # Another caller may have started one since this call looked: it serves.
+                if newer is not None and newer is not earlier:
+                    flush = newer
+                else:
+                    flush = self._start_flush(deadline)
+        worker, outcome = flush
         worker.join(max(deadline - time.monotonic(), 0.0))
         return bool(outcome) and bool(outcome[0]) and self.exporter.not_exported == failed_before
+
+    def _start_flush(self, deadline: float) -> _Job:
+        """Start a flush thread (the caller holds ``_flush_lock``)."""
+        left_millis = max(int((deadline - time.monotonic()) * 1000), 0)
+        flush = _in_thread(
+            lambda: self.tracer_provider.force_flush(left_millis), "instrumentation-otel-flush"
+        )
+        self._flushing = flush
+        return flush
 
     def shutdown(self, timeout_millis: int = 10_000) -> bool:
         """Detach the handler, end spans still open, flush everything, stop the exporter.
 
         Returns within about ``timeout_millis``. Spans not confirmed exported by then
-        (in flight, or still queued) are given up: before returning they are counted
-        in ``otel.spans_not_exported`` and a warning is logged. True when every span
-        handed to the SDK was exported. Idempotent; a call made while another is
-        shutting down waits for that one (at most its own ``timeout_millis``) and gives
-        its answer, or False if it is not done. Also run at interpreter exit.
+        (in flight, or still queued) are given up. True when every span handed to the
+        SDK since :func:`configure_otlp` was exported; otherwise, before returning,
+        every span not exported (failed earlier or now, dropped because the queue was
+        full, given up) is counted in ``otel.spans_not_exported`` and a warning says
+        how many, why, and how long shutdown took. Also when shutdown is interrupted
+        (``KeyboardInterrupt``): the accounts are settled and the warning logged before
+        the exception propagates. Idempotent; a call made while another is shutting
+        down waits for that one (at most its own ``timeout_millis``) and gives its
+        answer, or False if it is not done. Also run at interpreter exit.
         """
         with self._lock:
             first = not self._closed
@@ -383,48 +566,76 @@ class OTLPHandle:
             self._shut_down.set()  # also when interrupted: later calls must not wait
 
     def _shutdown(self, timeout_millis: int) -> bool:
+        started = time.monotonic()
         budget = max(timeout_millis, 0) / 1000
-        deadline = time.monotonic() + budget
+        deadline = started + budget
         # No batch starts this close to the deadline: it could not finish in time.
         cut_short_at = deadline - min(_CUT_SHORT_BEFORE_S, budget / 10)
-        atexit.unregister(self._at_exit)
-        failed_before = self.exporter.not_exported
-        self.dispatcher.remove_span_handler(self.handler)
-        self.dispatcher.remove_event_handler(self.handler)
-        self.handler.close()
-        self.exporter.give_up_at(cut_short_at)
-        worker, _ = _in_thread(self.tracer_provider.shutdown, "instrumentation-otel-shutdown")
-        worker.join(max(cut_short_at - time.monotonic(), 0.0))
-        if worker.is_alive():
-            # An export is still retrying, or waiting on a collector that does not
-            # answer: stopping the exporter cuts a retry short (in a thread: stopping
-            # may block too), and the rest of the budget lets the worker finish.
-            _in_thread(self.exporter.shutdown, "instrumentation-otel-stop")
-            worker.join(max(deadline - time.monotonic(), 0.0))
-        # What is not confirmed now is counted as not exported, before returning: the
-        # process may exit next. A late outcome of an abandoned export counts nothing.
-        given_up = self.exporter.settle()
-        lost = self.exporter.not_exported - failed_before
-        self._clean_shutdown = lost == 0
-        if given_up:
-            logger.warning(
-                "OTLP shutdown gave up after %d ms: %d spans not exported (%d not "
-                "confirmed in time, %d failed); the count is in telemetry counter "
-                "otel.spans_not_exported",
-                timeout_millis,
-                lost,
-                given_up,
-                lost - given_up,
-            )
-        elif lost:
-            logger.warning(
-                "OTLP shutdown: %d spans were not exported; the count is in telemetry "
-                "counter otel.spans_not_exported",
-                lost,
-            )
-        elif worker.is_alive():
+        worker: threading.Thread | None = None
+        timed_out = False
+        try:
+            atexit.unregister(self._at_exit)
+            self.dispatcher.remove_span_handler(self.handler)
+            self.dispatcher.remove_event_handler(self.handler)
+            self.handler.close()
+            self.exporter.give_up_at(cut_short_at)
+            self.exporter.stop_accepting()
+            worker, _ = _in_thread(self.tracer_provider.shutdown, "instrumentation-otel-shutdown")
+            worker.join(max(cut_short_at - time.monotonic(), 0.0))
+            if worker.is_alive():
+                # An export is still retrying, or waiting on a collector that does not
+                # answer: stopping the exporter cuts a retry short (in a thread: stopping
+                # may block too), and the rest of the budget lets the worker finish.
+                timed_out = True
+                _in_thread(self.exporter.shutdown, "instrumentation-otel-stop")
+                worker.join(max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            # Interrupted (Ctrl-C): settle and warn all the same; the exit hook is gone.
+            self._settle(started, timeout_millis, timed_out=timed_out, interrupted=True)
+            raise
+        clean = self._settle(started, timeout_millis, timed_out=timed_out, interrupted=False)
+        if clean and worker.is_alive():
             logger.info("every span was exported, but the OTLP exporter is still stopping")
-        return self._clean_shutdown
+        return clean
+
+    def _settle(
+        self, started: float, timeout_millis: int, *, timed_out: bool, interrupted: bool
+    ) -> bool:
+        """Count what is not confirmed now as not exported (before returning: the process
+        may exit next), warn when any span was not exported; True when none.
+
+        A late outcome of an abandoned export counts nothing.
+        """
+        self.exporter.settle()
+        accounts = self.exporter.accounts()
+        self._clean_shutdown = accounts.not_exported == 0
+        if self._clean_shutdown:
+            return True
+        took_ms = (time.monotonic() - started) * 1000
+        reasons = []
+        if accounts.dropped:
+            reasons.append(f"{accounts.dropped} dropped because the batch queue was full")
+        if accounts.failed:
+            reasons.append(f"{accounts.failed} failed to export")
+        given_up = accounts.cut_off + accounts.unconfirmed
+        if given_up and interrupted:
+            reasons.append(f"{given_up} not confirmed when shutdown was interrupted")
+        elif given_up and timed_out:
+            reasons.append(f"{given_up} not confirmed within the {timeout_millis} ms timeout")
+        elif given_up:
+            reasons.append(f"{given_up} discarded by the batch processor unexported")
+        if accounts.refused:
+            reasons.append(f"{accounts.refused} ended after shutdown began")
+        logger.warning(
+            "OTLP shutdown %s after %d ms: %d of %d spans handed to the exporter were not "
+            "exported (%s); the count is in telemetry counter otel.spans_not_exported",
+            "interrupted" if interrupted else "ended",
+            took_ms,
+            accounts.not_exported,
+            accounts.handed,
+            ", ".join(reasons),
+        )
+        return False
 
     def _at_exit(self) -> None:
         self.shutdown(timeout_millis=self.exit_timeout_millis)
@@ -510,6 +721,7 @@ __all__ = [
     "PROTOCOLS",
     "AccountedBatchSpanProcessor",
     "OTLPHandle",
+    "SpanAccounts",
     "SuppressedExporter",
     "configure_otlp",
     "make_exporter",
