@@ -177,8 +177,27 @@ def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     started = time.monotonic()
     cursor = datetime.now(timezone.utc) - timedelta(seconds=args.lookback)
     shown = 0
+    down_since: float | None = None
     while True:
-        for summary in store.traces(limit=1000, ended_after=cursor - timedelta(seconds=60)):
+        try:
+            found = store.traces(limit=1000, ended_after=cursor - timedelta(seconds=60))
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:
+            # The server restarted, or the file is locked for a while: tail is for
+            # watching over time, so it says so once and keeps polling.
+            if down_since is None:
+                down_since = time.monotonic()
+                print(f"cannot read the trace database ({exc}); retrying", file=sys.stderr)
+            found = []
+        else:
+            if down_since is not None:
+                print(
+                    f"reading the trace database again after {time.monotonic() - down_since:.1f} s",
+                    file=sys.stderr,
+                )
+                down_since = None
+        for summary in found:
             if summary.trace_id in seen:
                 continue
             seen.add(summary.trace_id)

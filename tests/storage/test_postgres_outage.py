@@ -129,3 +129,36 @@ def test_which_connection_errors_count_as_down(message: str, down: bool) -> None
     store._psycopg = psycopg
     assert store._unreachable(psycopg.OperationalError(message)) is down
     assert store._unreachable(ValueError(message)) is False
+
+
+def test_tail_keeps_following_across_a_server_restart(
+    postgres_server: Any,
+    postgres_dsn: str,
+    make_handler: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """tail used to exit (status 2) when the server restarted; it says so and goes on."""
+    import io
+
+    from instrumentation.storage.cli import main
+
+    handler = make_handler(PostgresStore(postgres_dsn, connect_timeout=1)).attach(d)
+    out = io.StringIO()
+    result: list[int] = []
+    args = ["--db", postgres_dsn, "tail", "--interval", "0.1", "--count", "1"]
+    follower = threading.Thread(
+        target=lambda: result.append(main([*args, "--max-seconds", "30"], out=out))
+    )
+    follower.start()
+    time.sleep(0.5)
+    postgres_server.stop()
+    time.sleep(0.5)
+    postgres_server.start()
+    with d.span("after the restart"):
+        pass
+    assert wait_until(lambda: handler.flush(2), 30)
+    follower.join(40)
+    assert result == [0]
+    assert "after the restart" in out.getvalue()
+    err = capsys.readouterr().err
+    assert "retrying" in err and "again after" in err
