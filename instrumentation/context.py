@@ -20,6 +20,7 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from instrumentation._bounded import put_bounded
 from instrumentation._ids import new_trace_id
 
 _HEX16 = re.compile(r"[0-9a-f]{16}\Z")
@@ -134,12 +135,7 @@ _MANUAL_TRACES_KEPT = 10_000
 
 
 def remember_manual_trace(span_id: str, trace_id: str) -> None:
-    if len(_manual_traces) >= _MANUAL_TRACES_KEPT:  # spans never ended: forget the oldest
-        try:
-            del _manual_traces[next(iter(_manual_traces))]
-        except (StopIteration, KeyError, RuntimeError):
-            pass
-    _manual_traces[span_id] = trace_id
+    put_bounded(_manual_traces, span_id, trace_id, _MANUAL_TRACES_KEPT)
 
 
 def forget_manual_trace(span_id: str) -> None:

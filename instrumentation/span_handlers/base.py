@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from instrumentation._bounded import put_bounded
 from instrumentation.context import span_name_of
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers._buffered import SpanDeque
@@ -234,14 +235,11 @@ class BaseSpanHandler(BaseModel, Generic[T]):
 
     def _dropped_at_shutdown(self, id_: str) -> None:
         """Note that shutdown dropped span ``id_`` (see ``_ended_by_shutdown``)."""
-        ended = self._ended_by_shutdown
-        if ended is None:
-            ended = self._ended_by_shutdown = {}
-        elif len(ended) >= _ENDED_BY_SHUTDOWN_KEPT:
-            # Calls that never come back (or handlers that end spans their own way)
-            # would keep ids forever: the oldest go first.
-            del ended[next(iter(ended))]
-        ended[id_] = None
+        if self._ended_by_shutdown is None:
+            self._ended_by_shutdown = {}
+        # Calls that never come back (or handlers that end spans their own way) would
+        # keep ids for ever: bounded.
+        put_bounded(self._ended_by_shutdown, id_, None, _ENDED_BY_SHUTDOWN_KEPT)
 
     def capture_propagation_context(self) -> dict[str, Any]:
         """What this handler needs to continue a trace in another process (nothing here)."""
