@@ -89,8 +89,7 @@ def _positional_enter(handler: Any) -> Any:
         dispatcher: str,
         attributes: Any,
     ) -> None:
-        given = {"name": name, "trace_id": trace_id, "dispatcher": dispatcher}
-        given["attributes"] = attributes
+        given = dict(zip(ENTER_EXTRAS, (name, trace_id, dispatcher, attributes), strict=True))
         span_enter(
             id_=id_,
             bound_args=bound_args,
