@@ -59,7 +59,7 @@ def _check_metadata(value: Mapping[str, Any] | None, what: str) -> dict[str, str
         if out.get(name, text) != text:
             raise ValueError(
                 f"{what} gives {name!r} twice, as {name!r} and as "
-                f"{next(c for c, k in METADATA_ALIASES.items() if k == name)!r}, "
+                f"{METADATA_KEYS[name]!r}, "
                 "with different values"
             )
         out[name] = text

@@ -211,7 +211,7 @@ class RowMaker:
         if found is not None:
             return found
         names: list[str | None] = []
-        link = (scope, None) if isinstance(scope, str) else scope
+        link = scope
         while link is not None:
             names.append(link[0])
             link = link[1]
@@ -221,11 +221,6 @@ class RowMaker:
         if len(self._scopes) < 10_000:
             self._scopes[scope] = merged
         return merged
-
-    def for_dispatcher(self, name: str | None) -> Mapping[str, str] | None:
-        """The metadata configured for dispatcher ``name``: its own merged over that of
-        the dispatchers above it (the nearer wins a key), over ``"root"``'s."""
-        return self.for_scope(name)
 
     def _own(self, name: str | None) -> dict[str, str]:
         """``name``'s metadata over its ancestors' (by name), ``"root"`` left out."""

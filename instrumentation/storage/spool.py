@@ -80,12 +80,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _count_lines(path: Path, start: int = 0) -> int:
-    """Lines in ``path`` after byte ``start`` (a last line without its newline counts)."""
-    with open(path, "rb") as f:
-        return _count_lines_of(f, start)
-
-
 def _count_lines_of(f: BinaryIO, start: int = 0) -> int:
     lines = 0
     last = b"\n"
@@ -336,10 +330,8 @@ class Spool:
                 lost,
                 lines,
             )
+        self._reset(state)
         state.rows_pending = lines
-        state.replayed_bytes = 0
-        state.judged_bytes = 0
-        state.generation += 1
         state.ident = ident
         state.size = size
         return lost
@@ -453,10 +445,6 @@ class Spool:
         state.generation += 1
         state.ident = None
         state.size = 0
-
-    def forget(self) -> None:
-        """After ``os.fork``, in the child: the file (named by the parent's pid) is not ours."""
-        self._state_cache = None
 
     def adopt_orphans(self) -> int:
         """Take over the spool files left by dead processes for this store; rows adopted.

@@ -148,7 +148,7 @@ class BatchWriter:
         self.max_backoff = float(max_backoff)
         self.replay_interval = float(replay_interval)
         self.exit_timeout = float(exit_timeout)
-        self.spool = Spool(store.spool_key, spool_dir, on_lost=self._spool_rows_lost)
+        self.spool = Spool(store.spool_key, spool_dir, on_lost=self._count_lost)
         #: Entries refused because the queue was full or the writer shut down.
         self.dropped = 0
         self.rows_written = 0
@@ -495,8 +495,7 @@ class BatchWriter:
         try:
             self.spool.append(spans, events)
         except Exception:
-            _LOST.add(len(spans) + len(events))
-            self.rows_lost += len(spans) + len(events)
+            self._count_lost(len(spans) + len(events))
             logger.exception(
                 "instrumentation.storage lost %d rows: the database failed and the spool "
                 "file %s could not be written",
@@ -504,9 +503,9 @@ class BatchWriter:
                 self.spool.path,
             )
 
-    def _spool_rows_lost(self, n: int) -> None:
-        """Rows that waited in the spool file are gone (the file was removed or replaced
-        by something else; the spool logged it)."""
+    def _count_lost(self, n: int) -> None:
+        """``n`` rows are gone: the spool file could not be written, or rows that waited
+        in it are (it was removed or replaced by something else; the spool logged it)."""
         _LOST.add(n)
         self.rows_lost += n
 
@@ -583,7 +582,6 @@ class BatchWriter:
         was_closed = self._closed
         self.store.after_fork_in_child()
         self._init_runtime()
-        self.spool.forget()
         self.dropped = 0
         self.rows_written = 0
         self.rows_lost = 0
