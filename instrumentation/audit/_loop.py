@@ -209,15 +209,6 @@ class AuditLoop:
     # -- using it ---------------------------------------------------------------------
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self.worker().loop
-
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop | None:
-        worker = self._worker
-        return None if worker is None else worker.loop
-
-    @property
     def _thread(self) -> threading.Thread | None:
         worker = self._worker
         return None if worker is None else worker.thread
@@ -237,10 +228,6 @@ class AuditLoop:
         except RuntimeError:  # closed: its thread ended
             return False
         return True
-
-    def call_soon(self, func: Callable[..., object], *args: Any) -> None:
-        """Run ``func(*args)`` on the current loop, in its suppressed context; FIFO per caller."""
-        self.post(self.worker(), func, *args)
 
     async def run_sync(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run a plain function on a worker thread (instrumentation suppressed) and await it."""

@@ -55,18 +55,30 @@ _SPANS_EXPORTED_LATE = telemetry.counter("otel.spans_exported_late")
 _CUT_SHORT_BEFORE_S = 0.1
 
 
+#: What runs in the child after each ``fork()``: bound methods, held weakly, behind one
+#: hook (a hook registered with ``os.register_at_fork`` can never be removed).
+_fork_hooks: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+
 def _after_fork_in_child(method: Callable[[], None]) -> None:
     """Run ``method`` (a bound method, held weakly) in the child after each ``fork()``."""
-    if not hasattr(os, "register_at_fork"):  # pragma: no cover - Windows
-        return
-    weak = weakref.WeakMethod(method)
+    _fork_hooks[:] = [weak for weak in _fork_hooks if weak() is not None]
+    _fork_hooks.append(weakref.WeakMethod(method))
 
-    def after_in_child() -> None:
-        alive = weak()
-        if alive is not None:
-            alive()
 
-    os.register_at_fork(after_in_child=after_in_child)
+def _run_fork_hooks() -> None:
+    for weak in list(_fork_hooks):
+        method = weak()
+        if method is None:
+            continue
+        try:
+            method()
+        except Exception:  # pragma: no cover - one object's reset must not stop the others
+            logger.exception("instrumentation.otel could not reset after fork")
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_run_fork_hooks)
 
 
 @dataclass(frozen=True)
@@ -508,7 +520,8 @@ class OTLPHandle:
         with self._flush_lock:
             current = self._flushing
             earlier = current if current is not None and current[0].is_alive() else None
-            flush = self._start_flush(deadline) if earlier is None else earlier
+            if earlier is None:
+                flush = self._start_flush(deadline)
         if earlier is not None:
             # An earlier flush still waits on the exporter, and it may have begun before
             # some span this call must flush ended. A new flush would only queue behind
