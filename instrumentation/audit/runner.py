@@ -132,6 +132,8 @@ class RequestRun:
         self._remaining = count
         self._worker: Worker | None = None
         REQUESTS.inc()
+        #: ``done`` settled: a plain flag, read on every event (Future.done() takes a lock).
+        self._over = count == 0
         if count == 0:
             self.done.set_result(True)
         else:
@@ -188,7 +190,7 @@ class RequestRun:
 
     def _post(self, call: tuple[Any, ...]) -> None:
         worker = self._worker
-        if worker is not None and not self.done.done():
+        if worker is not None and not self._over:
             audit_loop.post(worker, self._enqueue, call)  # False: its loop is gone, we know
 
     def wait(self, timeout: float) -> bool:
@@ -237,6 +239,7 @@ class RequestRun:
         )
 
     def _settle(self, completed: bool) -> None:
+        self._over = True
         try:
             self.done.set_result(completed)
         except concurrent.futures.InvalidStateError:  # settled already
@@ -262,7 +265,7 @@ class RequestRun:
 
     async def _drain(self, index: int) -> None:
         queue = self._queues[index]
-        while queue and not self.done.done():  # done early: lost with its loop
+        while queue and not self._over:  # done early: lost with its loop
             await self._invoke(index, queue.popleft())
 
     def _drained(self, index: int, task: asyncio.Task[None]) -> None:
@@ -270,7 +273,7 @@ class RequestRun:
         # task's last look at the queue, or left by a task cut short, is run by a new one.
         _tasks.discard(task)
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if self.done.done():  # finished, or lost with its loop (that was logged)
+        if self._over:  # finished, or lost with its loop (that was logged)
             self._draining[index] = False
             return
         if error is not None and not isinstance(error, GeneratorExit):  # that one: reported
@@ -297,7 +300,7 @@ class RequestRun:
         try:
             result = await _call(getattr(handler, kind), args)
         except BaseException as exc:
-            if self.done.done():  # lost with its loop (logged then): its calls stop here
+            if self._over:  # lost with its loop (logged then): its calls stop here
                 raise
             # Whatever the handler raised, SystemExit and KeyboardInterrupt included, is
             # its failure: on this thread they could only kill the audit loop, not stop
