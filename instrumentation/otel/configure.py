@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from opentelemetry import trace as trace_api
@@ -83,17 +83,12 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows onl
 
 @dataclass(frozen=True)
 class SpanAccounts:
-    """The exporter's accounts at one moment (:meth:`SuppressedExporter.accounts`).
-
-    ``not_exported == dropped + failed + cut_off + unconfirmed + refused``.
-    """
+    """The exporter's accounts at one moment (:meth:`SuppressedExporter.accounts`)."""
 
     #: Spans handed to the batch processor (each sampled span that ended).
     handed: int
     #: Spans the collector confirmed before the accounts were settled.
     exported: int
-    #: Spans counted as not exported, for any of the reasons below.
-    not_exported: int
     #: Dropped on arrival because the batch processor's queue was full.
     dropped: int
     #: In a batch whose export failed (the collector refused it, or the exporter raised).
@@ -106,6 +101,21 @@ class SpanAccounts:
     refused: int
     #: Counted as not exported, then confirmed by the collector after all.
     exported_late: int
+
+    @property
+    def not_exported(self) -> int:
+        """Spans counted as not exported, for any of the reasons above."""
+        return _not_exported(self)
+
+
+def _not_exported(accounts: SpanAccounts | SuppressedExporter) -> int:
+    return (
+        accounts.dropped
+        + accounts.failed
+        + accounts.cut_off
+        + accounts.unconfirmed
+        + accounts.refused
+    )
 
 
 class SuppressedExporter(SpanExporter):
@@ -146,7 +156,6 @@ class SuppressedExporter(SpanExporter):
         self._lock = threading.RLock()
         self.handed = 0
         self.exported = 0
-        self.not_exported = 0
         self.dropped = 0
         self.failed = 0
         self.cut_off = 0
@@ -160,17 +169,12 @@ class SuppressedExporter(SpanExporter):
     def accounts(self) -> SpanAccounts:
         """A consistent snapshot of the accounts."""
         with self._lock:
-            return SpanAccounts(
-                handed=self.handed,
-                exported=self.exported,
-                not_exported=self.not_exported,
-                dropped=self.dropped,
-                failed=self.failed,
-                cut_off=self.cut_off,
-                unconfirmed=self.unconfirmed,
-                refused=self.refused,
-                exported_late=self.exported_late,
-            )
+            return SpanAccounts(**{a.name: getattr(self, a.name) for a in fields(SpanAccounts)})
+
+    @property
+    def not_exported(self) -> int:
+        """Spans counted as not exported (see :class:`SpanAccounts`)."""
+        return _not_exported(self)
 
     def give_up_at(self, deadline: float) -> None:
         """From ``deadline`` (``time.monotonic()``) on, fail batches without sending."""
@@ -190,7 +194,6 @@ class SuppressedExporter(SpanExporter):
 
         True when this is the first of its kind (the caller logs a warning).
         """
-        self.not_exported += 1
         _SPANS_NOT_EXPORTED.inc()
         if queue_full:
             self.dropped += 1
@@ -216,7 +219,6 @@ class SuppressedExporter(SpanExporter):
             self._settled = True
             lost = max(self.handed - self.exported - self.not_exported, 0)
             self.unconfirmed += lost
-            self.not_exported += lost
             _SPANS_NOT_EXPORTED.add(lost)
         return lost
 
@@ -247,7 +249,6 @@ class SuppressedExporter(SpanExporter):
                 self.exported += n
                 _SPANS_EXPORTED.add(n)
             else:
-                self.not_exported += n
                 _SPANS_NOT_EXPORTED.add(n)
                 _EXPORT_FAILURES.inc()
                 if cut_off:
