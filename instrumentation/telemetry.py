@@ -92,16 +92,23 @@ def counter(name: str) -> Counter:
         return _counters.setdefault(name, Counter(name))
 
 
-def _reinit_locks_after_fork() -> None:
-    # A lock held by another thread at fork() stays held forever in the child.
+def _start_afresh_after_fork() -> None:
+    # A lock held by another thread at fork() stays held forever in the child, so
+    # every lock is made anew. The counts start from zero: what the parent counted
+    # before the fork is the parent's to report, and a pre-fork server whose workers
+    # each kept it would have it summed once per worker by whoever adds them up.
     global _registry_lock
     _registry_lock = threading.Lock()
-    for c in [*_counters.values(), *_handler_errors.values()]:
+    for c in _counters.values():
         c._lock = threading.Lock()
+        c.reset()
+    _handler_errors.clear()
+    _last_logged.clear()
+    _suppressed_since_log.clear()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
+    os.register_at_fork(after_in_child=_start_afresh_after_fork)
 
 
 EVENTS_DISPATCHED = counter("events.dispatched")

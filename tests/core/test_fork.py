@@ -87,3 +87,43 @@ def test_fork_child_works_while_parent_thread_holds_the_locks() -> None:
     assert set(child["hex"]).isdisjoint(mine["hex"])
     assert child["trace"] != mine["trace"] and len(child["span_trace"]) == 32
     assert child["parent"] == "root"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(60)
+def test_forked_child_counts_from_zero() -> None:
+    """A child's counters hold only what the child counted, not the parent's figures."""
+    name = fresh("forkcount")
+    mine = telemetry.counter(f"{name}.count")
+    mine.add(5)
+    telemetry.report_handler_error(object(), "handle", "fork", RuntimeError("parent"))
+    assert telemetry.handler_errors()["object"] >= 1
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            import signal
+
+            signal.alarm(20)
+            os.close(read_fd)
+            before = {"mine": mine.value, "errors": telemetry.handler_errors()}
+            mine.inc()
+            telemetry.report_handler_error(object(), "handle", "fork", RuntimeError("child"))
+            after = {"mine": mine.value, "errors": telemetry.handler_errors()}
+            os.write(write_fd, json.dumps({"before": before, "after": after}).encode())
+            status = CHILD_OK
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == CHILD_OK
+    child = json.loads(b"".join(chunks))
+    assert child["before"] == {"mine": 0, "errors": {}}
+    assert child["after"] == {"mine": 1, "errors": {"object": 1}}
+    # The parent keeps its own figures.
+    assert mine.value == 5
