@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, SupportsIndex, TypeVar, overload
 
 from typing_extensions import Self
@@ -883,12 +883,60 @@ class SpanBlock:
         self.__exit__(exc_type, exc, tb)
 
 
+def _ancestor_names(name: str) -> Iterator[str]:
+    """``"a.b.c"`` gives ``"a.b"`` then ``"a"``: nearest first, whole name parts only."""
+    i = name.rfind(".")
+    while i > 0:
+        yield name[:i]
+        i = name.rfind(".", 0, i)
+
+
+class DispatcherMap(Mapping[str, "Dispatcher"]):
+    """A read-only view of the tree's dispatchers by name.
+
+    Iterating it while other threads make dispatchers is safe: it walks a copy.
+    """
+
+    __slots__ = ("_nodes",)
+
+    def __init__(self, nodes: dict[str, Dispatcher | _PlaceHolder]) -> None:
+        self._nodes = nodes
+
+    def __getitem__(self, name: str) -> Dispatcher:
+        found = self._nodes.get(name)
+        if not isinstance(found, Dispatcher):
+            raise KeyError(name)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(
+            [name for name, node in list(self._nodes.items()) if isinstance(node, Dispatcher)]
+        )
+
+    def __len__(self) -> int:
+        return sum(isinstance(node, Dispatcher) for node in list(self._nodes.values()))
+
+    def __setitem__(self, name: str, value: object) -> None:
+        raise TypeError(
+            "Manager.dispatchers is read-only: use get_dispatcher(name), or "
+            "manager.add_dispatcher(dispatcher) for one made by hand"
+        )
+
+    def __repr__(self) -> str:
+        return f"DispatcherMap({list(self)!r})"
+
+
 class Manager:
     """Owns the name tree; one per process (``root_manager``)."""
 
     def __init__(self, root: Dispatcher) -> None:
         self.root = root
-        self.dispatchers: dict[str, Dispatcher | _PlaceHolder] = {root.name: root}
+        # Placeholders stand in the same dict as dispatchers, as in ``logging``; the
+        # public ``dispatchers`` shows the dispatchers only.
+        self._nodes: dict[str, Dispatcher | _PlaceHolder] = {root.name: root}
+        #: The dispatchers by name (LlamaIndex's ``Manager.dispatchers``): read-only, and
+        #: never a stand-in for a missing ancestor. Add one with :meth:`add_dispatcher`.
+        self.dispatchers: DispatcherMap = DispatcherMap(self._nodes)
         #: Handlers every dispatcher in the tree reaches, ``propagate`` or not: what the
         #: test kit uses to see everything a test emits. Change them with :meth:`tap`.
         self.tap_event_handlers: tuple[BaseEventHandler, ...] = ()
@@ -908,11 +956,11 @@ class Manager:
             self._rebuild_all()
 
     def get(self, name: str) -> Dispatcher:
-        found = self.dispatchers.get(name)
+        found = self._nodes.get(name)
         if type(found) is Dispatcher:
             return found
         with _lock:
-            found = self.dispatchers.get(name)
+            found = self._nodes.get(name)
             if isinstance(found, Dispatcher):
                 return found
             made = Dispatcher(name)
@@ -927,24 +975,22 @@ class Manager:
         if isinstance(found, _PlaceHolder):
             self._fix_children(found, made)
         made._rebuild()
-        self.dispatchers[made.name] = made
+        self._nodes[made.name] = made
         self._rebuild_all()
 
     def _fix_parent(self, made: Dispatcher) -> None:
-        name = made.name
-        parent: Dispatcher | None = None
-        i = name.rfind(".")
-        while i > 0 and parent is None:
-            prefix = name[:i]
-            node = self.dispatchers.get(prefix)
+        # Up to the nearest dispatcher, each missing ancestor gets a placeholder that
+        # remembers ``made``, so that it can be re-hung when that ancestor is made.
+        for prefix in _ancestor_names(made.name):
+            node = self._nodes.get(prefix)
+            if isinstance(node, Dispatcher):
+                made._parent = node
+                return
             if node is None:
-                self.dispatchers[prefix] = _PlaceHolder(made)
-            elif isinstance(node, _PlaceHolder):
-                node.children[id(made)] = made
+                self._nodes[prefix] = _PlaceHolder(made)
             else:
-                parent = node
-            i = name.rfind(".", 0, i)
-        made._parent = parent if parent is not None else self.root
+                node.children[id(made)] = made
+        made._parent = self.root
 
     def _fix_children(self, holder: _PlaceHolder, made: Dispatcher) -> None:
         # Each dispatcher below the placeholder whose parent is above ``made`` now
@@ -961,31 +1007,29 @@ class Manager:
                 child._parent = made
 
     def _subtree(self, top: Dispatcher) -> list[Dispatcher]:
-        nodes = [d for d in self.dispatchers.values() if isinstance(d, Dispatcher)]
+        nodes = [d for d in self._nodes.values() if isinstance(d, Dispatcher)]
         if top is self.root:
             return nodes
         prefix = top.name + "."
         return [d for d in nodes if d is top or d.name.startswith(prefix)]
 
     def _rebuild_all(self) -> None:
-        for node in list(self.dispatchers.values()):
+        for node in list(self._nodes.values()):
             if isinstance(node, Dispatcher):
                 node._rebuild()
 
     def parent_name_for(self, name: str) -> str:
         """The name of the dispatcher that one called ``name`` would hang from now."""
-        i = name.rfind(".")
-        while i > 0:
-            if isinstance(self.dispatchers.get(name[:i]), Dispatcher):
-                return name[:i]
-            i = name.rfind(".", 0, i)
+        for prefix in _ancestor_names(name):
+            if isinstance(self._nodes.get(prefix), Dispatcher):
+                return prefix
         return self.root.name
 
     def add_dispatcher(self, d: Dispatcher) -> None:
         """Put a dispatcher made by hand into the tree (LlamaIndex's spelling); a name
         the tree has already is left as it is."""
         with _lock:
-            if d.name in self.dispatchers and isinstance(self.dispatchers[d.name], Dispatcher):
+            if isinstance(self._nodes.get(d.name), Dispatcher):
                 return
             wanted = d._parent_name_given
             if (
@@ -1000,7 +1044,7 @@ class Manager:
                     f"not {wanted!r}; name it '{wanted}.{d.name.rpartition('.')[2]}' to hang "
                     f"it there, or leave parent_name out"
                 )
-            self._place(d, self.dispatchers.get(d.name))
+            self._place(d, self._nodes.get(d.name))
 
 
 root_dispatcher: Dispatcher = Dispatcher(ROOT_NAME)
@@ -1014,7 +1058,7 @@ def get_dispatcher(name: str = ROOT_NAME) -> Dispatcher:
     whose handlers see everything that propagates.
     """
     try:
-        found = root_manager.dispatchers.get(name)
+        found = root_manager._nodes.get(name)
     except TypeError:  # an unhashable name: let _check_name say what was expected
         found = None
     if type(found) is Dispatcher:
@@ -1060,6 +1104,7 @@ class DispatcherSpanMixin:
 __all__ = [
     "DISPATCHER_SPAN_DECORATED_ATTR",
     "Dispatcher",
+    "DispatcherMap",
     "DispatcherSpanMixin",
     "EventDispatcher",
     "HandlerList",

@@ -14,11 +14,10 @@ def _clean_instrumentation_state() -> Iterator[None]:
     snapshot = Snapshot()
     from instrumentation.dispatcher import root_manager
 
-    for node in list(root_manager.dispatchers.values()):
-        if hasattr(node, "_event_handlers"):
-            node._event_handlers = ()  # type: ignore[union-attr]
-            node._span_handlers = ()  # type: ignore[union-attr]
-            node._propagate = True  # type: ignore[union-attr]
+    for node in root_manager.dispatchers.values():
+        node._event_handlers = ()
+        node._span_handlers = ()
+        node._propagate = True
     root_manager._rebuild_all()
     telemetry.reset()
     try:

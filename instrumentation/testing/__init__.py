@@ -107,7 +107,6 @@ class Snapshot:
             self.state = {
                 name: (node._event_handlers, node._span_handlers, node._propagate)
                 for name, node in root_manager.dispatchers.items()
-                if isinstance(node, Dispatcher)
             }
             self.taps = (root_manager.tap_event_handlers, root_manager.tap_span_handlers)
         self.raise_handler_errors = telemetry.raise_handler_errors
@@ -116,8 +115,6 @@ class Snapshot:
     def restore(self) -> None:
         with _dispatcher_module._lock:  # looked up each time: re-made after fork
             for name, node in root_manager.dispatchers.items():
-                if not isinstance(node, Dispatcher):
-                    continue
                 ev, sp, prop = self.state.get(name, ((), (), True))
                 node._event_handlers, node._span_handlers, node._propagate = ev, sp, prop
             root_manager.tap_event_handlers, root_manager.tap_span_handlers = self.taps

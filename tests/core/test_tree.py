@@ -228,3 +228,46 @@ def test_wrong_handler_types_raise_type_error_with_advice() -> None:
     with pytest.raises(TypeError, match="BaseEvent"):
         d.event({"not": "an event"})  # type: ignore[arg-type]
     assert d.event_handlers == [] and d.span_handlers == []
+
+
+def test_manager_dispatchers_shows_dispatchers_only() -> None:
+    """``root_manager.dispatchers`` (LlamaIndex's spelling) never hands out the stand-in
+    for a missing ancestor, and cannot be changed behind the tree's back.
+    """
+    manager = dispatcher_module.root_manager
+    top = fresh("view")
+    leaf = get_dispatcher(f"{top}.mid.leaf")
+    assert manager.dispatchers[f"{top}.mid.leaf"] is leaf
+    assert f"{top}.mid" not in manager.dispatchers
+    assert manager.dispatchers.get(top) is None
+    with pytest.raises(KeyError):
+        manager.dispatchers[f"{top}.mid"]
+    assert all(type(d) is dispatcher_module.Dispatcher for d in manager.dispatchers.values())
+    assert not [n for n in manager.dispatchers if n.startswith(f"{top}.mid") and n != leaf.name]
+    assert len(manager.dispatchers) == len(list(manager.dispatchers))
+    with pytest.raises(TypeError, match="add_dispatcher"):
+        manager.dispatchers[top] = leaf  # type: ignore[index]
+    made = get_dispatcher(top)
+    assert manager.dispatchers[top] is made and leaf.parent is made
+
+
+def test_manager_dispatchers_can_be_walked_while_dispatchers_are_made() -> None:
+    manager = dispatcher_module.root_manager
+    top = fresh("walk")
+    stop = threading.Event()
+
+    def make() -> None:
+        i = 0
+        while not stop.is_set():
+            get_dispatcher(f"{top}.n{i}.x")
+            i += 1
+
+    maker = threading.Thread(target=make)
+    maker.start()
+    try:
+        for _ in range(200):
+            names = list(manager.dispatchers)
+            assert all(manager.dispatchers[n].name == n for n in names)
+    finally:
+        stop.set()
+        maker.join()
