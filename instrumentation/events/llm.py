@@ -213,6 +213,12 @@ class LLMStructuredPredictStartEvent(_ModelInfo):
     template_args: dict[str, Any] | None = None
 
 
+class LLMStructuredPredictInProgressEvent(_ModelInfo):
+    """A streamed structured prediction: ``output`` is the object parsed so far."""
+
+    output: Any = None
+
+
 class LLMStructuredPredictEndEvent(_EndInfo):
     """The parsed structured output."""
 
@@ -245,6 +251,7 @@ LLM_START_EVENTS: tuple[type[BaseEvent], ...] = (
 LLM_IN_PROGRESS_EVENTS: tuple[type[BaseEvent], ...] = (
     LLMChatInProgressEvent,
     LLMCompletionInProgressEvent,
+    LLMStructuredPredictInProgressEvent,
 )
 LLM_END_EVENTS: tuple[type[BaseEvent], ...] = (
     LLMChatEndEvent,
@@ -273,6 +280,7 @@ __all__ = [
     "LLMPredictEndEvent",
     "LLMPredictStartEvent",
     "LLMStructuredPredictEndEvent",
+    "LLMStructuredPredictInProgressEvent",
     "LLMStructuredPredictStartEvent",
     "MessageRole",
     "TokenUsage",

@@ -21,6 +21,8 @@ from instrumentation.llms import (
     LLMCompletionEndEvent,
     LLMCompletionStartEvent,
     LLMPredictEndEvent,
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictInProgressEvent,
     LLMStructuredPredictStartEvent,
     MessageRole,
     TokenUsage,
@@ -105,6 +107,12 @@ def test_tuples_classify_events() -> None:
     """LLM_START/IN_PROGRESS/END_EVENTS hold exactly the right classes."""
     assert LLMChatStartEvent in LLM_START_EVENTS and EmbeddingStartEvent in LLM_START_EVENTS
     assert LLMChatInProgressEvent in LLM_IN_PROGRESS_EVENTS
+    # LlamaIndex's streamed structured prediction event is there under its name too.
+    partial = LLMStructuredPredictInProgressEvent(output={"name": "Ada"}, model="m")
+    assert isinstance(partial, LLM_IN_PROGRESS_EVENTS)
+    assert not isinstance(partial, LLM_START_EVENTS + LLM_END_EVENTS)
+    assert partial.model_dump()["output"] == {"name": "Ada"}
+    assert LLMStructuredPredictEndEvent in LLM_END_EVENTS
     assert LLMChatEndEvent not in LLM_START_EVENTS
     for cls in (LLMChatEndEvent, LLMCompletionEndEvent, LLMPredictEndEvent, EmbeddingEndEvent):
         assert cls in LLM_END_EVENTS
