@@ -194,6 +194,14 @@ def _end_with_future(
     return future
 
 
+def check_span_name(name: object) -> None:
+    """A span name given by hand is a non-empty str (the id is built from it)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a span name is a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("a span name must not be empty: span('load') or span(name='load')")
+
+
 def wrap(
     dispatcher: Any,
     func: Any,
@@ -201,8 +209,8 @@ def wrap(
     attributes: Mapping[str, Any] | None = None,
 ) -> Any:
     """Wrap ``func`` so that each call is a span of ``dispatcher``."""
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"a span name is a str, got {type(name).__name__}")
+    if name is not None:
+        check_span_name(name)
     if isinstance(func, staticmethod):
         return staticmethod(wrap(dispatcher, func.__func__, name, attributes))
     if isinstance(func, classmethod):

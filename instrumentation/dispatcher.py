@@ -25,7 +25,7 @@ from typing_extensions import Self
 from instrumentation import telemetry
 from instrumentation._ids import new_trace_id
 from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, enter_extras, fail, finish, start
-from instrumentation._wrap import LLAMA_MARK, MARK, wrap
+from instrumentation._wrap import LLAMA_MARK, MARK, check_span_name, wrap
 from instrumentation.context import (
     _EMPTY_TAGS,
     RemoteSpanContext,
@@ -817,8 +817,8 @@ class SpanBlock:
         tags: Mapping[str, Any] | None,
         attributes: dict[str, Any] | None,
     ) -> None:
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"a span name is a str, got {type(name).__name__}")
+        if name is not None:
+            check_span_name(name)
         if tags is not None and not isinstance(tags, Mapping):
             raise TypeError(f"tags must be a mapping, got {type(tags).__name__}")
         self._dispatcher = dispatcher

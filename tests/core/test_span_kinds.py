@@ -799,6 +799,25 @@ def test_a_span_name_that_is_not_a_string_is_refused_at_decoration(d: Dispatcher
         d.span(name=3)(f)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d, f: d.span(f, name=""),
+        lambda d, f: d.span(name="")(f),
+        lambda d, f: d.span(""),
+        lambda d, f: d.span(name=""),
+    ],
+)
+def test_an_empty_span_name_is_refused(d: Dispatcher, make: Any) -> None:
+    """An empty name would make span ids like '-05c50ccd80961a47' with no name part."""
+
+    def f() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="must not be empty"):
+        make(d, f)
+
+
 def test_handlers_cannot_leak_arguments_between_spans_without_any(d: Dispatcher) -> None:
     """Spans with no arguments share one empty arguments object; a handler writing into
     it must not show its edit to the next span.
