@@ -18,7 +18,8 @@ class BaseEventHandler(BaseModel):
     (see :mod:`instrumentation.telemetry`) and the application goes on.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # A misspelt option (max_completed_span=5) is an error, not silently ignored.
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     @classmethod
     def class_name(cls) -> str:

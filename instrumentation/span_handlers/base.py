@@ -75,7 +75,8 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     spans each (the oldest go first), so a long-running process does not grow.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # A misspelt option (max_completed_span=5) is an error, not silently ignored.
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     open_spans: dict[str, T] = Field(default_factory=dict, description="Spans not ended yet.")
     completed_spans: SpanDeque[T] = Field(

@@ -201,3 +201,17 @@ async def test_failing_ahandle_is_counted() -> None:
     d.add_event_handler(ok)
     await d.aevent(BaseEvent())
     assert len(ok.events) == 1 and telemetry.handler_errors() == {"ABoom": 1}
+
+
+def test_a_misspelt_handler_option_is_an_error_not_ignored() -> None:
+    """``SimpleSpanHandler(max_completed_span=5)`` would otherwise keep 10,000 spans."""
+    from pydantic import ValidationError
+
+    from instrumentation.event_handlers import NullEventHandler
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    with pytest.raises(ValidationError, match="max_completed_span\n"):
+        SimpleSpanHandler(max_completed_span=5)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="colour"):
+        NullEventHandler(colour="red")  # type: ignore[call-arg]
+    assert SimpleSpanHandler(max_completed_spans=5).max_completed_spans == 5
