@@ -44,8 +44,14 @@ class BaseEvent(BaseModel):
         return cls.__name__
 
     def model_dump(self, **kwargs: Any) -> builtins.dict[str, Any]:
+        """The fields, plus ``class_name`` (unless ``include`` leaves it out or
+        ``exclude`` names it), so that a stored event says what it was."""
         data = super().model_dump(**kwargs)
-        data["class_name"] = self.class_name()
+        include, exclude = kwargs.get("include"), kwargs.get("exclude")
+        if (include is None or "class_name" in include) and not (
+            exclude is not None and "class_name" in exclude
+        ):
+            data["class_name"] = self.class_name()
         return data
 
     def dict(self, **kwargs: Any) -> builtins.dict[str, Any]:

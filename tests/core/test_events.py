@@ -107,6 +107,11 @@ def test_model_dump_includes_class_name() -> None:
     assert Renamed().model_dump()["class_name"] == "CustomName"
     assert Renamed().dict()["class_name"] == "CustomName"
     assert SpanDropEvent(err_str="x").class_name() == "SpanDropEvent"
+    # include and exclude decide about class_name as about the fields.
+    assert OrderPlaced(order_id=3).model_dump(include={"order_id"}) == {"order_id": 3}
+    with_name = OrderPlaced(order_id=3).model_dump(include={"order_id", "class_name"})
+    assert with_name == {"order_id": 3, "class_name": "OrderPlaced"}
+    assert "class_name" not in OrderPlaced(order_id=3).model_dump(exclude={"class_name"})
 
 
 def test_bad_field_values_raise_validation_error() -> None:
