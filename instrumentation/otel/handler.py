@@ -53,7 +53,9 @@ class OpenTelemetrySpanHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     _table: SpanTable = PrivateAttr()
 
     def __init__(self, tracer_provider: Any = None, **data: Any) -> None:
-        super().__init__(tracer_provider=tracer_provider, **data)
+        # Positional for LlamaIndex-style calls; a field like the others from here on.
+        data["tracer_provider"] = tracer_provider
+        super().__init__(**data)
 
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
