@@ -4,6 +4,7 @@
 traced; ``dispatcher.event(...)`` for moments; handlers on the root see everything.
 """
 
+from instrumentation import base
 from instrumentation.context import (
     active_span_id,
     current_span,
@@ -11,6 +12,7 @@ from instrumentation.context import (
     suppress_instrumentation,
 )
 from instrumentation.dispatcher import (
+    DISPATCHER_SPAN_DECORATED_ATTR,
     Dispatcher,
     DispatcherSpanMixin,
     Manager,
@@ -28,6 +30,7 @@ from instrumentation.threads import ContextThreadPoolExecutor, Thread
 __version__ = "0.1.0"
 
 __all__ = [
+    "DISPATCHER_SPAN_DECORATED_ATTR",
     "BaseEvent",
     "BaseEventHandler",
     "BaseSpan",
@@ -44,6 +47,7 @@ __all__ = [
     "SpanDropEvent",
     "Thread",
     "active_span_id",
+    "base",
     "current_span",
     "get_dispatcher",
     "instrument_tags",

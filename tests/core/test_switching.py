@@ -175,6 +175,9 @@ def test_llamaindex_module_paths_and_names_import() -> None:
     from instrumentation.threads import Thread as OurThread
 
     assert BaseEventAgain is BaseEvent is BaseEventThere and Thread is OurThread
+    # The top level has what LlamaIndex's has.
+    assert instrument.DISPATCHER_SPAN_DECORATED_ATTR == DISPATCHER_SPAN_DECORATED_ATTR
+    assert instrument.base.BaseEvent is BaseEvent
 
     class Setup(BaseInstrumentationHandler):
         @classmethod
