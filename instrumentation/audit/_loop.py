@@ -22,6 +22,7 @@ import contextvars
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ logger = logging.getLogger("instrumentation.audit")
 
 LOOP_ERRORS = telemetry.counter("audit.loop_errors")
 LOOP_RESTARTS = telemetry.counter("audit.loop_restarts")
+CALLS_ABANDONED = telemetry.counter("audit.calls_abandoned")
 
 _on_loop_thread = threading.local()
 
@@ -86,14 +88,24 @@ def _dispose(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel what was left on a loop whose thread is ending, then close it.
 
     Its requests have been told, so their pending calls stop quietly; closing makes
-    late posts fail at once instead of piling up.
+    late posts fail at once instead of piling up. A call that ignores its cancellation
+    for :data:`DISPOSE_SECONDS` (a handler swallowing ``CancelledError``) is closed
+    where it waits (its ``finally`` blocks run), counted in ``audit.calls_abandoned``
+    and logged: nothing stays pending on the closed loop.
     """
     try:
-        tasks = asyncio.all_tasks(loop)
-        for task in tasks:
-            task.cancel()
+        deadline = time.monotonic() + DISPOSE_SECONDS
+        tasks = _cancel_all(loop)
+        while tasks:
+            loop.run_until_complete(
+                asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0.0))
+            )
+            # Cancelled again: those still there ignored it; new ones started meanwhile.
+            tasks = _cancel_all(loop)
+            if time.monotonic() >= deadline:
+                break
         if tasks:
-            loop.run_until_complete(asyncio.wait(tasks, timeout=DISPOSE_SECONDS))
+            _abandon(loop, tasks)
     except BaseException:  # pragma: no cover - what is left is collected with the loop
         pass
     finally:
@@ -101,6 +113,64 @@ def _dispose(loop: asyncio.AbstractEventLoop) -> None:
             loop.close()
         except Exception:  # pragma: no cover
             pass
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> set[asyncio.Task[Any]]:
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    return tasks
+
+
+def _abandon(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[Any]]) -> None:
+    """End ``tasks``, which ignored their cancellation, by closing their coroutines.
+
+    The closing runs on the loop: a handler that catches the ``GeneratorExit`` and
+    awaits again then only makes ``close()`` fail, instead of spinning outside a loop.
+    """
+
+    async def close_them() -> None:
+        for task in tasks:
+            CALLS_ABANDONED.inc()
+            coro = task.get_coro()
+            closed = True
+            try:
+                if coro is not None and hasattr(coro, "close"):
+                    coro.close()  # GeneratorExit where it waits
+            except BaseException:  # RuntimeError: it ignored GeneratorExit too
+                closed = False
+            task.cancel()  # wakes it: one more step, on a closed coroutine, ends it
+            _log_abandoned(task, closed)
+
+    loop.run_until_complete(close_them())
+    loop.run_until_complete(asyncio.wait(tasks, timeout=DISPOSE_SECONDS))
+    for task in tasks:
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: asyncio does not log it again
+        else:
+            _log_abandoned(task, None)
+
+
+def _log_abandoned(task: asyncio.Task[Any], closed: bool | None) -> None:
+    try:
+        if closed is None:
+            logger.error(
+                "audit: %s could not be ended; it is left on its closed loop",
+                task.get_name(),
+            )
+        else:
+            logger.error(
+                "audit: %s ignored its cancellation for %.3gs after the audit loop's thread "
+                "ended; %s (counted in audit.calls_abandoned)",
+                task.get_name(),
+                DISPOSE_SECONDS,
+                "closed where it waited, its finally blocks ran"
+                if closed
+                else "it ignored GeneratorExit too",
+            )
+    except Exception:  # pragma: no cover - logging must not stop the clean-up
+        pass
 
 
 class AuditLoop:
@@ -249,6 +319,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
     os.register_at_fork(after_in_child=audit_loop.reset_after_fork)
 
 __all__ = [
+    "CALLS_ABANDONED",
     "LOOP_ERRORS",
     "LOOP_RESTARTS",
     "SYNC_WORKERS",

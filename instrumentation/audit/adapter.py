@@ -141,11 +141,15 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
             run.finish(result=result, error=error)
         finally:
             registry.deactivate(run)
+        self._track(run)
+        if self.timeout > 0:
+            run.wait(self.timeout)
+
+    def _track(self, run: RequestRun) -> None:
+        """``run`` has ended: :meth:`flush` waits for its handler calls until they ran."""
         with self._guard:
             self._pending.add(run)
         run.done.add_done_callback(lambda _: self._settled(run))
-        if self.timeout > 0:
-            run.wait(self.timeout)
 
     def _settled(self, run: RequestRun) -> None:
         with self._guard:
@@ -188,6 +192,7 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
                 run.finish(error=RuntimeError("instrumentation shut down during the request"))
             finally:
                 registry.deactivate(run)
+            self._track(run)  # flush() after shutdown waits for these too
 
     def new_span(self, *args: Any, **kwargs: Any) -> None:
         return None

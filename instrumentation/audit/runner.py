@@ -200,7 +200,8 @@ class RequestRun:
         if audit_loop.in_loop_thread():
             return False  # a handler started a request: waiting here would deadlock
         try:
-            return self.done.result(timeout=timeout)
+            # Beyond TIMEOUT_MAX (inf, say) the lock's wait raises OverflowError: no limit.
+            return self.done.result(timeout=timeout if timeout < threading.TIMEOUT_MAX else None)
         except concurrent.futures.TimeoutError:
             self._timed_out(timeout)
             return False
@@ -252,6 +253,8 @@ class RequestRun:
     # -- audit loop side -----------------------------------------------------------
 
     def _enqueue(self, call: tuple[Any, ...]) -> None:
+        if self._over:  # lost with its loop: no new call starts on a loop being disposed
+            return
         for index, queue in enumerate(self._queues):
             queue.append(call)
             if not self._draining[index]:
@@ -259,7 +262,11 @@ class RequestRun:
                 self._start_drain(index)
 
     def _start_drain(self, index: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._drain(index))
+        task = asyncio.get_running_loop().create_task(
+            self._drain(index),
+            name=f"audit handler {type(self.handlers[index]).__name__} "
+            f"of request {self.start.request_id}",
+        )
         _tasks.add(task)  # keep a reference until it finishes
         task.add_done_callback(lambda done: self._drained(index, done))
 

@@ -24,6 +24,9 @@ BASE_EVENT_FIELDS = frozenset({"timestamp", "id_", "span_id", "trace_id", "tags"
 
 _PRIMITIVES = (str, bool, int, float)
 
+#: OTLP carries integers as int64; the exporter drops a larger one (and only logs it).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
 AttributeValue = str | bool | int | float | tuple[str, ...] | tuple[int, ...] | tuple[float, ...]
 
 
@@ -56,6 +59,8 @@ def to_attribute(value: Any) -> AttributeValue | None:
     if isinstance(value, str):
         return clip(value)
     if isinstance(value, _PRIMITIVES):
+        if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+            return str(value)  # exact, where an int64 could not hold it
         return value
     if isinstance(value, datetime):
         return value.isoformat()
@@ -64,6 +69,8 @@ def to_attribute(value: Any) -> AttributeValue | None:
         if kind in _PRIMITIVES and all(type(v) is kind for v in value):
             if kind is str:
                 return tuple(clip(v) for v in value)
+            if kind is int and not all(_INT64_MIN <= v <= _INT64_MAX for v in value):
+                return tuple(str(v) for v in value)
             return tuple(value)
     return to_json(value)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -162,9 +163,6 @@ class SuppressedExporter(SpanExporter):
         self.unconfirmed = 0
         self.refused = 0
         self.exported_late = 0
-        self._warned_failure = False
-        self._warned_drop = False
-        self._warned_refused = False
 
     def accounts(self) -> SpanAccounts:
         """A consistent snapshot of the accounts."""
@@ -192,19 +190,16 @@ class SuppressedExporter(SpanExporter):
     def _refuse(self, *, queue_full: bool) -> bool:
         """Count one span handed over and not queued; the caller holds the lock.
 
-        True when this is the first of its kind (the caller logs a warning).
+        True when this is the first of its kind (the caller logs a warning): the
+        counter it moves is then 1, so the counters alone say what was warned about.
         """
         _SPANS_NOT_EXPORTED.inc()
         if queue_full:
             self.dropped += 1
             _SPANS_DROPPED.inc()
-            first = not self._warned_drop
-            self._warned_drop = True
-        else:
-            self.refused += 1
-            first = not self._warned_refused
-            self._warned_refused = True
-        return first
+            return self.dropped == 1
+        self.refused += 1
+        return self.refused == 1
 
     def settle(self) -> int:
         """Close the accounts; returns how many spans this counted as not exported.
@@ -237,6 +232,7 @@ class SuppressedExporter(SpanExporter):
 
     def _record(self, n: int, result: SpanExportResult, *, cut_off: bool = False) -> None:
         exported = result is SpanExportResult.SUCCESS
+        first = False
         # The counters move under the lock too: once settle() has returned, they
         # already hold every outcome recorded before it.
         with self._lock:
@@ -252,13 +248,13 @@ class SuppressedExporter(SpanExporter):
                 _SPANS_NOT_EXPORTED.add(n)
                 _EXPORT_FAILURES.inc()
                 if cut_off:
+                    # Spans shutdown cut off are in its own warning, logged before it
+                    # returns.
                     self.cut_off += n
                 else:
+                    # Warned once: when the count of failed spans first leaves zero.
+                    first = self.failed == 0 < n
                     self.failed += n
-            # Spans shutdown cut off are in its own warning, logged before it returns.
-            first = not late and not exported and not cut_off and not self._warned_failure
-            if first:
-                self._warned_failure = True
         if late:
             if exported:
                 logger.info(
@@ -703,6 +699,13 @@ def configure_otlp(
         raise TypeError(
             f"resource_attributes is a mapping; got {type(resource_attributes).__name__}"
         )
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(
+                f"timeout is the exporter's timeout in seconds (a number); got {timeout!r}"
+            )
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout is seconds > 0 (e.g. 10); got {timeout!r}")
     if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
         raise TypeError(
             f"dispatcher is a Dispatcher (get_dispatcher(name)); got {type(dispatcher).__name__}"

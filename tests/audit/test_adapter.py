@@ -184,6 +184,41 @@ def test_shutdown_ends_open_requests() -> None:
     assert "shut down" in str(handler.rec.request_ends[0][0].error)
 
 
+def test_flush_after_shutdown_waits_for_the_requests_it_ended() -> None:
+    """Requests ended by Dispatcher.shutdown() were not tracked: flush() answered True
+    at once while their handlers were still running."""
+    import asyncio
+
+    from instrumentation.audit import RequestEnd
+
+    class Slow(AsyncRecorder):
+        async def request_end(self, output: RequestEnd, request_context: Any) -> None:
+            await asyncio.sleep(0.2)
+            self.rec.request_end(output, request_context)
+
+    d = get_dispatcher("tests.audit.shutdown_flush")
+    handler = Slow()
+    adapter = audit.attach(d, [handler], timeout=0)
+    entered, release = threading.Event(), threading.Event()
+
+    @d.span(request=True)
+    def ask(question: str) -> None:
+        entered.set()
+        release.wait(5)
+
+    worker = threading.Thread(target=ask, args=("q",))
+    worker.start()
+    try:
+        assert entered.wait(5)
+        d.shutdown()
+        assert adapter.flush(timeout=5) is True
+        assert len(handler.rec.request_ends) == 1  # was 0: flush did not wait
+        assert "shut down" in str(handler.rec.request_ends[0][0].error)
+    finally:
+        release.set()
+        worker.join(5)
+
+
 def test_flush_waits_for_handlers_when_the_span_does_not() -> None:
     import asyncio
 

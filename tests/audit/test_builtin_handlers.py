@@ -76,6 +76,22 @@ def test_file_handler_records_the_error(tmp_path: Path) -> None:
     assert "Error: ValueError: bad input" in path.read_text()
 
 
+def test_file_handler_writes_text_that_is_not_valid_unicode(tmp_path: Path) -> None:
+    """A lone surrogate (os.fsdecode of a bad file name, say) is written escaped: it
+    made request_start fail with its file left open, or request_end leave a .log file
+    without its output and duration."""
+    handler = FileEventHandler(tmp_path)
+    with audit.request(question="open caf\udce9.txt", handlers=[handler]) as req:
+        req.result = "read caf\udce9.txt"
+    assert req.completed is True
+    assert req.errors == []  # was a UnicodeEncodeError
+    (path,) = list(tmp_path.iterdir())
+    text = path.read_text(encoding="utf-8")
+    assert "Question: open caf\\udce9.txt\n" in text
+    assert "Output: read caf\\udce9.txt\n" in text
+    assert "Duration: " in text
+
+
 async def test_cli_handler_blocks_do_not_interleave() -> None:
     stream = io.StringIO()
     handler = CLIEventHandler(stream=stream)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from instrumentation import audit, telemetry
-from instrumentation.audit import Event, RequestEnd, RequestStart, _loop
+from instrumentation.audit import Event, RequestEnd, RequestStart, _loop, runner
 from instrumentation.audit._loop import audit_loop
 
 from .helpers import AsyncRecorder, ReqCtx, SyncRecorder
@@ -232,3 +232,124 @@ def test_a_loop_thread_that_ends_is_replaced_and_its_requests_end_at_once(
     assert audit_loop._thread is not None and audit_loop._thread.is_alive()
     assert audit_loop._thread is not loop_threads[0]
     assert telemetry.counter("audit.timeouts").value == 0
+
+
+def _loop_dies_in_request_end(loop_threads: list[threading.Thread]) -> AsyncRecorder:
+    """A handler whose request_end stops the loop, once the other handler waits."""
+
+    class StopsLater(AsyncRecorder):
+        async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
+            await asyncio.sleep(0.05)  # the other handler's request_end is waiting by then
+            loop_threads.append(threading.current_thread())
+            asyncio.get_running_loop().stop()
+            await super().request_end(output, request_context)
+
+    return StopsLater()
+
+
+@pytest.mark.parametrize("after_swallowing", ["waits again", "waits on something else"])
+def test_a_handler_ignoring_cancellation_is_closed_when_its_loop_is_lost(
+    after_swallowing: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop's thread ends while an async handler swallows every CancelledError: the
+    request ends at once, and its call is closed (its finally blocks run), counted and
+    logged, instead of staying pending forever on the closed loop."""
+
+    def defect(error: BaseException | None, what: str) -> None:
+        raise RuntimeError("a defect in the audit loop itself")
+
+    monkeypatch.setattr(_loop, "report_loop_error", defect)
+    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
+    loop_threads: list[threading.Thread] = []
+    calls: list[asyncio.Task[Any]] = []
+    cleaned_up = threading.Event()
+
+    class IgnoresCancellation(AsyncRecorder):
+        async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            calls.append(task)
+            try:
+                while True:
+                    try:
+                        await asyncio.sleep(3600)
+                    except asyncio.CancelledError:
+                        if after_swallowing == "waits on something else":
+                            await asyncio.Event().wait()
+            finally:
+                cleaned_up.set()
+
+    began = time.monotonic()
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(
+            question="q",
+            handlers=[IgnoresCancellation(), _loop_dies_in_request_end(loop_threads)],
+            timeout=5,
+        ) as req,
+    ):
+        pass
+    assert req.completed is False
+    assert time.monotonic() - began < FAST
+    loop_threads[0].join(5)
+    assert not loop_threads[0].is_alive()  # the dying thread gave up in its time
+    assert cleaned_up.is_set()  # was never: the call stayed suspended
+    assert calls[0].done()  # was pending forever, on a closed loop
+    assert calls[0] not in runner._tasks  # nothing keeps it
+    assert telemetry.counter("audit.calls_abandoned").value == 1
+    assert telemetry.counter("audit.loop_restarts").value == 1
+    assert any(
+        "IgnoresCancellation" in r.getMessage() and "ignored its cancellation" in r.getMessage()
+        for r in caplog.records
+    ), caplog.messages
+
+    later, handler, took = _healthy_request()
+    assert later.completed is True and took < FAST
+    handler.rec.check(expected_requests=1, events_per_request=1)
+
+
+# Python itself reports the handler's coroutine ignoring GeneratorExit when it is collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_handler_ignoring_even_generator_exit_does_not_hold_up_the_dying_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Even a handler that swallows GeneratorExit and awaits again neither keeps the dying
+    thread (closing it outside a running loop would spin forever) nor stays pending."""
+
+    def defect(error: BaseException | None, what: str) -> None:
+        raise RuntimeError("a defect in the audit loop itself")
+
+    monkeypatch.setattr(_loop, "report_loop_error", defect)
+    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
+    loop_threads: list[threading.Thread] = []
+    release = threading.Event()
+
+    class IgnoresEverything(AsyncRecorder):
+        async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
+            while not release.is_set():
+                try:
+                    await asyncio.sleep(3600)
+                except BaseException:  # the point of the test: it swallows everything
+                    pass
+
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(
+            question="q",
+            handlers=[IgnoresEverything(), _loop_dies_in_request_end(loop_threads)],
+            timeout=5,
+        ) as req,
+    ):
+        pass
+    assert req.completed is False
+    loop_threads[0].join(5)
+    assert not loop_threads[0].is_alive()
+    assert telemetry.counter("audit.calls_abandoned").value == 1
+    assert any(
+        "IgnoresEverything" in r.getMessage() and "ignored GeneratorExit too" in r.getMessage()
+        for r in caplog.records
+    ), caplog.messages
+    assert not [t for t in runner._tasks if "IgnoresEverything" in t.get_name()]
+    release.set()
+    later, _, took = _healthy_request()
+    assert later.completed is True and took < FAST

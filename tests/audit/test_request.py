@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from instrumentation import audit, telemetry
+from instrumentation import audit, get_dispatcher, telemetry
 from instrumentation.audit import RequestEnd, RequestStart, ToolCallEvent
 from instrumentation.llms import ChatMessage, OfflineLLM
 
@@ -108,6 +108,23 @@ def test_slow_async_handler_finished_before_block_exits() -> None:
     with audit.request(question="q", handlers=[Slow()], timeout=5) as req:
         pass
     assert done == [req.id]
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300])
+def test_a_timeout_beyond_what_a_lock_can_wait_means_no_limit(timeout: float) -> None:
+    """The sync exit raised OverflowError from the application's with block."""
+    with audit.request(question="q", handlers=[AsyncRecorder(pause=0.05)], timeout=timeout) as req:
+        pass
+    assert req.completed is True
+    d = get_dispatcher("tests.audit.no_limit")
+    adapter = audit.attach(d, [SyncRecorder()], timeout=timeout)
+
+    @d.span(request=True)
+    def ask(question: str) -> None: ...
+
+    ask("q")
+    assert adapter.flush(timeout=timeout) is True
+    adapter.detach()
 
 
 def test_slow_async_handler_bounded_by_timeout() -> None:

@@ -329,6 +329,41 @@ def test_bad_arguments_say_what_to_do() -> None:
     assert root_dispatcher.span_handlers == []
 
 
+@pytest.mark.parametrize("timeout", ["5", True, 0, -1, float("nan"), float("inf")])
+def test_a_bad_exporter_timeout_is_refused_not_every_export_failing(timeout: object) -> None:
+    """It was taken as is: every export then failed (counted, but only at export time)."""
+    error = TypeError if isinstance(timeout, (str, bool)) else ValueError
+    with pytest.raises(error, match="timeout"):
+        configure_otlp(endpoint="http://127.0.0.1:1", timeout=timeout)  # type: ignore[arg-type]
+    assert root_dispatcher.span_handlers == []
+
+
+class Ids(BaseEvent):
+    big: int
+    many: list[int]
+
+
+def test_integers_beyond_int64_reach_the_collector_as_text(receiver: OTLPReceiver) -> None:
+    """OTLP carries int64: the exporter dropped a larger value (logging an error only)."""
+    otlp = configure_otlp(endpoint=receiver.endpoint, dispatcher=get_dispatcher("tests.otel.ids"))
+    d = get_dispatcher("tests.otel.ids")
+
+    @d.span(attributes={"order": 2**64, "small": -(2**63)})
+    def work() -> None:
+        d.event(Ids(big=-(2**63) - 1, many=[1, 2**70]))
+
+    try:
+        work()
+    finally:
+        assert otlp.shutdown() is True
+    (span,) = receiver.spans
+    assert span.attributes["order"] == str(2**64)  # was missing
+    assert span.attributes["small"] == -(2**63)  # in range: still an int
+    (event,) = span.events
+    assert event.attributes["big"] == str(-(2**63) - 1)
+    assert event.attributes["many"] == ("1", str(2**70))
+
+
 def test_grpc_protocol_uses_the_grpc_exporter() -> None:
     """protocol='grpc' builds the gRPC exporter for the endpoint as given."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -689,3 +724,31 @@ def test_a_signal_handler_ending_a_span_and_shutting_down_inside_on_end_does_not
     while otlp.exporter.accounts().exported_late != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert otlp.exporter.accounts().exported_late == 1
+
+
+class AlwaysFails(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.FAILURE
+
+
+def test_failures_and_spans_ended_after_shutdown_are_each_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first failed batch and the first span ended after shutdown each get one
+    warning (read off the accounts themselves); every one of them is counted."""
+    otlp = configure_otlp(exporter=AlwaysFails(), dispatcher=get_dispatcher("tests.otel.once"))
+    tracer = otlp.tracer_provider.get_tracer("app")
+    caplog.set_level(logging.WARNING, logger="instrumentation.otel")
+    for _ in range(3):
+        with tracer.start_as_current_span("lost"):
+            pass
+        assert otlp.force_flush(2_000) is False
+    assert otlp.shutdown(timeout_millis=2_000) is False
+    for _ in range(2):
+        with tracer.start_as_current_span("late"):
+            pass
+    accounts = otlp.exporter.accounts()
+    assert (accounts.failed, accounts.refused) == (3, 2)
+    failed = [m for m in caplog.messages if "were not exported (the collector failed" in m]
+    late = [m for m in caplog.messages if "ended after the OTLP exporter began" in m]
+    assert (len(failed), len(late)) == (1, 1), caplog.messages

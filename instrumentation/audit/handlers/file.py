@@ -54,13 +54,21 @@ class FileEventHandler(EventHandler[FileContext | None, float]):
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path_for(user_request)
         part = final.with_name(f".{final.name}.part")
-        handle = open(part, "x", encoding="utf-8")  # noqa: SIM115 - closed in request_end
-        handle.write(f"Request: {user_request.request_id}\n")
-        handle.write(f"Started: {user_request.started_at.isoformat()}\n")
-        handle.write(f"Collection: {user_request.collection}\n")
-        handle.write(f"Question: {user_request.question}\n")
-        if user_request.metadata:
-            handle.write(f"Metadata: {clip(user_request.metadata)}\n")
+        # backslashreplace: text that is not valid Unicode (a lone surrogate, say, from
+        # os.fsdecode) is written escaped instead of failing the request's file.
+        handle = open(  # noqa: SIM115 - closed in request_end
+            part, "x", encoding="utf-8", errors="backslashreplace"
+        )
+        try:
+            handle.write(f"Request: {user_request.request_id}\n")
+            handle.write(f"Started: {user_request.started_at.isoformat()}\n")
+            handle.write(f"Collection: {user_request.collection}\n")
+            handle.write(f"Question: {user_request.question}\n")
+            if user_request.metadata:
+                handle.write(f"Metadata: {clip(user_request.metadata)}\n")
+        except BaseException:
+            handle.close()  # no context to close it later: nothing left open
+            raise
         return FileContext(part=part, final=final, file=handle)
 
     def event_start(self, event: Event, request_context: FileContext | None) -> float:
