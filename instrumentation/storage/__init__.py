@@ -42,17 +42,27 @@ def is_postgres_dsn(target: str) -> bool:
     )
 
 
-def open_store(target: str | os.PathLike[str] | None = None, *, read_only: bool = False) -> Store:
-    """A store for a SQLite path or a PostgreSQL DSN (default: ``$INSTRUMENTATION_DB``
-    or ``instrumentation.db``).
+def database_target(target: str | os.PathLike[str] | None = None) -> str:
+    """The database ``target`` names: itself, or, when it is ``None``,
+    ``$INSTRUMENTATION_DB``, then ``instrumentation.db``.
 
-    ``read_only=True`` opens an existing trace database to read it, creating and
-    migrating nothing (what the command line does): anything else raises
-    :class:`NotATraceDatabaseError` or :class:`SchemaVersionError`.
+    The one place that rule lives: :func:`open_store` and the command line use it.
     """
     if target is None:
-        target = os.environ.get(DB_ENV) or DEFAULT_DB
-    text = os.fspath(target)
+        return os.environ.get(DB_ENV) or DEFAULT_DB
+    return os.fspath(target)
+
+
+def open_store(target: str | os.PathLike[str] | None = None, *, read_only: bool = False) -> Store:
+    """A store for a SQLite path or a PostgreSQL DSN (default: ``$INSTRUMENTATION_DB``
+    or ``instrumentation.db``, see :func:`database_target`).
+
+    ``read_only=True`` opens an existing trace database to read it, creating and
+    migrating nothing (what the command line does): a SQLite path that does not exist
+    raises ``FileNotFoundError``, anything else that is not a trace database of this
+    release :class:`NotATraceDatabaseError` or :class:`SchemaVersionError`.
+    """
+    text = database_target(target)
     if is_postgres_dsn(text):
         from instrumentation.storage.postgres import PostgresStore
 
@@ -106,6 +116,7 @@ __all__ = [
     "StoredEvent",
     "StoredSpan",
     "TraceSummary",
+    "database_target",
     "format_traces",
     "is_postgres_dsn",
     "metadata",

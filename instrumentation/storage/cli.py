@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -290,19 +289,20 @@ _COMMANDS = {"list": _cmd_list, "show": _cmd_show, "tail": _cmd_tail, "export": 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from instrumentation.storage import DB_ENV, DEFAULT_DB, is_postgres_dsn, open_store
+    from instrumentation.storage import DB_ENV, database_target, open_store
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
-    where = args.db or os.environ.get(DB_ENV) or DEFAULT_DB
-    if not is_postgres_dsn(where) and where != ":memory:" and not os.path.exists(where):
-        # Reading never creates a database: a mistyped path would look like an empty one.
+    where = database_target(args.db or None)  # --db "" falls back like no --db
+    try:
+        # A read-only store creates no database, no tables and migrates nothing: a
+        # file that is not a trace database (an application's own SQLite file, say)
+        # is refused, and left as it was.
+        store = open_store(where, read_only=True)
+    except FileNotFoundError:
+        # No such SQLite file: a mistyped path must not look like an empty store.
         print(f"no trace database at {where!r} (give --db or set ${DB_ENV})", file=sys.stderr)
         return 2
-    try:
-        # Nor does it create tables or migrate: a file that is not a trace database
-        # (an application's own SQLite file, say) is refused, and left as it was.
-        store = open_store(where, read_only=True)
     except Exception as exc:
         print(f"cannot open the trace database {where!r}: {exc}", file=sys.stderr)
         return 2

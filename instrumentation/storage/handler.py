@@ -14,6 +14,8 @@ queues the event object itself. Rows are made on the writer thread.
 from __future__ import annotations
 
 import inspect
+import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from instrumentation.context import current_span, instrument_tags, span_name_of
+from instrumentation.context import (
+    SpanContext,
+    current_span,
+    instrument_tags,
+    register_bridge,
+    span_name_of,
+    unregister_bridge,
+)
 from instrumentation.dispatcher import Dispatcher, root_dispatcher
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
@@ -110,6 +119,90 @@ class _RecentScopes:
         return found if found is not None else self.old.get(span_id)
 
 
+class _SpanParents(_RecentScopes):
+    """The parent id of each span made current lately, whatever its dispatcher.
+
+    A handler is told of the spans of the dispatchers it is attached to only. Of a
+    span it never saw, it can learn the parent while that span is current (it is the
+    current span then), not the parent's parent: through two such spans in a row,
+    the way up is lost. This context bridge (see
+    :func:`instrumentation.context.register_bridge`) only watches: the core calls
+    :meth:`attach` for every span of ours it makes current (enter, and each resume
+    of a generator), and it keeps the span's parent id, so
+    :meth:`StorageHandler._scope_outside` can walk up any number of unseen spans.
+
+    The bridge protocol costs every span of the process about a microsecond, so it
+    is registered only while a handler that can use it holds it: one with
+    ``dispatcher_metadata``, attached to a dispatcher other than the root (attached
+    to the root, a handler sees every span but those of dispatchers that do not
+    propagate). Bounded like :class:`_RecentScopes`; a link read from the older half
+    is moved to the newer one, so the links of long-lived spans stay while used.
+    """
+
+    __slots__ = ("holders", "lock")
+
+    def __init__(self, size: int = 10_000) -> None:
+        super().__init__(size)
+        self.lock = threading.Lock()
+        self.holders: set[int] = set()
+
+    # -- the ContextBridge protocol: watch, change nothing, never raise ------------------
+
+    def parent_for(self, own: SpanContext | None) -> SpanContext | None:
+        return own
+
+    def attach(self, span: SpanContext) -> object:
+        parent_id = span[2]
+        if parent_id is not None:
+            new = self.new
+            new[span[0]] = parent_id
+            if len(new) >= self.size:
+                self.old, self.new = new, {}
+        return None
+
+    def detach(self, token: object) -> None:
+        return None
+
+    # -- for handlers ------------------------------------------------------------------
+
+    def parent_of(self, span_id: str) -> str | None:
+        found: str | None = self.new.get(span_id)
+        if found is None:
+            found = self.old.get(span_id)
+            if found is not None:
+                self.add(span_id, found)
+        return found
+
+    def hold(self, holder: object) -> None:
+        with self.lock:
+            if id(holder) in self.holders:
+                return
+            self.holders.add(id(holder))
+            if len(self.holders) == 1:
+                register_bridge(self)
+
+    def release(self, holder: object) -> None:
+        with self.lock:
+            if id(holder) not in self.holders:
+                return
+            self.holders.discard(id(holder))
+            if not self.holders:
+                unregister_bridge(self)
+                self.new, self.old = {}, {}
+
+    def _after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()  # another thread may have held it at fork()
+
+
+_span_parents = _SpanParents()
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_span_parents._after_fork_in_child)
+
+#: How many spans :meth:`StorageHandler._scope_outside` walks up at most (ids chosen
+#: by hand can make a loop).
+_MAX_WALK = 1000
+
+
 class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     """Keeps every span and event in a :class:`Store`, written in the background.
 
@@ -122,8 +215,9 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     apply, each key comes from the innermost span's dispatcher that sets it (a
     dispatcher's own over those above it by name, ``"root"`` last). "Inside" holds for
     a span started after its parent ended (among the last 10,000 spans to end) and
-    through one span of a dispatcher this handler does not see, not through two in a
-    row (``docs/storage.md``). Tags with those names (see :func:`metadata`) win over
+    through spans of dispatchers this handler does not see, any number of them in a
+    row once it is attached with :meth:`attach` (see ``_SpanParents`` and
+    ``docs/storage.md``). Tags with those names (see :func:`metadata`) win over
     both. The other arguments configure the
     :class:`BatchWriter` (see there). ``max_payload_chars`` bounds each JSON value.
     """
@@ -205,24 +299,46 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         else:
             self._fast_put(event)
 
-    def _scope_outside(self, span_id: str) -> Any:
+    def _scope_outside(self, span_id: str, trace_id: str | None = None) -> Any:
         """The scope (see ``span_enter``) of a span that is not open in this handler:
         one that ended a moment ago (a task it started runs on), or one of a dispatcher
-        this handler is not attached to, through the span that span is inside."""
+        this handler is not attached to, through the spans that span is inside.
+
+        The parent of an unseen span is known from the current span (when it is that
+        span) and from :data:`_span_parents` (while a handler holds it): the walk goes
+        up until a span this handler saw, open or recently ended. Given the
+        ``trace_id`` of a span starting now whose parent is ``span_id``, a parent that
+        is neither the current span nor any span of ours made current is a foreign one
+        a bridge chose (OpenTelemetry's, started inside the current span of ours)."""
         recent: _RecentScopes = self._recent_scopes
         found = recent.get(span_id)
         if found is not None:
             return found
         active = current_span()
-        if active is None or active.id_ != span_id or active.remote:
-            return None
-        # ``span_id`` is the current span, which this handler never saw (the dispatcher
-        # it belongs to does not reach this handler): look at the span it is inside.
-        outer_id = active.parent_id
-        if outer_id is None:
-            return None
-        opened = self.open_spans.get(outer_id)
-        return opened[9] if opened is not None else recent.get(outer_id)  # type: ignore[index]
+        if active is not None and active.remote:
+            active = None
+        opened: dict[str, Any] = self.open_spans
+        parent_of = _span_parents.parent_of
+        for _ in range(_MAX_WALK):
+            # ``span_id`` is a span this handler never saw (the dispatcher it belongs
+            # to does not reach this handler): look at the span it is inside.
+            if active is not None and active.id_ == span_id:
+                outer_id = active.parent_id
+            else:
+                outer_id = parent_of(span_id)
+                if outer_id is None and active is not None and active.trace_id == trace_id:
+                    outer_id = active.id_  # a foreign parent, inside the current span
+            trace_id = None  # only the parent of a span starting now can be foreign
+            if outer_id is None:
+                return None
+            outer = opened.get(outer_id)
+            if outer is not None:
+                return outer[9]
+            found = recent.get(outer_id)
+            if found is not None:
+                return found
+            span_id = outer_id
+        return None
 
     # -- spans -------------------------------------------------------------------------
 
@@ -251,7 +367,11 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             outer = None
             if parent_id is not None and not is_root:
                 parent = opened.get(parent_id)
-                outer = parent[9] if parent is not None else self._scope_outside(parent_id)
+                outer = (
+                    parent[9]
+                    if parent is not None
+                    else self._scope_outside(parent_id, kwargs.get("trace_id"))
+                )
             scope = outer if outer is not None and outer[0] == dispatcher else (dispatcher, outer)
         opened[id_] = (
             _time(),
@@ -311,10 +431,17 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     # -- life cycle --------------------------------------------------------------------
 
     def attach(self, dispatcher: Dispatcher | None = None) -> StorageHandler:
-        """Add this handler for events and spans to ``dispatcher`` (the root by default)."""
+        """Add this handler for events and spans to ``dispatcher`` (the root by default).
+
+        With ``dispatcher_metadata``, attached to another dispatcher than the root,
+        the handler also has the parent of every span made current recorded (see
+        ``_SpanParents``) until :meth:`detach` or :meth:`shutdown`.
+        """
         target = root_dispatcher if dispatcher is None else dispatcher
         if not isinstance(target, Dispatcher):
             raise TypeError(f"attach() takes a Dispatcher, got {type(target).__name__}")
+        if self._fast_by_dispatcher and target is not root_dispatcher:
+            _span_parents.hold(self)  # before the first span this handler sees
         target.add_event_handler(self)
         target.add_span_handler(self)
         if not any(d is target for d in self._attached):
@@ -327,6 +454,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             target.remove_event_handler(self)
             target.remove_span_handler(self)
         self._attached.clear()
+        _span_parents.release(self)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """``True`` once everything handled before the call is in the database."""
@@ -334,6 +462,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
 
     def shutdown(self, timeout: float | None = 10.0) -> bool:
         """Write what is queued and stop the writer (idempotent); see ``BatchWriter.shutdown``."""
+        _span_parents.release(self)
         return self._writer.shutdown(timeout)
 
     def close(self) -> None:

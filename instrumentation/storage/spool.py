@@ -266,34 +266,49 @@ class Spool:
             lock.release()
 
     def append(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
-        """Add rows to the file, flushed to the OS before returning.
-
-        If the write fails part-way (a full disk), the file is cut back to where it
-        was, so a half-written line cannot swallow the next one.
-        """
+        """Add rows to the file, flushed to the OS before returning (see :meth:`_write_at_end`)."""
         items = [("s", r) for r in spans] + [("e", r) for r in events]
         data = b"".join(_line(kind, row) for kind, row in items)
+
+        def write(f: BinaryIO) -> int:
+            f.write(data)
+            return len(items)
+
         state = self._state
-        lost = 0
         with state.lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a+b") as f:
-                lost = self._check_file(state, f)
-                start = f.seek(0, os.SEEK_END)
-                try:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        f.truncate(start)
-                    raise
-                finally:
-                    with contextlib.suppress(OSError):
-                        state.size = os.fstat(f.fileno()).st_size
-            state.rows_pending += len(items)
+            _, lost = self._write_at_end(state, write)
         _SPOOLED.add(len(items))
         self._report_lost(lost)
+
+    def _write_at_end(self, state: _FileState, write: Callable[[BinaryIO], int]) -> tuple[int, int]:
+        """Append to our file what ``write(f)`` writes (``state.lock`` held): the one
+        way anything is added to it. ``write`` returns how many lines it wrote; they
+        are pending replay once flushed and synced to disk. Returns those lines and the
+        rows found lost on the way (see :meth:`_check_file`).
+
+        If the write fails part-way (a full disk), the file is cut back to where it
+        was, so a half-written line cannot swallow the next one; if even that fails,
+        the file is counted again from its start the next time it is used.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            lost = self._check_file(state, f)
+            start = f.seek(0, os.SEEK_END)
+            try:
+                lines = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                try:
+                    f.truncate(start)
+                except OSError:
+                    state.ident = None
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    state.size = os.fstat(f.fileno()).st_size
+        state.rows_pending += lines
+        return lines, lost
 
     def _check_file(self, state: _FileState, f: BinaryIO) -> int:
         """Make ``state`` about the file open as ``f`` (``state.lock`` held); rows lost.
@@ -473,9 +488,7 @@ class Spool:
             except OSError:
                 continue
             try:
-                with state.lock:
-                    lines = self._append_file(claimed)
-                adopted += lines
+                adopted += self._append_file(claimed)
                 claimed.unlink()
             except OSError:
                 logger.exception("instrumentation.storage could not adopt spool %s", candidate)
@@ -492,33 +505,25 @@ class Spool:
         return adopted
 
     def _append_file(self, source: Path) -> int:
-        """Copy ``source`` to the end of our file, a block at a time (the file's lock
-        held); lines copied."""
+        """Copy ``source`` to the end of our file, a block at a time; lines copied."""
+
+        def copy(dst: BinaryIO) -> int:
+            lines = 0
+            last = b"\n"
+            while block := src.read(_COPY_BLOCK):
+                dst.write(block)
+                lines += block.count(b"\n")
+                last = block[-1:]
+            if last != b"\n":  # a line cut short by the crash: keep it on its own line
+                dst.write(b"\n")
+                lines += 1
+            return lines
+
         state = self._state
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lines = 0
-        last = b"\n"
-        with open(source, "rb") as src, open(self.path, "a+b") as dst:
-            lost = self._check_file(state, dst)
-            try:
-                while block := src.read(_COPY_BLOCK):
-                    dst.write(block)
-                    lines += block.count(b"\n")
-                    last = block[-1:]
-                if last != b"\n":  # a line cut short by the crash: keep it on its own line
-                    dst.write(b"\n")
-                    lines += 1
-                dst.flush()
-                os.fsync(dst.fileno())
-            except BaseException:
-                state.ident = None  # part of it copied: count the lines again next time
-                raise
-            finally:
-                with contextlib.suppress(OSError):
-                    state.size = os.fstat(dst.fileno()).st_size
-            state.rows_pending += lines
+        with open(source, "rb") as src, state.lock:
+            copied, lost = self._write_at_end(state, copy)
         self._report_lost(lost)
-        return lines
+        return copied
 
 
 __all__ = ["CHUNK_BYTES", "Spool", "SpoolChunk", "default_spool_dir", "malformed"]

@@ -23,6 +23,7 @@ from instrumentation.storage import (
     SchemaVersionError,
     SQLiteStore,
     Store,
+    database_target,
     open_store,
 )
 from instrumentation.storage.cli import main
@@ -130,6 +131,26 @@ def test_a_missing_database_is_an_error_and_is_not_created(
     assert main(["--db", str(typo), *command], out=io.StringIO()) == 2
     assert "no trace database at" in capsys.readouterr().err
     assert not typo.exists()
+
+
+def test_the_command_line_and_open_store_pick_the_same_default_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --db: $INSTRUMENTATION_DB, then instrumentation.db, as open_store()."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("INSTRUMENTATION_DB", raising=False)
+    assert database_target() == "instrumentation.db"
+    assert main(["list"], out=io.StringIO()) == 2
+    assert "no trace database at 'instrumentation.db'" in capsys.readouterr().err
+    open_store().close()  # opened for writing: made
+    assert _run("list") == "(no traces)\n"
+    monkeypatch.setenv("INSTRUMENTATION_DB", str(tmp_path / "env.db"))
+    assert database_target() == str(tmp_path / "env.db") == database_target(tmp_path / "env.db")
+    assert main(["list"], out=io.StringIO()) == 2
+    assert f"no trace database at {str(tmp_path / 'env.db')!r}" in capsys.readouterr().err
+    assert not (tmp_path / "env.db").exists()
+    open_store().close()
+    assert (tmp_path / "env.db").exists() and _run("list") == "(no traces)\n"
 
 
 def test_tail_follows_new_traces(tmp_path: Path, make_handler: Any) -> None:

@@ -453,3 +453,115 @@ def test_dispatcher_metadata_reaches_a_span_started_after_its_parent_ended(
     assert spans["generate"].parent_id == spans["cache"].id_
     assert spans["generate"].metadata == {"application": "db"}
     assert [e.metadata for e in spans["generate"].events] == [{"application": "db"}]
+
+
+d_unseen_outer = get_dispatcher("tests.storage.unseen_outer")
+
+
+@d_unseen_outer.span
+def library_entry() -> None:
+    """An unseen span around another one: ``library_wrapper`` runs inside it."""
+    d.event(NoteEvent(text="in unseen spans"))
+    library_wrapper()
+
+
+@d_db.span
+def cached_library_call() -> None:
+    library_entry()
+
+
+@pytest.mark.parametrize("also_attached_to_outer", [False, True])
+def test_dispatcher_metadata_reaches_through_unseen_spans_in_a_row(
+    tmp_path: Any, make_handler: Any, also_attached_to_outer: bool
+) -> None:
+    """Two spans in a row of dispatchers the handler is not attached to (only another
+    handler sees them) hide nothing either: the spans and events inside them get the
+    configured metadata."""
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(
+        store, dispatcher_metadata={"tests.storage.app.db": {"application": "db"}}
+    ).attach(d)
+    if also_attached_to_outer:  # library_entry is seen, library_wrapper is not
+        handler.attach(d_unseen_outer)
+    others = [(d_unseen, SimpleSpanHandler()), (d_unseen_outer, SimpleSpanHandler())]
+    for dispatcher, other in others:
+        dispatcher.add_span_handler(other)
+    try:
+        cached_library_call()
+        library_entry()  # not inside a db span: nothing configured applies
+    finally:
+        for dispatcher, other in others:
+            dispatcher.remove_span_handler(other)
+    assert handler.flush(10)
+    (inside,) = store.traces(name="cached_library_call")
+    spans = {s.name: s for s in store.trace(inside.trace_id)}
+    assert "library_wrapper" not in spans
+    assert ("library_entry" in spans) is also_attached_to_outer
+    db = {"application": "db"}
+    assert spans["generate"].metadata == db
+    events = store.events(trace_id=inside.trace_id)
+    assert sorted(e.type for e in events) == ["FakeLLMEndEvent", "NoteEvent"]
+    assert [e.metadata for e in events] == [db, db]
+    (outside,) = {e.trace_id for e in store.events()} - {inside.trace_id}
+    assert [s.metadata for s in store.trace(outside)] == [{}] * (1 + also_attached_to_outer)
+    assert [e.metadata for e in store.events(trace_id=outside)] == [{}, {}]
+
+
+def test_span_parents_are_recorded_only_when_needed(tmp_path: Any, make_handler: Any) -> None:
+    """The parent links (a context bridge, which every span pays for) are kept while a
+    handler with dispatcher_metadata is attached below the root, and only then."""
+    from instrumentation import root_dispatcher
+    from instrumentation.context import bridges
+    from instrumentation.storage.handler import _span_parents
+
+    store = SQLiteStore(tmp_path / "t.db")
+    meta = {"tests.storage.app.db": {"application": "db"}}
+    make_handler(store).attach(d)
+    make_handler(store, dispatcher_metadata=meta).attach(root_dispatcher)
+    assert _span_parents not in bridges()
+    with_meta = make_handler(store, dispatcher_metadata=meta).attach(d)
+    also = make_handler(store, dispatcher_metadata=meta).attach(d)
+    assert _span_parents in bridges()
+    with_meta.shutdown()
+    assert _span_parents in bridges()  # still needed by the other one
+    also.detach()
+    assert _span_parents not in bridges()
+
+
+@d_db.span
+def cached_with_a_foreign_span(tracer: Any) -> None:
+    with tracer.start_as_current_span("foreign"):
+        generate("q", [])
+
+
+def test_dispatcher_metadata_reaches_through_a_foreign_span(
+    tmp_path: Any, make_handler: Any
+) -> None:
+    """An OpenTelemetry span of the application's, between a configured span and the
+    handler's own (the bridge makes it their parent), hides nothing."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from instrumentation.otel import OpenTelemetrySpanHandler
+
+    provider = TracerProvider()
+    otel = OpenTelemetrySpanHandler(tracer_provider=provider)
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(
+        store, dispatcher_metadata={"tests.storage.app.db": {"application": "db"}}
+    ).attach()
+    d.add_span_handler(otel)
+    try:
+        cached_with_a_foreign_span(provider.get_tracer("app"))
+    finally:
+        d.remove_span_handler(otel)
+        otel.close()
+        provider.shutdown()
+    assert handler.flush(10)
+    spans = {s.name: s for s in store.trace(store.traces()[0].trace_id)}
+    outer = spans["cached_with_a_foreign_span"]
+    assert spans["generate"].parent_id not in (None, outer.id_)  # the foreign span
+    assert spans["generate"].metadata == {"application": "db"}
+    assert [e.metadata for e in spans["generate"].events] == [{"application": "db"}]

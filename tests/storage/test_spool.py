@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from instrumentation import telemetry
 from instrumentation.storage import SQLiteStore
@@ -416,3 +419,34 @@ def test_a_line_cut_short_in_a_file_left_under_our_own_pid_swallows_no_row(
     assert handler.flush(10) is True
     assert sorted(e.payload["text"] for e in store.events()) == ["old", "spooled"]
     assert telemetry.counter("storage.spool_bad_lines").value == 1
+
+
+def test_a_write_that_fails_part_way_leaves_the_spool_file_as_it_was(
+    tmp_path: Path, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows appended, or an orphan adopted, while the disk fails (fsync refused): the
+    file is cut back to where it was, nothing more is counted as pending, and the
+    orphan stays where a later writer adopts it."""
+    store = SQLiteStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 10_000)
+    rows = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(3)]
+    spool = Spool(store.spool_key, spool_dir)
+    spool.append([], rows[:1])
+    before = spool.path.read_bytes()
+    orphan_text = _orphan(store, spool_dir, rows, f"{_dead_pids(1)[0]}.jsonl").read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        spool.append([], rows)
+    assert spool.path.read_bytes() == before and spool.rows_pending == 1
+    assert spool.adopt_orphans() == 0  # logged, not raised
+    assert spool.path.read_bytes() == before and spool.rows_pending == 1
+    (claimed,) = spool_dir.glob("*.claimed-*")
+    assert claimed.read_bytes() == orphan_text
+    monkeypatch.undo()
+    spool.append([], rows[1:2])
+    chunk = spool.next_chunk(100)
+    assert chunk is not None and chunk.events == [rows[0], rows[1]]
