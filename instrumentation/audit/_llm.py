@@ -9,6 +9,7 @@ and completion calls are audited: predict/structured-predict call chat underneat
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from instrumentation.audit.events import LLMEvent
@@ -48,10 +49,19 @@ def _prompt(event: Any, llm_type: str) -> str | tuple[dict[str, Any], ...]:
     return tuple({"role": _role(m), "content": getattr(m, "content", None)} for m in messages)
 
 
+def _timestamp(event: Any) -> datetime:
+    """When the LLM layer says its event happened (on the application's thread)."""
+    stamp = getattr(event, "timestamp", None)
+    if isinstance(stamp, datetime) and stamp.tzinfo is not None:
+        return stamp
+    return datetime.now(timezone.utc)  # we are on the application's thread here too
+
+
 def start_event(event: Any, llm_type: str) -> LLMEvent:
     return LLMEvent(
         prompt=_prompt(event, llm_type),
         type=llm_type,
+        timestamp=_timestamp(event),
         model=getattr(event, "model", None),
         provider=getattr(event, "provider", None),
         span_id=getattr(event, "span_id", None),
@@ -71,6 +81,7 @@ def end_event(event: Any, llm_type: str) -> LLMEvent:
     return LLMEvent(
         prompt=_prompt(event, llm_type),
         type=llm_type,
+        timestamp=_timestamp(event),
         response=text,
         completion_tokens=getattr(usage, "completion_tokens", None),
         prompt_tokens=getattr(usage, "prompt_tokens", None),

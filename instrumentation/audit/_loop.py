@@ -91,7 +91,9 @@ def _dispose(loop: asyncio.AbstractEventLoop) -> None:
     late posts fail at once instead of piling up. A call that ignores its cancellation
     for :data:`DISPOSE_SECONDS` (a handler swallowing ``CancelledError``) is closed
     where it waits (its ``finally`` blocks run), counted in ``audit.calls_abandoned``
-    and logged: nothing stays pending on the closed loop.
+    and logged: nothing stays pending on the closed loop. Then the async generators
+    handlers left suspended on the loop are closed (``loop.shutdown_asyncgens()``, so
+    their ``finally`` blocks run too), within :data:`DISPOSE_SECONDS` as well.
     """
     try:
         deadline = time.monotonic() + DISPOSE_SECONDS
@@ -108,11 +110,43 @@ def _dispose(loop: asyncio.AbstractEventLoop) -> None:
             _abandon(loop, tasks)
     except BaseException:  # pragma: no cover - what is left is collected with the loop
         pass
+    try:
+        _close_asyncgens(loop)
+    except BaseException:  # pragma: no cover - what is left is collected with the loop
+        pass
     finally:
         try:
             loop.close()
         except Exception:  # pragma: no cover
             pass
+
+
+def _close_asyncgens(loop: asyncio.AbstractEventLoop) -> None:
+    """``loop.shutdown_asyncgens()``, at most :data:`DISPOSE_SECONDS`.
+
+    Safe here: the loop only ever ran the runner and handler calls, whose tasks are
+    ended, so every async generator it knows is a handler's, left suspended. One still
+    closing after the time (its ``finally`` awaits too long) is cancelled; one that
+    ignores that is closed as :func:`_abandon` does, so nothing stays pending.
+    """
+    closing = loop.create_task(loop.shutdown_asyncgens(), name="audit: async generators")
+    loop.run_until_complete(asyncio.wait({closing}, timeout=DISPOSE_SECONDS))
+    if not closing.done():
+        try:
+            logger.error(
+                "audit: async generators left by handlers were still closing %.3gs after "
+                "the audit loop's thread ended; they are cancelled",
+                DISPOSE_SECONDS,
+            )
+        except Exception:  # pragma: no cover - logging must not stop the clean-up
+            pass
+        left = _cancel_all(loop)  # the closing and the aclose() calls it gathers
+        loop.run_until_complete(asyncio.wait(left, timeout=DISPOSE_SECONDS))
+        stuck = {task for task in left if not task.done()}
+        if stuck:
+            _abandon(loop, stuck)
+    if closing.done() and not closing.cancelled():
+        closing.exception()  # retrieved: asyncio does not log it again
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> set[asyncio.Task[Any]]:

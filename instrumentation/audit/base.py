@@ -24,8 +24,11 @@ class EventHandler(Generic[RequestCtx, EventCtx], ABC):
 
     Calls run off the application's thread (on the audit loop; plain ``def`` methods
     on its worker threads), one at a time per handler and request, in order. An
-    exception in any of them is logged and counted; the handler's later calls then
-    get ``None`` for the context that could not be made.
+    exception in any of them is logged and counted, and the handler's later calls
+    still run: after a failed ``request_start`` they get ``None`` as
+    ``request_context``, after a failed ``event_start`` that event's ``event_end``
+    gets ``None`` as ``event_context``; a failed ``event_end`` or ``request_end``
+    changes nothing for the other calls.
     """
 
     @abstractmethod

@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from instrumentation.audit import _llm
+from instrumentation.audit.events import _now
 from instrumentation.audit.runner import RequestRun
 from instrumentation.dispatcher import root_dispatcher
 from instrumentation.event_handlers.base import BaseEventHandler
@@ -118,7 +119,8 @@ class _SpanTracker(BaseSpanHandler[BaseSpan]):
             error = f"{type(err).__name__}: {err}" if err is not None else "span dropped"
             started = _last_open(run, id_)
             if started is not None:
-                run.end_event(id_, dataclasses.replace(started, error=error))
+                # Ended now, on the application's side (no end event, so no latency).
+                run.end_event(id_, dataclasses.replace(started, error=error, timestamp=_now()))
         self._forget(id_)
 
     def _forget(self, id_: str) -> None:

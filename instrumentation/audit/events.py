@@ -5,6 +5,12 @@ the same attributes (``question``, ``collection``, ``result``, ``prompt``, ``res
 ``*_tokens``). Each object is handed to every handler and never changed afterwards:
 an event's end is a new object (``dataclasses.replace``), so a handler that keeps the
 start event still sees the start.
+
+Times are taken on the application's side, where things happen, never on the thread
+a handler runs on (handlers run later, and maybe behind a slow call): every event has
+a ``timestamp`` (its start event when it began, its end event when it ended),
+:class:`RequestStart` has ``started_at``, and :class:`RequestEnd` has ``ended_at`` and
+``duration_s``.
 """
 
 from __future__ import annotations
@@ -41,12 +47,23 @@ class RequestEnd:
     result: Any = None
     error: BaseException | None = None
     request_id: str = ""
+    #: How long the request ran, measured on the application's side.
     duration_s: float = 0.0
+    #: When the request ended (UTC), on the application's side: not when a handler ran.
+    ended_at: datetime = field(default_factory=_now)
 
 
 @dataclass
 class Event:
-    """Base of every event inside a request (subclass it for your own kinds)."""
+    """Base of every event inside a request (subclass it for your own kinds).
+
+    ``timestamp`` (UTC, keyword-only) is when the event happened, taken on the
+    application's side: a start event's is when it began, an end event's when it
+    ended, so ``end.timestamp - start.timestamp`` is how long it took, whenever the
+    handlers run. It is left out of ``==`` and ``repr()``.
+    """
+
+    timestamp: datetime = field(default_factory=_now, kw_only=True, compare=False, repr=False)
 
 
 ChatFormat = tuple[dict[str, Any], ...]
@@ -60,6 +77,8 @@ class LLMEvent(Event):
     ``type`` is ``"chat"`` or ``"completion"``. The start event has ``response`` and the
     token counts unset; the end event has them (``error`` instead when the call failed
     or never ended before the request did). ``span_id`` is the LLM call's span.
+    ``latency_ms`` is the call's duration as the LLM layer measured it (end events);
+    ``timestamp`` is the LLM layer's own event time.
     """
 
     prompt: str | ChatFormat

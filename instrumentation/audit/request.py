@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import current_run, registry
-from instrumentation.audit.events import Event, RequestStart
+from instrumentation.audit.events import Event, RequestStart, _now
 from instrumentation.audit.runner import HandlerError, RequestRun, check_handlers, check_timeout
 from instrumentation.context import is_suppressed
 
@@ -161,8 +161,12 @@ class AuditEvent(Generic[E]):
 
     def __enter__(self) -> AuditEvent[E]:
         run = registry.innermost(current_run.get())
-        if run is not None and run.begin_event(self._key, self.started):
-            self._run = run
+        if run is not None:
+            # Its time is when the block begins (here, on the application's side), not
+            # when the event object was made.
+            self.started = dataclasses.replace(self.started, timestamp=_now())
+            if run.begin_event(self._key, self.started):
+                self._run = run
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -170,6 +174,7 @@ class AuditEvent(Generic[E]):
         if run is None:
             return
         changes = dict(self.changes)
+        changes.setdefault("timestamp", _now())  # when it ended, on the application's side
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
         run.end_event(self._key, dataclasses.replace(self.started, **changes))

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from instrumentation import telemetry
@@ -75,6 +76,15 @@ def check_timeout(timeout: object) -> float:
     return float(timeout)
 
 
+#: What follows when each handler method fails, for the log.
+CONSEQUENCES = {
+    "request_start": "its later calls of this request get None as request_context",
+    "event_start": "its event_end of this event gets None as event_context",
+    "event_end": "its later calls of this request run as usual",
+    "request_end": "it was its last call of this request",
+}
+
+
 def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) -> None:
     HANDLER_ERRORS.inc()
     name = type(handler).__name__
@@ -85,11 +95,11 @@ def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) ->
     note = "" if isinstance(exc, Exception) else "; raised in a handler, it stops nothing"
     try:
         logger.error(
-            "audit handler %s failed in %s: %r (the request goes on; its later calls get "
-            "None for the context it could not make%s)",
+            "audit handler %s failed in %s: %r (the request goes on; %s%s)",
             name,
             method,
             exc,
+            CONSEQUENCES.get(method, "its later calls run as usual"),
             note,
             exc_info=(type(exc), exc, exc.__traceback__),
         )
@@ -177,6 +187,7 @@ class RequestRun:
             self.ended = True
             left = [item for stack in self._open.values() for item in stack]
             self._open.clear()
+        # Measured here, on the application's side: handlers may run much later.
         end = RequestEnd(
             result=result,
             error=error,
@@ -184,7 +195,7 @@ class RequestRun:
             duration_s=time.perf_counter() - self._started_at,
         )
         for number, started in sorted(left, key=lambda item: item[0]):
-            self._post(("event_end", number, _unfinished(started)))
+            self._post(("event_end", number, _unfinished(started, end.ended_at)))
         self._post(("request_end", end))
         return end
 
@@ -337,10 +348,12 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _unfinished(event: Event) -> Event:
+def _unfinished(event: Event, ended_at: datetime) -> Event:
+    """The end of an event the request's end cut short: it ended then."""
+    changes: dict[str, Any] = {"timestamp": ended_at}
     if any(f.name == "error" for f in dataclasses.fields(event)):
-        return dataclasses.replace(event, error=UNFINISHED)  # type: ignore[call-arg]
-    return event
+        changes["error"] = UNFINISHED
+    return dataclasses.replace(event, **changes)
 
 
 __all__ = ["HandlerError", "RequestRun", "check_handlers", "check_timeout"]

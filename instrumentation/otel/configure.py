@@ -25,6 +25,7 @@ import math
 import os
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, fields
@@ -384,26 +385,66 @@ def resolve_protocol(protocol: str | None) -> str:
 
 
 def traces_url(endpoint: str) -> str:
-    """The OTLP/HTTP traces URL for a collector's base URL (``/v1/traces`` appended once)."""
-    base = endpoint.rstrip("/")
-    return base if base.endswith(TRACES_PATH) else base + TRACES_PATH
+    """The OTLP/HTTP traces URL for a collector's base URL.
+
+    ``/v1/traces`` is appended to the URL's path (once: a path ending with it is left
+    alone), before its query string, which is kept: ``https://h/otel?key=k`` gives
+    ``https://h/otel/v1/traces?key=k``.
+    """
+    parts = urllib.parse.urlsplit(endpoint)
+    path = parts.path.rstrip("/")
+    if not path.endswith(TRACES_PATH):
+        path += TRACES_PATH
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+_ENDPOINT_EXAMPLES = {
+    "http/protobuf": "'http://localhost:4318' or 'https://collector.example.com/otel'",
+    "grpc": "'http://localhost:4317' or 'https://collector.example.com:4317'",
+}
 
 
 def _check_endpoint(endpoint: object, protocol: str) -> str | None:
+    """The endpoint, stripped; a TypeError if it is not a str, a ValueError if it is not
+    a URL the exporter can use, saying what one looks like."""
     if endpoint is None:
         return None
-    if not isinstance(endpoint, str) or not endpoint.strip():
+    if not isinstance(endpoint, str):
         raise TypeError(
             "endpoint is the collector's base URL as a str, e.g. 'http://localhost:4318'; "
-            f"got {endpoint!r}"
+            f"got {type(endpoint).__name__} {endpoint!r}"
         )
-    endpoint = endpoint.strip()
-    if protocol == "http/protobuf" and not endpoint.startswith(("http://", "https://")):
-        raise ValueError(
-            f"an OTLP/HTTP endpoint starts with http:// or https:// "
-            f"(e.g. 'http://localhost:4318'); got {endpoint!r}"
-        )
+    given, endpoint = endpoint, endpoint.strip()
+    example = _ENDPOINT_EXAMPLES[protocol]
+    if not endpoint:
+        problem: str | None = f"it is empty; give the collector's base URL, e.g. {example}"
+    elif protocol == "grpc" and "://" not in endpoint:
+        # The gRPC exporter also takes host:port without a scheme.
+        problem = _url_problem("http://" + endpoint, example)
+    else:
+        problem = _url_problem(endpoint, example)
+    if problem is not None:
+        raise ValueError(f"endpoint {given!r} is not a valid {protocol} OTLP endpoint: {problem}")
     return endpoint
+
+
+def _url_problem(url: str, example: str) -> str | None:
+    """What is wrong with ``url`` as a collector's URL, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        return f"{exc}; a URL looks like {example}"
+    if parts.scheme not in ("http", "https"):
+        return f"it must start with http:// or https://, as in {example}"
+    host = parts.hostname
+    if not host or any(c.isspace() for c in url):
+        return f"it must name a host, with no spaces; a URL looks like {example}"
+    if port is None and parts.netloc.endswith(":"):
+        return f"the port after ':' is missing; a URL looks like {example}"
+    if parts.fragment:
+        return f"a '#fragment' is not sent to a collector; a URL looks like {example}"
+    return None
 
 
 def _check_headers(headers: object) -> dict[str, str] | None:
@@ -679,8 +720,9 @@ def configure_otlp(
 
     - ``endpoint``: the collector's base URL, as in ``OTEL_EXPORTER_OTLP_ENDPOINT``
       (``http://localhost:4318`` for HTTP, ``http://localhost:4317`` for gRPC);
-      ``/v1/traces`` is appended for HTTP. ``None``: the ``OTEL_*`` variables, else
-      the OTLP default.
+      ``/v1/traces`` is appended to its path for HTTP (before any query string). An
+      empty or malformed one raises ``ValueError``. ``None``: the ``OTEL_*``
+      variables, else the OTLP default.
     - ``protocol``: ``"http/protobuf"`` (default) or ``"grpc"``.
     - ``headers``: e.g. an ``authorization`` header; ``None``: ``OTEL_EXPORTER_OTLP_HEADERS``.
     - ``service_name``: the ``service.name`` resource attribute (else ``OTEL_SERVICE_NAME``).

@@ -1,16 +1,18 @@
 """A small OTLP/HTTP trace receiver on loopback, for tests, docs and notebooks.
 
-It accepts ``POST /v1/traces`` with a protobuf ``ExportTraceServiceRequest`` (gzip
-or not), decodes it with ``opentelemetry-proto`` (a dependency of the OTLP/HTTP
-exporter) and keeps every span as a :class:`ReceivedSpan`. It is a real server, so a
-test through it exercises the real exporter, batching and wire format. It listens on
-loopback only and is not meant as a collector.
+It accepts ``POST /v1/traces`` (with a query string or not) carrying a protobuf
+``ExportTraceServiceRequest`` (gzip or not), decodes it with ``opentelemetry-proto``
+(a dependency of the OTLP/HTTP exporter) and keeps every span as a
+:class:`ReceivedSpan`. It is a real server, so a test through it exercises the real
+exporter, batching and wire format. It listens on loopback only and is not meant as
+a collector.
 """
 
 from __future__ import annotations
 
 import gzip
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -121,6 +123,8 @@ class OTLPReceiver:
         self._thread: threading.Thread | None = None
         self.requests = 0
         self.request_headers: list[dict[str, str]] = []
+        #: The path (with its query string) of each accepted request.
+        self.request_paths: list[str] = []
         self.status = 200
 
     @property
@@ -145,10 +149,11 @@ class OTLPReceiver:
             self._lock.wait_for(lambda: len(self._spans) >= count, timeout)
             return list(self._spans)
 
-    def _received(self, spans: list[ReceivedSpan], headers: dict[str, str]) -> None:
+    def _received(self, spans: list[ReceivedSpan], headers: dict[str, str], path: str) -> None:
         with self._lock:
             self.requests += 1
             self.request_headers.append(headers)
+            self.request_paths.append(path)
             self._spans.extend(spans)
             self._lock.notify_all()
 
@@ -159,7 +164,8 @@ class OTLPReceiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
-                if self.path.rstrip("/") != TRACES_PATH:
+                # A query string is allowed (some backends take a key there).
+                if urllib.parse.urlsplit(self.path).path.rstrip("/") != TRACES_PATH:
                     self.send_error(404, f"only POST {TRACES_PATH} is served")
                     return
                 if receiver.status != 200:
@@ -172,7 +178,9 @@ class OTLPReceiver:
                 except Exception as exc:
                     self.send_error(400, f"not an ExportTraceServiceRequest: {exc}")
                     return
-                receiver._received(spans, {k.lower(): v for k, v in self.headers.items()})
+                receiver._received(
+                    spans, {k.lower(): v for k, v in self.headers.items()}, self.path
+                )
                 payload = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")

@@ -7,6 +7,8 @@ import os
 import pty
 import re
 import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from instrumentation.audit import (
     RequestStart,
 )
 from instrumentation.llms import ChatMessage, OfflineLLM
+
+from .helpers import SyncRecorder
 
 
 async def _ask(llm: OfflineLLM, question: str, handlers: list[Any]) -> audit.AuditRequest:
@@ -168,3 +172,174 @@ def test_logging_handler_failed_request_is_an_error_record(
         raise OSError("gone")
     last = [r for r in caplog.records if r.name == "tests.audit.records"][-1]
     assert last.levelno == logging.ERROR and "OSError: gone" in last.getMessage()
+
+
+# -- times are the application's, never the handler thread's clock ----------------------
+
+SLOW_START_S = 0.6  # the handler's request_start: its later calls all run this late
+LLM_S = 0.2
+TOOL_S = 0.15
+
+
+def _slow_start(cls: type[Any], *args: Any) -> Any:
+    class SlowStart(cls):  # type: ignore[misc, valid-type]
+        def request_start(self, user_request: RequestStart) -> Any:
+            time.sleep(SLOW_START_S)
+            return super().request_start(user_request)
+
+    return SlowStart(*args)
+
+
+def _shown(kind: str, out: io.StringIO, logs: list[logging.LogRecord], directory: Path) -> Any:
+    """(LLM call ms, tool call ms, request ms, text) as the handler wrote them."""
+    if kind == "cli":
+        text = out.getvalue()
+        llm = re.search(r"LLM chat offline \((\d+\.\d) ms\)", text)
+        tool = re.search(r"tool kettle \((\d+\.\d) ms\)", text)
+        took = re.search(r"took (\d+\.\d) ms", text)
+    elif kind == "file":
+        (path,) = directory.iterdir()
+        text = path.read_text()
+        llm = re.search(r"LLM chat offline ended, elapsed: (\d+\.\d) ms", text)
+        tool = re.search(r"tool kettle ended, elapsed: (\d+\.\d) ms", text)
+        took = re.search(r"Duration: (\d+\.\d) ms", text)
+    else:
+        data = [r.audit for r in logs]  # type: ignore[attr-defined]
+        by_kind = {d.get("kind", d["phase"]): d.get("duration_ms") for d in data}
+        return by_kind["LLMEvent"], by_kind["ToolCallEvent"], by_kind["request_end"], ""
+    assert llm is not None and tool is not None and took is not None, text
+    return float(llm.group(1)), float(tool.group(1)), float(took.group(1)), text
+
+
+@pytest.mark.parametrize("kind", ["cli", "file", "logging"])
+def test_durations_are_measured_where_things_happened_not_when_handlers_ran(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handlers timed events on their own thread, from event_start to event_end: a
+    200 ms LLM call behind a slow request_start was shown as taking a few ms (both calls
+    ran back to back, 600 ms later). An LLM call shows its own latency_ms; other events
+    their timestamps, taken on the application's side; the request its duration_s."""
+    out = io.StringIO()
+    handler = {
+        "cli": lambda: _slow_start(CLIEventHandler, out),
+        "file": lambda: _slow_start(FileEventHandler, tmp_path),
+        "logging": lambda: _slow_start(LoggingEventHandler, "tests.audit.timing"),
+    }[kind]()
+    seen = SyncRecorder()  # keeps the events the handlers were given
+    llm = OfflineLLM(latency_s=LLM_S)
+    began = time.perf_counter()
+    with (
+        caplog.at_level(logging.INFO, logger="tests.audit.timing"),
+        audit.request(question="tea?", handlers=[handler, seen]) as req,
+    ):
+        llm.chat([ChatMessage(role="user", content="tea?")])
+        with audit.event(audit.ToolCallEvent(name="kettle")):
+            time.sleep(TOOL_S)
+        last_line = datetime.now(timezone.utc)
+    waited = time.perf_counter() - began
+    assert req.completed is True and req.errors == []
+    assert waited >= SLOW_START_S  # the exit did wait for the slow handler
+    llm_end = next(e for _, _, e in seen.rec.event_ends if isinstance(e, audit.LLMEvent))
+    assert llm_end.latency_ms is not None and llm_end.latency_ms >= LLM_S * 1000
+
+    logs = [r for r in caplog.records if r.name == "tests.audit.timing"]
+    llm_ms, tool_ms, took_ms, text = _shown(kind, out, logs, tmp_path)
+    assert llm_ms == pytest.approx(llm_end.latency_ms, abs=0.06)  # was a few ms
+    assert TOOL_S * 1000 * 0.95 <= tool_ms < SLOW_START_S * 1000  # was about 0
+    # The request's own time is the application's too: not the handler's 600 ms.
+    assert (LLM_S + TOOL_S) * 1000 <= took_ms < SLOW_START_S * 1000
+    assert llm_ms + tool_ms <= took_ms
+    if kind == "file":  # and it ended when the application's block did
+        ended = re.search(r"Ended: (\S+)", text)
+        assert ended is not None
+        late = datetime.fromisoformat(ended.group(1)) - last_line
+        assert late.total_seconds() < 0.1  # was when request_end ran, ~0.25 s later
+
+
+def test_an_llm_call_shows_its_latency_even_when_event_end_runs_late() -> None:
+    """A handler busy when an LLM call ends (here: a slow event_end before the built-in
+    one) showed the delay as the call's time: 'LLM chat offline (1.2 ms)' inside a
+    request that 'took 0.7 ms'."""
+    out = io.StringIO()
+
+    class LateEnd(CLIEventHandler):
+        def event_end(self, event: Any, request_context: Any, event_context: Any) -> None:
+            time.sleep(0.2)
+            super().event_end(event, request_context, event_context)
+
+    with audit.request(question="fast", handlers=[LateEnd(out)]) as req:
+        OfflineLLM().chat([ChatMessage(role="user", content="fast")])
+    assert req.completed is True
+    text = out.getvalue()
+    llm = re.search(r"LLM chat offline \((\d+\.\d) ms\)", text)
+    took = re.search(r"took (\d+\.\d) ms", text)
+    assert llm is not None and took is not None, text
+    assert float(llm.group(1)) <= float(took.group(1)) < 200  # was >= 200 ms
+
+
+def test_events_are_stamped_on_the_application_side() -> None:
+    """Start and end events carry when they happened; an event made early is stamped
+    when its block begins."""
+    seen = SyncRecorder()
+    made = audit.ToolCallEvent(name="early")
+    time.sleep(0.05)
+    with audit.request(question="q", handlers=[seen]):
+        entered = datetime.now(timezone.utc)
+        with audit.event(made) as ev:
+            time.sleep(0.05)
+            ev.update(output="done")
+        left = datetime.now(timezone.utc)
+    (start_ctx,) = seen.rec.returned_events
+    ((_, _, end),) = seen.rec.event_ends
+    assert end is not None and end.output == "done"  # type: ignore[attr-defined]
+    assert entered <= ev.started.timestamp <= end.timestamp <= left
+    assert (end.timestamp - ev.started.timestamp).total_seconds() >= 0.05
+    assert start_ctx.key is None
+
+
+# -- FileEventHandler's directory and its .part files --------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_directory_that_cannot_be_made_is_refused_when_the_handler_is_made() -> None:
+    """It was accepted, and then every request logged a FileNotFoundError traceback."""
+    with pytest.raises(OSError, match=r"'/proc/nope'.*cannot be created"):
+        FileEventHandler("/proc/nope")
+
+
+def test_a_directory_below_a_file_or_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"a-file.*exists and is not a directory"):
+        FileEventHandler(tmp_path / "a-file")
+    with pytest.raises(OSError, match=r"a-file/logs.*cannot be created"):
+        FileEventHandler(tmp_path / "a-file" / "logs")
+
+
+def test_a_missing_directory_is_made_when_the_handler_is(tmp_path: Path) -> None:
+    FileEventHandler(tmp_path / "new" / "logs")
+    assert (tmp_path / "new" / "logs").is_dir()  # was made at the first request only
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_directory_that_is_not_writable_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(PermissionError, match=r"locked.*not writable"):
+            FileEventHandler(locked)
+    finally:
+        locked.chmod(0o700)
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_a_request_start_failing_partway_leaves_no_part_file(tmp_path: Path) -> None:
+    """The header's metadata line raised: the file was closed but its .part stayed."""
+    handler = FileEventHandler(tmp_path)
+    with audit.request(question="q", handlers=[handler], metadata={"bad": _Unprintable()}) as req:
+        req.result = "ok"
+    assert [(e.method, type(e.error)) for e in req.errors] == [("request_start", RuntimeError)]
+    assert list(tmp_path.iterdir()) == []

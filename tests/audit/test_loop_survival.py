@@ -353,3 +353,57 @@ def test_a_handler_ignoring_even_generator_exit_does_not_hold_up_the_dying_loop(
     release.set()
     later, _, took = _healthy_request()
     assert later.completed is True and took < FAST
+
+
+@pytest.mark.parametrize("finally_block", ["quick", "awaits too long"])
+def test_async_generators_a_handler_left_suspended_are_closed_with_its_loop(
+    finally_block: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dying loop was closed without loop.shutdown_asyncgens(): an async generator
+    a handler kept, suspended at a yield, never ran its finally block. Now it does, and
+    one whose finally awaits too long is cut short in bounded time."""
+
+    def defect(error: BaseException | None, what: str) -> None:
+        raise RuntimeError("a defect in the audit loop itself")
+
+    monkeypatch.setattr(_loop, "report_loop_error", defect)
+    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
+    loop_threads: list[threading.Thread] = []
+    finally_ran = threading.Event()
+    kept: list[Any] = []
+
+    async def rows() -> Any:
+        try:
+            yield 1
+            yield 2
+        finally:
+            finally_ran.set()
+            if finally_block == "awaits too long":
+                await asyncio.sleep(3600)
+
+    class KeepsAGenerator(AsyncRecorder):
+        async def request_start(self, user_request: RequestStart) -> ReqCtx:
+            generator = rows()
+            kept.append(generator)  # the handler holds it: never garbage-collected
+            assert await generator.__anext__() == 1
+            return await super().request_start(user_request)
+
+    began = time.monotonic()
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(
+            question="q",
+            handlers=[KeepsAGenerator(), _loop_dies_in_request_end(loop_threads)],
+            timeout=5,
+        ) as req,
+    ):
+        pass
+    assert req.completed is False
+    loop_threads[0].join(5)
+    assert not loop_threads[0].is_alive()  # bounded, even with a finally awaiting an hour
+    assert time.monotonic() - began < FAST
+    assert finally_ran.is_set()  # was never: the generator stayed suspended at its yield
+    cut_short = any("were still closing" in m for m in caplog.messages)
+    assert cut_short is (finally_block == "awaits too long")
+    later, _, took = _healthy_request()
+    assert later.completed is True and took < FAST

@@ -88,6 +88,35 @@ def test_failing_method_breaks_nothing(
         assert got["event_end"][0] is not None
 
 
+WHAT_FOLLOWS = {
+    "request_start": "its later calls of this request get None as request_context",
+    "event_start": "its event_end of this event gets None as event_context",
+    "event_end": "its later calls of this request run as usual",
+    "request_end": "it was its last call of this request",
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_log_says_what_a_failure_means_for_that_method(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every failure was logged with 'its later calls get None for the context it could
+    not make', though event_end and request_end make no context."""
+    broken = _failing(SyncRecorder, method)
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(question="q", handlers=[broken], timeout=5) as req,
+        audit.event(audit.ToolCallEvent(name="t")),
+    ):
+        pass
+    assert req.completed is True
+    (message,) = [r.getMessage() for r in caplog.records if "Failing" in r.getMessage()]
+    assert f"failed in {method}" in message
+    assert WHAT_FOLLOWS[method] in message, message
+    if method in ("event_end", "request_end"):
+        assert "None" not in message, message
+
+
 def test_raising_base_exception_subclass_cancelled_is_survived() -> None:
     class Cancels(AsyncRecorder):
         async def event_start(self, event: Event, request_context: Any) -> Any:

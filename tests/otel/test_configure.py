@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -314,6 +315,44 @@ def test_traces_url_appends_the_path_once() -> None:
     assert traces_url("http://h:4318") == "http://h:4318/v1/traces"
     assert traces_url("https://h/api/public/otel/") == "https://h/api/public/otel/v1/traces"
     assert traces_url("http://h:4318/v1/traces") == "http://h:4318/v1/traces"
+
+
+def test_traces_url_puts_the_path_before_the_query_string() -> None:
+    """/v1/traces was appended after the query (``?key=k/v1/traces``): the request went
+    to the base path, with the path glued into the query's last value."""
+    assert traces_url("http://h:4318?key=k") == "http://h:4318/v1/traces?key=k"
+    assert traces_url("https://h/otel/?a=1&b=x/y") == "https://h/otel/v1/traces?a=1&b=x/y"
+    assert traces_url("https://h/otel/v1/traces?a=1") == "https://h/otel/v1/traces?a=1"
+
+
+def test_an_endpoint_with_a_query_string_reaches_the_collector(receiver: OTLPReceiver) -> None:
+    otlp = configure_otlp(
+        endpoint=receiver.endpoint + "?tenant=shop", dispatcher=get_dispatcher("tests.otel.q")
+    )
+
+    @get_dispatcher("tests.otel.q").span
+    def work() -> None:
+        pass
+
+    work()
+    assert otlp.shutdown() is True  # was False: the receiver answered 404
+    assert len(receiver.spans) == 1
+    assert receiver.request_paths == ["/v1/traces?tenant=shop"]
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+@pytest.mark.parametrize(
+    "endpoint", ["", "   ", "http://", "http://:4318", "http://h:port", "http://h:", "http:// h"]
+)
+def test_an_empty_or_malformed_endpoint_is_a_value_error_showing_a_valid_one(
+    endpoint: str, protocol: str
+) -> None:
+    """'' was a TypeError ("a str ... got ''") though it is a str; 'http://' and the
+    like were accepted, and every export then failed."""
+    example = "http://localhost:4318" if protocol == "http/protobuf" else "http://localhost:4317"
+    with pytest.raises(ValueError, match=f"endpoint {re.escape(repr(endpoint))} .*{example}"):
+        configure_otlp(endpoint=endpoint, protocol=protocol)
+    assert root_dispatcher.span_handlers == []
 
 
 def test_bad_arguments_say_what_to_do() -> None:

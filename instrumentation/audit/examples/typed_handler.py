@@ -2,15 +2,17 @@
 
 ``EventHandler[TextIOWrapper, datetime]``: ``request_start`` returns the open file
 that every later call gets back, ``event_start`` the time that ``event_end`` gets.
-(The elapsed time is computed correctly here, unlike in the how-to.) The same class
-written with plain ``def`` methods type-checks too: see :class:`SyncTypedHandler`.
+(The elapsed time is computed correctly here, unlike in the how-to, and from the
+events' own timestamps, taken where the event happened: a handler runs later, on
+another thread, so its own clock would time the handler, not the event.) The same
+class written with plain ``def`` methods type-checks too: see :class:`SyncTypedHandler`.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from io import TextIOWrapper
 from pathlib import Path
 
@@ -32,13 +34,14 @@ class TypedFileEventHandler(EventHandler[TextIOWrapper, datetime]):
 
     async def event_start(self, event: Event, request_context: TextIOWrapper) -> datetime:
         request_context.write(f"{event}\n")
-        return datetime.now(timezone.utc)
+        return event.timestamp
 
     async def event_end(
         self, event: Event | None, request_context: TextIOWrapper, event_context: datetime
     ) -> None:
-        elapsed = datetime.now(timezone.utc) - event_context
-        request_context.write(f"Elapsed Time: {elapsed.total_seconds() * 1000:.3f} ms\n")
+        if event is not None:
+            elapsed = event.timestamp - event_context
+            request_context.write(f"Elapsed Time: {elapsed.total_seconds() * 1000:.3f} ms\n")
         request_context.write(f"{event}\n")
 
     async def request_end(self, output: RequestEnd, request_context: TextIOWrapper) -> None:
@@ -56,12 +59,14 @@ class SyncTypedHandler(EventHandler[list[str], float]):
         return [user_request.question]
 
     def event_start(self, event: Event, request_context: list[str]) -> float:
-        return datetime.now(timezone.utc).timestamp()
+        return event.timestamp.timestamp()
 
     def event_end(
         self, event: Event | None, request_context: list[str], event_context: float
     ) -> None:
-        request_context.append(f"{type(event).__name__} took {event_context:.0f}")
+        if event is not None:
+            took_ms = (event.timestamp.timestamp() - event_context) * 1000
+            request_context.append(f"{type(event).__name__} took {took_ms:.1f} ms")
 
     def request_end(self, output: RequestEnd, request_context: list[str]) -> None:
         self.finished.append(request_context)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from datetime import datetime
 from typing import Any
 
 from instrumentation.audit.events import Event, LLMEvent, RetrievalEvent, ToolCallEvent
@@ -24,6 +26,36 @@ def prompt_text(prompt: Any) -> str:
         return repr(prompt)
 
 
+def started_at(event: Event | None) -> datetime | None:
+    """When ``event`` began, as the application stamped it: what ``event_start`` keeps."""
+    stamp = getattr(event, "timestamp", None)
+    return stamp if isinstance(stamp, datetime) else None
+
+
+def duration_ms(event: Event | None, started: datetime | None) -> float | None:
+    """How long ``event`` took, measured on the application's side, in milliseconds.
+
+    Its own ``latency_ms`` when it has one (an LLM call, timed by the LLM layer), else
+    its end's ``timestamp`` minus its start's (``started``); ``None`` when neither is
+    known. Never a handler's own clock: handlers run later, maybe behind slow calls.
+    """
+    latency = getattr(event, "latency_ms", None)
+    if (
+        isinstance(latency, (int, float))
+        and not isinstance(latency, bool)
+        and math.isfinite(latency)
+        and latency >= 0
+    ):
+        return float(latency)
+    ended = started_at(event)
+    if ended is None or started is None:
+        return None
+    try:
+        return max((ended - started).total_seconds() * 1000, 0.0)
+    except TypeError:  # one naive, one aware: not comparable
+        return None
+
+
 def title(event: Event | None) -> str:
     if isinstance(event, LLMEvent):
         model = f" {event.model}" if event.model else ""
@@ -42,9 +74,12 @@ def fields(event: Event | None) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": type(event).__name__}
     for f in dataclasses.fields(event):
         value = getattr(event, f.name)
-        out[f.name] = (
-            value if isinstance(value, (str, int, float, bool, type(None))) else clip(value)
-        )
+        if isinstance(value, datetime):
+            out[f.name] = value.isoformat()
+        else:
+            out[f.name] = (
+                value if isinstance(value, (str, int, float, bool, type(None))) else clip(value)
+            )
     return out
 
 
@@ -75,4 +110,4 @@ def end_lines(event: Event | None) -> list[str]:
     return [line.replace("\n", "\n    ") for line in lines]
 
 
-__all__ = ["clip", "end_lines", "fields", "prompt_text", "title"]
+__all__ = ["clip", "duration_ms", "end_lines", "fields", "prompt_text", "started_at", "title"]

@@ -3,18 +3,26 @@
 A request's lines are gathered in its context and written in one piece when it ends,
 under a lock shared by every instance, so concurrent requests never interleave.
 Colour (ANSI) is on when the stream is a terminal, unless ``color=`` says otherwise.
+Times shown are measured on the application's side (an LLM call's ``latency_ms``, the
+events' timestamps, the request's ``duration_s``), never when this handler runs.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-import time
+from datetime import datetime
 from typing import TextIO
 
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
-from instrumentation.audit.handlers._format import clip, end_lines, title
+from instrumentation.audit.handlers._format import (
+    clip,
+    duration_ms,
+    end_lines,
+    started_at,
+    title,
+)
 
 _write_lock = threading.Lock()
 
@@ -28,7 +36,7 @@ _BOLD, _DIM, _RED, _GREEN, _CYAN, _RESET = (
 )
 
 
-class CLIEventHandler(EventHandler[list[str], float]):
+class CLIEventHandler(EventHandler[list[str], datetime | None]):
     """Prints requests to ``stream`` (``sys.stderr`` at the time of writing by default)."""
 
     def __init__(self, stream: TextIO | None = None, color: bool | None = None) -> None:
@@ -57,19 +65,16 @@ class CLIEventHandler(EventHandler[list[str], float]):
             f"{head} [{user_request.collection}] {clip(user_request.question, 500)}",
         ]
 
-    def event_start(self, event: Event, request_context: list[str]) -> float:
-        return time.monotonic()
+    def event_start(self, event: Event, request_context: list[str]) -> datetime | None:
+        return started_at(event)
 
     def event_end(
-        self, event: Event | None, request_context: list[str], event_context: float
+        self, event: Event | None, request_context: list[str], event_context: datetime | None
     ) -> None:
         if request_context is None:
             return
-        took = (
-            ""
-            if event_context is None
-            else f" ({(time.monotonic() - event_context) * 1000:.1f} ms)"
-        )
+        elapsed = duration_ms(event, event_context)
+        took = "" if elapsed is None else f" ({elapsed:.1f} ms)"
         failed = getattr(event, "error", None)
         request_context.append(
             "  " + self._paint(_RED if failed else _CYAN, title(event)) + self._paint(_DIM, took)

@@ -5,14 +5,18 @@ writes never block an event loop (the application's or the audit loop). A file i
 written as ``.<name>.part`` and renamed to ``<name>`` when the request ends, so a
 file with its final name is complete. Names are ``<UTC time>-<request id>.log``
 where the request id is 32 hex digits made here: two requests never share a file,
-and nothing the user asked can steer the path out of the directory.
+and nothing the user asked can steer the path out of the directory. The directory is
+checked (and made, if missing) when the handler is made, so a path it cannot write
+to is an error there, not a failure logged on every request. Times written are the
+application's (an LLM call's ``latency_ms``, the events' timestamps, the request's
+``duration_s`` and ``ended_at``), never when this handler runs.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +25,13 @@ from typing import IO
 
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
-from instrumentation.audit.handlers._format import clip, end_lines, title
+from instrumentation.audit.handlers._format import (
+    clip,
+    duration_ms,
+    end_lines,
+    started_at,
+    title,
+)
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -36,13 +46,44 @@ class FileContext:
     events: int = field(default=0)
 
 
-class FileEventHandler(EventHandler[FileContext | None, float]):
-    """Writes each request to its own file in ``directory`` (created if missing)."""
+def _writable_directory(directory: Path) -> None:
+    """Make ``directory`` if it is missing; an ``OSError`` saying which path and why if
+    it cannot be made or files cannot be written in it."""
+
+    def refuse(code: int, why: str) -> OSError:
+        # OSError(errno, ...) is the matching subclass (FileNotFoundError, ...).
+        return OSError(
+            code,
+            f"FileEventHandler cannot write its log files in {str(directory)!r}: {why}; "
+            "pass a directory it can create or write to",
+        )
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # there, and not a directory
+        raise refuse(errno.ENOTDIR, "it exists and is not a directory") from None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise refuse(exc.errno or errno.EIO, f"it cannot be created ({why})") from exc
+    if not directory.is_dir():  # pragma: no cover - mkdir said so already
+        raise refuse(errno.ENOTDIR, "it is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise refuse(errno.EACCES, "it is not writable")
+
+
+class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
+    """Writes each request to its own file in ``directory`` (created if missing).
+
+    Raises ``OSError`` (``FileNotFoundError``, ``PermissionError``,
+    ``NotADirectoryError``...) at once, naming the path, when ``directory`` cannot be
+    created or written to.
+    """
 
     def __init__(self, directory: str | os.PathLike[str] = "logs") -> None:
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory is a path (str or Path); got {type(directory).__name__}")
         self.directory = Path(directory)
+        _writable_directory(self.directory)
 
     def path_for(self, start: RequestStart) -> Path:
         """Where the request's file goes: inside :attr:`directory`, whatever the request says."""
@@ -66,25 +107,31 @@ class FileEventHandler(EventHandler[FileContext | None, float]):
             handle.write(f"Question: {user_request.question}\n")
             if user_request.metadata:
                 handle.write(f"Metadata: {clip(user_request.metadata)}\n")
+            return FileContext(part=part, final=final, file=handle)
         except BaseException:
-            handle.close()  # no context to close it later: nothing left open
+            # No context to finish it later: nothing left open, no .part left behind.
+            try:
+                handle.close()
+            finally:
+                part.unlink(missing_ok=True)
             raise
-        return FileContext(part=part, final=final, file=handle)
 
-    def event_start(self, event: Event, request_context: FileContext | None) -> float:
+    def event_start(self, event: Event, request_context: FileContext | None) -> datetime | None:
         if request_context is not None:
             request_context.events += 1
             request_context.file.write(f"\n[{request_context.events}] {title(event)} started\n")
-        return time.monotonic()
+        return started_at(event)
 
     def event_end(
-        self, event: Event | None, request_context: FileContext | None, event_context: float
+        self,
+        event: Event | None,
+        request_context: FileContext | None,
+        event_context: datetime | None,
     ) -> None:
         if request_context is None:
             return
-        elapsed = (
-            "?" if event_context is None else f"{(time.monotonic() - event_context) * 1000:.1f}"
-        )
+        took = duration_ms(event, event_context)
+        elapsed = "?" if took is None else f"{took:.1f}"
         out = request_context.file
         out.write(f"{title(event)} ended, elapsed: {elapsed} ms\n")
         for line in end_lines(event):
@@ -100,7 +147,7 @@ class FileEventHandler(EventHandler[FileContext | None, float]):
             else:
                 out.write(f"\nOutput: {clip(output.result)}\n")
             out.write(f"Duration: {output.duration_s * 1000:.1f} ms\n")
-            out.write(f"Ended: {datetime.now(timezone.utc).isoformat()}\n")
+            out.write(f"Ended: {output.ended_at.isoformat()}\n")
         finally:
             out.close()
             os.replace(request_context.part, request_context.final)

@@ -2,23 +2,25 @@
 
 Each record carries its data in ``record.audit`` (a dict: ``phase``, ``request_id``,
 and the event's fields), for JSON formatters and log shippers; the message is a short
-human line. Logging is thread-safe, so the methods are plain ``def``.
+human line. Logging is thread-safe, so the methods are plain ``def``. Durations are
+measured on the application's side (an LLM call's ``latency_ms``, the events'
+timestamps, the request's ``duration_s``), never when this handler runs.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from datetime import datetime
 from typing import Any
 
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
-from instrumentation.audit.handlers._format import clip, fields, title
+from instrumentation.audit.handlers._format import clip, duration_ms, fields, started_at, title
 
 DEFAULT_LOGGER = "instrumentation.audit.events"
 
 
-class LoggingEventHandler(EventHandler[str, float]):
+class LoggingEventHandler(EventHandler[str, datetime | None]):
     """Logs to ``logger`` (a name or a Logger) at ``level``; errors at ``logging.ERROR``."""
 
     def __init__(
@@ -54,11 +56,13 @@ class LoggingEventHandler(EventHandler[str, float]):
         )
         return rid
 
-    def event_start(self, event: Event, request_context: str) -> float:
-        return time.monotonic()
+    def event_start(self, event: Event, request_context: str) -> datetime | None:
+        return started_at(event)
 
-    def event_end(self, event: Event | None, request_context: str, event_context: float) -> None:
-        duration = None if event_context is None else (time.monotonic() - event_context) * 1000
+    def event_end(
+        self, event: Event | None, request_context: str, event_context: datetime | None
+    ) -> None:
+        duration = duration_ms(event, event_context)
         data = {
             "phase": "event",
             "request_id": request_context,
