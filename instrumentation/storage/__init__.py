@@ -2,11 +2,14 @@
 
     from instrumentation import storage
 
-    handler = storage.StorageHandler(storage.SQLiteStore("traces.db")).attach()
+    store = storage.SQLiteStore("traces.db")
+    handler = storage.StorageHandler(store=store).attach()
     ...                                  # the application runs
     handler.flush()
-    for summary in handler.store.traces(limit=5):
+    for summary in store.traces(limit=5):
         print(summary.name, summary.duration, summary.total_tokens)
+    handler.shutdown()
+    store.close()
 
 Or, for a script: ``with storage.record_to("traces.db"): main()``. From a shell:
 ``python -m instrumentation --db traces.db list|show ID|tail|export``.
@@ -28,7 +31,7 @@ from instrumentation.storage.schema import (
     SchemaVersionError,
 )
 from instrumentation.storage.serialise import TRUNCATED, UNSERIALISABLE
-from instrumentation.storage.sqlite import SQLiteStore
+from instrumentation.storage.sqlite import ACCEPTED_ADDRESSES, SQLiteStore
 from instrumentation.storage.writer import BatchWriter
 
 #: What ``open_store()`` and the command line use when no database is named.
@@ -61,8 +64,16 @@ def open_store(target: str | os.PathLike[str] | None = None, *, read_only: bool 
     migrating nothing (what the command line does): a SQLite path that does not exist
     raises ``FileNotFoundError``, anything else that is not a trace database of this
     release :class:`NotATraceDatabaseError` or :class:`SchemaVersionError`.
+
+    ``sqlite:///path`` URLs (SQLAlchemy's spelling) name a SQLite path too. An empty
+    address or any other URL (``mysql://``, ``http://``...) is a ``ValueError`` naming
+    the accepted forms; a folder, or a file in a folder that does not exist, an
+    ``OSError`` (``IsADirectoryError``, ``FileNotFoundError``). Close the store when
+    done (``store.close()``, or ``with open_store(...) as store:``).
     """
     text = database_target(target)
+    if not isinstance(text, str):
+        raise TypeError(f"open_store() takes {ACCEPTED_ADDRESSES}; got {type(text).__name__}")
     if is_postgres_dsn(text):
         from instrumentation.storage.postgres import PostgresStore
 
@@ -80,9 +91,46 @@ def record_to(
     ``target`` is a SQLite path, a PostgreSQL DSN or a :class:`Store`; ``options`` go
     to :class:`StorageHandler`. Use the returned handler as a context manager (on
     exit it detaches, writes what is queued and stops) or call ``.flush()``.
+
+    A store opened here (from a path or DSN) belongs to the handler: it is closed when
+    the handler shuts down (leaving the ``with`` block, ``shutdown()``, or interpreter
+    exit), which for SQLite copies the write-ahead log into the file. A :class:`Store`
+    given stays open, the caller's to close. Options are checked before anything is
+    opened: an unknown one raises pydantic's ``ValidationError`` and creates no file.
     """
-    store = target if isinstance(target, Store) else open_store(target)
-    return StorageHandler(store=store, **options).attach(dispatcher)
+    if isinstance(target, Store):
+        return StorageHandler(store=target, **options).attach(dispatcher)
+    _check_option_names(options)
+    if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
+        raise TypeError(f"record_to() takes a Dispatcher, got {type(dispatcher).__name__}")
+    options.setdefault("close_store", True)
+    store = open_store(target)
+    handler = None
+    try:
+        handler = StorageHandler(store=store, **options)
+        return handler.attach(dispatcher)
+    except BaseException:
+        if handler is not None:
+            handler.detach()
+            handler.shutdown()
+        store.close()
+        raise
+
+
+def _check_option_names(options: dict[str, Any]) -> None:
+    """Refuse an option :class:`StorageHandler` does not take, as it would (pydantic's
+    ``ValidationError``), before the store is opened (and the file created)."""
+    if "store" in options:
+        raise TypeError("record_to() takes the store as its first argument (target), not store=")
+    unknown = [name for name in options if name not in StorageHandler.model_fields]
+    if unknown:
+        from pydantic_core import InitErrorDetails, ValidationError
+
+        errors = [
+            InitErrorDetails(type="extra_forbidden", loc=(name,), input=options[name])
+            for name in unknown
+        ]
+        raise ValidationError.from_exception_data(StorageHandler.__name__, errors)
 
 
 def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:
@@ -101,6 +149,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ACCEPTED_ADDRESSES",
     "DEFAULT_DB",
     "SCHEMA_VERSION",
     "TRUNCATED",

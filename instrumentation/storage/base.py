@@ -20,7 +20,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from instrumentation import telemetry
 from instrumentation.storage.models import (
@@ -39,6 +39,7 @@ from instrumentation.storage.schema import (
 )
 
 Row = tuple[Any, ...]
+_S = TypeVar("_S", bound="Store")
 
 _STATUSES = ("ok", "error")
 
@@ -135,10 +136,15 @@ class Store(ABC):
         return isinstance(exc, (OverflowError, UnicodeError))
 
     def close(self) -> None:
-        """Close the connection; a later call reconnects."""
+        """Close the connection; a later call reconnects.
+
+        For SQLite, closing the last connection to the file copies the write-ahead
+        log (``-wal``) into it, so the file alone then holds every row.
+        """
         return None
 
-    def __enter__(self) -> Store:
+    def __enter__(self: _S) -> _S:
+        """``with SQLiteStore(path) as store:`` closes the store when the block ends."""
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -179,11 +185,19 @@ class SQLStore(Store):
             if not self._unreachable(exc):
                 raise
             _CONNECT_ERRORS.inc()
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if self.read_only:
+                # A reader writes nothing: its first query raises the error, which is
+                # all the caller (the command line, say) needs to show.
+                logger.debug(
+                    "instrumentation.storage: %r cannot be reached yet (%s)", self, first_line
+                )
+                return
             logger.warning(
                 "instrumentation.storage: %r cannot be reached yet (%s); writes are "
                 "retried, then spooled and replayed when it is back; reads fail until then",
                 self,
-                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                first_line,
             )
 
     def _refuse_if_read_only(self) -> None:

@@ -5,7 +5,7 @@
     python -m instrumentation --db postgresql://localhost/traces tail --interval 1
     python -m instrumentation --db traces.db export --limit 100 > traces.jsonl
 
-``--db`` takes a SQLite path or a PostgreSQL DSN; it defaults to
+``--db`` takes a SQLite path (or ``sqlite:///path``) or a PostgreSQL DSN; it defaults to
 ``$INSTRUMENTATION_DB``, then ``instrumentation.db``. The command line only reads: it
 opens the store with ``read_only=True``, so it never creates a database, creates
 tables or migrates a schema; anything that is not a trace database of this release's
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,14 +43,16 @@ def _when(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _meta(values: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--meta takes KEY=VALUE (e.g. --meta user=alice), got {item!r}")
-        out[key] = value
-    return out
+def _meta_item(item: str) -> tuple[str, str]:
+    """One ``--meta KEY=VALUE`` (an argument error, status 2, without the ``=``)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE (e.g. --meta user=alice), got {item!r}")
+    return key, value
+
+
+def _meta(values: list[tuple[str, str]] | None) -> dict[str, str]:
+    return dict(values or [])
 
 
 def _tokens(n: int) -> str:
@@ -157,10 +160,18 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _no_match(store: Store, given: str) -> str:
+    """Why ``given`` (a trace id, a prefix, or ``latest``) names no single trace."""
+    if store.traces(limit=1):
+        return f"no single trace matches {given!r}"
+    none_yet = "there are no traces yet (a trace is listed once its root span has ended)"
+    return none_yet if given == "latest" else f"no single trace matches {given!r}: {none_yet}"
+
+
 def _cmd_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     trace_id = store.resolve_trace_id(args.trace_id)
     if trace_id is None:
-        print(f"no single trace matches {args.trace_id!r}", file=sys.stderr)
+        print(_no_match(store, args.trace_id), file=sys.stderr)
         return 1
     spans = store.trace(trace_id)
     if args.json:
@@ -226,7 +237,7 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         for given in ids:
             trace_id = store.resolve_trace_id(given)
             if trace_id is None:
-                print(f"no single trace matches {given!r}", file=sys.stderr)
+                print(_no_match(store, given), file=sys.stderr)
                 status = 1
                 continue
             record = trace_record(trace_id, store.trace(trace_id))
@@ -256,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", choices=["ok", "error"])
     ls.add_argument("--min-duration", type=float, help="seconds")
     ls.add_argument("--dispatcher", help="dispatcher name (and those below it)")
-    ls.add_argument("--meta", action="append", help="KEY=VALUE, e.g. user=alice (repeatable)")
+    ls.add_argument(
+        "--meta", action="append", type=_meta_item, help="KEY=VALUE, e.g. user=alice (repeatable)"
+    )
 
     show = sub.add_parser("show", help="one trace as a tree")
     show.add_argument("trace_id", help="a trace id, a unique prefix of one, or 'latest'")
@@ -293,7 +306,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
-    where = database_target(args.db or None)  # --db "" falls back like no --db
+    # ``--db ""`` is a mistake (an unset shell variable), not a request for the default.
+    where = database_target(args.db)
     try:
         # A read-only store creates no database, no tables and migrates nothing: a
         # file that is not a trace database (an application's own SQLite file, say)
@@ -303,16 +317,26 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         # No such SQLite file: a mistyped path must not look like an empty store.
         print(f"no trace database at {where!r} (give --db or set ${DB_ENV})", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as exc:  # not a database address, a folder...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"cannot open the trace database {where!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        return _COMMANDS[args.command](store, args, stream)
+        status = _COMMANDS[args.command](store, args, stream)
+        stream.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``show latest --json | head``): stop quietly, as Unix
+        # tools do when SIGPIPE ends them.
+        _quiet_closed_stdout(stream)
+        return _SIGPIPE_STATUS
     except OSError as exc:  # e.g. export --output into a folder that does not exist
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -321,6 +345,23 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     finally:
         store.close()
+
+
+#: What a shell reports for a program ended by SIGPIPE (128 + 13).
+_SIGPIPE_STATUS = 141
+
+
+def _quiet_closed_stdout(stream: TextIO) -> None:
+    """Point standard output, if ``stream`` is it, at ``os.devnull``: what is left in
+    its buffer is then dropped at exit instead of raising ``BrokenPipeError`` again."""
+    if stream is not sys.stdout:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (replaced sys.stdout)
+        pass
 
 
 __all__ = [

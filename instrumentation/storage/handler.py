@@ -220,6 +220,9 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     ``docs/storage.md``). Tags with those names (see :func:`metadata`) win over
     both. The other arguments configure the
     :class:`BatchWriter` (see there). ``max_payload_chars`` bounds each JSON value.
+    ``close_store=True`` closes ``store`` when the handler shuts down (after the last
+    write); :func:`record_to` sets it for a store it opened itself. By default the
+    store stays open: it is the caller's to close.
     """
 
     store: Store
@@ -235,6 +238,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     max_payload_chars: int = Field(default=65_536, gt=100)
     metadata: dict[str, str] = Field(default_factory=dict)
     dispatcher_metadata: dict[str, dict[str, str]] = Field(default_factory=dict)
+    close_store: bool = False
 
     _writer: BatchWriter = PrivateAttr()
     _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
@@ -270,6 +274,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             retry_backoff=self.retry_backoff,
             replay_interval=self.replay_interval,
             spool_dir=self.spool_dir,
+            close_store=self.close_store,
         )
         # The hot path reads these two from the instance __dict__: a pydantic private
         # attribute is looked up through __getattr__, which costs microseconds.
@@ -461,7 +466,10 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         return self._writer.flush(timeout)
 
     def shutdown(self, timeout: float | None = 10.0) -> bool:
-        """Write what is queued and stop the writer (idempotent); see ``BatchWriter.shutdown``."""
+        """Write what is queued and stop the writer (idempotent); see ``BatchWriter.shutdown``.
+
+        With ``close_store``, the store is closed too once the writer has stopped.
+        """
         _span_parents.release(self)
         return self._writer.shutdown(timeout)
 

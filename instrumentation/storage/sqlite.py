@@ -9,6 +9,7 @@ of the cost of a full sync per batch.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,82 @@ from instrumentation.storage.schema import (
     migrations,
 )
 
+#: What a trace database address may be, for error messages.
+ACCEPTED_ADDRESSES = (
+    "a SQLite file path (or a sqlite:///path URL) or a PostgreSQL DSN "
+    "(postgresql://user@host/db, postgres://..., or 'host=... dbname=...')"
+)
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def sqlite_path(address: str) -> str:
+    """The file path a SQLite address names (``":memory:"`` for an in-memory database).
+
+    A plain path is itself. A SQLAlchemy-style URL is taken as well: ``sqlite:///x.db``
+    is ``x.db`` (relative), ``sqlite:////tmp/x.db`` is ``/tmp/x.db``, and ``sqlite://``
+    or ``sqlite:///:memory:`` is ``":memory:"``; the rest of the URL is the path as
+    written (no host, no ``?`` query parameters, no ``%`` decoding). Anything else
+    with a ``scheme://`` (``mysql://``, ``http://``...) and an empty address are a
+    ``ValueError`` naming the accepted forms.
+    """
+    if not address.strip():
+        raise ValueError(f"no trace database named ({address!r}); give {ACCEPTED_ADDRESSES}")
+    match = _URL.match(address)
+    if match is None:
+        return address
+    scheme = match.group(1).lower()
+    if scheme in ("postgres", "postgresql"):
+        raise ValueError(
+            f"{address!r} is a PostgreSQL DSN, not a SQLite path: open it with "
+            "storage.open_store() or storage.PostgresStore()"
+        )
+    if scheme != "sqlite":
+        hint = ""
+        if scheme.startswith(("sqlite+", "postgres+", "postgresql+")):
+            hint = f" (without the driver: {scheme.split('+')[0]}://...)"
+        raise ValueError(
+            f"{address!r} is not a trace database address: {scheme}:// is not supported; "
+            f"give {ACCEPTED_ADDRESSES}{hint}"
+        )
+    rest = address[match.end() :]
+    if rest == "":
+        return ":memory:"
+    if not rest.startswith("/"):
+        raise ValueError(
+            f"{address!r} names a host; a SQLite URL has none: sqlite:///relative.db or "
+            "sqlite:////absolute/path.db"
+        )
+    if "?" in rest:
+        raise ValueError(
+            f"{address!r} has query parameters, which a trace database address does not "
+            "take; give the path alone (sqlite:///path or the path itself)"
+        )
+    path = rest[1:]
+    if path in ("", ":memory:"):
+        return ":memory:"
+    return path
+
+
+def _check_place(path: str, read_only: bool) -> None:
+    """Refuse, with a clear ``OSError``, a path SQLite could only fail on with a bare
+    "unable to open database file" or "disk I/O error": a folder, or (to create the
+    file) a parent folder that does not exist."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{path!r} is a folder, not a SQLite trace database; give a file path in it"
+        )
+    if read_only:
+        return  # a missing file: FileNotFoundError when connecting
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        what = NotADirectoryError if os.path.exists(parent) else FileNotFoundError
+        raise what(
+            f"cannot create the SQLite trace database {path!r}: {parent!r} "
+            + ("is not a folder" if what is NotADirectoryError else "does not exist")
+            + " (create the folder first)"
+        )
+
 
 def _cannot_make_files(exc: sqlite3.OperationalError) -> bool:
     """Whether SQLite failed to make the ``-wal``/``-shm`` files it needs to read a
@@ -38,7 +115,10 @@ def _cannot_make_files(exc: sqlite3.OperationalError) -> bool:
 class SQLiteStore(SQLStore):
     """Traces in a SQLite file (created with its schema if missing).
 
-    ``path`` may be ``":memory:"`` for a store that lives as long as the object.
+    ``path`` is a file path, or a ``sqlite:///path`` URL (see :func:`sqlite_path`);
+    ``":memory:"`` makes a store that lives as long as the object. The file's folder
+    must exist (else ``FileNotFoundError``); a folder, another URL or an empty path is
+    refused (``IsADirectoryError``, ``ValueError``).
     Thread-safe; several processes may write one file (SQLite serialises them; each
     waits up to ``busy_timeout`` seconds for the lock).
 
@@ -64,7 +144,10 @@ class SQLiteStore(SQLStore):
             raise TypeError(
                 f"SQLiteStore takes a file path (str or pathlib.Path), got {type(path).__name__}"
             )
-        self.path = str(path) if str(path) == ":memory:" else str(Path(path).resolve())
+        text = sqlite_path(os.fspath(path))
+        self.path = text if text == ":memory:" else str(Path(text).resolve())
+        if self.path != ":memory:":
+            _check_place(self.path, self.read_only)
         if not isinstance(busy_timeout, (int, float)) or isinstance(busy_timeout, bool):
             raise TypeError(f"busy_timeout is seconds (a number), got {busy_timeout!r}")
         if not 0 <= busy_timeout <= 86_400:
@@ -74,7 +157,15 @@ class SQLiteStore(SQLStore):
         self._snapshot = False
         # A file locked by another process must not hold up the application's start.
         self._lock_wait = min(self.busy_timeout, 0.5)
-        self._connect_at_start()
+        try:
+            self._connect_at_start()
+        except sqlite3.OperationalError as exc:
+            if type(exc) is not sqlite3.OperationalError or self.path in str(exc):
+                raise
+            # sqlite3 names no file ("unable to open database file"): say which.
+            raise sqlite3.OperationalError(
+                f"cannot open the SQLite trace database {self.path!r}: {exc}"
+            ) from exc
         self._lock_wait = self.busy_timeout
 
     def __repr__(self) -> str:
@@ -246,4 +337,4 @@ class SQLiteStore(SQLStore):
         )
 
 
-__all__ = ["SQLiteStore"]
+__all__ = ["ACCEPTED_ADDRESSES", "SQLiteStore", "sqlite_path"]

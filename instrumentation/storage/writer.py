@@ -89,7 +89,9 @@ class BatchWriter:
     """Writes entries to ``store`` in batches on its own thread (see the module docstring).
 
     ``rows_of(entries)`` turns a list of entries into ``(span rows, event rows)``; it
-    runs on the writer thread. ``put()`` is thread-safe and never raises.
+    runs on the writer thread. ``put()`` is thread-safe and never raises. With
+    ``close_store=True`` the writer closes ``store`` when it stops (on its own thread,
+    after its last write: at ``shutdown()``, or at interpreter exit).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class BatchWriter:
         replay_interval: float = 1.0,
         spool_dir: str | os.PathLike[str] | None = None,
         exit_timeout: float = 10.0,
+        close_store: bool = False,
     ) -> None:
         if not isinstance(store, Store):
             raise TypeError(
@@ -148,6 +151,8 @@ class BatchWriter:
         self.max_backoff = float(max_backoff)
         self.replay_interval = float(replay_interval)
         self.exit_timeout = float(exit_timeout)
+        #: Close ``store`` when the writer stops (after its last write): the writer owns it.
+        self.close_store = bool(close_store)
         self.spool = Spool(store.spool_key, spool_dir, on_lost=self._count_lost)
         #: Entries refused because the queue was full or the writer shut down.
         self.dropped = 0
@@ -344,9 +349,18 @@ class BatchWriter:
                 logger.exception("instrumentation.storage writer stopped by an error")
                 raise
             finally:
+                if self.close_store:
+                    self._close_store()
                 self._stopped.set()
                 with self._space:
                     self._space.notify_all()
+
+    def _close_store(self) -> None:
+        # Closing SQLite's last connection copies its -wal file into the database.
+        try:
+            self.store.close()
+        except Exception:
+            logger.exception("instrumentation.storage could not close %r", self.store)
 
     def _wait_for_work(self) -> None:
         queue = self._queue

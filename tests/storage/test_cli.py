@@ -445,3 +445,95 @@ def test_a_wal_database_in_a_folder_the_reader_cannot_write(tmp_path: Path) -> N
         assert sorted(os.listdir(folder)) == ["t.db"]
     finally:
         subprocess.run(undo, check=True)
+
+
+def test_show_latest_on_a_database_with_no_traces_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    SQLiteStore(tmp_path / "e.db").close()
+    assert main(["--db", str(tmp_path / "e.db"), "show", "latest"]) == 1
+    err = capsys.readouterr().err
+    assert "no traces yet" in err and "matches" not in err
+
+
+def test_meta_without_a_value_is_an_argument_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit status 2, like every other bad argument."""
+    SQLiteStore(tmp_path / "t.db").close()
+    with pytest.raises(SystemExit) as info:
+        main(["--db", str(tmp_path / "t.db"), "list", "--meta", "user"])
+    assert info.value.code == 2
+    assert "--meta" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_output_quietly(tmp_path: Path) -> None:
+    """`show latest --json | head`: the reader went away; no traceback, no error line,
+    the status a shell reports for SIGPIPE."""
+    with storage_record(tmp_path / "t.db"):
+        for _ in range(3):
+            pipeline()
+    command = [sys.executable, "-m", "instrumentation", "--db", str(tmp_path / "t.db")]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into the pipe now fails with EPIPE
+    try:
+        done = subprocess.run(
+            [*command, "show", "latest", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141
+
+
+def storage_record(path: Path) -> Any:
+    from instrumentation import storage
+
+    return storage.record_to(path, dispatcher=d, debounce=0.01)
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("adir", "is a folder"),
+        ("http://example.com/x", "http:// is not supported"),
+        ("mysql://u@h/db", "mysql:// is not supported"),
+        ("", "no trace database named"),
+    ],
+)
+def test_an_address_that_is_no_database_is_one_clear_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    address: str,
+    says: str,
+) -> None:
+    """Exit 2 with one line that names the address; --db "" is not the default."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("INSTRUMENTATION_DB", raising=False)
+    (tmp_path / "adir").mkdir()
+    with storage_record(tmp_path / "instrumentation.db"):
+        pipeline()  # the default database exists and has a trace
+    out = io.StringIO()
+    assert main(["--db", address, "list"], out=out) == 2
+    err = capsys.readouterr().err
+    assert out.getvalue() == ""
+    assert len(err.strip().splitlines()) == 1 and says in err
+    assert (address or "''") in err
+    if address != "adir":
+        assert "postgresql://" in err
+
+
+def test_the_command_line_closes_its_store(tmp_path: Path) -> None:
+    """The read-only store is closed when the command ends: SQLite's -wal and -shm
+    files, made to read, are gone again."""
+    db = tmp_path / "t.db"
+    with storage_record(db):
+        pipeline()
+    assert not Path(str(db) + "-wal").exists()
+    assert "pipeline" in _run("--db", str(db), "show", "latest")
+    assert not Path(str(db) + "-wal").exists() and not Path(str(db) + "-shm").exists()

@@ -296,7 +296,7 @@ def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
 
 
 def test_a_path_that_cannot_be_opened_is_still_an_error(tmp_path: Path) -> None:
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist"):
         SQLiteStore(tmp_path / "no-such-dir" / "t.db")
     for bad in (float("inf"), -1, 10**9):
         with pytest.raises(ValueError, match="busy_timeout"):
