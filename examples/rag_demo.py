@@ -213,13 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_store:
         run_demo()
         return 0
-    store = storage.SQLiteStore(args.db)
-    recorder = storage.StorageHandler(store=store, metadata={"application": "rag_demo"})
-    try:
-        run_demo(span_handlers=[recorder], event_handlers=[recorder])
-    finally:
-        recorder.shutdown()
-    print(f"\nRead back from {args.db}:\n" + storage.format_traces(store, limit=10))
+    with storage.SQLiteStore(args.db) as store:
+        recorder = storage.StorageHandler(store=store, metadata={"application": "rag_demo"})
+        try:
+            run_demo(span_handlers=[recorder], event_handlers=[recorder])
+        finally:
+            recorder.shutdown()
+        print(f"\nRead back from {args.db}:\n" + storage.format_traces(store, limit=10))
     return 0
 
 
