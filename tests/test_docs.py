@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -45,7 +44,7 @@ def test_doc_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
+def test_notebook_runs(notebook: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each notebook executes top to bottom with the project's own interpreter."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -53,7 +52,8 @@ def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
 
     nb = nbformat.read(notebook, as_version=4)
     env_python = sys.executable
-    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # The kernel inherits it; the debugger's frozen-modules warning is noise here.
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     client = nbclient.NotebookClient(
         nb,
         timeout=240,

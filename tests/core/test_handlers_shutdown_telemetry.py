@@ -14,6 +14,7 @@ from instrumentation import (
     BaseEventHandler,
     Dispatcher,
     SimpleSpanHandler,
+    current_span,
     get_dispatcher,
     root_dispatcher,
     telemetry,
@@ -33,22 +34,29 @@ def test_simple_span_handler_is_bounded(d: Dispatcher) -> None:
     h = SimpleSpanHandler(max_completed_spans=5)
     d.add_span_handler(h)
 
+    made: dict[str, list[str]] = {"f": [], "bad": []}
+
+    def own_id() -> str:
+        span = current_span()
+        assert span is not None
+        return span.id_
+
     @d.span
     def f(i: int) -> int:
+        made["f"].append(own_id())
         return i
 
     @d.span
     def bad() -> None:
+        made["bad"].append(own_id())
         raise ValueError("x")
 
-    ids = []
     for i in range(20):
         f(i)
         with pytest.raises(ValueError):
             bad()
-    for s in h.completed_spans:
-        ids.append(s.id_)
-    assert len(h.completed_spans) == 5 and len(h.dropped_spans) == 5
+    assert [s.id_ for s in h.completed_spans] == made["f"][15:]
+    assert [s.id_ for s in h.dropped_spans] == made["bad"][15:]
     assert h.open_spans == {}
     assert all(s.end_time is not None and s.duration >= 0 for s in h.completed_spans)
     with pytest.raises(ValueError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 from collections.abc import Generator
 from typing import Any
 
@@ -216,4 +215,3 @@ def test_capture_helpers_restore_handlers_added_inside_the_block() -> None:
     with capture_spans(), capture_events():
         instrument.root_dispatcher.add_span_handler(SimpleSpanHandler())
     assert instrument.root_dispatcher.span_handlers == before
-    assert inspect.isfunction(capture_spans)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from instrumentation import SimpleSpan, SimpleSpanHandler, get_dispatcher
+from instrumentation import SimpleSpan, SimpleSpanHandler, current_span, get_dispatcher
 from instrumentation._spans import EMPTY_BOUND_ARGS
 from instrumentation.span_handlers._buffered import SpanDeque
 
@@ -127,16 +127,23 @@ def test_open_spans_mapping_reads() -> None:
 
 def test_kept_spans_are_bounded_and_the_oldest_go_first() -> None:
     h = SimpleSpanHandler(max_completed_spans=5)
-    _, (leaf, _parent) = traced(h)
-    for i in range(3):
-        leaf(i)
-    assert len(h.completed_spans) == 3  # read in between: some made, some buffered
-    for i in range(3, 12):
-        leaf(i)
-    spans = list(h.completed_spans)
-    assert len(spans) == 5
-    starts = [s.start_time for s in spans]
-    assert starts == sorted(starts)
+    d = get_dispatcher(fresh("buf"))
+    d.add_span_handler(h)
+    call_ids: list[str] = []
+
+    @d.span
+    def leaf() -> None:
+        span = current_span()
+        assert span is not None
+        call_ids.append(span.id_)
+
+    for _ in range(3):
+        leaf()
+    assert [s.id_ for s in h.completed_spans] == call_ids  # read in between
+    for _ in range(3, 12):
+        leaf()
+    # The spans of the last five calls, oldest first.
+    assert [s.id_ for s in h.completed_spans] == call_ids[7:]
     assert h.completed_spans.maxlen == 5
 
 
@@ -281,7 +288,14 @@ def test_a_subclass_with_its_own_new_span_gets_span_objects_directly() -> None:
 
 
 def test_a_drop_racing_a_reader_that_is_taking_the_span_in_is_not_lost() -> None:
-    h = SimpleSpanHandler()
+    drop_started = threading.Event()
+
+    class Watched(SimpleSpanHandler):
+        def span_drop(self, *args: Any, **kwargs: Any) -> None:
+            drop_started.set()
+            super().span_drop(*args, **kwargs)
+
+    h = Watched()
     d = get_dispatcher(fresh("droprace"))
     d.add_span_handler(h)
     open_spans = h.open_spans
@@ -290,22 +304,33 @@ def test_a_drop_racing_a_reader_that_is_taking_the_span_in_is_not_lost() -> None
 
     def slow_make(record: Any) -> SimpleSpan:
         in_make.set()
-        may_finish.wait(2)  # a thread switch in the middle of making the span
+        may_finish.wait(10)  # a thread switch in the middle of making the span
         return real_make(record)  # type: ignore[misc]
 
     open_spans.make = slow_make
     reader = threading.Thread(target=lambda: len(h.open_spans))
 
+    def release_reader_once_the_drop_runs() -> None:
+        # The reader stays in the middle of taking the span in until the drop has
+        # begun, and a moment longer, so that the drop meets it there.
+        assert drop_started.wait(5)
+        time.sleep(0.05)
+        may_finish.set()
+
+    releaser = threading.Thread(target=release_reader_once_the_drop_runs)
+
     @d.span
     def fails() -> None:
         reader.start()
-        assert in_make.wait(2)
-        threading.Timer(0.2, may_finish.set).start()
+        assert in_make.wait(5)
+        releaser.start()
         raise ValueError("x")
 
     with pytest.raises(ValueError):
         fails()
     reader.join()
+    releaser.join()
+    assert drop_started.is_set()
     assert [s.name for s in h.dropped_spans] == [fails.__qualname__]
     assert not h.open_spans
 
