@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -16,8 +18,38 @@ from ._support import fresh
 
 CHILD_OK = 0
 
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+def in_child(body: Callable[[], Any]) -> Any:
+    """Run ``body`` in a forked child and return what it returned (through JSON).
+
+    The child has 20 s; an assertion or error in it fails the test here.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            import signal
+
+            signal.alarm(20)
+            os.close(read_fd)
+            os.write(write_fd, json.dumps(body()).encode())
+            status = CHILD_OK
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == CHILD_OK
+    return json.loads(b"".join(chunks))
+
+
+@needs_fork
 @pytest.mark.timeout(60)
 def test_fork_child_works_while_parent_thread_holds_the_locks() -> None:
     """Forking while another thread holds the tree and telemetry locks: the child still makes
@@ -31,6 +63,28 @@ def test_fork_child_works_while_parent_thread_holds_the_locks() -> None:
             held.set()
             release.wait(30)
 
+    def child_work() -> dict[str, Any]:
+        d = get_dispatcher(f"{name}.child")
+        h = SimpleSpanHandler()
+        d.add_span_handler(h)
+
+        @d.span
+        def work() -> int:
+            return 1
+
+        work()
+        telemetry.counter(f"{name}.in_child").add(2)
+        telemetry.SPANS_STARTED.add(1)
+        telemetry.report_handler_error(h, "test", "fork", RuntimeError("x"))
+        assert telemetry.handler_errors()["SimpleSpanHandler"] >= 1
+        (span,) = h.completed_spans
+        return {
+            "hex": [new_span_hex() for _ in range(5)],
+            "trace": new_trace_id(),
+            "span_trace": span.trace_id,
+            "parent": d.parent.name if d.parent else None,
+        }
+
     # Fill the id pools before forking: a child that kept them would hand out the
     # same ids as the parent.
     new_span_hex()
@@ -38,58 +92,18 @@ def test_fork_child_works_while_parent_thread_holds_the_locks() -> None:
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(10)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            import signal
-
-            signal.alarm(20)
-            os.close(read_fd)
-            d = get_dispatcher(f"{name}.child")
-            h = SimpleSpanHandler()
-            d.add_span_handler(h)
-
-            @d.span
-            def work() -> int:
-                return 1
-
-            work()
-            telemetry.counter(f"{name}.in_child").add(2)
-            telemetry.SPANS_STARTED.add(1)
-            telemetry.report_handler_error(h, "test", "fork", RuntimeError("x"))
-            assert telemetry.handler_errors()["SimpleSpanHandler"] >= 1
-            (span,) = h.completed_spans
-            payload = {
-                "hex": [new_span_hex() for _ in range(5)],
-                "trace": new_trace_id(),
-                "span_trace": span.trace_id,
-                "parent": d.parent.name if d.parent else None,
-            }
-            os.write(write_fd, json.dumps(payload).encode())
-            status = CHILD_OK
-        finally:
-            os._exit(status)
     try:
-        os.close(write_fd)
+        child = in_child(child_work)
         mine = {"hex": [new_span_hex() for _ in range(5)], "trace": new_trace_id()}
-        chunks = []
-        while chunk := os.read(read_fd, 65536):
-            chunks.append(chunk)
-        os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
     finally:
         release.set()
         holder.join()
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == CHILD_OK
-    child = json.loads(b"".join(chunks))
     assert set(child["hex"]).isdisjoint(mine["hex"])
     assert child["trace"] != mine["trace"] and len(child["span_trace"]) == 32
     assert child["parent"] == "root"
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@needs_fork
 @pytest.mark.timeout(60)
 def test_forked_child_counts_from_zero() -> None:
     """A child's counters hold only what the child counted, not the parent's figures."""
@@ -98,31 +112,17 @@ def test_forked_child_counts_from_zero() -> None:
     mine.add(5)
     telemetry.report_handler_error(object(), "handle", "fork", RuntimeError("parent"))
     assert telemetry.handler_errors()["object"] >= 1
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            import signal
 
-            signal.alarm(20)
-            os.close(read_fd)
-            before = {"mine": mine.value, "errors": telemetry.handler_errors()}
-            mine.inc()
-            telemetry.report_handler_error(object(), "handle", "fork", RuntimeError("child"))
-            after = {"mine": mine.value, "errors": telemetry.handler_errors()}
-            os.write(write_fd, json.dumps({"before": before, "after": after}).encode())
-            status = CHILD_OK
-        finally:
-            os._exit(status)
-    os.close(write_fd)
-    chunks = []
-    while chunk := os.read(read_fd, 65536):
-        chunks.append(chunk)
-    os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == CHILD_OK
-    child = json.loads(b"".join(chunks))
+    def child_counts() -> dict[str, Any]:
+        before = {"mine": mine.value, "errors": telemetry.handler_errors()}
+        mine.inc()
+        telemetry.report_handler_error(object(), "handle", "fork", RuntimeError("child"))
+        return {
+            "before": before,
+            "after": {"mine": mine.value, "errors": telemetry.handler_errors()},
+        }
+
+    child = in_child(child_counts)
     assert child["before"] == {"mine": 0, "errors": {}}
     assert child["after"] == {"mine": 1, "errors": {"object": 1}}
     # The parent keeps its own figures.

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from instrumentation.dispatcher import Dispatcher
+from instrumentation.events.base import BaseEvent
 from instrumentation.llms import default_price_table, reset_redaction
 from instrumentation.testing import Capture, isolated
 
@@ -25,3 +28,24 @@ def _llm_settings() -> Iterator[None]:
     yield
     reset_redaction()
     default_price_table.reset()
+
+
+@pytest.fixture
+def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The class names of the events handed to any dispatcher's ``event``/``aevent``
+    during the test, whether or not a handler then receives them: an event object
+    that reached the dispatcher was built, so an empty list means none was."""
+    names: list[str] = []
+    event, aevent = Dispatcher.event, Dispatcher.aevent
+
+    def counting_event(self: Dispatcher, ev: BaseEvent, **kwargs: Any) -> None:
+        names.append(type(ev).__name__)
+        event(self, ev, **kwargs)
+
+    async def counting_aevent(self: Dispatcher, ev: BaseEvent, **kwargs: Any) -> None:
+        names.append(type(ev).__name__)
+        await aevent(self, ev, **kwargs)
+
+    monkeypatch.setattr(Dispatcher, "event", counting_event)
+    monkeypatch.setattr(Dispatcher, "aevent", counting_aevent)
+    return names

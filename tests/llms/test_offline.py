@@ -26,7 +26,7 @@ from instrumentation.llms import (
     OfflineLLMError,
     count_tokens,
 )
-from instrumentation.testing import Capture
+from instrumentation.testing import Capture, isolated
 
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
@@ -106,7 +106,9 @@ def test_abandoned_stream_ends_its_span_with_tokens_seen(cap: Capture) -> None:
     [end] = cap.events_of(LLMChatEndEvent)
     assert end.finish_reason == "abandoned"
     assert end.usage is not None and end.usage.estimated
-    assert end.usage.completion_tokens == count_tokens((first.delta or "") + (second.delta or ""))
+    assert (first.delta, second.delta) == ("Paris", " is")
+    # "Paris is": two words, no punctuation -> 2 tokens by the word/punctuation rule.
+    assert end.usage.completion_tokens == 2
     assert end.response is not None and end.response.message.content == "Paris is"
     assert not cap.events_of(SpanDropEvent)
     [span] = cap.spans
@@ -271,10 +273,25 @@ def test_predict_and_structured_predict(cap: Capture) -> None:
         assert end.model == chat.model and end.cost_usd == chat.cost_usd
 
 
-def test_no_handler_means_no_events_and_the_same_answer() -> None:
-    """With nothing listening, calls still answer (and streams still stream)."""
+def test_no_handler_means_no_events_and_the_same_answer(dispatched: list[str]) -> None:
+    """With nothing listening no event is even built, and calls answer the same; once
+    a handler listens, the very same calls do build and dispatch their events."""
+    assert not get_dispatcher("instrumentation.llms.base").is_listening  # no handler anywhere
     assert llm().chat(QUESTION).message.content == ANSWER
+    assert llm().complete(QUESTION).text == ANSWER
     assert "".join(c.delta or "" for c in llm().stream_chat(QUESTION)) == ANSWER
+    assert llm().predict("{q}", q=QUESTION) == ANSWER
+    assert dispatched == []
+    with isolated():  # a handler at the root: now the events are built
+        assert llm().chat(QUESTION).message.content == ANSWER
+        assert "".join(c.delta or "" for c in llm().stream_chat(QUESTION)) == ANSWER
+    # ANSWER streams one word per chunk: "Paris", " is", " the", " capital", " of",
+    # " France." -- six in-progress events between start and end.
+    progress = ["LLMChatInProgressEvent"] * 6
+    assert dispatched == [
+        *("LLMChatStartEvent", "LLMChatEndEvent"),
+        *("LLMChatStartEvent", *progress, "LLMChatEndEvent"),
+    ]
 
 
 def test_messages_may_be_dicts_and_bad_ones_are_rejected() -> None:

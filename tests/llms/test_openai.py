@@ -22,7 +22,6 @@ from instrumentation.llms import (
     LLMChatInProgressEvent,
     LLMChatStartEvent,
     configure_redaction,
-    count_tokens,
 )
 from instrumentation.llms.openai import (
     CHAT_SPAN,
@@ -31,7 +30,7 @@ from instrumentation.llms.openai import (
     is_instrumented,
     uninstrument_openai,
 )
-from instrumentation.testing import Capture
+from instrumentation.testing import Capture, isolated
 
 from .openai_server import PROMPT_TOKENS_PER_MESSAGE, OpenAIServer, words
 
@@ -199,7 +198,9 @@ async def test_async_stream_closed_early(cap: Capture, aclient: openai.AsyncOpen
     await stream.close()
     [end] = cap.events_of(LLMChatEndEvent)
     assert end.finish_reason == "abandoned" and end.usage is not None
-    assert end.usage.completion_tokens == count_tokens("Echo:")  # role chunk, then "Echo:"
+    # Read: the role chunk (no text), then "Echo:" -- the word "Echo" and the mark ":",
+    # 2 tokens by the word/punctuation rule.
+    assert end.usage.completion_tokens == 2
 
 
 async def test_async_error_drops_span(cap: Capture, aclient: openai.AsyncOpenAI) -> None:
@@ -345,9 +346,29 @@ def test_an_oddly_shaped_reply_is_returned_and_the_call_still_ends(
     assert span.name == CHAT_SPAN and end.span_id == span.id_ and span.end_time is not None
 
 
-def test_nothing_listening_costs_no_events(client: openai.OpenAI) -> None:
-    """With no handler the call is passed straight through."""
-    assert client.chat.completions.create(model="gpt-4o", messages=HELLO).choices
+def test_nothing_listening_costs_no_events(client: openai.OpenAI, dispatched: list[str]) -> None:
+    """With no handler the call is passed straight through: no event is even built.
+    With a handler, the very same calls build and dispatch their events."""
+    assert not get_dispatcher("instrumentation.llms.openai").is_listening  # no handler anywhere
+
+    def calls() -> None:
+        completion = client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert completion.choices[0].message.content == ANSWER
+        response = client.embeddings.create(model="text-embedding-3-small", input=["a b", "c"])
+        assert response.data[0].embedding == [3.0, 0.0, 0.5]
+
+    calls()
+    stream = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ANSWER
+    assert dispatched == []
+    with isolated():  # a handler at the root: now the events are built
+        calls()
+    assert dispatched == [
+        "LLMChatStartEvent",
+        "LLMChatEndEvent",
+        "EmbeddingStartEvent",
+        "EmbeddingEndEvent",
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True])
