@@ -3,6 +3,7 @@
     python -m instrumentation --db traces.db list --limit 20 --status error
     python -m instrumentation --db traces.db show latest          # or an id (prefix)
     python -m instrumentation --db postgresql://localhost/traces tail --interval 1
+    python -m instrumentation --db traces.db tail --lookback 300  # and the last 5 minutes
     python -m instrumentation --db traces.db export --limit 100 > traces.jsonl
 
 ``--db`` takes a SQLite path (or ``sqlite:///path``) or a PostgreSQL DSN; it defaults to
@@ -41,6 +42,17 @@ def _when(value: str) -> datetime:
             f"{value!r} is not a time: use ISO 8601 (2026-11-23T10:00) or an age (15m, 2h, 3d)"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _seconds(value: str) -> float:
+    """A number of seconds, 0 or more."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (0 <= seconds < 10**9):  # also NaN and inf
+        raise argparse.ArgumentTypeError(f"takes seconds (0 or more), got {value!r}")
+    return seconds
 
 
 def _meta_item(item: str) -> tuple[str, str]:
@@ -182,15 +194,29 @@ def _cmd_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+#: How far behind the last trace shown ``tail`` looks again: a trace that ended
+#: earlier may reach the database later (its writer batches, or was down a while).
+_LATE = timedelta(seconds=60)
+
+
 def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     seen: set[str] = set()
     started = time.monotonic()
-    cursor = datetime.now(timezone.utc) - timedelta(seconds=args.lookback)
+    # Only traces that end after this are shown: those that finish once tail has
+    # started, and with --lookback those that finished up to that long before.
+    shown_from = datetime.now(timezone.utc) - timedelta(seconds=args.lookback)
+    print(
+        f"following traces that end after {shown_from.astimezone():%Y-%m-%d %H:%M:%S}"
+        " (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    cursor = shown_from
     shown = 0
     down_since: float | None = None
     while True:
         try:
-            found = store.traces(limit=1000, ended_after=cursor - timedelta(seconds=60))
+            found = store.traces(limit=1000, ended_after=max(shown_from, cursor - _LATE))
         except (ValueError, TypeError):
             raise
         except Exception as exc:
@@ -276,15 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--events", action="store_true", help="list each span's events too")
     show.add_argument("--json", action="store_true", help="print the trace as JSON")
 
-    tail = sub.add_parser("tail", help="print traces as they finish")
+    tail = sub.add_parser("tail", help="print traces as they finish, from now on")
     tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     tail.add_argument("--max-seconds", type=float, help="stop after this long")
     tail.add_argument("--count", type=int, help="stop after this many traces")
     tail.add_argument(
         "--lookback",
-        type=float,
+        type=_seconds,
+        metavar="SECONDS",
         default=0.0,
-        help="also show traces that ended this many seconds before starting",
+        help="also show traces that ended up to this many seconds before tail started "
+        "(default 0: only those that end after it starts)",
     )
     tail.add_argument("--tree", action="store_true", help="print each trace's tree")
 

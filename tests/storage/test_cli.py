@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,41 +153,54 @@ def test_the_command_line_and_open_store_pick_the_same_default_database(
 
 
 def test_tail_follows_new_traces(tmp_path: Path, make_handler: Any) -> None:
-    """tail prints traces that finish after it starts, bounded by --count."""
+    """tail prints the traces that finish after it starts, not those that finished
+    before (--lookback is 0 by default), and stops after --count of them."""
     store = SQLiteStore(tmp_path / "t.db")
     handler = make_handler(store).attach(d)
     pipeline()  # before tail: not shown
     assert handler.flush(10)
-    out = io.StringIO()
-    result: list[int] = []
-    follower = threading.Thread(
-        target=lambda: result.append(
-            main(
-                [
-                    "--db",
-                    store.path,
-                    "tail",
-                    "--interval",
-                    "0.05",
-                    "--count",
-                    "2",
-                    "--max-seconds",
-                    "20",
-                ],
-                out=out,
-            )
-        )
+    (before,) = store.traces()
+    tail = ["tail", "--interval", "0.05", "--count", "2", "--max-seconds", "60"]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "instrumentation", "--db", store.path, *tail],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    follower.start()
-    time.sleep(0.3)
-    for _ in range(2):
-        pipeline()
-    assert handler.flush(10)
-    follower.join(30)
-    assert result == [0]
-    lines = out.getvalue().splitlines()
+    try:
+        started = follower.stderr.readline() if follower.stderr else ""
+        assert started.startswith("following traces that end after"), started
+        for _ in range(2):
+            pipeline()
+        assert handler.flush(10)
+        out, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    assert follower.returncode == 0, err
+    after = {t.trace_id for t in store.traces()} - {before.trace_id}
+    lines = out.splitlines()
+    assert before.trace_id not in out
     assert len(lines) == 2 and all("pipeline" in x for x in lines)
-    assert len({x.split()[2] for x in lines}) == 2  # two different trace ids
+    assert {x.split()[2] for x in lines} == after and len(after) == 2
+
+
+def test_tail_lookback_also_shows_traces_that_ended_that_long_before(tmp_path: Path) -> None:
+    """A trace that ended a minute before tail started is shown with --lookback 3600,
+    not with --lookback 30; one that ended years before is not shown (tail shows the
+    traces oldest first: it would come first)."""
+    from instrumentation.storage.serialise import RowMaker
+
+    store = SQLiteStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 1000)
+    for name, start in [("long_ago", 1.7e9), ("a_minute_ago", time.time() - 61)]:
+        info = (start, 0.0, None, True, name, name.ljust(32, "0"), "app", None, None, None)
+        store.write([maker.span_row((info, name + "-1", 1.0, None))], [])
+    tail = ["--db", store.path, "tail", "--interval", "0.05", "--lookback"]
+    out = _run(*tail, "3600", "--count", "1", "--max-seconds", "20")
+    assert "a_minute_ago" in out and "long_ago" not in out
+    assert _run(*tail, "30", "--max-seconds", "0.2") == ""
 
 
 def test_tail_stops_after_max_seconds(tmp_path: Path) -> None:

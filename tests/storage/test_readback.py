@@ -153,20 +153,42 @@ def test_metadata_from_handler_dispatcher_and_request(any_store: Store, make_han
         pass
 
 
-def test_writes_are_idempotent(any_store: Store, make_handler: Any) -> None:
-    """Writing the same rows again (a replay) stores nothing twice."""
-    _record(any_store, make_handler)
-    spans_before, events_before = count(any_store, "spans"), count(any_store, "events")
-    span_rows = any_store._query("SELECT id FROM spans", [])  # type: ignore[attr-defined]
-    assert len(span_rows) == spans_before
+def test_writes_are_idempotent(any_store: Store) -> None:
+    """Writing the same span and event rows again (a replay) stores each once, as it was."""
     from instrumentation.storage.serialise import RowMaker
 
     maker = RowMaker({}, {}, 10_000)
-    event = NoteEvent(text="again")
-    any_store.write([], [maker.event_row(event, None)])
-    any_store.write([], [maker.event_row(event, None)])
-    assert count(any_store, "events") == events_before + 1
-    assert count(any_store, "spans") == spans_before
+    trace_id = "e" * 32
+    root = (1.7e9, 0.0, None, True, "root", trace_id, "app", None, None, None)
+    child = (1.7e9 + 0.1, 0.1, "root-1", False, "child", trace_id, "app", None, None, None)
+    spans = [
+        maker.span_row((root, "root-1", 0.5, None)),
+        maker.span_row((child, "child-1", 0.3, "ValueError: no")),
+    ]
+    events = [
+        maker.event_row(NoteEvent(text=text, span_id="child-1", trace_id=trace_id), None)
+        for text in ("one", "two")
+    ]
+
+    def stored() -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str, str]]]:
+        span_view = [(s.id_, s.parent_id, s.status) for s in any_store.trace(trace_id)]
+        event_view = sorted(
+            (e.id_, e.span_id or "", e.payload["text"]) for e in any_store.events(trace_id=trace_id)
+        )
+        return span_view, event_view
+
+    any_store.write(spans, events)
+    first = stored()
+    assert first == (
+        [("root-1", None, "ok"), ("child-1", "root-1", "error")],
+        sorted([(events[0][0], "child-1", "one"), (events[1][0], "child-1", "two")]),
+    )
+    any_store.write(spans, events)  # the same batch again
+    any_store.write(spans[1:], events[:1])  # and a part of it
+    assert (count(any_store, "spans"), count(any_store, "events")) == (2, 2)
+    assert stored() == first
+    (summary,) = any_store.traces()
+    assert (summary.span_count, summary.error_count) == (2, 1)
 
 
 def test_newer_schema_is_refused(tmp_path: Any) -> None:

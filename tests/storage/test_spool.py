@@ -357,21 +357,40 @@ def test_a_chunk_read_again_after_a_failure_counts_nothing_twice(
     assert telemetry.counter("storage.replayed_rows").value == 5
 
 
+class WatchedLock:
+    """A lock that notes when a thread asked for it while another held it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waited = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        self.waited = True
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 def test_two_writers_replaying_one_file_send_each_row_once(
     tmp_path: Path, make_handler: Any, spool_dir: Path
 ) -> None:
     """Two handlers on one database replay the shared file a chunk at a time in turn:
     neither sends (nor counts) a chunk the other is writing."""
     store = ControlledSQLiteStore(tmp_path / "t.db")
-    _spool_events(store, spool_dir, 3000)
+    turn = WatchedLock()
+    _spool_events(store, spool_dir, 3000)._state.replay_lock = turn  # type: ignore[assignment]
     handlers = [make_handler(store, batch_size=100, replay_interval=3600) for _ in range(2)]
     store.gate.clear()  # the first chunk's write waits
     results: list[bool] = []
     threads = [threading.Thread(target=lambda h=h: results.append(h.flush(30))) for h in handlers]
     for thread in threads:
         thread.start()
-    assert wait_until(lambda: store.attempts >= 1)
-    time.sleep(0.2)  # the other writer reaches the file meanwhile
+    # One writer is in its write; the other asks for the turn meanwhile (or, were
+    # there no turns, starts a write of its own).
+    assert wait_until(lambda: store.attempts >= 1 and (turn.waited or store.attempts >= 2), 30)
     store.gate.set()
     for thread in threads:
         thread.join(30)
