@@ -6,8 +6,10 @@ import logging
 import os
 import pty
 import re
+import signal
 import threading
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -320,13 +322,71 @@ def test_a_missing_directory_is_made_when_the_handler_is(tmp_path: Path) -> None
     assert (tmp_path / "new" / "logs").is_dir()  # was made at the first request only
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+#: Who the check below runs as when the tests run as root: "nobody" on most systems.
+UNPRIVILEGED = 65534
+
+
+def _made_without_root(where: Path, names: list[str]) -> list[str]:
+    """What ``FileEventHandler(name)`` does for each of ``names``, in a child of this
+    process that runs in ``where`` as an unprivileged user: root may write to any
+    directory, whatever its mode, so only such a user sees one as not writable.
+
+    The child resolves the names from its working directory (the parents of a pytest
+    temporary directory are root's alone), and answers through a pipe.
+    """
+    if not hasattr(os, "fork"):
+        pytest.skip("run as root, this needs fork()")
+    where.chmod(0o711)  # the unprivileged user may pass through it, not list it
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # multi-threaded fork (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(5)  # a hung child dies, and says nothing
+            os.chdir(where)
+            answers = []
+            try:
+                os.setgroups([])
+                os.setgid(UNPRIVILEGED)
+                os.setuid(UNPRIVILEGED)
+            except OSError as exc:
+                answers.append(f"skip: cannot leave root ({exc})")
+            else:
+                for name in names:
+                    try:
+                        FileEventHandler(name)
+                        answers.append("accepted")
+                    except Exception as exc:
+                        answers.append(f"{type(exc).__name__}: {exc}")
+            os.write(write_end, "\n".join(answers).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        answers = pipe.read().split("\n")
+    os.waitpid(pid, 0)
+    if answers[0].startswith("skip: "):
+        pytest.skip(answers[0].removeprefix("skip: "))
+    return answers
+
+
 def test_a_directory_that_is_not_writable_is_refused(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        with pytest.raises(PermissionError, match=r"locked.*not writable"):
-            FileEventHandler(locked)
+        if os.geteuid() == 0:
+            # As root: checked as a user for whom it is not writable, and one beside it
+            # that is, so the refusal is the mode's doing.
+            (tmp_path / "open").mkdir(mode=0o777)
+            (tmp_path / "open").chmod(0o777)  # whatever the umask
+            refused, accepted = _made_without_root(tmp_path, ["locked", "open"])
+            assert re.fullmatch(r"PermissionError: .*'locked'.*not writable.*", refused), refused
+            assert accepted == "accepted"
+        else:
+            with pytest.raises(PermissionError, match=r"locked.*not writable"):
+                FileEventHandler(locked)
     finally:
         locked.chmod(0o700)
 

@@ -189,11 +189,13 @@ def test_a_loop_thread_that_ends_is_replaced_and_its_requests_end_at_once(
 
     monkeypatch.setattr(_loop, "report_loop_error", defect)
     loop_threads: list[threading.Thread] = []
+    stopped = threading.Event()
 
     class Stops(AsyncRecorder):
         def _stop(self) -> None:
             loop_threads.append(threading.current_thread())
             asyncio.get_running_loop().stop()
+            stopped.set()
 
         async def request_start(self, user_request: RequestStart) -> ReqCtx:
             if when == "inside the request":
@@ -207,7 +209,7 @@ def test_a_loop_thread_that_ends_is_replaced_and_its_requests_end_at_once(
 
     class SlowEnd(SyncRecorder):  # still busy when the loop goes
         def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
-            time.sleep(0.3)
+            stopped.wait(5)
             super().request_end(output, request_context)
 
     began = time.monotonic()
@@ -223,6 +225,9 @@ def test_a_loop_thread_that_ends_is_replaced_and_its_requests_end_at_once(
             assert not loop_threads[0].is_alive()
     assert req.completed is False
     assert time.monotonic() - began < FAST  # told at once, not after the 5 s timeout
+    assert stopped.is_set()
+    loop_threads[0].join(5)
+    assert not loop_threads[0].is_alive()
     assert telemetry.counter("audit.loop_restarts").value == 1
     assert any("thread ended" in r.getMessage() for r in caplog.records)
 
@@ -234,12 +239,19 @@ def test_a_loop_thread_that_ends_is_replaced_and_its_requests_end_at_once(
     assert telemetry.counter("audit.timeouts").value == 0
 
 
-def _loop_dies_in_request_end(loop_threads: list[threading.Thread]) -> AsyncRecorder:
-    """A handler whose request_end stops the loop, once the other handler waits."""
+def _loop_dies_in_request_end(
+    loop_threads: list[threading.Thread], other_is_ready: asyncio.Event
+) -> AsyncRecorder:
+    """A handler whose request_end stops the loop, once the other handler has set
+    ``other_is_ready`` (just before it waits: it is suspended when the loop stops).
+
+    Should the other handler never get there, this request_end fails (a handler error)
+    and the loop goes on: the test then finds no loop thread ended.
+    """
 
     class StopsLater(AsyncRecorder):
         async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
-            await asyncio.sleep(0.05)  # the other handler's request_end is waiting by then
+            await asyncio.wait_for(other_is_ready.wait(), 5)
             loop_threads.append(threading.current_thread())
             asyncio.get_running_loop().stop()
             await super().request_end(output, request_context)
@@ -263,12 +275,14 @@ def test_a_handler_ignoring_cancellation_is_closed_when_its_loop_is_lost(
     loop_threads: list[threading.Thread] = []
     calls: list[asyncio.Task[Any]] = []
     cleaned_up = threading.Event()
+    waiting = asyncio.Event()
 
     class IgnoresCancellation(AsyncRecorder):
         async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
             task = asyncio.current_task()
             assert task is not None
             calls.append(task)
+            waiting.set()  # suspended below before the other handler resumes
             try:
                 while True:
                     try:
@@ -284,7 +298,7 @@ def test_a_handler_ignoring_cancellation_is_closed_when_its_loop_is_lost(
         caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
         audit.request(
             question="q",
-            handlers=[IgnoresCancellation(), _loop_dies_in_request_end(loop_threads)],
+            handlers=[IgnoresCancellation(), _loop_dies_in_request_end(loop_threads, waiting)],
             timeout=5,
         ) as req,
     ):
@@ -323,9 +337,11 @@ def test_a_handler_ignoring_even_generator_exit_does_not_hold_up_the_dying_loop(
     monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
     loop_threads: list[threading.Thread] = []
     release = threading.Event()
+    waiting = asyncio.Event()
 
     class IgnoresEverything(AsyncRecorder):
         async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
+            waiting.set()  # suspended below before the other handler resumes
             while not release.is_set():
                 try:
                     await asyncio.sleep(3600)
@@ -336,7 +352,7 @@ def test_a_handler_ignoring_even_generator_exit_does_not_hold_up_the_dying_loop(
         caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
         audit.request(
             question="q",
-            handlers=[IgnoresEverything(), _loop_dies_in_request_end(loop_threads)],
+            handlers=[IgnoresEverything(), _loop_dies_in_request_end(loop_threads, waiting)],
             timeout=5,
         ) as req,
     ):
@@ -371,6 +387,7 @@ def test_async_generators_a_handler_left_suspended_are_closed_with_its_loop(
     loop_threads: list[threading.Thread] = []
     finally_ran = threading.Event()
     kept: list[Any] = []
+    suspended = asyncio.Event()
 
     async def rows() -> Any:
         try:
@@ -386,6 +403,7 @@ def test_async_generators_a_handler_left_suspended_are_closed_with_its_loop(
             generator = rows()
             kept.append(generator)  # the handler holds it: never garbage-collected
             assert await generator.__anext__() == 1
+            suspended.set()  # the generator waits at its first yield
             return await super().request_start(user_request)
 
     began = time.monotonic()
@@ -393,7 +411,7 @@ def test_async_generators_a_handler_left_suspended_are_closed_with_its_loop(
         caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
         audit.request(
             question="q",
-            handlers=[KeepsAGenerator(), _loop_dies_in_request_end(loop_threads)],
+            handlers=[KeepsAGenerator(), _loop_dies_in_request_end(loop_threads, suspended)],
             timeout=5,
         ) as req,
     ):

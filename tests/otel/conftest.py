@@ -87,6 +87,8 @@ class SilentCollector:
         self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._held: list[socket.socket] = []
         self._lock = threading.Lock()
+        #: Set once a connection is held: an export is in flight, waiting for an answer.
+        self.connected = threading.Event()
         self._accepting = threading.Thread(target=self._accept, name="silent-collector")
         self._accepting.start()
 
@@ -103,6 +105,7 @@ class SilentCollector:
                     conn.close()
                     return
                 self._held.append(conn)
+            self.connected.set()
 
     def answer(self) -> None:
         """Answer every request held so far with 200 OK, late."""
