@@ -40,7 +40,8 @@ DB_ENV = "INSTRUMENTATION_DB"
 
 
 def is_postgres_dsn(target: str) -> bool:
-    return target.startswith(("postgresql://", "postgres://")) or (
+    # URL schemes are case-insensitive (RFC 3986); libpq takes PostgreSQL:// too.
+    return target[:13].lower().startswith(("postgresql://", "postgres://")) or (
         "=" in target and ("dbname=" in target or "host=" in target)
     )
 
@@ -77,7 +78,9 @@ def open_store(target: str | os.PathLike[str] | None = None, *, read_only: bool 
     if is_postgres_dsn(text):
         from instrumentation.storage.postgres import PostgresStore
 
-        return PostgresStore(text, read_only=read_only)
+        scheme, sep, rest = text.partition("://")
+        # libpq knows its URL schemes in lower case only.
+        return PostgresStore(scheme.lower() + sep + rest if sep else text, read_only=read_only)
     return SQLiteStore(text, read_only=read_only)
 
 
@@ -103,8 +106,11 @@ def record_to(
     _check_option_names(options)
     if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
         raise TypeError(f"record_to() takes a Dispatcher, got {type(dispatcher).__name__}")
-    options.setdefault("close_store", True)
     store = open_store(target)
+    # Closing an in-memory database would throw its rows away: it stays open, to be
+    # read through the handler's ``store``.
+    in_memory = isinstance(store, SQLiteStore) and store.path == ":memory:"
+    options.setdefault("close_store", not in_memory)
     handler = None
     try:
         handler = StorageHandler(store=store, **options)

@@ -294,3 +294,19 @@ def test_the_command_line_shows_only_the_read_error() -> None:
 
 def test_storage_exports_the_accepted_forms() -> None:
     assert "postgresql://" in storage.ACCEPTED_ADDRESSES
+
+
+@pytest.mark.parametrize("address", [":memory:", "sqlite://"])
+def test_an_in_memory_store_record_to_opened_keeps_its_rows(address: str) -> None:
+    """Closing it would throw the rows away: it stays open, read through ``rec.store``."""
+    with record_to(address) as rec:
+        work(1)
+    assert len(rec.store.traces()) == 1
+    rec.store.close()
+
+
+def test_a_postgres_url_scheme_in_any_case_is_postgres(postgres_dsn: str) -> None:
+    scheme, _, rest = postgres_dsn.partition("://")
+    with open_store(f"{scheme.upper()}://{rest}") as store:
+        assert type(store).__name__ == "PostgresStore"
+        assert store.traces() is not None
