@@ -404,6 +404,10 @@ _ENDPOINT_EXAMPLES = {
 }
 
 
+#: Target names the gRPC exporter passes to its channel unparsed (gRPC's naming doc).
+_GRPC_NAME_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:")
+
+
 def _check_endpoint(endpoint: object, protocol: str) -> str | None:
     """The endpoint, stripped; a TypeError if it is not a str, a ValueError if it is not
     a URL the exporter can use, saying what one looks like."""
@@ -418,6 +422,10 @@ def _check_endpoint(endpoint: object, protocol: str) -> str | None:
     example = _ENDPOINT_EXAMPLES[protocol]
     if not endpoint:
         problem: str | None = f"it is empty; give the collector's base URL, e.g. {example}"
+    elif protocol == "grpc" and endpoint.lower().startswith(_GRPC_NAME_SCHEMES):
+        # gRPC's own target names (unix sockets, DNS and address lists) go to the
+        # channel as they are: gRPC itself says what is wrong with one.
+        problem = None
     elif protocol == "grpc" and "://" not in endpoint:
         # The gRPC exporter also takes host:port without a scheme.
         problem = _url_problem("http://" + endpoint, example)

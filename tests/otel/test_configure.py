@@ -465,6 +465,21 @@ def test_grpc_protocol_uses_the_grpc_exporter() -> None:
         otlp.shutdown()
 
 
+@pytest.mark.parametrize(
+    "endpoint", ["unix:///tmp/otel-collector.sock", "unix:relative.sock", "dns:///collector:4317"]
+)
+def test_grpc_target_names_are_taken_as_grpc_takes_them(endpoint: str) -> None:
+    """gRPC's own target names are not URLs with a host, and the exporter takes them."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    otlp = configure_otlp(endpoint=endpoint, protocol="grpc")
+    try:
+        assert isinstance(otlp.exporter.inner, OTLPSpanExporter)
+        assert otlp.handler in root_dispatcher.span_handlers
+    finally:
+        otlp.shutdown()
+
+
 class TracingExporter(SpanExporter):
     """An exporter whose I/O is itself instrumented (as an instrumented HTTP client is)."""
 
