@@ -12,7 +12,9 @@ only through the small :class:`ContextBridge` protocol and never imports one.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -242,16 +244,32 @@ class ContextBridge(Protocol):
 _bridges: tuple[ContextBridge, ...] = ()
 
 
+# Only for changing the bridges (two integrations may do it at once); the hot paths
+# read the tuple without it.
+_bridges_lock = threading.Lock()
+
+
+def _new_bridges_lock() -> None:
+    global _bridges_lock
+    _bridges_lock = threading.Lock()  # another thread may have held it at fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_new_bridges_lock)
+
+
 def register_bridge(bridge: ContextBridge) -> None:
     """Let ``bridge`` see our spans become current; idempotent."""
     global _bridges
-    if bridge not in _bridges:
-        _bridges = (*_bridges, bridge)
+    with _bridges_lock:
+        if bridge not in _bridges:
+            _bridges = (*_bridges, bridge)
 
 
 def unregister_bridge(bridge: ContextBridge) -> None:
     global _bridges
-    _bridges = tuple(b for b in _bridges if b is not bridge)
+    with _bridges_lock:
+        _bridges = tuple(b for b in _bridges if b is not bridge)
 
 
 def bridges() -> tuple[ContextBridge, ...]:
