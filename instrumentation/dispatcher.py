@@ -817,8 +817,8 @@ class SpanBlock:
         tags: Mapping[str, Any] | None,
         attributes: dict[str, Any] | None,
     ) -> None:
-        if name is not None:
-            check_span_name(name)
+        if name is not None and (type(name) is not str or not name):
+            check_span_name(name)  # raises, saying what is wrong
         if tags is not None and not isinstance(tags, Mapping):
             raise TypeError(f"tags must be a mapping, got {type(tags).__name__}")
         self._dispatcher = dispatcher
