@@ -100,9 +100,16 @@ class Store(ABC):
         min_duration: float | None = None,
         dispatcher: str | None = None,
         metadata: Mapping[str, str] | None = None,
-        ended_after: datetime | float | None = None,
+        ended_after: datetime | float | tuple[datetime | float, str] | None = None,
     ) -> list[TraceSummary]:
-        """Recent traces, newest first (by their root span's start)."""
+        """Recent traces, newest first (by their root span's start).
+
+        With ``ended_after``, the traces whose root span ended after it instead, oldest
+        end first (then by root span id). It is a time, or a position in that order:
+        ``(end, root_span_id)`` of a trace listed before, to list those after it (its
+        stored end time is used, so a page can start exactly where the last one
+        stopped, even among traces that ended at the same moment).
+        """
 
     @abstractmethod
     def trace(self, trace_id: str) -> list[StoredSpan]:
@@ -247,7 +254,7 @@ class SQLStore(Store):
         min_duration: float | None = None,
         dispatcher: str | None = None,
         metadata: Mapping[str, str] | None = None,
-        ended_after: datetime | float | None = None,
+        ended_after: datetime | float | tuple[datetime | float, str] | None = None,
     ) -> list[TraceSummary]:
         _check_limit(limit)
         d = self.dialect
@@ -257,10 +264,15 @@ class SQLStore(Store):
             "(r.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM spans q WHERE q.id = r.parent_id))",
         ]
         params: list[Any] = []
+        ended_after_time: datetime | float | None = None
+        if isinstance(ended_after, tuple):
+            where.append(self._after_position(ended_after, params))
+        else:
+            ended_after_time = ended_after
         for value, time_column, op, what in (
             (since, "start_time", ">=", "since"),
             (until, "start_time", "<", "until"),
-            (ended_after, "end_time", ">", "ended_after"),
+            (ended_after_time, "end_time", ">", "ended_after"),
         ):
             epoch = _epoch(value, what)
             if epoch is not None:
@@ -298,7 +310,7 @@ class SQLStore(Store):
                 )
             where.append(f"r.{column} = {p}")
             params.append(str(wanted))
-        order = "r.end_time ASC" if ended_after is not None else "r.start_time DESC"
+        order = "r.end_time ASC, r.id ASC" if ended_after is not None else "r.start_time DESC"
         sql = f"""
             SELECT r.trace_id, r.id, r.name, r.dispatcher, {d.time_value("r.start_time")},
                    {d.time_value("r.end_time")}, r.duration, r.status, r.error,
@@ -342,6 +354,29 @@ class SQLStore(Store):
                 )
             )
         return out
+
+    def _after_position(self, position: tuple[datetime | float, str], params: list[Any]) -> str:
+        """The condition "after ``(end, root_span_id)`` by end time, then root span id".
+
+        The end time compared is the one stored for that root span: a time read back
+        and given again may differ from it in the last digits (SQLite keeps more than
+        microseconds), which could skip or repeat traces that ended at almost the same
+        moment. The given time stands in only if that span is no longer there.
+        """
+        if len(position) != 2 or not isinstance(position[1], str):
+            raise TypeError(
+                "ended_after is a time, or (end time, root span id) of a trace listed "
+                f"before; got {position!r}"
+            )
+        end, root_span_id = position
+        epoch = _epoch(end, "ended_after")
+        p = self.dialect.param
+        bound = (
+            f"COALESCE((SELECT c.end_time FROM spans c WHERE c.id = {p}), "
+            f"{self.dialect.time_param()})"
+        )
+        params.extend([root_span_id, epoch, root_span_id, epoch, root_span_id])
+        return f"r.end_time >= {bound} AND (r.end_time > {bound} OR r.id > {p})"
 
     def _span_select(self) -> str:
         d = self.dialect

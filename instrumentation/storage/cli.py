@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import heapq
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TextIO
 
@@ -197,10 +198,121 @@ def _cmd_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
 #: How far behind the last trace shown ``tail`` looks again: a trace that ended
 #: earlier may reach the database later (its writer batches, or was down a while).
 _LATE = timedelta(seconds=60)
+#: How often (seconds) ``tail`` reads that stretch again; in between it reads only
+#: what is new since its last position.
+_RECHECK_EVERY = 5.0
+#: The most traces ``tail`` remembers having shown (to show none twice when it reads
+#: the last 60 seconds again). Past that, it forgets the oldest, and no longer looks
+#: for late traces that ended before them.
+_REMEMBER = 10_000
+#: Traces read per query.
+_PAGE = 500
+#: Times read back may differ from those stored by under a microsecond (SQLite keeps
+#: more digits): what tail forgets lies this far behind where it reads again.
+_MARGIN = timedelta(milliseconds=1)
+_MICROSECOND = timedelta(microseconds=1)
+
+#: Where tail reads from: a time, or ``(end, root span id)`` of a trace read.
+_Position = datetime | tuple[datetime, str]
+
+
+def _end_of(position: _Position) -> datetime:
+    return position if isinstance(position, datetime) else position[0]
+
+
+class _Follower:
+    """What ``tail`` has shown, and where it reads next.
+
+    It reads the traces that ended after its position, by end time then root span id,
+    a page at a time, the position being the ``(end, root span id)`` of the last trace
+    read: each query starts where the previous one stopped, however many traces end at
+    the same moment. Every :data:`_RECHECK_EVERY` seconds it starts again from its
+    floor, :data:`_LATE` before the last trace shown, for traces that reached the
+    database late. To show none twice, it remembers the traces it has shown that ended
+    after the floor, at most :data:`_REMEMBER`: past that, it forgets the oldest and
+    raises the floor above them, never past the last trace read (the frontier).
+    """
+
+    def __init__(self, store: Store, shown_from: datetime) -> None:
+        self._store = store
+        #: Only traces after this are shown: every one shown since is remembered.
+        self._floor: _Position = shown_from
+        self._position: _Position = shown_from
+        #: The furthest trace read, and whether the position is there (or past it).
+        self._frontier: tuple[datetime, str] | None = None
+        self._at_frontier = True
+        self._latest: datetime | None = None  # the latest end of a trace shown
+        self._seen: set[str] = set()
+        self._by_end: list[tuple[datetime, str]] = []  # a heap of what _seen holds
+        self._rechecked: float | None = None
+
+    @property
+    def remembered(self) -> int:
+        """How many shown traces are remembered (at most :data:`_REMEMBER`)."""
+        return len(self._seen)
+
+    def new_traces(self) -> Iterator[TraceSummary]:
+        """Every trace not shown yet that ended after the floor, by end time; each is
+        taken as shown once yielded."""
+        now = time.monotonic()
+        if self._rechecked is None or now - self._rechecked >= _RECHECK_EVERY:
+            self._rechecked = now
+            self._position = self._floor
+            self._at_frontier = self._frontier is None or self._floor == self._frontier
+        elif self._frontier is not None:
+            self._position = self._frontier
+            self._at_frontier = True
+        while True:
+            # Room for a whole page, so that what is remembered stays within bounds.
+            self._forget(keep=max(0, _REMEMBER - _PAGE))
+            page = self._store.traces(limit=_PAGE, ended_after=self._position)
+            for summary in page:
+                if summary.end is None:  # not listed: only ended traces are
+                    continue
+                read = (summary.end, summary.root_span_id)
+                self._position = read
+                frontier = self._frontier
+                if not self._at_frontier and (
+                    frontier is None or read[1] == frontier[1] or read[0] > frontier[0]
+                ):
+                    self._at_frontier = True
+                if self._at_frontier:
+                    self._frontier = read
+                if summary.trace_id in self._seen:
+                    continue
+                self._seen.add(summary.trace_id)
+                heapq.heappush(self._by_end, (summary.end, summary.trace_id))
+                if self._latest is None or summary.end > self._latest:
+                    self._latest = summary.end
+                yield summary
+            if len(page) < _PAGE:
+                return
+
+    def _forget(self, keep: int) -> None:
+        """Forget what ended too long before the latest trace shown, and the oldest
+        past ``keep``; raise the floor above all that is forgotten."""
+        floor = old = _end_of(self._floor)
+        if self._latest is not None:
+            floor = max(floor, self._latest - _LATE)
+        while self._by_end and (len(self._seen) > keep or self._by_end[0][0] + _MARGIN < floor):
+            end, trace_id = heapq.heappop(self._by_end)
+            self._seen.discard(trace_id)
+            floor = max(floor, end + _MARGIN)
+        if floor <= old:
+            return
+        frontier = self._frontier
+        if frontier is not None and floor >= frontier[0] - _MICROSECOND:
+            # So many traces ended that close together that a floor in time would
+            # pass some never read: read on from the last one read instead.
+            self._floor = self._position = frontier
+            self._at_frontier = True
+            return
+        self._floor = floor
+        if floor > _end_of(self._position):
+            self._position = floor
 
 
 def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    seen: set[str] = set()
     started = time.monotonic()
     # Only traces that end after this are shown: those that finish once tail has
     # started, and with --lookback those that finished up to that long before.
@@ -211,42 +323,39 @@ def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         file=sys.stderr,
         flush=True,
     )
-    cursor = shown_from
+    follower = _Follower(store, shown_from)
     shown = 0
     down_since: float | None = None
     while True:
-        try:
-            found = store.traces(limit=1000, ended_after=max(shown_from, cursor - _LATE))
-        except (ValueError, TypeError):
-            raise
-        except Exception as exc:
-            # The server restarted, or the file is locked for a while: tail is for
-            # watching over time, so it says so once and keeps polling.
-            if down_since is None:
-                down_since = time.monotonic()
-                print(f"cannot read the trace database ({exc}); retrying", file=sys.stderr)
-            found = []
-        else:
+        found = follower.new_traces()
+        while True:
+            try:
+                summary = next(found, None)
+            except (ValueError, TypeError):
+                raise
+            except Exception as exc:
+                # The server restarted, or the file is locked for a while: tail is for
+                # watching over time, so it says so once and keeps polling.
+                if down_since is None:
+                    down_since = time.monotonic()
+                    print(f"cannot read the trace database ({exc}); retrying", file=sys.stderr)
+                break
             if down_since is not None:
                 print(
                     f"reading the trace database again after {time.monotonic() - down_since:.1f} s",
                     file=sys.stderr,
                 )
                 down_since = None
-        for summary in found:
-            if summary.trace_id in seen:
-                continue
-            seen.add(summary.trace_id)
-            if summary.end is not None and summary.end > cursor:
-                cursor = summary.end
+            if summary is None:
+                break
+            print(summary_line(summary), file=out)
             if args.tree:
-                print(summary_line(summary), file=out)
                 print(format_trace(store.trace(summary.trace_id)), file=out)
-            else:
-                print(summary_line(summary), file=out)
             out.flush()
             shown += 1
             if args.count is not None and shown >= args.count:
+                return 0
+            if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
                 return 0
         if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
             return 0

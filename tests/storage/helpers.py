@@ -69,3 +69,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+class CountingTime:
+    """Stands for the ``time`` module in the command line (``monkeypatch.setattr(cli,
+    "time", CountingTime())``), counting the pauses between ``tail``'s polls: once it
+    has paused, it has read the database (or failed to) that many times."""
+
+    monotonic = staticmethod(time.monotonic)
+
+    def __init__(self) -> None:
+        self.pauses = 0
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses += 1
+        time.sleep(seconds)

@@ -9,7 +9,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from instrumentation.storage import (
 )
 from instrumentation.storage.cli import main
 
-from .helpers import FakeLLMEndEvent, Usage
+from .helpers import CountingTime, FakeLLMEndEvent, Usage, wait_until
 
 d = get_dispatcher("tests.storage.cli")
 
@@ -549,3 +551,137 @@ def test_the_command_line_closes_its_store(tmp_path: Path) -> None:
     assert not Path(str(db) + "-wal").exists()
     assert "pipeline" in _run("--db", str(db), "show", "latest")
     assert not Path(str(db) + "-wal").exists() and not Path(str(db) + "-shm").exists()
+
+
+def _write_roots(store: Store, ends: list[tuple[str, float]]) -> None:
+    """One finished root span (a trace) per ``(name, end time)``, named after its index."""
+    from instrumentation.storage.serialise import RowMaker
+
+    maker = RowMaker({}, {}, 1000)
+    rows = []
+    for name, end in ends:
+        info = (end - 0.5, 0.0, None, True, name, name.ljust(32, "0"), "app", None, None, None)
+        rows.append(maker.span_row((info, f"{name}-root", 0.5, None)))
+    store.write(rows, [])
+
+
+class _Lines(io.StringIO):
+    """Output that another thread may count the lines of meanwhile."""
+
+    def lines(self) -> list[str]:
+        return self.getvalue().splitlines()
+
+
+def test_tail_keeps_up_with_thousands_of_traces_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tail read at most 1000 traces from 60 s before the last one shown: with 3000
+    ending within a minute it showed the first 1000 and never got past them. It pages
+    from its position now (here many traces end at the same moment, or a fraction of a
+    microsecond apart), and reading the last minute again shows none twice."""
+    from instrumentation.storage import cli
+
+    monkeypatch.setattr(cli, "_RECHECK_EVERY", 0.0, raising=False)  # read it again each poll
+    counting = CountingTime()
+    monkeypatch.setattr(cli, "time", counting)
+    store = SQLiteStore(tmp_path / "t.db")
+    now = time.time()
+    names = [f"t{i:04d}" for i in range(3000)]
+    _write_roots(store, [(n, now - 55.123456789 + (i // 10) * 0.0183) for i, n in enumerate(names)])
+    out = _Lines()
+    result: list[int] = []
+    args = ["--db", store.path, "tail", "--interval", "0.01", "--lookback", "120"]
+    follower = threading.Thread(
+        target=lambda: result.append(
+            main([*args, "--count", "3001", "--max-seconds", "60"], out=out)
+        )
+    )
+    follower.start()
+    try:
+        assert wait_until(lambda: len(out.lines()) >= 3000, 30), len(out.lines())
+        seen_at = counting.pauses
+        assert wait_until(lambda: counting.pauses >= seen_at + 3, 30)  # three more polls
+        _write_roots(store, [("marker", time.time())])
+    finally:
+        follower.join(60)
+    assert result == [0]
+    lines = out.lines()
+    assert len(lines) == 3001 and "marker" in lines[-1]
+    shown = [line.split()[3] for line in lines[:-1]]
+    assert sorted(shown) == names
+
+
+def test_tail_remembers_a_bounded_number_of_traces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What tail has shown (to show nothing twice) stays within its bound, at any
+    rate; it forgets the oldest first, and then no longer reads back that far."""
+    from instrumentation.storage import cli
+
+    monkeypatch.setattr(cli, "_REMEMBER", 1000)
+    monkeypatch.setattr(cli, "_PAGE", 100)
+    monkeypatch.setattr(cli, "_RECHECK_EVERY", 0.0)
+    store = SQLiteStore(tmp_path / "t.db")
+    now = time.time()
+    names = [f"t{i:04d}" for i in range(3000)]
+    _write_roots(store, [(n, now - 55 + i * 0.0183) for i, n in enumerate(names)])
+    follower = cli._Follower(store, datetime.now(timezone.utc) - timedelta(seconds=120))
+    shown = []
+    most = 0
+    for _ in range(3):  # the first poll shows them all, those after show none again
+        for summary in follower.new_traces():
+            shown.append(summary.root_span_id)
+            most = max(most, follower.remembered)
+    assert shown == [f"{n}-root" for n in names]
+    assert most == 1000 and follower.remembered <= 1000
+    # A trace that reaches the database late is shown if it ended after the oldest
+    # one remembered, not before (it could be one already shown and forgotten).
+    _write_roots(store, [("late", now - 55 + 2500 * 0.0183 + 0.001), ("too_late", now - 50)])
+    assert [s.name for s in follower.new_traces()] == ["late"]
+    assert list(follower.new_traces()) == []
+
+
+def test_tail_shows_a_trace_that_reaches_the_database_late(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace that ended up to 60 s before the last one shown, but is stored only
+    after it, is still shown, once; one that ended earlier than that is not."""
+    from instrumentation.storage import cli
+
+    monkeypatch.setattr(cli, "_RECHECK_EVERY", 0.0)
+    store = SQLiteStore(tmp_path / "t.db")
+    now = time.time()
+    follower = cli._Follower(store, datetime.now(timezone.utc) - timedelta(seconds=120))
+    _write_roots(store, [("first", now - 5)])
+    assert [s.name for s in follower.new_traces()] == ["first"]
+    _write_roots(store, [("late", now - 50), ("too_late", now - 70), ("next", now - 1)])
+    assert [s.name for s in follower.new_traces()] == ["late", "next"]
+    assert list(follower.new_traces()) == []
+    assert follower.remembered == 3
+
+
+def test_tail_gets_past_more_traces_than_it_remembers_that_ended_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where more traces than it remembers end at the same moment, tail forgets some of
+    them before it has read the others: it reads on from the last one read, so it
+    neither skips the others nor shows the forgotten ones again."""
+    from instrumentation.storage import cli
+
+    monkeypatch.setattr(cli, "_REMEMBER", 100)
+    monkeypatch.setattr(cli, "_PAGE", 10)
+    monkeypatch.setattr(cli, "_RECHECK_EVERY", 0.0)
+    store = SQLiteStore(tmp_path / "t.db")
+    end = time.time() - 30.123456789
+    names = [f"t{i:04d}" for i in range(1000)]
+    _write_roots(store, [(n, end) for n in names])
+    follower = cli._Follower(store, datetime.now(timezone.utc) - timedelta(seconds=120))
+    shown = []
+    for _ in range(3):
+        for summary in follower.new_traces():
+            shown.append(summary.name)
+            assert follower.remembered <= 100
+    assert shown == names
+    _write_roots(store, [("then", end + 1e-7), ("later", end + 20)])
+    assert [s.name for s in follower.new_traces()] == ["then", "later"]
+    assert list(follower.new_traces()) == []

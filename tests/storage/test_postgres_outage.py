@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 from instrumentation import get_dispatcher, telemetry
 from instrumentation.storage.postgres import PostgresStore
 
-from .helpers import NoteEvent, count, wait_until
+from .helpers import CountingTime, NoteEvent, count, wait_until
 
 d = get_dispatcher("tests.storage.outage")
 
@@ -33,25 +33,45 @@ def test_every_entry_arrives_exactly_once_across_a_server_restart(
     ).attach(d)
     produced = 0
     stop = threading.Event()
+    spooled = telemetry.counter("storage.spooled_rows")
 
     def produce() -> None:
         nonlocal produced
         while not stop.is_set():
-            with d.span("tick"):
-                d.event(NoteEvent(text=str(produced)))
-            produced += 1
-            time.sleep(0.002)
+            for _ in range(10):
+                with d.span("tick"):
+                    d.event(NoteEvent(text=str(produced)))
+                produced += 1
+            # Paced by the writer, so the queue never fills: ten more once it has
+            # taken these (written them, or spooled them while the server is down).
+            wait_until(lambda: handler.writer.queued == 0 or stop.is_set(), 30)
+
+    def handled(entries: int) -> bool:
+        """Whether the rows of the first ``entries`` (a span and an event each) are
+        written or spooled (the writer takes them in order)."""
+        return bool(handler.writer.rows_written + spooled.value >= 2 * entries)
 
     producer = threading.Thread(target=produce)
     producer.start()
     try:
         assert wait_until(lambda: handler.writer.rows_written > 50, 20)
         postgres_server.stop()
-        down_at = handler.writer.rows_written
-        time.sleep(1.5)  # entries keep coming while the database is down
-        assert wait_until(lambda: handler.writer.spool.pending, 10)
-        postgres_server.start()
-        time.sleep(0.5)
+        try:
+            written_before, made_before = handler.writer.rows_written, produced
+            # Entries keep coming while the database is down: a hundred more at
+            # least, and all of them spooled.
+            assert wait_until(lambda: produced >= made_before + 100, 20)
+            made_while_down = produced
+            assert wait_until(lambda: handled(made_while_down), 20)
+            assert handler.writer.spool.pending and spooled.value > 0
+        finally:
+            postgres_server.start()
+        # ...and after it is back, while the spool is replayed: until it is, and a
+        # hundred more entries were made.
+        made_before = produced
+        assert wait_until(
+            lambda: not handler.writer.spool.pending and produced >= made_before + 100, 30
+        )
     finally:
         stop.set()
         producer.join()
@@ -64,7 +84,7 @@ def test_every_entry_arrives_exactly_once_across_a_server_restart(
     assert count(reader, "spans") == produced
     texts = reader._query("SELECT payload->>'text' FROM events", [])
     assert sorted(int(t[0]) for t in texts) == list(range(produced))
-    assert handler.writer.rows_written >= down_at
+    assert handler.writer.rows_written > written_before
     assert not handler.writer.spool.path.exists()
 
 
@@ -135,30 +155,37 @@ def test_tail_keeps_following_across_a_server_restart(
     postgres_server: Any,
     postgres_dsn: str,
     make_handler: Any,
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """tail used to exit (status 2) when the server restarted; it says so and goes on."""
     import io
 
-    from instrumentation.storage.cli import main
+    from instrumentation.storage import cli
 
+    counting = CountingTime()
+    monkeypatch.setattr(cli, "time", counting)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
     handler = make_handler(PostgresStore(postgres_dsn, connect_timeout=1)).attach(d)
     out = io.StringIO()
     result: list[int] = []
     args = ["--db", postgres_dsn, "tail", "--interval", "0.1", "--count", "1"]
     follower = threading.Thread(
-        target=lambda: result.append(main([*args, "--max-seconds", "30"], out=out))
+        target=lambda: result.append(cli.main([*args, "--max-seconds", "30"], out=out))
     )
     follower.start()
-    time.sleep(0.5)
-    postgres_server.stop()
-    time.sleep(0.5)
-    postgres_server.start()
+    try:
+        assert wait_until(lambda: counting.pauses >= 1, 20)  # it has read the database
+        assert "cannot read" not in err.getvalue()
+        postgres_server.stop()
+        assert wait_until(lambda: "retrying" in err.getvalue(), 20)  # it has seen it go
+        assert follower.is_alive()
+    finally:
+        postgres_server.start()
     with d.span("after the restart"):
         pass
     assert wait_until(lambda: handler.flush(2), 30)
     follower.join(40)
     assert result == [0]
     assert "after the restart" in out.getvalue()
-    err = capsys.readouterr().err
-    assert "retrying" in err and "again after" in err
+    assert "again after" in err.getvalue()

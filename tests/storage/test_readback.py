@@ -527,6 +527,7 @@ def test_dispatcher_metadata_reaches_through_unseen_spans_in_a_row(
     assert sorted(e.type for e in events) == ["FakeLLMEndEvent", "NoteEvent"]
     assert [e.metadata for e in events] == [db, db]
     (outside,) = {e.trace_id for e in store.events()} - {inside.trace_id}
+    assert outside is not None  # events outside every span have no trace
     assert [s.metadata for s in store.trace(outside)] == [{}] * (1 + also_attached_to_outer)
     assert [e.metadata for e in store.events(trace_id=outside)] == [{}, {}]
 
@@ -587,3 +588,32 @@ def test_dispatcher_metadata_reaches_through_a_foreign_span(
     assert spans["generate"].parent_id not in (None, outer.id_)  # the foreign span
     assert spans["generate"].metadata == {"application": "db"}
     assert [e.metadata for e in spans["generate"].events] == [{"application": "db"}]
+
+
+def test_ended_after_a_position_pages_through_traces_that_ended_together(
+    any_store: Store,
+) -> None:
+    """ended_after=(end, root span id) of a trace lists those after it, by end time then
+    root span id: pages read one after the other list every trace once, also where many
+    traces ended at the same moment, or a fraction of a microsecond apart (SQLite keeps
+    more digits than the datetime read back)."""
+    from instrumentation.storage.serialise import RowMaker
+
+    maker = RowMaker({}, {}, 1000)
+    start = time.time() - 30.123456789
+    rows = []
+    for i in range(60):
+        info = (start + (i // 10) * 4e-7, 0.0, None, True, "t", f"{i:032x}", "app")
+        rows.append(maker.span_row(((*info, None, None, None), f"root-{i:03d}", 1.0, None)))
+    any_store.write(rows, [])
+    listed: list[str] = []
+    position: Any = start
+    while True:
+        page = any_store.traces(limit=7, ended_after=position)
+        listed += [t.root_span_id for t in page]
+        if len(page) < 7:
+            break
+        position = (page[-1].end, page[-1].root_span_id)
+    assert listed == [f"root-{i:03d}" for i in range(60)]
+    with pytest.raises(TypeError, match="root span id"):
+        any_store.traces(ended_after=(start, 3))  # type: ignore[arg-type]
