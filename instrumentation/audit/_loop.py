@@ -13,6 +13,12 @@ the loop) is logged, counted in ``audit.loop_errors``, and the loop runs on. Sho
 its thread end anyway, the requests it was serving are told at once (they end with
 ``completed=False`` instead of waiting out their timeout) and the next request starts
 a new loop, counted in ``audit.loop_restarts``.
+
+Plain ``def`` methods run on :class:`SyncPool`, not on a ``ThreadPoolExecutor``: once
+the interpreter begins to exit, every ``ThreadPoolExecutor`` refuses new work ("cannot
+schedule new futures after interpreter shutdown"; its ``threading`` exit hook runs
+before non-daemon threads are joined and before ``atexit``), which is just when the
+exit flush (:mod:`instrumentation.audit.runner`) needs the calls still in flight to run.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import asyncio
 import contextvars
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from instrumentation import telemetry
 from instrumentation.context import suppress_instrumentation
@@ -43,6 +50,78 @@ LOOP_RESTARTS = telemetry.counter("audit.loop_restarts")
 CALLS_ABANDONED = telemetry.counter("audit.calls_abandoned")
 
 _on_loop_thread = threading.local()
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class SyncPool(Executor):
+    """The worker threads that run plain ``def`` handler methods.
+
+    Unlike a ``ThreadPoolExecutor`` it takes work until the process ends: an exiting
+    interpreter stops every ``ThreadPoolExecutor`` before the exit flush is over (before
+    ``atexit``, and before the non-daemon threads that may still end requests are
+    joined). Its threads start with the pool (an exiting CPython 3.12.0-3.12.2 refuses
+    to start new ones) and are daemons: how long an exit waits for handler calls is the
+    exit flush's budget, never a stuck handler's doing.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._work, name=f"{name}_{index}", daemon=True)
+            for index in range(workers)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put(_Call(future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the threads once the calls already submitted have run."""
+        for _ in self.threads:
+            self._calls.put(None)
+        if wait:
+            for thread in self.threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+    def _work(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            call.run()
+            del call  # its result and arguments are not kept alive while idle
+
+
+class _Call:
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(
+        self,
+        future: Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:  # the handler's failure: the awaiting runner reports it
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
 
 
 class Served(Protocol):
@@ -213,7 +292,7 @@ class AuditLoop:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._worker: Worker | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: SyncPool | None = None
 
     # -- the worker -------------------------------------------------------------------
 
@@ -239,9 +318,7 @@ class AuditLoop:
 
     def _start(self) -> Worker:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=SYNC_WORKERS, thread_name_prefix="instrumentation-audit-sync"
-            )
+            self._executor = SyncPool(SYNC_WORKERS, "instrumentation-audit-sync")
         worker = Worker(asyncio.new_event_loop())
         ready = threading.Event()
         thread = threading.Thread(
@@ -359,6 +436,7 @@ __all__ = [
     "SYNC_WORKERS",
     "AuditLoop",
     "Served",
+    "SyncPool",
     "Worker",
     "audit_loop",
     "report_loop_error",

@@ -83,6 +83,7 @@ class AuditRequest:
         if is_suppressed():
             return  # inside the library's own work (or a handler): not audited
         run = RequestRun(self.handlers, self.start)
+        self.start = run.start  # stamped when the request began, after any library start-up
         registry.activate(run)
         self._run = run
         self._token = current_run.set(run)

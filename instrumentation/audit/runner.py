@@ -5,16 +5,31 @@ handler and runs them one at a time, so ``event_start`` always sees the context
 ``request_start`` returned and ``event_end`` the one its own ``event_start`` returned,
 however many requests and events are interleaved. Contexts live in this run object
 (one per request, one slot per handler, one per open event), never in the handler.
+
+Requests whose handler calls are still running when the interpreter exits (an adapter
+with ``timeout=0``, or a timeout that ran out) are waited for then, at most
+:data:`EXIT_FLUSH_SECONDS` in all; what still has not finished is logged and counted in
+``audit.exit_unfinished``. The wait happens twice, as CPython 3.10-3.13 exit in this
+order: ``threading``'s exit hooks (ours, then ``concurrent.futures``' which stops every
+``ThreadPoolExecutor``, so an ``async`` handler's ``asyncio.to_thread`` still works for
+the requests ended so far), then the joining of non-daemon threads (which may end more
+requests), then ``atexit`` (ours waits for those, then reports what is left).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+
+# Imported before our exit hook is registered, so that ours runs first: threading runs
+# them last registered first, and this module's stops every ThreadPoolExecutor.
+import concurrent.futures.thread
 import dataclasses
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -25,7 +40,7 @@ from typing import Any, NamedTuple
 from instrumentation import telemetry
 from instrumentation.audit._loop import Worker, audit_loop, report_loop_error
 from instrumentation.audit.base import EventHandler
-from instrumentation.audit.events import Event, RequestEnd, RequestStart
+from instrumentation.audit.events import Event, RequestEnd, RequestStart, _now
 
 logger = logging.getLogger("instrumentation.audit")
 
@@ -33,6 +48,11 @@ HANDLER_ERRORS = telemetry.counter("audit.handler_errors")
 TIMEOUTS = telemetry.counter("audit.timeouts")
 REQUESTS = telemetry.counter("audit.requests")
 EVENTS = telemetry.counter("audit.events")
+EXIT_UNFINISHED = telemetry.counter("audit.exit_unfinished")
+
+#: Seconds an exiting interpreter waits, in all, for the handler calls of the requests
+#: still in flight (read at exit: set it before then to wait longer or not at all).
+EXIT_FLUSH_SECONDS = 5.0
 
 _sequence = itertools.count(1)
 _tasks: set[asyncio.Task[None]] = set()
@@ -129,7 +149,6 @@ class RequestRun:
         self.done: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.ended = False
         self.span_ids: list[str] = []
-        self._started_at = time.perf_counter()
         self._lock = threading.Lock()
         self._keys = itertools.count()
         self._open: dict[object, list[tuple[int, Event]]] = {}
@@ -141,13 +160,23 @@ class RequestRun:
         self._draining = [False] * count
         self._remaining = count
         self._worker: Worker | None = None
-        REQUESTS.inc()
         #: ``done`` settled: a plain flag, read on every event (Future.done() takes a lock).
         self._over = count == 0
+        if count:
+            _in_flight.add(self)  # before its loop can lose it (and settle it)
+            try:
+                # The library's own start-up (the audit loop's threads, in a process's
+                # first request) is not the request's: its clocks start once it is done.
+                self._worker = audit_loop.worker(serve=self)
+            except BaseException:
+                _in_flight.discard(self)
+                raise
+        self.start = dataclasses.replace(start, started_at=_now())
+        self._started_at = time.perf_counter()
+        REQUESTS.inc()
         if count == 0:
             self.done.set_result(True)
         else:
-            self._worker = audit_loop.worker(serve=self)
             self._post(("request_start",))
 
     # -- application side (any thread) ---------------------------------------------
@@ -252,6 +281,7 @@ class RequestRun:
 
     def _settle(self, completed: bool) -> None:
         self._over = True
+        _in_flight.discard(self)
         try:
             self.done.set_result(completed)
         except concurrent.futures.InvalidStateError:  # settled already
@@ -356,4 +386,141 @@ def _unfinished(event: Event, ended_at: datetime) -> Event:
     return dataclasses.replace(event, **changes)
 
 
-__all__ = ["HandlerError", "RequestRun", "check_handlers", "check_timeout"]
+class _InFlight:
+    """The requests whose handler calls have not all run, for the exit flush."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: set[RequestRun] = set()
+        self._hooked = False
+        self.spent = 0.0  # seconds the exit flush has waited so far
+        self.interrupted = False  # Ctrl-C while it waited: it waits no more
+
+    def add(self, run: RequestRun) -> None:
+        with self._lock:
+            self._runs.add(run)
+            if self._hooked:
+                return
+            self._hooked = True
+        _hook_exit()
+
+    def discard(self, run: RequestRun) -> None:
+        with self._lock:
+            self._runs.discard(run)
+
+    def runs(self) -> list[RequestRun]:
+        with self._lock:
+            return sorted(self._runs, key=lambda run: run.seq)
+
+    def reset_after_fork(self) -> None:
+        # The parent's requests are not this process's to wait for; hooks stay registered.
+        self._lock = threading.Lock()
+        self._runs = set()
+        self.spent = 0.0
+        self.interrupted = False
+
+
+_in_flight = _InFlight()
+
+
+def _hook_exit() -> None:
+    """Register the exit flush (at the first request with handlers)."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_flush_before_threads_stop)
+        except RuntimeError:  # the interpreter is exiting already: atexit alone
+            pass
+    atexit.register(_flush_at_exit)
+
+
+def _flush_before_threads_stop() -> None:
+    """First part of the exit flush: wait for the requests that have ended.
+
+    Runs before ``concurrent.futures`` stops every ``ThreadPoolExecutor`` and before
+    non-daemon threads are joined (those may still be serving requests: not waited for).
+    """
+    _wait_at_exit(again=False)
+
+
+def _flush_at_exit() -> None:
+    """Last part of the exit flush: wait for what non-daemon threads ended, then report."""
+    _wait_at_exit(again=True)
+    _report_at_exit()
+
+
+def _wait_at_exit(again: bool) -> None:
+    """Wait for ended requests, within what is left of :data:`EXIT_FLUSH_SECONDS`.
+
+    ``again``: look again when those have finished, for requests ended meanwhile.
+    """
+    if _in_flight.interrupted:
+        return
+    began = time.monotonic()
+    deadline = began + max(0.0, EXIT_FLUSH_SECONDS - _in_flight.spent)
+    try:
+        while True:
+            waiting = [run.done for run in _in_flight.runs() if run.ended and not run._over]
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                return
+            concurrent.futures.wait(waiting, timeout=left)
+            if not again:
+                return
+    except KeyboardInterrupt:  # Ctrl-C again while exiting: wait no more, report
+        _in_flight.interrupted = True
+    finally:
+        _in_flight.spent += time.monotonic() - began
+
+
+def _report_at_exit() -> None:
+    """Log and count the requests the exit leaves with handler calls not run."""
+    runs = [run for run in _in_flight.runs() if not run._over]
+    behind = [run for run in runs if run.ended]
+    open_ = [run for run in runs if not run.ended]
+    if not runs:
+        return
+    EXIT_UNFINISHED.add(len(runs))
+    try:
+        if behind:
+            logger.error(
+                "audit: the interpreter exits with %d request(s) whose handler calls had not "
+                "all run after the exit waited %.3gs for them (at most EXIT_FLUSH_SECONDS, "
+                "%.3gs%s); their remaining calls are lost (counted in "
+                "audit.exit_unfinished): %s",
+                len(behind),
+                _in_flight.spent,
+                EXIT_FLUSH_SECONDS,
+                ", cut short by Ctrl-C" if _in_flight.interrupted else "",
+                _describe(behind),
+            )
+        if open_:
+            logger.error(
+                "audit: the interpreter exits with %d request(s) not ended (their code was "
+                "still running in a daemon thread, or never left the request); their "
+                "handlers get no request_end (counted in audit.exit_unfinished): %s",
+                len(open_),
+                _describe(open_),
+            )
+    except Exception:  # pragma: no cover - a broken log handler: counted all the same
+        pass
+
+
+def _describe(runs: Sequence[RequestRun], most: int = 10) -> str:
+    named = ", ".join(
+        f"{run.start.request_id} ({', '.join(type(h).__name__ for h in run.handlers)})"
+        for run in runs[:most]
+    )
+    return named if len(runs) <= most else f"{named} and {len(runs) - most} more"
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_in_flight.reset_after_fork)
+
+__all__ = [
+    "EXIT_FLUSH_SECONDS",
+    "HandlerError",
+    "RequestRun",
+    "check_handlers",
+    "check_timeout",
+]

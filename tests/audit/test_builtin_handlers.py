@@ -12,11 +12,11 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pytest
 
-from instrumentation import audit
+from instrumentation import audit, telemetry
 from instrumentation.audit import (
     CLIEventHandler,
     FileEventHandler,
@@ -403,3 +403,51 @@ def test_a_request_start_failing_partway_leaves_no_part_file(tmp_path: Path) -> 
         req.result = "ok"
     assert [(e.method, type(e.error)) for e in req.errors] == [("request_start", RuntimeError)]
     assert list(tmp_path.iterdir()) == []
+
+
+class _DiskFull:
+    """A request's file whose last write or close fails, as on a full disk."""
+
+    def __init__(self, file: Any, fails_in: str) -> None:
+        self.file = file
+        self.fails_in = fails_in
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.file.closed)
+
+    def write(self, text: str) -> int:
+        if self.fails_in == "write" and text.startswith("Duration:"):
+            raise OSError(28, "No space left on device")
+        return int(self.file.write(text))
+
+    def close(self) -> None:
+        self.file.close()  # closed all the same, as a real file is
+        if self.fails_in == "close":
+            raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("fails_in", ["write", "close"])
+def test_a_file_request_end_cannot_complete_is_kept_as_incomplete_and_reported(
+    tmp_path: Path, fails_in: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class DiskFills(FileEventHandler):
+        def request_start(self, user_request: RequestStart) -> Any:
+            context = super().request_start(user_request)
+            context.file = cast(IO[str], _DiskFull(context.file, fails_in))
+            return context
+
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(question="q", handlers=[DiskFills(tmp_path)]) as req,
+    ):
+        req.result = "the answer"
+    assert req.completed is True
+    ((method, error),) = [(e.method, e.error) for e in req.errors]
+    assert method == "request_end" and isinstance(error, OSError)
+    (kept,) = tmp_path.iterdir()  # no .part left, and no .log: that name means complete
+    assert kept.name.endswith(".log.incomplete") and not kept.name.startswith(".")
+    assert str(kept) in str(error) and "No space left" in str(error)
+    assert "Question: q\n" in kept.read_text()
+    assert telemetry.counter("audit.handler_errors").value == 1
+    assert any(str(kept) in r.getMessage() for r in caplog.records)

@@ -3,9 +3,12 @@
 Its methods are plain ``def``: the runner calls them on its worker threads, so the
 writes never block an event loop (the application's or the audit loop). A file is
 written as ``.<name>.part`` and renamed to ``<name>`` when the request ends, so a
-file with its final name is complete. Names are ``<UTC time>-<request id>.log``
-where the request id is 32 hex digits made here: two requests never share a file,
-and nothing the user asked can steer the path out of the directory. The directory is
+file with its final name is complete. Should ``request_end`` fail to write or close
+it (a full disk, say), what was written is kept as ``<name>.incomplete`` and the
+failure, naming that file, is a handler error (logged, counted, on the request).
+Names are ``<UTC time>-<request id>.log`` where the request id is 32 hex digits made
+here: two requests never share a file, and nothing the user asked can steer the path
+out of the directory. The directory is
 checked (and made, if missing) when the handler is made, so a path it cannot write
 to is an error there, not a failure logged on every request. Times written are the
 application's (an LLM call's ``latency_ms``, the events' timestamps, the request's
@@ -148,9 +151,38 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
                 out.write(f"\nOutput: {clip(output.result)}\n")
             out.write(f"Duration: {output.duration_s * 1000:.1f} ms\n")
             out.write(f"Ended: {output.ended_at.isoformat()}\n")
-        finally:
+            out.close()  # flushes: it fails too when what was buffered cannot be written
+        except Exception as exc:
+            raise _set_aside(request_context, exc) from exc
+        except BaseException as exc:
+            _set_aside(request_context, exc)
+            raise
+        os.replace(request_context.part, request_context.final)
+
+
+def _incomplete_path(final: Path) -> Path:
+    """Where a request's file is kept when it could not be completed."""
+    return final.with_name(f"{final.name}.incomplete")
+
+
+def _set_aside(context: FileContext, error: BaseException) -> OSError:
+    """Close the file and keep what it holds as ``<name>.incomplete``, never as ``<name>``:
+    a file with its final name is complete. Returns the error to report, naming it."""
+    out = context.file
+    if not out.closed:
+        try:
             out.close()
-            os.replace(request_context.part, request_context.final)
+        except Exception:  # what it could not write is lost; the file is closed anyway
+            pass
+    kept = _incomplete_path(context.final)
+    try:
+        os.replace(context.part, kept)
+    except OSError as exc:
+        where = f"it stays as {str(context.part)!r} ({exc.strerror or exc})"
+    else:
+        where = f"what was written is kept as {str(kept)!r}"
+    code = error.errno if isinstance(error, OSError) and error.errno else errno.EIO
+    return OSError(code, f"the request's file could not be completed ({error!r}); {where}")
 
 
 __all__ = ["FileContext", "FileEventHandler"]
