@@ -164,9 +164,11 @@ class AuditEvent(Generic[E]):
         run = registry.innermost(current_run.get())
         if run is not None:
             # Its time is when the block begins (here, on the application's side), not
-            # when the event object was made.
-            self.started = dataclasses.replace(self.started, timestamp=_now())
-            if run.begin_event(self._key, self.started):
+            # when the event object was made. The handlers get a copy: the caller's
+            # object stays the caller's, and what is set on it in the block still
+            # reaches the end event (made from it at exit).
+            stamped = dataclasses.replace(self.started, timestamp=_now())
+            if run.begin_event(self._key, stamped):
                 self._run = run
         return self
 

@@ -7,10 +7,10 @@ import time
 import pytest
 
 from instrumentation import audit, get_dispatcher, telemetry
-from instrumentation.audit import RequestEnd, RequestStart, ToolCallEvent
+from instrumentation.audit import Event, RequestEnd, RequestStart, ToolCallEvent
 from instrumentation.llms import ChatMessage, OfflineLLM
 
-from .helpers import AsyncRecorder, SyncRecorder
+from .helpers import AsyncRecorder, EvCtx, ReqCtx, SyncRecorder
 
 
 def _ask(llm: OfflineLLM, question: str) -> str:
@@ -194,6 +194,27 @@ def test_manual_events_tool_and_retrieval() -> None:
     assert ends[0] == ToolCallEvent(name="search", arguments={"q": "x"}, output=["a", "b"])
     assert ends[1].error == "ValueError: db down"
     handler.rec.check(expected_requests=1, events_per_request=2)
+
+
+def test_fields_set_on_the_event_object_in_the_block_reach_its_end() -> None:
+    """The caller's own object is what the end is made from; the handlers' start event
+    is a copy, so it does not change after it was handed over."""
+    starts: list[Event] = []
+
+    class KeepsStarts(SyncRecorder):
+        def event_start(self, event: Event, request_context: ReqCtx) -> EvCtx:
+            starts.append(event)
+            return super().event_start(event, request_context)
+
+    handler = KeepsStarts()
+    call = ToolCallEvent(name="search")
+    with audit.request(question="q", handlers=[handler]), audit.event(call):
+        call.output = "set in place"
+    [start] = starts
+    [(_, _, end)] = handler.rec.event_ends
+    assert isinstance(start, ToolCallEvent) and isinstance(end, ToolCallEvent)
+    assert end.output == "set in place"
+    assert start.output is None and start is not call
 
 
 def test_event_outside_a_request_is_a_no_op() -> None:
