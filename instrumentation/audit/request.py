@@ -144,6 +144,10 @@ class AuditEvent(Generic[E]):
                 "audit.event() takes an audit event such as ToolCallEvent(name='search') "
                 f"or RetrievalEvent(query='...'); got {type(event).__name__}"
             )
+        #: The caller's event object: the end event is made from it at exit, so fields
+        #: set on it inside the block reach the end.
+        self.given = event
+        #: The start event the handlers got (a stamped copy of ``given`` once entered).
         self.started = event
         self.changes: dict[str, Any] = {}
         self._run: RequestRun | None = None
@@ -164,11 +168,10 @@ class AuditEvent(Generic[E]):
         run = registry.innermost(current_run.get())
         if run is not None:
             # Its time is when the block begins (here, on the application's side), not
-            # when the event object was made. The handlers get a copy: the caller's
-            # object stays the caller's, and what is set on it in the block still
-            # reaches the end event (made from it at exit).
-            stamped = dataclasses.replace(self.started, timestamp=_now())
-            if run.begin_event(self._key, stamped):
+            # when the event object was made. The handlers get a copy, which does not
+            # change after it is handed over.
+            self.started = dataclasses.replace(self.given, timestamp=_now())
+            if run.begin_event(self._key, self.started):
                 self._run = run
         return self
 
@@ -180,7 +183,7 @@ class AuditEvent(Generic[E]):
         changes.setdefault("timestamp", _now())  # when it ended, on the application's side
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
-        run.end_event(self._key, dataclasses.replace(self.started, **changes))
+        run.end_event(self._key, dataclasses.replace(self.given, **changes))
 
     async def __aenter__(self) -> AuditEvent[E]:
         return self.__enter__()
