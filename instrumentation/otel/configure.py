@@ -23,13 +23,15 @@ import collections
 import logging
 import math
 import os
+import queue
+import sys
 import threading
 import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -352,19 +354,98 @@ class AccountedBatchSpanProcessor(BatchSpanProcessor):
             )
 
 
-#: A thread started by _in_thread, and the list its result lands in.
-_Job = tuple[threading.Thread, list[Any]]
+#: CPython 3.12.0-3.12.2 refuse to start a thread once the interpreter is exiting,
+#: ``atexit`` hooks included (python/cpython#113964): there a handle starts, when it is
+#: made, the threads its exit hook needs (:class:`_Standby`).
+_NO_THREADS_AT_EXIT = (3, 12) <= sys.version_info[:3] < (3, 12, 3)
 
 
-def _in_thread(target: Callable[[], Any], name: str) -> _Job:
+class _Running(Protocol):
+    """A job running in another thread: a ``threading.Thread``, or a :class:`_Queued`."""
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+#: A job started by _in_thread, and the list its result lands in.
+_Job = tuple[_Running, list[Any]]
+
+
+class _Queued:
+    """A job handed to a :class:`_Standby` thread; alive until it has run."""
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        self.target = target
+        self.name = name
+        self.outcome: list[Any] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.outcome.append(self.target())
+        except BaseException:  # as a thread of its own would, it reports and ends
+            logger.exception("%s failed", self.name)
+        finally:
+            self._done.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+
+class _Standby:
+    """Daemon threads started beforehand, running jobs when no thread can be started.
+
+    Two: shutting down runs the SDK's shutdown and, should that hang, the exporter's
+    stop at the same time. A job finding both busy waits for one (its caller's wait is
+    bounded all the same). :meth:`close` lets them end once their jobs are done.
+    """
+
+    THREADS = 2
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
+        for _ in range(self.THREADS):
+            threading.Thread(
+                target=self._work, name="instrumentation-otel-standby", daemon=True
+            ).start()
+
+    def submit(self, target: Callable[[], Any], name: str) -> _Job:
+        job = _Queued(target, name)
+        self._jobs.put(job)
+        return job, job.outcome
+
+    def close(self) -> None:
+        for _ in range(self.THREADS):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job.run()
+            del job  # its result is not kept alive while idle
+
+
+def _in_thread(target: Callable[[], Any], name: str, standby: _Standby | None = None) -> _Job:
     """Start ``target`` in a daemon thread; its result lands in the list.
 
     The SDK's flush and shutdown wait for the exporter however long it retries, so
-    the caller waits on the thread, with a bound.
+    the caller waits on the thread, with a bound. When the interpreter refuses to
+    start a thread (exiting, on CPython 3.12.0-3.12.2), ``standby`` runs it.
     """
     outcome: list[Any] = []
     worker = threading.Thread(target=lambda: outcome.append(target()), name=name, daemon=True)
-    worker.start()
+    try:
+        worker.start()
+    except RuntimeError:
+        if standby is None:
+            raise
+        return standby.submit(target, name)
     return worker, outcome
 
 
@@ -526,6 +607,7 @@ class OTLPHandle:
         self._new_locks()
         #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
         self.exit_timeout_millis = 5_000
+        self._standby = _Standby() if _NO_THREADS_AT_EXIT else None
         atexit.register(self._at_exit)
         _after_fork_in_child(self._after_fork)
 
@@ -546,6 +628,8 @@ class OTLPHandle:
             if not done:
                 self.exporter.settle()  # the child's accounts: nothing handed yet
             self._shut_down.set()
+        elif self._standby is not None:  # the parent's threads are not in the child
+            self._standby = _Standby()
 
     @property
     def closed(self) -> bool:
@@ -590,7 +674,9 @@ class OTLPHandle:
         """Start a flush thread (the caller holds ``_flush_lock``)."""
         left_millis = max(int((deadline - time.monotonic()) * 1000), 0)
         flush = _in_thread(
-            lambda: self.tracer_provider.force_flush(left_millis), "instrumentation-otel-flush"
+            lambda: self.tracer_provider.force_flush(left_millis),
+            "instrumentation-otel-flush",
+            self._standby,
         )
         self._flushing = flush
         return flush
@@ -630,7 +716,7 @@ class OTLPHandle:
         deadline = started + budget
         # No batch starts this close to the deadline: it could not finish in time.
         cut_short_at = deadline - min(_CUT_SHORT_BEFORE_S, budget / 10)
-        worker: threading.Thread | None = None
+        worker: _Running | None = None
         timed_out = False
         try:
             atexit.unregister(self._at_exit)
@@ -639,19 +725,24 @@ class OTLPHandle:
             self.handler.close()
             self.exporter.give_up_at(cut_short_at)
             self.exporter.stop_accepting()
-            worker, _ = _in_thread(self.tracer_provider.shutdown, "instrumentation-otel-shutdown")
+            worker, _ = _in_thread(
+                self.tracer_provider.shutdown, "instrumentation-otel-shutdown", self._standby
+            )
             worker.join(max(cut_short_at - time.monotonic(), 0.0))
             if worker.is_alive():
                 # An export is still retrying, or waiting on a collector that does not
                 # answer: stopping the exporter cuts a retry short (in a thread: stopping
                 # may block too), and the rest of the budget lets the worker finish.
                 timed_out = True
-                _in_thread(self.exporter.shutdown, "instrumentation-otel-stop")
+                _in_thread(self.exporter.shutdown, "instrumentation-otel-stop", self._standby)
                 worker.join(max(deadline - time.monotonic(), 0.0))
         except BaseException:
             # Interrupted (Ctrl-C): settle and warn all the same; the exit hook is gone.
             self._settle(started, timeout_millis, timed_out=timed_out, interrupted=True)
             raise
+        finally:
+            if self._standby is not None:  # no job is handed to it any more
+                self._standby.close()
         clean = self._settle(started, timeout_millis, timed_out=timed_out, interrupted=False)
         if clean and worker.is_alive():
             logger.info("every span was exported, but the OTLP exporter is still stopping")

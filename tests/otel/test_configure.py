@@ -272,11 +272,32 @@ def test_a_batch_arriving_after_shutdown_gave_up_is_counted_late_not_twice(
     _assert_stopped(_otel_threads() - threads_before)
 
 
-def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer() -> None:
+_REFUSE_THREADS_AT_EXIT = """
+import threading
+from instrumentation.otel import configure as otel_configure
+
+otel_configure._NO_THREADS_AT_EXIT = True  # as on CPython 3.12.0-3.12.2
+
+def refuse_threads():  # registered last, so it runs before the handle's own exit hook
+    def start(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    threading.Thread.start = start
+
+"""
+
+
+@pytest.mark.parametrize("threads_at_exit", ["started", "refused"])
+def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer(
+    threads_at_exit: str,
+) -> None:
     """Without shutdown(), exit shuts down through the handle: with a collector that
     accepts and never answers it waits exit_timeout_millis, not more, and the loss is
-    in the counter and on stderr before the interpreter is gone."""
-    code = textwrap.dedent(
+    in the counter and on stderr before the interpreter is gone. Also where an exiting
+    interpreter refuses to start threads (CPython 3.12.0-3.12.2): the exit hook failed
+    at once ("can't create new thread at interpreter shutdown"), waiting for nothing."""
+    refused = threads_at_exit == "refused"
+    code = (_REFUSE_THREADS_AT_EXIT if refused else "") + textwrap.dedent(
         """
         import atexit, socket, sys, time
         from instrumentation import get_dispatcher, telemetry
@@ -305,6 +326,8 @@ def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer() -> Non
         ended.append(time.monotonic())
         """
     )
+    if refused:
+        code += "atexit.register(refuse_threads)\n"
     done = subprocess.run(
         [sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True
     )
@@ -322,6 +345,7 @@ def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer() -> Non
         if "20 of 20 spans" in line and "within the 500 ms timeout" in line
     ]
     assert warned and warned[0] < lines.index(report[0]), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_otel_environment_variables_are_honoured(
