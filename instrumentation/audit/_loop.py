@@ -27,14 +27,13 @@ import asyncio
 import contextvars
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol
 
 from instrumentation import telemetry
+from instrumentation._pool import ThreadPool
 from instrumentation.context import suppress_instrumentation
 
 #: Worker threads for handler methods written as plain ``def``.
@@ -51,77 +50,8 @@ CALLS_ABANDONED = telemetry.counter("audit.calls_abandoned")
 
 _on_loop_thread = threading.local()
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class SyncPool(Executor):
-    """The worker threads that run plain ``def`` handler methods.
-
-    Unlike a ``ThreadPoolExecutor`` it takes work until the process ends: an exiting
-    interpreter stops every ``ThreadPoolExecutor`` before the exit flush is over (before
-    ``atexit``, and before the non-daemon threads that may still end requests are
-    joined). Its threads start with the pool (an exiting CPython 3.12.0-3.12.2 refuses
-    to start new ones) and are daemons: how long an exit waits for handler calls is the
-    exit flush's budget, never a stuck handler's doing.
-    """
-
-    def __init__(self, workers: int, name: str) -> None:
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._work, name=f"{name}_{index}", daemon=True)
-            for index in range(workers)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        future: Future[T] = Future()
-        self._calls.put(_Call(future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the threads once the calls already submitted have run."""
-        for _ in self.threads:
-            self._calls.put(None)
-        if wait:
-            for thread in self.threads:
-                if thread is not threading.current_thread():
-                    thread.join()
-
-    def _work(self) -> None:
-        while True:
-            call = self._calls.get()
-            if call is None:
-                return
-            call.run()
-            del call  # its result and arguments are not kept alive while idle
-
-
-class _Call:
-    __slots__ = ("args", "fn", "future", "kwargs")
-
-    def __init__(
-        self,
-        future: Future[Any],
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    def run(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return
-        try:
-            result = self.fn(*self.args, **self.kwargs)
-        except BaseException as exc:  # the handler's failure: the awaiting runner reports it
-            self.future.set_exception(exc)
-        else:
-            self.future.set_result(result)
+#: The worker threads that run plain ``def`` handler methods (see the module docstring).
+SyncPool = ThreadPool
 
 
 class Served(Protocol):

@@ -23,13 +23,14 @@ import collections
 import logging
 import math
 import os
-import queue
 import sys
 import threading
 import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Sized
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from instrumentation import telemetry
+from instrumentation._pool import ThreadPool
 from instrumentation.context import suppress_instrumentation
 from instrumentation.dispatcher import Dispatcher, root_dispatcher
 from instrumentation.otel.handler import OpenTelemetrySpanHandler
@@ -375,25 +377,24 @@ _Job = tuple[_Running, list[Any]]
 class _Queued:
     """A job handed to a :class:`_Standby` thread; alive until it has run."""
 
-    def __init__(self, target: Callable[[], Any], name: str) -> None:
-        self.target = target
+    def __init__(self, future: Future[Any], name: str) -> None:
+        self.future = future
         self.name = name
         self.outcome: list[Any] = []
-        self._done = threading.Event()
+        future.add_done_callback(self._done)
 
-    def run(self) -> None:
-        try:
-            self.outcome.append(self.target())
-        except BaseException:  # as a thread of its own would, it reports and ends
-            logger.exception("%s failed", self.name)
-        finally:
-            self._done.set()
+    def _done(self, future: Future[Any]) -> None:
+        error = future.exception()
+        if error is None:
+            self.outcome.append(future.result())
+        else:  # as a thread of its own would, it reports and ends
+            logger.error("%s failed", self.name, exc_info=error)
 
     def join(self, timeout: float | None = None) -> None:
-        self._done.wait(timeout)
+        futures_wait([self.future], timeout)
 
     def is_alive(self) -> bool:
-        return not self._done.is_set()
+        return not self.future.done()
 
 
 class _Standby:
@@ -407,28 +408,14 @@ class _Standby:
     THREADS = 2
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Queued | None] = queue.SimpleQueue()
-        for _ in range(self.THREADS):
-            threading.Thread(
-                target=self._work, name="instrumentation-otel-standby", daemon=True
-            ).start()
+        self._pool = ThreadPool(self.THREADS, "instrumentation-otel-standby")
 
     def submit(self, target: Callable[[], Any], name: str) -> _Job:
-        job = _Queued(target, name)
-        self._jobs.put(job)
+        job = _Queued(self._pool.submit(target), name)
         return job, job.outcome
 
     def close(self) -> None:
-        for _ in range(self.THREADS):
-            self._jobs.put(None)
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            job.run()
-            del job  # its result is not kept alive while idle
+        self._pool.shutdown(wait=False)
 
 
 def _in_thread(target: Callable[[], Any], name: str, standby: _Standby | None = None) -> _Job:
