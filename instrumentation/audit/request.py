@@ -13,6 +13,7 @@ request has run, at most ``timeout`` seconds.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from contextvars import Token
@@ -135,6 +136,13 @@ def request(
     return AuditRequest(question, collection, handlers, metadata, timeout)
 
 
+def _deep_copy(event: E) -> E:
+    try:
+        return copy.deepcopy(event)
+    except Exception:  # a field that cannot be copied: the top level at least
+        return copy.copy(event)
+
+
 class AuditEvent(Generic[E]):
     """An event by hand inside the current request; :meth:`update` fields for its end."""
 
@@ -168,9 +176,10 @@ class AuditEvent(Generic[E]):
         run = registry.innermost(current_run.get())
         if run is not None:
             # Its time is when the block begins (here, on the application's side), not
-            # when the event object was made. The handlers get a copy, which does not
-            # change after it is handed over.
-            self.started = dataclasses.replace(self.given, timestamp=_now())
+            # when the event object was made. The handlers get a deep copy, which does
+            # not change after it is handed over (lists in it included), unless a
+            # field cannot be copied.
+            self.started = dataclasses.replace(_deep_copy(self.given), timestamp=_now())
             if run.begin_event(self._key, self.started):
                 self._run = run
         return self

@@ -207,14 +207,17 @@ def test_fields_set_on_the_event_object_in_the_block_reach_its_end() -> None:
             return super().event_start(event, request_context)
 
     handler = KeepsStarts()
-    call = ToolCallEvent(name="search")
+    call = ToolCallEvent(name="search", arguments={"q": "x"})
     with audit.request(question="q", handlers=[handler]), audit.event(call):
         call.output = "set in place"
+        assert call.arguments is not None
+        call.arguments["page"] = 2
     [start] = starts
     [(_, _, end)] = handler.rec.event_ends
     assert isinstance(start, ToolCallEvent) and isinstance(end, ToolCallEvent)
     assert end.output == "set in place"
     assert start.output is None and start is not call
+    assert start.arguments == {"q": "x"} and end.arguments == {"q": "x", "page": 2}
 
 
 def test_event_outside_a_request_is_a_no_op() -> None:
