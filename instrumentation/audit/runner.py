@@ -49,6 +49,7 @@ TIMEOUTS = telemetry.counter("audit.timeouts")
 REQUESTS = telemetry.counter("audit.requests")
 EVENTS = telemetry.counter("audit.events")
 EXIT_UNFINISHED = telemetry.counter("audit.exit_unfinished")
+LOST_IN_FORK = telemetry.counter("audit.requests_lost_in_fork")
 
 #: Seconds an exiting interpreter waits, in all, for the handler calls of the requests
 #: still in flight (read at exit: set it before then to wait longer or not at all).
@@ -414,10 +415,21 @@ class _InFlight:
 
     def reset_after_fork(self) -> None:
         # The parent's requests are not this process's to wait for; hooks stay registered.
+        inherited = self._runs
         self._lock = threading.Lock()
         self._runs = set()
         self.spent = 0.0
         self.interrupted = False
+        # A request open at fork() goes on in the child (its block is still to be
+        # left there), but its handler calls run on the parent's audit loop, which the
+        # child does not have: it ends at once there, as not completed, instead of
+        # waiting out its timeout for calls that never come.
+        for run in inherited:
+            if not run._over:
+                LOST_IN_FORK.inc()
+            run._over = True
+            if not run.done.done():
+                run.done.set_result(False)
 
 
 _in_flight = _InFlight()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -221,3 +223,45 @@ def test_request_end_error_does_not_hide_the_application_error() -> None:
     with pytest.raises(KeyError), audit.request(question="q", handlers=[Bad()]):
         raise KeyError("app")
     assert telemetry.counter("audit.handler_errors").value == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.timeout(60)
+def test_a_request_open_at_fork_ends_at_once_in_the_child() -> None:
+    """Its handler calls run on the parent's audit loop, which the child has not: the
+    child used to wait the whole timeout when it left the block."""
+    handler = SyncRecorder()
+    read_fd, write_fd = os.pipe()
+    block = audit.request(question="q", handlers=[handler], timeout=30)
+    with block:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            status = 1
+            try:
+                import signal
+
+                signal.alarm(20)
+                os.close(read_fd)
+                began = time.monotonic()
+                block.__exit__(None, None, None)
+                report = {
+                    "completed": block.completed,
+                    "seconds": time.monotonic() - began,
+                    "lost": telemetry.counter("audit.requests_lost_in_fork").value,
+                }
+                os.write(write_fd, json.dumps(report).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_fd)
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    child = json.loads(b"".join(chunks))
+    assert child["completed"] is False and child["lost"] == 1
+    assert child["seconds"] < 5  # not the 30 s timeout
+    # The parent's request is its own, untouched by the child.
+    assert block.completed is True and len(handler.rec.request_ends) == 1
