@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -11,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from forking import in_child
 
 from instrumentation import audit, telemetry
 from instrumentation.audit import Event, RequestEnd, RequestStart
@@ -231,36 +231,19 @@ def test_a_request_open_at_fork_ends_at_once_in_the_child() -> None:
     """Its handler calls run on the parent's audit loop, which the child has not: the
     child used to wait the whole timeout when it left the block."""
     handler = SyncRecorder()
-    read_fd, write_fd = os.pipe()
     block = audit.request(question="q", handlers=[handler], timeout=30)
-    with block:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            status = 1
-            try:
-                import signal
 
-                signal.alarm(20)
-                os.close(read_fd)
-                began = time.monotonic()
-                block.__exit__(None, None, None)
-                report = {
-                    "completed": block.completed,
-                    "seconds": time.monotonic() - began,
-                    "lost": telemetry.counter("audit.requests_lost_in_fork").value,
-                }
-                os.write(write_fd, json.dumps(report).encode())
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write_fd)
-        chunks = []
-        while chunk := os.read(read_fd, 65536):
-            chunks.append(chunk)
-        os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    child = json.loads(b"".join(chunks))
+    def leave_in_child() -> dict[str, Any]:
+        began = time.monotonic()
+        block.__exit__(None, None, None)
+        return {
+            "completed": block.completed,
+            "seconds": time.monotonic() - began,
+            "lost": telemetry.counter("audit.requests_lost_in_fork").value,
+        }
+
+    with block:
+        child = in_child(leave_in_child)
     assert child["completed"] is False and child["lost"] == 1
     assert child["seconds"] < 5  # not the 30 s timeout
     # The parent's request is its own, untouched by the child.
