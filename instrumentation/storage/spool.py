@@ -80,14 +80,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _count_lines_of(f: BinaryIO, start: int = 0) -> int:
+def _lines_of(src: BinaryIO, copy_to: BinaryIO | None = None) -> int:
+    """The lines of ``src`` from where it is, read a block at a time (a last line cut
+    short by a crash counts too); copied to ``copy_to`` as read, that last line ended
+    there, so that it cannot swallow the next one."""
     lines = 0
     last = b"\n"
-    f.seek(start)
-    while block := f.read(_COPY_BLOCK):
+    while block := src.read(_COPY_BLOCK):
+        if copy_to is not None:
+            copy_to.write(block)
         lines += block.count(b"\n")
         last = block[-1:]
-    return lines + (last != b"\n")
+    if last != b"\n":
+        lines += 1
+        if copy_to is not None:
+            copy_to.write(b"\n")
+    return lines
 
 
 def _line(kind: str, row: Row) -> bytes:
@@ -333,7 +341,8 @@ class Spool:
                 f.write(b"\n")
                 f.flush()
                 size += 1
-        lines = _count_lines_of(f, 0) if size else 0
+        f.seek(0)
+        lines = _lines_of(f) if size else 0
         lost = max(0, state.rows_pending - lines) if known else 0
         if known:
             logger.log(
@@ -506,22 +515,9 @@ class Spool:
 
     def _append_file(self, source: Path) -> int:
         """Copy ``source`` to the end of our file, a block at a time; lines copied."""
-
-        def copy(dst: BinaryIO) -> int:
-            lines = 0
-            last = b"\n"
-            while block := src.read(_COPY_BLOCK):
-                dst.write(block)
-                lines += block.count(b"\n")
-                last = block[-1:]
-            if last != b"\n":  # a line cut short by the crash: keep it on its own line
-                dst.write(b"\n")
-                lines += 1
-            return lines
-
         state = self._state
         with open(source, "rb") as src, state.lock:
-            copied, lost = self._write_at_end(state, copy)
+            copied, lost = self._write_at_end(state, lambda dst: _lines_of(src, dst))
         self._report_lost(lost)
         return copied
 
