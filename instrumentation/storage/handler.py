@@ -154,10 +154,7 @@ class _SpanParents(_RecentScopes):
     def attach(self, span: SpanContext) -> object:
         parent_id = span[2]
         if parent_id is not None:
-            new = self.new
-            new[span[0]] = parent_id
-            if len(new) >= self.size:
-                self.old, self.new = new, {}
+            self.add(span[0], parent_id)
         return None
 
     def detach(self, token: object) -> None:
