@@ -135,10 +135,16 @@ class HandlerList(list[_H]):
             list.__init__(self, getattr(owner, attr))
         return result
 
-    def _position(self, handlers: list[_H], handler: object) -> int:
+    def _position(
+        self,
+        handlers: list[_H],
+        handler: object,
+        start: SupportsIndex = 0,
+        stop: SupportsIndex = 2**62,
+    ) -> int:
         # By identity: two handlers of one class with the same fields compare equal.
-        for i, h in enumerate(handlers):
-            if h is handler:
+        for i in range(*slice(start, stop).indices(len(handlers))):
+            if list.__getitem__(handlers, i) is handler:
                 return i
         raise ValueError(f"{handler!r} is not among {self._owner.name!r}'s {self._attr[1:]}")
 
@@ -190,10 +196,7 @@ class HandlerList(list[_H]):
         return any(h is handler for h in self)
 
     def index(self, handler: _H, start: SupportsIndex = 0, stop: SupportsIndex = 2**62) -> int:
-        for i in range(*slice(start, stop).indices(len(self))):
-            if list.__getitem__(self, i) is handler:
-                return i
-        raise ValueError(f"{handler!r} is not among {self._owner.name!r}'s {self._attr[1:]}")
+        return self._position(self, handler, start, stop)
 
     def count(self, handler: _H) -> int:
         return sum(1 for h in self if h is handler)
