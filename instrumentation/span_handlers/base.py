@@ -195,9 +195,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     ) -> None:
         """End span ``id_`` with :meth:`prepare_to_exit_span`, called even when ``id_`` is
         not open here (``new_span`` kept nothing), as in LlamaIndex."""
-        ended = self._ended_by_shutdown
-        if ended is not None and id_ in ended:
-            ended.pop(id_, None)
+        if self._was_ended_by_shutdown(id_):
             return
         if _takes_kwargs(type(self))[1]:
             span = self.prepare_to_exit_span(
@@ -219,9 +217,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         **kwargs: Any,
     ) -> None:
         """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
-        ended = self._ended_by_shutdown
-        if ended is not None and id_ in ended:
-            ended.pop(id_, None)
+        if self._was_ended_by_shutdown(id_):
             return
         if _takes_kwargs(type(self))[2]:
             span = self.prepare_to_drop_span(
@@ -233,6 +229,14 @@ class BaseSpanHandler(BaseModel, Generic[T]):
             )
         if span is not None:
             self.open_spans.pop(id_, None)
+
+    def _was_ended_by_shutdown(self, id_: str) -> bool:
+        """Whether shutdown dropped span ``id_`` already (forgotten once asked)."""
+        ended = self._ended_by_shutdown
+        if ended is not None and id_ in ended:
+            ended.pop(id_, None)
+            return True
+        return False
 
     def _dropped_at_shutdown(self, id_: str) -> None:
         """Note that shutdown dropped span ``id_`` (see ``_ended_by_shutdown``)."""
