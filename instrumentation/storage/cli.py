@@ -326,6 +326,10 @@ def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     follower = _Follower(store, shown_from)
     shown = 0
     down_since: float | None = None
+
+    def out_of_time() -> bool:
+        return args.max_seconds is not None and time.monotonic() - started >= args.max_seconds
+
     while True:
         found = follower.new_traces()
         while True:
@@ -355,9 +359,9 @@ def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             shown += 1
             if args.count is not None and shown >= args.count:
                 return 0
-            if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
+            if out_of_time():
                 return 0
-        if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
+        if out_of_time():
             return 0
         time.sleep(args.interval)
 
