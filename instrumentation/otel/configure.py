@@ -358,7 +358,7 @@ class AccountedBatchSpanProcessor(BatchSpanProcessor):
 
 #: CPython 3.12.0-3.12.2 refuse to start a thread once the interpreter is exiting,
 #: ``atexit`` hooks included (python/cpython#113964): there a handle starts, when it is
-#: made, the threads its exit hook needs (:class:`_Standby`).
+#: made, the threads its exit hook needs (:func:`_standby_threads`).
 _NO_THREADS_AT_EXIT = (3, 12) <= sys.version_info[:3] < (3, 12, 3)
 
 
@@ -375,7 +375,7 @@ _Job = tuple[_Running, list[Any]]
 
 
 class _Queued:
-    """A job handed to a :class:`_Standby` thread; alive until it has run."""
+    """A job handed to a standby thread (:func:`_standby_threads`); alive until it has run."""
 
     def __init__(self, future: Future[Any], name: str) -> None:
         self.future = future
@@ -397,28 +397,17 @@ class _Queued:
         return not self.future.done()
 
 
-class _Standby:
+def _standby_threads() -> ThreadPool:
     """Daemon threads started beforehand, running jobs when no thread can be started.
 
     Two: shutting down runs the SDK's shutdown and, should that hang, the exporter's
     stop at the same time. A job finding both busy waits for one (its caller's wait is
-    bounded all the same). :meth:`close` lets them end once their jobs are done.
+    bounded all the same). ``shutdown(wait=False)`` lets them end once their jobs are done.
     """
-
-    THREADS = 2
-
-    def __init__(self) -> None:
-        self._pool = ThreadPool(self.THREADS, "instrumentation-otel-standby")
-
-    def submit(self, target: Callable[[], Any], name: str) -> _Job:
-        job = _Queued(self._pool.submit(target), name)
-        return job, job.outcome
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
+    return ThreadPool(2, "instrumentation-otel-standby")
 
 
-def _in_thread(target: Callable[[], Any], name: str, standby: _Standby | None = None) -> _Job:
+def _in_thread(target: Callable[[], Any], name: str, standby: ThreadPool | None = None) -> _Job:
     """Start ``target`` in a daemon thread; its result lands in the list.
 
     The SDK's flush and shutdown wait for the exporter however long it retries, so
@@ -432,7 +421,8 @@ def _in_thread(target: Callable[[], Any], name: str, standby: _Standby | None = 
     except RuntimeError:
         if standby is None:
             raise
-        return standby.submit(target, name)
+        job = _Queued(standby.submit(target), name)
+        return job, job.outcome
     return worker, outcome
 
 
@@ -594,7 +584,7 @@ class OTLPHandle:
         self._new_locks()
         #: How long interpreter exit waits for spans to be sent, if shutdown() was not called.
         self.exit_timeout_millis = 5_000
-        self._standby = _Standby() if _NO_THREADS_AT_EXIT else None
+        self._standby = _standby_threads() if _NO_THREADS_AT_EXIT else None
         atexit.register(self._at_exit)
         _after_fork_in_child(self._after_fork)
 
@@ -616,7 +606,7 @@ class OTLPHandle:
                 self.exporter.settle()  # the child's accounts: nothing handed yet
             self._shut_down.set()
         elif self._standby is not None:  # the parent's threads are not in the child
-            self._standby = _Standby()
+            self._standby = _standby_threads()
 
     @property
     def closed(self) -> bool:
@@ -729,7 +719,7 @@ class OTLPHandle:
             raise
         finally:
             if self._standby is not None:  # no job is handed to it any more
-                self._standby.close()
+                self._standby.shutdown(wait=False)
         clean = self._settle(started, timeout_millis, timed_out=timed_out, interrupted=False)
         if clean and worker.is_alive():
             logger.info("every span was exported, but the OTLP exporter is still stopping")
