@@ -14,11 +14,12 @@ its thread end anyway, the requests it was serving are told at once (they end wi
 ``completed=False`` instead of waiting out their timeout) and the next request starts
 a new loop, counted in ``audit.loop_restarts``.
 
-Plain ``def`` methods run on :class:`SyncPool`, not on a ``ThreadPoolExecutor``: once
-the interpreter begins to exit, every ``ThreadPoolExecutor`` refuses new work ("cannot
-schedule new futures after interpreter shutdown"; its ``threading`` exit hook runs
-before non-daemon threads are joined and before ``atexit``), which is just when the
-exit flush (:mod:`instrumentation.audit.runner`) needs the calls still in flight to run.
+Plain ``def`` methods run on a :class:`~instrumentation._pool.ThreadPool`, not on a
+``ThreadPoolExecutor``: once the interpreter begins to exit, every
+``ThreadPoolExecutor`` refuses new work ("cannot schedule new futures after
+interpreter shutdown"; its ``threading`` exit hook runs before non-daemon threads are
+joined and before ``atexit``), which is just when the exit flush
+(:mod:`instrumentation.audit.runner`) needs the calls still in flight to run.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ LOOP_RESTARTS = telemetry.counter("audit.loop_restarts")
 CALLS_ABANDONED = telemetry.counter("audit.calls_abandoned")
 
 _on_loop_thread = threading.local()
-
-#: The worker threads that run plain ``def`` handler methods (see the module docstring).
-SyncPool = ThreadPool
 
 
 class Served(Protocol):
@@ -222,7 +220,7 @@ class AuditLoop:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._worker: Worker | None = None
-        self._executor: SyncPool | None = None
+        self._executor: ThreadPool | None = None
 
     # -- the worker -------------------------------------------------------------------
 
@@ -248,7 +246,7 @@ class AuditLoop:
 
     def _start(self) -> Worker:
         if self._executor is None:
-            self._executor = SyncPool(SYNC_WORKERS, "instrumentation-audit-sync")
+            self._executor = ThreadPool(SYNC_WORKERS, "instrumentation-audit-sync")
         worker = Worker(asyncio.new_event_loop())
         ready = threading.Event()
         thread = threading.Thread(
@@ -366,7 +364,6 @@ __all__ = [
     "SYNC_WORKERS",
     "AuditLoop",
     "Served",
-    "SyncPool",
     "Worker",
     "audit_loop",
     "report_loop_error",
