@@ -427,9 +427,7 @@ class _InFlight:
         for run in inherited:
             if not run._over:
                 LOST_IN_FORK.inc()
-            run._over = True
-            if not run.done.done():
-                run.done.set_result(False)
+            run._settle(False)
 
 
 _in_flight = _InFlight()
