@@ -261,6 +261,41 @@ def _loop_dies_in_request_end(
     return StopsLater()
 
 
+def _request_losing_its_loop(
+    handler: AsyncRecorder,
+    other_is_ready: asyncio.Event,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> tuple[float, float]:
+    """One request with ``handler`` whose audit loop's thread ends in request_end (see
+    :func:`_loop_dies_in_request_end`), a defect in the loop itself making sure it does
+    end; checks the request ends not completed and the dying thread ends in its time.
+    Returns when the request began and how long it took to end (``time.monotonic()``).
+    """
+
+    def defect(error: BaseException | None, what: str) -> None:
+        raise RuntimeError("a defect in the audit loop itself")
+
+    monkeypatch.setattr(_loop, "report_loop_error", defect)
+    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
+    loop_threads: list[threading.Thread] = []
+    began = time.monotonic()
+    with (
+        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
+        audit.request(
+            question="q",
+            handlers=[handler, _loop_dies_in_request_end(loop_threads, other_is_ready)],
+            timeout=5,
+        ) as req,
+    ):
+        pass
+    took = time.monotonic() - began
+    assert req.completed is False
+    loop_threads[0].join(5)
+    assert not loop_threads[0].is_alive()  # the dying thread gave up in its time
+    return began, took
+
+
 @pytest.mark.parametrize("after_swallowing", ["waits again", "waits on something else"])
 def test_a_handler_ignoring_cancellation_is_closed_when_its_loop_is_lost(
     after_swallowing: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -269,12 +304,6 @@ def test_a_handler_ignoring_cancellation_is_closed_when_its_loop_is_lost(
     request ends at once, and its call is closed (its finally blocks run), counted and
     logged, instead of staying pending forever on the closed loop."""
 
-    def defect(error: BaseException | None, what: str) -> None:
-        raise RuntimeError("a defect in the audit loop itself")
-
-    monkeypatch.setattr(_loop, "report_loop_error", defect)
-    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
-    loop_threads: list[threading.Thread] = []
     calls: list[asyncio.Task[Any]] = []
     cleaned_up = threading.Event()
     waiting = asyncio.Event()
@@ -295,20 +324,8 @@ def test_a_handler_ignoring_cancellation_is_closed_when_its_loop_is_lost(
             finally:
                 cleaned_up.set()
 
-    began = time.monotonic()
-    with (
-        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
-        audit.request(
-            question="q",
-            handlers=[IgnoresCancellation(), _loop_dies_in_request_end(loop_threads, waiting)],
-            timeout=5,
-        ) as req,
-    ):
-        pass
-    assert req.completed is False
-    assert time.monotonic() - began < FAST
-    loop_threads[0].join(5)
-    assert not loop_threads[0].is_alive()  # the dying thread gave up in its time
+    _, took = _request_losing_its_loop(IgnoresCancellation(), waiting, monkeypatch, caplog)
+    assert took < FAST
     assert cleaned_up.is_set()  # was never: the call stayed suspended
     assert calls[0].done()  # was pending forever, on a closed loop
     assert calls[0] not in runner._tasks  # nothing keeps it
@@ -332,12 +349,6 @@ def test_a_handler_ignoring_even_generator_exit_does_not_hold_up_the_dying_loop(
     """Even a handler that swallows GeneratorExit and awaits again neither keeps the dying
     thread (closing it outside a running loop would spin forever) nor stays pending."""
 
-    def defect(error: BaseException | None, what: str) -> None:
-        raise RuntimeError("a defect in the audit loop itself")
-
-    monkeypatch.setattr(_loop, "report_loop_error", defect)
-    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
-    loop_threads: list[threading.Thread] = []
     release = threading.Event()
     waiting = asyncio.Event()
 
@@ -350,18 +361,7 @@ def test_a_handler_ignoring_even_generator_exit_does_not_hold_up_the_dying_loop(
                 except BaseException:  # the point of the test: it swallows everything
                     pass
 
-    with (
-        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
-        audit.request(
-            question="q",
-            handlers=[IgnoresEverything(), _loop_dies_in_request_end(loop_threads, waiting)],
-            timeout=5,
-        ) as req,
-    ):
-        pass
-    assert req.completed is False
-    loop_threads[0].join(5)
-    assert not loop_threads[0].is_alive()
+    _request_losing_its_loop(IgnoresEverything(), waiting, monkeypatch, caplog)
     assert telemetry.counter("audit.calls_abandoned").value == 1
     assert any(
         "IgnoresEverything" in r.getMessage() and "ignored GeneratorExit too" in r.getMessage()
@@ -381,12 +381,6 @@ def test_async_generators_a_handler_left_suspended_are_closed_with_its_loop(
     a handler kept, suspended at a yield, never ran its finally block. Now it does, and
     one whose finally awaits too long is cut short in bounded time."""
 
-    def defect(error: BaseException | None, what: str) -> None:
-        raise RuntimeError("a defect in the audit loop itself")
-
-    monkeypatch.setattr(_loop, "report_loop_error", defect)
-    monkeypatch.setattr(_loop, "DISPOSE_SECONDS", 0.2)
-    loop_threads: list[threading.Thread] = []
     finally_ran = threading.Event()
     kept: list[Any] = []
     suspended = asyncio.Event()
@@ -408,19 +402,8 @@ def test_async_generators_a_handler_left_suspended_are_closed_with_its_loop(
             suspended.set()  # the generator waits at its first yield
             return await super().request_start(user_request)
 
-    began = time.monotonic()
-    with (
-        caplog.at_level(logging.ERROR, logger="instrumentation.audit"),
-        audit.request(
-            question="q",
-            handlers=[KeepsAGenerator(), _loop_dies_in_request_end(loop_threads, suspended)],
-            timeout=5,
-        ) as req,
-    ):
-        pass
-    assert req.completed is False
-    loop_threads[0].join(5)
-    assert not loop_threads[0].is_alive()  # bounded, even with a finally awaiting an hour
+    # The dying thread ends in bounded time, even with a finally awaiting an hour.
+    began, _ = _request_losing_its_loop(KeepsAGenerator(), suspended, monkeypatch, caplog)
     assert time.monotonic() - began < FAST
     assert finally_ran.is_set()  # was never: the generator stayed suspended at its yield
     cut_short = any("were still closing" in m for m in caplog.messages)
