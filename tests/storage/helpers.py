@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from instrumentation import BaseEvent
@@ -84,3 +87,22 @@ class CountingTime:
     def sleep(self, seconds: float) -> None:
         self.pauses += 1
         time.sleep(seconds)
+
+
+def record_and_exit(db: Path, calls: int, *, events: bool) -> None:
+    """Run a script that records ``calls`` traced calls (each with an event if
+    ``events``) into ``db`` with ``record_to`` and exits without flushing or shutting
+    down: what reaches the database is the exit's doing."""
+    event = "d.event(BaseEvent())" if events else "pass"
+    script = f"""
+from instrumentation import get_dispatcher, BaseEvent
+from instrumentation.storage import record_to
+d = get_dispatcher("exit.app")
+record_to({str(db)!r}, batch_size=100000, debounce=60)
+@d.span
+def work(i):
+    {event}
+for i in range({calls}):
+    work(i)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from instrumentation import get_dispatcher, storage
 from instrumentation.storage import SQLiteStore, StorageHandler, open_store, record_to
 
-from .helpers import NoteEvent, count
+from .helpers import NoteEvent, count, record_and_exit
 
 d = get_dispatcher("tests.storage.open_close")
 
@@ -93,18 +93,7 @@ def test_interpreter_exit_closes_the_store_record_to_opened(tmp_path: Path) -> N
     """A script that never leaves a block nor shuts down: at exit the rows are written
     and the store closed, so the database file alone holds them."""
     db = tmp_path / "exit.db"
-    script = f"""
-from instrumentation import get_dispatcher
-from instrumentation.storage import record_to
-d = get_dispatcher("exit.app")
-record_to({str(db)!r}, batch_size=100000, debounce=60)
-@d.span
-def work(i):
-    return i
-for i in range(30):
-    work(i)
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    record_and_exit(db, 30, events=False)
     assert not Path(str(db) + "-wal").exists()
     assert _read_copy_alone(db, tmp_path) == 30
 

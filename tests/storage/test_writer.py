@@ -25,7 +25,7 @@ from instrumentation.storage import (
 )
 from instrumentation.storage.spool import Spool
 
-from .helpers import ControlledSQLiteStore, NoteEvent, count, wait_until
+from .helpers import ControlledSQLiteStore, NoteEvent, count, record_and_exit, wait_until
 
 d = get_dispatcher("tests.storage.writer")
 
@@ -374,18 +374,7 @@ def test_forked_child_gets_a_writer_of_its_own(tmp_path: Path, make_handler: Any
 def test_queued_entries_are_written_at_interpreter_exit(tmp_path: Path) -> None:
     """A program that never flushes still has its entries stored (atexit)."""
     db = tmp_path / "exit.db"
-    script = f"""
-from instrumentation import get_dispatcher, BaseEvent
-from instrumentation.storage import record_to
-d = get_dispatcher("exit.app")
-record_to({str(db)!r}, batch_size=100000, debounce=60)
-@d.span
-def work(i):
-    d.event(BaseEvent())
-for i in range(200):
-    work(i)
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    record_and_exit(db, 200, events=True)
     store = SQLiteStore(db)
     assert count(store, "spans") == 200 and count(store, "events") == 200
 
