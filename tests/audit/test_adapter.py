@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-from instrumentation import audit, get_dispatcher
+from instrumentation import Dispatcher, audit, get_dispatcher
 from instrumentation.audit import RequestStart
 from instrumentation.llms import ChatMessage, OfflineLLM, OfflineLLMError
 
@@ -160,10 +162,10 @@ def test_detach_and_bad_arguments() -> None:
         audit.attach(d, [object()])  # type: ignore[list-item]
 
 
-def test_shutdown_ends_open_requests() -> None:
-    d = get_dispatcher("tests.audit.shutdown")
-    handler = SyncRecorder()
-    audit.attach(d, [handler])
+@contextmanager
+def _request_held_open(d: Dispatcher) -> Iterator[None]:
+    """A request (a ``request=True`` span of ``d``) running in a thread and held open
+    for the block; let go and joined after it."""
     entered, release = threading.Event(), threading.Event()
 
     @d.span(request=True)
@@ -173,10 +175,20 @@ def test_shutdown_ends_open_requests() -> None:
 
     worker = threading.Thread(target=ask, args=("q",))
     worker.start()
-    entered.wait(5)
-    d.shutdown()
-    release.set()
-    worker.join()
+    try:
+        assert entered.wait(5)
+        yield
+    finally:
+        release.set()
+        worker.join(5)
+
+
+def test_shutdown_ends_open_requests() -> None:
+    d = get_dispatcher("tests.audit.shutdown")
+    handler = SyncRecorder()
+    audit.attach(d, [handler])
+    with _request_held_open(d):
+        d.shutdown()
     for _ in range(200):
         if handler.rec.request_ends:
             break
@@ -199,24 +211,11 @@ def test_flush_after_shutdown_waits_for_the_requests_it_ended() -> None:
     d = get_dispatcher("tests.audit.shutdown_flush")
     handler = Slow()
     adapter = audit.attach(d, [handler], timeout=0)
-    entered, release = threading.Event(), threading.Event()
-
-    @d.span(request=True)
-    def ask(question: str) -> None:
-        entered.set()
-        release.wait(5)
-
-    worker = threading.Thread(target=ask, args=("q",))
-    worker.start()
-    try:
-        assert entered.wait(5)
+    with _request_held_open(d):
         d.shutdown()
         assert adapter.flush(timeout=5) is True
         assert len(handler.rec.request_ends) == 1  # was 0: flush did not wait
         assert "shut down" in str(handler.rec.request_ends[0][0].error)
-    finally:
-        release.set()
-        worker.join(5)
 
 
 def test_flush_waits_for_handlers_when_the_span_does_not() -> None:
