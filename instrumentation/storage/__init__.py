@@ -18,6 +18,7 @@ See ``docs/storage.md``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -33,6 +34,8 @@ from instrumentation.storage.schema import (
 from instrumentation.storage.serialise import TRUNCATED, UNSERIALISABLE
 from instrumentation.storage.sqlite import ACCEPTED_ADDRESSES, SQLiteStore
 from instrumentation.storage.writer import BatchWriter
+
+logger = logging.getLogger(__name__)
 
 #: What ``open_store()`` and the command line use when no database is named.
 DEFAULT_DB = "instrumentation.db"
@@ -98,8 +101,9 @@ def record_to(
     A store opened here (from a path or DSN) belongs to the handler: it is closed when
     the handler shuts down (leaving the ``with`` block, ``shutdown()``, or interpreter
     exit), which for SQLite copies the write-ahead log into the file. A :class:`Store`
-    given stays open, the caller's to close. Options are checked before anything is
-    opened: an unknown one raises pydantic's ``ValidationError`` and creates no file.
+    given stays open, the caller's to close. An unknown option raises pydantic's
+    ``ValidationError`` before anything is opened; a refused value (``batch_size=0``)
+    raises too, and a SQLite file made for the handler is removed again.
     """
     if isinstance(target, Store):
         return StorageHandler(store=target, **options).attach(dispatcher)
@@ -110,6 +114,7 @@ def record_to(
     # Closing an in-memory database would throw its rows away: it stays open, to be
     # read through the handler's ``store``.
     in_memory = isinstance(store, SQLiteStore) and store.path == ":memory:"
+    created = _created_file(store)
     options.setdefault("close_store", not in_memory)
     handler = None
     try:
@@ -120,7 +125,27 @@ def record_to(
             handler.detach()
             handler.shutdown()
         store.close()
+        if created is not None:
+            _remove_database_file(created)
         raise
+
+
+def _created_file(store: Store) -> str | None:
+    """The SQLite file ``store`` has just created and holds nothing yet, if it is one:
+    a refused option value (``batch_size=0``) must not leave an empty database behind."""
+    if not isinstance(store, SQLiteStore) or store.path == ":memory:":
+        return None
+    return store.path if store.created else None
+
+
+def _remove_database_file(path: str) -> None:
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # another process opened it meanwhile: leave it
+            logger.warning("could not remove %s, created for a refused handler: %s", name, exc)
 
 
 def _check_option_names(options: dict[str, Any]) -> None:

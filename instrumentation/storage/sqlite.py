@@ -155,6 +155,8 @@ class SQLiteStore(SQLStore):
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
         self._snapshot = False
+        #: Whether opening this store made the file (it did not exist before).
+        self.created = self.path != ":memory:" and not os.path.exists(self.path)
         # A file locked by another process must not hold up the application's start.
         self._lock_wait = min(self.busy_timeout, 0.5)
         try:

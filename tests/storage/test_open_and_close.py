@@ -231,7 +231,19 @@ def test_a_handler_that_cannot_be_made_closes_the_store(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch_size") as info:
         record_to(db, batch_size=0)
     assert info.value is not None
-    assert not Path(str(db) + "-wal").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_refused_value_keeps_a_database_that_was_there(tmp_path: Path) -> None:
+    """Only a file made for the refused handler is removed; traces already kept stay."""
+    db = tmp_path / "t.db"
+    with record_to(db):
+        work(1)
+    with pytest.raises(ValueError, match="debounce"):
+        record_to(db, debounce=-1)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.db"]
+    with open_store(db, read_only=True) as reader:
+        assert [t.name for t in reader.traces()] == ["work"]
 
 
 def test_a_wrong_dispatcher_opens_nothing(tmp_path: Path) -> None:
