@@ -444,11 +444,13 @@ _COMMANDS = {"list": _cmd_list, "show": _cmd_show, "tail": _cmd_tail, "export": 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; returns the exit status."""
     from instrumentation.storage import DB_ENV, database_target, open_store
+    from instrumentation.storage.addresses import redacted
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
     # ``--db ""`` is a mistake (an unset shell variable), not a request for the default.
     where = database_target(args.db)
+    shown = redacted(where)  # lines on stderr end up in logs: no password in them
     try:
         # A read-only store creates no database, no tables and migrates nothing: a
         # file that is not a trace database (an application's own SQLite file, say)
@@ -456,13 +458,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         store = open_store(where, read_only=True)
     except FileNotFoundError:
         # No such SQLite file: a mistyped path must not look like an empty store.
-        print(f"no trace database at {where!r} (give --db or set ${DB_ENV})", file=sys.stderr)
+        print(f"no trace database at {shown!r} (give --db or set ${DB_ENV})", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:  # not a database address, a folder...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        print(f"cannot open the trace database {where!r}: {exc}", file=sys.stderr)
+        print(f"cannot open the trace database {shown!r}: {exc}", file=sys.stderr)
         return 2
     try:
         status = _COMMANDS[args.command](store, args, stream)
@@ -482,7 +484,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the database went away, or refused the query
-        print(f"cannot read the trace database {where!r}: {exc}", file=sys.stderr)
+        print(f"cannot read the trace database {shown!r}: {exc}", file=sys.stderr)
         return 2
     finally:
         store.close()

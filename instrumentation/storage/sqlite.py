@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from instrumentation.storage.addresses import redacted
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
     SCHEMA_VERSION,
@@ -46,6 +47,7 @@ def sqlite_path(address: str) -> str:
     with a ``scheme://`` (``mysql://``, ``http://``...) and an empty address are a
     ``ValueError`` naming the accepted forms.
     """
+    shown = redacted(address)
     if not address.strip():
         raise ValueError(f"no trace database named ({address!r}); give {ACCEPTED_ADDRESSES}")
     match = _URL.match(address)
@@ -54,7 +56,7 @@ def sqlite_path(address: str) -> str:
     scheme = match.group(1).lower()
     if scheme in ("postgres", "postgresql"):
         raise ValueError(
-            f"{address!r} is a PostgreSQL DSN, not a SQLite path: open it with "
+            f"{shown!r} is a PostgreSQL DSN, not a SQLite path: open it with "
             "storage.open_store() or storage.PostgresStore()"
         )
     if scheme != "sqlite":
@@ -62,7 +64,7 @@ def sqlite_path(address: str) -> str:
         if scheme.startswith(("sqlite+", "postgres+", "postgresql+")):
             hint = f" (without the driver: {scheme.split('+')[0]}://...)"
         raise ValueError(
-            f"{address!r} is not a trace database address: {scheme}:// is not supported; "
+            f"{shown!r} is not a trace database address: {scheme}:// is not supported; "
             f"give {ACCEPTED_ADDRESSES}{hint}"
         )
     rest = address[match.end() :]
@@ -70,12 +72,12 @@ def sqlite_path(address: str) -> str:
         return ":memory:"
     if not rest.startswith("/"):
         raise ValueError(
-            f"{address!r} names a host; a SQLite URL has none: sqlite:///relative.db or "
+            f"{shown!r} names a host; a SQLite URL has none: sqlite:///relative.db or "
             "sqlite:////absolute/path.db"
         )
     if "?" in rest:
         raise ValueError(
-            f"{address!r} has query parameters, which a trace database address does not "
+            f"{shown!r} has query parameters, which a trace database address does not "
             "take; give the path alone (sqlite:///path or the path itself)"
         )
     path = rest[1:]

@@ -284,6 +284,29 @@ def test_a_database_that_cannot_be_reached_is_an_error(
     assert "cannot read the trace database" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        ("postgresql://app:s3cret-pw@127.0.0.1:{port}/t", "postgresql://app:***@127.0.0.1"),
+        ("postgresql://app@127.0.0.1:{port}/t?password=s3cret-pw", "?password=***"),
+        ("host=127.0.0.1 port={port} dbname=t password=s3cret-pw", "password=***"),
+        ("host=127.0.0.1 port={port} dbname=t password='s3cret-pw x'", "password=***"),
+        ("mysql://app:s3cret-pw@db/t", "mysql://app:***@db/t"),
+    ],
+)
+def test_a_password_never_reaches_the_terminal(
+    capsys: pytest.CaptureFixture[str], address: str, shown: str
+) -> None:
+    """Errors name the database, and stderr lines end up in CI logs: without the password."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["--db", address.format(port=port), "list"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert shown in err
+    assert "s3cret" not in err
+
+
 def _sqlite_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
