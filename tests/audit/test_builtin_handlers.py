@@ -6,6 +6,7 @@ import logging
 import os
 import pty
 import re
+import shutil
 import signal
 import threading
 import time
@@ -72,6 +73,20 @@ def test_file_names_cannot_escape_or_collide(tmp_path: Path) -> None:
     assert handler.path_for(a) != handler.path_for(b)
     with pytest.raises(TypeError, match="directory"):
         FileEventHandler(3)  # type: ignore[arg-type]
+
+
+def test_a_file_handler_makes_its_directory_again_when_it_went_away(tmp_path: Path) -> None:
+    """A clean-up job removed the log directory between two requests."""
+    logs = tmp_path / "logs"
+    handler = FileEventHandler(logs)
+    with audit.request(question="first", handlers=[handler]) as req:
+        req.result = "one"
+    shutil.rmtree(logs)
+    with audit.request(question="second", handlers=[handler]) as req:
+        req.result = "two"
+    assert req.errors == []
+    (path,) = list(logs.iterdir())
+    assert "Question: second\n" in path.read_text()
 
 
 def test_file_handler_records_the_error(tmp_path: Path) -> None:

@@ -74,6 +74,12 @@ def _writable_directory(directory: Path) -> None:
         raise refuse(errno.EACCES, "it is not writable")
 
 
+def _open_part(part: Path) -> IO[str]:
+    # backslashreplace: text that is not valid Unicode (a lone surrogate, say, from
+    # os.fsdecode) is written escaped instead of failing the request's file.
+    return open(part, "x", encoding="utf-8", errors="backslashreplace")
+
+
 class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
     """Writes each request to its own file in ``directory`` (created if missing).
 
@@ -95,14 +101,14 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
         return self.directory / f"{stamp}-{rid}.log"
 
     def request_start(self, user_request: RequestStart) -> FileContext:
-        self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path_for(user_request)
         part = final.with_name(f".{final.name}.part")
-        # backslashreplace: text that is not valid Unicode (a lone surrogate, say, from
-        # os.fsdecode) is written escaped instead of failing the request's file.
-        handle = open(  # noqa: SIM115 - closed in request_end
-            part, "x", encoding="utf-8", errors="backslashreplace"
-        )
+        try:
+            handle = _open_part(part)
+        except FileNotFoundError:
+            # The directory went away (a clean-up job, log rotation): make it again.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = _open_part(part)
         try:
             handle.write(f"Request: {user_request.request_id}\n")
             handle.write(f"Started: {user_request.started_at.isoformat()}\n")
