@@ -177,6 +177,11 @@ class LazyBoundArguments(inspect.BoundArguments):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
         return f"<LazyBoundArguments ({shown})>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Copied or pickled (a handler that keeps or queues the arguments), it is the
+        # plain ``inspect.BoundArguments`` it stands for, bound now.
+        return (inspect.BoundArguments, (self._signature, dict(self.arguments)))
+
 
 class _NoArguments(LazyBoundArguments):
     """The arguments of a span that has none (a block, a drop at shutdown, or a call

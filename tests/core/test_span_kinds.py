@@ -5,8 +5,10 @@ awaitables.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
+import pickle
 import types
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Iterator
 from typing import Any
@@ -658,6 +660,33 @@ def test_bound_args_are_correct_and_lazy(
     for r in rec.records.values():
         _ = r.bound_args.arguments
     assert len(calls) <= 1
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_bound_args_can_be_kept_copied_or_pickled(d: Dispatcher, rec: Recorder, how: str) -> None:
+    """A handler that keeps or queues the arguments copies or pickles them, as it can a
+    real ``inspect.BoundArguments``: it gets one, equal to what the call bound."""
+    keep = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda b: pickle.loads(pickle.dumps(b)),
+    }[how]
+
+    @d.span
+    def f(a: int, *rest: int, key: str = "k") -> int:
+        return a
+
+    f(1, 2, 3, key="z")
+    with d.span("a block"):
+        pass
+    call, block = rec.records.values()
+    kept = keep(call.bound_args)
+    assert type(kept) is inspect.BoundArguments
+    assert kept.arguments == {"a": 1, "rest": (2, 3), "key": "z"}
+    assert kept.args == (1, 2, 3) and kept.kwargs == {"key": "z"}
+    assert str(kept.signature) == "(a: 'int', *rest: 'int', key: 'str' = 'k') -> 'int'"
+    empty = keep(block.bound_args)
+    assert type(empty) is inspect.BoundArguments and empty.arguments == {}
 
 
 def test_handlers_not_needing_bound_args_get_an_empty_one(d: Dispatcher) -> None:
