@@ -38,6 +38,20 @@ _reset_active = _active_span.reset
 MARK = "__instrumentation_dispatcher__"
 LLAMA_MARK = "__dispatcher_span_decorated__"
 
+#: The wrappers this module made. Decorating one again with its dispatcher is a no-op;
+#: the mark alone cannot say so, as ``functools.wraps`` copies it onto any decorator
+#: put around a traced function (which must then be traced in its own right).
+_wrappers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _traced_by(func: Any, dispatcher: Any) -> bool:
+    try:
+        ours = func in _wrappers
+    except TypeError:  # unhashable, or no weak references: not one of ours
+        return False
+    return ours and getattr(func, MARK, None) is dispatcher
+
+
 _METHOD_FIRST_PARAMS = frozenset({"self", "cls", "mcs", "klass", "metacls"})
 
 _awaitable_types: dict[type, bool] = {}
@@ -214,7 +228,7 @@ def wrap(
     if isinstance(func, staticmethod):
         return staticmethod(wrap(dispatcher, func.__func__, name, attributes))
     if isinstance(func, classmethod):
-        if getattr(func.__func__, MARK, None) is dispatcher and name is None and attributes is None:
+        if _traced_by(func.__func__, dispatcher) and name is None and attributes is None:
             return func  # idempotent, as below
         inner = _wrap_callable(dispatcher, func.__func__, name, attributes, method=True)
         return classmethod(inner)
@@ -223,7 +237,7 @@ def wrap(
             f"@dispatcher.span decorates functions, methods, coroutines and generators; "
             f"got {type(func).__name__} object {func!r}"
         )
-    if getattr(func, MARK, None) is dispatcher and name is None and attributes is None:
+    if _traced_by(func, dispatcher) and name is None and attributes is None:
         return func  # idempotent: decorating twice with the same dispatcher is one span
     return _wrap_callable(dispatcher, func, name, attributes, method=None)
 
@@ -425,13 +439,17 @@ def _wrap_callable(
                 else:
                     deactivate(handle)
 
+    # A callable object's attributes are its state, not a function's metadata: a copy
+    # on the wrapper would go stale at its next change.
+    updated = functools.WRAPPER_UPDATES if isinstance(target, types.FunctionType) else ()
     try:
-        functools.update_wrapper(wrapper, target)
+        functools.update_wrapper(wrapper, target, updated=updated)
     except (AttributeError, TypeError):  # callables without the usual attributes
         pass
     wrapper.__wrapped__ = func
     setattr(wrapper, MARK, d)
     setattr(wrapper, LLAMA_MARK, True)
+    _wrappers.add(wrapper)
     return wrapper
 
 

@@ -759,6 +759,55 @@ def test_callable_objects_and_partials(d: Dispatcher, rec: Recorder) -> None:
     assert len(rec.records) == 2 and all(r.status == "exit" for r in rec.records.values())
 
 
+def test_a_callable_objects_state_is_not_copied_onto_its_wrapper(d: Dispatcher) -> None:
+    """Its attributes change as it runs: a copy on the wrapper would go stale. They are
+    read through ``__wrapped__``."""
+
+    class Counter:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self) -> int:
+            self.calls += 1
+            return self.calls
+
+    counter = Counter()
+    traced: Any = d.span(counter)
+    traced()
+    traced()
+    assert "calls" not in traced.__dict__
+    assert traced.__wrapped__ is counter and traced.__wrapped__.calls == 2
+
+
+def test_a_decorator_around_a_traced_function_can_be_traced(d: Dispatcher, rec: Recorder) -> None:
+    """``functools.wraps`` copies the traced function's attributes, its mark included,
+    onto the other decorator's wrapper: that wrapper is a function of its own, and
+    decorating it is a span of its own, around the traced one."""
+
+    @d.span
+    def fetch(x: int) -> int:
+        return x
+
+    def retry(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def again(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return again
+
+    cached = functools.lru_cache(fetch)
+    traced_retry = d.span(retry(fetch))
+    traced_cache = d.span(cached)
+    assert traced_retry(1) == 1 and traced_cache(2) == 2
+    assert traced_cache is not cached
+    assert d.span(fetch) is fetch  # the traced function itself: still one span
+    records = list(rec.records.values())
+    roots = [r.id_ for r in records if r.parent_id is None]
+    # Each call is an outer span (the other decorator's) around the traced function's.
+    assert len(records) == 4 and len(roots) == 2
+    assert sorted(r.parent_id for r in records if r.parent_id is not None) == sorted(roots)
+
+
 def test_no_handler_path_calls_through(d: Dispatcher) -> None:
     """With no handler in the chain, decorated functions, generators and coroutines just run."""
 
