@@ -44,6 +44,14 @@ LLAMA_MARK = "__dispatcher_span_decorated__"
 _wrappers: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def mark_traced(wrapper: Any, dispatcher: Any) -> None:
+    """Mark ``wrapper``, a function that traces calls of ``dispatcher`` by other means,
+    as ``@dispatcher.span`` marks its own: decorating it again is a no-op."""
+    setattr(wrapper, MARK, dispatcher)
+    setattr(wrapper, LLAMA_MARK, True)
+    _wrappers.add(wrapper)
+
+
 def _traced_by(func: Any, dispatcher: Any) -> bool:
     try:
         ours = func in _wrappers
@@ -447,10 +455,8 @@ def _wrap_callable(
     except (AttributeError, TypeError):  # callables without the usual attributes
         pass
     wrapper.__wrapped__ = func
-    setattr(wrapper, MARK, d)
-    setattr(wrapper, LLAMA_MARK, True)
-    _wrappers.add(wrapper)
+    mark_traced(wrapper, d)
     return wrapper
 
 
-__all__ = ["LLAMA_MARK", "MARK", "wrap"]
+__all__ = ["LLAMA_MARK", "MARK", "mark_traced", "wrap"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+from abc import ABC
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, SupportsIndex, TypeVar, overload
 
@@ -1069,8 +1070,11 @@ def get_dispatcher(name: str = ROOT_NAME) -> Dispatcher:
     return root_manager.get(_check_name(name))
 
 
-class DispatcherSpanMixin:
+class DispatcherSpanMixin(ABC):  # noqa: B024 - abstract for its subclasses, as in LlamaIndex
     """Spans for subclasses' implementations of abstract and already-traced methods.
+
+    An ``ABC``, as in LlamaIndex: a subclass that leaves an abstract method
+    unimplemented cannot be instantiated.
 
     A subclass's implementation of an abstract method, or its override of a method
     decorated with ``@dispatcher.span`` in a base class, is decorated with the

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from instrumentation._wrap import LLAMA_MARK, MARK
+from instrumentation._wrap import MARK, mark_traced
 from instrumentation.dispatcher import get_dispatcher
 from instrumentation.events.llm import (
     ChatMessage,
@@ -95,8 +95,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _marked_like(call: Callable[..., Any], traced: F) -> F:
     # Marked as traced, as ``@dispatcher.span`` marks what it wraps: decorating again
     # is a no-op, and DispatcherSpanMixin treats overrides as it did.
-    for mark in (MARK, LLAMA_MARK):
-        setattr(call, mark, getattr(traced, mark, None))
+    mark_traced(call, getattr(traced, MARK))
     return call  # type: ignore[return-value]
 
 

@@ -336,6 +336,12 @@ def test_dispatcher_span_mixin_wraps_implementations() -> None:
         def run(self, x: int) -> int:
             return x * 2
 
+    class Unfinished(_Base):
+        def plain(self) -> int:
+            return 2
+
+    with pytest.raises(TypeError, match="abstract method"):
+        Unfinished()  # type: ignore[abstract]
     assert Impl().run(1) == 2 and Impl().plain() == 1
     assert ImplByHand().run(2) == 4
     names = [r.name for r in rec.records.values()]
