@@ -22,10 +22,14 @@ _report = telemetry.report_handler_error
 class Chain:
     """The handlers a dispatcher's spans and events reach, parents included."""
 
-    __slots__ = ("dispatcher", "enters", "events", "exits", "needs_bound_args", "spans")
+    __slots__ = ("dispatcher", "enters", "events", "exits", "needs_bound_args", "owner", "spans")
 
-    def __init__(self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...]) -> None:
+    def __init__(
+        self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...], owner: Any = None
+    ) -> None:
         self.dispatcher = dispatcher
+        #: The dispatcher whose chain this is (its ``_ev`` holds the event handlers now).
+        self.owner = owner
         self.events = events
         self.spans = spans
         # A handler may offer positional versions of span_enter/span_exit (keyword
@@ -306,7 +310,11 @@ def fail(
     """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
     _next(_dropped)
     span_id = span.id_
-    if chain.events:
+    # The span's own handlers see it end (it started with them), but the drop event,
+    # like any event, goes to the event handlers attached now, as in LlamaIndex: not to
+    # one removed, or closed by ``shutdown()``, while the span was open.
+    events = chain.events if chain.owner is None else chain.owner._ev
+    if events:
         try:
             text = str(err)
         except Exception:  # str() of a broken exception can itself raise
@@ -315,7 +323,7 @@ def fail(
         drop_event = SpanDropEvent(
             span_id=span_id, trace_id=span.trace_id, err_str=text, tags=dict(tags)
         )
-        dispatch_event(chain.events, drop_event, {})
+        dispatch_event(events, drop_event, {})
     for handler in chain.spans:
         try:
             handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)

@@ -437,7 +437,7 @@ class Dispatcher:
             events.extend(h for h in manager.tap_event_handlers if not any(h is e for e in events))
             spans.extend(h for h in manager.tap_span_handlers if not any(h is s for s in spans))
         self._ev = tuple(events)
-        self._hot = Chain(self.name, self._ev, tuple(spans)) if events or spans else None
+        self._hot = Chain(self.name, self._ev, tuple(spans), self) if events or spans else None
 
     # -- events ---------------------------------------------------------------------
 
@@ -701,7 +701,8 @@ class Dispatcher:
 
     def shutdown(self) -> None:
         """Drop open spans, close and detach the handlers of this dispatcher and those below
-        (for the root, also the handlers that tap the whole tree).
+        (for the root, also the handlers that tap the whole tree). A handler also
+        attached outside this subtree is only detached from it: it goes on serving there.
 
         Safe to call twice: the second call finds nothing attached. Spans dropped here
         are counted in ``telemetry.SPANS_DROPPED_BY_SHUTDOWN``.
@@ -720,6 +721,12 @@ class Dispatcher:
                 event_handlers.extend(manager.tap_event_handlers)
                 span_handlers.extend(manager.tap_span_handlers)
                 manager.tap_event_handlers = manager.tap_span_handlers = ()
+            if manager is not None and manager.root is not self:
+                # A handler also attached outside this subtree goes on serving there:
+                # it is detached here, not closed, and its open spans are not ours to drop.
+                elsewhere = manager._attached_handler_ids()
+                event_handlers = [h for h in event_handlers if id(h) not in elsewhere]
+                span_handlers = [h for h in span_handlers if id(h) not in elsewhere]
             self._changed()
         error = RuntimeError(_SHUTDOWN_ERROR_TEXT)
         closed: list[object] = []
@@ -1016,6 +1023,15 @@ class Manager:
             return nodes
         prefix = top.name + "."
         return [d for d in nodes if d is top or d.name.startswith(prefix)]
+
+    def _attached_handler_ids(self) -> set[int]:
+        """The ids of every handler attached anywhere in the tree (lock held)."""
+        found = {id(h) for h in (*self.tap_event_handlers, *self.tap_span_handlers)}
+        for node in self._nodes.values():
+            if isinstance(node, Dispatcher):
+                found.update(id(h) for h in node._event_handlers)
+                found.update(id(h) for h in node._span_handlers)
+        return found
 
     def _rebuild_all(self) -> None:
         for node in list(self._nodes.values()):

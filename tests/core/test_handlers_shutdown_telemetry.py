@@ -150,6 +150,70 @@ def test_shutdown_drops_open_spans_closes_handlers_and_is_safe_twice(d: Dispatch
     assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 2
 
 
+class Listening(Closing):
+    """Counts the events it gets after it was closed."""
+
+    after_close: list[str] = []
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        if self.closed:
+            self.after_close.append(event.class_name())
+
+
+def test_a_span_ending_after_shutdown_sends_nothing_to_closed_handlers(d: Dispatcher) -> None:
+    """A generator open at shutdown() is closed later: its drop event used to reach the
+    event handler shutdown() had closed (it went to the handlers the span started with)."""
+    events = Listening(after_close=[])
+    d.add_event_handler(events)
+    d.add_span_handler(SimpleSpanHandler())
+
+    @d.span
+    def gen() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    it = gen()
+    next(it)
+    d.shutdown()
+    it.close()
+    assert events.closed == 1 and events.after_close == []
+    # A handler attached after the span started sees its drop, as any event then.
+    late = EventList()
+    d.add_event_handler(late)
+    it = gen()
+    next(it)
+    d.remove_event_handler(late)
+    later = EventList()
+    d.add_event_handler(later)
+    it.close()
+    assert [e.class_name() for e in later.events] == ["SpanDropEvent"] and late.events == []
+
+
+def test_shutting_down_a_subtree_leaves_a_handler_the_rest_of_the_tree_uses(
+    d: Dispatcher,
+) -> None:
+    """A handler attached to ``d`` and to ``d.sub``: ``d.sub.shutdown()`` detaches it from
+    ``d.sub`` but does not close it, nor drop the spans it has open elsewhere."""
+    sub = get_dispatcher(f"{d.name}.sub")
+    shared, own = Listening(after_close=[]), Listening(after_close=[])
+    spans = ClosingSpans()
+    d.add_event_handler(shared)
+    d.add_span_handler(spans)
+    sub.add_event_handler(shared)
+    sub.add_event_handler(own)
+    sub.add_span_handler(spans)
+    with d.span("open elsewhere"):
+        sub.shutdown()
+        assert len(spans.open_spans) == 1
+    assert (shared.closed, own.closed, spans.closed) == (0, 1, 0)
+    assert sub.event_handlers == [] and sub.span_handlers == []
+    assert d.event_handlers == [shared] and d.span_handlers == [spans]
+    assert [s.name for s in spans.completed_spans] == ["open elsewhere"]
+    sub.event(BaseEvent())  # reaches ``shared`` through ``d`` still
+    assert shared.after_close == [] and own.after_close == []
+    assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == 0
+
+
 def test_shutdown_survives_a_failing_close(d: Dispatcher) -> None:
     """A handler whose close() raises is counted as a handler error and the others are still
     closed.
