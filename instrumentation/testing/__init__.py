@@ -97,7 +97,8 @@ def capture_spans(
 class Snapshot:
     """The global state a test can change, to put back later.
 
-    The handler lists and ``propagate`` flags of every dispatcher, the tree's taps,
+    The handler lists and ``propagate`` flags of every dispatcher (one made after the
+    snapshot is left as it is), the tree's taps,
     ``telemetry.raise_handler_errors``, and the current span, tags and suppression
     (which ``restore_propagation_context`` sets without a token to undo it).
     """
@@ -115,8 +116,12 @@ class Snapshot:
     def restore(self) -> None:
         with _dispatcher_module._lock:  # looked up each time: re-made after fork
             for name, node in root_manager.dispatchers.items():
-                ev, sp, prop = self.state.get(name, ((), (), True))
-                node._event_handlers, node._span_handlers, node._propagate = ev, sp, prop
+                found = self.state.get(name)
+                if found is None:
+                    # Made in the block (a module imported there): its handlers and
+                    # ``propagate`` are that module's set-up, which must outlive the test.
+                    continue
+                node._event_handlers, node._span_handlers, node._propagate = found
             root_manager.tap_event_handlers, root_manager.tap_span_handlers = self.taps
             root_manager._rebuild_all()
         telemetry.raise_handler_errors = self.raise_handler_errors

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
+import uuid
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,3 +218,27 @@ def test_capture_helpers_restore_handlers_added_inside_the_block() -> None:
     with capture_spans(), capture_events():
         instrument.root_dispatcher.add_span_handler(SimpleSpanHandler())
     assert instrument.root_dispatcher.span_handlers == before
+
+
+def test_capture_helpers_leave_a_dispatcher_made_inside_the_block_as_its_module_set_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module imported lazily inside a captured block sets up its dispatcher at import
+    (``propagate = False``, a handler of its own): that set-up must outlive the block,
+    or later tests depend on which test imported the module first."""
+    from instrumentation.testing import capture_events
+
+    name = f"lazy_module_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        "from instrumentation import get_dispatcher\n"
+        "from instrumentation.event_handlers import NullEventHandler\n"
+        "d = get_dispatcher(__name__)\n"
+        "d.propagate = False\n"
+        "own = NullEventHandler()\n"
+        "d.add_event_handler(own)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with capture_events(), capture_spans():
+        module = importlib.import_module(name)
+    assert module.d.propagate is False
+    assert module.d.event_handlers == [module.own]
