@@ -232,6 +232,12 @@ class ContextBridge(Protocol):
     recent), or ``own`` unchanged. ``attach`` is called each time one of our spans
     becomes current in a context (enter, and each resume of a generator) and
     ``detach`` with what it returned when it stops being current. They must not raise.
+
+    A bridge may also have ``restore(parent, sampled)``, called when
+    ``restore_propagation_context`` makes ``parent`` (a remote span, or None) current
+    in this context without a token to undo it, so that the other system continues
+    the restored trace too; and ``sampled()``, False when the other system's current
+    span is not sampled (``capture_propagation_context`` then sends flags ``00``).
     """
 
     def parent_for(self, own: SpanContext | None) -> SpanContext | None: ...
@@ -274,6 +280,31 @@ def unregister_bridge(bridge: ContextBridge) -> None:
 
 def bridges() -> tuple[ContextBridge, ...]:
     return _bridges
+
+
+def restored_in_bridges(parent: SpanContext | None, sampled: bool) -> None:
+    """Tell the bridges that ``restore_propagation_context`` made ``parent`` current."""
+    for bridge in _bridges:
+        restore = getattr(bridge, "restore", None)
+        if restore is not None:
+            try:
+                restore(parent, sampled)
+            except Exception:  # a bridge must not break the application
+                pass
+
+
+def sampled_in_bridges() -> bool:
+    """Whether the trace is sampled: yes, unless a bridge's ``sampled()`` says the
+    other system decided not to (a ``traceparent`` that arrived with flags ``00``)."""
+    for bridge in _bridges:
+        sampled = getattr(bridge, "sampled", None)
+        if sampled is not None:
+            try:
+                if sampled() is False:
+                    return False
+            except Exception:  # a bridge must not break the application
+                pass
+    return True
 
 
 def parent_for_new_span() -> SpanContext | None:

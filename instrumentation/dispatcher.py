@@ -43,6 +43,8 @@ from instrumentation.context import (
     instrument_tags,
     parse_traceparent,
     remember_manual_trace,
+    restored_in_bridges,
+    sampled_in_bridges,
     span_hex_of,
     span_name_of,
 )
@@ -647,7 +649,9 @@ class Dispatcher:
         # span, or without tags, also clears what an earlier restore left current.
         span = current_span()
         if span is not None:
-            out["traceparent"] = format_traceparent(span.trace_id, span.span_hex)
+            out["traceparent"] = format_traceparent(
+                span.trace_id, span.span_hex, sampled_in_bridges()
+            )
         out["active_span_id"] = None if span is None else span.id_
         tags = _active_tags.get()
         out["instrument_tags"] = dict(tags) if isinstance(tags, Mapping) else {}
@@ -673,8 +677,9 @@ class Dispatcher:
         span_id = context.get("active_span_id")
         if span_id is not None and not isinstance(span_id, str):
             raise TypeError(f"active_span_id must be a str or None, got {type(span_id).__name__}")
+        sampled = True
         if traceparent is not None:
-            trace_id, span_hex, _sampled = parse_traceparent(traceparent)
+            trace_id, span_hex, sampled = parse_traceparent(traceparent)
             if span_id is None or span_hex_of(span_id) != span_hex:
                 span_id = span_hex
             parent = RemoteSpanContext(span_id, trace_id, None, None)
@@ -694,6 +699,7 @@ class Dispatcher:
                 )
         if sets_span:
             _active_span.set(parent)
+            restored_in_bridges(parent, sampled)
         if "instrument_tags" in context:
             _active_tags.set(dict(tags) if tags else _EMPTY_TAGS)
 

@@ -14,17 +14,24 @@ The core knows other tracing systems only through the ``ContextBridge`` protocol
   current (one started by the application or by another instrumentation, after our
   innermost span), that foreign span is its parent and its trace is ours.
 
+- ``restore``: ``restore_propagation_context`` makes the remote parent current in
+  OpenTelemetry's context as well (a non-recording span with its ids and its sampled
+  flag), so an OpenTelemetry span started next continues the restored trace, and is
+  sampled or not as the sender decided.
+
 How "more recent" is decided without clocks: since ``attach`` makes each of our spans
 current in OpenTelemetry's context, the current OpenTelemetry span is our innermost
-span's unless something foreign was started inside it. A parent restored explicitly
-with ``restore_propagation_context`` (``remote``) is kept, because the application
-asked for it.
+span's unless something foreign was started inside it. The same holds for a parent
+restored while this bridge was registered: an OpenTelemetry span current instead of
+it was started after the restore, and is the parent. A parent restored before (the
+bridge could not mirror it) is kept, because the application asked for it.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -42,6 +49,12 @@ if TYPE_CHECKING:
     from instrumentation.otel.spans import SpanTable
 
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
+_UNSAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
+
+#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context.
+_mirrored: ContextVar[SpanContext | None] = ContextVar(
+    "instrumentation_otel_mirrored_parent", default=None
+)
 _get_current_span = trace_api.get_current_span
 _set_span_in_context = trace_api.set_span_in_context
 _attach = otel_context.attach
@@ -105,8 +118,10 @@ class OpenTelemetryBridge:
     # -- the ContextBridge protocol ------------------------------------------------------
 
     def parent_for(self, own: SpanContext | None) -> SpanContext | None:
-        if (own is not None and own.remote) or not self._tables:
+        if not self._tables:
             return own
+        if own is not None and own.remote and _mirrored.get() is not own:
+            return own  # restored before this bridge could mirror it: kept
         current = _get_current_span().get_span_context()
         if not current.is_valid:
             return own
@@ -132,6 +147,31 @@ class OpenTelemetryBridge:
     def detach(self, token: Any) -> None:
         if token is not None:
             _detach(token)
+
+    def sampled(self) -> bool | None:
+        """The sampled flag of the current OpenTelemetry span (the one made for our
+        current span, or a foreign one inside it); None when there is none."""
+        if not self._tables:
+            return None
+        current = _get_current_span().get_span_context()
+        return bool(current.trace_flags.sampled) if current.is_valid else None
+
+    def restore(self, parent: SpanContext | None, sampled: bool) -> None:
+        """Make ``parent`` current in OpenTelemetry's context too (no token: like
+        ``restore_propagation_context`` itself, it is not undone)."""
+        if not self._tables:
+            return
+        if parent is None:
+            _attach(_set_span_in_context(trace_api.INVALID_SPAN))
+        else:
+            ids = trace_api.SpanContext(
+                int(parent.trace_id, 16),
+                int(span_hex_of(parent.id_), 16),
+                is_remote=True,
+                trace_flags=_SAMPLED if sampled else _UNSAMPLED,
+            )
+            _attach(_set_span_in_context(trace_api.NonRecordingSpan(ids)))
+        _mirrored.set(parent)
 
 
 #: The bridge every handler in this process shares.

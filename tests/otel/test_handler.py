@@ -308,6 +308,61 @@ def test_restored_remote_parent_is_the_otel_parent(traced: Traced) -> None:
     assert span.parent is not None and span.parent.is_remote
 
 
+def test_a_restored_trace_continues_in_otel_spans_and_ours_inside_them(traced: Traced) -> None:
+    """The worker pattern: restore, open an OpenTelemetry span for the job, call traced
+    code. The job span continues the restored trace (it used to start a new one), and
+    our span inside it is its child (it went straight under the remote parent)."""
+    d = traced.dispatcher
+    trace_hex, parent_hex = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    @d.span
+    def work() -> None:
+        pass
+
+    def in_worker() -> None:
+        d.restore_propagation_context({"traceparent": f"00-{trace_hex}-{parent_hex}-01"})
+        with traced.tracer.start_as_current_span("process-job"):
+            work()
+        work()  # after the job span: under the remote parent again
+
+    import contextvars
+
+    contextvars.Context().run(in_worker)
+    spans = traced.spans()
+    job = next(s for s in spans if s.name == "process-job")
+    inside, after = (s for s in spans if s.name.endswith(".work"))
+    assert {hex_trace(s) for s in spans} == {trace_hex}
+    assert hex_parent(job) == parent_hex
+    assert hex_parent(inside) == hex_span(job)
+    assert hex_parent(after) == parent_hex
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_a_restored_traceparent_keeps_its_sampling_decision(traced: Traced, flags: str) -> None:
+    """``-00``: the sender decided not to sample. Nothing of the trace is exported here,
+    and the context sent onward says so too; ``-01`` is exported and sent on as such."""
+    d = traced.dispatcher
+    trace_hex, parent_hex = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    onward: list[str] = []
+
+    @d.span
+    def handle_job() -> None:
+        with traced.tracer.start_as_current_span("io"):
+            pass
+        onward.append(d.capture_propagation_context()["traceparent"])
+
+    def in_worker() -> None:
+        d.restore_propagation_context({"traceparent": f"00-{trace_hex}-{parent_hex}-{flags}"})
+        handle_job()
+
+    import contextvars
+
+    contextvars.Context().run(in_worker)
+    assert len(traced.spans()) == (0 if flags == "00" else 2)
+    (sent,) = onward
+    assert sent.startswith(f"00-{trace_hex}-") and sent.endswith(f"-{flags}")
+
+
 def test_span_of_unhandled_dispatcher_still_parents_foreign_spans(traced: Traced) -> None:
     """A span whose dispatcher has no OTel handler is current in OTel as a stand-in."""
     other = get_dispatcher(traced.dispatcher.name + "_other")
