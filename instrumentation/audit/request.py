@@ -8,7 +8,13 @@
 Entering calls every handler's ``request_start``; LLM calls inside the block become
 ``event_start``/``event_end``; leaving calls ``request_end`` (with the error, if the
 block raised, which then propagates) and waits until every handler call of the
-request has run, at most ``timeout`` seconds.
+request has run, at most ``timeout`` seconds. ``timeout=0`` does not wait (and is no
+timeout: nothing is logged or counted); the calls run in the background, and those
+still running when the interpreter exits are waited for then (see ``runner``).
+
+The events handed to the handlers are deep copies (``audit.event()``'s start and end
+alike, unless a field cannot be copied): the handlers run later, on another thread,
+and see them as they were when handed over, whatever the application changes after.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ class AuditRequest:
     """An active request; set :attr:`result` before the block ends.
 
     After the block, :attr:`completed` tells whether the handlers finished within the
-    timeout and :attr:`errors` lists the handler calls that raised.
+    timeout (with ``timeout=0``, whether they had finished already) and :attr:`errors`
+    lists the handler calls that raised.
     """
 
     def __init__(
@@ -74,7 +81,8 @@ class AuditRequest:
 
     @property
     def errors(self) -> list[HandlerError]:
-        """Handler calls of this request that raised (complete once the block has exited)."""
+        """Handler calls of this request that raised (complete once they all ran: after
+        the block, if :attr:`completed`)."""
         return [] if self._run is None else list(self._run.errors)
 
     def _begin(self) -> None:
@@ -137,6 +145,7 @@ def request(
 
 
 def _deep_copy(event: E) -> E:
+    """A copy of ``event`` that the caller's later changes do not reach."""
     try:
         return copy.deepcopy(event)
     except Exception:  # a field that cannot be copied: the top level at least
@@ -192,7 +201,9 @@ class AuditEvent(Generic[E]):
         changes.setdefault("timestamp", _now())  # when it ended, on the application's side
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
-        run.end_event(self._key, dataclasses.replace(self.given, **changes))
+        # A deep copy too, like the start event: the handlers run later, on another
+        # thread, and must not see the caller change the lists in it after the block.
+        run.end_event(self._key, _deep_copy(dataclasses.replace(self.given, **changes)))
 
     async def __aenter__(self) -> AuditEvent[E]:
         return self.__enter__()

@@ -6,8 +6,8 @@ handler and runs them one at a time, so ``event_start`` always sees the context
 however many requests and events are interleaved. Contexts live in this run object
 (one per request, one slot per handler, one per open event), never in the handler.
 
-Requests whose handler calls are still running when the interpreter exits (an adapter
-with ``timeout=0``, or a timeout that ran out) are waited for then, at most
+Requests whose handler calls are still running when the interpreter exits (a request
+or an adapter with ``timeout=0``, or a timeout that ran out) are waited for then, at most
 :data:`EXIT_FLUSH_SECONDS` in all; what still has not finished is logged and counted in
 ``audit.exit_unfinished``. The wait happens twice, as CPython 3.10-3.13 exit in this
 order: ``threading``'s exit hooks (ours, then ``concurrent.futures``' which stops every
@@ -235,9 +235,14 @@ class RequestRun:
             audit_loop.post(worker, self._enqueue, call)  # False: its loop is gone, we know
 
     def wait(self, timeout: float) -> bool:
-        """Block until every handler call of this request ran, at most ``timeout`` seconds."""
+        """Block until every handler call of this request ran, at most ``timeout`` seconds.
+
+        ``timeout=0`` does not wait (nor count as a timeout): it tells whether they ran.
+        """
         if self.done.done():
             return self.done.result()
+        if timeout <= 0:  # "do not wait": the exit flush still waits for what is left
+            return False
         if audit_loop.in_loop_thread():
             return False  # a handler started a request: waiting here would deadlock
         try:
@@ -251,6 +256,8 @@ class RequestRun:
         """Like :meth:`wait` without blocking the caller's event loop."""
         if self.done.done():
             return self.done.result()
+        if timeout <= 0:
+            return False
         if audit_loop.in_loop_thread():
             return False
         loop = asyncio.get_running_loop()

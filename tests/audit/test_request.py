@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -218,6 +219,83 @@ def test_fields_set_on_the_event_object_in_the_block_reach_its_end() -> None:
     assert end.output == "set in place"
     assert start.output is None and start is not call
     assert start.arguments == {"q": "x"} and end.arguments == {"q": "x", "page": 2}
+
+
+def test_end_event_does_not_change_after_it_is_handed_over() -> None:
+    """The end event is a copy too: the handlers run later, on another thread, and see
+    a list the application reuses after the block as it was when the event ended."""
+    may_run = threading.Event()
+
+    class Late(SyncRecorder):
+        def request_start(self, user_request: RequestStart) -> ReqCtx:
+            may_run.wait(10)  # the handler calls run once the application went on
+            return super().request_start(user_request)
+
+    handler = Late()
+    call = ToolCallEvent(name="search", arguments={"q": "x"})
+    with audit.request(question="q", handlers=[handler]):
+        docs = ["eggs", "pecorino"]
+        with audit.event(audit.RetrievalEvent(query="pantry", documents=docs)) as ev:
+            docs.append("spaghetti")  # found during the retrieval
+            ev.update(documents=docs)
+        with audit.event(call):
+            call.output = ["carbonara"]
+        docs.clear()  # the application reuses its buffers
+        assert call.arguments is not None and isinstance(call.output, list)
+        call.arguments.clear()
+        call.output.append("amatriciana")
+        may_run.set()
+    [(_, _, retrieval), (_, _, tool)] = handler.rec.event_ends
+    assert isinstance(retrieval, audit.RetrievalEvent) and isinstance(tool, ToolCallEvent)
+    assert retrieval.documents == ["eggs", "pecorino", "spaghetti"]
+    assert tool.arguments == {"q": "x"} and tool.output == ["carbonara"]
+
+
+def test_event_fields_that_cannot_be_copied_are_handed_over_as_they_are() -> None:
+    lock = threading.Lock()  # deepcopy() refuses it
+    handler = SyncRecorder()
+    with (
+        audit.request(question="q", handlers=[handler]),
+        audit.event(ToolCallEvent(name="t", arguments=lock)) as ev,
+    ):
+        ev.update(output=lock)
+    [(_, _, end)] = handler.rec.event_ends
+    assert isinstance(end, ToolCallEvent)
+    assert end.arguments is lock and end.output is lock
+
+
+def test_timeout_zero_does_not_wait_and_is_not_a_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """timeout=0 means "do not wait": no warning, nothing counted in audit.timeouts."""
+    release = threading.Event()
+
+    class Held(SyncRecorder):
+        def request_end(self, output: RequestEnd, request_context: object) -> None:
+            release.wait(10)
+            super().request_end(output, request_context)
+
+    handler = Held()
+
+    async def in_async_code() -> audit.AuditRequest:
+        async with audit.request(question="async", handlers=[handler], timeout=0) as req:
+            req.result = "ok"
+        return req
+
+    caplog.set_level(logging.WARNING, logger="instrumentation.audit")
+    try:
+        with audit.request(question="sync", handlers=[handler], timeout=0) as first:
+            first.result = "ok"
+        second = asyncio.run(in_async_code())
+        assert first.completed is False and second.completed is False  # not waited for
+        assert handler.rec.request_ends == []
+    finally:
+        release.set()
+    assert first._run is not None and first._run.wait(10)
+    assert second._run is not None and second._run.wait(10)
+    assert len(handler.rec.request_ends) == 2
+    assert telemetry.counter("audit.timeouts").value == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_event_outside_a_request_is_a_no_op() -> None:
