@@ -6,11 +6,16 @@ It accepts ``POST /v1/traces`` (with a query string or not) carrying a protobuf
 :class:`ReceivedSpan`. It is a real server, so a test through it exercises the real
 exporter, batching and wire format. It listens on loopback only and is not meant as
 a collector.
+
+An IPv6 loopback host (``"::1"``) is served over IPv6, and its :attr:`endpoint`
+brackets the address (``http://[::1]:4318``), as URLs require.
 """
 
 from __future__ import annotations
 
 import gzip
+import ipaddress
+import socket
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -24,6 +29,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 TRACES_PATH = "/v1/traces"
 _LOOPBACK = ("127.", "localhost", "::1")
+
+
+def _is_ipv6(host: str) -> bool:
+    """Whether ``host`` is an IPv6 address literal (``"::1"``), not a name or IPv4."""
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+class _IPv6HTTPServer(ThreadingHTTPServer):
+    """The server for an IPv6 host: ``ThreadingHTTPServer`` binds IPv4 sockets only."""
+
+    address_family = socket.AF_INET6
 
 
 def any_value(value: Any) -> Any:
@@ -132,7 +151,9 @@ class OTLPReceiver:
         if self._server is None:
             raise RuntimeError("the receiver is not started: use it in a with block or start()")
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        host = str(host)
+        # An IPv6 address in a URL is bracketed: http://[::1]:4318.
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def spans(self) -> list[ReceivedSpan]:
@@ -191,7 +212,8 @@ class OTLPReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests read .spans, not the access log
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        server_class = _IPv6HTTPServer if _is_ipv6(self._host) else ThreadingHTTPServer
+        self._server = server_class((self._host, self._port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="otlp-receiver", daemon=True
