@@ -22,7 +22,16 @@ _report = telemetry.report_handler_error
 class Chain:
     """The handlers a dispatcher's spans and events reach, parents included."""
 
-    __slots__ = ("dispatcher", "enters", "events", "exits", "needs_bound_args", "owner", "spans")
+    __slots__ = (
+        "afters",
+        "dispatcher",
+        "enters",
+        "events",
+        "exits",
+        "needs_bound_args",
+        "owner",
+        "spans",
+    )
 
     def __init__(
         self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...], owner: Any = None
@@ -40,6 +49,11 @@ class Chain:
         self.needs_bound_args = any(getattr(h, "needs_bound_args", True) for h in spans)
         self.enters = tuple((h, _positional_enter(h)) for h in spans)
         self.exits = tuple((h, getattr(h, "positional_span_exit", None)) for h in spans)
+        # Handlers with work to do once every handler has seen a span end (the audit
+        # adapter waits there, so that the handlers after it do not count its wait).
+        self.afters = tuple(
+            (h, after) for h in spans if (after := getattr(h, "after_span_end", None)) is not None
+        )
 
 
 #: What the dispatcher passes to ``span_enter`` besides the guide's arguments.
@@ -302,6 +316,8 @@ def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, resu
                 )
         except Exception as exc:
             _report(handler, "span_exit", span_id, exc)
+    if chain.afters:
+        after_span_end(chain, span_id)
 
 
 def fail(
@@ -329,6 +345,17 @@ def fail(
             handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)
         except Exception as exc:
             _report(handler, "span_drop", span_id, exc)
+    if chain.afters:
+        after_span_end(chain, span_id)
+
+
+def after_span_end(chain: Chain, span_id: str) -> None:
+    """Call ``after_span_end(span_id)`` of the handlers that have one, in chain order."""
+    for handler, after in chain.afters:
+        try:
+            after(span_id)
+        except Exception as exc:
+            _report(handler, "after_span_end", span_id, exc)
 
 
 def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]) -> None:
@@ -349,6 +376,7 @@ __all__ = [
     "Chain",
     "LazyBoundArguments",
     "LazySignature",
+    "after_span_end",
     "dispatch_event",
     "enter_extras",
     "fail",

@@ -25,7 +25,15 @@ from typing_extensions import Self
 
 from instrumentation import telemetry
 from instrumentation._ids import new_trace_id
-from instrumentation._spans import EMPTY_BOUND_ARGS, Chain, enter_extras, fail, finish, start
+from instrumentation._spans import (
+    EMPTY_BOUND_ARGS,
+    Chain,
+    after_span_end,
+    enter_extras,
+    fail,
+    finish,
+    start,
+)
 from instrumentation._wrap import LLAMA_MARK, MARK, check_span_name, wrap
 from instrumentation.context import (
     _EMPTY_TAGS,
@@ -545,6 +553,8 @@ class Dispatcher:
                 )
             except Exception as exc:
                 telemetry.report_handler_error(handler, "span_exit", id_, exc)
+        if chain.afters:
+            after_span_end(chain, id_)
 
     def span_drop(
         self,
@@ -567,6 +577,8 @@ class Dispatcher:
                 )
             except Exception as exc:
                 telemetry.report_handler_error(handler, "span_drop", id_, exc)
+        if chain.afters:
+            after_span_end(chain, id_)
 
     # -- the decorator and the block --------------------------------------------------
 

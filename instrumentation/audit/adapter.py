@@ -19,6 +19,12 @@ When the span ends, the adapter waits for the request's handler calls, at most
 ``timeout`` seconds, on the thread that ends the span (an event loop's thread, for
 async functions: keep ``timeout`` small there, or 0 not to wait and ``await
 adapter.aflush()`` when convenient).
+
+It waits once every span handler has seen the span end, in
+:meth:`AuditAdapter.after_span_end` (which the core calls after the whole handler
+chain), not inside its own ``span_exit``: the span handlers after it in the chain (an
+OpenTelemetry handler on the root, say) would otherwise end their spans only after
+the wait, and export a fast call as a span as long as the audit handlers took.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
     _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
     _guard: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _pending: set[RequestRun] = PrivateAttr(default_factory=set)
+    # Ended request spans whose wait is for after_span_end, by span id.
+    _deferred: dict[str, RequestRun] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
@@ -142,8 +150,31 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
         finally:
             registry.deactivate(run)
         self._track(run)
-        if self.timeout > 0:
+        if self.timeout <= 0 or run.done.done():
+            return
+        # Waited for in after_span_end, once the handlers after this one in the chain
+        # have ended their spans: their clocks are not to include the wait.
+        with self._guard:
+            self._deferred[id_] = run
+        # Should no after_span_end come for it (a span ended by hand through another
+        # path), the entry goes once its calls have run.
+        run.done.add_done_callback(lambda _: self._forget(id_, run))
+
+    def after_span_end(self, id_: str) -> None:
+        """Wait for the handler calls of request span ``id_``, at most ``timeout`` seconds.
+
+        The core calls it once every span handler of the span has seen it end, on the
+        thread that ended it; for other spans it does nothing.
+        """
+        with self._guard:
+            run = self._deferred.pop(id_, None)
+        if run is not None:
             run.wait(self.timeout)
+
+    def _forget(self, id_: str, run: RequestRun) -> None:
+        with self._guard:
+            if self._deferred.get(id_) is run:
+                del self._deferred[id_]
 
     def _track(self, run: RequestRun) -> None:
         """``run`` has ended: :meth:`flush` waits for its handler calls until they ran."""

@@ -239,3 +239,70 @@ def test_flush_waits_for_handlers_when_the_span_does_not() -> None:
     assert handler.rec.request_ends == []  # timeout=0: the span did not wait
     assert adapter.flush(timeout=5) is True
     assert len(handler.rec.request_ends) == 1
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_waiting_for_the_handlers_does_not_lengthen_the_other_handlers_spans(
+    raises: bool,
+) -> None:
+    """The adapter waited inside its span_exit, before the span handlers after it in the
+    chain (OpenTelemetry on the root) ended their spans: a call of microseconds was
+    exported as a span as long as the audit handlers took. It waits once they all saw
+    the span end, still before the call returns."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+
+    from instrumentation import root_dispatcher
+    from instrumentation.audit import RequestEnd
+    from instrumentation.context import unregister_bridge
+    from instrumentation.otel import BRIDGE, OpenTelemetrySpanHandler
+
+    span_ended = threading.Event()
+    ended: list[ReadableSpan] = []
+
+    class Ends(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            ended.append(span)
+            span_ended.set()
+
+    class WaitsForTheSpanToEnd(SyncRecorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.span_had_ended: list[bool] = []
+
+        def request_end(self, output: RequestEnd, request_context: Any) -> None:
+            # Before the fix the OTel span could only end after this returned.
+            self.span_had_ended.append(span_ended.wait(5))
+            super().request_end(output, request_context)
+
+    provider = TracerProvider()
+    provider.add_span_processor(Ends())
+    otel = OpenTelemetrySpanHandler(tracer_provider=provider)
+    root_dispatcher.add_span_handler(otel)  # after the adapter in the app's chain
+    d = get_dispatcher("tests.audit.otel_after")
+    handler = WaitsForTheSpanToEnd()
+    adapter = audit.attach(d, [handler], timeout=30)
+
+    @d.span(request=True)
+    def ask(question: str) -> str:
+        if raises:
+            raise ValueError("no answer")
+        return "fast answer"
+
+    try:
+        if raises:
+            with pytest.raises(ValueError):
+                ask("q")
+        else:
+            assert ask("q") == "fast answer"
+        # The adapter still waited for its handlers before the call returned.
+        assert len(handler.rec.request_ends) == 1
+    finally:
+        adapter.detach()
+        root_dispatcher.remove_span_handler(otel)
+        otel.close()
+        provider.shutdown()
+        unregister_bridge(BRIDGE)
+    assert handler.span_had_ended == [True]
+    assert [s.name.rsplit(".", 1)[-1] for s in ended] == ["ask"]
+    assert adapter._deferred == {}
