@@ -29,7 +29,14 @@ from instrumentation._spans import (
     finish,
     start,
 )
-from instrumentation.context import SpanContext, _active_span, _suppressed, activate, deactivate
+from instrumentation.context import (
+    SpanContext,
+    _active_span,
+    _suppressed,
+    activate,
+    deactivate,
+    suspend,
+)
 
 _set_active = _active_span.set
 _reset_active = _active_span.reset
@@ -158,8 +165,9 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
     # What is current inside the body when it yields (a block it opened, say) is made
     # current again when it resumes, not just the generator's span.
     current: SpanContext = span
+    resumed = None  # what other tracing systems had current inside, at the last yield
     while True:
-        handle = activate(current)
+        handle = activate(current, resumed)
         try:
             if to_throw is not None:
                 pending, to_throw = to_throw, None
@@ -174,11 +182,11 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
             raise
         finally:
             current = _active_span.get() or span
-            deactivate(handle)
+            resumed = suspend(handle)
         try:
             to_send = yield item
         except GeneratorExit as closing:
-            handle = activate(current)
+            handle = activate(current, resumed)
             try:
                 gen.close()
             except BaseException as err:
@@ -323,8 +331,9 @@ def _wrap_callable(
             # What is current inside the body when it yields (a block it opened, say)
             # is made current again when it resumes, not just the generator's span.
             current: SpanContext | None = span
+            resumed = None  # what other tracing systems had current inside, at the last yield
             while True:
-                handle = activate(current) if current is not None else None
+                handle = activate(current, resumed) if current is not None else None
                 try:
                     if to_throw is not None:
                         pending, to_throw = to_throw, None
@@ -342,11 +351,11 @@ def _wrap_callable(
                 finally:
                     if handle is not None:
                         current = _active_span.get() or span
-                        deactivate(handle)
+                        resumed = suspend(handle)
                 try:
                     to_send = yield item
                 except GeneratorExit as closing:
-                    handle = activate(current) if current is not None else None
+                    handle = activate(current, resumed) if current is not None else None
                     try:
                         await agen.aclose()
                     except BaseException as err:

@@ -236,7 +236,9 @@ class ContextBridge(Protocol):
     A bridge may also have ``restore(parent, sampled)``, called when
     ``restore_propagation_context`` makes ``parent`` (a remote span, or None) current
     in this context without a token to undo it, so that the other system continues
-    the restored trace too; and ``sampled()``, False when the other system's current
+    the restored trace too; ``capture()`` and ``reattach(state)``, to keep what is
+    current in the other system inside a generator across its ``yield``; and
+    ``sampled()``, False when the other system's current
     span is not sampled (``capture_propagation_context`` then sends flags ``00``).
     """
 
@@ -330,18 +332,50 @@ class _Activation:
         self.attached = attached
 
 
-def activate(span: SpanContext) -> Token[SpanContext | None] | _Activation:
-    """Make ``span`` current; return what :func:`deactivate` needs to undo it."""
+def activate(
+    span: SpanContext, resumed: dict[ContextBridge, object] | None = None
+) -> Token[SpanContext | None] | _Activation:
+    """Make ``span`` current; return what :func:`deactivate` needs to undo it.
+
+    ``resumed`` is what :func:`suspend` noted when a generator last yielded: each
+    bridge makes current again what was current in its system inside the generator
+    then (a foreign span the body opened before the ``yield`` and is still inside).
+    """
     token = _active_span.set(span)
     if not _bridges:
         return token
     attached: list[tuple[ContextBridge, object]] = []
     for bridge in _bridges:
         try:
-            attached.append((bridge, bridge.attach(span)))
+            state = resumed.get(bridge) if resumed else None
+            if state is not None:
+                attached.append((bridge, bridge.reattach(state)))  # type: ignore[attr-defined]
+            else:
+                attached.append((bridge, bridge.attach(span)))
         except Exception:
             pass
     return _Activation(token, attached)
+
+
+def suspend(
+    handle: Token[SpanContext | None] | _Activation,
+) -> dict[ContextBridge, object] | None:
+    """:func:`deactivate` for a generator that yields: first note, for the bridges that
+    can say (``capture()``), what is current in their system, for :func:`activate` to
+    make current again when the generator resumes."""
+    resumed: dict[ContextBridge, object] | None = None
+    if type(handle) is _Activation:
+        for bridge, _ in handle.attached:
+            capture = getattr(bridge, "capture", None)
+            if capture is not None:
+                try:
+                    if resumed is None:
+                        resumed = {}
+                    resumed[bridge] = capture()
+                except Exception:
+                    pass
+    deactivate(handle)
+    return resumed
 
 
 def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
@@ -407,5 +441,6 @@ __all__ = [
     "span_hex_of",
     "span_name_of",
     "suppress_instrumentation",
+    "suspend",
     "unregister_bridge",
 ]

@@ -148,6 +148,14 @@ class OpenTelemetryBridge:
         if token is not None:
             _detach(token)
 
+    def capture(self) -> otel_context.Context:
+        """OpenTelemetry's context inside a generator that yields now."""
+        return otel_context.get_current()
+
+    def reattach(self, state: otel_context.Context) -> object:
+        """Make current again, as the generator resumes, what :meth:`capture` saw."""
+        return _attach(state)
+
     def sampled(self) -> bool | None:
         """The sampled flag of the current OpenTelemetry span (the one made for our
         current span, or a foreign one inside it); None when there is none."""

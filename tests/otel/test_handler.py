@@ -363,6 +363,61 @@ def test_a_restored_traceparent_keeps_its_sampling_decision(traced: Traced, flag
     assert sent.startswith(f"00-{trace_hex}-") and sent.endswith(f"-{flags}")
 
 
+def test_a_foreign_span_open_across_a_generators_yield_stays_the_parent(traced: Traced) -> None:
+    """An instrumented HTTP client's span opened inside a traced generator, still open
+    after its ``yield``: what runs there after the resume is its child (it went under
+    the generator's span), and it does not leak out to the consumer between items."""
+    d = traced.dispatcher
+    tracer = traced.tracer
+    outside: list[int] = []
+
+    @d.span
+    def child() -> None:
+        pass
+
+    @d.span
+    def stream() -> Iterator[int]:
+        with tracer.start_as_current_span("http.request"):
+            yield 1
+            child()
+            with tracer.start_as_current_span("parse"):
+                pass
+            yield 2
+
+    for _ in stream():
+        outside.append(trace_api.get_current_span().get_span_context().span_id)
+    spans = {short(s.name): s for s in traced.spans()}
+    http = hex_span(spans["http.request"])
+    assert hex_parent(spans["child"]) == http and hex_parent(spans["parse"]) == http
+    assert hex_parent(spans["http.request"]) == hex_span(spans["stream"])
+    assert outside == [0, 0]  # nothing of the generator's is current in the consumer
+
+
+def test_a_foreign_span_open_across_an_async_generators_yield_stays_the_parent(
+    traced: Traced,
+) -> None:
+    d = traced.dispatcher
+    tracer = traced.tracer
+
+    @d.span
+    async def child() -> None:
+        pass
+
+    @d.span
+    async def stream() -> AsyncIterator[int]:
+        with tracer.start_as_current_span("http.request"):
+            yield 1
+            await child()
+            yield 2
+
+    async def consume() -> list[int]:
+        return [item async for item in stream()]
+
+    assert asyncio.run(consume()) == [1, 2]
+    spans = {short(s.name): s for s in traced.spans()}
+    assert hex_parent(spans["child"]) == hex_span(spans["http.request"])
+
+
 def test_span_of_unhandled_dispatcher_still_parents_foreign_spans(traced: Traced) -> None:
     """A span whose dispatcher has no OTel handler is current in OTel as a stand-in."""
     other = get_dispatcher(traced.dispatcher.name + "_other")
