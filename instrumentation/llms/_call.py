@@ -27,6 +27,7 @@ from instrumentation.events.llm import (
     LLMCompletionStartEvent,
     MessageRole,
     TokenUsage,
+    ToolCall,
 )
 from instrumentation.llms.pricing import PriceTable
 from instrumentation.llms.redaction import Redaction
@@ -130,7 +131,7 @@ class LLMCall:
                 self.dispatcher.event(
                     LLMChatStartEvent(
                         messages=self._red_messages,
-                        additional_kwargs=self.additional_kwargs,
+                        additional_kwargs=red.values(self.additional_kwargs),
                         model_dict=self.model_dict,
                         model=self.model,
                         provider=self.provider,
@@ -141,7 +142,7 @@ class LLMCall:
                 self.dispatcher.event(
                     LLMCompletionStartEvent(
                         prompt=self._red_prompt,
-                        additional_kwargs=self.additional_kwargs,
+                        additional_kwargs=red.values(self.additional_kwargs),
                         model_dict=self.model_dict,
                         model=self.model,
                         provider=self.provider,
@@ -156,18 +157,30 @@ class LLMCall:
         """The streamed text so far."""
         return self._text
 
-    def chunk(self, delta: str, raw: Any = None, role: MessageRole = MessageRole.ASSISTANT) -> None:
-        """Record one streamed chunk and emit its in-progress event (if anyone listens)."""
-        if self._first_token is None and delta:
+    def chunk(
+        self,
+        delta: str,
+        raw: Any = None,
+        role: MessageRole = MessageRole.ASSISTANT,
+        *,
+        tool_calls: Sequence[ToolCall] | None = None,
+        produced: bool = False,
+    ) -> None:
+        """Record one streamed chunk and emit its in-progress event (if anyone listens).
+
+        ``tool_calls`` are the (chat) tool calls streamed so far; ``produced`` says the
+        chunk carried model output other than text (a tool call's name or arguments),
+        which counts for the time to first token.
+        """
+        if self._first_token is None and (delta or produced):
             self._first_token = time.perf_counter()
         self._text += delta
         if not self.listening:
             return
         text = self._text
         if self.kind == "chat":
-            response: Any = ChatResponse(
-                message=ChatMessage(role=role, content=text), delta=delta, raw=raw
-            )
+            message = ChatMessage(role=role, content=text, tool_calls=list(tool_calls or ()))
+            response: Any = ChatResponse(message=message, delta=delta, raw=raw)
         else:
             response = CompletionResponse(text=text, delta=delta, raw=raw)
         self._emit_progress(response)
@@ -201,26 +214,30 @@ class LLMCall:
             return ChatResponse(
                 message=red.message(response.message),
                 delta=red.text(response.delta),
-                additional_kwargs=response.additional_kwargs,
+                additional_kwargs=red.values(response.additional_kwargs),
             )
         assert isinstance(response, CompletionResponse)
         return CompletionResponse(
             text=red.text(response.text) or "",
             delta=red.text(response.delta),
-            additional_kwargs=response.additional_kwargs,
+            additional_kwargs=red.values(response.additional_kwargs),
         )
 
     # -- end ------------------------------------------------------------------------
 
-    def estimate_usage(self, completion_text: str | None = None) -> TokenUsage:
-        """Usage counted by :mod:`instrumentation.llms.tokens`, flagged as estimated."""
+    def estimate_usage(
+        self, completion_text: str | None = None, tool_calls: Sequence[ToolCall] = ()
+    ) -> TokenUsage:
+        """Usage counted by :mod:`instrumentation.llms.tokens`, flagged as estimated: the
+        completion is ``completion_text`` (default: the streamed text) and the
+        arguments of the ``tool_calls`` the model made."""
         prompt = (
             count_message_tokens(self.messages)
             if self.kind == "chat"
             else count_tokens(self.prompt)
         )
         text = self.text if completion_text is None else completion_text
-        completion = count_tokens(text)
+        completion = count_tokens(text) + sum(count_tokens(c.arguments) for c in tool_calls)
         return TokenUsage(
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -241,7 +258,8 @@ class LLMCall:
             self.model = model
         if usage is None:
             if isinstance(response, ChatResponse):
-                usage = self.estimate_usage(response.message.content or "")
+                message = response.message
+                usage = self.estimate_usage(message.content or "", message.tool_calls)
             elif isinstance(response, CompletionResponse):
                 usage = self.estimate_usage(response.text)
             else:
@@ -279,14 +297,19 @@ class LLMCall:
         finish_reason: str | None = None,
         raw: Any = None,
         model: str | None = None,
+        tool_calls: Sequence[ToolCall] = (),
     ) -> TokenUsage:
-        """End a stream with the text it produced (``finish_reason`` "abandoned" if cut)."""
+        """End a stream with the text (and, for a chat, the tool calls) it produced
+        (``finish_reason`` "abandoned" if cut). A chat stream that made tool calls and
+        sent no text has content None, as the same reply not streamed."""
         text = self.text
         response: ChatResponse | CompletionResponse
         if self.kind == "chat":
-            response = ChatResponse(
-                message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw
+            content = None if tool_calls and not text else text
+            message = ChatMessage(
+                role=MessageRole.ASSISTANT, content=content, tool_calls=list(tool_calls)
             )
+            response = ChatResponse(message=message, raw=raw)
         else:
             response = CompletionResponse(text=text, raw=raw)
         return self.end(response, usage, finish_reason, model)

@@ -9,13 +9,24 @@ the body then emits its end event and returns, which ends the span normally.
 
 Streams start eagerly: the runner is advanced once at creation, so the request (and a
 request error, which drops the span) happens inside the span, as with LlamaIndex.
+
+While a stream object is alive and unfinished, its runner is kept in a module registry,
+so that it can never be garbage before the stream object itself: when both sit in a
+reference cycle, the cyclic GC would otherwise be free to finalise the runner first
+(closing it, which drops the span) before the stream object's finaliser could send
+:data:`STOP`. Finishing, closing or collecting the stream object takes the runner out.
+An async stream collected unfinished cannot await its runner in its finaliser: it
+schedules the :data:`STOP` on the event loop it was started in, as asyncio does for
+the async generators it finalises (and just lets go of it if that loop is closed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from instrumentation import telemetry
@@ -40,6 +51,11 @@ class _Marker:
 STOP: Any = _Marker("STOP")
 #: Yielded first by a stream body, once the request is made.
 READY: Any = _Marker("READY")
+
+#: The runners of the streams that are alive and not finished (see the module docstring).
+_live: set[Any] = set()
+#: Tasks sending STOP into the runners of async streams collected unfinished.
+_stopping: set[asyncio.Task[None]] = set()
 
 _runners: dict[tuple[int, str, bool], Callable[..., Any]] = {}
 _runners_lock = threading.Lock()
@@ -85,6 +101,7 @@ class SpannedStream(Iterator[T], Generic[T]):
     def __init__(self, inner: Generator[Any, Any, Any]) -> None:
         self._inner = inner
         self._done = False
+        _live.add(inner)
 
     def __iter__(self) -> SpannedStream[T]:
         return self
@@ -96,6 +113,7 @@ class SpannedStream(Iterator[T], Generic[T]):
             item: T = next(self._inner)
         except BaseException:
             self._done = True
+            _live.discard(self._inner)
             raise
         return item
 
@@ -104,6 +122,7 @@ class SpannedStream(Iterator[T], Generic[T]):
         if self._done:
             return
         self._done = True
+        _live.discard(self._inner)
         try:
             self._inner.send(STOP)
         except StopIteration:
@@ -142,33 +161,106 @@ def start_stream(
     return SpannedStream(inner)
 
 
-async def _closing(inner: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, None]:
-    finished = False
-    try:
-        while True:
-            try:
-                item = await inner.__anext__()
-            except StopAsyncIteration:
-                finished = True
+class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
+    """The caller's side of an async stream, an async generator: iterate it;
+    ``aclose()`` (or dropping it) ends the span with what was seen so far.
+
+    Values sent with ``asend`` are ignored (the stream yields the next chunk);
+    ``athrow`` raises the exception in the span's body, which drops the span.
+    """
+
+    __slots__ = ("_done", "_inner", "_loop")
+
+    def __init__(
+        self, inner: AsyncGenerator[Any, Any], loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        self._inner = inner
+        self._loop = loop
+        self._done = False
+        _live.add(inner)
+
+    def _finish(self) -> None:
+        self._done = True
+        _live.discard(self._inner)
+
+    def __aiter__(self) -> AsyncSpannedStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item: T = await self._inner.__anext__()
+        except BaseException:
+            self._finish()
+            raise
+        return item
+
+    async def asend(self, value: None) -> T:
+        return await self.__anext__()
+
+    async def athrow(self, typ: Any, val: Any = None, tb: TracebackType | None = None) -> T:
+        exc = val if isinstance(val, BaseException) else typ
+        if not isinstance(exc, BaseException):
+            exc = typ() if val is None else typ(val)
+        if tb is not None:
+            exc = exc.with_traceback(tb)
+        if isinstance(exc, GeneratorExit):
+            await self.aclose()
+            raise exc
+        if self._done:
+            raise exc
+        try:
+            item: T = await self._inner.athrow(exc)
+        except BaseException:
+            self._finish()
+            raise
+        return item  # pragma: no cover - the bodies here do not catch what is thrown
+
+    async def aclose(self) -> None:
+        """Stop here: the span ends and the end event reports the tokens seen so far."""
+        if self._done:
+            return
+        self._finish()
+        await _astop(self._inner)
+
+    def __del__(self) -> None:
+        try:
+            if self._done:
                 return
-            except BaseException:
-                finished = True
-                raise
-            yield item
-    finally:
-        if not finished:
-            try:
-                await inner.asend(STOP)
-            except StopAsyncIteration:
-                pass
-            except Exception as exc:
-                telemetry.counter("llms.stream_close_errors").inc()
-                logger.warning("closing an LLM stream failed: %r", exc)
+            self._done = True
+            inner, loop = self._inner, self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    # The pending callback holds the runner until the loop runs it.
+                    loop.call_soon_threadsafe(_stop_later, inner)
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+            _live.discard(inner)
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+async def _astop(inner: AsyncGenerator[Any, Any]) -> None:
+    try:
+        await inner.asend(STOP)
+    except StopAsyncIteration:
+        pass
+    except Exception as exc:  # the body's own clean-up failed: the span was dropped
+        telemetry.counter("llms.stream_close_errors").inc()
+        logger.warning("closing an LLM stream failed: %r", exc)
+
+
+def _stop_later(inner: AsyncGenerator[Any, Any]) -> None:
+    """On the stream's event loop: STOP the runner of a stream collected unfinished."""
+    task = asyncio.get_running_loop().create_task(_astop(inner))
+    _stopping.add(task)
+    task.add_done_callback(_stopping.discard)
 
 
 async def astart_stream(
     dispatcher: Dispatcher, name: str, body: AsyncGenerator[Any, Any]
-) -> AsyncGenerator[Any, None] | None:
+) -> AsyncSpannedStream[Any] | None:
     """Async :func:`start_stream`: the returned async generator, when ``aclose()``-d or
     collected before its end, ends the span with what was seen so far."""
     inner = _runner(dispatcher, name, True)(body)
@@ -178,7 +270,18 @@ async def astart_stream(
         return None
     if first is not READY:  # pragma: no cover
         raise RuntimeError("a stream body must yield READY first")
-    return _closing(inner)
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:  # another event loop (trio): a collected stream is not ended
+        loop = None
+    return AsyncSpannedStream(inner, loop)
 
 
-__all__ = ["READY", "STOP", "SpannedStream", "astart_stream", "start_stream"]
+__all__ = [
+    "READY",
+    "STOP",
+    "AsyncSpannedStream",
+    "SpannedStream",
+    "astart_stream",
+    "start_stream",
+]

@@ -6,13 +6,20 @@ installed package's ``Completions``/``AsyncCompletions`` (chat) and
 emits the LLM events of :mod:`instrumentation.events.llm` in a span named
 ``OpenAI.chat.completions.create`` / ``OpenAI.embeddings.create`` of the dispatcher
 ``instrumentation.llms.openai``. Both functions are idempotent and thread-safe;
-``uninstrument_openai()`` puts the original methods back.
+``uninstrument_openai()`` puts the original methods back, unless another library has
+wrapped them since: then its wrapper stays and ours passes calls straight through
+(each of our wrappers checks, at call time, whether it is on). The objects behind
+``with_raw_response``/``with_streaming_response`` that openai caches per client hold
+the method they first saw: on a client that used them before ``instrument_openai()``
+they stay untraced.
 
 Streams (``stream=True``) come back as the client's own ``Stream``/``AsyncStream``,
 wrapped: each chunk emits an in-progress event; usage is taken from the final chunk
 when the request asked for it (``stream_options={"include_usage": True}``; the
 request is never changed behind the application's back) and estimated otherwise.
-A stream closed early ends its span with the tokens seen so far.
+The events describe the first choice (index 0), its text and its tool calls. A
+stream closed early ends its span with the tokens seen so far. openai's
+``chat.completions.stream()`` helper calls ``create``, so it is traced too.
 
 The instrumentation never changes what the client returns or raises: if a request
 cannot be described (e.g. an odd message), the call runs untraced and the problem is
@@ -24,8 +31,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Mapping
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any
 
 import wrapt
 
@@ -72,7 +87,11 @@ _PATCHES: tuple[tuple[str, str, str], ...] = (
 )
 
 _lock = threading.Lock()
-_originals: dict[tuple[str, str], Any] = {}
+
+if TYPE_CHECKING:
+    _Proxy = wrapt.ObjectProxy[Any]
+else:  # wrapt 1.x's ObjectProxy cannot be subscripted
+    _Proxy = wrapt.ObjectProxy
 
 
 # -- describing requests and responses ----------------------------------------------------
@@ -210,31 +229,84 @@ def _describe_completion(completion: Any) -> tuple[ChatResponse | None, str | No
     )
 
 
+def _primary(choices: Iterable[Any]) -> Any:
+    """The choice the events describe: index 0 (a missing index counts as 0), as the
+    first choice of a reply that is not streamed."""
+    for choice in choices:
+        index = _get(choice, "index")
+        if not isinstance(index, int) or index == 0:
+            return choice
+    return None
+
+
+def _piece(value: Any) -> str:
+    """A streamed fragment as text (some compatible servers send objects)."""
+    return value if isinstance(value, str) else _arguments_text(value)
+
+
 class _ChunkState:
-    __slots__ = ("finish_reason", "model", "usage")
+    """What a stream's chunks said about the first choice (see :func:`_primary`); the
+    chunks of other choices (``n`` > 1) are passed on but not recorded."""
+
+    __slots__ = ("calls", "finish_reason", "model", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
         self.finish_reason: str | None = None
         self.model: str | None = None
+        #: Tool calls by their index: [id, name, arguments], each concatenated from
+        #: its fragments as openai's own stream helpers do.
+        self.calls: dict[int, list[str]] = {}
 
     def take(self, call: LLMCall, chunk: Any) -> None:
+        choices = _get(chunk, "choices")
+        try:
+            text, produced = self._read(chunk, choices)
+        except Exception as exc:  # the application gets the chunk whatever we make of it
+            _describe_failed("chunk", exc)
+            text, produced = "", False
+        if not choices:
+            return
+        calls = self.tool_calls() if call.listening and self.calls else None
+        call.chunk(text, raw=chunk, tool_calls=calls, produced=produced)
+
+    def _read(self, chunk: Any, choices: Any) -> tuple[str, bool]:
+        """The first choice's new text in ``chunk``, and whether it produced anything."""
         model = _get(chunk, "model")
         if isinstance(model, str) and model:
             self.model = model
         usage = _get(chunk, "usage")
         if usage is not None:
             self.usage = coerce_usage(usage)
-        choices = _get(chunk, "choices")
-        if not choices:
-            return
-        choice = choices[0]
+        choice = _primary(choices) if choices else None
+        if choice is None:
+            return "", False
         reason = _get(choice, "finish_reason")
         if isinstance(reason, str):
             self.finish_reason = reason
         delta = _get(choice, "delta")
         text = _get(delta, "content")
-        call.chunk(text if isinstance(text, str) else "", raw=chunk)
+        text = text if isinstance(text, str) else ""
+        produced = bool(text)
+        for position, fragment in enumerate(_get(delta, "tool_calls") or ()):
+            index = _get(fragment, "index")
+            acc = self.calls.setdefault(index if isinstance(index, int) else position, ["", "", ""])
+            function = _get(fragment, "function")
+            for slot, value in enumerate(
+                (_get(fragment, "id"), _get(function, "name"), _get(function, "arguments"))
+            ):
+                if value is not None:
+                    piece = _piece(value)
+                    acc[slot] += piece
+                    produced = produced or (slot > 0 and bool(piece))
+        return text, produced
+
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls streamed so far, in index order."""
+        return [
+            ToolCall(id=call_id or None, name=name, arguments=arguments)
+            for _, (call_id, name, arguments) in sorted(self.calls.items())
+        ]
 
 
 # -- chat -----------------------------------------------------------------------------------
@@ -258,9 +330,9 @@ def _chat_body(
         state.take(call, chunk)
         if (yield chunk) is STOP:
             _close_quietly(stream)
-            call.end_stream(state.usage, ABANDONED, model=state.model)
+            _end_stream(call, state, ABANDONED)
             return
-    call.end_stream(state.usage, state.finish_reason, model=state.model)
+    _end_stream(call, state, state.finish_reason)
 
 
 async def _achat_body(
@@ -281,9 +353,13 @@ async def _achat_body(
         state.take(call, chunk)
         if (yield chunk) is STOP:
             await _aclose_quietly(stream)
-            call.end_stream(state.usage, ABANDONED, model=state.model)
+            _end_stream(call, state, ABANDONED)
             return
-    call.end_stream(state.usage, state.finish_reason, model=state.model)
+    _end_stream(call, state, state.finish_reason)
+
+
+def _end_stream(call: LLMCall, state: _ChunkState, finish_reason: str | None) -> None:
+    call.end_stream(state.usage, finish_reason, model=state.model, tool_calls=state.tool_calls())
 
 
 def _close_quietly(stream: Any) -> None:
@@ -300,7 +376,7 @@ async def _aclose_quietly(stream: Any) -> None:
         logger.debug("closing an OpenAI stream failed: %r", exc)
 
 
-class TracedStream(wrapt.ObjectProxy[Any]):
+class TracedStream(_Proxy):
     """The client's ``Stream``, iterated through the span; everything else passes through."""
 
     def __init__(self, stream: Any, spanned: SpannedStream[Any]) -> None:
@@ -323,7 +399,7 @@ class TracedStream(wrapt.ObjectProxy[Any]):
         self.close()
 
 
-class AsyncTracedStream(wrapt.ObjectProxy[Any]):
+class AsyncTracedStream(_Proxy):
     """The client's ``AsyncStream``, iterated through the span."""
 
     def __init__(self, stream: Any, spanned: AsyncGenerator[Any, None]) -> None:
@@ -346,46 +422,80 @@ class AsyncTracedStream(wrapt.ObjectProxy[Any]):
         await self.close()
 
 
-def _chat_wrapper(
-    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    if args or not listening(dispatcher):
-        return wrapped(*args, **kwargs)
-    call = _new_call(instance, kwargs)
-    if call is None:
-        return wrapped(*args, **kwargs)
-    if kwargs.get("stream") is True:
-        holder: list[Any] = []
-        spanned = start_stream(
-            dispatcher, CHAT_SPAN, _chat_body(call, lambda: wrapped(*args, **kwargs), holder)
-        )
-        return holder[0] if spanned is None else TracedStream(holder[0], spanned)
-    with dispatcher.span(CHAT_SPAN):
-        call.start()
-        completion = wrapped(*args, **kwargs)
-        _finish_completion(call, completion)
-        return completion
+def _listed(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``messages`` read once into a list when it is a one-pass iterable
+    (a generator, say), so that describing the request does not use it up: the client
+    is then given that list."""
+    messages = kwargs.get("messages")
+    if isinstance(messages, (Sequence, Mapping)) or not isinstance(messages, Iterable):
+        return kwargs
+    return {**kwargs, "messages": list(messages)}
 
 
-async def _achat_wrapper(
-    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    if args or not listening(dispatcher):
-        return await wrapped(*args, **kwargs)
-    call = _new_call(instance, kwargs)
-    if call is None:
-        return await wrapped(*args, **kwargs)
-    if kwargs.get("stream") is True:
-        holder: list[Any] = []
-        spanned = await astart_stream(
-            dispatcher, CHAT_SPAN, _achat_body(call, lambda: wrapped(*args, **kwargs), holder)
-        )
-        return holder[0] if spanned is None else AsyncTracedStream(holder[0], spanned)
-    async with dispatcher.span(CHAT_SPAN):
-        call.start()
-        completion = await wrapped(*args, **kwargs)
-        _finish_completion(call, completion)
-        return completion
+class _Patch:
+    """Our wrapper of one class's ``create``: what it wrapped, and whether it traces.
+
+    Off, it passes every call straight through: it stays so wherever it is still
+    called from (another library's wrapper installed over it, the ``with_raw_response``
+    objects openai caches per client)."""
+
+    __slots__ = ("on", "original", "proxy")
+
+    def __init__(self, original: Any) -> None:
+        self.on = False
+        self.original = original
+        self.proxy: Any = None
+
+
+Wrapper = Callable[[Any, Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _chat_wrapper(patch: _Patch) -> Wrapper:
+    def chat(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args or not listening(dispatcher) or not patch.on:
+            return wrapped(*args, **kwargs)
+        kwargs = _listed(kwargs)
+        call = _new_call(instance, kwargs)
+        if call is None:
+            return wrapped(**kwargs)
+        if kwargs.get("stream") is True:
+            holder: list[Any] = []
+            spanned = start_stream(
+                dispatcher, CHAT_SPAN, _chat_body(call, lambda: wrapped(**kwargs), holder)
+            )
+            return holder[0] if spanned is None else TracedStream(holder[0], spanned)
+        with dispatcher.span(CHAT_SPAN):
+            call.start()
+            completion = wrapped(**kwargs)
+            _finish_completion(call, completion)
+            return completion
+
+    return chat
+
+
+def _achat_wrapper(patch: _Patch) -> Wrapper:
+    async def achat(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if args or not listening(dispatcher) or not patch.on:
+            return await wrapped(*args, **kwargs)
+        kwargs = _listed(kwargs)
+        call = _new_call(instance, kwargs)
+        if call is None:
+            return await wrapped(**kwargs)
+        if kwargs.get("stream") is True:
+            holder: list[Any] = []
+            spanned = await astart_stream(
+                dispatcher, CHAT_SPAN, _achat_body(call, lambda: wrapped(**kwargs), holder)
+            )
+            return holder[0] if spanned is None else AsyncTracedStream(holder[0], spanned)
+        async with dispatcher.span(CHAT_SPAN):
+            call.start()
+            completion = await wrapped(**kwargs)
+            _finish_completion(call, completion)
+            return completion
+
+    return achat
 
 
 # -- embeddings ------------------------------------------------------------------------------
@@ -436,31 +546,35 @@ def _embed_start(instance: Any, kwargs: Mapping[str, Any]) -> float:
     )
 
 
-def _embed_wrapper(
-    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    if args or not listening(dispatcher):
-        return wrapped(*args, **kwargs)
-    with dispatcher.span(EMBEDDING_SPAN):
-        t0 = _embed_start(instance, kwargs)
-        response = wrapped(*args, **kwargs)
-        _embed_end(instance, kwargs, t0, response)
-        return response
+def _embed_wrapper(patch: _Patch) -> Wrapper:
+    def embed(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args or not listening(dispatcher) or not patch.on:
+            return wrapped(*args, **kwargs)
+        with dispatcher.span(EMBEDDING_SPAN):
+            t0 = _embed_start(instance, kwargs)
+            response = wrapped(*args, **kwargs)
+            _embed_end(instance, kwargs, t0, response)
+            return response
+
+    return embed
 
 
-async def _aembed_wrapper(
-    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    if args or not listening(dispatcher):
-        return await wrapped(*args, **kwargs)
-    async with dispatcher.span(EMBEDDING_SPAN):
-        t0 = _embed_start(instance, kwargs)
-        response = await wrapped(*args, **kwargs)
-        _embed_end(instance, kwargs, t0, response)
-        return response
+def _aembed_wrapper(patch: _Patch) -> Wrapper:
+    async def aembed(
+        wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if args or not listening(dispatcher) or not patch.on:
+            return await wrapped(*args, **kwargs)
+        async with dispatcher.span(EMBEDDING_SPAN):
+            t0 = _embed_start(instance, kwargs)
+            response = await wrapped(*args, **kwargs)
+            _embed_end(instance, kwargs, t0, response)
+            return response
+
+    return aembed
 
 
-_WRAPPERS: dict[str, Callable[..., Any]] = {
+_WRAPPERS: dict[str, Callable[[_Patch], Wrapper]] = {
     "chat": _chat_wrapper,
     "achat": _achat_wrapper,
     "embed": _embed_wrapper,
@@ -469,6 +583,20 @@ _WRAPPERS: dict[str, Callable[..., Any]] = {
 
 
 # -- switching it on and off -------------------------------------------------------------
+
+#: Our wrapper of each patched class, by (module, class).
+_patches: dict[tuple[str, str], _Patch] = {}
+
+
+def _in_chain(method: Any, target: Any) -> bool:
+    """Whether ``target`` is ``method`` or what it wraps, however deep (``__wrapped__``)."""
+    for _ in range(64):
+        if method is target:
+            return True
+        method = getattr(method, "__wrapped__", None)
+        if method is None:
+            return False
+    return False
 
 
 def instrument_openai() -> None:
@@ -487,27 +615,50 @@ def instrument_openai() -> None:
     with _lock:
         for module_name, class_name, kind in _PATCHES:
             key = (module_name, class_name)
-            if key in _originals:
-                continue
             cls = getattr(modules[module_name], class_name)
-            _originals[key] = cls.__dict__["create"]
-            wrapt.wrap_function_wrapper(cls, "create", _WRAPPERS[kind])
+            current = cls.__dict__["create"]
+            patch = _patches.get(key)
+            if patch is not None:
+                if patch.on:
+                    continue
+                if _in_chain(current, patch.proxy):  # left under another library's wrapper
+                    patch.on = True
+                    continue
+                if current is patch.original:  # taken off cleanly: the same wrapper goes
+                    cls.create = patch.proxy  # back, as cached objects hold it
+                    patch.on = True
+                    continue
+                # Ours is no longer called from the class: it stays off, so that a chain
+                # still holding it does not trace twice.
+            patch = _Patch(current)
+            wrapt.wrap_function_wrapper(cls, "create", _WRAPPERS[kind](patch))
+            patch.proxy = cls.__dict__["create"]
+            patch.on = True
+            _patches[key] = patch
 
 
 def uninstrument_openai() -> None:
-    """Put back the original methods; calling it when not instrumented does nothing."""
+    """Stop tracing; calling it when not instrumented does nothing.
+
+    Where our wrapper is still the class's method, the original method is put back.
+    Where another library has since wrapped it, its wrapper is left in place (removing
+    ours would remove it too) and ours passes every call straight through.
+    """
     import importlib
 
     with _lock:
-        for (module_name, class_name), original in list(_originals.items()):
+        for (module_name, class_name), patch in _patches.items():
+            if not patch.on:
+                continue
+            patch.on = False
             cls = getattr(importlib.import_module(module_name), class_name)
-            cls.create = original
-            del _originals[(module_name, class_name)]
+            if cls.__dict__.get("create") is patch.proxy:
+                cls.create = patch.original
 
 
 def is_instrumented() -> bool:
     """Whether :func:`instrument_openai` is in effect."""
-    return bool(_originals)
+    return any(patch.on for patch in _patches.values())
 
 
 __all__ = [

@@ -7,6 +7,18 @@ Two controls, global (:func:`configure_redaction`) or per LLM (``redaction=``):
 * ``record_content=False``: record no prompt or completion text at all (message
   contents become None, prompts and completions "", embedded texts "").
 
+Besides the text, messages carry non-text parts (``ContentBlock.data``: images, files,
+audio, refusals, ...), and calls carry settings (``additional_kwargs``: the request's
+``temperature``, ``tools``, ``prediction``, ...; a message's ``name``; a response's
+``usage``). With a mask, every string in them is masked too. With
+``record_content=False`` they keep their shape - dict keys, list lengths - and
+``None``, booleans, numbers and :class:`TokenUsage` values, but a string is kept only
+when it is a short label (letters, digits and ``_.:/-``, at most 64 characters) under
+one of the keys of :data:`LABEL_KEYS` (``type``, ``detail``, ``format``,
+``reasoning_effort``, ...); every other string and every other object becomes
+``"[redacted]"``. So an image part keeps its type and detail but not its URL, and
+``prediction={"type": "content", "content": ...}`` keeps only its type.
+
 When either is on, the provider's ``raw`` response object is left out of the events
 too, since it holds the same text. The application itself always gets the real answer.
 """
@@ -14,16 +26,39 @@ too, since it holds the same text. The application itself always gets the real a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from instrumentation import telemetry
-from instrumentation.events.llm import ChatMessage
+from instrumentation.events.llm import ChatMessage, TokenUsage
 
 logger = logging.getLogger("instrumentation.llms")
 
 Mask = Callable[[str], str]
 
 _MASK_FAILED = "[redaction failed]"
+#: What a withheld value becomes (``record_content=False``).
+WITHHELD = "[redacted]"
+#: The keys under which a short label is kept with ``record_content=False``: names of
+#: options and kinds, never text the model reads or writes.
+LABEL_KEYS = frozenset(
+    {
+        "type",
+        "detail",
+        "format",
+        "encoding_format",
+        "finish_reason",
+        "modalities",
+        "reasoning_effort",
+        "service_tier",
+        "tool_choice",
+        "tool_call_id",
+        "verbosity",
+    }
+)
+_LABEL = re.compile(r"[A-Za-z0-9_.:/-]{0,64}")
+_MAX_DEPTH = 32
 
 
 class Redaction:
@@ -75,7 +110,7 @@ class Redaction:
         if not self.active:
             return message
         blocks = [
-            b.model_copy(update={"text": self.text(b.text)}) if b.text is not None else b
+            b.model_copy(update={"text": self.text(b.text), "data": self.values(b.data)})
             for b in message.blocks
         ]
         calls = [
@@ -83,8 +118,35 @@ class Redaction:
             for c in message.tool_calls
         ]
         return message.model_copy(
-            update={"content": self.content(message.content), "blocks": blocks, "tool_calls": calls}
+            update={
+                "content": self.content(message.content),
+                "blocks": blocks,
+                "tool_calls": calls,
+                "additional_kwargs": self.values(message.additional_kwargs),
+            }
         )
+
+    def values(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Settings or part data as events may record them (see the module docstring);
+        ``values`` itself when nothing is redacted."""
+        if not self.active or not values:
+            return values
+        return {key: self._value(key, value, 0) for key, value in values.items()}
+
+    def _value(self, key: object, value: Any, depth: int) -> Any:
+        if value is None or isinstance(value, (bool, int, float, TokenUsage)):
+            return value
+        if isinstance(value, str):
+            if self.record_content:
+                return self.text(value)
+            return value if key in LABEL_KEYS and _LABEL.fullmatch(value) else WITHHELD
+        if isinstance(value, (Mapping, list, tuple)):
+            if depth >= _MAX_DEPTH:
+                return WITHHELD
+            if isinstance(value, Mapping):
+                return {k: self._value(k, v, depth + 1) for k, v in value.items()}
+            return [self._value(key, v, depth + 1) for v in value]  # labelled by its key
+        return value if self.record_content else WITHHELD  # an object: no string to mask
 
     def __repr__(self) -> str:
         return f"Redaction(mask={self.mask!r}, record_content={self.record_content})"
@@ -113,7 +175,9 @@ def get_redaction() -> Redaction:
 
 
 __all__ = [
+    "LABEL_KEYS",
     "NO_REDACTION",
+    "WITHHELD",
     "Mask",
     "Redaction",
     "configure_redaction",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,3 +50,17 @@ def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(Dispatcher, "event", counting_event)
     monkeypatch.setattr(Dispatcher, "aevent", counting_aevent)
     return names
+
+
+@pytest.fixture
+def manual_gc() -> Iterator[None]:
+    """No automatic collection during the test: what it creates stays in the youngest
+    generation, in creation order, until it calls ``gc.collect()`` itself. So the order
+    in which the cyclic GC finalises a cycle's objects does not depend on when earlier
+    tests happened to trigger a collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -10,6 +10,12 @@ that status and an OpenAI error body. The answer is ``server.answer`` if set, el
 ``"Echo: <last user message>"``; ``server.message``, if set, is sent as the whole reply
 message instead (for replies that compatible servers shape oddly). Every request body
 is kept in ``server.requests``.
+
+With ``"n": k`` the reply has k choices: choice 0 is the answer above, choice i the
+text ``alternative(i)``; a stream interleaves their chunks, word by word. With
+``server.tool_calls`` set (a list of ``(id, name, arguments)``), the reply is those
+tool calls (finish reason "tool_calls"); streamed, each call comes as a first fragment
+with its id and name, then its arguments in pieces of at most 5 characters.
 """
 
 from __future__ import annotations
@@ -23,6 +29,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 PROMPT_TOKENS_PER_MESSAGE = 4
+
+
+def alternative(i: int) -> str:
+    """The text of choice ``i`` > 0 of a reply with several choices."""
+    return f"Alternative {i} is different"
+
+
+def pieces(text: str, size: int = 5) -> list[str]:
+    """``text`` cut into pieces of ``size`` characters, as tool-call arguments stream."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def words(text: str) -> list[str]:
@@ -94,7 +110,27 @@ class _Handler(BaseHTTPRequestHandler):
         answer = self._answer(body)
         model = body["model"]
         created = int(time.time())
+        n = int(body.get("n") or 1)
+        texts = [answer] + [alternative(i) for i in range(1, n)]
+        calls = self.server.tool_calls
         if not body.get("stream"):
+            choices: list[dict[str, Any]] = []
+            for i, text in enumerate(texts):
+                message: dict[str, Any] = self.server.message or {
+                    "role": "assistant",
+                    "content": text,
+                }
+                if calls:
+                    message = {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": c, "type": "function", "function": {"name": f, "arguments": a}}
+                            for c, f, a in calls
+                        ],
+                    }
+                reason = "tool_calls" if calls else "stop" if i == 0 else "length"
+                choices.append({"index": i, "message": message, "finish_reason": reason})
             self._send_json(
                 200,
                 {
@@ -102,14 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "object": "chat.completion",
                     "created": created,
                     "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": self.server.message
-                            or {"role": "assistant", "content": answer},
-                            "finish_reason": "stop",
-                        }
-                    ],
+                    "choices": choices,
                     "usage": self._usage(body, answer),
                 },
             )
@@ -120,19 +149,39 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
 
-        def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> dict[str, Any]:
+        def chunk(
+            delta: dict[str, Any], finish: str | None, index: int = 0, **extra: Any
+        ) -> dict[str, Any]:
             return {
                 "id": "chatcmpl-test",
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
                 **extra,
             }
 
-        events = [chunk({"role": "assistant", "content": ""}, None)]
-        events += [chunk({"content": w}, None) for w in words(answer)]
-        events.append(chunk({}, "stop"))
+        if calls:
+            events = [chunk({"role": "assistant", "content": None}, None)]
+            for i, (call_id, name, arguments) in enumerate(calls):
+                first = {"index": i, "id": call_id, "type": "function"}
+                first["function"] = {"name": name, "arguments": ""}
+                events.append(chunk({"tool_calls": [first]}, None))
+                events += [
+                    chunk({"tool_calls": [{"index": i, "function": {"arguments": p}}]}, None)
+                    for p in pieces(arguments)
+                ]
+            events.append(chunk({}, "tool_calls"))
+        else:
+            events = [chunk({"role": "assistant", "content": ""}, None, i) for i in range(n)]
+            split = [words(text) for text in texts]
+            for position in range(max(len(w) for w in split)):
+                events += [
+                    chunk({"content": w[position]}, None, i)
+                    for i, w in enumerate(split)
+                    if position < len(w)
+                ]
+            events += [chunk({}, "stop" if i == 0 else "length", i) for i in range(n)]
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_chunk = chunk({}, None, usage=self._usage(body, answer))
             usage_chunk["choices"] = []
@@ -183,6 +232,7 @@ class OpenAIServer(ThreadingHTTPServer):
         self.message: dict[str, Any] | None = None
         self.cached_tokens = 0
         self.chunk_delay_s = 0.0
+        self.tool_calls: list[tuple[str, str, str]] | None = None
         self._thread: threading.Thread | None = None
 
     @property

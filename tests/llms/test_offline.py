@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from instrumentation import BaseEventHandler, SpanDropEvent, get_dispatcher, tel
 from instrumentation.events.base import BaseEvent
 from instrumentation.llms import (
     ChatMessage,
+    ChatResponse,
     LLMChatEndEvent,
     LLMChatInProgressEvent,
     LLMChatStartEvent,
@@ -24,6 +27,7 @@ from instrumentation.llms import (
     LLMStructuredPredictEndEvent,
     OfflineLLM,
     OfflineLLMError,
+    _streams,
     count_tokens,
 )
 from instrumentation.testing import Capture, isolated
@@ -215,6 +219,108 @@ async def test_async_stream_closed_early_ends_with_tokens_seen(cap: Capture) -> 
     assert end.finish_reason == "abandoned"
     assert end.usage is not None and end.usage.completion_tokens == 1 and end.usage.estimated
     assert not cap.events_of(SpanDropEvent)
+
+
+async def test_async_stream_closed_before_reading_ends_as_abandoned(cap: Capture) -> None:
+    """aclose() before the first chunk (of astream_chat or astream_complete) ends the span
+    as abandoned, once however often it is called; the stream is then over."""
+    chat = await llm().astream_chat(QUESTION)
+    await chat.aclose()
+    await chat.aclose()
+    assert [c async for c in chat] == []
+    complete = await llm().astream_complete(QUESTION)
+    await complete.aclose()
+    assert not cap.events_of(SpanDropEvent)
+    [chat_end] = cap.events_of(LLMChatEndEvent)
+    [complete_end] = cap.events_of(LLMCompletionEndEvent)
+    for end in (chat_end, complete_end):
+        assert end.finish_reason == "abandoned"
+        assert end.usage is not None and end.usage.completion_tokens == 0
+    assert [s.name for s in cap.spans] == ["OfflineLLM.astream_chat", "OfflineLLM.astream_complete"]
+    assert all(s.end_time is not None for s in cap.spans)
+
+
+async def test_async_stream_closed_early_closes_the_source(cap: Capture) -> None:
+    """The subclass's own stream is closed when the caller stops (its clean-up runs)."""
+    closed: list[bool] = []
+
+    class Source(OfflineLLM):
+        async def _astream_chat(
+            self, messages: list[ChatMessage], **kwargs: Any
+        ) -> AsyncIterator[ChatResponse]:
+            try:
+                async for chunk in super()._astream_chat(messages, **kwargs):
+                    yield chunk
+            finally:
+                closed.append(True)
+
+    stream = await Source(answers={"capital": ANSWER}).astream_chat(QUESTION)
+    await stream.__anext__()
+    await stream.aclose()
+    assert closed == [True]
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
+
+
+def _live() -> int:
+    return len(getattr(_streams, "_live", ()))
+
+
+def _over(cap: Capture) -> bool:
+    """Whether the span is over: ended, or dropped."""
+    return bool(cap.events_of(LLMChatEndEvent) or cap.events_of(SpanDropEvent))
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        gc.collect()
+        await asyncio.sleep(0)  # lets the loop run what the collection scheduled
+
+
+def test_stream_collected_in_a_reference_cycle_is_ended(cap: Capture, manual_gc: None) -> None:
+    """A stream held in a cycle is ended as abandoned by the cyclic GC, not dropped."""
+    live = _live()
+    cycle: list[Any] = [llm().stream_chat(QUESTION)]
+    cycle.append(cycle)
+    next(cycle[0])
+    del cycle
+    gc.collect()
+    assert not cap.events_of(SpanDropEvent)
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned" and end.usage is not None
+    assert end.usage.completion_tokens == 1
+    assert _live() == live
+
+
+async def test_async_stream_collected_in_a_reference_cycle_is_ended(
+    cap: Capture, manual_gc: None
+) -> None:
+    """Async: the STOP is sent on the stream's event loop; the registry is left as it was."""
+    live = _live()
+    cycle: list[Any] = [await llm().astream_chat(QUESTION)]
+    cycle.append(cycle)
+    await cycle[0].__anext__()
+    del cycle
+    await _until(lambda: _over(cap) and not getattr(_streams, "_stopping", ()))
+    assert not cap.events_of(SpanDropEvent)
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
+    assert _live() == live
+
+
+async def test_async_stream_interface(cap: Capture) -> None:
+    """The stream is an async generator: asend() reads on, athrow() raises in the body
+    (the span is dropped with that error) and ends the stream."""
+    stream = await llm().astream_chat(QUESTION)
+    first = await stream.asend(None)
+    assert first.delta == "Paris"
+    with pytest.raises(KeyError):
+        await stream.athrow(KeyError("stop it"))
+    assert [c async for c in stream] == []
+    await stream.aclose()
+    assert not cap.events_of(LLMChatEndEvent)
+    [drop] = cap.events_of(SpanDropEvent)
+    assert "stop it" in drop.err_str
 
 
 async def test_async_failure_drops_span(cap: Capture) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
+import wrapt
 from openai.resources.chat.completions import AsyncCompletions, Completions
 from openai.resources.embeddings import Embeddings
 
@@ -21,7 +25,10 @@ from instrumentation.llms import (
     LLMChatEndEvent,
     LLMChatInProgressEvent,
     LLMChatStartEvent,
+    ToolCall,
+    _streams,
     configure_redaction,
+    count_tokens,
 )
 from instrumentation.llms.openai import (
     CHAT_SPAN,
@@ -32,7 +39,7 @@ from instrumentation.llms.openai import (
 )
 from instrumentation.testing import Capture, isolated
 
-from .openai_server import PROMPT_TOKENS_PER_MESSAGE, OpenAIServer, words
+from .openai_server import PROMPT_TOKENS_PER_MESSAGE, OpenAIServer, alternative, words
 
 HELLO = [{"role": "user", "content": "hello there friend"}]
 ANSWER = "Echo: hello there friend"
@@ -49,6 +56,7 @@ def server() -> Iterator[OpenAIServer]:
 def _instrumented(server: OpenAIServer) -> Iterator[None]:
     server.answer = None
     server.cached_tokens = 0
+    server.tool_calls = None
     server.requests.clear()
     instrument_openai()
     yield
@@ -446,3 +454,452 @@ def test_a_reply_that_cannot_be_described_at_all_is_counted_once() -> None:
     patch._finish_completion(Ending(), {"usage": {"prompt_tokens": "many"}, "choices": 5})  # type: ignore[arg-type]
     assert ended == [(None, None, None, None)]
     assert telemetry.counter("llms.openai.describe_errors").value == 1
+
+
+# -- messages given as a one-pass iterable -------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_generator_of_messages_is_sent_whole(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer, stream: bool
+) -> None:
+    """A generator is read once: the request carries every message, and so do the events."""
+
+    def messages() -> Iterator[dict[str, str]]:
+        yield {"role": "system", "content": "be brief"}
+        yield {"role": "user", "content": "hello there friend"}
+
+    result = client.chat.completions.create(model="gpt-4o", messages=messages(), stream=stream)
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in result) == ANSWER
+    else:
+        assert result.choices[0].message.content == ANSWER
+    assert server.requests[-1]["body"]["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there friend"},
+    ]
+    [start] = cap.events_of(LLMChatStartEvent)
+    assert [m.content for m in start.messages] == ["be brief", "hello there friend"]
+
+
+async def test_an_async_call_with_a_generator_of_messages(
+    cap: Capture, aclient: openai.AsyncOpenAI, server: OpenAIServer
+) -> None:
+    """The same for AsyncOpenAI."""
+    messages = (m for m in HELLO)
+    completion = await aclient.chat.completions.create(model="gpt-4o", messages=messages)
+    assert completion.choices[0].message.content == ANSWER
+    assert server.requests[-1]["body"]["messages"] == HELLO
+    assert len(cap.events_of(LLMChatEndEvent)) == 1
+
+
+# -- streams closed before reading, or collected in a reference cycle ---------------------
+
+
+def _live() -> int:
+    """How many stream runners the registry keeps alive."""
+    return len(getattr(_streams, "_live", ()))
+
+
+def _stopping() -> int:
+    """How many collected async streams are being stopped on their loop."""
+    return len(getattr(_streams, "_stopping", ()))
+
+
+def _over(cap: Capture) -> bool:
+    """Whether the span is over: ended, or dropped."""
+    return bool(cap.events_of(LLMChatEndEvent) or cap.events_of(SpanDropEvent))
+
+
+async def _auntil(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        gc.collect()
+        await asyncio.sleep(0)  # lets the loop run what the collection scheduled
+
+
+def _abandoned(cap: Capture) -> list[str | None]:
+    assert not cap.events_of(SpanDropEvent)
+    return [e.finish_reason for e in cap.events_of(LLMChatEndEvent)]
+
+
+async def test_async_stream_closed_before_reading_ends_its_span(
+    cap: Capture, aclient: openai.AsyncOpenAI
+) -> None:
+    """close() or an `async with` left before the first chunk closes the HTTP response
+    and ends the span as abandoned (it used to stay open, then be dropped)."""
+    live = _live()
+    stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    await stream.close()
+    assert stream.response.is_closed
+    assert _abandoned(cap) == ["abandoned"]
+    await stream.close()  # closing twice is closing once
+    async with await aclient.chat.completions.create(
+        model="gpt-4o", messages=HELLO, stream=True
+    ) as second:
+        pass
+    assert second.response.is_closed
+    assert _abandoned(cap) == ["abandoned", "abandoned"]
+    [end, _] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None and end.response.message.content == ""
+    assert end.usage is not None and end.usage.completion_tokens == 0
+    assert _live() == live
+
+
+def test_stream_collected_in_a_reference_cycle_is_ended_not_dropped(
+    cap: Capture, manual_gc: None, client: openai.OpenAI
+) -> None:
+    """A half-read stream held in a cycle is ended as abandoned by the cyclic GC."""
+    live = _live()
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder  # type: ignore[attr-defined]
+    holder.stream = client.chat.completions.create(  # type: ignore[attr-defined]
+        model="gpt-4o", messages=HELLO, stream=True
+    )
+    next(holder.stream)  # type: ignore[attr-defined]
+    next(holder.stream)  # type: ignore[attr-defined]
+    del holder
+    gc.collect()
+    assert _abandoned(cap) == ["abandoned"]
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None and end.response.message.content == "Echo:"
+    assert _live() == live
+
+
+async def test_async_stream_collected_in_a_reference_cycle_is_ended_not_dropped(
+    cap: Capture, manual_gc: None, aclient: openai.AsyncOpenAI
+) -> None:
+    """Async: the collected stream's STOP is scheduled on its loop; nothing is left over."""
+    live = _live()
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.me = holder  # type: ignore[attr-defined]
+    holder.stream = await aclient.chat.completions.create(  # type: ignore[attr-defined]
+        model="gpt-4o", messages=HELLO, stream=True
+    )
+    await holder.stream.__anext__()  # type: ignore[attr-defined]
+    await holder.stream.__anext__()  # type: ignore[attr-defined]
+    del holder
+    await _auntil(lambda: _over(cap) and not _stopping())
+    assert _abandoned(cap) == ["abandoned"]
+    assert _live() == live
+
+
+def test_the_openai_stream_helper_is_traced(
+    cap: Capture, manual_gc: None, client: openai.OpenAI
+) -> None:
+    """chat.completions.stream() calls the patched create(): read whole, its span ends
+    with the answer; left early, it ends as abandoned once the helper is collected (it
+    sits in a reference cycle, so the cyclic GC frees it)."""
+    with client.chat.completions.stream(model="gpt-4o", messages=HELLO) as whole:
+        for _ in whole:
+            pass
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "stop" and end.response is not None
+    assert end.response.message.content == ANSWER
+    with client.chat.completions.stream(model="gpt-4o", messages=HELLO) as early:
+        for event in early:
+            if event.type == "content.delta":
+                break
+    del early, event
+    gc.collect()
+    assert _abandoned(cap) == ["stop", "abandoned"]
+
+
+def test_the_stream_registry_does_not_grow(
+    cap: Capture, manual_gc: None, client: openai.OpenAI
+) -> None:
+    """Read whole, closed, dropped, dropped in a cycle or failed: every stream's runner
+    leaves the registry."""
+    live = _live()
+    for _ in range(5):
+        list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+        closed = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        next(closed)
+        closed.close()
+        dropped = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        del dropped
+        cycle: list[Any] = [
+            client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        ]
+        cycle.append(cycle)
+        del cycle
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="error-429", messages=HELLO, stream=True)
+    gc.collect()
+    assert _live() == live
+    reasons = sorted(str(e.finish_reason) for e in cap.events_of(LLMChatEndEvent))
+    assert reasons == ["abandoned"] * 15 + ["stop"] * 5
+    drops = cap.events_of(SpanDropEvent)
+    assert len(drops) == 5 and all("429" in d.err_str for d in drops)
+
+
+def test_an_async_stream_outliving_its_event_loop_is_let_go(
+    cap: Capture, server: OpenAIServer
+) -> None:
+    """A stream collected after its loop closed cannot be ended; it leaves no trace in
+    the registry either."""
+    live = _live()
+    kept: list[Any] = []
+
+    async def main() -> None:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+        stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        await stream.__anext__()
+        kept.append(stream)
+
+    asyncio.run(main())
+    assert _live() == live + 1
+    kept.clear()
+    gc.collect()
+    assert _live() == live and not _stopping()
+
+
+# -- several choices, tool calls ------------------------------------------------------------
+
+
+def test_a_stream_with_several_choices_records_the_first(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """n=2: the end event describes choice 0, as for the same request not streamed;
+    every chunk is still an in-progress event."""
+    completion = client.chat.completions.create(model="gpt-4o", messages=HELLO, n=2)
+    assert completion.choices[1].message.content == alternative(1)
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=HELLO, n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: ANSWER, 1: alternative(1)}
+    plain, streamed = cap.events_of(LLMChatEndEvent)
+    assert plain.response is not None and streamed.response is not None
+    assert streamed.response.message.content == plain.response.message.content == ANSWER
+    assert streamed.finish_reason == plain.finish_reason == "stop"
+    assert streamed.usage is not None and streamed.usage.completion_tokens == count_tokens(ANSWER)
+    progress = cap.events_of(LLMChatInProgressEvent)
+    assert len(progress) == len(chunks)
+    assert "".join(p.response.delta or "" for p in progress) == ANSWER
+    assert progress[-1].response.message.content == ANSWER
+
+
+CALLS = [
+    ("call_1", "get_weather", '{"city": "Paris", "unit": "celsius"}'),
+    ("call_2", "get_time", '{"zone": "Europe/Paris"}'),
+]
+
+
+@pytest.mark.parametrize("usage", [False, True])
+def test_streamed_tool_calls_are_in_the_end_event(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer, usage: bool
+) -> None:
+    """Tool-call fragments are put together by index, as the same reply not streamed;
+    their arguments count in the estimate and the first fragment for the first token."""
+    server.tool_calls = CALLS
+    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    options: Any = {"stream_options": {"include_usage": True}} if usage else {}
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True, **options)
+    )
+    plain, streamed = cap.events_of(LLMChatEndEvent)
+    expected = [ToolCall(id=i, name=n, arguments=a) for i, n, a in CALLS]
+    assert plain.response is not None and streamed.response is not None
+    assert plain.response.message.tool_calls == expected
+    assert streamed.response.message.tool_calls == expected
+    assert streamed.response.message.content is plain.response.message.content is None
+    assert streamed.finish_reason == "tool_calls"
+    assert streamed.time_to_first_token_ms is not None
+    assert streamed.usage is not None and streamed.usage.estimated is not usage
+    if not usage:
+        assert streamed.usage.completion_tokens == sum(count_tokens(a) for _, _, a in CALLS)
+    progress = cap.events_of(LLMChatInProgressEvent)
+    assert len(progress) == len([c for c in chunks if c.choices])
+    assert progress[-1].response.message.tool_calls == expected
+    assert progress[0].response.message.tool_calls == []
+
+
+def test_tool_calls_are_redacted_like_any_text(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """With record_content off, streamed tool calls keep their names, not their arguments."""
+    configure_redaction(record_content=False)
+    server.tool_calls = CALLS
+    list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None
+    assert end.response.message.tool_calls == [
+        ToolCall(id=i, name=n, arguments="") for i, n, _ in CALLS
+    ]
+    assert "Paris" not in " ".join(str(e.model_dump()) for e in cap.events)
+
+
+# -- redaction of non-text parts and settings ------------------------------------------------
+
+
+def test_record_content_false_withholds_non_text_parts_and_settings(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """Images, files and refusals keep their type (and image detail), not their data;
+    a setting that carries text (prediction) keeps its shape, not the text."""
+    configure_redaction(record_content=False)
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "summarise my record"},
+                {
+                    "type": "file",
+                    "file": {
+                        "filename": "record.pdf",
+                        "file_data": "data:application/pdf;base64,U0VD",
+                    },
+                },
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64,SU1H", "detail": "high"},
+                },
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot discuss Doe"}]},
+        {"role": "user", "content": "ok", "name": "John_Doe"},
+    ]
+    client.chat.completions.create(
+        model="gpt-4o",
+        messages=messages,
+        temperature=0.5,
+        max_tokens=20,
+        reasoning_effort="low",
+        user="john.doe@example.com",
+        stop=["Doe"],
+        stream_options={"include_usage": True},
+        prediction={"type": "content", "content": "Patient SSN 078-05-1120"},
+    )
+    [start] = cap.events_of(LLMChatStartEvent)
+    first, second, third = start.messages
+    assert [(b.type, b.text, b.data) for b in first.blocks] == [
+        ("text", "", {}),
+        (
+            "file",
+            None,
+            {"type": "file", "file": {"filename": "[redacted]", "file_data": "[redacted]"}},
+        ),
+        (
+            "image_url",
+            None,
+            {"type": "image_url", "image_url": {"url": "[redacted]", "detail": "high"}},
+        ),
+    ]
+    assert [(b.type, b.data) for b in second.blocks] == [
+        ("refusal", {"type": "refusal", "refusal": "[redacted]"})
+    ]
+    assert third.additional_kwargs == {"name": "[redacted]"}
+    assert start.additional_kwargs == {
+        "temperature": 0.5,
+        "max_tokens": 20,
+        "reasoning_effort": "low",
+        "user": "[redacted]",
+        "stop": ["[redacted]"],
+        "stream_options": {"include_usage": True},
+        "prediction": {"type": "content", "content": "[redacted]"},
+    }
+    dumped = str(start.model_dump())
+    for secret in ("U0VD", "SU1H", "Doe", "078-05-1120", "record", "example.com"):
+        assert secret not in dumped
+
+
+def test_a_mask_applies_to_non_text_parts_and_settings(cap: Capture, client: openai.OpenAI) -> None:
+    """With a mask, the strings of parts and settings are masked, the rest kept."""
+    configure_redaction(mask=lambda text: text.replace("Doe", "<name>"))
+    messages: Any = [
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot discuss Doe"}]},
+        {"role": "user", "content": "and Doe?"},
+    ]
+    client.chat.completions.create(
+        model="gpt-4o", messages=messages, prediction={"type": "content", "content": "Doe is"}
+    )
+    [start] = cap.events_of(LLMChatStartEvent)
+    assert start.messages[0].blocks[0].data == {
+        "type": "refusal",
+        "refusal": "I cannot discuss <name>",
+    }
+    assert start.messages[1].content == "and <name>?"
+    assert start.additional_kwargs == {"prediction": {"type": "content", "content": "<name> is"}}
+
+
+# -- switching off and on, with_raw_response, other libraries' wrappers -------------------------
+
+
+def test_uninstrument_stops_tracing_the_cached_raw_response_objects(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """openai caches with_raw_response per client, holding the create() it first saw:
+    ours, switched off, passes calls through; on again, it traces them once."""
+    raw = client.chat.completions.with_raw_response
+    raw.create(model="gpt-4o", messages=HELLO).parse()
+    assert len(cap.events_of(LLMChatStartEvent)) == 1
+    uninstrument_openai()
+    assert client.chat.completions.with_raw_response is raw  # the same cached object
+    assert raw.create(model="gpt-4o", messages=HELLO).parse().choices[0].message.content == ANSWER
+    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert len(cap.events_of(LLMChatStartEvent)) == 1
+    instrument_openai()
+    raw.create(model="gpt-4o", messages=HELLO).parse()
+    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert len(cap.events_of(LLMChatStartEvent)) == 3
+
+
+def test_uninstrument_leaves_another_librarys_later_wrapper_in_place(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """A wrapper installed over ours survives uninstrument_openai(), ours then passing
+    calls through; instrumenting again turns ours back on, tracing each call once."""
+    uninstrument_openai()
+    pristine = Completions.__dict__["create"]
+    seen: list[str] = []
+
+    def other(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        seen.append("other")
+        return wrapped(*args, **kwargs)
+
+    try:
+        instrument_openai()
+        wrapt.wrap_function_wrapper(Completions, "create", other)
+        theirs = Completions.__dict__["create"]
+        uninstrument_openai()
+        assert not is_instrumented()
+        assert Completions.__dict__["create"] is theirs
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert seen == ["other"] and not cap.events_of(LLMChatStartEvent)
+        instrument_openai()
+        assert is_instrumented()
+        assert Completions.__dict__["create"] is theirs  # no second wrapper of ours
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert seen == ["other", "other"]
+        assert len(cap.events_of(LLMChatStartEvent)) == 1
+    finally:
+        uninstrument_openai()
+        Completions.create = pristine  # what the other library's removal would do
+
+
+def test_the_module_imports_with_wrapt_1() -> None:
+    """wrapt 1.x's ObjectProxy cannot be subscripted (pyproject allows wrapt>=1.16)."""
+    code = """
+import sys, types
+fake = types.ModuleType("wrapt")
+class ObjectProxy:  # as wrapt 1.x's: no __class_getitem__
+    def __init__(self, wrapped): self.__wrapped__ = wrapped
+fake.ObjectProxy = ObjectProxy
+fake.wrap_function_wrapper = lambda *args: None
+sys.modules["wrapt"] = fake
+import instrumentation.llms.openai as patch
+assert patch.TracedStream.__mro__[1] is ObjectProxy
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

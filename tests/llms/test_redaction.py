@@ -11,12 +11,15 @@ from pydantic import BaseModel
 
 from instrumentation import get_dispatcher, telemetry
 from instrumentation.llms import (
+    ChatMessage,
+    ContentBlock,
     LLMChatEndEvent,
     LLMChatInProgressEvent,
     LLMChatStartEvent,
     LLMCompletionStartEvent,
     OfflineLLM,
     Redaction,
+    TokenUsage,
     configure_redaction,
 )
 from instrumentation.span import SimpleSpan
@@ -149,3 +152,49 @@ def test_redaction_covers_span_handlers_too(cap: Capture) -> None:
     configure_redaction(mask=mask_emails)
     _calls(OfflineLLM(answers=JSON_ANSWER))
     assert "bob@example.com" not in " ".join(text for _, text in spy.seen)
+
+
+def test_record_content_false_withholds_the_settings_and_parts_of_any_llm(cap: Capture) -> None:
+    """BaseLLM's additional_kwargs (the call's keyword arguments) and a message's
+    non-text parts keep only what carries no content; the response's usage and finish
+    reason are kept."""
+    configure_redaction(record_content=False)
+    photo = ChatMessage(
+        role="user",
+        blocks=[
+            ContentBlock(text=SECRET),
+            ContentBlock(
+                type="input_audio", data={"input_audio": {"data": "UklGRg==", "format": "wav"}}
+            ),
+        ],
+        additional_kwargs={"name": "bob"},
+    )
+    OfflineLLM().chat(
+        [photo], temperature=0.1, note=SECRET, options={"hints": [SECRET], "n": 2, "type": "x"}
+    )
+    [start] = cap.events_of(LLMChatStartEvent)
+    assert start.additional_kwargs == {
+        "temperature": 0.1,
+        "note": "[redacted]",
+        "options": {"hints": ["[redacted]"], "n": 2, "type": "x"},
+    }
+    [message] = start.messages
+    assert message.blocks[1].data == {"input_audio": {"data": "[redacted]", "format": "wav"}}
+    assert message.additional_kwargs == {"name": "[redacted]"}
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None
+    assert end.response.additional_kwargs["finish_reason"] == "stop"
+    assert isinstance(end.response.additional_kwargs["usage"], TokenUsage)
+    assert "bob" not in " ".join(str(e.model_dump()) for e in cap.events)
+
+
+def test_a_mask_applies_to_the_settings_of_any_llm(cap: Capture) -> None:
+    """With a mask, every string in the settings is masked; numbers are kept."""
+    configure_redaction(mask=mask_emails)
+    OfflineLLM().chat("hi", temperature=0.1, note=SECRET, cc=["x@y.org", 3])
+    [start] = cap.events_of(LLMChatStartEvent)
+    assert start.additional_kwargs == {
+        "temperature": 0.1,
+        "note": "mail <email> now",
+        "cc": ["<email>", 3],
+    }
