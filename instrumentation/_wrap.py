@@ -182,7 +182,11 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
             raise
         finally:
             current = _active_span.get() or span
-            resumed = suspend(handle)
+            if type(handle) is Token:  # no bridge: nothing to note for the resume
+                deactivate(handle)
+                resumed = None
+            else:
+                resumed = suspend(handle)
         try:
             to_send = yield item
         except GeneratorExit as closing:
@@ -351,7 +355,11 @@ def _wrap_callable(
                 finally:
                     if handle is not None:
                         current = _active_span.get() or span
-                        resumed = suspend(handle)
+                        if type(handle) is Token:  # no bridge: nothing to note
+                            deactivate(handle)
+                            resumed = None
+                        else:
+                            resumed = suspend(handle)
                 try:
                     to_send = yield item
                 except GeneratorExit as closing:
