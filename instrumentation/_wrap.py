@@ -257,8 +257,11 @@ def wrap(
             f"@dispatcher.span decorates functions, methods, coroutines and generators; "
             f"got {type(func).__name__} object {func!r}"
         )
-    if _traced_by(func, dispatcher) and name is None and attributes is None:
-        return func  # idempotent: decorating twice with the same dispatcher is one span
+    if name is None and attributes is None:
+        if _traced_by(func, dispatcher):
+            return func  # idempotent: decorating twice with the same dispatcher is one span
+        if inspect.ismethod(func) and _traced_by(func.__func__, dispatcher):
+            return func  # a bound method of a traced function, or a traced classmethod
     return _wrap_callable(dispatcher, func, name, attributes, method=None)
 
 

@@ -564,6 +564,11 @@ def test_idempotent_with_same_dispatcher(d: Dispatcher, rec: Recorder) -> None:
     assert K.c() == 2 and K.s() == 3 and K().m() == 4
     assert len(rec.records) == 4
 
+    # A bound method or a classmethod reached through its class is traced already too.
+    k = K()
+    assert d.span(k.m)() == 4 and d.span(K.c)() == 2
+    assert len(rec.records) == 6
+
 
 def test_second_dispatcher_wraps_again_and_original_stays_unmarked(
     d: Dispatcher, rec: Recorder
