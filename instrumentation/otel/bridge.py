@@ -51,8 +51,10 @@ if TYPE_CHECKING:
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
 _UNSAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 
-#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context.
-_mirrored: ContextVar[SpanContext | None] = ContextVar(
+#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context, and
+#: OpenTelemetry's context from before the first such mirror (what restoring no span
+#: puts back).
+_mirrored: ContextVar[tuple[SpanContext, otel_context.Context] | None] = ContextVar(
     "instrumentation_otel_mirrored_parent", default=None
 )
 _get_current_span = trace_api.get_current_span
@@ -120,8 +122,10 @@ class OpenTelemetryBridge:
     def parent_for(self, own: SpanContext | None) -> SpanContext | None:
         if not self._tables:
             return own
-        if own is not None and own.remote and _mirrored.get() is not own:
-            return own  # restored before this bridge could mirror it: kept
+        if own is not None and own.remote:
+            mirrored = _mirrored.get()
+            if mirrored is None or mirrored[0] is not own:
+                return own  # restored before this bridge could mirror it: kept
         current = _get_current_span().get_span_context()
         if not current.is_valid:
             return own
@@ -166,20 +170,28 @@ class OpenTelemetryBridge:
 
     def restore(self, parent: SpanContext | None, sampled: bool) -> None:
         """Make ``parent`` current in OpenTelemetry's context too (no token: like
-        ``restore_propagation_context`` itself, it is not undone)."""
+        ``restore_propagation_context`` itself, it is not undone).
+
+        Restoring no span hides no span of the application's own (a server or task
+        span stays the parent); it only takes back what an earlier restore mirrored.
+        """
         if not self._tables:
             return
+        mirrored = _mirrored.get()
         if parent is None:
-            _attach(_set_span_in_context(trace_api.INVALID_SPAN))
-        else:
-            ids = trace_api.SpanContext(
-                int(parent.trace_id, 16),
-                int(span_hex_of(parent.id_), 16),
-                is_remote=True,
-                trace_flags=_SAMPLED if sampled else _UNSAMPLED,
-            )
-            _attach(_set_span_in_context(trace_api.NonRecordingSpan(ids)))
-        _mirrored.set(parent)
+            if mirrored is not None:
+                _attach(mirrored[1])
+                _mirrored.set(None)
+            return
+        before = mirrored[1] if mirrored is not None else otel_context.get_current()
+        ids = trace_api.SpanContext(
+            int(parent.trace_id, 16),
+            int(span_hex_of(parent.id_), 16),
+            is_remote=True,
+            trace_flags=_SAMPLED if sampled else _UNSAMPLED,
+        )
+        _attach(_set_span_in_context(trace_api.NonRecordingSpan(ids)))
+        _mirrored.set((parent, before))
 
 
 #: The bridge every handler in this process shares.

@@ -337,6 +337,43 @@ def test_a_restored_trace_continues_in_otel_spans_and_ours_inside_them(traced: T
     assert hex_parent(after) == parent_hex
 
 
+def test_restoring_no_span_keeps_the_apps_otel_span_and_undoes_an_earlier_restore(
+    traced: Traced,
+) -> None:
+    """A context captured outside any span restored inside the app's own OpenTelemetry
+    span (an HTTP server span, a Celery task span) leaves that span the parent; after an
+    earlier restore of a remote parent, it puts back what was current before it."""
+    d = traced.dispatcher
+    trace_hex, parent_hex = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    @d.span
+    def work() -> None:
+        pass
+
+    def in_worker() -> None:
+        with traced.tracer.start_as_current_span("server") as server:
+            d.restore_propagation_context({"traceparent": None})
+            work()  # under the server span
+            d.restore_propagation_context({"traceparent": f"00-{trace_hex}-{parent_hex}-01"})
+            work()  # under the remote parent
+            d.restore_propagation_context({"traceparent": None})
+            work()  # under the server span again
+            assert trace_api.get_current_span() is server
+
+    import contextvars
+
+    contextvars.Context().run(in_worker)
+    spans = traced.spans()
+    server = next(s for s in spans if s.name == "server")
+    first, second, third = sorted(
+        (s for s in spans if s.name.endswith(".work")),
+        key=lambda s: s.start_time or 0,
+    )
+    assert hex_parent(first) == hex_span(server) and hex_trace(first) == hex_trace(server)
+    assert hex_parent(second) == parent_hex and hex_trace(second) == trace_hex
+    assert hex_parent(third) == hex_span(server) and hex_trace(third) == hex_trace(server)
+
+
 @pytest.mark.parametrize("flags", ["00", "01"])
 def test_a_restored_traceparent_keeps_its_sampling_decision(traced: Traced, flags: str) -> None:
     """``-00``: the sender decided not to sample. Nothing of the trace is exported here,
