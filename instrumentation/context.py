@@ -284,6 +284,36 @@ def bridges() -> tuple[ContextBridge, ...]:
     return _bridges
 
 
+class ContextKeeper(Protocol):
+    """Context state an integration keeps outside the core's own variables (such as
+    what OpenTelemetry's context holds after ``restore_propagation_context``), which
+    the test kit saves and puts back with the core's."""
+
+    def save(self) -> object:
+        """What is current in this context now."""
+        ...
+
+    def put_back(self, state: object | None) -> None:
+        """Make ``state`` (from :meth:`save`) current again; None (the keeper was
+        registered after the save) takes back what the integration itself set."""
+        ...
+
+
+_keepers: tuple[ContextKeeper, ...] = ()
+
+
+def register_context_keeper(keeper: ContextKeeper) -> None:
+    """Have the test kit save and put back ``keeper``'s state too; idempotent."""
+    global _keepers
+    with _bridges_lock:
+        if keeper not in _keepers:
+            _keepers = (*_keepers, keeper)
+
+
+def context_keepers() -> tuple[ContextKeeper, ...]:
+    return _keepers
+
+
 def restored_in_bridges(parent: SpanContext | None, sampled: bool) -> None:
     """Tell the bridges that ``restore_propagation_context`` made ``parent`` current."""
     for bridge in _bridges:
@@ -421,6 +451,7 @@ def parse_traceparent(value: str) -> tuple[str, str, bool]:
 
 __all__ = [
     "ContextBridge",
+    "ContextKeeper",
     "RemoteSpanContext",
     "SpanContext",
     "activate",
@@ -437,6 +468,7 @@ __all__ = [
     "is_suppressed",
     "parse_traceparent",
     "register_bridge",
+    "register_context_keeper",
     "remember_manual_trace",
     "span_hex_of",
     "span_name_of",

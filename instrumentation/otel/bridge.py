@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
@@ -41,6 +41,7 @@ from instrumentation.context import (
     RemoteSpanContext,
     SpanContext,
     register_bridge,
+    register_context_keeper,
     span_hex_of,
     unregister_bridge,
 )
@@ -61,6 +62,14 @@ _get_current_span = trace_api.get_current_span
 _set_span_in_context = trace_api.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
+
+
+def _undo_mirror() -> None:
+    """Put back OpenTelemetry's context from before ``restore`` mirrored a parent."""
+    mirrored = _mirrored.get()
+    if mirrored is not None:
+        _attach(mirrored[1])
+        _mirrored.set(None)
 
 
 def foreign_parent(span_context: trace_api.SpanContext) -> SpanContext:
@@ -177,12 +186,10 @@ class OpenTelemetryBridge:
         """
         if not self._tables:
             return
-        mirrored = _mirrored.get()
         if parent is None:
-            if mirrored is not None:
-                _attach(mirrored[1])
-                _mirrored.set(None)
+            _undo_mirror()
             return
+        mirrored = _mirrored.get()
         before = mirrored[1] if mirrored is not None else otel_context.get_current()
         ids = trace_api.SpanContext(
             int(parent.trace_id, 16),
@@ -194,7 +201,23 @@ class OpenTelemetryBridge:
         _mirrored.set((parent, before))
 
 
+class _OpenTelemetryContextKeeper:
+    """Lets the test kit put back OpenTelemetry's context (and our mirror in it)."""
+
+    def save(self) -> object:
+        return (otel_context.get_current(), _mirrored.get())
+
+    def put_back(self, state: object | None) -> None:
+        if state is None:  # first used after the save: undo only what restore() did
+            _undo_mirror()
+            return
+        current, mirrored_then = cast("tuple[otel_context.Context, Any]", state)
+        _attach(current)
+        _mirrored.set(mirrored_then)
+
+
 #: The bridge every handler in this process shares.
 BRIDGE = OpenTelemetryBridge()
+register_context_keeper(_OpenTelemetryContextKeeper())
 
 __all__ = ["BRIDGE", "OpenTelemetryBridge", "foreign_parent", "stand_in_context"]

@@ -1,7 +1,8 @@
 """Helpers for testing code that is instrumented, shipped with the library.
 
 ``capture_events()`` and ``capture_spans()`` record what a block of code emits, as
-the pydantic objects themselves, and restore every handler list afterwards. The
+the pydantic objects themselves, and afterwards put back the handler lists of the
+dispatchers that existed before (see :class:`Snapshot`). The
 pytest plugin (registered automatically) offers the same as the fixture
 ``instrumentation_capture``.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
-from instrumentation.context import _active_span, _active_tags, _suppressed
+from instrumentation.context import _active_span, _active_tags, _suppressed, context_keepers
 from instrumentation.dispatcher import Dispatcher, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
@@ -100,7 +101,8 @@ class Snapshot:
     The handler lists and ``propagate`` flags of every dispatcher (one made after the
     snapshot is left as it is), the tree's taps,
     ``telemetry.raise_handler_errors``, and the current span, tags and suppression
-    (which ``restore_propagation_context`` sets without a token to undo it).
+    (which ``restore_propagation_context`` sets without a token to undo it), with
+    what integrations keep beside them (OpenTelemetry's current context).
     """
 
     def __init__(self) -> None:
@@ -112,6 +114,7 @@ class Snapshot:
             self.taps = (root_manager.tap_event_handlers, root_manager.tap_span_handlers)
         self.raise_handler_errors = telemetry.raise_handler_errors
         self.context = (_active_span.get(), _active_tags.get(), _suppressed.get())
+        self.kept = {keeper: keeper.save() for keeper in context_keepers()}
 
     def restore(self) -> None:
         with _dispatcher_module._lock:  # looked up each time: re-made after fork
@@ -129,6 +132,8 @@ class Snapshot:
         _active_span.set(span)
         _active_tags.set(tags)
         _suppressed.set(suppressed)
+        for keeper in context_keepers():
+            keeper.put_back(self.kept.get(keeper))
 
 
 class Capture:

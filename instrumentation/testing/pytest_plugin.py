@@ -11,6 +11,8 @@ from instrumentation.testing import Capture, isolated
 
 @pytest.fixture
 def instrumentation_capture() -> Iterator[Capture]:
-    """Events and spans emitted during the test; every handler list is restored after."""
+    """Events and spans emitted during the test. Afterwards the handler lists of the
+    dispatchers that existed before it, and the current span and tags, are put back
+    (a dispatcher made during the test keeps its handlers: see ``Snapshot``)."""
     with isolated() as capture:
         yield capture
