@@ -190,15 +190,28 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
         try:
             to_send = yield item
         except GeneratorExit as closing:
+            # What close() does, but a generator that catches the close and returns
+            # ends its span normally: closing early was, for it, a way to finish.
             handle = activate(current, resumed)
             try:
-                gen.close()
+                gen.throw(closing)
+            except StopIteration as stop:
+                returned: StopIteration | None = stop
+            except GeneratorExit:
+                returned = None
             except BaseException as err:
                 fail(chain, span, bound, instance, err)
                 raise
+            else:
+                ignored = RuntimeError("generator ignored GeneratorExit")
+                fail(chain, span, bound, instance, ignored)
+                raise ignored from None
             finally:
                 deactivate(handle)
-            fail(chain, span, bound, instance, closing)
+            if returned is not None:
+                finish(chain, span, bound, instance, returned.value)
+            else:
+                fail(chain, span, bound, instance, closing)
             raise
         except BaseException as err:
             to_throw, to_send = err, None
@@ -366,18 +379,31 @@ def _wrap_callable(
                 try:
                     to_send = yield item
                 except GeneratorExit as closing:
+                    # As in _drive: returning after the close ends the span normally.
                     handle = activate(current, resumed) if current is not None else None
                     try:
-                        await agen.aclose()
+                        await agen.athrow(closing)
+                    except StopAsyncIteration:
+                        returned = True
+                    except GeneratorExit:
+                        returned = False
                     except BaseException as err:
                         if span is not None:
                             fail(chain, span, bound, instance, err)
                         raise
+                    else:
+                        ignored = RuntimeError("async generator ignored GeneratorExit")
+                        if span is not None:
+                            fail(chain, span, bound, instance, ignored)
+                        raise ignored from None
                     finally:
                         if handle is not None:
                             deactivate(handle)
                     if span is not None:
-                        fail(chain, span, bound, instance, closing)
+                        if returned:
+                            finish(chain, span, bound, instance, None)
+                        else:
+                            fail(chain, span, bound, instance, closing)
                     raise
                 except BaseException as err:
                     to_throw, to_send = err, None

@@ -175,6 +175,75 @@ def test_generator_close_drops_with_generator_exit(d: Dispatcher, rec: Recorder)
     assert current_span() is None
 
 
+def test_generator_that_returns_when_closed_ends_its_span(d: Dispatcher, rec: Recorder) -> None:
+    """A generator that catches the close and returns chose to finish there: its span
+    ends normally, with its cleanup inside it. One that yields again after the close
+    gets Python's RuntimeError, and its span is dropped with it."""
+    seen: list[str | None] = []
+
+    @d.span
+    def finishes() -> Generator[int, None, str]:
+        try:
+            yield 1
+        except GeneratorExit:
+            span = current_span()
+            seen.append(span.id_ if span is not None else None)
+            return "closed"
+        return "done"
+
+    @d.span
+    def stubborn() -> Iterator[int]:
+        while True:
+            try:
+                yield 1
+            except GeneratorExit:
+                pass
+
+    it = finishes()
+    assert next(it) == 1
+    it.close()
+    r = rec.one(finishes.__qualname__)
+    assert r.status == "exit" and r.result == "closed"
+    assert seen == [r.id_]  # its cleanup ran inside its own span
+    assert current_span() is None
+    bad = stubborn()
+    next(bad)
+    with pytest.raises(RuntimeError, match="ignored GeneratorExit"):
+        bad.close()
+    r = rec.one(stubborn.__qualname__)
+    assert r.status == "drop" and isinstance(r.err, RuntimeError)
+
+
+async def test_async_generator_that_returns_when_closed_ends_its_span(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    @d.span
+    async def finishes() -> AsyncIterator[int]:
+        try:
+            yield 1
+        except GeneratorExit:
+            return
+
+    @d.span
+    async def stubborn() -> AsyncIterator[int]:
+        while True:
+            try:
+                yield 1
+            except GeneratorExit:
+                pass
+
+    it = finishes()
+    assert await it.__anext__() == 1
+    await it.aclose()
+    assert rec.one(finishes.__qualname__).status == "exit"
+    bad = stubborn()
+    await bad.__anext__()
+    with pytest.raises(RuntimeError, match="ignored GeneratorExit"):
+        await bad.aclose()
+    r = rec.one(stubborn.__qualname__)
+    assert r.status == "drop" and isinstance(r.err, RuntimeError)
+
+
 def test_generator_closed_before_start(d: Dispatcher, rec: Recorder) -> None:
     """Closing a generator that never ran leaves no span behind: its span starts with
     its first step, and it never took one."""
