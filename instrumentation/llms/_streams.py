@@ -1,35 +1,43 @@
 """Spans that cover a stream from the request to its last chunk, or to its abandonment.
 
-The core's ``@dispatcher.span`` on a generator drops the span when the generator is
-closed early. For an LLM stream, the caller stopping half way is not a failure: the
-span should end and report the tokens seen so far. So the body of a stream runs in a
-decorated runner generator, and the object handed to the caller, when closed (or
-garbage-collected) before the end, sends :data:`STOP` into it instead of closing it;
-the body then emits its end event and returns, which ends the span normally.
+A stream's body (the generator that makes the request and reads the chunks) is
+driven by the object handed to the caller, which makes the stream's span current
+each time the body runs, and only then, as ``@dispatcher.span`` does for a traced
+generator. For an LLM stream, the caller stopping half way is not a failure: the
+span should end and report the tokens seen so far. So the body, closed, ends the
+call as abandoned and then the span (:class:`EndOnClose`).
 
-Streams start eagerly: the runner is advanced once at creation, so the request (and a
+Closing the body is all it takes, whoever does it: the caller (``close()``,
+``with``), the garbage collector when the stream object is dropped (the body goes
+with it), or, for an async stream, the event loop (its async-generator finaliser,
+or its shutdown at the end of ``asyncio.run()``). Whoever closes it, the end event
+is emitted inside the stream's span. Nothing else is needed: no registry keeps a
+stream alive, no finaliser has to run before another, and the caller's object is
+not itself an async generator that the event loop would close on its own.
+
+Streams start eagerly: the body is advanced once at creation, so the request (and a
 request error, which drops the span) happens inside the span, as with LlamaIndex.
-
-While a stream object is alive and unfinished, its runner is kept in a module registry,
-so that it can never be garbage before the stream object itself: when both sit in a
-reference cycle, the cyclic GC would otherwise be free to finalise the runner first
-(closing it, which drops the span) before the stream object's finaliser could send
-:data:`STOP`. Finishing, closing or collecting the stream object takes the runner out.
-An async stream collected unfinished cannot await its runner in its finaliser: it
-schedules the :data:`STOP` on the event loop it was started in, as asyncio does for
-the async generators it finalises (and just lets go of it if that loop is closed).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
+from contextvars import Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from instrumentation import telemetry
+from instrumentation._spans import EMPTY_BOUND_ARGS, fail, finish, start
+from instrumentation.context import (
+    SpanContext,
+    _active_span,
+    _suppressed,
+    activate,
+    current_span,
+    deactivate,
+    suspend,
+)
 from instrumentation.dispatcher import Dispatcher
 
 logger = logging.getLogger("instrumentation.llms")
@@ -47,89 +55,177 @@ class _Marker:
         return self.name
 
 
-#: Sent into a stream body when the caller abandons the stream.
-STOP: Any = _Marker("STOP")
 #: Yielded first by a stream body, once the request is made.
 READY: Any = _Marker("READY")
 
-#: The runners of the streams that are alive and not finished (see the module docstring).
-_live: set[Any] = set()
-#: Tasks sending STOP into the runners of async streams collected unfinished.
-_stopping: set[asyncio.Task[None]] = set()
 
-_runners: dict[tuple[int, str, bool], Callable[..., Any]] = {}
-_runners_lock = threading.Lock()
+def _count_close_error(exc: BaseException) -> None:
+    telemetry.counter("llms.stream_close_errors").inc()
+    logger.warning("closing an LLM stream failed: %r", exc)
 
 
-def _runner(dispatcher: Dispatcher, name: str, is_async: bool) -> Callable[..., Any]:
-    """A generator function, decorated with ``dispatcher.span``, whose span is ``name``."""
-    key = (id(dispatcher), name, is_async)
-    found = _runners.get(key)
-    if found is not None:
-        return found
-    func: Callable[..., Any]
-    if is_async:
+class StreamSpan:
+    """The span of one stream: opened under the current span when made, current while
+    the body runs, ended once (by the body's end, error or close)."""
 
-        async def func(body: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, Any]:
-            to_send: Any = None
-            while True:
-                try:
-                    item = await body.asend(to_send)
-                except StopAsyncIteration:
-                    return
-                to_send = yield item
+    __slots__ = ("_chain", "_current", "_resumed", "context", "over")
 
-    else:
+    def __init__(self, dispatcher: Dispatcher, name: str) -> None:
+        chain = dispatcher._hot
+        self.over = False
+        self._resumed: Any = None
+        if chain is None or _suppressed.get():
+            self._chain = None
+            self.context: SpanContext | None = None
+        else:
+            self._chain = chain
+            self.context = start(chain, name, None, EMPTY_BOUND_ARGS, None)
+        self._current = self.context
 
-        def func(body: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
-            return (yield from body)
+    def enter(self) -> Any:
+        """Make the span current for one step of the body; :meth:`leave` undoes it."""
+        current = self._current
+        if current is None or self.over:
+            return None
+        return activate(current, self._resumed)
 
-    func.__name__ = func.__qualname__ = name
-    decorated = dispatcher.span(func)
-    with _runners_lock:
-        if len(_runners) < 4096:
-            _runners[key] = decorated
-    return decorated
+    def leave(self, handle: Any) -> None:
+        if handle is None:
+            return
+        # What the body left current (a block it is inside) is current again next time.
+        self._current = _active_span.get() or self.context
+        if type(handle) is Token:
+            deactivate(handle)
+            self._resumed = None
+        else:
+            self._resumed = suspend(handle)
+
+    def finish(self) -> None:
+        if not self.over and self._chain is not None and self.context is not None:
+            self.over = True
+            finish(self._chain, self.context, EMPTY_BOUND_ARGS, None, None)
+        self.over = True
+
+    def fail(self, err: BaseException) -> None:
+        if not self.over and self._chain is not None and self.context is not None:
+            self.over = True
+            fail(self._chain, self.context, EMPTY_BOUND_ARGS, None, err)
+        self.over = True
+
+    def run(self, action: Callable[[], object]) -> None:
+        """``action()`` with the span current (it is not when the garbage collector or
+        the event loop closes the body on its own)."""
+        span = self.context
+        if span is None or current_span() is span:
+            action()
+            return
+        handle = activate(span)
+        try:
+            action()
+        finally:
+            deactivate(handle)
+
+
+class EndOnClose:
+    """``with EndOnClose(span, abandon):`` around a stream body's reading: closed there,
+    the body calls ``abandon()`` (close the source, emit the end event) inside the
+    stream's span, and the span ends."""
+
+    __slots__ = ("abandon", "span")
+
+    def __init__(self, span: StreamSpan, abandon: Callable[[], object]) -> None:
+        self.span = span
+        self.abandon = abandon
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if typ is not None and issubclass(typ, GeneratorExit):
+            try:
+                self.span.run(self.abandon)
+            except Exception as err:  # its clean-up failed: the span is dropped
+                _count_close_error(err)
+                self.span.fail(err)
+            else:
+                self.span.finish()
+
+
+class AsyncEndOnClose:
+    """:class:`EndOnClose` for an async body: closed, it calls ``end()`` (emit the end
+    event) at once, then awaits ``close()`` (close the source), then ends the span."""
+
+    __slots__ = ("close", "end", "span")
+
+    def __init__(
+        self,
+        span: StreamSpan,
+        end: Callable[[], object],
+        close: Callable[[], Awaitable[object]],
+    ) -> None:
+        self.span = span
+        self.end = end
+        self.close = close
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if typ is not None and issubclass(typ, GeneratorExit):
+            try:
+                self.span.run(self.end)
+                await self.close()
+            except Exception as err:  # its clean-up failed: the span is dropped
+                _count_close_error(err)
+                self.span.fail(err)
+            else:
+                self.span.finish()
 
 
 class SpannedStream(Iterator[T], Generic[T]):
     """The caller's side of a sync stream: iterate it; ``close()`` (or dropping it) ends
     the span with what was seen so far."""
 
-    __slots__ = ("_done", "_inner")
+    __slots__ = ("__weakref__", "_body", "_span")
 
-    def __init__(self, inner: Generator[Any, Any, Any]) -> None:
-        self._inner = inner
-        self._done = False
-        _live.add(inner)
+    def __init__(self, body: Generator[Any, Any, Any], span: StreamSpan) -> None:
+        self._body = body
+        self._span = span
 
     def __iter__(self) -> SpannedStream[T]:
         return self
 
     def __next__(self) -> T:
-        if self._done:
-            raise StopIteration
+        span = self._span
+        handle = span.enter()
         try:
-            item: T = next(self._inner)
-        except BaseException:
-            self._done = True
-            _live.discard(self._inner)
+            item: T = next(self._body)
+        except StopIteration:
+            span.finish()
             raise
+        except BaseException as err:
+            span.fail(err)
+            raise
+        finally:
+            span.leave(handle)
         return item
 
     def close(self) -> None:
         """Stop here: the span ends and the end event reports the tokens seen so far."""
-        if self._done:
-            return
-        self._done = True
-        _live.discard(self._inner)
+        span = self._span
+        handle = span.enter()
         try:
-            self._inner.send(STOP)
-        except StopIteration:
-            pass
-        except Exception as exc:  # the body's own clean-up failed: the span was dropped
-            telemetry.counter("llms.stream_close_errors").inc()
-            logger.warning("closing an LLM stream failed: %r", exc)
+            self._body.close()
+        except Exception as exc:  # pragma: no cover - EndOnClose keeps errors in
+            _count_close_error(exc)
+            span.fail(exc)
+        finally:
+            span.leave(handle)
+        span.finish()  # already ended by the body, unless it never started reading
 
     def __enter__(self) -> SpannedStream[T]:
         return self
@@ -137,28 +233,20 @@ class SpannedStream(Iterator[T], Generic[T]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
 
-
-def start_stream(
-    dispatcher: Dispatcher, name: str, body: Generator[Any, Any, Any]
-) -> SpannedStream[Any] | None:
-    """Run ``body`` (which yields :data:`READY` first) in a span called ``name``.
+def start_stream(span: StreamSpan, body: Generator[Any, Any, Any]) -> SpannedStream[Any] | None:
+    """Run ``body`` (which yields :data:`READY` first) in ``span``.
 
     None when the body returned at once (it found nothing to stream): its span is over.
     """
-    inner = _runner(dispatcher, name, False)(body)
+    stream: SpannedStream[Any] = SpannedStream(body, span)
     try:
-        first = next(inner)
+        first = next(stream)
     except StopIteration:
         return None
     if first is not READY:  # pragma: no cover - a programming error in this package
         raise RuntimeError("a stream body must yield READY first")
-    return SpannedStream(inner)
+    return stream
 
 
 class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
@@ -169,35 +257,38 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
     ``athrow`` raises the exception in the span's body, which drops the span.
     """
 
-    __slots__ = ("_done", "_inner", "_loop")
+    __slots__ = ("__weakref__", "_body", "_span")
 
-    def __init__(
-        self, inner: AsyncGenerator[Any, Any], loop: asyncio.AbstractEventLoop | None
-    ) -> None:
-        self._inner = inner
-        self._loop = loop
-        self._done = False
-        _live.add(inner)
-
-    def _finish(self) -> None:
-        self._done = True
-        _live.discard(self._inner)
+    def __init__(self, body: AsyncGenerator[Any, Any], span: StreamSpan) -> None:
+        self._body = body
+        self._span = span
 
     def __aiter__(self) -> AsyncSpannedStream[T]:
         return self
 
-    async def __anext__(self) -> T:
-        if self._done:
-            raise StopAsyncIteration
+    async def _step(self, thrown: BaseException | None) -> T:
+        span = self._span
+        handle = span.enter()
         try:
-            item: T = await self._inner.__anext__()
-        except BaseException:
-            self._finish()
+            if thrown is None:
+                item: T = await self._body.__anext__()
+            else:
+                item = await self._body.athrow(thrown)
+        except StopAsyncIteration:
+            span.finish()
             raise
+        except BaseException as err:
+            span.fail(err)
+            raise
+        finally:
+            span.leave(handle)
         return item
 
+    async def __anext__(self) -> T:
+        return await self._step(None)
+
     async def asend(self, value: None) -> T:
-        return await self.__anext__()
+        return await self._step(None)
 
     async def athrow(self, typ: Any, val: Any = None, tb: TracebackType | None = None) -> T:
         exc = val if isinstance(val, BaseException) else typ
@@ -208,80 +299,44 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
         if isinstance(exc, GeneratorExit):
             await self.aclose()
             raise exc
-        if self._done:
-            raise exc
-        try:
-            item: T = await self._inner.athrow(exc)
-        except BaseException:
-            self._finish()
-            raise
-        return item  # pragma: no cover - the bodies here do not catch what is thrown
+        return await self._step(exc)
 
     async def aclose(self) -> None:
         """Stop here: the span ends and the end event reports the tokens seen so far."""
-        if self._done:
-            return
-        self._finish()
-        await _astop(self._inner)
-
-    def __del__(self) -> None:
+        span = self._span
+        handle = span.enter()
         try:
-            if self._done:
-                return
-            self._done = True
-            inner, loop = self._inner, self._loop
-            if loop is not None and not loop.is_closed():
-                try:
-                    # The pending callback holds the runner until the loop runs it.
-                    loop.call_soon_threadsafe(_stop_later, inner)
-                except RuntimeError:  # the loop closed meanwhile
-                    pass
-            _live.discard(inner)
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
-
-
-async def _astop(inner: AsyncGenerator[Any, Any]) -> None:
-    try:
-        await inner.asend(STOP)
-    except StopAsyncIteration:
-        pass
-    except Exception as exc:  # the body's own clean-up failed: the span was dropped
-        telemetry.counter("llms.stream_close_errors").inc()
-        logger.warning("closing an LLM stream failed: %r", exc)
-
-
-def _stop_later(inner: AsyncGenerator[Any, Any]) -> None:
-    """On the stream's event loop: STOP the runner of a stream collected unfinished."""
-    task = asyncio.get_running_loop().create_task(_astop(inner))
-    _stopping.add(task)
-    task.add_done_callback(_stopping.discard)
+            await self._body.aclose()
+        except Exception as exc:  # pragma: no cover - AsyncEndOnClose keeps errors in
+            _count_close_error(exc)
+            span.fail(exc)
+        finally:
+            span.leave(handle)
+        span.finish()  # already ended by the body, unless it never started reading
 
 
 async def astart_stream(
-    dispatcher: Dispatcher, name: str, body: AsyncGenerator[Any, Any]
+    span: StreamSpan, body: AsyncGenerator[Any, Any]
 ) -> AsyncSpannedStream[Any] | None:
     """Async :func:`start_stream`: the returned async generator, when ``aclose()``-d or
     collected before its end, ends the span with what was seen so far."""
-    inner = _runner(dispatcher, name, True)(body)
+    stream: AsyncSpannedStream[Any] = AsyncSpannedStream(body, span)
     try:
-        first = await inner.__anext__()
+        first = await stream.__anext__()
     except StopAsyncIteration:
         return None
     if first is not READY:  # pragma: no cover
         raise RuntimeError("a stream body must yield READY first")
-    try:
-        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:  # another event loop (trio): a collected stream is not ended
-        loop = None
-    return AsyncSpannedStream(inner, loop)
+    return stream
 
 
 __all__ = [
     "READY",
-    "STOP",
+    "AsyncEndOnClose",
     "AsyncSpannedStream",
+    "EndOnClose",
     "SpannedStream",
+    "StreamSpan",
     "astart_stream",
     "start_stream",
 ]

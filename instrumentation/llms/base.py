@@ -47,7 +47,15 @@ from instrumentation.events.llm import (
     TokenUsage,
 )
 from instrumentation.llms._call import ABANDONED, Kind, LLMCall, coerce_usage, listening
-from instrumentation.llms._streams import READY, STOP, SpannedStream, astart_stream, start_stream
+from instrumentation.llms._streams import (
+    READY,
+    AsyncEndOnClose,
+    EndOnClose,
+    SpannedStream,
+    StreamSpan,
+    astart_stream,
+    start_stream,
+)
 from instrumentation.llms.pricing import PriceTable, default_price_table
 from instrumentation.llms.redaction import Redaction, get_redaction
 
@@ -304,14 +312,16 @@ class BaseLLM(abc.ABC):
         """Answer chunk by chunk; ``close()`` the stream (or drop it) to stop early."""
         msgs = as_messages(messages)
         call = self._call("chat", kwargs, messages=msgs)
-        body = _stream_body(call, lambda: self._stream_chat(msgs, **kwargs))
-        return _started(start_stream(dispatcher, f"{type(self).__name__}.stream_chat", body))
+        span = StreamSpan(dispatcher, f"{type(self).__name__}.stream_chat")
+        body = _stream_body(call, span, lambda: self._stream_chat(msgs, **kwargs))
+        return _started(start_stream(span, body))
 
     def stream_complete(self, prompt: str, **kwargs: Any) -> SpannedStream[CompletionResponse]:
         """Complete ``prompt`` chunk by chunk."""
         call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
-        body = _stream_body(call, lambda: self._stream_complete(prompt, **kwargs))
-        return _started(start_stream(dispatcher, f"{type(self).__name__}.stream_complete", body))
+        span = StreamSpan(dispatcher, f"{type(self).__name__}.stream_complete")
+        body = _stream_body(call, span, lambda: self._stream_complete(prompt, **kwargs))
+        return _started(start_stream(span, body))
 
     async def astream_chat(
         self, messages: Sequence[ChatMessage | dict[str, Any]] | str, **kwargs: Any
@@ -320,18 +330,18 @@ class BaseLLM(abc.ABC):
         ``aclose()`` it to stop early."""
         msgs = as_messages(messages)
         call = self._call("chat", kwargs, messages=msgs)
-        body = _astream_body(call, lambda: self._astream_chat(msgs, **kwargs))
-        name = f"{type(self).__name__}.astream_chat"
-        return _started(await astart_stream(dispatcher, name, body))
+        span = StreamSpan(dispatcher, f"{type(self).__name__}.astream_chat")
+        body = _astream_body(call, span, lambda: self._astream_chat(msgs, **kwargs))
+        return _started(await astart_stream(span, body))
 
     async def astream_complete(
         self, prompt: str, **kwargs: Any
     ) -> AsyncGenerator[CompletionResponse, None]:
         """Async :meth:`stream_complete`."""
         call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
-        body = _astream_body(call, lambda: self._astream_complete(prompt, **kwargs))
-        name = f"{type(self).__name__}.astream_complete"
-        return _started(await astart_stream(dispatcher, name, body))
+        span = StreamSpan(dispatcher, f"{type(self).__name__}.astream_complete")
+        body = _astream_body(call, span, lambda: self._astream_complete(prompt, **kwargs))
+        return _started(await astart_stream(span, body))
 
     # -- prompts ------------------------------------------------------------------------
 
@@ -443,47 +453,48 @@ class BaseLLM(abc.ABC):
         return f"{type(self).__name__}(model={self.model!r})"
 
 
-def _stream_body(call: LLMCall, open_stream: Any) -> Generator[Any, Any, None]:
+def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator[Any, Any, None]:
     """The span-side generator of a sync stream (see :mod:`._streams`)."""
     call.start()
     source: Iterator[ChatResponse | CompletionResponse] = iter(open_stream())
-    if (yield READY) is STOP:
-        _close_source(source)
-        call.end_stream(finish_reason=ABANDONED)
-        return
     usage: TokenUsage | None = None
     reason: str | None = None
-    for chunk in source:
-        delta = chunk.delta or ""
-        call.chunk(delta, raw=chunk.raw)
-        u, r = _usage_and_reason(chunk.additional_kwargs)
-        usage, reason = u or usage, r or reason
-        if (yield chunk) is STOP:
-            _close_source(source)
-            call.end_stream(finish_reason=ABANDONED)
-            return
+
+    def abandon() -> None:
+        _close_source(source)
+        call.end_stream(finish_reason=ABANDONED)
+
+    with EndOnClose(span, abandon):
+        yield READY
+        for chunk in source:
+            delta = chunk.delta or ""
+            call.chunk(delta, raw=chunk.raw)
+            u, r = _usage_and_reason(chunk.additional_kwargs)
+            usage, reason = u or usage, r or reason
+            yield chunk
     call.end_stream(usage, reason)
 
 
-async def _astream_body(call: LLMCall, open_stream: Any) -> AsyncGenerator[Any, Any]:
+async def _astream_body(
+    call: LLMCall, span: StreamSpan, open_stream: Any
+) -> AsyncGenerator[Any, Any]:
     """The span-side async generator of an async stream."""
     call.start()
     source: AsyncIterator[ChatResponse | CompletionResponse] = open_stream()
-    if (yield READY) is STOP:
-        await _aclose_source(source)
-        call.end_stream(finish_reason=ABANDONED)
-        return
     usage: TokenUsage | None = None
     reason: str | None = None
-    async for chunk in source:
-        delta = chunk.delta or ""
-        call.chunk(delta, raw=chunk.raw)
-        u, r = _usage_and_reason(chunk.additional_kwargs)
-        usage, reason = u or usage, r or reason
-        if (yield chunk) is STOP:
-            await _aclose_source(source)
-            call.end_stream(finish_reason=ABANDONED)
-            return
+
+    def abandon() -> None:
+        call.end_stream(finish_reason=ABANDONED)
+
+    async with AsyncEndOnClose(span, abandon, lambda: _aclose_source(source)):
+        yield READY
+        async for chunk in source:
+            delta = chunk.delta or ""
+            call.chunk(delta, raw=chunk.raw)
+            u, r = _usage_and_reason(chunk.additional_kwargs)
+            usage, reason = u or usage, r or reason
+            yield chunk
     call.end_stream(usage, reason)
 
 

@@ -62,7 +62,15 @@ from instrumentation.llms._call import (
     emit_embedding_start,
     listening,
 )
-from instrumentation.llms._streams import READY, STOP, SpannedStream, astart_stream, start_stream
+from instrumentation.llms._streams import (
+    READY,
+    AsyncEndOnClose,
+    EndOnClose,
+    SpannedStream,
+    StreamSpan,
+    astart_stream,
+    start_stream,
+)
 from instrumentation.llms.pricing import default_price_table
 from instrumentation.llms.redaction import get_redaction
 
@@ -313,7 +321,7 @@ class _ChunkState:
 
 
 def _chat_body(
-    call: LLMCall, open_stream: Callable[[], Any], holder: list[Any]
+    call: LLMCall, span: StreamSpan, open_stream: Callable[[], Any], holder: list[Any]
 ) -> Generator[Any, Any, None]:
     call.start()
     stream = open_stream()
@@ -322,21 +330,21 @@ def _chat_body(
         _finish_completion(call, stream)
         return
     state = _ChunkState()
-    if (yield READY) is STOP:
+
+    def abandon() -> None:
         _close_quietly(stream)
-        call.end_stream(finish_reason=ABANDONED)
-        return
-    for chunk in stream:
-        state.take(call, chunk)
-        if (yield chunk) is STOP:
-            _close_quietly(stream)
-            _end_stream(call, state, ABANDONED)
-            return
+        _end_stream(call, state, ABANDONED)
+
+    with EndOnClose(span, abandon):
+        yield READY
+        for chunk in stream:
+            state.take(call, chunk)
+            yield chunk
     _end_stream(call, state, state.finish_reason)
 
 
 async def _achat_body(
-    call: LLMCall, open_stream: Callable[[], Any], holder: list[Any]
+    call: LLMCall, span: StreamSpan, open_stream: Callable[[], Any], holder: list[Any]
 ) -> AsyncGenerator[Any, Any]:
     call.start()
     stream = await open_stream()
@@ -345,16 +353,15 @@ async def _achat_body(
         _finish_completion(call, stream)
         return
     state = _ChunkState()
-    if (yield READY) is STOP:
-        await _aclose_quietly(stream)
-        call.end_stream(finish_reason=ABANDONED)
-        return
-    async for chunk in stream:
-        state.take(call, chunk)
-        if (yield chunk) is STOP:
-            await _aclose_quietly(stream)
-            _end_stream(call, state, ABANDONED)
-            return
+
+    def abandon() -> None:
+        _end_stream(call, state, ABANDONED)
+
+    async with AsyncEndOnClose(span, abandon, lambda: _aclose_quietly(stream)):
+        yield READY
+        async for chunk in stream:
+            state.take(call, chunk)
+            yield chunk
     _end_stream(call, state, state.finish_reason)
 
 
@@ -460,9 +467,8 @@ def _chat_wrapper(patch: _Patch) -> Wrapper:
             return wrapped(**kwargs)
         if kwargs.get("stream") is True:
             holder: list[Any] = []
-            spanned = start_stream(
-                dispatcher, CHAT_SPAN, _chat_body(call, lambda: wrapped(**kwargs), holder)
-            )
+            span = StreamSpan(dispatcher, CHAT_SPAN)
+            spanned = start_stream(span, _chat_body(call, span, lambda: wrapped(**kwargs), holder))
             return holder[0] if spanned is None else TracedStream(holder[0], spanned)
         with dispatcher.span(CHAT_SPAN):
             call.start()
@@ -485,9 +491,9 @@ def _achat_wrapper(patch: _Patch) -> Wrapper:
             return await wrapped(**kwargs)
         if kwargs.get("stream") is True:
             holder: list[Any] = []
-            spanned = await astart_stream(
-                dispatcher, CHAT_SPAN, _achat_body(call, lambda: wrapped(**kwargs), holder)
-            )
+            span = StreamSpan(dispatcher, CHAT_SPAN)
+            body = _achat_body(call, span, lambda: wrapped(**kwargs), holder)
+            spanned = await astart_stream(span, body)
             return holder[0] if spanned is None else AsyncTracedStream(holder[0], spanned)
         async with dispatcher.span(CHAT_SPAN):
             call.start()

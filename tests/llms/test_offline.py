@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +28,6 @@ from instrumentation.llms import (
     LLMStructuredPredictEndEvent,
     OfflineLLM,
     OfflineLLMError,
-    _streams,
     count_tokens,
 )
 from instrumentation.testing import Capture, isolated
@@ -261,10 +261,6 @@ async def test_async_stream_closed_early_closes_the_source(cap: Capture) -> None
     assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
 
 
-def _live() -> int:
-    return len(getattr(_streams, "_live", ()))
-
-
 def _over(cap: Capture) -> bool:
     """Whether the span is over: ended, or dropped."""
     return bool(cap.events_of(LLMChatEndEvent) or cap.events_of(SpanDropEvent))
@@ -280,32 +276,56 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None
 
 def test_stream_collected_in_a_reference_cycle_is_ended(cap: Capture, manual_gc: None) -> None:
     """A stream held in a cycle is ended as abandoned by the cyclic GC, not dropped."""
-    live = _live()
     cycle: list[Any] = [llm().stream_chat(QUESTION)]
     cycle.append(cycle)
     next(cycle[0])
+    body = weakref.ref(cycle[0]._body)
     del cycle
     gc.collect()
     assert not cap.events_of(SpanDropEvent)
     [end] = cap.events_of(LLMChatEndEvent)
     assert end.finish_reason == "abandoned" and end.usage is not None
     assert end.usage.completion_tokens == 1
-    assert _live() == live
+    assert end.span_id == cap.spans[0].id_
+    assert body() is None
+
+
+class KeepsItsStream(OfflineLLM):
+    """An LLM that keeps the last stream it made: the stream is reachable from the
+    body that reads it."""
+
+    def remember(self, stream: Any) -> Any:
+        object.__setattr__(self, "_last", stream)
+        return stream
+
+
+def test_a_stream_reachable_from_its_own_body_is_collected(cap: Capture, manual_gc: None) -> None:
+    """Nothing keeps a stream's runner alive but the stream: a stream its own LLM holds
+    is collected with it (it used to be kept for ever) and ended as abandoned."""
+    model = KeepsItsStream(answers={"capital": ANSWER})
+    stream = model.remember(model.stream_chat(QUESTION))
+    next(stream)
+    gone = weakref.ref(stream)
+    del model, stream
+    gc.collect()
+    assert gone() is None
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
+    assert not cap.events_of(SpanDropEvent)
 
 
 async def test_async_stream_collected_in_a_reference_cycle_is_ended(
     cap: Capture, manual_gc: None
 ) -> None:
-    """Async: the STOP is sent on the stream's event loop; the registry is left as it was."""
-    live = _live()
+    """Async: the event loop closes the collected body; the span ends, not dropped."""
     cycle: list[Any] = [await llm().astream_chat(QUESTION)]
     cycle.append(cycle)
     await cycle[0].__anext__()
+    body = weakref.ref(cycle[0]._body)
     del cycle
-    await _until(lambda: _over(cap) and not getattr(_streams, "_stopping", ()))
+    await _until(lambda: bool(cap.spans) and body() is None)
     assert not cap.events_of(SpanDropEvent)
-    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
-    assert _live() == live
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned" and end.span_id == cap.spans[0].id_
 
 
 async def test_async_stream_interface(cap: Capture) -> None:
@@ -470,3 +490,65 @@ def test_structured_predict_reports_its_own_models_usage(cap: Capture) -> None:
     mine = [e for e in cap.events_of(LLMPredictEndEvent) if e.model == "main-model"]
     [structured] = cap.events_of(LLMStructuredPredictEndEvent)
     assert structured.usage is not None and structured.usage == mine[0].usage
+
+
+# -- what is current while a stream runs ------------------------------------------------
+
+_work = get_dispatcher("tests.llms.stream_work")
+
+
+@_work.span
+def provider_step() -> None:
+    pass
+
+
+@_work.span
+def consumer_step() -> None:
+    pass
+
+
+class TracedProvider(OfflineLLM):
+    """A provider whose stream does traced work of its own for each chunk."""
+
+    def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
+        for chunk in super()._stream_chat(messages, **kwargs):
+            provider_step()
+            yield chunk
+
+    async def _astream_chat(
+        self, messages: list[ChatMessage], **kwargs: Any
+    ) -> AsyncIterator[ChatResponse]:
+        async for chunk in super()._astream_chat(messages, **kwargs):
+            provider_step()
+            yield chunk
+
+
+def _check_parents(cap: Capture) -> None:
+    by_name: dict[str, list[Any]] = {}
+    for span in cap.spans:
+        by_name.setdefault(span.name.rsplit(".", 1)[-1], []).append(span)
+    [stream] = [s for s in cap.spans if "stream_chat" in s.name]
+    assert stream.end_time is not None
+    assert {s.parent_id for s in by_name["provider_step"]} == {stream.id_}
+    assert {s.parent_id for s in by_name["consumer_step"]} == {stream.parent_id}
+    assert len(by_name["consumer_step"]) == len(by_name["provider_step"]) >= 2
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.span_id == stream.id_
+
+
+def test_a_streams_span_is_current_in_its_provider_not_in_the_consumer(cap: Capture) -> None:
+    """Work the provider does while streaming is under the stream's span; what the caller
+    does between chunks is not (it is under the caller's own span)."""
+    with _work.span("caller"):
+        for _ in TracedProvider(answers={"capital": ANSWER}).stream_chat(QUESTION):
+            consumer_step()
+    _check_parents(cap)
+
+
+async def test_an_async_streams_span_is_current_in_its_provider_not_in_the_consumer(
+    cap: Capture,
+) -> None:
+    async with _work.span("caller"):
+        async for _ in await TracedProvider(answers={"capital": ANSWER}).astream_chat(QUESTION):
+            consumer_step()
+    _check_parents(cap)
