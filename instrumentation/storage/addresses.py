@@ -3,14 +3,15 @@
 Error messages and the command line name the database they could not open, and
 those lines end up in terminals, CI logs and bug reports. A PostgreSQL DSN may hold
 a password (``postgresql://app:secret@db/traces``, ``password=secret`` in key-value
-form, or ``?password=secret``); it is shown as ``***``.
+form, or ``?password=secret``; ``sslpassword``, the passphrase of a client key, as
+well); it is shown as ``***``.
 """
 
 from __future__ import annotations
 
 import re
 
-_KEY_VALUE = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#]*)", re.IGNORECASE)
+_KEY_VALUE = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&#]*)", re.IGNORECASE)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)(.*)$", re.DOTALL)
 
 

@@ -292,6 +292,9 @@ def test_a_database_that_cannot_be_reached_is_an_error(
         ("host=127.0.0.1 port={port} dbname=t password=s3cret-pw", "password=***"),
         ("host=127.0.0.1 port={port} dbname=t password='s3cret-pw x'", "password=***"),
         ("mysql://app:s3cret-pw@db/t", "mysql://app:***@db/t"),
+        ("host=127.0.0.1 port={port} dbname=t sslpassword=s3cret-pw", "sslpassword=***"),
+        ("postgresql://app@127.0.0.1:{port}/t?sslpassword=s3cret-pw", "?sslpassword=***"),
+        ("postgresql://app:pw@127.0.0.1:{port}/t?SSLPassword=s3cret-pw", "SSLPassword=***"),
     ],
 )
 def test_a_password_never_reaches_the_terminal(
