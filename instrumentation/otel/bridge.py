@@ -52,10 +52,12 @@ if TYPE_CHECKING:
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
 _UNSAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 
-#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context, and
-#: OpenTelemetry's context from before the first such mirror (what restoring no span
-#: puts back).
-_mirrored: ContextVar[tuple[SpanContext, otel_context.Context] | None] = ContextVar(
+#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context, the
+#: OpenTelemetry context it replaced (what restoring no span puts back), and the one it
+#: attached (to tell whether the mirror is still what is current there).
+_mirrored: ContextVar[
+    tuple[SpanContext, otel_context.Context, otel_context.Context] | None
+] = ContextVar(
     "instrumentation_otel_mirrored_parent", default=None
 )
 _get_current_span = trace_api.get_current_span
@@ -65,11 +67,14 @@ _detach = otel_context.detach
 
 
 def _undo_mirror() -> None:
-    """Put back OpenTelemetry's context from before ``restore`` mirrored a parent."""
+    """Put back OpenTelemetry's context from before ``restore`` mirrored a parent, if
+    the mirror is still current: a span the application started on top of it since
+    stays current (it puts the mirror back itself when it ends)."""
     mirrored = _mirrored.get()
     if mirrored is not None:
-        _attach(mirrored[1])
         _mirrored.set(None)
+        if otel_context.get_current() is mirrored[2]:
+            _attach(mirrored[1])
 
 
 def foreign_parent(span_context: trace_api.SpanContext) -> SpanContext:
@@ -189,16 +194,19 @@ class OpenTelemetryBridge:
         if parent is None:
             _undo_mirror()
             return
+        # Replacing a mirror still current: what it replaced is what to put back.
         mirrored = _mirrored.get()
-        before = mirrored[1] if mirrored is not None else otel_context.get_current()
+        current = otel_context.get_current()
+        before = mirrored[1] if mirrored is not None and current is mirrored[2] else current
         ids = trace_api.SpanContext(
             int(parent.trace_id, 16),
             int(span_hex_of(parent.id_), 16),
             is_remote=True,
             trace_flags=_SAMPLED if sampled else _UNSAMPLED,
         )
-        _attach(_set_span_in_context(trace_api.NonRecordingSpan(ids)))
-        _mirrored.set((parent, before))
+        mine = _set_span_in_context(trace_api.NonRecordingSpan(ids))
+        _attach(mine)
+        _mirrored.set((parent, before, mine))
 
 
 class _OpenTelemetryContextKeeper:

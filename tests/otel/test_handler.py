@@ -374,6 +374,47 @@ def test_restoring_no_span_keeps_the_apps_otel_span_and_undoes_an_earlier_restor
     assert hex_parent(third) == hex_span(server) and hex_trace(third) == hex_trace(server)
 
 
+def test_restoring_no_span_leaves_an_app_span_started_after_the_restore(traced: Traced) -> None:
+    """A worker: each request is the app's own OpenTelemetry span, and messages are
+    restored inside it. Restoring no span in request 2 keeps request 2 current: not the
+    remote parent restored in it (nor request 1, current at the first restore), and not
+    nothing when the app's span was started on top of an earlier restore."""
+    d = traced.dispatcher
+    tracer = traced.tracer
+    remote = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    other = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    no_span = {"traceparent": None}
+
+    @d.span
+    def work() -> None:
+        pass
+
+    def worker() -> None:
+        with tracer.start_as_current_span("request1"):
+            d.restore_propagation_context(remote)
+        with tracer.start_as_current_span("request2") as request2:
+            d.restore_propagation_context(other)
+            d.restore_propagation_context(no_span)
+            assert trace_api.get_current_span() is request2
+            work()
+        d.restore_propagation_context(remote)
+        with tracer.start_as_current_span("request3") as request3:
+            d.restore_propagation_context(no_span)
+            assert trace_api.get_current_span() is request3
+            work()
+
+    import contextvars
+
+    contextvars.Context().run(worker)
+    spans = traced.by_name()
+    first, second = sorted(
+        (s for s in traced.spans() if s.name.endswith(".work")),
+        key=lambda s: s.start_time or 0,
+    )
+    assert hex_parent(first) == hex_span(spans["request2"])
+    assert hex_parent(second) == hex_span(spans["request3"])
+
+
 @pytest.mark.parametrize("flags", ["00", "01"])
 def test_a_restored_traceparent_keeps_its_sampling_decision(traced: Traced, flags: str) -> None:
     """``-00``: the sender decided not to sample. Nothing of the trace is exported here,
