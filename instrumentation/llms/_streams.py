@@ -11,7 +11,10 @@ Closing the body is all it takes, whoever does it: the caller (``close()``,
 ``with``), the garbage collector when the stream object is dropped (the body goes
 with it), or, for an async stream, the event loop (its async-generator finaliser,
 or its shutdown at the end of ``asyncio.run()``). Whoever closes it, the end event
-is emitted inside the stream's span. Nothing else is needed: no registry keeps a
+is emitted inside the stream's span. A caller that stops the stream from another
+thread or task, while the body waits for a chunk, cannot close it there: the body is
+told to stop (and its source interrupted, if it can be), and ends the call when it
+next runs. Nothing else is needed: no registry keeps a
 stream alive, no finaliser has to run before another, and the caller's object is
 not itself an async generator that the event loop would close on its own.
 
@@ -66,13 +69,32 @@ def _count_close_error(exc: BaseException) -> None:
 
 class StreamSpan:
     """The span of one stream: opened under the current span when made, current while
-    the body runs, ended once (by the body's end, error or close)."""
+    the body runs, ended once (by the body's end, error or close).
 
-    __slots__ = ("_chain", "_current", "_resumed", "context", "over")
+    It also carries what the caller's side and the body say to each other: whether
+    the caller asked to stop while another thread or task was waiting for a chunk
+    (``stop_requested``), how the body's source can be interrupted then
+    (``interrupt``, set by the body), and whether a close comes from the caller
+    (``by_caller``) rather than from the garbage collector or the event loop.
+    """
+
+    __slots__ = (
+        "_chain",
+        "_current",
+        "_resumed",
+        "by_caller",
+        "context",
+        "interrupt",
+        "over",
+        "stop_requested",
+    )
 
     def __init__(self, dispatcher: Dispatcher, name: str) -> None:
         chain = dispatcher._hot
         self.over = False
+        self.stop_requested = False
+        self.by_caller = False
+        self.interrupt: Callable[[], Any] | None = None
         self._resumed: Any = None
         if chain is None or _suppressed.get():
             self._chain = None
@@ -112,30 +134,57 @@ class StreamSpan:
             fail(self._chain, self.context, EMPTY_BOUND_ARGS, None, err)
         self.over = True
 
-    def run(self, action: Callable[[], object]) -> None:
-        """``action()`` with the span current (it is not when the garbage collector or
-        the event loop closes the body on its own)."""
+    def ended_by(self, err: BaseException) -> None:
+        """The body raised ``err``: the span is dropped, unless the caller had asked to
+        stop (interrupting the read is what raised it)."""
+        if self.stop_requested:
+            self.finish()
+        else:
+            self.fail(err)
+
+    def end_call(self, end: Callable[[], object]) -> bool:
+        """Run ``end()`` (which emits the end event) with the span current: it is not
+        when the garbage collector or the event loop closes the body on its own.
+        False, and the span dropped, if it failed."""
         span = self.context
-        if span is None or current_span() is span:
-            action()
-            return
-        handle = activate(span)
+        handle = None if span is None or current_span() is span else activate(span)
         try:
-            action()
+            end()
+        except BaseException as err:
+            if isinstance(err, Exception):
+                _count_close_error(err)
+            self.fail(err)
+            if not isinstance(err, Exception):
+                raise
+            return False
         finally:
-            deactivate(handle)
+            if handle is not None:
+                deactivate(handle)
+        return True
+
+
+def _abandoning(span: StreamSpan, typ: type[BaseException] | None) -> bool:
+    """Whether a body leaving its reading with ``typ`` ends the call as abandoned: it
+    was closed, or its read failed because the caller stopped it from elsewhere."""
+    if typ is None:
+        return False
+    return issubclass(typ, GeneratorExit) or span.stop_requested
 
 
 class EndOnClose:
-    """``with EndOnClose(span, abandon):`` around a stream body's reading: closed there,
-    the body calls ``abandon()`` (close the source, emit the end event) inside the
-    stream's span, and the span ends."""
+    """``with EndOnClose(span, end, close):`` around a stream body's reading: closed
+    there, the body emits its end event (``end()``, as abandoned) inside the stream's
+    span, closes its source (``close()``) and the span ends. The call is over once its
+    end event is out: a source that fails to close is counted, not a failed span."""
 
-    __slots__ = ("abandon", "span")
+    __slots__ = ("close", "end", "span")
 
-    def __init__(self, span: StreamSpan, abandon: Callable[[], object]) -> None:
+    def __init__(
+        self, span: StreamSpan, end: Callable[[], object], close: Callable[[], object]
+    ) -> None:
         self.span = span
-        self.abandon = abandon
+        self.end = end
+        self.close = close
 
     def __enter__(self) -> None:
         return None
@@ -143,19 +192,20 @@ class EndOnClose:
     def __exit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if typ is not None and issubclass(typ, GeneratorExit):
-            try:
-                self.span.run(self.abandon)
-            except Exception as err:  # its clean-up failed: the span is dropped
-                _count_close_error(err)
-                self.span.fail(err)
-            else:
-                self.span.finish()
+        span = self.span
+        if not _abandoning(span, typ) or not span.end_call(self.end):
+            return
+        try:
+            self.close()
+        except Exception as err:
+            _count_close_error(err)
+        finally:
+            span.finish()
 
 
 class AsyncEndOnClose:
-    """:class:`EndOnClose` for an async body: closed, it calls ``end()`` (emit the end
-    event) at once, then awaits ``close()`` (close the source), then ends the span."""
+    """:class:`EndOnClose` for an async body: ``close()`` returns an awaitable. The end
+    event goes out first, before anything else can run."""
 
     __slots__ = ("close", "end", "span")
 
@@ -175,20 +225,26 @@ class AsyncEndOnClose:
     async def __aexit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if typ is not None and issubclass(typ, GeneratorExit):
-            try:
-                self.span.run(self.end)
-                await self.close()
-            except Exception as err:  # its clean-up failed: the span is dropped
-                _count_close_error(err)
-                self.span.fail(err)
-            else:
-                self.span.finish()
+        span = self.span
+        if not _abandoning(span, typ) or not span.end_call(self.end):
+            return
+        try:
+            await self.close()
+        except Exception as err:
+            _count_close_error(err)
+        finally:
+            span.finish()
 
 
 class SpannedStream(Iterator[T], Generic[T]):
     """The caller's side of a sync stream: iterate it; ``close()`` (or dropping it) ends
-    the span with what was seen so far."""
+    the span with what was seen so far.
+
+    ``close()`` from another thread while one waits for a chunk stops the stream there:
+    the source is interrupted if the body can (an HTTP response is closed), and the
+    reader gets what that raises, or, if nothing can be interrupted, the end of the
+    stream in place of the next chunk.
+    """
 
     __slots__ = ("__weakref__", "_body", "_span")
 
@@ -208,21 +264,34 @@ class SpannedStream(Iterator[T], Generic[T]):
             span.finish()
             raise
         except BaseException as err:
-            span.fail(err)
+            span.ended_by(err)
             raise
         finally:
             span.leave(handle)
+        if span.stop_requested:  # asked while this chunk was on its way
+            self.close()
+            raise StopIteration
         return item
 
     def close(self) -> None:
         """Stop here: the span ends and the end event reports the tokens seen so far."""
         span = self._span
+        if getattr(self._body, "gi_running", False):  # another thread waits for a chunk
+            span.stop_requested = True
+            interrupt = span.interrupt
+            if interrupt is not None:
+                try:
+                    interrupt()
+                except Exception as exc:
+                    _count_close_error(exc)
+            return
+        span.by_caller = True
         handle = span.enter()
         try:
             self._body.close()
-        except Exception as exc:  # pragma: no cover - EndOnClose keeps errors in
-            _count_close_error(exc)
+        except BaseException as exc:  # only what EndOnClose let through
             span.fail(exc)
+            raise
         finally:
             span.leave(handle)
         span.finish()  # already ended by the body, unless it never started reading
@@ -278,10 +347,13 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
             span.finish()
             raise
         except BaseException as err:
-            span.fail(err)
+            span.ended_by(err)
             raise
         finally:
             span.leave(handle)
+        if span.stop_requested:  # asked while this chunk was on its way
+            await self.aclose()
+            raise StopAsyncIteration
         return item
 
     async def __anext__(self) -> T:
@@ -302,14 +374,27 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
         return await self._step(exc)
 
     async def aclose(self) -> None:
-        """Stop here: the span ends and the end event reports the tokens seen so far."""
+        """Stop here: the span ends and the end event reports the tokens seen so far.
+
+        From another task while one waits for a chunk: as :meth:`SpannedStream.close`
+        from another thread."""
         span = self._span
+        if getattr(self._body, "ag_running", False):
+            span.stop_requested = True
+            interrupt = span.interrupt
+            if interrupt is not None:
+                try:
+                    await interrupt()
+                except Exception as exc:
+                    _count_close_error(exc)
+            return
+        span.by_caller = True
         handle = span.enter()
         try:
             await self._body.aclose()
-        except Exception as exc:  # pragma: no cover - AsyncEndOnClose keeps errors in
-            _count_close_error(exc)
+        except BaseException as exc:  # only what AsyncEndOnClose let through
             span.fail(exc)
+            raise
         finally:
             span.leave(handle)
         span.finish()  # already ended by the body, unless it never started reading

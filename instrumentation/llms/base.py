@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import functools
 import time
+import types
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -461,10 +462,9 @@ def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator
     reason: str | None = None
 
     def abandon() -> None:
-        _close_source(source)
         call.end_stream(finish_reason=ABANDONED)
 
-    with EndOnClose(span, abandon):
+    with EndOnClose(span, abandon, lambda: _close_source(source)):
         yield READY
         for chunk in source:
             delta = chunk.delta or ""
@@ -487,7 +487,7 @@ async def _astream_body(
     def abandon() -> None:
         call.end_stream(finish_reason=ABANDONED)
 
-    async with AsyncEndOnClose(span, abandon, lambda: _aclose_source(source)):
+    async with AsyncEndOnClose(span, abandon, lambda: _aclose_source(source, span)):
         yield READY
         async for chunk in source:
             delta = chunk.delta or ""
@@ -513,7 +513,11 @@ def _close_source(source: Any) -> None:
         close()
 
 
-async def _aclose_source(source: Any) -> None:
+async def _aclose_source(source: Any, span: StreamSpan) -> None:
+    if isinstance(source, types.AsyncGeneratorType) and (source.ag_running or not span.by_caller):
+        # The event loop is closing it, or will (when the body's frame lets go of it):
+        # closing it here too would run its clean-up twice at once.
+        return
     aclose = getattr(source, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -332,10 +332,10 @@ def _chat_body(
     state = _ChunkState()
 
     def abandon() -> None:
-        _close_quietly(stream)
         _end_stream(call, state, ABANDONED)
 
-    with EndOnClose(span, abandon):
+    span.interrupt = lambda: _close_quietly(stream)  # close() from another thread
+    with EndOnClose(span, abandon, span.interrupt):
         yield READY
         for chunk in stream:
             state.take(call, chunk)
@@ -357,7 +357,8 @@ async def _achat_body(
     def abandon() -> None:
         _end_stream(call, state, ABANDONED)
 
-    async with AsyncEndOnClose(span, abandon, lambda: _aclose_quietly(stream)):
+    span.interrupt = lambda: _aclose_quietly(stream)  # aclose() from another task
+    async with AsyncEndOnClose(span, abandon, span.interrupt):
         yield READY
         async for chunk in stream:
             state.take(call, chunk)

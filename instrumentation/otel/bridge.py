@@ -55,10 +55,8 @@ _UNSAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 #: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context, the
 #: OpenTelemetry context it replaced (what restoring no span puts back), and the one it
 #: attached (to tell whether the mirror is still what is current there).
-_mirrored: ContextVar[
-    tuple[SpanContext, otel_context.Context, otel_context.Context] | None
-] = ContextVar(
-    "instrumentation_otel_mirrored_parent", default=None
+_mirrored: ContextVar[tuple[SpanContext, otel_context.Context, otel_context.Context] | None] = (
+    ContextVar("instrumentation_otel_mirrored_parent", default=None)
 )
 _get_current_span = trace_api.get_current_span
 _set_span_in_context = trace_api.set_span_in_context

@@ -552,3 +552,85 @@ async def test_an_async_streams_span_is_current_in_its_provider_not_in_the_consu
         async for _ in await TracedProvider(answers={"capital": ANSWER}).astream_chat(QUESTION):
             consumer_step()
     _check_parents(cap)
+
+
+# -- stopping a stream: from elsewhere, interrupted, at the loop's end ----------------------
+
+
+class SlowToClose(OfflineLLM):
+    """A provider whose stream awaits in its clean-up (as ``async with
+    client.stream(...)`` does), or is interrupted there (Ctrl-C) when sync."""
+
+    def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
+        try:
+            yield from super()._stream_chat(messages, **kwargs)
+        finally:
+            raise KeyboardInterrupt
+
+    async def _astream_chat(
+        self, messages: list[ChatMessage], **kwargs: Any
+    ) -> AsyncIterator[ChatResponse]:
+        try:
+            async for chunk in super()._astream_chat(messages, **kwargs):
+                yield chunk
+        finally:
+            await asyncio.sleep(0)
+
+
+def test_an_interrupt_while_the_source_closes_still_ends_the_span(cap: Capture) -> None:
+    """Ctrl-C while the provider closes its stream reaches the caller, and the call and
+    its span are over all the same (the span used to stay open)."""
+    stream = SlowToClose(answers={"capital": ANSWER}).stream_chat(QUESTION)
+    next(stream)
+    with pytest.raises(KeyboardInterrupt):
+        stream.close()
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
+    [span] = cap.spans
+    assert span.end_time is not None and not cap.events_of(SpanDropEvent)
+
+
+def test_streams_open_when_asyncio_run_returns_are_ended_not_dropped() -> None:
+    """The loop's shutdown closes every async generator it ran at once, the body and
+    the provider's own: each call still ends once, as abandoned, in its span."""
+    kept: list[Any] = []
+
+    async def main() -> None:
+        stream = await SlowToClose(answers={"capital": ANSWER}).astream_chat(QUESTION)
+        await stream.__anext__()
+        kept.append(stream)
+
+    for _ in range(5):
+        with isolated() as cap:
+            asyncio.run(main())
+            kept.clear()
+            [end] = cap.events_of(LLMChatEndEvent)
+            [span] = cap.spans
+            assert end.finish_reason == "abandoned" and end.span_id == span.id_
+            assert span.end_time is not None and not cap.events_of(SpanDropEvent)
+
+
+async def test_aclose_from_another_task_stops_the_stream_at_its_next_chunk(
+    cap: Capture,
+) -> None:
+    """A provider that cannot be interrupted: the reader gets the end of the stream in
+    place of the next chunk, and the call ends as abandoned in its span (the reader used
+    to read on to the end, and the end event landed in the caller's span)."""
+    model = OfflineLLM(answers=["w1 w2 w3 w4 w5 w6 w7 w8"], chunk_delay_s=0.02)
+    got: list[str] = []
+    async with _work.span("caller"):
+        stream = await model.astream_chat(QUESTION)
+
+        async def reader() -> None:
+            async for chunk in stream:
+                got.append(chunk.delta or "")
+
+        task = asyncio.create_task(reader())
+        while len(got) < 2:
+            await asyncio.sleep(0.005)
+        await stream.aclose()
+        await task
+    assert 2 <= len(got) <= 3
+    [end] = cap.events_of(LLMChatEndEvent)
+    [stream_span] = [s for s in cap.spans if "astream_chat" in s.name]
+    assert end.finish_reason == "abandoned" and end.span_id == stream_span.id_
+    assert not cap.events_of(SpanDropEvent)

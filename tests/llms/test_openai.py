@@ -7,6 +7,7 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -628,6 +629,71 @@ def test_every_stream_ends_once_and_nothing_is_kept(
     assert reasons == ["abandoned"] * 15 + ["stop"] * 5
     drops = cap.events_of(SpanDropEvent)
     assert len(drops) == 5 and all("429" in d.err_str for d in drops)
+
+
+async def test_a_stop_button_in_another_task_stops_the_stream_as_abandoned(
+    cap: Capture, aclient: openai.AsyncOpenAI, server: OpenAIServer
+) -> None:
+    """close() from another task while the reader waits for a chunk closes the HTTP
+    response, as it does untraced: the reader gets the client's connection error, and
+    the call ends as abandoned in its own span (it used to read on to the end, and its
+    end event landed in the caller's span)."""
+    server.answer = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+    server.chunk_delay_s = 0.05
+    got: list[str] = []
+    try:
+        stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+
+        async def reader() -> None:
+            with pytest.raises(openai.APIConnectionError):
+                async for chunk in stream:
+                    got.append(chunk.choices[0].delta.content or "")
+
+        task = asyncio.create_task(reader())
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+        await stream.close()
+        await task
+    finally:
+        server.chunk_delay_s = 0.0
+    assert len(got) < 6
+    assert _abandoned(cap) == ["abandoned"]
+    [end] = cap.events_of(LLMChatEndEvent)
+    [span] = cap.spans
+    assert end.span_id == span.id_ and span.end_time is not None
+
+
+def test_a_stop_button_in_another_thread_stops_the_stream_as_abandoned(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    server.answer = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+    server.chunk_delay_s = 0.05
+    got: list[str] = []
+    failed: list[BaseException] = []
+    try:
+        stream = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+
+        def reader() -> None:
+            try:
+                for chunk in stream:
+                    got.append(chunk.choices[0].delta.content or "")
+            except Exception as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream.close()
+        thread.join(10)
+    finally:
+        server.chunk_delay_s = 0.0
+    assert len(got) < 6
+    assert _abandoned(cap) == ["abandoned"]
+    [end] = cap.events_of(LLMChatEndEvent)
+    [span] = cap.spans
+    assert end.span_id == span.id_ and span.end_time is not None
 
 
 def test_an_async_stream_left_open_when_its_event_loop_ends_is_ended(
