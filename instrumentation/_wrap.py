@@ -379,6 +379,12 @@ def _wrap_callable(
                 try:
                     to_send = yield item
                 except GeneratorExit as closing:
+                    if getattr(agen, "ag_running", False):
+                        # Closed already by someone else (the event loop's shutdown
+                        # closes every async generator at once): nothing to throw into.
+                        if span is not None:
+                            fail(chain, span, bound, instance, closing)
+                        raise
                     # As in _drive: returning after the close ends the span normally.
                     handle = activate(current, resumed) if current is not None else None
                     try:

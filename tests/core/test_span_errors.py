@@ -337,3 +337,33 @@ def test_span_block_exception(d: Dispatcher, rec: Recorder, events: EventList) -
     r = rec.one("block")
     assert r.status == "drop" and r.err is err
     assert isinstance(events.events[0], SpanDropEvent)
+
+
+def test_async_generator_open_when_asyncio_run_returns_is_dropped_once(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """The loop's shutdown closes the traced wrapper and the generator inside it at the
+    same time: the span is dropped once, for the close, whichever goes first (it used to
+    be dropped with 'athrow(): asynchronous generator is already running')."""
+
+    @d.span
+    async def agen() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            await asyncio.sleep(0)  # clean-up that awaits, like closing a response
+
+    kept: list[object] = []
+
+    async def main() -> None:
+        it = agen()
+        await it.__anext__()
+        kept.append(it)
+
+    for _ in range(8):
+        asyncio.run(main())
+        kept.clear()
+    records = rec.named(agen.__qualname__)
+    assert len(records) == 8
+    assert all(r.status == "drop" and isinstance(r.err, GeneratorExit) for r in records)
