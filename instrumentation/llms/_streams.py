@@ -25,6 +25,7 @@ request error, which drops the span) happens inside the span, as with LlamaIndex
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from contextvars import Token
 from types import TracebackType
@@ -142,10 +143,10 @@ class StreamSpan:
         else:
             self.fail(err)
 
-    def end_call(self, end: Callable[[], object]) -> bool:
+    def end_call(self, end: Callable[[], object]) -> None:
         """Run ``end()`` (which emits the end event) with the span current: it is not
-        when the garbage collector or the event loop closes the body on its own.
-        False, and the span dropped, if it failed."""
+        when the garbage collector or the event loop closes the body on its own. If it
+        fails, the span is dropped."""
         span = self.context
         handle = None if span is None or current_span() is span else activate(span)
         try:
@@ -156,11 +157,9 @@ class StreamSpan:
             self.fail(err)
             if not isinstance(err, Exception):
                 raise
-            return False
         finally:
             if handle is not None:
                 deactivate(handle)
-        return True
 
 
 def _abandoning(span: StreamSpan, typ: type[BaseException] | None) -> bool:
@@ -193,14 +192,17 @@ class EndOnClose:
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         span = self.span
-        if not _abandoning(span, typ) or not span.end_call(self.end):
+        if not _abandoning(span, typ):
             return
         try:
-            self.close()
-        except Exception as err:
-            _count_close_error(err)
+            span.end_call(self.end)
         finally:
-            span.finish()
+            try:
+                self.close()
+            except Exception as err:
+                _count_close_error(err)
+            finally:
+                span.finish()  # nothing more if the end event failed: the span was dropped
 
 
 class AsyncEndOnClose:
@@ -226,14 +228,17 @@ class AsyncEndOnClose:
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         span = self.span
-        if not _abandoning(span, typ) or not span.end_call(self.end):
+        if not _abandoning(span, typ):
             return
         try:
-            await self.close()
-        except Exception as err:
-            _count_close_error(err)
+            span.end_call(self.end)
         finally:
-            span.finish()
+            try:
+                await self.close()
+            except Exception as err:
+                _count_close_error(err)
+            finally:
+                span.finish()  # nothing more if the end event failed: the span was dropped
 
 
 class SpannedStream(Iterator[T], Generic[T]):
@@ -246,28 +251,34 @@ class SpannedStream(Iterator[T], Generic[T]):
     stream in place of the next chunk.
     """
 
-    __slots__ = ("__weakref__", "_body", "_span")
+    __slots__ = ("__weakref__", "_body", "_reading", "_span")
 
     def __init__(self, body: Generator[Any, Any, Any], span: StreamSpan) -> None:
         self._body = body
         self._span = span
+        # Held while the body runs: close() from another thread either closes the body
+        # (no reader in it, and none can enter meanwhile) or asks it to stop.
+        self._reading = threading.Lock()
 
     def __iter__(self) -> SpannedStream[T]:
         return self
 
     def __next__(self) -> T:
         span = self._span
-        handle = span.enter()
-        try:
-            item: T = next(self._body)
-        except StopIteration:
-            span.finish()
-            raise
-        except BaseException as err:
-            span.ended_by(err)
-            raise
-        finally:
-            span.leave(handle)
+        with self._reading:
+            if span.by_caller:  # closed by the caller (in another thread, meanwhile)
+                raise StopIteration
+            handle = span.enter()
+            try:
+                item: T = next(self._body)
+            except StopIteration:
+                span.finish()
+                raise
+            except BaseException as err:
+                span.ended_by(err)
+                raise
+            finally:
+                span.leave(handle)
         if span.stop_requested:  # asked while this chunk was on its way
             self.close()
             raise StopIteration
@@ -276,7 +287,7 @@ class SpannedStream(Iterator[T], Generic[T]):
     def close(self) -> None:
         """Stop here: the span ends and the end event reports the tokens seen so far."""
         span = self._span
-        if getattr(self._body, "gi_running", False):  # another thread waits for a chunk
+        if not self._reading.acquire(blocking=False):  # a reader waits for a chunk
             span.stop_requested = True
             interrupt = span.interrupt
             if interrupt is not None:
@@ -285,16 +296,19 @@ class SpannedStream(Iterator[T], Generic[T]):
                 except Exception as exc:
                     _count_close_error(exc)
             return
-        span.by_caller = True
-        handle = span.enter()
         try:
-            self._body.close()
-        except BaseException as exc:  # only what EndOnClose let through
-            span.fail(exc)
-            raise
+            span.by_caller = True
+            handle = span.enter()
+            try:
+                self._body.close()
+            except BaseException as exc:  # only what EndOnClose let through
+                span.fail(exc)
+                raise
+            finally:
+                span.leave(handle)
+            span.finish()  # already ended by the body, unless it never started reading
         finally:
-            span.leave(handle)
-        span.finish()  # already ended by the body, unless it never started reading
+            self._reading.release()
 
     def __enter__(self) -> SpannedStream[T]:
         return self
@@ -337,6 +351,10 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
 
     async def _step(self, thrown: BaseException | None) -> T:
         span = self._span
+        if span.by_caller:  # closed, or being closed, by the caller (in another task)
+            if thrown is not None:
+                raise thrown
+            raise StopAsyncIteration
         handle = span.enter()
         try:
             if thrown is None:

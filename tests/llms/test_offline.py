@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -634,3 +635,79 @@ async def test_aclose_from_another_task_stops_the_stream_at_its_next_chunk(
     [stream_span] = [s for s in cap.spans if "astream_chat" in s.name]
     assert end.finish_reason == "abandoned" and end.span_id == stream_span.id_
     assert not cap.events_of(SpanDropEvent)
+
+
+class SlowTeardown(OfflineLLM):
+    """A provider whose stream takes a while to close, as an HTTP connection does."""
+
+    def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
+        try:
+            yield from super()._stream_chat(messages, **kwargs)
+        finally:
+            time.sleep(0.05)
+
+    async def _astream_chat(
+        self, messages: list[ChatMessage], **kwargs: Any
+    ) -> AsyncIterator[ChatResponse]:
+        try:
+            async for chunk in super()._astream_chat(messages, **kwargs):
+                yield chunk
+        finally:
+            await asyncio.sleep(0)
+
+
+LONG = " ".join(f"w{i}" for i in range(50))
+
+
+def _stopped_once(cap: Capture) -> None:
+    [end] = cap.events_of(LLMChatEndEvent)
+    [stream_span] = [s for s in cap.spans if "stream_chat" in s.name]
+    assert end.finish_reason == "abandoned" and end.span_id == stream_span.id_
+    assert stream_span.end_time is not None and not cap.events_of(SpanDropEvent)
+
+
+def test_close_from_another_thread_between_chunks_ends_the_stream_there(cap: Capture) -> None:
+    """The reader asks for its next chunk while another thread is closing the stream:
+    it gets the end of the stream (it used to get 'generator already executing', and
+    the span was both ended and dropped)."""
+    stream = SlowTeardown(answers=[LONG]).stream_chat(QUESTION)
+    outcome: list[str] = []
+
+    def reader() -> None:
+        try:
+            for _ in stream:
+                time.sleep(0.02)  # renders the chunk
+            outcome.append("end")
+        except BaseException as exc:
+            outcome.append(repr(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.05)
+    stream.close()
+    thread.join(10)
+    assert outcome == ["end"]
+    _stopped_once(cap)
+
+
+async def test_aclose_from_another_task_between_chunks_ends_the_stream_there(
+    cap: Capture,
+) -> None:
+    stream = await SlowTeardown(answers=[LONG]).astream_chat(QUESTION)
+    outcome: list[str] = []
+
+    async def reader() -> None:
+        try:
+            async for _ in stream:
+                await asyncio.sleep(0)  # renders the chunk
+            outcome.append("end")
+        except BaseException as exc:
+            outcome.append(repr(exc))
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await stream.aclose()
+    await task
+    assert outcome == ["end"]
+    _stopped_once(cap)

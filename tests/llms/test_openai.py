@@ -30,6 +30,7 @@ from instrumentation.llms import (
     ToolCall,
     configure_redaction,
     count_tokens,
+    default_price_table,
 )
 from instrumentation.llms.openai import (
     CHAT_SPAN,
@@ -694,6 +695,26 @@ def test_a_stop_button_in_another_thread_stops_the_stream_as_abandoned(
     [end] = cap.events_of(LLMChatEndEvent)
     [span] = cap.spans
     assert end.span_id == span.id_ and span.end_time is not None
+
+
+def test_a_failing_end_event_still_closes_the_response(
+    cap: Capture, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the abandoned call's end event cannot be made, close() still closes the HTTP
+    response; the failure is counted and the span dropped with it."""
+
+    def no_price(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("no price")
+
+    monkeypatch.setattr(default_price_table, "cost", no_price)
+    before = telemetry.counter("llms.stream_close_errors").value
+    stream = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    next(stream)
+    stream.close()
+    assert stream.response.is_closed
+    assert telemetry.counter("llms.stream_close_errors").value == before + 1
+    [drop] = cap.events_of(SpanDropEvent)
+    assert "no price" in drop.err_str and not cap.events_of(LLMChatEndEvent)
 
 
 def test_an_async_stream_left_open_when_its_event_loop_ends_is_ended(
