@@ -251,7 +251,7 @@ class SpannedStream(Iterator[T], Generic[T]):
     stream in place of the next chunk.
     """
 
-    __slots__ = ("__weakref__", "_body", "_reading", "_span")
+    __slots__ = ("__weakref__", "_body", "_owner", "_reading", "_span")
 
     def __init__(self, body: Generator[Any, Any, Any], span: StreamSpan) -> None:
         self._body = body
@@ -259,15 +259,22 @@ class SpannedStream(Iterator[T], Generic[T]):
         # Held while the body runs: close() from another thread either closes the body
         # (no reader in it, and none can enter meanwhile) or asks it to stop.
         self._reading = threading.Lock()
+        self._owner: int | None = None  # the thread holding _reading
 
     def __iter__(self) -> SpannedStream[T]:
         return self
 
     def __next__(self) -> T:
         span = self._span
+        me = threading.get_ident()
+        if self._owner == me:  # from inside the body (a handler of its events)
+            if span.by_caller:  # which is being closed: as a closed generator
+                raise StopIteration
+            raise ValueError("generator already executing")
         with self._reading:
             if span.by_caller:  # closed by the caller (in another thread, meanwhile)
                 raise StopIteration
+            self._owner = me
             handle = span.enter()
             try:
                 item: T = next(self._body)
@@ -279,6 +286,7 @@ class SpannedStream(Iterator[T], Generic[T]):
                 raise
             finally:
                 span.leave(handle)
+                self._owner = None
         if span.stop_requested:  # asked while this chunk was on its way
             self.close()
             raise StopIteration
@@ -296,6 +304,7 @@ class SpannedStream(Iterator[T], Generic[T]):
                 except Exception as exc:
                     _count_close_error(exc)
             return
+        self._owner = threading.get_ident()
         try:
             span.by_caller = True
             handle = span.enter()
@@ -308,6 +317,7 @@ class SpannedStream(Iterator[T], Generic[T]):
                 span.leave(handle)
             span.finish()  # already ended by the body, unless it never started reading
         finally:
+            self._owner = None
             self._reading.release()
 
     def __enter__(self) -> SpannedStream[T]:
@@ -355,6 +365,9 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
             if thrown is not None:
                 raise thrown
             raise StopAsyncIteration
+        if getattr(self._body, "ag_running", False):  # another task reads it: as Python says
+            verb = "anext" if thrown is None else "athrow"
+            raise RuntimeError(f"{verb}(): asynchronous generator is already running")
         handle = span.enter()
         try:
             if thrown is None:

@@ -711,3 +711,78 @@ async def test_aclose_from_another_task_between_chunks_ends_the_stream_there(
     await task
     assert outcome == ["end"]
     _stopped_once(cap)
+
+
+class _CallsBack(BaseEventHandler):
+    """Calls ``action`` once, from inside the stream, on the first event of ``kind``."""
+
+    kind: Any
+    action: Any
+    outcome: list[str] = []
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        if isinstance(event, self.kind) and not self.outcome:
+            try:
+                self.outcome.append(repr(self.action()))
+            except BaseException as exc:
+                self.outcome.append(repr(exc))
+
+
+def _in_thread(run: Callable[[], None]) -> None:
+    """Run ``run`` where a deadlock fails the test instead of hanging the suite."""
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "deadlocked"
+
+
+def test_reading_a_stream_from_inside_its_own_body_is_refused_as_python_does(
+    cap: Capture,
+) -> None:
+    """A handler that calls next() on the stream whose event it handles gets Python's
+    'generator already executing' (it used to wait for itself for ever); the stream
+    goes on and ends normally."""
+    got: list[str] = []
+    stream = llm().stream_chat(QUESTION)
+    handler = _CallsBack(kind=LLMChatInProgressEvent, action=lambda: next(stream))
+    get_dispatcher().add_event_handler(handler)
+    _in_thread(lambda: got.extend(c.delta or "" for c in stream))
+    assert handler.outcome == ["ValueError('generator already executing')"]
+    assert "".join(got) == ANSWER
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["stop"]
+
+
+def test_reading_a_stream_while_it_closes_finds_its_end(cap: Capture) -> None:
+    """A handler of the abandoned end event that reads the stream on gets its end, as
+    from a closed generator (it used to deadlock in close())."""
+    stream = llm().stream_chat(QUESTION)
+    handler = _CallsBack(kind=LLMChatEndEvent, action=lambda: next(stream, "END"))
+    get_dispatcher().add_event_handler(handler)
+
+    def read_one_and_close() -> None:
+        next(stream)
+        stream.close()
+
+    _in_thread(read_one_and_close)
+    assert handler.outcome == ["'END'"]
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
+
+
+async def test_a_second_reader_is_refused_and_the_stream_stays_whole(cap: Capture) -> None:
+    """Two tasks reading one async stream at once: the second gets Python's 'already
+    running' error; the span is not dropped for it (it was, and the first reader's
+    chunks then went out in no span)."""
+    stream = await OfflineLLM(answers=["a b c d"], chunk_delay_s=0.02).astream_chat(QUESTION)
+    await stream.__anext__()
+    first = asyncio.create_task(stream.__anext__())
+    await asyncio.sleep(0.005)
+    with pytest.raises(RuntimeError, match="already running"):
+        await stream.__anext__()
+    await first
+    async for _ in stream:
+        pass
+    [span] = cap.spans
+    assert not cap.events_of(SpanDropEvent)
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "stop" and end.span_id == span.id_
+    assert {e.span_id for e in cap.events_of(LLMChatInProgressEvent)} == {span.id_}
