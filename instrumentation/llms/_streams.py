@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from contextvars import Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -179,7 +179,7 @@ class EndOnClose:
     __slots__ = ("close", "end", "span")
 
     def __init__(
-        self, span: StreamSpan, end: Callable[[], object], close: Callable[[], object]
+        self, span: StreamSpan, end: Callable[[], object], close: Callable[[], Any]
     ) -> None:
         self.span = span
         self.end = end
@@ -205,21 +205,11 @@ class EndOnClose:
                 span.finish()  # nothing more if the end event failed: the span was dropped
 
 
-class AsyncEndOnClose:
+class AsyncEndOnClose(EndOnClose):
     """:class:`EndOnClose` for an async body: ``close()`` returns an awaitable. The end
     event goes out first, before anything else can run."""
 
-    __slots__ = ("close", "end", "span")
-
-    def __init__(
-        self,
-        span: StreamSpan,
-        end: Callable[[], object],
-        close: Callable[[], Awaitable[object]],
-    ) -> None:
-        self.span = span
-        self.end = end
-        self.close = close
+    __slots__ = ()
 
     async def __aenter__(self) -> None:
         return None
