@@ -241,30 +241,28 @@ class SpannedStream(Iterator[T], Generic[T]):
     stream in place of the next chunk.
     """
 
-    __slots__ = ("__weakref__", "_body", "_owner", "_reading", "_span")
+    __slots__ = ("__weakref__", "_body", "_owner", "_span", "_state")
 
     def __init__(self, body: Generator[Any, Any, Any], span: StreamSpan) -> None:
         self._body = body
         self._span = span
-        # Held while the body runs: close() from another thread either closes the body
-        # (no reader in it, and none can enter meanwhile) or asks it to stop.
-        self._reading = threading.Lock()
-        self._owner: int | None = None  # the thread holding _reading
+        # Guards _owner, by_caller and stop_requested, and is held only to read or set
+        # them, never while the body (or a handler) runs: nothing ever waits for a body.
+        self._state = threading.Lock()
+        self._owner: int | None = None  # the thread in the body (reading or closing it)
 
     def __iter__(self) -> SpannedStream[T]:
         return self
 
     def __next__(self) -> T:
         span = self._span
-        me = threading.get_ident()
-        if self._owner == me:  # from inside the body (a handler of its events)
-            if span.by_caller:  # which is being closed: as a closed generator
+        with self._state:
+            if span.by_caller:  # closed, or being closed (here or in another thread)
                 raise StopIteration
-            raise ValueError("generator already executing")
-        with self._reading:
-            if span.by_caller:  # closed by the caller (in another thread, meanwhile)
-                raise StopIteration
-            self._owner = me
+            if self._owner is not None:  # in the body already (a handler, another thread)
+                raise ValueError("generator already executing")
+            self._owner = threading.get_ident()
+        try:
             handle = span.enter()
             try:
                 item: T = next(self._body)
@@ -276,8 +274,11 @@ class SpannedStream(Iterator[T], Generic[T]):
                 raise
             finally:
                 span.leave(handle)
+        finally:
+            with self._state:
                 self._owner = None
-        if span.stop_requested:  # asked while this chunk was on its way
+                stop = span.stop_requested
+        if stop:  # asked while this chunk was on its way
             self.close()
             raise StopIteration
         return item
@@ -285,8 +286,16 @@ class SpannedStream(Iterator[T], Generic[T]):
     def close(self) -> None:
         """Stop here: the span ends and the end event reports the tokens seen so far."""
         span = self._span
-        if not self._reading.acquire(blocking=False):  # a reader waits for a chunk
-            span.stop_requested = True
+        with self._state:
+            if span.by_caller:  # closed, or being closed
+                return
+            reading = self._owner is not None
+            if reading:  # a reader waits for a chunk: it stops at its next
+                span.stop_requested = True
+            else:
+                span.by_caller = True
+                self._owner = threading.get_ident()
+        if reading:
             interrupt = span.interrupt
             if interrupt is not None:
                 try:
@@ -294,9 +303,7 @@ class SpannedStream(Iterator[T], Generic[T]):
                 except Exception as exc:
                     _count_close_error(exc)
             return
-        self._owner = threading.get_ident()
         try:
-            span.by_caller = True
             handle = span.enter()
             try:
                 self._body.close()
@@ -307,8 +314,8 @@ class SpannedStream(Iterator[T], Generic[T]):
                 span.leave(handle)
             span.finish()  # already ended by the body, unless it never started reading
         finally:
-            self._owner = None
-            self._reading.release()
+            with self._state:
+                self._owner = None
 
     def __enter__(self) -> SpannedStream[T]:
         return self

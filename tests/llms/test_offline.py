@@ -786,3 +786,60 @@ async def test_a_second_reader_is_refused_and_the_stream_stays_whole(cap: Captur
     [end] = cap.events_of(LLMChatEndEvent)
     assert end.finish_reason == "stop" and end.span_id == span.id_
     assert {e.span_id for e in cap.events_of(LLMChatInProgressEvent)} == {span.id_}
+
+
+def _from_another_thread(action: Callable[[], object]) -> Callable[[], object]:
+    """``action`` run in a new thread, waited for: what it returned or raised."""
+
+    def run() -> object:
+        outcome: list[object] = []
+
+        def target() -> None:
+            try:
+                outcome.append(action())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive(), "the other thread was left waiting"
+        [result] = outcome
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return run
+
+
+def test_another_thread_reading_while_the_body_runs_is_refused_at_once(cap: Capture) -> None:
+    """A handler waiting for another thread that reads the same stream: that thread
+    gets Python's 'generator already executing' at once (it used to wait for the
+    handler, which waited for it); while the stream closes, it gets the end."""
+    stream = llm().stream_chat(QUESTION)
+    reads = _CallsBack(
+        kind=LLMChatInProgressEvent, action=_from_another_thread(lambda: next(stream))
+    )
+    get_dispatcher().add_event_handler(reads)
+
+    def read_two() -> None:
+        next(stream)
+        next(stream)
+
+    _in_thread(read_two)
+    stream.close()
+    assert reads.outcome == ["ValueError('generator already executing')"]
+
+    closing = llm().stream_chat(QUESTION)
+    at_end = _CallsBack(
+        kind=LLMChatEndEvent, action=_from_another_thread(lambda: next(closing, "END"))
+    )
+    get_dispatcher().add_event_handler(at_end)
+
+    def read_one_and_close() -> None:
+        next(closing)
+        closing.close()
+
+    _in_thread(read_one_and_close)
+    assert at_end.outcome == ["'END'"]
+    assert not cap.events_of(SpanDropEvent)
