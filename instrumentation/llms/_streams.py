@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
-from contextvars import Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -117,23 +116,21 @@ class StreamSpan:
             return
         # What the body left current (a block it is inside) is current again next time.
         self._current = _active_span.get() or self.context
-        if type(handle) is Token:
-            deactivate(handle)
-            self._resumed = None
-        else:
-            self._resumed = suspend(handle)
+        self._resumed = suspend(handle)
 
     def finish(self) -> None:
-        if not self.over and self._chain is not None and self.context is not None:
-            self.over = True
-            finish(self._chain, self.context, EMPTY_BOUND_ARGS, None, None)
+        if self.over:
+            return
         self.over = True
+        if self._chain is not None and self.context is not None:
+            finish(self._chain, self.context, EMPTY_BOUND_ARGS, None, None)
 
     def fail(self, err: BaseException) -> None:
-        if not self.over and self._chain is not None and self.context is not None:
-            self.over = True
-            fail(self._chain, self.context, EMPTY_BOUND_ARGS, None, err)
+        if self.over:
+            return
         self.over = True
+        if self._chain is not None and self.context is not None:
+            fail(self._chain, self.context, EMPTY_BOUND_ARGS, None, err)
 
     def ended_by(self, err: BaseException) -> None:
         """The body raised ``err``: the span is dropped, unless the caller had asked to
