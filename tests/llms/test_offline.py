@@ -560,13 +560,17 @@ async def test_an_async_streams_span_is_current_in_its_provider_not_in_the_consu
 
 class SlowToClose(OfflineLLM):
     """A provider whose stream awaits in its clean-up (as ``async with
-    client.stream(...)`` does), or is interrupted there (Ctrl-C) when sync."""
+    client.stream(...)`` does); when sync, its clean-up is :meth:`sync_cleanup`:
+    here it is interrupted (Ctrl-C)."""
+
+    def sync_cleanup(self) -> None:
+        raise KeyboardInterrupt
 
     def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
         try:
             yield from super()._stream_chat(messages, **kwargs)
         finally:
-            raise KeyboardInterrupt
+            self.sync_cleanup()
 
     async def _astream_chat(
         self, messages: list[ChatMessage], **kwargs: Any
@@ -637,23 +641,11 @@ async def test_aclose_from_another_task_stops_the_stream_at_its_next_chunk(
     assert not cap.events_of(SpanDropEvent)
 
 
-class SlowTeardown(OfflineLLM):
+class SlowTeardown(SlowToClose):
     """A provider whose stream takes a while to close, as an HTTP connection does."""
 
-    def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
-        try:
-            yield from super()._stream_chat(messages, **kwargs)
-        finally:
-            time.sleep(0.05)
-
-    async def _astream_chat(
-        self, messages: list[ChatMessage], **kwargs: Any
-    ) -> AsyncIterator[ChatResponse]:
-        try:
-            async for chunk in super()._astream_chat(messages, **kwargs):
-                yield chunk
-        finally:
-            await asyncio.sleep(0)
+    def sync_cleanup(self) -> None:
+        time.sleep(0.05)
 
 
 LONG = " ".join(f"w{i}" for i in range(50))
