@@ -13,6 +13,7 @@ import asyncio
 import collections.abc
 import functools
 import inspect
+import sys
 import types
 import weakref
 from collections.abc import Callable, Mapping
@@ -217,6 +218,26 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
             to_throw, to_send = err, None
 
 
+def _first_step_unhooked(agen: Any) -> Any:
+    """``agen.asend(None)`` for the generator inside a traced async generator, made
+    with the thread's async-generator hooks off, so that the event loop never learns of
+    it (the hooks run at an async generator's first step, and only then).
+
+    The wrapper alone is the loop's to close. Known to the loop, the inner generator
+    was closed by ``asyncio.run``'s shutdown beside its wrapper, and whichever went
+    second met the other's clean-up still running: "an error occurred during closing
+    of asynchronous generator", logged for code that had done nothing wrong.
+    """
+    hooks = sys.get_asyncgen_hooks()
+    if hooks.firstiter is None and hooks.finalizer is None:
+        return agen.asend(None)
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=None)
+    try:
+        return agen.asend(None)
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+
+
 def _drop_unstarted(
     started: list[bool], chain: Chain, span: SpanContext, bound: Any, instance: Any
 ) -> None:
@@ -352,12 +373,16 @@ def _wrap_callable(
             # is made current again when it resumes, not just the generator's span.
             current: SpanContext | None = span
             resumed = None  # what other tracing systems had current inside, at the last yield
+            first = True
             while True:
                 handle = activate(current, resumed) if current is not None else None
                 try:
                     if to_throw is not None:
                         pending, to_throw = to_throw, None
                         item = await agen.athrow(pending)
+                    elif first:
+                        first = False
+                        item = await _first_step_unhooked(agen)
                     else:
                         item = await agen.asend(to_send)
                 except StopAsyncIteration:
@@ -380,8 +405,8 @@ def _wrap_callable(
                     to_send = yield item
                 except GeneratorExit as closing:
                     if getattr(agen, "ag_running", False):
-                        # Closed already by someone else (the event loop's shutdown
-                        # closes every async generator at once): nothing to throw into.
+                        # Being closed already by whoever else holds it (the loop does
+                        # not: see _first_step_unhooked): nothing to throw into.
                         if span is not None:
                             fail(chain, span, bound, instance, closing)
                         raise

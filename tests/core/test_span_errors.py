@@ -5,6 +5,7 @@ interrupts included.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 
 import pytest
@@ -366,4 +367,41 @@ def test_async_generator_open_when_asyncio_run_returns_is_dropped_once(
         kept.clear()
     records = rec.named(agen.__qualname__)
     assert len(records) == 8
+    assert all(r.status == "drop" and isinstance(r.err, GeneratorExit) for r in records)
+
+
+def test_async_generator_open_when_asyncio_run_returns_closes_quietly(
+    d: Dispatcher, rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At ``asyncio.run``'s end a traced async generator left open is closed as an
+    undecorated one is: its clean-up runs to the end and asyncio logs nothing. The loop
+    used to close the generator inside the wrapper too, beside the wrapper, and log
+    'aclose(): asynchronous generator is already running' whenever the wrapper went
+    first."""
+    cleaned: list[int] = []
+
+    @d.span
+    async def agen(n: int) -> AsyncIterator[int]:
+        try:
+            yield n
+            yield n + 1
+        finally:
+            await asyncio.sleep(0)  # clean-up that awaits, like closing a response
+            cleaned.append(n)
+
+    kept: list[object] = []
+
+    async def main() -> None:
+        for n in range(6):
+            it = agen(n)
+            await it.__anext__()
+            kept.append(it)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(main())
+    kept.clear()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert sorted(cleaned) == list(range(6))
+    records = rec.named(agen.__qualname__)
+    assert len(records) == 6
     assert all(r.status == "drop" and isinstance(r.err, GeneratorExit) for r in records)
