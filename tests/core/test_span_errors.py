@@ -405,3 +405,36 @@ def test_async_generator_open_when_asyncio_run_returns_closes_quietly(
     records = rec.named(agen.__qualname__)
     assert len(records) == 6
     assert all(r.status == "drop" and isinstance(r.err, GeneratorExit) for r in records)
+
+
+def test_async_generators_a_traced_one_starts_stay_the_loops_to_close(d: Dispatcher) -> None:
+    """Hiding the generator inside the wrapper from the loop hides nothing else: an
+    async generator its body starts is still closed by ``asyncio.run``'s shutdown, with
+    its awaiting clean-up run there."""
+    cleaned: list[str] = []
+
+    async def child() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            await asyncio.sleep(0)
+            cleaned.append("child")
+
+    kept: list[object] = []
+
+    @d.span
+    async def parent() -> AsyncIterator[int]:
+        inner = child()
+        kept.append(inner)
+        yield await inner.__anext__()
+        yield 3
+
+    async def main() -> None:
+        it = parent()
+        kept.append(it)
+        await it.__anext__()
+
+    asyncio.run(main())
+    assert cleaned == ["child"]
+    kept.clear()
