@@ -161,9 +161,9 @@ class _ActiveSpanId:
         span = _active_span.get()
         return default if span is None else span.id_
 
-    def set(self, value: str | None) -> Token[SpanContext | None] | _Activation:
+    def set(self, value: str | None) -> SpanIdToken:
         if value is None:
-            return _active_span.set(None)
+            return SpanIdToken(_active_span.set(None))
         if not isinstance(value, str):
             raise TypeError(f"active_span_id.set() takes a span id (str) or None; got {value!r}")
         parent = _active_span.get()
@@ -172,10 +172,42 @@ class _ActiveSpanId:
             span = SpanContext(value, trace_id, None, span_name_of(value))
         else:
             span = SpanContext(value, parent.trace_id, parent.id_, span_name_of(value))
-        return activate(span)
+        return SpanIdToken(activate(span))
 
-    def reset(self, token: Token[SpanContext | None] | _Activation) -> None:
-        deactivate(token)
+    def reset(self, token: SpanIdToken) -> None:
+        if not isinstance(token, SpanIdToken):
+            raise TypeError(
+                f"active_span_id.reset() takes what active_span_id.set() returned; got {token!r}"
+            )
+        deactivate(token.handle)
+
+
+class SpanIdToken:
+    """What ``active_span_id.set()`` returns, read as the ``contextvars.Token`` of
+    LlamaIndex's context variable: code copied from LlamaIndex's span wrapper takes the
+    parent from ``token.old_value`` (the id current before, ``None``, or
+    ``Token.MISSING`` when nothing was ever current here)."""
+
+    __slots__ = ("handle",)
+
+    MISSING = Token.MISSING
+
+    def __init__(self, handle: Token[SpanContext | None] | _Activation) -> None:
+        self.handle = handle
+
+    @property
+    def var(self) -> _ActiveSpanId:
+        return active_span_id
+
+    @property
+    def old_value(self) -> Any:
+        handle = self.handle
+        token = handle.token if type(handle) is _Activation else handle
+        old = token.old_value  # type: ignore[union-attr]
+        return old.id_ if isinstance(old, SpanContext) else old
+
+    def __repr__(self) -> str:
+        return f"<SpanIdToken old_value={self.old_value!r}>"
 
 
 #: Compatibility: LlamaIndex's ``active_span_id`` (``get``, ``set``, ``reset``).
@@ -454,6 +486,7 @@ __all__ = [
     "ContextKeeper",
     "RemoteSpanContext",
     "SpanContext",
+    "SpanIdToken",
     "activate",
     "active_instrument_tags",
     "active_span_id",

@@ -14,6 +14,7 @@ tuples, so the hot path reads one attribute.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import threading
@@ -44,6 +45,7 @@ from instrumentation.context import (
     _suppressed,
     activate,
     active_instrument_tags,
+    active_span_id,
     current_span,
     deactivate,
     forget_manual_trace,
@@ -58,7 +60,9 @@ from instrumentation.context import (
 )
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
+from instrumentation.events.span import SpanDropEvent
 from instrumentation.span_handlers.base import BaseSpanHandler
+from instrumentation.span_handlers.null import NullSpanHandler
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -478,7 +482,9 @@ class Dispatcher:
                 telemetry.report_handler_error(handler, "handle", event.class_name(), exc)
 
     async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
-        """Like :meth:`event`, awaiting each handler's ``ahandle``."""
+        """Like :meth:`event`, with the handlers' ``ahandle`` run concurrently (each in
+        a task, as LlamaIndex does): a slow handler does not hold up the others, and
+        ``aevent`` returns when all are done."""
         if not isinstance(event, BaseEvent):
             raise TypeError(f"dispatcher.aevent() takes a BaseEvent; got {type(event).__name__}")
         handlers = self._ev
@@ -489,11 +495,10 @@ class Dispatcher:
             for key, value in tags.items():
                 event.tags.setdefault(key, value)
         telemetry.EVENTS_DISPATCHED.inc()
-        for handler in handlers:
-            try:
-                await handler.ahandle(event, **kwargs)
-            except Exception as exc:
-                telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
+        if len(handlers) == 1:  # nothing to run beside it: no task to make
+            await _ahandle(handlers[0], event, kwargs)
+        else:
+            await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in handlers])
 
     # -- spans by hand --------------------------------------------------------------
 
@@ -775,6 +780,13 @@ class Dispatcher:
             f"<Dispatcher {self.name!r} parent={self.parent_name!r} propagate={self._propagate} "
             f"event_handlers={len(self._event_handlers)} span_handlers={len(self._span_handlers)}>"
         )
+
+
+async def _ahandle(handler: BaseEventHandler, event: BaseEvent, kwargs: dict[str, Any]) -> None:
+    try:
+        await handler.ahandle(event, **kwargs)
+    except Exception as exc:
+        telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
 
 
 def _close(handler: Any) -> None:
@@ -1150,8 +1162,11 @@ __all__ = [
     "EventDispatcher",
     "HandlerList",
     "Manager",
+    "NullSpanHandler",
     "SpanBlock",
+    "SpanDropEvent",
     "active_instrument_tags",
+    "active_span_id",
     "get_dispatcher",
     "instrument_tags",
     "root_dispatcher",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +17,8 @@ class BaseSpan(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    id_: str = Field(default_factory=str, description="Id of the span.")
+    # Handlers pass the dispatcher's id; one made by hand gets a unique id, as in LlamaIndex.
+    id_: str = Field(default_factory=lambda: str(uuid.uuid4()), description="Id of the span.")
     parent_id: str | None = Field(default=None, description="Id of the parent span.")
     tags: dict[str, Any] = Field(default_factory=dict)
     trace_id: str | None = Field(default=None, description="Id shared by the whole call tree.")

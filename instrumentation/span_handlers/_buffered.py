@@ -45,6 +45,7 @@ _DEQUE_METHODS = (
     "__lt__",
     "__mul__",
     "__ne__",
+    "__radd__",
     "__repr__",
     "__rmul__",
     "__setitem__",
@@ -61,6 +62,7 @@ _DEQUE_METHODS = (
     "remove",
     "reverse",
     "rotate",
+    "sort",
 )
 
 #: dict methods that read or write: each first takes in what is buffered.
@@ -100,8 +102,9 @@ def _taking_in_first(method: Callable[..., Any]) -> Callable[..., Any]:
 
 class SpanDeque(deque[T]):
     """A bounded deque that also reads like the list LlamaIndex keeps spans in:
-    it slices (``spans[-3:]`` gives a list) and compares equal to a list of the same
-    spans (``handler.completed_spans == []``)."""
+    it slices (``spans[-3:]`` gives a list), compares equal to a list of the same
+    spans (``handler.completed_spans == []``), adds to lists, sorts, and takes an
+    index in ``pop`` and slices in ``del``, so that code written against a list works."""
 
     __slots__ = ()
 
@@ -109,6 +112,46 @@ class SpanDeque(deque[T]):
         if isinstance(index, slice):
             return list(self)[index]
         return deque.__getitem__(self, index)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            items = list(deque.__iter__(self))
+            items[index] = value
+            self._replace(items)
+        else:
+            deque.__setitem__(self, index, value)
+
+    def __delitem__(self, index: Any) -> None:
+        if isinstance(index, slice):
+            items = list(deque.__iter__(self))
+            del items[index]
+            self._replace(items)
+        else:
+            deque.__delitem__(self, index)
+
+    def __add__(self, other: Any) -> Any:
+        if isinstance(other, list):
+            return list(deque.__iter__(self)) + other
+        return deque.__add__(self, other)
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, list):
+            return other + list(deque.__iter__(self))
+        return NotImplemented
+
+    def pop(self, index: int | None = None) -> T:
+        if index is None:
+            return deque.pop(self)
+        item = deque.__getitem__(self, index)
+        deque.__delitem__(self, index)
+        return item
+
+    def sort(self, *, key: Callable[[T], Any] | None = None, reverse: bool = False) -> None:
+        self._replace(sorted(deque.__iter__(self), key=key, reverse=reverse))  # type: ignore[type-var,arg-type]
+
+    def _replace(self, items: list[T]) -> None:
+        deque.clear(self)
+        deque.extend(self, items)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, list):

@@ -6,7 +6,7 @@ import inspect
 import threading
 from abc import abstractmethod
 from collections import deque
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -33,6 +33,23 @@ _SPAN_METHODS = (
 )
 
 _takes_kwargs_cache: dict[type, tuple[bool, bool, bool]] = {}
+_bounded_cache: dict[type, frozenset[str]] = {}
+
+
+def _bounded_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """Which of ``completed_spans``/``dropped_spans`` the class keeps bounded: all,
+    unless a subclass declared its own type for one (``List[MySpan]``, as LlamaIndex
+    handlers do), which it then gets as it declared it, growing as it appends."""
+    found = _bounded_cache.get(cls)
+    if found is None:
+        found = frozenset(
+            name
+            for name in _BOUNDED
+            if isinstance(kind := get_origin(ann := cls.model_fields[name].annotation) or ann, type)
+            and issubclass(kind, SpanDeque)
+        )
+        _bounded_cache[cls] = found
+    return found
 
 
 def _accepts_var_keyword(func: Any) -> bool:
@@ -114,14 +131,18 @@ class BaseSpanHandler(BaseModel, Generic[T]):
             cls.needs_bound_args = True
 
     def model_post_init(self, __context: Any) -> None:
-        self.completed_spans = SpanDeque(self.completed_spans, maxlen=self.max_completed_spans)
-        self.dropped_spans = SpanDeque(self.dropped_spans, maxlen=self.max_completed_spans)
+        for name in _bounded_fields(type(self)):
+            setattr(self, name, SpanDeque(getattr(self, name), maxlen=self.max_completed_spans))
 
     def __setattr__(self, name: str, value: Any) -> None:
         # What is assigned later stays bounded too: a plain list or an unbounded deque
         # becomes a SpanDeque of the last ``max_completed_spans``; a bounded deque
         # keeps its own bound.
-        if name in _BOUNDED and not isinstance(value, SpanDeque):
+        if (
+            name in _BOUNDED
+            and not isinstance(value, SpanDeque)
+            and name in _bounded_fields(type(self))
+        ):
             maxlen = value.maxlen if isinstance(value, deque) else None
             value = SpanDeque(value, maxlen=self.max_completed_spans if maxlen is None else maxlen)
         elif name == "max_completed_spans" and "max_completed_spans" in self.__dict__:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -126,3 +127,48 @@ def test_bad_field_values_raise_validation_error() -> None:
         BaseEvent(tags=["not", "a", "dict"])
     with pytest.raises(ValidationError):
         SpanDropEvent()  # type: ignore[call-arg]
+
+
+async def test_aevent_runs_the_handlers_concurrently() -> None:
+    """As in LlamaIndex, ``aevent`` runs each handler's ``ahandle`` in its own task: a
+    handler that waits for another's work does not hold it up, and a failing one is
+    reported without stopping the rest."""
+    import asyncio
+
+    from instrumentation import telemetry
+    from instrumentation.event_handlers import BaseEventHandler
+
+    ready = asyncio.Event()
+    order: list[str] = []
+
+    class Waits(BaseEventHandler):
+        async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+            await asyncio.wait_for(ready.wait(), timeout=5)
+            order.append("waited")
+
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:  # pragma: no cover
+            raise AssertionError("aevent awaits ahandle")
+
+    class Sets(BaseEventHandler):
+        async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+            await asyncio.sleep(0)
+            order.append("set")
+            ready.set()
+
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:  # pragma: no cover
+            raise AssertionError("aevent awaits ahandle")
+
+    class Fails(BaseEventHandler):
+        async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+            raise RuntimeError("broken handler")
+
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:  # pragma: no cover
+            raise AssertionError("aevent awaits ahandle")
+
+    d = get_dispatcher(fresh())
+    for handler in (Waits(), Fails(), Sets()):
+        d.add_event_handler(handler)
+    before = telemetry.handler_errors().get("Fails", 0)
+    await d.aevent(OrderPlaced(order_id=2))
+    assert order == ["set", "waited"]
+    assert telemetry.handler_errors().get("Fails", 0) == before + 1

@@ -424,3 +424,149 @@ def test_capture_tolerates_tags_set_by_hand_to_something_else() -> None:
         )
     finally:
         active_instrument_tags.reset(token)
+
+
+def test_a_span_wrapper_copied_from_llamaindex_takes_its_parent_from_the_token() -> None:
+    """LlamaIndex's own span wrapper, copied into users' decorators, reads the parent
+    id from ``active_span_id.set(id_).old_value``: the id current before, or
+    ``Token.MISSING`` at the top."""
+    import uuid
+    from contextvars import Token
+
+    from instrumentation.span import active_span_id
+
+    spans = SimpleSpanHandler()
+    d = get_dispatcher("switching.copied_wrapper")
+    d.add_span_handler(spans)
+    no_args = inspect.signature(lambda: None).bind()
+
+    def named_span(name: str, body: Any) -> Any:
+        span_id = f"{name}-{uuid.uuid4()}"
+        token = active_span_id.set(span_id)
+        assert token.var is active_span_id
+        parent_id = None if token.old_value is Token.MISSING else token.old_value
+        d.span_enter(id_=span_id, bound_args=no_args, parent_id=parent_id)
+        try:
+            result = body()
+        finally:
+            active_span_id.reset(token)
+        d.span_exit(id_=span_id, bound_args=no_args, result=result)
+        return result
+
+    errors_before = telemetry.handler_errors().get("SimpleSpanHandler", 0)
+    named_span("query", lambda: named_span("retrieve", lambda: 1))
+    by_name = {s.name: s for s in spans.completed_spans}
+    assert set(by_name) == {"query", "retrieve"}
+    assert by_name["query"].parent_id is None
+    assert by_name["retrieve"].parent_id == by_name["query"].id_
+    assert telemetry.handler_errors().get("SimpleSpanHandler", 0) == errors_before
+    with pytest.raises(TypeError, match=r"active_span_id\.set\(\) returned"):
+        active_span_id.reset("not a token")  # type: ignore[arg-type]
+
+
+def test_names_importable_from_the_dispatcher_module() -> None:
+    """LlamaIndex code imports these from ``...dispatcher`` as well as their homes."""
+    from instrumentation import dispatcher as module
+    from instrumentation.events.span import SpanDropEvent
+    from instrumentation.span import active_span_id
+    from instrumentation.span_handlers import NullSpanHandler
+
+    assert module.SpanDropEvent is SpanDropEvent
+    assert module.NullSpanHandler is NullSpanHandler
+    assert module.active_span_id is active_span_id
+
+
+def test_a_span_made_by_hand_gets_a_unique_id() -> None:
+    """``SimpleSpan()`` without ``id_`` gets a fresh id (a UUID, as in LlamaIndex), not ''."""
+    ids = {SimpleSpan().id_ for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) == 36 for i in ids)
+
+
+def test_span_lists_take_list_operations() -> None:
+    """``completed_spans`` is a bounded deque, but code written for LlamaIndex's list
+    adds it to lists, sorts it, pops by index and deletes slices."""
+    spans = SimpleSpanHandler()
+    d = get_dispatcher("switching.list_ops")
+    d.add_span_handler(spans)
+
+    @d.span
+    def step(n: int) -> int:
+        return n
+
+    for n in range(4):
+        step(n)
+    done = spans.completed_spans
+    first, last = done[0], done[-1]
+    assert [first] + done == [first, *done[:]]  # noqa: RUF005 - the operation under test
+    assert done + [last] == [*done[:], last]  # noqa: RUF005
+    done.sort(key=lambda s: s.start_time, reverse=True)
+    assert done[0] is last and done[-1] is first
+    assert done.pop(0) is last and len(done) == 3
+    assert done.pop() is first and len(done) == 2
+    step(9)  # buffered until read: each operation takes it in first
+    del done[:1]
+    assert len(done) == 2
+    done[0:1] = []
+    assert len(done) == 1 and done[0].end_time is not None
+    assert done.maxlen == 10_000
+
+
+def test_a_handler_that_declares_its_own_list_keeps_it() -> None:
+    """A LlamaIndex handler that re-declares ``completed_spans: List[...]`` gets the list
+    it declared (and serialises without pydantic's warnings); the base class's own
+    fields stay bounded deques."""
+    import warnings
+
+    from pydantic import Field
+
+    class ListKeeping(BaseSpanHandler[SimpleSpan]):
+        completed_spans: list[SimpleSpan] = Field(default_factory=list)
+
+        def new_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            parent_span_id: str | None = None,
+            tags: Any = None,
+            **kwargs: Any,
+        ) -> SimpleSpan:
+            return SimpleSpan(id_=id_, parent_id=parent_span_id)
+
+        def prepare_to_exit_span(
+            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+        ) -> SimpleSpan:
+            span = self.open_spans[id_]
+            self.completed_spans.append(span)
+            return span
+
+        def prepare_to_drop_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            err: BaseException | None = None,
+            **kwargs: Any,
+        ) -> SimpleSpan | None:
+            return self.open_spans.get(id_)
+
+    handler = ListKeeping()
+    d = get_dispatcher("switching.own_list")
+    d.add_span_handler(handler)
+
+    @d.span
+    def work() -> int:
+        return 1
+
+    work()
+    assert type(handler.completed_spans) is list and len(handler.completed_spans) == 1
+    shared: list[SimpleSpan] = []
+    handler.completed_spans = shared
+    work()
+    assert shared and shared[0].name == work.__qualname__
+    from instrumentation.span_handlers._buffered import SpanDeque
+
+    assert type(handler.dropped_spans) is SpanDeque
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(handler.model_dump()["completed_spans"], list)
