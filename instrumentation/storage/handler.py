@@ -379,7 +379,11 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             _time(),
             _perf_counter(),
             parent_id,
-            is_root,
+            # A parent this handler has not seen open (another dispatcher's span, one
+            # open before the handler came, or another process's) is not stored by it:
+            # this span is then a root of what the store holds, listed as a trace of its
+            # own unless the parent's row is there after all (another handler's).
+            is_root or parent_id not in opened,
             kwargs.get("name") or span_name_of(id_),
             kwargs.get("trace_id"),
             dispatcher,

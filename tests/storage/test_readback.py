@@ -300,6 +300,36 @@ def test_a_trace_continued_elsewhere_is_listed_once(tmp_path: Any, make_handler:
     assert [c.name for c in root.children] == ["retrieve"]
 
 
+def test_a_span_whose_parent_the_store_never_gets_is_listed(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Recording one dispatcher below traced code (its parent span is another
+    dispatcher's, seen by some other handler), or attaching inside an open span: the
+    stored span heads a trace of its own in traces(), whatever else is attached."""
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    elsewhere = SimpleSpanHandler()
+    d.add_span_handler(elsewhere)  # makes answer() a real span, one the store never sees
+    try:
+        handler = make_handler(any_store).attach(d_db)
+        answer("partial?")
+        with d.span("open before"):
+            late = make_handler(any_store).attach(d)
+            retrieve("late")
+            assert late.flush(10)
+            late.detach()
+    finally:
+        d.remove_span_handler(elsewhere)
+    assert handler.flush(10)
+    listed = any_store.traces()
+    assert sorted(t.name for t in listed) == ["retrieve", "retrieve"]
+    by_trace = {t.trace_id: t for t in listed}
+    assert len(by_trace) == 2
+    for summary in listed:
+        (root,) = roots_of(any_store.trace(summary.trace_id))
+        assert root.name == "retrieve" and root.parent_id is not None
+
+
 def test_events_returns_at_most_limit_and_none_means_all(
     any_store: Store, make_handler: Any
 ) -> None:
