@@ -2,9 +2,10 @@
 
 Runs on the writer thread, never the application's. Nothing here raises for bad
 data: a value that cannot be serialised is stored as its ``repr`` under the marker
-``"__unserialisable__"`` (the row is kept), and a JSON value longer than
-``max_payload_chars`` is replaced by ``{"__truncated__": true, "original_chars": n,
-"preview": "<the first characters>"}``.
+``"__unserialisable__"`` (the row is kept), and in a JSON object longer than
+``max_payload_chars`` the largest fields are replaced, one at a time, by
+``{"__truncated__": true, "original_chars": n, "preview": "<the first characters>"}``
+until it fits, so that one long prompt does not cost the event its other fields.
 """
 
 from __future__ import annotations
@@ -74,14 +75,51 @@ def _default(value: Any) -> Any:
     return unserialisable(value)
 
 
+#: Room for a marker's own keys and the preview's escaping, in characters.
+_MARKER_ROOM = 100
+
+
+def _marker(text: str, preview_chars: int) -> dict[str, Any]:
+    return {TRUNCATED: True, "original_chars": len(text), "preview": text[: max(0, preview_chars)]}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     _TRUNCATED.inc()
-    return json.dumps(
-        {TRUNCATED: True, "original_chars": len(text), "preview": text[: max(0, limit - 100)]},
-        ensure_ascii=False,
-    )
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and data:
+        fitted = _truncate_fields(data, len(text), limit)
+        if fitted is not None:
+            return fitted
+    return _dumps(_marker(text, limit - _MARKER_ROOM))
+
+
+def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None:
+    """``data`` with its largest fields replaced by markers until it fits in ``limit``,
+    or None when even that is too long (a great many small fields)."""
+    texts = {
+        key: value if isinstance(value, str) else _dumps(value) for key, value in data.items()
+    }
+    for key in sorted(texts, key=lambda k: len(texts[k]), reverse=True):
+        if total <= limit:
+            break
+        field = texts[key]
+        over = total - limit
+        if len(field) <= _MARKER_ROOM:
+            break  # the rest are as small: markers would not make them shorter
+        data[key] = _marker(field, len(field) - over - 2 * _MARKER_ROOM)
+        total = len(_dumps(data))
+    if total > limit:
+        return None
+    return _dumps(data)
 
 
 def to_json(value: Any, limit: int) -> str:

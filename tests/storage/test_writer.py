@@ -195,15 +195,55 @@ def test_unserialisable_values_become_marked_reprs(tmp_path: Path, make_handler:
 
 
 def test_large_payloads_are_truncated_with_a_marker(tmp_path: Path, make_handler: Any) -> None:
+    """The largest fields of an event too long to store give way to markers, one at a
+    time, until it fits: the rest of the event is kept as it was."""
     store = SQLiteStore(tmp_path / "t.db")
     handler = make_handler(store, max_payload_chars=1000)
-    handler.handle(NoteEvent(text="x" * 50_000))
+    handler.handle(NoteEvent(text="x" * 50_000, tags={"user": "u1", "doc": "d" * 3000}))
     handler.handle(NoteEvent(text="small"))
     assert handler.flush(10)
     big, small = sorted(store.events(), key=lambda e: len(json.dumps(e.payload)), reverse=True)
-    assert big.payload[TRUNCATED] is True and big.payload["original_chars"] > 50_000
-    assert len(big.payload["preview"]) <= 1000
+    text = big.payload["text"]
+    assert text[TRUNCATED] is True and text["original_chars"] == 50_000
+    assert text["preview"] == "x" * len(text["preview"])
+    assert big.payload["tags"] == {"user": "u1", "doc": "d" * 3000} or (
+        big.payload["tags"][TRUNCATED] is True
+    )
+    assert len(json.dumps(big.payload, separators=(",", ":"))) <= 1000
     assert small.payload["text"] == "small"
+
+
+def test_a_payload_of_many_small_fields_too_long_is_one_marker(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """When no field is large, markers would not help: the payload as a whole is
+    replaced, its start kept as the preview."""
+    from pydantic import create_model
+
+    from instrumentation import BaseEvent
+
+    wide: Any = create_model(
+        "WideEvent", __base__=BaseEvent, **{f"field_{i}": (int, i) for i in range(200)}
+    )
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, max_payload_chars=300)
+    handler.handle(wide())
+    assert handler.flush(10)
+    (event,) = store.events()
+    assert event.payload[TRUNCATED] is True and event.payload["original_chars"] > 1000
+    assert event.payload["preview"].startswith("{")
+
+
+def test_one_long_field_leaves_the_others(tmp_path: Path, make_handler: Any) -> None:
+    """A long prompt in an event costs the event only that field."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, max_payload_chars=2000)
+    handler.handle(NoteEvent(text="p" * 70_000, tags={"user": "u1"}))
+    assert handler.flush(10)
+    (event,) = store.events()
+    assert event.payload["tags"] == {"user": "u1"}
+    assert event.payload["text"]["original_chars"] == 70_000
+    assert len(event.payload["text"]["preview"]) > 1000
 
 
 def test_the_writer_never_traces_itself(tmp_path: Path, make_handler: Any) -> None:
