@@ -42,7 +42,9 @@ def _when(value: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a time: use ISO 8601 (2026-11-23T10:00) or an age (15m, 2h, 3d)"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    # Without an offset it is local time, as ``list`` prints times: one copied from
+    # its output selects that trace.
+    return parsed if parsed.tzinfo else parsed.astimezone()
 
 
 def _seconds(value: str) -> float:
@@ -56,6 +58,25 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _positive_seconds(value: str) -> float:
+    """A number of seconds, more than 0."""
+    seconds = _seconds(value)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError(f"takes seconds (more than 0), got {value!r}")
+    return seconds
+
+
+def _positive_int(value: str) -> int:
+    """A count, 1 or more."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number, 1 or more, got {value!r}")
+    return number
+
+
 def _meta_item(item: str) -> tuple[str, str]:
     """One ``--meta KEY=VALUE`` (an argument error, status 2, without the ``=``)."""
     key, sep, value = item.partition("=")
@@ -65,7 +86,15 @@ def _meta_item(item: str) -> tuple[str, str]:
 
 
 def _meta(values: list[tuple[str, str]] | None) -> dict[str, str]:
-    return dict(values or [])
+    wanted: dict[str, str] = {}
+    for key, value in values or []:
+        if key in wanted and wanted[key] != value:
+            raise ValueError(
+                f"--meta {key}= is given twice ({wanted[key]!r} and {value!r}): "
+                "a trace has one value per key"
+            )
+        wanted[key] = value
+    return wanted
 
 
 def _tokens(n: int) -> str:
@@ -83,13 +112,34 @@ def summary_line(s: TraceSummary) -> str:
         f"{s.name or '?'}",
         format_duration(s.duration),
         f"{s.span_count} spans",
-        "✗ " + (s.error or f"{s.error_count} errors")
-        if s.status == "error" or s.error_count
-        else "ok",
+        "✗ " + (s.error or "failed")
+        if s.status == "error"
+        else "ok" + (_failed_inside(s.error_count) if s.error_count else ""),
         _tokens(s.total_tokens),
         _cost(s.cost_usd),
     ]
     return "  ".join(p for p in parts if p)
+
+
+def _failed_inside(count: int) -> str:
+    # The trace's outcome is its root's (what --status selects); spans that failed
+    # inside it (an error caught and handled, a retry) are counted beside it.
+    return f" ({count} span{'s' if count != 1 else ''} failed inside)"
+
+
+def _event_fields(payload: Any, shown: str | None, width: int = 100) -> str:
+    """An event's own fields on one line, cut at ``width`` characters (not the one
+    whose value is ``shown`` already, as its error)."""
+    if not isinstance(payload, dict):
+        return ""
+    parts = []
+    for key, value in payload.items():
+        if (key == "tags" and not value) or (shown is not None and value == shown):
+            continue
+        text = repr(value)
+        parts.append(f"{key}={text if len(text) <= 40 else text[:39] + '…'}")
+    line = " ".join(parts)
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def span_label(span: StoredSpan) -> str:
@@ -113,7 +163,12 @@ def format_trace(spans: list[StoredSpan], *, events: bool = False) -> str:
         def label(item: Any) -> str:
             if isinstance(item, StoredSpan):
                 return span_label(item)
-            return f"· {item.type}" + (f"  ✗ {item.error}" if item.error else "")
+            fields = _event_fields(item.payload, item.error)
+            return (
+                f"· {item.type}"
+                + (f"  {fields}" if fields else "")
+                + (f"  ✗ {item.error}" if item.error else "")
+            )
 
         items: list[Any] = [*spans, *(e for s in spans for e in s.events)]
         forest = build_forest(
@@ -388,37 +443,44 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Started as the ``instrumentation`` command, say so; else ``python -m``.
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
-        prog="python -m instrumentation",
+        prog="instrumentation" if invoked == "instrumentation" else "python -m instrumentation",
         description="Read traces kept by instrumentation.storage.",
     )
-    parser.add_argument(
-        "--db",
-        help="SQLite path or PostgreSQL DSN (default: $INSTRUMENTATION_DB or instrumentation.db)",
-    )
+    db_help = "SQLite path or PostgreSQL DSN (default: $INSTRUMENTATION_DB or instrumentation.db)"
+    parser.add_argument("--db", help=db_help)
+    # --db is taken after the command too (``list --db x.db``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("list", help="recent traces, newest first")
-    ls.add_argument("--limit", type=int, default=20)
-    ls.add_argument("--since", type=_when, help="ISO time or age (15m, 2h)")
-    ls.add_argument("--until", type=_when)
+    ls = sub.add_parser("list", help="recent traces, newest first", parents=[common])
+    ls.add_argument("--limit", type=_positive_int, default=20)
+    ls.add_argument(
+        "--since", type=_when, help="ISO time (local unless it has an offset) or age (15m, 2h)"
+    )
+    ls.add_argument("--until", type=_when, help="as --since")
     ls.add_argument("--name", help="root span name (* is a wildcard)")
-    ls.add_argument("--status", choices=["ok", "error"])
-    ls.add_argument("--min-duration", type=float, help="seconds")
+    ls.add_argument("--status", choices=["ok", "error"], help="how the trace's root span ended")
+    ls.add_argument("--min-duration", type=_seconds, help="seconds")
     ls.add_argument("--dispatcher", help="dispatcher name (and those below it)")
     ls.add_argument(
         "--meta", action="append", type=_meta_item, help="KEY=VALUE, e.g. user=alice (repeatable)"
     )
 
-    show = sub.add_parser("show", help="one trace as a tree")
+    show = sub.add_parser("show", help="one trace as a tree", parents=[common])
     show.add_argument("trace_id", help="a trace id, a unique prefix of one, or 'latest'")
     show.add_argument("--events", action="store_true", help="list each span's events too")
     show.add_argument("--json", action="store_true", help="print the trace as JSON")
 
-    tail = sub.add_parser("tail", help="print traces as they finish, from now on")
-    tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
-    tail.add_argument("--max-seconds", type=float, help="stop after this long")
-    tail.add_argument("--count", type=int, help="stop after this many traces")
+    tail = sub.add_parser("tail", help="print traces as they finish, from now on", parents=[common])
+    tail.add_argument(
+        "--interval", type=_positive_seconds, default=1.0, help="seconds between polls"
+    )
+    tail.add_argument("--max-seconds", type=_seconds, help="stop after this long")
+    tail.add_argument("--count", type=_positive_int, help="stop after this many traces")
     tail.add_argument(
         "--lookback",
         type=_seconds,
@@ -429,11 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--tree", action="store_true", help="print each trace's tree")
 
-    export = sub.add_parser("export", help="traces as JSON lines")
+    export = sub.add_parser("export", help="traces as JSON lines", parents=[common])
     export.add_argument("trace_ids", nargs="*", help="traces to export (default: recent)")
-    export.add_argument("--limit", type=int, default=100)
-    export.add_argument("--since", type=_when)
-    export.add_argument("--until", type=_when)
+    export.add_argument("--limit", type=_positive_int, default=100)
+    export.add_argument("--since", type=_when, help="as list --since")
+    export.add_argument("--until", type=_when, help="as list --since")
     export.add_argument("--output", "-o", help="file to write (default: stdout)")
     return parser
 

@@ -416,10 +416,19 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     ) -> None:
         info: Any = self.open_spans.pop(id_, None)
         if info is not None:
-            try:
-                error = f"{type(err).__name__}: {err}" if err is not None else "dropped"
-            except Exception:  # str(err) itself can raise
-                error = type(err).__name__
+            error: str | None
+            if isinstance(err, GeneratorExit):
+                # A generator its caller stopped reading (``break``, ``close()``) did
+                # not fail: stored as ok, as the OpenTelemetry export has it.
+                error = None
+            elif err is None:
+                error = "dropped"
+            else:
+                try:
+                    message = str(err)
+                except Exception:  # str(err) itself can raise
+                    message = ""
+                error = f"{type(err).__name__}: {message}" if message else type(err).__name__
             self._fast_put((info, id_, _perf_counter(), error))
             if info[9] is not None:
                 self._recent_scopes.add(id_, info[9])

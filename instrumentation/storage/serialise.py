@@ -105,9 +105,7 @@ def _truncate(text: str, limit: int) -> str:
 def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None:
     """``data`` with its largest fields replaced by markers until it fits in ``limit``,
     or None when even that is too long (a great many small fields)."""
-    texts = {
-        key: value if isinstance(value, str) else _dumps(value) for key, value in data.items()
-    }
+    texts = {key: value if isinstance(value, str) else _dumps(value) for key, value in data.items()}
     for key in sorted(texts, key=lambda k: len(texts[k]), reverse=True):
         if total <= limit:
             break

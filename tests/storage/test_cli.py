@@ -82,7 +82,8 @@ def test_list_show_and_export(any_store: Store, make_handler: Any, tmp_path: Pat
     assert lines[3].startswith("└── failing_step  ") and "✗ RuntimeError: tool broke" in lines[3]
     assert _run("--db", db, "show", "latest") == shown
     with_events = _run("--db", db, "show", "latest", "--events")
-    assert "· FakeLLMEndEvent" in with_events and "· SpanDropEvent  ✗ tool broke" in with_events
+    assert "· FakeLLMEndEvent  " in with_events and "cost_usd=0.5" in with_events  # fields too
+    assert "· SpanDropEvent  ✗ tool broke" in with_events  # err_str is its error: once
     out_file = tmp_path / "out.jsonl"
     _run("--db", db, "export", "--output", str(out_file))
     (record,) = [json.loads(x) for x in out_file.read_text().splitlines()]
@@ -711,3 +712,114 @@ def test_tail_gets_past_more_traces_than_it_remembers_that_ended_together(
     _write_roots(store, [("then", end + 1e-7), ("later", end + 20)])
     assert [s.name for s in follower.new_traces()] == ["then", "later"]
     assert list(follower.new_traces()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("tail", "--interval", "inf"),
+        ("tail", "--interval", "nan"),
+        ("tail", "--interval", "-1"),
+        ("tail", "--interval", "0"),
+        ("tail", "--max-seconds", "-2"),
+        ("tail", "--count", "0"),
+        ("tail", "--count", "-5"),
+        ("list", "--limit", "0"),
+        ("list", "--min-duration", "-1"),
+        ("list", "--min-duration", "nan"),
+        ("export", "--limit", "-3"),
+    ],
+)
+def test_number_options_are_checked_and_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, option: str, value: str
+) -> None:
+    """A bad number is an argument error (status 2) naming the option, before any
+    reading starts, not a database error or a silent default."""
+    SQLiteStore(tmp_path / "t.db").close()
+    with pytest.raises(SystemExit) as info:
+        main(["--db", str(tmp_path / "t.db"), command, option, value])
+    assert info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_db_may_come_after_the_command(tmp_path: Path, make_handler: Any) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    pipeline()
+    assert handler.flush(10)
+    handler.detach()
+    db = str(tmp_path / "t.db")
+    assert _run("list", "--db", db) == _run("--db", db, "list")
+    assert "pipeline" in _run("show", "latest", "--db", db)
+
+
+def test_a_meta_key_given_twice_with_two_values_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    SQLiteStore(tmp_path / "t.db").close()
+    db = str(tmp_path / "t.db")
+    assert main(["--db", db, "list", "--meta", "user=a", "--meta", "user=b"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["--db", db, "list", "--meta", "user=a", "--meta", "user=a"]) == 0
+
+
+def test_times_without_an_offset_are_local_as_list_prints_them(
+    tmp_path: Path, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start time copied from ``list`` (local time) selects that trace in --until."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        store = SQLiteStore(tmp_path / "t.db")
+        handler = make_handler(store).attach(d)
+        pipeline()
+        assert handler.flush(10)
+        handler.detach()
+        db = str(tmp_path / "t.db")
+        line = _run("--db", db, "list").splitlines()[0]
+        shown = datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+        after = (shown + timedelta(minutes=1)).isoformat()
+        before = (shown - timedelta(minutes=1)).isoformat()
+        assert "pipeline" in _run("--db", db, "list", "--until", after)
+        assert "pipeline" not in _run("--db", db, "list", "--until", before)
+        assert "pipeline" in _run("--db", db, "list", "--since", before)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_a_trace_whose_root_succeeded_is_ok_with_its_failures_counted(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """``list`` shows a trace's outcome as --status selects it (its root's), and the
+    spans that failed inside it beside that."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    pipeline()  # failing_step raises inside, pipeline catches it
+    assert handler.flush(10)
+    handler.detach()
+    db = str(tmp_path / "t.db")
+    line = _run("--db", db, "list").splitlines()[0]
+    assert "ok (1 span failed inside)" in line and "✗" not in line
+    assert "pipeline" in _run("--db", db, "list", "--status", "ok")
+    assert "pipeline" not in _run("--db", db, "list", "--status", "error")
+
+
+def test_a_generator_closed_early_is_stored_as_ok(tmp_path: Path, make_handler: Any) -> None:
+    """A caller that stops reading a traced generator (``break``) did not make it
+    fail: its span is stored as ok, as the OpenTelemetry export has it."""
+
+    @d.span
+    def rows() -> Any:
+        yield 1
+        yield 2
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    for _ in rows():
+        break
+    assert handler.flush(10)
+    handler.detach()
+    (summary,) = store.traces()
+    assert summary.status == "ok" and summary.error is None
+    assert "✗" not in _run("--db", str(tmp_path / "t.db"), "list")
