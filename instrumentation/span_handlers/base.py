@@ -218,14 +218,20 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         not open here (``new_span`` kept nothing), as in LlamaIndex."""
         if self._was_ended_by_shutdown(id_):
             return
-        if _takes_kwargs(type(self))[1]:
-            span = self.prepare_to_exit_span(
-                id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
-            )
-        else:
-            span = self.prepare_to_exit_span(
-                id_=id_, bound_args=bound_args, instance=instance, result=result
-            )
+        try:
+            if _takes_kwargs(type(self))[1]:
+                span = self.prepare_to_exit_span(
+                    id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
+                )
+            else:
+                span = self.prepare_to_exit_span(
+                    id_=id_, bound_args=bound_args, instance=instance, result=result
+                )
+        except BaseException:
+            # The call has ended all the same: a handler that fails here on every span
+            # (its error is reported by the dispatcher) must not keep them all open.
+            self.open_spans.pop(id_, None)
+            raise
         if span is not None:
             self.open_spans.pop(id_, None)
 
@@ -240,14 +246,20 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
         if self._was_ended_by_shutdown(id_):
             return
-        if _takes_kwargs(type(self))[2]:
-            span = self.prepare_to_drop_span(
-                id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs
-            )
-        else:
-            span = self.prepare_to_drop_span(
-                id_=id_, bound_args=bound_args, instance=instance, err=err
-            )
+        try:
+            if _takes_kwargs(type(self))[2]:
+                span = self.prepare_to_drop_span(
+                    id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs
+                )
+            else:
+                span = self.prepare_to_drop_span(
+                    id_=id_, bound_args=bound_args, instance=instance, err=err
+                )
+        except BaseException:
+            # The call has ended all the same: a handler that fails here on every span
+            # (its error is reported by the dispatcher) must not keep them all open.
+            self.open_spans.pop(id_, None)
+            raise
         if span is not None:
             self.open_spans.pop(id_, None)
 

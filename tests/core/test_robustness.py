@@ -215,3 +215,59 @@ def test_a_misspelt_handler_option_is_an_error_not_ignored() -> None:
     with pytest.raises(ValidationError, match="colour"):
         NullEventHandler(colour="red")  # type: ignore[call-arg]
     assert SimpleSpanHandler(max_completed_spans=5).max_completed_spans == 5
+
+
+@pytest.mark.parametrize("failing", ["prepare_to_exit_span", "prepare_to_drop_span"])
+def test_a_handler_failing_to_end_spans_does_not_keep_them_open(failing: str) -> None:
+    """A handler whose prepare method raises on every span is reported each time, and
+    its ``open_spans`` (the library's to keep) does not grow with every call."""
+    from instrumentation.span import SimpleSpan
+    from instrumentation.span_handlers import BaseSpanHandler
+
+    class Failing(BaseSpanHandler[SimpleSpan]):
+        def new_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            parent_span_id: str | None = None,
+            tags: Any = None,
+            **kwargs: Any,
+        ) -> SimpleSpan:
+            return SimpleSpan(id_=id_, parent_id=parent_span_id)
+
+        def prepare_to_exit_span(
+            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+        ) -> SimpleSpan | None:
+            if failing == "prepare_to_exit_span":
+                raise RuntimeError("broken exit")
+            return self.open_spans.get(id_)
+
+        def prepare_to_drop_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            err: BaseException | None = None,
+            **kwargs: Any,
+        ) -> SimpleSpan | None:
+            if failing == "prepare_to_drop_span":
+                raise RuntimeError("broken drop")
+            return self.open_spans.get(id_)
+
+    handler = Failing()
+    d = get_dispatcher(fresh())
+    d.add_span_handler(handler)
+
+    @d.span
+    def work(fail: bool) -> None:
+        if fail:
+            raise ValueError("app error")
+
+    before = telemetry.handler_errors().get("Failing", 0)
+    for _ in range(50):
+        work(False)
+        with pytest.raises(ValueError, match="app error"):
+            work(True)
+    assert handler.open_spans == {}
+    assert telemetry.handler_errors().get("Failing", 0) == before + 50
