@@ -762,12 +762,17 @@ class Dispatcher:
             if any(handler is c for c in closed):
                 continue
             closed.append(handler)
-            for span_id in list(getattr(handler, "open_spans", {})):
+            open_spans = getattr(handler, "open_spans", {})
+            for span_id in list(open_spans):
+                if span_id not in open_spans:
+                    continue  # its call ended meanwhile, on another thread
                 try:
-                    handler.span_drop(id_=span_id, bound_args=EMPTY_BOUND_ARGS, err=error)
+                    outcome = handler.span_drop(id_=span_id, bound_args=EMPTY_BOUND_ARGS, err=error)
                 except Exception as exc:
                     telemetry.report_handler_error(handler, "span_drop", span_id, exc)
                 else:
+                    if outcome is False:
+                        continue  # it ended meanwhile: nothing was dropped
                     if isinstance(handler, BaseSpanHandler):
                         handler._dropped_at_shutdown(span_id)
                     if span_id not in dropped:

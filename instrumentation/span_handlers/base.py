@@ -242,10 +242,15 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         instance: Any | None = None,
         err: BaseException | None = None,
         **kwargs: Any,
-    ) -> None:
-        """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`."""
+    ) -> bool | None:
+        """End span ``id_`` early, because of ``err``, with :meth:`prepare_to_drop_span`.
+
+        Returns whether a span was dropped (``prepare_to_drop_span`` gave one): what
+        :meth:`Dispatcher.shutdown` counts, as a call may end the span on another thread
+        meanwhile. An override may return None (not known).
+        """
         if self._was_ended_by_shutdown(id_):
-            return
+            return False
         try:
             if _takes_kwargs(type(self))[2]:
                 span = self.prepare_to_drop_span(
@@ -260,8 +265,10 @@ class BaseSpanHandler(BaseModel, Generic[T]):
             # (its error is reported by the dispatcher) must not keep them all open.
             self.open_spans.pop(id_, None)
             raise
-        if span is not None:
-            self.open_spans.pop(id_, None)
+        if span is None:
+            return False
+        self.open_spans.pop(id_, None)
+        return True
 
     def _was_ended_by_shutdown(self, id_: str) -> bool:
         """Whether shutdown dropped span ``id_`` already (forgotten once asked)."""

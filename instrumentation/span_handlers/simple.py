@@ -232,9 +232,9 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         instance: Any | None = None,
         err: BaseException | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> bool | None:
         self._take_one(id_)
-        super().span_drop(id_, bound_args, instance, err, **kwargs)
+        return super().span_drop(id_, bound_args, instance, err, **kwargs)
 
     def new_span(
         self,
@@ -262,7 +262,10 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         result: Any | None = None,
         **kwargs: Any,
     ) -> SimpleSpan | None:
-        span = self.open_spans.get(id_)
+        # Taken out at once (one step, under the GIL), not read and removed later: a
+        # shutdown dropping the span on another thread then finds it gone, and it is
+        # never both completed and dropped.
+        span = self.open_spans.pop(id_, None)
         if span is None:
             return None
         _end(span, time.time())
@@ -277,7 +280,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> SimpleSpan | None:
-        span = self.open_spans.get(id_)
+        span = self.open_spans.pop(id_, None)  # as in prepare_to_exit_span
         if span is None:
             return None
         _end(span, time.time())

@@ -421,3 +421,52 @@ def test_root_shutdown_also_shuts_the_capture_that_taps_the_tree(d: Dispatcher) 
         ("open-at-shutdown", True)
     ]
     assert cap.events == []
+
+
+def test_spans_ending_while_shutdown_drops_them_end_once_and_are_counted_right(
+    d: Dispatcher,
+) -> None:
+    """Another thread ends the calls while shutdown drops their spans: each span is
+    completed or dropped, never both, and only the dropped ones are counted."""
+    import threading
+
+    class Slow(SimpleSpanHandler):  # an override: the ordinary (locked) way
+        def new_span(self, *args: Any, **kwargs: Any) -> Any:
+            return super().new_span(*args, **kwargs)
+
+    @d.span
+    def rows() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    for _ in range(3):
+        handlers = [SimpleSpanHandler(), Slow()]
+        for handler in handlers:
+            d.add_span_handler(handler)
+        open_rows = [rows() for _ in range(1500)]
+        for it in open_rows:
+            next(it)
+        before = telemetry.SPANS_DROPPED_BY_SHUTDOWN.value
+        go = threading.Event()
+
+        def finish(
+            open_rows: list[Iterator[int]] = open_rows, go: threading.Event = go
+        ) -> None:
+            go.wait()
+            for it in open_rows:
+                for _ in it:
+                    pass
+
+        finisher = threading.Thread(target=finish)
+        finisher.start()
+        go.set()
+        d.shutdown()
+        finisher.join()
+        dropped: set[str] = set()
+        for handler in handlers:
+            completed = {s.id_ for s in handler.completed_spans}
+            dropped_here = {s.id_ for s in handler.dropped_spans}
+            assert not completed & dropped_here
+            assert len(completed | dropped_here) == 1500 and not handler.open_spans
+            dropped |= dropped_here
+        assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value - before == len(dropped)
