@@ -38,19 +38,78 @@ class RecordingEventHandler(BaseEventHandler):
             self.events.append(event)
 
 
+class _CapturingEvents(RecordingEventHandler):
+    """The event handler of a capture block: see :func:`_merge`."""
+
+
+class _CapturingSpans(SimpleSpanHandler):
+    """The span handler of a capture block: see :func:`_merge`."""
+
+
+#: The handlers of the capture blocks open now, by id. Blocks may overlap without
+#: nesting (two asyncio tasks, two threads, each in its own block): when one ends and
+#: puts the handler lists back, the others' handlers stay attached.
+_open_captures: dict[int, BaseEventHandler | SimpleSpanHandler] = {}
+
+
+def _merge(saved: tuple[Any, ...], current: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The handler list to put back: ``saved``, without the handlers of capture blocks
+    that have ended since, with those of blocks still open that came since."""
+    kept = [
+        h
+        for h in saved
+        if not isinstance(h, (_CapturingEvents, _CapturingSpans)) or id(h) in _open_captures
+    ]
+    for h in current:
+        if id(h) in _open_captures and not any(h is k for k in kept):
+            kept.append(h)
+    return tuple(kept)
+
+
 class CapturedSpans(list[SimpleSpan]):
-    """The spans recorded by :func:`capture_spans` (completed and dropped), by start."""
+    """The spans recorded by :func:`capture_spans` (completed and dropped), by start.
+
+    Read inside the block, it holds the spans ended so far, as the list of
+    :func:`capture_events` does: each read takes in what ended since.
+    """
 
     def __init__(self, handler: SimpleSpanHandler) -> None:
         super().__init__()
         self.handler = handler
 
     def refresh(self) -> CapturedSpans:
-        self[:] = sorted(
-            [*self.handler.completed_spans, *self.handler.dropped_spans],
-            key=lambda s: s.start_time,
+        list.__setitem__(
+            self,
+            slice(None),
+            sorted(
+                [*self.handler.completed_spans, *self.handler.dropped_spans],
+                key=lambda s: s.start_time,
+            ),
         )
         return self
+
+    def __len__(self) -> int:
+        return list.__len__(self.refresh())
+
+    def __iter__(self) -> Iterator[SimpleSpan]:
+        return list.__iter__(self.refresh())
+
+    def __getitem__(self, index: Any) -> Any:
+        return list.__getitem__(self.refresh(), index)
+
+    def __contains__(self, item: object) -> bool:
+        return list.__contains__(self.refresh(), item)
+
+    def __eq__(self, other: object) -> bool:
+        return list.__eq__(self.refresh(), other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return list.__repr__(self.refresh())
 
     def named(self, name: str) -> list[SimpleSpan]:
         return [s for s in self if s.name == name]
@@ -63,13 +122,15 @@ class CapturedSpans(list[SimpleSpan]):
 def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[list[BaseEvent]]:
     """Record the events that reach ``dispatcher`` (the root by default) in the block."""
     target = root_dispatcher if dispatcher is None else dispatcher
-    handler = RecordingEventHandler()
+    handler = _CapturingEvents()
     events = handler.events
     snapshot = Snapshot()
+    _open_captures[id(handler)] = handler
     target.add_event_handler(handler)
     try:
         yield events
     finally:
+        _open_captures.pop(id(handler), None)
         snapshot.restore()
         target.remove_event_handler(handler)  # a dispatcher made by hand is not in the tree
 
@@ -80,16 +141,18 @@ def capture_spans(
 ) -> Iterator[CapturedSpans]:
     """Record the spans that reach ``dispatcher`` (the root by default) in the block.
 
-    The list is filled when the block ends; call ``.refresh()`` to look inside it.
+    The list holds the spans ended so far whenever it is read, in the block or after.
     """
     target = root_dispatcher if dispatcher is None else dispatcher
-    handler = SimpleSpanHandler(max_completed_spans=max_spans)
+    handler = _CapturingSpans(max_completed_spans=max_spans)
     spans = CapturedSpans(handler)
     snapshot = Snapshot()
+    _open_captures[id(handler)] = handler
     target.add_span_handler(handler)
     try:
         yield spans
     finally:
+        _open_captures.pop(id(handler), None)
         snapshot.restore()
         target.remove_span_handler(handler)  # a dispatcher made by hand is not in the tree
         spans.refresh()
@@ -99,7 +162,8 @@ class Snapshot:
     """The global state a test can change, to put back later.
 
     The handler lists and ``propagate`` flags of every dispatcher (one made after the
-    snapshot is left as it is), the tree's taps,
+    snapshot is left as it is; the handlers of capture blocks still open are kept, so
+    that blocks may overlap), the tree's taps,
     ``telemetry.raise_handler_errors``, and the current span, tags and suppression
     (which ``restore_propagation_context`` sets without a token to undo it), with
     what integrations keep beside them (OpenTelemetry's current context).
@@ -124,8 +188,11 @@ class Snapshot:
                     # Made in the block (a module imported there): its handlers and
                     # ``propagate`` are that module's set-up, which must outlive the test.
                     continue
-                node._event_handlers, node._span_handlers, node._propagate = found
-            root_manager.tap_event_handlers, root_manager.tap_span_handlers = self.taps
+                events, spans, node._propagate = found
+                node._event_handlers = _merge(events, node._event_handlers)
+                node._span_handlers = _merge(spans, node._span_handlers)
+            root_manager.tap_event_handlers = _merge(self.taps[0], root_manager.tap_event_handlers)
+            root_manager.tap_span_handlers = _merge(self.taps[1], root_manager.tap_span_handlers)
             root_manager._rebuild_all()
         telemetry.raise_handler_errors = self.raise_handler_errors
         span, tags, suppressed = self.context
@@ -144,8 +211,10 @@ class Capture:
     """
 
     def __init__(self) -> None:
-        self._events = RecordingEventHandler()
-        self._spans = SimpleSpanHandler(max_completed_spans=100_000)
+        self._events = _CapturingEvents()
+        self._spans = _CapturingSpans(max_completed_spans=100_000)
+        _open_captures[id(self._events)] = self._events
+        _open_captures[id(self._spans)] = self._spans
         root_manager.tap(
             (*root_manager.tap_event_handlers, self._events),
             (*root_manager.tap_span_handlers, self._spans),
@@ -162,6 +231,11 @@ class Capture:
             key=lambda s: s.start_time,
         )
 
+    def _end(self) -> None:
+        """The block is over: its handlers go when the state is put back."""
+        _open_captures.pop(id(self._events), None)
+        _open_captures.pop(id(self._spans), None)
+
     def events_of(self, kind: type[BaseEvent]) -> list[BaseEvent]:
         return [e for e in self.events if isinstance(e, kind)]
 
@@ -175,9 +249,11 @@ def isolated() -> Iterator[Capture]:
 
     Counters are not zeroed (see :func:`reset_counters`)."""
     snapshot = Snapshot()
+    capture = Capture()
     try:
-        yield Capture()
+        yield capture
     finally:
+        capture._end()
         snapshot.restore()
 
 

@@ -318,6 +318,59 @@ def test_capture_events_and_spans_restore_handlers(d: Dispatcher) -> None:
     ) == before
 
 
+def test_capture_spans_can_be_read_inside_its_block(d: Dispatcher) -> None:
+    """As capture_events' list fills as events come, capture_spans' holds the spans
+    ended so far whenever it is read."""
+
+    @d.span
+    def f() -> None:
+        pass
+
+    with capture_spans() as spans:
+        assert len(spans) == 0
+        f()
+        assert len(spans) == 1 and spans[0].name == f.__qualname__
+        f()
+        assert [s.name for s in spans] == [f.__qualname__] * 2
+    assert len(spans) == 2
+
+
+async def test_capture_blocks_that_overlap_without_nesting_each_see_their_spans(
+    d: Dispatcher,
+) -> None:
+    """Two tasks, each in its own capture block, the second starting before the first
+    ends and ending after it: each block sees all its spans, and no handler is left
+    attached afterwards (the first block's end used to detach the second's handler,
+    and the second's end to attach the first's again, for good)."""
+    import asyncio
+
+    before = (root_dispatcher.event_handlers, root_dispatcher.span_handlers)
+    first_in, second_in, first_out = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def first() -> int:
+        with capture_spans() as spans, capture_events():
+            first_in.set()
+            await second_in.wait()
+            with d.span("first"):
+                pass
+        first_out.set()
+        return len(spans.named("first"))
+
+    async def second() -> int:
+        await first_in.wait()
+        with capture_spans() as spans, capture_events() as events:
+            second_in.set()
+            await first_out.wait()  # the first block has ended: this one goes on
+            for _ in range(3):
+                with d.span("second"):
+                    d.event(BaseEvent())
+        return len(spans.named("second")) * 10 + len(events)
+
+    assert await asyncio.gather(first(), second()) == [1, 33]
+    after = (root_dispatcher.event_handlers, root_dispatcher.span_handlers)
+    assert after == before
+
+
 def test_isolated_restores_state_even_on_error(d: Dispatcher) -> None:
     """isolated() records everything and restores every handler list and propagate flag, also after
     an exception.
