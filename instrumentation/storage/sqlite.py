@@ -208,6 +208,16 @@ class SQLiteStore(SQLStore):
             conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if type(exc) is not sqlite3.DatabaseError:  # locked, read-only...: as they are
+                raise
+            # SQLite's own words name no file: a path given by mistake (notes.txt, the
+            # application's data file) must be recognisable as the cause.
+            raise sqlite3.DatabaseError(
+                f"{self.path!r} is not a SQLite database ({exc}): give a new file's path, "
+                "or one a trace store wrote"
+            ) from exc
         except BaseException:
             conn.close()
             raise

@@ -442,7 +442,11 @@ class BatchWriter:
                     self.store,
                     type(exc).__name__,
                     exc,
-                    "retrying" if time.monotonic() + delay <= deadline else "spooling them",
+                    "retrying"
+                    if time.monotonic() + delay <= deadline
+                    else f"spooling them to {self.spool.path}, to be written when the "
+                    "database takes writes again (by this process, or the next one "
+                    "that records to it)",
                 )
                 if time.monotonic() + delay > deadline or self._abort.wait(delay):
                     break

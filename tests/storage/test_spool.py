@@ -469,3 +469,30 @@ def test_a_write_that_fails_part_way_leaves_the_spool_file_as_it_was(
     spool.append([], rows[1:2])
     chunk = spool.next_chunk(100)
     assert chunk is not None and chunk.events == [rows[0], rows[1]]
+
+
+def test_the_log_of_a_spooled_batch_says_where_and_what_happens_next(
+    tmp_path: Path, make_handler: Any, spool_dir: Path, caplog: Any
+) -> None:
+    """Rows that could not be written are somewhere on disk: the warning names the
+    file, and says they are written when the database takes writes again."""
+    store = CountingStore(tmp_path / "t.db")
+    store.fail_writes = {1}
+    handler = make_handler(store, retry_for=0, replay_interval=3600)
+    handler.handle(NoteEvent(text="waits"))
+    handler.flush(30)  # spooled, then written by the flush's replay
+    (message,) = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+    assert str(handler.writer.spool.path) in message and "takes writes again" in message
+
+
+def test_a_file_that_is_not_sqlite_is_named_in_the_error(tmp_path: Path) -> None:
+    """``record_to('notes.txt')`` by mistake: SQLite's own message names no file."""
+    import sqlite3
+
+    from instrumentation.storage import record_to
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n" * 100)
+    with pytest.raises(sqlite3.DatabaseError, match=r"notes\.txt' is not a SQLite database"):
+        record_to(notes)
+    assert notes.read_text() == "my notes\n" * 100
