@@ -91,6 +91,8 @@ def end_event(event: Any, llm_type: str) -> LLMEvent:
         latency_ms=getattr(event, "latency_ms", None),
         cost_usd=getattr(event, "cost_usd", None),
         span_id=getattr(event, "span_id", None),
+        finish_reason=getattr(event, "finish_reason", None),
+        tokens_estimated=getattr(usage, "estimated", False) is True,
     )
 
 

@@ -78,7 +78,9 @@ class LLMEvent(Event):
     token counts unset; the end event has them (``error`` instead when the call failed
     or never ended before the request did). ``span_id`` is the LLM call's span.
     ``latency_ms`` is the call's duration as the LLM layer measured it (end events);
-    ``timestamp`` is the LLM layer's own event time.
+    ``timestamp`` is the LLM layer's own event time. ``finish_reason`` is the
+    provider's, or ``"abandoned"`` for a stream its caller stopped reading;
+    ``tokens_estimated`` says the counts were estimated, the provider giving none.
     """
 
     prompt: str | ChatFormat
@@ -93,6 +95,8 @@ class LLMEvent(Event):
     cost_usd: float | None = None
     error: str | None = None
     span_id: str | None = None
+    finish_reason: str | None = None
+    tokens_estimated: bool = False
 
 
 @dataclass

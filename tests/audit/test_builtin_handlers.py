@@ -466,3 +466,23 @@ def test_a_file_request_end_cannot_complete_is_kept_as_incomplete_and_reported(
     assert "Question: q\n" in kept.read_text()
     assert telemetry.counter("audit.handler_errors").value == 1
     assert any(str(kept) in r.getMessage() for r in caplog.records)
+
+
+def test_cli_handler_says_when_a_stream_was_abandoned_and_counts_estimated() -> None:
+    """A stream its caller stopped reading is not shown as a finished answer: the
+    block says it ended early and that its token counts are estimates. A request with
+    no collection shows no empty brackets."""
+    stream = io.StringIO()
+    llm = OfflineLLM(answers={"pasta": "Carbonara with guanciale and pecorino, never cream."})
+    with audit.request(question="Stream?", handlers=[CLIEventHandler(stream)]) as req:
+        with llm.stream_chat("pasta again") as chunks:
+            next(chunks)
+        req.result = "done"
+    with audit.request(question="Whole?", handlers=[CLIEventHandler(stream)]) as req:
+        llm.chat("pasta")
+        req.result = "done"
+    abandoned, whole = re.split(r"(?m)^(?=Request )", stream.getvalue())[1:]
+    assert re.match(r"Request \w+ Stream\?\n", abandoned)
+    assert "ended early: the caller stopped reading the stream" in abandoned
+    assert re.search(r"tokens: .* \(estimated\)", abandoned)
+    assert "ended early" not in whole and "(estimated)" not in whole

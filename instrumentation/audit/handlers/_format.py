@@ -90,10 +90,12 @@ def end_lines(event: Event | None) -> list[str]:
         lines.append(f"prompt: {clip(prompt_text(event.prompt))}")
         if event.response is not None:
             lines.append(f"response: {clip(event.response)}")
+        if event.finish_reason == "abandoned":
+            lines.append("ended early: the caller stopped reading the stream")
         if event.total_tokens is not None:
             lines.append(
                 f"tokens: {event.prompt_tokens} prompt + {event.completion_tokens} completion"
-                f" = {event.total_tokens}"
+                f" = {event.total_tokens}" + (" (estimated)" if event.tokens_estimated else "")
             )
     elif isinstance(event, RetrievalEvent):
         lines.append(f"query: {clip(event.query)}")

@@ -61,9 +61,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
 
     def request_start(self, user_request: RequestStart) -> list[str]:
         head = self._paint(_BOLD, f"Request {user_request.request_id[:8]}")
-        return [
-            f"{head} [{user_request.collection}] {clip(user_request.question, 500)}",
-        ]
+        collection = f" [{user_request.collection}]" if user_request.collection else ""
+        return [f"{head}{collection} {clip(user_request.question, 500)}"]
 
     def event_start(self, event: Event, request_context: list[str]) -> datetime | None:
         return started_at(event)

@@ -44,8 +44,9 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
         rid = user_request.request_id
         self._log(
             self.level,
-            f"audit request {rid[:8]} started [{user_request.collection}]: "
-            + clip(user_request.question, 200),
+            f"audit request {rid[:8]} started"
+            + (f" [{user_request.collection}]" if user_request.collection else "")
+            + f": {clip(user_request.question, 200)}",
             {
                 "phase": "request_start",
                 "request_id": rid,
