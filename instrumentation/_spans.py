@@ -8,7 +8,8 @@ enter. Nothing here takes a lock: handler chains are immutable tuples.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from instrumentation import _ids, telemetry
@@ -17,6 +18,41 @@ from instrumentation.context import SpanContext, _active_span, _active_tags, par
 from instrumentation.events.span import SpanDropEvent
 
 _report = telemetry.report_handler_error
+
+#: Span ends that hit the recursion limit (a traced function recursing until
+#: ``RecursionError``): there was no stack left to run the handler there. Each is run
+#: again by the next span drop, usually in a caller's frame on the way up, where the
+#: stack has room, so that the handler does not keep the span open for ever.
+_deferred: list[tuple[Any, str, str, Callable[[], Any], int]] = []
+_DEFERRED_KEPT = 1_000
+#: Tries before a deferred end is given up (and reported as the handler's error): a
+#: handler that recurses without end fails at any depth.
+_DEFERRED_TRIES = 100
+
+
+def _defer(handler: Any, method: str, span_id: str, call: Callable[[], Any]) -> None:
+    if len(_deferred) >= _DEFERRED_KEPT:
+        _report(handler, method, span_id, RecursionError("too many span ends deferred"))
+        return
+    _deferred.append((handler, method, span_id, call, 0))
+
+
+def _run_deferred() -> None:
+    """Run the ends deferred at the recursion limit, oldest first."""
+    pending = _deferred[:]
+    del _deferred[: len(pending)]
+    for index, (handler, method, span_id, call, tries) in enumerate(pending):
+        try:
+            call()
+        except RecursionError as exc:
+            if tries + 1 >= _DEFERRED_TRIES:
+                _report(handler, method, span_id, exc)
+                continue
+            # Still too deep: this one and the rest wait for a shallower drop.
+            _deferred[:0] = [(handler, method, span_id, call, tries + 1), *pending[index + 1 :]]
+            return
+        except Exception as exc:
+            _report(handler, method, span_id, exc)
 
 
 class Chain:
@@ -315,7 +351,21 @@ def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, resu
                     id_=span_id, bound_args=bound_args, instance=instance, result=result
                 )
         except Exception as exc:
-            _report(handler, "span_exit", span_id, exc)
+            if type(exc) is RecursionError:
+                _defer(
+                    handler,
+                    "span_exit",
+                    span_id,
+                    partial(
+                        handler.span_exit,
+                        id_=span_id,
+                        bound_args=bound_args,
+                        instance=instance,
+                        result=result,
+                    ),
+                )
+            else:
+                _report(handler, "span_exit", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id)
 
@@ -324,6 +374,8 @@ def fail(
     chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
 ) -> None:
     """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
+    if _deferred:
+        _run_deferred()
     _next(_dropped)
     span_id = span.id_
     # The span's own handlers see it end (it started with them), but the drop event,
@@ -332,21 +384,42 @@ def fail(
     events = chain.events if chain.owner is None else chain.owner._ev
     if events:
         try:
-            text = str(err)
-        except Exception:  # str() of a broken exception can itself raise
-            text = type(err).__name__
-        tags = _active_tags.get()
-        drop_event = SpanDropEvent(
-            span_id=span_id, trace_id=span.trace_id, err_str=text, tags=dict(tags)
-        )
-        dispatch_event(events, drop_event, {})
+            _drop_event(events, span, err)
+        except RecursionError:
+            _defer(events[0], "handle", span_id, partial(_drop_event, events, span, err))
     for handler in chain.spans:
         try:
             handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)
         except Exception as exc:
-            _report(handler, "span_drop", span_id, exc)
+            if type(exc) is RecursionError:
+                _defer(
+                    handler,
+                    "span_drop",
+                    span_id,
+                    partial(
+                        handler.span_drop,
+                        id_=span_id,
+                        bound_args=bound_args,
+                        instance=instance,
+                        err=err,
+                    ),
+                )
+            else:
+                _report(handler, "span_drop", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id)
+
+
+def _drop_event(events: tuple[Any, ...], span: SpanContext, err: BaseException) -> None:
+    try:
+        text = str(err)
+    except Exception:  # str() of a broken exception can itself raise
+        text = type(err).__name__
+    tags = _active_tags.get()
+    drop_event = SpanDropEvent(
+        span_id=span.id_, trace_id=span.trace_id, err_str=text, tags=dict(tags)
+    )
+    dispatch_event(events, drop_event, {})
 
 
 def after_span_end(chain: Chain, span_id: str) -> None:

@@ -438,3 +438,30 @@ def test_async_generators_a_traced_one_starts_stay_the_loops_to_close(d: Dispatc
     asyncio.run(main())
     assert cleaned == ["child"]
     kept.clear()
+
+
+def test_spans_of_a_recursion_that_hits_the_limit_are_all_ended(
+    d: Dispatcher, events: EventList
+) -> None:
+    """A traced function recursing until ``RecursionError`` (which the application
+    catches): the spans ended at the limit, where even a handler has no stack left,
+    are ended once there is room again, instead of staying open for ever."""
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    spans = SimpleSpanHandler()
+    d.add_span_handler(spans)
+
+    @d.span
+    def down(n: int) -> int:
+        return down(n + 1)
+
+    def pad(k: int) -> int:
+        return down(0) if k == 0 else pad(k - 1)
+
+    for k in range(20):
+        with pytest.raises(RecursionError):
+            pad(k)
+    assert spans.open_spans == {}
+    assert len(spans.dropped_spans) > 0 and not spans.completed_spans
+    dropped = {s.id_ for s in spans.dropped_spans}
+    assert {e.span_id for e in events.events if isinstance(e, SpanDropEvent)} >= dropped
