@@ -70,26 +70,45 @@ class Chain:
     )
 
     def __init__(
-        self, dispatcher: str, events: tuple[Any, ...], spans: tuple[Any, ...], owner: Any = None
+        self,
+        dispatcher: str,
+        events: tuple[Any, ...],
+        spans: tuple[Any, ...],
+        owner: Any = None,
+        shared: dict[tuple[int, ...], tuple[Any, ...]] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         #: The dispatcher whose chain this is (its ``_ev`` holds the event handlers now).
         self.owner = owner
         self.events = events
         self.spans = spans
-        # A handler may offer positional versions of span_enter/span_exit (keyword
-        # calls with nine arguments cost several times more); None means "use the
-        # public method with keywords".
-        # Handlers that never look at the arguments (needs_bound_args = False) spare
-        # every call the making of a BoundArguments.
-        self.needs_bound_args = any(getattr(h, "needs_bound_args", True) for h in spans)
-        self.enters = tuple((h, _positional_enter(h)) for h in spans)
-        self.exits = tuple((h, getattr(h, "positional_span_exit", None)) for h in spans)
-        # Handlers with work to do once every handler has seen a span end (the audit
-        # adapter waits there, so that the handlers after it do not count its wait).
-        self.afters = tuple(
-            (h, after) for h in spans if (after := getattr(h, "after_span_end", None)) is not None
-        )
+        # What is worked out from the span handlers alone is shared, through
+        # ``shared``, by the chains rebuilt together that have the same handlers (most
+        # of a tree, after a change at the root).
+        key = tuple(map(id, spans))
+        parts = shared.get(key) if shared is not None else None
+        if parts is None:
+            parts = _parts(spans)
+            if shared is not None:
+                shared[key] = parts
+        self.needs_bound_args, self.enters, self.exits, self.afters = parts
+
+
+def _parts(spans: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Handlers that never look at the arguments (needs_bound_args = False) spare every
+    # call the making of a BoundArguments.
+    needs_bound_args = any(getattr(h, "needs_bound_args", True) for h in spans)
+    # A handler may offer positional versions of span_enter/span_exit (keyword calls
+    # with nine arguments cost several times more); None means "use the public method
+    # with keywords".
+    enters = tuple((h, _positional_enter(h)) for h in spans)
+    exits = tuple((h, getattr(h, "positional_span_exit", None)) for h in spans)
+    # Handlers with work to do once every handler has seen a span end (the audit
+    # adapter waits there, so that the handlers after it do not count its wait).
+    afters = tuple(
+        (h, after) for h in spans if (after := getattr(h, "after_span_end", None)) is not None
+    )
+    return needs_bound_args, enters, exits, afters
 
 
 #: What the dispatcher passes to ``span_enter`` besides the guide's arguments.

@@ -434,13 +434,15 @@ class Dispatcher:
         # and depend on its ``propagate``: rebuilding every chain in the tree made each
         # change cost milliseconds in an application with a thousand dispatchers.
         if self._manager is not None:
+            shared: dict[tuple[int, ...], tuple[Any, ...]] = {}
             for node in self._manager._subtree(self):
-                node._rebuild()
+                node._rebuild(shared)
         else:
             self._rebuild()
 
-    def _rebuild(self) -> None:
-        """Recompute the handler chains (called with the lock held)."""
+    def _rebuild(self, shared: dict[tuple[int, ...], tuple[Any, ...]] | None = None) -> None:
+        """Recompute the handler chains (called with the lock held); ``shared`` is what
+        the chains rebuilt together share (see :class:`Chain`)."""
         events: list[BaseEventHandler] = []
         spans: list[BaseSpanHandler[Any]] = []
         node: Dispatcher | None = self
@@ -455,7 +457,9 @@ class Dispatcher:
             events.extend(h for h in manager.tap_event_handlers if not any(h is e for e in events))
             spans.extend(h for h in manager.tap_span_handlers if not any(h is s for s in spans))
         self._ev = tuple(events)
-        self._hot = Chain(self.name, self._ev, tuple(spans), self) if events or spans else None
+        self._hot = (
+            Chain(self.name, self._ev, tuple(spans), self, shared) if events or spans else None
+        )
 
     # -- events ---------------------------------------------------------------------
 
@@ -1080,9 +1084,10 @@ class Manager:
         return found
 
     def _rebuild_all(self) -> None:
+        shared: dict[tuple[int, ...], tuple[Any, ...]] = {}
         for node in list(self._nodes.values()):
             if isinstance(node, Dispatcher):
-                node._rebuild()
+                node._rebuild(shared)
 
     def parent_name_for(self, name: str) -> str:
         """The name of the dispatcher that one called ``name`` would hang from now."""
