@@ -1030,12 +1030,15 @@ class Manager:
             self._fix_children(found, made)
         made._rebuild()
         self._nodes[made.name] = made
-        # No other chain changes: a new dispatcher has no handlers yet, and those now
-        # hung from it reach the same handlers through it. Their chains are rebuilt all
-        # the same, so that they are never older than their place in the tree. Every
-        # chain was rebuilt here before, and making a thousand dispatchers (a large
-        # application's modules) took most of a second.
-        if isinstance(found, _PlaceHolder):
+        if made._event_handlers or made._span_handlers or not made._propagate:
+            # Made by hand with handlers, or not propagating: every chain below it changes.
+            shared: dict[tuple[int, ...], tuple[Any, ...]] = {}
+            for node in self._subtree(made):
+                node._rebuild(shared)
+        elif isinstance(found, _PlaceHolder):
+            # No chain changes (``get_dispatcher``'s case, a large application's every
+            # module): those now hung from it reach the same handlers through it. Theirs
+            # are rebuilt all the same, so that none is older than its place in the tree.
             for child in found.children.values():
                 child._rebuild()
 

@@ -272,3 +272,37 @@ def test_manager_dispatchers_can_be_walked_while_dispatchers_are_made() -> None:
     finally:
         stop.set()
         maker.join()
+
+
+def test_a_dispatcher_placed_with_handlers_reaches_every_dispatcher_below_it() -> None:
+    """``Dispatcher(name, span_handlers=[...], manager=root_manager)`` over a tree that
+    has dispatchers two levels below it (one made after its child): all reach it."""
+    from instrumentation import Dispatcher, root_manager
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    top = fresh("placed")
+    get_dispatcher(f"{top}.b")
+    leaf = get_dispatcher(f"{top}.b.c.d")  # hangs from .b: no placeholder at top knows it
+    handler = SimpleSpanHandler()
+    Dispatcher(top, span_handlers=[handler], manager=root_manager)
+
+    @leaf.span
+    def work() -> int:
+        return 1
+
+    work()
+    assert [s.name for s in handler.completed_spans] == [work.__qualname__]
+    quiet = get_dispatcher(f"{top}.q")
+    below = get_dispatcher(f"{top}.q.r.s")
+    quiet_handler = SimpleSpanHandler()
+    quiet.add_span_handler(quiet_handler)
+    quiet.propagate = False
+    hand_made = Dispatcher(f"{top}.q.r", propagate=False, manager=root_manager)
+    assert below.parent is hand_made
+
+    @below.span
+    def inner() -> int:
+        return 2
+
+    inner()
+    assert not quiet_handler.completed_spans and len(handler.completed_spans) == 1
