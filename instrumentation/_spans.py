@@ -8,8 +8,10 @@ enter. Nothing here takes a lock: handler chains are immutable tuples.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from functools import partial
+from types import FrameType
 from typing import Any
 
 from instrumentation import _ids, telemetry
@@ -19,40 +21,40 @@ from instrumentation.events.span import SpanDropEvent
 
 _report = telemetry.report_handler_error
 
-#: Span ends that hit the recursion limit (a traced function recursing until
-#: ``RecursionError``): there was no stack left to run the handler there. Each is run
-#: again by the next span drop, usually in a caller's frame on the way up, where the
-#: stack has room, so that the handler does not keep the span open for ever.
-_deferred: list[tuple[Any, str, str, Callable[[], Any], int]] = []
+#: Span drops put off near the recursion limit (a traced function recursing until
+#: ``RecursionError``): there the handlers would have no stack to run on, and fail half
+#: way through. Each is run by a later span end that has room, usually a caller's on
+#: the way up, so that no handler keeps the span open for ever.
+_deferred: list[Callable[[], None]] = []
 _DEFERRED_KEPT = 1_000
-#: Tries before a deferred end is given up (and reported as the handler's error): a
-#: handler that recurses without end fails at any depth.
-_DEFERRED_TRIES = 100
+#: The frames a drop needs left (a handler, its event, logging an error).
+_HEADROOM = 120
 
 
-def _defer(handler: Any, method: str, span_id: str, call: Callable[[], Any]) -> None:
-    if len(_deferred) >= _DEFERRED_KEPT:
-        _report(handler, method, span_id, RecursionError("too many span ends deferred"))
-        return
-    _deferred.append((handler, method, span_id, call, 0))
+def _stack_left() -> int:
+    """How many more frames fit under the recursion limit (counted: only asked on the
+    path of a ``RecursionError``)."""
+    frame: FrameType | None = sys._getframe(1)
+    depth = 0
+    while frame is not None:
+        depth += 1
+        frame = frame.f_back
+    return sys.getrecursionlimit() - depth
 
 
 def _run_deferred() -> None:
-    """Run the ends deferred at the recursion limit, oldest first."""
-    pending = _deferred[:]
-    del _deferred[: len(pending)]
-    for index, (handler, method, span_id, call, tries) in enumerate(pending):
+    """Run the drops put off, oldest first, if there is room for them here."""
+    if _stack_left() < _HEADROOM:
+        return
+    while _deferred:
+        end = _deferred.pop(0)
         try:
-            call()
-        except RecursionError as exc:
-            if tries + 1 >= _DEFERRED_TRIES:
-                _report(handler, method, span_id, exc)
-                continue
-            # Still too deep: this one and the rest wait for a shallower drop.
-            _deferred[:0] = [(handler, method, span_id, call, tries + 1), *pending[index + 1 :]]
+            end()
+        except RecursionError:
+            _deferred.insert(0, end)  # still too deep after all: a later end runs it
             return
-        except Exception as exc:
-            _report(handler, method, span_id, exc)
+        except Exception as exc:  # the handlers' own errors are reported inside
+            _report(end, "a span end put off", "", exc)
 
 
 class Chain:
@@ -359,6 +361,11 @@ def start(
 
 def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
     """Close ``span`` normally."""
+    if _deferred:  # a recursion caught inside a traced call: its drops, now
+        try:
+            _run_deferred()
+        except RecursionError:  # no room to look even: a later end runs them
+            pass
     _next(_ended)
     span_id = span.id_
     for handler, positional in chain.exits:
@@ -370,18 +377,11 @@ def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, resu
                     id_=span_id, bound_args=bound_args, instance=instance, result=result
                 )
         except Exception as exc:
-            if type(exc) is RecursionError:
-                _defer(
-                    handler,
-                    "span_exit",
-                    span_id,
-                    partial(
-                        handler.span_exit,
-                        id_=span_id,
-                        bound_args=bound_args,
-                        instance=instance,
-                        result=result,
-                    ),
+            if type(exc) is RecursionError and len(_deferred) < _DEFERRED_KEPT:
+                # No stack left for this handler (a recursion caught inside the traced
+                # call): run its exit again once there is.
+                _deferred.append(
+                    partial(_exit_later, handler, positional, span_id, bound_args, instance, result)
                 )
             else:
                 _report(handler, "span_exit", span_id, exc)
@@ -389,12 +389,41 @@ def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, resu
         after_span_end(chain, span_id)
 
 
+def _exit_later(
+    handler: Any, positional: Any, span_id: str, bound_args: Any, instance: Any, result: Any
+) -> None:
+    try:
+        if positional is not None:
+            positional(span_id, bound_args, instance, result)
+        else:
+            handler.span_exit(id_=span_id, bound_args=bound_args, instance=instance, result=result)
+    except Exception as exc:
+        _report(handler, "span_exit", span_id, exc)
+
+
 def fail(
     chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
 ) -> None:
     """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
     if _deferred:
-        _run_deferred()
+        try:
+            _run_deferred()
+        except RecursionError:  # no room to look even: a later end runs them
+            pass
+    if type(err) is RecursionError and len(_deferred) < _DEFERRED_KEPT:
+        try:
+            deep = _stack_left() < _HEADROOM
+        except RecursionError:
+            deep = True
+        if deep:
+            _deferred.append(partial(_fail, chain, span, bound_args, instance, err))
+            return
+    _fail(chain, span, bound_args, instance, err)
+
+
+def _fail(
+    chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
+) -> None:
     _next(_dropped)
     span_id = span.id_
     # The span's own handlers see it end (it started with them), but the drop event,
@@ -402,29 +431,12 @@ def fail(
     # one removed, or closed by ``shutdown()``, while the span was open.
     events = chain.events if chain.owner is None else chain.owner._ev
     if events:
-        try:
-            _drop_event(events, span, err)
-        except RecursionError:
-            _defer(events[0], "handle", span_id, partial(_drop_event, events, span, err))
+        _drop_event(events, span, err)
     for handler in chain.spans:
         try:
             handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)
         except Exception as exc:
-            if type(exc) is RecursionError:
-                _defer(
-                    handler,
-                    "span_drop",
-                    span_id,
-                    partial(
-                        handler.span_drop,
-                        id_=span_id,
-                        bound_args=bound_args,
-                        instance=instance,
-                        err=err,
-                    ),
-                )
-            else:
-                _report(handler, "span_drop", span_id, exc)
+            _report(handler, "span_drop", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id)
 
