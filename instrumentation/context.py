@@ -450,6 +450,10 @@ def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
         handle = handle.token
     try:
         _active_span.reset(handle)  # type: ignore[arg-type]
+    except TypeError:
+        if not isinstance(handle, SpanIdToken):
+            raise
+        deactivate(handle.handle)  # what active_span_id.set() returned
     except ValueError:
         # The token was made in another context (a generator or coroutine driven
         # from elsewhere): put back the value it replaced instead.

@@ -490,9 +490,9 @@ class Dispatcher:
                 telemetry.report_handler_error(handler, "handle", event.class_name(), exc)
 
     async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
-        """Like :meth:`event`, with the handlers' ``ahandle`` run concurrently (each in
-        a task, as LlamaIndex does): a slow handler does not hold up the others, and
-        ``aevent`` returns when all are done."""
+        """Like :meth:`event`, awaiting the handlers' own ``ahandle`` methods side by
+        side (each in a task, as LlamaIndex does), so that a slow one does not hold up
+        the others; ``aevent`` returns when all are done."""
         if not isinstance(event, BaseEvent):
             raise TypeError(f"dispatcher.aevent() takes a BaseEvent; got {type(event).__name__}")
         handlers = self._ev
@@ -503,10 +503,25 @@ class Dispatcher:
             for key, value in tags.items():
                 event.tags.setdefault(key, value)
         telemetry.EVENTS_DISPATCHED.inc()
-        if len(handlers) == 1:  # nothing to run beside it: no task to make
-            await _ahandle(handlers[0], event, kwargs)
-        else:
-            await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in handlers])
+        # A handler that keeps BaseEventHandler's ahandle (which calls handle) never
+        # waits: it runs here, in order, without a task, as under any event loop or
+        # none. Those with an ahandle of their own run side by side.
+        waiting = []
+        for handler in handlers:
+            if type(handler).ahandle is _DEFAULT_AHANDLE:
+                try:
+                    if kwargs:
+                        handler.handle(event, **kwargs)
+                    else:
+                        handler.handle(event)
+                except Exception as exc:
+                    telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
+            else:
+                waiting.append(handler)
+        if len(waiting) == 1:  # nothing to run beside it: no task to make
+            await _ahandle(waiting[0], event, kwargs)
+        elif waiting:
+            await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in waiting])
 
     # -- spans by hand --------------------------------------------------------------
 
@@ -793,6 +808,9 @@ class Dispatcher:
             f"<Dispatcher {self.name!r} parent={self.parent_name!r} propagate={self._propagate} "
             f"event_handlers={len(self._event_handlers)} span_handlers={len(self._span_handlers)}>"
         )
+
+
+_DEFAULT_AHANDLE = BaseEventHandler.ahandle
 
 
 async def _ahandle(handler: BaseEventHandler, event: BaseEvent, kwargs: dict[str, Any]) -> None:

@@ -70,22 +70,26 @@ class CapturedSpans(list[SimpleSpan]):
     """The spans recorded by :func:`capture_spans` (completed and dropped), by start.
 
     Read inside the block, it holds the spans ended so far, as the list of
-    :func:`capture_events` does: each read takes in what ended since.
+    :func:`capture_events` does: a read first takes in what ended since (sorting
+    again only when something did).
     """
 
     def __init__(self, handler: SimpleSpanHandler) -> None:
         super().__init__()
         self.handler = handler
+        self._seen = (0, 0)
 
     def refresh(self) -> CapturedSpans:
-        list.__setitem__(
-            self,
-            slice(None),
-            sorted(
-                [*self.handler.completed_spans, *self.handler.dropped_spans],
-                key=lambda s: s.start_time,
-            ),
-        )
+        handler = self.handler
+        completed, dropped = handler.completed_spans, handler.dropped_spans
+        seen = (len(completed), len(dropped))  # takes in what is buffered
+        if seen != self._seen or seen[0] + seen[1] != list.__len__(self):
+            list.__setitem__(
+                self,
+                slice(None),
+                sorted([*completed, *dropped], key=lambda s: s.start_time),
+            )
+            self._seen = seen
         return self
 
     def __len__(self) -> int:
@@ -93,6 +97,9 @@ class CapturedSpans(list[SimpleSpan]):
 
     def __iter__(self) -> Iterator[SimpleSpan]:
         return list.__iter__(self.refresh())
+
+    def __reversed__(self) -> Iterator[SimpleSpan]:
+        return list.__reversed__(self.refresh())
 
     def __getitem__(self, index: Any) -> Any:
         return list.__getitem__(self.refresh(), index)
@@ -108,8 +115,20 @@ class CapturedSpans(list[SimpleSpan]):
 
     __hash__ = None
 
+    def __add__(self, other: Any) -> Any:
+        return list.__add__(self.refresh(), other)
+
     def __repr__(self) -> str:
         return list.__repr__(self.refresh())
+
+    def copy(self) -> list[SimpleSpan]:
+        return list(self.refresh())
+
+    def index(self, *args: Any) -> int:
+        return list.index(self.refresh(), *args)
+
+    def count(self, value: Any) -> int:
+        return list.count(self.refresh(), value)
 
     def named(self, name: str) -> list[SimpleSpan]:
         return [s for s in self if s.name == name]

@@ -172,3 +172,17 @@ async def test_aevent_runs_the_handlers_concurrently() -> None:
     await d.aevent(OrderPlaced(order_id=2))
     assert order == ["set", "waited"]
     assert telemetry.handler_errors().get("Fails", 0) == before + 1
+
+
+def test_aevent_runs_plain_handlers_in_place_without_tasks() -> None:
+    """Handlers that keep the default ``ahandle`` (it calls ``handle``) run in order
+    inside ``aevent``, with no task made: the coroutine ends at its first step, under
+    any event loop or none (a sync bridge stepping it by hand)."""
+    d = get_dispatcher(fresh())
+    first, second = EventList(), EventList()
+    d.add_event_handler(first)
+    d.add_event_handler(second)
+    step = d.aevent(OrderPlaced(order_id=4))
+    with pytest.raises(StopIteration):
+        step.send(None)
+    assert len(first.events) == 1 and second.events == first.events

@@ -332,7 +332,15 @@ def test_capture_spans_can_be_read_inside_its_block(d: Dispatcher) -> None:
         assert len(spans) == 1 and spans[0].name == f.__qualname__
         f()
         assert [s.name for s in spans] == [f.__qualname__] * 2
-    assert len(spans) == 2
+        f()
+        assert [s.name for s in reversed(spans)] == [f.__qualname__] * 3
+        f()
+        assert len(spans.copy()) == 4 and spans.count(spans[0]) == 1
+        assert spans.index(spans[3]) == 3 and len(spans + []) == 4  # noqa: RUF005
+    assert len(spans) == 4
+    # Reading sorts again only when spans arrived: an index loop stays linear.
+    first = spans[0]
+    assert all(spans[i] is not None for i in range(len(spans))) and spans[0] is first
 
 
 async def test_capture_blocks_that_overlap_without_nesting_each_see_their_spans(

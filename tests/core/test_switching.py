@@ -570,3 +570,15 @@ def test_a_handler_that_declares_its_own_list_keeps_it() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(handler.model_dump()["completed_spans"], list)
+
+
+def test_the_token_of_active_span_id_can_be_given_to_deactivate() -> None:
+    """Code that mixes the two spellings (``deactivate(active_span_id.set(x))``) keeps
+    working now that ``set()`` returns a token of its own."""
+    from instrumentation.context import current_span, deactivate
+    from instrumentation.span import active_span_id
+
+    token = active_span_id.set("mixed-1")
+    assert current_span() is not None and current_span().id_ == "mixed-1"  # type: ignore[union-attr]
+    deactivate(token)  # type: ignore[arg-type]
+    assert current_span() is None
