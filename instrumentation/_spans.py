@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -464,6 +464,11 @@ def after_span_end(chain: Chain, span_id: str) -> None:
 
 def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]) -> None:
     _next(_events_dispatched)
+    handle_all(handlers, event, kwargs)
+
+
+def handle_all(handlers: Iterable[Any], event: Any, kwargs: dict[str, Any]) -> None:
+    """``handle(event)`` of each handler in turn; an error is reported, not raised."""
     for handler in handlers:
         try:
             if kwargs:
@@ -485,5 +490,6 @@ __all__ = [
     "enter_extras",
     "fail",
     "finish",
+    "handle_all",
     "start",
 ]

@@ -33,6 +33,7 @@ from instrumentation._spans import (
     enter_extras,
     fail,
     finish,
+    handle_all,
     start,
 )
 from instrumentation._wrap import LLAMA_MARK, MARK, check_span_name, wrap
@@ -506,18 +507,8 @@ class Dispatcher:
         # A handler that keeps BaseEventHandler's ahandle (which calls handle) never
         # waits: it runs here, in order, without a task, as under any event loop or
         # none. Those with an ahandle of their own run side by side.
-        waiting = []
-        for handler in handlers:
-            if type(handler).ahandle is _DEFAULT_AHANDLE:
-                try:
-                    if kwargs:
-                        handler.handle(event, **kwargs)
-                    else:
-                        handler.handle(event)
-                except Exception as exc:
-                    telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
-            else:
-                waiting.append(handler)
+        handle_all((h for h in handlers if type(h).ahandle is _DEFAULT_AHANDLE), event, kwargs)
+        waiting = [h for h in handlers if type(h).ahandle is not _DEFAULT_AHANDLE]
         if len(waiting) == 1:  # nothing to run beside it: no task to make
             await _ahandle(waiting[0], event, kwargs)
         elif waiting:

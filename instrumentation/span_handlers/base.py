@@ -6,6 +6,7 @@ import inspect
 import threading
 from abc import abstractmethod
 from collections import deque
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -218,22 +219,15 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         not open here (``new_span`` kept nothing), as in LlamaIndex."""
         if self._was_ended_by_shutdown(id_):
             return
-        try:
-            if _takes_kwargs(type(self))[1]:
-                span = self.prepare_to_exit_span(
-                    id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
-                )
-            else:
-                span = self.prepare_to_exit_span(
-                    id_=id_, bound_args=bound_args, instance=instance, result=result
-                )
-        except BaseException:
-            # The call has ended all the same: a handler that fails here on every span
-            # (its error is reported by the dispatcher) must not keep them all open.
-            self.open_spans.pop(id_, None)
-            raise
-        if span is not None:
-            self.open_spans.pop(id_, None)
+        self._prepared_end(
+            self.prepare_to_exit_span,
+            _takes_kwargs(type(self))[1],
+            id_,
+            kwargs,
+            bound_args=bound_args,
+            instance=instance,
+            result=result,
+        )
 
     def span_drop(
         self,
@@ -251,24 +245,37 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         """
         if self._was_ended_by_shutdown(id_):
             return False
+        span = self._prepared_end(
+            self.prepare_to_drop_span,
+            _takes_kwargs(type(self))[2],
+            id_,
+            kwargs,
+            bound_args=bound_args,
+            instance=instance,
+            err=err,
+        )
+        return span is not None
+
+    def _prepared_end(
+        self,
+        prepare: Callable[..., T | None],
+        with_kwargs: bool,
+        id_: str,
+        kwargs: dict[str, Any],
+        **given: Any,
+    ) -> T | None:
+        """Run ``prepare`` (to exit or to drop) for span ``id_``, and take the span out
+        of ``open_spans`` once it gave it back ended, or raised: the call has ended all
+        the same, and a handler that fails on every span must not keep them all open
+        (its error is reported by the dispatcher)."""
         try:
-            if _takes_kwargs(type(self))[2]:
-                span = self.prepare_to_drop_span(
-                    id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs
-                )
-            else:
-                span = self.prepare_to_drop_span(
-                    id_=id_, bound_args=bound_args, instance=instance, err=err
-                )
+            span = prepare(id_=id_, **given, **kwargs) if with_kwargs else prepare(id_=id_, **given)
         except BaseException:
-            # The call has ended all the same: a handler that fails here on every span
-            # (its error is reported by the dispatcher) must not keep them all open.
             self.open_spans.pop(id_, None)
             raise
-        if span is None:
-            return False
-        self.open_spans.pop(id_, None)
-        return True
+        if span is not None:
+            self.open_spans.pop(id_, None)
+        return span
 
     def _was_ended_by_shutdown(self, id_: str) -> bool:
         """Whether shutdown dropped span ``id_`` already (forgotten once asked)."""

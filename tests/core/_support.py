@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import PrivateAttr
 
-from instrumentation import BaseEvent, BaseEventHandler, BaseSpan, BaseSpanHandler
+from instrumentation import BaseEvent, BaseEventHandler, BaseSpan, BaseSpanHandler, SimpleSpan
 
 _counter = itertools.count()
 
@@ -158,3 +158,40 @@ class EventList(BaseEventHandler):
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
         self._events.append(event)
+
+
+class GuideSpanHandler(BaseSpanHandler[SimpleSpan]):
+    """A span handler written as the guide shows one: subclass it and override what a
+    test needs to change."""
+
+    def new_span(
+        self,
+        id_: str,
+        bound_args: Any,
+        instance: Any = None,
+        parent_span_id: str | None = None,
+        tags: Any = None,
+        **kwargs: Any,
+    ) -> SimpleSpan:
+        return SimpleSpan(id_=id_, parent_id=parent_span_id)
+
+    def prepare_to_exit_span(
+        self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+    ) -> SimpleSpan | None:
+        span = self.open_spans.get(id_)
+        if span is not None:
+            self.completed_spans.append(span)
+        return span
+
+    def prepare_to_drop_span(
+        self,
+        id_: str,
+        bound_args: Any,
+        instance: Any = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> SimpleSpan | None:
+        span = self.open_spans.get(id_)
+        if span is not None:
+            self.dropped_spans.append(span)
+        return span

@@ -14,8 +14,10 @@ import pytest
 
 import instrumentation as instrument
 from instrumentation.span.simple import SimpleSpan
-from instrumentation.span_handlers import BaseSpanHandler, SimpleSpanHandler
+from instrumentation.span_handlers import SimpleSpanHandler
 from instrumentation.testing import capture_spans
+
+from ._support import GuideSpanHandler
 
 
 def test_reused_span_block_does_not_pass_the_previous_result() -> None:
@@ -170,32 +172,12 @@ def test_span_ended_after_shutdown_does_not_reach_the_closed_handler() -> None:
     d = instrument.get_dispatcher("review.shutdown")
     calls: list[str] = []
 
-    class Guide(BaseSpanHandler[SimpleSpan]):
-        def new_span(
-            self,
-            id_: str,
-            bound_args: Any,
-            instance: Any = None,
-            parent_span_id: str | None = None,
-            tags: Any = None,
-            **kwargs: Any,
-        ) -> SimpleSpan:
-            return SimpleSpan(id_=id_, parent_id=parent_span_id)
-
-        def prepare_to_exit_span(
-            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
-        ) -> SimpleSpan:
+    class Guide(GuideSpanHandler):
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan:
             calls.append("exit")
             return self.open_spans[id_]
 
-        def prepare_to_drop_span(
-            self,
-            id_: str,
-            bound_args: Any,
-            instance: Any = None,
-            err: BaseException | None = None,
-            **kwargs: Any,
-        ) -> SimpleSpan:
+        def prepare_to_drop_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan:
             calls.append("drop")
             return self.open_spans[id_]
 

@@ -221,39 +221,18 @@ def test_a_misspelt_handler_option_is_an_error_not_ignored() -> None:
 def test_a_handler_failing_to_end_spans_does_not_keep_them_open(failing: str) -> None:
     """A handler whose prepare method raises on every span is reported each time, and
     its ``open_spans`` (the library's to keep) does not grow with every call."""
-    from instrumentation.span import SimpleSpan
-    from instrumentation.span_handlers import BaseSpanHandler
+    from ._support import GuideSpanHandler
 
-    class Failing(BaseSpanHandler[SimpleSpan]):
-        def new_span(
-            self,
-            id_: str,
-            bound_args: Any,
-            instance: Any = None,
-            parent_span_id: str | None = None,
-            tags: Any = None,
-            **kwargs: Any,
-        ) -> SimpleSpan:
-            return SimpleSpan(id_=id_, parent_id=parent_span_id)
-
-        def prepare_to_exit_span(
-            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
-        ) -> SimpleSpan | None:
+    class Failing(GuideSpanHandler):
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
             if failing == "prepare_to_exit_span":
                 raise RuntimeError("broken exit")
-            return self.open_spans.get(id_)
+            return super().prepare_to_exit_span(id_, *args, **kwargs)
 
-        def prepare_to_drop_span(
-            self,
-            id_: str,
-            bound_args: Any,
-            instance: Any = None,
-            err: BaseException | None = None,
-            **kwargs: Any,
-        ) -> SimpleSpan | None:
+        def prepare_to_drop_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
             if failing == "prepare_to_drop_span":
                 raise RuntimeError("broken drop")
-            return self.open_spans.get(id_)
+            return super().prepare_to_drop_span(id_, *args, **kwargs)
 
     handler = Failing()
     d = get_dispatcher(fresh())

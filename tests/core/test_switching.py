@@ -519,36 +519,10 @@ def test_a_handler_that_declares_its_own_list_keeps_it() -> None:
 
     from pydantic import Field
 
-    class ListKeeping(BaseSpanHandler[SimpleSpan]):
-        completed_spans: list[SimpleSpan] = Field(default_factory=list)
+    from ._support import GuideSpanHandler
 
-        def new_span(
-            self,
-            id_: str,
-            bound_args: Any,
-            instance: Any = None,
-            parent_span_id: str | None = None,
-            tags: Any = None,
-            **kwargs: Any,
-        ) -> SimpleSpan:
-            return SimpleSpan(id_=id_, parent_id=parent_span_id)
-
-        def prepare_to_exit_span(
-            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
-        ) -> SimpleSpan:
-            span = self.open_spans[id_]
-            self.completed_spans.append(span)
-            return span
-
-        def prepare_to_drop_span(
-            self,
-            id_: str,
-            bound_args: Any,
-            instance: Any = None,
-            err: BaseException | None = None,
-            **kwargs: Any,
-        ) -> SimpleSpan | None:
-            return self.open_spans.get(id_)
+    class ListKeeping(GuideSpanHandler):
+        completed_spans: list[SimpleSpan] = Field(default_factory=list)  # type: ignore[assignment]
 
     handler = ListKeeping()
     d = get_dispatcher("switching.own_list")
