@@ -21,19 +21,20 @@ from instrumentation.events.span import SpanDropEvent
 
 _report = telemetry.report_handler_error
 
-#: Span drops put off near the recursion limit (a traced function recursing until
-#: ``RecursionError``): there the handlers would have no stack to run on, and fail half
+#: Span ends put off near the recursion limit (a traced function recursing until
+#: ``RecursionError``): there the handlers have no stack to run on, and would fail half
 #: way through. Each is run by a later span end that has room, usually a caller's on
-#: the way up, so that no handler keeps the span open for ever.
-_deferred: list[Callable[[], None]] = []
+#: the way up, so that no handler keeps the span open for ever. Entries are
+#: ``(handler or None, method, span id, end)``.
+_deferred: list[tuple[Any, str, str, Callable[[], Any]]] = []
 _DEFERRED_KEPT = 1_000
-#: The frames a drop needs left (a handler, its event, logging an error).
+#: The frames an end needs left (a handler, its event, logging an error).
 _HEADROOM = 120
 
 
 def _stack_left() -> int:
     """How many more frames fit under the recursion limit (counted: only asked on the
-    path of a ``RecursionError``)."""
+    path of a ``RecursionError``, or while ends are put off)."""
     frame: FrameType | None = sys._getframe(1)
     depth = 0
     while frame is not None:
@@ -42,19 +43,54 @@ def _stack_left() -> int:
     return sys.getrecursionlimit() - depth
 
 
+def _short_of_stack() -> bool:
+    try:
+        return _stack_left() < _HEADROOM
+    except RecursionError:
+        return True
+
+
+def _put_off(handler: Any, method: str, span_id: str, end: Callable[[], Any]) -> bool:
+    """Keep ``end`` for later if the stack is short here; whether it was kept."""
+    if len(_deferred) >= _DEFERRED_KEPT or not _short_of_stack():
+        return False
+    _deferred.append((handler, method, span_id, end))
+    return True
+
+
+def _forget(handler: Any, span_id: str) -> None:
+    """The end of ``span_id`` failed for good: a handler's own ``open_spans`` must not
+    keep it (the handler's error is reported)."""
+    open_spans = getattr(handler, "open_spans", None)
+    if isinstance(open_spans, dict):
+        open_spans.pop(span_id, None)
+
+
+def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
+    if handler is not None:
+        _forget(handler, span_id)
+    _report(handler, method, span_id, exc)
+
+
 def _run_deferred() -> None:
-    """Run the drops put off, oldest first, if there is room for them here."""
-    if _stack_left() < _HEADROOM:
+    """Run the ends put off, oldest first, if there is room for them here."""
+    if _short_of_stack():
         return
-    while _deferred:
-        end = _deferred.pop(0)
+    while True:
+        try:
+            item = _deferred.pop(0)
+        except IndexError:  # emptied here, or by another thread meanwhile
+            return
+        handler, method, span_id, end = item
         try:
             end()
-        except RecursionError:
-            _deferred.insert(0, end)  # still too deep after all: a later end runs it
-            return
-        except Exception as exc:  # the handlers' own errors are reported inside
-            _report(end, "a span end put off", "", exc)
+        except RecursionError as exc:
+            if _short_of_stack():
+                _deferred.insert(0, item)  # too deep after all: a later end runs it
+                return
+            _give_up(handler, method, span_id, exc)  # it recurses at any depth
+        except Exception as exc:
+            _give_up(handler, method, span_id, exc)
 
 
 class Chain:
@@ -361,7 +397,7 @@ def start(
 
 def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
     """Close ``span`` normally."""
-    if _deferred:  # a recursion caught inside a traced call: its drops, now
+    if _deferred:  # a recursion caught inside a traced call: its ends, now
         try:
             _run_deferred()
         except RecursionError:  # no room to look even: a later end runs them
@@ -377,28 +413,25 @@ def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, resu
                     id_=span_id, bound_args=bound_args, instance=instance, result=result
                 )
         except Exception as exc:
-            if type(exc) is RecursionError and len(_deferred) < _DEFERRED_KEPT:
-                # No stack left for this handler (a recursion caught inside the traced
-                # call): run its exit again once there is.
-                _deferred.append(
-                    partial(_exit_later, handler, positional, span_id, bound_args, instance, result)
-                )
-            else:
-                _report(handler, "span_exit", span_id, exc)
+            if type(exc) is RecursionError and _put_off(
+                handler,
+                "span_exit",
+                span_id,
+                partial(_exit, handler, positional, span_id, bound_args, instance, result),
+            ):
+                continue
+            _give_up(handler, "span_exit", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id)
 
 
-def _exit_later(
+def _exit(
     handler: Any, positional: Any, span_id: str, bound_args: Any, instance: Any, result: Any
 ) -> None:
-    try:
-        if positional is not None:
-            positional(span_id, bound_args, instance, result)
-        else:
-            handler.span_exit(id_=span_id, bound_args=bound_args, instance=instance, result=result)
-    except Exception as exc:
-        _report(handler, "span_exit", span_id, exc)
+    if positional is not None:
+        positional(span_id, bound_args, instance, result)
+    else:
+        handler.span_exit(id_=span_id, bound_args=bound_args, instance=instance, result=result)
 
 
 def fail(
@@ -410,19 +443,23 @@ def fail(
             _run_deferred()
         except RecursionError:  # no room to look even: a later end runs them
             pass
-    if type(err) is RecursionError and len(_deferred) < _DEFERRED_KEPT:
-        try:
-            deep = _stack_left() < _HEADROOM
-        except RecursionError:
-            deep = True
-        if deep:
-            _deferred.append(partial(_fail, chain, span, bound_args, instance, err))
-            return
-    _fail(chain, span, bound_args, instance, err)
+    if type(err) is RecursionError and _put_off(
+        None,
+        "span_drop",
+        span.id_,
+        partial(_fail, chain, span, bound_args, instance, err, _active_tags.get()),
+    ):
+        return  # not even tried here: handlers would fail half way and lose the span
+    _fail(chain, span, bound_args, instance, err, None)
 
 
 def _fail(
-    chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
+    chain: Chain,
+    span: SpanContext,
+    bound_args: Any,
+    instance: Any,
+    err: BaseException,
+    tags: Mapping[str, Any] | None,
 ) -> None:
     _next(_dropped)
     span_id = span.id_
@@ -431,22 +468,36 @@ def _fail(
     # one removed, or closed by ``shutdown()``, while the span was open.
     events = chain.events if chain.owner is None else chain.owner._ev
     if events:
-        _drop_event(events, span, err)
+        _drop_event(events, span, err, _active_tags.get() if tags is None else tags)
     for handler in chain.spans:
         try:
             handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)
         except Exception as exc:
-            _report(handler, "span_drop", span_id, exc)
+            if type(exc) is RecursionError and _put_off(
+                handler,
+                "span_drop",
+                span_id,
+                partial(
+                    handler.span_drop,
+                    id_=span_id,
+                    bound_args=bound_args,
+                    instance=instance,
+                    err=err,
+                ),
+            ):
+                continue
+            _give_up(handler, "span_drop", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id)
 
 
-def _drop_event(events: tuple[Any, ...], span: SpanContext, err: BaseException) -> None:
+def _drop_event(
+    events: tuple[Any, ...], span: SpanContext, err: BaseException, tags: Mapping[str, Any]
+) -> None:
     try:
         text = str(err)
     except Exception:  # str() of a broken exception can itself raise
         text = type(err).__name__
-    tags = _active_tags.get()
     drop_event = SpanDropEvent(
         span_id=span.id_, trace_id=span.trace_id, err_str=text, tags=dict(tags)
     )
@@ -467,8 +518,11 @@ def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]
     handle_all(handlers, event, kwargs)
 
 
-def handle_all(handlers: Iterable[Any], event: Any, kwargs: dict[str, Any]) -> None:
-    """``handle(event)`` of each handler in turn; an error is reported, not raised."""
+def handle_all(
+    handlers: Iterable[Any], event: Any, kwargs: dict[str, Any], where: str = "handle"
+) -> None:
+    """``handle(event)`` of each handler in turn; an error is reported (as raised in
+    ``where``), not raised."""
     for handler in handlers:
         try:
             if kwargs:
@@ -476,7 +530,7 @@ def handle_all(handlers: Iterable[Any], event: Any, kwargs: dict[str, Any]) -> N
             else:
                 handler.handle(event)
         except Exception as exc:
-            _report(handler, "handle", event.class_name(), exc)
+            _report(handler, where, event.class_name(), exc)
 
 
 __all__ = [

@@ -26,6 +26,8 @@ from instrumentation._spans import (
     Chain,
     LazyBoundArguments,
     LazySignature,
+    _deferred,
+    _fail,
     fail,
     finish,
     start,
@@ -33,6 +35,7 @@ from instrumentation._spans import (
 from instrumentation.context import (
     SpanContext,
     _active_span,
+    _active_tags,
     _suppressed,
     activate,
     deactivate,
@@ -40,6 +43,7 @@ from instrumentation.context import (
 )
 
 _set_active = _active_span.set
+_partial = functools.partial
 _reset_active = _active_span.reset
 
 #: Set on every wrapper: the dispatcher that made it (LlamaIndex's marker name too).
@@ -503,7 +507,17 @@ def _wrap_callable(
             try:
                 result = func(*args, **kwargs)
             except BaseException as err:
-                fail(chain, span, bound, instance, err)
+                try:
+                    fail(chain, span, bound, instance, err)
+                except RecursionError:  # no frame left even to call it: see _spans
+                    _deferred.append(
+                        (
+                            None,
+                            "span_drop",
+                            span.id_,
+                            _partial(_fail, chain, span, bound, instance, err, _active_tags.get()),
+                        )
+                    )
                 raise
             else:
                 awaitable = _awaitable_types.get(type(result))

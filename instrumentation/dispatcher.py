@@ -504,15 +504,15 @@ class Dispatcher:
             for key, value in tags.items():
                 event.tags.setdefault(key, value)
         telemetry.EVENTS_DISPATCHED.inc()
-        # A handler that keeps BaseEventHandler's ahandle (which calls handle) never
-        # waits: it runs here, in order, without a task, as under any event loop or
-        # none. Those with an ahandle of their own run side by side.
-        handle_all((h for h in handlers if type(h).ahandle is _DEFAULT_AHANDLE), event, kwargs)
-        waiting = [h for h in handlers if type(h).ahandle is not _DEFAULT_AHANDLE]
-        if len(waiting) == 1:  # nothing to run beside it: no task to make
-            await _ahandle(waiting[0], event, kwargs)
-        elif waiting:
-            await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in waiting])
+        # Handlers that keep BaseEventHandler's ahandle (which calls handle) never
+        # wait: with only those, they run here, in order, without a task, under any
+        # event loop or none. Otherwise each runs in its own task, started in order.
+        if all(type(h).ahandle is _DEFAULT_AHANDLE for h in handlers):
+            handle_all(handlers, event, kwargs, "ahandle")
+        elif len(handlers) == 1:  # nothing to run beside it: no task to make
+            await _ahandle(handlers[0], event, kwargs)
+        else:
+            await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in handlers])
 
     # -- spans by hand --------------------------------------------------------------
 

@@ -270,6 +270,8 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         (its error is reported by the dispatcher)."""
         try:
             span = prepare(id_=id_, **given, **kwargs) if with_kwargs else prepare(id_=id_, **given)
+        except RecursionError:
+            raise  # no stack left here: the span stays for the end put off (see _spans)
         except BaseException:
             self.open_spans.pop(id_, None)
             raise

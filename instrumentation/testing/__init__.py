@@ -83,7 +83,8 @@ class CapturedSpans(list[SimpleSpan]):
         handler = self.handler
         completed, dropped = handler.completed_spans, handler.dropped_spans
         seen = (len(completed), len(dropped))  # takes in what is buffered
-        if seen != self._seen or seen[0] + seen[1] != list.__len__(self):
+        full = seen[0] == completed.maxlen or seen[1] == dropped.maxlen  # counts stay put
+        if full or seen != self._seen or seen[0] + seen[1] != list.__len__(self):
             list.__setitem__(
                 self,
                 slice(None),

@@ -186,3 +186,32 @@ def test_aevent_runs_plain_handlers_in_place_without_tasks() -> None:
     with pytest.raises(StopIteration):
         step.send(None)
     assert len(first.events) == 1 and second.events == first.events
+
+
+async def test_aevent_keeps_the_order_handlers_were_attached_in() -> None:
+    """A handler with an ahandle of its own attached before a plain one is still run
+    first, as event() runs them."""
+    import asyncio
+
+    from instrumentation.event_handlers import BaseEventHandler
+
+    order: list[str] = []
+
+    class Awaiting(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            order.append("awaiting")
+
+        async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+            order.append("awaiting")
+            await asyncio.sleep(0)
+
+    class Plain(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            order.append("plain")
+
+    d = get_dispatcher(fresh())
+    d.add_event_handler(Awaiting())
+    d.add_event_handler(Plain())
+    d.event(OrderPlaced(order_id=5))
+    await d.aevent(OrderPlaced(order_id=6))
+    assert order == ["awaiting", "plain", "awaiting", "plain"]

@@ -343,6 +343,25 @@ def test_capture_spans_can_be_read_inside_its_block(d: Dispatcher) -> None:
     assert all(spans[i] is not None for i in range(len(spans))) and spans[0] is first
 
 
+def test_capture_spans_at_its_bound_shows_the_newest(d: Dispatcher) -> None:
+    """Full (``max_spans``), the list holds the newest spans, though its length no
+    longer changes."""
+
+    @d.span
+    def f(n: int) -> int:
+        return n
+
+    with capture_spans(max_spans=3) as spans:
+        for n in range(3):
+            f(n)
+        assert len(spans) == 3
+        first = list(spans)
+        for n in range(3, 5):
+            f(n)
+        assert len(spans) == 3 and list(spans) != first
+        assert spans[0].start_time >= first[2].start_time
+
+
 async def test_capture_blocks_that_overlap_without_nesting_each_see_their_spans(
     d: Dispatcher,
 ) -> None:

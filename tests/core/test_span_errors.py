@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -472,3 +473,93 @@ def test_spans_of_a_recursion_that_hits_the_limit_are_all_ended(
     # enter itself found no stack left, is not known to the handler at all.
     assert started - 20 <= len(dropped) <= started
     assert {e.span_id for e in events.events if isinstance(e, SpanDropEvent)} >= set(dropped)
+
+
+def test_spans_ending_normally_at_the_recursion_limit_are_not_lost(d: Dispatcher) -> None:
+    """A recursion caught inside the traced function: every call returns, the deepest
+    ones where a handler needing more stack for its exit than its enter has none. Their
+    exits are put off, not half done: each span is completed once."""
+    from ._support import GuideSpanHandler
+
+    def nested(k: int) -> int:  # the work an exporting handler does at each exit
+        return 0 if k == 0 else nested(k - 1)
+
+    known: list[str] = []
+
+    class Exporting(GuideSpanHandler):
+        def span_enter(self, id_: str, *args: Any, **kwargs: Any) -> None:
+            super().span_enter(id_, *args, **kwargs)
+            if id_ in self.open_spans:
+                known.append(id_)
+
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> Any:
+            nested(15)
+            return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+    handler = Exporting()
+    d.add_span_handler(handler)
+
+    @d.span
+    def down(n: int) -> int:
+        try:
+            return down(n + 1)
+        except RecursionError:
+            return n
+
+    def pad(k: int) -> int:
+        return down(0) if k == 0 else pad(k - 1)
+
+    for k in range(10):
+        pad(k)
+    completed = [s.id_ for s in handler.completed_spans]
+    # Every span the handler took in is completed, once (the deepest few of each
+    # recursion, whose enter itself found no stack left, it never knew of).
+    assert len(known) > 1000 and sorted(completed) == sorted(known)
+    assert handler.open_spans == {}
+
+
+def test_drops_put_off_at_the_recursion_limit_keep_their_own_tags(
+    d: Dispatcher, events: EventList
+) -> None:
+    """A drop run later, from another span's end, carries the tags active where its
+    own span ended, as every other drop event does."""
+    from instrumentation import instrument_tags
+
+    @d.span
+    def rec(n: int) -> int:
+        with instrument_tags({"level": n}):
+            return rec(n + 1)
+
+    with pytest.raises(RecursionError):
+        rec(0)
+    levels = [e.tags.get("level") for e in events.events if isinstance(e, SpanDropEvent)]
+    assert len(levels) > 100 and len(set(levels)) == len(levels)
+
+
+def test_a_handler_whose_exit_recurses_at_any_depth_is_reported_at_once(d: Dispatcher) -> None:
+    """Not a recursion limit reached by the application but a handler's own bug: with
+    stack to spare, its RecursionError is reported when the call returns, once."""
+    from instrumentation import telemetry
+
+    from ._support import GuideSpanHandler
+
+    calls: list[str] = []
+
+    class Recursing(GuideSpanHandler):
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(id_)
+            return self.prepare_to_exit_span(id_, *args, **kwargs)
+
+    handler = Recursing()
+    d.add_span_handler(handler)
+
+    @d.span
+    def f() -> int:
+        return 1
+
+    before = telemetry.handler_errors().get("Recursing", 0)
+    f()
+    assert telemetry.handler_errors().get("Recursing", 0) == before + 1
+    first = len(calls)
+    f()  # an unrelated end does not run the first one again
+    assert len(calls) == 2 * first and handler.open_spans == {}
