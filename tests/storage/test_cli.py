@@ -823,3 +823,18 @@ def test_a_generator_closed_early_is_stored_as_ok(tmp_path: Path, make_handler: 
     (summary,) = store.traces()
     assert summary.status == "ok" and summary.error is None
     assert "✗" not in _run("--db", str(tmp_path / "t.db"), "list")
+
+
+def test_the_usage_line_names_the_command_that_was_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Started as the ``instrumentation`` console script, the help says so; otherwise
+    it gives the ``python -m`` form."""
+    for argv0, usage in (
+        ("/venv/bin/instrumentation", "usage: instrumentation "),
+        ("/x/instrumentation/__main__.py", "usage: python -m instrumentation "),
+    ):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert capsys.readouterr().out.startswith(usage)
