@@ -435,9 +435,7 @@ class Dispatcher:
         # and depend on its ``propagate``: rebuilding every chain in the tree made each
         # change cost milliseconds in an application with a thousand dispatchers.
         if self._manager is not None:
-            shared: dict[tuple[int, ...], tuple[Any, ...]] = {}
-            for node in self._manager._subtree(self):
-                node._rebuild(shared)
+            self._manager._rebuild_below(self)
         else:
             self._rebuild()
 
@@ -1041,9 +1039,7 @@ class Manager:
         self._nodes[made.name] = made
         if made._event_handlers or made._span_handlers or not made._propagate:
             # Made by hand with handlers, or not propagating: every chain below it changes.
-            shared: dict[tuple[int, ...], tuple[Any, ...]] = {}
-            for node in self._subtree(made):
-                node._rebuild(shared)
+            self._rebuild_below(made)
         elif isinstance(found, _PlaceHolder):
             # No chain changes (``get_dispatcher``'s case, a large application's every
             # module): those now hung from it reach the same handlers through it. Theirs
@@ -1096,10 +1092,14 @@ class Manager:
         return found
 
     def _rebuild_all(self) -> None:
+        self._rebuild_below(self.root)
+
+    def _rebuild_below(self, top: Dispatcher) -> None:
+        """Rebuild the chains of ``top`` and the dispatchers below it (lock held),
+        sharing what they can (see :class:`Chain`)."""
         shared: dict[tuple[int, ...], tuple[Any, ...]] = {}
-        for node in list(self._nodes.values()):
-            if isinstance(node, Dispatcher):
-                node._rebuild(shared)
+        for node in self._subtree(top):
+            node._rebuild(shared)
 
     def parent_name_for(self, name: str) -> str:
         """The name of the dispatcher that one called ``name`` would hang from now."""
