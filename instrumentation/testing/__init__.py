@@ -10,7 +10,7 @@ pytest plugin (registered automatically) offers the same as the fixture
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,6 +66,11 @@ def _merge(saved: tuple[Any, ...], current: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(kept)
 
 
+def _by_start(handler: SimpleSpanHandler) -> list[SimpleSpan]:
+    """The handler's completed and dropped spans, by start."""
+    return sorted([*handler.completed_spans, *handler.dropped_spans], key=lambda s: s.start_time)
+
+
 class CapturedSpans(list[SimpleSpan]):
     """The spans recorded by :func:`capture_spans` (completed and dropped), by start.
 
@@ -85,11 +90,7 @@ class CapturedSpans(list[SimpleSpan]):
         seen = (len(completed), len(dropped))  # takes in what is buffered
         full = seen[0] == completed.maxlen or seen[1] == dropped.maxlen  # counts stay put
         if full or seen != self._seen or seen[0] + seen[1] != list.__len__(self):
-            list.__setitem__(
-                self,
-                slice(None),
-                sorted([*completed, *dropped], key=lambda s: s.start_time),
-            )
+            list.__setitem__(self, slice(None), _by_start(handler))
             self._seen = seen
         return self
 
@@ -139,20 +140,29 @@ class CapturedSpans(list[SimpleSpan]):
 
 
 @contextmanager
+def _open_capture(
+    handler: Any, attach: Callable[[Any], None], detach: Callable[[Any], None]
+) -> Iterator[None]:
+    """Attach a capture block's ``handler`` for the block; then put back the state
+    :class:`Snapshot` keeps (other blocks still open keep theirs)."""
+    snapshot = Snapshot()
+    _open_captures[id(handler)] = handler
+    attach(handler)
+    try:
+        yield
+    finally:
+        _open_captures.pop(id(handler), None)
+        snapshot.restore()
+        detach(handler)  # a dispatcher made by hand is not in the tree
+
+
+@contextmanager
 def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[list[BaseEvent]]:
     """Record the events that reach ``dispatcher`` (the root by default) in the block."""
     target = root_dispatcher if dispatcher is None else dispatcher
     handler = _CapturingEvents()
-    events = handler.events
-    snapshot = Snapshot()
-    _open_captures[id(handler)] = handler
-    target.add_event_handler(handler)
-    try:
-        yield events
-    finally:
-        _open_captures.pop(id(handler), None)
-        snapshot.restore()
-        target.remove_event_handler(handler)  # a dispatcher made by hand is not in the tree
+    with _open_capture(handler, target.add_event_handler, target.remove_event_handler):
+        yield handler.events
 
 
 @contextmanager
@@ -165,17 +175,8 @@ def capture_spans(
     """
     target = root_dispatcher if dispatcher is None else dispatcher
     handler = _CapturingSpans(max_completed_spans=max_spans)
-    spans = CapturedSpans(handler)
-    snapshot = Snapshot()
-    _open_captures[id(handler)] = handler
-    target.add_span_handler(handler)
-    try:
-        yield spans
-    finally:
-        _open_captures.pop(id(handler), None)
-        snapshot.restore()
-        target.remove_span_handler(handler)  # a dispatcher made by hand is not in the tree
-        spans.refresh()
+    with _open_capture(handler, target.add_span_handler, target.remove_span_handler):
+        yield CapturedSpans(handler)
 
 
 class Snapshot:
@@ -246,10 +247,7 @@ class Capture:
 
     @property
     def spans(self) -> list[SimpleSpan]:
-        return sorted(
-            [*self._spans.completed_spans, *self._spans.dropped_spans],
-            key=lambda s: s.start_time,
-        )
+        return _by_start(self._spans)
 
     def _end(self) -> None:
         """The block is over: its handlers go when the state is put back."""
