@@ -22,6 +22,7 @@ from typing import Any
 
 from instrumentation import context as _context
 from instrumentation._spans import (
+    _DEFERRED_KEPT,
     EMPTY_BOUND_ARGS,
     Chain,
     LazyBoundArguments,
@@ -510,14 +511,17 @@ def _wrap_callable(
                 try:
                     fail(chain, span, bound, instance, err)
                 except RecursionError:  # no frame left even to call it: see _spans
-                    _deferred.append(
-                        (
-                            None,
-                            "span_drop",
-                            span.id_,
-                            _partial(_fail, chain, span, bound, instance, err, _active_tags.get()),
+                    if len(_deferred) < _DEFERRED_KEPT:  # the list's bound, as _put_off keeps
+                        _deferred.append(
+                            (
+                                None,
+                                "span_drop",
+                                span.id_,
+                                _partial(
+                                    _fail, chain, span, bound, instance, err, _active_tags.get()
+                                ),
+                            )
                         )
-                    )
                 raise
             else:
                 awaitable = _awaitable_types.get(type(result))
