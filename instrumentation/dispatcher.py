@@ -600,7 +600,15 @@ class Dispatcher:
     # -- the decorator and the block --------------------------------------------------
 
     @overload
-    def span(self, func: F, /) -> F: ...
+    def span(
+        self,
+        func: F,
+        /,
+        *,
+        name: str | None = None,
+        request: bool = False,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> F: ...
 
     @overload
     def span(
@@ -674,13 +682,15 @@ class Dispatcher:
                 telemetry.report_handler_error(
                     handler, "capture_propagation_context", self.name, exc
                 )
-        # Both keys are always there, so that restoring a context captured outside any
-        # span, or without tags, also clears what an earlier restore left current.
+        # All three keys are always there, so that restoring a context captured outside
+        # any span, or without tags, also clears what an earlier restore left current.
         span = current_span()
         if span is not None:
             out["traceparent"] = format_traceparent(
                 span.trace_id, span.span_hex, sampled_in_bridges()
             )
+        else:  # unless a handler's bridge knows another system's current span
+            out.setdefault("traceparent", None)
         out["active_span_id"] = None if span is None else span.id_
         tags = _active_tags.get()
         out["instrument_tags"] = dict(tags) if isinstance(tags, Mapping) else {}

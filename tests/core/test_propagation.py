@@ -76,7 +76,8 @@ def test_capture_outside_any_span_says_so_and_restoring_it_clears(
     context, say) leaves neither current. An empty dict changes nothing, as in LlamaIndex.
     """
     ctx = d.capture_propagation_context()
-    assert ctx == {"active_span_id": None, "instrument_tags": {}}
+    # traceparent is there too, as None: the docs' ctx["traceparent"] never a KeyError.
+    assert ctx == {"traceparent": None, "active_span_id": None, "instrument_tags": {}}
     json.dumps(ctx)
 
     def consumer() -> None:
