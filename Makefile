@@ -21,6 +21,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy instrumentation
+	$(VENV)/bin/mypy --config-file tests/typing/mypy.ini tests/typing/user_code.py
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q

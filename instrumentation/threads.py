@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from typing_extensions import ParamSpec
+
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -44,9 +47,9 @@ class Thread(threading.Thread):
 class ContextThreadPoolExecutor(ThreadPoolExecutor):
     """A ``ThreadPoolExecutor`` that runs each task in a copy of the submitter's context."""
 
-    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         context = contextvars.copy_context()
-        return super().submit(context.run, fn, *args, **kwargs)
+        return super().submit(context.run, fn, *args, **kwargs)  # type: ignore[arg-type]
 
 
 __all__ = ["ContextThreadPoolExecutor", "Thread"]

@@ -15,7 +15,7 @@ handlers)``. Handlers subclass :class:`EventHandler` (``async def`` or plain ``d
 from __future__ import annotations
 
 from instrumentation.audit.adapter import AuditAdapter, attach
-from instrumentation.audit.base import EventCtx, EventHandler, RequestCtx
+from instrumentation.audit.base import AnyEventHandler, EventCtx, EventHandler, RequestCtx
 from instrumentation.audit.events import (
     ChatFormat,
     Event,
@@ -31,6 +31,7 @@ from instrumentation.audit.runner import HandlerError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AnyEventHandler",
     "AuditAdapter",
     "AuditEvent",
     "AuditRequest",

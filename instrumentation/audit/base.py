@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 
@@ -54,4 +54,9 @@ class EventHandler(Generic[RequestCtx, EventCtx], ABC):
         """The request ended (``output.error`` is set when it raised)."""
 
 
-__all__ = ["EventCtx", "EventHandler", "RequestCtx"]
+#: Any handler, whatever its context types: annotate a list of different handlers
+#: with it (``handlers: list[AnyEventHandler] = [...]``), or mypy joins them to
+#: ``list[object]``, which ``audit.request()`` refuses.
+AnyEventHandler = EventHandler[Any, Any]
+
+__all__ = ["AnyEventHandler", "EventCtx", "EventHandler", "RequestCtx"]

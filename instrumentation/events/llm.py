@@ -14,11 +14,14 @@ before these events are created, so a consumer uses the text it gets.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictStr, model_validator
 
 from instrumentation.events.base import BaseEvent
+
+#: The role names :class:`ChatMessage` accepts in place of a :class:`MessageRole`.
+RoleName = Literal["system", "user", "assistant", "tool", "function", "developer"]
 
 
 class MessageRole(str, Enum):
@@ -62,6 +65,19 @@ class ChatMessage(BaseModel):
     blocks: list[ContentBlock] = Field(default_factory=list)
     tool_calls: list[ToolCall] = Field(default_factory=list)
     additional_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    if TYPE_CHECKING:
+        # What type checkers see: the role may be given by name, as everyone writes it
+        # (pydantic turns "user" into MessageRole.USER).
+        def __init__(
+            self,
+            *,
+            role: MessageRole | RoleName = MessageRole.USER,
+            content: str | None = None,
+            blocks: list[ContentBlock] = ...,
+            tool_calls: list[ToolCall] = ...,
+            additional_kwargs: dict[str, Any] = ...,
+        ) -> None: ...
 
     @model_validator(mode="after")
     def _content_from_blocks(self) -> ChatMessage:
@@ -122,15 +138,18 @@ class CompletionResponse(BaseModel):
         return self.text
 
 
-class _ModelInfo(BaseEvent):
-    """Which model served the call (on every start and end event)."""
+class ModelCallEvent(BaseEvent):
+    """Which model served the call: the base of every LLM and embedding event, so that
+    ``isinstance(event, ModelCallEvent)`` (or one of the ``LLM_*_EVENTS`` tuples) tells
+    a type checker that ``model`` and ``provider`` are there."""
 
     model: StrictStr | None = None
     provider: StrictStr | None = None
 
 
-class _EndInfo(_ModelInfo):
-    """What every end event reports about the finished call."""
+class ModelCallEndEvent(ModelCallEvent):
+    """What every end event reports about the finished call (the base of every LLM and
+    embedding end event)."""
 
     usage: TokenUsage | None = None
     latency_ms: float | None = Field(default=None, ge=0)
@@ -142,7 +161,7 @@ class _EndInfo(_ModelInfo):
 # ---------------------------------------------------------------- chat
 
 
-class LLMChatStartEvent(_ModelInfo):
+class LLMChatStartEvent(ModelCallEvent):
     """A chat call begins; request parameters (temperature, ...) are in additional_kwargs."""
 
     messages: list[ChatMessage]
@@ -150,14 +169,14 @@ class LLMChatStartEvent(_ModelInfo):
     model_dict: dict[str, Any] = Field(default_factory=dict)
 
 
-class LLMChatInProgressEvent(_ModelInfo):
+class LLMChatInProgressEvent(ModelCallEvent):
     """One streamed chunk of a chat answer (``response.delta``)."""
 
     messages: list[ChatMessage]
     response: ChatResponse
 
 
-class LLMChatEndEvent(_EndInfo):
+class LLMChatEndEvent(ModelCallEndEvent):
     """A chat call finished (``response`` None if a stream ended with nothing)."""
 
     messages: list[ChatMessage]
@@ -167,7 +186,7 @@ class LLMChatEndEvent(_EndInfo):
 # ---------------------------------------------------------------- completion
 
 
-class LLMCompletionStartEvent(_ModelInfo):
+class LLMCompletionStartEvent(ModelCallEvent):
     """A completion call begins."""
 
     prompt: str
@@ -175,14 +194,14 @@ class LLMCompletionStartEvent(_ModelInfo):
     model_dict: dict[str, Any] = Field(default_factory=dict)
 
 
-class LLMCompletionInProgressEvent(_ModelInfo):
+class LLMCompletionInProgressEvent(ModelCallEvent):
     """One streamed chunk of a completion (``response.delta``)."""
 
     prompt: str
     response: CompletionResponse
 
 
-class LLMCompletionEndEvent(_EndInfo):
+class LLMCompletionEndEvent(ModelCallEndEvent):
     """A completion call finished."""
 
     prompt: str
@@ -192,20 +211,20 @@ class LLMCompletionEndEvent(_EndInfo):
 # ---------------------------------------------------------------- predict
 
 
-class LLMPredictStartEvent(_ModelInfo):
+class LLMPredictStartEvent(ModelCallEvent):
     """A prompt template is about to be formatted and sent."""
 
     template: Any = None
     template_args: dict[str, Any] | None = None
 
 
-class LLMPredictEndEvent(_EndInfo):
+class LLMPredictEndEvent(ModelCallEndEvent):
     """The predicted text."""
 
     output: Any = None
 
 
-class LLMStructuredPredictStartEvent(_ModelInfo):
+class LLMStructuredPredictStartEvent(ModelCallEvent):
     """A structured prediction (answer parsed into ``output_cls``) begins."""
 
     output_cls: Any = None
@@ -213,13 +232,13 @@ class LLMStructuredPredictStartEvent(_ModelInfo):
     template_args: dict[str, Any] | None = None
 
 
-class LLMStructuredPredictInProgressEvent(_ModelInfo):
+class LLMStructuredPredictInProgressEvent(ModelCallEvent):
     """A streamed structured prediction: ``output`` is the object parsed so far."""
 
     output: Any = None
 
 
-class LLMStructuredPredictEndEvent(_EndInfo):
+class LLMStructuredPredictEndEvent(ModelCallEndEvent):
     """The parsed structured output."""
 
     output: Any = None
@@ -228,32 +247,32 @@ class LLMStructuredPredictEndEvent(_EndInfo):
 # ---------------------------------------------------------------- embedding
 
 
-class EmbeddingStartEvent(_ModelInfo):
+class EmbeddingStartEvent(ModelCallEvent):
     """An embedding call begins."""
 
     model_dict: dict[str, Any] = Field(default_factory=dict)
 
 
-class EmbeddingEndEvent(_EndInfo):
+class EmbeddingEndEvent(ModelCallEndEvent):
     """An embedding call finished: the texts embedded and their vectors."""
 
     chunks: list[str] = Field(default_factory=list)
     embeddings: list[list[float]] = Field(default_factory=list)
 
 
-LLM_START_EVENTS: tuple[type[BaseEvent], ...] = (
+LLM_START_EVENTS: tuple[type[ModelCallEvent], ...] = (
     LLMChatStartEvent,
     LLMCompletionStartEvent,
     LLMPredictStartEvent,
     LLMStructuredPredictStartEvent,
     EmbeddingStartEvent,
 )
-LLM_IN_PROGRESS_EVENTS: tuple[type[BaseEvent], ...] = (
+LLM_IN_PROGRESS_EVENTS: tuple[type[ModelCallEvent], ...] = (
     LLMChatInProgressEvent,
     LLMCompletionInProgressEvent,
     LLMStructuredPredictInProgressEvent,
 )
-LLM_END_EVENTS: tuple[type[BaseEvent], ...] = (
+LLM_END_EVENTS: tuple[type[ModelCallEndEvent], ...] = (
     LLMChatEndEvent,
     LLMCompletionEndEvent,
     LLMPredictEndEvent,
@@ -283,6 +302,9 @@ __all__ = [
     "LLMStructuredPredictInProgressEvent",
     "LLMStructuredPredictStartEvent",
     "MessageRole",
+    "ModelCallEndEvent",
+    "ModelCallEvent",
+    "RoleName",
     "TokenUsage",
     "ToolCall",
 ]

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence, Sized
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -781,7 +781,7 @@ class OTLPHandle:
 def configure_otlp(
     endpoint: str | None = None,
     *,
-    protocol: str | None = None,
+    protocol: Literal["http/protobuf", "grpc"] | None = None,
     headers: Mapping[str, str] | None = None,
     service_name: str | None = None,
     resource_attributes: Mapping[str, Any] | None = None,

@@ -20,11 +20,12 @@ from __future__ import annotations
 import functools
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, get_args
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, SupportsIndex, TypeVar, get_args, overload
 
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import CoreSchema, core_schema
+from typing_extensions import Self
 
 T = TypeVar("T")
 
@@ -108,12 +109,20 @@ class SpanDeque(deque[T]):
 
     __slots__ = ()
 
-    def __getitem__(self, index: Any) -> Any:
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> T | list[T]:
         if isinstance(index, slice):
             return list(self)[index]
         return deque.__getitem__(self, index)
 
-    def __setitem__(self, index: Any, value: Any) -> None:
+    @overload
+    def __setitem__(self, index: SupportsIndex, value: T) -> None: ...
+    @overload
+    def __setitem__(self, index: slice, value: Iterable[T]) -> None: ...
+    def __setitem__(self, index: SupportsIndex | slice, value: Any) -> None:
         if isinstance(index, slice):
             items = list(deque.__iter__(self))
             items[index] = value
@@ -121,7 +130,7 @@ class SpanDeque(deque[T]):
         else:
             deque.__setitem__(self, index, value)
 
-    def __delitem__(self, index: Any) -> None:
+    def __delitem__(self, index: SupportsIndex | slice) -> None:
         if isinstance(index, slice):
             items = list(deque.__iter__(self))
             del items[index]
@@ -129,12 +138,17 @@ class SpanDeque(deque[T]):
         else:
             deque.__delitem__(self, index)
 
-    def __add__(self, other: Any) -> Any:
+    # Wider than deque's own: adding a list is what LlamaIndex users' code does.
+    @overload  # type: ignore[override]
+    def __add__(self, other: Self) -> Self: ...
+    @overload
+    def __add__(self, other: list[T]) -> list[T]: ...
+    def __add__(self, other: Self | list[T]) -> Self | list[T]:
         if isinstance(other, list):
             return list(deque.__iter__(self)) + other
         return deque.__add__(self, other)
 
-    def __radd__(self, other: Any) -> Any:
+    def __radd__(self, other: list[T]) -> list[T]:
         if isinstance(other, list):
             return other + list(deque.__iter__(self))
         return NotImplemented

@@ -244,7 +244,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         parent_span_id: str | None = None,
         tags: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> SimpleSpan:
+    ) -> SimpleSpan | None:
         return SimpleSpan(
             id_=id_,
             parent_id=parent_span_id,

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import Unpack
 
 from instrumentation.dispatcher import Dispatcher
 from instrumentation.storage.base import SQLStore, Store
-from instrumentation.storage.handler import StorageHandler, metadata
+from instrumentation.storage.handler import StorageHandler, StorageOptions, metadata
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
 from instrumentation.storage.schema import (
     SCHEMA_VERSION,
@@ -90,7 +93,7 @@ def open_store(target: str | os.PathLike[str] | None = None, *, read_only: bool 
 def record_to(
     target: str | os.PathLike[str] | Store | None = None,
     dispatcher: Dispatcher | None = None,
-    **options: Any,
+    **options: Unpack[StorageOptions],
 ) -> StorageHandler:
     """Start recording every span and event of ``dispatcher`` (default: all) into ``target``.
 
@@ -148,7 +151,7 @@ def _remove_database_file(path: str) -> None:
             logger.warning("could not remove %s, created for a refused handler: %s", name, exc)
 
 
-def _check_option_names(options: dict[str, Any]) -> None:
+def _check_option_names(options: Mapping[str, object]) -> None:
     """Refuse an option :class:`StorageHandler` does not take, as it would (pydantic's
     ``ValidationError``), before the store is opened (and the file created)."""
     if "store" in options:
@@ -171,12 +174,16 @@ def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:
     return _format_traces(store, limit, **filters)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "PostgresStore":  # imported lazily: it needs psycopg only when used
-        from instrumentation.storage.postgres import PostgresStore
+if TYPE_CHECKING:
+    from instrumentation.storage.postgres import PostgresStore
+else:
+    # Only at run time, so that a type checker still flags misspelt names.
+    def __getattr__(name: str) -> Any:
+        if name == "PostgresStore":  # imported lazily: it needs psycopg only when used
+            from instrumentation.storage.postgres import PostgresStore
 
-        return PostgresStore
-    raise AttributeError(f"module 'instrumentation.storage' has no attribute {name!r}")
+            return PostgresStore
+        raise AttributeError(f"module 'instrumentation.storage' has no attribute {name!r}")
 
 
 __all__ = [
@@ -192,6 +199,7 @@ __all__ = [
     "SQLiteStore",
     "SchemaVersionError",
     "StorageHandler",
+    "StorageOptions",
     "Store",
     "StoredEvent",
     "StoredSpan",

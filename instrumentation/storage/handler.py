@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PrivateAttr, field_validator
+from typing_extensions import TypedDict
 
 from instrumentation.context import (
     SpanContext,
@@ -200,6 +201,26 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
 _MAX_WALK = 1000
 
 
+class StorageOptions(TypedDict, total=False):
+    """The options :func:`~instrumentation.storage.record_to` passes on to
+    :class:`StorageHandler` (all of its fields but ``store``), spelled out so that a
+    type checker catches ``batch_sise=5`` or ``batch_size="many"``."""
+
+    batch_size: int
+    debounce: float
+    max_queue: int
+    on_full: OnFull
+    block_timeout: float
+    retry_for: float
+    retry_backoff: float
+    replay_interval: float
+    spool_dir: str | None
+    max_payload_chars: int
+    metadata: dict[str, str]
+    dispatcher_metadata: dict[str, dict[str, str]]
+    close_store: bool
+
+
 class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     """Keeps every span and event in a :class:`Store`, written in the background.
 
@@ -239,10 +260,16 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
 
     _writer: BatchWriter = PrivateAttr()
     _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
-    if TYPE_CHECKING:  # set in model_post_init, outside pydantic's knowledge
-        _fast_put: Any
-        _fast_by_dispatcher: bool
-        _recent_scopes: _RecentScopes
+    if TYPE_CHECKING:
+        # Put straight in __dict__ by model_post_init, outside pydantic's knowledge,
+        # so that the hot path reads them as plain attributes. Declared as read-only
+        # properties: type checkers take annotated names for constructor fields.
+        @property
+        def _fast_put(self) -> Any: ...
+        @property
+        def _fast_by_dispatcher(self) -> bool: ...
+        @property
+        def _recent_scopes(self) -> _RecentScopes: ...
 
     @field_validator("metadata", mode="before")
     @classmethod

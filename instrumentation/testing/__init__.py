@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, SupportsIndex, TypeVar, overload
 
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
@@ -22,6 +22,8 @@ from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers.simple import SimpleSpanHandler
+
+_E = TypeVar("_E", bound=BaseEvent)
 
 
 class RecordingEventHandler(BaseEventHandler):
@@ -103,7 +105,11 @@ class CapturedSpans(list[SimpleSpan]):
     def __reversed__(self) -> Iterator[SimpleSpan]:
         return list.__reversed__(self.refresh())
 
-    def __getitem__(self, index: Any) -> Any:
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> SimpleSpan: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[SimpleSpan]: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> SimpleSpan | list[SimpleSpan]:
         return list.__getitem__(self.refresh(), index)
 
     def __contains__(self, item: object) -> bool:
@@ -117,7 +123,7 @@ class CapturedSpans(list[SimpleSpan]):
 
     __hash__ = None
 
-    def __add__(self, other: Any) -> Any:
+    def __add__(self, other: list[SimpleSpan]) -> list[SimpleSpan]:  # type: ignore[override]
         return list.__add__(self.refresh(), other)
 
     def __repr__(self) -> str:
@@ -254,7 +260,7 @@ class Capture:
         _open_captures.pop(id(self._events), None)
         _open_captures.pop(id(self._spans), None)
 
-    def events_of(self, kind: type[BaseEvent]) -> list[BaseEvent]:
+    def events_of(self, kind: type[_E]) -> list[_E]:
         return [e for e in self.events if isinstance(e, kind)]
 
     def tree(self) -> str:

@@ -224,6 +224,15 @@ def test_a_misspelt_option_opens_and_creates_nothing(tmp_path: Path) -> None:
     assert not db.exists()
 
 
+def test_record_to_spells_out_every_option_of_the_handler() -> None:
+    """record_to()'s typed options (what a type checker checks) are the handler's own
+    fields but the store: a new field must not be left out of them."""
+    from instrumentation.span_handlers import BaseSpanHandler
+
+    own = set(StorageHandler.model_fields) - set(BaseSpanHandler.model_fields) - {"store"}
+    assert set(storage.StorageOptions.__annotations__) == own
+
+
 def test_a_handler_that_cannot_be_made_closes_the_store(tmp_path: Path) -> None:
     """A bad value is found after the store is open: it is closed again (no -wal left
     while the error, and its traceback, are still alive)."""
