@@ -834,16 +834,20 @@ def _merge_attributes(attributes: Mapping[str, Any] | None, request: bool) -> di
     return {**(attributes or {}), "request": True}
 
 
+def _got(handler: object, other_kind: type, other_method: str) -> str:
+    """What a refused handler is, and what to write instead."""
+    if isinstance(handler, type):
+        return f"got the class {handler.__name__} itself: write {handler.__name__}()"
+    if isinstance(handler, other_kind):
+        return f"got {type(handler).__name__} - that is a {other_method}"
+    return f"got {type(handler).__name__}"
+
+
 def _check_event_handler(handler: object) -> BaseEventHandler:
     if not isinstance(handler, BaseEventHandler):
         raise TypeError(
-            f"expected an event handler (a subclass of BaseEventHandler with handle()); "
-            f"got {type(handler).__name__}"
-            + (
-                " - that is a span handler: use add_span_handler()"
-                if isinstance(handler, BaseSpanHandler)
-                else ""
-            )
+            "expected an event handler (a subclass of BaseEventHandler with handle()); "
+            + _got(handler, BaseSpanHandler, "span handler: use add_span_handler()")
         )
     return handler
 
@@ -851,12 +855,8 @@ def _check_event_handler(handler: object) -> BaseEventHandler:
 def _check_span_handler(handler: object) -> BaseSpanHandler[Any]:
     if not isinstance(handler, BaseSpanHandler):
         raise TypeError(
-            f"expected a span handler (a subclass of BaseSpanHandler); got {type(handler).__name__}"
-            + (
-                " - that is an event handler: use add_event_handler()"
-                if isinstance(handler, BaseEventHandler)
-                else ""
-            )
+            "expected a span handler (a subclass of BaseSpanHandler); "
+            + _got(handler, BaseEventHandler, "event handler: use add_event_handler()")
         )
     return handler
 
