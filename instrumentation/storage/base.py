@@ -129,6 +129,12 @@ class Store(ABC):
     def resolve_trace_id(self, prefix: str) -> str | None:
         """The trace id starting with ``prefix`` (``"latest"``: the newest), if exactly one."""
 
+    def trace_ids_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to ``limit`` trace ids that start with ``prefix``: tells an ambiguous
+        prefix from one that matches nothing."""
+        found = self.resolve_trace_id(prefix) if prefix != "latest" else None
+        return [found] if found is not None else []
+
     @property
     @abstractmethod
     def spool_key(self) -> str:
@@ -451,12 +457,17 @@ class SQLStore(Store):
         if prefix == "latest":
             found = self.traces(limit=1)
             return found[0].trace_id if found else None
+        found = self.trace_ids_starting_with(prefix)
+        return found[0] if len(found) == 1 else None
+
+    def trace_ids_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
         p = self.dialect.param
         rows = self._query(
-            f"SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE {p} ESCAPE '\\' LIMIT 2",
+            f"SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE {p} ESCAPE '\\' "
+            f"LIMIT {int(limit)}",
             [_like_literal(prefix) + "%"],
         )
-        return rows[0][0] if len(rows) == 1 else None
+        return [row[0] for row in rows]
 
 
 def _check_limit(limit: Any, none_means: str | None = None) -> None:

@@ -60,7 +60,10 @@ def _seconds(value: str) -> float:
 
 def _positive_seconds(value: str) -> float:
     """A number of seconds, more than 0."""
-    seconds = _seconds(value)
+    try:
+        seconds = _seconds(value)
+    except argparse.ArgumentTypeError:
+        seconds = 0.0
     if seconds == 0:
         raise argparse.ArgumentTypeError(f"takes seconds (more than 0), got {value!r}")
     return seconds
@@ -230,8 +233,10 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
 
 def _no_match(store: Store, given: str) -> str:
     """Why ``given`` (a trace id, a prefix, or ``latest``) names no single trace."""
+    if given != "latest" and len(store.trace_ids_starting_with(given)) > 1:
+        return f"several traces start with {given!r}: give more of the id (see `list`)"
     if store.traces(limit=1):
-        return f"no single trace matches {given!r}"
+        return f"no trace matches {given!r} (see `list` for the ids)"
     none_yet = "there are no traces yet (a trace is listed once its root span has ended)"
     return none_yet if given == "latest" else f"no single trace matches {given!r}: {none_yet}"
 

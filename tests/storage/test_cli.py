@@ -838,3 +838,33 @@ def test_the_usage_line_names_the_command_that_was_run(
         with pytest.raises(SystemExit):
             main(["--help"])
         assert capsys.readouterr().out.startswith(usage)
+
+
+def test_a_prefix_of_several_traces_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """show/export of a prefix that several trace ids share asks for more of the id; one
+    that matches none says that, and where the ids are listed."""
+    store = SQLiteStore(tmp_path / "t.db")
+    _write_roots(store, [("ab", time.time() - 5), ("ac", time.time() - 4)])
+    store.close()
+    db = str(tmp_path / "t.db")
+    assert main(["--db", db, "show", "a"]) == 1
+    assert "several traces start with 'a': give more of the id" in capsys.readouterr().err
+    assert main(["--db", db, "export", "ff"], out=io.StringIO()) == 1
+    assert "no trace matches 'ff' (see `list`" in capsys.readouterr().err
+    out = io.StringIO()
+    assert main(["--db", db, "show", "ab"], out=out) == 0
+    assert "ab" in out.getvalue()
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "x"])
+def test_tail_interval_says_one_thing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """Every refused --interval gets the same rule: more than 0 (a negative one was told
+    "0 or more", and then 0 was refused)."""
+    SQLiteStore(tmp_path / "t.db").close()
+    with pytest.raises(SystemExit):
+        main(["--db", str(tmp_path / "t.db"), "tail", "--interval", value])
+    assert "takes seconds (more than 0)" in capsys.readouterr().err
