@@ -106,6 +106,11 @@ class PriceTable:
         """The dollar cost of ``usage`` on ``model``; None when either is unknown."""
         if usage is None:
             return None
+        if not isinstance(usage, TokenUsage):
+            raise TypeError(
+                "cost() takes the usage as a TokenUsage: "
+                f"TokenUsage(prompt_tokens=..., completion_tokens=...); got {type(usage).__name__}"
+            )
         price = self.get(model)
         if price is None:
             return None

@@ -70,3 +70,11 @@ def test_bad_price_is_rejected(bad: object) -> None:
         ModelPrice(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model"):
         default_price_table.set("", 1.0)
+
+
+def test_usage_as_a_dict_is_a_type_error_that_names_token_usage() -> None:
+    """A usage dict (as providers return it) gets a TypeError saying what to pass, not an
+    AttributeError from inside the table."""
+    with pytest.raises(TypeError, match=r"TokenUsage\(prompt_tokens=.*got dict"):
+        cost_usd("gpt-4o", {"prompt_tokens": 5})  # type: ignore[arg-type]
+    assert cost_usd("gpt-4o", None) is None
