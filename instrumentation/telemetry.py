@@ -183,7 +183,8 @@ def handler_errors() -> dict[str, int]:
 
 
 def snapshot() -> dict[str, Any]:
-    """Every counter's current value, plus ``handler_errors`` by handler."""
+    """Every counter's current value, plus ``handler_errors_by_handler`` (the
+    handler errors counted per handler name)."""
     out: dict[str, Any] = {name: c.value for name, c in list(_counters.items())}
     out["handler_errors_by_handler"] = handler_errors()
     return out
