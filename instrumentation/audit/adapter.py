@@ -49,6 +49,26 @@ from instrumentation.span_handlers.base import BaseSpanHandler
 QUESTION_ARGUMENTS = ("question", "query", "user_request", "prompt")
 
 
+def _with_defaults(bound_args: inspect.BoundArguments) -> Mapping[str, Any]:
+    """The call's arguments, with the defaults of those it left out, in the signature's
+    order: ``ask()`` of ``def ask(question="...")`` asks that default. ``bound_args``
+    itself stays as it is: the other span handlers share it."""
+    arguments = bound_args.arguments
+    try:
+        parameters = bound_args.signature.parameters
+    except Exception:  # a hand-made BoundArguments without a usable signature
+        return arguments
+    if all(name in arguments or p.default is p.empty for name, p in parameters.items()):
+        return arguments
+    merged = {
+        name: arguments[name] if name in arguments else p.default
+        for name, p in parameters.items()
+        if name in arguments or p.default is not p.empty
+    }
+    merged.update((k, v) for k, v in arguments.items() if k not in merged)
+    return merged
+
+
 def _question(arguments: Mapping[str, Any]) -> str:
     for name in QUESTION_ARGUMENTS:
         value = arguments.get(name)
@@ -102,7 +122,7 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
         attributes = kwargs.get("attributes") or {}
         if not attributes.get("request"):
             return
-        arguments = bound_args.arguments
+        arguments = _with_defaults(bound_args)
         dispatcher = str(kwargs.get("dispatcher", ""))
         start = RequestStart(
             question=_question(arguments),

@@ -85,6 +85,37 @@ def test_question_and_collection_mapping() -> None:
     ]
 
 
+def test_defaults_count_as_arguments_and_other_handlers_see_the_call_as_made() -> None:
+    """A question or collection the call leaves to its default is the request's too;
+    the bound arguments the other span handlers get stay the call's own."""
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    d = get_dispatcher("tests.audit.defaults")
+    handler = Starts()
+    audit.attach(d, [handler], collection="fixed")
+    seen: list[dict[str, Any]] = []
+
+    class Arguments(SimpleSpanHandler):
+        def span_enter(self, id_: str, bound_args: Any, *args: Any, **kwargs: Any) -> None:
+            seen.append(dict(bound_args.arguments))
+
+    d.add_span_handler(Arguments())
+
+    @d.span(request=True)
+    def ask(limit: int, query: str = "the default", collection: str = "menu") -> None: ...
+
+    class Service:
+        @d.span(request=True)
+        def ask(self, question: str = "default question") -> None: ...
+
+    ask(1)
+    ask(1, "given", collection="wines")
+    Service().ask()
+    got = [(s.question, s.collection) for s in handler.starts]
+    assert got == [("the default", "menu"), ("given", "wines"), ("default question", "fixed")]
+    assert seen == [{"limit": 1}, {"limit": 1, "query": "given", "collection": "wines"}, {}]
+
+
 def test_request_span_on_a_child_dispatcher_and_span_block() -> None:
     parent = get_dispatcher("tests.audit.tree")
     child = get_dispatcher("tests.audit.tree.child")
