@@ -20,6 +20,7 @@ import dataclasses
 import heapq
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,29 @@ def _when(value: str) -> datetime:
     # Without an offset it is local time, as ``list`` prints times: one copied from
     # its output selects that trace.
     return parsed if parsed.tzinfo else parsed.astimezone()
+
+
+_DATE = re.compile(r"\d{4}-?\d{2}-?\d{2}")
+_TIME_OF_DAY = re.compile(r"(\d{2})(:?\d{2})?(:?\d{2})?([.,]\d+)?")
+
+
+def _until(value: str) -> datetime:
+    """Like :func:`_when`, but a time given to the second, minute, hour or day includes
+    that whole second (minute, ...): a time copied from ``list``, which prints whole
+    seconds, selects that trace with ``--until`` as it does with ``--since``."""
+    bound = _when(value)
+    text = value.strip()
+    if _DATE.fullmatch(text):
+        return bound + timedelta(days=1)
+    clock = re.split(r"[T ]", text, maxsplit=1)
+    if len(clock) != 2 or not _DATE.fullmatch(clock[0]):
+        return bound  # an age: exact
+    found = _TIME_OF_DAY.match(clock[1])
+    if found is None or found.group(4):
+        return bound  # fractions of a second: exact
+    if found.group(3):
+        return bound + timedelta(seconds=1)
+    return bound + (timedelta(minutes=1) if found.group(2) else timedelta(hours=1))
 
 
 def _seconds(value: str) -> float:
@@ -466,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--since", type=_when, help="ISO time (local unless it has an offset) or age (15m, 2h)"
     )
-    ls.add_argument("--until", type=_when, help="as --since")
+    ls.add_argument(
+        "--until", type=_until, help="as --since; a time to the second includes that second"
+    )
     ls.add_argument("--name", help="root span name (* is a wildcard)")
     ls.add_argument("--status", choices=["ok", "error"], help="how the trace's root span ended")
     ls.add_argument("--min-duration", type=_seconds, help="seconds")
@@ -500,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("trace_ids", nargs="*", help="traces to export (default: recent)")
     export.add_argument("--limit", type=_positive_int, default=100)
     export.add_argument("--since", type=_when, help="as list --since")
-    export.add_argument("--until", type=_when, help="as list --since")
+    export.add_argument("--until", type=_until, help="as list --until")
     export.add_argument("--output", "-o", help="file to write (default: stdout)")
     return parser
 

@@ -868,3 +868,25 @@ def test_tail_interval_says_one_thing(
     with pytest.raises(SystemExit):
         main(["--db", str(tmp_path / "t.db"), "tail", "--interval", value])
     assert "takes seconds (more than 0)" in capsys.readouterr().err
+
+
+def test_a_time_copied_from_list_selects_that_trace_with_until_too(tmp_path: Path) -> None:
+    """list prints whole seconds; --until of such a time includes that second (it was an
+    exclusive bound, so the trace listed at that time was left out). A time with
+    fractions stays exact."""
+    store = SQLiteStore(tmp_path / "t.db")
+    start = int(time.time()) - 30 + 0.25  # a quarter of a second into its second
+    _write_roots(store, [("copied", start + 0.5), ("later", start + 10.5)])
+    store.close()
+    db = str(tmp_path / "t.db")
+    listed = _run("--db", db, "list").splitlines()
+    copied = next(line for line in listed if "copied" in line)
+    shown_time = " ".join(copied.split()[:2])  # local time, whole seconds
+    until = _run("--db", db, "list", "--until", shown_time)
+    assert "copied" in until and "later" not in until
+    since = _run("--db", db, "list", "--since", shown_time)
+    assert "copied" in since and "later" in since
+    exact = datetime.fromtimestamp(start, timezone.utc).isoformat()
+    assert "copied" not in _run("--db", db, "list", "--until", exact)
+    export = _run("--db", db, "export", "--until", shown_time)
+    assert len(export.splitlines()) == 1
