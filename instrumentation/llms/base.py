@@ -454,6 +454,18 @@ class BaseLLM(abc.ABC):
         return f"{type(self).__name__}(model={self.model!r})"
 
 
+def _new_text(chunk: ChatResponse | CompletionResponse, so_far: str) -> str:
+    """A streamed chunk's new text: its ``delta``, or, from a source that sets only the
+    text so far (``message.content`` or ``text``, as a stream of whole answers does),
+    what that text adds to ``so_far``."""
+    if chunk.delta is not None:
+        return chunk.delta
+    text = chunk.message.content if isinstance(chunk, ChatResponse) else chunk.text
+    if not text:
+        return ""
+    return text[len(so_far) :] if text.startswith(so_far) else text
+
+
 def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator[Any, Any, None]:
     """The span-side generator of a sync stream (see :mod:`._streams`)."""
     call.start()
@@ -467,8 +479,7 @@ def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator
     with EndOnClose(span, abandon, lambda: _close_source(source)):
         yield READY
         for chunk in source:
-            delta = chunk.delta or ""
-            call.chunk(delta, raw=chunk.raw)
+            call.chunk(_new_text(chunk, call.text), raw=chunk.raw)
             u, r = _usage_and_reason(chunk.additional_kwargs)
             usage, reason = u or usage, r or reason
             yield chunk
@@ -490,8 +501,7 @@ async def _astream_body(
     async with AsyncEndOnClose(span, abandon, lambda: _aclose_source(source, span)):
         yield READY
         async for chunk in source:
-            delta = chunk.delta or ""
-            call.chunk(delta, raw=chunk.raw)
+            call.chunk(_new_text(chunk, call.text), raw=chunk.raw)
             u, r = _usage_and_reason(chunk.additional_kwargs)
             usage, reason = u or usage, r or reason
             yield chunk

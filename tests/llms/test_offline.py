@@ -835,3 +835,46 @@ def test_another_thread_reading_while_the_body_runs_is_refused_at_once(cap: Capt
     _in_thread(read_one_and_close)
     assert at_end.outcome == ["'END'"]
     assert not cap.events_of(SpanDropEvent)
+
+
+@pytest.mark.parametrize("cumulative", [True, False])
+async def test_a_stream_that_sets_no_delta_still_records_its_text(
+    cap: Capture, cumulative: bool
+) -> None:
+    """A BaseLLM whose stream sets only the message's text (so far, or the new piece),
+    not ``delta``, as the docs' own example does: the in-progress events carry the new
+    text and the end event the whole answer, sync and async, chat and completion."""
+    from instrumentation.llms import (
+        BaseLLM,
+        ChatMessage,
+        ChatResponse,
+        LLMChatEndEvent,
+        LLMChatInProgressEvent,
+        LLMCompletionEndEvent,
+        LLMCompletionInProgressEvent,
+    )
+
+    pieces = ["Hel", "lo", " there"]
+
+    class NoDelta(BaseLLM):
+        def _chat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
+            return ChatResponse(message=ChatMessage(role="assistant", content="".join(pieces)))
+
+        def _stream_chat(
+            self, messages: list[ChatMessage], **kwargs: Any
+        ) -> Iterator[ChatResponse]:
+            for i, piece in enumerate(pieces):
+                text = "".join(pieces[: i + 1]) if cumulative else piece
+                yield ChatResponse(message=ChatMessage(role="assistant", content=text))
+
+    llm = NoDelta("no-delta")
+    assert [c.message.content for c in llm.stream_chat("hi")][-1] in ("Hello there", " there")
+    [c async for c in await llm.astream_chat("hi")]
+    list(llm.stream_complete("hi"))
+    progress = cap.events_of(LLMChatInProgressEvent)
+    assert [e.response.delta for e in progress] == pieces * 2
+    ends = cap.events_of(LLMChatEndEvent)
+    assert [e.response.message.content for e in ends if e.response] == ["Hello there"] * 2
+    assert [e.response.delta for e in cap.events_of(LLMCompletionInProgressEvent)] == pieces
+    (end,) = cap.events_of(LLMCompletionEndEvent)
+    assert end.response is not None and end.response.text == "Hello there"
