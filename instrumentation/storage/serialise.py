@@ -99,7 +99,25 @@ def _truncate(text: str, limit: int) -> str:
         fitted = _truncate_fields(data, len(text), limit)
         if fitted is not None:
             return fitted
-    return _dumps(_marker(text, limit - _MARKER_ROOM))
+    whole: dict[str, Any] = {"": None}
+    _fit_marker(whole, "", text, limit - _MARKER_ROOM, limit)
+    return _dumps(whole[""])
+
+
+def _fit_marker(data: dict[str, Any], key: str, field: str, preview: int, limit: int) -> int:
+    """Put a marker for ``field`` at ``data[key]``, its preview cut until ``data`` fits
+    in ``limit`` or the preview is empty; the length of ``data`` as JSON.
+
+    The preview's characters grow when escaped again (a newline or a quote takes two,
+    a control character six), so a cut made by counting characters may not be enough:
+    each round cuts what is still over, which shortens the JSON by at least that much.
+    """
+    while True:
+        data[key] = _marker(field, preview)
+        total = len(_dumps(data))
+        if total <= limit or preview <= 0:
+            return total
+        preview = min(preview, len(field)) - (total - limit)
 
 
 def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None:
@@ -110,11 +128,11 @@ def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None
         if total <= limit:
             break
         field = texts[key]
-        over = total - limit
         if len(field) <= _MARKER_ROOM:
             break  # the rest are as small: markers would not make them shorter
-        data[key] = _marker(field, len(field) - over - 2 * _MARKER_ROOM)
-        total = len(_dumps(data))
+        # What the rest of the payload leaves for this field, as JSON.
+        room = limit - (total - len(_dumps(data[key])))
+        total = _fit_marker(data, key, field, room - 2 * _MARKER_ROOM, limit)
     if total > limit:
         return None
     return _dumps(data)

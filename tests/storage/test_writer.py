@@ -232,6 +232,36 @@ def test_a_payload_of_many_small_fields_too_long_is_one_marker(
     (event,) = store.events()
     assert event.payload[TRUNCATED] is True and event.payload["original_chars"] > 1000
     assert event.payload["preview"].startswith("{")
+    # Its preview is JSON text, escaped again (every quote twice as long): it still fits.
+    assert len(json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)) <= 300
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "line of a document\n" * 4000,
+        'say "hi" ' * 9000,
+        json.dumps([{"k": "v"}] * 8000),
+        "\x01\x02 control" * 6000,
+    ],
+    ids=["newlines", "quotes", "json", "control-characters"],
+)
+def test_a_long_field_that_escapes_long_leaves_the_others(
+    tmp_path: Path, make_handler: Any, text: str
+) -> None:
+    """A prompt whose characters grow when escaped (newlines, quotes, JSON, control
+    characters) costs the event only that field, as plain text does: its preview was
+    cut by counting characters, came out too long, and the whole payload was replaced."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, max_payload_chars=2000)
+    handler.handle(NoteEvent(text=text, tags={"user": "u1"}))
+    assert handler.flush(10)
+    (event,) = store.events()
+    assert event.payload["tags"] == {"user": "u1"}
+    marker = event.payload["text"]
+    assert marker[TRUNCATED] is True and marker["original_chars"] == len(text)
+    assert text.startswith(marker["preview"]) and len(marker["preview"]) > 100
+    assert len(json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)) <= 2000
 
 
 def test_one_long_field_leaves_the_others(tmp_path: Path, make_handler: Any) -> None:
