@@ -61,7 +61,7 @@ def _with_defaults(bound_args: inspect.BoundArguments) -> Mapping[str, Any]:
     if all(name in arguments or p.default is p.empty for name, p in parameters.items()):
         return arguments
     merged = {
-        name: arguments[name] if name in arguments else p.default
+        name: arguments.get(name, p.default)
         for name, p in parameters.items()
         if name in arguments or p.default is not p.empty
     }

@@ -224,7 +224,7 @@ def test_wrong_handler_types_raise_type_error_with_advice() -> None:
     with pytest.raises(TypeError, match="BaseSpanHandler"):
         d.add_span_handler(object())  # type: ignore[arg-type]
     # The class where an instance belongs: the message says what to write.
-    with pytest.raises(TypeError, match=r"class SimpleSpanHandler itself: write SimpleSpanHandler\(\)"):
+    with pytest.raises(TypeError, match=r"SimpleSpanHandler itself: write SimpleSpanHandler\(\)"):
         d.add_span_handler(SimpleSpanHandler)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"class EventList itself: write EventList\(\)"):
         d.add_event_handler(EventList)  # type: ignore[arg-type]
