@@ -494,6 +494,23 @@ def _check_endpoint(endpoint: object, protocol: str) -> str | None:
     return endpoint
 
 
+def _endpoint_from_environment(protocol: str) -> str | None:
+    """``OTEL_EXPORTER_OTLP_ENDPOINT``, checked and used as an ``endpoint`` given here
+    is: the SDK would append ``/v1/traces`` after a query string, or a second time, and
+    take ``localhost:4318`` without a word. None when it is not set, or when
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is: that one is a full URL, the SDK's to use
+    as it is."""
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return None
+    value = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    if not value.strip():
+        return None
+    try:
+        return _check_endpoint(value, protocol)
+    except ValueError as exc:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT: {exc}") from None
+
+
 def _url_problem(url: str, example: str) -> str | None:
     """What is wrong with ``url`` as a collector's URL, or None."""
     try:
@@ -810,6 +827,8 @@ def configure_otlp(
     """
     chosen = resolve_protocol(protocol)
     checked_endpoint = _check_endpoint(endpoint, chosen)
+    if checked_endpoint is None and exporter is None:
+        checked_endpoint = _endpoint_from_environment(chosen)
     checked_headers = _check_headers(headers)
     if service_name is not None and (not isinstance(service_name, str) or not service_name):
         raise TypeError(f"service_name is a non-empty str; got {service_name!r}")

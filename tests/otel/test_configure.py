@@ -368,6 +368,30 @@ def test_otel_environment_variables_are_honoured(
     assert receiver.request_headers[0]["x-api-key"] == "secret"
 
 
+def test_the_endpoint_variable_follows_the_endpoint_rules(
+    receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT is read as endpoint= is: /v1/traces added once,
+    before the query string, and a malformed one refused, naming the variable (the SDK
+    sent to .../v1/traces/v1/traces, or after the query, and took 'localhost:4318').
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, a full URL, stays the SDK's to use as it is."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint + "/v1/traces?k=v")
+    otlp = configure_otlp()
+
+    @get_dispatcher("tests.otel.env_endpoint").span
+    def work() -> None:
+        pass
+
+    work()
+    otlp.shutdown()
+    assert len(receiver.spans) == 1 and receiver.request_paths == ["/v1/traces?k=v"]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318")
+    with pytest.raises(ValueError, match=r"OTEL_EXPORTER_OTLP_ENDPOINT: .* http://"):
+        configure_otlp()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint + "/v1/traces")
+    configure_otlp().shutdown()  # the full URL wins; the generic one is not read
+
+
 def test_headers_argument_is_sent(receiver: OTLPReceiver) -> None:
     """headers= reach the collector (e.g. an authorization header for a SaaS backend)."""
     otlp = configure_otlp(
