@@ -455,8 +455,8 @@ class SQLStore(Store):
 
     def resolve_trace_id(self, prefix: str) -> str | None:
         if prefix == "latest":
-            found = self.traces(limit=1)
-            return found[0].trace_id if found else None
+            newest = self.traces(limit=1)
+            return newest[0].trace_id if newest else None
         found = self.trace_ids_starting_with(prefix)
         return found[0] if len(found) == 1 else None
 
