@@ -88,6 +88,12 @@ class Store(ABC):
         rolling back: nothing of the batch is stored then.
         """
 
+    def write_within(self, spans: Sequence[Row], events: Sequence[Row], seconds: float) -> None:
+        """:meth:`write`, waiting at most about ``seconds`` for a database that another
+        process holds locked, so that the writer's retries end when ``retry_for`` says
+        (a store with no such wait just writes)."""
+        self.write(spans, events)
+
     @abstractmethod
     def traces(
         self,

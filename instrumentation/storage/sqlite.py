@@ -331,6 +331,23 @@ class SQLiteStore(SQLStore):
                     conn.execute("ROLLBACK")
                 raise
 
+    def write_within(self, spans: Sequence[Row], events: Sequence[Row], seconds: float) -> None:
+        full = int(self.busy_timeout * 1000)
+        wait = min(full, max(0, int(seconds * 1000)))
+        if wait == full or self.read_only:
+            self.write(spans, events)
+            return
+        with self._lock:  # re-entrant: write() takes it too
+            conn = self._connection()
+            conn.execute(f"PRAGMA busy_timeout = {wait}")
+            try:
+                self.write(spans, events)
+            finally:
+                try:
+                    conn.execute(f"PRAGMA busy_timeout = {full}")
+                except sqlite3.Error:  # the connection broke: the next one starts afresh
+                    pass
+
     def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
         with self._lock:
             try:

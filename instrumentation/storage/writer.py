@@ -430,7 +430,8 @@ class BatchWriter:
         deadline = time.monotonic() + self.retry_for
         while True:
             try:
-                self.store.write(spans, events)
+                # A lock held elsewhere is waited for only as long as retrying may go on.
+                self.store.write_within(spans, events, deadline - time.monotonic())
             except Exception as exc:
                 _WRITE_ERRORS.inc()
                 if self.store.is_data_error(exc):

@@ -379,6 +379,30 @@ def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
     assert [e.payload["text"] for e in store.events()] == ["while locked"]
 
 
+def test_a_lock_held_elsewhere_is_waited_for_no_longer_than_retry_for(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """With the file locked by another connection, a batch goes to the spool once
+    retry_for is over: each attempt waited the store's whole busy_timeout (10 s) before,
+    twice retry_for here. Afterwards the store waits its busy_timeout again."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path, busy_timeout=4)
+    handler = make_handler(store, retry_for=0.3, retry_backoff=0.05, replay_interval=0.1)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        handler.handle(NoteEvent(text="while locked"))
+        spooled = telemetry.counter("storage.spooled_rows")
+        assert wait_until(lambda: spooled.value == 1, 3)  # well before busy_timeout
+        (timeout_ms,) = store._query("PRAGMA busy_timeout", [])[0]
+        assert timeout_ms == 4000
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert wait_until(lambda: handler.flush(1), 15)
+    assert [e.payload["text"] for e in store.events()] == ["while locked"]
+
+
 def test_a_path_that_cannot_be_opened_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist"):
         SQLiteStore(tmp_path / "no-such-dir" / "t.db")
