@@ -16,7 +16,9 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import os
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -173,6 +175,42 @@ class Store(ABC):
 #: Connections inherited across ``os.fork``, kept alive so the child never closes them.
 _inherited_connections: list[Any] = []
 
+#: Every store, so that ``fork()`` waits for their statements in progress.
+_stores: weakref.WeakSet[SQLStore] = weakref.WeakSet()
+#: The stores whose lock the forking thread holds, from before fork() to after it.
+_held_at_fork: list[SQLStore] = []
+#: How long fork() waits for one store's statement in progress (a write may be waiting
+#: for another process's lock): past that, it forks without waiting.
+FORK_WAIT = 2.0
+
+
+def _before_fork() -> None:
+    # A fork in the middle of a transaction leaves SQLite's lock state in the child
+    # as it was in the parent: the child's own connection then found the file locked
+    # for good. Holding each store's lock, fork() happens between statements.
+    for store in list(_stores):
+        if store._lock.acquire(timeout=FORK_WAIT):
+            _held_at_fork.append(store)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop()._lock.release()
+
+
+def _after_fork_in_child_of_stores() -> None:
+    _held_at_fork.clear()
+    for store in list(_stores):
+        store.after_fork_in_child()  # a fresh lock, and the parent's connection let be
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child_of_stores,
+    )
+
 
 logger = logging.getLogger("instrumentation.storage")
 _CONNECT_ERRORS = telemetry.counter("storage.connect_errors")
@@ -188,6 +226,7 @@ class SQLStore(Store):
         self._conn: Any = None
         self._insert_spans = insert_sql(self.dialect, "spans", SPAN_COLUMNS)
         self._insert_events = insert_sql(self.dialect, "events", EVENT_COLUMNS)
+        _stores.add(self)
 
     def _connect_at_start(self) -> None:
         """Connect and migrate (or, read-only, check) now, so that a wrong path or a

@@ -465,6 +465,45 @@ def test_forked_child_gets_a_writer_of_its_own(tmp_path: Path, make_handler: Any
     assert [s.name for s in store.traces()] == ["child-span"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_in_the_middle_of_a_write_leaves_the_child_able_to_write(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """fork() waits for a store's statement in progress: forked in the middle of the
+    parent's transaction, the child found the file locked for good, and its rows never
+    reached the database."""
+    in_transaction, go_on = threading.Event(), threading.Event()
+
+    class PausingStore(SQLiteStore):
+        def write(self, spans: Any, events: Any) -> None:
+            with self._lock:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                in_transaction.set()
+                go_on.wait(10)
+                conn.execute("COMMIT")
+            super().write(spans, events)
+
+    store = PausingStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    d.event(NoteEvent(text="parent"))
+    assert in_transaction.wait(10)
+    threading.Timer(0.3, go_on.set).start()  # the write goes on while fork() waits
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            go_on.set()
+            d.event(NoteEvent(text="child"))
+            code = 0 if handler.flush(5) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert handler.flush(10)
+    assert sorted(e.payload["text"] for e in store.events()) == ["child", "parent"]
+
+
 def test_queued_entries_are_written_at_interpreter_exit(tmp_path: Path) -> None:
     """A program that never flushes still has its entries stored (atexit)."""
     db = tmp_path / "exit.db"
