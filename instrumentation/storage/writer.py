@@ -11,9 +11,10 @@ writer.
 Nothing is lost silently:
 
 - a full queue blocks the caller for up to ``block_timeout`` seconds
-  (``on_full="block"``) or refuses the newest entry at once (``"drop_newest"``); every
-  refused entry is counted (``writer.dropped``, counter ``storage.dropped``) and logged
-  (at most every 10 seconds);
+  (``on_full="block"``; then no more until the writer makes room) or refuses the
+  newest entry at once (``"drop_newest"``); every refused entry is counted
+  (``writer.dropped``, counter ``storage.dropped``) and logged (at most every 10
+  seconds);
 - a failing database is retried with exponential backoff for ``retry_for`` seconds,
   keeping the batch; then the rows go to a local spool file (see
   :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
@@ -171,6 +172,8 @@ class BatchWriter:
         self._idle = True
         self._space = threading.Condition(threading.Lock())
         self._space_waiters = 0
+        #: A put() waited block_timeout for room in vain, and none was made since.
+        self._waited_in_vain = False
         self._state_lock = threading.Lock()
         self._markers_pending = 0
         self._abort = threading.Event()
@@ -210,7 +213,15 @@ class BatchWriter:
         return True
 
     def _put_when_full(self, entry: Any) -> bool:
-        if not self._closed and self.on_full == "block" and self.block_timeout > 0:
+        # After one wait that ran out, the writer is stuck (a database locked for long):
+        # waiting again for each entry would hold the application up once per span and
+        # event. Until the queue has room again, entries are dropped at once.
+        if (
+            not self._closed
+            and self.on_full == "block"
+            and self.block_timeout > 0
+            and not self._waited_in_vain
+        ):
             deadline = time.monotonic() + self.block_timeout
             queue = self._queue
             self._wake.set()
@@ -226,6 +237,7 @@ class BatchWriter:
                         queue.append(entry)
                         self._wake.set()
                         return True
+                    self._waited_in_vain = True
                 finally:
                     self._space_waiters -= 1
         self._count_drop()
@@ -397,6 +409,7 @@ class BatchWriter:
                     marker = item
                     break
                 batch.append(item)
+            self._waited_in_vain = False
             if self._space_waiters:
                 with self._space:
                     self._space.notify_all()
