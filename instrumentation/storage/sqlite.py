@@ -338,7 +338,13 @@ class SQLiteStore(SQLStore):
             self.write(spans, events)
             return
         with self._lock:  # re-entrant: write() takes it too
-            conn = self._connection()
+            # Connecting (and migrating) waits for a lock too: a file locked since the
+            # application started must not hold the writer past its retries either.
+            self._lock_wait = wait / 1000
+            try:
+                conn = self._connection()
+            finally:
+                self._lock_wait = self.busy_timeout
             conn.execute(f"PRAGMA busy_timeout = {wait}")
             try:
                 self.write(spans, events)

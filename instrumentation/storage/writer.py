@@ -319,6 +319,18 @@ class BatchWriter:
                 if thread.is_alive():
                     self._abort.set()  # stop retrying: spool the rest
                     thread.join(timeout * 0.2)
+                if thread.is_alive():
+                    # Still inside one write: what it holds and what is queued are
+                    # neither stored nor spooled yet, and at exit they never will be.
+                    logger.warning(
+                        "instrumentation.storage: the writer for %r did not stop within "
+                        "%.1f s (a write still waits for the database); %d queued "
+                        "entries and the batch being written are not stored or spooled "
+                        "yet, and are lost if the process exits now",
+                        self.store,
+                        timeout,
+                        sum(1 for entry in list(self._queue) if type(entry) is not _Marker),
+                    )
         _writers.discard(self)
         if first:
             self._log_unlogged_drops()

@@ -103,6 +103,26 @@ def test_shutdown_writes_the_queue_and_is_idempotent(tmp_path: Path, make_handle
     assert handler.flush(1) is True
 
 
+def test_a_shutdown_that_cannot_wait_for_a_stuck_write_says_what_is_not_stored(
+    tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer is inside a write that does not return: shutdown() gives up after its
+    timeout, and says how much is neither stored nor spooled (it said nothing, and at
+    exit those entries were gone without a word)."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store, batch_size=1)
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: store.attempts == 1)
+    for _ in range(3):
+        handler.handle(NoteEvent())
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        assert handler.writer.shutdown(timeout=0.3) is False
+    assert "did not stop within 0.3 s" in caplog.text
+    assert "3 queued entries and the batch being written" in caplog.text
+    store.gate.set()
+
+
 def test_dispatcher_shutdown_closes_the_handler(tmp_path: Path, make_handler: Any) -> None:
     """Dispatcher.shutdown() drops open spans into the store and stops the writer."""
     store = SQLiteStore(tmp_path / "t.db")
@@ -387,7 +407,10 @@ def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
         assert telemetry.counter("storage.connect_errors").value == 1
         handler = make_handler(store, retry_for=0.1, retry_backoff=0.02, replay_interval=0.1)
         handler.handle(NoteEvent(text="while locked"))
-        assert handler.flush(1) is False
+        # Connecting waits within retry_for too, not the store's busy_timeout (5 s).
+        spooled = telemetry.counter("storage.spooled_rows")
+        assert wait_until(lambda: spooled.value == 1, 3)
+        assert handler.flush(0.2) is False
     finally:
         locker.execute("ROLLBACK")
         locker.close()
