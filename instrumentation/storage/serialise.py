@@ -141,10 +141,26 @@ def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None
 def to_json(value: Any, limit: int) -> str:
     """``value`` as JSON text, never raising, at most about ``limit`` characters."""
     try:
-        text = json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+        text = _dumps_any(value)
     except (TypeError, ValueError, RecursionError):
-        text = json.dumps(unserialisable(value), ensure_ascii=False)
+        if isinstance(value, dict):
+            # Only the fields that cannot be written (a list that holds itself, say)
+            # become markers: the others stay readable as fields.
+            text = _dumps({str(k): _json_or_marker(v) for k, v in value.items()})
+        else:
+            text = _dumps(unserialisable(value))
     return _truncate(text, limit)
+
+
+def _dumps_any(value: Any) -> str:
+    return json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_or_marker(value: Any) -> Any:
+    try:
+        return json.loads(_dumps_any(value))
+    except (TypeError, ValueError, RecursionError):
+        return unserialisable(value)
 
 
 def event_payload(event: Any, limit: int) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -61,9 +62,20 @@ _REJECTED = telemetry.counter("storage.rejected_rows")
 _LOG_EVERY = 10.0
 
 
+#: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): no
+#: database encodes them as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _without_nul(row: Row) -> Row:
+    """``row`` with what a database refuses in text replaced by U+FFFD: NUL characters
+    (PostgreSQL) and lone surrogates (both)."""
     return tuple(
-        v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd") if isinstance(v, str) else v
+        _LONE_SURROGATE.sub(
+            "\ufffd", v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd")
+        )
+        if isinstance(v, str)
+        else v
         for v in row
     )
 
@@ -486,9 +498,10 @@ class BatchWriter:
     def _write_row_by_row(self, spans: list[Row], events: list[Row]) -> None:
         """A batch the database refused for its content: keep every row it will take.
 
-        A row it refuses is tried once more with NUL characters replaced (PostgreSQL
-        takes none), then rejected: counted (``storage.rejected_rows``) and logged. If
-        the database stops answering meanwhile, the rest goes to the spool.
+        A row it refuses is tried once more with NUL characters (PostgreSQL takes none)
+        and lone surrogates (no database takes them) replaced by U+FFFD, then
+        rejected: counted (``storage.rejected_rows``) and logged. If the database
+        stops answering meanwhile, the rest goes to the spool.
         """
         pending = [(True, r) for r in spans] + [(False, r) for r in events]
         stopped_at = self._write_one_by_one(pending)

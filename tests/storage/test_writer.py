@@ -230,6 +230,25 @@ def test_unserialisable_values_become_marked_reprs(tmp_path: Path, make_handler:
     assert telemetry.counter("storage.unserialisable_values").value >= 2
 
 
+def test_a_lone_surrogate_or_a_value_that_holds_itself_costs_only_itself(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Text with a lone surrogate (decoded with surrogateescape) is stored with U+FFFD in
+    its place, not refused with its whole row; a list that holds itself becomes a
+    marker, and the event's other fields stay readable."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store)
+    looped: list[Any] = [1]
+    looped.append(looped)
+    handler.handle(NoteEvent(text="bad \ud800 text"))
+    handler.handle(NoteEvent(text="kept", value=looped))
+    assert handler.flush(10)
+    by_text = {e.payload["text"]: e.payload for e in store.events()}
+    assert set(by_text) == {"bad \ufffd text", "kept"}
+    assert by_text["kept"]["value"][UNSERIALISABLE] == "list"
+    assert telemetry.counter("storage.rejected_rows").value == 0
+
+
 def test_large_payloads_are_truncated_with_a_marker(tmp_path: Path, make_handler: Any) -> None:
     """The largest fields of an event too long to store give way to markers, one at a
     time, until it fits: the rest of the event is kept as it was."""
