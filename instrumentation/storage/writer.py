@@ -71,9 +71,7 @@ def _without_nul(row: Row) -> Row:
     """``row`` with what a database refuses in text replaced by U+FFFD: NUL characters
     (PostgreSQL) and lone surrogates (both)."""
     return tuple(
-        _LONE_SURROGATE.sub(
-            "\ufffd", v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd")
-        )
+        _LONE_SURROGATE.sub("\ufffd", v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd"))
         if isinstance(v, str)
         else v
         for v in row
