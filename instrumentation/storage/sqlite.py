@@ -8,6 +8,7 @@ of the cost of a full sync per batch.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from instrumentation import telemetry
 from instrumentation.storage.addresses import redacted
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
@@ -35,6 +37,18 @@ ACCEPTED_ADDRESSES = (
 )
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+logger = logging.getLogger("instrumentation.storage")
+_FILE_REPLACED = telemetry.counter("storage.database_file_replaced")
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``; None if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def sqlite_path(address: str) -> str:
@@ -156,6 +170,8 @@ class SQLiteStore(SQLStore):
             raise ValueError(f"busy_timeout is 0 to 86400 seconds, got {busy_timeout!r}")
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
+        #: (device, inode) of the file the connection writes, to notice it being replaced.
+        self._file_id: tuple[int, int] | None = None
         self._snapshot = False
         #: Whether opening this store made the file (it did not exist before).
         self.created = self.path != ":memory:" and not os.path.exists(self.path)
@@ -193,8 +209,28 @@ class SQLiteStore(SQLStore):
                 conn = self._connect_read_only()
             else:
                 conn = self._connect_and_migrate()
+                self._file_id = _file_id(self.path)
             self._conn = conn
         return conn
+
+    def _check_same_file(self) -> None:
+        """Before a write: if the file was removed or replaced since it was opened (a
+        clean-up, a restore), the rows would go to a file no one can read. Say so and
+        open the file at the path now (creating it again if it is gone)."""
+        if self._conn is None or self.path == ":memory:":
+            return
+        now = _file_id(self.path)
+        if now == self._file_id:
+            return
+        _FILE_REPLACED.inc()
+        logger.warning(
+            "instrumentation.storage: %r was %s while open; writing to the file at that "
+            "path from now on (rows written before are in the old file, if it is kept)",
+            self,
+            "removed" if now is None else "replaced",
+        )
+        self._conn.close()
+        self._conn = None
 
     def _connect_and_migrate(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -318,6 +354,7 @@ class SQLiteStore(SQLStore):
     def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
         self._refuse_if_read_only()
         with self._lock:
+            self._check_same_file()
             conn = self._connection()
             conn.execute("BEGIN")
             try:

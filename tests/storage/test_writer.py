@@ -461,6 +461,34 @@ def test_a_lock_held_elsewhere_is_waited_for_no_longer_than_retry_for(
     assert [e.payload["text"] for e in store.events()] == ["while locked"]
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_database_file_removed_or_replaced_while_open_is_noticed(
+    tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """Rows went on into the removed file, which no one can read, with flush() True and
+    nothing said. Now the next write notices, says so, and writes to the file at the
+    path (made afresh when it is gone)."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    handler = make_handler(store)
+    handler.handle(NoteEvent(text="before"))
+    assert handler.flush(10)
+    if how == "removed":
+        for suffix in ("", "-wal", "-shm"):
+            os.remove(f"{path}{suffix}")
+    else:  # rotated: moved away with its -wal and -shm, and a new database put there
+        for suffix in ("", "-wal", "-shm"):
+            os.replace(f"{path}{suffix}", f"{path}.old{suffix}")
+        SQLiteStore(path).close()
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        handler.handle(NoteEvent(text="after"))
+        assert handler.flush(10)
+    assert f"was {how} while open" in caplog.text
+    assert telemetry.counter("storage.database_file_replaced").value == 1
+    with SQLiteStore(path, read_only=True) as reader:
+        assert [e.payload["text"] for e in reader.events()] == ["after"]
+
+
 def test_a_path_that_cannot_be_opened_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist"):
         SQLiteStore(tmp_path / "no-such-dir" / "t.db")
