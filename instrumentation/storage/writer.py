@@ -34,6 +34,7 @@ import atexit
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -657,6 +658,31 @@ def _after_fork_in_child() -> None:
             writer._after_fork_in_child()
         except Exception:  # pragma: no cover
             logger.exception("instrumentation.storage could not restart a writer after fork")
+    if _writers:
+        _flush_when_a_multiprocessing_child_ends()
+
+
+class _AfterForkKey:
+    """What multiprocessing's after-fork registry holds (weakly) for us."""
+
+
+_after_fork_key = _AfterForkKey()
+
+
+def _flush_when_a_multiprocessing_child_ends() -> None:
+    """A child that ``multiprocessing`` forked ends with ``os._exit``: no ``atexit``, so
+    what its writers hold was lost (a ``Process`` target that returned, ``Pool``
+    workers closed and joined). Its own finalizers do run at its end, but it clears
+    them after this hook: an after-fork function, run once it has, registers ours."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util.register_after_fork(_after_fork_key, _register_exit_finalizer)
+
+
+def _register_exit_finalizer(_key: object) -> None:
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util.Finalize(None, _shutdown_all_at_exit, exitpriority=0)
 
 
 def _shutdown_all_at_exit() -> None:

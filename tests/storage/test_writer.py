@@ -590,6 +590,30 @@ def test_a_fork_in_the_middle_of_a_write_leaves_the_child_able_to_write(
     assert sorted(e.payload["text"] for e in store.events()) == ["child", "parent"]
 
 
+def _note_and_return() -> None:
+    for i in range(50):
+        d.event(NoteEvent(text=f"child {i}"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_multiprocessing_child_writes_what_it_queued_when_it_ends(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """A multiprocessing child ends with os._exit, which runs no atexit: what its writer
+    still held was lost (here all of it: the writer waits 30 s before a write)."""
+    import multiprocessing
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store, debounce=30, batch_size=10_000).attach(d)
+    child = multiprocessing.get_context("fork").Process(target=_note_and_return)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    with SQLiteStore(tmp_path / "t.db", read_only=True) as reader:
+        assert len(reader.events(limit=None)) == 50
+    handler.detach()
+
+
 def test_queued_entries_are_written_at_interpreter_exit(tmp_path: Path) -> None:
     """A program that never flushes still has its entries stored (atexit)."""
     db = tmp_path / "exit.db"
