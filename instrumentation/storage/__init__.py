@@ -36,7 +36,7 @@ from instrumentation.storage.schema import (
 )
 from instrumentation.storage.serialise import TRUNCATED, UNSERIALISABLE
 from instrumentation.storage.sqlite import ACCEPTED_ADDRESSES, SQLiteStore
-from instrumentation.storage.writer import BatchWriter
+from instrumentation.storage.writer import BatchWriter, flush_on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ __all__ = [
     "StoredSpan",
     "TraceSummary",
     "database_target",
+    "flush_on_sigterm",
     "format_traces",
     "is_postgres_dsn",
     "metadata",

@@ -34,6 +34,7 @@ import atexit
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -693,9 +694,32 @@ def _shutdown_all_at_exit() -> None:
             logger.exception("instrumentation.storage could not flush a writer at exit")
 
 
+def flush_on_sigterm() -> None:
+    """On SIGTERM (``docker stop``, Kubernetes, systemd), write what every writer holds,
+    then end as SIGTERM would have.
+
+    Python's default for SIGTERM ends the process at once, running no ``atexit``: the
+    rows still queued were lost without a word. Call this once, from the main thread,
+    after the application set any SIGTERM handler of its own: that handler runs after
+    the flush (one that ignored SIGTERM still does). Servers that turn SIGTERM into an
+    orderly exit (uvicorn, gunicorn) need none of this: ``atexit`` flushes there.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _shutdown_all_at_exit()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 if hasattr(os, "register_at_fork"):  # pragma: no branch
     os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_shutdown_all_at_exit)
 
 
-__all__ = ["BatchWriter", "OnFull"]
+__all__ = ["BatchWriter", "OnFull", "flush_on_sigterm"]

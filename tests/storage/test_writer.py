@@ -622,6 +622,41 @@ def test_queued_entries_are_written_at_interpreter_exit(tmp_path: Path) -> None:
     assert count(store, "spans") == 200 and count(store, "events") == 200
 
 
+@pytest.mark.skipif(not hasattr(os, "kill"), reason="needs signals")
+@pytest.mark.parametrize("previous", ["default", "exits with 3"])
+def test_flush_on_sigterm_writes_the_queue_then_ends_as_sigterm_would(
+    tmp_path: Path, previous: str
+) -> None:
+    """SIGTERM with Python's default ends the process at once, no atexit: the queue was
+    lost. With flush_on_sigterm() the rows are written, and the process ends as before
+    (killed by SIGTERM, or as the application's own handler says)."""
+    db = tmp_path / "t.db"
+    own = (
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))"
+        if previous == "exits with 3"
+        else ""
+    )
+    script = f"""
+import os, signal, sys, time
+from instrumentation import get_dispatcher
+from instrumentation.storage import flush_on_sigterm, record_to
+{own}
+d = get_dispatcher("sigterm.app")
+record_to({str(db)!r}, batch_size=100000, debounce=60)
+flush_on_sigterm()
+@d.span
+def work(i):
+    pass
+for i in range(300):
+    work(i)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+"""
+    done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert done.returncode == (3 if previous == "exits with 3" else -15), done.stderr
+    assert count(SQLiteStore(db), "spans") == 300
+
+
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     with pytest.raises(ValueError, match="on_full"):
