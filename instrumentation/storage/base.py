@@ -251,6 +251,15 @@ class SQLStore(Store):
                     "instrumentation.storage: %r cannot be reached yet (%s)", self, first_line
                 )
                 return
+            if self._busy(exc):
+                # Another process is writing (several starting at once, say): the
+                # first write waits its turn, as every write does. Nothing is wrong.
+                logger.info(
+                    "instrumentation.storage: %r is busy (%s); connecting at the first write",
+                    self,
+                    first_line,
+                )
+                return
             logger.warning(
                 "instrumentation.storage: %r cannot be reached yet (%s); writes are "
                 "retried, then spooled and replayed when it is back; reads fail until then",
@@ -270,6 +279,10 @@ class SQLStore(Store):
 
     def _unreachable(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the database is down or busy (not misconfigured)."""
+        return False
+
+    def _busy(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means only that another process holds the database's lock."""
         return False
 
     def after_fork_in_child(self) -> None:

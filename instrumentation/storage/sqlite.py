@@ -198,6 +198,9 @@ class SQLiteStore(SQLStore):
     def _unreachable(self, exc: BaseException) -> bool:
         # Another process holds the lock: busy, not broken. A path that cannot be
         # opened is a mistake, and is raised.
+        return self._busy(exc)
+
+    def _busy(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and (
             "locked" in str(exc) or "busy" in str(exc)
         )
