@@ -701,8 +701,9 @@ def flush_on_sigterm() -> None:
     Python's default for SIGTERM ends the process at once, running no ``atexit``: the
     rows still queued were lost without a word. Call this once, from the main thread,
     after the application set any SIGTERM handler of its own: that handler runs after
-    the flush (one that ignored SIGTERM still does). Servers that turn SIGTERM into an
-    orderly exit (uvicorn, gunicorn) need none of this: ``atexit`` flushes there.
+    the flush. The writers are stopped by then, as at exit: what is recorded after it
+    is dropped (and counted). Servers that turn SIGTERM into an orderly exit (uvicorn,
+    gunicorn) need none of this: ``atexit`` flushes there.
     """
     previous = signal.getsignal(signal.SIGTERM)
 
