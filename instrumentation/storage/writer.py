@@ -694,26 +694,32 @@ def _shutdown_all_at_exit() -> None:
             logger.exception("instrumentation.storage could not flush a writer at exit")
 
 
+#: The exit status of a process that ``flush_on_sigterm`` ended (as shells report one
+#: that SIGTERM killed: 128 + 15).
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
+
+
 def flush_on_sigterm() -> None:
-    """On SIGTERM (``docker stop``, Kubernetes, systemd), write what every writer holds,
-    then end as SIGTERM would have.
+    """Make SIGTERM (``docker stop``, Kubernetes, systemd) an orderly exit, so that
+    ``atexit`` writes what every writer holds.
 
     Python's default for SIGTERM ends the process at once, running no ``atexit``: the
-    rows still queued were lost without a word. Call this once, from the main thread,
-    after the application set any SIGTERM handler of its own: that handler runs after
-    the flush. The writers are stopped by then, as at exit: what is recorded after it
-    is dropped (and counted). Servers that turn SIGTERM into an orderly exit (uvicorn,
-    gunicorn) need none of this: ``atexit`` flushes there.
+    rows still queued were lost without a word. After this call, SIGTERM raises
+    ``SystemExit(143)`` in the main thread instead, as Ctrl-C raises
+    ``KeyboardInterrupt``: the code it interrupts unwinds (releasing its locks), and
+    the exit flushes. Nothing is written inside the signal handler itself, where a
+    lock the interrupted code holds would never be released.
+
+    Call it once, from the main thread. A SIGTERM handler the application installed
+    before (or SIGTERM being ignored) is left in place: that handler decides, and an
+    orderly exit it makes flushes anyway. Servers that turn SIGTERM into an orderly
+    exit (uvicorn, gunicorn) need none of this.
     """
-    previous = signal.getsignal(signal.SIGTERM)
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        _shutdown_all_at_exit()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(SIGTERM_EXIT_STATUS)
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
