@@ -378,6 +378,7 @@ class SQLiteStore(SQLStore):
             self.write(spans, events)
             return
         with self._lock:  # re-entrant: write() takes it too
+            self._check_same_file()  # here, or write() would reconnect with the full wait
             # Connecting (and migrating) waits for a lock too: a file locked since the
             # application started must not hold the writer past its retries either.
             self._lock_wait = wait / 1000

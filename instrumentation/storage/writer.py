@@ -63,6 +63,10 @@ _REJECTED = telemetry.counter("storage.rejected_rows")
 
 _LOG_EVERY = 10.0
 
+#: How long a write waits for a database lock held elsewhere, at least, whatever is
+#: left of ``retry_for`` (0 included): writers of several processes take turns.
+_LOCK_WAIT_AT_LEAST = 1.0
+
 
 #: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): no
 #: database encodes them as UTF-8.
@@ -467,8 +471,10 @@ class BatchWriter:
         deadline = time.monotonic() + self.retry_for
         while True:
             try:
-                # A lock held elsewhere is waited for only as long as retrying may go on.
-                self.store.write_within(spans, events, deadline - time.monotonic())
+                # A lock held elsewhere is waited for only as long as retrying may go on
+                # (but a moment at least: another writer's turn is no failure).
+                wait = max(deadline - time.monotonic(), _LOCK_WAIT_AT_LEAST)
+                self.store.write_within(spans, events, wait)
             except Exception as exc:
                 _WRITE_ERRORS.inc()
                 if self.store.is_data_error(exc):

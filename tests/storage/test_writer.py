@@ -465,6 +465,24 @@ def test_a_lock_held_elsewhere_is_waited_for_no_longer_than_retry_for(
     assert [e.payload["text"] for e in store.events()] == ["while locked"]
 
 
+def test_a_short_lock_elsewhere_is_waited_for_even_with_retry_for_0(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Another writer's turn (a lock held a moment) is no failure: with retry_for=0 the
+    batch still waits for it, and is written, not spooled."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    handler = make_handler(store, retry_for=0, replay_interval=3600)
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, locker.execute, ("ROLLBACK",)).start()
+    handler.handle(NoteEvent(text="after a moment"))
+    assert handler.flush(10)
+    assert telemetry.counter("storage.spooled_rows").value == 0
+    assert [e.payload["text"] for e in store.events()] == ["after a moment"]
+    locker.close()
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_a_database_file_removed_or_replaced_while_open_is_noticed(
     tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture, how: str
