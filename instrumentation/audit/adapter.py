@@ -49,24 +49,28 @@ from instrumentation.span_handlers.base import BaseSpanHandler
 QUESTION_ARGUMENTS = ("question", "query", "user_request", "prompt")
 
 
+#: The arguments whose defaults count when a call leaves them out.
+_DEFAULTED = (*QUESTION_ARGUMENTS, "collection")
+
+
 def _with_defaults(bound_args: inspect.BoundArguments) -> Mapping[str, Any]:
-    """The call's arguments, with the defaults of those it left out, in the signature's
-    order: ``ask()`` of ``def ask(question="...")`` asks that default. ``bound_args``
-    itself stays as it is: the other span handlers share it."""
+    """The call's arguments, plus the defaults of the question and collection arguments
+    it left out: ``ask()`` of ``def ask(question="...")`` asks that default. Other
+    defaults stay out (a ``system_prompt`` default is no question to record), and
+    ``bound_args`` itself stays as it is: the other span handlers share it."""
     arguments = bound_args.arguments
     try:
         parameters = bound_args.signature.parameters
     except Exception:  # a hand-made BoundArguments without a usable signature
         return arguments
-    if all(name in arguments or p.default is p.empty for name, p in parameters.items()):
-        return arguments
-    merged = {
-        name: arguments.get(name, p.default)
-        for name, p in parameters.items()
-        if name in arguments or p.default is not p.empty
+    missing = {
+        name: parameters[name].default
+        for name in _DEFAULTED
+        if name in parameters
+        and name not in arguments
+        and parameters[name].default is not inspect.Parameter.empty
     }
-    merged.update((k, v) for k, v in arguments.items() if k not in merged)
-    return merged
+    return {**arguments, **missing} if missing else arguments
 
 
 def _question(arguments: Mapping[str, Any]) -> str:

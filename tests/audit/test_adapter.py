@@ -108,12 +108,26 @@ def test_defaults_count_as_arguments_and_other_handlers_see_the_call_as_made() -
         @d.span(request=True)
         def ask(self, question: str = "default question") -> None: ...
 
+    @d.span(request=True)
+    def handle(body: dict[str, Any], system_prompt: str = "secret rules") -> None: ...
+
     ask(1)
     ask(1, "given", collection="wines")
     Service().ask()
+    handle({"text": 1})  # another str default is no question: it stays out of the audit
     got = [(s.question, s.collection) for s in handler.starts]
-    assert got == [("the default", "menu"), ("given", "wines"), ("default question", "fixed")]
-    assert seen == [{"limit": 1}, {"limit": 1, "query": "given", "collection": "wines"}, {}]
+    assert got == [
+        ("the default", "menu"),
+        ("given", "wines"),
+        ("default question", "fixed"),
+        ("", "fixed"),
+    ]
+    assert seen == [
+        {"limit": 1},
+        {"limit": 1, "query": "given", "collection": "wines"},
+        {},
+        {"body": {"text": 1}},
+    ]
 
 
 def test_request_span_on_a_child_dispatcher_and_span_block() -> None:
