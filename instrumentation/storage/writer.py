@@ -180,6 +180,7 @@ class BatchWriter:
         self._limit = max_queue  # 0 once shut down: every put() then takes the slow path
         self._init_runtime()
         _writers.add(self)
+        _flush_when_this_multiprocessing_child_ends()
         self._start()
 
     def _init_runtime(self) -> None:
@@ -686,10 +687,24 @@ def _flush_when_a_multiprocessing_child_ends() -> None:
         util.register_after_fork(_after_fork_key, _register_exit_finalizer)
 
 
-def _register_exit_finalizer(_key: object) -> None:
+#: The process that registered ``_shutdown_all_at_exit`` with multiprocessing (once).
+_finalizer_pid: int | None = None
+
+
+def _register_exit_finalizer(_key: object = None) -> None:
+    global _finalizer_pid
     util = sys.modules.get("multiprocessing.util")
-    if util is not None:
+    if util is not None and _finalizer_pid != os.getpid():
         util.Finalize(None, _shutdown_all_at_exit, exitpriority=0)
+        _finalizer_pid = os.getpid()
+
+
+def _flush_when_this_multiprocessing_child_ends() -> None:
+    """For a writer made inside a ``multiprocessing`` child (in its target, or a
+    ``Pool`` initializer), after the child's finalizers were cleared."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None and process.parent_process() is not None:
+        _register_exit_finalizer()
 
 
 def _shutdown_all_at_exit() -> None:

@@ -617,6 +617,30 @@ def _note_and_return() -> None:
         d.event(NoteEvent(text=f"child {i}"))
 
 
+def _record_in_the_child(path: str) -> None:
+    from instrumentation.storage import StorageHandler
+
+    store = SQLiteStore(path)
+    StorageHandler(store=store, debounce=30, batch_size=10_000).attach(d)
+    _note_and_return()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_writer_made_in_a_multiprocessing_child_writes_when_it_ends(tmp_path: Path) -> None:
+    """The same for a writer the child made itself (in its target or a Pool
+    initializer): the child's finalizers were cleared before it was made."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_in_the_child, args=(str(tmp_path / "t.db"),)
+    )
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    with SQLiteStore(tmp_path / "t.db", read_only=True) as reader:
+        assert len(reader.events(limit=None)) == 50
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_multiprocessing_child_writes_what_it_queued_when_it_ends(
     tmp_path: Path, make_handler: Any
