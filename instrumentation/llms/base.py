@@ -456,8 +456,10 @@ class BaseLLM(abc.ABC):
 
 def _new_text(chunk: ChatResponse | CompletionResponse, so_far: str) -> str:
     """A streamed chunk's new text: its ``delta``, or, from a source that sets only the
-    text so far (``message.content`` or ``text``, as a stream of whole answers does),
-    what that text adds to ``so_far``."""
+    text (``message.content`` or ``text``), what that text adds to ``so_far``, read as
+    the answer so far (LlamaIndex's convention); a text that does not continue
+    ``so_far`` is taken whole. Pieces that repeat the answer's start are misread:
+    sources that stream pieces set ``delta``."""
     if chunk.delta is not None:
         return chunk.delta
     text = chunk.message.content if isinstance(chunk, ChatResponse) else chunk.text
