@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -179,8 +180,8 @@ _inherited_connections: list[Any] = []
 _stores: weakref.WeakSet[SQLStore] = weakref.WeakSet()
 #: The stores whose lock the forking thread holds, from before fork() to after it.
 _held_at_fork: list[SQLStore] = []
-#: How long fork() waits for one store's statement in progress (a write may be waiting
-#: for another process's lock): past that, it forks without waiting.
+#: How long fork() waits in all for statements stores are running (a write may be
+#: waiting for another process's lock): past that, it forks without waiting more.
 FORK_WAIT = 2.0
 
 
@@ -188,8 +189,9 @@ def _before_fork() -> None:
     # A fork in the middle of a transaction leaves SQLite's lock state in the child
     # as it was in the parent: the child's own connection then found the file locked
     # for good. Holding each store's lock, fork() happens between statements.
+    deadline = time.monotonic() + FORK_WAIT
     for store in list(_stores):
-        if store._lock.acquire(timeout=FORK_WAIT):
+        if store._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             _held_at_fork.append(store)
 
 
