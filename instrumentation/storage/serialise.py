@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 from collections.abc import Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -109,15 +110,18 @@ def _fit_marker(data: dict[str, Any], key: str, field: str, preview: int, limit:
     in ``limit`` or the preview is empty; the length of ``data`` as JSON.
 
     The preview's characters grow when escaped again (a newline or a quote takes two,
-    a control character six), so a cut made by counting characters may not be enough:
-    each round cuts what is still over, which shortens the JSON by at least that much.
+    a control character six), so a cut made by counting characters may not be enough.
+    Each round cuts what is still over, scaled by how much the preview grew when
+    escaped, so as to keep as much of it as fits.
     """
     while True:
         data[key] = _marker(field, preview)
         total = len(_dumps(data))
         if total <= limit or preview <= 0:
             return total
-        preview = min(preview, len(field)) - (total - limit)
+        shown = min(preview, len(field))
+        escaped = max(len(_dumps(field[:shown])) - 2, 1)  # without its quotes
+        preview = shown - max(math.ceil((total - limit) * shown / escaped), 1)
 
 
 def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None:

@@ -316,7 +316,8 @@ def test_a_long_field_that_escapes_long_leaves_the_others(
     marker = event.payload["text"]
     assert marker[TRUNCATED] is True and marker["original_chars"] == len(text)
     assert text.startswith(marker["preview"]) and len(marker["preview"]) > 100
-    assert len(json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)) <= 2000
+    # It fits, and the preview takes most of the room (cut to what fits, not far below).
+    assert 1600 < len(json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)) <= 2000
 
 
 def test_one_long_field_leaves_the_others(tmp_path: Path, make_handler: Any) -> None:
