@@ -53,27 +53,26 @@ QUESTION_ARGUMENTS = ("question", "query", "user_request", "prompt")
 _DEFAULTED = (*QUESTION_ARGUMENTS, "collection")
 
 
-def _with_defaults(bound_args: inspect.BoundArguments) -> Mapping[str, Any]:
-    """The call's arguments, plus the defaults of the question and collection arguments
-    it left out: ``ask()`` of ``def ask(question="...")`` asks that default. Other
-    defaults stay out (a ``system_prompt`` default is no question to record), and
-    ``bound_args`` itself stays as it is: the other span handlers share it."""
+def _defaults(bound_args: inspect.BoundArguments) -> Mapping[str, Any]:
+    """The defaults of the question and collection arguments the call left out:
+    ``ask()`` of ``def ask(question="...")`` asks that default. They count only after
+    what the call passed, and other defaults not at all (a ``system_prompt`` default
+    is no question to record)."""
     arguments = bound_args.arguments
     try:
         parameters = bound_args.signature.parameters
     except Exception:  # a hand-made BoundArguments without a usable signature
-        return arguments
-    missing = {
+        return {}
+    return {
         name: parameters[name].default
         for name in _DEFAULTED
         if name in parameters
         and name not in arguments
         and parameters[name].default is not inspect.Parameter.empty
     }
-    return {**arguments, **missing} if missing else arguments
 
 
-def _question(arguments: Mapping[str, Any]) -> str:
+def _question(arguments: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
     for name in QUESTION_ARGUMENTS:
         value = arguments.get(name)
         if isinstance(value, str):
@@ -81,18 +80,26 @@ def _question(arguments: Mapping[str, Any]) -> str:
     for value in arguments.values():
         if isinstance(value, str):
             return value
+    for name in QUESTION_ARGUMENTS:
+        value = defaults.get(name)
+        if isinstance(value, str):
+            return value
     return ""
 
 
 def _collection(
-    arguments: Mapping[str, Any], attributes: Mapping[str, Any], fixed: str | None, dispatcher: str
+    arguments: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    attributes: Mapping[str, Any],
+    fixed: str | None,
+    dispatcher: str,
 ) -> str:
-    given = attributes.get("collection")
-    if isinstance(given, str):
-        return given
-    argument = arguments.get("collection")
-    if isinstance(argument, str):
-        return argument
+    for given in (attributes.get("collection"), arguments.get("collection")):
+        if isinstance(given, str):
+            return given
+    default = defaults.get("collection")
+    if isinstance(default, str):
+        return default
     return fixed if fixed is not None else dispatcher
 
 
@@ -126,11 +133,12 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
         attributes = kwargs.get("attributes") or {}
         if not attributes.get("request"):
             return
-        arguments = _with_defaults(bound_args)
+        arguments = bound_args.arguments
+        defaults = _defaults(bound_args)
         dispatcher = str(kwargs.get("dispatcher", ""))
         start = RequestStart(
-            question=_question(arguments),
-            collection=_collection(arguments, attributes, self.collection, dispatcher),
+            question=_question(arguments, defaults),
+            collection=_collection(arguments, defaults, attributes, self.collection, dispatcher),
             metadata={
                 "span_name": kwargs.get("name"),
                 "span_id": id_,

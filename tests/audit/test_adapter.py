@@ -111,18 +111,28 @@ def test_defaults_count_as_arguments_and_other_handlers_see_the_call_as_made() -
     @d.span(request=True)
     def handle(body: dict[str, Any], system_prompt: str = "secret rules") -> None: ...
 
+    @d.span(request=True)
+    def answer(text: str, query: str = "") -> None: ...
+
+    @d.span(request=True)
+    def search(top_k: int = 5, collection: str = "docs") -> None: ...
+
     ask(1)
     ask(1, "given", collection="wines")
     Service().ask()
     handle({"text": 1})  # another str default is no question: it stays out of the audit
+    answer("What is passed?")  # a string passed comes before a question's default
+    search(3)  # the collection's default is no question
     got = [(s.question, s.collection) for s in handler.starts]
     assert got == [
         ("the default", "menu"),
         ("given", "wines"),
         ("default question", "fixed"),
         ("", "fixed"),
+        ("What is passed?", "fixed"),
+        ("", "docs"),
     ]
-    assert seen == [
+    assert seen[:4] == [
         {"limit": 1},
         {"limit": 1, "query": "given", "collection": "wines"},
         {},
