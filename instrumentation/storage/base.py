@@ -183,6 +183,8 @@ _held_at_fork: list[SQLStore] = []
 #: How long fork() waits in all for statements stores are running (a write may be
 #: waiting for another process's lock): past that, it forks without waiting more.
 FORK_WAIT = 2.0
+#: What each store gets at least, once ``FORK_WAIT`` is used up.
+FORK_WAIT_EACH = 0.1
 
 
 def _before_fork() -> None:
@@ -191,7 +193,9 @@ def _before_fork() -> None:
     # for good. Holding each store's lock, fork() happens between statements.
     deadline = time.monotonic() + FORK_WAIT
     for store in list(_stores):
-        if store._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+        # Each store gets a moment at least, for a statement that is nearly done.
+        wait = max(deadline - time.monotonic(), FORK_WAIT_EACH)
+        if store._lock.acquire(timeout=wait):
             _held_at_fork.append(store)
 
 

@@ -66,6 +66,8 @@ _LOG_EVERY = 10.0
 #: How long a write waits for a database lock held elsewhere, at least, whatever is
 #: left of ``retry_for`` (0 included): writers of several processes take turns.
 _LOCK_WAIT_AT_LEAST = 1.0
+#: The same once shutdown has begun, so that a short shutdown timeout still spools.
+_LOCK_WAIT_WHEN_CLOSING = 0.1
 
 
 #: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): no
@@ -474,7 +476,7 @@ class BatchWriter:
             try:
                 # A lock held elsewhere is waited for only as long as retrying may go on
                 # (but a moment at least: another writer's turn is no failure).
-                wait = max(deadline - time.monotonic(), _LOCK_WAIT_AT_LEAST)
+                wait = max(deadline - time.monotonic(), self._lock_wait_at_least())
                 self.store.write_within(spans, events, wait)
             except Exception as exc:
                 _WRITE_ERRORS.inc()
@@ -501,6 +503,11 @@ class BatchWriter:
             return
         self._to_spool(spans, events)
         self._next_replay = time.monotonic() + self.replay_interval
+
+    def _lock_wait_at_least(self) -> float:
+        # Shutting down, the wait must fit in shutdown's timeout, or rows that could
+        # have gone to the spool are still in a write when the process exits.
+        return _LOCK_WAIT_WHEN_CLOSING if self._closed else _LOCK_WAIT_AT_LEAST
 
     def _write_row_by_row(self, spans: list[Row], events: list[Row]) -> None:
         """A batch the database refused for its content: keep every row it will take.
@@ -631,7 +638,9 @@ class BatchWriter:
         if not chunk.rows:
             return None
         try:
-            self.store.write(chunk.spans, chunk.events)
+            # A replay waits for a lock held elsewhere no longer than a write does: the
+            # rows are safe in the spool, and the next replay comes soon.
+            self.store.write_within(chunk.spans, chunk.events, self._lock_wait_at_least())
         except Exception as exc:
             if not self.store.is_data_error(exc):
                 self._last_error = f"{type(exc).__name__}: {exc}"
@@ -700,14 +709,27 @@ def _register_exit_finalizer(_key: object = None) -> None:
 
 
 def _flush_when_this_multiprocessing_child_ends() -> None:
-    """For a writer made inside a ``multiprocessing`` child (in its target, or a
-    ``Pool`` initializer), after the child's finalizers were cleared."""
+    """For a writer made inside a ``multiprocessing`` child: in its target or a
+    ``Pool`` initializer (the child's finalizers were cleared before), or while a
+    spawned or forkserver child imports the main module (they are cleared after: an
+    after-fork function registers ours then)."""
     process = sys.modules.get("multiprocessing.process")
-    if process is not None and process.parent_process() is not None:
+    if process is None:
+        return
+    if process.parent_process() is not None:
         _register_exit_finalizer()
+    elif getattr(process.current_process(), "_inheriting", False):
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None:
+            util.register_after_fork(_after_fork_key, _register_exit_finalizer)
+
+
+#: Whether ``_shutdown_all_at_exit`` is running (a SIGTERM then waits for it).
+_exiting = [False]
 
 
 def _shutdown_all_at_exit() -> None:
+    _exiting[0] = True
     for writer in list(_writers):
         try:
             writer.shutdown(writer.exit_timeout)
@@ -729,7 +751,10 @@ def flush_on_sigterm() -> None:
     ``SystemExit(143)`` in the main thread instead, as Ctrl-C raises
     ``KeyboardInterrupt``: the code it interrupts unwinds (releasing its locks), and
     the exit flushes. Nothing is written inside the signal handler itself, where a
-    lock the interrupted code holds would never be released.
+    lock the interrupted code holds would never be released. A SIGTERM during that
+    flush is ignored (the flush is bounded by ``exit_timeout``); one that comes while
+    the exit waits for something else (non-daemon threads that keep running) ends the
+    process at once, as before. Child processes forked afterwards keep Python's default.
 
     Call it once, from the main thread. A SIGTERM handler the application installed
     before (or SIGTERM being ignored) is left in place: that handler decides, and an
@@ -738,8 +763,19 @@ def flush_on_sigterm() -> None:
     """
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return
+    installed_in = os.getpid()
+    received = [False]
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getpid() != installed_in or (received[0] and not _exiting[0]):
+            # A child forked since (a Pool worker being terminated), or a second
+            # SIGTERM while the exit is stuck elsewhere: SIGTERM as Python has it.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if _exiting[0]:
+            return  # the exit flush is running, and is bounded: let it finish
+        received[0] = True
         raise SystemExit(SIGTERM_EXIT_STATUS)
 
     signal.signal(signal.SIGTERM, on_sigterm)

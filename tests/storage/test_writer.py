@@ -484,6 +484,31 @@ def test_a_short_lock_elsewhere_is_waited_for_even_with_retry_for_0(
     locker.close()
 
 
+def test_a_short_shutdown_with_the_database_locked_spools_in_time(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Shutting down, a write or a replay waits a moment only for a lock held
+    elsewhere, so that what is queued reaches the spool within shutdown's timeout (a
+    replay waited the store's whole busy_timeout, a write a full second)."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path, busy_timeout=10)
+    handler = make_handler(store, retry_for=0, debounce=30, replay_interval=0.01)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        handler.handle(NoteEvent(text="spooled before"))
+        assert handler.flush(3) is False  # written now, not in 30 s: spooled
+        assert handler.writer.spool.pending
+        handler.handle(NoteEvent(text="queued at shutdown"))
+        started = time.monotonic()
+        assert handler.writer.shutdown(timeout=1.0) is False
+        assert time.monotonic() - started < 1.2
+        assert telemetry.counter("storage.spooled_rows").value == 2
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_a_database_file_removed_or_replaced_while_open_is_noticed(
     tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture, how: str
@@ -680,13 +705,14 @@ def test_flush_on_sigterm_makes_sigterm_an_orderly_exit(tmp_path: Path, previous
     goes on."""
     db = tmp_path / "t.db"
     own = (
-        "signal.signal(signal.SIGTERM, lambda *a: print('own handler', flush=True))"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('own handler'), stop.append(1)))"
         if previous == "own handler"
         else ""
     )
     script = f"""
-import atexit, os, signal, sys, threading
+import atexit, os, signal, sys, threading, time
 calls = [0]
+stop = []
 # Registered first, so it runs last: after the storage's own exit flush.
 atexit.register(lambda: print("calls", calls[0], "dropped", handler.writer.dropped, flush=True))
 from instrumentation import get_dispatcher
@@ -699,8 +725,9 @@ flush_on_sigterm()
 def work(i):
     calls[0] += 1
 threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
-for i in range(300_000):
-    work(i)
+deadline = time.monotonic() + 20
+while not stop and time.monotonic() < deadline:
+    work(0)
 print("kept running", flush=True)
 """
     done = subprocess.run(
@@ -717,6 +744,47 @@ print("kept running", flush=True)
     assert dropped > 0  # the queue was full when SIGTERM came
     # Every span accepted is stored; the call SIGTERM interrupted may be one either way.
     assert abs(count(SQLiteStore(db), "spans") - (calls - dropped)) <= 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_flush_on_sigterm_leaves_children_and_the_exit_flush_alone(tmp_path: Path) -> None:
+    """A child forked after flush_on_sigterm() (a Pool worker being terminated) dies of
+    SIGTERM at once, as before; a SIGTERM while the exit flush waits for a locked
+    database is ignored, and the flush finishes (it was cut short, and lost the rows)."""
+    db = tmp_path / "t.db"
+    SQLiteStore(db).close()
+    script = f"""
+import os, signal, sqlite3, sys, threading, time
+from instrumentation import get_dispatcher
+from instrumentation.storage import flush_on_sigterm, record_to
+record_to({str(db)!r}, debounce=60)
+flush_on_sigterm()
+ready_r, ready_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(ready_w, b"x")  # signals caught before the fork is done are dropped
+    time.sleep(30)
+    os._exit(0)
+os.read(ready_r, 1)
+os.kill(pid, signal.SIGTERM)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), flush=True)
+with get_dispatcher("sigterm.app").span("kept"):
+    pass
+locker = sqlite3.connect({str(db)!r}, isolation_level=None, check_same_thread=False)
+locker.execute("BEGIN EXCLUSIVE")
+for delay, call, args in ((0.5, os.kill, (os.getpid(), signal.SIGTERM)),
+                          (1.5, locker.execute, ("ROLLBACK",))):
+    timer = threading.Timer(delay, call, args)
+    timer.daemon = True
+    timer.start()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], timeout=60, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "child -15" in done.stdout
+    assert count(SQLiteStore(db), "spans") == 1
 
 
 def test_sigterm_without_flush_on_sigterm_loses_the_queue(tmp_path: Path) -> None:
