@@ -533,7 +533,11 @@ class BatchWriter:
             error: BaseException | None = None
             for attempt in (row,) if cleaned == row else (row, cleaned):
                 try:
-                    self.store.write([attempt] if is_span else [], [] if is_span else [attempt])
+                    self.store.write_within(
+                        [attempt] if is_span else [],
+                        [] if is_span else [attempt],
+                        self._lock_wait_at_least(),
+                    )
                 except Exception as exc:
                     error = exc
                     if self.store.is_data_error(exc):
@@ -730,11 +734,14 @@ _exiting = [False]
 
 def _shutdown_all_at_exit() -> None:
     _exiting[0] = True
-    for writer in list(_writers):
-        try:
-            writer.shutdown(writer.exit_timeout)
-        except Exception:  # pragma: no cover
-            logger.exception("instrumentation.storage could not flush a writer at exit")
+    try:
+        for writer in list(_writers):
+            try:
+                writer.shutdown(writer.exit_timeout)
+            except Exception:  # pragma: no cover
+                logger.exception("instrumentation.storage could not flush a writer at exit")
+    finally:
+        _exiting[0] = False
 
 
 #: The exit status of a process that ``flush_on_sigterm`` ended (as shells report one
@@ -752,32 +759,33 @@ def flush_on_sigterm() -> None:
     ``KeyboardInterrupt``: the code it interrupts unwinds (releasing its locks), and
     the exit flushes. Nothing is written inside the signal handler itself, where a
     lock the interrupted code holds would never be released. A SIGTERM during that
-    flush is ignored (the flush is bounded by ``exit_timeout``); one that comes while
-    the exit waits for something else (non-daemon threads that keep running) ends the
-    process at once, as before. Child processes forked afterwards keep Python's default.
+    flush is ignored (the flush is bounded by ``exit_timeout``); any other raises
+    ``SystemExit`` again (a second one stops the exit from waiting for non-daemon
+    threads that keep running). Child processes forked afterwards keep Python's
+    default, unless they call this themselves.
 
     Call it once, from the main thread. A SIGTERM handler the application installed
     before (or SIGTERM being ignored) is left in place: that handler decides, and an
     orderly exit it makes flushes anyway. Servers that turn SIGTERM into an orderly
     exit (uvicorn, gunicorn) need none of this.
     """
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current != signal.SIG_DFL and getattr(current, "_installed_in", None) is None:
+        return  # the application's own, or ignored: left in charge
     installed_in = os.getpid()
-    received = [False]
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        if os.getpid() != installed_in or (received[0] and not _exiting[0]):
-            # A child forked since (a Pool worker being terminated), or a second
-            # SIGTERM while the exit is stuck elsewhere: SIGTERM as Python has it.
+        if os.getpid() != installed_in:
+            # A child forked since (a Pool worker being terminated): SIGTERM as
+            # Python has it.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         if _exiting[0]:
             return  # the exit flush is running, and is bounded: let it finish
-        received[0] = True
         raise SystemExit(SIGTERM_EXIT_STATUS)
 
+    on_sigterm._installed_in = installed_in  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, on_sigterm)
 
 

@@ -759,16 +759,21 @@ from instrumentation import get_dispatcher
 from instrumentation.storage import flush_on_sigterm, record_to
 record_to({str(db)!r}, debounce=60)
 flush_on_sigterm()
-ready_r, ready_w = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.write(ready_w, b"x")  # signals caught before the fork is done are dropped
-    time.sleep(30)
-    os._exit(0)
-os.read(ready_r, 1)
-os.kill(pid, signal.SIGTERM)
-_, status = os.waitpid(pid, 0)
-print("child", os.waitstatus_to_exitcode(status), flush=True)
+for own in (False, True):  # a child that calls flush_on_sigterm() itself, or not
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if own:
+            flush_on_sigterm()
+        os.write(ready_w, b"x")  # signals caught before the fork is done are dropped
+        try:
+            time.sleep(30)
+        finally:
+            os._exit(143 if own else 0)
+    os.read(ready_r, 1)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    print("child", own, os.waitstatus_to_exitcode(status), flush=True)
 with get_dispatcher("sigterm.app").span("kept"):
     pass
 locker = sqlite3.connect({str(db)!r}, isolation_level=None, check_same_thread=False)
@@ -783,7 +788,8 @@ for delay, call, args in ((0.5, os.kill, (os.getpid(), signal.SIGTERM)),
         [sys.executable, "-c", script], timeout=60, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "child -15" in done.stdout
+    assert "child False -15" in done.stdout  # killed by SIGTERM, as by default
+    assert "child True 143" in done.stdout  # SystemExit, its own choice
     assert count(SQLiteStore(db), "spans") == 1
 
 
