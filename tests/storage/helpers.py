@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,21 @@ class ControlledSQLiteStore(SQLiteStore):
         if self.fail:
             raise OSError("database unreachable (test)")
         super().write(spans, events)
+
+
+@contextmanager
+def locked_elsewhere(path: Path | str) -> Iterator[sqlite3.Connection]:
+    """The SQLite file at ``path`` held locked (``BEGIN EXCLUSIVE``) by a connection of
+    its own, as another process would hold it, until the block ends (or the
+    connection given to the block rolls back sooner)."""
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        yield locker
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
 
 
 def count(store: Store, table: str) -> int:

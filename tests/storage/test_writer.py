@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,7 +24,14 @@ from instrumentation.storage import (
 )
 from instrumentation.storage.spool import Spool
 
-from .helpers import ControlledSQLiteStore, NoteEvent, count, record_and_exit, wait_until
+from .helpers import (
+    ControlledSQLiteStore,
+    NoteEvent,
+    count,
+    locked_elsewhere,
+    record_and_exit,
+    wait_until,
+)
 
 d = get_dispatcher("tests.storage.writer")
 
@@ -419,9 +425,7 @@ def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
     starting together met it): it is noted at INFO, and counted."""
     path = tmp_path / "t.db"
     SQLiteStore(path).close()
-    locker = sqlite3.connect(path, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    try:
+    with locked_elsewhere(path):
         started = time.monotonic()
         with caplog.at_level(logging.INFO, logger="instrumentation.storage"):
             store = SQLiteStore(path, busy_timeout=5)
@@ -435,9 +439,6 @@ def test_a_database_locked_when_the_application_starts_does_not_hold_it_up(
         spooled = telemetry.counter("storage.spooled_rows")
         assert wait_until(lambda: spooled.value == 1, 3)
         assert handler.flush(0.2) is False
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
     assert wait_until(lambda: handler.flush(1), 15)
     assert [e.payload["text"] for e in store.events()] == ["while locked"]
 
@@ -451,17 +452,12 @@ def test_a_lock_held_elsewhere_is_waited_for_no_longer_than_retry_for(
     path = tmp_path / "t.db"
     store = SQLiteStore(path, busy_timeout=4)
     handler = make_handler(store, retry_for=0.3, retry_backoff=0.05, replay_interval=0.1)
-    locker = sqlite3.connect(path, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    try:
+    with locked_elsewhere(path):
         handler.handle(NoteEvent(text="while locked"))
         spooled = telemetry.counter("storage.spooled_rows")
         assert wait_until(lambda: spooled.value == 1, 3)  # well before busy_timeout
         (timeout_ms,) = store._query("PRAGMA busy_timeout", [])[0]
         assert timeout_ms == 4000
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
     assert wait_until(lambda: handler.flush(1), 15)
     assert [e.payload["text"] for e in store.events()] == ["while locked"]
 
@@ -474,14 +470,12 @@ def test_a_short_lock_elsewhere_is_waited_for_even_with_retry_for_0(
     path = tmp_path / "t.db"
     store = SQLiteStore(path)
     handler = make_handler(store, retry_for=0, replay_interval=3600)
-    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    locker.execute("BEGIN EXCLUSIVE")
-    threading.Timer(0.3, locker.execute, ("ROLLBACK",)).start()
-    handler.handle(NoteEvent(text="after a moment"))
-    assert handler.flush(10)
+    with locked_elsewhere(path) as locker:
+        threading.Timer(0.3, locker.execute, ("ROLLBACK",)).start()
+        handler.handle(NoteEvent(text="after a moment"))
+        assert handler.flush(10)
     assert telemetry.counter("storage.spooled_rows").value == 0
     assert [e.payload["text"] for e in store.events()] == ["after a moment"]
-    locker.close()
 
 
 def test_a_short_shutdown_with_the_database_locked_spools_in_time(
@@ -493,9 +487,7 @@ def test_a_short_shutdown_with_the_database_locked_spools_in_time(
     path = tmp_path / "t.db"
     store = SQLiteStore(path, busy_timeout=10)
     handler = make_handler(store, retry_for=0, debounce=30, replay_interval=0.01)
-    locker = sqlite3.connect(path, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    try:
+    with locked_elsewhere(path):
         handler.handle(NoteEvent(text="spooled before"))
         assert handler.flush(3) is False  # written now, not in 30 s: spooled
         assert handler.writer.spool.pending
@@ -504,9 +496,6 @@ def test_a_short_shutdown_with_the_database_locked_spools_in_time(
         assert handler.writer.shutdown(timeout=1.0) is False
         assert time.monotonic() - started < 1.2
         assert telemetry.counter("storage.spooled_rows").value == 2
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
 
 
 @pytest.mark.parametrize("how", ["removed", "replaced"])
