@@ -723,9 +723,7 @@ def _flush_when_this_multiprocessing_child_ends() -> None:
     if process.parent_process() is not None:
         _register_exit_finalizer()
     elif getattr(process.current_process(), "_inheriting", False):
-        util = sys.modules.get("multiprocessing.util")
-        if util is not None:
-            util.register_after_fork(_after_fork_key, _register_exit_finalizer)
+        _flush_when_a_multiprocessing_child_ends()
 
 
 #: Whether ``_shutdown_all_at_exit`` is running (a SIGTERM then waits for it).
