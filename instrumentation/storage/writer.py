@@ -75,7 +75,7 @@ _LOCK_WAIT_WHEN_CLOSING = 0.1
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _without_nul(row: Row) -> Row:
+def _cleaned_for_databases(row: Row) -> Row:
     """``row`` with what a database refuses in text replaced by U+FFFD: NUL characters
     (PostgreSQL) and lone surrogates (both)."""
     return tuple(
@@ -529,7 +529,7 @@ class BatchWriter:
         database refuses for their content; ``None`` when done, or the index of the
         first row not written because the database stopped answering."""
         for i, (is_span, row) in enumerate(pending):
-            cleaned = _without_nul(row)
+            cleaned = _cleaned_for_databases(row)
             error: BaseException | None = None
             for attempt in (row,) if cleaned == row else (row, cleaned):
                 try:
