@@ -14,7 +14,9 @@ Nothing is lost silently:
   (``on_full="block"``; then no more until the writer makes room) or refuses the
   newest entry at once (``"drop_newest"``); every refused entry is counted
   (``writer.dropped``, counter ``storage.dropped``) and logged (at most every 10
-  seconds);
+  seconds), except a trace's root span (``put_root``): up to 1,000 of those are set
+  aside and written once there is room, because a trace without its root is not
+  listed and the rest of it would be stored unseen;
 - a failing database is retried with exponential backoff for ``retry_for`` seconds,
   keeping the batch; then the rows go to a local spool file (see
   :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
@@ -62,6 +64,9 @@ _LOST = telemetry.counter("storage.lost_rows")
 _REJECTED = telemetry.counter("storage.rejected_rows")
 
 _LOG_EVERY = 10.0
+#: Root spans a full queue refused, kept aside to be written when there is room: a
+#: trace whose root row is missing is not listed, so its other rows would be unseen.
+_SET_ASIDE_LIMIT = 1_000
 
 #: How long a write waits for a database lock held elsewhere, at least, whatever is
 #: left of ``retry_for`` (0 included): writers of several processes take turns.
@@ -179,6 +184,7 @@ class BatchWriter:
         #: Rows neither written nor spooled (refused by the database, or the spool failed).
         self.rows_lost = 0
         self._queue: deque[Any] = deque()
+        self._set_aside: deque[Any] = deque()
         self._limit = max_queue  # 0 once shut down: every put() then takes the slow path
         self._init_runtime()
         _writers.add(self)
@@ -187,6 +193,7 @@ class BatchWriter:
 
     def _init_runtime(self) -> None:
         self._queue.clear()
+        self._set_aside.clear()
         self._wake = threading.Event()
         self._idle = True
         self._space = threading.Condition(threading.Lock())
@@ -231,7 +238,18 @@ class BatchWriter:
             self._wake.set()
         return True
 
-    def _put_when_full(self, entry: Any) -> bool:
+    def put_root(self, entry: Any) -> bool:
+        """Queue the entry of a trace's root span; if the queue is full, set it aside."""
+        queue = self._queue
+        if len(queue) >= self._limit:
+            return self._put_when_full(entry, root=True)
+        queue.append(entry)
+        if self._idle or len(queue) == self.batch_size:
+            self._idle = False
+            self._wake.set()
+        return True
+
+    def _put_when_full(self, entry: Any, root: bool = False) -> bool:
         # After one wait that ran out, the writer is stuck (a database locked for long):
         # waiting again for each entry would hold the application up once per span and
         # event. Until the queue has room again, entries are dropped at once.
@@ -259,6 +277,10 @@ class BatchWriter:
                     self._waited_in_vain = True
                 finally:
                     self._space_waiters -= 1
+        if root and not self._closed and len(self._set_aside) < _SET_ASIDE_LIMIT:
+            self._set_aside.append(entry)
+            self._wake.set()
+            return True
         self._count_drop()
         return False
 
@@ -289,7 +311,7 @@ class BatchWriter:
     @property
     def queued(self) -> int:
         """Entries waiting to be written (approximate while others put)."""
-        return len(self._queue)
+        return len(self._queue) + len(self._set_aside)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until everything queued before the call is in the database.
@@ -348,7 +370,8 @@ class BatchWriter:
                         "yet, and are lost if the process exits now",
                         self.store,
                         timeout,
-                        sum(1 for entry in list(self._queue) if type(entry) is not _Marker),
+                        sum(1 for entry in list(self._queue) if type(entry) is not _Marker)
+                        + len(self._set_aside),
                     )
         _writers.discard(self)
         if first:
@@ -360,6 +383,7 @@ class BatchWriter:
         return (
             self._stopped.is_set()
             and not self._queue
+            and not self._set_aside
             and not self.spool.pending
             and (stop is None or stop.ok)
         )
@@ -407,14 +431,20 @@ class BatchWriter:
 
     def _wait_for_work(self) -> None:
         queue = self._queue
-        while not queue:
+        aside = self._set_aside
+        while not queue and not aside:
             self._idle = True
             self._wake.clear()
-            if queue:
+            if queue or aside:
                 break
             timeout = self.replay_interval if self.spool.pending else None
             self._wake.wait(timeout)
-            if not queue and self.spool.pending and time.monotonic() >= self._next_replay:
+            if (
+                not queue
+                and not aside
+                and self.spool.pending
+                and time.monotonic() >= self._next_replay
+            ):
                 self._replay()
         self._idle = False
         # Debounce: give the batch until ``debounce`` after its first entry to fill.
@@ -430,6 +460,7 @@ class BatchWriter:
 
     def _loop(self) -> None:
         queue = self._queue
+        aside = self._set_aside
         while True:
             self._wait_for_work()
             batch: list[Any] = []
@@ -440,6 +471,10 @@ class BatchWriter:
                     marker = item
                     break
                 batch.append(item)
+            # After the queue: a root set aside before a flush() marker was queued is
+            # in the set-aside by now, and goes in the batch that marker completes.
+            while aside:
+                batch.append(aside.popleft())
             self._waited_in_vain = False
             if self._space_waiters:
                 with self._space:

@@ -171,6 +171,53 @@ def test_drop_newest_counts_and_logs(
     )
 
 
+def test_a_root_span_refused_by_a_full_queue_is_set_aside_so_its_trace_is_listed(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """The queue fills inside a traced call: the children's rows are dropped or kept,
+    but the root, set aside, is stored, and the trace is listed with what was kept (a
+    dropped root hid the whole trace from list and tail: its children are no roots)."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store, max_queue=3, batch_size=1, on_full="drop_newest").attach(d)
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: store.attempts == 1)  # the writer holds one, waiting
+    with d.span("request"):
+        for _ in range(6):
+            with d.span("step"):
+                pass
+    assert handler.dropped == 3  # three steps fit the queue, three did not; the root did
+    assert handler.writer.queued == 4
+    store.gate.set()
+    assert handler.flush(10)
+    (listed,) = store.traces()
+    assert listed.name == "request" and listed.span_count == 4
+    names = sorted(span.name for span in store.trace(listed.trace_id))
+    assert names == ["request", "step", "step", "step"]
+    assert handler.dropped == 3
+
+
+def test_roots_set_aside_are_bounded_and_flushed_before_a_later_marker(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """At most 1,000 roots wait aside (beyond that they are dropped and counted), and
+    flush() returns only once those set aside before it are stored."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store, max_queue=1, batch_size=1, on_full="drop_newest").attach(d)
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: store.attempts == 1)
+    handler.handle(NoteEvent())  # the queue is full now
+    for _ in range(1_005):
+        with d.span("request"):
+            pass
+    assert handler.dropped == 5
+    store.gate.set()
+    assert handler.flush(10)
+    assert count(store, "spans") == 1_000
+    assert len(store.traces(limit=2_000)) == 1_000
+
+
 def test_block_waits_for_space_then_drops_after_the_timeout(
     tmp_path: Path, make_handler: Any
 ) -> None:
