@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from operator import itemgetter
-from types import MappingProxyType
 from typing import Any, Protocol
 
 from instrumentation._bounded import put_bounded
@@ -90,10 +89,44 @@ def span_hex_of(span_id: str) -> str:
 _active_span: ContextVar[SpanContext | None] = ContextVar(
     "instrumentation_active_span", default=None
 )
-# Read-only: handlers receive the active tags as they are (no copy per span), and this
-# default is shared by every context, so a handler writing into it must fail rather
-# than tag everything. (A block's own dict is private to the block's context.)
-_EMPTY_TAGS: Mapping[str, Any] = MappingProxyType({})
+
+
+class _NoTags(dict[str, Any]):
+    """The tags outside every ``instrument_tags`` block: an empty ``dict``, as handlers
+    written for LlamaIndex expect (``isinstance(tags, dict)``, ``json.dumps``,
+    ``copy.deepcopy``), but read-only. Handlers receive the active tags as they are (no
+    copy per span), and this one is shared by every context: a handler writing into it
+    must fail rather than tag everything. (A block's own dict is private to its
+    context.) Copies and pickles are plain empty dicts, free to change."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "these tags are read-only (no instrument_tags block is active): copy them "
+            "to change them, dict(tags), or set tags with instrument_tags({...})"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    setdefault = update = pop = popitem = clear = _read_only
+
+    def copy(self) -> dict[str, Any]:
+        return {}
+
+    def __copy__(self) -> dict[str, Any]:
+        return {}
+
+    def __deepcopy__(self, memo: Any) -> dict[str, Any]:
+        return {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, ())
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+_EMPTY_TAGS: Mapping[str, Any] = _NoTags()
 _active_tags: ContextVar[Mapping[str, Any]] = ContextVar(
     "instrumentation_active_tags", default=_EMPTY_TAGS
 )

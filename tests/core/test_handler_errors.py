@@ -203,3 +203,42 @@ def test_a_handler_cannot_change_the_active_tags() -> None:
     with instrument_tags({"a": 1}):
         d.event(Ping())
     assert ev.events[-1].tags == {"a": 1}
+
+
+def test_the_tags_outside_any_block_are_an_empty_dict_a_handler_can_serialise() -> None:
+    """Handlers written for LlamaIndex check ``isinstance(tags, dict)``, ``json.dumps`` or
+    deep-copy the tags: outside every instrument_tags block (the usual case) they were a
+    mappingproxy, and each of those failed, losing every such span to the handler."""
+    import copy
+    import json
+    import pickle
+
+    seen: list[Any] = []
+
+    class Serialising(Recorder):
+        def span_enter(self, id_: str, bound_args: Any, *a: Any, **k: Any) -> None:
+            tags: Any = k.get("tags") if "tags" in k else a[2]
+            assert isinstance(tags, dict)
+            seen.append((json.dumps(tags), copy.deepcopy(tags), pickle.loads(pickle.dumps(tags))))
+            mine = copy.copy(tags)
+            mine["changed"] = True  # a copy is the handler's own
+
+        def span_exit(self, *a: Any, **k: Any) -> None:
+            return None
+
+    d = get_dispatcher(fresh())
+    d.add_span_handler(Serialising())
+
+    @d.span
+    def f() -> None:
+        return None
+
+    f()
+    f()
+    assert seen == [("{}", {}, {}), ("{}", {}, {})]
+    assert telemetry.handler_errors() == {}
+    from instrumentation.context import current_tags
+
+    assert dict(current_tags()) == {}
+    with pytest.raises(TypeError, match=r"read-only .* dict\(tags\)"):
+        current_tags().update(a=1)  # type: ignore[attr-defined]
