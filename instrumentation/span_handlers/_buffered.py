@@ -25,7 +25,6 @@ from typing import Any, SupportsIndex, TypeVar, get_args, overload
 
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import CoreSchema, core_schema
-from typing_extensions import Self
 
 T = TypeVar("T")
 
@@ -138,19 +137,16 @@ class SpanDeque(deque[T]):
         else:
             deque.__delitem__(self, index)
 
-    # Wider than deque's own: adding a list is what LlamaIndex users' code does.
-    @overload  # type: ignore[override]
-    def __add__(self, other: Self) -> Self: ...
-    @overload
-    def __add__(self, other: list[T]) -> list[T]: ...
-    def __add__(self, other: Self | list[T]) -> Self | list[T]:
-        if isinstance(other, list):
-            return list(deque.__iter__(self)) + other
-        return deque.__add__(self, other)
+    # A list, as LlamaIndex's lists give: ``completed_spans + dropped_spans`` as a deque
+    # would keep the left one's maxlen, and silently lose the oldest spans of the sum.
+    def __add__(self, other: Iterable[T]) -> list[T]:  # type: ignore[override]
+        if isinstance(other, (list, deque)):
+            return list(self) + list(other)
+        return NotImplemented
 
     def __radd__(self, other: list[T]) -> list[T]:
-        if isinstance(other, list):
-            return other + list(deque.__iter__(self))
+        if isinstance(other, (list, deque)):
+            return list(other) + list(self)
         return NotImplemented
 
     def pop(self, index: int | None = None) -> T:

@@ -147,6 +147,34 @@ def test_kept_spans_are_bounded_and_the_oldest_go_first() -> None:
     assert h.completed_spans.maxlen == 5
 
 
+def test_completed_plus_dropped_is_a_list_of_all_of_them() -> None:
+    """``completed_spans + dropped_spans`` (LlamaIndex's own idiom) kept the left deque's
+    maxlen: once it was full, the sum silently lost its oldest spans."""
+    h = SimpleSpanHandler(max_completed_spans=3)
+    d = get_dispatcher(fresh("buf"))
+    d.add_span_handler(h)
+
+    @d.span
+    def ok() -> None:
+        return None
+
+    @d.span
+    def bad() -> None:
+        raise ValueError("bad input")
+
+    for _ in range(3):
+        ok()
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            bad()
+    both = h.completed_spans + h.dropped_spans
+    assert type(both) is list
+    assert [s.name.rsplit(".", 1)[-1] for s in both] == ["ok"] * 3 + ["bad"] * 2
+    assert [s.id_ for s in [] + h.completed_spans] == [s.id_ for s in h.completed_spans]  # noqa: RUF005
+    assert len(deque([None]) + h.completed_spans) == 4
+    assert len(h.completed_spans) == 3  # the sum changed neither
+
+
 def test_clear_and_reassign_forget_buffered_spans() -> None:
     h = SimpleSpanHandler()
     _, (leaf, _parent) = traced(h)
