@@ -259,19 +259,21 @@ class Dispatcher:
         name: str = ROOT_NAME,
         event_handlers: Iterable[BaseEventHandler] = (),
         span_handlers: Iterable[BaseSpanHandler[Any]] = (),
+        parent_name: str | None = None,
+        manager: Manager | None = None,
+        root_name: str = ROOT_NAME,
         propagate: bool = True,
         *,
-        manager: Manager | None = None,
-        parent_name: str | None = None,
-        root_name: str = ROOT_NAME,
         current_span_ids: object = None,
     ) -> None:
-        """LlamaIndex's keyword arguments are taken: ``manager`` puts the dispatcher in
+        """LlamaIndex's arguments, in its order: ``manager`` puts the dispatcher in
         that manager's tree at once (as ``get_dispatcher`` would); ``parent_name``, if
         given, must be the parent the dotted name gives when the dispatcher joins the
         tree (a ``ValueError`` then says so); ``current_span_ids`` is ignored (current
         spans live in context variables here)."""
         self.name = _check_name(name)
+        if not isinstance(propagate, bool):
+            raise TypeError(f"propagate is True or False, got {propagate!r}")
         if root_name != ROOT_NAME:
             raise ValueError(
                 f"the root dispatcher is called {ROOT_NAME!r}; got root_name={root_name!r}"
@@ -288,7 +290,7 @@ class Dispatcher:
         self._span_handlers: tuple[BaseSpanHandler[Any], ...] = tuple(
             _check_span_handler(h) for h in span_handlers
         )
-        self._propagate = bool(propagate)
+        self._propagate = propagate
         self._parent: Dispatcher | None = None
         self._manager: Manager | None = None
         self._ev: tuple[BaseEventHandler, ...] = ()
@@ -465,10 +467,7 @@ class Dispatcher:
     def event(self, event: BaseEvent, **kwargs: Any) -> None:
         """Send ``event`` to the handlers; the active tags are merged into its ``tags``."""
         if not isinstance(event, BaseEvent):
-            raise TypeError(
-                f"dispatcher.event() takes a BaseEvent (subclass it for your data); "
-                f"got {type(event).__name__}"
-            )
+            raise _not_an_event("event", event)
         handlers = self._ev
         if not handlers or _suppressed.get():
             return
@@ -493,7 +492,7 @@ class Dispatcher:
         side (each in a task, as LlamaIndex does), so that a slow one does not hold up
         the others; ``aevent`` returns when all are done."""
         if not isinstance(event, BaseEvent):
-            raise TypeError(f"dispatcher.aevent() takes a BaseEvent; got {type(event).__name__}")
+            raise _not_an_event("aevent", event)
         handlers = self._ev
         if not handlers or _suppressed.get():
             return
@@ -834,12 +833,21 @@ def _merge_attributes(attributes: Mapping[str, Any] | None, request: bool) -> di
     return {**(attributes or {}), "request": True}
 
 
-def _got(handler: object, other_kind: type, other_method: str) -> str:
+def _got(handler: object, own_base: type, other_kind: type, other: str, add_other: str) -> str:
     """What a refused handler is, and what to write instead."""
     if isinstance(handler, type):
-        return f"got the class {handler.__name__} itself: write {handler.__name__}()"
+        name = handler.__name__
+        if issubclass(handler, other_kind):
+            return f"got the class {name} itself, {other}: write {add_other}({name}())"
+        return f"got the class {name} itself: write {name}()"
     if isinstance(handler, other_kind):
-        return f"got {type(handler).__name__} - that is a {other_method}"
+        return f"got {type(handler).__name__}, {other}: use {add_other}()"
+    if callable(handler):
+        return (
+            f"got {type(handler).__name__} {getattr(handler, '__qualname__', '')}: a handler "
+            f"is an object, not a function; subclass {own_base.__name__} and call yours "
+            "from its methods"
+        )
     return f"got {type(handler).__name__}"
 
 
@@ -847,7 +855,7 @@ def _check_event_handler(handler: object) -> BaseEventHandler:
     if not isinstance(handler, BaseEventHandler):
         raise TypeError(
             "expected an event handler (a subclass of BaseEventHandler with handle()); "
-            + _got(handler, BaseSpanHandler, "span handler: use add_span_handler()")
+            + _got(handler, BaseEventHandler, BaseSpanHandler, "a span handler", "add_span_handler")
         )
     return handler
 
@@ -856,9 +864,21 @@ def _check_span_handler(handler: object) -> BaseSpanHandler[Any]:
     if not isinstance(handler, BaseSpanHandler):
         raise TypeError(
             "expected a span handler (a subclass of BaseSpanHandler); "
-            + _got(handler, BaseEventHandler, "event handler: use add_event_handler()")
+            + _got(
+                handler, BaseSpanHandler, BaseEventHandler, "an event handler", "add_event_handler"
+            )
         )
     return handler
+
+
+def _not_an_event(method: str, event: object) -> TypeError:
+    if isinstance(event, type) and issubclass(event, BaseEvent):
+        got = f"the class {event.__name__} itself: write {event.__name__}(...)"
+    else:
+        got = type(event).__name__
+    return TypeError(
+        f"dispatcher.{method}() takes a BaseEvent (subclass it for your data); got {got}"
+    )
 
 
 class SpanBlock:

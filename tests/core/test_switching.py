@@ -272,6 +272,26 @@ def test_dispatchers_made_the_llamaindex_way_join_the_tree() -> None:
         instrument.Dispatcher(name="switching.y", manager="root")  # type: ignore[arg-type]
 
 
+def test_dispatcher_takes_llamaindex_positional_arguments_in_its_order() -> None:
+    """LlamaIndex's order is (name, event_handlers, span_handlers, parent_name, manager,
+    root_name, propagate): a fourth positional argument was taken as ``propagate``, so
+    ``Dispatcher(name, [], [], "parent")`` silently ignored the parent's name."""
+    from instrumentation import root_manager
+
+    parent = get_dispatcher("switching.positional")
+    counting = Counting()
+    made = instrument.Dispatcher(
+        "switching.positional.child", [counting], [], "switching.positional", root_manager
+    )
+    assert made.parent is parent and made.propagate is True
+    alone = instrument.Dispatcher("switching.positional.alone", [], [], "", None, "root", False)
+    assert alone.propagate is False and alone.manager is None
+    with pytest.raises(ValueError, match="dotted name"):
+        instrument.Dispatcher("switching.other2", [], [], "switching.positional", root_manager)
+    with pytest.raises(TypeError, match="propagate is True or False"):
+        instrument.Dispatcher("switching.z", propagate="no")  # type: ignore[arg-type]
+
+
 def test_kept_spans_read_like_lists() -> None:
     """LlamaIndex keeps spans in lists: tests compare them to lists and slice them."""
     import copy

@@ -228,10 +228,21 @@ def test_wrong_handler_types_raise_type_error_with_advice() -> None:
         d.add_span_handler(SimpleSpanHandler)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"class EventList itself: write EventList\(\)"):
         d.add_event_handler(EventList)  # type: ignore[arg-type]
+    # The class of the other kind: the method to use and what to pass it.
+    with pytest.raises(
+        TypeError, match=r"SimpleSpanHandler itself, a span handler: write add_span_handler\("
+    ):
+        d.add_event_handler(SimpleSpanHandler)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"an event handler: use add_event_handler\(\)"):
+        d.add_span_handler(EventList())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a function; subclass BaseEventHandler"):
+        d.add_event_handler(print)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="True or False"):
         d.propagate = "no"  # type: ignore[assignment]
     with pytest.raises(TypeError, match="BaseEvent"):
         d.event({"not": "an event"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"the class BaseEvent itself: write BaseEvent\(...\)"):
+        d.event(BaseEvent)  # type: ignore[arg-type]
     assert d.event_handlers == [] and d.span_handlers == []
 
 
