@@ -291,10 +291,22 @@ def wrap(
             return func  # idempotent, as below
         inner = _wrap_callable(dispatcher, func.__func__, name, attributes, method=True)
         return classmethod(inner)
+    if isinstance(func, type):
+        # Wrapped, a class would become a function: isinstance() and subclassing break.
+        raise TypeError(
+            f"@dispatcher.span decorates functions, methods, coroutines and generators, "
+            f"not classes; got the class {func.__qualname__}: decorate its __init__ (or "
+            f"the methods to trace) instead"
+        )
     if not callable(func):
+        hint = (
+            ": put @dispatcher.span under @property, on the getter"
+            if isinstance(func, property)
+            else ""
+        )
         raise TypeError(
             f"@dispatcher.span decorates functions, methods, coroutines and generators; "
-            f"got {type(func).__name__} object {func!r}"
+            f"got {type(func).__name__} object {func!r}{hint}"
         )
     if name is None and attributes is None:
         if _traced_by(func, dispatcher):
@@ -324,9 +336,12 @@ def _wrap_callable(
     attrs = dict(attributes) if attributes else None
 
     fixed_name: str | None = name
-    short = getattr(target, "__name__", None) or type(target).__name__
+    named: Any = target
+    while isinstance(named, functools.partial):  # named after the function it calls
+        named = named.func
+    short = getattr(named, "__name__", None) or type(named).__name__
     if fixed_name is None and not is_method:
-        fixed_name = getattr(target, "__qualname__", None) or short
+        fixed_name = getattr(named, "__qualname__", None) or short
     names_by_type: dict[type, str] = {}
 
     def method_name(instance: Any) -> str:

@@ -759,9 +759,32 @@ def test_callable_objects_and_partials(d: Dispatcher, rec: Recorder) -> None:
         def __call__(self, a: int, b: int) -> int:
             return a + b
 
+    def add(a: int, b: int) -> int:
+        return a + b
+
     assert d.span(Adder())(1, 2) == 3
     assert d.span(functools.partial(pow, 2))(5) == 32
-    assert len(rec.records) == 2 and all(r.status == "exit" for r in rec.records.values())
+    assert d.span(functools.partial(functools.partial(add, 1), 2))() == 3
+    assert len(rec.records) == 3 and all(r.status == "exit" for r in rec.records.values())
+    # A partial is named after the function it calls, not "partial".
+    assert sorted(r.name for r in rec.records.values()) == sorted(
+        ["Adder", "pow", add.__qualname__]
+    )
+
+
+def test_a_class_or_a_property_is_refused_with_what_to_decorate(d: Dispatcher) -> None:
+    """Wrapped, a class became a function (``isinstance`` and subclassing then failed);
+    a property is not callable. Each error says what to decorate instead."""
+
+    class Thing:
+        pass
+
+    with pytest.raises(
+        TypeError, match=r"not classes; got the class .*Thing: decorate its __init__"
+    ):
+        d.span(Thing)
+    with pytest.raises(TypeError, match="under @property, on the getter"):
+        d.span(property(lambda self: 1))  # type: ignore[call-overload]
 
 
 def test_a_callable_objects_state_is_not_copied_onto_its_wrapper(d: Dispatcher) -> None:
