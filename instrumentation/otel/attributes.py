@@ -34,8 +34,9 @@ def clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def to_json(value: Any) -> str:
-    """Compact JSON for any value (models dumped in JSON mode, the rest via ``str``)."""
+def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """Compact JSON for any value (models dumped in JSON mode, the rest via ``str``),
+    kept valid JSON within ``limit`` characters (see :func:`fit_json`)."""
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json", exclude_none=True)
     elif isinstance(value, (list, tuple)):
@@ -44,10 +45,86 @@ def to_json(value: Any) -> str:
             for v in value
         ]
     try:
-        text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+        return fit_json(value, limit)
     except (TypeError, ValueError):
-        text = str(value)
-    return clip(text)
+        return clip(str(value), limit)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+#: What a string cut to fit ends with.
+CUT_MARK = "...[cut]"
+_SHORTEST_CUT = 32
+
+
+def _cut_strings(value: Any, longest: int, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= longest else value[:longest] + CUT_MARK
+    if depth > 32:
+        return value
+    if isinstance(value, dict):
+        return {k: _cut_strings(v, longest, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_cut_strings(v, longest, depth + 1) for v in value]
+    return value
+
+
+def _longest_string(value: Any, depth: int = 0) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if depth > 32:
+        return 0
+    if isinstance(value, dict):
+        return max((_longest_string(v, depth + 1) for v in value.values()), default=0)
+    if isinstance(value, (list, tuple)):
+        return max((_longest_string(v, depth + 1) for v in value), default=0)
+    return 0
+
+
+def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """``value`` as compact JSON of at most ``limit`` characters that is still JSON.
+
+    Backends parse these attributes (a chat's messages, say): JSON cut at a length no
+    longer parses, and is shown as a raw string. So the value itself is made smaller:
+    first its longest strings are cut (each ending with :data:`CUT_MARK`), as little
+    as fits; then, for a list, its oldest items are left out (a chat's latest messages
+    are the ones to see); what still does not fit becomes a JSON string of the cut text.
+    """
+    text = _dumps(value)
+    if len(text) <= limit:
+        return text
+    longest = _longest_string(value)
+    if longest > _SHORTEST_CUT:
+        # The longest cut that fits: binary search over the length strings keep.
+        low, high = _SHORTEST_CUT, longest - 1
+        best: str | None = None
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = _dumps(_cut_strings(value, middle))
+            if len(candidate) <= limit:
+                best, low = candidate, middle + 1
+            else:
+                high = middle - 1
+        if best is not None:
+            return best
+        value = _cut_strings(value, _SHORTEST_CUT)
+    if isinstance(value, (list, tuple)) and len(value) > 1:
+        items = [_dumps(item) for item in value]
+        size = 2 + sum(len(item) + 1 for item in items) - 1
+        start = 0
+        while start < len(items) - 1 and size > limit:
+            size -= len(items[start]) + 1
+            start += 1
+        if size <= limit:
+            return "[" + ",".join(items[start:]) + "]"
+    keep = limit - 2
+    while True:
+        out = _dumps(clip(text, keep))
+        if len(out) <= limit or keep <= 3:
+            return out
+        keep = max(3, keep - (len(out) - limit))  # escapes made it longer than it is
 
 
 def to_attribute(value: Any) -> AttributeValue | None:
@@ -100,10 +177,12 @@ def event_attributes(event: Any) -> dict[str, Any]:
 
 __all__ = [
     "BASE_EVENT_FIELDS",
+    "CUT_MARK",
     "MAX_VALUE_CHARS",
     "AttributeValue",
     "clip",
     "event_attributes",
+    "fit_json",
     "tag_attributes",
     "to_attribute",
     "to_json",

@@ -21,12 +21,11 @@ maps no LLM attributes) where it is missing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from instrumentation.otel.attributes import clip, to_attribute, to_json
+from instrumentation.otel.attributes import clip, fit_json, to_attribute, to_json
 
 START = "start"
 PROGRESS = "progress"
@@ -122,7 +121,16 @@ def span_attributes(
         _genai_end(llm, event, out, capture_content)
         if openinference:
             _openinference_end(llm, event, out, capture_content)
+    if openinference:
+        # Messages first: should a span still run out of attributes (a lower limit
+        # set by the application), the SDK drops the oldest, so they go, not the model.
+        messages = {k: v for k, v in out.items() if k.startswith(_MESSAGE_PREFIXES)}
+        if messages:
+            return {**messages, **{k: v for k, v in out.items() if k not in messages}}
     return out
+
+
+_MESSAGE_PREFIXES = ("llm.input_messages.", "llm.output_messages.")
 
 
 def _operation(llm: ModuleType, event: Any) -> str | None:
@@ -251,24 +259,46 @@ def _messages_json(messages: list[Any], finish_reason: str | None = None) -> str
         if finish_reason is not None and not isinstance(message, dict):
             item["finish_reason"] = finish_reason
         shaped.append(item)
-    return clip(json.dumps(shaped, ensure_ascii=False, separators=(",", ":"), default=str))
+    return fit_json(shaped)
 
 
 # -- OpenInference -----------------------------------------------------------------------
 
 
+#: At most this many ``llm.input_messages.*`` attributes on one span. The SDK keeps 128
+#: attributes per span and drops the oldest first: a long chat, two or more attributes
+#: a message, pushed out the model, the request's parameters and the span kind.
+MAX_MESSAGE_ATTRIBUTES = 64
+
+
+def _message_attributes(key: str, message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {f"{key}.role": getattr(message.role, "value", message.role)}
+    if message.content is not None:
+        out[f"{key}.content"] = clip(message.content)
+    for j, call in enumerate(message.tool_calls):
+        call_key = f"{key}.tool_calls.{j}.tool_call"
+        if call.id:
+            out[f"{call_key}.id"] = call.id
+        out[f"{call_key}.function.name"] = call.name
+        out[f"{call_key}.function.arguments"] = clip(call.arguments)
+    return out
+
+
 def _openinference_messages(prefix: str, messages: list[Any], out: dict[str, Any]) -> None:
-    for i, message in enumerate(messages):
-        key = f"{prefix}.{i}.message"
-        out[f"{key}.role"] = getattr(message.role, "value", message.role)
-        if message.content is not None:
-            out[f"{key}.content"] = clip(message.content)
-        for j, call in enumerate(message.tool_calls):
-            call_key = f"{key}.tool_calls.{j}.tool_call"
-            if call.id:
-                out[f"{call_key}.id"] = call.id
-            out[f"{call_key}.function.name"] = call.name
-            out[f"{call_key}.function.arguments"] = clip(call.arguments)
+    """The latest messages that fit :data:`MAX_MESSAGE_ATTRIBUTES`, numbered from 0,
+    and how many earlier ones were left out (``instrumentation.llm.messages_omitted``)."""
+    kept: list[Any] = []
+    used = 0
+    for message in reversed(messages):
+        size = 1 + (message.content is not None) + 3 * len(message.tool_calls)
+        if kept and used + size > MAX_MESSAGE_ATTRIBUTES:
+            break
+        kept.append(message)
+        used += size
+    for i, message in enumerate(reversed(kept)):
+        out.update(_message_attributes(f"{prefix}.{i}.message", message))
+    if len(kept) < len(messages):
+        out["instrumentation.llm.messages_omitted"] = len(messages) - len(kept)
 
 
 def _openinference_start(llm: ModuleType, event: Any, out: dict[str, Any], content: bool) -> None:
@@ -286,7 +316,7 @@ def _openinference_start(llm: ModuleType, event: Any, out: dict[str, Any], conte
         out["llm.provider"] = event.provider
     params = getattr(event, "additional_kwargs", None)
     if params:
-        out["llm.invocation_parameters"] = to_json(params)
+        out["llm.invocation_parameters"] = to_json(params if content else _without_content(params))
     if not content:
         return
     if isinstance(event, llm.LLMChatStartEvent):
@@ -305,6 +335,17 @@ def _openinference_start(llm: ModuleType, event: Any, out: dict[str, Any], conte
     elif getattr(event, "template_args", None):
         out["input.value"] = to_json(event.template_args)
         out["input.mime_type"] = "application/json"
+
+
+def _without_content(params: dict[str, Any]) -> dict[str, Any]:
+    """Request parameters with the text in them withheld (``capture_content=False``):
+    a ``prediction``, a tool's description or a response schema is content too. The LLM
+    layer's own rule (``record_content=False``) is used where that layer is installed."""
+    try:
+        from instrumentation.llms.redaction import Redaction
+    except ImportError:  # pragma: no cover - the llms package is part of this one
+        return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float))}
+    return Redaction(record_content=False).values(params)
 
 
 def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content: bool) -> None:
@@ -340,6 +381,7 @@ def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content
 
 __all__ = [
     "END",
+    "MAX_MESSAGE_ATTRIBUTES",
     "OPENINFERENCE_DEFAULT_KIND",
     "PROGRESS",
     "REQUEST_PARAMETERS",

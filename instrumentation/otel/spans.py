@@ -52,14 +52,20 @@ def unix_nanos(moment: datetime) -> int:
     return ((moment - _EPOCH) // _MICROSECOND) * 1000
 
 
+#: Chunk (in-progress) events kept as span events on one span. The SDK keeps 128 events
+#: per span and drops the oldest: a long stream pushed out its own start event.
+MAX_PROGRESS_EVENTS = 100
+
+
 class OpenSpan:
     """An OpenTelemetry span of ours that has not ended, with the context that holds it."""
 
-    __slots__ = ("context", "span")
+    __slots__ = ("context", "progress", "span")
 
     def __init__(self, span: trace_api.Span, context: otel_context.Context) -> None:
         self.span = span
         self.context = context
+        self.progress = 0  # chunk events seen
 
 
 class SpanTable:
@@ -204,7 +210,9 @@ class SpanTable:
         if isinstance(err, GeneratorExit):
             span.set_attribute("instrumentation.generator_closed", True)
         elif err is not None:
-            span.record_exception(err)
+            # It left the span: escaped. error.type as the semantic conventions ask.
+            span.record_exception(err, escaped=True)
+            span.set_attribute("error.type", _error_type(err))
             span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
         else:
             span.set_status(Status(StatusCode.ERROR, "span dropped"))
@@ -242,6 +250,16 @@ class SpanTable:
         if kind is None:
             attributes = event_attributes(event)
         else:
+            if opened is not None and kind != genai.START:
+                if kind == genai.PROGRESS:
+                    opened.progress += 1
+                    if opened.progress > MAX_PROGRESS_EVENTS:
+                        return  # counted, and reported by the end event
+                elif opened.progress > MAX_PROGRESS_EVENTS:
+                    span.set_attribute(
+                        "instrumentation.llm.chunk_events_omitted",
+                        opened.progress - MAX_PROGRESS_EVENTS,
+                    )
             attributes = genai.event_attributes(event, kind, self.capture_content)
             extra = genai.span_attributes(
                 event,
@@ -254,4 +272,10 @@ class SpanTable:
         span.add_event(event.class_name(), attributes, unix_nanos(event.timestamp))
 
 
-__all__ = ["TRACER_NAME", "OpenSpan", "SpanTable", "unix_nanos"]
+def _error_type(err: BaseException) -> str:
+    kind = type(err)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+__all__ = ["MAX_PROGRESS_EVENTS", "TRACER_NAME", "OpenSpan", "SpanTable", "unix_nanos"]

@@ -261,3 +261,114 @@ def test_offline_llm_calls_end_to_end(traced_root: Traced) -> None:
         assert a["openinference.span.kind"] == "LLM"
         assert a["output.value"] == "Paris is the capital."
     assert any(dict(s.attributes or {}).get("gen_ai.request.temperature") == 0.1 for s in llm_spans)
+
+
+def _long_chat(traced: Traced, messages: list[ChatMessage], chunks: int = 0, **kwargs: Any) -> None:
+    d = traced.dispatcher
+
+    @d.span
+    def chat() -> None:
+        d.event(
+            LLMChatStartEvent(
+                messages=messages,
+                additional_kwargs={"temperature": 0.2, **kwargs},
+                model="gpt-test",
+                provider="openai",
+            )
+        )
+        for i in range(chunks):
+            d.event(
+                LLMChatInProgressEvent(
+                    messages=messages, response=ChatResponse(message=ANSWER, delta=f"{i} ")
+                )
+            )
+        d.event(
+            LLMChatEndEvent(
+                messages=messages,
+                response=ChatResponse(message=ANSWER),
+                model="gpt-test",
+                usage=TokenUsage(prompt_tokens=900, completion_tokens=3),
+            )
+        )
+
+    chat()
+
+
+def test_a_long_chat_keeps_the_model_and_kind_within_the_attribute_limit(
+    traced_oi: Traced, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two or more OpenInference attributes a message: with 81 messages the SDK's 128
+    attributes ran out and it dropped the oldest - the model, the request's parameters,
+    the span kind - logging a warning for each. The latest messages are kept, within
+    MAX_MESSAGE_ATTRIBUTES, numbered from 0, and the rest counted."""
+    history = [
+        ChatMessage(role=MessageRole.USER if i % 2 else MessageRole.ASSISTANT, content=f"m{i}")
+        for i in range(81)
+    ]
+    with caplog.at_level("WARNING"):
+        _long_chat(traced_oi, history)
+    (span,) = traced_oi.spans()
+    a: dict[str, Any] = dict(span.attributes or {})
+    assert a["openinference.span.kind"] == "LLM" and a["llm.model_name"] == "gpt-test"
+    assert a["gen_ai.request.model"] == "gpt-test" and a["gen_ai.request.temperature"] == 0.2
+    per_message = [k for k in a if k.startswith("llm.input_messages.")]
+    assert len(per_message) <= genai.MAX_MESSAGE_ATTRIBUTES
+    kept = len(per_message) // 2
+    assert a["instrumentation.llm.messages_omitted"] == 81 - kept
+    assert a[f"llm.input_messages.{kept - 1}.message.content"] == "m80"
+    assert a["llm.input_messages.0.message.content"] == f"m{81 - kept}"
+    assert len(a) < 128 and span.dropped_attributes == 0
+    assert "dict is full" not in caplog.text
+
+
+def test_json_attributes_of_a_long_chat_stay_json(traced_oi: Traced) -> None:
+    """gen_ai.input.messages and input.value were cut at 8192 characters after being
+    serialised: no longer JSON, so backends showed them as a raw string. Now the
+    contents are cut (then the oldest messages left out) until the JSON fits."""
+    history = [
+        ChatMessage(role=MessageRole.USER, content=f"{i}: " + 'a "quoted"\nline ' * 40)
+        for i in range(60)
+    ]
+    _long_chat(traced_oi, history)
+    (span,) = traced_oi.spans()
+    a: dict[str, Any] = dict(span.attributes or {})
+    for key in ("gen_ai.input.messages", "input.value"):
+        assert len(a[key]) <= 8192
+        parsed = json.loads(a[key])
+        assert isinstance(parsed, list) and parsed
+    genai_messages = json.loads(a["gen_ai.input.messages"])
+    assert genai_messages[-1]["parts"][0]["content"].startswith("59: ")
+
+
+def test_capture_content_off_withholds_text_in_the_invocation_parameters(
+    traced_no_content: Traced,
+) -> None:
+    """llm.invocation_parameters carried a predicted output and tool descriptions as
+    they were: content, which capture_content=False keeps off the span."""
+    _long_chat(
+        traced_no_content,
+        MESSAGES,
+        prediction={"type": "content", "content": "SECRET-PREDICTION"},
+        tools=[{"type": "function", "function": {"name": "f", "description": "SECRET-TOOL"}}],
+        max_tokens=64,
+    )
+    (span,) = traced_no_content.spans()
+    a: dict[str, Any] = dict(span.attributes or {})
+    params = json.loads(a["llm.invocation_parameters"])
+    assert "SECRET" not in a["llm.invocation_parameters"]
+    assert params["temperature"] == 0.2 and params["max_tokens"] == 64
+    assert params["prediction"]["type"] == "content"
+
+
+def test_a_long_stream_keeps_its_start_and_end_events(traced: Traced) -> None:
+    """The SDK keeps 128 events a span and drops the oldest: 300 chunks pushed out the
+    start event. The first MAX_PROGRESS_EVENTS chunks are kept and the rest counted."""
+    from instrumentation.otel.spans import MAX_PROGRESS_EVENTS
+
+    _long_chat(traced, MESSAGES, chunks=300)
+    (span,) = traced.spans()
+    names = [e.name for e in span.events]
+    assert names[0] == "LLMChatStartEvent" and names[-1] == "LLMChatEndEvent"
+    assert names.count("LLMChatInProgressEvent") == MAX_PROGRESS_EVENTS
+    omitted = dict(span.attributes or {})["instrumentation.llm.chunk_events_omitted"]
+    assert omitted == 300 - MAX_PROGRESS_EVENTS
