@@ -40,6 +40,7 @@ from opentelemetry import trace as trace_api
 from instrumentation.context import (
     RemoteSpanContext,
     SpanContext,
+    current_span,
     register_bridge,
     register_context_keeper,
     span_hex_of,
@@ -178,7 +179,14 @@ class OpenTelemetryBridge:
         if not self._tables:
             return None
         current = _get_current_span().get_span_context()
-        return bool(current.trace_flags.sampled) if current.is_valid else None
+        if current.is_valid:
+            return bool(current.trace_flags.sampled)
+        ours = current_span()
+        if ours is not None and any(ours.id_ in table.open for table in self.tables()):
+            # A table made a span for ours, and OpenTelemetry gave it no ids: a no-op
+            # tracer (OTEL_SDK_DISABLED, no provider set). No backend will have it.
+            return False
+        return None
 
     def restore(self, parent: SpanContext | None, sampled: bool) -> None:
         """Make ``parent`` current in OpenTelemetry's context too (no token: like

@@ -55,8 +55,10 @@ class PendingIdGenerator(IdGenerator):
         return int(self.fallback.generate_trace_id())
 
     def is_trace_id_random(self) -> bool:
-        # Our trace ids are 128 random bits (instrumentation._ids).
-        return True
+        # Ours are 128 random bits (instrumentation._ids), but the SDK asks this for
+        # every span of the tracer, the application's too when it shares the scope:
+        # the provider's own generator answers for those.
+        return bool(self.fallback.is_trace_id_random())
 
 
 __all__ = ["PendingIdGenerator"]

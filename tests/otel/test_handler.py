@@ -115,6 +115,46 @@ def test_drop_sets_error_status_and_records_exception(traced: Traced) -> None:
     assert exc.attributes["exception.type"] == "ValueError"
     assert exc.attributes["exception.message"] == "no such thing"
     assert not any(e.name == "SpanDropEvent" for e in span.events)  # no duplicate
+    # It left the span; and error.type, as the semantic conventions ask of a failure.
+    assert exc.attributes["exception.escaped"] == "True"
+    assert dict(span.attributes or {})["error.type"] == "ValueError"
+
+
+def test_error_type_names_the_module_of_an_exception_not_builtin(traced: Traced) -> None:
+    import json
+
+    d = traced.dispatcher
+
+    @d.span
+    def fails() -> None:
+        json.loads("{")
+
+    with pytest.raises(json.JSONDecodeError):
+        fails()
+    (span,) = traced.spans()
+    assert dict(span.attributes or {})["error.type"] == "json.decoder.JSONDecodeError"
+
+
+def test_the_id_generator_answers_random_or_not_as_the_providers_own() -> None:
+    """The SDK asks the tracer's generator whether trace ids are random for every span
+    of the tracer, the application's too; ours said yes even around a generator that
+    makes time-based (X-Ray style) ids."""
+    from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+
+    from instrumentation.otel.ids import PendingIdGenerator
+
+    class TimeBased(IdGenerator):
+        def generate_span_id(self) -> int:
+            return 1
+
+        def generate_trace_id(self) -> int:
+            return 2
+
+        def is_trace_id_random(self) -> bool:
+            return False
+
+    assert PendingIdGenerator(TimeBased()).is_trace_id_random() is False
+    assert PendingIdGenerator(RandomIdGenerator()).is_trace_id_random() is True
 
 
 def test_events_become_span_events_of_their_span(traced: Traced) -> None:
