@@ -428,15 +428,19 @@ def _in_thread(target: Callable[[], Any], name: str, standby: ThreadPool | None 
 
 def resolve_protocol(protocol: str | None) -> str:
     """The protocol given, else ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``, else HTTP."""
-    chosen = (
-        protocol
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    )
+    source = "protocol"
+    chosen = protocol
+    if not chosen:
+        for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            chosen = os.environ.get(variable)
+            if chosen:
+                source = variable
+                break
+        else:
+            chosen = "http/protobuf"
     if chosen not in PROTOCOLS:
         raise ValueError(
-            f"protocol must be 'http/protobuf' or 'grpc' (the OTLP exporters Python has); "
+            f"{source} must be 'http/protobuf' or 'grpc' (the OTLP exporters Python has); "
             f"got {chosen!r}"
         )
     return chosen
@@ -500,7 +504,13 @@ def _endpoint_from_environment(protocol: str) -> str | None:
     take ``localhost:4318`` without a word. None when it is not set, or when
     ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is: that one is a full URL, the SDK's to use
     as it is."""
-    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+    full = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+    if full.strip():
+        # Checked, not changed: the SDK would fail every export with one it cannot use.
+        try:
+            _check_endpoint(full, protocol)
+        except ValueError as exc:
+            raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: {exc}") from None
         return None
     value = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     if not value.strip():
@@ -528,6 +538,21 @@ def _url_problem(url: str, example: str) -> str | None:
     if parts.fragment:
         return f"a '#fragment' is not sent to a collector; a URL looks like {example}"
     return None
+
+
+def _check_timeout_variables() -> None:
+    """The SDK takes any number for these, and then fails every export with one <= 0."""
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds < math.inf:
+            raise ValueError(f"{variable} is the exporter's timeout, a number > 0; got {value!r}")
+        return  # the traces variable, when set, is the one the SDK reads
 
 
 def _check_headers(headers: object) -> dict[str, str] | None:
@@ -589,12 +614,15 @@ class OTLPHandle:
         exporter: SuppressedExporter,
         dispatcher: Dispatcher,
         protocol: str,
+        destination: str | None = None,
     ) -> None:
         self.tracer_provider = tracer_provider
         self.handler = handler
         self.exporter = exporter
         self.dispatcher = dispatcher
         self.protocol = protocol
+        #: Where the spans go (``None`` for an exporter given by hand).
+        self.destination = destination
         self._closed = False
         self._clean_shutdown = False
         self._shutting_down_in: int | None = None
@@ -843,11 +871,48 @@ def configure_otlp(
             )
         if not 0 < timeout < math.inf:
             raise ValueError(f"timeout is seconds > 0 (e.g. 10); got {timeout!r}")
+    elif exporter is None:
+        _check_timeout_variables()
     if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
         raise TypeError(
             f"dispatcher is a Dispatcher (get_dispatcher(name)); got {type(dispatcher).__name__}"
         )
     target = root_dispatcher if dispatcher is None else dispatcher
+    destination = None
+    if exporter is None:
+        if checked_endpoint is not None:
+            where = (
+                traces_url(checked_endpoint)
+                if chosen == "http/protobuf"
+                else checked_endpoint.rstrip("/")
+            )
+        else:
+            where = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        destination = f"{chosen} {where or '(the OTLP default endpoint)'}"
+        for earlier in list(_live_handles):
+            if (
+                not earlier.closed
+                and earlier.dispatcher is target
+                and earlier.destination == destination
+            ):
+                raise ValueError(
+                    f"configure_otlp already sends the spans of {target.name!r} to "
+                    f"{destination} ({earlier!r}): a second handle would send each "
+                    "span twice. Keep using that one, or call its shutdown() first"
+                )
+    if set_global and not isinstance(
+        trace_api.get_tracer_provider(), trace_api.ProxyTracerProvider
+    ):
+        # OpenTelemetry sets the global provider once per process, and ignores (with
+        # a log line) any later attempt: the application's own spans would go on to
+        # the provider set first, not to this collector.
+        raise ValueError(
+            "set_global=True: OpenTelemetry's global tracer provider is set already "
+            f"({type(trace_api.get_tracer_provider()).__name__}), and it can be set only "
+            "once per process. Leave set_global off (our spans still nest with the "
+            "application's own), or export through that provider: attach "
+            "OpenTelemetrySpanHandler(tracer_provider=trace.get_tracer_provider())"
+        )
 
     attributes: dict[str, Any] = dict(resource_attributes or {})
     if service_name is not None:
@@ -868,7 +933,14 @@ def configure_otlp(
     )
     target.add_span_handler(handler)
     target.add_event_handler(handler)
-    return OTLPHandle(provider, handler, wrapped, target, chosen)
+    handle = OTLPHandle(provider, handler, wrapped, target, chosen, destination)
+    _live_handles.add(handle)
+    return handle
+
+
+#: The handles configure_otlp made, to refuse a second one sending the same spans to the
+#: same place (a notebook cell run twice, a module imported again).
+_live_handles: weakref.WeakSet[OTLPHandle] = weakref.WeakSet()
 
 
 __all__ = [

@@ -392,6 +392,113 @@ def test_the_endpoint_variable_follows_the_endpoint_rules(
     configure_otlp().shutdown()  # the full URL wins; the generic one is not read
 
 
+def test_the_other_environment_variables_are_checked_and_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT without a scheme, and a timeout variable of 0,
+    were taken, and every export then failed; a bad protocol variable was reported as
+    if it were the protocol= argument."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "localhost:4318/v1/traces")
+    with pytest.raises(ValueError, match=r"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: .* http://"):
+        configure_otlp()
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    for variable in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        for value in ("0", "-1", "soon"):
+            monkeypatch.setenv(variable, value)
+            with pytest.raises(ValueError, match=f"{variable} is the exporter's timeout"):
+                configure_otlp(endpoint="http://127.0.0.1:1")
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL must be"):
+        configure_otlp(endpoint="http://127.0.0.1:1")
+    assert root_dispatcher.span_handlers == []
+
+
+def test_a_second_handle_to_the_same_collector_is_refused(receiver: OTLPReceiver) -> None:
+    """Configuring twice (a notebook cell run again) sent every span twice, with the
+    same span id, without a word. Another dispatcher or collector is fine, and so is
+    configuring again after shutdown()."""
+    first = configure_otlp(endpoint=receiver.endpoint)
+    try:
+        with pytest.raises(ValueError, match=r"send each span twice.*shutdown"):
+            configure_otlp(endpoint=receiver.endpoint)
+        with pytest.raises(ValueError, match="send each span twice"):
+            configure_otlp(endpoint=receiver.endpoint + "/")  # the same collector
+        elsewhere = configure_otlp(
+            endpoint=receiver.endpoint, dispatcher=get_dispatcher("tests.otel.twice")
+        )
+        elsewhere.shutdown()
+    finally:
+        first.shutdown()
+    again = configure_otlp(endpoint=receiver.endpoint)
+
+    @get_dispatcher("tests.otel.once").span
+    def work() -> None:
+        pass
+
+    work()
+    assert again.shutdown() is True
+    assert [short(s.name) for s in receiver.spans] == ["work"]
+
+
+def test_set_global_over_an_existing_global_provider_is_refused() -> None:
+    """OpenTelemetry sets its global provider once: set_global=True after the
+    application set one was ignored but for a log line, and the application's spans
+    went on to the other provider."""
+    script = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from instrumentation import root_dispatcher
+        from instrumentation.otel import configure_otlp
+
+        trace.set_tracer_provider(TracerProvider())
+        try:
+            configure_otlp(endpoint="http://127.0.0.1:1", set_global=True)
+        except ValueError as exc:
+            print("refused:", exc)
+        assert root_dispatcher.span_handlers == []
+        handle = configure_otlp(endpoint="http://127.0.0.1:1")  # without: fine
+        handle.shutdown(100)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: set_global=True: OpenTelemetry's global tracer provider is set" in (
+        done.stdout
+    )
+
+
+def test_a_disabled_sdk_propagates_not_sampled() -> None:
+    """With OTEL_SDK_DISABLED=true nothing is exported, but the traceparent we sent on
+    said "sampled": services downstream kept children of spans no backend has."""
+    script = textwrap.dedent(
+        """
+        import os
+        os.environ["OTEL_SDK_DISABLED"] = "true"
+        from instrumentation import get_dispatcher
+        from instrumentation.otel import configure_otlp
+
+        handle = configure_otlp(endpoint="http://127.0.0.1:1")
+        d = get_dispatcher("app")
+
+        @d.span
+        def work():
+            return d.capture_propagation_context()["traceparent"]
+
+        print(work())
+        handle.shutdown(100)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", done.stdout.strip()), done.stdout
+
+
 def test_headers_argument_is_sent(receiver: OTLPReceiver) -> None:
     """headers= reach the collector (e.g. an authorization header for a SaaS backend)."""
     otlp = configure_otlp(
