@@ -211,6 +211,8 @@ class BatchWriter:
         self._drops_since_log = 0
         self._stop_marker: _Marker | None = None
         self._thread: threading.Thread | None = None
+        #: Entries of the batch being written (0 while replaying the spool, or idle).
+        self._holding = 0
 
     def _start(self) -> None:
         thread = threading.Thread(
@@ -361,22 +363,39 @@ class BatchWriter:
                     self._abort.set()  # stop retrying: spool the rest
                     thread.join(timeout * 0.2)
                 if thread.is_alive():
-                    # Still inside one write: what it holds and what is queued are
-                    # neither stored nor spooled yet, and at exit they never will be.
-                    logger.warning(
-                        "instrumentation.storage: the writer for %r did not stop within "
-                        "%.1f s (a write still waits for the database); %d queued "
-                        "entries and the batch being written are not stored or spooled "
-                        "yet, and are lost if the process exits now",
-                        self.store,
-                        timeout,
-                        sum(1 for entry in list(self._queue) if type(entry) is not _Marker)
-                        + len(self._set_aside),
-                    )
+                    self._warn_still_writing(timeout)
         _writers.discard(self)
         if first:
             self._log_unlogged_drops()
         return self._stopped_with_all_stored()
+
+    def _warn_still_writing(self, timeout: float) -> None:
+        queued = sum(1 for entry in list(self._queue) if type(entry) is not _Marker)
+        queued += len(self._set_aside)
+        holding = self._holding
+        if not queued and not holding:
+            # Only a replay of rows already in the spool file: they stay there.
+            logger.warning(
+                "instrumentation.storage: the writer for %r did not stop within %.1f s "
+                "(a replay of the spool file %s still waits for the database); nothing "
+                "is lost: the rows stay in that file, for the next process that records "
+                "to this database",
+                self.store,
+                timeout,
+                self.spool.path,
+            )
+            return
+        # Still inside one write: what it holds and what is queued are neither stored
+        # nor spooled yet, and at exit they never will be.
+        logger.warning(
+            "instrumentation.storage: the writer for %r did not stop within %.1f s (a "
+            "write still waits for the database); %d queued entries and the %d being "
+            "written are not stored or spooled yet, and are lost if the process exits now",
+            self.store,
+            timeout,
+            queued,
+            holding,
+        )
 
     def _stopped_with_all_stored(self) -> bool:
         stop = self._stop_marker
@@ -480,8 +499,10 @@ class BatchWriter:
                 with self._space:
                     self._space.notify_all()
             if batch:
+                self._holding = len(batch)
                 spans, events = self._rows_of(batch)
                 self._write(spans, events)
+                self._holding = 0
             if marker is not None:
                 with self._state_lock:
                     self._markers_pending -= 1
@@ -500,8 +521,15 @@ class BatchWriter:
         if not spans and not events:
             return
         # Keep the order: older spooled rows go first, or these join them.
+        # Shutting down while the database fails, the rest goes to the spool file at
+        # once (the stop marker tries one replay): a server that takes connections and
+        # never answers holds each try for the whole connect timeout, and what was still
+        # queued when the process exited was lost.
         if self.spool.pending and (
-            self._abort.is_set() or time.monotonic() < self._next_replay or not self._replay()
+            self._abort.is_set()
+            or self._closed
+            or time.monotonic() < self._next_replay
+            or not self._replay()
         ):
             self._to_spool(spans, events)
             return
