@@ -230,6 +230,8 @@ class SQLStore(Store):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._conn: Any = None
+        #: Read-only: why connecting failed when the store was made, and when.
+        self._failed_at_start: tuple[BaseException, float] | None = None
         self._insert_spans = insert_sql(self.dialect, "spans", SPAN_COLUMNS)
         self._insert_events = insert_sql(self.dialect, "events", EVENT_COLUMNS)
         _stores.add(self)
@@ -256,6 +258,7 @@ class SQLStore(Store):
                 logger.debug(
                     "instrumentation.storage: %r cannot be reached yet (%s)", self, first_line
                 )
+                self._failed_at_start = (exc, time.monotonic())
                 return
             if self._busy(exc):
                 # Another process is writing (several starting at once, say): the
@@ -272,6 +275,15 @@ class SQLStore(Store):
                 self,
                 first_line,
             )
+
+    def _raise_if_failed_just_now(self, within: float) -> None:
+        """A reader's first query, right after connecting failed: raise that failure
+        rather than wait for the server a second time (the command line waited twice)."""
+        failed = self._failed_at_start
+        if failed is not None:
+            self._failed_at_start = None
+            if time.monotonic() - failed[1] < within:
+                raise failed[0]
 
     def _refuse_if_read_only(self) -> None:
         if self.read_only:

@@ -8,6 +8,8 @@ costs the writer a retry, not a restart of the application.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,13 +24,27 @@ from instrumentation.storage.schema import (
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
 
-#: What PostgreSQL (in English) answers to a wrong database, role or password.
+#: What PostgreSQL (in English) answers to a wrong database, role or password, and what
+#: libpq says of a connection string it cannot use: waiting will not put these right.
 _MISCONFIGURED = (
     "does not exist",
     "password authentication failed",
     "no pg_hba.conf entry",
     "is not permitted to log in",
+    "no password supplied",
+    "for connection option",
+    "invalid connection option",
+    "invalid integer value",
+    "invalid sslmode value",
 )
+
+#: The connection parameters that say which database is written; the others (an
+#: application name, a timeout, TLS options, a password) do not, and leave the spool
+#: file every process writing that database shares unchanged.
+_IDENTITY = ("host", "hostaddr", "port", "dbname", "user")
+
+#: How long a connection attempt waits when neither the DSN nor PGCONNECT_TIMEOUT says.
+DEFAULT_CONNECT_TIMEOUT = 5
 
 
 def _psycopg() -> Any:
@@ -46,8 +62,11 @@ class PostgresStore(SQLStore):
 
     The tables are created (and migrated) on first connection, tried when the store
     is made; a server that cannot be reached then is tried again on each call (the
-    writer retries, spools and replays). ``connect_timeout`` bounds how long a call
-    waits for an unreachable server.
+    writer retries, spools and replays). ``connect_timeout`` (seconds; libpq waits 2
+    at least) bounds how long a call waits for an unreachable server: given here it
+    wins, else the DSN's ``connect_timeout``, else ``PGCONNECT_TIMEOUT``, else 5.
+    Tables that exist at the schema version this release writes are used as they
+    are, so a role that may only read and insert (no CREATE) can record.
 
     ``read_only=True`` only reads: the session is read-only, no table is created or
     migrated, and a database without the trace tables (or of another schema
@@ -57,7 +76,9 @@ class PostgresStore(SQLStore):
 
     dialect = POSTGRES
 
-    def __init__(self, dsn: str, *, connect_timeout: float = 5.0, read_only: bool = False) -> None:
+    def __init__(
+        self, dsn: str, *, connect_timeout: float | None = None, read_only: bool = False
+    ) -> None:
         super().__init__()
         self.read_only = bool(read_only)
         if not isinstance(dsn, str) or not dsn.strip():
@@ -65,10 +86,28 @@ class PostgresStore(SQLStore):
                 "PostgresStore takes a connection string such as "
                 "'postgresql://user@localhost:5432/traces' or 'host=... dbname=...'"
             )
+        if connect_timeout is not None and (
+            isinstance(connect_timeout, bool)
+            or not isinstance(connect_timeout, (int, float))
+            or not 0 < connect_timeout < math.inf
+        ):
+            raise ValueError(f"connect_timeout is seconds > 0, got {connect_timeout!r}")
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self._psycopg = _psycopg()
+        self._connect_options = self._timeout_option()
         self._connect_at_start()
+
+    def _timeout_option(self) -> dict[str, Any]:
+        if self.connect_timeout is not None:
+            return {"connect_timeout": max(1, round(self.connect_timeout))}
+        try:
+            given = "connect_timeout" in self._psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except Exception:  # a malformed DSN: connecting says what is wrong with it
+            given = False
+        if given or os.environ.get("PGCONNECT_TIMEOUT", "").strip():
+            return {}
+        return {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.spool_key!r}{', read_only=True' if self.read_only else ''})"
@@ -79,16 +118,13 @@ class PostgresStore(SQLStore):
             parts = self._psycopg.conninfo.conninfo_to_dict(self.dsn)
         except Exception:
             return "postgres:?"
-        parts.pop("password", None)
-        return "postgres:" + " ".join(f"{k}={parts[k]}" for k in sorted(parts))
+        return "postgres:" + " ".join(f"{k}={parts[k]}" for k in _IDENTITY if parts.get(k))
 
     def _connection(self) -> Any:
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
-        conn = self._psycopg.connect(
-            self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
-        )
+        conn = self._psycopg.connect(self.dsn, autocommit=True, **self._connect_options)
         try:
             if self.read_only:
                 self._check_readable(conn)
@@ -101,6 +137,14 @@ class PostgresStore(SQLStore):
         return conn
 
     def _migrate(self, conn: Any) -> None:
+        # Reconnecting after a restart must not need more than the writes do: tables
+        # at this release's version are used without DDL or the migration lock.
+        present = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+        if present:
+            found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            check_version(found)
+            if found is not None and found >= max(migrations(POSTGRES)):
+                return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -134,32 +178,58 @@ class PostgresStore(SQLStore):
         text = str(exc)
         return not any(words in text for words in _MISCONFIGURED)
 
-    def _forget_broken(self, exc: BaseException) -> None:
-        if isinstance(exc, self._psycopg.OperationalError) and self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
+    def _forget_broken(self, exc: BaseException) -> bool:
+        """Drop the connection after a connection-level error; True if it was one the
+        server had closed (``idle_session_timeout``, a restart, a killed session)."""
+        conn = self._conn
+        if not isinstance(exc, self._psycopg.OperationalError) or conn is None:
+            return False
+        lost = bool(getattr(conn, "broken", False) or conn.closed)
+        try:
+            conn.close()
+        except Exception:
+            pass
+        self._conn = None
+        return lost
+
+    def _once_more_if_lost(self, call: Any) -> Any:
+        # A session that sat idle may have been closed by the server meanwhile: that is
+        # found out only by using it. Once, on a new connection, before it is a failure
+        # (inserts skip rows already stored, so a commit that did happen is no harm).
+        reused = self._conn is not None and not self._conn.closed
+        try:
+            return call(self._connection())
+        except BaseException as exc:
+            if not (self._forget_broken(exc) and reused):
+                raise
+        return call(self._connection())
+
+    def _write_rows(self, conn: Any, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            if spans:
+                cur.executemany(self._insert_spans, spans)
+            if events:
+                cur.executemany(self._insert_events, events)
 
     def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
         self._refuse_if_read_only()
         with self._lock:
             try:
-                conn = self._connection()
-                with conn.transaction(), conn.cursor() as cur:
-                    if spans:
-                        cur.executemany(self._insert_spans, spans)
-                    if events:
-                        cur.executemany(self._insert_events, events)
+                self._once_more_if_lost(lambda conn: self._write_rows(conn, spans, events))
             except BaseException as exc:
                 self._forget_broken(exc)
                 raise
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
         with self._lock:
+            self._raise_if_failed_just_now(
+                self._connect_options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+            )
             try:
-                return list(self._connection().execute(sql, list(params)).fetchall())
+                rows: list[Row] = self._once_more_if_lost(
+                    lambda conn: list(conn.execute(sql, list(params)).fetchall())
+                )
+                return rows
             except BaseException as exc:
                 self._forget_broken(exc)
                 raise

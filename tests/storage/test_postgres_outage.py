@@ -141,6 +141,10 @@ def test_a_misconfigured_server_address_is_still_an_error_at_once(
         ('FATAL:  role "app" does not exist', False),
         ('FATAL:  password authentication failed for user "app"', False),
         ('FATAL:  no pg_hba.conf entry for host "10.0.0.1"', False),
+        # libpq's own: no password to send, a connection string it cannot use.
+        ('connection to server at "h" failed: fe_sendauth: no password supplied', False),
+        ('invalid integer value "54x2" for connection option "port"', False),
+        ('invalid connection option "colour"', False),
     ],
 )
 def test_which_connection_errors_count_as_down(message: str, down: bool) -> None:
@@ -189,3 +193,97 @@ def test_tail_keeps_following_across_a_server_restart(
     assert result == [0]
     assert "after the restart" in out.getvalue()
     assert "again after" in err.getvalue()
+
+
+def test_a_timeout_in_the_dsn_is_used_and_a_reader_waits_once(tmp_path: Path) -> None:
+    """connect_timeout=5 was always passed, over the DSN's own: a server that takes the
+    connection and never answers held the application 5 s at start whatever the DSN
+    said, and the command line 10 s (it connected twice: to open, then to read)."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete, and no one ever answers them
+    try:
+        port = silent.getsockname()[1]
+        dsn = f"postgresql://app@127.0.0.1:{port}/traces?connect_timeout=2"
+        started = time.monotonic()
+        reader = PostgresStore(dsn, read_only=True)
+        with pytest.raises(psycopg.OperationalError):
+            reader.traces()
+        took = time.monotonic() - started
+        assert 1.5 < took < 4.5, took  # one wait of 2 s, not 5, nor two
+    finally:
+        silent.close()
+    assert PostgresStore._timeout_option(_bare(dsn)) == {}
+    assert PostgresStore._timeout_option(_bare(dsn, connect_timeout=3)) == {"connect_timeout": 3}
+    no_timeout = dsn.replace("?connect_timeout=2", "")
+    assert PostgresStore._timeout_option(_bare(no_timeout)) == {"connect_timeout": 5}
+    with pytest.raises(ValueError, match="connect_timeout is seconds > 0"):
+        PostgresStore(no_timeout, connect_timeout=0)
+
+
+def _bare(dsn: str, connect_timeout: float | None = None) -> PostgresStore:
+    store = PostgresStore.__new__(PostgresStore)
+    store._psycopg = psycopg
+    store.dsn = dsn
+    store.connect_timeout = connect_timeout
+    return store
+
+
+def test_processes_writing_one_database_share_a_spool_key() -> None:
+    """The key held every parameter but the password: a writer that crashed with
+    application_name=worker-a left a spool file that worker-b never replayed."""
+    base = "postgresql://app:secret@db.example:5433/traces"
+    keys = {
+        _bare(dsn).spool_key
+        for dsn in (
+            base,
+            base + "?application_name=worker-a",
+            base + "?application_name=worker-b&sslmode=prefer&connect_timeout=3",
+            "host=db.example port=5433 dbname=traces user=app password=other",
+        )
+    }
+    assert keys == {"postgres:host=db.example port=5433 dbname=traces user=app"}
+    assert _bare(base.replace("/traces", "/other")).spool_key not in keys
+
+
+def test_a_role_that_may_only_read_and_insert_can_record(
+    postgres_server: Any, postgres_dsn: str
+) -> None:
+    """Every connection ran the migration's DDL (CREATE TABLE IF NOT EXISTS): a role
+    without CREATE on the schema could not record, and a writer lost its way after the
+    next reconnect. Tables at this release's version are used as they are."""
+    import uuid
+
+    PostgresStore(postgres_dsn).close()  # an administrator creates the tables
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+        admin.execute(f"GRANT SELECT, INSERT ON spans, events, schema_version TO {role}")
+    dsn = postgres_dsn.replace("postgres@", f"{role}@")
+    from instrumentation.storage.serialise import RowMaker
+
+    with PostgresStore(dsn) as store:
+        store.write([], [RowMaker({}, {}, 100).event_row(NoteEvent(text="hi"), None)])
+        assert [e.payload["text"] for e in store.events()] == ["hi"]
+
+
+def test_a_session_the_server_closed_while_idle_is_made_again_quietly(postgres_dsn: str) -> None:
+    """With idle_session_timeout (or after a restart, or a killed session) the next
+    write failed once - a warning and a write error each time - and a reader's next
+    query raised, though the server was there. Once more, on a new connection."""
+    import time
+
+    from instrumentation.storage.serialise import RowMaker
+
+    maker = RowMaker({}, {}, 100)
+    dsn = postgres_dsn + "?options=-c%20idle_session_timeout%3D300"
+    with PostgresStore(dsn) as store:
+        store.write([], [maker.event_row(NoteEvent(text="1"), None)])
+        time.sleep(0.8)  # the server closes the idle session
+        store.write([], [maker.event_row(NoteEvent(text="2"), None)])
+        time.sleep(0.8)
+        assert sorted(e.payload["text"] for e in store.events()) == ["1", "2"]
