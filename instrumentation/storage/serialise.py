@@ -176,6 +176,9 @@ def event_payload(event: Any, limit: int) -> str:
             data = event.model_dump(exclude=_EVENT_COLUMN_FIELDS)
         except Exception:
             data = unserialisable(event)
+        else:
+            if "class_name" not in type(event).model_fields:
+                data.pop("class_name", None)  # BaseEvent.model_dump adds it; the type column has it
         return to_json(data, limit)
     return _truncate(text, limit)
 

@@ -350,10 +350,13 @@ def test_a_lone_surrogate_or_a_value_that_holds_itself_costs_only_itself(
     looped.append(looped)
     handler.handle(NoteEvent(text="bad \ud800 text"))
     handler.handle(NoteEvent(text="kept", value=looped))
+    handler.handle(NoteEvent(text="plain"))
     assert handler.flush(10)
     by_text = {e.payload["text"]: e.payload for e in store.events()}
-    assert set(by_text) == {"bad \ufffd text", "kept"}
+    assert set(by_text) == {"bad \ufffd text", "kept", "plain"}
     assert by_text["kept"]["value"][UNSERIALISABLE] == "list"
+    # The same keys as any event's payload (the class has a column of its own).
+    assert set(by_text["bad \ufffd text"]) == set(by_text["kept"]) == set(by_text["plain"])
     assert telemetry.counter("storage.rejected_rows").value == 0
 
 
