@@ -5,7 +5,10 @@ Field names follow LlamaIndex's events where those exist (``messages``,
 LlamaIndex read these unchanged. What LlamaIndex lacks, and every consumer here needs,
 is on the events themselves: ``model``/``provider`` on every start and end event, and
 ``usage``, ``latency_ms``, ``time_to_first_token_ms``, ``finish_reason`` and
-``cost_usd`` on every end event.
+``cost_usd`` on every end event. Usage and cost belong to the model call: the end
+events of ``predict`` and ``structured_predict``, which wrap a chat call with its own
+end event, leave them None, so that summing over :data:`LLM_END_EVENTS` counts each
+call once.
 
 A failed call emits no end event: its span is dropped instead. Redaction happens
 before these events are created, so a consumer uses the text it gets.
@@ -149,7 +152,8 @@ class ModelCallEvent(BaseEvent):
 
 class ModelCallEndEvent(ModelCallEvent):
     """What every end event reports about the finished call (the base of every LLM and
-    embedding end event)."""
+    embedding end event). ``usage`` and ``cost_usd`` are None when unknown, and on the
+    predict-level end events, whose chat call reports them."""
 
     usage: TokenUsage | None = None
     latency_ms: float | None = Field(default=None, ge=0)
@@ -219,7 +223,7 @@ class LLMPredictStartEvent(ModelCallEvent):
 
 
 class LLMPredictEndEvent(ModelCallEndEvent):
-    """The predicted text."""
+    """The predicted text; usage and cost are on the chat call's end event inside."""
 
     output: Any = None
 
@@ -239,7 +243,7 @@ class LLMStructuredPredictInProgressEvent(ModelCallEvent):
 
 
 class LLMStructuredPredictEndEvent(ModelCallEndEvent):
-    """The parsed structured output."""
+    """The parsed structured output; usage and cost are on the chat call's end event."""
 
     output: Any = None
 
@@ -254,7 +258,8 @@ class EmbeddingStartEvent(ModelCallEvent):
 
 
 class EmbeddingEndEvent(ModelCallEndEvent):
-    """An embedding call finished: the texts embedded and their vectors."""
+    """An embedding call finished: the texts embedded and their vectors. An input given
+    as token ids has no text: ``chunks`` then leaves it out, its vector is kept."""
 
     chunks: list[str] = Field(default_factory=list)
     embeddings: list[list[float]] = Field(default_factory=list)

@@ -37,6 +37,7 @@ from instrumentation.llms.base import BaseLLM
 from instrumentation.llms.offline import OfflineLLM, OfflineLLMError
 from instrumentation.llms.pricing import (
     DEFAULT_PRICES,
+    SNAPSHOT_ALIASES,
     ModelPrice,
     PriceTable,
     cost_usd,
@@ -56,6 +57,7 @@ __all__ = [
     "LLM_END_EVENTS",
     "LLM_IN_PROGRESS_EVENTS",
     "LLM_START_EVENTS",
+    "SNAPSHOT_ALIASES",
     "BaseLLM",
     "ChatMessage",
     "ChatResponse",

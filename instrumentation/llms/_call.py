@@ -8,15 +8,18 @@ the price table. Event objects are only built when some handler listens.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from instrumentation import telemetry
 from instrumentation.dispatcher import Dispatcher
 from instrumentation.events.llm import (
     ChatMessage,
     ChatResponse,
     CompletionResponse,
+    ContentBlock,
     EmbeddingEndEvent,
     EmbeddingStartEvent,
     LLMChatEndEvent,
@@ -31,7 +34,10 @@ from instrumentation.events.llm import (
 )
 from instrumentation.llms.pricing import PriceTable
 from instrumentation.llms.redaction import Redaction
-from instrumentation.llms.tokens import count_message_tokens, count_tokens
+from instrumentation.llms.tokens import count_block_tokens, count_message_tokens, count_tokens
+
+logger = logging.getLogger(__name__)
+_usage_errors = telemetry.counter("llms.usage_errors")
 
 Kind = Literal["chat", "completion"]
 
@@ -44,26 +50,76 @@ def listening(dispatcher: Dispatcher) -> bool:
     return dispatcher.is_listening
 
 
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_MISSING: Any = object()
+
+
+def _field(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(name, _MISSING)
+    return getattr(value, name, _MISSING)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def coerce_usage(value: Any) -> TokenUsage | None:
-    """A :class:`TokenUsage` from one, a dict, or a provider object with the same fields."""
+    """A :class:`TokenUsage` from one, a dict, or a provider object with the same fields;
+    None (so the caller estimates) when it reports no token count or cannot be read.
+
+    Dicts and objects are read the same way: OpenAI's shape (``usage.model_dump()``
+    too), cached and reasoning tokens nested in ``prompt_tokens_details`` and
+    ``completion_tokens_details``, or :class:`TokenUsage`'s own flat fields. Usage
+    comes from the provider or from a subclass's code, and is only recorded: a count
+    that is not an int (None, say) is logged and the call gets an estimate, rather
+    than the application's call failing or the event claiming exact zeros.
+    """
     if value is None or isinstance(value, TokenUsage):
         return value
-    if isinstance(value, dict):
-        return TokenUsage.model_validate(value)
-    fields = {
-        name: getattr(value, name)
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
-        if isinstance(getattr(value, name, None), int)
-    }
-    details = getattr(value, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None)
-    if isinstance(cached, int):
-        fields["cached_tokens"] = cached
-    out_details = getattr(value, "completion_tokens_details", None)
-    reasoning = getattr(out_details, "reasoning_tokens", None)
-    if isinstance(reasoning, int):
-        fields["reasoning_tokens"] = reasoning
-    return TokenUsage.model_validate(fields) if fields else None
+    try:
+        return _read_usage(value)
+    except Exception as exc:  # an object whose attributes fail to read, say
+        _unreadable(f"an error ({exc!r})")
+        return None
+
+
+def _read_usage(value: Any) -> TokenUsage | None:
+    fields: dict[str, Any] = {}
+    for name in _COUNTS:
+        count = _field(value, name)
+        if count is _MISSING:
+            continue
+        if not _count(count):
+            _unreadable(f"{name}={count!r}")
+            return None
+        fields[name] = count
+    if not fields:  # no count we know (another provider's keys?): estimate instead
+        if isinstance(value, Mapping) and value:
+            logger.debug("usage with no known token count, estimated instead: %r", value)
+        return None
+    for name, details, inner in (
+        ("cached_tokens", "prompt_tokens_details", "cached_tokens"),
+        ("reasoning_tokens", "completion_tokens_details", "reasoning_tokens"),
+    ):
+        count = _field(value, name)
+        if count is _MISSING or count is None:
+            nested = _field(value, details)
+            count = None if nested is _MISSING or nested is None else _field(nested, inner)
+        if count is _MISSING or count is None:
+            continue
+        if not _count(count):
+            _unreadable(f"{name}={count!r}")
+            return None
+        fields[name] = count
+    if _field(value, "estimated") is True:  # a TokenUsage dumped and read back
+        fields["estimated"] = True
+    return TokenUsage.model_validate(fields)
+
+
+def _unreadable(what: str) -> None:
+    _usage_errors.inc()
+    logger.warning("usage with %s is not a token count; the call's usage is estimated", what)
 
 
 class LLMCall:
@@ -165,11 +221,13 @@ class LLMCall:
         *,
         tool_calls: Sequence[ToolCall] | None = None,
         produced: bool = False,
+        blocks: Sequence[ContentBlock] | None = None,
     ) -> None:
         """Record one streamed chunk and emit its in-progress event (if anyone listens).
 
-        ``tool_calls`` are the (chat) tool calls streamed so far; ``produced`` says the
-        chunk carried model output other than text (a tool call's name or arguments),
+        ``tool_calls`` are the (chat) tool calls streamed so far and ``blocks`` the
+        message's non-text parts so far (a refusal); ``produced`` says the chunk carried
+        model output other than text (a tool call's name or arguments, a refusal),
         which counts for the time to first token.
         """
         if self._first_token is None and (delta or produced):
@@ -179,7 +237,12 @@ class LLMCall:
             return
         text = self._text
         if self.kind == "chat":
-            message = ChatMessage(role=role, content=text, tool_calls=list(tool_calls or ()))
+            message = ChatMessage(
+                role=role,
+                content=text,
+                tool_calls=list(tool_calls or ()),
+                blocks=list(blocks or ()),
+            )
             response: Any = ChatResponse(message=message, delta=delta, raw=raw)
         else:
             response = CompletionResponse(text=text, delta=delta, raw=raw)
@@ -226,18 +289,26 @@ class LLMCall:
     # -- end ------------------------------------------------------------------------
 
     def estimate_usage(
-        self, completion_text: str | None = None, tool_calls: Sequence[ToolCall] = ()
+        self,
+        completion_text: str | None = None,
+        tool_calls: Sequence[ToolCall] = (),
+        blocks: Sequence[ContentBlock] = (),
     ) -> TokenUsage:
         """Usage counted by :mod:`instrumentation.llms.tokens`, flagged as estimated: the
-        completion is ``completion_text`` (default: the streamed text) and the
-        arguments of the ``tool_calls`` the model made."""
+        completion is ``completion_text`` (default: the streamed text), the arguments
+        of the ``tool_calls`` the model made and the refusals among ``blocks``, since
+        the model produced them all."""
         prompt = (
             count_message_tokens(self.messages)
             if self.kind == "chat"
             else count_tokens(self.prompt)
         )
         text = self.text if completion_text is None else completion_text
-        completion = count_tokens(text) + sum(count_tokens(c.arguments) for c in tool_calls)
+        completion = (
+            count_tokens(text)
+            + sum(count_tokens(c.arguments) for c in tool_calls)
+            + count_block_tokens(blocks)
+        )
         return TokenUsage(
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -251,15 +322,24 @@ class LLMCall:
         usage: TokenUsage | None = None,
         finish_reason: str | None = None,
         model: str | None = None,
-    ) -> TokenUsage:
-        """Emit the end event; returns the usage reported (estimated when none is given)."""
+        *,
+        estimate: bool = True,
+    ) -> TokenUsage | None:
+        """Emit the end event; returns the usage reported (estimated when none is given).
+
+        ``estimate=False`` when the reply was not seen (a raw response whose body the
+        application reads later): an estimate would claim the model wrote nothing, so
+        the usage and cost are None instead.
+        """
         now = time.perf_counter()
         if model:
             self.model = model
-        if usage is None:
+        if usage is None and estimate:
             if isinstance(response, ChatResponse):
                 message = response.message
-                usage = self.estimate_usage(message.content or "", message.tool_calls)
+                usage = self.estimate_usage(
+                    message.content or "", message.tool_calls, message.blocks
+                )
             elif isinstance(response, CompletionResponse):
                 usage = self.estimate_usage(response.text)
             else:
@@ -298,16 +378,21 @@ class LLMCall:
         raw: Any = None,
         model: str | None = None,
         tool_calls: Sequence[ToolCall] = (),
-    ) -> TokenUsage:
-        """End a stream with the text (and, for a chat, the tool calls) it produced
-        (``finish_reason`` "abandoned" if cut). A chat stream that made tool calls and
-        sent no text has content None, as the same reply not streamed."""
+        blocks: Sequence[ContentBlock] = (),
+    ) -> TokenUsage | None:
+        """End a stream with the text (and, for a chat, the tool calls and non-text
+        parts) it produced (``finish_reason`` "abandoned" if cut). A chat stream that
+        made tool calls or refused and sent no text has content None, as the same reply
+        not streamed."""
         text = self.text
         response: ChatResponse | CompletionResponse
         if self.kind == "chat":
-            content = None if tool_calls and not text else text
+            content = None if (tool_calls or blocks) and not text else text
             message = ChatMessage(
-                role=MessageRole.ASSISTANT, content=content, tool_calls=list(tool_calls)
+                role=MessageRole.ASSISTANT,
+                content=content,
+                tool_calls=list(tool_calls),
+                blocks=list(blocks),
             )
             response = ChatResponse(message=message, raw=raw)
         else:
@@ -335,11 +420,13 @@ def emit_embedding_end(
     usage: TokenUsage | None,
     redaction: Redaction,
     prices: PriceTable,
+    estimate: bool = True,
 ) -> None:
-    """Emit :class:`EmbeddingEndEvent` (usage estimated from the texts when not given)."""
+    """Emit :class:`EmbeddingEndEvent` (usage estimated from the texts when not given,
+    unless ``estimate`` is False: the reply was not seen, so nothing is claimed)."""
     if not listening(dispatcher):
         return
-    if usage is None:
+    if usage is None and estimate:
         prompt = sum(count_tokens(c) for c in chunks)
         usage = TokenUsage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
     dispatcher.event(

@@ -91,9 +91,9 @@ def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | N
     return coerce_usage(extra.get("usage")), reason if isinstance(reason, str) else None
 
 
-#: Inside structured_predict: the usage and finish reason each model's predict() reported
-#: (by ``id`` of the model), for structured_predict's end event.
-_predict_reports: ContextVar[dict[int, tuple[TokenUsage | None, str | None]] | None] = ContextVar(
+#: Inside structured_predict: the finish reason each model's predict() reported (by
+#: ``id`` of the model), for structured_predict's end event.
+_predict_reports: ContextVar[dict[int, str | None] | None] = ContextVar(
     "instrumentation_predict_reports", default=None
 )
 
@@ -190,11 +190,17 @@ class BaseLLM(abc.ABC):
         )
 
     def _stream_complete(self, prompt: str, **kwargs: Any) -> Iterator[CompletionResponse]:
+        # Each chunk's text is the completion so far, whether the chat chunks carry
+        # pieces (delta) or the answer so far (message text): the application reads
+        # either ``text`` or ``delta``.
         messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+        so_far = ""
         for chunk in self._stream_chat(messages, **kwargs):
+            delta = _new_text(chunk, so_far)
+            so_far += delta
             yield CompletionResponse(
-                text=chunk.message.content or "",
-                delta=chunk.delta,
+                text=so_far,
+                delta=delta,
                 raw=chunk.raw,
                 additional_kwargs=chunk.additional_kwargs,
             )
@@ -349,16 +355,14 @@ class BaseLLM(abc.ABC):
     @_call_span
     def predict(self, template: str, **template_args: Any) -> str:
         """Fill ``template`` (``str.format`` style) with ``template_args`` and chat with it."""
-        output, usage, reason = self._predict(template, template_args)
+        output, reason = self._predict(template, template_args)
         reports = _predict_reports.get()
         if reports is not None:  # inside structured_predict, which calls this
-            reports[id(self)] = (usage, reason)
+            reports[id(self)] = reason
         return output
 
-    def _predict(
-        self, template: str, template_args: dict[str, Any]
-    ) -> tuple[str, TokenUsage | None, str | None]:
-        """The answer, with the usage and finish reason its end event reports."""
+    def _predict(self, template: str, template_args: dict[str, Any]) -> tuple[str, str | None]:
+        """The answer, with the finish reason its end event reports."""
         if not isinstance(template, str):
             raise TypeError(
                 f"template is a str with {{placeholders}}, got {type(template).__name__}"
@@ -378,28 +382,23 @@ class BaseLLM(abc.ABC):
         answer = self.chat(messages)
         output = answer.message.content or ""
         if not listen:
-            return output, None, None
-        usage, reason = _usage_and_reason(answer.additional_kwargs)
-        if usage is None:
-            usage = self._call("chat", {}, messages=messages).estimate_usage(output)
+            return output, None
+        reason = answer.additional_kwargs.get("finish_reason")
+        reason = reason if isinstance(reason, str) else None
         dispatcher.event(
-            LLMPredictEndEvent(
-                output=self._redacted(output),
-                **self._end_info(usage, reason, started),
-            )
+            LLMPredictEndEvent(output=self._redacted(output), **self._end_info(reason, started))
         )
-        return output, usage, reason
+        return output, reason
 
-    def _end_info(
-        self, usage: TokenUsage | None, reason: str | None, started: float
-    ) -> dict[str, Any]:
+    def _end_info(self, reason: str | None, started: float) -> dict[str, Any]:
+        # No usage nor cost: the chat end event inside reports the model call, and a
+        # handler (or a store) summing usage over every end event would count the
+        # call two or three times. LlamaIndex's predict events carry none either.
         return {
             "model": self.model,
             "provider": self.provider,
-            "usage": usage,
             "latency_ms": (time.perf_counter() - started) * 1000.0,
             "finish_reason": reason,
-            "cost_usd": None if usage is None else self.price_table.cost(self.model, usage),
         }
 
     @_call_span
@@ -419,7 +418,7 @@ class BaseLLM(abc.ABC):
                 )
             )
         started = time.perf_counter()
-        reports: dict[int, tuple[TokenUsage | None, str | None]] = {}
+        reports: dict[int, str | None] = {}
         token = _predict_reports.set(reports)
         try:
             text = self.predict(template, **template_args)
@@ -427,14 +426,12 @@ class BaseLLM(abc.ABC):
             _predict_reports.reset(token)
         # This model's own predict (an override may ask another model too, or not call
         # ours at all).
-        usage, reason = reports.get(id(self), (None, None))
+        reason = reports.get(id(self))
         output = output_cls.model_validate_json(text)
         if listen:
             recorded: Any = output if not self._redaction().active else None
             dispatcher.event(
-                LLMStructuredPredictEndEvent(
-                    output=recorded, **self._end_info(usage, reason, started)
-                )
+                LLMStructuredPredictEndEvent(output=recorded, **self._end_info(reason, started))
             )
         return output
 

@@ -11,14 +11,17 @@ wrapped them since: then its wrapper stays and ours passes calls straight throug
 (each of our wrappers checks, at call time, whether it is on). The objects behind
 ``with_raw_response``/``with_streaming_response`` that openai caches per client hold
 the method they first saw: on a client that used them before ``instrument_openai()``
-they stay untraced.
+they stay untraced. Their calls record the reply when its body has been read
+(``with_raw_response``, not streamed: parsed as ``parse()`` does); otherwise the call
+ends when the headers arrive, with no response, usage or cost, rather than a guess.
 
 Streams (``stream=True``) come back as the client's own ``Stream``/``AsyncStream``,
 wrapped: each chunk emits an in-progress event; usage is taken from the final chunk
 when the request asked for it (``stream_options={"include_usage": True}``; the
 request is never changed behind the application's back) and estimated otherwise.
-The events describe the first choice (index 0), its text and its tool calls. A
-stream closed early ends its span with the tokens seen so far. openai's
+The events describe the first choice (index 0), its text, its tool calls (a legacy
+``function_call`` among them) and its refusal. A stream closed early (``close()``,
+``aclose()``) ends its span with the tokens seen so far. openai's
 ``chat.completions.stream()`` helper calls ``create``, so it is traced too.
 
 The instrumentation never changes what the client returns or raises: if a request
@@ -28,8 +31,11 @@ logged and counted (``llms.openai.describe_errors``).
 
 from __future__ import annotations
 
+import array
+import base64
 import json
 import logging
+import sys
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -143,6 +149,18 @@ def to_chat_message(message: Any) -> ChatMessage:
         )
         for call in (_get(message, "tool_calls") or ())
     ]
+    function_call = _get(message, "function_call")
+    if function_call is not None:  # legacy function calling (``functions=``): no id
+        calls.insert(
+            0,
+            ToolCall(
+                name=_get(function_call, "name") or "",
+                arguments=_arguments_text(_get(function_call, "arguments")),
+            ),
+        )
+    refusal = _get(message, "refusal")
+    if isinstance(refusal, str) and refusal:  # kept as a refusal part of a request has it
+        blocks.append(_refusal_block(refusal))
     extra = {
         key: _get(message, key)
         for key in ("name", "tool_call_id")
@@ -156,6 +174,12 @@ def to_chat_message(message: Any) -> ChatMessage:
         tool_calls=calls,
         additional_kwargs=extra,
     )
+
+
+def _refusal_block(refusal: str) -> ContentBlock:
+    """A reply's refusal as a message part, shaped as OpenAI's refusal content part, so
+    that a refusal reads the same in a reply and in the history sent back."""
+    return ContentBlock(type="refusal", data={"type": "refusal", "refusal": refusal})
 
 
 def _settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,12 +220,49 @@ def _new_call(instance: Any, kwargs: Mapping[str, Any]) -> LLMCall | None:
         return None
 
 
-def _finish_completion(call: LLMCall, completion: Any) -> None:
+def _raw_reply(result: Any, streamed: bool) -> tuple[Any, bool]:
+    """What ``create`` returned as the reply to describe, and whether it is there.
+
+    ``with_raw_response`` returns the HTTP response, whose body, read already when
+    not streamed, is parsed here as the application's own ``parse()`` would (openai
+    caches the parse, so it gets the same object). ``with_streaming_response``, and
+    ``with_raw_response`` with ``stream=True``, return before the body is read: the
+    reply is not available to the instrumentation, and reading it here would take it
+    from the application.
+    """
+    if not (hasattr(result, "http_response") and hasattr(result, "parse")):
+        return result, True
+    if streamed or not _is_legacy_response(result):
+        return None, False
+    return result.parse(), True
+
+
+def _is_legacy_response(result: Any) -> bool:
+    """Whether ``result`` is what ``with_raw_response`` returns, whose ``parse()`` is a
+    plain method on an already read body (the async client's too)."""
+    try:
+        from openai._legacy_response import LegacyAPIResponse
+    except ImportError:  # pragma: no cover - another openai version: leave it unread
+        return False
+    return isinstance(result, LegacyAPIResponse)
+
+
+def _finish_completion(call: LLMCall, completion: Any, streamed: bool = False) -> None:
     """End ``call`` with a ``ChatCompletion`` (or whatever ``create`` returned).
 
     A reply we cannot describe still ends the call, with its usage when that can be
-    read: the client's caller gets the reply either way.
+    read: the client's caller gets the reply either way. A raw response whose body is
+    not there (see :func:`_raw_reply`) ends the call with no usage, no cost and no
+    response, rather than an estimate that would claim the model wrote nothing.
     """
+    try:
+        completion, available = _raw_reply(completion, streamed)
+    except Exception as exc:  # the application parses it, and sees the error, itself
+        _describe_failed("raw response", exc)
+        completion, available = None, False
+    if not available:
+        call.end(None, None, None, None, estimate=False)
+        return
     failures: list[Exception] = []
     try:
         usage = coerce_usage(_get(completion, "usage"))
@@ -214,13 +275,13 @@ def _finish_completion(call: LLMCall, completion: Any) -> None:
         failures.append(exc)
         response = reason = model = None
     if failures:  # one reply, counted once
-        _describe_failed("reply", failures[0] if len(failures) == 1 else failures)
+        _describe_failed("chat reply", failures[0] if len(failures) == 1 else failures)
     call.end(response, usage, reason, model)
 
 
 def _describe_failed(what: str, exc: object) -> None:
     _describe_errors.inc()
-    logger.warning("an OpenAI chat %s could not be described: %r", what, exc)
+    logger.warning("an OpenAI %s could not be described: %r", what, exc)
 
 
 def _describe_completion(completion: Any) -> tuple[ChatResponse | None, str | None, str | None]:
@@ -256,7 +317,7 @@ class _ChunkState:
     """What a stream's chunks said about the first choice (see :func:`_primary`); the
     chunks of other choices (``n`` > 1) are passed on but not recorded."""
 
-    __slots__ = ("calls", "finish_reason", "model", "usage")
+    __slots__ = ("calls", "finish_reason", "function", "model", "refusal", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -265,18 +326,24 @@ class _ChunkState:
         #: Tool calls by their index: [id, name, arguments], each concatenated from
         #: its fragments as openai's own stream helpers do.
         self.calls: dict[int, list[str]] = {}
+        #: A legacy function call (``functions=``): [name, arguments], concatenated.
+        self.function: list[str] | None = None
+        #: The refusal so far, concatenated.
+        self.refusal = ""
 
     def take(self, call: LLMCall, chunk: Any) -> None:
         choices = _get(chunk, "choices")
         try:
             text, produced = self._read(chunk, choices)
         except Exception as exc:  # the application gets the chunk whatever we make of it
-            _describe_failed("chunk", exc)
+            _describe_failed("chat chunk", exc)
             text, produced = "", False
         if not choices:
             return
-        calls = self.tool_calls() if call.listening and self.calls else None
-        call.chunk(text, raw=chunk, tool_calls=calls, produced=produced)
+        listening = call.listening
+        calls = self.tool_calls() if listening and (self.calls or self.function) else None
+        blocks = self.blocks() if listening else None
+        call.chunk(text, raw=chunk, tool_calls=calls, produced=produced, blocks=blocks)
 
     def _read(self, chunk: Any, choices: Any) -> tuple[str, bool]:
         """The first choice's new text in ``chunk``, and whether it produced anything."""
@@ -307,14 +374,36 @@ class _ChunkState:
                     piece = _piece(value)
                     acc[slot] += piece
                     produced = produced or (slot > 0 and bool(piece))
+        function = _get(delta, "function_call")
+        if function is not None:
+            if self.function is None:
+                self.function = ["", ""]
+            for slot, value in enumerate((_get(function, "name"), _get(function, "arguments"))):
+                if value is not None:
+                    piece = _piece(value)
+                    self.function[slot] += piece
+                    produced = produced or bool(piece)
+        refusal = _get(delta, "refusal")
+        if isinstance(refusal, str) and refusal:
+            self.refusal += refusal
+            produced = True
         return text, produced
 
     def tool_calls(self) -> list[ToolCall]:
-        """The tool calls streamed so far, in index order."""
-        return [
+        """The tool calls streamed so far, in index order (a legacy function call, which
+        comes alone, first)."""
+        calls = [
             ToolCall(id=call_id or None, name=name, arguments=arguments)
             for _, (call_id, name, arguments) in sorted(self.calls.items())
         ]
+        if self.function is not None:
+            name, arguments = self.function
+            calls.insert(0, ToolCall(name=name, arguments=arguments))
+        return calls
+
+    def blocks(self) -> list[ContentBlock]:
+        """The non-text parts streamed so far: the refusal, if the model refused."""
+        return [_refusal_block(self.refusal)] if self.refusal else []
 
 
 # -- chat -----------------------------------------------------------------------------------
@@ -327,7 +416,7 @@ def _chat_body(
     stream = open_stream()
     holder.append(stream)
     if not isinstance(stream, Iterable):  # e.g. with_raw_response: nothing to iterate here
-        _finish_completion(call, stream)
+        _finish_completion(call, stream, streamed=True)
         return
     state = _ChunkState()
 
@@ -350,7 +439,7 @@ async def _achat_body(
     stream = await open_stream()
     holder.append(stream)
     if not isinstance(stream, AsyncIterable):
-        _finish_completion(call, stream)
+        _finish_completion(call, stream, streamed=True)
         return
     state = _ChunkState()
 
@@ -367,7 +456,13 @@ async def _achat_body(
 
 
 def _end_stream(call: LLMCall, state: _ChunkState, finish_reason: str | None) -> None:
-    call.end_stream(state.usage, finish_reason, model=state.model, tool_calls=state.tool_calls())
+    call.end_stream(
+        state.usage,
+        finish_reason,
+        model=state.model,
+        tool_calls=state.tool_calls(),
+        blocks=state.blocks(),
+    )
 
 
 def _close_quietly(stream: Any) -> None:
@@ -422,6 +517,12 @@ class AsyncTracedStream(_Proxy):
 
     async def close(self) -> None:
         await self._self_spanned.aclose()
+
+    async def aclose(self) -> None:
+        """openai's alias of :meth:`close` (what ``contextlib.aclosing`` calls): the
+        proxy would otherwise hand it the client's own, which closes the HTTP response
+        behind the span's back."""
+        await self.close()
 
     async def __aenter__(self) -> AsyncTracedStream:
         return self
@@ -509,6 +610,8 @@ def _achat_wrapper(patch: _Patch) -> Wrapper:
 
 
 def _texts(value: Any) -> list[str]:
+    """The texts embedded. An input given as token ids (a list of ints, or a list of
+    such lists) has no text to record: it gives none."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, Iterable):
@@ -516,27 +619,74 @@ def _texts(value: Any) -> list[str]:
     return []
 
 
+def _token_ids(value: Any) -> int | None:
+    """How many token ids an input of token ids holds (None for text input): what the
+    provider counts as the prompt, so the usage estimate when none is reported."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        return None
+    if all(isinstance(v, int) for v in value):
+        return len(value)
+    if all(isinstance(v, Sequence) and all(isinstance(t, int) for t in v) for v in value):
+        return sum(len(v) for v in value)
+    return None
+
+
+def _decode_base64(encoded: str) -> list[float]:
+    """A base64 embedding as floats: the API sends little-endian float32, which openai
+    decodes when it chose the format itself (here, when the application asked for it)."""
+    raw = base64.b64decode(encoded)
+    if len(raw) % 4:
+        raise ValueError(f"a base64 embedding of {len(raw)} bytes is not float32s")
+    values = array.array("f", raw)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian machines
+        values.byteswap()
+    return values.tolist()
+
+
 def _vectors(response: Any) -> list[list[float]]:
     out: list[list[float]] = []
     for item in _get(response, "data") or ():
         vector = _get(item, "embedding")
-        if isinstance(vector, list):
+        if isinstance(vector, str):
+            out.append(_decode_base64(vector))
+        elif isinstance(vector, list):
             out.append([float(x) for x in vector])
     return out
 
 
 def _embed_end(instance: Any, kwargs: Mapping[str, Any], t0: float, response: Any) -> None:
-    model = _get(response, "model") or kwargs.get("model")
+    """Emit the end event of an embedding call; what cannot be read of the reply is
+    left out (logged and counted), since the application has its reply either way."""
+    inputs = kwargs.get("input")
+    model: Any = kwargs.get("model")
+    vectors: list[list[float]] = []
+    usage: TokenUsage | None = None
+    try:
+        reply, available = _raw_reply(response, streamed=False)
+    except Exception as exc:
+        _describe_failed("embedding raw response", exc)
+        reply, available = None, False
+    if available:
+        model = _get(reply, "model") or model
+        usage = coerce_usage(_get(reply, "usage"))
+        try:
+            vectors = _vectors(reply)
+        except Exception as exc:
+            _describe_failed("embedding reply", exc)
+        ids = _token_ids(inputs)
+        if usage is None and ids is not None:
+            usage = TokenUsage(prompt_tokens=ids, total_tokens=ids, estimated=True)
     emit_embedding_end(
         dispatcher,
         t0,
         model=model if isinstance(model, str) else None,
         provider=PROVIDER,
-        chunks=_texts(kwargs.get("input")),
-        embeddings=_vectors(response),
-        usage=coerce_usage(_get(response, "usage")),
+        chunks=_texts(inputs),
+        embeddings=vectors,
+        usage=usage,
         redaction=get_redaction(),
         prices=default_price_table,
+        estimate=available,
     )
 
 

@@ -2,14 +2,17 @@
 
 Prices are US dollars per million tokens. A model that is not in the table gets
 no price (``None``), never a guessed one: "gpt-4o-mini" is not priced as "gpt-4o".
-The only normalisation is a dated snapshot suffix ("gpt-4o-2024-08-06" is priced as
-"gpt-4o") and a provider prefix ("openai/gpt-4o"). Prices change: override them with
-:func:`set_model_price` (or give an LLM its own :class:`PriceTable`).
+A provider prefix is dropped ("openai/gpt-4o" is "gpt-4o"). A dated snapshot is
+priced as its alias only when it is listed in :data:`SNAPSHOT_ALIASES`, the snapshots
+known to cost what the alias costs ("gpt-4o-2024-08-06" is "gpt-4o"); snapshots that
+cost something else have their own entry ("gpt-4o-2024-05-13"), and any other
+snapshot has no price, since a snapshot's price is not its alias's by rule. Prices
+change: override them with :func:`set_model_price` (or give an LLM its own
+:class:`PriceTable`).
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ class ModelPrice:
 #: Published list prices (USD per 1M tokens) of well-known models; override as needed.
 DEFAULT_PRICES: Mapping[str, ModelPrice] = {
     "gpt-4o": ModelPrice(2.50, 10.00, 1.25),
+    "gpt-4o-2024-05-13": ModelPrice(5.00, 15.00),  # the first gpt-4o: no cached rate
     "gpt-4o-mini": ModelPrice(0.15, 0.60, 0.075),
     "gpt-4.1": ModelPrice(2.00, 8.00, 0.50),
     "gpt-4.1-mini": ModelPrice(0.40, 1.60, 0.10),
@@ -55,7 +59,23 @@ DEFAULT_PRICES: Mapping[str, ModelPrice] = {
     "text-embedding-ada-002": ModelPrice(0.10),
 }
 
-_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+#: Snapshots (dated versions) whose list price is their alias's (snapshot -> alias). The alias's
+#: entry prices them, so overriding the alias's price overrides theirs; a snapshot
+#: not here has no price unless the table has its own entry.
+SNAPSHOT_ALIASES: Mapping[str, str] = {
+    "gpt-4o-2024-08-06": "gpt-4o",
+    "gpt-4o-2024-11-20": "gpt-4o",
+    "gpt-4o-mini-2024-07-18": "gpt-4o-mini",
+    "gpt-4.1-2025-04-14": "gpt-4.1",
+    "gpt-4.1-mini-2025-04-14": "gpt-4.1-mini",
+    "gpt-4.1-nano-2025-04-14": "gpt-4.1-nano",
+    "gpt-4-turbo-2024-04-09": "gpt-4-turbo",
+    "o1-2024-12-17": "o1",
+    "o1-mini-2024-09-12": "o1-mini",
+    "o3-mini-2025-01-31": "o3-mini",
+    "gpt-4-0613": "gpt-4",
+    "gpt-3.5-turbo-0125": "gpt-3.5-turbo",
+}
 
 
 class PriceTable:
@@ -90,7 +110,8 @@ class PriceTable:
             self._prices = dict(DEFAULT_PRICES)
 
     def get(self, model: str | None) -> ModelPrice | None:
-        """The price of ``model`` or of its undated name, or None when unknown."""
+        """The price of ``model`` (without a provider prefix), or of its alias when it is
+        a snapshot of :data:`SNAPSHOT_ALIASES`; None when unknown."""
         if not model:
             return None
         prices = self._prices
@@ -98,8 +119,8 @@ class PriceTable:
         if found is None and "/" in model:
             model = model.rpartition("/")[2]
             found = prices.get(model)
-        if found is None:
-            found = prices.get(_SNAPSHOT.sub("", model))
+        if found is None and model in SNAPSHOT_ALIASES:
+            found = prices.get(SNAPSHOT_ALIASES[model])
         return found
 
     def cost(self, model: str | None, usage: TokenUsage | None) -> float | None:
@@ -141,6 +162,7 @@ def cost_usd(model: str | None, usage: TokenUsage | None) -> float | None:
 
 __all__ = [
     "DEFAULT_PRICES",
+    "SNAPSHOT_ALIASES",
     "ModelPrice",
     "PriceTable",
     "cost_usd",

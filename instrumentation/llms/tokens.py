@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from instrumentation.events.llm import ChatMessage
+from instrumentation.events.llm import ChatMessage, ContentBlock
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -23,11 +23,24 @@ def count_tokens(text: str | None) -> int:
     return len(_TOKEN.findall(text))
 
 
+def count_block_tokens(blocks: Iterable[ContentBlock]) -> int:
+    """The estimated tokens of the refusals among ``blocks``: a refusal is text the
+    model wrote, kept in ``data`` (``{"type": "refusal", "refusal": ...}``). Text blocks
+    are counted in the message's content, and images or files have no text to count."""
+    total = 0
+    for block in blocks:
+        if block.type == "refusal":
+            refusal = block.data.get("refusal")
+            total += count_tokens(refusal) if isinstance(refusal, str) else 0
+    return total
+
+
 def count_message_tokens(messages: Iterable[ChatMessage]) -> int:
-    """The estimated prompt tokens of ``messages``: their text plus the tool-call arguments."""
+    """The estimated prompt tokens of ``messages``: their text, the tool-call arguments
+    and the refusals."""
     total = 0
     for message in messages:
-        total += count_tokens(message.content)
+        total += count_tokens(message.content) + count_block_tokens(message.blocks)
         for call in message.tool_calls:
             total += count_tokens(call.arguments)
     return total
@@ -49,4 +62,4 @@ def split_chunks(text: str, words_per_chunk: int = 1) -> list[str]:
     return chunks
 
 
-__all__ = ["count_message_tokens", "count_tokens", "split_chunks"]
+__all__ = ["count_block_tokens", "count_message_tokens", "count_tokens", "split_chunks"]

@@ -15,7 +15,11 @@ With ``"n": k`` the reply has k choices: choice 0 is the answer above, choice i 
 text ``alternative(i)``; a stream interleaves their chunks, word by word. With
 ``server.tool_calls`` set (a list of ``(id, name, arguments)``), the reply is those
 tool calls (finish reason "tool_calls"); streamed, each call comes as a first fragment
-with its id and name, then its arguments in pieces of at most 5 characters.
+with its id and name, then its arguments in pieces of at most 5 characters. With
+``server.deltas`` set (a list of delta dicts), a stream sends those as choice 0's
+chunks instead of the answer's words (for replies such as legacy function calls and
+refusals). ``server.finish_reason``, if set, is choice 0's finish reason.
+``server.embedding_usage = False`` leaves the usage out of embedding replies.
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
                         ],
                     }
                 reason = "tool_calls" if calls else "stop" if i == 0 else "length"
+                if i == 0 and self.server.finish_reason is not None:
+                    reason = self.server.finish_reason
                 choices.append({"index": i, "message": message, "finish_reason": reason})
             self._send_json(
                 200,
@@ -161,7 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
                 **extra,
             }
 
-        if calls:
+        if self.server.deltas is not None:
+            events = [chunk(delta, None) for delta in self.server.deltas]
+            events.append(chunk({}, self.server.finish_reason or "stop"))
+        elif calls:
             events = [chunk({"role": "assistant", "content": None}, None)]
             for i, (call_id, name, arguments) in enumerate(calls):
                 first = {"index": i, "id": call_id, "type": "function"}
@@ -209,21 +218,20 @@ class _Handler(BaseHTTPRequestHandler):
                 encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": encoded})
         tokens = sum(len(str(t).split()) for t in texts)
-        self._send_json(
-            200,
-            {
-                "object": "list",
-                "model": body.get("model"),
-                "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            },
-        )
+        reply: dict[str, Any] = {"object": "list", "model": body.get("model"), "data": data}
+        if self.server.embedding_usage:
+            reply["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        self._send_json(200, reply)
 
 
 class OpenAIServer(ThreadingHTTPServer):
     """Start with :meth:`start`; ``base_url`` is what ``openai.OpenAI(base_url=...)`` takes."""
 
     daemon_threads = True
+    # Class-level defaults, so that a subclass with its own __init__ has them too.
+    deltas: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    embedding_usage = True
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)

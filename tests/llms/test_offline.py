@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from instrumentation import BaseEventHandler, SpanDropEvent, get_dispatcher, telemetry
 from instrumentation.events.base import BaseEvent
 from instrumentation.llms import (
+    LLM_END_EVENTS,
+    BaseLLM,
     ChatMessage,
     ChatResponse,
     LLMChatEndEvent,
@@ -29,7 +31,9 @@ from instrumentation.llms import (
     LLMStructuredPredictEndEvent,
     OfflineLLM,
     OfflineLLMError,
+    TokenUsage,
     count_tokens,
+    set_model_price,
 )
 from instrumentation.testing import Capture, isolated
 
@@ -390,14 +394,16 @@ def test_predict_and_structured_predict(cap: Capture) -> None:
     names = [s.name for s in cap.spans]
     assert "OfflineLLM.structured_predict" in names and names.count("OfflineLLM.chat") == 2
     assert names.count("OfflineLLM.predict") == 2
-    # Like every end event, they carry the chat's usage, a latency and the finish reason.
+    # They carry a latency and the chat's finish reason; the usage and cost are the
+    # chat call's, on its own end event only (summed over all, it counts once).
     first, second = cap.events_of(LLMChatEndEvent)
     ends = [*cap.events_of(LLMPredictEndEvent), structured]
     for end, chat in zip(ends, [first, second, second], strict=True):
-        assert end.usage == chat.usage and end.usage is not None and end.usage.total_tokens > 0
+        assert chat.usage is not None and chat.usage.total_tokens > 0
+        assert end.usage is None and end.cost_usd is None
         assert end.finish_reason == chat.finish_reason == "stop"
         assert end.latency_ms is not None and end.latency_ms >= chat.latency_ms  # type: ignore[operator]
-        assert end.model == chat.model and end.cost_usd == chat.cost_usd
+        assert end.model == chat.model
 
 
 def test_no_handler_means_no_events_and_the_same_answer(dispatched: list[str]) -> None:
@@ -474,9 +480,12 @@ def test_structured_predict_goes_through_an_overridden_predict(cap: Capture) -> 
     assert structured.usage is None and structured.latency_ms is not None
 
 
-def test_structured_predict_reports_its_own_models_usage(cap: Capture) -> None:
-    """An override that also asks another model: the structured end event keeps this
-    model's usage, not the other's."""
+def test_summing_cost_over_the_end_events_counts_each_model_call_once(cap: Capture) -> None:
+    """structured_predict -> predict -> chat is one model call: summed over
+    LLM_END_EVENTS (as a cost meter does), its usage and cost count once, and an
+    override asking a second model adds that call's, once."""
+    set_model_price("main-model", input=1.0, output=2.0)
+    set_model_price("judge-model", input=3.0, output=4.0)
     judge = OfflineLLM(model="judge-model", answers=["yes " * 50])
 
     class Checked(OfflineLLM):
@@ -488,9 +497,16 @@ def test_structured_predict_reports_its_own_models_usage(cap: Capture) -> None:
     Checked(model="main-model", answers=['{"city": "Paris"}']).structured_predict(
         Capital, "Capital of {c} as json", c="France"
     )
-    mine = [e for e in cap.events_of(LLMPredictEndEvent) if e.model == "main-model"]
+    ends = [e for e in cap.events if isinstance(e, LLM_END_EVENTS)]
+    chats = cap.events_of(LLMChatEndEvent)
+    assert len(chats) == 2 and len(ends) == 5  # 2 chats, 2 predicts, 1 structured
+    assert all(c.cost_usd is not None and c.usage is not None for c in chats)
+    total = sum(e.cost_usd for e in ends if e.cost_usd is not None)
+    assert total == pytest.approx(sum(c.cost_usd or 0.0 for c in chats))
+    tokens = sum(e.usage.total_tokens for e in ends if e.usage is not None)
+    assert tokens == sum(c.usage.total_tokens for c in chats if c.usage is not None)
     [structured] = cap.events_of(LLMStructuredPredictEndEvent)
-    assert structured.usage is not None and structured.usage == mine[0].usage
+    assert structured.finish_reason == "stop" and structured.model == "main-model"
 
 
 # -- what is current while a stream runs ------------------------------------------------
@@ -878,3 +894,111 @@ async def test_a_stream_that_sets_no_delta_still_records_its_text(
     assert [e.response.delta for e in cap.events_of(LLMCompletionInProgressEvent)] == pieces
     (end,) = cap.events_of(LLMCompletionEndEvent)
     assert end.response is not None and end.response.text == "Hello there"
+
+
+# -- usage given by a subclass, streams of pieces -----------------------------------------
+
+
+class ReportsUsage(BaseLLM):
+    """Reports whatever usage it is given, as a provider wrapper passes its provider's on."""
+
+    def __init__(self, usage: Any) -> None:
+        super().__init__("gpt-4o")
+        self.usage = usage
+
+    def _chat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return ChatResponse(
+            message=ChatMessage(role="assistant", content="four words of answer"),
+            additional_kwargs={"finish_reason": "stop", "usage": self.usage},
+        )
+
+    def _stream_chat(self, messages: list[ChatMessage], **kwargs: Any) -> Iterator[ChatResponse]:
+        yield self._chat(messages, **kwargs)
+
+
+OPENAI_USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 100,
+    "total_tokens": 1100,
+    "prompt_tokens_details": {"cached_tokens": 800, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 50},
+}
+
+
+def test_usage_as_an_openai_shaped_dict_is_read_as_the_object_is(cap: Capture) -> None:
+    """usage.model_dump() gives what the usage object gives: the nested cached and
+    reasoning tokens too, so the cached tokens are priced at the cached rate."""
+    from openai.types import CompletionUsage
+
+    ReportsUsage(OPENAI_USAGE).chat("hello")
+    ReportsUsage(CompletionUsage.model_validate(OPENAI_USAGE)).chat("hello")
+    ReportsUsage(TokenUsage(prompt_tokens=7, cached_tokens=2, estimated=True).model_dump()).chat(
+        "hello"
+    )
+    from_dict, from_object, round_trip = cap.events_of(LLMChatEndEvent)
+    expected = TokenUsage(
+        prompt_tokens=1000,
+        completion_tokens=100,
+        total_tokens=1100,
+        cached_tokens=800,
+        reasoning_tokens=50,
+    )
+    assert from_dict.usage == from_object.usage == expected
+    assert (
+        from_dict.cost_usd
+        == from_object.cost_usd
+        == pytest.approx((200 * 2.5 + 800 * 1.25 + 100 * 10.0) / 1e6)
+    )
+    assert round_trip.usage == TokenUsage(prompt_tokens=7, cached_tokens=2, estimated=True)
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": 1000, "output_tokens": 100},
+        {"prompt_tokens": 1000, "completion_tokens": None, "total_tokens": 1000},
+        {"prompt_tokens": "many"},
+        {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": -1}},
+    ],
+    ids=["unknown-keys", "none-count", "text-count", "negative-detail"],
+)
+def test_usage_that_cannot_be_read_falls_back_to_the_estimate(
+    cap: Capture, caplog: pytest.LogCaptureFixture, usage: dict[str, Any]
+) -> None:
+    """Usage with no count we know, or a count that is not one, never fails the call and
+    never claims exact zeros: the event carries the estimate; a bad count is logged by
+    the module's logger and counted."""
+    errors = telemetry.counter("llms.usage_errors")
+    before = errors.value
+    with caplog.at_level("WARNING", logger="instrumentation.llms._call"):
+        answer = ReportsUsage(usage).chat("hello")
+    assert answer.message.content == "four words of answer"
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.usage == TokenUsage(prompt_tokens=1, completion_tokens=4, estimated=True)
+    assert not cap.events_of(SpanDropEvent)
+    bad = "input_tokens" not in usage
+    assert errors.value == before + bad
+    assert bool(caplog.records) is bad
+
+
+async def test_default_stream_complete_builds_the_text_so_far(cap: Capture) -> None:
+    """A BaseLLM whose chat chunks set only delta (as the docs recommend): each chunk of
+    stream_complete and astream_complete has the completion so far as its text."""
+
+    class Pieces(BaseLLM):
+        def _chat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
+            return ChatResponse(message=ChatMessage(role="assistant", content="ha ha ha"))
+
+        def _stream_chat(
+            self, messages: list[ChatMessage], **kwargs: Any
+        ) -> Iterator[ChatResponse]:
+            for piece in ("ha", " ha", " ha"):
+                yield ChatResponse(message=ChatMessage(role="assistant"), delta=piece)
+
+    model = Pieces("pieces")
+    expected = [("ha", "ha"), ("ha ha", " ha"), ("ha ha ha", " ha")]
+    assert [(c.text, c.delta) for c in model.stream_complete("laugh")] == expected
+    stream = await model.astream_complete("laugh")
+    assert [(c.text, c.delta) async for c in stream] == expected
+    progress = cap.events_of(LLMCompletionInProgressEvent)
+    assert [e.response.text for e in progress] == [text for text, _ in expected] * 2

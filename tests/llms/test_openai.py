@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import subprocess
@@ -22,11 +23,13 @@ from openai.resources.embeddings import Embeddings
 from instrumentation import BaseEventHandler, SpanDropEvent, get_dispatcher, telemetry
 from instrumentation.events.base import BaseEvent
 from instrumentation.llms import (
+    ContentBlock,
     EmbeddingEndEvent,
     EmbeddingStartEvent,
     LLMChatEndEvent,
     LLMChatInProgressEvent,
     LLMChatStartEvent,
+    TokenUsage,
     ToolCall,
     configure_redaction,
     count_tokens,
@@ -35,6 +38,8 @@ from instrumentation.llms import (
 from instrumentation.llms.openai import (
     CHAT_SPAN,
     EMBEDDING_SPAN,
+    AsyncTracedStream,
+    TracedStream,
     instrument_openai,
     is_instrumented,
     uninstrument_openai,
@@ -57,8 +62,12 @@ def server() -> Iterator[OpenAIServer]:
 @pytest.fixture(autouse=True)
 def _instrumented(server: OpenAIServer) -> Iterator[None]:
     server.answer = None
+    server.message = None
     server.cached_tokens = 0
     server.tool_calls = None
+    server.deltas = None
+    server.finish_reason = None
+    server.embedding_usage = True
     server.requests.clear()
     instrument_openai()
     yield
@@ -979,3 +988,300 @@ assert patch.TracedStream.__mro__[1] is ObjectProxy
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# -- aclose(), raw responses, legacy function calls, refusals, embeddings ---------------------
+
+
+async def test_aclose_ends_an_async_stream_as_abandoned(
+    cap: Capture, aclient: openai.AsyncOpenAI
+) -> None:
+    """openai's AsyncStream.aclose() is an alias of close(), and what
+    contextlib.aclosing calls: it ends the span as abandoned, as close() does (it used to
+    close the HTTP response behind the span's back, which then was dropped)."""
+    stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    await stream.__anext__()
+    await stream.__anext__()
+    await stream.aclose()
+    assert stream.response.is_closed
+    assert _abandoned(cap) == ["abandoned"]
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+    opened = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    async with contextlib.aclosing(opened) as second:
+        async for _ in second:
+            break
+    assert _abandoned(cap) == ["abandoned", "abandoned"]
+    [first, _] = cap.events_of(LLMChatEndEvent)
+    assert first.response is not None and first.response.message.content == "Echo:"
+
+
+def test_every_closing_method_of_the_clients_streams_goes_through_the_span(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """The proxies override each closing method openai's streams have (the sync Stream
+    has close() only), so none of them reaches the client's stream directly."""
+    for traced, original in (
+        (TracedStream, openai.Stream),
+        (AsyncTracedStream, openai.AsyncStream),
+    ):
+        for name in ("close", "aclose"):
+            assert not hasattr(original, name) or name in traced.__dict__, (traced, name)
+    with contextlib.closing(
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    ) as stream:
+        next(stream)
+    assert _abandoned(cap) == ["abandoned"]
+
+
+def _usage_of(end: LLMChatEndEvent) -> tuple[int, int, bool]:
+    assert end.usage is not None
+    return end.usage.prompt_tokens, end.usage.completion_tokens, end.usage.estimated
+
+
+async def test_a_raw_response_records_the_reply_it_parses(
+    cap: Capture, client: openai.OpenAI, aclient: openai.AsyncOpenAI, server: OpenAIServer
+) -> None:
+    """with_raw_response (not streamed): the body is there, so the end event has the
+    reply's own usage, cost, finish reason and message, parsed as the application's
+    parse() does; openai caches the parse, so it gets the very same object."""
+    server.cached_tokens = 1
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    araw = await aclient.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    plain = client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    from_raw, from_araw, reference = cap.events_of(LLMChatEndEvent)
+    expected = (PROMPT_TOKENS_PER_MESSAGE, len(words(ANSWER)), False)
+    for end, response in ((from_raw, raw), (from_araw, araw)):
+        assert _usage_of(end) == expected
+        assert end.usage == reference.usage and end.usage is not None
+        assert end.usage.cached_tokens == 1
+        assert end.cost_usd == reference.cost_usd and end.cost_usd is not None
+        assert end.finish_reason == "stop"
+        assert end.response is not None and end.response.message.content == ANSWER
+        assert end.response.raw is response.parse()
+    assert raw.parse().choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_read_after_the_call_records_no_made_up_usage(
+    cap: Capture,
+    client: openai.OpenAI,
+    aclient: openai.AsyncOpenAI,
+    stream: bool,
+) -> None:
+    """with_streaming_response, and with_raw_response streamed, return before the body
+    is read: the end event (sent then) has no usage, no cost, no response and no finish
+    reason, rather than an estimate saying the model wrote nothing; the application
+    still reads the whole reply."""
+    options: Any = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+
+    def text_of(parsed: Any) -> str:
+        if not stream:
+            return str(parsed.choices[0].message.content)
+        return "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o", messages=HELLO, **options
+    ) as response:
+        assert text_of(response.parse()) == ANSWER
+    async with aclient.chat.completions.with_streaming_response.create(
+        model="gpt-4o", messages=HELLO, **options
+    ) as aresponse:
+        parsed = await aresponse.parse()
+        if stream:
+            assert "".join([c.choices[0].delta.content or "" async for c in parsed if c.choices])
+        else:
+            assert parsed.choices[0].message.content == ANSWER
+    ends = cap.events_of(LLMChatEndEvent)
+    if stream:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=HELLO, **options
+        )
+        assert text_of(raw.parse()) == ANSWER
+        ends = cap.events_of(LLMChatEndEvent)
+    assert len(ends) == (3 if stream else 2)
+    for end in ends:
+        assert end.usage is None and end.cost_usd is None
+        assert end.response is None and end.finish_reason is None
+        assert end.model == "gpt-4o" and end.latency_ms is not None
+    assert not cap.events_of(SpanDropEvent)
+
+
+def test_embeddings_through_raw_responses(cap: Capture, client: openai.OpenAI) -> None:
+    """embeddings.with_raw_response: the reply's usage and vectors (decoded as openai
+    decodes them for the application); with_streaming_response: no usage made up."""
+    raw = client.embeddings.with_raw_response.create(
+        model="text-embedding-3-small", input=["alpha beta gamma delta"]
+    )
+    assert raw.parse().data[0].embedding == [22.0, 0.0, 0.5]
+    with client.embeddings.with_streaming_response.create(
+        model="text-embedding-3-small", input=["alpha beta gamma delta"]
+    ) as response:
+        assert response.parse().data[0].embedding == [22.0, 0.0, 0.5]
+    parsed, streamed = cap.events_of(EmbeddingEndEvent)
+    assert parsed.usage == TokenUsage(prompt_tokens=4, total_tokens=4)
+    assert parsed.embeddings == [[22.0, 0.0, 0.5]] and parsed.cost_usd is not None
+    assert streamed.usage is None and streamed.cost_usd is None and streamed.embeddings == []
+    assert streamed.chunks == ["alpha beta gamma delta"]
+
+
+WEATHER_ARGS = '{"city": "Paris"}'
+LEGACY_CALL = ToolCall(name="get_weather", arguments=WEATHER_ARGS)
+FUNCTIONS: Any = [{"name": "get_weather", "parameters": {"type": "object"}}]
+
+
+def test_a_legacy_function_call_reply_is_recorded(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """functions=: a reply's message.function_call is the recorded message's tool call,
+    as a tool call would be."""
+    server.message = {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "get_weather", "arguments": WEATHER_ARGS},
+    }
+    server.finish_reason = "function_call"
+    reply = client.chat.completions.create(model="gpt-4o", messages=HELLO, functions=FUNCTIONS)
+    assert reply.choices[0].message.function_call is not None
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None and end.finish_reason == "function_call"
+    assert end.response.message.tool_calls == [LEGACY_CALL]
+    assert end.response.message.content is None
+
+
+def test_a_streamed_legacy_function_call_is_recorded(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """Streamed, delta.function_call fragments are put together; the arguments count in
+    the estimate and the first fragment for the time to first token."""
+    server.deltas = [
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather"}},
+        {"function_call": {"arguments": '{"city"'}},
+        {"function_call": {"arguments": ': "Paris"}'}},
+    ]
+    server.finish_reason = "function_call"
+    list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None and end.response.message.tool_calls == [LEGACY_CALL]
+    assert end.response.message.content is None
+    assert end.finish_reason == "function_call"
+    assert end.usage is not None and end.usage.estimated
+    assert end.usage.completion_tokens == count_tokens(WEATHER_ARGS)
+    assert end.time_to_first_token_ms is not None
+    progress = cap.events_of(LLMChatInProgressEvent)
+    assert progress[0].response.message.tool_calls == [ToolCall(name="get_weather")]
+    assert progress[-1].response.message.tool_calls == [LEGACY_CALL]
+
+
+def test_a_legacy_function_call_in_the_history_is_recorded(
+    cap: Capture, client: openai.OpenAI
+) -> None:
+    """An assistant message with function_call in the request shows it as a tool call,
+    counted in the prompt estimate."""
+    history: Any = [
+        *HELLO,
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "get_weather", "arguments": WEATHER_ARGS},
+        },
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    ]
+    list(client.chat.completions.create(model="gpt-4o", messages=history, stream=True))
+    [start] = cap.events_of(LLMChatStartEvent)
+    assert start.messages[1].tool_calls == [LEGACY_CALL]
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.usage is not None and end.usage.estimated
+    assert end.usage.prompt_tokens == sum(
+        count_tokens(t) for t in ("hello there friend", WEATHER_ARGS, "sunny")
+    )
+
+
+REFUSAL = "I'm sorry, I can't help with that."
+
+
+def _refusal(text: str) -> ContentBlock:
+    return ContentBlock(type="refusal", data={"type": "refusal", "refusal": text})
+
+
+def test_a_refusal_is_recorded(cap: Capture, client: openai.OpenAI, server: OpenAIServer) -> None:
+    """message.refusal is a refusal part of the recorded message (content None, as the
+    reply's), shaped as a refusal part of the request history is."""
+    server.message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+    reply = client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert reply.choices[0].message.refusal == REFUSAL
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None
+    assert end.response.message.blocks == [_refusal(REFUSAL)]
+    assert end.response.message.content is None
+
+
+def test_a_streamed_refusal_is_recorded(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """delta.refusal fragments are put together; they count in the estimate and for the
+    time to first token."""
+    server.deltas = [
+        {"role": "assistant", "content": None, "refusal": ""},
+        {"refusal": "I'm sorry,"},
+        {"refusal": " I can't help with that."},
+    ]
+    list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None
+    assert end.response.message.blocks == [_refusal(REFUSAL)]
+    assert end.response.message.content is None
+    assert end.usage is not None and end.usage.estimated
+    assert end.usage.completion_tokens == count_tokens(REFUSAL)
+    assert end.time_to_first_token_ms is not None
+    progress = cap.events_of(LLMChatInProgressEvent)
+    assert progress[0].response.message.blocks == []
+    assert progress[1].response.message.blocks == [_refusal("I'm sorry,")]
+
+
+@pytest.mark.parametrize("record_content", [False, True])
+def test_refusals_are_redacted(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer, record_content: bool
+) -> None:
+    """A refusal is text the model wrote: withheld with record_content=False (its type
+    kept), masked by a mask, in the end and in-progress events alike."""
+    if record_content:
+        configure_redaction(mask=lambda text: text.replace("sorry", "<x>"))
+        kept = REFUSAL.replace("sorry", "<x>")
+    else:
+        configure_redaction(record_content=False)
+        kept = "[redacted]"
+    server.message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    server.deltas = [{"role": "assistant", "refusal": REFUSAL}]
+    list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+    for end in cap.events_of(LLMChatEndEvent):
+        assert end.response is not None and end.response.message.blocks == [_refusal(kept)]
+    for progress in cap.events_of(LLMChatInProgressEvent):  # the refusal, then the end
+        assert progress.response.message.blocks == [_refusal(kept)]
+    assert "sorry" not in " ".join(str(e.model_dump()) for e in cap.events)
+
+
+def test_base64_embeddings_are_decoded(cap: Capture, client: openai.OpenAI) -> None:
+    """encoding_format="base64" asked by the application: it gets the text, the end event
+    the vectors (little-endian float32, as openai decodes them)."""
+    response = client.embeddings.create(
+        model="text-embedding-3-small", input=["alpha beta", "gamma"], encoding_format="base64"
+    )
+    assert isinstance(response.data[0].embedding, str)
+    [end] = cap.events_of(EmbeddingEndEvent)
+    assert end.embeddings == [[10.0, 0.0, 0.5], [5.0, 1.0, 0.5]]
+
+
+def test_token_id_embeddings_record_their_vectors_and_count_their_tokens(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """An input of token ids has no text to record (no chunks); its vectors are kept,
+    and with no usage in the reply the estimate is the number of token ids."""
+    server.embedding_usage = False
+    client.embeddings.create(model="text-embedding-3-small", input=[[1, 2, 3], [4, 5]])
+    client.embeddings.create(model="text-embedding-3-small", input=["alpha beta"])
+    ids, text = cap.events_of(EmbeddingEndEvent)
+    assert ids.chunks == [] and len(ids.embeddings) == 2
+    assert ids.usage == TokenUsage(prompt_tokens=5, total_tokens=5, estimated=True)
+    assert text.usage == TokenUsage(prompt_tokens=2, total_tokens=2, estimated=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from instrumentation.llms import (
+    DEFAULT_PRICES,
+    SNAPSHOT_ALIASES,
     LLMChatEndEvent,
     ModelPrice,
     OfflineLLM,
@@ -20,10 +22,29 @@ USAGE = TokenUsage(prompt_tokens=1_000_000, completion_tokens=1_000_000)
 
 
 def test_known_model_is_priced_and_snapshots_share_the_price() -> None:
-    """gpt-4o: $2.50 in + $10 out per million; a dated snapshot and a prefix price the same."""
+    """gpt-4o: $2.50 in + $10 out per million; a snapshot known to cost the same, and a
+    prefix, price the same."""
     assert cost_usd("gpt-4o", USAGE) == pytest.approx(12.5)
     assert cost_usd("gpt-4o-2024-08-06", USAGE) == pytest.approx(12.5)
+    assert cost_usd("openai/gpt-4o-2024-11-20", USAGE) == pytest.approx(12.5)
     assert cost_usd("openai/gpt-4o", USAGE) == pytest.approx(12.5)
+
+
+def test_a_snapshot_is_priced_as_its_alias_only_when_known_to_cost_the_same() -> None:
+    """gpt-4o-2024-05-13 lists at $5 in + $15 out (not gpt-4o's price); a snapshot not
+    known to cost its alias's price has none; every alias listed is priced."""
+    assert cost_usd("gpt-4o-2024-05-13", USAGE) == pytest.approx(20.0)
+    cached = TokenUsage(prompt_tokens=1_000_000, cached_tokens=1_000_000)
+    assert cost_usd("gpt-4o-2024-05-13", cached) == pytest.approx(5.0)  # no cached rate
+    assert cost_usd("gpt-4o-2099-01-01", USAGE) is None
+    assert cost_usd("gpt-4o-mini-2099-01-01", USAGE) is None
+    assert cost_usd("o1-preview-2024-09-12", USAGE) is None
+    for snapshot, alias in SNAPSHOT_ALIASES.items():
+        assert alias in DEFAULT_PRICES and snapshot not in DEFAULT_PRICES
+        assert cost_usd(snapshot, USAGE) == cost_usd(alias, USAGE)
+    set_model_price("gpt-4o", 1.0, 2.0)  # the alias's price is the listed snapshot's
+    assert cost_usd("gpt-4o-2024-08-06", USAGE) == pytest.approx(3.0)
+    assert cost_usd("gpt-4o-2024-05-13", USAGE) == pytest.approx(20.0)
 
 
 def test_unknown_model_has_no_price_not_a_neighbours() -> None:
