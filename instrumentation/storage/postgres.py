@@ -38,10 +38,46 @@ _MISCONFIGURED = (
     "invalid sslmode value",
 )
 
-#: The connection parameters that say which database is written; the others (an
-#: application name, a timeout, TLS options, a password) do not, and leave the spool
-#: file every process writing that database shares unchanged.
-_IDENTITY = ("host", "hostaddr", "port", "dbname", "user")
+#: Connection parameters that change how a process connects, not which database it
+#: writes: left out of the spool key, so that processes differing only in these (an
+#: application name, a timeout, TLS options, a password) share their spool files.
+#: Everything else (host, port, dbname, user, service, options...) stays in it.
+_NOT_IDENTITY = frozenset(
+    {
+        "password",
+        "passfile",
+        "connect_timeout",
+        "application_name",
+        "fallback_application_name",
+        "client_encoding",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "sslmode",
+        "sslnegotiation",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslpassword",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "requirepeer",
+        "require_auth",
+        "channel_binding",
+        "gssencmode",
+        "gsslib",
+        "gssdelegation",
+        "krbsrvname",
+        "requiressl",
+    }
+)
 
 #: How long a connection attempt waits when neither the DSN nor PGCONNECT_TIMEOUT says.
 DEFAULT_CONNECT_TIMEOUT = 5
@@ -118,7 +154,11 @@ class PostgresStore(SQLStore):
             parts = self._psycopg.conninfo.conninfo_to_dict(self.dsn)
         except Exception:
             return "postgres:?"
-        return "postgres:" + " ".join(f"{k}={parts[k]}" for k in _IDENTITY if parts.get(k))
+        # Sorted, as releases before this one spelled it: a plain DSN keeps its key, and
+        # the spool files a crashed process of an older release left are still found.
+        return "postgres:" + " ".join(
+            f"{k}={parts[k]}" for k in sorted(parts) if k not in _NOT_IDENTITY
+        )
 
     def _connection(self) -> Any:
         conn = self._conn

@@ -6,7 +6,7 @@ again. Each process has its own file (shared by its writers for that store),
 ``<spool_dir>/<prefix>-<pid>.jsonl``, where
 ``<prefix>`` is the first 16 hex digits of the SHA-256 of the store's
 :attr:`~instrumentation.storage.base.Store.spool_key` (``sqlite:<absolute path>`` or
-``postgres:<connection parameters without the password>``); ``Spool.path`` names the
+``postgres:<the connection parameters that say which database>``); ``Spool.path`` names the
 file. A writer starting up adopts the files of dead processes for the same store
 (and those an adopting process left half-adopted, ``<prefix>-<pid>.claimed-<its
 pid>``, when it died too), so rows spooled just before a crash are replayed by the

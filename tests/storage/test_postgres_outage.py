@@ -245,8 +245,13 @@ def test_processes_writing_one_database_share_a_spool_key() -> None:
             "host=db.example port=5433 dbname=traces user=app password=other",
         )
     }
-    assert keys == {"postgres:host=db.example port=5433 dbname=traces user=app"}
+    # Sorted, as older releases spelled it: their spool files are still adopted.
+    assert keys == {"postgres:dbname=traces host=db.example port=5433 user=app"}
     assert _bare(base.replace("/traces", "/other")).spool_key not in keys
+    # What names another database, or another schema in it, stays in the key.
+    assert _bare("service=prod").spool_key != _bare("service=staging").spool_key
+    tenant = base + "?options=-csearch_path%3D"
+    assert _bare(tenant + "a").spool_key != _bare(tenant + "b").spool_key
 
 
 def test_a_role_that_may_only_read_and_insert_can_record(
