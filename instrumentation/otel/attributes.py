@@ -57,6 +57,9 @@ def _dumps(value: Any) -> str:
 #: What a string cut to fit ends with.
 CUT_MARK = "...[cut]"
 _SHORTEST_CUT = 32
+#: A list's strings are not cut shorter than this before its oldest items are left out:
+#: a chat's latest messages, readable, say more than all of them cut to a few words.
+_LIST_FLOOR = 256
 
 
 def _cut_strings(value: Any, longest: int, depth: int = 0) -> Any:
@@ -83,48 +86,84 @@ def _longest_string(value: Any, depth: int = 0) -> int:
     return 0
 
 
+def _longest_cut_that_fits(value: Any, limit: int, lowest: int) -> str | None:
+    """The JSON of ``value`` with its strings cut to the greatest length, at least
+    ``lowest``, that fits ``limit`` (a binary search); None if none does."""
+    longest = _longest_string(value)
+    if longest <= lowest:
+        text = _dumps(value)
+        return text if len(text) <= limit else None
+    low, high = lowest, longest
+    best: str | None = None
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = _dumps(_cut_strings(value, middle))
+        if len(candidate) <= limit:
+            best, low = candidate, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def _latest_that_fit(items: list[Any], limit: int) -> str | None:
+    """A list's JSON within ``limit``: as many of its latest items as fit with their
+    strings cut to :data:`_LIST_FLOOR` at most, the strings of those then given back
+    as much length as fits. Only the items near the end are serialised (a doubling,
+    then a binary search, over how many to keep), so a huge list costs little more
+    than the one serialisation that found it too long."""
+    floor = _LIST_FLOOR
+
+    def fits(count: int) -> bool:
+        return len(_dumps([_cut_strings(i, floor) for i in items[-count:]])) <= limit
+
+    if not fits(1):  # the latest item alone is too long: cut it further
+        return _longest_cut_that_fits(items[-1:], limit, _SHORTEST_CUT)
+    good, bad = 1, len(items) + 1
+    count = 2
+    while count < bad:
+        if not fits(count):
+            bad = count
+            break
+        good = count
+        count *= 2
+    else:
+        if fits(len(items)):
+            good = len(items)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return _longest_cut_that_fits(items[-good:], limit, floor)
+
+
 def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     """``value`` as compact JSON of at most ``limit`` characters that is still JSON.
 
     Backends parse these attributes (a chat's messages, say): JSON cut at a length no
     longer parses, and is shown as a raw string. So the value itself is made smaller:
-    first its longest strings are cut (each ending with :data:`CUT_MARK`), as little
-    as fits; then, for a list, its oldest items are left out (a chat's latest messages
-    are the ones to see); what still does not fit becomes a JSON string of the cut text.
+    for a list, its oldest items are left out and its strings cut (each ending with
+    :data:`CUT_MARK`) as little as fits (see :func:`_latest_that_fit`); for anything
+    else its strings are cut; what still does not fit becomes a JSON string of the
+    cut text.
     """
     text = _dumps(value)
     if len(text) <= limit:
         return text
-    longest = _longest_string(value)
-    if longest > _SHORTEST_CUT:
-        # The longest cut that fits: binary search over the length strings keep.
-        low, high = _SHORTEST_CUT, longest - 1
-        best: str | None = None
-        while low <= high:
-            middle = (low + high) // 2
-            candidate = _dumps(_cut_strings(value, middle))
-            if len(candidate) <= limit:
-                best, low = candidate, middle + 1
-            else:
-                high = middle - 1
-        if best is not None:
-            return best
-        value = _cut_strings(value, _SHORTEST_CUT)
-    if isinstance(value, (list, tuple)) and len(value) > 1:
-        items = [_dumps(item) for item in value]
-        size = 2 + sum(len(item) + 1 for item in items) - 1
-        start = 0
-        while start < len(items) - 1 and size > limit:
-            size -= len(items[start]) + 1
-            start += 1
-        if size <= limit:
-            return "[" + ",".join(items[start:]) + "]"
+    if isinstance(value, (list, tuple)) and value:
+        fitted = _latest_that_fit(list(value), limit)
+    else:
+        fitted = _longest_cut_that_fits(value, limit, _SHORTEST_CUT)
+    if fitted is not None:
+        return fitted
     keep = limit - 2
     while True:
         out = _dumps(clip(text, keep))
         if len(out) <= limit or keep <= 3:
             return out
-        keep = max(3, keep - (len(out) - limit))  # escapes made it longer than it is
+        # Escapes made it longer than it is: shrink in proportion, at least by one.
+        keep = max(3, min(keep - 1, keep * limit // len(out)))
 
 
 def to_attribute(value: Any) -> AttributeValue | None:

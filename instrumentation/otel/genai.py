@@ -269,34 +269,48 @@ def _messages_json(messages: list[Any], finish_reason: str | None = None) -> str
 #: attributes per span and drops the oldest first: a long chat, two or more attributes
 #: a message, pushed out the model, the request's parameters and the span kind.
 MAX_MESSAGE_ATTRIBUTES = 64
+#: And at most this many for the answer (``llm.output_messages.0.*``): its tool calls.
+MAX_OUTPUT_MESSAGE_ATTRIBUTES = 32
 
 
-def _message_attributes(key: str, message: Any) -> dict[str, Any]:
+def _message_attributes(key: str, message: Any, budget: int) -> dict[str, Any]:
+    """One message's attributes, its tool calls within ``budget`` attributes in all."""
     out: dict[str, Any] = {f"{key}.role": getattr(message.role, "value", message.role)}
     if message.content is not None:
         out[f"{key}.content"] = clip(message.content)
-    for j, call in enumerate(message.tool_calls):
+    calls = message.tool_calls
+    fitting = max(0, (budget - len(out)) // 3)
+    for j, call in enumerate(calls[:fitting]):
         call_key = f"{key}.tool_calls.{j}.tool_call"
         if call.id:
             out[f"{call_key}.id"] = call.id
         out[f"{call_key}.function.name"] = call.name
         out[f"{call_key}.function.arguments"] = clip(call.arguments)
+    if len(calls) > fitting:
+        out[f"{key}.tool_calls_omitted"] = len(calls) - fitting
     return out
 
 
-def _openinference_messages(prefix: str, messages: list[Any], out: dict[str, Any]) -> None:
-    """The latest messages that fit :data:`MAX_MESSAGE_ATTRIBUTES`, numbered from 0,
-    and how many earlier ones were left out (``instrumentation.llm.messages_omitted``)."""
+def _size(message: Any) -> int:
+    return 1 + (message.content is not None) + 3 * len(message.tool_calls)
+
+
+def _openinference_messages(
+    prefix: str, messages: list[Any], out: dict[str, Any], budget: int = MAX_MESSAGE_ATTRIBUTES
+) -> None:
+    """The latest messages that fit ``budget`` attributes, numbered from 0, and how
+    many earlier ones were left out (``instrumentation.llm.messages_omitted``); a
+    latest message too large alone keeps its first tool calls that fit."""
     kept: list[Any] = []
     used = 0
     for message in reversed(messages):
-        size = 1 + (message.content is not None) + 3 * len(message.tool_calls)
-        if kept and used + size > MAX_MESSAGE_ATTRIBUTES:
+        size = _size(message)
+        if used + size > budget and (kept or size <= budget):
             break
         kept.append(message)
         used += size
     for i, message in enumerate(reversed(kept)):
-        out.update(_message_attributes(f"{prefix}.{i}.message", message))
+        out.update(_message_attributes(f"{prefix}.{i}.message", message, budget))
     if len(kept) < len(messages):
         out["instrumentation.llm.messages_omitted"] = len(messages) - len(kept)
 
@@ -362,7 +376,9 @@ def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content
         return
     response = getattr(event, "response", None)
     if isinstance(event, llm.LLMChatEndEvent) and response is not None:
-        _openinference_messages("llm.output_messages", [response.message], out)
+        _openinference_messages(
+            "llm.output_messages", [response.message], out, MAX_OUTPUT_MESSAGE_ATTRIBUTES
+        )
         out["output.value"] = clip(response.message.content or "")
         out["output.mime_type"] = "text/plain"
     elif isinstance(event, llm.LLMCompletionEndEvent) and response is not None:
@@ -382,6 +398,7 @@ def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content
 __all__ = [
     "END",
     "MAX_MESSAGE_ATTRIBUTES",
+    "MAX_OUTPUT_MESSAGE_ATTRIBUTES",
     "OPENINFERENCE_DEFAULT_KIND",
     "PROGRESS",
     "REQUEST_PARAMETERS",

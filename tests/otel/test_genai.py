@@ -372,3 +372,44 @@ def test_a_long_stream_keeps_its_start_and_end_events(traced: Traced) -> None:
     assert names.count("LLMChatInProgressEvent") == MAX_PROGRESS_EVENTS
     omitted = dict(span.attributes or {})["instrumentation.llm.chunk_events_omitted"]
     assert omitted == 300 - MAX_PROGRESS_EVENTS
+
+
+def test_a_long_chat_keeps_its_latest_messages_readable_in_the_json(traced_oi: Traced) -> None:
+    """With many long messages every string was cut to 32 characters (the question
+    asked last too) before any message was left out: the latest are kept readable."""
+    question = "FINAL QUESTION: please explain how the parts fit together, in detail"
+    history = [
+        ChatMessage(role=MessageRole.USER, content=f"m{i} " + "x" * 500) for i in range(200)
+    ] + [ChatMessage(role=MessageRole.USER, content=question)]
+    _long_chat(traced_oi, history)
+    (span,) = traced_oi.spans()
+    messages = json.loads(dict(span.attributes or {})["gen_ai.input.messages"])
+    assert messages[-1]["parts"][0]["content"] == question
+    assert 5 < len(messages) < 201
+    assert all(len(m["parts"][0]["content"]) >= 256 for m in messages[:-1])
+
+
+def test_a_message_with_many_tool_calls_keeps_the_model_and_kind(traced_oi: Traced) -> None:
+    """One message of 45 tool calls (on the way in and on the way out) took more than
+    the SDK's 128 attributes by itself, and the kind and model were dropped."""
+    calls = [ToolCall(id=f"c{j}", name="lookup", arguments="{}") for j in range(45)]
+    busy = ChatMessage(role=MessageRole.ASSISTANT, content=None, tool_calls=calls)
+    d = traced_oi.dispatcher
+
+    @d.span
+    def chat() -> None:
+        d.event(LLMChatStartEvent(messages=[busy], model="gpt-test", provider="openai"))
+        d.event(
+            LLMChatEndEvent(messages=[busy], response=ChatResponse(message=busy), model="gpt-test")
+        )
+
+    chat()
+    (span,) = traced_oi.spans()
+    a: dict[str, Any] = dict(span.attributes or {})
+    assert span.dropped_attributes == 0
+    assert a["openinference.span.kind"] == "LLM" and a["llm.model_name"] == "gpt-test"
+    kept_in = sum(k.endswith(".function.name") for k in a if k.startswith("llm.input_"))
+    kept_out = sum(k.endswith(".function.name") for k in a if k.startswith("llm.output_"))
+    assert a["llm.input_messages.0.message.tool_calls_omitted"] == 45 - kept_in
+    assert a["llm.output_messages.0.message.tool_calls_omitted"] == 45 - kept_out
+    assert kept_in > 0 and kept_out > 0
