@@ -101,6 +101,11 @@ class _NoTags(dict[str, Any]):
 
     __slots__ = ()
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args or kwargs:
+            self._read_only()
+        super().__init__()
+
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             "these tags are read-only (no instrument_tags block is active): copy them "
@@ -121,9 +126,6 @@ class _NoTags(dict[str, Any]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (dict, ())
-
-    def __repr__(self) -> str:
-        return "{}"
 
 
 _EMPTY_TAGS: Mapping[str, Any] = _NoTags()

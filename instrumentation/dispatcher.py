@@ -278,6 +278,12 @@ class Dispatcher:
             raise ValueError(
                 f"the root dispatcher is called {ROOT_NAME!r}; got root_name={root_name!r}"
             )
+        if isinstance(parent_name, bool):
+            raise TypeError(
+                f"the 4th argument is parent_name (LlamaIndex's order: name, "
+                f"event_handlers, span_handlers, parent_name, manager, root_name, "
+                f"propagate); got {parent_name!r}: pass propagate={parent_name!r} by keyword"
+            )
         if parent_name is not None and not isinstance(parent_name, str):
             raise TypeError(f"parent_name is a dispatcher name (str); got {parent_name!r}")
         if manager is not None and not isinstance(manager, Manager):
@@ -843,10 +849,10 @@ def _got(handler: object, own_base: type, other_kind: type, other: str, add_othe
     if isinstance(handler, other_kind):
         return f"got {type(handler).__name__}, {other}: use {add_other}()"
     if callable(handler):
+        name = getattr(handler, "__qualname__", None)
         return (
-            f"got {type(handler).__name__} {getattr(handler, '__qualname__', '')}: a handler "
-            f"is an object, not a function; subclass {own_base.__name__} and call yours "
-            "from its methods"
+            f"got {type(handler).__name__}{f' {name}' if name else ''}, a callable: "
+            f"subclass {own_base.__name__} and call yours from its methods"
         )
     return f"got {type(handler).__name__}"
 

@@ -242,3 +242,6 @@ def test_the_tags_outside_any_block_are_an_empty_dict_a_handler_can_serialise() 
     assert dict(current_tags()) == {}
     with pytest.raises(TypeError, match=r"read-only .* dict\(tags\)"):
         current_tags().update(a=1)  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="read-only"):
+        current_tags().__init__(a=1)  # type: ignore[misc]
+    assert repr(current_tags()) == "{}" and len(current_tags()) == 0

@@ -529,9 +529,7 @@ def test_spans_ending_while_shutdown_drops_them_end_once_and_are_counted_right(
         before = telemetry.SPANS_DROPPED_BY_SHUTDOWN.value
         go = threading.Event()
 
-        def finish(
-            open_rows: list[Iterator[int]] = open_rows, go: threading.Event = go
-        ) -> None:
+        def finish(open_rows: list[Iterator[int]] = open_rows, go: threading.Event = go) -> None:
             go.wait()
             for it in open_rows:
                 for _ in it:

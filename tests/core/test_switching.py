@@ -290,6 +290,9 @@ def test_dispatcher_takes_llamaindex_positional_arguments_in_its_order() -> None
         instrument.Dispatcher("switching.other2", [], [], "switching.positional", root_manager)
     with pytest.raises(TypeError, match="propagate is True or False"):
         instrument.Dispatcher("switching.z", propagate="no")  # type: ignore[arg-type]
+    # propagate where it was fourth before: the message says the order changed.
+    with pytest.raises(TypeError, match=r"4th argument is parent_name .* propagate=False"):
+        instrument.Dispatcher("switching.z", [], [], False)  # type: ignore[arg-type]
 
 
 def test_kept_spans_read_like_lists() -> None:

@@ -235,7 +235,7 @@ def test_wrong_handler_types_raise_type_error_with_advice() -> None:
         d.add_event_handler(SimpleSpanHandler)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"an event handler: use add_event_handler\(\)"):
         d.add_span_handler(EventList())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="not a function; subclass BaseEventHandler"):
+    with pytest.raises(TypeError, match="print, a callable: subclass BaseEventHandler"):
         d.add_event_handler(print)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="True or False"):
         d.propagate = "no"  # type: ignore[assignment]
