@@ -849,9 +849,9 @@ def _got(handler: object, own_base: type, other_kind: type, other: str, add_othe
     if isinstance(handler, other_kind):
         return f"got {type(handler).__name__}, {other}: use {add_other}()"
     if callable(handler):
-        name = getattr(handler, "__qualname__", None)
+        qualname = getattr(handler, "__qualname__", None)
         return (
-            f"got {type(handler).__name__}{f' {name}' if name else ''}, a callable: "
+            f"got {type(handler).__name__}{f' {qualname}' if qualname else ''}, a callable: "
             f"subclass {own_base.__name__} and call yours from its methods"
         )
     return f"got {type(handler).__name__}"
