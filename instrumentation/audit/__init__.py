@@ -14,6 +14,7 @@ handlers)``. Handlers subclass :class:`EventHandler` (``async def`` or plain ``d
 
 from __future__ import annotations
 
+from instrumentation.audit._loop import set_worker_threads
 from instrumentation.audit.adapter import AuditAdapter, attach
 from instrumentation.audit.base import AnyEventHandler, EventCtx, EventHandler, RequestCtx
 from instrumentation.audit.events import (
@@ -52,4 +53,5 @@ __all__ = [
     "attach",
     "event",
     "request",
+    "set_worker_threads",
 ]

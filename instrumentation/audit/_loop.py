@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,7 +38,9 @@ from instrumentation import telemetry
 from instrumentation._pool import ThreadPool
 from instrumentation.context import suppress_instrumentation
 
-#: Worker threads for handler methods written as plain ``def``.
+#: Worker threads for handler methods written as plain ``def``, unless
+#: :func:`set_worker_threads` says otherwise. A plain ``def`` call holds one while it
+#: runs: as many slow calls at once as there are threads delay every other one.
 SYNC_WORKERS = 4
 
 #: Seconds a dying loop's thread gives the calls it leaves to take their cancellation.
@@ -67,9 +70,26 @@ class Worker:
         self.context = contextvars.Context()  # the suppressed one, set on its thread
         self.alive = True
         self.served: set[Served] = set()
+        # Calls posted from other threads, run in order by one callback on the loop:
+        # the loop is woken (a write to its socket, tens of microseconds on the
+        # poster's thread) only when this goes from empty to not, not once per call.
+        self.posted: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self.post_lock = threading.Lock()
+        self.wake_pending = False
 
     def running(self) -> bool:
         return self.alive and self.thread is not None and self.thread.is_alive()
+
+    def run_posted(self) -> None:
+        """On the loop: run what was posted so far, in order (see :meth:`AuditLoop.post`)."""
+        with self.post_lock:
+            batch, self.posted = self.posted, deque()
+            self.wake_pending = False
+        for func, args in batch:
+            try:
+                func(*args)
+            except BaseException as exc:  # one call must not lose the others after it
+                report_loop_error(exc, "got an exception from a posted call")
 
 
 def report_loop_error(error: BaseException | None, what: str) -> None:
@@ -221,6 +241,7 @@ class AuditLoop:
         self._lock = threading.Lock()
         self._worker: Worker | None = None
         self._executor: ThreadPool | None = None
+        self.sync_workers = SYNC_WORKERS
 
     # -- the worker -------------------------------------------------------------------
 
@@ -244,9 +265,27 @@ class AuditLoop:
         with self._lock:
             worker.served.discard(served)
 
+    def set_sync_workers(self, count: int) -> None:
+        """Run plain ``def`` handler methods on ``count`` threads from now on.
+
+        A pool already running is replaced: the calls it was given still run on its
+        threads, which then end.
+        """
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"the number of worker threads is an int; got {type(count).__name__}")
+        if count < 1:
+            raise ValueError(f"the number of worker threads is at least 1; got {count}")
+        with self._lock:
+            self.sync_workers = count
+            old = self._executor
+            if old is None or len(old.threads) == count:
+                return
+            self._executor = ThreadPool(count, "instrumentation-audit-sync")
+        old.shutdown(wait=False)  # after the calls submitted to it (under the lock: all)
+
     def _start(self) -> Worker:
         if self._executor is None:
-            self._executor = ThreadPool(SYNC_WORKERS, "instrumentation-audit-sync")
+            self._executor = ThreadPool(self.sync_workers, "instrumentation-audit-sync")
         worker = Worker(asyncio.new_event_loop())
         ready = threading.Event()
         thread = threading.Thread(
@@ -330,11 +369,21 @@ class AuditLoop:
     def post(worker: Worker, func: Callable[..., object], *args: Any) -> bool:
         """Run ``func(*args)`` on ``worker``'s loop, in its suppressed context; FIFO.
 
-        False when that loop is gone (its runs have been told).
+        The loop is woken only if nothing posted is waiting for it already (a pending
+        wake-up runs everything posted until it runs). False when that loop is gone
+        (its runs have been told).
         """
+        with worker.post_lock:
+            worker.posted.append((func, args))
+            if worker.wake_pending:
+                return True
+            worker.wake_pending = True
         try:
-            worker.loop.call_soon_threadsafe(func, *args, context=worker.context)
-        except RuntimeError:  # closed: its thread ended
+            worker.loop.call_soon_threadsafe(worker.run_posted, context=worker.context)
+        except RuntimeError:  # closed: its thread ended, and what was posted is lost
+            with worker.post_lock:
+                worker.posted.clear()
+                worker.wake_pending = False
             return False
         return True
 
@@ -343,7 +392,9 @@ class AuditLoop:
         loop = asyncio.get_running_loop()
         worker: Worker | None = getattr(_on_loop_thread, "worker", None)
         context = worker.context.copy() if worker is not None else contextvars.Context()
-        return await loop.run_in_executor(self._executor, context.run, func, *args)
+        with self._lock:  # not to a pool that set_sync_workers() is replacing
+            future = loop.run_in_executor(self._executor, context.run, func, *args)
+        return await future
 
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -357,6 +408,17 @@ audit_loop = AuditLoop()
 if hasattr(os, "register_at_fork"):  # pragma: no branch
     os.register_at_fork(after_in_child=audit_loop.reset_after_fork)
 
+
+def set_worker_threads(count: int) -> None:
+    """How many threads run plain ``def`` handler methods (4 unless set; at least 1).
+
+    Each plain ``def`` call holds a thread while it runs, so as many slow calls at once
+    as there are threads delay every other request's plain ``def`` calls (never the
+    application, nor ``async def`` methods). Takes effect at once, for the next calls.
+    """
+    audit_loop.set_sync_workers(count)
+
+
 __all__ = [
     "CALLS_ABANDONED",
     "LOOP_ERRORS",
@@ -367,4 +429,5 @@ __all__ = [
     "Worker",
     "audit_loop",
     "report_loop_error",
+    "set_worker_threads",
 ]

@@ -13,12 +13,19 @@ What the request is made of, from the span:
 * ``collection``: ``attributes={"collection": ...}`` on the span, else a str argument
   named ``collection``, else the adapter's ``collection=``, else the dispatcher's name.
 * ``metadata``: the span's name, id, trace id and dispatcher, and its tags.
-* ``result``: what the call returned; ``error``: what it raised.
+* ``result``: what the call returned (``None`` for a generator: what it yielded is
+  not kept); ``error``: what it raised. A generator closed before its end (its caller
+  stopped reading the stream) ends with ``error=None`` and ``abandoned=True``.
+
+Several adapters seeing the same request span (two on one dispatcher, or one on a
+parent and one on a child dispatcher) each make a request of it, and each gets all of
+its events.
 
 When the span ends, the adapter waits for the request's handler calls, at most
 ``timeout`` seconds, on the thread that ends the span (an event loop's thread, for
 async functions: keep ``timeout`` small there, or 0 not to wait and ``await
-adapter.aflush()`` when convenient).
+adapter.aflush()`` when convenient). It does not wait when the span ended with
+``KeyboardInterrupt``, ``SystemExit`` or a cancellation: the application is stopping.
 
 It waits once every span handler has seen the span end, in
 :meth:`AuditAdapter.after_span_end` (which the core calls after the whole handler
@@ -41,7 +48,7 @@ from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import registry
 from instrumentation.audit.events import RequestStart
 from instrumentation.audit.request import DEFAULT_TIMEOUT
-from instrumentation.audit.runner import RequestRun, check_handlers, check_timeout
+from instrumentation.audit.runner import RequestRun, check_handlers, check_timeout, interrupting
 from instrumentation.dispatcher import Dispatcher
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
@@ -177,12 +184,16 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
             run = self._runs.pop(id_, None)
         if run is None:
             return
+        # A generator closed before its end: its caller stopped reading the stream.
+        abandoned = isinstance(error, GeneratorExit)
         try:
-            run.finish(result=result, error=error)
+            run.finish(result=result, error=None if abandoned else error, abandoned=abandoned)
         finally:
             registry.deactivate(run)
         self._track(run)
-        if self.timeout <= 0 or run.done.done():
+        if self.timeout <= 0 or run.done.done() or interrupting(error):
+            # Ctrl-C, SystemExit or a cancelled task: the application is being stopped,
+            # not to be held up by the handlers (their calls go on; the exit waits).
             return
         # Waited for in after_span_end, once the handlers after this one in the chain
         # have ended their spans: their clocks are not to include the wait.
@@ -282,8 +293,12 @@ def attach(
         )
     if collection is not None and not isinstance(collection, str):
         raise TypeError(f"collection is a str or None; got {type(collection).__name__}")
+    # Checked here, as audit.request() does, for the same plain TypeError/ValueError
+    # (the model would coerce "5" and True, and wrap the rest in a ValidationError).
     adapter = AuditAdapter(
-        handlers=list(check_handlers(handlers)), timeout=timeout, collection=collection
+        handlers=list(check_handlers(handlers)),
+        timeout=check_timeout(timeout),
+        collection=collection,
     )
     dispatcher.add_span_handler(adapter)
     adapter._attached.append(dispatcher)

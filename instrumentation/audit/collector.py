@@ -10,7 +10,9 @@ belongs to the innermost active request around it, found two ways:
 * the span tree: a span started under a request span (or under a span already
   mapped to a request) is mapped to that request.
 
-When both name a request, the one that started later (the inner one) wins.
+When both name a request, the one that started later (the inner one) wins. A request
+span that several adapters saw is several requests (one per adapter), all mapped to
+the span: each of them gets its events.
 """
 
 from __future__ import annotations
@@ -34,10 +36,17 @@ current_run: ContextVar[RequestRun | None] = ContextVar("instrumentation_audit_r
 
 
 class _Registry:
+    """The active requests, and the spans mapped to them.
+
+    A span maps to a tuple of runs: usually one, several when more than one adapter
+    made a request of the same span (two ``attach()`` on one dispatcher, or one on
+    ``org`` and one on ``org.team``). Every run of that tuple gets the span's events.
+    """
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.active = 0
-        self.span_runs: dict[str, RequestRun] = {}
+        self.span_runs: dict[str, tuple[RequestRun, ...]] = {}
 
     def innermost(self, *runs: RequestRun | None) -> RequestRun | None:
         best: RequestRun | None = None
@@ -46,24 +55,70 @@ class _Registry:
                 best = run
         return best
 
-    def run_for(self, span_id: str | None) -> RequestRun | None:
+    def runs_for(self, span_id: str | None) -> tuple[RequestRun, ...]:
+        """The runs an event of span ``span_id`` belongs to (the innermost request).
+
+        The runs mapped to the span, unless the current context's request started
+        later (then that one alone); ``()`` when there is none.
+        """
         mapped = self.span_runs.get(span_id) if span_id is not None else None
-        return self.innermost(mapped, current_run.get())
+        current = current_run.get()
+        if current is not None and current.ended:
+            current = None
+        if mapped is None:
+            return () if current is None else (current,)
+        if len(mapped) == 1:  # the common case: no tuple made, no generator run
+            only = mapped[0]
+            if only.ended:
+                return () if current is None else (current,)
+            if current is None or current is only or current.seq < only.seq:
+                return mapped
+            return (current,)
+        live = tuple(run for run in mapped if not run.ended)
+        if current is not None and (not live or current.seq > max(run.seq for run in live)):
+            return (current,)
+        return live
 
     def activate(self, run: RequestRun, span_id: str | None = None) -> None:
         with self.lock:
             self.active += 1
             if span_id is not None:
-                self.span_runs[span_id] = run
+                run.request_span = span_id
+                # Other requests made of this same span stay (each adapter gets the
+                # events); a mapping inherited from an outer request gives way.
+                kept = tuple(
+                    other
+                    for other in self.span_runs.get(span_id, ())
+                    if other.request_span == span_id and not other.ended
+                )
+                self.span_runs[span_id] = (*kept, run)
                 run.span_ids.append(span_id)
             root_dispatcher.add_event_handler(_events)
             root_dispatcher.add_span_handler(_spans)
 
+    def map_span(self, span_id: str, runs: tuple[RequestRun, ...]) -> None:
+        """Map ``span_id`` (started inside ``runs``' request) to them, unless mapped."""
+        with self.lock:
+            if span_id in self.span_runs:
+                return
+            self.span_runs[span_id] = runs
+            for run in runs:
+                run.span_ids.append(span_id)
+
+    def forget(self, span_id: str) -> None:
+        with self.lock:
+            self.span_runs.pop(span_id, None)
+
     def deactivate(self, run: RequestRun) -> None:
         with self.lock:
             for span_id in run.span_ids:
-                if self.span_runs.get(span_id) is run:
-                    del self.span_runs[span_id]
+                mapped = self.span_runs.get(span_id)
+                if mapped is not None and run in mapped:
+                    rest = tuple(other for other in mapped if other is not run)
+                    if rest:
+                        self.span_runs[span_id] = rest
+                    else:
+                        del self.span_runs[span_id]
             run.span_ids.clear()
             self.active -= 1
             if self.active <= 0:
@@ -89,11 +144,11 @@ class _SpanTracker(BaseSpanHandler[BaseSpan]):
     ) -> None:
         if not registry.active:
             return
-        run = registry.run_for(parent_id)
-        if run is not None and id_ not in registry.span_runs:
-            with registry.lock:
-                registry.span_runs[id_] = run
-                run.span_ids.append(id_)
+        if id_ in registry.span_runs:  # a request span (its adapters mapped it)
+            return
+        runs = registry.runs_for(parent_id)
+        if runs:
+            registry.map_span(id_, runs)
 
     def span_exit(
         self,
@@ -113,23 +168,21 @@ class _SpanTracker(BaseSpanHandler[BaseSpan]):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> None:
-        run = registry.span_runs.get(id_)
-        if run is not None and run.has_open(id_):
-            # A failed LLM call emits no end event: end it here, with the error.
+        runs = registry.span_runs.get(id_)
+        if runs is not None:
             error = f"{type(err).__name__}: {err}" if err is not None else "span dropped"
-            started = _last_open(run, id_)
-            if started is not None:
-                # Ended now, on the application's side (no end event, so no latency).
-                run.end_event(id_, dataclasses.replace(started, error=error, timestamp=_now()))
+            ended = _now()
+            for run in runs:
+                # A failed LLM call emits no end event: end it here, with the error.
+                started = _last_open(run, id_)
+                if started is not None:
+                    # Ended now, on the application's side (no end event, no latency).
+                    run.end_event(id_, dataclasses.replace(started, error=error, timestamp=ended))
         self._forget(id_)
 
     def _forget(self, id_: str) -> None:
-        run = registry.span_runs.get(id_)
-        if run is None:
-            return
-        with registry.lock:
-            if registry.span_runs.get(id_) is run:
-                del registry.span_runs[id_]
+        if id_ in registry.span_runs:
+            registry.forget(id_)
 
     def new_span(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -156,15 +209,20 @@ class _LLMCollector(BaseEventHandler):
         kind = _llm.classify(event)
         if kind is None:
             return
-        run = registry.run_for(event.span_id)
-        if run is None:
+        runs = registry.runs_for(event.span_id)
+        if not runs:
             return
         phase, llm_type = kind
         key: object = event.span_id if event.span_id is not None else ("no-span", llm_type)
+        # One event object for every request it belongs to: handlers never change them.
         if phase == "start":
-            run.begin_event(key, _llm.start_event(event, llm_type))
+            started = _llm.start_event(event, llm_type)
+            for run in runs:
+                run.begin_event(key, started)
         else:
-            run.end_event(key, _llm.end_event(event, llm_type))
+            ended = _llm.end_event(event, llm_type)
+            for run in runs:
+                run.end_event(key, ended)
 
 
 _events = _LLMCollector()

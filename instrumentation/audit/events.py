@@ -42,7 +42,12 @@ class RequestStart:
 
 @dataclass
 class RequestEnd:
-    """The request ended: its ``result``, or the ``error`` it raised (then ``result`` is None)."""
+    """The request ended: its ``result``, or the ``error`` it raised (then ``result`` is None).
+
+    ``abandoned`` is True for a streamed request (a generator) whose caller stopped
+    reading it before its end (``close()``, a ``break`` out of the loop): an early
+    stop, not a failure, so ``error`` is None; ``result`` is None too.
+    """
 
     result: Any = None
     error: BaseException | None = None
@@ -51,6 +56,8 @@ class RequestEnd:
     duration_s: float = 0.0
     #: When the request ended (UTC), on the application's side: not when a handler ran.
     ended_at: datetime = field(default_factory=_now)
+    #: The caller stopped reading a streamed request early (an early stop, no error).
+    abandoned: bool = False
 
 
 @dataclass

@@ -11,6 +11,10 @@ block raised, which then propagates) and waits until every handler call of the
 request has run, at most ``timeout`` seconds. ``timeout=0`` does not wait (and is no
 timeout: nothing is logged or counted); the calls run in the background, and those
 still running when the interpreter exits are waited for then (see ``runner``).
+Leaving with ``KeyboardInterrupt``, ``SystemExit`` or a cancellation does not wait
+either: the application is being stopped. Leaving with ``GeneratorExit`` (a generator
+closed before its end: its caller stopped reading) is no error: ``request_end`` gets
+``error=None`` and ``abandoned=True``.
 
 The events handed to the handlers are deep copies (``audit.event()``'s start and end
 alike, unless a field cannot be copied): the handlers run later, on another thread,
@@ -28,7 +32,13 @@ from typing import Any, Generic, TypeVar
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import current_run, registry
 from instrumentation.audit.events import Event, RequestStart, _now
-from instrumentation.audit.runner import HandlerError, RequestRun, check_handlers, check_timeout
+from instrumentation.audit.runner import (
+    HandlerError,
+    RequestRun,
+    check_handlers,
+    check_timeout,
+    interrupting,
+)
 from instrumentation.context import is_suppressed
 
 #: Seconds a request's exit waits for its handlers, unless ``timeout=`` says otherwise.
@@ -107,8 +117,14 @@ class AuditRequest:
             except ValueError:  # left in another context than it was entered in
                 current_run.set(None)
             self._token = None
+        # A generator closed inside the block: its caller stopped reading the stream.
+        abandoned = isinstance(exc, GeneratorExit)
         try:
-            run.finish(result=None if exc is not None else self.result, error=exc)
+            run.finish(
+                result=None if exc is not None else self.result,
+                error=None if abandoned else exc,
+                abandoned=abandoned,
+            )
         finally:
             registry.deactivate(run)
         return run
@@ -120,7 +136,9 @@ class AuditRequest:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         run = self._end(exc)
         if run is not None:
-            self.completed = run.wait(self.timeout)
+            # Ctrl-C or SystemExit: the application is being stopped, not to be held up
+            # by its handlers; their calls go on, and the exit flush waits for them.
+            self.completed = run.wait(0 if interrupting(exc) else self.timeout)
 
     async def __aenter__(self) -> AuditRequest:
         self._begin()
@@ -129,7 +147,8 @@ class AuditRequest:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         run = self._end(exc)
         if run is not None:
-            self.completed = await run.await_done(self.timeout)
+            # Ctrl-C, SystemExit or the task cancelled: no wait (see __exit__).
+            self.completed = await run.await_done(0 if interrupting(exc) else self.timeout)
 
 
 def request(

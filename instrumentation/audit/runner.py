@@ -29,9 +29,11 @@ import dataclasses
 import inspect
 import itertools
 import logging
+import math
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
@@ -49,7 +51,16 @@ TIMEOUTS = telemetry.counter("audit.timeouts")
 REQUESTS = telemetry.counter("audit.requests")
 EVENTS = telemetry.counter("audit.events")
 EXIT_UNFINISHED = telemetry.counter("audit.exit_unfinished")
+SLOW_CALLS = telemetry.counter("audit.slow_calls")
 LOST_IN_FORK = telemetry.counter("audit.requests_lost_in_fork")
+
+#: Seconds after which a handler call not finished is logged (a WARNING naming the
+#: handler and the method, once per call) and counted in ``audit.slow_calls``; read at
+#: each call. 0 or ``inf``: never.
+SLOW_CALL_SECONDS = 5.0
+
+# A slow call's timer overdue by more than this when the call ended: the loop was blocked.
+BLOCKED_MARGIN_SECONDS = 0.1
 
 #: Seconds an exiting interpreter waits, in all, for the handler calls of the requests
 #: still in flight (read at exit: set it before then to wait longer or not at all).
@@ -69,8 +80,78 @@ class HandlerError(NamedTuple):
     error: BaseException
 
 
+#: The handler methods and the arguments the runner passes them, positionally.
+PROTOCOL: dict[str, tuple[str, ...]] = {
+    "request_start": ("user_request",),
+    "event_start": ("event", "request_context"),
+    "event_end": ("event", "request_context", "event_context"),
+    "request_end": ("output", "request_context"),
+}
+
+# Handler classes whose methods were found callable as the runner calls them, with
+# the methods checked: audit.request() checks its handlers on every request, and
+# inspect.signature() is far too slow to run that often. A class whose methods are
+# replaced later is checked again.
+_checked: weakref.WeakKeyDictionary[type, tuple[object, ...]] = weakref.WeakKeyDictionary()
+
+
+def _check_methods(handler: EventHandler[Any, Any]) -> None:
+    """A TypeError, at once, for a method the runner could not call (see PROTOCOL)."""
+    cls = type(handler)
+    own = getattr(handler, "__dict__", None) or {}
+    shadowed = any(name in own for name in PROTOCOL)
+    if not shadowed:
+        methods = tuple(getattr(cls, name, None) for name in PROTOCOL)
+        known = _checked.get(cls)
+        if known is not None and all(a is b for a, b in zip(known, methods, strict=True)):
+            return
+    for name, parameters in PROTOCOL.items():
+        method = getattr(handler, name, None)
+        expected = f"{name}(self, {', '.join(parameters)})"
+        if not callable(method):
+            raise TypeError(
+                f"{cls.__name__}.{name} is {type(method).__name__}, not a method; "
+                f"an audit handler defines {expected}"
+            )
+        try:
+            signature = inspect.signature(method)
+        except (TypeError, ValueError):  # no signature to read (a builtin): trusted
+            continue
+        try:
+            signature.bind(*parameters)
+        except TypeError:
+            raise TypeError(
+                f"{cls.__name__}.{name}{_shown(signature)} cannot be called as the audit "
+                f"runner calls it: define it as {expected}"
+                + (
+                    " (db-ally's how-to stub leaves out event_context; its reference has it)"
+                    if name == "event_end"
+                    else ""
+                )
+            ) from None
+    if not shadowed:
+        try:
+            _checked[cls] = methods
+        except TypeError:  # pragma: no cover - a class that cannot be weakly referenced
+            pass
+
+
+def _shown(signature: inspect.Signature) -> str:
+    """``(self, a, b)``: the signature of a bound method, with its ``self`` shown."""
+    bare = signature.replace(
+        parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+        return_annotation=inspect.Signature.empty,
+    )
+    text = str(bare)
+    return "(self)" if text == "()" else "(self, " + text[1:]
+
+
 def check_handlers(handlers: object) -> tuple[EventHandler[Any, Any], ...]:
-    """The handlers as a tuple, or a TypeError saying what was expected."""
+    """The handlers as a tuple, or a TypeError saying what was expected.
+
+    Each handler's four methods must take the arguments the runner passes (see
+    :data:`PROTOCOL`): one that cannot is refused here, not reported on every call.
+    """
     if isinstance(handlers, (str, bytes)) or not isinstance(handlers, (list, tuple)):
         raise TypeError(
             "handlers= takes a list of audit EventHandler instances, "
@@ -86,6 +167,7 @@ def check_handlers(handlers: object) -> tuple[EventHandler[Any, Any], ...]:
                 "each audit handler must subclass instrumentation.audit.EventHandler; "
                 f"got {type(handler).__name__}"
             )
+        _check_methods(handler)
     return tuple(handlers)
 
 
@@ -95,6 +177,20 @@ def check_timeout(timeout: object) -> float:
     if not timeout >= 0:
         raise ValueError(f"timeout is seconds >= 0 (0 = do not wait); got {timeout!r}")
     return float(timeout)
+
+
+def interrupting(error: BaseException | None) -> bool:
+    """Whether a request that ended with ``error`` should not wait for its handlers.
+
+    ``KeyboardInterrupt``, ``SystemExit``, ``asyncio.CancelledError``: the application
+    is being stopped, and the handlers' calls go on in the background (the exit flush
+    waits for them). ``GeneratorExit`` is no such stop: a stream read no further.
+    """
+    return (
+        error is not None
+        and not isinstance(error, Exception)
+        and not isinstance(error, GeneratorExit)
+    )
 
 
 #: What follows when each handler method fails, for the log.
@@ -109,29 +205,135 @@ CONSEQUENCES = {
 def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) -> None:
     HANDLER_ERRORS.inc()
     name = type(handler).__name__
-    if telemetry.log_turn(("audit", name, method)) is None:
+    held = telemetry.log_turn(("audit", name, method))
+    if held is None:
         return
     # SystemExit, KeyboardInterrupt and the like are reported too, never raised: the
     # call ran on an audit thread, where they could only have stopped the audit loop.
     note = "" if isinstance(exc, Exception) else "; raised in a handler, it stops nothing"
     try:
         logger.error(
-            "audit handler %s failed in %s: %r (the request goes on; %s%s)",
+            "audit handler %s failed in %s: %r (the request goes on; %s%s)%s",
             name,
             method,
             exc,
             CONSEQUENCES.get(method, "its later calls run as usual"),
             note,
+            f" ({held} more errors from it in {method} in the last interval)" if held else "",
             exc_info=(type(exc), exc, exc.__traceback__),
         )
     except Exception:  # pragma: no cover - a broken log filter: counted all the same
         pass
 
 
-async def _call(method: Any, args: tuple[Any, ...]) -> Any:
+class _Watch:
+    """Logs a handler call still not finished :data:`SLOW_CALL_SECONDS` after it began.
+
+    One timer on the audit loop per call (no thread, no polling), cancelled when the
+    call ends. A call that blocks the loop itself (an ``async def`` method calling
+    ``time.sleep``) keeps the timer from firing: it is logged when it ends instead.
+    """
+
+    __slots__ = (
+        "began",
+        "fired",
+        "handler",
+        "method",
+        "request_id",
+        "running_since",
+        "sync",
+        "threshold",
+        "timer",
+    )
+
+    def __init__(self, handler: EventHandler[Any, Any], method: str, request_id: str) -> None:
+        self.handler = handler
+        self.method = method
+        self.request_id = request_id
+        self.sync = False  # set by _call for a plain def method
+        self.began = time.monotonic()
+        self.running_since: float | None = None  # when a worker thread took it (sync)
+        self.fired = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.threshold = math.inf
+
+    def start(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.timer = asyncio.get_running_loop().call_later(threshold, self._fire, threshold)
+
+    def run(self, func: Any, *args: Any) -> Any:
+        """On a worker thread: note when the call began to run, then run it."""
+        self.running_since = time.monotonic()
+        return func(*args)
+
+    def _fire(self, threshold: float) -> None:
+        self.fired = True
+        SLOW_CALLS.inc()
+        now = time.monotonic()
+        if self.sync and self.running_since is None:
+            state = (
+                f"has waited {now - self.began:.3g}s for a worker thread: all "
+                f"{audit_loop.sync_workers} are busy with other plain def handler calls "
+                "(audit.set_worker_threads() sets how many there are)"
+            )
+        else:
+            state = f"has been running for {now - self.began:.3g}s"
+        self._log(state, threshold)
+
+    def stop(self) -> None:
+        timer = self.timer
+        if timer is None:
+            return
+        timer.cancel()
+        if self.fired:
+            return
+        took = time.monotonic() - self.began
+        if took < self.threshold:
+            return
+        # Due, yet the timer never ran: the audit loop could not run it meanwhile.
+        SLOW_CALLS.inc()
+        blocked = took - self.threshold > BLOCKED_MARGIN_SECONDS
+        self._log(
+            f"took {took:.3g}s"
+            + (
+                ", and the audit loop was blocked meanwhile (an async def handler calling "
+                "time.sleep or blocking I/O, this one or another, stalls every async "
+                "handler: use await asyncio.sleep(), asyncio.to_thread(), or a plain def "
+                "method)"
+                if blocked
+                else ""
+            ),
+            self.threshold,
+        )
+
+    def _log(self, state: str, threshold: float) -> None:
+        name = type(self.handler).__name__
+        held = telemetry.log_turn(("audit", name, self.method, "slow"))
+        if held is None:
+            return
+        try:
+            logger.warning(
+                "audit handler %s.%s of request %s %s (logged past SLOW_CALL_SECONDS, "
+                "%.3gs; this handler's later calls of the request wait for it)%s",
+                name,
+                self.method,
+                self.request_id,
+                state,
+                threshold,
+                f" ({held} more slow calls of it in the last interval)" if held else "",
+            )
+        except Exception:  # pragma: no cover - a broken log filter: counted all the same
+            pass
+
+
+async def _call(method: Any, args: tuple[Any, ...], watch: _Watch | None) -> Any:
     if inspect.iscoroutinefunction(method):
         return await method(*args)
-    result = await audit_loop.run_sync(method, *args)
+    if watch is None:
+        result = await audit_loop.run_sync(method, *args)
+    else:
+        watch.sync = True
+        result = await audit_loop.run_sync(watch.run, method, *args)
     if inspect.isawaitable(result):
         return await result
     return result
@@ -150,6 +352,8 @@ class RequestRun:
         self.done: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.ended = False
         self.span_ids: list[str] = []
+        #: The span this request was made of (by an adapter), if any.
+        self.request_span: str | None = None
         self._lock = threading.Lock()
         self._keys = itertools.count()
         self._open: dict[object, list[tuple[int, Event]]] = {}
@@ -209,8 +413,13 @@ class RequestRun:
         with self._lock:
             return bool(self._open.get(key))
 
-    def finish(self, result: Any = None, error: BaseException | None = None) -> RequestEnd:
-        """End the request: close its open events, then ``request_end`` for every handler."""
+    def finish(
+        self, result: Any = None, error: BaseException | None = None, abandoned: bool = False
+    ) -> RequestEnd:
+        """End the request: close its open events, then ``request_end`` for every handler.
+
+        ``abandoned``: a stream whose caller stopped reading it (no error, no result).
+        """
         with self._lock:
             if self.ended:
                 raise RuntimeError("this request has ended already")
@@ -223,6 +432,7 @@ class RequestRun:
             error=error,
             request_id=self.start.request_id,
             duration_s=time.perf_counter() - self._started_at,
+            abandoned=abandoned,
         )
         for number, started in sorted(left, key=lambda item: item[0]):
             self._post(("event_end", number, _unfinished(started, end.ended_at)))
@@ -353,8 +563,13 @@ class RequestRun:
             args = (call[1], self._request_ctx[index])
         result: Any = None
         closing: GeneratorExit | None = None
+        watch: _Watch | None = None
+        threshold = SLOW_CALL_SECONDS
+        if 0 < threshold < math.inf:
+            watch = _Watch(handler, kind, self.start.request_id)
+            watch.start(threshold)
         try:
-            result = await _call(getattr(handler, kind), args)
+            result = await _call(getattr(handler, kind), args, watch)
         except BaseException as exc:
             if self._over:  # lost with its loop (logged then): its calls stop here
                 raise
@@ -365,6 +580,9 @@ class RequestRun:
             _report(handler, kind, exc)
             if isinstance(exc, GeneratorExit):  # this coroutine may be being closed
                 closing = exc
+        finally:
+            if watch is not None:
+                watch.stop()
         if kind == "request_start":
             self._request_ctx[index] = result
         elif kind == "event_start":
@@ -536,8 +754,10 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
 
 __all__ = [
     "EXIT_FLUSH_SECONDS",
+    "SLOW_CALL_SECONDS",
     "HandlerError",
     "RequestRun",
     "check_handlers",
     "check_timeout",
+    "interrupting",
 ]

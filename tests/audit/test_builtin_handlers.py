@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import pty
@@ -486,3 +487,47 @@ def test_cli_handler_says_when_a_stream_was_abandoned_and_counts_estimated() -> 
     assert "ended early: the caller stopped reading the stream" in abandoned
     assert re.search(r"tokens: .* \(estimated\)", abandoned)
     assert "ended early" not in whole and "(estimated)" not in whole
+
+
+def test_text_handlers_show_the_cost_when_it_is_known(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    priced = OfflineLLM(model="gpt-4o-mini", answers={"pasta": "Carbonara."})
+    unpriced = OfflineLLM(model="nobody-prices-this")
+    handlers: list[audit.AnyEventHandler] = [CLIEventHandler(stream), FileEventHandler(tmp_path)]
+    with audit.request(question="Cost?", handlers=handlers) as req:
+        priced.chat("pasta")
+        unpriced.chat("pasta")
+    assert req.completed
+    (log,) = tmp_path.glob("*.log")
+    for text in (stream.getvalue(), log.read_text()):
+        assert len(re.findall(r"cost: \$0\.\d{6}\n", text)) == 1, text  # the priced call only
+        priced_part, unpriced_part = text.split("nobody-prices-this")[:2]
+        assert "cost: $" in priced_part and "cost" not in unpriced_part
+
+
+def test_logging_handler_records_are_json_with_the_chat_prompt_as_a_list(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    llm = OfflineLLM(answers={"tea": "green"})
+    handler = LoggingEventHandler("tests.audit.records")
+    messages = [
+        ChatMessage(role="system", content="be brief"),
+        ChatMessage(role="user", content="tea?"),
+    ]
+    with (
+        caplog.at_level(logging.INFO, logger="tests.audit.records"),
+        audit.request(question="tea?", handlers=[handler]),
+    ):
+        llm.chat(messages)
+        with audit.event(audit.ToolCallEvent(name="kettle", arguments={"litres": 1.5})) as ev:
+            ev.update(output=["hot", {"water": True}])
+    records = [r.audit for r in caplog.records if r.name == "tests.audit.records"]  # type: ignore[attr-defined]
+    llm_record, tool_record = records[1], records[2]
+    assert llm_record["prompt"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "tea?"},
+    ]
+    assert tool_record["arguments"] == {"litres": 1.5}
+    assert tool_record["output"] == ["hot", {"water": True}]
+    for record in records:
+        assert json.loads(json.dumps(record)) == record  # JSON as it is, no default= needed

@@ -248,3 +248,26 @@ def test_a_request_open_at_fork_ends_at_once_in_the_child() -> None:
     assert child["seconds"] < 5  # not the 30 s timeout
     # The parent's request is its own, untouched by the child.
     assert block.completed is True and len(handler.rec.request_ends) == 1
+
+
+def test_a_rate_limited_error_log_says_how_many_errors_it_held_back(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telemetry, "LOG_INTERVAL_SECONDS", 1.0)
+
+    class FailsOften(SyncRecorder):
+        def request_start(self, user_request: RequestStart) -> Any:
+            raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="instrumentation.audit"):
+        for _ in range(5):  # one line, four held back
+            with audit.request(question="q", handlers=[FailsOften()]):
+                pass
+        time.sleep(1.05)
+        with audit.request(question="q", handlers=[FailsOften()]):
+            pass
+    lines = [r.getMessage() for r in caplog.records if "FailsOften" in r.getMessage()]
+    assert len(lines) == 2
+    assert "more errors" not in lines[0]
+    assert lines[1].endswith("(4 more errors from it in request_start in the last interval)")
+    assert telemetry.counter("audit.handler_errors").value == 6

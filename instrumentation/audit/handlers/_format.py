@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from datetime import datetime
 from typing import Any
@@ -10,6 +11,13 @@ from typing import Any
 from instrumentation.audit.events import Event, LLMEvent, RetrievalEvent, ToolCallEvent
 
 MAX_TEXT = 2_000
+
+#: How deep and how many items :func:`jsonable` keeps of nested lists and dicts.
+MAX_DEPTH = 4
+MAX_ITEMS = 100
+
+#: What a request or an LLM call that its caller stopped reading says, in text.
+ENDED_EARLY = "ended early: the caller stopped reading the stream"
 
 
 def clip(value: Any, limit: int = MAX_TEXT) -> str:
@@ -67,20 +75,49 @@ def title(event: Event | None) -> str:
     return type(event).__name__
 
 
+def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
+    """``value`` as what ``json.dumps`` takes: lists and dicts kept as such (a chat
+    prompt stays a list of ``{"role", "content"}`` dicts), datetimes as ISO text,
+    anything else as its clipped ``repr()``. At most :data:`MAX_ITEMS` items per list
+    or dict (then ``"..."``) and :data:`MAX_DEPTH` levels; text inside them is clipped
+    (a chat message's content) as a ``repr()`` is, text given alone is not."""
+    if isinstance(value, str):
+        return value if depth == MAX_DEPTH else clip(value)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)  # JSON has no nan/inf
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if depth > 0 and isinstance(value, (list, tuple)):
+        items = [jsonable(item, depth - 1) for item in value[:MAX_ITEMS]]
+        return [*items, "..."] if len(value) > MAX_ITEMS else items
+    if depth > 0 and isinstance(value, dict):
+        out = {
+            k if isinstance(k, str) else clip(k, 200): jsonable(v, depth - 1)
+            for k, v in itertools.islice(value.items(), MAX_ITEMS)
+        }
+        if len(value) > MAX_ITEMS:
+            out["..."] = f"{len(value) - MAX_ITEMS} more"
+        return out
+    return clip(value)
+
+
 def fields(event: Event | None) -> dict[str, Any]:
     """The event as a JSON-friendly dict (``kind`` added), for structured records."""
     if event is None or not dataclasses.is_dataclass(event):
         return {"kind": type(event).__name__}
     out: dict[str, Any] = {"kind": type(event).__name__}
     for f in dataclasses.fields(event):
-        value = getattr(event, f.name)
-        if isinstance(value, datetime):
-            out[f.name] = value.isoformat()
-        else:
-            out[f.name] = (
-                value if isinstance(value, (str, int, float, bool, type(None))) else clip(value)
-            )
+        out[f.name] = jsonable(getattr(event, f.name))
     return out
+
+
+def cost_text(cost: Any) -> str | None:
+    """``$0.000123`` for a known cost in US dollars, else None."""
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost):
+        return None
+    return f"${cost:.6f}" if cost < 0.01 else f"${cost:.4f}"
 
 
 def end_lines(event: Event | None) -> list[str]:
@@ -91,12 +128,15 @@ def end_lines(event: Event | None) -> list[str]:
         if event.response is not None:
             lines.append(f"response: {clip(event.response)}")
         if event.finish_reason == "abandoned":
-            lines.append("ended early: the caller stopped reading the stream")
+            lines.append(ENDED_EARLY)
         if event.total_tokens is not None:
             lines.append(
                 f"tokens: {event.prompt_tokens} prompt + {event.completion_tokens} completion"
                 f" = {event.total_tokens}" + (" (estimated)" if event.tokens_estimated else "")
             )
+        cost = cost_text(event.cost_usd)
+        if cost is not None:
+            lines.append(f"cost: {cost}" + (" (estimated)" if event.tokens_estimated else ""))
     elif isinstance(event, RetrievalEvent):
         lines.append(f"query: {clip(event.query)}")
         if event.documents is not None:
@@ -112,4 +152,15 @@ def end_lines(event: Event | None) -> list[str]:
     return [line.replace("\n", "\n    ") for line in lines]
 
 
-__all__ = ["clip", "duration_ms", "end_lines", "fields", "prompt_text", "started_at", "title"]
+__all__ = [
+    "ENDED_EARLY",
+    "clip",
+    "cost_text",
+    "duration_ms",
+    "end_lines",
+    "fields",
+    "jsonable",
+    "prompt_text",
+    "started_at",
+    "title",
+]

@@ -17,6 +17,7 @@ from typing import TextIO
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
+    ENDED_EARLY,
     clip,
     duration_ms,
     end_lines,
@@ -89,6 +90,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
                     _RED, f"error: {type(output.error).__name__}: {clip(str(output.error), 500)}"
                 )
             )
+        elif output.abandoned:
+            lines.append("  " + self._paint(_DIM, ENDED_EARLY))
         else:
             lines.append("  " + self._paint(_GREEN, f"result: {clip(output.result, 500)}"))
         lines.append(self._paint(_DIM, f"  took {output.duration_s * 1000:.1f} ms"))

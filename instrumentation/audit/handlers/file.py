@@ -29,6 +29,7 @@ from typing import IO
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
+    ENDED_EARLY,
     clip,
     duration_ms,
     end_lines,
@@ -153,6 +154,8 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
         try:
             if output.error is not None:
                 out.write(f"\nError: {type(output.error).__name__}: {clip(str(output.error))}\n")
+            elif output.abandoned:
+                out.write(f"\nOutput: none, {ENDED_EARLY}\n")
             else:
                 out.write(f"\nOutput: {clip(output.result)}\n")
             out.write(f"Duration: {output.duration_s * 1000:.1f} ms\n")

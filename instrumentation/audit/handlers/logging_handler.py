@@ -15,7 +15,14 @@ from typing import Any
 
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
-from instrumentation.audit.handlers._format import clip, duration_ms, fields, started_at, title
+from instrumentation.audit.handlers._format import (
+    ENDED_EARLY,
+    clip,
+    duration_ms,
+    fields,
+    started_at,
+    title,
+)
 
 DEFAULT_LOGGER = "instrumentation.audit.events"
 
@@ -81,15 +88,21 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
 
     def request_end(self, output: RequestEnd, request_context: str) -> None:
         error = None if output.error is None else f"{type(output.error).__name__}: {output.error}"
+        if error:
+            how = f"failed: {clip(error, 200)}"
+        elif output.abandoned:
+            how = ENDED_EARLY
+        else:
+            how = f"ended: {clip(output.result, 200)}"
         self._log(
             logging.ERROR if error else self.level,
-            f"audit request {output.request_id[:8]} "
-            + (f"failed: {clip(error, 200)}" if error else f"ended: {clip(output.result, 200)}"),
+            f"audit request {output.request_id[:8]} {how}",
             {
                 "phase": "request_end",
                 "request_id": output.request_id,
                 "result": clip(output.result),
                 "error": error,
+                "abandoned": output.abandoned,
                 "duration_ms": output.duration_s * 1000,
             },
         )

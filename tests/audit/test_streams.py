@@ -1,0 +1,116 @@
+"""A streamed request (a generator) whose caller stops reading is an early stop, not a
+failure: ``request_end`` gets ``error=None`` and ``abandoned=True``."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncGenerator, Generator
+from pathlib import Path
+
+import pytest
+
+from instrumentation import audit, get_dispatcher
+from instrumentation.audit import RequestEnd
+from instrumentation.llms import OfflineLLM
+
+from .helpers import SyncRecorder
+
+llm = OfflineLLM(answers=["one two three four five"])
+
+
+def _ends(handler: SyncRecorder) -> list[RequestEnd]:
+    return [output for output, _ in handler.rec.request_ends]
+
+
+def test_a_request_span_stream_closed_early_is_abandoned_not_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = get_dispatcher("tests.audit.streams")
+    handler, out = SyncRecorder(), io.StringIO()
+    adapter = audit.attach(
+        d,
+        [
+            handler,
+            audit.CLIEventHandler(out),
+            audit.LoggingEventHandler("tests.audit.streams.log"),
+            audit.FileEventHandler(tmp_path),
+        ],
+    )
+
+    @d.span(request=True)
+    def answer(question: str) -> Generator[str, None, None]:
+        for chunk in llm.stream_chat(question):
+            yield chunk.delta or ""
+
+    with caplog.at_level(logging.INFO):
+        chunks = answer("stream please")
+        assert next(chunks) == "one"
+        chunks.close()  # the user closed the browser tab
+        assert adapter.flush(timeout=10)
+
+    (end,) = _ends(handler)
+    assert end.abandoned is True and end.error is None and end.result is None
+    text = out.getvalue()
+    assert "GeneratorExit" not in text and "error" not in text
+    assert text.count("ended early: the caller stopped reading the stream") == 2  # LLM, request
+    (log,) = tmp_path.glob("*.log")
+    assert "Output: none, ended early: the caller stopped reading the stream" in log.read_text()
+    records = [r for r in caplog.records if r.name == "tests.audit.streams.log"]
+    assert all(r.levelno < logging.ERROR for r in records)
+    last = records[-1].audit  # type: ignore[attr-defined]
+    assert last["phase"] == "request_end" and last["abandoned"] is True and last["error"] is None
+
+    # Read to its end, it is an ordinary request (whose result is None: see the docs).
+    assert "".join(answer("full stream")) == "one two three four five"
+    assert adapter.flush(timeout=10)
+    whole = _ends(handler)[-1]
+    assert whole.abandoned is False and whole.error is None and whole.result is None
+
+
+async def test_an_async_request_span_stream_closed_early_is_abandoned() -> None:
+    d = get_dispatcher("tests.audit.streams.async")
+    handler = SyncRecorder()
+    adapter = audit.attach(d, [handler])
+
+    @d.span(request=True)
+    async def answer(question: str) -> AsyncGenerator[str, None]:
+        for word in question.split():
+            yield word
+
+    chunks = answer("one two three")
+    assert await chunks.__anext__() == "one"
+    await chunks.aclose()
+    assert await adapter.aflush(timeout=10)
+    (end,) = _ends(handler)
+    assert end.abandoned is True and end.error is None
+
+
+def test_audit_request_in_a_generator_closed_early_is_abandoned() -> None:
+    handler = SyncRecorder()
+
+    def answer(question: str) -> Generator[str, None, None]:
+        with audit.request(question=question, handlers=[handler]):
+            yield from ["a", "b"]
+
+    chunks = answer("by hand")
+    next(chunks)
+    chunks.close()
+    (end,) = _ends(handler)
+    assert end.abandoned is True and end.error is None
+
+
+def test_a_failing_stream_is_still_a_failure() -> None:
+    d = get_dispatcher("tests.audit.streams.failing")
+    handler = SyncRecorder()
+    audit.attach(d, [handler])
+
+    @d.span(request=True)
+    def answer(question: str) -> Generator[str, None, None]:
+        yield "one"
+        raise RuntimeError("model went away")
+
+    with pytest.raises(RuntimeError):
+        list(answer("q"))
+    (end,) = _ends(handler)
+    assert end.abandoned is False and isinstance(end.error, RuntimeError)
