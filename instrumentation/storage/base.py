@@ -160,8 +160,9 @@ class Store(ABC):
     def close(self) -> None:
         """Close the connection; a later call reconnects.
 
-        For SQLite, closing the last connection to the file copies the write-ahead
-        log (``-wal``) into it, so the file alone then holds every row.
+        For SQLite, a store that writes copies the write-ahead log (``-wal``) into the
+        file as it closes (a checkpoint, waiting a second at most for readers), so the
+        file alone then holds every row, even while a reader (``tail``) stays open.
         """
         return None
 
@@ -537,21 +538,55 @@ class SQLStore(Store):
         return found[0] if len(found) == 1 else None
 
     def trace_ids_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
+        if not isinstance(prefix, str):
+            kind = type(prefix).__name__
+            raise TypeError(f"prefix is a str (the start of a trace id), got {kind}")
         p = self.dialect.param
+        # ``LIKE 'ab%'`` reads the whole trace_id index (PostgreSQL uses an index for
+        # it only under the C collation): ``export`` of 8,000 traces took 12 s. A
+        # prefix of hex digits (what trace ids are made of) is a range of the index
+        # instead, bounded above by the prefix with its last digit raised by one: in
+        # every collation, a string that starts with the prefix sorts within it. The
+        # ``substr`` check then keeps exactly the ids that start with the prefix.
+        where = f"substr(trace_id, 1, {len(prefix)}) = {p}"
+        params: list[Any] = [prefix]
+        upper = _hex_successor(prefix)
+        if upper is not None:
+            where = f"trace_id >= {p} AND trace_id < {p} AND {where}"
+            params = [prefix, upper, prefix]
         rows = self._query(
-            f"SELECT DISTINCT trace_id FROM spans WHERE trace_id LIKE {p} ESCAPE '\\' "
-            f"LIMIT {int(limit)}",
-            [_like_literal(prefix) + "%"],
+            f"SELECT DISTINCT trace_id FROM spans WHERE {where} LIMIT {int(limit)}", params
         )
         return [row[0] for row in rows]
+
+
+#: The next hex digit, in the order every collation sorts them (digits before
+#: letters; ``9`` is followed by ``a``, ``f`` by ``g``, which sorts after it).
+_NEXT_HEX = {
+    **{str(i): str(i + 1) for i in range(9)},
+    "9": "a",
+    **{c: chr(ord(c) + 1) for c in "abcdefABCDEF"},
+}
+
+
+def _hex_successor(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``, for a prefix of
+    hex digits (``"3f"`` -> ``"3g"``); ``None`` for any other (or an empty) prefix."""
+    if not prefix or any(c not in _NEXT_HEX for c in prefix):
+        return None
+    return prefix[:-1] + _NEXT_HEX[prefix[-1]]
+
+
+#: The largest limit a query takes: both databases read LIMIT as a 64-bit integer.
+MAX_LIMIT = 2**63 - 1
 
 
 def _check_limit(limit: Any, none_means: str | None = None) -> None:
     if limit is None and none_means is not None:
         return
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
         also = f" (or None for {none_means})" if none_means is not None else ""
-        raise ValueError(f"limit is a positive int{also}, got {limit!r}")
+        raise ValueError(f"limit is a positive int up to 2**63 - 1{also}, got {limit!r}")
 
 
 def _like_literal(text: str) -> str:

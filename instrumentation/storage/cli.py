@@ -16,36 +16,66 @@ schema exits with status 2 and says why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import heapq
 import json
 import os
 import re
+import secrets
+import shutil
+import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, TextIO
+from decimal import Decimal
+from typing import Any, TextIO, TypeVar, cast
 
-from instrumentation.storage.base import Store
-from instrumentation.storage.models import StoredSpan, TraceSummary, roots_of
-from instrumentation.tree import build_forest, format_duration, render_forest
+from instrumentation.storage.base import MAX_LIMIT, Store
+from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
+from instrumentation.tree import format_duration
+
+T = TypeVar("T")
+
+
+#: What times are (``datetime`` runs from the year 1 to 9999), for error messages.
+_TIME_RANGE = "times run from the year 1 to 9999"
+
+
+def _out_of_range(value: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{value!r} is out of range ({_TIME_RANGE})")
 
 
 def _when(value: str) -> datetime:
-    """``2026-11-23T10:00``, or an age such as ``15m``, ``2h``, ``3d``."""
+    """``2026-11-23T10:00``, or an age such as ``15m``, ``2h``, ``3d``.
+
+    A time or an age beyond what a ``datetime`` holds (``--since 99999999d``,
+    ``0001-01-01`` in a time zone east of UTC) is an argument error, as a misspelt
+    one is, not a traceback.
+    """
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
-        return datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+        try:
+            ago = timedelta(seconds=float(value[:-1]) * units[value[-1]])
+            return datetime.now(timezone.utc) - ago
+        except (OverflowError, ValueError):
+            raise _out_of_range(value) from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a time: use ISO 8601 (2026-11-23T10:00) or an age (15m, 2h, 3d)"
         ) from None
-    # Without an offset it is local time, as ``list`` prints times: one copied from
-    # its output selects that trace.
-    return parsed if parsed.tzinfo else parsed.astimezone()
+    try:
+        # Without an offset it is local time, as ``list`` prints times: one copied
+        # from its output selects that trace.
+        found = parsed if parsed.tzinfo else parsed.astimezone()
+        found.timestamp()  # what the store compares: it must exist too
+    except (OverflowError, ValueError, OSError):
+        raise _out_of_range(value) from None
+    return found
 
 
 _DATE = re.compile(r"\d{4}-?\d{2}-?\d{2}")
@@ -57,18 +87,25 @@ def _until(value: str) -> datetime:
     that whole second (minute, ...): a time copied from ``list``, which prints whole
     seconds, selects that trace with ``--until`` as it does with ``--since``."""
     bound = _when(value)
-    text = value.strip()
+    try:
+        return bound + _whole_unit(value.strip())
+    except OverflowError:  # the last day there is: its end is past what times hold
+        raise _out_of_range(value) from None
+
+
+def _whole_unit(text: str) -> timedelta:
+    """How much past the time it names ``text`` reaches (0 for an age or fractions)."""
     if _DATE.fullmatch(text):
-        return bound + timedelta(days=1)
+        return timedelta(days=1)
     clock = re.split(r"[T ]", text, maxsplit=1)
     if len(clock) != 2 or not _DATE.fullmatch(clock[0]):
-        return bound  # an age: exact
+        return timedelta(0)  # an age: exact
     found = _TIME_OF_DAY.match(clock[1])
     if found is None or found.group(4):
-        return bound  # fractions of a second: exact
+        return timedelta(0)  # fractions of a second: exact
     if found.group(3):
-        return bound + timedelta(seconds=1)
-    return bound + (timedelta(minutes=1) if found.group(2) else timedelta(hours=1))
+        return timedelta(seconds=1)
+    return timedelta(minutes=1) if found.group(2) else timedelta(hours=1)
 
 
 def _seconds(value: str) -> float:
@@ -94,14 +131,29 @@ def _positive_seconds(value: str) -> float:
 
 
 def _positive_int(value: str) -> int:
-    """A count, 1 or more."""
+    """A count, 1 or more (and no more than a 64-bit integer, what the databases read
+    a ``LIMIT`` as: a larger one is an argument error, not the database's)."""
     try:
         number = int(value)
     except ValueError:
         number = 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"takes a whole number, 1 or more, got {value!r}")
+    if number > MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"takes a whole number up to {MAX_LIMIT} (2**63 - 1), got {value!r}"
+        )
     return number
+
+
+def _trace_ref(value: str) -> str:
+    """A trace id, a prefix of one, or ``latest``: not empty (an empty prefix is
+    every trace's, and an unset shell variable, not a choice)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            f"give a trace id or a prefix of one (or 'latest'), got {value!r}"
+        )
+    return value
 
 
 def _meta_item(item: str) -> tuple[str, str]:
@@ -129,23 +181,120 @@ def _tokens(n: int) -> str:
 
 
 def _cost(c: float | None) -> str:
-    return f"${c:.4f}" if c else ""
+    """Dollars to the hundredth of a cent; below a cent, to two significant digits
+    (a call to a small model costs $0.000023, which four decimals showed as $0.0000)."""
+    if not c:
+        return ""
+    if abs(c) >= 0.01:
+        return f"${c:.4f}"
+    return "$" + format(Decimal(f"{c:.2g}"), "f")
 
 
-def summary_line(s: TraceSummary) -> str:
-    parts = [
+#: Characters that move the cursor, end the line, or make the terminal do something
+#: (C0 and C1 controls, DEL, the Unicode line and paragraph separators, and the
+#: bidirectional overrides that show text in another order than it is).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a name or an
+    error read from the database is shown on one line, and an escape sequence in it
+    (``\\x1b[2J``) is shown, not run by the terminal."""
+    return _CONTROL.sub(lambda found: _escape(found.group()), text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _width(text: str) -> int:
+    """Terminal columns ``text`` takes (CJK characters take two, accents none)."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(c) for c in text)
+
+
+def _cap(text: str, columns: int) -> str:
+    """``text`` cut to ``columns`` terminal columns, with ``…`` where it was cut."""
+    if _width(text) <= columns:
+        return text
+    used = 0
+    for index, char in enumerate(text):
+        used += _char_width(char)
+        if used > columns - 1:
+            return text[:index] + "…"
+    return text
+
+
+def _pad(text: str, columns: int) -> str:
+    return text + " " * (columns - _width(text))
+
+
+def _first_line(text: str) -> str:
+    """The first line of ``text``, with ``…`` if more lines follow (a validation error
+    of many lines must not break ``list``'s one line per trace)."""
+    first, newline, rest = text.strip("\n").partition("\n")
+    return first + (" …" if newline and rest.strip() else "")
+
+
+#: The most terminal columns a name takes in ``list`` (and ``tail``), and an error.
+_NAME_COLUMNS = 120
+_ERROR_COLUMNS = 200
+#: ``list`` pads names to the widest, up to this: a longer one shifts its own line's
+#: later columns, rather than every line's by a hundred blanks.
+_ALIGN_COLUMNS = 48
+
+
+def _summary_columns(s: TraceSummary) -> list[str]:
+    """``list``'s columns for one trace: time, id, name, duration, spans, outcome,
+    tokens, cost (the last two empty when there are none)."""
+    if s.status == "error":
+        outcome = "✗ " + _cap(_printable(_first_line(s.error or "failed")), _ERROR_COLUMNS)
+    else:
+        outcome = "ok" + (_failed_inside(s.error_count) if s.error_count else "")
+    return [
         s.start.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-        s.trace_id,
-        f"{s.name or '?'}",
+        _printable(s.trace_id),
+        _cap(_printable(s.name or "?"), _NAME_COLUMNS),
         format_duration(s.duration),
         f"{s.span_count} spans",
-        "✗ " + (s.error or "failed")
-        if s.status == "error"
-        else "ok" + (_failed_inside(s.error_count) if s.error_count else ""),
+        outcome,
         _tokens(s.total_tokens),
         _cost(s.cost_usd),
     ]
-    return "  ".join(p for p in parts if p)
+
+
+def summary_line(s: TraceSummary) -> str:
+    """One trace on one line: its start, id, root span, duration, span count, how it
+    ended (the first line of its error), tokens and cost. Control characters in the
+    name and the error are escaped, and a very long name is cut (see :func:`_cap`)."""
+    return "  ".join(p for p in _summary_columns(s) if p)
+
+
+def summary_lines(summaries: Sequence[TraceSummary]) -> list[str]:
+    """:func:`summary_line` of each trace, in columns: the ids, names, durations and
+    span counts padded to the widest of them, so that the columns after line up."""
+    rows = [_summary_columns(s) for s in summaries]
+    if not rows:
+        return []
+    widths = [max(_width(row[i]) for row in rows) for i in range(5)]
+    widths[2] = max([_width(row[2]) for row in rows if _width(row[2]) <= _ALIGN_COLUMNS] or [0])
+    lines = []
+    for row in rows:
+        row[1] = _pad(row[1], widths[1])
+        row[2] = _pad(row[2], widths[2])
+        row[3] = " " * (widths[3] - _width(row[3])) + row[3]
+        row[4] = " " * (widths[4] - _width(row[4])) + row[4]
+        lines.append("  ".join(p for p in row if p))
+    return lines
 
 
 def _failed_inside(count: int) -> str:
@@ -154,59 +303,139 @@ def _failed_inside(count: int) -> str:
     return f" ({count} span{'s' if count != 1 else ''} failed inside)"
 
 
-def _event_fields(payload: Any, shown: str | None, width: int = 100) -> str:
+def _event_fields(
+    payload: Any, shown: str | None, width: int = 100, metadata: Mapping[str, str] | None = None
+) -> str:
     """An event's own fields on one line, cut at ``width`` characters (not the one
-    whose value is ``shown`` already, as its error)."""
+    whose value is ``shown`` already, as its error; nor the tags that ``metadata``
+    shows already, the same on every event of a request, which took up the line)."""
     if not isinstance(payload, dict):
         return ""
     parts = []
     for key, value in payload.items():
+        if key == "tags" and isinstance(value, dict) and metadata:
+            value = {k: v for k, v in value.items() if metadata.get(k) != v}
         if (key == "tags" and not value) or (shown is not None and value == shown):
             continue
-        text = repr(value)
-        parts.append(f"{key}={text if len(text) <= 40 else text[:39] + '…'}")
+        text = _printable(repr(value))
+        parts.append(f"{_printable(str(key))}={text if len(text) <= 40 else text[:39] + '…'}")
     line = " ".join(parts)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def span_label(span: StoredSpan) -> str:
-    parts = [span.name or span.id_, format_duration(span.duration)]
+    """A span's line in the tree: name, duration, models, tokens, cost and error, on
+    one line (control characters escaped)."""
+    parts = [_printable(span.name or span.id_), format_duration(span.duration)]
     models = sorted({e.model for e in span.events if e.model})
     if models:
-        parts.append(",".join(models))
+        parts.append(_printable(",".join(models)))
     if span.total_tokens:
         parts.append(_tokens(span.total_tokens))
     if span.cost_usd:
         parts.append(_cost(span.cost_usd))
     if span.status == "error":
-        parts.append(f"✗ {span.error}")
+        parts.append(f"✗ {_printable(span.error or 'failed')}")
     return "  ".join(parts)
 
 
-def format_trace(spans: list[StoredSpan], *, events: bool = False) -> str:
-    """A stored trace as an indented tree (the same drawing as ``SimpleSpanHandler``)."""
+def shared_metadata(spans: Sequence[StoredSpan]) -> dict[str, str]:
+    """The metadata every root of a trace has, with the same value: what ``show``
+    prints once, above the tree, instead of on each event."""
+    roots = roots_of(list(spans))
+    if not roots:
+        return {}
+    common = dict(roots[0].metadata)
+    for root in roots[1:]:
+        common = {k: v for k, v in common.items() if root.metadata.get(k) == v}
+    return common
+
+
+def format_trace(
+    spans: list[StoredSpan],
+    *,
+    events: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """A stored trace as an indented tree (the same drawing as ``SimpleSpanHandler``).
+
+    With ``events``, each span's events are listed under it, with their fields; the
+    tags that ``metadata`` holds (what ``show`` prints above the tree) are left out.
+    The tree is built and drawn without recursion: a trace thousands of spans deep
+    (a recursive algorithm, an agent's loop) is drawn like any other.
+    """
     if events:
+        hidden = dict(metadata or {})
 
         def label(item: Any) -> str:
             if isinstance(item, StoredSpan):
                 return span_label(item)
-            fields = _event_fields(item.payload, item.error)
+            fields = _event_fields(item.payload, item.error, metadata=hidden)
             return (
-                f"· {item.type}"
+                f"· {_printable(item.type)}"
                 + (f"  {fields}" if fields else "")
-                + (f"  ✗ {item.error}" if item.error else "")
+                + (f"  ✗ {_printable(item.error)}" if item.error else "")
             )
 
         items: list[Any] = [*spans, *(e for s in spans for e in s.events)]
-        forest = build_forest(
+        return _draw_tree(
             items,
             lambda i: i.id_,
             lambda i: i.parent_id if isinstance(i, StoredSpan) else i.span_id,
             lambda i: i.start if isinstance(i, StoredSpan) else i.time,
+            label,
         )
-        return render_forest(forest, label)
-    forest = build_forest(spans, lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start)
-    return render_forest(forest, span_label)
+    return _draw_tree(spans, lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start, span_label)
+
+
+def _draw_tree(
+    items: Sequence[T],
+    id_of: Callable[[T], str],
+    parent_of: Callable[[T], str | None],
+    sort_key: Callable[[T], Any],
+    label: Callable[[T], str],
+) -> str:
+    """``instrumentation.tree``'s ``render_forest(build_forest(...))``, line for line,
+    with a stack instead of recursion (which stopped at about 500 levels, Python's
+    recursion limit). An item whose parent is not among ``items`` is a root; one
+    whose id is that of an item above it (ids given twice) is left out, so that the
+    drawing always ends."""
+    by_id = {id_of(item): item for item in items}
+    children: dict[str, list[T]] = {}
+    roots: list[T] = []
+    for item in items:
+        parent = parent_of(item)
+        if parent is not None and parent in by_id and parent != id_of(item):
+            children.setdefault(parent, []).append(item)
+        else:
+            roots.append(item)
+    for kids in children.values():
+        kids.sort(key=sort_key)
+    roots.sort(key=sort_key)
+    lines: list[str] = []
+    for root in roots:
+        lines.append(label(root))
+        above = [id_of(root)]  # the ids from the root down to the item being drawn
+        on_path = set(above)
+        # Each level: the children left to draw, the next one's index, and the prefix.
+        stack: list[tuple[list[T], int, str]] = [(children.get(above[0], []), 0, "")]
+        while stack:
+            kids, index, prefix = stack[-1]
+            if index == len(kids):
+                stack.pop()
+                on_path.discard(above.pop())
+                continue
+            stack[-1] = (kids, index + 1, prefix)
+            kid = kids[index]
+            ident = id_of(kid)
+            if ident in on_path:
+                continue
+            last = index == len(kids) - 1
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{label(kid)}")
+            above.append(ident)
+            on_path.add(ident)
+            stack.append((children.get(ident, []), 0, prefix + ("    " if last else "│   ")))
+    return "\n".join(lines)
 
 
 def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:
@@ -227,12 +456,23 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+_SPAN_FIELDS = tuple(f.name for f in dataclasses.fields(StoredSpan) if f.name != "children")
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(StoredEvent))
+
+
 def trace_record(trace_id: str, spans: list[StoredSpan]) -> dict[str, Any]:
-    """One exported JSON line: the trace with its spans (flat, with parent ids) and events."""
+    """One exported JSON line: the trace with its spans (flat, with parent ids) and events.
+
+    Each span's dict is made from its own fields, its events' from theirs: not with
+    ``dataclasses.asdict``, which copied each span's whole subtree (``children``) to
+    drop it again, so that a trace of 50,000 spans took seconds and hundreds of MB, and
+    a deep one exceeded the recursion limit. The dicts share the spans' ``tags``,
+    ``attributes``, ``metadata`` and ``payload`` dicts (copy them to change them).
+    """
     flat = []
     for span in spans:
-        data = dataclasses.asdict(span)
-        data.pop("children")
+        data = {name: getattr(span, name) for name in _SPAN_FIELDS}
+        data["events"] = [{name: getattr(e, name) for name in _EVENT_FIELDS} for e in span.events]
         flat.append(data)
     return {"trace_id": trace_id, "roots": [s.id_ for s in roots_of(spans)], "spans": flat}
 
@@ -248,8 +488,8 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         dispatcher=args.dispatcher,
         metadata=_meta(args.meta),
     )
-    for summary in found:
-        print(summary_line(summary), file=out)
+    for line in summary_lines(found):
+        print(line, file=out)
     if not found:
         print("(no traces)", file=out)
     return 0
@@ -260,6 +500,9 @@ def _no_match(store: Store, given: str) -> str:
     if given != "latest" and len(store.trace_ids_starting_with(given)) > 1:
         return f"several traces start with {given!r}: give more of the id (see `list`)"
     if store.traces(limit=1):
+        lower = given.lower()
+        if lower != given and given != "latest" and store.trace_ids_starting_with(lower, 1):
+            return f"no trace matches {given!r}: trace ids are lower case (try {lower!r})"
         return f"no trace matches {given!r} (see `list` for the ids)"
     none_yet = "there are no traces yet (a trace is listed once its root span has ended)"
     return none_yet if given == "latest" else f"no single trace matches {given!r}: {none_yet}"
@@ -272,10 +515,13 @@ def _cmd_show(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         return 1
     spans = store.trace(trace_id)
     if args.json:
-        print(json.dumps(trace_record(trace_id, spans), default=_jsonable), file=out)
+        # ASCII JSON (``\u`` escapes), as it always was: the same on any terminal.
+        print(_json_line(trace_record(trace_id, spans), out, unicode=False), file=out)
     else:
-        print(f"trace {trace_id}", file=out)
-        print(format_trace(spans, events=args.events), file=out)
+        metadata = shared_metadata(spans)
+        shown = "".join(f"  {k}={_printable(v)}" for k, v in metadata.items())
+        print(f"trace {_printable(trace_id)}{shown}", file=out)
+        print(format_trace(spans, events=args.events, metadata=metadata), file=out)
     return 0
 
 
@@ -314,7 +560,10 @@ class _Follower:
     floor, :data:`_LATE` before the last trace shown, for traces that reached the
     database late. To show none twice, it remembers the traces it has shown that ended
     after the floor, at most :data:`_REMEMBER`: past that, it forgets the oldest and
-    raises the floor above them, never past the last trace read (the frontier).
+    raises the floor above them, never past the last trace read (the frontier). A
+    trace is remembered by its root span, not its trace id: a trace continued in
+    another process is listed by that process's root until the span it continues is
+    stored, and then by its top span, which must be shown as well.
     """
 
     def __init__(self, store: Store, shown_from: datetime) -> None:
@@ -326,7 +575,7 @@ class _Follower:
         self._frontier: tuple[datetime, str] | None = None
         self._at_frontier = True
         self._latest: datetime | None = None  # the latest end of a trace shown
-        self._seen: set[str] = set()
+        self._seen: set[str] = set()  # root span ids of the traces shown
         self._by_end: list[tuple[datetime, str]] = []  # a heap of what _seen holds
         self._rechecked: float | None = None
 
@@ -362,10 +611,13 @@ class _Follower:
                     self._at_frontier = True
                 if self._at_frontier:
                     self._frontier = read
-                if summary.trace_id in self._seen:
+                # By root span, not trace id: a trace that spans two processes has
+                # a root in each (the other process's root is listed until the span
+                # it continues is stored), and the one that ends last completes it.
+                if summary.root_span_id in self._seen:
                     continue
-                self._seen.add(summary.trace_id)
-                heapq.heappush(self._by_end, (summary.end, summary.trace_id))
+                self._seen.add(summary.root_span_id)
+                heapq.heappush(self._by_end, (summary.end, summary.root_span_id))
                 if self._latest is None or summary.end > self._latest:
                     self._latest = summary.end
                 yield summary
@@ -379,8 +631,8 @@ class _Follower:
         if self._latest is not None:
             floor = max(floor, self._latest - _LATE)
         while self._by_end and (len(self._seen) > keep or self._by_end[0][0] + _MARGIN < floor):
-            end, trace_id = heapq.heappop(self._by_end)
-            self._seen.discard(trace_id)
+            end, root_span_id = heapq.heappop(self._by_end)
+            self._seen.discard(root_span_id)
             floor = max(floor, end + _MARGIN)
         if floor <= old:
             return
@@ -450,24 +702,123 @@ def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         time.sleep(args.interval)
 
 
+def _json_line(record: dict[str, Any], out: Any, *, unicode: bool | None = None) -> str:
+    """A record as one line of JSON: UTF-8 text where the output takes it, else with
+    ``\\u`` escapes (still the same JSON) for a terminal that cannot show the rest."""
+    if unicode is None:
+        unicode = not isinstance(out, _FittedOutput)
+    return json.dumps(record, default=_jsonable, ensure_ascii=not unicode)
+
+
+def _refuse_database_as_output(output: str, store: Store) -> None:
+    """``export -o`` of the database itself (or its ``-wal``/``-shm``/``-journal``)
+    would destroy the traces it reads: refuse it before anything is opened."""
+    path = getattr(store, "path", None)
+    if not isinstance(path, str) or path == ":memory:":
+        return
+    target = os.path.realpath(output)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        candidate = path + suffix
+        same = target == os.path.realpath(candidate)
+        if not same and os.path.exists(target) and os.path.exists(candidate):
+            same = os.path.samefile(target, candidate)  # a hard link
+        if same:
+            what = "the trace database" + (f"'s {suffix[1:]} file" if suffix else "")
+            raise ValueError(
+                f"--output {output!r} is {what} being read: writing it would destroy "
+                "the traces; give another file"
+            )
+
+
+class _ReplacedAtEnd:
+    """The file ``export -o`` writes: a new file in the same folder, put in place of
+    the target (``os.replace``) once every trace is written. An export that fails or
+    is stopped half-way leaves the target as it was (it truncated it at the start).
+
+    A target that is no regular file (``/dev/stdout``, a named pipe) is written
+    directly: it cannot be replaced, and has nothing to lose.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._real = os.path.realpath(target)
+        self._temporary: str | None = None
+        try:
+            mode: int | None = os.stat(target).st_mode  # through symbolic links
+        except OSError:
+            mode = None  # not there yet (or unreadable: opening it says why)
+        if mode is not None and stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"cannot write {target!r}: it is a folder")
+        if mode is not None and not stat.S_ISREG(mode):
+            self.file: TextIO = open(target, "w", encoding="utf-8")  # noqa: SIM115
+            return
+        folder, name = os.path.split(self._real)
+        temporary = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            # 0o666 less the umask, as open() makes a file (mkstemp's would be 0o600).
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as exc:
+            raise OSError(
+                f"cannot write {target!r}: {exc.strerror or exc} (in {folder!r})"
+            ) from None
+        self._temporary = temporary
+        self.file = open(fd, "w", encoding="utf-8")  # noqa: SIM115
+
+    def commit(self) -> None:
+        """Put the written file in place of the target (keeping the target's mode)."""
+        self.file.close()
+        if self._temporary is None:
+            return
+        if os.path.exists(self._real):
+            shutil.copymode(self._real, self._temporary)
+        os.replace(self._temporary, self._real)
+        self._temporary = None
+
+    def discard(self) -> None:
+        """Remove what was written; the target stays as it was."""
+        try:
+            self.file.close()
+        finally:
+            if self._temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._temporary)
+                self._temporary = None
+
+
 def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    ids = args.trace_ids or [
-        s.trace_id for s in store.traces(limit=args.limit, since=args.since, until=args.until)
+    if args.output:
+        _refuse_database_as_output(args.output, store)
+    given: list[str] = args.trace_ids
+    # Ids that traces() returned are whole ids already: only those given on the
+    # command line (prefixes, "latest") are looked up (a query each).
+    ids: list[tuple[str, bool]] = [(g, True) for g in given] or [
+        (s.trace_id, False)
+        for s in store.traces(limit=args.limit, since=args.since, until=args.until)
     ]
-    target = open(args.output, "w", encoding="utf-8") if args.output else out  # noqa: SIM115
+    output = _ReplacedAtEnd(args.output) if args.output else None
+    target = output.file if output is not None else out
+    unicode = output is not None or not isinstance(out, _FittedOutput)
     status = 0
     try:
-        for given in ids:
-            trace_id = store.resolve_trace_id(given)
+        for ref, resolve in ids:
+            trace_id = store.resolve_trace_id(ref) if resolve else ref
             if trace_id is None:
-                print(_no_match(store, given), file=sys.stderr)
+                print(_no_match(store, ref), file=sys.stderr)
                 status = 1
                 continue
             record = trace_record(trace_id, store.trace(trace_id))
-            target.write(json.dumps(record, default=_jsonable, ensure_ascii=False) + "\n")
-    finally:
-        if target is not out:
-            target.close()
+            target.write(_json_line(record, out, unicode=unicode))
+            # The newline on its own, then a flush: a reader that went away (``| head``)
+            # is found out at each record. (Python drops what a write of one long
+            # line could not send to a closed pipe, without an error.)
+            target.write("\n")
+            target.flush()
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
+    if output is not None:
+        output.commit()
     return status
 
 
@@ -502,7 +853,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     show = sub.add_parser("show", help="one trace as a tree", parents=[common])
-    show.add_argument("trace_id", help="a trace id, a unique prefix of one, or 'latest'")
+    show.add_argument(
+        "trace_id", type=_trace_ref, help="a trace id, a unique prefix of one, or 'latest'"
+    )
     show.add_argument("--events", action="store_true", help="list each span's events too")
     show.add_argument("--json", action="store_true", help="print the trace as JSON")
 
@@ -523,7 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--tree", action="store_true", help="print each trace's tree")
 
     export = sub.add_parser("export", help="traces as JSON lines", parents=[common])
-    export.add_argument("trace_ids", nargs="*", help="traces to export (default: recent)")
+    export.add_argument(
+        "trace_ids", nargs="*", type=_trace_ref, help="traces to export (default: recent)"
+    )
     export.add_argument("--limit", type=_positive_int, default=100)
     export.add_argument("--since", type=_when, help="as list --since")
     export.add_argument("--until", type=_until, help="as list --until")
@@ -541,6 +896,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
+    writer = _fitted(stream)
     # ``--db ""`` is a mistake (an unset shell variable), not a request for the default.
     where = database_target(args.db)
     shown = redacted(where)  # lines on stderr end up in logs: no password in them
@@ -560,8 +916,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"cannot open the trace database {shown!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        status = _COMMANDS[args.command](store, args, stream)
-        stream.flush()  # a closed pipe shows here, not at interpreter exit
+        status = _COMMANDS[args.command](store, args, writer)
+        writer.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -581,6 +937,55 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     finally:
         store.close()
+
+
+#: What the drawing uses, and what stands for it where the output's encoding has no
+#: such character (``PYTHONIOENCODING=ascii``, a Latin-1 terminal).
+_FALLBACKS = {"µ": "u", "✗": "x", "…": "...", "·": "-", "├": "|", "└": "`", "│": "|", "─": "-"}
+#: Characters of every kind a name may hold: an output that takes all of them (UTF-8)
+#: is written to as it is.
+_PROBE = "".join(_FALLBACKS) + "é名😀"
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+class _FittedOutput:
+    """Writes text to a stream whose encoding cannot take every character: the tree's
+    and ``list``'s symbols become ASCII look-alikes (``µs`` -> ``us``, ``├──`` ->
+    ``|--``), and any other character it lacks a ``?``. Without it, ``list`` on a
+    terminal set to ASCII (``LC_ALL=C`` without UTF-8 mode, ``PYTHONIOENCODING``)
+    failed on the first ``µs`` with a ``UnicodeEncodeError``."""
+
+    def __init__(self, stream: TextIO, encoding: str) -> None:
+        self._stream = stream
+        self._encoding = encoding
+        self._table = str.maketrans(
+            {c: r for c, r in _FALLBACKS.items() if not _encodes(c, encoding)}
+        )
+
+    def write(self, text: str) -> int:
+        if not text.isascii():
+            text = text.translate(self._table)
+            text = text.encode(self._encoding, "replace").decode(self._encoding)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _fitted(stream: TextIO) -> TextIO:
+    """``stream``, or a :class:`_FittedOutput` over it if its encoding cannot take
+    every character (a ``StringIO``, which has none, takes them all)."""
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str) or _encodes(_PROBE, encoding):
+        return stream
+    return cast(TextIO, _FittedOutput(stream, encoding))
 
 
 #: What a shell reports for a program ended by SIGPIPE (128 + 13).
@@ -605,7 +1010,9 @@ __all__ = [
     "format_trace",
     "format_traces",
     "main",
+    "shared_metadata",
     "span_label",
     "summary_line",
+    "summary_lines",
     "trace_record",
 ]

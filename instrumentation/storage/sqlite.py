@@ -39,6 +39,9 @@ ACCEPTED_ADDRESSES = (
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 logger = logging.getLogger("instrumentation.storage")
+#: How long a writer's ``close()`` waits for other connections (a reader in the middle
+#: of a query, another process's write) to copy the write-ahead log into the file.
+CHECKPOINT_WAIT = 1.0
 _FILE_REPLACED = telemetry.counter("storage.database_file_replaced")
 
 
@@ -118,6 +121,14 @@ def _check_place(path: str, read_only: bool) -> None:
             + ("is not a folder" if what is NotADirectoryError else "does not exist")
             + " (create the folder first)"
         )
+
+
+def _case_sensitive_like(conn: sqlite3.Connection) -> None:
+    """Make ``LIKE`` tell upper from lower case, as PostgreSQL's does and as ``=``
+    does: the ``name`` and ``dispatcher`` filters of ``traces()`` (``LIKE`` with a
+    wildcard, ``=`` without) then select the same rows on both stores, with or
+    without a ``*``. (SQLite's ``LIKE`` ignores the case of ASCII letters otherwise.)"""
+    conn.execute("PRAGMA case_sensitive_like = ON")
 
 
 def _cannot_make_files(exc: sqlite3.OperationalError) -> bool:
@@ -245,6 +256,7 @@ class SQLiteStore(SQLStore):
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            _case_sensitive_like(conn)
             self._migrate(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         except sqlite3.DatabaseError as exc:
@@ -307,6 +319,7 @@ class SQLiteStore(SQLStore):
         )
         try:
             conn.execute("PRAGMA query_only = ON")
+            _case_sensitive_like(conn)
             try:
                 found_tables = {
                     row[0]
@@ -394,6 +407,48 @@ class SQLiteStore(SQLStore):
                     conn.execute(f"PRAGMA busy_timeout = {full}")
                 except sqlite3.Error:  # the connection broke: the next one starts afresh
                     pass
+
+    def close(self) -> None:
+        """Close the connection; a later call reconnects.
+
+        A writer first copies the write-ahead log into the database file
+        (``PRAGMA wal_checkpoint(TRUNCATE)``): SQLite does that by itself only when
+        the last connection to the file closes, so a reader still connected (``tail``
+        in another terminal, a long-lived ``read_only`` store) would otherwise leave
+        rows in ``-wal`` only, and the file alone would be incomplete. A reader in the
+        middle of a query holds the copy up: it is waited for :data:`CHECKPOINT_WAIT`
+        seconds at most, and if the copy cannot finish then, that is logged (INFO):
+        nothing is lost, the rows are in ``-wal`` until the next writer's close or the
+        last connection's.
+        """
+        with self._lock:
+            conn = self._conn
+            if conn is not None and not self.read_only and self.path != ":memory:":
+                self._checkpoint(conn)
+            super().close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(CHECKPOINT_WAIT * 1000)}")
+            row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:  # locked, or the file went away
+            busy, reason = True, str(exc)
+        else:
+            # (busy, frames in the log, frames copied): busy is 1 when a reader or
+            # writer kept the checkpoint from finishing.
+            busy = bool(row and row[0])
+            reason = f"{row[2]} of {row[1]} pages copied" if row else "no answer"
+        if busy:
+            logger.info(
+                "instrumentation.storage: closing %r, another connection kept SQLite "
+                "from copying the write-ahead log into the file within %.1f s (%s); "
+                "its rows are safe in %s and are copied by the next writer to close or "
+                "the last connection to close, so the file alone may lack them until then",
+                self,
+                CHECKPOINT_WAIT,
+                reason,
+                os.path.basename(self.path) + "-wal",
+            )
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
         with self._lock:
