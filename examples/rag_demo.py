@@ -34,7 +34,7 @@ from instrumentation.llms import (
     OfflineLLM,
 )
 from instrumentation.span.simple import SimpleSpan
-from instrumentation.tree import build_forest, format_duration, render_forest
+from instrumentation.tree import draw_tree, format_duration
 
 dispatcher = get_dispatcher("examples.rag_demo")
 
@@ -150,8 +150,7 @@ def format_trace(spans: Iterable[SimpleSpan], collector: LLMEndCollector) -> str
             text += f"  ✗ {span.metadata['error']}"
         return text
 
-    forest = build_forest(spans, lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start_time)
-    return render_forest(forest, label)
+    return draw_tree(spans, lambda s: s.id_, lambda s: s.parent_id, label, lambda s: s.start_time)
 
 
 def run_demo(

@@ -7,22 +7,29 @@ looks the same wherever it is read. A span whose parent is not among the spans g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def build_forest(
+def draw_tree(
     items: Iterable[T],
-    id_of: Callable[[T], str],
-    parent_of: Callable[[T], str | None],
+    id_of: Callable[[T], Any],
+    parent_of: Callable[[T], Any],
+    label: Callable[[T], str],
     sort_key: Callable[[T], Any] | None = None,
-) -> list[tuple[T, list[tuple[T, list]]]]:  # type: ignore[type-arg]
-    """Nest ``items`` by parent id: a list of ``(item, children)`` pairs, recursively."""
+) -> str:
+    """Draw ``items`` nested by parent id, with box-drawing branches, one tree per root.
+
+    An item whose parent is not among ``items`` is a root; one whose id is that of an
+    item above it (ids given twice, a loop) is left out, so the drawing always ends.
+    Drawn with a stack, not recursion: a trace thousands of levels deep (a recursive
+    algorithm, traced) is drawn too.
+    """
     items = list(items)
     by_id = {id_of(item): item for item in items}
-    children: dict[str, list[T]] = {}
+    children: dict[Any, list[T]] = {}
     roots: list[T] = []
     for item in items:
         parent = parent_of(item)
@@ -30,39 +37,33 @@ def build_forest(
             children.setdefault(parent, []).append(item)
         else:
             roots.append(item)
-
-    def nest(item: T, seen: frozenset[str]) -> tuple[T, list]:  # type: ignore[type-arg]
-        kids = children.get(id_of(item), [])
-        if sort_key is not None:
-            kids = sorted(kids, key=sort_key)
-        ident = id_of(item)
-        return (item, [nest(k, seen | {ident}) for k in kids if id_of(k) not in seen])
-
     if sort_key is not None:
+        for kids in children.values():
+            kids.sort(key=sort_key)
         roots.sort(key=sort_key)
-    return [nest(r, frozenset()) for r in roots]
-
-
-def render_forest(
-    forest: Sequence[tuple[T, list]],  # type: ignore[type-arg]
-    label: Callable[[T], str],
-) -> str:
-    """Draw a forest from :func:`build_forest` with box-drawing branches."""
     lines: list[str] = []
-
-    def walk(node: tuple[T, list], prefix: str, last: bool, top: bool) -> None:  # type: ignore[type-arg]
-        item, kids = node
-        if top:
-            lines.append(label(item))
-            child_prefix = ""
-        else:
-            lines.append(f"{prefix}{'└── ' if last else '├── '}{label(item)}")
-            child_prefix = prefix + ("    " if last else "│   ")
-        for i, kid in enumerate(kids):
-            walk(kid, child_prefix, i == len(kids) - 1, False)
-
-    for root in forest:
-        walk(root, "", True, True)
+    for root in roots:
+        lines.append(label(root))
+        above = [id_of(root)]  # the ids from the root down to the item being drawn
+        on_path = set(above)
+        # Each level: the children left to draw, the next one's index, and the prefix.
+        stack: list[tuple[list[T], int, str]] = [(children.get(above[0], []), 0, "")]
+        while stack:
+            kids, index, prefix = stack[-1]
+            if index == len(kids):
+                stack.pop()
+                on_path.discard(above.pop())
+                continue
+            stack[-1] = (kids, index + 1, prefix)
+            kid = kids[index]
+            ident = id_of(kid)
+            if ident in on_path:
+                continue
+            last = index == len(kids) - 1
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{label(kid)}")
+            above.append(ident)
+            on_path.add(ident)
+            stack.append((children.get(ident, []), 0, prefix + ("    " if last else "│   ")))
     return "\n".join(lines)
 
 
@@ -76,4 +77,4 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
-__all__ = ["build_forest", "format_duration", "render_forest"]
+__all__ = ["draw_tree", "format_duration"]

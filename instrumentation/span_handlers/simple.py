@@ -14,7 +14,7 @@ from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict, move_buffer
 from instrumentation.span_handlers.base import BaseSpanHandler
-from instrumentation.tree import build_forest, format_duration, render_forest
+from instrumentation.tree import draw_tree, format_duration
 
 _utc = timezone.utc
 _from_timestamp = datetime.fromtimestamp
@@ -304,10 +304,9 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
                 text += f"  ✗ {span.metadata['error']}"
             return text
 
-        forest = build_forest(
-            self.all_spans(), lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start_time
+        return draw_tree(
+            self.all_spans(), lambda s: s.id_, lambda s: s.parent_id, label, lambda s: s.start_time
         )
-        return render_forest(forest, label)
 
     def print_trace_trees(self) -> None:
         """Print :meth:`format_trace_trees`."""

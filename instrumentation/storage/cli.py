@@ -28,14 +28,14 @@ import stat
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TextIO, TypeVar, cast
 
 from instrumentation.storage.base import MAX_LIMIT, Store
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
-from instrumentation.tree import format_duration
+from instrumentation.tree import draw_tree, format_duration
 
 T = TypeVar("T")
 
@@ -378,64 +378,14 @@ def format_trace(
             )
 
         items: list[Any] = [*spans, *(e for s in spans for e in s.events)]
-        return _draw_tree(
+        return draw_tree(
             items,
             lambda i: i.id_,
             lambda i: i.parent_id if isinstance(i, StoredSpan) else i.span_id,
-            lambda i: i.start if isinstance(i, StoredSpan) else i.time,
             label,
+            lambda i: i.start if isinstance(i, StoredSpan) else i.time,
         )
-    return _draw_tree(spans, lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start, span_label)
-
-
-def _draw_tree(
-    items: Sequence[T],
-    id_of: Callable[[T], str],
-    parent_of: Callable[[T], str | None],
-    sort_key: Callable[[T], Any],
-    label: Callable[[T], str],
-) -> str:
-    """``instrumentation.tree``'s ``render_forest(build_forest(...))``, line for line,
-    with a stack instead of recursion (which stopped at about 500 levels, Python's
-    recursion limit). An item whose parent is not among ``items`` is a root; one
-    whose id is that of an item above it (ids given twice) is left out, so that the
-    drawing always ends."""
-    by_id = {id_of(item): item for item in items}
-    children: dict[str, list[T]] = {}
-    roots: list[T] = []
-    for item in items:
-        parent = parent_of(item)
-        if parent is not None and parent in by_id and parent != id_of(item):
-            children.setdefault(parent, []).append(item)
-        else:
-            roots.append(item)
-    for kids in children.values():
-        kids.sort(key=sort_key)
-    roots.sort(key=sort_key)
-    lines: list[str] = []
-    for root in roots:
-        lines.append(label(root))
-        above = [id_of(root)]  # the ids from the root down to the item being drawn
-        on_path = set(above)
-        # Each level: the children left to draw, the next one's index, and the prefix.
-        stack: list[tuple[list[T], int, str]] = [(children.get(above[0], []), 0, "")]
-        while stack:
-            kids, index, prefix = stack[-1]
-            if index == len(kids):
-                stack.pop()
-                on_path.discard(above.pop())
-                continue
-            stack[-1] = (kids, index + 1, prefix)
-            kid = kids[index]
-            ident = id_of(kid)
-            if ident in on_path:
-                continue
-            last = index == len(kids) - 1
-            lines.append(f"{prefix}{'└── ' if last else '├── '}{label(kid)}")
-            above.append(ident)
-            on_path.add(ident)
-            stack.append((children.get(ident, []), 0, prefix + ("    " if last else "│   ")))
-    return "\n".join(lines)
+    return draw_tree(spans, lambda s: s.id_, lambda s: s.parent_id, span_label, lambda s: s.start)
 
 
 def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:

@@ -18,7 +18,7 @@ from instrumentation import (
     root_manager,
     telemetry,
 )
-from instrumentation.tree import build_forest, format_duration, render_forest
+from instrumentation.tree import draw_tree, format_duration
 
 from ._support import EventList, fresh
 
@@ -152,14 +152,37 @@ def test_simple_span_handler_subclass_uses_its_overrides() -> None:
 def test_forest_with_missing_parents_and_durations() -> None:
     """Items whose parent is absent become roots; children nest and sort; durations read well."""
     items = [("c", "b", 3), ("b", "a", 2), ("x", "gone", 1), ("d", "b", 4)]
-    forest = build_forest(items, lambda i: i[0], lambda i: i[1], lambda i: i[2])
-    assert [root[0][0] for root in forest] == ["x", "b"]
-    text = render_forest(forest, lambda i: i[0])
+    text = draw_tree(items, lambda i: i[0], lambda i: i[1], lambda i: i[0], lambda i: i[2])
     assert text.splitlines() == ["x", "b", "├── c", "└── d"]
     assert format_duration(None) == "open" and format_duration(5e-6) == "5 µs"
     assert format_duration(0.0123) == "12.3 ms" and format_duration(2.5) == "2.50 s"
     loop = [("a", "b", 1), ("b", "a", 2)]
-    assert build_forest(loop, lambda i: i[0], lambda i: i[1]) == []
+    assert draw_tree(loop, lambda i: i[0], lambda i: i[1], lambda i: i[0]) == ""
+
+
+def test_simple_span_handler_draws_a_trace_thousands_of_levels_deep() -> None:
+    """The trees were drawn by recursion, which stopped at about 500 levels: a traced
+    recursive algorithm could not be printed."""
+    from instrumentation import SimpleSpanHandler, get_dispatcher
+
+    h = SimpleSpanHandler()
+    d = get_dispatcher("tests.core.robustness.deep")
+    d.add_span_handler(h)
+    try:
+        spans = [(f"s{i}", f"s{i - 1}" if i else None, i) for i in range(3000)]
+        text = draw_tree(spans, lambda s: s[0], lambda s: s[1], lambda s: s[0], lambda s: s[2])
+        lines = text.splitlines()
+        assert len(lines) == 3000 and lines[-1].endswith("└── s2999")
+
+        import contextlib
+
+        with contextlib.ExitStack() as nested:  # 1,500 spans, one inside the other
+            for i in range(1500):
+                nested.enter_context(d.span(f"level{i}"))
+        drawn = h.format_trace_trees().splitlines()
+        assert len(drawn) == 1500 and "└── level1499" in drawn[-1]
+    finally:
+        d.remove_span_handler(h)
 
 
 def test_rate_limited_log_reports_the_suppressed_count(

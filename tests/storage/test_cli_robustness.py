@@ -635,21 +635,20 @@ def test_export_into_a_pipe_that_closes_stops_with_141_however_long_the_line(
         assert err == ""
 
 
-def test_format_trace_draws_what_instrumentation_tree_draws() -> None:
-    """The drawing without recursion is the one SimpleSpanHandler makes, line for line."""
-    from instrumentation.tree import build_forest, render_forest
-
+def test_format_trace_draws_branches_in_start_order_and_orphans_as_roots() -> None:
+    """The drawing SimpleSpanHandler makes too (instrumentation.tree.draw_tree)."""
     t = datetime.now(timezone.utc)
     shape = {"r": None, "a": "r", "b": "r", "a1": "a", "a2": "a", "b1": "b", "x": "gone"}
     spans = [
         StoredSpan(i, "t", p, i, "d", t + timedelta(seconds=n), t, 0.0, "ok")
         for n, (i, p) in enumerate(shape.items())
     ]
-    from instrumentation.storage.cli import span_label
-
-    expected = render_forest(
-        build_forest(spans, lambda s: s.id_, lambda s: s.parent_id, lambda s: s.start),
-        span_label,
-    )
-    assert format_trace(spans) == expected
-    assert format_trace(spans).splitlines()[4] == "└── b  0 µs"
+    assert format_trace(spans).splitlines() == [
+        "r  0 µs",
+        "├── a  0 µs",
+        "│   ├── a1  0 µs",
+        "│   └── a2  0 µs",
+        "└── b  0 µs",
+        "    └── b1  0 µs",
+        "x  0 µs",
+    ]
