@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from instrumentation.audit import Event, EventHandler, LLMEvent, RequestEnd, RequestStart
@@ -125,3 +128,26 @@ class AsyncRecorder(EventHandler[ReqCtx, EvCtx]):
     async def request_end(self, output: RequestEnd, request_context: ReqCtx) -> None:
         await asyncio.sleep(self.pause)
         self.rec.request_end(output, request_context)
+
+
+def mypy_strict(
+    cache: Path, *files: Path, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``mypy --strict`` on ``files``, as a user's own code is checked (a fresh cache)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--follow-imports=silent",
+            "--cache-dir",
+            str(cache),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+    )

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import instrumentation.audit.examples.typed_handler as typed_handler
+
+from .helpers import mypy_strict
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "audit.md"
@@ -52,21 +52,5 @@ def test_the_typed_blocks_pass_mypy_strict(tmp_path: Path) -> None:
     assert len(picked) == len(TYPED)
     module = tmp_path / "docs_audit_typed.py"
     module.write_text(PRELUDE + "\n\n".join(picked), encoding="utf-8")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--no-incremental",
-            "--follow-imports=silent",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            str(module),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
+    proc = mypy_strict(tmp_path / "cache", module, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr

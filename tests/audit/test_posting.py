@@ -24,11 +24,8 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture
-def held_loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Worker, list[int]]]:
-    """The running audit loop, held busy until the test ends; yields it with a list of
-    the loop wake-ups asked for from then on (by call_soon_threadsafe)."""
-    worker = audit_loop.worker()
+def _hold(worker: Worker) -> threading.Event:
+    """Keep ``worker``'s loop busy in a posted call until the event returned is set."""
     release, holding = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -37,6 +34,15 @@ def held_loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Worker, list[in
 
     audit_loop.post(worker, hold)
     assert holding.wait(5)
+    return release
+
+
+@pytest.fixture
+def held_loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Worker, list[int]]]:
+    """The running audit loop, held busy until the test ends; yields it with a list of
+    the loop wake-ups asked for from then on (by call_soon_threadsafe)."""
+    worker = audit_loop.worker()
+    release = _hold(worker)
     wakes: list[int] = []
     real = worker.loop.call_soon_threadsafe
 
@@ -86,14 +92,7 @@ def test_a_posted_call_that_raises_loses_none_after_it() -> None:
     def broken() -> None:
         raise RuntimeError("bug in a posted call")
 
-    release, holding = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        holding.set()
-        release.wait(10)
-
-    audit_loop.post(worker, hold)
-    assert holding.wait(5)
+    release = _hold(worker)
     audit_loop.post(worker, ran.append, "before")
     audit_loop.post(worker, broken)
     audit_loop.post(worker, ran.append, "after")

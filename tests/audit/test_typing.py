@@ -3,11 +3,11 @@ one whose contexts do not match."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import instrumentation.audit.examples.typed_handler as typed_handler
+
+from .helpers import mypy_strict
 
 BAD = """
 from __future__ import annotations
@@ -39,23 +39,7 @@ def test_mypy_strict_accepts_typed_handlers_and_rejects_wrong_contexts(tmp_path:
     bad = tmp_path / "bad_handler.py"
     bad.write_text(BAD)
     good = Path(typed_handler.__file__)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--no-incremental",
-            "--follow-imports=silent",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            str(good),
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = mypy_strict(tmp_path / "cache", good, bad)
     out = proc.stdout
     assert "typed_handler.py" not in out, out  # no error in the annotated example
     assert 'Return type "Coroutine[Any, Any, int]" of "request_start"' in out, out
