@@ -42,7 +42,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, field_validator
 
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import registry
@@ -123,10 +123,15 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
     # Ended request spans whose wait is for after_span_end, by span id.
     _deferred: dict[str, RequestRun] = PrivateAttr(default_factory=dict)
 
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _valid_timeout(cls, value: Any) -> float:
+        # Before pydantic's own coercion, which took "5" and True as numbers.
+        return check_timeout(value)
+
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
         self.handlers = list(check_handlers(self.handlers))
-        self.timeout = check_timeout(self.timeout)
 
     def span_enter(
         self,

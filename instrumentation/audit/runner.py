@@ -101,7 +101,9 @@ def _check_methods(handler: EventHandler[Any, Any]) -> None:
     own = getattr(handler, "__dict__", None) or {}
     shadowed = any(name in own for name in PROTOCOL)
     if not shadowed:
-        methods = tuple(getattr(cls, name, None) for name in PROTOCOL)
+        # As defined on the class: getattr() makes a new object on each access for a
+        # classmethod or a descriptor such as a wrapt decorator, never found again.
+        methods = tuple(inspect.getattr_static(cls, name, None) for name in PROTOCOL)
         known = _checked.get(cls)
         if known is not None and all(a is b for a, b in zip(known, methods, strict=True)):
             return
@@ -117,9 +119,16 @@ def _check_methods(handler: EventHandler[Any, Any]) -> None:
             signature = inspect.signature(method)
         except (TypeError, ValueError):  # no signature to read (a builtin): trusted
             continue
-        try:
-            signature.bind(*parameters)
-        except TypeError:
+        if not _binds(signature, parameters):
+            # inspect.signature follows __wrapped__, to the function a decorator wraps
+            # (singledispatchmethod, a decorator adding an argument): what is called
+            # is the wrapper, which is refused only if it cannot take the call either.
+            try:
+                outer = inspect.signature(method, follow_wrapped=False)
+            except (TypeError, ValueError):
+                continue
+            if _binds(outer, parameters):
+                continue
             raise TypeError(
                 f"{cls.__name__}.{name}{_shown(signature)} cannot be called as the audit "
                 f"runner calls it: define it as {expected}"
@@ -134,6 +143,14 @@ def _check_methods(handler: EventHandler[Any, Any]) -> None:
             _checked[cls] = methods
         except TypeError:  # pragma: no cover - a class that cannot be weakly referenced
             pass
+
+
+def _binds(signature: inspect.Signature, parameters: tuple[str, ...]) -> bool:
+    try:
+        signature.bind(*parameters)
+    except TypeError:
+        return False
+    return True
 
 
 def _shown(signature: inspect.Signature) -> str:
@@ -186,11 +203,7 @@ def interrupting(error: BaseException | None) -> bool:
     is being stopped, and the handlers' calls go on in the background (the exit flush
     waits for them). ``GeneratorExit`` is no such stop: a stream read no further.
     """
-    return (
-        error is not None
-        and not isinstance(error, Exception)
-        and not isinstance(error, GeneratorExit)
-    )
+    return isinstance(error, (KeyboardInterrupt, SystemExit, asyncio.CancelledError))
 
 
 #: What follows when each handler method fails, for the log.

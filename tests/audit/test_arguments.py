@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from instrumentation import audit, get_dispatcher
-from instrumentation.audit import EventHandler, RequestEnd, RequestStart
+from instrumentation.audit import Event, EventHandler, RequestEnd, RequestStart, ToolCallEvent
 from instrumentation.llms import OfflineLLM
 
 from .helpers import SyncRecorder
@@ -25,6 +25,9 @@ def test_attach_checks_its_timeout_as_request_does(timeout: Any) -> None:
         audit.attach(d, [SyncRecorder()], timeout=timeout)
     assert type(by_attach.value) is type(by_request.value)  # not a pydantic ValidationError
     assert str(by_attach.value) == str(by_request.value)
+    # The adapter made directly refuses them too (pydantic took "5" and True as numbers).
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        audit.AuditAdapter(handlers=[SyncRecorder()], timeout=timeout)
 
 
 class HowToStub(EventHandler[Any, Any]):
@@ -114,6 +117,44 @@ def test_flexible_signatures_are_accepted_and_run() -> None:
     assert req.completed and req.errors == []
 
 
+def test_a_decorated_method_is_judged_by_what_is_called() -> None:
+    """inspect.signature follows __wrapped__ to the function a decorator wraps: a
+    handler dispatching events by type with functools.singledispatchmethod (or a
+    decorator that passes an argument of its own) was refused, though it ran before."""
+    import functools
+
+    seen: list[str] = []
+
+    def with_clock(method: Any) -> Any:
+        @functools.wraps(method)
+        def call(self: Any, *args: Any) -> Any:
+            return method(self, "clock", *args)
+
+        return call
+
+    class ByType(SyncRecorder):
+        @functools.singledispatchmethod
+        def event_start(self, event: Event, request_context: Any) -> Any:
+            seen.append("other")
+
+        @event_start.register(ToolCallEvent)
+        def _(self, event: ToolCallEvent, request_context: Any) -> Any:
+            seen.append("tool")
+
+        @with_clock
+        def event_end(  # type: ignore[override]
+            self, clock: str, event: Any, request_context: Any, event_context: Any
+        ) -> None:
+            seen.append(clock)
+
+    with (
+        audit.request(question="q", handlers=[ByType()]) as req,
+        audit.event(ToolCallEvent(name="t")),
+    ):
+        pass
+    assert req.errors == [] and seen == ["tool", "clock"]
+
+
 def test_signatures_are_read_once_per_handler_class_not_per_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -133,6 +174,18 @@ def test_signatures_are_read_once_per_handler_class_not_per_request(
     assert len(reads) == 4  # the four methods, once
     for _ in range(3):
         with audit.request(question="again", handlers=[Counted(), Counted()]):
+            pass
+    assert len(reads) == 4
+
+    # A classmethod is a new object at each getattr(): still found again.
+    class WithClassmethod(SyncRecorder):
+        @classmethod
+        def request_start(cls, user_request: Any) -> Any:
+            return None
+
+    reads.clear()
+    for _ in range(3):
+        with audit.request(question="cm", handlers=[WithClassmethod()]):
             pass
     assert len(reads) == 4
 

@@ -516,18 +516,22 @@ def test_logging_handler_records_are_json_with_the_chat_prompt_as_a_list(
     ]
     with (
         caplog.at_level(logging.INFO, logger="tests.audit.records"),
-        audit.request(question="tea?", handlers=[handler]),
+        audit.request(
+            question="tea?", handlers=[handler], metadata={("team", 1): "tuple key", "n": 2}
+        ),
     ):
         llm.chat(messages)
-        with audit.event(audit.ToolCallEvent(name="kettle", arguments={"litres": 1.5})) as ev:
+        with audit.event(audit.ToolCallEvent(name="kettle", arguments={1: "a", "1": "b"})) as ev:
             ev.update(output=["hot", {"water": True}])
     records = [r.audit for r in caplog.records if r.name == "tests.audit.records"]  # type: ignore[attr-defined]
-    llm_record, tool_record = records[1], records[2]
+    start_record, llm_record, tool_record = records[0], records[1], records[2]
+    # Keys that are not str (a tuple, 1 beside "1") become text, and none is lost.
+    assert start_record["metadata"] == {"('team', 1)": "tuple key", "n": 2}
+    assert tool_record["arguments"] == {"1": "a", "'1'": "b"}
     assert llm_record["prompt"] == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "tea?"},
     ]
-    assert tool_record["arguments"] == {"litres": 1.5}
     assert tool_record["output"] == ["hot", {"water": True}]
     for record in records:
         assert json.loads(json.dumps(record)) == record  # JSON as it is, no default= needed

@@ -93,10 +93,12 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
         items = [jsonable(item, depth - 1) for item in value[:MAX_ITEMS]]
         return [*items, "..."] if len(value) > MAX_ITEMS else items
     if depth > 0 and isinstance(value, dict):
-        out = {
-            k if isinstance(k, str) else clip(k, 200): jsonable(v, depth - 1)
-            for k, v in itertools.islice(value.items(), MAX_ITEMS)
-        }
+        out: dict[str, Any] = {}
+        for k, v in itertools.islice(value.items(), MAX_ITEMS):
+            key = k if isinstance(k, str) else clip(k, 200)
+            if key in out:  # 1 and "1": both kept, the one that is not a str as its repr
+                key = repr(k)
+            out[key] = jsonable(v, depth - 1)
         if len(value) > MAX_ITEMS:
             out["..."] = f"{len(value) - MAX_ITEMS} more"
         return out

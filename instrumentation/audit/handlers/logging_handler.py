@@ -20,6 +20,7 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     fields,
+    jsonable,
     started_at,
     title,
 )
@@ -59,7 +60,7 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
                 "request_id": rid,
                 "question": user_request.question,
                 "collection": user_request.collection,
-                "metadata": {k: clip(v, 200) for k, v in user_request.metadata.items()},
+                "metadata": jsonable(user_request.metadata),
             },
         )
         return rid
