@@ -119,7 +119,14 @@ def _read_usage(value: Any) -> TokenUsage | None:
 
 def _unreadable(what: str) -> None:
     _usage_errors.inc()
-    logger.warning("usage with %s is not a token count; the call's usage is estimated", what)
+    held_back = telemetry.log_turn("llms.usage_errors")
+    if held_back is None:
+        return  # rate-limited: a provider sending this on every call and chunk
+    logger.warning(
+        "usage with %s is not a token count; the call's usage is estimated%s",
+        what,
+        f" ({held_back} more such usages since the last warning)" if held_back else "",
+    )
 
 
 class LLMCall:
@@ -142,6 +149,7 @@ class LLMCall:
         "prompt",
         "provider",
         "redaction",
+        "requested_model",
     )
 
     def __init__(
@@ -161,6 +169,9 @@ class LLMCall:
         self.dispatcher = dispatcher
         self.kind = kind
         self.model = model
+        #: The model asked for: the reply names its dated snapshot, which a price set
+        #: for the model's own name (set_model_price("o3")) does not cover.
+        self.requested_model = model
         self.provider = provider
         self.redaction = redaction
         self.prices = prices
@@ -288,6 +299,12 @@ class LLMCall:
 
     # -- end ------------------------------------------------------------------------
 
+    def _cost(self, usage: TokenUsage | None) -> float | None:
+        cost = self.prices.cost(self.model, usage)
+        if cost is None and self.requested_model and self.requested_model != self.model:
+            cost = self.prices.cost(self.requested_model, usage)
+        return cost
+
     def estimate_usage(
         self,
         completion_text: str | None = None,
@@ -357,7 +374,7 @@ class LLMCall:
             "latency_ms": latency_ms,
             "time_to_first_token_ms": ttft_ms,
             "finish_reason": finish_reason,
-            "cost_usd": self.prices.cost(self.model, usage),
+            "cost_usd": self._cost(usage),
         }
         if self.kind == "chat":
             assert response is None or isinstance(response, ChatResponse)

@@ -20,6 +20,7 @@ with its id and name, then its arguments in pieces of at most 5 characters. With
 chunks instead of the answer's words (for replies such as legacy function calls and
 refusals). ``server.finish_reason``, if set, is choice 0's finish reason.
 ``server.embedding_usage = False`` leaves the usage out of embedding replies.
+``server.reply_model`` is the model a chat reply names, as OpenAI names a snapshot.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict[str, Any]) -> None:
         answer = self._answer(body)
-        model = body["model"]
+        model = self.server.reply_model or body["model"]
         created = int(time.time())
         n = int(body.get("n") or 1)
         texts = [answer] + [alternative(i) for i in range(1, n)]
@@ -232,6 +233,8 @@ class OpenAIServer(ThreadingHTTPServer):
     deltas: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     embedding_usage = True
+    #: The model a chat reply names (OpenAI names its dated snapshot); None: as asked.
+    reply_model: str | None = None
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)

@@ -68,6 +68,7 @@ def _instrumented(server: OpenAIServer) -> Iterator[None]:
     server.deltas = None
     server.finish_reason = None
     server.embedding_usage = True
+    server.reply_model = None
     server.requests.clear()
     instrument_openai()
     yield
@@ -363,6 +364,39 @@ def test_an_oddly_shaped_reply_is_returned_and_the_call_still_ends(
         assert telemetry.counter("llms.openai.describe_errors").value == 1
     [span] = cap.spans
     assert span.name == CHAT_SPAN and end.span_id == span.id_ and span.end_time is not None
+
+
+def test_a_price_set_for_the_model_asked_for_prices_the_snapshot_the_reply_names(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """OpenAI answers with the dated snapshot ("o3-2025-04-16" for "o3"): a price set
+    for "o3" by the application applied to neither, and the cost was None."""
+    server.reply_model = "o3-2025-04-16"
+    default_price_table.set("o3", 2.0, 8.0)
+    try:
+        client.chat.completions.create(model="o3", messages=HELLO)
+    finally:
+        default_price_table.reset()
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.model == "o3-2025-04-16"
+    assert end.usage is not None and end.cost_usd == pytest.approx(
+        (end.usage.prompt_tokens * 2.0 + end.usage.completion_tokens * 8.0) / 1e6
+    )
+
+
+def test_usage_that_cannot_be_read_is_warned_about_at_most_once_an_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A provider sending such usage on every call and chunk wrote a warning each time."""
+    import logging
+
+    from instrumentation.llms._call import coerce_usage
+
+    with caplog.at_level(logging.WARNING, logger="instrumentation.llms._call"):
+        for _ in range(20):
+            assert coerce_usage({"prompt_tokens": None}) is None
+    assert len([r for r in caplog.records if "not a token count" in r.getMessage()]) == 1
+    assert telemetry.counter("llms.usage_errors").value == 20
 
 
 def test_nothing_listening_costs_no_events(client: openai.OpenAI, dispatched: list[str]) -> None:
