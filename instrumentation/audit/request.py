@@ -39,7 +39,7 @@ from instrumentation.audit.runner import (
     check_timeout,
     interrupting,
 )
-from instrumentation.context import is_suppressed
+from instrumentation.context import current_span_id, is_suppressed
 
 #: Seconds a request's exit waits for its handlers, unless ``timeout=`` says otherwise.
 DEFAULT_TIMEOUT = 10.0
@@ -186,7 +186,7 @@ class AuditEvent(Generic[E]):
         #: The start event the handlers got (a stamped copy of ``given`` once entered).
         self.started = event
         self.changes: dict[str, Any] = {}
-        self._run: RequestRun | None = None
+        self._runs: tuple[RequestRun, ...] = ()
         self._key = object()
 
     def update(self, **changes: Any) -> None:
@@ -201,28 +201,30 @@ class AuditEvent(Generic[E]):
         self.changes.update(changes)
 
     def __enter__(self) -> AuditEvent[E]:
-        run = registry.innermost(current_run.get())
-        if run is not None:
+        # The request of audit.request() around it, or of a request span it runs in
+        # (attach()), for every adapter that made one of that span.
+        runs = registry.runs_for(current_span_id())
+        if runs:
             # Its time is when the block begins (here, on the application's side), not
             # when the event object was made. The handlers get a deep copy, which does
             # not change after it is handed over (lists in it included), unless a
             # field cannot be copied.
             self.started = dataclasses.replace(_deep_copy(self.given), timestamp=_now())
-            if run.begin_event(self._key, self.started):
-                self._run = run
+            self._runs = tuple(run for run in runs if run.begin_event(self._key, self.started))
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        run = self._run
-        if run is None:
+        if not self._runs:
             return
         changes = dict(self.changes)
         changes.setdefault("timestamp", _now())  # when it ended, on the application's side
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
-        # A deep copy too, like the start event: the handlers run later, on another
-        # thread, and must not see the caller change the lists in it after the block.
-        run.end_event(self._key, _deep_copy(dataclasses.replace(self.given, **changes)))
+        ended = dataclasses.replace(self.given, **changes)
+        for run in self._runs:
+            # A deep copy too, like the start event: the handlers run later, on another
+            # thread, and must not see the caller change the lists in it after the block.
+            run.end_event(self._key, _deep_copy(ended))
 
     async def __aenter__(self) -> AuditEvent[E]:
         return self.__enter__()

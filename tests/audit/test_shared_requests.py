@@ -96,3 +96,23 @@ def test_a_request_span_inside_audit_request_takes_its_llm_calls_for_both_adapte
     for handler in (first, second):
         handler.rec.check(expected_requests=1, events_per_request=1)
     manual.rec.check(expected_requests=1, events_per_request=1)
+
+
+def test_an_event_by_hand_inside_a_request_span_reaches_every_adapter() -> None:
+    """audit.event() looked only for an audit.request() around it: inside a request
+    span of attach() (no audit.request), the tool call was not recorded at all."""
+    d = get_dispatcher("tests.audit.shared.by_hand")
+    first, second = SyncRecorder(), SyncRecorder()
+    audit.attach(d, [first])
+    audit.attach(d, [second])
+
+    @d.span(request=True)
+    def ask(question: str) -> str:
+        with audit.event(audit.ToolCallEvent(name="search")) as ev:
+            ev.update(output=["a document"])
+        return "answer"
+
+    ask("by hand?")
+    for handler in (first, second):
+        handler.rec.check(expected_requests=1, events_per_request=1)
+    assert registry.span_runs == {} and registry.active == 0
