@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: Levels of indentation drawn; deeper spans are drawn at this depth, numbered.
+MAX_INDENT = 64
+
 
 def draw_tree(
     items: Iterable[T],
@@ -60,10 +63,17 @@ def draw_tree(
             if ident in on_path:
                 continue
             last = index == len(kids) - 1
-            lines.append(f"{prefix}{'└── ' if last else '├── '}{label(kid)}")
+            depth = len(above)
+            # Past MAX_INDENT levels the indentation stops growing (each line would
+            # repeat it: a trace 10,000 deep drew 200 million characters); the depth
+            # is written out instead.
+            mark = f"[{depth}] " if depth > MAX_INDENT else ""
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{mark}{label(kid)}")
             above.append(ident)
             on_path.add(ident)
-            stack.append((children.get(ident, []), 0, prefix + ("    " if last else "│   ")))
+            if depth < MAX_INDENT:
+                prefix += "    " if last else "│   "
+            stack.append((children.get(ident, []), 0, prefix))
     return "\n".join(lines)
 
 
@@ -77,4 +87,4 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
-__all__ = ["draw_tree", "format_duration"]
+__all__ = ["MAX_INDENT", "draw_tree", "format_duration"]

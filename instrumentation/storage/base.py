@@ -37,6 +37,7 @@ from instrumentation.storage.schema import (
     EVENT_COLUMNS,
     META_COLUMNS,
     SPAN_COLUMNS,
+    SQLITE,
     Dialect,
     insert_sql,
 )
@@ -545,14 +546,18 @@ class SQLStore(Store):
         # ``LIKE 'ab%'`` reads the whole trace_id index (PostgreSQL uses an index for
         # it only under the C collation): ``export`` of 8,000 traces took 12 s. A
         # prefix of hex digits (what trace ids are made of) is a range of the index
-        # instead, bounded above by the prefix with its last digit raised by one: in
-        # every collation, a string that starts with the prefix sorts within it. The
-        # ``substr`` check then keeps exactly the ids that start with the prefix.
+        # instead, bounded above by the prefix with its last digit raised by one: in a
+        # bytewise order, a string that starts with the prefix sorts within it. That
+        # is SQLite's order; PostgreSQL's depends on the database's collation (one
+        # that compares digits as numbers puts "19000" after "2"), so there the range
+        # is compared under "C". The ``substr`` check keeps exactly the ids that start
+        # with the prefix.
         where = f"substr(trace_id, 1, {len(prefix)}) = {p}"
         params: list[Any] = [prefix]
         upper = _hex_successor(prefix)
         if upper is not None:
-            where = f"trace_id >= {p} AND trace_id < {p} AND {where}"
+            column = "trace_id" if self.dialect is SQLITE else 'trace_id COLLATE "C"'
+            where = f"{column} >= {p} AND {column} < {p} AND {where}"
             params = [prefix, upper, prefix]
         rows = self._query(
             f"SELECT DISTINCT trace_id FROM spans WHERE {where} LIMIT {int(limit)}", params
@@ -560,8 +565,8 @@ class SQLStore(Store):
         return [row[0] for row in rows]
 
 
-#: The next hex digit, in the order every collation sorts them (digits before
-#: letters; ``9`` is followed by ``a``, ``f`` by ``g``, which sorts after it).
+#: The next hex digit, in bytewise order (digits before letters; ``9`` is followed by
+#: ``a``, ``f`` by ``g``, which sorts after it).
 _NEXT_HEX = {
     **{str(i): str(i + 1) for i in range(9)},
     "9": "a",

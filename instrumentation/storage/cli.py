@@ -685,29 +685,43 @@ class _ReplacedAtEnd:
     the target (``os.replace``) once every trace is written. An export that fails or
     is stopped half-way leaves the target as it was (it truncated it at the start).
 
-    A target that is no regular file (``/dev/stdout``, a named pipe) is written
-    directly: it cannot be replaced, and has nothing to lose.
+    Where that cannot be done as the target's owner could, the target is written as
+    before, directly: a target that is no regular file (``/dev/stdout``, a named pipe,
+    ``/dev/fd/1`` over a file), a writable file in a folder this user may not create
+    files in, or one a sticky folder (``/tmp``) does not let this user replace. A file
+    this user may not write is refused, as opening it would be.
     """
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._real = os.path.realpath(target)
         self._temporary: str | None = None
+        if target.endswith(("/", os.sep)):
+            raise IsADirectoryError(f"cannot write {target!r}: a file's name does not end in /")
+        self._real = os.path.realpath(target)
         try:
-            mode: int | None = os.stat(target).st_mode  # through symbolic links
+            self._stat: os.stat_result | None = os.stat(target)  # through symbolic links
         except OSError:
-            mode = None  # not there yet (or unreadable: opening it says why)
+            self._stat = None  # not there yet (or unreadable: opening it says why)
+        mode = None if self._stat is None else self._stat.st_mode
         if mode is not None and stat.S_ISDIR(mode):
             raise IsADirectoryError(f"cannot write {target!r}: it is a folder")
-        if mode is not None and not stat.S_ISREG(mode):
+        special = target.startswith(("/dev/", "/proc/")) or self._real.startswith(
+            ("/dev/", "/proc/")
+        )
+        if mode is not None and (special or not stat.S_ISREG(mode)):
             self.file: TextIO = open(target, "w", encoding="utf-8")  # noqa: SIM115
             return
+        if mode is not None and not os.access(target, os.W_OK):
+            raise PermissionError(f"cannot write {target!r}: permission denied")
         folder, name = os.path.split(self._real)
         temporary = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             # 0o666 less the umask, as open() makes a file (mkstemp's would be 0o600).
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except OSError as exc:
+            if mode is not None:  # a file to write, in a folder to make none in
+                self.file = open(target, "w", encoding="utf-8")  # noqa: SIM115
+                return
             raise OSError(
                 f"cannot write {target!r}: {exc.strerror or exc} (in {folder!r})"
             ) from None
@@ -715,14 +729,27 @@ class _ReplacedAtEnd:
         self.file = open(fd, "w", encoding="utf-8")  # noqa: SIM115
 
     def commit(self) -> None:
-        """Put the written file in place of the target (keeping the target's mode)."""
+        """Put the written file in place of the target, with the target's mode and (as
+        far as this user may) owner; where the folder does not allow replacing it,
+        copy the export over it."""
         self.file.close()
-        if self._temporary is None:
+        temporary = self._temporary
+        if temporary is None:
             return
-        if os.path.exists(self._real):
-            shutil.copymode(self._real, self._temporary)
-        os.replace(self._temporary, self._real)
-        self._temporary = None
+        try:
+            if self._stat is not None:
+                os.chmod(temporary, stat.S_IMODE(self._stat.st_mode))
+                with contextlib.suppress(OSError):
+                    os.chown(temporary, self._stat.st_uid, self._stat.st_gid)
+            try:
+                os.replace(temporary, self._real)
+            except PermissionError:
+                with open(temporary, "rb") as source, open(self._real, "wb") as written:
+                    shutil.copyfileobj(source, written)
+        finally:
+            self._temporary = None
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
     def discard(self) -> None:
         """Remove what was written; the target stays as it was."""
@@ -735,8 +762,12 @@ class _ReplacedAtEnd:
                 self._temporary = None
 
 
+#: ``export -o`` names that mean standard output.
+_STDOUT_NAMES = frozenset({"-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
+
+
 def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    if args.output:
+    if args.output and args.output not in _STDOUT_NAMES:
         _refuse_database_as_output(args.output, store)
     given: list[str] = args.trace_ids
     # Ids that traces() returned are whole ids already: only those given on the
@@ -745,7 +776,10 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         (s.trace_id, False)
         for s in store.traces(limit=args.limit, since=args.since, until=args.until)
     ]
-    output = _ReplacedAtEnd(args.output) if args.output else None
+    # Standard output by name: written through it, not opened again (a new opening of
+    # a file the shell redirected to would truncate it, and write over what is there).
+    to_stdout = args.output in _STDOUT_NAMES
+    output = _ReplacedAtEnd(args.output) if args.output and not to_stdout else None
     target = output.file if output is not None else out
     unicode = output is not None or not isinstance(out, _FittedOutput)
     status = 0
@@ -763,12 +797,12 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             # line could not send to a closed pipe, without an error.)
             target.write("\n")
             target.flush()
+        if output is not None:
+            output.commit()
     except BaseException:
         if output is not None:
             output.discard()
         raise
-    if output is not None:
-        output.commit()
     return status
 
 
@@ -832,7 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--limit", type=_positive_int, default=100)
     export.add_argument("--since", type=_when, help="as list --since")
     export.add_argument("--until", type=_until, help="as list --until")
-    export.add_argument("--output", "-o", help="file to write (default: stdout)")
+    export.add_argument(
+        "--output", "-o", help="file to write (default, or - or /dev/stdout: standard output)"
+    )
     return parser
 
 

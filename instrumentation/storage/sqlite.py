@@ -417,7 +417,8 @@ class SQLiteStore(SQLStore):
         in another terminal, a long-lived ``read_only`` store) would otherwise leave
         rows in ``-wal`` only, and the file alone would be incomplete. A reader in the
         middle of a query holds the copy up: it is waited for :data:`CHECKPOINT_WAIT`
-        seconds at most, and if the copy cannot finish then, that is logged (INFO):
+        seconds at most (other writers are not kept out meanwhile unless a reader
+        holds pages back), and if the copy cannot finish then, that is logged (INFO):
         nothing is lost, the rows are in ``-wal`` until the next writer's close or the
         last connection's.
         """
@@ -428,25 +429,38 @@ class SQLiteStore(SQLStore):
             super().close()
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        # PASSIVE first: it copies what no reader still needs without waiting, and
+        # without keeping other writers out. TRUNCATE (which does keep them out while it
+        # waits) only for what a reader's snapshot held back, or to empty the log.
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(CHECKPOINT_WAIT * 1000)}")
+            conn.execute("PRAGMA busy_timeout = 0")
+            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            copied_all = bool(row) and not row[0] and row[2] >= row[1]
+            wait = 0.1 if copied_all else CHECKPOINT_WAIT
+            conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
             row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error as exc:  # locked, or the file went away
-            busy, reason = True, str(exc)
-        else:
-            # (busy, frames in the log, frames copied): busy is 1 when a reader or
-            # writer kept the checkpoint from finishing.
-            busy = bool(row and row[0])
-            reason = f"{row[2]} of {row[1]} pages copied" if row else "no answer"
-        if busy:
+            logger.info(
+                "instrumentation.storage: closing %r, the write-ahead log could not be "
+                "checked (%s); its rows are safe in %s",
+                self,
+                exc,
+                os.path.basename(self.path) + "-wal",
+            )
+            return
+        # (busy, frames in the log, frames copied). Busy with every frame copied: only
+        # emptying the log waited for another connection, and the file is complete.
+        if row and row[0] and row[2] < row[1]:
             logger.info(
                 "instrumentation.storage: closing %r, another connection kept SQLite "
-                "from copying the write-ahead log into the file within %.1f s (%s); "
-                "its rows are safe in %s and are copied by the next writer to close or "
-                "the last connection to close, so the file alone may lack them until then",
+                "from copying the write-ahead log into the file within %.1f s (%d of %d "
+                "pages copied); its rows are safe in %s and are copied by the next "
+                "writer to close or the last connection to close, so the file alone may "
+                "lack them until then",
                 self,
                 CHECKPOINT_WAIT,
-                reason,
+                row[2],
+                row[1],
                 os.path.basename(self.path) + "-wal",
             )
 

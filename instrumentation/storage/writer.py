@@ -370,6 +370,16 @@ class BatchWriter:
         return self._stopped_with_all_stored()
 
     def _warn_still_writing(self, timeout: float) -> None:
+        stop = self._stop_marker
+        if stop is not None and stop.done.is_set():
+            logger.info(
+                "instrumentation.storage: the writer for %r is still closing the store "
+                "after %.1f s (SQLite copies its write-ahead log into the file); every "
+                "row it had is stored",
+                self.store,
+                timeout,
+            )
+            return
         queued = sum(1 for entry in list(self._queue) if type(entry) is not _Marker)
         queued += len(self._set_aside)
         holding = self._holding
@@ -399,8 +409,10 @@ class BatchWriter:
 
     def _stopped_with_all_stored(self) -> bool:
         stop = self._stop_marker
+        # Done with its stop marker, the writer has stored all it will: closing the
+        # store (copying SQLite's log into the file) may still go on, and loses nothing.
         return (
-            self._stopped.is_set()
+            (self._stopped.is_set() or (stop is not None and stop.done.is_set()))
             and not self._queue
             and not self._set_aside
             and not self.spool.pending

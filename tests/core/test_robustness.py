@@ -18,7 +18,7 @@ from instrumentation import (
     root_manager,
     telemetry,
 )
-from instrumentation.tree import draw_tree, format_duration
+from instrumentation.tree import MAX_INDENT, draw_tree, format_duration
 
 from ._support import EventList, fresh
 
@@ -172,7 +172,11 @@ def test_simple_span_handler_draws_a_trace_thousands_of_levels_deep() -> None:
         spans = [(f"s{i}", f"s{i - 1}" if i else None, i) for i in range(3000)]
         text = draw_tree(spans, lambda s: s[0], lambda s: s[1], lambda s: s[0], lambda s: s[2])
         lines = text.splitlines()
-        assert len(lines) == 3000 and lines[-1].endswith("└── s2999")
+        assert len(lines) == 3000 and lines[-1].endswith("└── [2999] s2999")
+        # The indentation stops growing past MAX_INDENT levels (the text grew with the
+        # square of the depth: 200 million characters for 10,000 levels).
+        assert max(len(line) for line in lines) < 4 * MAX_INDENT + 20
+        assert lines[MAX_INDENT].endswith(f"└── s{MAX_INDENT}")
 
         import contextlib
 
@@ -180,7 +184,7 @@ def test_simple_span_handler_draws_a_trace_thousands_of_levels_deep() -> None:
             for i in range(1500):
                 nested.enter_context(d.span(f"level{i}"))
         drawn = h.format_trace_trees().splitlines()
-        assert len(drawn) == 1500 and "└── level1499" in drawn[-1]
+        assert len(drawn) == 1500 and "└── [1499] level1499" in drawn[-1]
     finally:
         d.remove_span_handler(h)
 

@@ -25,6 +25,7 @@ from instrumentation.storage import SQLiteStore, Store, metadata
 from instrumentation.storage.cli import _cost, format_trace, main, trace_record
 from instrumentation.storage.models import StoredSpan
 from instrumentation.storage.serialise import RowMaker
+from instrumentation.tree import MAX_INDENT
 
 from .helpers import NoteEvent
 
@@ -50,6 +51,12 @@ def _span(
     is_root = parent is None if root is None else root
     info = (begin, 0.0, parent, is_root, name, trace_id, dispatcher, None, attributes, None)
     return RowMaker({}, {}, 1_000_000).span_row((info, span_id, duration, error))
+
+
+def _note(text: str) -> Any:
+    from .helpers import NoteEvent
+
+    return NoteEvent(text=text)
 
 
 def _db(store: Store) -> str:
@@ -123,6 +130,30 @@ def test_a_reader_in_the_middle_of_a_query_holds_the_close_up_a_second_at_most(
         assert sorted(t.name or "" for t in reader.traces()) == ["first", "second"]
 
 
+def test_a_short_shutdown_that_only_waits_for_the_log_copy_reports_all_stored(
+    tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a reader holding a snapshot, the close's copy of the log waits about a
+    second: shutdown(0.5) said False, and that rows of a spool file that does not
+    exist were still waiting. Every row is stored by then: it says so, and is True."""
+    db = tmp_path / "t.db"
+    handler = make_handler(SQLiteStore(db), close_store=True, debounce=0.01)
+    handler.handle(_note("first"))
+    assert handler.flush(5)
+    holder = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT COUNT(*) FROM events").fetchone()
+        handler.handle(_note("second"))
+        assert handler.flush(5)
+        with caplog.at_level(logging.INFO, logger="instrumentation.storage"):
+            assert handler.shutdown(0.5) is True
+        assert "every row it had is stored" in caplog.text
+        assert "spool" not in caplog.text
+    finally:
+        holder.close()
+
+
 # -- 2. tail and traces that span two processes -----------------------------------------
 
 
@@ -178,7 +209,7 @@ def test_a_trace_2000_spans_deep_is_shown_and_exported(tmp_path: Path) -> None:
     db = store.path
     tree = _run("--db", db, "show", "latest").splitlines()
     assert len(tree) == 2001 and tree[1] == "level-0  1.00 s"
-    assert tree[-1] == " " * 4 * 1998 + "└── level-1999  1.00 s"
+    assert tree[-1] == " " * 4 * (MAX_INDENT - 1) + "└── [1999] level-1999  1.00 s"
     assert _run("--db", db, "show", "latest", "--events").splitlines() == tree
     record = json.loads(_run("--db", db, "show", "latest", "--json"))
     assert len(record["spans"]) == 2000 and record["roots"] == ["s0"]
@@ -276,39 +307,51 @@ def test_a_prefix_matches_the_ids_that_start_with_it(any_store: Store, prefix: s
     assert any_store.resolve_trace_id(prefix) == (expected[0] if len(expected) == 1 else None)
 
 
-def test_a_prefix_is_looked_up_by_a_range_of_the_index(any_store: Store) -> None:
-    """``LIKE 'ab%'`` read the whole trace_id index (PostgreSQL uses none for it but
-    under the C collation); a prefix of hex digits is a range condition on it."""
-    any_store.write([_span(f"n{i}", tid, f"r{i}") for i, tid in enumerate(IDS)], [])
-    if isinstance(any_store, SQLiteStore):
-        statements: list[str] = []
-        conn = any_store._connection()
-        conn.set_trace_callback(statements.append)
+def test_a_prefix_is_looked_up_by_a_range_of_the_index(tmp_path: Path) -> None:
+    """``LIKE 'ab%'`` read the whole trace_id index: on SQLite a prefix of hex digits
+    is a range condition on it (PostgreSQL compares that range under "C", which its
+    index need not be in: see the next test)."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.write([_span(f"n{i}", tid, f"r{i}") for i, tid in enumerate(IDS)], [])
+    statements: list[str] = []
+    conn = store._connection()
+    conn.set_trace_callback(statements.append)
+    try:
+        store.trace_ids_starting_with("ab")
+    finally:
+        conn.set_trace_callback(None)
+    (sql,) = statements
+    plan = " ".join(str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+    assert "SEARCH spans USING COVERING INDEX spans_trace_id (trace_id>? AND trace_id<?)" in plan
+    store.close()
+
+
+def test_a_prefix_is_found_in_a_database_whose_collation_orders_digits_as_numbers(
+    postgres_server: Any,
+) -> None:
+    """In a PostgreSQL database with a collation that compares digit runs as numbers
+    ("19000" after "2"), the range missed ids: 'show 1991' said no trace matches."""
+    import uuid
+
+    import psycopg
+
+    from instrumentation.storage.postgres import PostgresStore
+
+    name = f"t_icu_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
         try:
-            any_store.trace_ids_starting_with("ab")
-        finally:
-            conn.set_trace_callback(None)
-        (sql,) = statements
-        plan = " ".join(str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
-        assert "SEARCH spans USING COVERING INDEX spans_trace_id (trace_id>? AND trace_id<?)" in (
-            plan
-        )
-        return
-    captured: list[tuple[str, list[Any]]] = []
-    real = any_store._query  # type: ignore[attr-defined]
-
-    def spy(sql: str, params: list[Any]) -> Any:
-        captured.append((sql, list(params)))
-        return real(sql, params)
-
-    any_store._query = spy  # type: ignore[attr-defined]
-    any_store.trace_ids_starting_with("ab")
-    ((sql, params),) = captured
-    conn = any_store._connection()  # type: ignore[attr-defined]
-    with conn.transaction():
-        conn.execute("SET LOCAL enable_seqscan = off")
-        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params).fetchall())
-    assert "Index Cond: ((trace_id >= 'ab'::text) AND (trace_id < 'ac'::text))" in plan, plan
+            admin.execute(
+                f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+                "ICU_LOCALE 'en-US-u-kn-true' LOCALE 'C.UTF-8'"
+            )
+        except psycopg.Error as exc:  # a server built without ICU
+            pytest.skip(f"no ICU collation on this server: {exc}")
+    ids = ["19" + "1" * 30, "1" + "9" * 31, "2" + "0" * 31, "190" + "0" * 29, "9" * 32]
+    with PostgresStore(postgres_server.dsn(name)) as store:
+        store.write([_span(f"n{i}", tid, f"r{i}") for i, tid in enumerate(ids)], [])
+        for prefix in ("1", "19", "190", "2", "9", "1991"):
+            found = store.trace_ids_starting_with(prefix, limit=10)
+            assert sorted(found) == sorted(t for t in ids if t.startswith(prefix)), prefix
 
 
 # -- 6. terminals that are not UTF-8 ----------------------------------------------------
@@ -425,6 +468,91 @@ def test_export_writes_to_a_file_that_is_no_regular_file(tmp_path: Path) -> None
     done = _cli("--db", store.path, "export", "-o", "/dev/stdout")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["trace_id"] == "a" * 32
+
+
+@pytest.mark.parametrize("name", ["/dev/stdout", "-"])
+def test_export_to_standard_output_by_name_keeps_what_the_shell_wrote_before(
+    tmp_path: Path, name: str
+) -> None:
+    """``{ echo header; ... export -o /dev/stdout; echo footer; } > out`` kept only the
+    export: /dev/stdout was opened again (truncating the file), or replaced by a new
+    file; and ``-o -`` wrote a file named "-"."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.write([_span("one", "a" * 32, "o-1")], [])
+    out = tmp_path / "out.txt"
+    script = (
+        f"echo header; {sys.executable} -m instrumentation --db {store.path} export "
+        f"-o {name}; echo footer"
+    )
+    subprocess.run(["sh", "-c", f"{{ {script}; }} > {out}"], check=True, cwd=tmp_path)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "header" and lines[-1] == "footer" and len(lines) == 3
+    assert json.loads(lines[1])["trace_id"] == "a" * 32
+    assert not (tmp_path / "-").exists()
+
+
+def test_export_refuses_a_name_ending_in_a_slash(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.write([_span("one", "a" * 32, "o-1")], [])
+    done = _cli("--db", store.path, "export", "-o", str(tmp_path / "sub") + "/")
+    assert done.returncode == 2 and "does not end in /" in done.stderr
+    assert not (tmp_path / "sub").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_export_writes_where_a_user_may_write_the_file_but_not_replace_it() -> None:
+    """Written as another user (nobody): a writable file in a folder where that user
+    may make no file, and another user's file in a sticky folder (/tmp), were written
+    before, and then failed (the second leaving its temporary file behind); a file
+    of that user's own that is read-only was replaced. Each now as before."""
+    import tempfile
+
+    # Outside pytest's folder, which only root may enter.
+    tmp_path = Path(tempfile.mkdtemp(prefix="export-as-nobody-"))
+    tmp_path.chmod(0o755)
+    store = SQLiteStore(tmp_path / "t.db")
+    store.write([_span("one", "a" * 32, "o-1")], [])
+    store.close()
+    (tmp_path / "t.db").chmod(0o644)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    own = tmp_path / "own"
+    own.mkdir()
+    os.chown(own, 65534, 65534)
+    for folder in (locked, sticky):
+        (folder / "out.jsonl").write_text("old\n")
+        (folder / "out.jsonl").chmod(0o666)
+    readonly = own / "ro.jsonl"
+    readonly.write_text("old\n")
+    os.chown(readonly, 65534, 65534)
+    readonly.chmod(0o444)
+    as_nobody = (  # imported first: nobody may not read the interpreter's own files
+        "import os, sys; from instrumentation.storage.cli import main; "
+        "os.setgid(65534); os.setuid(65534); sys.exit(main(sys.argv[1:]))"
+    )
+
+    def export(target: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", as_nobody, "--db", store.path, "export", "-o", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for folder in (locked, sticky):
+        done = export(folder / "out.jsonl")
+        assert done.returncode == 0, done.stderr
+        assert json.loads((folder / "out.jsonl").read_text())["trace_id"] == "a" * 32
+        assert os.listdir(folder) == ["out.jsonl"]  # no temporary file left
+    done = export(readonly)
+    try:
+        assert done.returncode == 2 and "permission denied" in done.stderr
+        assert readonly.read_text() == "old\n"
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 # -- 8. one line per trace, control characters escaped -----------------------------------
