@@ -374,8 +374,8 @@ class BatchWriter:
         if stop is not None and stop.done.is_set():
             logger.info(
                 "instrumentation.storage: the writer for %r is still closing the store "
-                "after %.1f s (SQLite copies its write-ahead log into the file); every "
-                "row it had is stored",
+                "after %.1f s (for SQLite, copying the write-ahead log into the file); "
+                "every row it had is stored",
                 self.store,
                 timeout,
             )
