@@ -12,6 +12,14 @@
 
 from __future__ import annotations
 
+try:
+    import opentelemetry.sdk.trace  # noqa: F401
+except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+    raise ImportError(
+        "instrumentation.otel needs the OpenTelemetry SDK and OTLP exporter: "
+        "pip install 'instrumentation[otel]'"
+    ) from exc
+
 from instrumentation.otel.bridge import BRIDGE, OpenTelemetryBridge
 from instrumentation.otel.configure import OTLPHandle, configure_otlp
 from instrumentation.otel.handler import OpenTelemetrySpanHandler

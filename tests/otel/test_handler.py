@@ -748,3 +748,19 @@ async def test_async_generator_resumes_parent_their_own_work(traced: Traced) -> 
     children = {s.name: hex_parent(s) for s in spans if not s.name.endswith("stream")}
     assert children["a0"] == children["a1"] != children["b0"] == children["b1"]
     assert {children["a0"], children["b0"]} == gens
+
+
+def test_without_the_otel_extra_the_import_error_says_what_to_install() -> None:
+    """It was a bare "No module named 'opentelemetry'", from deep inside the bridge."""
+    script = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "try:\n"
+        "    import instrumentation.otel\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'instrumentation[otel]'" in done.stdout
