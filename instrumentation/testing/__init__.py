@@ -252,8 +252,20 @@ class Capture:
         return self._events.events
 
     @property
-    def spans(self) -> list[SimpleSpan]:
-        return _by_start(self._spans)
+    def spans(self) -> CapturedSpans:
+        """The spans ended so far, by start time (``named()``, ``tree()`` as for
+        :func:`capture_spans`)."""
+        return CapturedSpans(self._spans)
+
+    def clear(self) -> None:
+        """Forget what was recorded so far (one Hypothesis example from the next)."""
+        self._events.events.clear()
+        self._spans.completed_spans.clear()
+        self._spans.dropped_spans.clear()
+
+    def __repr__(self) -> str:
+        spans = len(self._spans.completed_spans) + len(self._spans.dropped_spans)
+        return f"<Capture: {len(self.events)} events, {spans} spans ended>"
 
     def _end(self) -> None:
         """The block is over: its handlers go when the state is put back."""

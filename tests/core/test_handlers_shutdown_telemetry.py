@@ -435,6 +435,73 @@ def test_pytest_fixture(instrumentation_capture: Capture) -> None:
     assert [s.name for s in instrumentation_capture.spans] == [f.__qualname__]
 
 
+def test_the_fixture_gives_each_test_its_own_counters_and_error_logs(tmp_path: Any) -> None:
+    """A handler's errors in one test were counted in the next, and the 10-second log
+    limit kept the next test's first error of the same handler out of its log."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "test_two.py").write_text(
+        textwrap.dedent(
+            """
+            import logging
+            from instrumentation import BaseEvent, BaseEventHandler, get_dispatcher, telemetry
+
+            class Broken(BaseEventHandler):
+                def handle(self, event, **kwargs):
+                    raise RuntimeError("broken")
+
+            d = get_dispatcher("kit.app")
+
+            def test_first(instrumentation_capture):
+                d.add_event_handler(Broken())
+                d.event(BaseEvent())
+                d.event(BaseEvent())
+                assert telemetry.handler_errors() == {"Broken": 2}
+
+            def test_second(instrumentation_capture, caplog):
+                assert telemetry.handler_errors() == {}
+                d.add_event_handler(Broken())
+                with caplog.at_level(logging.ERROR):
+                    d.event(BaseEvent())
+                assert "Broken" in caplog.text
+                assert telemetry.handler_errors() == {"Broken": 1}
+                spans = instrumentation_capture.spans
+                assert spans.named("nothing") == [] and "0 events" not in repr(
+                    instrumentation_capture
+                )
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_two.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
+
+
+def test_a_capture_clears_between_examples_and_shows_its_counts(d: Dispatcher) -> None:
+    """With Hypothesis, one isolated() around the test and clear() per example."""
+
+    @d.span
+    def f() -> None:
+        d.event(BaseEvent())
+
+    with isolated() as cap:
+        f()
+        assert repr(cap) == "<Capture: 1 events, 1 spans ended>"
+        assert cap.spans.named(f.__qualname__) == list(cap.spans)
+        cap.clear()
+        assert cap.events == [] and len(cap.spans) == 0
+        f()
+        assert len(cap.events) == 1 and len(cap.spans) == 1
+
+
 def test_capture_on_a_dispatcher_made_by_hand_leaves_no_handler() -> None:
     """A dispatcher outside the tree is not in the snapshot; the capture still detaches."""
     alone = Dispatcher(fresh("alone"))
