@@ -300,8 +300,11 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         def label(span: SimpleSpan) -> str:
             took = format_duration(span.duration if span.end_time else None)
             text = f"{span.name or span.id_}  {took}"
-            if span.metadata and span.metadata.get("error"):
-                text += f"  ✗ {span.metadata['error']}"
+            error = span.metadata.get("error") if span.metadata else None
+            if error and str(error).startswith("GeneratorExit"):
+                text += "  (closed early)"  # its caller stopped reading: no failure
+            elif error:
+                text += f"  ✗ {error}"
             return text
 
         return draw_tree(

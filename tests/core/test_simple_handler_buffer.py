@@ -484,3 +484,29 @@ def test_spans_stay_bounded_after_the_containers_are_assigned(kind: str) -> None
     assert handler.dropped_spans.maxlen == 5
     with pytest.raises(ValueError, match="fixed when the handler is made"):
         handler.max_completed_spans = 10
+
+
+def test_a_generator_its_caller_stopped_reading_is_drawn_as_closed_early() -> None:
+    """It was drawn with the failure mark, "✗ GeneratorExit: ", though stopping early
+    is no failure (the store and the OpenTelemetry export keep it as ok)."""
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("buf"))
+    d.add_span_handler(h)
+
+    @d.span
+    def words() -> Any:
+        yield "a"
+        yield "b"
+
+    @d.span
+    def broken() -> None:
+        raise ValueError("bad input")
+
+    stream = words()
+    next(stream)
+    stream.close()
+    with pytest.raises(ValueError):
+        broken()
+    lines = h.format_trace_trees().splitlines()
+    assert lines[0].endswith("(closed early)") and "✗" not in lines[0]
+    assert lines[1].endswith("✗ ValueError: bad input")

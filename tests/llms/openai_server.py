@@ -229,6 +229,7 @@ class OpenAIServer(ThreadingHTTPServer):
     """Start with :meth:`start`; ``base_url`` is what ``openai.OpenAI(base_url=...)`` takes."""
 
     daemon_threads = True
+    request_queue_size = 128  # many clients at once (the default backlog is 5)
     # Class-level defaults, so that a subclass with its own __init__ has them too.
     deltas: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
