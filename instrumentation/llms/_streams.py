@@ -24,6 +24,7 @@ request error, which drops the span) happens inside the span, as with LlamaIndex
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
@@ -215,6 +216,17 @@ class AsyncEndOnClose(EndOnClose):
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         span = self.span
+        if typ is not None and issubclass(typ, asyncio.CancelledError) and not span.over:
+            # The reader's task was cancelled mid-stream (a client that went away, to an
+            # ASGI server): what the model produced so far was produced, and billed.
+            # Its end event goes out, as abandoned, and the span ends with the
+            # cancellation, which goes on.
+            span.end_call(self.end)
+            try:
+                await self.close()
+            except Exception as err:
+                _count_close_error(err)
+            return
         if not _abandoning(span, typ):
             return
         try:

@@ -226,6 +226,49 @@ async def test_async_stream_closed_early_ends_with_tokens_seen(cap: Capture) -> 
     assert not cap.events_of(SpanDropEvent)
 
 
+async def test_a_reader_cancelled_mid_stream_still_reports_what_was_produced(
+    cap: Capture,
+) -> None:
+    """The reader's task cancelled between chunks (an ASGI server whose client went
+    away): no end event went out, so the tokens produced (and billed) were in no sink.
+    Now the end event goes out as abandoned with them, and the span ends with the
+    cancellation, which goes on to the reader; the source is closed."""
+    closed: list[bool] = []
+
+    class Slow(OfflineLLM):
+        async def _astream_chat(
+            self, messages: list[ChatMessage], **kwargs: Any
+        ) -> AsyncIterator[ChatResponse]:
+            try:
+                async for chunk in super()._astream_chat(messages, **kwargs):
+                    yield chunk
+            finally:
+                closed.append(True)
+
+    model = Slow(answers=["one two three four five six"], chunk_delay_s=0.05)
+    two = asyncio.Event()
+
+    async def read() -> None:
+        stream = await model.astream_chat(QUESTION)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 2:
+                two.set()
+
+    reader = asyncio.create_task(read())
+    await two.wait()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.completion_tokens >= 2 and end.usage.estimated
+    [drop] = cap.events_of(SpanDropEvent)
+    assert drop.span_id == end.span_id
+    assert closed == [True]
+
+
 async def test_async_stream_closed_before_reading_ends_as_abandoned(cap: Capture) -> None:
     """aclose() before the first chunk (of astream_chat or astream_complete) ends the span
     as abandoned, once however often it is called; the stream is then over."""
