@@ -499,7 +499,11 @@ def _drop_event(
     except Exception:  # str() of a broken exception can itself raise
         text = type(err).__name__
     drop_event = SpanDropEvent(
-        span_id=span.id_, trace_id=span.trace_id, err_str=text, tags=dict(tags)
+        span_id=span.id_,
+        trace_id=span.trace_id,
+        err_str=text,
+        err_type=type(err).__name__,
+        tags=dict(tags),
     )
     dispatch_event(events, drop_event, {})
 

@@ -317,6 +317,8 @@ def _event_fields(
             value = {k: v for k, v in value.items() if metadata.get(k) != v}
         if (key == "tags" and not value) or (shown is not None and value == shown):
             continue
+        if key == "err_type" and shown is not None:  # a drop event's: its error is shown
+            continue
         text = _printable(repr(value))
         parts.append(f"{_printable(str(key))}={text if len(text) <= 40 else text[:39] + '…'}")
     line = " ".join(parts)

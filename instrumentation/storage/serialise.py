@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from instrumentation import telemetry
 from instrumentation.dispatcher import ROOT_NAME
+from instrumentation.events.span import SpanDropEvent
 from instrumentation.storage.base import Row
 from instrumentation.storage.models import METADATA_KEYS
 
@@ -378,9 +379,9 @@ class RowMaker:
                 if type(entry) is tuple:
                     if len(entry) == 4:
                         spans.append(self.span_row(entry))
-                    else:
+                    elif not _closed_early(entry[0]):
                         events.append(self.event_row(entry[0], entry[1]))
-                else:
+                elif not _closed_early(entry):
                     events.append(self.event_row(entry, None))
             except Exception:
                 self._unwritable(entry)
@@ -398,6 +399,13 @@ class RowMaker:
                 _UNWRITABLE.value,
                 exc_info=True,
             )
+
+
+def _closed_early(event: Any) -> bool:
+    """The drop event of a generator whose caller stopped reading: its span is stored
+    as ok, and a drop event under it would say otherwise (the OpenTelemetry export
+    leaves it out too)."""
+    return type(event) is SpanDropEvent and event.err_type == "GeneratorExit"
 
 
 __all__ = ["TRUNCATED", "UNSERIALISABLE", "RowMaker", "event_payload", "to_json"]

@@ -1039,3 +1039,37 @@ def test_a_missing_table_keeps_the_rows_spooled_for_later(
     rename("events_away", "events")
     assert wait_until(lambda: handler.flush(1), 15)
     assert sorted(e.payload["text"] for e in any_store.events()) == ["0", "1", "2", "3", "4"]
+
+
+def test_a_generator_its_caller_stopped_reading_is_stored_ok_without_a_drop_event(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """The span was stored as ok, and a SpanDropEvent (err_str '') under it said
+    otherwise; a real failure keeps its drop event, which names the error's class."""
+    from instrumentation import SpanDropEvent
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+
+    @d.span
+    def words() -> Any:
+        yield "a"
+        yield "b"
+
+    @d.span
+    def broken() -> None:
+        raise ValueError("")
+
+    stream = words()
+    next(stream)
+    stream.close()
+    with pytest.raises(ValueError):
+        broken()
+    assert handler.flush(10)
+    spans = {s.name: s for t in store.traces() for s in store.trace(t.trace_id)}
+    assert spans[words.__qualname__].status == "ok"
+    assert spans[broken.__qualname__].status == "error"
+    drops = [e for e in store.events() if e.type == SpanDropEvent.class_name()]
+    assert [(e.span_id, e.payload.get("err_type")) for e in drops] == [
+        (spans[broken.__qualname__].id_, "ValueError")
+    ]
