@@ -226,6 +226,23 @@ async def test_async_stream_closed_early_ends_with_tokens_seen(cap: Capture) -> 
     assert not cap.events_of(SpanDropEvent)
 
 
+class ClosingSource(OfflineLLM):
+    """An LLM whose own stream notes that it was closed (its clean-up ran)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed: list[bool] = []
+
+    async def _astream_chat(
+        self, messages: list[ChatMessage], **kwargs: Any
+    ) -> AsyncIterator[ChatResponse]:
+        try:
+            async for chunk in super()._astream_chat(messages, **kwargs):
+                yield chunk
+        finally:
+            self.closed.append(True)
+
+
 async def test_a_reader_cancelled_mid_stream_still_reports_what_was_produced(
     cap: Capture,
 ) -> None:
@@ -233,19 +250,7 @@ async def test_a_reader_cancelled_mid_stream_still_reports_what_was_produced(
     away): no end event went out, so the tokens produced (and billed) were in no sink.
     Now the end event goes out as abandoned with them, and the span ends with the
     cancellation, which goes on to the reader; the source is closed."""
-    closed: list[bool] = []
-
-    class Slow(OfflineLLM):
-        async def _astream_chat(
-            self, messages: list[ChatMessage], **kwargs: Any
-        ) -> AsyncIterator[ChatResponse]:
-            try:
-                async for chunk in super()._astream_chat(messages, **kwargs):
-                    yield chunk
-            finally:
-                closed.append(True)
-
-    model = Slow(answers=["one two three four five six"], chunk_delay_s=0.05)
+    model = ClosingSource(answers=["one two three four five six"], chunk_delay_s=0.05)
     two = asyncio.Event()
 
     async def read() -> None:
@@ -266,7 +271,7 @@ async def test_a_reader_cancelled_mid_stream_still_reports_what_was_produced(
     assert end.usage is not None and end.usage.completion_tokens >= 2 and end.usage.estimated
     [drop] = cap.events_of(SpanDropEvent)
     assert drop.span_id == end.span_id
-    assert closed == [True]
+    assert model.closed == [True]
 
 
 async def test_async_stream_closed_before_reading_ends_as_abandoned(cap: Capture) -> None:
@@ -290,22 +295,11 @@ async def test_async_stream_closed_before_reading_ends_as_abandoned(cap: Capture
 
 async def test_async_stream_closed_early_closes_the_source(cap: Capture) -> None:
     """The subclass's own stream is closed when the caller stops (its clean-up runs)."""
-    closed: list[bool] = []
-
-    class Source(OfflineLLM):
-        async def _astream_chat(
-            self, messages: list[ChatMessage], **kwargs: Any
-        ) -> AsyncIterator[ChatResponse]:
-            try:
-                async for chunk in super()._astream_chat(messages, **kwargs):
-                    yield chunk
-            finally:
-                closed.append(True)
-
-    stream = await Source(answers={"capital": ANSWER}).astream_chat(QUESTION)
+    model = ClosingSource(answers={"capital": ANSWER})
+    stream = await model.astream_chat(QUESTION)
     await stream.__anext__()
     await stream.aclose()
-    assert closed == [True]
+    assert model.closed == [True]
     assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
 
 
