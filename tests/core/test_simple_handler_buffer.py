@@ -17,6 +17,7 @@ from datetime import timezone
 from typing import Any
 
 import pytest
+from stopped_streams import stop_one_and_fail_one
 
 from instrumentation import SimpleSpan, SimpleSpanHandler, current_span, get_dispatcher
 from instrumentation._spans import EMPTY_BOUND_ARGS
@@ -492,21 +493,7 @@ def test_a_generator_its_caller_stopped_reading_is_drawn_as_closed_early() -> No
     h = SimpleSpanHandler()
     d = get_dispatcher(fresh("buf"))
     d.add_span_handler(h)
-
-    @d.span
-    def words() -> Any:
-        yield "a"
-        yield "b"
-
-    @d.span
-    def broken() -> None:
-        raise ValueError("bad input")
-
-    stream = words()
-    next(stream)
-    stream.close()
-    with pytest.raises(ValueError):
-        broken()
+    stop_one_and_fail_one(d)
     lines = h.format_trace_trees().splitlines()
     assert lines[0].endswith("(closed early)") and "✗" not in lines[0]
     assert lines[1].endswith("✗ ValueError: bad input")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stopped_streams import stop_one_and_fail_one
 
 from instrumentation import get_dispatcher, telemetry
 from instrumentation.storage import (
@@ -1050,26 +1051,12 @@ def test_a_generator_its_caller_stopped_reading_is_stored_ok_without_a_drop_even
 
     store = SQLiteStore(tmp_path / "t.db")
     handler = make_handler(store).attach(d)
-
-    @d.span
-    def words() -> Any:
-        yield "a"
-        yield "b"
-
-    @d.span
-    def broken() -> None:
-        raise ValueError("")
-
-    stream = words()
-    next(stream)
-    stream.close()
-    with pytest.raises(ValueError):
-        broken()
+    words, broken = stop_one_and_fail_one(d, message="")
     assert handler.flush(10)
     spans = {s.name: s for t in store.traces() for s in store.trace(t.trace_id)}
-    assert spans[words.__qualname__].status == "ok"
-    assert spans[broken.__qualname__].status == "error"
+    assert spans[words].status == "ok"
+    assert spans[broken].status == "error"
     drops = [e for e in store.events() if e.type == SpanDropEvent.class_name()]
     assert [(e.span_id, e.payload.get("err_type")) for e in drops] == [
-        (spans[broken.__qualname__].id_, "ValueError")
+        (spans[broken].id_, "ValueError")
     ]
