@@ -51,9 +51,8 @@ def _out_of_range(value: str) -> argparse.ArgumentTypeError:
 def _when(value: str) -> datetime:
     """``2026-11-23T10:00``, or an age such as ``15m``, ``2h``, ``3d``.
 
-    A time or an age beyond what a ``datetime`` holds (``--since 99999999d``,
-    ``0001-01-01`` in a time zone east of UTC) is an argument error, as a misspelt
-    one is, not a traceback.
+    A time or an age beyond what a ``datetime`` holds (``--since 99999999d``, the
+    year 10000) is an argument error, as a misspelt one is, not a traceback.
     """
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
@@ -71,11 +70,21 @@ def _when(value: str) -> datetime:
     try:
         # Without an offset it is local time, as ``list`` prints times: one copied
         # from its output selects that trace.
-        found = parsed if parsed.tzinfo else parsed.astimezone()
+        found = parsed if parsed.tzinfo else _local(parsed)
         found.timestamp()  # what the store compares: it must exist too
     except (OverflowError, ValueError, OSError):
         raise _out_of_range(value) from None
     return found
+
+
+def _local(naive: datetime) -> datetime:
+    """``naive`` in the local time zone. Python finds the offset through the C library,
+    which cannot take the first or last days of the calendar (``0001-01-01`` failed
+    even in UTC): those take today's offset."""
+    try:
+        return naive.astimezone()
+    except (OverflowError, ValueError, OSError):
+        return naive.replace(tzinfo=datetime.now().astimezone().tzinfo)
 
 
 _DATE = re.compile(r"\d{4}-?\d{2}-?\d{2}")
@@ -800,7 +809,11 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             target.write("\n")
             target.flush()
         if output is not None:
-            output.commit()
+            # Not all it was asked for (status 1): the file is left as it was.
+            if status == 0:
+                output.commit()
+            else:
+                output.discard()
     except BaseException:
         if output is not None:
             output.discard()
