@@ -229,11 +229,12 @@ class BatchWriter:
 
     # -- the application's side ----------------------------------------------------------
 
-    def put(self, entry: Any) -> bool:
-        """Queue ``entry``; ``False`` if it was refused (counted and logged)."""
+    def put(self, entry: Any, root: bool = False) -> bool:
+        """Queue ``entry``; ``False`` if it was refused (counted and logged). A trace's
+        root span (``root``) that a full queue refuses is set aside instead."""
         queue = self._queue
         if len(queue) >= self._limit:
-            return self._put_when_full(entry)
+            return self._put_when_full(entry, root)
         queue.append(entry)
         if self._idle or len(queue) == self.batch_size:
             self._idle = False
@@ -242,14 +243,7 @@ class BatchWriter:
 
     def put_root(self, entry: Any) -> bool:
         """Queue the entry of a trace's root span; if the queue is full, set it aside."""
-        queue = self._queue
-        if len(queue) >= self._limit:
-            return self._put_when_full(entry, root=True)
-        queue.append(entry)
-        if self._idle or len(queue) == self.batch_size:
-            self._idle = False
-            self._wake.set()
-        return True
+        return self.put(entry, True)
 
     def _put_when_full(self, entry: Any, root: bool = False) -> bool:
         # After one wait that ran out, the writer is stuck (a database locked for long):
