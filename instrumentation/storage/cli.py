@@ -31,14 +31,11 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, TextIO, TypeVar, cast
+from typing import Any, TextIO, cast
 
 from instrumentation.storage.base import MAX_LIMIT, Store
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
 from instrumentation.tree import draw_tree, format_duration
-
-T = TypeVar("T")
-
 
 #: What times are (``datetime`` runs from the year 1 to 9999), for error messages.
 _TIME_RANGE = "times run from the year 1 to 9999"

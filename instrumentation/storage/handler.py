@@ -267,8 +267,6 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         @property
         def _fast_put(self) -> Any: ...
         @property
-        def _fast_put_root(self) -> Any: ...
-        @property
         def _fast_by_dispatcher(self) -> bool: ...
         @property
         def _recent_scopes(self) -> _RecentScopes: ...
@@ -305,7 +303,6 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         # The hot path reads these two from the instance __dict__: a pydantic private
         # attribute is looked up through __getattr__, which costs microseconds.
         self.__dict__["_fast_put"] = self._writer.put
-        self.__dict__["_fast_put_root"] = self._writer.put_root
         self.__dict__["_fast_by_dispatcher"] = bool(self.dispatcher_metadata)
         self.__dict__["_recent_scopes"] = _RecentScopes()
 
@@ -432,10 +429,8 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     ) -> None:
         info: Any = self.open_spans.pop(id_, None)
         if info is not None:
-            if info[3]:  # a root: a full queue sets it aside rather than hide its trace
-                self._fast_put_root((info, id_, _perf_counter(), None))
-            else:
-                self._fast_put((info, id_, _perf_counter(), None))
+            # A root (info[3]): a full queue sets it aside rather than hide its trace.
+            self._fast_put((info, id_, _perf_counter(), None), info[3])
             if info[9] is not None:  # only with dispatcher_metadata
                 self._recent_scopes.add(id_, info[9])
 
@@ -462,10 +457,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
                 except Exception:  # str(err) itself can raise
                     message = ""
                 error = f"{type(err).__name__}: {message}" if message else type(err).__name__
-            if info[3]:
-                self._fast_put_root((info, id_, _perf_counter(), error))
-            else:
-                self._fast_put((info, id_, _perf_counter(), error))
+            self._fast_put((info, id_, _perf_counter(), error), info[3])
             if info[9] is not None:
                 self._recent_scopes.add(id_, info[9])
 

@@ -14,7 +14,7 @@ Nothing is lost silently:
   (``on_full="block"``; then no more until the writer makes room) or refuses the
   newest entry at once (``"drop_newest"``); every refused entry is counted
   (``writer.dropped``, counter ``storage.dropped``) and logged (at most every 10
-  seconds), except a trace's root span (``put_root``): up to 1,000 of those are set
+  seconds), except a trace's root span (``put(entry, root=True)``): up to 1,000 of those are set
   aside and written once there is room, because a trace without its root is not
   listed and the rest of it would be stored unseen;
 - a failing database is retried with exponential backoff for ``retry_for`` seconds,
@@ -240,10 +240,6 @@ class BatchWriter:
             self._idle = False
             self._wake.set()
         return True
-
-    def put_root(self, entry: Any) -> bool:
-        """Queue the entry of a trace's root span; if the queue is full, set it aside."""
-        return self.put(entry, True)
 
     def _put_when_full(self, entry: Any, root: bool = False) -> bool:
         # After one wait that ran out, the writer is stuck (a database locked for long):
