@@ -220,7 +220,7 @@ def _new_call(instance: Any, kwargs: Mapping[str, Any]) -> LLMCall | None:
         return None
 
 
-def _raw_reply(result: Any, streamed: bool) -> tuple[Any, bool]:
+def _raw_reply(result: Any, streamed: bool, what: str = "raw response") -> tuple[Any, bool]:
     """What ``create`` returned as the reply to describe, and whether it is there.
 
     ``with_raw_response`` returns the HTTP response, whose body, read already when
@@ -234,7 +234,11 @@ def _raw_reply(result: Any, streamed: bool) -> tuple[Any, bool]:
         return result, True
     if streamed or not _is_legacy_response(result):
         return None, False
-    return result.parse(), True
+    try:
+        return result.parse(), True
+    except Exception as exc:  # the application parses it, and sees the error, itself
+        _describe_failed(what, exc)
+        return None, False
 
 
 def _is_legacy_response(result: Any) -> bool:
@@ -255,11 +259,7 @@ def _finish_completion(call: LLMCall, completion: Any, streamed: bool = False) -
     not there (see :func:`_raw_reply`) ends the call with no usage, no cost and no
     response, rather than an estimate that would claim the model wrote nothing.
     """
-    try:
-        completion, available = _raw_reply(completion, streamed)
-    except Exception as exc:  # the application parses it, and sees the error, itself
-        _describe_failed("raw response", exc)
-        completion, available = None, False
+    completion, available = _raw_reply(completion, streamed)
     if not available:
         call.end(None, None, None, None, estimate=False)
         return
@@ -661,11 +661,7 @@ def _embed_end(instance: Any, kwargs: Mapping[str, Any], t0: float, response: An
     model: Any = kwargs.get("model")
     vectors: list[list[float]] = []
     usage: TokenUsage | None = None
-    try:
-        reply, available = _raw_reply(response, streamed=False)
-    except Exception as exc:
-        _describe_failed("embedding raw response", exc)
-        reply, available = None, False
+    reply, available = _raw_reply(response, False, "embedding raw response")
     if available:
         model = _get(reply, "model") or model
         usage = coerce_usage(_get(reply, "usage"))
