@@ -272,14 +272,14 @@ class _Watch:
 
     def start(self, threshold: float) -> None:
         self.threshold = threshold
-        self.timer = asyncio.get_running_loop().call_later(threshold, self._fire, threshold)
+        self.timer = asyncio.get_running_loop().call_later(threshold, self._fire)
 
     def run(self, func: Any, *args: Any) -> Any:
         """On a worker thread: note when the call began to run, then run it."""
         self.running_since = time.monotonic()
         return func(*args)
 
-    def _fire(self, threshold: float) -> None:
+    def _fire(self) -> None:
         self.fired = True
         SLOW_CALLS.inc()
         now = time.monotonic()
@@ -291,7 +291,7 @@ class _Watch:
             )
         else:
             state = f"has been running for {now - self.began:.3g}s"
-        self._log(state, threshold)
+        self._log(state)
 
     def stop(self) -> None:
         timer = self.timer
@@ -316,10 +316,9 @@ class _Watch:
                 if blocked
                 else ""
             ),
-            self.threshold,
         )
 
-    def _log(self, state: str, threshold: float) -> None:
+    def _log(self, state: str) -> None:
         name = type(self.handler).__name__
         held = telemetry.log_turn(("audit", name, self.method, "slow"))
         if held is None:
@@ -332,7 +331,7 @@ class _Watch:
                 self.method,
                 self.request_id,
                 state,
-                threshold,
+                self.threshold,
                 f" ({held} more slow calls of it in the last interval)" if held else "",
             )
         except Exception:  # pragma: no cover - a broken log filter: counted all the same
