@@ -48,13 +48,6 @@ class _Registry:
         self.active = 0
         self.span_runs: dict[str, tuple[RequestRun, ...]] = {}
 
-    def innermost(self, *runs: RequestRun | None) -> RequestRun | None:
-        best: RequestRun | None = None
-        for run in runs:
-            if run is not None and not run.ended and (best is None or run.seq > best.seq):
-                best = run
-        return best
-
     def runs_for(self, span_id: str | None) -> tuple[RequestRun, ...]:
         """The runs an event of span ``span_id`` belongs to (the innermost request).
 
