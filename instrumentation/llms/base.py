@@ -86,9 +86,13 @@ def _check_prompt(prompt: object) -> str:
     return prompt
 
 
-def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | None]:
+def _finish_reason(extra: dict[str, Any]) -> str | None:
     reason = extra.get("finish_reason")
-    return coerce_usage(extra.get("usage")), reason if isinstance(reason, str) else None
+    return reason if isinstance(reason, str) else None
+
+
+def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | None]:
+    return coerce_usage(extra.get("usage")), _finish_reason(extra)
 
 
 #: Inside structured_predict: the finish reason each model's predict() reported (by
@@ -383,8 +387,7 @@ class BaseLLM(abc.ABC):
         output = answer.message.content or ""
         if not listen:
             return output, None
-        reason = answer.additional_kwargs.get("finish_reason")
-        reason = reason if isinstance(reason, str) else None
+        reason = _finish_reason(answer.additional_kwargs)
         dispatcher.event(
             LLMPredictEndEvent(output=self._redacted(output), **self._end_info(reason, started))
         )
