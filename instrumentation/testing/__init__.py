@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, SupportsIndex, TypeVar, overload
+from typing import Any, SupportsIndex, TypeVar, cast, overload
 
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
@@ -26,13 +26,26 @@ from instrumentation.span_handlers.simple import SimpleSpanHandler
 _E = TypeVar("_E", bound=BaseEvent)
 
 
+class CapturedEvents(list[BaseEvent]):
+    """The events recorded so far, in order, as a plain list with one addition."""
+
+    __slots__ = ()
+
+    def of(self, kind: type[_E]) -> list[_E]:
+        """The events that are instances of ``kind`` (a subclass of
+        :class:`BaseEvent`), in order: typed, so that their fields type-check."""
+        if not (isinstance(kind, type) and issubclass(kind, BaseEvent)):
+            raise TypeError(f"of() takes an event class (a BaseEvent subclass), not {kind!r}")
+        return [e for e in self if isinstance(e, kind)]
+
+
 class RecordingEventHandler(BaseEventHandler):
     """Keeps every event it is given, in order (thread-safe)."""
 
     events: list[BaseEvent] = []
 
     def model_post_init(self, __context: Any) -> None:
-        self.events = []
+        self.events = CapturedEvents()
         self._guard = threading.Lock()
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
@@ -163,12 +176,15 @@ def _open_capture(
 
 
 @contextmanager
-def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[list[BaseEvent]]:
-    """Record the events that reach ``dispatcher`` (the root by default) in the block."""
+def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[CapturedEvents]:
+    """Record the events that reach ``dispatcher`` (the root by default) in the block.
+
+    ``of(kind)`` on the list picks the events of one class."""
     target = root_dispatcher if dispatcher is None else dispatcher
     handler = _CapturingEvents()
+    events = cast(CapturedEvents, handler.events)  # made so in model_post_init
     with _open_capture(handler, target.add_event_handler, target.remove_event_handler):
-        yield handler.events
+        yield events
 
 
 @contextmanager
@@ -248,8 +264,8 @@ class Capture:
         )
 
     @property
-    def events(self) -> list[BaseEvent]:
-        return self._events.events
+    def events(self) -> CapturedEvents:
+        return cast(CapturedEvents, self._events.events)  # made so in model_post_init
 
     @property
     def spans(self) -> CapturedSpans:
@@ -273,7 +289,8 @@ class Capture:
         _open_captures.pop(id(self._spans), None)
 
     def events_of(self, kind: type[_E]) -> list[_E]:
-        return [e for e in self.events if isinstance(e, kind)]
+        """``events.of(kind)``: the events of one class, typed."""
+        return self.events.of(kind)
 
     def tree(self) -> str:
         return self._spans.format_trace_trees()
@@ -299,6 +316,7 @@ def reset_counters() -> None:
 
 __all__ = [
     "Capture",
+    "CapturedEvents",
     "CapturedSpans",
     "RecordingEventHandler",
     "Snapshot",

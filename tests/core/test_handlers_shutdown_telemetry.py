@@ -318,6 +318,28 @@ def test_capture_events_and_spans_restore_handlers(d: Dispatcher) -> None:
     ) == before
 
 
+def test_captured_events_pick_one_class(d: Dispatcher) -> None:
+    """``of(kind)`` on capture_events()' list (and the fixture's events) keeps the events
+    of one class and its subclasses, in order; a non-event class is refused."""
+
+    class Miss(BaseEvent):
+        key: str
+
+    class DeepMiss(Miss):
+        pass
+
+    with capture_events() as events, isolated() as capture:
+        d.event(Miss(key="a"))
+        d.event(BaseEvent())
+        d.event(DeepMiss(key="b"))
+    assert [e.key for e in events.of(Miss)] == ["a", "b"]
+    assert [e.key for e in capture.events_of(Miss)] == ["a", "b"]
+    assert [type(e) for e in capture.events.of(DeepMiss)] == [DeepMiss]
+    assert len(events.of(BaseEvent)) == 3 and events == capture.events
+    with pytest.raises(TypeError, match="BaseEvent subclass"):
+        events.of(int)  # type: ignore[type-var]
+
+
 def test_capture_spans_can_be_read_inside_its_block(d: Dispatcher) -> None:
     """As capture_events' list fills as events come, capture_spans' holds the spans
     ended so far whenever it is read."""

@@ -25,7 +25,7 @@ from instrumentation.llms import LLM_END_EVENTS, ChatMessage, MessageRole, Token
 from instrumentation.otel import configure_otlp
 from instrumentation.span import SimpleSpan
 from instrumentation.span_handlers import SimpleSpanHandler
-from instrumentation.testing import Capture, capture_spans
+from instrumentation.testing import Capture, capture_events, capture_spans
 
 d = instrument.get_dispatcher(__name__)
 
@@ -98,6 +98,10 @@ class CacheMiss(BaseEvent):
 
 def check_capture(capture: Capture) -> None:
     assert_type(capture.events_of(CacheMiss), list[CacheMiss])
+    assert_type(capture.events.of(CacheMiss)[0].key, str)
+    with capture_events() as events:
+        pass
+    assert_type(events.of(CacheMiss), list[CacheMiss])
 
 
 class MySpans(SimpleSpanHandler):
