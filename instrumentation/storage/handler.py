@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, PrivateAttr, field_validator
 from typing_extensions import TypedDict
 
+from instrumentation import telemetry
 from instrumentation.context import (
     SpanContext,
     current_span,
@@ -37,6 +38,7 @@ from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
+from instrumentation.storage import writer as writer_module
 from instrumentation.storage.base import Store
 from instrumentation.storage.models import METADATA_ALIASES, METADATA_KEYS
 from instrumentation.storage.serialise import RowMaker
@@ -305,6 +307,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         self.__dict__["_fast_put"] = self._writer.put
         self.__dict__["_fast_by_dispatcher"] = bool(self.dispatcher_metadata)
         self.__dict__["_recent_scopes"] = _RecentScopes()
+        self._writer.before_stop(self._drop_open_spans)
 
     @property
     def writer(self) -> BatchWriter:
@@ -460,6 +463,39 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             self._fast_put((info, id_, _perf_counter(), error), info[3])
             if info[9] is not None:
                 self._recent_scopes.add(id_, info[9])
+
+    def _drop_open_spans(self) -> None:
+        """The writer is stopping (at exit, or shut down by hand): store the spans still
+        open as dropped. A call running on in a daemon thread, a generator suspended
+        for good: without a row of their own, the spans they had finished pointed to a
+        parent nobody could find, and their traces were not listed at all."""
+        opened: dict[str, Any] = self.open_spans
+        if not opened:
+            return
+        error = (
+            "RuntimeError: the process exited while the span was open"
+            if writer_module._exiting[0]
+            else "RuntimeError: the storage handler shut down while the span was open"
+        )
+        now = _perf_counter()
+        dropped = 0
+        for id_ in list(opened):
+            info: Any = opened.pop(id_, None)
+            if info is None:
+                continue  # it ended meanwhile, on another thread
+            self._fast_put((info, id_, now, error), info[3])
+            if info[9] is not None:
+                self._recent_scopes.add(id_, info[9])
+            dropped += 1
+        if dropped:
+            telemetry.SPANS_DROPPED_BY_SHUTDOWN.add(dropped)
+            writer_module.logger.warning(
+                "instrumentation.storage: %d span(s) still open when the writer for %r "
+                "stopped are stored as dropped (%s)",
+                dropped,
+                self.store,
+                error.partition(": ")[2],
+            )
 
     # BaseSpanHandler's abstract methods: unused, span_enter/exit/drop are overridden.
     def new_span(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover

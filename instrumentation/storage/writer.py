@@ -186,6 +186,8 @@ class BatchWriter:
         self._queue: deque[Any] = deque()
         self._set_aside: deque[Any] = deque()
         self._limit = max_queue  # 0 once shut down: every put() then takes the slow path
+        #: Run once when shutdown begins, before entries are refused (see before_stop).
+        self._before_stop: list[weakref.WeakMethod[Callable[[], object]]] = []
         self._init_runtime()
         _writers.add(self)
         _flush_when_this_multiprocessing_child_ends()
@@ -327,6 +329,27 @@ class BatchWriter:
         self._idle = False
         self._wake.set()
 
+    def before_stop(self, method: Callable[[], object]) -> None:
+        """Have bound ``method`` called once when shutdown begins (at exit too), while
+        entries are still taken: a handler puts what it holds in memory, the spans
+        still open. Held weakly: a handler collected meanwhile is skipped."""
+        self._before_stop.append(weakref.WeakMethod(method))
+
+    def _run_before_stop(self) -> None:
+        callbacks, self._before_stop = self._before_stop, []
+        for ref in callbacks:
+            method = ref()
+            if method is None:
+                continue
+            try:
+                method()
+            except Exception:
+                logger.exception(
+                    "instrumentation.storage: %r failed before the writer for %r stopped",
+                    method,
+                    self.store,
+                )
+
     def shutdown(self, timeout: float | None = 10.0) -> bool:
         """Write what is queued, stop the thread; ``True`` if all of it reached the database.
 
@@ -334,6 +357,8 @@ class BatchWriter:
         when most of ``timeout`` has passed, the rest goes to the spool file. Safe to
         call twice and from several threads.
         """
+        if not self._closed:
+            self._run_before_stop()
         with self._state_lock:
             first = not self._closed
             self._closed = True

@@ -320,3 +320,84 @@ def test_a_postgres_url_scheme_in_any_case_is_postgres(postgres_dsn: str) -> Non
     with open_store(f"{scheme.upper()}://{rest}") as store:
         assert type(store).__name__ == "PostgresStore"
         assert store.traces() is not None
+
+
+# -- 4. spans still open when the writer stops ------------------------------------------
+
+
+def test_a_span_open_at_shutdown_is_stored_as_dropped_with_its_trace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shut down inside a call: the call's span is stored as dropped (counted, logged),
+    so the trace of the children it finished is listed and complete; the call ending
+    afterwards adds nothing."""
+    from instrumentation import telemetry
+
+    db = tmp_path / "t.db"
+    recorder = record_to(db, dispatcher=d, debounce=0.01)
+    before = telemetry.SPANS_DROPPED_BY_SHUTDOWN.value
+
+    @d.span
+    def request() -> None:
+        work(1)
+        work(2)
+        recorder.detach()
+        with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+            assert recorder.shutdown(10)
+
+    request()
+    assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value == before + 1
+    assert "1 span(s) still open" in caplog.text and "shut down" in caplog.text
+    with open_store(db, read_only=True) as reader:
+        [summary] = reader.traces(limit=10)
+        assert summary.name == request.__qualname__ and summary.status == "error"
+        assert summary.span_count == 3
+        [root] = [s for s in reader.trace(summary.trace_id) if s.parent_id is None]
+        assert root.error == "RuntimeError: the storage handler shut down while the span was open"
+
+
+def test_spans_open_at_exit_are_stored_as_dropped(tmp_path: Path) -> None:
+    """A daemon thread still inside a call, and a generator suspended for good, when
+    the process exits: each open span is stored as dropped, so the finished children
+    belong to a listed trace, and the exit says so on stderr."""
+    db = tmp_path / "exit.db"
+    script = f"""
+import threading, time
+from instrumentation import get_dispatcher
+from instrumentation.storage import record_to
+d = get_dispatcher("exit.open")
+record_to({str(db)!r}, debounce=60)
+
+@d.span
+def step(i):
+    return i
+
+@d.span
+def serve(ready):
+    step(1)
+    ready.set()
+    time.sleep(60)
+
+@d.span
+def pages():
+    step(2)
+    yield 1
+    yield 2
+
+ready = threading.Event()
+threading.Thread(target=serve, args=(ready,), daemon=True).start()
+ready.wait()
+it = pages()
+next(it)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "2 span(s) still open" in done.stderr and "process exited" in done.stderr
+    with open_store(db, read_only=True) as reader:
+        summaries = reader.traces(limit=10)
+        assert sorted(s.name or "" for s in summaries) == ["pages", "serve"]
+        for summary in summaries:
+            assert summary.span_count == 2 and summary.status == "error"
+            [root] = [s for s in reader.trace(summary.trace_id) if s.parent_id is None]
+            assert root.error == "RuntimeError: the process exited while the span was open"
