@@ -243,6 +243,31 @@ def _first_step_unhooked(agen: Any) -> Any:
         sys.set_asyncgen_hooks(*hooks)
 
 
+class _EndWhenDiscarded:
+    """Held by a traced async generator's frame while its span is open.
+
+    An async generator left unfinished is closed by its event loop, but a loop
+    closed before that (``loop.close()`` without ``shutdown_asyncgens()``, as code
+    that makes a loop per call does) closes nothing: the generator is freed as it
+    is, its ``finally`` blocks never run, and its span stayed open for good, one more
+    in every handler's ``open_spans`` per call. Freed with the frame, this ends the
+    span as a generator closed early (``GeneratorExit``), as it ends under
+    ``asyncio.run``. Every other way out of the frame runs its ``finally``, which
+    marks the span ended already.
+    """
+
+    __slots__ = ("args", "ended")
+
+    def __init__(self, chain: Chain, span: SpanContext, bound: Any, instance: Any) -> None:
+        self.args = (chain, span, bound, instance)
+        self.ended = False
+
+    def __del__(self) -> None:
+        if not self.ended:
+            chain, span, bound, instance = self.args
+            fail(chain, span, bound, instance, GeneratorExit())
+
+
 def _drop_unstarted(
     started: list[bool], chain: Chain, span: SpanContext, bound: Any, instance: Any
 ) -> None:
@@ -381,83 +406,88 @@ def _wrap_callable(
             span = bound = instance = None
             if chain is not None and not _suppressed.get():
                 span, bound, instance = begin(chain, args, kwargs)
+            guard = None if span is None else _EndWhenDiscarded(chain, span, bound, instance)
             try:
-                agen = func(*args, **kwargs)
-            except BaseException as err:  # bad arguments: the body never ran
-                if span is not None:
-                    fail(chain, span, bound, instance, err)
-                raise
-            to_send: Any = None
-            to_throw: BaseException | None = None
-            # What is current inside the body when it yields (a block it opened, say)
-            # is made current again when it resumes, not just the generator's span.
-            current: SpanContext | None = span
-            resumed = None  # what other tracing systems had current inside, at the last yield
-            first = True
-            while True:
-                handle = activate(current, resumed) if current is not None else None
                 try:
-                    if to_throw is not None:
-                        pending, to_throw = to_throw, None
-                        item = await agen.athrow(pending)
-                    elif first:
-                        first = False
-                        item = await _first_step_unhooked(agen)
-                    else:
-                        item = await agen.asend(to_send)
-                except StopAsyncIteration:
-                    if span is not None:
-                        finish(chain, span, bound, instance, None)
-                    return
-                except BaseException as err:
+                    agen = func(*args, **kwargs)
+                except BaseException as err:  # bad arguments: the body never ran
                     if span is not None:
                         fail(chain, span, bound, instance, err)
                     raise
-                finally:
-                    if handle is not None:
-                        current = _active_span.get() or span
-                        if type(handle) is Token:  # no bridge: nothing to note
-                            deactivate(handle)
-                            resumed = None
-                        else:
-                            resumed = suspend(handle)
-                try:
-                    to_send = yield item
-                except GeneratorExit as closing:
-                    if getattr(agen, "ag_running", False):
-                        # Being closed already by whoever else holds it (the loop does
-                        # not: see _first_step_unhooked): nothing to throw into.
-                        if span is not None:
-                            fail(chain, span, bound, instance, closing)
-                        raise
-                    # As in _drive: returning after the close ends the span normally.
+                to_send: Any = None
+                to_throw: BaseException | None = None
+                # What is current inside the body when it yields (a block it opened, say)
+                # is made current again when it resumes, not just the generator's span.
+                current: SpanContext | None = span
+                resumed = None  # what other tracing systems had current inside, at the last yield
+                first = True
+                while True:
                     handle = activate(current, resumed) if current is not None else None
                     try:
-                        await agen.athrow(closing)
+                        if to_throw is not None:
+                            pending, to_throw = to_throw, None
+                            item = await agen.athrow(pending)
+                        elif first:
+                            first = False
+                            item = await _first_step_unhooked(agen)
+                        else:
+                            item = await agen.asend(to_send)
                     except StopAsyncIteration:
-                        returned = True
-                    except GeneratorExit:
-                        returned = False
+                        if span is not None:
+                            finish(chain, span, bound, instance, None)
+                        return
                     except BaseException as err:
                         if span is not None:
                             fail(chain, span, bound, instance, err)
                         raise
-                    else:
-                        ignored = RuntimeError("async generator ignored GeneratorExit")
-                        if span is not None:
-                            fail(chain, span, bound, instance, ignored)
-                        raise ignored from None
                     finally:
                         if handle is not None:
-                            deactivate(handle)
-                    if span is not None:
-                        if returned:
-                            finish(chain, span, bound, instance, None)
+                            current = _active_span.get() or span
+                            if type(handle) is Token:  # no bridge: nothing to note
+                                deactivate(handle)
+                                resumed = None
+                            else:
+                                resumed = suspend(handle)
+                    try:
+                        to_send = yield item
+                    except GeneratorExit as closing:
+                        if getattr(agen, "ag_running", False):
+                            # Being closed already by whoever else holds it (the loop does
+                            # not: see _first_step_unhooked): nothing to throw into.
+                            if span is not None:
+                                fail(chain, span, bound, instance, closing)
+                            raise
+                        # As in _drive: returning after the close ends the span normally.
+                        handle = activate(current, resumed) if current is not None else None
+                        try:
+                            await agen.athrow(closing)
+                        except StopAsyncIteration:
+                            returned = True
+                        except GeneratorExit:
+                            returned = False
+                        except BaseException as err:
+                            if span is not None:
+                                fail(chain, span, bound, instance, err)
+                            raise
                         else:
-                            fail(chain, span, bound, instance, closing)
-                    raise
-                except BaseException as err:
-                    to_throw, to_send = err, None
+                            ignored = RuntimeError("async generator ignored GeneratorExit")
+                            if span is not None:
+                                fail(chain, span, bound, instance, ignored)
+                            raise ignored from None
+                        finally:
+                            if handle is not None:
+                                deactivate(handle)
+                        if span is not None:
+                            if returned:
+                                finish(chain, span, bound, instance, None)
+                            else:
+                                fail(chain, span, bound, instance, closing)
+                        raise
+                    except BaseException as err:
+                        to_throw, to_send = err, None
+            finally:
+                if guard is not None:
+                    guard.ended = True
 
     elif inspect.isgeneratorfunction(target) and not _is_types_coroutine(target):
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import gc
 import inspect
 import pickle
 import types
@@ -495,6 +496,42 @@ async def test_async_generator_called_with_bad_arguments_drops_its_span(
             pass
     r = rec.one(agen.__qualname__)
     assert r.status == "drop" and isinstance(r.err, TypeError)
+
+
+def test_async_generator_freed_by_a_closed_loop_ends_its_span(d: Dispatcher, rec: Recorder) -> None:
+    """A loop closed without shutdown_asyncgens() never closes a generator left by
+    ``break``: freed, its span ends as closed early (as under asyncio.run), once, and
+    no handler keeps it open. A generator that ran to its end is not ended again."""
+    simple = SimpleSpanHandler()
+    d.add_span_handler(simple)
+
+    @d.span
+    async def pages(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async def first_page() -> int:
+        async for page in pages(10):
+            return page
+        raise AssertionError("no page")
+
+    async def all_pages() -> list[int]:
+        return [page async for page in pages(2)]
+
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(all_pages()) == [0, 1]
+            assert loop.run_until_complete(first_page()) == 0
+        finally:
+            loop.close()  # no shutdown_asyncgens(): the loop closes nothing
+    gc.collect()
+    records = rec.named(pages.__qualname__)
+    assert len(records) == 6
+    assert sorted(r.status for r in records) == ["drop"] * 3 + ["exit"] * 3
+    assert all(isinstance(r.err, GeneratorExit) for r in records if r.status == "drop")
+    assert not simple.open_spans and len(simple.dropped_spans) == 3
+    assert len(simple.completed_spans) == 3
 
 
 async def test_function_returning_a_future(d: Dispatcher, rec: Recorder) -> None:
