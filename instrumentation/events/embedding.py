@@ -6,6 +6,16 @@ they share the model and end-of-call fields (usage, latency, cost).
 
 from __future__ import annotations
 
-from instrumentation.events.llm import EmbeddingEndEvent, EmbeddingStartEvent
+from instrumentation.events.llm import (
+    EmbeddingEndEvent,
+    EmbeddingStartEvent,
+    SparseEmbeddingEndEvent,
+    SparseEmbeddingStartEvent,
+)
 
-__all__ = ["EmbeddingEndEvent", "EmbeddingStartEvent"]
+__all__ = [
+    "EmbeddingEndEvent",
+    "EmbeddingStartEvent",
+    "SparseEmbeddingEndEvent",
+    "SparseEmbeddingStartEvent",
+]

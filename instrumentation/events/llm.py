@@ -265,6 +265,18 @@ class EmbeddingEndEvent(ModelCallEndEvent):
     embeddings: list[list[float]] = Field(default_factory=list)
 
 
+class SparseEmbeddingStartEvent(EmbeddingStartEvent):
+    """A sparse embedding call begins. A kind of :class:`EmbeddingStartEvent`, as in
+    LlamaIndex, so handlers that dispatch on the class treat it as one."""
+
+
+class SparseEmbeddingEndEvent(ModelCallEndEvent):
+    """A sparse embedding call finished: each text's vector as token id -> weight."""
+
+    chunks: list[str] = Field(default_factory=list)
+    embeddings: list[dict[int, float]] = Field(default_factory=list)
+
+
 LLM_START_EVENTS: tuple[type[ModelCallEvent], ...] = (
     LLMChatStartEvent,
     LLMCompletionStartEvent,
@@ -283,6 +295,7 @@ LLM_END_EVENTS: tuple[type[ModelCallEndEvent], ...] = (
     LLMPredictEndEvent,
     LLMStructuredPredictEndEvent,
     EmbeddingEndEvent,
+    SparseEmbeddingEndEvent,
 )
 
 __all__ = [
@@ -310,6 +323,8 @@ __all__ = [
     "ModelCallEndEvent",
     "ModelCallEvent",
     "RoleName",
+    "SparseEmbeddingEndEvent",
+    "SparseEmbeddingStartEvent",
     "TokenUsage",
     "ToolCall",
 ]

@@ -138,7 +138,9 @@ def _operation(llm: ModuleType, event: Any) -> str | None:
         return "chat"
     if isinstance(event, (llm.LLMCompletionStartEvent, llm.LLMCompletionEndEvent)):
         return "text_completion"
-    if isinstance(event, (llm.EmbeddingStartEvent, llm.EmbeddingEndEvent)):
+    if isinstance(
+        event, (llm.EmbeddingStartEvent, llm.EmbeddingEndEvent, llm.SparseEmbeddingEndEvent)
+    ):
         return "embeddings"
     return None  # predict: a template step around a chat/completion call of its own
 

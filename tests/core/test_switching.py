@@ -166,6 +166,7 @@ def test_llamaindex_module_paths_and_names_import() -> None:
     from instrumentation.base import BaseEvent as BaseEventAgain
     from instrumentation.base import BaseInstrumentationHandler
     from instrumentation.base.event import BaseEvent as BaseEventThere
+    from instrumentation.base_handler import BaseInstrumentationHandler as CoreSpelling
     from instrumentation.dispatcher import (
         DISPATCHER_SPAN_DECORATED_ATTR,
         EventDispatcher,
@@ -175,6 +176,7 @@ def test_llamaindex_module_paths_and_names_import() -> None:
     from instrumentation.threads import Thread as OurThread
 
     assert BaseEventAgain is BaseEvent is BaseEventThere and Thread is OurThread
+    assert CoreSpelling is BaseInstrumentationHandler
     # The top level has what LlamaIndex's has.
     assert instrument.DISPATCHER_SPAN_DECORATED_ATTR == DISPATCHER_SPAN_DECORATED_ATTR
     assert instrument.base.BaseEvent is BaseEvent

@@ -119,6 +119,25 @@ def test_tuples_classify_events() -> None:
     assert EmbeddingEndFromModule is EmbeddingEndEvent
 
 
+def test_sparse_embedding_events_as_llamaindex_has_them() -> None:
+    """LlamaIndex's sparse embedding events import from the same module: the start is
+    a kind of EmbeddingStartEvent; the end keeps token id -> weight maps, validated."""
+    from instrumentation.events.embedding import (
+        SparseEmbeddingEndEvent,
+        SparseEmbeddingStartEvent,
+    )
+
+    start = SparseEmbeddingStartEvent(model_dict={"model_name": "splade"})
+    assert isinstance(start, EmbeddingStartEvent) and isinstance(start, LLM_START_EVENTS)
+    assert start.class_name() == "SparseEmbeddingStartEvent"
+    end = SparseEmbeddingEndEvent(chunks=["a"], embeddings=[{"7": 0.5, 3: 1}])
+    assert end.embeddings == [{7: 0.5, 3: 1.0}] and isinstance(end, LLM_END_EVENTS)
+    assert end.model_dump()["class_name"] == "SparseEmbeddingEndEvent"
+    with pytest.raises(ValidationError) as info:
+        SparseEmbeddingEndEvent(chunks=["a"], embeddings=[[0.5]])
+    assert info.value.errors()[0]["loc"][0] == "embeddings"
+
+
 def test_tool_call_needs_a_name() -> None:
     """A tool call without a name is rejected naming 'name'."""
     with pytest.raises(ValidationError) as info:

@@ -207,6 +207,28 @@ def test_completion_and_embedding_operations(traced_oi: Traced) -> None:
     assert e["embedding.embeddings.1.embedding.text"] == "b"
 
 
+def test_sparse_embeddings_are_embedding_operations(traced_oi: Traced) -> None:
+    """LlamaIndex's sparse embedding events make an embeddings span too."""
+    from instrumentation.events.embedding import (
+        SparseEmbeddingEndEvent,
+        SparseEmbeddingStartEvent,
+    )
+
+    d = traced_oi.dispatcher
+
+    @d.span
+    def embed_sparse() -> None:
+        d.event(SparseEmbeddingStartEvent(model_dict={"model_name": "splade"}))
+        d.event(SparseEmbeddingEndEvent(chunks=["a"], embeddings=[{7: 0.5}]))
+
+    embed_sparse()
+    [span] = [s for s in traced_oi.spans() if short(s.name) == "embed_sparse"]
+    a = dict(span.attributes or {})
+    assert a["gen_ai.operation.name"] == "embeddings"
+    assert a["gen_ai.request.model"] == "splade"
+    assert a["openinference.span.kind"] == "EMBEDDING"
+
+
 def test_non_llm_events_are_not_llm_events() -> None:
     """kind_of tells LLM events apart and is None for anything else."""
     assert genai.kind_of(LLMChatStartEvent(messages=[])) == genai.START
