@@ -188,7 +188,7 @@ def run_demo(
             root_dispatcher.remove_span_handler(sh)
         for eh in extra_events:
             root_dispatcher.remove_event_handler(eh)
-    tree = format_trace(spans.all_spans(), collector)
+    tree = format_trace(spans.spans_by_start(), collector)
     total = sum(
         e.usage.total_tokens  # type: ignore[attr-defined]
         for events in collector.by_span.values()

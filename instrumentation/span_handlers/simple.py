@@ -288,7 +288,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         self.dropped_spans.append(span)
         return span
 
-    def all_spans(self) -> list[SimpleSpan]:
+    def spans_by_start(self) -> list[SimpleSpan]:
         """Completed, dropped and still open spans, oldest start first."""
         spans = [*self.completed_spans, *self.dropped_spans, *self.open_spans.values()]
         spans.sort(key=lambda s: s.start_time)
@@ -307,8 +307,11 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
                 text += f"  ✗ {error}"
             return text
 
+        # Called through the class: a subclass written for LlamaIndex may have a field
+        # of the same name (LlamaIndex's OpenTelemetry handler has ``all_spans``).
+        spans = SimpleSpanHandler.spans_by_start(self)
         return draw_tree(
-            self.all_spans(), lambda s: s.id_, lambda s: s.parent_id, label, lambda s: s.start_time
+            spans, lambda s: s.id_, lambda s: s.parent_id, label, lambda s: s.start_time
         )
 
     def print_trace_trees(self) -> None:

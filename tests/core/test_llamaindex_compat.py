@@ -347,3 +347,30 @@ def test_dispatcher_span_mixin_wraps_implementations() -> None:
     names = [r.name for r in rec.records.values()]
     assert names == ["Impl.run", "ImplByHand.run"]
     assert dict(next(iter(rec.records.values())).bound_args.arguments) == {"x": 1}
+
+
+def test_a_subclass_field_named_like_a_helper_keeps_trees_printing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """LlamaIndex's OpenTelemetry handler subclasses SimpleSpanHandler with a field
+    ``all_spans``: it must neither shadow a method (pydantic warns then) nor break
+    print_trace_trees()."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class OTelLike(SimpleSpanHandler):
+            all_spans: dict[str, Any] = Field(default_factory=dict)
+
+    d = instrument.get_dispatcher(fresh())
+    handler = OTelLike()
+    d.add_span_handler(handler)
+
+    @d.span
+    def step() -> int:
+        return 1
+
+    step()
+    handler.print_trace_trees()
+    assert step.__qualname__ in capsys.readouterr().out
