@@ -4,7 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck pytest clean
+# The suite again on the oldest releases pyproject.toml accepts (without the peer,
+# whose releases need a newer pydantic).
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+TEST_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis mypy nbclient nbformat ipykernel
+
+.PHONY: demo test test-oldest bench lint typecheck pytest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +34,18 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+$(OLDEST_STAMP): pyproject.toml .ci/oldest-constraints.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet -c .ci/oldest-constraints.txt \
+		-e ".[openai,postgres,otel]" $(TEST_TOOLS)
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -m pytest -q
+
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build *.egg-info .mypy_cache .ruff_cache

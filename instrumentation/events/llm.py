@@ -146,6 +146,10 @@ class ModelCallEvent(BaseEvent):
     ``isinstance(event, ModelCallEvent)`` (or one of the ``LLM_*_EVENTS`` tuples) tells
     a type checker that ``model`` and ``provider`` are there."""
 
+    # ``model_dict`` is LlamaIndex's field name; pydantic before 2.10 warns of any
+    # field named ``model_...`` unless told that no namespace is protected.
+    model_config = ConfigDict(protected_namespaces=())
+
     model: StrictStr | None = None
     provider: StrictStr | None = None
 

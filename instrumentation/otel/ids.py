@@ -57,8 +57,10 @@ class PendingIdGenerator(IdGenerator):
     def is_trace_id_random(self) -> bool:
         # Ours are 128 random bits (instrumentation._ids), but the SDK asks this for
         # every span of the tracer, the application's too when it shares the scope:
-        # the provider's own generator answers for those.
-        return bool(self.fallback.is_trace_id_random())
+        # the provider's own generator answers for those (older SDKs neither ask nor
+        # have the method).
+        answer = getattr(self.fallback, "is_trace_id_random", None)
+        return bool(answer()) if answer is not None else False
 
 
 __all__ = ["PendingIdGenerator"]

@@ -181,11 +181,17 @@ class SpanDeque(deque[T]):
         # Validated and serialised as a deque of its items (a list in JSON), kept a SpanDeque.
         args = get_args(source)
         items = handler.generate_schema(deque[args[0]] if args else deque)  # type: ignore[valid-type]
+        as_list = handler.generate_schema(list[args[0]] if args else list)  # type: ignore[valid-type]
         return core_schema.no_info_after_validator_function(
             lambda value: (
                 value if isinstance(value, cls) else cls(value, getattr(value, "maxlen", None))
             ),
             items,
+            # Dumped as a list of its spans, as LlamaIndex's list is (pydantic before
+            # 2.12 did not serialise a deque subclass by the deque schema at all).
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                list, return_schema=as_list
+            ),
         )
 
 

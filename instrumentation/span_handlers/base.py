@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import inspect
 import threading
 from abc import abstractmethod
@@ -105,7 +106,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     max_completed_spans: int = Field(
         default=10_000, ge=0, description="How many completed (and dropped) spans to keep."
     )
-    _lock: threading.Lock | None = PrivateAttr(default=None)
+    _lock: _thread.LockType | None = PrivateAttr(default=None)
     # Spans that Dispatcher.shutdown() dropped while their calls still ran: the calls'
     # own exit or drop, when it comes, is not passed on a second time.
     _ended_by_shutdown: dict[str, None] | None = PrivateAttr(default=None)

@@ -628,6 +628,8 @@ def test_the_openai_stream_helper_is_traced(
     """chat.completions.stream() calls the patched create(): read whole, its span ends
     with the answer; left early, it ends as abandoned once the helper is collected (it
     sits in a reference cycle, so the cyclic GC frees it)."""
+    if not hasattr(client.chat.completions, "stream"):
+        pytest.skip("this openai release has the helper under client.beta only")
     with client.chat.completions.stream(model="gpt-4o", messages=HELLO) as whole:
         for _ in whole:
             pass
@@ -689,7 +691,10 @@ async def test_a_stop_button_in_another_task_stops_the_stream_as_abandoned(
         stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
 
         async def reader() -> None:
-            with pytest.raises(openai.APIConnectionError):
+            # Older openai releases let their HTTP library's own error through.
+            httpx = sys.modules.get("httpx")
+            older = (httpx.ReadError,) if httpx is not None else ()
+            with pytest.raises((openai.APIConnectionError, *older)):
                 async for chunk in stream:
                     got.append(chunk.choices[0].delta.content or "")
 

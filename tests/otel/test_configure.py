@@ -134,14 +134,15 @@ def test_a_collector_that_does_not_answer_bounds_flush_and_shutdown() -> None:
 
     for i in range(50):
         unit(i)
-    # Each waits its own timeout, with room for a loaded machine; ignoring it would wait
-    # for the exporter's retries, up to its 30 s.
+    # Each waits at most its own timeout, with room for a loaded machine; ignoring it
+    # would wait for the exporter's retries, up to its 30 s. (Older exporters do not
+    # retry a refused connection: their export fails at once.)
     started = time.monotonic()
     assert otlp.force_flush(500) is False
-    assert 0.45 < time.monotonic() - started < 4
+    assert time.monotonic() - started < 4
     started = time.monotonic()
     assert otlp.shutdown(timeout_millis=1_000) is False
-    assert 0.85 < time.monotonic() - started < 4
+    assert time.monotonic() - started < 4
     assert telemetry.counter("otel.spans_exported").value == 0
     assert telemetry.counter("otel.spans_not_exported").value == 50
     assert otlp.shutdown() is False  # idempotent
@@ -161,7 +162,7 @@ def test_flushes_that_time_out_keep_at_most_one_thread_waiting() -> None:
                 pass
             assert otlp.force_flush(200) is False
         flushing = [t for t in threading.enumerate() if t.name == "instrumentation-otel-flush"]
-        assert len(flushing) == 1
+        assert len(flushing) <= 1  # none once an export that fails at once is over
     finally:
         assert otlp.shutdown(timeout_millis=500) is False
     _assert_stopped(_otel_threads() - before)
@@ -800,7 +801,7 @@ def test_concurrent_flushes_keep_at_most_one_thread_and_none_after_shutdown(
             thread.join()
         flushing = _flush_threads() - before
         assert answers == [False] * 2 * callers
-        assert len(flushing) == 1
+        assert len(flushing) <= 1  # none where the SDK's own flush kept its timeout
     finally:
         assert otlp.shutdown(timeout_millis=300) is False
     started = time.monotonic()
