@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,44 +35,67 @@ def test_docs_and_notebooks_exist() -> None:
 
 @pytest.mark.parametrize("page", DOCS, ids=[p.stem for p in DOCS])
 def test_doc_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each page's Python blocks run in order, in one namespace, from an empty directory."""
+    """Each page's Python blocks run in order, in one namespace, from an empty directory;
+    then again in a new interpreter in the same directory, as a reader runs a page a
+    second time (what the first run wrote is still there)."""
     monkeypatch.chdir(tmp_path)
+    blocks = python_blocks(page)
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
-    for number, code in enumerate(python_blocks(page), start=1):
+    for number, code in enumerate(blocks, start=1):
         try:
             exec(compile(code, f"{page.name}[block {number}]", "exec"), namespace)
         except Exception as exc:  # pragma: no cover - the failure message is the point
             raise AssertionError(f"{page.name} block {number} failed: {exc!r}\n{code}") from exc
+    again = subprocess.run(
+        [sys.executable, "-c", _RUN_BLOCKS, page.name, str(namespace["__name__"])],
+        input=json.dumps(blocks),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, f"{page.name} failed when run again:\n{again.stderr}"
+
+
+#: Runs the blocks given as a JSON list on stdin, as test_doc_page_runs does.
+_RUN_BLOCKS = """
+import json, sys
+page, name = sys.argv[1], sys.argv[2]
+namespace = {"__name__": name}
+for number, code in enumerate(json.load(sys.stdin), start=1):
+    exec(compile(code, f"{page}[block {number}]", "exec"), namespace)
+"""
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(notebook: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each notebook executes top to bottom with the project's own interpreter."""
+    """Each notebook executes top to bottom with the project's own interpreter, twice in
+    the same directory (a reader runs it again: what the first run wrote is there)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from jupyter_client.kernelspec import KernelSpecManager  # noqa: F401 (nbclient dependency)
 
-    nb = nbformat.read(notebook, as_version=4)
     env_python = sys.executable
     # The kernel inherits it; the debugger's frozen-modules warning is noise here.
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    client = nbclient.NotebookClient(
-        nb,
-        timeout=240,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    # Run the kernel with this interpreter, whatever kernelspec the machine has.
-    client.kernel_manager_class = _kernel_manager(env_python)
-    client.execute()
-    errors = [
-        out
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-        if out.get("output_type") == "error"
-    ]
-    assert not errors
+    for run in ("first", "second"):
+        nb = nbformat.read(notebook, as_version=4)
+        client = nbclient.NotebookClient(
+            nb,
+            timeout=240,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(tmp_path)}},
+        )
+        # Run the kernel with this interpreter, whatever kernelspec the machine has.
+        client.kernel_manager_class = _kernel_manager(env_python)
+        client.execute()
+        errors = [
+            out
+            for cell in nb.cells
+            if cell.cell_type == "code"
+            for out in cell.get("outputs", [])
+            if out.get("output_type") == "error"
+        ]
+        assert not errors, f"{notebook.name}, {run} run: {errors}"
 
 
 def _kernel_manager(python: str) -> type:

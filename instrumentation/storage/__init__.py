@@ -167,6 +167,16 @@ def _check_option_names(options: Mapping[str, object]) -> None:
         raise ValidationError.from_exception_data(StorageHandler.__name__, errors)
 
 
+def format_trace(
+    spans: list[StoredSpan], *, events: bool = False, metadata: Mapping[str, str] | None = None
+) -> str:
+    """One trace read back (``store.trace(trace_id)``) as the tree ``show`` draws; with
+    ``events``, each span's events under it."""
+    from instrumentation.storage.cli import format_trace as _format_trace
+
+    return _format_trace(spans, events=events, metadata=metadata)
+
+
 def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:
     """Recent traces read back from ``store``, oldest first, as summary lines and trees."""
     from instrumentation.storage.cli import format_traces as _format_traces
@@ -206,6 +216,7 @@ __all__ = [
     "TraceSummary",
     "database_target",
     "flush_on_sigterm",
+    "format_trace",
     "format_traces",
     "is_postgres_dsn",
     "metadata",

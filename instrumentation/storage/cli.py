@@ -818,6 +818,12 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return status
 
 
+def _version() -> str:
+    from instrumentation import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Started as the ``instrumentation`` command, say so; else ``python -m``.
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
@@ -827,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db_help = "SQLite path or PostgreSQL DSN (default: $INSTRUMENTATION_DB or instrumentation.db)"
     parser.add_argument("--db", help=db_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # --db is taken after the command too (``list --db x.db``).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, help=db_help)

@@ -890,3 +890,20 @@ def test_a_time_copied_from_list_selects_that_trace_with_until_too(tmp_path: Pat
     assert "copied" not in _run("--db", db, "list", "--until", exact)
     export = _run("--db", db, "export", "--until", shown_time)
     assert len(export.splitlines()) == 1
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the version pyproject.toml gives, which __version__ repeats."""
+    import re
+
+    import instrumentation
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    found = re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE)
+    assert found is not None
+    declared = found.group(1)
+    assert instrumentation.__version__ == declared
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.split()[-1] == declared
