@@ -17,6 +17,7 @@ import builtins
 import json
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -58,8 +59,37 @@ def _epoch(value: datetime | float | int | None, what: str) -> float | None:
             )
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not _FIRST_EPOCH <= value <= _LAST_EPOCH:  # NaN included
+            raise ValueError(
+                f"{what} is seconds since the epoch within the years 1 to 9999, got {value!r}"
+            )
         return float(value)
     raise TypeError(f"{what} is a datetime or seconds since the epoch, got {type(value).__name__}")
+
+
+#: The epoch seconds a datetime can hold (the years 1 to 9999, UTC).
+_FIRST_EPOCH = -62135596800
+_LAST_EPOCH = 253402300799
+
+
+#: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): no
+#: database encodes them as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_for_databases(text: str) -> str:
+    """``text`` with what a database refuses in text replaced by U+FFFD: NUL characters
+    (PostgreSQL) and lone surrogates (both)."""
+    return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", "\ufffd"))
+
+
+def cleaned_for_databases(row: Sequence[Any]) -> tuple[Any, ...]:
+    """``row`` with :func:`text_for_databases` applied to its text, and the NULs that JSON
+    text spells ``\\u0000`` replaced too."""
+    return tuple(
+        text_for_databases(v.replace("\\u0000", "\\ufffd")) if isinstance(v, str) else v
+        for v in row
+    )
 
 
 def _json(text: Any) -> Any:
@@ -69,7 +99,7 @@ def _json(text: Any) -> Any:
         return text
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # nested deeper than the parser goes
         return {"__unreadable__": str(text)}
 
 
@@ -353,15 +383,20 @@ class SQLStore(Store):
             where.append(self._after_position(ended_after, params))
         else:
             ended_after_time = ended_after
-        for value, time_column, op, what in (
-            (since, "start_time", ">=", "since"),
-            (until, "start_time", "<", "until"),
-            (ended_after_time, "end_time", ">", "ended_after"),
+        # Times compare at the microsecond, as a datetime holds them: SQLite keeps more
+        # digits, so a stored time is taken as rounded to the microsecond (the start of
+        # a trace read back and given as ``since`` lists that trace, as ``until`` does
+        # not). PostgreSQL keeps microseconds.
+        half_us = 0.5e-6 if d.timestamp == d.real else 0.0
+        for value, time_column, op, what, shift in (
+            (since, "start_time", ">=", "since", -half_us),
+            (until, "start_time", "<", "until", -half_us),
+            (ended_after_time, "end_time", ">", "ended_after", half_us),
         ):
             epoch = _epoch(value, what)
             if epoch is not None:
                 where.append(f"r.{time_column} {op} {d.time_param()}")
-                params.append(epoch)
+                params.append(epoch + shift)
         if name is not None:
             if not isinstance(name, str):
                 raise TypeError(f"name is a str (use * as a wildcard), got {type(name).__name__}")

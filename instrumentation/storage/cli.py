@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import heapq
 import json
+import math
 import os
 import re
 import secrets
@@ -665,7 +666,22 @@ def _json_line(record: dict[str, Any], out: Any, *, unicode: bool | None = None)
     ``\\u`` escapes (still the same JSON) for a terminal that cannot show the rest."""
     if unicode is None:
         unicode = not isinstance(out, _FittedOutput)
-    return json.dumps(record, default=_jsonable, ensure_ascii=not unicode)
+    try:
+        return json.dumps(record, default=_jsonable, ensure_ascii=not unicode, allow_nan=False)
+    except ValueError:  # NaN or an infinity, stored by an earlier release
+        return json.dumps(_finite(record), default=_jsonable, ensure_ascii=not unicode)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None: strict JSON, which ``jq`` and
+    ``JSON.parse`` take (Python's ``json`` writes ``NaN``, which they refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _refuse_database_as_output(output: str, store: Store) -> None:

@@ -302,6 +302,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             spool_dir=self.spool_dir,
             close_store=self.close_store,
         )
+        rows.on_unwritable = self._writer.count_unwritable
         # The hot path reads these two from the instance __dict__: a pydantic private
         # attribute is looked up through __getattr__, which costs microseconds.
         self.__dict__["_fast_put"] = self._writer.put

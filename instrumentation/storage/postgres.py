@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from instrumentation.storage.base import Row, SQLStore
+from instrumentation.storage.base import Row, SQLStore, text_for_databases
 from instrumentation.storage.schema import (
     POSTGRES,
     TABLES,
@@ -265,9 +265,12 @@ class PostgresStore(SQLStore):
             self._raise_if_failed_just_now(
                 self._connect_options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
             )
+            # Stored text had NULs and lone surrogates replaced (PostgreSQL takes
+            # neither): a filter value is matched the same way, not refused.
+            cleaned = [text_for_databases(v) if isinstance(v, str) else v for v in params]
             try:
                 rows: list[Row] = self._once_more_if_lost(
-                    lambda conn: list(conn.execute(sql, list(params)).fetchall())
+                    lambda conn: list(conn.execute(sql, cleaned).fetchall())
                 )
                 return rows
             except BaseException as exc:

@@ -14,7 +14,7 @@ import enum
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
 from pathlib import PurePath
@@ -59,6 +59,13 @@ def unserialisable(value: Any) -> dict[str, str]:
 
 def _default(value: Any) -> Any:
     """``json.dumps`` hook: common non-JSON types by value, anything else as a marker."""
+    try:
+        return _by_value(value)
+    except Exception:  # a datetime whose tzinfo raises, say
+        return unserialisable(value)
+
+
+def _by_value(value: Any) -> Any:
     if isinstance(value, BaseModel):
         try:
             return value.model_dump(mode="json", fallback=unserialisable)
@@ -144,27 +151,56 @@ def _truncate_fields(data: dict[str, Any], total: int, limit: int) -> str | None
 
 
 def to_json(value: Any, limit: int) -> str:
-    """``value`` as JSON text, never raising, at most about ``limit`` characters."""
+    """``value`` as JSON text, never raising, at most about ``limit`` characters.
+
+    The text is strict JSON, which PostgreSQL's ``jsonb`` and every JSON parser take:
+    NaN and the infinities are written as ``null``, as pydantic writes them in events.
+    """
     try:
         text = _dumps_any(value)
-    except (TypeError, ValueError, RecursionError):
-        if isinstance(value, dict):
-            # Only the fields that cannot be written (a list that holds itself, say)
-            # become markers: the others stay readable as fields.
-            text = _dumps({str(k): _json_or_marker(v) for k, v in value.items()})
-        else:
-            text = _dumps(unserialisable(value))
+    except Exception:
+        try:
+            text = _dumps_any(_finite(value))
+        except Exception:
+            if isinstance(value, dict):
+                # Only the fields that cannot be written (a list that holds itself,
+                # say) become markers: the others stay readable as fields.
+                text = _dumps({_str_key(k): _json_or_marker(v) for k, v in value.items()})
+            else:
+                text = _dumps(unserialisable(value))
     return _truncate(text, limit)
 
 
 def _dumps_any(value: Any) -> str:
-    return json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(
+        value, default=_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    """``value`` with NaN and infinite floats in its dicts, lists and tuples as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 100:
+        return value  # deeper than this, the marker fallback takes it
+    if isinstance(value, dict):
+        return {k: _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
+
+
+def _str_key(key: Any) -> str:
+    try:
+        return str(key)
+    except Exception:
+        return _safe_repr(key)
 
 
 def _json_or_marker(value: Any) -> Any:
     try:
-        return json.loads(_dumps_any(value))
-    except (TypeError, ValueError, RecursionError):
+        return json.loads(_dumps_any(_finite(value)))
+    except Exception:
         return unserialisable(value)
 
 
@@ -190,13 +226,33 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else _safe_repr(value, 500)
 
 
+#: Token counts and costs past these are no real figures (a bug upstream, a sentinel):
+#: their columns are left empty, the payload keeps them, and sums over a trace cannot
+#: overflow (SQLite's integer SUM raises past 2**63, PostgreSQL's float8 past 1e308).
+_MAX_TOKENS = 2**40
+_MAX_COLUMN_FLOAT = 1e15
+_OUT_OF_RANGE = telemetry.counter("storage.out_of_range_columns")
+
+
 def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    if 0 <= value < _MAX_TOKENS:
+        return value
+    _OUT_OF_RANGE.inc()
+    return None
 
 
 def _float_or_none(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int past 1e308
+        number = math.inf
+    if math.isfinite(number) and abs(number) < _MAX_COLUMN_FLOAT:
+        return number
+    _OUT_OF_RANGE.inc()
     return None
 
 
@@ -214,7 +270,7 @@ def metadata_columns(
                 if mapping and mapping.get(key) is not None:
                     value = mapping[key]
                     break
-        out.append(None if value is None else str(value))
+        out.append(None if value is None else _str_key(value))
     return tuple(out)
 
 
@@ -260,6 +316,8 @@ class RowMaker:
         self._defaults: dict[Any, tuple[str | None, ...]] = {}
         self._scopes: dict[Any, dict[str, str]] = {}
         self._last_log = float("-inf")
+        #: Told of each entry no row could be made of (the writer counts it as lost).
+        self.on_unwritable: Callable[[int], None] | None = None
 
     def meta(self, tags: Any, scope: Any) -> tuple[str | None, ...]:
         """The metadata columns of a row: tags, then dispatchers, then handler metadata.
@@ -390,6 +448,8 @@ class RowMaker:
     def _unwritable(self, entry: Any) -> None:
         """Count an entry no row could be made of; log it at most every 10 seconds."""
         _UNWRITABLE.inc()
+        if self.on_unwritable is not None:
+            self.on_unwritable(1)
         now = _monotonic()
         if now - self._last_log >= 10.0:
             self._last_log = now

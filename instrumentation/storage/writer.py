@@ -35,7 +35,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -47,7 +46,7 @@ from typing import Any, Literal
 
 from instrumentation import telemetry
 from instrumentation.context import suppress_instrumentation
-from instrumentation.storage.base import Row, Store
+from instrumentation.storage.base import Row, Store, cleaned_for_databases
 from instrumentation.storage.spool import Spool, SpoolChunk
 
 logger = logging.getLogger("instrumentation.storage")
@@ -73,22 +72,6 @@ _SET_ASIDE_LIMIT = 1_000
 _LOCK_WAIT_AT_LEAST = 1.0
 #: The same once shutdown has begun, so that a short shutdown timeout still spools.
 _LOCK_WAIT_WHEN_CLOSING = 0.1
-
-
-#: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): no
-#: database encodes them as UTF-8.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _cleaned_for_databases(row: Row) -> Row:
-    """``row`` with what a database refuses in text replaced by U+FFFD: NUL characters
-    (PostgreSQL) and lone surrogates (both)."""
-    return tuple(
-        _LONE_SURROGATE.sub("\ufffd", v.replace("\x00", "\ufffd").replace("\\u0000", "\\ufffd"))
-        if isinstance(v, str)
-        else v
-        for v in row
-    )
 
 
 class _Marker:
@@ -181,7 +164,8 @@ class BatchWriter:
         #: Entries refused because the queue was full or the writer shut down.
         self.dropped = 0
         self.rows_written = 0
-        #: Rows neither written nor spooled (refused by the database, or the spool failed).
+        #: Rows neither written nor spooled (refused by the database, or the spool failed),
+        #: and entries no row could be made of.
         self.rows_lost = 0
         self._queue: deque[Any] = deque()
         self._set_aside: deque[Any] = deque()
@@ -312,7 +296,8 @@ class BatchWriter:
 
         ``False`` when ``timeout`` seconds pass first, when rows are in the spool
         because the database cannot be reached, or when rows that were waiting were lost
-        (refused by the database, or the spool could not be written: see ``rows_lost``).
+        (refused by the database, the spool could not be written, or no row could be made
+        of an entry: see ``rows_lost``).
         """
         if self._closed:
             self._stopped.wait(timeout)
@@ -619,7 +604,7 @@ class BatchWriter:
         database refuses for their content; ``None`` when done, or the index of the
         first row not written because the database stopped answering."""
         for i, (is_span, row) in enumerate(pending):
-            cleaned = _cleaned_for_databases(row)
+            cleaned = cleaned_for_databases(row)
             error: BaseException | None = None
             for attempt in (row,) if cleaned == row else (row, cleaned):
                 try:
@@ -667,6 +652,11 @@ class BatchWriter:
                 len(spans) + len(events),
                 self.spool.path,
             )
+
+    def count_unwritable(self, n: int) -> None:
+        """``n`` entries no row could be made of (``rows_of`` logged them): lost, so that
+        the flush or shutdown they were queued before answers False."""
+        self.rows_lost += n
 
     def _count_lost(self, n: int) -> None:
         """``n`` rows are gone: the spool file could not be written, or rows that waited

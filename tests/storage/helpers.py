@@ -123,3 +123,14 @@ for i in range({calls}):
     work(i)
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def refused_row(maker: Any, text: str = "huge") -> Row:
+    """An event row SQLite refuses for its content: an integer beyond 64 bits in its
+    prompt_tokens column (the row maker itself leaves such counts out, so it is made
+    by hand, as a spool line of an older release may hold it)."""
+    from instrumentation.storage.schema import EVENT_COLUMNS
+
+    row = list(maker.event_row(NoteEvent(text=text), None))
+    row[EVENT_COLUMNS.index("prompt_tokens")] = 2**70
+    return tuple(row)

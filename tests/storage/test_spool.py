@@ -24,7 +24,13 @@ from instrumentation.storage.base import Row
 from instrumentation.storage.serialise import RowMaker
 from instrumentation.storage.spool import Spool, default_spool_dir
 
-from .helpers import ControlledSQLiteStore, FakeLLMEndEvent, NoteEvent, Usage, count, wait_until
+from .helpers import (
+    ControlledSQLiteStore,
+    NoteEvent,
+    count,
+    refused_row,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,9 +112,8 @@ def test_a_row_the_database_refuses_cannot_hold_up_the_spool(
     store = SQLiteStore(tmp_path / "t.db")
     maker = RowMaker({}, {}, 10_000)
     spool = Spool(store.spool_key, spool_dir)
-    bad = FakeLLMEndEvent(model="huge", usage=Usage(2**70, 1))
     spool.append([], [maker.event_row(NoteEvent(text="before"), None)])
-    spool.append([], [maker.event_row(bad, None)])
+    spool.append([], [refused_row(maker)])
     spool.append([], [maker.event_row(NoteEvent(text="after"), None)])
     handler = make_handler(store, replay_interval=3600)
     assert handler.flush(10) is False  # a row waiting for it was refused
@@ -338,7 +343,7 @@ def test_a_chunk_read_again_after_a_failure_counts_nothing_twice(
     short by a crash is counted once however often its chunk is read."""
     store = FailOnceStore(tmp_path / "t.db")
     maker = RowMaker({}, {}, 10_000)
-    bad = maker.event_row(FakeLLMEndEvent(model="huge", usage=Usage(2**70, 1)), None)
+    bad = refused_row(maker)
     good = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(5)]
     orphan = _orphan(store, spool_dir, [bad, *good], f"{_dead_pids(1)[0]}.jsonl")
     with open(orphan, "a", encoding="utf-8") as f:

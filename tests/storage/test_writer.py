@@ -931,14 +931,16 @@ def test_one_object_is_both_event_and_span_handler(tmp_path: Path, make_handler:
 def test_an_entry_that_is_no_event_is_skipped_and_counted(
     tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Garbage handed to the writer is counted and logged once, not per entry; others are kept."""
+    """Garbage handed to the writer is counted and logged once, not per entry; others are
+    kept. The flush it was queued before says that something was lost."""
     store = SQLiteStore(tmp_path / "t.db")
     handler = make_handler(store)
     with caplog.at_level(logging.ERROR, logger="instrumentation.storage"):
         for _ in range(50):
             handler.writer.put(object())
         handler.handle(NoteEvent(text="fine"))
-        assert handler.flush(10)
+        assert handler.flush(10) is False
+        assert handler.writer.rows_lost == 50
     assert [e.payload["text"] for e in store.events()] == ["fine"]
     assert telemetry.counter("storage.unwritable_entries").value == 50
     assert len([r for r in caplog.records if "could not make a row" in r.getMessage()]) == 1

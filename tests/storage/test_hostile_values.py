@@ -1,0 +1,244 @@
+"""Values an application should not hand over, and does: what is stored and read back
+for them, the same on SQLite and on a real PostgreSQL, and never a lost row."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from datetime import datetime, timedelta, timezone, tzinfo
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
+from instrumentation.storage import SQLiteStore, Store, open_store
+from instrumentation.storage.cli import main as cli_main
+
+from .helpers import FakeLLMEndEvent, NoteEvent, Usage
+
+d = get_dispatcher("tests.storage.hostile")
+
+
+class BrokenStr:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        return "BrokenStr()"
+
+
+class BrokenZone(tzinfo):
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        raise RuntimeError("no offset")
+
+    def dst(self, dt: datetime | None) -> timedelta:
+        raise RuntimeError("no dst")
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "broken"
+
+
+def test_non_finite_floats_are_null_and_the_rows_kept(any_store: Store, make_handler: Any) -> None:
+    """NaN and the infinities in tags and span attributes, nested too, used to make
+    PostgreSQL refuse the span's row (and a root's refusal hid its whole trace); they
+    are stored as null on both databases, as pydantic writes them in events."""
+    handler = make_handler(any_store).attach(d)
+
+    @d.span(attributes={"temperature": math.nan, "deep": {"x": [1.0, -math.inf]}})
+    def root() -> None:
+        with instrument_tags({"score": math.inf}):
+            child()
+
+    @d.span
+    def child() -> None:
+        d.event(NoteEvent(text="n", value=math.nan))
+
+    root()
+    assert handler.flush(10)
+    [summary] = any_store.traces(metadata=None, name=root.__qualname__)
+    assert summary.span_count == 2
+    spans = any_store.trace(summary.trace_id)
+    by_name = {s.name: s for s in spans}
+    assert by_name[root.__qualname__].attributes == {
+        "temperature": None,
+        "deep": {"x": [1.0, None]},
+    }
+    assert by_name[child.__qualname__].tags == {"score": None}
+    [event] = by_name[child.__qualname__].events
+    assert event.payload["value"] is None
+
+
+def test_values_whose_conversion_raises_become_markers(any_store: Store, make_handler: Any) -> None:
+    """A metadata tag whose str() raises, a datetime whose time zone raises: the row is
+    kept, with markers, where it used to be lost as an unwritable entry."""
+    handler = make_handler(any_store).attach(d)
+    unwritable_before = telemetry.counter("storage.unwritable_entries").value
+    odd_time = datetime(2026, 1, 1, tzinfo=BrokenZone())
+
+    @d.span(attributes={"when": odd_time})
+    def request() -> None:
+        d.event(NoteEvent(text="t", value={"when": odd_time}))
+
+    with instrument_tags({"user": BrokenStr(), "when": odd_time}):
+        request()
+    assert handler.flush(10)
+    assert telemetry.counter("storage.unwritable_entries").value == unwritable_before
+    [summary] = any_store.traces(name=request.__qualname__)
+    [span] = any_store.trace(summary.trace_id)
+    assert span.metadata["user"] == "BrokenStr()"
+    assert span.attributes["when"]["__unserialisable__"] == "datetime"
+    assert span.tags["when"]["__unserialisable__"] == "datetime"
+    assert len(span.events) == 1
+
+
+def test_token_counts_and_costs_out_of_range_leave_their_columns_empty(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Two counts just under 2**63 summed past SQLite's integers, two costs of 1e308
+    past PostgreSQL's floats: traces() failed, and `list` and `export` with it. Such
+    values leave their columns empty (counted); the payload keeps them."""
+    handler = make_handler(any_store).attach(d)
+    out_of_range = telemetry.counter("storage.out_of_range_columns").value
+
+    @d.span
+    def calls() -> None:
+        for _ in range(2):
+            d.event(FakeLLMEndEvent(model="m", usage=Usage(2**62, 2**62 - 1), cost_usd=1e308))
+        d.event(FakeLLMEndEvent(model="m", usage=Usage(3, 4), cost_usd=math.nan))
+        d.event(FakeLLMEndEvent(model="m", usage=Usage(10, 5), cost_usd=0.5))
+
+    calls()
+    assert handler.flush(10)
+    [summary] = any_store.traces(name=calls.__qualname__)
+    assert (summary.prompt_tokens, summary.completion_tokens) == (13, 9)
+    assert summary.cost_usd == 0.5
+    assert telemetry.counter("storage.out_of_range_columns").value == out_of_range + 9
+    [span] = any_store.trace(summary.trace_id)
+    # The payload keeps it (PostgreSQL's jsonb gives a whole float back as an int).
+    assert float(span.events[0].payload["cost_usd"]) == 1e308
+
+
+def test_an_entry_no_row_can_be_made_of_makes_flush_false(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Counted and logged as before, and now also what flush() answers."""
+
+    class Nameless(BaseEvent):
+        @classmethod
+        def class_name(cls) -> str:
+            raise RuntimeError("no name")
+
+    handler = make_handler(any_store).attach(d)
+    d.event(NoteEvent(text="fine"))
+    assert handler.flush(10)
+    d.event(Nameless())
+    assert handler.flush(10) is False
+    assert handler.writer.rows_lost == 1
+    d.event(NoteEvent(text="fine again"))
+    assert handler.flush(10)  # a later flush is about what came after
+
+
+def test_reading_a_value_nested_deeper_than_the_parser_goes(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Written by a process with a higher recursion limit: read back as unreadable,
+    where trace() and the command line used to fail."""
+    db = tmp_path / "deep.db"
+    with SQLiteStore(db) as store:
+        handler = make_handler(store).attach(d)
+        with d.span("deep"):
+            pass
+        assert handler.flush(10)
+        with sqlite3.connect(db) as raw:
+            raw.execute("UPDATE spans SET attributes = ?", ("[" * 100_000 + "]" * 100_000,))
+        [summary] = store.traces()
+        [span] = store.trace(summary.trace_id)
+        assert set(span.attributes) == {"__unreadable__"}
+
+
+def test_times_outside_what_a_datetime_holds_are_refused(any_store: Store) -> None:
+    for bad in (math.nan, math.inf, 1e20, -1e20):
+        with pytest.raises(ValueError, match="years 1 to 9999"):
+            any_store.traces(since=bad)
+    with pytest.raises(ValueError, match="until"):
+        any_store.traces(until=math.nan)
+
+
+def test_a_start_read_back_bounds_since_and_until_exactly(
+    any_store: Store, make_handler: Any
+) -> None:
+    """SQLite keeps times past the microsecond: a trace's start given back as `since`
+    left the trace out, and as `until` kept it in (paging by start repeated traces)."""
+    handler = make_handler(any_store).attach(d)
+
+    @d.span
+    def tick() -> None:
+        pass
+
+    for _ in range(60):
+        tick()
+    assert handler.flush(10)
+    summaries = any_store.traces(limit=100, name=tick.__qualname__)
+    assert len(summaries) == 60
+    for s in summaries:
+        since = any_store.traces(limit=100, name=tick.__qualname__, since=s.start)
+        until = any_store.traces(limit=100, name=tick.__qualname__, until=s.start)
+        assert s.root_span_id in {t.root_span_id for t in since}
+        assert s.root_span_id not in {t.root_span_id for t in until}
+        ended = any_store.traces(limit=100, name=tick.__qualname__, ended_after=s.end)
+        assert s.root_span_id not in {t.root_span_id for t in ended}
+
+
+def test_a_name_with_a_nul_is_found_on_both_databases(any_store: Store, make_handler: Any) -> None:
+    """PostgreSQL stores NUL as U+FFFD; a filter with the NUL raised DataError there."""
+    handler = make_handler(any_store).attach(d)
+    with d.span("a\x00b"):
+        pass
+    with instrument_tags({"user": "u\x00v"}), d.span("c"):
+        pass
+    assert handler.flush(10)
+    assert len(any_store.traces(name="a\x00b")) == 1
+    assert len(any_store.traces(metadata={"user": "u\x00v"})) == 1
+    assert any_store.traces(name="a\x00*")[0].name in ("a\x00b", "a\ufffdb")
+
+
+def test_export_of_an_old_database_with_nan_is_strict_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database written by an earlier release holds NaN: `show --json` and `export`
+    print null, which jq and JSON.parse take."""
+    from instrumentation.storage import StorageHandler
+
+    db = tmp_path / "old.db"
+    handler = StorageHandler(store=SQLiteStore(db), debounce=0.01, close_store=True).attach(d)
+    with d.span("old"):
+        pass
+    handler.detach()
+    assert handler.shutdown(10)
+    with sqlite3.connect(db) as raw:
+        raw.execute("""UPDATE spans SET attributes = '{"x": NaN, "y": [Infinity]}'""")
+    for args in (["show", "latest", "--json"], ["export"]):
+        assert cli_main(["--db", str(db), *args]) == 0
+        text = capsys.readouterr().out
+        assert "NaN" not in text and "Infinity" not in text
+        record = json.loads(text.splitlines()[0], parse_constant=_refuse)
+        [span] = record["spans"]
+        assert span["attributes"] == {"x": None, "y": [None]}
+    with open_store(db, read_only=True) as reader:
+        assert math.isnan(reader.trace(reader.traces()[0].trace_id)[0].attributes["x"])
+
+
+def _refuse(constant: str) -> Any:
+    raise AssertionError(f"not strict JSON: {constant}")
+
+
+def test_utc_is_what_comes_back(any_store: Store, make_handler: Any) -> None:
+    handler = make_handler(any_store).attach(d)
+    with d.span("utc"):
+        pass
+    assert handler.flush(10)
+    [summary] = any_store.traces(name="utc")
+    assert summary.start.tzinfo is not None and summary.start.utcoffset() == timedelta(0)
+    assert summary.start.astimezone(timezone.utc) == summary.start
