@@ -427,6 +427,11 @@ class SQLStore(Store):
                 raise ValueError(
                     f"unknown metadata key {key!r}; filter on one of {sorted(METADATA_KEYS)}"
                 )
+            if wanted is None:
+                raise TypeError(
+                    f"metadata[{key!r}] is the value to match, not None (a trace without "
+                    f"{key} cannot be selected by it)"
+                )
             where.append(f"r.{column} = {p}")
             params.append(str(wanted))
         order = "r.end_time ASC, r.id ASC" if ended_after is not None else "r.start_time DESC"

@@ -230,6 +230,12 @@ def test_export_of_an_old_database_with_nan_is_strict_json(
         assert math.isnan(reader.trace(reader.traces()[0].trace_id)[0].attributes["x"])
 
 
+def test_a_metadata_filter_of_none_is_refused(any_store: Store) -> None:
+    """It matched nothing, silently (the columns hold text, NULL when not set)."""
+    with pytest.raises(TypeError, match="not None"):
+        any_store.traces(metadata={"user": None})  # type: ignore[dict-item]
+
+
 def _refuse(constant: str) -> Any:
     raise AssertionError(f"not strict JSON: {constant}")
 
