@@ -25,6 +25,7 @@ TYPED = (
 )
 
 PRELUDE = """\
+import shutil
 from pathlib import Path
 
 from instrumentation import audit
