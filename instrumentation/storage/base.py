@@ -14,6 +14,7 @@ while one writes.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +91,21 @@ def cleaned_for_databases(row: Sequence[Any]) -> tuple[Any, ...]:
         text_for_databases(v.replace("\\u0000", "\\ufffd")) if isinstance(v, str) else v
         for v in row
     )
+
+
+#: The longest id, name or type stored as it is: these are index keys, and
+#: PostgreSQL refuses an index entry past about 2,700 bytes (the row with it).
+MAX_KEY_CHARS = 512
+
+
+def index_key(text: str) -> str:
+    """``text`` as stored in an indexed column: itself, or when longer than
+    :data:`MAX_KEY_CHARS` its start and a digest of the whole, the same every time
+    (so a long span id still links its children, and a long name is still found)."""
+    if len(text) <= MAX_KEY_CHARS:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{text[: MAX_KEY_CHARS - 17]}…{digest}"
 
 
 def _json(text: Any) -> Any:
@@ -405,7 +421,7 @@ class SQLStore(Store):
                 params.append(_like_literal(name).replace("*", "%"))
             else:
                 where.append(f"r.name = {p}")
-                params.append(name)
+                params.append(index_key(name))
         if status is not None:
             if status not in _STATUSES:
                 raise ValueError(f"status is 'ok' or 'error', got {status!r}")
@@ -530,6 +546,7 @@ class SQLStore(Store):
         if not isinstance(trace_id, str):
             raise TypeError(f"trace_id is a str of 32 hex digits, got {type(trace_id).__name__}")
         p = self.dialect.param
+        trace_id = index_key(trace_id)
         span_rows = self._query(
             f"SELECT {self._span_select()} FROM spans WHERE trace_id = {p} ORDER BY start_time",
             [trace_id],
@@ -558,10 +575,10 @@ class SQLStore(Store):
         params: list[Any] = []
         if trace_id is not None:
             where.append(f"trace_id = {p}")
-            params.append(trace_id)
+            params.append(index_key(trace_id))
         if type is not None:
             where.append(f"type = {p}")
-            params.append(type)
+            params.append(index_key(type))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         if limit is not None:
             clause += f" ORDER BY time LIMIT {p}"

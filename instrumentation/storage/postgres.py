@@ -281,11 +281,15 @@ class PostgresStore(SQLStore):
         # A ProgrammingError raised by psycopg itself (no SQLSTATE: a value it cannot
         # adapt, a row with the wrong number of values) is about the row; one from the
         # server (SQLSTATE class 42: no such table or column, no privilege) is about
-        # the database, and the rows wait in the spool until it is put right.
+        # the database, and the rows wait in the spool until it is put right. A limit
+        # of the server's that a row passes (SQLSTATE class 54: an index entry too
+        # large) is about the row too: kept in the spool, it was replayed and refused
+        # for good, and every row after it waited behind it.
         psycopg = self._psycopg
         return (
             super().is_data_error(exc)
             or isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
+            or str(getattr(exc, "sqlstate", None) or "").startswith("54")
             or (
                 isinstance(exc, psycopg.ProgrammingError) and getattr(exc, "sqlstate", None) is None
             )

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from instrumentation import telemetry
 from instrumentation.dispatcher import ROOT_NAME
 from instrumentation.events.span import SpanDropEvent
-from instrumentation.storage.base import Row
+from instrumentation.storage.base import MAX_KEY_CHARS, Row, index_key
 from instrumentation.storage.models import METADATA_KEYS
 
 logger = logging.getLogger("instrumentation.storage")
@@ -220,6 +220,11 @@ def event_payload(event: Any, limit: int) -> str:
     return _truncate(text, limit)
 
 
+def _key(value: Any) -> Any:
+    """An indexed column's value: see :func:`index_key` (None and non-text as they are)."""
+    return index_key(value) if isinstance(value, str) and len(value) > MAX_KEY_CHARS else value
+
+
 def _str_or_none(value: Any) -> str | None:
     if value is None:
         return None
@@ -377,12 +382,13 @@ class RowMaker:
         start_wall, start_perf, parent_id, is_root, name, trace_id = info[:6]
         dispatcher, tags, attrs, scope = info[6:]
         duration = max(0.0, end_perf - start_perf)
+        name = _str_or_none(name)
         return (
-            span_id,
-            trace_id,
-            parent_id,
+            _key(span_id),
+            _key(trace_id),
+            _key(parent_id),
             1 if is_root else 0,
-            _str_or_none(name),
+            _key(name),
             dispatcher,
             start_wall,
             start_wall + duration,
@@ -411,11 +417,11 @@ class RowMaker:
         timestamp = event.timestamp
         tags = event.tags
         return (
-            str(event.id_),
-            event.class_name(),
+            _key(str(event.id_)),
+            _key(event.class_name()),
             timestamp.timestamp() if isinstance(timestamp, datetime) else 0.0,
-            event.span_id,
-            event.trace_id,
+            _key(event.span_id),
+            _key(event.trace_id),
             event_payload(event, self.limit),
             _str_or_none(event.model) if "model" in has else None,
             _str_or_none(event.provider) if "provider" in has else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
 from instrumentation.storage import SQLiteStore, Store, open_store
+from instrumentation.storage import roots_of as storage_roots
 from instrumentation.storage.cli import main as cli_main
 
 from .helpers import FakeLLMEndEvent, NoteEvent, Usage
@@ -248,3 +250,43 @@ def test_utc_is_what_comes_back(any_store: Store, make_handler: Any) -> None:
     [summary] = any_store.traces(name="utc")
     assert summary.start.tzinfo is not None and summary.start.utcoffset() == timedelta(0)
     assert summary.start.astimezone(timezone.utc) == summary.start
+
+
+def test_very_long_names_are_stored_linked_and_found(any_store: Store, make_handler: Any) -> None:
+    """Names, ids and event types are index keys, and PostgreSQL refuses an index entry
+    past about 2,700 bytes: the row used to go to the spool, be refused at every replay,
+    and hold every later row behind it. Long ones are stored shortened the same way
+    every time, so the trace is still found by its name and its spans still link."""
+
+    class Shouting(BaseEvent):
+        @classmethod
+        def class_name(cls) -> str:
+            return "Event" + "E" * 5_000
+
+    handler = make_handler(any_store).attach(d)
+    long_name = "step " + os.urandom(10_000).hex()  # not compressible
+    with d.span(long_name), d.span("inner"):
+        d.event(Shouting())
+    assert handler.flush(10)
+    [summary] = any_store.traces(name=long_name)
+    assert summary.span_count == 2 and len(summary.name or "") <= 512
+    spans = any_store.trace(summary.trace_id)
+    [root] = storage_roots(spans)
+    [inner] = root.children
+    [event] = inner.events
+    assert len(event.type) <= 512 and any_store.events(type=Shouting.class_name())
+    with d.span("after"):
+        pass
+    assert handler.flush(10) and any_store.traces(name="after")  # nothing held behind
+
+
+def test_a_server_limit_a_row_passes_is_about_the_row(postgres_dsn: str) -> None:
+    """SQLSTATE class 54 (an index entry too large, say) rejects the row, counted and
+    logged, instead of keeping it in the spool to be refused at every replay."""
+    import psycopg.errors
+
+    from instrumentation.storage.postgres import PostgresStore
+
+    with PostgresStore(postgres_dsn) as store:
+        assert store.is_data_error(psycopg.errors.ProgramLimitExceeded("index row too big"))
+        assert not store.is_data_error(psycopg.errors.UndefinedTable("no such table"))
