@@ -9,6 +9,8 @@ an exporter's request size.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from enum import Enum
@@ -30,28 +32,65 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 AttributeValue = str | bool | int | float | tuple[str, ...] | tuple[int, ...] | tuple[float, ...]
 
 
+#: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): the
+#: exporter cannot encode them as UTF-8, and one in a span's name or status failed the
+#: whole batch it was in.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD (ASCII text as it is, cheaply)."""
+    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clean(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def safe_str(value: Any) -> str:
+    """``str(value)``, or a placeholder naming its type when that raises."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__qualname__}>"
 
 
 def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     """Compact JSON for any value (models dumped in JSON mode, the rest via ``str``),
-    kept valid JSON within ``limit`` characters (see :func:`fit_json`)."""
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json", exclude_none=True)
-    elif isinstance(value, (list, tuple)):
-        value = [
-            v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v
-            for v in value
-        ]
+    kept valid JSON within ``limit`` characters (see :func:`fit_json`). NaN and the
+    infinities are ``null``, as pydantic writes them."""
     try:
-        return fit_json(value, limit)
-    except (TypeError, ValueError):
-        return clip(str(value), limit)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json", exclude_none=True)
+        elif isinstance(value, (list, tuple)):
+            value = [
+                v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v
+                for v in value
+            ]
+        try:
+            return clean(fit_json(value, limit))
+        except ValueError:  # NaN or an infinity
+            return clean(fit_json(_finite(value), limit))
+    except Exception:  # RecursionError, a key that is no string, a model that fails
+        return clip(safe_str(value), limit)
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 100:
+        return value
+    if isinstance(value, dict):
+        return {k: _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(
+        value, default=safe_str, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
 
 
 #: What a string cut to fit ends with.
@@ -166,8 +205,23 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
         keep = max(3, min(keep - 1, keep * limit // len(out)))
 
 
+#: A homogeneous list longer than this, or of strings longer than this in all, is sent
+#: as JSON within :data:`MAX_VALUE_CHARS` (its latest items): an attribute of millions
+#: of numbers made a request that collectors refuse, with every span of its batch.
+MAX_SEQUENCE_ITEMS = 1024
+MAX_SEQUENCE_CHARS = 65_536
+
+
 def to_attribute(value: Any) -> AttributeValue | None:
-    """``value`` as an attribute value, or ``None`` to leave it out."""
+    """``value`` as an attribute value, or ``None`` to leave it out. Never raises: a
+    value that cannot even be printed is sent as a placeholder naming its type."""
+    try:
+        return _to_attribute(value)
+    except Exception:
+        return f"<unprintable {type(value).__qualname__}>"
+
+
+def _to_attribute(value: Any) -> AttributeValue | None:
     if value is None:
         return None
     if isinstance(value, Enum):
@@ -179,16 +233,32 @@ def to_attribute(value: Any) -> AttributeValue | None:
             return str(value)  # exact, where an int64 could not hold it
         return value
     if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (list, tuple)) and value:
+        return clean(value.isoformat())
+    if isinstance(value, (list, tuple)) and value and len(value) <= MAX_SEQUENCE_ITEMS:
         kind = type(value[0])
         if kind in _PRIMITIVES and all(type(v) is kind for v in value):
             if kind is str:
+                if sum(map(len, value)) > MAX_SEQUENCE_CHARS:
+                    return to_json(value)
                 return tuple(clip(v) for v in value)
             if kind is int and not all(_INT64_MIN <= v <= _INT64_MAX for v in value):
                 return tuple(str(v) for v in value)
             return tuple(value)
     return to_json(value)
+
+
+def clean_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with :func:`clean` applied to their text (and keys), in place: the
+    LLM attributes come from many fields (model names, tool calls, finish reasons)."""
+    for key, value in list(attributes.items()):
+        if isinstance(value, str):
+            if not value.isascii():
+                attributes[key] = clean(value)
+        elif isinstance(value, tuple) and value and isinstance(value[0], str):
+            attributes[key] = tuple(clean(v) for v in value)
+        if not key.isascii():
+            attributes[clean(key)] = attributes.pop(key)
+    return attributes
 
 
 def tag_attributes(tags: Mapping[str, Any] | None, out: dict[str, Any]) -> None:
@@ -198,7 +268,8 @@ def tag_attributes(tags: Mapping[str, Any] | None, out: dict[str, Any]) -> None:
     for key, value in tags.items():
         converted = to_attribute(value)
         if converted is not None:
-            out[f"instrumentation.tag.{key}"] = converted
+            name = key if isinstance(key, str) else safe_str(key)
+            out[clean(f"instrumentation.tag.{name}")] = converted
 
 
 def event_attributes(event: Any) -> dict[str, Any]:
@@ -219,9 +290,12 @@ __all__ = [
     "CUT_MARK",
     "MAX_VALUE_CHARS",
     "AttributeValue",
+    "clean",
+    "clean_attributes",
     "clip",
     "event_attributes",
     "fit_json",
+    "safe_str",
     "tag_attributes",
     "to_attribute",
     "to_json",

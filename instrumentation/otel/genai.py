@@ -218,15 +218,23 @@ def _genai_end(llm: ModuleType, event: Any, out: dict[str, Any], content: bool) 
             )
 
 
+def _count(out: dict[str, Any], key: str, value: Any) -> None:
+    """Set a token count that an int64 holds (OTLP's integer): the exporter drops a
+    larger one with only a log line of its own, and no count that large is real."""
+    if value is not None and 0 <= int(value) <= _INT64_MAX:
+        out[key] = int(value)
+
+
+_INT64_MAX = 2**63 - 1
+
+
 def _usage(usage: Any, out: dict[str, Any]) -> None:
     if usage is None:
         return
-    out["gen_ai.usage.input_tokens"] = int(usage.prompt_tokens)
-    out["gen_ai.usage.output_tokens"] = int(usage.completion_tokens)
-    if usage.cached_tokens is not None:
-        out["gen_ai.usage.cache_read.input_tokens"] = int(usage.cached_tokens)
-    if usage.reasoning_tokens is not None:
-        out["gen_ai.usage.reasoning.output_tokens"] = int(usage.reasoning_tokens)
+    _count(out, "gen_ai.usage.input_tokens", usage.prompt_tokens)
+    _count(out, "gen_ai.usage.output_tokens", usage.completion_tokens)
+    _count(out, "gen_ai.usage.cache_read.input_tokens", usage.cached_tokens)
+    _count(out, "gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens)
     if usage.estimated:
         out["instrumentation.llm.usage_estimated"] = True
 
@@ -367,13 +375,11 @@ def _without_content(params: dict[str, Any]) -> dict[str, Any]:
 def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content: bool) -> None:
     usage = event.usage
     if usage is not None:
-        out["llm.token_count.prompt"] = int(usage.prompt_tokens)
-        out["llm.token_count.completion"] = int(usage.completion_tokens)
-        out["llm.token_count.total"] = int(usage.total_tokens)
-        if usage.cached_tokens is not None:
-            out["llm.token_count.prompt_details.cache_read"] = int(usage.cached_tokens)
-        if usage.reasoning_tokens is not None:
-            out["llm.token_count.completion_details.reasoning"] = int(usage.reasoning_tokens)
+        _count(out, "llm.token_count.prompt", usage.prompt_tokens)
+        _count(out, "llm.token_count.completion", usage.completion_tokens)
+        _count(out, "llm.token_count.total", usage.total_tokens)
+        _count(out, "llm.token_count.prompt_details.cache_read", usage.cached_tokens)
+        _count(out, "llm.token_count.completion_details.reasoning", usage.reasoning_tokens)
     if not content:
         return
     response = getattr(event, "response", None)
@@ -386,7 +392,7 @@ def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content
     elif isinstance(event, llm.LLMCompletionEndEvent) and response is not None:
         out["output.value"] = clip(response.text)
         out["output.mime_type"] = "text/plain"
-    elif isinstance(event, llm.EmbeddingEndEvent):
+    elif isinstance(event, (llm.EmbeddingEndEvent, llm.SparseEmbeddingEndEvent)):
         for i, chunk in enumerate(event.chunks[:100]):
             out[f"embedding.embeddings.{i}.embedding.text"] = clip(chunk)
     elif isinstance(event, (llm.LLMPredictEndEvent, llm.LLMStructuredPredictEndEvent)):

@@ -14,6 +14,7 @@ id as usual. So ``capture_propagation_context()["traceparent"]``, our events'
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,7 +27,14 @@ from instrumentation import telemetry
 from instrumentation.context import span_hex_of
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.otel import genai
-from instrumentation.otel.attributes import event_attributes, tag_attributes, to_attribute
+from instrumentation.otel.attributes import (
+    clean,
+    clean_attributes,
+    event_attributes,
+    safe_str,
+    tag_attributes,
+    to_attribute,
+)
 from instrumentation.otel.ids import PendingIdGenerator
 
 #: The instrumentation scope of spans whose dispatcher is unknown (others use its name).
@@ -101,7 +109,7 @@ class SpanTable:
         is still the API's placeholder nothing is cached, so a provider set later is
         picked up at the next span.
         """
-        scope = dispatcher or TRACER_NAME
+        scope = clean(dispatcher or TRACER_NAME)
         provider = self.provider
         explicit = provider is not None
         if provider is None:
@@ -161,7 +169,7 @@ class SpanTable:
                 span_attributes["openinference.span.kind"] = genai.OPENINFERENCE_DEFAULT_KIND
         ids = getattr(tracer, "id_generator", None)
         if type(ids) is not PendingIdGenerator:
-            span = tracer.start_span(name or id_, parent, attributes=span_attributes)
+            span = tracer.start_span(clean(name or id_), parent, attributes=span_attributes)
         else:
             tail = id_[-16:]
             span_hex = tail if len(tail) == 16 and _HEX16.issuperset(tail) else span_hex_of(id_)
@@ -169,7 +177,7 @@ class SpanTable:
                 int(span_hex, 16), int(trace_id, 16) if parent_id is None and trace_id else None
             )
             try:
-                span = tracer.start_span(name or id_, parent, attributes=span_attributes)
+                span = tracer.start_span(clean(name or id_), parent, attributes=span_attributes)
             finally:
                 ids.clear()
         self.open[id_] = OpenSpan(span, _set_span_in_context(span))
@@ -211,9 +219,28 @@ class SpanTable:
             span.set_attribute("instrumentation.generator_closed", True)
         elif err is not None:
             # It left the span: escaped. error.type as the semantic conventions ask.
-            span.record_exception(err, escaped=True)
+            try:
+                message = str(err)
+                printable = message.isascii()
+            except Exception:
+                message, printable = safe_str(err), False
+            if printable:
+                span.record_exception(err, escaped=True)
+            else:
+                # The SDK would take str(err) as it is: a lone surrogate in it (a file
+                # name decoded with surrogateescape) failed the export of its batch, and
+                # a str() that raises failed the span's end.
+                span.add_event(
+                    "exception",
+                    {
+                        "exception.type": _error_type(err),
+                        "exception.message": clean(message),
+                        "exception.stacktrace": clean(_stacktrace(err)),
+                        "exception.escaped": "True",
+                    },
+                )
             span.set_attribute("error.type", _error_type(err))
-            span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+            span.set_status(Status(StatusCode.ERROR, clean(f"{type(err).__name__}: {message}")))
         else:
             span.set_status(Status(StatusCode.ERROR, "span dropped"))
         span.end()
@@ -260,7 +287,7 @@ class SpanTable:
                         "instrumentation.llm.chunk_events_omitted",
                         opened.progress - MAX_PROGRESS_EVENTS,
                     )
-            attributes = genai.event_attributes(event, kind, self.capture_content)
+            attributes = clean_attributes(genai.event_attributes(event, kind, self.capture_content))
             extra = genai.span_attributes(
                 event,
                 kind,
@@ -268,8 +295,15 @@ class SpanTable:
                 capture_content=self.capture_content,
             )
             if extra:
-                span.set_attributes(extra)
-        span.add_event(event.class_name(), attributes, unix_nanos(event.timestamp))
+                span.set_attributes(clean_attributes(extra))
+        span.add_event(clean(event.class_name()), attributes, unix_nanos(event.timestamp))
+
+
+def _stacktrace(err: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    except Exception:
+        return ""
 
 
 def _error_type(err: BaseException) -> str:
