@@ -252,20 +252,29 @@ class _EndWhenDiscarded:
     is, its ``finally`` blocks never run, and its span stayed open for good, one more
     in every handler's ``open_spans`` per call. Freed with the frame, this ends the
     span as a generator closed early (``GeneratorExit``), as it ends under
-    ``asyncio.run``. Every other way out of the frame runs its ``finally``, which
-    marks the span ended already.
+    ``asyncio.run``. It is also the span's one "ended" flag: the collector may run
+    this finalizer and then the loop may close the wrapper it brought back (a
+    generator in a reference cycle), and only the first of them ends the span.
     """
 
     __slots__ = ("args", "ended")
 
     def __init__(self, chain: Chain, span: SpanContext, bound: Any, instance: Any) -> None:
-        self.args = (chain, span, bound, instance)
+        self.args: tuple[Chain, SpanContext, Any, Any] = (chain, span, bound, instance)
         self.ended = False
 
     def __del__(self) -> None:
         if not self.ended:
+            self.ended = True
             chain, span, bound, instance = self.args
             fail(chain, span, bound, instance, GeneratorExit())
+
+    def first(self) -> bool:
+        """True the first time only: the span is ended once, by whoever comes first."""
+        if self.ended:
+            return False
+        self.ended = True
+        return True
 
 
 def _drop_unstarted(
@@ -411,8 +420,8 @@ def _wrap_callable(
                 try:
                     agen = func(*args, **kwargs)
                 except BaseException as err:  # bad arguments: the body never ran
-                    if span is not None:
-                        fail(chain, span, bound, instance, err)
+                    if guard is not None and guard.first():
+                        fail(*guard.args, err)
                     raise
                 to_send: Any = None
                 to_throw: BaseException | None = None
@@ -433,12 +442,12 @@ def _wrap_callable(
                         else:
                             item = await agen.asend(to_send)
                     except StopAsyncIteration:
-                        if span is not None:
-                            finish(chain, span, bound, instance, None)
+                        if guard is not None and guard.first():
+                            finish(*guard.args, None)
                         return
                     except BaseException as err:
-                        if span is not None:
-                            fail(chain, span, bound, instance, err)
+                        if guard is not None and guard.first():
+                            fail(*guard.args, err)
                         raise
                     finally:
                         if handle is not None:
@@ -454,8 +463,14 @@ def _wrap_callable(
                         if getattr(agen, "ag_running", False):
                             # Being closed already by whoever else holds it (the loop does
                             # not: see _first_step_unhooked): nothing to throw into.
-                            if span is not None:
-                                fail(chain, span, bound, instance, closing)
+                            if guard is not None and guard.first():
+                                fail(*guard.args, closing)
+                            raise
+                        if getattr(agen, "ag_frame", True) is None:
+                            # Over already: freed by the collector together with this
+                            # wrapper (its own close ran then), which the loop closes now.
+                            if guard is not None and guard.first():
+                                fail(*guard.args, closing)
                             raise
                         # As in _drive: returning after the close ends the span normally.
                         handle = activate(current, resumed) if current is not None else None
@@ -466,28 +481,28 @@ def _wrap_callable(
                         except GeneratorExit:
                             returned = False
                         except BaseException as err:
-                            if span is not None:
-                                fail(chain, span, bound, instance, err)
+                            if guard is not None and guard.first():
+                                fail(*guard.args, err)
                             raise
                         else:
                             ignored = RuntimeError("async generator ignored GeneratorExit")
-                            if span is not None:
-                                fail(chain, span, bound, instance, ignored)
+                            if guard is not None and guard.first():
+                                fail(*guard.args, ignored)
                             raise ignored from None
                         finally:
                             if handle is not None:
                                 deactivate(handle)
-                        if span is not None:
+                        if guard is not None and guard.first():
                             if returned:
-                                finish(chain, span, bound, instance, None)
+                                finish(*guard.args, None)
                             else:
-                                fail(chain, span, bound, instance, closing)
+                                fail(*guard.args, closing)
                         raise
                     except BaseException as err:
                         to_throw, to_send = err, None
             finally:
                 if guard is not None:
-                    guard.ended = True
+                    guard.ended = True  # every way out ended the span already
 
     elif inspect.isgeneratorfunction(target) and not _is_types_coroutine(target):
 

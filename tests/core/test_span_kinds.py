@@ -11,6 +11,7 @@ import gc
 import inspect
 import pickle
 import types
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Iterator
 from typing import Any
 
@@ -532,6 +533,60 @@ def test_async_generator_freed_by_a_closed_loop_ends_its_span(d: Dispatcher, rec
     assert all(isinstance(r.err, GeneratorExit) for r in records if r.status == "drop")
     assert not simple.open_spans and len(simple.dropped_spans) == 3
     assert len(simple.completed_spans) == 3
+
+
+async def test_async_generator_freed_in_a_reference_cycle_ends_its_span_once(
+    d: Dispatcher,
+) -> None:
+    """The collector frees the wrapper, its guard and the generator inside together, and
+    the loop's finalizer brings the wrapper back to close it: the guard had ended the
+    span already, and the close ended it again (as a RuntimeError: the generator inside
+    was over). Now once, as closed early, and the generator's own finally ran."""
+    ends: list[tuple[str, str]] = []
+
+    class Ends(SimpleSpanHandler):  # keeps no arguments, which would keep the cycle
+        def span_drop(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            err: BaseException | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            ends.append(("drop", type(err).__name__))
+            return super().span_drop(id_, bound_args, instance, err, **kwargs)
+
+        def span_exit(
+            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+        ) -> Any:
+            ends.append(("exit", id_))
+            return super().span_exit(id_, bound_args, instance, result, **kwargs)
+
+    d.add_span_handler(Ends())
+    finals: list[str] = []
+
+    class Holder:
+        gen: Any = None
+
+        @d.span
+        async def pages(self) -> AsyncIterator[int]:
+            try:
+                for i in range(10):
+                    yield i
+            finally:
+                finals.append("closed")
+
+    holder = Holder()
+    holder.gen = holder.pages()  # holder -> generator -> its frame -> holder
+    assert await holder.gen.__anext__() == 0
+    alive = weakref.ref(holder)
+    del holder
+    gc.collect()
+    await asyncio.sleep(0.01)  # the loop runs the aclose() it scheduled
+    gc.collect()
+    assert alive() is None
+    assert ends == [("drop", "GeneratorExit")]
+    assert finals == ["closed"]
 
 
 async def test_function_returning_a_future(d: Dispatcher, rec: Recorder) -> None:
