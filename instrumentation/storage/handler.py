@@ -45,6 +45,18 @@ from instrumentation.storage.serialise import RowMaker
 from instrumentation.storage.writer import BatchWriter, OnFull
 
 _perf_counter = time.perf_counter
+
+#: When this process was forked (``perf_counter``, the same clock in parent and child;
+#: -inf in a process that was not): spans opened before are the parent's.
+_forked_at = [float("-inf")]
+
+
+def _note_fork() -> None:
+    _forked_at[0] = _perf_counter()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_note_fork)
 _time = time.time
 
 
@@ -473,6 +485,9 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         opened: dict[str, Any] = self.open_spans
         if not opened:
             return
+        # A forked child holds its parent's open spans too: they are the parent's to
+        # store (a row written here would stand for the parent's call, as failed).
+        forked_at = _forked_at[0]
         error = (
             "RuntimeError: the process exited while the span was open"
             if writer_module._exiting[0]
@@ -481,9 +496,12 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         now = _perf_counter()
         dropped = 0
         for id_ in list(opened):
+            found: Any = opened.get(id_)
+            if found is None or found[1] < forked_at:
+                continue  # ended meanwhile on another thread, or the parent process's
             info: Any = opened.pop(id_, None)
             if info is None:
-                continue  # it ended meanwhile, on another thread
+                continue
             self._fast_put((info, id_, now, error), info[3])
             if info[9] is not None:
                 self._recent_scopes.add(id_, info[9])

@@ -401,3 +401,45 @@ next(it)
             assert summary.span_count == 2 and summary.status == "error"
             [root] = [s for s in reader.trace(summary.trace_id) if s.parent_id is None]
             assert root.error == "RuntimeError: the process exited while the span was open"
+
+
+def test_a_forked_child_leaves_its_parents_open_spans_to_the_parent(tmp_path: Path) -> None:
+    """A child forked inside a traced call holds that call's open span too: at its exit
+    it stored the span as dropped ("the process exited"), and the parent's own row,
+    written later, was then discarded as a duplicate. The child stores only its own."""
+    db = tmp_path / "fork.db"
+    script = f"""
+import multiprocessing
+from instrumentation import get_dispatcher
+from instrumentation.storage import record_to
+
+d = get_dispatcher("exit.fork")
+recorder = record_to({str(db)!r}, dispatcher=d, debounce=0.01)
+
+@d.span
+def in_child():
+    pass
+
+def child():
+    in_child()
+
+@d.span
+def request():
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join()
+    return process.exitcode
+
+assert request() == 0
+assert recorder.shutdown(10)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "still open" not in done.stderr
+    with open_store(db, read_only=True) as reader:
+        [summary] = reader.traces(limit=10)
+        assert summary.name == "request" and summary.status == "ok"
+        names = sorted(s.name or "" for s in reader.trace(summary.trace_id))
+        assert names == ["in_child", "request"]
