@@ -10,7 +10,7 @@ OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
 TEST_TOOLS := pytest pytest-asyncio pytest-timeout hypothesis mypy nbclient nbformat ipykernel
 
-.PHONY: demo test test-oldest bench lint typecheck pytest clean
+.PHONY: demo test test-oldest oldest-pytest bench lint typecheck pytest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,16 @@ $(OLDEST_STAMP): pyproject.toml .ci/oldest-constraints.txt
 		-e ".[openai,postgres,otel]" $(TEST_TOOLS)
 	touch $(OLDEST_STAMP)
 
-test-oldest: $(OLDEST_STAMP)
+# The oldest releases have wheels for Python 3.10 and 3.11 only.
+test-oldest:
+	@if $(PYTHON) -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then \
+		$(MAKE) --no-print-directory oldest-pytest; \
+	else \
+		echo "test-oldest: skipped, the oldest releases need Python 3.10 or 3.11" \
+			"(make test-oldest PYTHON=python3.11)"; \
+	fi
+
+oldest-pytest: $(OLDEST_STAMP)
 	$(OLDEST)/bin/python -m pytest -q
 
 bench: $(STAMP)

@@ -674,14 +674,24 @@ def _json_line(record: dict[str, Any], out: Any, *, unicode: bool | None = None)
 
 def _finite(value: Any) -> Any:
     """``value`` with NaN and infinite floats as None: strict JSON, which ``jq`` and
-    ``JSON.parse`` take (Python's ``json`` writes ``NaN``, which they refuse)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    ``JSON.parse`` take (Python's ``json`` writes ``NaN``, which they refuse). Walked
+    without recursion: a stored value may be nested as deep as the parser went."""
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        container, key = stack.pop()
+        item = container[key]
+        if isinstance(item, float) and not math.isfinite(item):
+            container[key] = None
+        elif isinstance(item, dict):
+            copy = dict(item)
+            container[key] = copy
+            stack.extend((copy, k) for k in copy)
+        elif isinstance(item, (list, tuple)):
+            copy_list = list(item)
+            container[key] = copy_list
+            stack.extend((copy_list, i) for i in range(len(copy_list)))
+    return root[0]
 
 
 def _refuse_database_as_output(output: str, store: Store) -> None:

@@ -66,9 +66,16 @@ def _default(value: Any) -> Any:
 
 
 def _by_value(value: Any) -> Any:
+    # What is returned is written as it is (the hook is not called on it again), so it
+    # has its NaNs made null here.
     if isinstance(value, BaseModel):
         try:
-            return value.model_dump(mode="json", fallback=unserialisable)
+            return _finite(value.model_dump(mode="json", fallback=unserialisable))
+        except Exception:  # pydantic before 2.11 has no fallback; a field that fails
+            pass
+        try:
+            # Plain values: what JSON does not take goes through this hook in turn.
+            return _finite(value.model_dump())
         except Exception:
             return unserialisable(value)
     if isinstance(value, (datetime, date, time)):
@@ -78,7 +85,7 @@ def _by_value(value: Any) -> Any:
     if isinstance(value, (UUID, Decimal, PurePath)):
         return str(value)
     if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
+        return _finite(list(value))
     if isinstance(value, bytes):
         return {UNSERIALISABLE: "bytes", "repr": _safe_repr(value, 200), "length": len(value)}
     return unserialisable(value)

@@ -31,12 +31,16 @@ class CapturedEvents(list[BaseEvent]):
 
     __slots__ = ()
 
-    def of(self, kind: type[_E]) -> list[_E]:
-        """The events that are instances of ``kind`` (a subclass of
-        :class:`BaseEvent`), in order: typed, so that their fields type-check."""
-        if not (isinstance(kind, type) and issubclass(kind, BaseEvent)):
-            raise TypeError(f"of() takes an event class (a BaseEvent subclass), not {kind!r}")
-        return [e for e in self if isinstance(e, kind)]
+    def of(self, kind: type[_E] | tuple[type[_E], ...]) -> list[_E]:
+        """The events that are instances of ``kind`` (a subclass of :class:`BaseEvent`,
+        or a tuple of them such as ``LLM_END_EVENTS``), in order: typed, so that their
+        fields type-check."""
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not kinds or not all(isinstance(k, type) and issubclass(k, BaseEvent) for k in kinds):
+            raise TypeError(
+                f"of() takes an event class (a BaseEvent subclass) or a tuple of them, not {kind!r}"
+            )
+        return [e for e in self if isinstance(e, kinds)]
 
 
 class RecordingEventHandler(BaseEventHandler):
@@ -288,7 +292,7 @@ class Capture:
         _open_captures.pop(id(self._events), None)
         _open_captures.pop(id(self._spans), None)
 
-    def events_of(self, kind: type[_E]) -> list[_E]:
+    def events_of(self, kind: type[_E] | tuple[type[_E], ...]) -> list[_E]:
         """``events.of(kind)``: the events of one class, typed."""
         return self.events.of(kind)
 

@@ -336,6 +336,8 @@ def test_captured_events_pick_one_class(d: Dispatcher) -> None:
     assert [e.key for e in capture.events_of(Miss)] == ["a", "b"]
     assert [type(e) for e in capture.events.of(DeepMiss)] == [DeepMiss]
     assert len(events.of(BaseEvent)) == 3 and events == capture.events
+    both = capture.events_of((DeepMiss, BaseEvent))  # a tuple, as LLM_END_EVENTS is
+    assert [type(e) for e in both] == [Miss, BaseEvent, DeepMiss]
     with pytest.raises(TypeError, match="BaseEvent subclass"):
         events.of(int)  # type: ignore[type-var]
 

@@ -290,3 +290,25 @@ def test_a_server_limit_a_row_passes_is_about_the_row(postgres_dsn: str) -> None
     with PostgresStore(postgres_dsn) as store:
         assert store.is_data_error(psycopg.errors.ProgramLimitExceeded("index row too big"))
         assert not store.is_data_error(psycopg.errors.UndefinedTable("no such table"))
+
+
+def test_nan_inside_a_model_or_a_set_is_null_and_the_model_kept(
+    any_store: Store, make_handler: Any
+) -> None:
+    from pydantic import BaseModel
+
+    class Score(BaseModel):
+        value: float
+        label: str
+
+    handler = make_handler(any_store).attach(d)
+
+    @d.span(attributes={"score": Score(value=math.nan, label="x"), "seen": {math.inf}})
+    def scored() -> None:
+        pass
+
+    scored()
+    assert handler.flush(10)
+    [summary] = any_store.traces(name=scored.__qualname__)
+    [span] = any_store.trace(summary.trace_id)
+    assert span.attributes == {"score": {"value": None, "label": "x"}, "seen": [None]}

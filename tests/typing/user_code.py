@@ -98,6 +98,7 @@ class CacheMiss(BaseEvent):
 
 def check_capture(capture: Capture) -> None:
     assert_type(capture.events_of(CacheMiss), list[CacheMiss])
+    assert_type(capture.events_of((CacheMiss,)), list[CacheMiss])
     assert_type(capture.events.of(CacheMiss)[0].key, str)
     with capture_events() as events:
         pass
