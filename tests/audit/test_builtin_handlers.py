@@ -407,15 +407,20 @@ def test_a_directory_that_is_not_writable_is_refused(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
-class _Unprintable:
-    def __repr__(self) -> str:
-        raise RuntimeError("no repr")
-
-
-def test_a_request_start_failing_partway_leaves_no_part_file(tmp_path: Path) -> None:
+def test_a_request_start_failing_partway_leaves_no_part_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The header's metadata line raised: the file was closed but its .part stayed."""
+    from instrumentation.audit.handlers import file as file_module
+
+    def failing_clip(value: Any, limit: int = 2000) -> str:
+        if isinstance(value, dict):
+            raise RuntimeError("no text for it")
+        return str(value)
+
+    monkeypatch.setattr(file_module, "clip", failing_clip)
     handler = FileEventHandler(tmp_path)
-    with audit.request(question="q", handlers=[handler], metadata={"bad": _Unprintable()}) as req:
+    with audit.request(question="q", handlers=[handler], metadata={"bad": 1}) as req:
         req.result = "ok"
     assert [(e.method, type(e.error)) for e in req.errors] == [("request_start", RuntimeError)]
     assert list(tmp_path.iterdir()) == []
@@ -535,3 +540,47 @@ def test_logging_handler_records_are_json_with_the_chat_prompt_as_a_list(
     assert tool_record["output"] == ["hot", {"water": True}]
     for record in records:
         assert json.loads(json.dumps(record)) == record  # JSON as it is, no default= needed
+
+
+class _NoRepr:
+    def __repr__(self) -> str:
+        raise ValueError("no repr")
+
+    __str__ = __repr__
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no str")
+
+
+def test_values_that_cannot_be_printed_cost_only_themselves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metadata and a result whose repr() raises, an error whose str() raises: the File
+    handler wrote no file (or left it .incomplete), the CLI and logging handlers lost
+    their lines. Each now shows a placeholder and writes the rest."""
+    out = io.StringIO()
+    handlers: list[Any] = [
+        FileEventHandler(tmp_path / "logs"),
+        CLIEventHandler(out, color=False),
+        LoggingEventHandler(),
+    ]
+    with caplog.at_level(logging.INFO, logger="instrumentation.audit"):
+        with audit.request(question="odd?", handlers=handlers, metadata={"user": _NoRepr()}) as req:
+            req.result = _NoRepr()
+        with pytest.raises(_UnprintableError), audit.request(question="fails?", handlers=handlers):
+            raise _UnprintableError
+    assert not req.errors
+    texts = sorted(p.read_text() for p in (tmp_path / "logs").iterdir())
+    assert [p.suffix for p in (tmp_path / "logs").iterdir()] == [".log", ".log"]
+    placeholder = "<unprintable _NoRepr>"
+    assert any("Metadata: <unprintable dict>" in t for t in texts)
+    assert any(f"Output: {placeholder}" in t for t in texts)
+    assert any("Error: _UnprintableError: <unprintable _UnprintableError>" in t for t in texts)
+    assert f"result: {placeholder}" in out.getvalue()
+    assert "error: _UnprintableError: <unprintable _UnprintableError>" in out.getvalue()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("odd?" in m for m in messages) == 1
+    assert any(f"ended: {placeholder}" in m for m in messages)
+    assert any("failed: _UnprintableError: <unprintable" in m for m in messages)

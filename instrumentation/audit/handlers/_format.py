@@ -21,8 +21,25 @@ ENDED_EARLY = "ended early: the caller stopped reading the stream"
 
 
 def clip(value: Any, limit: int = MAX_TEXT) -> str:
-    text = value if isinstance(value, str) else repr(value)
+    text = value if isinstance(value, str) else safe_repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_repr(value: Any) -> str:
+    """``repr(value)``, or a placeholder naming its type when that raises (or recurses
+    past the limit): a value the application hands over must not cost the record."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__qualname__}>"
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or a placeholder when that raises."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<unprintable {type(error).__qualname__}>"
 
 
 def prompt_text(prompt: Any) -> str:
@@ -30,8 +47,8 @@ def prompt_text(prompt: Any) -> str:
         return prompt
     try:
         return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
-    except (AttributeError, TypeError):
-        return repr(prompt)
+    except Exception:  # not a list of message dicts
+        return safe_repr(prompt)
 
 
 def started_at(event: Event | None) -> datetime | None:
@@ -86,7 +103,7 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)  # JSON has no nan/inf
+        return value if math.isfinite(value) else repr(value)  # JSON has no nan/inf (float repr)
     if isinstance(value, datetime):
         return value.isoformat()
     if depth > 0 and isinstance(value, (list, tuple)):
@@ -97,7 +114,7 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
         for k, v in itertools.islice(value.items(), MAX_ITEMS):
             key = k if isinstance(k, str) else clip(k, 200)
             if key in out:  # 1 and "1": both kept, the one that is not a str as its repr
-                key = repr(k)
+                key = safe_repr(k)
             out[key] = jsonable(v, depth - 1)
         if len(value) > MAX_ITEMS:
             out["..."] = f"{len(value) - MAX_ITEMS} more"

@@ -21,6 +21,7 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     end_lines,
+    error_text,
     started_at,
     title,
 )
@@ -87,7 +88,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
             lines.append(
                 "  "
                 + self._paint(
-                    _RED, f"error: {type(output.error).__name__}: {clip(str(output.error), 500)}"
+                    _RED,
+                    f"error: {type(output.error).__name__}: {clip(error_text(output.error), 500)}",
                 )
             )
         elif output.abandoned:

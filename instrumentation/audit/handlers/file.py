@@ -33,6 +33,7 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     end_lines,
+    error_text,
     started_at,
     title,
 )
@@ -153,7 +154,9 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
         out = request_context.file
         try:
             if output.error is not None:
-                out.write(f"\nError: {type(output.error).__name__}: {clip(str(output.error))}\n")
+                out.write(
+                    f"\nError: {type(output.error).__name__}: {clip(error_text(output.error))}\n"
+                )
             elif output.abandoned:
                 out.write(f"\nOutput: none, {ENDED_EARLY}\n")
             else:

@@ -19,6 +19,7 @@ from instrumentation.audit.handlers._format import (
     ENDED_EARLY,
     clip,
     duration_ms,
+    error_text,
     fields,
     jsonable,
     started_at,
@@ -88,7 +89,11 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
         )
 
     def request_end(self, output: RequestEnd, request_context: str) -> None:
-        error = None if output.error is None else f"{type(output.error).__name__}: {output.error}"
+        error = (
+            None
+            if output.error is None
+            else f"{type(output.error).__name__}: {error_text(output.error)}"
+        )
         if error:
             how = f"failed: {clip(error, 200)}"
         elif output.abandoned:
