@@ -9,7 +9,6 @@ an exporter's request size.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -17,6 +16,8 @@ from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel
+
+from instrumentation._finite import finite
 
 #: Longest string value we put in an attribute (longer ones end with "...").
 MAX_VALUE_CHARS = 8192
@@ -70,21 +71,9 @@ def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
         try:
             return clean(fit_json(value, limit))
         except ValueError:  # NaN or an infinity
-            return clean(fit_json(_finite(value), limit))
+            return clean(fit_json(finite(value), limit))
     except Exception:  # RecursionError, a key that is no string, a model that fails
         return clip(safe_str(value), limit)
-
-
-def _finite(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if depth > 100:
-        return value
-    if isinstance(value, dict):
-        return {k: _finite(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v, depth + 1) for v in value]
-    return value
 
 
 def _dumps(value: Any) -> str:

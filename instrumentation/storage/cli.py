@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import heapq
 import json
-import math
 import os
 import re
 import secrets
@@ -34,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TextIO, cast
 
+from instrumentation._finite import finite
 from instrumentation.storage.base import MAX_LIMIT, Store
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
 from instrumentation.tree import draw_tree, format_duration
@@ -669,29 +669,7 @@ def _json_line(record: dict[str, Any], out: Any, *, unicode: bool | None = None)
     try:
         return json.dumps(record, default=_jsonable, ensure_ascii=not unicode, allow_nan=False)
     except ValueError:  # NaN or an infinity, stored by an earlier release
-        return json.dumps(_finite(record), default=_jsonable, ensure_ascii=not unicode)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinite floats as None: strict JSON, which ``jq`` and
-    ``JSON.parse`` take (Python's ``json`` writes ``NaN``, which they refuse). Walked
-    without recursion: a stored value may be nested as deep as the parser went."""
-    root: list[Any] = [value]
-    stack: list[tuple[Any, Any]] = [(root, 0)]
-    while stack:
-        container, key = stack.pop()
-        item = container[key]
-        if isinstance(item, float) and not math.isfinite(item):
-            container[key] = None
-        elif isinstance(item, dict):
-            copy = dict(item)
-            container[key] = copy
-            stack.extend((copy, k) for k in copy)
-        elif isinstance(item, (list, tuple)):
-            copy_list = list(item)
-            container[key] = copy_list
-            stack.extend((copy_list, i) for i in range(len(copy_list)))
-    return root[0]
+        return json.dumps(finite(record), default=_jsonable, ensure_ascii=not unicode)
 
 
 def _refuse_database_as_output(output: str, store: Store) -> None:

@@ -25,6 +25,7 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from instrumentation import telemetry
+from instrumentation._finite import finite
 from instrumentation.dispatcher import ROOT_NAME
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.storage.base import MAX_KEY_CHARS, Row, index_key
@@ -70,12 +71,12 @@ def _by_value(value: Any) -> Any:
     # has its NaNs made null here.
     if isinstance(value, BaseModel):
         try:
-            return _finite(value.model_dump(mode="json", fallback=unserialisable))
+            return finite(value.model_dump(mode="json", fallback=unserialisable))
         except Exception:  # pydantic before 2.11 has no fallback; a field that fails
             pass
         try:
             # Plain values: what JSON does not take goes through this hook in turn.
-            return _finite(value.model_dump())
+            return finite(value.model_dump())
         except Exception:
             return unserialisable(value)
     if isinstance(value, (datetime, date, time)):
@@ -85,7 +86,7 @@ def _by_value(value: Any) -> Any:
     if isinstance(value, (UUID, Decimal, PurePath)):
         return str(value)
     if isinstance(value, (set, frozenset, tuple)):
-        return _finite(list(value))
+        return finite(list(value))
     if isinstance(value, bytes):
         return {UNSERIALISABLE: "bytes", "repr": _safe_repr(value, 200), "length": len(value)}
     return unserialisable(value)
@@ -167,7 +168,7 @@ def to_json(value: Any, limit: int) -> str:
         text = _dumps_any(value)
     except Exception:
         try:
-            text = _dumps_any(_finite(value))
+            text = _dumps_any(finite(value))
         except Exception:
             if isinstance(value, dict):
                 # Only the fields that cannot be written (a list that holds itself,
@@ -184,19 +185,6 @@ def _dumps_any(value: Any) -> str:
     )
 
 
-def _finite(value: Any, depth: int = 0) -> Any:
-    """``value`` with NaN and infinite floats in its dicts, lists and tuples as None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if depth > 100:
-        return value  # deeper than this, the marker fallback takes it
-    if isinstance(value, dict):
-        return {k: _finite(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v, depth + 1) for v in value]
-    return value
-
-
 def _str_key(key: Any) -> str:
     try:
         return str(key)
@@ -206,7 +194,7 @@ def _str_key(key: Any) -> str:
 
 def _json_or_marker(value: Any) -> Any:
     try:
-        return json.loads(_dumps_any(_finite(value)))
+        return json.loads(_dumps_any(finite(value)))
     except Exception:
         return unserialisable(value)
 
