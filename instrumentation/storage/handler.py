@@ -45,6 +45,7 @@ from instrumentation.storage.serialise import RowMaker
 from instrumentation.storage.writer import BatchWriter, OnFull
 
 _perf_counter = time.perf_counter
+_time = time.time
 
 #: When this process was forked (``perf_counter``, the same clock in parent and child;
 #: -inf in a process that was not): spans opened before are the parent's.
@@ -57,7 +58,6 @@ def _note_fork() -> None:
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
     os.register_at_fork(after_in_child=_note_fork)
-_time = time.time
 
 
 def _check_metadata(value: Mapping[str, Any] | None, what: str) -> dict[str, str]:
