@@ -449,7 +449,7 @@ class SQLStore(Store):
                     f"{key} cannot be selected by it)"
                 )
             where.append(f"r.{column} = {p}")
-            params.append(str(wanted))
+            params.append(index_key(str(wanted)))
         order = "r.end_time ASC, r.id ASC" if ended_after is not None else "r.start_time DESC"
         sql = f"""
             SELECT r.trace_id, r.id, r.name, r.dispatcher, {d.time_value("r.start_time")},

@@ -270,7 +270,7 @@ def metadata_columns(
                 if mapping and mapping.get(key) is not None:
                     value = mapping[key]
                     break
-        out.append(None if value is None else _str_key(value))
+        out.append(None if value is None else _key(_str_key(value)))
     return tuple(out)
 
 

@@ -312,3 +312,16 @@ def test_nan_inside_a_model_or_a_set_is_null_and_the_model_kept(
     [summary] = any_store.traces(name=scored.__qualname__)
     [span] = any_store.trace(summary.trace_id)
     assert span.attributes == {"score": {"value": None, "label": "x"}, "seen": [None]}
+
+
+def test_a_very_long_metadata_value_is_stored_short_and_found(
+    any_store: Store, make_handler: Any
+) -> None:
+    """A megabyte user tag was stored whole in its column (the payload's copy was cut)."""
+    handler = make_handler(any_store).attach(d)
+    long_user = "u" * 1_000_000
+    with instrument_tags({"user": long_user}), d.span("tagged"):
+        pass
+    assert handler.flush(10)
+    [summary] = any_store.traces(metadata={"user": long_user})
+    assert summary.name == "tagged" and len(summary.metadata["user"]) <= 512
