@@ -584,3 +584,16 @@ def test_values_that_cannot_be_printed_cost_only_themselves(
     assert sum("odd?" in m for m in messages) == 1
     assert any(f"ended: {placeholder}" in m for m in messages)
     assert any("failed: _UnprintableError: <unprintable" in m for m in messages)
+
+
+def test_the_cli_handler_shows_control_characters_instead_of_obeying_them() -> None:
+    """A question or an answer with ANSI escapes (\\x1b[2J clears the screen) reached the
+    terminal as it was; its own colours still do."""
+    out = io.StringIO()
+    llm = OfflineLLM(answers={"clear": "done\x1b[2J"})
+    handler = CLIEventHandler(out, color=True)
+    with audit.request(question="clear\x1b[2J the screen?", handlers=[handler]) as req:
+        req.result = llm.chat([ChatMessage(role="user", content="clear")]).message.content
+    text = out.getvalue()
+    assert "\x1b[2J" not in text and text.count("\\x1b[2J") >= 2
+    assert "\x1b[1m" in text  # the handler's own bold

@@ -9,6 +9,7 @@ events' timestamps, the request's ``duration_s``), never when this handler runs.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from datetime import datetime
@@ -38,6 +39,23 @@ _BOLD, _DIM, _RED, _GREEN, _CYAN, _RESET = (
 )
 
 
+#: Characters that move the cursor or make the terminal do something (C0 and C1
+#: controls but tab and newline, DEL, the bidirectional overrides): user text (a
+#: question, a model's answer) is shown, not obeyed, as ``\x1b`` and the like.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _shown(text: str) -> str:
+    if text.isascii() and text.isprintable():
+        return text
+    return _CONTROL.sub(_escape, text)
+
+
 class CLIEventHandler(EventHandler[list[str], datetime | None]):
     """Prints requests to ``stream`` (``sys.stderr`` at the time of writing by default)."""
 
@@ -55,6 +73,7 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
         return self.stream if self.stream is not None else sys.stderr
 
     def _paint(self, code: str, text: str) -> str:
+        text = _shown(text)
         color = self.color
         if color is None:
             isatty = getattr(self._out(), "isatty", None)
@@ -63,8 +82,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
 
     def request_start(self, user_request: RequestStart) -> list[str]:
         head = self._paint(_BOLD, f"Request {user_request.request_id[:8]}")
-        collection = f" [{user_request.collection}]" if user_request.collection else ""
-        return [f"{head}{collection} {clip(user_request.question, 500)}"]
+        collection = f" [{_shown(user_request.collection)}]" if user_request.collection else ""
+        return [f"{head}{collection} {_shown(clip(user_request.question, 500))}"]
 
     def event_start(self, event: Event, request_context: list[str]) -> datetime | None:
         return started_at(event)
@@ -80,7 +99,7 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
         request_context.append(
             "  " + self._paint(_RED if failed else _CYAN, title(event)) + self._paint(_DIM, took)
         )
-        request_context.extend(f"    {line}" for line in end_lines(event))
+        request_context.extend(f"    {_shown(line)}" for line in end_lines(event))
 
     def request_end(self, output: RequestEnd, request_context: list[str]) -> None:
         lines = list(request_context or [f"Request {output.request_id[:8]}"])
