@@ -264,17 +264,19 @@ class _EndWhenDiscarded:
         self.ended = False
 
     def __del__(self) -> None:
+        self.fail(GeneratorExit())
+
+    def finish(self) -> None:
+        """End the span normally, unless it has ended already."""
         if not self.ended:
             self.ended = True
-            chain, span, bound, instance = self.args
-            fail(chain, span, bound, instance, GeneratorExit())
+            finish(*self.args, None)
 
-    def first(self) -> bool:
-        """True the first time only: the span is ended once, by whoever comes first."""
-        if self.ended:
-            return False
-        self.ended = True
-        return True
+    def fail(self, err: BaseException) -> None:
+        """End the span with ``err``, unless it has ended already."""
+        if not self.ended:
+            self.ended = True
+            fail(*self.args, err)
 
 
 def _drop_unstarted(
@@ -420,8 +422,8 @@ def _wrap_callable(
                 try:
                     agen = func(*args, **kwargs)
                 except BaseException as err:  # bad arguments: the body never ran
-                    if guard is not None and guard.first():
-                        fail(*guard.args, err)
+                    if guard is not None:
+                        guard.fail(err)
                     raise
                 to_send: Any = None
                 to_throw: BaseException | None = None
@@ -442,12 +444,12 @@ def _wrap_callable(
                         else:
                             item = await agen.asend(to_send)
                     except StopAsyncIteration:
-                        if guard is not None and guard.first():
-                            finish(*guard.args, None)
+                        if guard is not None:
+                            guard.finish()
                         return
                     except BaseException as err:
-                        if guard is not None and guard.first():
-                            fail(*guard.args, err)
+                        if guard is not None:
+                            guard.fail(err)
                         raise
                     finally:
                         if handle is not None:
@@ -463,14 +465,14 @@ def _wrap_callable(
                         if getattr(agen, "ag_running", False):
                             # Being closed already by whoever else holds it (the loop does
                             # not: see _first_step_unhooked): nothing to throw into.
-                            if guard is not None and guard.first():
-                                fail(*guard.args, closing)
+                            if guard is not None:
+                                guard.fail(closing)
                             raise
                         if getattr(agen, "ag_frame", True) is None:
                             # Over already: freed by the collector together with this
                             # wrapper (its own close ran then), which the loop closes now.
-                            if guard is not None and guard.first():
-                                fail(*guard.args, closing)
+                            if guard is not None:
+                                guard.fail(closing)
                             raise
                         # As in _drive: returning after the close ends the span normally.
                         handle = activate(current, resumed) if current is not None else None
@@ -481,22 +483,22 @@ def _wrap_callable(
                         except GeneratorExit:
                             returned = False
                         except BaseException as err:
-                            if guard is not None and guard.first():
-                                fail(*guard.args, err)
+                            if guard is not None:
+                                guard.fail(err)
                             raise
                         else:
                             ignored = RuntimeError("async generator ignored GeneratorExit")
-                            if guard is not None and guard.first():
-                                fail(*guard.args, ignored)
+                            if guard is not None:
+                                guard.fail(ignored)
                             raise ignored from None
                         finally:
                             if handle is not None:
                                 deactivate(handle)
-                        if guard is not None and guard.first():
+                        if guard is not None:
                             if returned:
-                                finish(*guard.args, None)
+                                guard.finish()
                             else:
-                                fail(*guard.args, closing)
+                                guard.fail(closing)
                         raise
                     except BaseException as err:
                         to_throw, to_send = err, None
