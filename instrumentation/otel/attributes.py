@@ -9,7 +9,6 @@ an exporter's request size.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from enum import Enum
@@ -18,6 +17,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from instrumentation._finite import finite
+from instrumentation._text import safe_str
+from instrumentation._text import without_lone_surrogates as clean
 
 #: Longest string value we put in an attribute (longer ones end with "...").
 MAX_VALUE_CHARS = 8192
@@ -33,27 +34,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 AttributeValue = str | bool | int | float | tuple[str, ...] | tuple[int, ...] | tuple[float, ...]
 
 
-#: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): the
-#: exporter cannot encode them as UTF-8, and one in a span's name or status failed the
-#: whole batch it was in.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean(text: str) -> str:
-    """``text`` with lone surrogates replaced by U+FFFD (ASCII text as it is, cheaply)."""
-    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
-
-
 def clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     return clean(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def safe_str(value: Any) -> str:
-    """``str(value)``, or a placeholder naming its type when that raises."""
-    try:
-        return str(value)
-    except Exception:
-        return f"<unprintable {type(value).__qualname__}>"
 
 
 def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:

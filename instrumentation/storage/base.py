@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -28,6 +27,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from instrumentation import telemetry
+from instrumentation._text import without_lone_surrogates
 from instrumentation.storage.models import (
     METADATA_KEYS,
     StoredEvent,
@@ -73,15 +73,10 @@ _FIRST_EPOCH = -62135596800
 _LAST_EPOCH = 253402300799
 
 
-#: Lone halves of a surrogate pair (text decoded with ``surrogateescape``, say): no
-#: database encodes them as UTF-8.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def text_for_databases(text: str) -> str:
     """``text`` with what a database refuses in text replaced by U+FFFD: NUL characters
     (PostgreSQL) and lone surrogates (both)."""
-    return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", "\ufffd"))
+    return without_lone_surrogates(text.replace("\x00", "\ufffd"))
 
 
 def cleaned_for_databases(row: Sequence[Any]) -> tuple[Any, ...]:

@@ -34,6 +34,7 @@ from decimal import Decimal
 from typing import Any, TextIO, cast
 
 from instrumentation._finite import finite
+from instrumentation._text import escape_controls as _printable
 from instrumentation.storage.base import MAX_LIMIT, Store
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
 from instrumentation.tree import draw_tree, format_duration
@@ -195,25 +196,6 @@ def _cost(c: float | None) -> str:
     if abs(c) >= 0.01:
         return f"${c:.4f}"
     return "$" + format(Decimal(f"{c:.2g}"), "f")
-
-
-#: Characters that move the cursor, end the line, or make the terminal do something
-#: (C0 and C1 controls, DEL, the Unicode line and paragraph separators, and the
-#: bidirectional overrides that show text in another order than it is).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-
-
-def _printable(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a name or an
-    error read from the database is shown on one line, and an escape sequence in it
-    (``\\x1b[2J``) is shown, not run by the terminal."""
-    return _CONTROL.sub(lambda found: _escape(found.group()), text)
 
 
 def _char_width(char: str) -> int:

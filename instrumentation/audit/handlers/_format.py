@@ -8,6 +8,7 @@ import math
 from datetime import datetime
 from typing import Any
 
+from instrumentation._text import safe_repr
 from instrumentation.audit.events import Event, LLMEvent, RetrievalEvent, ToolCallEvent
 
 MAX_TEXT = 2_000
@@ -23,23 +24,6 @@ ENDED_EARLY = "ended early: the caller stopped reading the stream"
 def clip(value: Any, limit: int = MAX_TEXT) -> str:
     text = value if isinstance(value, str) else safe_repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def safe_repr(value: Any) -> str:
-    """``repr(value)``, or a placeholder naming its type when that raises (or recurses
-    past the limit): a value the application hands over must not cost the record."""
-    try:
-        return repr(value)
-    except Exception:
-        return f"<unprintable {type(value).__qualname__}>"
-
-
-def error_text(error: BaseException) -> str:
-    """``str(error)``, or a placeholder when that raises."""
-    try:
-        return str(error)
-    except Exception:
-        return f"<unprintable {type(error).__qualname__}>"
 
 
 def prompt_text(prompt: Any) -> str:

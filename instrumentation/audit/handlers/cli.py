@@ -9,12 +9,12 @@ events' timestamps, the request's ``duration_s``), never when this handler runs.
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
 from datetime import datetime
 from typing import TextIO
 
+from instrumentation._text import escape_controls, safe_str
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
@@ -22,7 +22,6 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     end_lines,
-    error_text,
     started_at,
     title,
 )
@@ -39,21 +38,9 @@ _BOLD, _DIM, _RED, _GREEN, _CYAN, _RESET = (
 )
 
 
-#: Characters that move the cursor or make the terminal do something (C0 and C1
-#: controls but tab and newline, DEL, the bidirectional overrides): user text (a
-#: question, a model's answer) is shown, not obeyed, as ``\x1b`` and the like.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(found: re.Match[str]) -> str:
-    code = ord(found.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def _shown(text: str) -> str:
-    if text.isascii() and text.isprintable():
-        return text
-    return _CONTROL.sub(_escape, text)
+    """User text (a question, a model's answer) shown, not obeyed by the terminal."""
+    return escape_controls(text, multiline=True)
 
 
 class CLIEventHandler(EventHandler[list[str], datetime | None]):
@@ -108,7 +95,7 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
                 "  "
                 + self._paint(
                     _RED,
-                    f"error: {type(output.error).__name__}: {clip(error_text(output.error), 500)}",
+                    f"error: {type(output.error).__name__}: {clip(safe_str(output.error), 500)}",
                 )
             )
         elif output.abandoned:

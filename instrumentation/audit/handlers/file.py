@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from instrumentation._text import safe_str
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
@@ -33,7 +34,6 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     end_lines,
-    error_text,
     started_at,
     title,
 )
@@ -155,7 +155,7 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
         try:
             if output.error is not None:
                 out.write(
-                    f"\nError: {type(output.error).__name__}: {clip(error_text(output.error))}\n"
+                    f"\nError: {type(output.error).__name__}: {clip(safe_str(output.error))}\n"
                 )
             elif output.abandoned:
                 out.write(f"\nOutput: none, {ENDED_EARLY}\n")

@@ -13,13 +13,13 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from instrumentation._text import safe_str
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
     ENDED_EARLY,
     clip,
     duration_ms,
-    error_text,
     fields,
     jsonable,
     started_at,
@@ -92,7 +92,7 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
         error = (
             None
             if output.error is None
-            else f"{type(output.error).__name__}: {error_text(output.error)}"
+            else f"{type(output.error).__name__}: {safe_str(output.error)}"
         )
         if error:
             how = f"failed: {clip(error, 200)}"
