@@ -473,9 +473,14 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
                 except Exception:  # str(err) itself can raise
                     message = ""
                 error = f"{type(err).__name__}: {message}" if message else type(err).__name__
-            self._fast_put((info, id_, _perf_counter(), error), info[3])
-            if info[9] is not None:
-                self._recent_scopes.add(id_, info[9])
+            self._queue_end(info, id_, _perf_counter(), error)
+
+    def _queue_end(self, info: Any, id_: str, end: float, error: str | None) -> None:
+        """Queue an ended span (``span_exit`` does the same inline: it is the hot path)."""
+        # A root (info[3]): a full queue sets it aside rather than hide its trace.
+        self._fast_put((info, id_, end, error), info[3])
+        if info[9] is not None:  # only with dispatcher_metadata
+            self._recent_scopes.add(id_, info[9])
 
     def _drop_open_spans(self) -> None:
         """The writer is stopping (at exit, or shut down by hand): store the spans still
@@ -502,9 +507,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             info: Any = opened.pop(id_, None)
             if info is None:
                 continue
-            self._fast_put((info, id_, now, error), info[3])
-            if info[9] is not None:
-                self._recent_scopes.add(id_, info[9])
+            self._queue_end(info, id_, now, error)
             dropped += 1
         if dropped:
             telemetry.SPANS_DROPPED_BY_SHUTDOWN.add(dropped)

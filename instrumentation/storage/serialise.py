@@ -28,7 +28,7 @@ from instrumentation import telemetry
 from instrumentation._finite import finite
 from instrumentation.dispatcher import ROOT_NAME
 from instrumentation.events.span import SpanDropEvent
-from instrumentation.storage.base import MAX_KEY_CHARS, Row, index_key
+from instrumentation.storage.base import Row, index_key
 from instrumentation.storage.models import METADATA_KEYS
 
 logger = logging.getLogger("instrumentation.storage")
@@ -217,7 +217,7 @@ def event_payload(event: Any, limit: int) -> str:
 
 def _key(value: Any) -> Any:
     """An indexed column's value: see :func:`index_key` (None and non-text as they are)."""
-    return index_key(value) if isinstance(value, str) and len(value) > MAX_KEY_CHARS else value
+    return index_key(value) if isinstance(value, str) else value
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -270,7 +270,7 @@ def metadata_columns(
                 if mapping and mapping.get(key) is not None:
                     value = mapping[key]
                     break
-        out.append(None if value is None else _key(_str_key(value)))
+        out.append(None if value is None else index_key(_str_key(value)))
     return tuple(out)
 
 
