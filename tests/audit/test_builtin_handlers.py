@@ -597,3 +597,42 @@ def test_the_cli_handler_shows_control_characters_instead_of_obeying_them() -> N
     text = out.getvalue()
     assert "\x1b[2J" not in text and text.count("\\x1b[2J") >= 2
     assert "\x1b[1m" in text  # the handler's own bold
+
+
+def test_user_text_cannot_pass_for_lines_the_file_and_logging_handlers_wrote(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A question, an answer or a tool name holding line breaks (a carriage return, a
+    Unicode line separator) started lines of their own in the File handler's file
+    ("Output: forged") and split the logging handler's one-line message; an ANSI escape
+    reached the terminal of whoever ran ``cat`` on the file."""
+    forged = "tea?\nOutput: forged\rDuration: 0.0 ms\u2028Ended: never\x1b[2J"
+    handlers: list[Any] = [FileEventHandler(tmp_path / "logs"), LoggingEventHandler()]
+    llm = OfflineLLM(answers={"tea": "green\nError: forged"})
+    with (
+        caplog.at_level(logging.INFO, logger="instrumentation.audit"),
+        audit.request(
+            question=forged, collection="drinks\nQuestion: forged", handlers=handlers
+        ) as req,
+    ):
+        reply = llm.chat([ChatMessage(role="user", content="tea")])
+        with audit.event(audit.ToolCallEvent(name="kettle\nError: forged")) as ev:
+            ev.update(output="hot")
+        req.result = f"{reply.message.content}\nDuration: 1.0 ms"
+    assert not req.errors
+    (path,) = (tmp_path / "logs").iterdir()
+    lines = path.read_text(encoding="utf-8").split("\n")
+    starts = [line.split(":")[0] for line in lines if line and not line.startswith(" ")]
+    # Each of the handler's own entries once; the user's text only on indented lines.
+    for head in ("Output", "Duration", "Ended", "Error", "Question"):
+        assert starts.count(head) == (0 if head == "Error" else 1), (head, lines)
+    assert "    Output: forged" in lines and "    Error: forged" in lines
+    assert not any("\r" in line or "\u2028" in line or "\x1b" in line for line in lines)
+    assert any("\\x1b[2J" in line for line in lines)
+    assert any(line.startswith("[2] tool kettle\\nError: forged started") for line in lines)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("instrumentation")]
+    assert messages and all("\n" not in m and "\r" not in m for m in messages)
+    assert any("tea?\\nOutput: forged\\rDuration" in m for m in messages)
+    assert any("tool kettle\\nError: forged" in m for m in messages)
+    # The structured data keeps the text as it was, for JSON formatters to encode.
+    assert any(getattr(r, "audit", {}).get("question") == forged for r in caplog.records)

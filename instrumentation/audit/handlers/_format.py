@@ -8,7 +8,7 @@ import math
 from datetime import datetime
 from typing import Any
 
-from instrumentation._text import safe_repr
+from instrumentation._text import escape_controls, safe_repr, safe_str
 from instrumentation.audit.events import Event, LLMEvent, RetrievalEvent, ToolCallEvent
 
 MAX_TEXT = 2_000
@@ -24,6 +24,22 @@ ENDED_EARLY = "ended early: the caller stopped reading the stream"
 def clip(value: Any, limit: int = MAX_TEXT) -> str:
     text = value if isinstance(value, str) else safe_repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def block(text: str) -> str:
+    """User text as one entry of a file read line by line: its later lines indented, so
+    that no question or answer can start a line of its own and pass for one the handler
+    wrote, and its control characters escaped, so that ``cat`` on a terminal shows them
+    instead of obeying them."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "\n    ".join(escape_controls(line, multiline=True) for line in text.splitlines())
+
+
+def one_line(text: str) -> str:
+    """User text inside a one-line log message: line breaks and control characters
+    escaped, so that one record is one line, whatever the question held."""
+    return escape_controls(text)
 
 
 def prompt_text(prompt: Any) -> str:
@@ -66,13 +82,14 @@ def duration_ms(event: Event | None, started: datetime | None) -> float | None:
 
 
 def title(event: Event | None) -> str:
+    """What an event is, on one line (a model or tool name can hold anything)."""
     if isinstance(event, LLMEvent):
-        model = f" {event.model}" if event.model else ""
-        return f"LLM {event.type}{model}"
+        model = f" {one_line(str(event.model))}" if event.model else ""
+        return f"LLM {one_line(str(event.type))}{model}"
     if isinstance(event, RetrievalEvent):
         return "retrieval"
     if isinstance(event, ToolCallEvent):
-        return f"tool {event.name}"
+        return f"tool {one_line(safe_str(event.name))}"
     return type(event).__name__
 
 
@@ -152,17 +169,19 @@ def end_lines(event: Event | None) -> list[str]:
     error = getattr(event, "error", None)
     if error:
         lines.append(f"error: {clip(error)}")
-    return [line.replace("\n", "\n    ") for line in lines]
+    return [block(line) for line in lines]
 
 
 __all__ = [
     "ENDED_EARLY",
+    "block",
     "clip",
     "cost_text",
     "duration_ms",
     "end_lines",
     "fields",
     "jsonable",
+    "one_line",
     "prompt_text",
     "started_at",
     "title",

@@ -31,6 +31,7 @@ from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
     ENDED_EARLY,
+    block,
     clip,
     duration_ms,
     end_lines,
@@ -112,12 +113,12 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
             self.directory.mkdir(parents=True, exist_ok=True)
             handle = _open_part(part)
         try:
-            handle.write(f"Request: {user_request.request_id}\n")
+            handle.write(f"Request: {block(safe_str(user_request.request_id))}\n")
             handle.write(f"Started: {user_request.started_at.isoformat()}\n")
-            handle.write(f"Collection: {user_request.collection}\n")
-            handle.write(f"Question: {user_request.question}\n")
+            handle.write(f"Collection: {block(safe_str(user_request.collection))}\n")
+            handle.write(f"Question: {block(safe_str(user_request.question))}\n")
             if user_request.metadata:
-                handle.write(f"Metadata: {clip(user_request.metadata)}\n")
+                handle.write(f"Metadata: {block(clip(user_request.metadata))}\n")
             return FileContext(part=part, final=final, file=handle)
         except BaseException:
             # No context to finish it later: nothing left open, no .part left behind.
@@ -154,13 +155,12 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
         out = request_context.file
         try:
             if output.error is not None:
-                out.write(
-                    f"\nError: {type(output.error).__name__}: {clip(safe_str(output.error))}\n"
-                )
+                error = block(clip(safe_str(output.error)))
+                out.write(f"\nError: {type(output.error).__name__}: {error}\n")
             elif output.abandoned:
                 out.write(f"\nOutput: none, {ENDED_EARLY}\n")
             else:
-                out.write(f"\nOutput: {clip(output.result)}\n")
+                out.write(f"\nOutput: {block(clip(output.result))}\n")
             out.write(f"Duration: {output.duration_s * 1000:.1f} ms\n")
             out.write(f"Ended: {output.ended_at.isoformat()}\n")
             out.close()  # flushes: it fails too when what was buffered cannot be written

@@ -22,6 +22,7 @@ from instrumentation.audit.handlers._format import (
     duration_ms,
     fields,
     jsonable,
+    one_line,
     started_at,
     title,
 )
@@ -53,9 +54,9 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
         rid = user_request.request_id
         self._log(
             self.level,
-            f"audit request {rid[:8]} started"
-            + (f" [{user_request.collection}]" if user_request.collection else "")
-            + f": {clip(user_request.question, 200)}",
+            f"audit request {one_line(rid[:8])} started"
+            + (f" [{one_line(user_request.collection)}]" if user_request.collection else "")
+            + f": {one_line(clip(user_request.question, 200))}",
             {
                 "phase": "request_start",
                 "request_id": rid,
@@ -79,11 +80,11 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
             "duration_ms": duration,
             **fields(event),
         }
-        failed = bool(getattr(event, "error", None))
+        error = getattr(event, "error", None)
         self._log(
-            logging.ERROR if failed else self.level,
-            f"audit request {str(request_context)[:8]}: {title(event)}"
-            + (f" failed: {clip(event.error, 200)}" if failed and event is not None else "")  # type: ignore[attr-defined]
+            logging.ERROR if error else self.level,
+            f"audit request {one_line(str(request_context)[:8])}: {title(event)}"
+            + (f" failed: {one_line(clip(error, 200))}" if error else "")
             + ("" if duration is None else f" ({duration:.1f} ms)"),
             data,
         )
@@ -95,14 +96,14 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
             else f"{type(output.error).__name__}: {safe_str(output.error)}"
         )
         if error:
-            how = f"failed: {clip(error, 200)}"
+            how = f"failed: {one_line(clip(error, 200))}"
         elif output.abandoned:
             how = ENDED_EARLY
         else:
-            how = f"ended: {clip(output.result, 200)}"
+            how = f"ended: {one_line(clip(output.result, 200))}"
         self._log(
             logging.ERROR if error else self.level,
-            f"audit request {output.request_id[:8]} {how}",
+            f"audit request {one_line(output.request_id[:8])} {how}",
             {
                 "phase": "request_end",
                 "request_id": output.request_id,
