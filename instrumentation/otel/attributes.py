@@ -46,6 +46,8 @@ def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
         if isinstance(value, BaseModel):
             value = value.model_dump(mode="json", exclude_none=True)
         elif isinstance(value, (list, tuple)):
+            if len(value) > 2 * limit:  # fit_json shows no more than its first and latest
+                value = [*value[:limit], *value[-limit:]]
             value = [
                 v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v
                 for v in value
@@ -157,7 +159,20 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     :data:`CUT_MARK`) as little as fits (see :func:`_latest_that_fit`); for anything
     else its strings are cut; what still does not fit becomes a JSON string of the
     cut text.
+
+    This runs on the application's thread, so a value too large to fit however its
+    strings are cut (a list of a million numbers, a dict holding one) is never
+    serialised whole: only its latest items that may fit, and the beginning of its
+    text. The result is the same as if it were.
     """
+    if _least_size(value, limit) > limit:
+        if isinstance(value, (list, tuple)):
+            latest = _latest_within(value, limit)
+            fitted = _latest_that_fit(latest, limit) if latest else None
+            if fitted is not None:
+                return fitted
+        front, _ = _front(value, limit + _FRONT_MARGIN)
+        return _as_cut_string(_dumps(front), limit)
     text = _dumps(value)
     if len(text) <= limit:
         return text
@@ -167,6 +182,11 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
         fitted = _longest_cut_that_fits(value, limit, _SHORTEST_CUT)
     if fitted is not None:
         return fitted
+    return _as_cut_string(text, limit)
+
+
+def _as_cut_string(text: str, limit: int) -> str:
+    """``text`` cut to fit ``limit`` as a JSON string."""
     keep = limit - 2
     while True:
         out = _dumps(clip(text, keep))
@@ -174,6 +194,78 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
             return out
         # Escapes made it longer than it is: shrink in proportion, at least by one.
         keep = max(3, min(keep - 1, keep * limit // len(out)))
+
+
+#: How deep :func:`_least_size` and :func:`_front` look, as :func:`_cut_strings` does.
+_DEPTH = 32
+#: Closing brackets and quotes past ``limit`` that :func:`_front` keeps text for.
+_FRONT_MARGIN = 2 * _DEPTH + 8
+
+
+def _least_size(value: Any, budget: int, depth: int = 0) -> int:
+    """The fewest characters ``value``'s JSON can take with its strings cut as short as
+    :func:`fit_json` cuts them, counted only until the count passes ``budget``: a
+    huge value is found too large after ``budget`` items, not after all of them."""
+    if isinstance(value, str):
+        return min(len(value), _SHORTEST_CUT) + 2
+    if depth > _DEPTH or not isinstance(value, (list, tuple, dict)):
+        return 1
+    if not value:
+        return 2
+    size = 1  # the opening bracket; each item then counts the comma or bracket after it
+    if isinstance(value, dict):
+        for key, item in value.items():
+            size += (len(key) if isinstance(key, str) else 1) + 4
+            size += _least_size(item, budget - size, depth + 1)
+            if size > budget:
+                break
+    else:
+        for item in value:
+            size += 1 + _least_size(item, budget - size, depth + 1)
+            if size > budget:
+                break
+    return size
+
+
+def _latest_within(items: list[Any] | tuple[Any, ...], limit: int) -> list[Any]:
+    """The latest ``items`` whose fewest characters (see :func:`_least_size`) add up to
+    ``limit`` at most: no older item can be in a list's JSON that fits."""
+    total = 1
+    start = len(items)
+    for index in range(len(items) - 1, -1, -1):
+        total += 1 + _least_size(items[index], limit - total)
+        if total > limit:
+            break
+        start = index
+    return list(items[start:])
+
+
+def _front(value: Any, budget: int, depth: int = 0) -> tuple[Any, int]:
+    """A copy of the beginning of ``value`` whose JSON starts with the same ``budget``
+    characters (less its closing brackets) as ``value``'s own, and at least as many
+    characters as that: what :func:`_as_cut_string` keeps of a value too large to
+    serialise whole. Also returns the fewest characters the copy's JSON takes."""
+    if isinstance(value, str):
+        return value, len(value) + 2
+    if depth > _DEPTH or not isinstance(value, (list, tuple, dict)):
+        return value, 1
+    size = 1  # as in _least_size
+    if isinstance(value, dict):
+        head: dict[Any, Any] = {}
+        for key, item in value.items():
+            if size > budget:
+                break
+            head[key], taken = _front(item, budget - size, depth + 1)
+            size += (len(key) if isinstance(key, str) else 1) + 4 + taken
+        return head, max(size, 2)
+    items: list[Any] = []
+    for item in value:
+        if size > budget:
+            break
+        copied, taken = _front(item, budget - size, depth + 1)
+        items.append(copied)
+        size += 1 + taken
+    return items, max(size, 2)
 
 
 #: A homogeneous list longer than this, or of strings longer than this in all, is sent

@@ -11,10 +11,12 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
 from instrumentation.events.llm import ChatMessage, ChatResponse, LLMChatEndEvent, TokenUsage
-from instrumentation.otel import configure_otlp
+from instrumentation.otel import attributes, configure_otlp
 from instrumentation.otel.attributes import to_attribute
 from instrumentation.otel.receiver import OTLPReceiver
 
@@ -163,3 +165,70 @@ def test_json_attributes_are_strict_and_huge_lists_are_bounded() -> None:
 
 def _refuse(constant: str) -> Any:
     raise AssertionError(f"not strict JSON: {constant}")
+
+
+# -- a huge value costs the application's thread what a small one does -----------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=60),
+    lambda inner: st.lists(inner, max_size=30)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=12),
+    max_leaves=400,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_json_values, limit=st.integers(40, 600))
+def test_a_value_too_large_to_fit_gives_what_serialising_it_whole_gives(
+    value: Any, limit: int
+) -> None:
+    """fit_json leaves out of its work what cannot be in its result (a list's older
+    items, a dict's later ones, past the text it keeps): the result is the same."""
+    whole = _fit_json_serialising_everything(value, limit)
+    assert attributes.fit_json(value, limit) == whole
+    assert len(whole) <= limit
+    json.loads(whole)  # still JSON
+
+
+def _fit_json_serialising_everything(value: Any, limit: int) -> str:
+    saved = attributes._least_size
+    attributes._least_size = lambda value, budget, depth=0: 0  # type: ignore[assignment]
+    try:
+        return attributes.fit_json(value, limit)
+    finally:
+        attributes._least_size = saved
+
+
+class Counted:
+    """A value JSON does not know: serialised through its str(), which counts."""
+
+    calls = 0
+
+    def __str__(self) -> str:
+        Counted.calls += 1
+        return "c"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda items: items,  # a list: its latest items are kept
+        lambda items: {"payload": items},  # in a dict: the beginning of its text
+        lambda items: [{"id": 1}, items],  # the latest item alone too large
+        lambda items: dict(enumerate(items)),
+    ],
+)
+def test_a_huge_value_is_not_serialised_whole(shape: Any) -> None:
+    """A list of a million values, or a dict holding one, was serialised whole on the
+    application's thread, and more than once (up to 0.4 s a call) for 8 KB of it."""
+    Counted.calls = 0
+    value = shape([Counted() for _ in range(200_000)])
+    sent = to_attribute(value)
+    assert isinstance(sent, str) and 0 < len(sent) <= attributes.MAX_VALUE_CHARS
+    assert "c" in sent
+    assert Counted.calls < 30_000  # a few times the items that fit, not 200,000
