@@ -232,15 +232,28 @@ def _first_step_unhooked(agen: Any) -> Any:
     was closed by ``asyncio.run``'s shutdown beside its wrapper, and whichever went
     second met the other's clean-up still running: "an error occurred during closing
     of asynchronous generator", logged for code that had done nothing wrong.
+
+    Its finalizer (:func:`_leave_unclosed`) is not the loop's either: the wrapper
+    closes it when it is closed itself.
     """
     hooks = sys.get_asyncgen_hooks()
     if hooks.firstiter is None and hooks.finalizer is None:
         return agen.asend(None)
-    sys.set_asyncgen_hooks(firstiter=None, finalizer=None)
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=_leave_unclosed)
     try:
         return agen.asend(None)
     finally:
         sys.set_asyncgen_hooks(*hooks)
+
+
+def _leave_unclosed(agen: Any) -> None:
+    """The finalizer of the generator inside a traced async generator. Freed unclosed,
+    it is left so, as the loop leaves its wrapper: that happens only when the wrapper
+    was freed by a loop closed without ``shutdown_asyncgens()`` (otherwise the wrapper
+    closes it, or the loop brings the wrapper back to close it). With no finalizer,
+    Python closed it there and then, on no loop: its ``finally`` blocks ran, which they
+    do not undecorated, and one that awaits was reported as "async generator ignored
+    GeneratorExit"."""
 
 
 class _EndWhenDiscarded:

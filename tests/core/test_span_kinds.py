@@ -10,6 +10,7 @@ import functools
 import gc
 import inspect
 import pickle
+import sys
 import types
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Iterator
@@ -533,6 +534,59 @@ def test_async_generator_freed_by_a_closed_loop_ends_its_span(d: Dispatcher, rec
     assert all(isinstance(r.err, GeneratorExit) for r in records if r.status == "drop")
     assert not simple.open_spans and len(simple.dropped_spans) == 3
     assert len(simple.completed_spans) == 3
+
+
+def test_a_closed_loop_leaves_a_traced_generator_unclosed_as_an_undecorated_one(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """Freed after its loop was closed without shutdown_asyncgens(), an undecorated
+    async generator's finally never runs. A traced one's ran there, on no loop, and one
+    that awaits in it was reported as "async generator ignored GeneratorExit"."""
+    cleaned: list[str] = []
+    unraisable: list[Any] = []
+
+    async def plain() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            cleaned.append("plain")
+
+    @d.span
+    async def traced() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            cleaned.append("traced")
+
+    @d.span
+    async def traced_awaiting() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            await asyncio.sleep(0)
+            cleaned.append("traced_awaiting")
+
+    async def first(gen: AsyncIterator[int]) -> int:
+        return await gen.__anext__()  # in the loop: its hooks see the generator start
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        for make in (plain, traced, traced_awaiting):
+            loop = asyncio.new_event_loop()
+            gen = make()
+            assert loop.run_until_complete(first(gen)) == 1
+            loop.close()
+            del gen
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert cleaned == [] and unraisable == []
+    records = rec.named(traced.__qualname__) + rec.named(traced_awaiting.__qualname__)
+    assert [(r.status, type(r.err)) for r in records] == [("drop", GeneratorExit)] * 2
 
 
 async def test_async_generator_freed_in_a_reference_cycle_ends_its_span_once(
