@@ -32,7 +32,14 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from instrumentation import telemetry
-from instrumentation._spans import EMPTY_BOUND_ARGS, fail, finish, start
+from instrumentation._spans import (
+    EMPTY_BOUND_ARGS,
+    LazyBoundArguments,
+    LazySignature,
+    fail,
+    finish,
+    start,
+)
 from instrumentation.context import (
     SpanContext,
     _active_span,
@@ -77,11 +84,16 @@ class StreamSpan:
     (``stop_requested``), how the body's source can be interrupted then
     (``interrupt``, set by the body), and whether a close comes from the caller
     (``by_caller``) rather than from the garbage collector or the event loop.
+
+    Given a ``signature``, span handlers receive the call's arguments (``args`` and
+    ``kwargs``, bound lazily) and ``instance``, as for ``@dispatcher.span``.
     """
 
     __slots__ = (
+        "_bound",
         "_chain",
         "_current",
+        "_instance",
         "_resumed",
         "by_caller",
         "context",
@@ -90,19 +102,31 @@ class StreamSpan:
         "stop_requested",
     )
 
-    def __init__(self, dispatcher: Dispatcher, name: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        name: str,
+        instance: Any = None,
+        signature: LazySignature | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
         chain = dispatcher._hot
         self.over = False
         self.stop_requested = False
         self.by_caller = False
         self.interrupt: Callable[[], Any] | None = None
         self._resumed: Any = None
+        self._instance = instance
+        self._bound: Any = EMPTY_BOUND_ARGS
         if chain is None or _suppressed.get():
             self._chain = None
             self.context: SpanContext | None = None
         else:
             self._chain = chain
-            self.context = start(chain, name, None, EMPTY_BOUND_ARGS, None)
+            if signature is not None and chain.needs_bound_args:
+                self._bound = LazyBoundArguments(signature, args, kwargs or {})
+            self.context = start(chain, name, instance, self._bound, None)
         self._current = self.context
 
     def enter(self) -> Any:
@@ -124,14 +148,14 @@ class StreamSpan:
             return
         self.over = True
         if self._chain is not None and self.context is not None:
-            finish(self._chain, self.context, EMPTY_BOUND_ARGS, None, None)
+            finish(self._chain, self.context, self._bound, self._instance, None)
 
     def fail(self, err: BaseException) -> None:
         if self.over:
             return
         self.over = True
         if self._chain is not None and self.context is not None:
-            fail(self._chain, self.context, EMPTY_BOUND_ARGS, None, err)
+            fail(self._chain, self.context, self._bound, self._instance, err)
 
     def ended_by(self, err: BaseException) -> None:
         """The body raised ``err``: the span is dropped, unless the caller had asked to

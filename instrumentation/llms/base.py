@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from instrumentation._spans import LazySignature
 from instrumentation._wrap import MARK, mark_traced
 from instrumentation.dispatcher import get_dispatcher
 from instrumentation.events.llm import (
@@ -323,14 +324,14 @@ class BaseLLM(abc.ABC):
         """Answer chunk by chunk; ``close()`` the stream (or drop it) to stop early."""
         msgs = as_messages(messages)
         call = self._call("chat", kwargs, messages=msgs)
-        span = StreamSpan(dispatcher, f"{type(self).__name__}.stream_chat")
+        span = _stream_span(self, "stream_chat", (messages,), kwargs)
         body = _stream_body(call, span, lambda: self._stream_chat(msgs, **kwargs))
         return _started(start_stream(span, body))
 
     def stream_complete(self, prompt: str, **kwargs: Any) -> SpannedStream[CompletionResponse]:
         """Complete ``prompt`` chunk by chunk."""
         call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
-        span = StreamSpan(dispatcher, f"{type(self).__name__}.stream_complete")
+        span = _stream_span(self, "stream_complete", (prompt,), kwargs)
         body = _stream_body(call, span, lambda: self._stream_complete(prompt, **kwargs))
         return _started(start_stream(span, body))
 
@@ -341,7 +342,7 @@ class BaseLLM(abc.ABC):
         ``aclose()`` it to stop early."""
         msgs = as_messages(messages)
         call = self._call("chat", kwargs, messages=msgs)
-        span = StreamSpan(dispatcher, f"{type(self).__name__}.astream_chat")
+        span = _stream_span(self, "astream_chat", (messages,), kwargs)
         body = _astream_body(call, span, lambda: self._astream_chat(msgs, **kwargs))
         return _started(await astart_stream(span, body))
 
@@ -350,7 +351,7 @@ class BaseLLM(abc.ABC):
     ) -> AsyncGenerator[CompletionResponse, None]:
         """Async :meth:`stream_complete`."""
         call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
-        span = StreamSpan(dispatcher, f"{type(self).__name__}.astream_complete")
+        span = _stream_span(self, "astream_complete", (prompt,), kwargs)
         body = _astream_body(call, span, lambda: self._astream_complete(prompt, **kwargs))
         return _started(await astart_stream(span, body))
 
@@ -466,6 +467,24 @@ def _new_text(chunk: ChatResponse | CompletionResponse, so_far: str) -> str:
     if not text:
         return ""
     return text[len(so_far) :] if text.startswith(so_far) else text
+
+
+#: The signatures stream spans bind their arguments with (lazily, for handlers that ask).
+_STREAM_SIGNATURES = {
+    name: LazySignature(getattr(BaseLLM, name), drop_first=True)
+    for name in ("stream_chat", "stream_complete", "astream_chat", "astream_complete")
+}
+
+
+def _stream_span(
+    llm: BaseLLM, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> StreamSpan:
+    """A stream's span: with the call's arguments and the LLM, as the other calls'
+    spans, unless redaction is on for the call (see :func:`_call_span`)."""
+    name = f"{type(llm).__name__}.{method}"
+    if llm._redaction().active:
+        return StreamSpan(dispatcher, name)
+    return StreamSpan(dispatcher, name, llm, _STREAM_SIGNATURES[method], args, kwargs)
 
 
 def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator[Any, Any, None]:

@@ -126,10 +126,18 @@ def _calls(model: OfflineLLM) -> None:
     model.complete(SECRET)
     model.predict("say {x}", x=SECRET)
     model.structured_predict(_Answer, "reply in json: {x}", x=SECRET)
+    for _ in model.stream_chat(SECRET):
+        pass
+    for _ in model.stream_complete(SECRET):
+        pass
 
     async def both() -> None:
         await model.achat(SECRET)
         await model.acomplete(SECRET)
+        async for _ in await model.astream_chat(SECRET):
+            pass
+        async for _ in await model.astream_complete(SECRET):
+            pass
 
     asyncio.run(both())
 
@@ -142,6 +150,10 @@ def test_redaction_covers_span_handlers_too(cap: Capture) -> None:
     names = [name for name, _ in spy.seen if name != "result"]
     assert "OfflineLLM.chat" in names and "OfflineLLM.acomplete" in names
     assert "bob@example.com" in " ".join(text for _, text in spy.seen)  # as in LlamaIndex
+    # Streams too (their spans had no arguments at all).
+    for method in ("stream_chat", "stream_complete", "astream_chat", "astream_complete"):
+        [given] = [text for name, text in spy.seen if name == f"OfflineLLM.{method}"]
+        assert "bob@example.com" in given, (method, given)
 
     spy.seen.clear()
     _calls(OfflineLLM(answers=JSON_ANSWER, redaction=Redaction(record_content=False)))
