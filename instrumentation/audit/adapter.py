@@ -9,9 +9,11 @@ dispatcher, become ``event_start``/``event_end``.
 What the request is made of, from the span:
 
 * ``question``: the call's argument named ``question``, ``query``, ``user_request``
-  or ``prompt`` (the first that is a str), else its first str argument, else "".
+  or ``prompt`` (the first that is a str), else its first str argument, else the
+  default of one of those names that the call left out, else "".
 * ``collection``: ``attributes={"collection": ...}`` on the span, else a str argument
-  named ``collection``, else the adapter's ``collection=``, else the dispatcher's name.
+  named ``collection`` (passed, else its default), else the adapter's
+  ``collection=``, else the dispatcher's name.
 * ``metadata``: the span's name, id, trace id and dispatcher, and its tags.
 * ``result``: what the call returned (``None`` for a generator: what it yielded is
   not kept); ``error``: what it raised. A generator closed before its end (its caller
