@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -70,14 +71,41 @@ def default_spool_dir() -> Path:
     return Path(tempfile.gettempdir()) / "instrumentation-spool"
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive_posix(pid: int) -> bool:
+    """Whether process ``pid`` runs: its spool file is not an orphan to adopt. When
+    that cannot be told, it is taken to run (its rows wait, they are not taken)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:  # PermissionError: it runs, as another user
         return True
     return True
+
+
+#: OpenProcess's right to read a process's exit code, and its error for no such process.
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_ERROR_INVALID_PARAMETER = 87
+
+
+def _pid_alive_windows(pid: int, winapi: Any = None) -> bool:
+    """:func:`_pid_alive_posix` for Windows, where ``os.kill(pid, 0)`` is no such
+    check: signal 0 is CTRL_C_EVENT there, sent to the process's console group."""
+    api = winapi if winapi is not None else importlib.import_module("_winapi")
+    try:
+        handle = api.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    except OSError as exc:
+        # No such process; access denied means it runs, as another user.
+        return getattr(exc, "winerror", None) != _ERROR_INVALID_PARAMETER
+    try:
+        return bool(api.GetExitCodeProcess(handle) == api.STILL_ACTIVE)
+    except OSError:
+        return True
+    finally:
+        api.CloseHandle(handle)
+
+
+_pid_alive = _pid_alive_windows if os.name == "nt" else _pid_alive_posix
 
 
 def _lines_of(src: BinaryIO, copy_to: BinaryIO | None = None) -> int:

@@ -20,6 +20,7 @@ import pytest
 
 from instrumentation import telemetry
 from instrumentation.storage import SQLiteStore
+from instrumentation.storage import spool as spool_module
 from instrumentation.storage.base import Row
 from instrumentation.storage.serialise import RowMaker
 from instrumentation.storage.spool import Spool, default_spool_dir
@@ -501,3 +502,52 @@ def test_a_file_that_is_not_sqlite_is_named_in_the_error(tmp_path: Path) -> None
     with pytest.raises(sqlite3.DatabaseError, match=r"notes\.txt' is not a SQLite database"):
         record_to(notes)
     assert notes.read_text() == "my notes\n" * 100
+
+
+class _FakeWinapi:
+    """Windows' ``_winapi`` as ``_pid_alive_windows`` uses it (Windows cannot run here):
+    OpenProcess raises as Windows does for no such process and for another user's."""
+
+    STILL_ACTIVE = 259
+
+    def __init__(self, processes: dict[int, int | None]) -> None:
+        self.processes = processes  # pid -> exit code (STILL_ACTIVE while it runs); None: denied
+        self.open_handles: set[int] = set()
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
+        assert access == 0x1000 and inherit is False
+        if pid not in self.processes:
+            raise _winerror(87, "The parameter is incorrect")
+        if self.processes[pid] is None:
+            raise _winerror(5, "Access is denied")
+        self.open_handles.add(pid)
+        return pid
+
+    def GetExitCodeProcess(self, handle: int) -> int:
+        code = self.processes[handle]
+        assert code is not None
+        return code
+
+    def CloseHandle(self, handle: int) -> None:
+        self.open_handles.remove(handle)
+
+
+def _winerror(code: int, text: str) -> OSError:
+    err = OSError(22, text)
+    err.winerror = code  # type: ignore[attr-defined]
+    return err
+
+
+def test_whether_a_spool_owner_runs_is_asked_of_windows_without_os_kill() -> None:
+    """On Windows os.kill(pid, 0) sends CTRL_C_EVENT, and for a dead pid raises an
+    OSError that stopped every adoption: orphaned rows were never replayed."""
+    winapi = _FakeWinapi({10: 259, 11: 0, 12: None})
+    assert spool_module._pid_alive_windows(10, winapi) is True  # runs
+    assert spool_module._pid_alive_windows(11, winapi) is False  # exited, handle still held
+    assert spool_module._pid_alive_windows(12, winapi) is True  # another user's: runs
+    assert spool_module._pid_alive_windows(13, winapi) is False  # no such process
+    assert winapi.open_handles == set()
+    assert spool_module._pid_alive is (
+        spool_module._pid_alive_windows if os.name == "nt" else spool_module._pid_alive_posix
+    )
+    assert spool_module._pid_alive_posix(os.getpid()) is True
