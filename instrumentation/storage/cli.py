@@ -733,8 +733,10 @@ class _ReplacedAtEnd:
         try:
             if self._stat is not None:
                 os.chmod(temporary, stat.S_IMODE(self._stat.st_mode))
-                with contextlib.suppress(OSError):
-                    os.chown(temporary, self._stat.st_uid, self._stat.st_gid)
+                chown = getattr(os, "chown", None)  # not on Windows
+                if chown is not None:
+                    with contextlib.suppress(OSError):
+                        chown(temporary, self._stat.st_uid, self._stat.st_gid)
             try:
                 os.replace(temporary, self._real)
             except PermissionError:

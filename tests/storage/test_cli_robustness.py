@@ -461,6 +461,20 @@ def test_a_failed_export_leaves_the_old_file_as_it_was(
     assert os.listdir(target.parent) == ["traces.jsonl"]
 
 
+def test_export_over_a_file_where_os_has_no_chown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no os.chown: export over an existing file failed there with "cannot
+    read the trace database ...: module 'os' has no attribute 'chown'"."""
+    store = SQLiteStore(tmp_path / "t.db")
+    store.write([_span("t", f"{1:032x}", "r1")], [])
+    target = tmp_path / "traces.jsonl"
+    target.write_text("the old export\n")
+    monkeypatch.delattr(os, "chown")
+    assert main(["--db", store.path, "export", "-o", str(target)], out=io.StringIO()) == 0
+    assert json.loads(target.read_text())["spans"][0]["name"] == "t"
+
+
 def test_export_writes_to_a_file_that_is_no_regular_file(tmp_path: Path) -> None:
     """/dev/stdout cannot be replaced: it is written directly."""
     store = SQLiteStore(tmp_path / "t.db")
