@@ -34,7 +34,7 @@ from instrumentation.llms import (
     OfflineLLM,
 )
 from instrumentation.span.simple import SimpleSpan
-from instrumentation.tree import draw_tree, format_duration
+from instrumentation.tree import draw_tree, fitted_stream, format_duration
 
 dispatcher = get_dispatcher("examples.rag_demo")
 
@@ -165,7 +165,7 @@ def run_demo(
     ``span_handlers``/``event_handlers`` are attached to the root for the run, beside
     the demo's own (e.g. a storage handler); all of them are detached afterwards.
     """
-    out = out or sys.stdout
+    out = fitted_stream(out or sys.stdout)  # ASCII look-alikes where the output lacks ├
     app = app or build_app()
     spans = SimpleSpanHandler()
     collector = LLMEndCollector()
@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(span_handlers=[recorder], event_handlers=[recorder])
         finally:
             recorder.shutdown()
-        print(f"\nRead back from {args.db}:\n" + storage.format_traces(store, limit=10))
+        read_back = storage.format_traces(store, limit=10)
+        fitted_stream(sys.stdout).write(f"\nRead back from {args.db}:\n{read_back}\n")
     return 0
 
 

@@ -8,7 +8,7 @@ looks the same wherever it is read. A span whose parent is not among the spans g
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -87,4 +87,54 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
-__all__ = ["MAX_INDENT", "draw_tree", "format_duration"]
+#: What the drawing uses, and what stands for it where the output's encoding has no
+#: such character (``PYTHONIOENCODING=ascii``, a Latin-1 terminal, Windows' cp1252
+#: when the output is redirected).
+_FALLBACKS = {"µ": "u", "✗": "x", "…": "...", "·": "-", "├": "|", "└": "`", "│": "|", "─": "-"}
+#: Characters of every kind a name may hold: an output that takes all of them (UTF-8)
+#: is written to as it is.
+_PROBE = "".join(_FALLBACKS) + "é名😀"
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+class FittedStream:
+    """Writes text to a stream whose encoding cannot take every character: the tree's
+    symbols become ASCII look-alikes (``µs`` -> ``us``, ``├──`` -> ``|--``), and any
+    other character it lacks a ``?``. Without it, a trace printed to a terminal set to
+    ASCII (``LC_ALL=C`` without UTF-8 mode) or to a redirected output on Windows
+    failed on the first ``├`` with a ``UnicodeEncodeError``."""
+
+    def __init__(self, stream: TextIO, encoding: str) -> None:
+        self._stream = stream
+        self._encoding = encoding
+        self._table = str.maketrans(
+            {c: r for c, r in _FALLBACKS.items() if not _encodes(c, encoding)}
+        )
+
+    def write(self, text: str) -> int:
+        if not text.isascii():
+            text = text.translate(self._table)
+            text = text.encode(self._encoding, "replace").decode(self._encoding)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def fitted_stream(stream: TextIO) -> TextIO:
+    """``stream``, or a :class:`FittedStream` over it if its encoding cannot take
+    every character (a ``StringIO``, which has none, takes them all)."""
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str) or _encodes(_PROBE, encoding):
+        return stream
+    return cast(TextIO, FittedStream(stream, encoding))
+
+
+__all__ = ["MAX_INDENT", "FittedStream", "draw_tree", "fitted_stream", "format_duration"]

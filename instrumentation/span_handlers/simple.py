@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict, move_buffer
 from instrumentation.span_handlers.base import BaseSpanHandler
-from instrumentation.tree import draw_tree, format_duration
+from instrumentation.tree import draw_tree, fitted_stream, format_duration
 
 _utc = timezone.utc
 _from_timestamp = datetime.fromtimestamp
@@ -315,9 +316,11 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         )
 
     def print_trace_trees(self) -> None:
-        """Print :meth:`format_trace_trees`."""
+        """Print :meth:`format_trace_trees` (with ASCII look-alikes for what the output's
+        encoding lacks: ``|--`` for ``├──``)."""
         text = self.format_trace_trees()
-        print(text if text else "(no spans)")
+        if sys.stdout is not None:  # None under pythonw, where print() writes nothing
+            fitted_stream(sys.stdout).write((text if text else "(no spans)") + "\n")
 
 
 __all__ = ["SimpleSpanHandler"]

@@ -31,13 +31,13 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from instrumentation._finite import finite
 from instrumentation._text import escape_controls as _printable
 from instrumentation.storage.base import MAX_LIMIT, Store
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
-from instrumentation.tree import draw_tree, format_duration
+from instrumentation.tree import FittedStream, draw_tree, fitted_stream, format_duration
 
 #: What times are (``datetime`` runs from the year 1 to 9999), for error messages.
 _TIME_RANGE = "times run from the year 1 to 9999"
@@ -647,7 +647,7 @@ def _json_line(record: dict[str, Any], out: Any, *, unicode: bool | None = None)
     """A record as one line of JSON: UTF-8 text where the output takes it, else with
     ``\\u`` escapes (still the same JSON) for a terminal that cannot show the rest."""
     if unicode is None:
-        unicode = not isinstance(out, _FittedOutput)
+        unicode = not isinstance(out, FittedStream)
     try:
         return json.dumps(record, default=_jsonable, ensure_ascii=not unicode, allow_nan=False)
     except ValueError:  # NaN or an infinity, stored by an earlier release
@@ -777,7 +777,7 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     to_stdout = args.output in _STDOUT_NAMES
     output = _ReplacedAtEnd(args.output) if args.output and not to_stdout else None
     target = output.file if output is not None else out
-    unicode = output is not None or not isinstance(out, _FittedOutput)
+    unicode = output is not None or not isinstance(out, FittedStream)
     status = 0
     try:
         for ref, resolve in ids:
@@ -889,7 +889,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
-    writer = _fitted(stream)
+    writer = fitted_stream(stream)
     # ``--db ""`` is a mistake (an unset shell variable), not a request for the default.
     where = database_target(args.db)
     shown = redacted(where)  # lines on stderr end up in logs: no password in them
@@ -930,55 +930,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     finally:
         store.close()
-
-
-#: What the drawing uses, and what stands for it where the output's encoding has no
-#: such character (``PYTHONIOENCODING=ascii``, a Latin-1 terminal).
-_FALLBACKS = {"µ": "u", "✗": "x", "…": "...", "·": "-", "├": "|", "└": "`", "│": "|", "─": "-"}
-#: Characters of every kind a name may hold: an output that takes all of them (UTF-8)
-#: is written to as it is.
-_PROBE = "".join(_FALLBACKS) + "é名😀"
-
-
-def _encodes(text: str, encoding: str) -> bool:
-    try:
-        text.encode(encoding)
-    except (UnicodeError, LookupError):
-        return False
-    return True
-
-
-class _FittedOutput:
-    """Writes text to a stream whose encoding cannot take every character: the tree's
-    and ``list``'s symbols become ASCII look-alikes (``µs`` -> ``us``, ``├──`` ->
-    ``|--``), and any other character it lacks a ``?``. Without it, ``list`` on a
-    terminal set to ASCII (``LC_ALL=C`` without UTF-8 mode, ``PYTHONIOENCODING``)
-    failed on the first ``µs`` with a ``UnicodeEncodeError``."""
-
-    def __init__(self, stream: TextIO, encoding: str) -> None:
-        self._stream = stream
-        self._encoding = encoding
-        self._table = str.maketrans(
-            {c: r for c, r in _FALLBACKS.items() if not _encodes(c, encoding)}
-        )
-
-    def write(self, text: str) -> int:
-        if not text.isascii():
-            text = text.translate(self._table)
-            text = text.encode(self._encoding, "replace").decode(self._encoding)
-        return self._stream.write(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
-def _fitted(stream: TextIO) -> TextIO:
-    """``stream``, or a :class:`_FittedOutput` over it if its encoding cannot take
-    every character (a ``StringIO``, which has none, takes them all)."""
-    encoding = getattr(stream, "encoding", None)
-    if not isinstance(encoding, str) or _encodes(_PROBE, encoding):
-        return stream
-    return cast(TextIO, _FittedOutput(stream, encoding))
 
 
 #: What a shell reports for a program ended by SIGPIPE (128 + 13).

@@ -4,6 +4,7 @@ kit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,6 +98,35 @@ def test_format_and_print_trace_trees(d: Dispatcher, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip() == text
     SimpleSpanHandler().print_trace_trees()
     assert capsys.readouterr().out.strip() == "(no spans)"
+
+
+_PRINT_IN_CP1252 = """
+from instrumentation import get_dispatcher
+from instrumentation.span_handlers import SimpleSpanHandler
+d = get_dispatcher("cp1252")
+h = SimpleSpanHandler()
+d.add_span_handler(h)
+leaf = d.span(lambda: None, name="leaf\u540d")
+d.span(lambda: leaf(), name="root")()
+h.print_trace_trees()
+"""
+
+
+def test_print_trace_trees_to_an_output_whose_encoding_lacks_the_tree() -> None:
+    """Windows writes a redirected output in cp1252, which has no box-drawing
+    characters: print_trace_trees failed with UnicodeEncodeError."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PRINT_IN_CP1252],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONUTF8": "0"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    lines = done.stdout.decode("cp1252").splitlines()
+    assert lines[0].startswith("root  ") and lines[1].startswith("`-- leaf?  "), lines
 
 
 class Closing(BaseEventHandler):
