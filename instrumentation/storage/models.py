@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 #: The application metadata every span and event row carries, as (key, column).
@@ -31,11 +31,18 @@ METADATA_ALIASES: dict[str, str] = {
 }
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def to_datetime(epoch: float | None) -> datetime | None:
-    """Seconds since the epoch -> aware UTC datetime (``None`` stays ``None``)."""
+    """Seconds since the epoch -> aware UTC datetime (``None`` stays ``None``).
+
+    Added to the epoch rather than ``datetime.fromtimestamp``, which on Windows fails
+    before 1970 and after 3000 (an event's timestamp may be any year): the same
+    microsecond for every time that both take."""
     if epoch is None:
         return None
-    return datetime.fromtimestamp(float(epoch), timezone.utc)
+    return _EPOCH + timedelta(seconds=float(epoch))
 
 
 @dataclass

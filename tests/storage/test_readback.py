@@ -102,6 +102,30 @@ def test_trace_returns_a_walkable_tree_with_events(any_store: Store, make_handle
     assert any_store.trace("0" * 32) == []
 
 
+def test_events_dated_before_1970_or_after_3000_read_back(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Times are read back by adding to the epoch, not by datetime.fromtimestamp, which
+    on Windows fails outside 1970-3000: one such event failed events(), trace() and
+    the CLI there. Both give the same microsecond wherever both work."""
+    from instrumentation.storage.models import to_datetime
+
+    handler = make_handler(any_store)
+    dispatcher = get_dispatcher("tests.storage.app.years")
+    dispatcher.add_event_handler(handler)
+    stamps = [
+        datetime(1900, 1, 1, 0, 0, 0, 250_000, tzinfo=timezone.utc),
+        datetime(3500, 6, 30, 12, 0, 0, 500_000, tzinfo=timezone.utc),
+    ]
+    for stamp in stamps:
+        dispatcher.event(NoteEvent(text=f"year {stamp.year}", timestamp=stamp))
+    handler.flush()
+    stored = [e for e in any_store.events() if e.type == "NoteEvent"]
+    assert sorted(e.time for e in stored if e.payload["text"].startswith("year")) == stamps
+    for epoch in (0.0, -1.5e9, 1_700_000_000.0000005, 1e10, 2.5e11, -6.2e10, 1.25e9 + 1e-7):
+        assert to_datetime(epoch) == datetime.fromtimestamp(epoch, timezone.utc), epoch
+
+
 def test_filters(any_store: Store, make_handler: Any) -> None:
     """traces() filters by name, status, duration, dispatcher (with children) and time."""
     _record(any_store, make_handler)
