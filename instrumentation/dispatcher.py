@@ -807,6 +807,16 @@ class Dispatcher:
                 closed.append(ev_handler)
                 _close(ev_handler)
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickled by name, as ``logging.Logger`` is: a dispatcher of the tree handed to
+        a process started with ``spawn`` or ``forkserver`` (the default on macOS and
+        Windows) is that process's dispatcher of the same name, with that process's
+        handlers. Pickled whole, it came back detached (its events reached no handler),
+        or not at all (a handler holding a lock). Copies are the dispatcher itself."""
+        if self._manager is root_manager and root_manager._nodes.get(self.name) is self:
+            return (get_dispatcher, (self.name,))
+        return super().__reduce_ex__(protocol)
+
     def __repr__(self) -> str:
         return (
             f"<Dispatcher {self.name!r} parent={self.parent_name!r} propagate={self._propagate} "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
 from instrumentation import BaseEvent, SimpleSpanHandler, get_dispatcher, root_dispatcher
 from instrumentation import dispatcher as dispatcher_module
+from instrumentation.event_handlers import BaseEventHandler
 
 from ._support import EventList, fresh
 
@@ -322,3 +324,52 @@ def test_a_dispatcher_placed_with_handlers_reaches_every_dispatcher_below_it() -
 
     inner()
     assert not quiet_handler.completed_spans and len(handler.completed_spans) == 1
+
+
+class _Note(BaseEvent):
+    text: str = ""
+
+
+def _emit_in_child(d: Any, results: Any) -> None:
+    """Run in a process started with spawn: emit through the dispatcher it was given."""
+    try:
+        seen = EventList()
+        root_dispatcher.add_event_handler(seen)
+        d.event(_Note(text="from the child"))
+        results.put((d is get_dispatcher(d.name), len(seen.events)))
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+def test_a_dispatcher_handed_to_a_spawned_process_is_that_process_s_own() -> None:
+    """Pickled slot by slot, a dispatcher given to a process started with spawn (the
+    default on macOS and Windows) came back detached, its events reaching no handler;
+    with a storage handler on it, it could not be pickled at all. It is pickled by
+    name now, as logging.Logger is: copies are the dispatcher itself."""
+    import copy
+    import multiprocessing
+    import pickle
+
+    d = get_dispatcher("tests.core.spawned")
+    d.add_event_handler(_Locked())  # as a storage handler does: a lock, not picklable
+    assert pickle.loads(pickle.dumps(d)) is d and copy.deepcopy(d) is d
+    assert pickle.loads(pickle.dumps(root_dispatcher)) is root_dispatcher
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_emit_in_child, args=(d, results))
+    child.start()
+    try:
+        assert results.get(timeout=120) == (True, 1)
+    finally:
+        child.join(30)
+    assert child.exitcode == 0
+    detached = dispatcher_module.Dispatcher("tests.core.detached")  # not in the tree
+    assert pickle.loads(pickle.dumps(detached)) is not detached
+
+
+class _Locked(BaseEventHandler):
+    def model_post_init(self, __context: Any) -> None:
+        self.__dict__["lock"] = threading.Lock()
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        return None
