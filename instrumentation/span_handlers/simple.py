@@ -19,6 +19,26 @@ from instrumentation.tree import draw_tree, fitted_stream, format_duration
 
 _utc = timezone.utc
 _from_timestamp = datetime.fromtimestamp
+
+
+def _wall_clock_of_perf_counter() -> Callable[[], float]:
+    """``time.time()`` read off ``time.perf_counter()``: Windows' ``time.time()`` before
+    Python 3.13 ticks every 15.6 ms, and every span shorter than that lasted 0 s."""
+    offset = time.time() - time.perf_counter()
+    perf_counter = time.perf_counter
+
+    def clock() -> float:
+        return offset + perf_counter()
+
+    return clock
+
+
+#: Seconds since the epoch, for spans' start and end times and durations.
+_clock: Callable[[], float] = (
+    _wall_clock_of_perf_counter()
+    if sys.platform == "win32" and sys.version_info < (3, 13)
+    else time.time
+)
 _new_span_object = object.__new__
 _set = object.__setattr__
 # pydantic's own slots, set through their descriptors (cheaper than setattr by name).
@@ -29,7 +49,7 @@ _FIELDS = frozenset(SimpleSpan.model_fields)
 _fast_classes: dict[type, bool] = {}
 
 #: What the fast path buffers for an open span, in this order: id_, parent_id, tags,
-#: trace_id, name, dispatcher, start (``time.time()``); and for an ended one
+#: trace_id, name, dispatcher, start (``_clock()``); and for an ended one
 #: ``(open record, end)``.
 OpenRecord = tuple[str, "str | None", Any, "str | None", "str | None", "str | None", float]
 
@@ -72,7 +92,7 @@ def _ended_span(item: tuple[OpenRecord, float] | SimpleSpan) -> SimpleSpan:
 
 
 def _end(span: SimpleSpan, end: float) -> None:
-    """Stamp the end of a span made as an object (``end`` from ``time.time()``)."""
+    """Stamp the end of a span made as an object (``end`` from ``_clock()``)."""
     span.end_time = _from_timestamp(end, _utc)
     span.duration = end - span.start_time.timestamp()
 
@@ -103,7 +123,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
 
     Good for development, notebooks and tests; for keeping traces, use
     ``instrumentation.storage``. It runs on every traced call, so a traced call only
-    records a tuple (ids, tags, ``time.time()``); ``open_spans`` and
+    records a tuple (ids, tags, ``_clock()``); ``open_spans`` and
     ``completed_spans`` make the pydantic spans the first time they are read through
     their methods (or the handler is serialised), and hand out the same objects
     afterwards. Code that reads the dict's storage directly, such as
@@ -168,7 +188,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         if buffers is None:
             return None
         records = buffers[0]
-        clock = time.time
+        clock = _clock
 
         def enter(
             id_: str,
@@ -192,7 +212,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
             return None
         pop_record = buffers[0].pop
         buffer_ended = buffers[1].append
-        clock = time.time
+        clock = _clock
 
         def exit(id_: str, bound_args: Any, instance: Any, result: Any) -> None:
             record = pop_record(id_, None)
@@ -248,6 +268,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
     ) -> SimpleSpan | None:
         return SimpleSpan(
             id_=id_,
+            start_time=_from_timestamp(_clock(), _utc),
             parent_id=parent_span_id,
             tags=dict(tags) if tags else {},
             trace_id=kwargs.get("trace_id"),
@@ -269,7 +290,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         span = self.open_spans.pop(id_, None)
         if span is None:
             return None
-        _end(span, time.time())
+        _end(span, _clock())
         self.completed_spans.append(span)
         return span
 
@@ -284,7 +305,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         span = self.open_spans.pop(id_, None)  # as in prepare_to_exit_span
         if span is None:
             return None
-        _end(span, time.time())
+        _end(span, _clock())
         span.metadata = {"error": f"{type(err).__name__}: {err}" if err is not None else None}
         self.dropped_spans.append(span)
         return span

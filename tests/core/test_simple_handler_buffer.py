@@ -21,6 +21,7 @@ from stopped_streams import stop_one_and_fail_one
 
 from instrumentation import SimpleSpan, SimpleSpanHandler, current_span, get_dispatcher
 from instrumentation._spans import EMPTY_BOUND_ARGS
+from instrumentation.span_handlers import simple as simple_module
 from instrumentation.span_handlers._buffered import SpanDeque
 
 from ._support import fresh
@@ -59,6 +60,43 @@ def test_spans_read_after_the_calls_are_simple_spans_in_end_order() -> None:
         assert s.duration == pytest.approx((s.end_time - s.start_time).total_seconds(), abs=2e-6)
         assert s.duration >= 0
     assert not h.open_spans
+
+
+class _Subclassed(SimpleSpanHandler):
+    """Makes its spans through new_span (the slow path), as a subclass does."""
+
+    def new_span(self, *args: Any, **kwargs: Any) -> SimpleSpan | None:
+        return super().new_span(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", [SimpleSpanHandler, _Subclassed])
+def test_spans_shorter_than_a_coarse_wall_clock_tick_still_last(
+    kind: type[SimpleSpanHandler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows' time.time() before Python 3.13 ticks every 15.6 ms: there every span
+    shorter than that lasted 0 s, and siblings tied at their start. There the handler
+    reads the wall clock off perf_counter (simulated here by a coarse time.time)."""
+    real_time = time.time
+
+    def coarse() -> float:
+        return real_time() // 0.015625 * 0.015625
+
+    monkeypatch.setattr(time, "time", coarse)
+    monkeypatch.setattr(simple_module, "_clock", simple_module._wall_clock_of_perf_counter())
+    h = kind()
+    _, (_leaf, parent) = traced(h)
+    parent(3)
+    spans = sorted(h.completed_spans, key=lambda s: s.start_time)
+    assert len(spans) == 4 and all(s.duration > 0 for s in spans)
+    assert len({s.start_time for s in spans}) == 4
+    assert abs(spans[0].start_time.timestamp() - real_time()) < 1.0
+
+    tick = coarse()
+    monkeypatch.setattr(simple_module, "_clock", lambda: tick)  # time.time() within a tick
+    h = kind()
+    _, (_leaf, parent) = traced(h)
+    parent(3)
+    assert {s.duration for s in h.completed_spans} == {0.0}
 
 
 def test_reads_hand_out_the_same_objects_and_len_counts_buffered_spans() -> None:
