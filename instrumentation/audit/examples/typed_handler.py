@@ -27,7 +27,7 @@ class TypedFileEventHandler(EventHandler[TextIOWrapper, datetime]):
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     async def request_start(self, user_request: RequestStart) -> TextIOWrapper:
-        log_file = open(self.log_dir / f"{uuid.uuid4().hex}.log", "w")  # noqa: SIM115
+        log_file = open(self.log_dir / f"{uuid.uuid4().hex}.log", "w", encoding="utf-8")  # noqa: SIM115
         log_file.write(f"Collection: {user_request.collection}\n")
         log_file.write(f"Question: {user_request.question}\n")
         return log_file
