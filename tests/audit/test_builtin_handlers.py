@@ -636,3 +636,13 @@ def test_user_text_cannot_pass_for_lines_the_file_and_logging_handlers_wrote(
     assert any("tool kettle\\nError: forged" in m for m in messages)
     # The structured data keeps the text as it was, for JSON formatters to encode.
     assert any(getattr(r, "audit", {}).get("question") == forged for r in caplog.records)
+
+
+def test_the_cli_handler_writes_nothing_when_there_is_no_stderr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under pythonw sys.stderr is None: every request was a handler error."""
+    monkeypatch.setattr("sys.stderr", None)
+    with audit.request(question="q", handlers=[CLIEventHandler()]) as req:
+        req.result = "a"
+    assert req.errors == [] and req.completed is True

@@ -56,7 +56,7 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
         self.stream = stream
         self.color = color
 
-    def _out(self) -> TextIO:
+    def _out(self) -> TextIO | None:
         return self.stream if self.stream is not None else sys.stderr
 
     def _paint(self, code: str, text: str) -> str:
@@ -106,6 +106,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
         text = "\n".join(lines) + "\n"
         with _write_lock:
             out = self._out()
+            if out is None:  # no stderr (pythonw): nowhere to show it, as print() does
+                return
             out.write(text)
             out.flush()
 
