@@ -888,8 +888,10 @@ def test_an_interrupted_shutdown_still_counts_and_warns(
         sender.start()
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            otlp.shutdown(timeout_millis=5_000)
-        assert time.monotonic() - started < 3  # at the interrupt, not after its 5 s
+            otlp.shutdown(timeout_millis=10_000)
+        # At the interrupt, not after its 10 s (on a loaded machine the interrupt has
+        # landed as late as the exporter's own 3 s timeout).
+        assert time.monotonic() - started < 5
     finally:
         sender.join()
         signal.signal(signal.SIGINT, previous)
