@@ -370,12 +370,18 @@ class RowMaker:
                 out.update(found)
         return out
 
-    def span_row(self, entry: tuple[Any, ...]) -> Row:
-        """A row from the writer entry ``(start_info, id_, end_perf, error)``."""
+    def span_row(self, entry: tuple[Any, ...], clock_offset: float | None = None) -> Row:
+        """A row from the writer entry ``(start_info, id_, end_perf, error)``.
+
+        ``clock_offset`` is the wall clock less ``perf_counter`` (see :meth:`rows`): a
+        span whose two start readings were split by another thread's turn is dated by
+        its ``perf_counter`` start, as its end and duration are."""
         info, span_id, end_perf, error = entry
         # scope: None, or the dispatchers of the enclosing spans (see StorageHandler).
         start_wall, start_perf, parent_id, is_root, name, trace_id = info[:6]
         dispatcher, tags, attrs, scope = info[6:]
+        if clock_offset is not None and 0.0 < clock_offset - (start_wall - start_perf) < 0.05:
+            start_wall = start_perf + clock_offset
         duration = max(0.0, end_perf - start_perf)
         name = _str_or_none(name)
         return (
@@ -430,14 +436,23 @@ class RowMaker:
         )
 
     def rows(self, entries: list[Any]) -> tuple[list[Row], list[Row]]:
-        """Span rows and event rows for a batch; a broken entry is logged and skipped."""
+        """Span rows and event rows for a batch; a broken entry is logged and skipped.
+
+        A span's start is read twice, wall clock then ``perf_counter`` (its end and
+        duration come from the latter); another thread's turn between the two readings
+        (up to the 5 ms switch interval) made the span's stored times early by that
+        much, and a child could end after its parent. The batch's greatest difference
+        between the two clocks is the one read without a pause: a span's readings less
+        than 50 ms behind it are dated by it (a clock step, or a sleep of the machine,
+        moves it by more)."""
         spans: list[Row] = []
         events: list[Row] = []
+        clock_offset = _clock_offset(entries)
         for entry in entries:
             try:
                 if type(entry) is tuple:
                     if len(entry) == 4:
-                        spans.append(self.span_row(entry))
+                        spans.append(self.span_row(entry, clock_offset))
                     elif not _closed_early(entry[0]):
                         events.append(self.event_row(entry[0], entry[1]))
                 elif not _closed_early(entry):
@@ -460,6 +475,21 @@ class RowMaker:
                 _UNWRITABLE.value,
                 exc_info=True,
             )
+
+
+def _clock_offset(entries: list[Any]) -> float | None:
+    """The greatest wall clock less ``perf_counter`` of the spans in ``entries``."""
+    found: float | None = None
+    for entry in entries:
+        if type(entry) is tuple and len(entry) == 4:
+            try:
+                info = entry[0]
+                offset = float(info[0] - info[1])
+            except Exception:  # a broken entry: rows() says so
+                continue
+            if found is None or offset > found:
+                found = offset
+    return found
 
 
 def _closed_early(event: Any) -> bool:

@@ -1062,3 +1062,29 @@ def test_a_generator_its_caller_stopped_reading_is_stored_ok_without_a_drop_even
     assert [(e.span_id, e.payload.get("err_type")) for e in drops] == [
         (spans[broken].id_, "ValueError")
     ]
+
+
+def test_a_span_whose_start_readings_were_split_by_another_thread_stays_in_its_parent() -> None:
+    """A span's start is read twice (wall clock, then perf_counter, which times it):
+    another thread's turn between the two made its stored times early by the pause, and
+    a child then ended after its parent (13 in 625,483 spans in an 8-minute soak)."""
+    from instrumentation.storage.serialise import RowMaker
+
+    offset = 1_700_000_000.0  # wall clock less perf_counter, read without a pause
+
+    def entry(span_id: str, parent: str | None, wall: float, perf: float, end: float) -> Any:
+        info = (wall, perf, parent, parent is None, span_id, "t" * 32, "app", None, None, None)
+        return (info, span_id, end, None)
+
+    # The parent's perf_counter reading came 5 ms after its wall clock reading.
+    parent = entry("parent", None, offset + 10.000, 10.005, 10.010)
+    child = entry("child", "parent", offset + 10.006, 10.006, 10.009)
+    # A clock step (or the machine asleep) moves the difference by more: kept as read.
+    stepped = entry("stepped", None, offset + 9.0, 10.020, 10.021)
+    rows, _ = RowMaker({}, {}, 1_000_000).rows([parent, child, stepped])
+    by_id = {row[0]: row for row in rows}
+    start, end = by_id["parent"][6], by_id["parent"][7]
+    assert start <= by_id["child"][6] <= by_id["child"][7] <= end
+    assert start == pytest.approx(offset + 10.005, abs=1e-6)
+    assert end - start == pytest.approx(0.005, abs=1e-6)
+    assert by_id["stepped"][6] == offset + 9.0
