@@ -85,7 +85,7 @@ class _Registry:
                     if other.request_span == span_id and not other.ended
                 )
                 self.span_runs[span_id] = (*kept, run)
-                run.span_ids.append(span_id)
+                run.span_ids.add(span_id)
             root_dispatcher.add_event_handler(_events)
             root_dispatcher.add_span_handler(_spans)
 
@@ -96,11 +96,14 @@ class _Registry:
                 return
             self.span_runs[span_id] = runs
             for run in runs:
-                run.span_ids.append(span_id)
+                run.span_ids.add(span_id)
 
     def forget(self, span_id: str) -> None:
+        """An ended span: no longer mapped, nor kept by its requests (a request open
+        for hours, an agent's loop, made one span after another)."""
         with self.lock:
-            self.span_runs.pop(span_id, None)
+            for run in self.span_runs.pop(span_id, ()):
+                run.span_ids.discard(span_id)
 
     def deactivate(self, run: RequestRun) -> None:
         with self.lock:

@@ -363,7 +363,8 @@ class RequestRun:
         #: ended first (it says so in the log).
         self.done: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.ended = False
-        self.span_ids: list[str] = []
+        #: The spans mapped to this request and still open (see the collector).
+        self.span_ids: set[str] = set()
         #: The span this request was made of (by an adapter), if any.
         self.request_span: str | None = None
         self._lock = threading.Lock()

@@ -361,3 +361,31 @@ def test_waiting_for_the_handlers_does_not_lengthen_the_other_handlers_spans(
     assert handler.span_had_ended == [True]
     assert [s.name.rsplit(".", 1)[-1] for s in ended] == ["ask"]
     assert adapter._deferred == {}
+
+
+def test_a_long_request_does_not_keep_the_spans_that_ended_inside_it() -> None:
+    """A request span open for long (an agent's loop, a chat session) kept the id of
+    every span started inside it until it ended: 400,000 steps, 31 MB."""
+    from instrumentation.audit import collector
+
+    d = get_dispatcher("tests.audit.long")
+    handler = SyncRecorder()
+    audit.attach(d, [handler])
+    kept: list[int] = []
+
+    @d.span
+    def step(i: int) -> int:
+        return i
+
+    @d.span(request=True)
+    def session(question: str) -> int:
+        for i in range(2_000):
+            step(i)
+        runs = {run for runs in collector.registry.span_runs.values() for run in runs}
+        kept.extend(len(run.span_ids) for run in runs)
+        return 0
+
+    session("many steps")
+    assert kept == [1]  # the request's own span, not its 2,000 steps
+    handler.rec.check(expected_requests=1, events_per_request=0)
+    assert not collector.registry.span_runs
