@@ -90,6 +90,12 @@ class AuditRequest:
         return self.start.request_id
 
     @property
+    def dropped(self) -> bool:
+        """True when no handler saw this request: the calls of too many requests were
+        still waiting (see ``runner.MAX_PENDING_REQUESTS``); :attr:`completed` is False."""
+        return self._run is not None and self._run.dropped
+
+    @property
     def errors(self) -> list[HandlerError]:
         """Handler calls of this request that raised (complete once they all ran: after
         the block, if :attr:`completed`)."""

@@ -53,6 +53,14 @@ EVENTS = telemetry.counter("audit.events")
 EXIT_UNFINISHED = telemetry.counter("audit.exit_unfinished")
 SLOW_CALLS = telemetry.counter("audit.slow_calls")
 LOST_IN_FORK = telemetry.counter("audit.requests_lost_in_fork")
+REQUESTS_DROPPED = telemetry.counter("audit.requests_dropped")
+
+#: Requests whose handler calls may be waiting at once; read at each request. Handlers
+#: slower than the application (a 2 ms call, 4 threads, ``timeout=0``) left tens of
+#: thousands waiting, 11 KB each, without limit: a request started beyond this many is
+#: not audited (no handler sees it), and is counted in ``audit.requests_dropped`` and
+#: logged, as the storage and OpenTelemetry queues drop what does not fit.
+MAX_PENDING_REQUESTS = 10_000
 
 #: Seconds after which a handler call not finished is logged (a WARNING naming the
 #: handler and the method, once per call) and counted in ``audit.slow_calls``; read at
@@ -358,6 +366,8 @@ class RequestRun:
         self.seq = next(_sequence)
         self.start = start
         self.handlers = tuple(handlers)
+        #: True when too many requests were waiting for their handlers: not audited.
+        self.dropped = False
         self.errors: list[HandlerError] = []
         #: True once every handler call ran; False at once if the audit loop's thread
         #: ended first (it says so in the log).
@@ -380,8 +390,13 @@ class RequestRun:
         self._worker: Worker | None = None
         #: ``done`` settled: a plain flag, read on every event (Future.done() takes a lock).
         self._over = count == 0
+        if count and not _in_flight.admit(self):  # before its loop can lose it (and settle it)
+            self.dropped = True
+            self.handlers = ()
+            count = self._remaining = 0
+            self._over = True
+            _report_dropped(start)
         if count:
-            _in_flight.add(self)  # before its loop can lose it (and settle it)
             try:
                 # The library's own start-up (the audit loop's threads, in a process's
                 # first request) is not the request's: its clocks start once it is done.
@@ -393,7 +408,7 @@ class RequestRun:
         self._started_at = time.perf_counter()
         REQUESTS.inc()
         if count == 0:
-            self.done.set_result(True)
+            self.done.set_result(not self.dropped)
         else:
             self._post(("request_start",))
 
@@ -635,13 +650,17 @@ class _InFlight:
         self.spent = 0.0  # seconds the exit flush has waited so far
         self.interrupted = False  # Ctrl-C while it waited: it waits no more
 
-    def add(self, run: RequestRun) -> None:
+    def admit(self, run: RequestRun) -> bool:
+        """Add ``run``, unless :data:`MAX_PENDING_REQUESTS` are waiting already."""
         with self._lock:
+            if len(self._runs) >= MAX_PENDING_REQUESTS:
+                return False
             self._runs.add(run)
             if self._hooked:
-                return
+                return True
             self._hooked = True
         _hook_exit()
+        return True
 
     def discard(self, run: RequestRun) -> None:
         with self._lock:
@@ -669,6 +688,25 @@ class _InFlight:
 
 
 _in_flight = _InFlight()
+
+#: When a dropped request was last logged (``time.monotonic()``).
+_dropped_logged_at = [float("-inf")]
+
+
+def _report_dropped(start: RequestStart) -> None:
+    REQUESTS_DROPPED.inc()
+    now = time.monotonic()
+    if now - _dropped_logged_at[0] < 10.0:
+        return
+    _dropped_logged_at[0] = now
+    logger.warning(
+        "audit handlers are behind: the calls of %d requests are waiting "
+        "(runner.MAX_PENDING_REQUESTS); request %s is not audited "
+        "(%d requests dropped so far, counted in audit.requests_dropped)",
+        MAX_PENDING_REQUESTS,
+        start.request_id,
+        REQUESTS_DROPPED.value,
+    )
 
 
 def _hook_exit() -> None:

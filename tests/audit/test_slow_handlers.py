@@ -182,3 +182,38 @@ def test_fast_calls_are_not_logged_and_the_threshold_can_be_off(
             pass
     assert _slow_warnings(caplog, "SyncRecorder") == []
     assert _slow_warnings(caplog, "Sleepy") == []
+
+
+def test_requests_beyond_those_waiting_for_slow_handlers_are_dropped_and_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handlers slower than the application (timeout=0) left every request waiting in
+    memory, without limit (50,000 requests and 583 MB in 20 s in a soak). Beyond
+    MAX_PENDING_REQUESTS a request is not audited: dropped, counted and logged once."""
+    monkeypatch.setattr(runner, "MAX_PENDING_REQUESTS", 3)
+    monkeypatch.setattr(runner, "_dropped_logged_at", [float("-inf")])
+    release = threading.Event()
+
+    class Stuck(SyncRecorder):
+        def request_start(self, user_request: audit.RequestStart) -> Any:
+            release.wait(30)
+            return super().request_start(user_request)
+
+    handler = Stuck()
+    requests = []
+    with caplog.at_level(logging.WARNING, logger="instrumentation.audit"):
+        for i in range(5):
+            with audit.request(question=f"q{i}", handlers=[handler], timeout=0) as req:
+                req.result = i
+            requests.append(req)
+    assert [r.dropped for r in requests] == [False, False, False, True, True]
+    assert [r.completed for r in requests] == [False] * 5
+    assert telemetry.counter("audit.requests_dropped").value == 2
+    warnings = [r.getMessage() for r in caplog.records if "not audited" in r.getMessage()]
+    assert len(warnings) == 1 and requests[3].id in warnings[0]
+    release.set()
+    assert all(r._run is not None and r._run.wait(10) for r in requests[:3])
+    handler.rec.check(expected_requests=3, events_per_request=0)
+    with audit.request(question="after", handlers=[handler]) as req:  # room again
+        req.result = "ok"
+    assert req.completed is True and not req.dropped
