@@ -55,11 +55,12 @@ SLOW_CALLS = telemetry.counter("audit.slow_calls")
 LOST_IN_FORK = telemetry.counter("audit.requests_lost_in_fork")
 REQUESTS_DROPPED = telemetry.counter("audit.requests_dropped")
 
-#: Requests whose handler calls may be waiting at once; read at each request. Handlers
-#: slower than the application (a 2 ms call, 4 threads, ``timeout=0``) left tens of
-#: thousands waiting, 11 KB each, without limit: a request started beyond this many is
-#: not audited (no handler sees it), and is counted in ``audit.requests_dropped`` and
-#: logged, as the storage and OpenTelemetry queues drop what does not fit.
+#: Ended requests whose handler calls may be waiting at once; read at each request.
+#: Handlers slower than the application (a 2 ms call, 4 threads, ``timeout=0``) left
+#: tens of thousands waiting, 11 KB each, without limit: a request started while this
+#: many wait is not audited (no handler sees it), and is counted in
+#: ``audit.requests_dropped`` and logged, as the storage and OpenTelemetry queues drop
+#: what does not fit. Requests still open do not count: the application holds them.
 MAX_PENDING_REQUESTS = 10_000
 
 #: Seconds after which a handler call not finished is logged (a WARNING naming the
@@ -454,6 +455,7 @@ class RequestRun:
             self.ended = True
             left = [item for stack in self._open.values() for item in stack]
             self._open.clear()
+        _in_flight.ended(self)  # before request_end is posted: it cannot settle before
         # Measured here, on the application's side: handlers may run much later.
         end = RequestEnd(
             result=result,
@@ -646,14 +648,16 @@ class _InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: set[RequestRun] = set()
+        #: The runs of ``_runs`` that have ended (their calls are all the audit's to run).
+        self._ended: set[RequestRun] = set()
         self._hooked = False
         self.spent = 0.0  # seconds the exit flush has waited so far
         self.interrupted = False  # Ctrl-C while it waited: it waits no more
 
     def admit(self, run: RequestRun) -> bool:
-        """Add ``run``, unless :data:`MAX_PENDING_REQUESTS` are waiting already."""
+        """Add ``run``, unless :data:`MAX_PENDING_REQUESTS` ended requests wait already."""
         with self._lock:
-            if len(self._runs) >= MAX_PENDING_REQUESTS:
+            if len(self._ended) >= MAX_PENDING_REQUESTS:
                 return False
             self._runs.add(run)
             if self._hooked:
@@ -662,9 +666,15 @@ class _InFlight:
         _hook_exit()
         return True
 
+    def ended(self, run: RequestRun) -> None:
+        with self._lock:
+            if run in self._runs:
+                self._ended.add(run)
+
     def discard(self, run: RequestRun) -> None:
         with self._lock:
             self._runs.discard(run)
+            self._ended.discard(run)
 
     def runs(self) -> list[RequestRun]:
         with self._lock:
@@ -675,6 +685,7 @@ class _InFlight:
         inherited = self._runs
         self._lock = threading.Lock()
         self._runs = set()
+        self._ended = set()
         self.spent = 0.0
         self.interrupted = False
         # A request open at fork() goes on in the child (its block is still to be
@@ -700,7 +711,7 @@ def _report_dropped(start: RequestStart) -> None:
         return
     _dropped_logged_at[0] = now
     logger.warning(
-        "audit handlers are behind: the calls of %d requests are waiting "
+        "audit handlers are behind: the calls of %d ended requests are waiting "
         "(runner.MAX_PENDING_REQUESTS); request %s is not audited "
         "(%d requests dropped so far, counted in audit.requests_dropped)",
         MAX_PENDING_REQUESTS,

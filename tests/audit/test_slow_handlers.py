@@ -217,3 +217,24 @@ def test_requests_beyond_those_waiting_for_slow_handlers_are_dropped_and_counted
     with audit.request(question="after", handlers=[handler]) as req:  # room again
         req.result = "ok"
     assert req.completed is True and not req.dropped
+
+
+def test_requests_that_are_open_do_not_count_against_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Long requests open at once (chat sessions, streams) whose handlers keep up are
+    not waiting for anything: a new request beside them is audited."""
+    monkeypatch.setattr(runner, "MAX_PENDING_REQUESTS", 3)
+    handler = SyncRecorder()
+    opened = [audit.request(question=f"open {i}", handlers=[handler]) for i in range(4)]
+    for req in opened:
+        req.__enter__()
+    try:
+        with audit.request(question="beside them", handlers=[handler]) as req:
+            req.result = "ok"
+        assert req.completed is True and not req.dropped
+    finally:
+        for req in reversed(opened):
+            req.__exit__(None, None, None)
+    assert not any(req.dropped for req in opened)
+    assert telemetry.counter("audit.requests_dropped").value == 0
