@@ -32,6 +32,7 @@ from instrumentation.storage.base import Row, index_key
 from instrumentation.storage.models import METADATA_KEYS
 
 logger = logging.getLogger("instrumentation.storage")
+_INF = math.inf
 
 UNSERIALISABLE = "__unserialisable__"
 TRUNCATED = "__truncated__"
@@ -370,18 +371,25 @@ class RowMaker:
                 out.update(found)
         return out
 
-    def span_row(self, entry: tuple[Any, ...], clock_offset: float | None = None) -> Row:
+    def span_row(
+        self, entry: tuple[Any, ...], clock_offsets: dict[int, float] | None = None
+    ) -> Row:
         """A row from the writer entry ``(start_info, id_, end_perf, error)``.
 
-        ``clock_offset`` is the wall clock less ``perf_counter`` (see :meth:`rows`): a
-        span whose two start readings were split by another thread's turn is dated by
-        its ``perf_counter`` start, as its end and duration are."""
+        ``clock_offsets``: the wall clock less ``perf_counter`` by second of
+        ``perf_counter`` (see :meth:`rows`): a span whose two start readings were split
+        by another thread's turn is dated by its ``perf_counter`` start, as its end and
+        duration are."""
         info, span_id, end_perf, error = entry
         # scope: None, or the dispatchers of the enclosing spans (see StorageHandler).
         start_wall, start_perf, parent_id, is_root, name, trace_id = info[:6]
         dispatcher, tags, attrs, scope = info[6:]
-        if clock_offset is not None and 0.0 < clock_offset - (start_wall - start_perf) < 0.05:
-            start_wall = start_perf + clock_offset
+        if clock_offsets:
+            second = int(start_perf)
+            found = clock_offsets.get
+            best = max(found(second - 1, -_INF), found(second, -_INF), found(second + 1, -_INF))
+            if 0.0 < best - (start_wall - start_perf) < 0.05:
+                start_wall = start_perf + best
         duration = max(0.0, end_perf - start_perf)
         name = _str_or_none(name)
         return (
@@ -441,18 +449,19 @@ class RowMaker:
         A span's start is read twice, wall clock then ``perf_counter`` (its end and
         duration come from the latter); another thread's turn between the two readings
         (up to the 5 ms switch interval) made the span's stored times early by that
-        much, and a child could end after its parent. The batch's greatest difference
-        between the two clocks is the one read without a pause: a span's readings less
-        than 50 ms behind it are dated by it (a clock step, or a sleep of the machine,
-        moves it by more)."""
+        much, and a child could end after its parent. The greatest difference between
+        the two clocks among the batch's spans started within a second of it is the one
+        read without a pause (the clocks drift apart by a few parts per million): a
+        span's readings less than 50 ms behind it are dated by it (a clock step, or a
+        sleep of the machine, moves it by more)."""
         spans: list[Row] = []
         events: list[Row] = []
-        clock_offset = _clock_offset(entries)
+        clock_offsets = _clock_offsets(entries)
         for entry in entries:
             try:
                 if type(entry) is tuple:
                     if len(entry) == 4:
-                        spans.append(self.span_row(entry, clock_offset))
+                        spans.append(self.span_row(entry, clock_offsets))
                     elif not _closed_early(entry[0]):
                         events.append(self.event_row(entry[0], entry[1]))
                 elif not _closed_early(entry):
@@ -477,18 +486,20 @@ class RowMaker:
             )
 
 
-def _clock_offset(entries: list[Any]) -> float | None:
-    """The greatest wall clock less ``perf_counter`` of the spans in ``entries``."""
-    found: float | None = None
+def _clock_offsets(entries: list[Any]) -> dict[int, float]:
+    """The greatest wall clock less ``perf_counter`` of the spans in ``entries``, by the
+    second of ``perf_counter`` they started in."""
+    found: dict[int, float] = {}
     for entry in entries:
         if type(entry) is tuple and len(entry) == 4:
             try:
                 info = entry[0]
+                second = int(info[1])
                 offset = float(info[0] - info[1])
             except Exception:  # a broken entry: rows() says so
                 continue
-            if found is None or offset > found:
-                found = offset
+            if offset > found.get(second, -_INF):
+                found[second] = offset
     return found
 
 

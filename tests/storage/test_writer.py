@@ -1088,3 +1088,9 @@ def test_a_span_whose_start_readings_were_split_by_another_thread_stays_in_its_p
     assert start == pytest.approx(offset + 10.005, abs=1e-6)
     assert end - start == pytest.approx(0.005, abs=1e-6)
     assert by_id["stepped"][6] == offset + 9.0
+    # The clocks drift apart (20 parts per million): a span ten minutes long is not
+    # dated by the difference read by one that started as it ended (12 ms on).
+    long = entry("long", None, offset + 20.0, 20.0, 620.0)
+    fresh = entry("fresh", "long", offset + 0.012 + 619.9, 619.9, 619.95)
+    rows, _ = RowMaker({}, {}, 1_000_000).rows([fresh, long])
+    assert {row[0]: row[6] for row in rows}["long"] == offset + 20.0
