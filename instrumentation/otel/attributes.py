@@ -163,9 +163,11 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     This runs on the application's thread, so a value too large to fit however its
     strings are cut (a list of a million numbers, a dict holding one) is never
     serialised whole: only its latest items that may fit, and the beginning of its
-    text. The result is the same as if it were.
+    text. For a value JSON can encode the result is the same as if it were. Only a
+    value that holds a long list or dict, itself or one level down, is looked at so
+    (:func:`_holds_a_long_container`): a chat's messages are serialised at once.
     """
-    if _least_size(value, limit) > limit:
+    if _holds_a_long_container(value) and _least_size(value, limit) > limit:
         if isinstance(value, (list, tuple)):
             latest = _latest_within(value, limit)
             fitted = _latest_that_fit(latest, limit) if latest else None
@@ -194,6 +196,20 @@ def _as_cut_string(text: str, limit: int) -> str:
             return out
         # Escapes made it longer than it is: shrink in proportion, at least by one.
         keep = max(3, min(keep - 1, keep * limit // len(out)))
+
+
+#: A list or dict longer than this is long (see :func:`fit_json`).
+_LONG = 256
+
+
+def _holds_a_long_container(value: Any) -> bool:
+    """Whether ``value`` is a list or dict longer than :data:`_LONG`, or holds one."""
+    if not isinstance(value, (list, tuple, dict)):
+        return False
+    if len(value) > _LONG:
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(item, (list, tuple, dict)) and len(item) > _LONG for item in items)
 
 
 #: How deep :func:`_least_size` and :func:`_front` look, as :func:`_cut_strings` does.
