@@ -483,7 +483,8 @@ def _wrap_callable(
                             raise
                         if getattr(agen, "ag_frame", True) is None:
                             # Over already: freed by the collector together with this
-                            # wrapper (its own close ran then), which the loop closes now.
+                            # wrapper, and closed then (run with no loop's hooks, it has
+                            # no finalizer of ours), as this wrapper is now.
                             if guard is not None:
                                 guard.fail(closing)
                             raise

@@ -23,7 +23,9 @@ _from_timestamp = datetime.fromtimestamp
 
 def _wall_clock_of_perf_counter() -> Callable[[], float]:
     """``time.time()`` read off ``time.perf_counter()``: Windows' ``time.time()`` before
-    Python 3.13 ticks every 15.6 ms, and every span shorter than that lasted 0 s."""
+    Python 3.13 ticks every 15.6 ms, and every span shorter than that lasted 0 s. The
+    difference is read once, at import: a clock set later, or drifting apart (parts
+    per million), moves the spans' start times, not their durations."""
     offset = time.time() - time.perf_counter()
     perf_counter = time.perf_counter
 
