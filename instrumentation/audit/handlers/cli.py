@@ -86,7 +86,7 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
         request_context.append(
             "  " + self._paint(_RED if failed else _CYAN, title(event)) + self._paint(_DIM, took)
         )
-        request_context.extend(f"    {_shown(line)}" for line in end_lines(event))
+        request_context.extend(f"    {line}" for line in end_lines(event))  # escaped there
 
     def request_end(self, output: RequestEnd, request_context: list[str]) -> None:
         lines = list(request_context or [f"Request {output.request_id[:8]}"])
