@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import heapq
 import json
 import os
@@ -31,7 +32,7 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from instrumentation._finite import finite
 from instrumentation._text import escape_controls as _printable
@@ -889,7 +890,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
-    writer = fitted_stream(stream)
+    writer = fitted_stream(cast(TextIO, _Output(stream)))
     # ``--db ""`` is a mistake (an unset shell variable), not a request for the default.
     where = database_target(args.db)
     shown = redacted(where)  # lines on stderr end up in logs: no password in them
@@ -934,6 +935,38 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
 #: What a shell reports for a program ended by SIGPIPE (128 + 13).
 _SIGPIPE_STATUS = 141
+
+#: The errors a write to standard output fails with once its reader has gone: EPIPE,
+#: and on Windows EINVAL (a pipe closed at the other end is an "invalid argument" there).
+_READER_GONE = (errno.EPIPE, errno.EINVAL) if sys.platform == "win32" else (errno.EPIPE,)
+
+
+class _Output:
+    """The output stream, whose write errors that mean "the reader went away" all come
+    out as ``BrokenPipeError``: on Windows they are a plain ``OSError(EINVAL)``, which
+    ``main`` would otherwise report as an error (exit 2) after ``... | more`` ends."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.encoding: str | None = getattr(stream, "encoding", None)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise _as_broken_pipe(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _as_broken_pipe(exc) from None
+
+
+def _as_broken_pipe(exc: OSError) -> OSError:
+    if isinstance(exc, BrokenPipeError) or exc.errno not in _READER_GONE:
+        return exc
+    return BrokenPipeError(errno.EPIPE, f"the output's reader went away ({exc})")
 
 
 def _quiet_closed_stdout(stream: TextIO) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -529,6 +530,38 @@ def test_a_closed_pipe_ends_output_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert done.stderr == ""
     assert done.returncode == 141
+
+
+class _ReaderGone(io.StringIO):
+    """Standard output on Windows once a pipe's reader has gone: writes fail with
+    ``OSError(EINVAL)``, not ``BrokenPipeError``."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_closed_pipe_on_windows_ends_output_quietly_too(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    windows: bool,
+) -> None:
+    """On Windows the same ``| more`` gives EINVAL: quiet, 141. Elsewhere EINVAL is a
+    real error and is reported."""
+    from instrumentation.storage import cli
+
+    with storage_record(tmp_path / "t.db"):
+        pipeline()
+    errnos = (errno.EPIPE, errno.EINVAL) if windows else (errno.EPIPE,)
+    monkeypatch.setattr(cli, "_READER_GONE", errnos)
+    status = main(["--db", str(tmp_path / "t.db"), "show", "latest"], out=_ReaderGone())
+    err = capsys.readouterr().err
+    if windows:
+        assert (status, err) == (141, "")
+    else:
+        assert status == 2
+        assert "Invalid argument" in err
 
 
 def storage_record(path: Path) -> Any:
