@@ -7,10 +7,13 @@ enter. Nothing here takes a lock: handler chains are immutable tuples.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import inspect
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
+from threading import get_ident
 from types import FrameType
 from typing import Any
 
@@ -73,24 +76,94 @@ def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
 
 
 def _run_deferred() -> None:
-    """Run the ends put off, oldest first, if there is room for them here."""
-    if _short_of_stack():
+    """Run the ends put off, oldest first, if there is room for them here and no
+    other call is running them (an end run here must not run the later ones first)."""
+    global _draining
+    if _draining or _short_of_stack():
         return
-    while True:
-        try:
-            item = _deferred.pop(0)
-        except IndexError:  # emptied here, or by another thread meanwhile
-            return
-        handler, method, span_id, end = item
-        try:
-            end()
-        except RecursionError as exc:
-            if _short_of_stack():
-                _deferred.insert(0, item)  # too deep after all: a later end runs it
+    _draining = True
+    try:
+        while True:
+            try:
+                item = _deferred.pop(0)
+            except IndexError:  # emptied here, or by another thread meanwhile
                 return
-            _give_up(handler, method, span_id, exc)  # it recurses at any depth
-        except Exception as exc:
-            _give_up(handler, method, span_id, exc)
+            handler, method, span_id, end = item
+            try:
+                end()
+            except RecursionError as exc:
+                if _short_of_stack():
+                    _deferred.insert(0, item)  # too deep after all: a later end runs it
+                    return
+                _give_up(handler, method, span_id, exc)  # it recurses at any depth
+            except Exception as exc:
+                _give_up(handler, method, span_id, exc)
+    finally:
+        _draining = False
+
+
+#: Whether :func:`_run_deferred` is running the ends put off (on some thread).
+_draining = False
+
+#: The thread the cyclic garbage collector runs on now, if it runs. It may run at
+#: almost any point of that thread, a handler holding its lock included, and close a
+#: traced generator that was only reachable through a reference cycle: the span's
+#: end then called the handlers again, which waited for the lock their own thread
+#: held, for ever. So ends on that thread while it collects are put off
+#: (:func:`later`) and made, in the order they came, when the collection is over if
+#: it interrupted code of no handler and nothing of this library (a ``gc.collect()``
+#: of the application's, say), else by the next span end, ``Dispatcher.shutdown()``
+#: or the interpreter's exit.
+_collecting: int | None = None
+#: How many ends may wait so; past it, ends are made at once, as before.
+_COLLECTED_KEPT = 100_000
+
+
+def _watch_collections(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    if phase == "start":
+        _collecting = get_ident()
+        return
+    _collecting = None
+    if _deferred and _interrupted_none_of_ours(sys._getframe(1)):
+        _run_deferred()
+
+
+def _interrupted_none_of_ours(frame: FrameType | None) -> bool:
+    """Whether no frame of this package (whose functions call the handlers, and whose
+    threads hold their locks) is on the stack from ``frame`` down."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__")
+        if isinstance(module, str) and module.partition(".")[0] == "instrumentation":
+            return False
+        frame = frame.f_back
+    return True
+
+
+gc.callbacks.append(_watch_collections)
+
+
+def in_collection() -> bool:
+    """Whether the cyclic garbage collector runs on this thread now."""
+    collecting = _collecting
+    return collecting is not None and collecting == get_ident()
+
+
+def later(method: str, span_id: str, end: Callable[[], Any]) -> bool:
+    """Put ``end`` off until the collection is over; whether it was."""
+    if len(_deferred) >= _COLLECTED_KEPT:
+        return False
+    _deferred.append((None, method, span_id, end))
+    # Run at exit after what was registered so far (a store's last flush among them).
+    atexit.unregister(run_deferred)
+    atexit.register(run_deferred)
+    return True
+
+
+def run_deferred() -> None:
+    """Make the span ends put off now (by ``Dispatcher.shutdown()`` and at exit)."""
+    if _deferred and not in_collection():
+        _run_deferred()
 
 
 class Chain:
@@ -397,11 +470,16 @@ def start(
 
 def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
     """Close ``span`` normally."""
-    if _deferred:  # a recursion caught inside a traced call: its ends, now
-        try:
-            _run_deferred()
-        except RecursionError:  # no room to look even: a later end runs them
-            pass
+    if _deferred or _collecting is not None:
+        if not in_collection():
+            try:  # a recursion caught inside a traced call, or a collection: its ends, now
+                _run_deferred()
+            except RecursionError:  # no room to look even: a later end runs them
+                pass
+        elif later(
+            "span_exit", span.id_, partial(finish, chain, span, bound_args, instance, result)
+        ):
+            return
     _next(_ended)
     span_id = span.id_
     for handler, positional in chain.exits:
@@ -438,11 +516,18 @@ def fail(
     chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
 ) -> None:
     """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
-    if _deferred:
-        try:
-            _run_deferred()
-        except RecursionError:  # no room to look even: a later end runs them
-            pass
+    if _deferred or _collecting is not None:
+        if not in_collection():
+            try:
+                _run_deferred()
+            except RecursionError:  # no room to look even: a later end runs them
+                pass
+        elif later(
+            "span_drop",
+            span.id_,
+            partial(_fail, chain, span, bound_args, instance, err, _active_tags.get()),
+        ):
+            return
     if type(err) is RecursionError and _put_off(
         None,
         "span_drop",
@@ -549,5 +634,8 @@ __all__ = [
     "fail",
     "finish",
     "handle_all",
+    "in_collection",
+    "later",
+    "run_deferred",
     "start",
 ]

@@ -34,6 +34,7 @@ from instrumentation._spans import (
     fail,
     finish,
     handle_all,
+    run_deferred,
     start,
 )
 from instrumentation._wrap import LLAMA_MARK, MARK, check_span_name, wrap
@@ -757,6 +758,9 @@ class Dispatcher:
         Safe to call twice: the second call finds nothing attached. Spans dropped here
         are counted in ``telemetry.SPANS_DROPPED_BY_SHUTDOWN``.
         """
+        # Ends put off (a generator the garbage collector closed, say) reach the
+        # handlers before they are closed.
+        run_deferred()
         with _lock:
             manager = self._manager
             nodes = [self] if manager is None else manager._subtree(self)

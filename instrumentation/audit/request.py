@@ -27,8 +27,10 @@ import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from contextvars import Token
+from functools import partial
 from typing import Any, Generic, TypeVar
 
+from instrumentation._spans import in_collection, later
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import current_run, registry
 from instrumentation.audit.events import Event, RequestStart, _now
@@ -123,6 +125,16 @@ class AuditRequest:
             except ValueError:  # left in another context than it was entered in
                 current_run.set(None)
             self._token = None
+        if in_collection() and later("request_end", "", partial(self._close, run, exc)):
+            # A generator closed by the garbage collector, which may have stopped this
+            # library on this thread holding the registry's lock: the request ends once
+            # the collection is over (see instrumentation._spans.later), unwaited.
+            self.completed = False
+            return None
+        self._close(run, exc)
+        return run
+
+    def _close(self, run: RequestRun, exc: BaseException | None) -> None:
         # A generator closed inside the block: its caller stopped reading the stream.
         abandoned = isinstance(exc, GeneratorExit)
         try:
@@ -133,7 +145,6 @@ class AuditRequest:
             )
         finally:
             registry.deactivate(run)
-        return run
 
     def __enter__(self) -> AuditRequest:
         self._begin()

@@ -38,6 +38,8 @@ from instrumentation._spans import (
     LazySignature,
     fail,
     finish,
+    in_collection,
+    later,
     start,
 )
 from instrumentation.context import (
@@ -213,9 +215,19 @@ class EndOnClose:
     def __exit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        span = self.span
-        if not _abandoning(span, typ):
+        if not _abandoning(self.span, typ):
             return
+        # Closed by the garbage collector, which may have stopped a handler holding
+        # its lock on this thread: the end event waits for the collection to be over
+        # (see instrumentation._spans.later), as the span's own end would.
+        context = self.span.context
+        if in_collection() and later("span_exit", context.id_ if context else "", self.abandon):
+            return
+        self.abandon()
+
+    def abandon(self) -> None:
+        """End the call as abandoned: its end event, then its source closed, then its span."""
+        span = self.span
         try:
             span.end_call(self.end)
         finally:

@@ -3,15 +3,20 @@ failure: ``request_end`` gets ``error=None`` and ``abandoned=True``."""
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
+import threading
+import time
 from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from instrumentation import audit, get_dispatcher
 from instrumentation.audit import RequestEnd
+from instrumentation.audit.collector import registry
 from instrumentation.llms import OfflineLLM
 
 from .helpers import SyncRecorder
@@ -98,6 +103,59 @@ def test_audit_request_in_a_generator_closed_early_is_abandoned() -> None:
     chunks.close()
     (end,) = _ends(handler)
     assert end.abandoned is True and end.error is None
+
+
+def test_a_request_in_a_generator_the_collector_frees_inside_the_registry_ends_after() -> None:
+    """A generator holding a request, freed by the cyclic garbage collector while the
+    library held the request registry's lock (mapping a span started inside another
+    request): its request ends once the collection is over. Before, its end waited for
+    that lock, which its own thread held, for ever."""
+    handler = SyncRecorder()
+    d = get_dispatcher("tests.audit.collected")
+
+    def answer() -> Generator[str, None, None]:
+        with audit.request(question="freed", handlers=[handler]):
+            yield from ["a", "b"]
+
+    @d.span
+    def step() -> None:
+        return None
+
+    fired: list[int] = []
+
+    class CollectOnce(dict):  # type: ignore[type-arg]
+        """The collector runs at an allocation made while the lock is held."""
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            super().__setitem__(key, value)
+            if not fired:
+                fired.append(1)
+                gc.collect()
+
+    def work() -> None:
+        chunks = answer()
+        next(chunks)
+        cycle: list[Any] = [chunks]
+        cycle.append(cycle)
+        del chunks, cycle
+        with audit.request(question="outer", handlers=[SyncRecorder()]):
+            step()
+
+    registry.span_runs = CollectOnce(registry.span_runs)
+    try:
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "deadlocked on the registry's lock"
+    finally:
+        registry.span_runs = dict(registry.span_runs)
+    assert fired
+    deadline = time.monotonic() + 10
+    while not _ends(handler) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (end,) = _ends(handler)
+    assert end.abandoned is True and end.error is None
+    assert not registry.span_runs and not registry.active
 
 
 def test_a_failing_stream_is_still_a_failure() -> None:

@@ -124,6 +124,47 @@ def test_abandoned_stream_ends_its_span_with_tokens_seen(cap: Capture) -> None:
     assert span.end_time is not None and not (span.metadata or {}).get("error")
 
 
+def test_stream_freed_by_the_collector_inside_a_handlers_lock_ends_after() -> None:
+    """A stream only a reference cycle kept, freed by the cyclic garbage collector while
+    an event handler held its (not re-entrant) lock: its abandoned end event comes once
+    the collection is over, not inside it (where the handler waited for its own lock)."""
+    lock = threading.Lock()
+    seen: list[tuple[str, str | None]] = []
+    collect_at: list[str] = []
+
+    class Locking(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            with lock:
+                finish = getattr(event, "finish_reason", None)
+                seen.append((type(event).__name__, finish))
+                if collect_at and type(event).__name__ == collect_at[0]:
+                    collect_at.clear()
+                    gc.collect()
+
+    handler = Locking()
+    root = get_dispatcher()
+    root.add_event_handler(handler)
+
+    def work() -> None:
+        stream = llm().stream_chat(QUESTION)
+        next(stream)
+        cycle: list[Any] = [stream]
+        cycle.append(cycle)
+        del stream, cycle
+        collect_at.append("LLMChatStartEvent")
+        llm().chat("another question")
+
+    try:
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "deadlocked: the end event waited for a lock its thread held"
+    finally:
+        root.remove_event_handler(handler)
+    ends = [(name, finish) for name, finish in seen if name == "LLMChatEndEvent"]
+    assert ends == [("LLMChatEndEvent", "stop"), ("LLMChatEndEvent", "abandoned")]
+
+
 def test_stream_dropped_by_the_caller_is_ended_by_garbage_collection(cap: Capture) -> None:
     """A stream the caller just forgets also ends its span."""
     stream = llm().stream_chat(QUESTION)

@@ -1,0 +1,200 @@
+"""A traced generator that only a reference cycle kept is closed by the cyclic garbage
+collector, which runs wherever its thread happens to be: possibly inside a handler
+holding its own lock. The span's end must then wait for the collection to be over,
+not call that handler again on the same thread (which waited for ever)."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import pytest
+from pydantic import Field
+
+from instrumentation import get_dispatcher
+from instrumentation.event_handlers import BaseEventHandler
+from instrumentation.events.base import BaseEvent
+from instrumentation.events.span import SpanDropEvent
+from instrumentation.span.simple import SimpleSpan
+from instrumentation.span_handlers import SimpleSpanHandler
+
+from ._support import fresh
+
+
+def _name(span_id: str) -> str:
+    """``stream`` for ``test_x.<locals>.stream-<hex>``."""
+    return span_id.rsplit("-", 1)[0].rsplit(".", 1)[-1]
+
+
+class LockingHandler(SimpleSpanHandler):
+    """Takes a plain (not re-entrant) lock around each span's end, as a handler written
+    from LlamaIndex's guide does with ``self.lock``; ``while_locked`` runs inside it."""
+
+    ends: list[tuple[str, str]] = Field(default_factory=list)
+    while_locked: Optional[Callable[[], None]] = None  # Optional: pydantic on 3.10
+
+    def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
+        with self.lock:
+            self.ends.append(("exit", _name(id_)))
+            run, self.while_locked = self.while_locked, None
+            if run is not None:
+                run()
+        return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+    def prepare_to_drop_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
+        with self.lock:
+            self.ends.append(("drop", _name(id_)))
+        return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+
+def _in_thread(work: Callable[[], None], seconds: float = 20) -> None:
+    """Run ``work`` on a thread; fail (instead of hanging the suite) if it never ends."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "deadlocked: the span's end waited for a lock its thread held"
+    if errors:
+        raise errors[0]
+
+
+def _leave_in_a_cycle(gen: Iterator[Any]) -> None:
+    """Start ``gen`` and drop it where only the cyclic collector will find it."""
+    next(gen)
+    cycle: list[Any] = [gen]
+    cycle.append(cycle)
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[Any, LockingHandler, list[BaseEvent]]]:
+    d = get_dispatcher(fresh("collected"))
+    handler = LockingHandler()
+    events: list[BaseEvent] = []
+
+    class Events(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            events.append(event)
+
+    d.add_span_handler(handler)
+    d.add_event_handler(Events())
+    gc.collect()
+    yield d, handler, events
+    if handler.lock.acquire(timeout=1):  # not if a deadlocked thread holds it
+        handler.lock.release()
+        d.shutdown()
+
+
+def test_a_generator_collected_inside_a_handlers_lock_ends_after_the_collection(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    d, handler, events = setup
+
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    @d.span
+    def step() -> None:
+        return None
+
+    @d.span
+    def later() -> None:
+        return None
+
+    def work() -> None:
+        _leave_in_a_cycle(stream())
+        handler.while_locked = gc.collect  # the collector runs while the lock is held
+        step()
+        assert ("drop", "stream") not in handler.ends  # not while the lock was held
+        later()  # the next end runs what waited, first
+
+    _in_thread(work)
+    assert handler.ends == [("exit", "step"), ("drop", "stream"), ("exit", "later")]
+    drops = [e for e in events if isinstance(e, SpanDropEvent)]
+    assert [(_name(e.span_id), e.err_type) for e in drops] == [("stream", "GeneratorExit")]
+    assert not handler.open_spans
+
+
+def test_a_collected_generators_end_reaches_the_handlers_at_shutdown(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    d, handler, _ = setup
+
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    def step() -> None:
+        return None
+
+    def work() -> None:
+        _leave_in_a_cycle(stream())
+        handler.while_locked = gc.collect
+        step()
+
+    _in_thread(work)
+    assert ("drop", "stream") not in handler.ends
+    d.shutdown()  # no span ended since: shutdown makes the end before closing
+    assert handler.ends[-1] == ("drop", "stream")
+    assert [_name(s.id_) for s in handler.dropped_spans] == ["stream"]
+
+
+def test_an_end_put_off_is_made_at_exit() -> None:
+    """No span ends after the collection: the interpreter's exit makes the end."""
+    code = textwrap.dedent(
+        """
+        import gc
+        from instrumentation import get_dispatcher
+        from instrumentation.span_handlers import SimpleSpanHandler
+
+        class Handler(SimpleSpanHandler):
+            def prepare_to_exit_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    if id_.startswith("step"):
+                        gc.collect()
+                return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+            def prepare_to_drop_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    print("dropped", id_.split("-")[0], flush=True)
+                return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+        d = get_dispatcher("exit_check")
+        d.add_span_handler(Handler())
+
+        @d.span
+        def stream():
+            yield 1
+
+        @d.span
+        def step():
+            return None
+
+        g = stream()
+        next(g)
+        cycle = [g, None]
+        cycle[1] = cycle
+        del g, cycle
+        step()
+        print("main done", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["main done", "dropped stream"]
