@@ -18,11 +18,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from instrumentation.storage.models import (
 )
 from instrumentation.storage.schema import (
     EVENT_COLUMNS,
+    JSON_COLUMNS,
     META_COLUMNS,
     SPAN_COLUMNS,
     SQLITE,
@@ -79,13 +81,27 @@ def text_for_databases(text: str) -> str:
     return without_lone_surrogates(text.replace("\x00", "\ufffd"))
 
 
-def cleaned_for_databases(row: Sequence[Any]) -> tuple[Any, ...]:
-    """``row`` with :func:`text_for_databases` applied to its text, and the NULs that JSON
-    text spells ``\\u0000`` replaced too."""
+def cleaned_for_databases(row: Sequence[Any], json_at: Collection[int] = ()) -> tuple[Any, ...]:
+    """``row`` with :func:`text_for_databases` applied to its text, and in the JSON text
+    at positions ``json_at`` the NULs it spells ``\\u0000`` (PostgreSQL's ``jsonb`` takes
+    none) replaced too: the escape alone, not a backslash the text holds followed by
+    ``u0000`` (JSON ``\\\\u0000``), which is kept as it was."""
     return tuple(
-        text_for_databases(v.replace("\\u0000", "\\ufffd")) if isinstance(v, str) else v
-        for v in row
+        text_for_databases(_NUL_ESCAPE.sub(_FFFD_ESCAPE, v) if i in json_at else v)
+        if isinstance(v, str)
+        else v
+        for i, v in enumerate(row)
     )
+
+
+#: Where the JSON text is in a row of ``spans`` and of ``events``.
+SPAN_JSON_AT = frozenset(i for i, column in enumerate(SPAN_COLUMNS) if column in JSON_COLUMNS)
+EVENT_JSON_AT = frozenset(i for i, column in enumerate(EVENT_COLUMNS) if column in JSON_COLUMNS)
+
+#: ``\\u0000`` where it is an escape: after an even number of backslashes (escaped
+#: backslashes, kept by the replacement).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+_FFFD_ESCAPE = r"\1\\ufffd"
 
 
 #: The longest id, name or type stored as it is: these are index keys, and
@@ -194,6 +210,11 @@ class Store(ABC):
     def after_fork_in_child(self) -> None:
         """Forget the parent's connection without closing it (it is the parent's)."""
         return None
+
+    def cleaned(self, row: Row, is_span: bool) -> Row:
+        """``row`` with what this database refuses in text replaced by U+FFFD (see
+        :func:`cleaned_for_databases`): what is tried once it refused a row for its content."""
+        return cleaned_for_databases(row, SPAN_JSON_AT if is_span else EVENT_JSON_AT)
 
     def is_data_error(self, exc: BaseException) -> bool:
         """Whether ``exc`` is about the rows themselves (retrying the same rows won't help)."""

@@ -93,6 +93,11 @@ def _psycopg() -> Any:
     return psycopg
 
 
+def _holds_a_nul(row: Row) -> bool:
+    """Whether ``row`` has text with a NUL, or with ``\\u0000`` (a NUL in JSON text)."""
+    return any(type(value) is str and ("\x00" in value or "\\u0000" in value) for value in row)
+
+
 class PostgresStore(SQLStore):
     """Traces in PostgreSQL; ``dsn`` is a libpq connection string or URL.
 
@@ -253,6 +258,14 @@ class PostgresStore(SQLStore):
 
     def write(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
         self._refuse_if_read_only()
+        # PostgreSQL refuses a NUL in text, and its escape in jsonb: such a row is
+        # cleaned before it is sent, as it would be once refused. Refused, it took its
+        # batch with it (written again, and psycopg logged "error ignored terminating
+        # <psycopg.Pipeline ...>" for the refused executemany).
+        if any(map(_holds_a_nul, spans)):
+            spans = [self.cleaned(r, True) if _holds_a_nul(r) else r for r in spans]
+        if any(map(_holds_a_nul, events)):
+            events = [self.cleaned(r, False) if _holds_a_nul(r) else r for r in events]
         with self._lock:
             try:
                 self._once_more_if_lost(lambda conn: self._write_rows(conn, spans, events))

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from instrumentation import telemetry
+from instrumentation._text import without_lone_surrogates
 from instrumentation.storage.addresses import redacted
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
@@ -471,6 +472,11 @@ class SQLiteStore(SQLStore):
             finally:
                 if self._snapshot:  # immutable: opened again for the next query
                     self.close()
+
+    def cleaned(self, row: Row, is_span: bool) -> Row:
+        # SQLite takes NUL characters (in text and JSON text alike): only lone
+        # surrogates, which no UTF-8 text holds, are replaced.
+        return tuple(without_lone_surrogates(v) if isinstance(v, str) else v for v in row)
 
     def is_data_error(self, exc: BaseException) -> bool:
         # A value sqlite3 cannot bind (a dict, a list) or a row of the wrong length is

@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 from instrumentation import telemetry
 from instrumentation.context import suppress_instrumentation
-from instrumentation.storage.base import Row, Store, cleaned_for_databases
+from instrumentation.storage.base import Row, Store
 from instrumentation.storage.spool import Spool, SpoolChunk
 
 logger = logging.getLogger("instrumentation.storage")
@@ -587,11 +587,25 @@ class BatchWriter:
     def _write_row_by_row(self, spans: list[Row], events: list[Row]) -> None:
         """A batch the database refused for its content: keep every row it will take.
 
-        A row it refuses is tried once more with NUL characters (PostgreSQL takes none)
-        and lone surrogates (no database takes them) replaced by U+FFFD, then
-        rejected: counted (``storage.rejected_rows``) and logged. If the database
-        stops answering meanwhile, the rest goes to the spool.
+        The batch is tried once more with what the database refuses in text (NUL
+        characters on PostgreSQL, lone surrogates on both) replaced by U+FFFD, still
+        in one transaction: one event holding a NUL sent every row of its batch one
+        by one, and a trace was seen in parts meanwhile. Refused again, each row is
+        tried on its own, as it is, then cleaned, then rejected: counted
+        (``storage.rejected_rows``) and logged. If the database stops answering
+        meanwhile, the rest goes to the spool.
         """
+        store = self.store
+        cleaned_spans = [store.cleaned(r, True) for r in spans]
+        cleaned_events = [store.cleaned(r, False) for r in events]
+        if cleaned_spans != spans or cleaned_events != events:
+            try:
+                store.write_within(cleaned_spans, cleaned_events, self._lock_wait_at_least())
+            except Exception:  # for its content, or the database stopped: see below
+                pass
+            else:
+                self._written(len(spans) + len(events))
+                return
         pending = [(True, r) for r in spans] + [(False, r) for r in events]
         stopped_at = self._write_one_by_one(pending)
         if stopped_at is not None:
@@ -604,7 +618,7 @@ class BatchWriter:
         database refuses for their content; ``None`` when done, or the index of the
         first row not written because the database stopped answering."""
         for i, (is_span, row) in enumerate(pending):
-            cleaned = cleaned_for_databases(row)
+            cleaned = self.store.cleaned(row, is_span)
             error: BaseException | None = None
             for attempt in (row,) if cleaned == row else (row, cleaned):
                 try:

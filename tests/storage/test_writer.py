@@ -959,6 +959,67 @@ def test_rows_the_database_refuses_do_not_block_the_rest(any_store: Any, make_ha
     assert telemetry.counter("storage.rejected_rows").value == 0
 
 
+@pytest.mark.parametrize("odd", ["nul\x00inside", "lone \ud800 surrogate"])
+def test_text_a_database_refuses_keeps_its_batch_in_one_transaction(
+    any_store: Any, make_handler: Any, odd: str
+) -> None:
+    """A NUL (PostgreSQL refuses it) or a lone surrogate (both refuse it) in one row:
+    the batch is still written in one transaction, not one row at a time (a trace was
+    listed in parts meanwhile). What is stored is what the row by row path stored:
+    U+FFFD where the database refuses the character, the text as it was elsewhere."""
+    handler = make_handler(any_store, batch_size=100, debounce=10)
+    batches = telemetry.counter("storage.batches_written").value
+    for i in range(20):
+        handler.handle(NoteEvent(text=f"note {i}"))
+    handler.handle(NoteEvent(text=odd))
+    assert handler.flush(10)
+    assert telemetry.counter("storage.batches_written").value == batches + 1
+    texts = {e.payload["text"] for e in any_store.events()}
+    kept = odd.replace("\ud800", "\ufffd")
+    if type(any_store).__name__ == "PostgresStore":
+        kept = kept.replace("\x00", "\ufffd")
+    assert texts == {f"note {i}" for i in range(20)} | {kept}
+
+
+def test_a_nul_makes_psycopg_log_nothing(
+    postgres_dsn: str, make_handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch PostgreSQL refused inside executemany's pipeline made psycopg log "error
+    ignored terminating <psycopg.Pipeline ...>: pipeline aborted", most times: noise on
+    the stderr of an application that configured no logging. A NUL is cleaned before
+    the batch is sent, so it is not refused."""
+    from instrumentation.storage.postgres import PostgresStore
+
+    store = PostgresStore(postgres_dsn)
+    try:
+        handler = make_handler(store, batch_size=500, debounce=10)
+        with caplog.at_level(logging.WARNING, logger="psycopg"):
+            for _ in range(5):
+                for i in range(400):
+                    handler.handle(NoteEvent(text="nul\x00" if i == 37 else "plain"))
+                assert handler.flush(10)
+        assert len(store.events(limit=None)) == 2000
+    finally:
+        store.close()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
+
+
+def test_the_text_backslash_u0000_beside_a_nul_is_kept(any_store: Any, make_handler: Any) -> None:
+    """The six characters \\u0000 are text, not the escape of a NUL: cleaning a row
+    for PostgreSQL changed them to \\ufffd when the same string also held a NUL."""
+    handler = make_handler(any_store)
+    both = "NUL\x00 then the six characters \\u0000"
+    handler.handle(NoteEvent(text=both, tags={"k": "\\u0000\x00"}))
+    handler.handle(NoteEvent(text="alone \\u0000"))
+    assert handler.flush(10)
+    stored = {e.payload["text"]: e.payload["tags"] for e in any_store.events()}
+    nul = "\ufffd" if type(any_store).__name__ == "PostgresStore" else "\x00"
+    assert stored == {
+        both.replace("\x00", nul): {"k": "\\u0000" + nul},
+        "alone \\u0000": {},
+    }
+
+
 def test_every_documented_counter_is_there_from_import(tmp_path: Path) -> None:
     """docs/storage.md lists the storage counters of telemetry.snapshot(); a healthy
     process that never spooled has them all (at 0), not a KeyError."""
