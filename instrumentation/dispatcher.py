@@ -338,6 +338,29 @@ class Dispatcher:
     def manager(self) -> Manager | None:
         return self._manager
 
+    @manager.setter
+    def manager(self, manager: Manager) -> None:
+        """LlamaIndex's field, set after ``add_dispatcher`` by code written for it: the
+        same manager changes nothing; a dispatcher in no tree joins ``manager``'s, as
+        ``manager.add_dispatcher`` would. A dispatcher leaves no tree for another."""
+        if manager is self._manager:
+            return
+        if not isinstance(manager, Manager):
+            raise TypeError(
+                f"manager is a Manager (such as root_manager); got {type(manager).__name__}"
+            )
+        if self._manager is not None:
+            raise ValueError(
+                f"dispatcher {self.name!r} is in a tree already, and stays in it; make "
+                "another dispatcher for the other tree"
+            )
+        manager.add_dispatcher(self)
+        if manager.dispatchers.get(self.name) is not self:
+            raise ValueError(
+                f"the tree already has a dispatcher {self.name!r}: "
+                f"use its manager.dispatchers[{self.name!r}]"
+            )
+
     @property
     def current_span_ids(self) -> dict[Any, str]:
         """LlamaIndex's field, kept for code that reads it: the current span by dispatcher

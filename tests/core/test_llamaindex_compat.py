@@ -374,3 +374,27 @@ def test_a_subclass_field_named_like_a_helper_keeps_trees_printing(
     step()
     handler.print_trace_trees()
     assert step.__qualname__ in capsys.readouterr().out
+
+
+def test_setting_manager_as_llamaindex_code_does() -> None:
+    """LlamaIndex's tests set ``dispatcher.manager = manager`` after ``add_dispatcher``:
+    the same manager changes nothing; one in no tree joins it; others are refused."""
+    from instrumentation.dispatcher import Dispatcher, Manager, root_manager
+
+    parent = Dispatcher(name=fresh("compat_mgr"))
+    child = Dispatcher(name=parent.name + ".child")
+    manager = Manager(parent)
+    manager.add_dispatcher(child)
+    child.manager = manager
+    parent.manager = manager
+    assert child.manager is manager and child.parent is parent
+
+    loose = Dispatcher(name=fresh("compat_loose"))
+    loose.manager = root_manager
+    assert root_manager.dispatchers[loose.name] is loose and loose.parent is not None
+    with pytest.raises(ValueError, match="stays in it"):
+        loose.manager = manager
+    with pytest.raises(ValueError, match="already has a dispatcher"):
+        Dispatcher(name=loose.name).manager = root_manager
+    with pytest.raises(TypeError, match="manager is a Manager"):
+        Dispatcher(name=fresh("compat_bad")).manager = 3  # type: ignore[assignment]
