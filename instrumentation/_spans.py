@@ -111,9 +111,11 @@ _draining = False
 #: end then called the handlers again, which waited for the lock their own thread
 #: held, for ever. So ends on that thread while it collects are put off
 #: (:func:`later`) and made, in the order they came, when the collection is over if
-#: it interrupted code of no handler and nothing of this library (a ``gc.collect()``
-#: of the application's, say), else by the next span end, ``Dispatcher.shutdown()``
-#: or the interpreter's exit.
+#: no frame of this library was on the stack (handlers run under its frames, and its
+#: threads hold its locks: a ``gc.collect()`` of the application's, say), else by the
+#: next span end, ``Dispatcher.shutdown()`` or the interpreter's exit. (A handler's
+#: own method that the application calls while it holds the handler's lock, a
+#: ``flush()`` say, is not seen so.)
 _collecting: int | None = None
 #: How many ends may wait so; past it, ends are made at once, as before.
 _COLLECTED_KEPT = 100_000

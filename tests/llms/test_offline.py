@@ -155,11 +155,13 @@ def test_stream_freed_by_the_collector_inside_a_handlers_lock_ends_after() -> No
         llm().chat("another question")
 
     try:
+        gc.disable()  # only the collection the test makes, inside the lock
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         thread.join(20)
         assert not thread.is_alive(), "deadlocked: the end event waited for a lock its thread held"
     finally:
+        gc.enable()
         root.remove_event_handler(handler)
     ends = [(name, finish) for name, finish in seen if name == "LLMChatEndEvent"]
     assert ends == [("LLMChatEndEvent", "stop"), ("LLMChatEndEvent", "abandoned")]
