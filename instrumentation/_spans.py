@@ -10,11 +10,14 @@ from __future__ import annotations
 import atexit
 import gc
 import inspect
+import os
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from threading import get_ident
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from instrumentation import _ids, telemetry
@@ -29,7 +32,7 @@ _report = telemetry.report_handler_error
 #: way through. Each is run by a later span end that has room, usually a caller's on
 #: the way up, so that no handler keeps the span open for ever. Entries are
 #: ``(handler or None, method, span id, end)``.
-_deferred: list[tuple[Any, str, str, Callable[[], Any]]] = []
+_deferred: deque[tuple[Any, str, str, Callable[[], Any]]] = deque()
 _DEFERRED_KEPT = 1_000
 #: The frames an end needs left (a handler, its event, logging an error).
 _HEADROOM = 120
@@ -78,14 +81,12 @@ def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
 def _run_deferred() -> None:
     """Run the ends put off, oldest first, if there is room for them here and no
     other call is running them (an end run here must not run the later ones first)."""
-    global _draining
-    if _draining or _short_of_stack():
+    if _short_of_stack() or not _draining.acquire(blocking=False):
         return
-    _draining = True
     try:
         while True:
             try:
-                item = _deferred.pop(0)
+                item = _deferred.popleft()
             except IndexError:  # emptied here, or by another thread meanwhile
                 return
             handler, method, span_id, end = item
@@ -93,32 +94,35 @@ def _run_deferred() -> None:
                 end()
             except RecursionError as exc:
                 if _short_of_stack():
-                    _deferred.insert(0, item)  # too deep after all: a later end runs it
+                    _deferred.appendleft(item)  # too deep after all: a later end runs it
                     return
                 _give_up(handler, method, span_id, exc)  # it recurses at any depth
             except Exception as exc:
                 _give_up(handler, method, span_id, exc)
     finally:
-        _draining = False
+        _draining.release()
 
 
-#: Whether :func:`_run_deferred` is running the ends put off (on some thread).
-_draining = False
+#: Held by the call of :func:`_run_deferred` that is running the ends put off.
+_draining = threading.Lock()
 
 #: The thread the cyclic garbage collector runs on now, if it runs. It may run at
 #: almost any point of that thread, a handler holding its lock included, and close a
 #: traced generator that was only reachable through a reference cycle: the span's
 #: end then called the handlers again, which waited for the lock their own thread
 #: held, for ever. So ends on that thread while it collects are put off
-#: (:func:`later`) and made, in the order they came, when the collection is over if
-#: no frame of this library was on the stack (handlers run under its frames, and its
-#: threads hold its locks: a ``gc.collect()`` of the application's, say), else by the
-#: next span end, ``Dispatcher.shutdown()`` or the interpreter's exit. (A handler's
-#: own method that the application calls while it holds the handler's lock, a
-#: ``flush()`` say, is not seen so.)
+#: (:func:`later`) and made, in the order they came: when the collection is over if
+#: it interrupted the application's own code (see :func:`_interrupted_own_code`),
+#: else by the next span end, ``Dispatcher.shutdown()`` or the interpreter's exit.
 _collecting: int | None = None
 #: How many ends may wait so; past it, ends are made at once, as before.
 _COLLECTED_KEPT = 100_000
+#: The code of this library's frames that call the application's code and hold no
+#: lock meanwhile: a decorated call's wrapper, a traced generator's driver (filled
+#: in by ``instrumentation._wrap``).
+CALLERS_OF_OWN_CODE: set[CodeType] = set()
+#: Whether the exit's last drain has run: ends put off after it would be lost.
+_exited = False
 
 
 def _watch_collections(phase: str, info: dict[str, int]) -> None:
@@ -127,22 +131,35 @@ def _watch_collections(phase: str, info: dict[str, int]) -> None:
         _collecting = get_ident()
         return
     _collecting = None
-    if _deferred and _interrupted_none_of_ours(sys._getframe(1)):
+    if _deferred and _interrupted_own_code(sys._getframe().f_back):
         _run_deferred()
 
 
-def _interrupted_none_of_ours(frame: FrameType | None) -> bool:
-    """Whether no frame of this package (whose functions call the handlers, and whose
-    threads hold their locks) is on the stack from ``frame`` down."""
+def _interrupted_own_code(frame: FrameType | None) -> bool:
+    """Whether the code at ``frame`` (where the collection started) is the
+    application's own: the nearest frame of this library on the stack, if any, is
+    one that called it (:data:`CALLERS_OF_OWN_CODE`). Any other runs handlers, or
+    holds this library's locks (its threads too)."""
     while frame is not None:
         module = frame.f_globals.get("__name__")
         if isinstance(module, str) and module.partition(".")[0] == "instrumentation":
-            return False
+            return frame.f_code in CALLERS_OF_OWN_CODE
         frame = frame.f_back
     return True
 
 
-gc.callbacks.append(_watch_collections)
+def nested_code(function: Callable[..., Any], *names: str) -> list[CodeType]:
+    """The code of the functions called ``names`` defined in ``function``, at any depth."""
+    found: list[CodeType] = []
+    pending = [function.__code__]
+    while pending:
+        code = pending.pop()
+        for const in code.co_consts:
+            if isinstance(const, CodeType):
+                if const.co_name in names:
+                    found.append(const)
+                pending.append(const)
+    return found
 
 
 def in_collection() -> bool:
@@ -153,19 +170,55 @@ def in_collection() -> bool:
 
 def later(method: str, span_id: str, end: Callable[[], Any]) -> bool:
     """Put ``end`` off until the collection is over; whether it was."""
-    if len(_deferred) >= _COLLECTED_KEPT:
+    if _exited or len(_deferred) >= _COLLECTED_KEPT:
         return False
     _deferred.append((None, method, span_id, end))
-    # Run at exit after what was registered so far (a store's last flush among them).
-    atexit.unregister(run_deferred)
-    atexit.register(run_deferred)
     return True
 
 
+def catch_up_or_put_off(method: str, span_id: str, end: Callable[[], Any]) -> bool:
+    """For an end made by hand: whether it was put off (the collector runs here), after
+    the ends put off earlier were made, if it was not."""
+    if not _deferred and _collecting is None:
+        return False
+    if in_collection():
+        return later(method, span_id, end)
+    try:
+        _run_deferred()
+    except RecursionError:  # no room to look even: a later end runs them
+        pass
+    return False
+
+
 def run_deferred() -> None:
-    """Make the span ends put off now (by ``Dispatcher.shutdown()`` and at exit)."""
+    """Make the span ends put off now: by ``Dispatcher.shutdown()``, and at exit
+    before a store or an exporter is flushed for the last time."""
     if _deferred and not in_collection():
         _run_deferred()
+
+
+def _run_deferred_at_exit() -> None:
+    global _exited
+    run_deferred()
+    _exited = True
+
+
+def _after_fork_in_child() -> None:
+    """The parent makes the ends it put off; a drain it was running is not the child's."""
+    global _draining, _collecting
+    _deferred.clear()
+    _draining = threading.Lock()
+    _collecting = None
+
+
+gc.callbacks.append(_watch_collections)
+# Before the threads stop (as concurrent.futures does), and again as atexit's last.
+_register_before_threads_stop = getattr(threading, "_register_atexit", None)
+if _register_before_threads_stop is not None:  # pragma: no branch
+    _register_before_threads_stop(run_deferred)
+atexit.register(_run_deferred_at_exit)
+if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Chain:
@@ -625,12 +678,14 @@ def handle_all(
 
 
 __all__ = [
+    "CALLERS_OF_OWN_CODE",
     "EMPTY_BOUND_ARGS",
     "ENTER_EXTRAS",
     "Chain",
     "LazyBoundArguments",
     "LazySignature",
     "after_span_end",
+    "catch_up_or_put_off",
     "dispatch_event",
     "enter_extras",
     "fail",
@@ -638,6 +693,7 @@ __all__ = [
     "handle_all",
     "in_collection",
     "later",
+    "nested_code",
     "run_deferred",
     "start",
 ]

@@ -20,16 +20,18 @@ import os
 import threading
 from abc import ABC
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any, Protocol, SupportsIndex, TypeVar, overload
 
 from typing_extensions import Self
 
-from instrumentation import telemetry
+from instrumentation import _spans, telemetry
 from instrumentation._ids import new_trace_id
 from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
     Chain,
     after_span_end,
+    catch_up_or_put_off,
     enter_extras,
     fail,
     finish,
@@ -587,6 +589,12 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended with ``result``."""
+        if (_spans._deferred or _spans._collecting is not None) and catch_up_or_put_off(
+            "span_exit",
+            id_,
+            partial(self.span_exit, id_, bound_args, instance, result, **kwargs),
+        ):
+            return
         forget_manual_trace(id_)
         chain = self._hot
         if chain is None:
@@ -611,6 +619,10 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended early because of ``err``."""
+        if (_spans._deferred or _spans._collecting is not None) and catch_up_or_put_off(
+            "span_drop", id_, partial(self.span_drop, id_, bound_args, instance, err, **kwargs)
+        ):
+            return
         forget_manual_trace(id_)
         chain = self._hot
         if chain is None:

@@ -40,6 +40,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from instrumentation import telemetry
+from instrumentation._spans import run_deferred
 from instrumentation.audit._loop import Worker, audit_loop, report_loop_error
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart, _now
@@ -753,6 +754,7 @@ def _wait_at_exit(again: bool) -> None:
     """
     if _in_flight.interrupted:
         return
+    run_deferred()  # requests ended meanwhile by ends put off (see instrumentation._spans)
     began = time.monotonic()
     deadline = began + max(0.0, EXIT_FLUSH_SECONDS - _in_flight.spent)
     try:

@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from instrumentation import telemetry
 from instrumentation._pool import ThreadPool
+from instrumentation._spans import run_deferred
 from instrumentation.context import suppress_instrumentation
 from instrumentation.dispatcher import Dispatcher, root_dispatcher
 from instrumentation.otel.handler import OpenTelemetrySpanHandler
@@ -810,6 +811,7 @@ class OTLPHandle:
         return False
 
     def _at_exit(self) -> None:
+        run_deferred()  # span ends put off (see instrumentation._spans) are exported too
         self.shutdown(timeout_millis=self.exit_timeout_millis)
 
     def __enter__(self) -> OTLPHandle:

@@ -6,11 +6,15 @@ not call that handler again on the same thread (which waited for ever)."""
 from __future__ import annotations
 
 import gc
+import inspect
+import json
+import os
 import subprocess
 import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -205,3 +209,211 @@ def test_an_end_put_off_is_made_at_exit() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["main done", "dropped stream"]
+
+
+def test_a_collection_in_the_applications_own_code_makes_the_ends_as_it_ends(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """``gc.collect()`` in a decorated function's body: the wrapper on the stack holds
+    no lock, so the ends are made when the collection ends, not put off."""
+    d, handler, _ = setup
+
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    def body() -> None:
+        _leave_in_a_cycle(stream())
+        gc.collect()
+        assert ("drop", "stream") in handler.ends
+
+    gc.disable()
+    try:
+        body()
+    finally:
+        gc.enable()
+    assert handler.ends == [("drop", "stream"), ("exit", "body")]
+
+
+def test_ends_made_by_hand_keep_their_place_and_wait_too(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """``Dispatcher.span_exit`` by hand makes the ends put off before its own, and is
+    put off itself when the collector ends such a span (a generator's ``finally``)."""
+    d, handler, _ = setup
+    no_args = inspect.Signature().bind()
+
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    def step() -> None:
+        return None
+
+    def by_hand() -> Iterator[int]:
+        d.span_enter("manual-1", bound_args=no_args)
+        try:
+            yield 1
+        finally:
+            d.span_exit("manual-1", bound_args=no_args)
+
+    def work() -> None:
+        d.span_enter("parent-1", bound_args=no_args)
+        _leave_in_a_cycle(stream())
+        _leave_in_a_cycle(by_hand())
+        handler.while_locked = gc.collect
+        step()
+        d.span_exit("parent-1", bound_args=no_args)
+
+    _in_thread(work)
+    # The two freed together end in the collector's order; both before the parent's.
+    assert len(handler.ends) == 4
+    assert handler.ends[0] == ("exit", "step") and handler.ends[3] == ("exit", "parent")
+    assert set(handler.ends[1:3]) == {("drop", "stream"), ("exit", "manual")}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_a_forked_child_leaves_the_parents_put_off_ends_to_it(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]], tmp_path: Path
+) -> None:
+    """Made in the child too, an end put off before the fork reached the handlers
+    twice (each process stored a drop event of its own)."""
+    d, handler, _ = setup
+
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    def step() -> None:
+        return None
+
+    gc.disable()
+    try:
+        _leave_in_a_cycle(stream())
+        handler.while_locked = gc.collect
+        step()
+        assert ("drop", "stream") not in handler.ends
+        out = tmp_path / "child.json"
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's result is read below
+            try:
+                step()
+                out.write_text(json.dumps(handler.ends))
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        step()
+    finally:
+        gc.enable()
+    child = [tuple(end) for end in json.loads(out.read_text())]
+    assert ("drop", "stream") not in child
+    assert handler.ends.count(("drop", "stream")) == 1
+
+
+def test_an_end_put_off_while_the_exit_runs_is_made() -> None:
+    """An exit-time callback whose span's handler runs a collection: the exit's own
+    drain runs after it (atexit did not run a drain registered while it ran)."""
+    code = textwrap.dedent(
+        """
+        import atexit, gc
+        gc.disable()
+        from instrumentation import get_dispatcher
+        from instrumentation.span_handlers import SimpleSpanHandler
+
+        class Handler(SimpleSpanHandler):
+            def prepare_to_exit_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    if id_.startswith("final_step"):
+                        gc.collect()
+                return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+            def prepare_to_drop_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    print("dropped", id_.split("-")[0], flush=True)
+                return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+        d = get_dispatcher("exit_time")
+        d.add_span_handler(Handler())
+
+        @d.span
+        def stream():
+            yield 1
+
+        @d.span
+        def final_step():
+            return None
+
+        def at_exit():
+            g = stream()
+            next(g)
+            cycle = [g, None]
+            cycle[1] = cycle
+            del g, cycle
+            final_step()
+            print("at_exit done", flush=True)
+
+        atexit.register(at_exit)
+        print("main done", flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["main done", "at_exit done", "dropped stream"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork start method here")
+def test_an_end_put_off_in_a_multiprocessing_child_is_made_before_it_exits() -> None:
+    """A multiprocessing child ends with ``os._exit`` (no atexit): its threads' exit
+    hooks make what was put off after its last span end."""
+    code = textwrap.dedent(
+        """
+        import gc, multiprocessing, os
+        from instrumentation import get_dispatcher
+        from instrumentation.span_handlers import SimpleSpanHandler
+
+        class Handler(SimpleSpanHandler):
+            def prepare_to_exit_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    if id_.startswith("last_step"):
+                        gc.collect()
+                return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+            def prepare_to_drop_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    print("child dropped", id_.split("-")[0], flush=True)
+                return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+        d = get_dispatcher("mp_child")
+        d.add_span_handler(Handler())
+
+        @d.span
+        def stream():
+            yield 1
+
+        @d.span
+        def last_step():
+            return None
+
+        def target():
+            gc.disable()
+            g = stream()
+            next(g)
+            cycle = [g, None]
+            cycle[1] = cycle
+            del g, cycle
+            last_step()
+            print("child done", flush=True)
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("fork").Process(target=target)
+            child.start()
+            child.join()
+            print("exit code", child.exitcode, flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["child done", "child dropped stream", "exit code 0"]
