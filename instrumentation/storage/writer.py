@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from instrumentation import telemetry
+from instrumentation._spans import run_deferred
 from instrumentation.context import suppress_instrumentation
 from instrumentation.storage.base import Row, Store
 from instrumentation.storage.spool import Spool, SpoolChunk
@@ -595,23 +596,29 @@ class BatchWriter:
         (``storage.rejected_rows``) and logged. If the database stops answering
         meanwhile, the rest goes to the spool.
         """
-        store = self.store
-        cleaned_spans = [store.cleaned(r, True) for r in spans]
-        cleaned_events = [store.cleaned(r, False) for r in events]
-        if cleaned_spans != spans or cleaned_events != events:
-            try:
-                store.write_within(cleaned_spans, cleaned_events, self._lock_wait_at_least())
-            except Exception:  # for its content, or the database stopped: see below
-                pass
-            else:
-                self._written(len(spans) + len(events))
-                return
+        if self._wrote_cleaned(spans, events):
+            return
         pending = [(True, r) for r in spans] + [(False, r) for r in events]
         stopped_at = self._write_one_by_one(pending)
         if stopped_at is not None:
             rest = pending[stopped_at:]
             self._to_spool([r for s, r in rest if s], [r for s, r in rest if not s])
             self._next_replay = time.monotonic() + self.replay_interval
+
+    def _wrote_cleaned(self, spans: Sequence[Row], events: Sequence[Row]) -> bool:
+        """Whether the rows, refused, were written with what the database refuses in
+        text replaced (if that changed any), in one transaction."""
+        store = self.store
+        cleaned_spans = [store.cleaned(r, True) for r in spans]
+        cleaned_events = [store.cleaned(r, False) for r in events]
+        if cleaned_spans == list(spans) and cleaned_events == list(events):
+            return False
+        try:
+            store.write_within(cleaned_spans, cleaned_events, self._lock_wait_at_least())
+        except Exception:  # for its content, or the database stopped: row by row tells
+            return False
+        self._written(len(spans) + len(events))
+        return True
 
     def _write_one_by_one(self, pending: Sequence[tuple[bool, Row]]) -> int | None:
         """Write ``(is_span, row)`` one at a time, in order, rejecting the rows the
@@ -743,6 +750,8 @@ class BatchWriter:
             if not self.store.is_data_error(exc):
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 return 0
+            if self._wrote_cleaned(chunk.spans, chunk.events):
+                return None
             return self._write_one_by_one([(s, r) for s, r, _, _ in chunk.rows])
         self._written(len(chunk.rows))
         return None
@@ -827,6 +836,7 @@ _exiting = [False]
 def _shutdown_all_at_exit() -> None:
     _exiting[0] = True
     try:
+        run_deferred()  # span ends put off (see instrumentation._spans) go in too
         for writer in list(_writers):
             try:
                 writer.shutdown(writer.exit_timeout)

@@ -981,6 +981,27 @@ def test_text_a_database_refuses_keeps_its_batch_in_one_transaction(
     assert texts == {f"note {i}" for i in range(20)} | {kept}
 
 
+def test_a_spooled_chunk_with_text_refused_is_replayed_in_one_transaction(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """What was spooled while the database was away is replayed as a fresh batch is
+    written: a lone surrogate in one row does not send the chunk row by row."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.fail = True
+    handler = make_handler(store, batch_size=100, debounce=10, retry_for=0)
+    for i in range(20):
+        handler.handle(NoteEvent(text=f"note {i}"))
+    handler.handle(NoteEvent(text="lone \ud800 surrogate"))
+    assert handler.flush(10) is False  # spooled
+    store.fail = False
+    attempts = store.attempts
+    assert handler.flush(10)
+    # The chunk refused, then taken whole cleaned: two writes, not one per row.
+    assert store.attempts - attempts == 2
+    texts = {e.payload["text"] for e in store.events()}
+    assert texts == {f"note {i}" for i in range(20)} | {"lone \ufffd surrogate"}
+
+
 def test_a_nul_makes_psycopg_log_nothing(
     postgres_dsn: str, make_handler: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1004,18 +1025,25 @@ def test_a_nul_makes_psycopg_log_nothing(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
 
 
-def test_the_text_backslash_u0000_beside_a_nul_is_kept(any_store: Any, make_handler: Any) -> None:
+def test_the_text_backslash_u0000_beside_a_nul_is_kept(
+    postgres_dsn: str, make_handler: Any
+) -> None:
     """The six characters \\u0000 are text, not the escape of a NUL: cleaning a row
     for PostgreSQL changed them to \\ufffd when the same string also held a NUL."""
-    handler = make_handler(any_store)
-    both = "NUL\x00 then the six characters \\u0000"
-    handler.handle(NoteEvent(text=both, tags={"k": "\\u0000\x00"}))
-    handler.handle(NoteEvent(text="alone \\u0000"))
-    assert handler.flush(10)
-    stored = {e.payload["text"]: e.payload["tags"] for e in any_store.events()}
-    nul = "\ufffd" if type(any_store).__name__ == "PostgresStore" else "\x00"
+    from instrumentation.storage.postgres import PostgresStore
+
+    store = PostgresStore(postgres_dsn)
+    try:
+        handler = make_handler(store)
+        both = "NUL\x00 then the six characters \\u0000"
+        handler.handle(NoteEvent(text=both, tags={"k": "\\u0000\x00"}))
+        handler.handle(NoteEvent(text="alone \\u0000"))
+        assert handler.flush(10)
+        stored = {e.payload["text"]: e.payload["tags"] for e in store.events()}
+    finally:
+        store.close()
     assert stored == {
-        both.replace("\x00", nul): {"k": "\\u0000" + nul},
+        both.replace("\x00", "\ufffd"): {"k": "\\u0000\ufffd"},
         "alone \\u0000": {},
     }
 
