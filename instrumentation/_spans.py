@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from threading import get_ident
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
 from instrumentation import _ids, telemetry
@@ -107,65 +107,36 @@ def _run_deferred() -> None:
 _draining = threading.Lock()
 
 #: The thread the cyclic garbage collector runs on now, if it runs. It may run at
-#: almost any point of that thread, a handler holding its lock included, and close a
-#: traced generator that was only reachable through a reference cycle: the span's
-#: end then called the handlers again, which waited for the lock their own thread
-#: held, for ever. So ends on that thread while it collects are put off
-#: (:func:`later`) and made, in the order they came: when the collection is over if
-#: it interrupted the application's own code (see :func:`_interrupted_own_code`),
-#: else by the next span end, ``Dispatcher.shutdown()`` or the interpreter's exit.
+#: almost any point of that thread: inside a handler holding its lock, or inside a
+#: library a handler calls into (an exporter, a logging queue) holding its own. There
+#: it may close a traced generator that only a reference cycle kept, whose span's end
+#: then called the handlers, which waited for that lock, held by their own thread,
+#: for ever. So on that thread, while it collects, the span starts and ends, the
+#: events and the ends of LLM streams and audit blocks are put off (:func:`later`),
+#: and made, in the order they came, by the next span end or event on any thread,
+#: ``Dispatcher.shutdown()``, the exit flush of a store or exporter, or the
+#: interpreter's exit: not as the collection ends, which is inside the same lock.
 _collecting: int | None = None
-#: How many ends may wait so; past it, ends are made at once, as before.
+#: How many may wait so; past it, they are made at once, as before.
 _COLLECTED_KEPT = 100_000
-#: The code of this library's frames that call the application's code and hold no
-#: lock meanwhile: a decorated call's wrapper, a traced generator's driver (filled
-#: in by ``instrumentation._wrap``).
-CALLERS_OF_OWN_CODE: set[CodeType] = set()
-#: Whether the exit's last drain has run: ends put off after it would be lost.
+#: Whether the exit's last drain has run: what is put off after it would be lost.
 _exited = False
 
 
 def _watch_collections(phase: str, info: dict[str, int]) -> None:
     global _collecting
-    if phase == "start":
-        _collecting = get_ident()
-        return
-    _collecting = None
-    if _deferred and _interrupted_own_code(sys._getframe().f_back):
-        _run_deferred()
-
-
-def _interrupted_own_code(frame: FrameType | None) -> bool:
-    """Whether the code at ``frame`` (where the collection started) is the
-    application's own: the nearest frame of this library on the stack, if any, is
-    one that called it (:data:`CALLERS_OF_OWN_CODE`). Any other runs handlers, or
-    holds this library's locks (its threads too)."""
-    while frame is not None:
-        module = frame.f_globals.get("__name__")
-        if isinstance(module, str) and module.partition(".")[0] == "instrumentation":
-            return frame.f_code in CALLERS_OF_OWN_CODE
-        frame = frame.f_back
-    return True
-
-
-def nested_code(function: Callable[..., Any], *names: str) -> list[CodeType]:
-    """The code of the functions called ``names`` defined in ``function``, at any depth."""
-    found: list[CodeType] = []
-    pending = [function.__code__]
-    while pending:
-        code = pending.pop()
-        for const in code.co_consts:
-            if isinstance(const, CodeType):
-                if const.co_name in names:
-                    found.append(const)
-                pending.append(const)
-    return found
+    _collecting = get_ident() if phase == "start" else None
 
 
 def in_collection() -> bool:
     """Whether the cyclic garbage collector runs on this thread now."""
     collecting = _collecting
     return collecting is not None and collecting == get_ident()
+
+
+def ending_now() -> bool:
+    """Whether a wait for handlers would be inside the collector, or after the exit."""
+    return _exited or in_collection()
 
 
 def later(method: str, span_id: str, end: Callable[[], Any]) -> bool:
@@ -492,6 +463,21 @@ def start(
     span_id = name + "-" + span_hex
     span = _new_context(SpanContext, (span_id, trace_id, parent_id, name))
     _next(_started)
+    if (
+        _collecting is not None
+        and in_collection()
+        and later(
+            "span_enter",
+            span_id,
+            partial(
+                _enter_all,
+                chain,
+                (span_id, bound_args, instance, parent_id, tags, name, trace_id),
+                attributes,
+            ),
+        )
+    ):
+        return span  # called from a generator's finally the collector runs (see later)
     for handler, positional in chain.enters:
         try:
             if positional is not None:
@@ -521,6 +507,29 @@ def start(
         except Exception as exc:
             _report(handler, "span_enter", span_id, exc)
     return span
+
+
+def _enter_all(chain: Chain, given: tuple[Any, ...], attributes: Any) -> None:
+    """The ``span_enter`` calls of :func:`start`, made later (see :func:`later`)."""
+    span_id, bound_args, instance, parent_id, tags, name, trace_id = given
+    for handler, positional in chain.enters:
+        try:
+            if positional is not None:
+                positional(*given, chain.dispatcher, attributes)
+            else:
+                handler.span_enter(
+                    id_=span_id,
+                    bound_args=bound_args,
+                    instance=instance,
+                    parent_id=parent_id,
+                    tags=tags,
+                    name=name,
+                    trace_id=trace_id,
+                    dispatcher=chain.dispatcher,
+                    attributes=attributes,
+                )
+        except Exception as exc:
+            _report(handler, "span_enter", span_id, exc)
 
 
 def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
@@ -678,7 +687,6 @@ def handle_all(
 
 
 __all__ = [
-    "CALLERS_OF_OWN_CODE",
     "EMPTY_BOUND_ARGS",
     "ENTER_EXTRAS",
     "Chain",
@@ -687,13 +695,13 @@ __all__ = [
     "after_span_end",
     "catch_up_or_put_off",
     "dispatch_event",
+    "ending_now",
     "enter_extras",
     "fail",
     "finish",
     "handle_all",
     "in_collection",
     "later",
-    "nested_code",
     "run_deferred",
     "start",
 ]

@@ -23,7 +23,6 @@ from typing import Any
 from instrumentation import context as _context
 from instrumentation._spans import (
     _DEFERRED_KEPT,
-    CALLERS_OF_OWN_CODE,
     EMPTY_BOUND_ARGS,
     Chain,
     LazyBoundArguments,
@@ -32,7 +31,6 @@ from instrumentation._spans import (
     _fail,
     fail,
     finish,
-    nested_code,
     start,
 )
 from instrumentation.context import (
@@ -631,14 +629,5 @@ def _wrap_callable(
     mark_traced(wrapper, d)
     return wrapper
 
-
-# Their frames call the application's code and hold no lock meanwhile (see _spans).
-CALLERS_OF_OWN_CODE.update(
-    (
-        _drive.__code__,
-        *nested_code(_await_in_span, "run", "run_generator_based"),
-        *nested_code(_wrap_callable, "wrapper"),
-    )
-)
 
 __all__ = ["LLAMA_MARK", "MARK", "mark_traced", "wrap"]

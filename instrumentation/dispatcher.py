@@ -30,8 +30,10 @@ from instrumentation._ids import new_trace_id
 from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
     Chain,
+    _deferred,
     after_span_end,
     catch_up_or_put_off,
+    dispatch_event,
     enter_extras,
     fail,
     finish,
@@ -508,6 +510,15 @@ class Dispatcher:
             own = event.tags
             for key, value in tags.items():
                 own.setdefault(key, value)
+        if _deferred or _spans._collecting is not None:
+            if not _spans.in_collection():
+                _spans.run_deferred()  # what was put off comes first
+            elif _spans.later(
+                "handle", event.id_, partial(dispatch_event, handlers, event, kwargs)
+            ):
+                # Sent from a generator's ``finally`` as the garbage collector frees it,
+                # maybe inside a handler holding its lock: handled after the collection.
+                return
         _next(_events_dispatched)
         for handler in handlers:
             try:

@@ -14,8 +14,6 @@ from typing import Any, TypeVar
 
 from typing_extensions import ParamSpec
 
-from instrumentation._spans import CALLERS_OF_OWN_CODE, nested_code
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -53,8 +51,5 @@ class ContextThreadPoolExecutor(ThreadPoolExecutor):
         context = contextvars.copy_context()
         return super().submit(context.run, fn, *args, **kwargs)  # type: ignore[arg-type]
 
-
-# Its frame calls the application's code and holds no lock meanwhile (see _spans).
-CALLERS_OF_OWN_CODE.update(nested_code(Thread.__init__, "run_target"))
 
 __all__ = ["ContextThreadPoolExecutor", "Thread"]

@@ -46,6 +46,7 @@ from typing import Any
 
 from pydantic import PrivateAttr, field_validator
 
+from instrumentation._spans import ending_now
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import registry
 from instrumentation.audit.events import RequestStart
@@ -198,9 +199,10 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
         finally:
             registry.deactivate(run)
         self._track(run)
-        if self.timeout <= 0 or run.done.done() or interrupting(error):
+        if self.timeout <= 0 or run.done.done() or interrupting(error) or ending_now():
             # Ctrl-C, SystemExit or a cancelled task: the application is being stopped,
-            # not to be held up by the handlers (their calls go on; the exit waits).
+            # not to be held up by the handlers (their calls go on; the exit waits). Nor
+            # is a span ended inside the garbage collector, or after the exit's flush.
             return
         # Waited for in after_span_end, once the handlers after this one in the chain
         # have ended their spans: their clocks are not to include the wait.

@@ -44,7 +44,9 @@ class _Registry:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a span started from a generator's finally, as the garbage
+        # collector frees it, while this thread holds the lock, is mapped all the same.
+        self.lock = threading.RLock()
         self.active = 0
         self.span_runs: dict[str, tuple[RequestRun, ...]] = {}
 
@@ -107,7 +109,7 @@ class _Registry:
 
     def deactivate(self, run: RequestRun) -> None:
         with self.lock:
-            for span_id in run.span_ids:
+            for span_id in tuple(run.span_ids):  # a span mapped meanwhile (see __init__)
                 mapped = self.span_runs.get(span_id)
                 if mapped is not None and run in mapped:
                     rest = tuple(other for other in mapped if other is not run)

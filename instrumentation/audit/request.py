@@ -30,7 +30,7 @@ from contextvars import Token
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from instrumentation._spans import in_collection, later
+from instrumentation._spans import ending_now, in_collection, later, run_deferred
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import current_run, registry
 from instrumentation.audit.events import Event, RequestStart, _now
@@ -125,7 +125,9 @@ class AuditRequest:
             except ValueError:  # left in another context than it was entered in
                 current_run.set(None)
             self._token = None
-        if in_collection() and later("request_end", "", partial(self._close, run, exc)):
+        if not in_collection():
+            run_deferred()  # an event block of this request the collector closed, first
+        elif later("request_end", "", partial(self._close, run, exc)):
             # A generator closed by the garbage collector, which may have stopped this
             # library on this thread holding the registry's lock: the request ends once
             # the collection is over (see instrumentation._spans.later), unwaited.
@@ -155,7 +157,8 @@ class AuditRequest:
         if run is not None:
             # Ctrl-C or SystemExit: the application is being stopped, not to be held up
             # by its handlers; their calls go on, and the exit flush waits for them.
-            self.completed = run.wait(0 if interrupting(exc) else self.timeout)
+            # Nor by a wait inside the garbage collector, or after the exit's flush.
+            self.completed = run.wait(0 if interrupting(exc) or ending_now() else self.timeout)
 
     async def __aenter__(self) -> AuditRequest:
         self._begin()
@@ -238,6 +241,11 @@ class AuditEvent(Generic[E]):
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
         ended = dataclasses.replace(self.given, **changes)
+        if in_collection() and later("event_end", "", partial(self._send_end, ended)):
+            return  # a generator closed by the garbage collector: see AuditRequest._end
+        self._send_end(ended)
+
+    def _send_end(self, ended: E) -> None:
         for run in self._runs:
             # A deep copy too, like the start event: the handlers run later, on another
             # thread, and must not see the caller change the lists in it after the block.

@@ -16,6 +16,7 @@ from typing import Any, SupportsIndex, TypeVar, cast, overload
 
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
+from instrumentation._spans import run_deferred
 from instrumentation.context import _active_span, _active_tags, _suppressed, context_keepers
 from instrumentation.dispatcher import Dispatcher, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
@@ -174,6 +175,7 @@ def _open_capture(
     try:
         yield
     finally:
+        run_deferred()  # what a garbage collection put off is part of the block
         _open_captures.pop(id(handler), None)
         snapshot.restore()
         detach(handler)  # a dispatcher made by hand is not in the tree
@@ -269,12 +271,15 @@ class Capture:
 
     @property
     def events(self) -> CapturedEvents:
+        """The events so far (what a garbage collection put off included)."""
+        run_deferred()
         return cast(CapturedEvents, self._events.events)  # made so in model_post_init
 
     @property
     def spans(self) -> CapturedSpans:
         """The spans ended so far, by start time (``named()``, ``tree()`` as for
-        :func:`capture_spans`)."""
+        :func:`capture_spans`; what a garbage collection put off included)."""
+        run_deferred()
         return CapturedSpans(self._spans)
 
     def clear(self) -> None:
@@ -297,6 +302,7 @@ class Capture:
         return self.events.of(kind)
 
     def tree(self) -> str:
+        run_deferred()
         return self._spans.format_trace_trees()
 
 
@@ -310,6 +316,7 @@ def isolated() -> Iterator[Capture]:
     try:
         yield capture
     finally:
+        run_deferred()
         capture._end()
         snapshot.restore()
 

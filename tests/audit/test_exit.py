@@ -225,3 +225,35 @@ def test_the_first_request_does_not_count_the_library_start_up(tmp_path: Path, h
     # The request's own work is nothing: well under the half second the start-up took.
     assert duration_s < 0.25, line
     assert wall_s < 0.25, line  # RequestStart.started_at too is after the start-up
+
+
+def test_requests_the_last_collection_closes_at_exit_do_not_hold_it_up() -> None:
+    """A request left open in a generator that only a reference cycle keeps is closed
+    by the collection after the exit's flush: no loop runs its handlers any more, and
+    its end waited its whole ``timeout`` for them."""
+    code = textwrap.dedent(
+        """
+        from instrumentation import audit
+
+        class H(audit.EventHandler):
+            def request_start(self, r): return None
+            def event_start(self, e, c): return None
+            def event_end(self, e, c, ec): pass
+            def request_end(self, o, c): pass
+
+        def answer():
+            with audit.request("q", handlers=[H()], timeout=60):
+                yield "a"
+                yield "b"
+
+        g = answer()
+        next(g)
+        cycle = [g, None]
+        cycle[1] = cycle
+        del g, cycle
+        print("main done", flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["main done"]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from instrumentation import audit, get_dispatcher
-from instrumentation.audit import RequestEnd
+from instrumentation.audit import RequestEnd, ToolCallEvent
 from instrumentation.audit.collector import registry
 from instrumentation.llms import OfflineLLM
 
@@ -158,6 +158,45 @@ def test_a_request_in_a_generator_the_collector_frees_inside_the_registry_ends_a
     (end,) = _ends(handler)
     assert end.abandoned is True and end.error is None
     assert not registry.span_runs and not registry.active
+
+
+def test_an_event_block_the_collector_closes_inside_the_requests_lock_ends_after() -> None:
+    """``with audit.event(...)`` in a generator the garbage collector frees while this
+    thread holds the request's lock (as its own bookkeeping does): the event's end
+    waits for the collection, and comes before the request's end."""
+    handler = SyncRecorder()
+
+    def steps() -> Generator[int, None, None]:
+        with audit.event(ToolCallEvent(name="search")):
+            yield 1
+            yield 2
+
+    def work() -> None:
+        with audit.request(question="q", handlers=[handler]) as req:
+            chunks = steps()
+            next(chunks)
+            cycle: list[Any] = [chunks]
+            cycle.append(cycle)
+            del chunks, cycle
+            run = req._run
+            assert run is not None
+            with run._lock:
+                gc.collect()
+
+    gc.disable()  # only the collection the test makes, inside the lock
+    try:
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "deadlocked on the request's lock"
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 10
+    while not _ends(handler) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handler.rec.calls == ["request_start", "event_start", "event_end", "request_end"]
+    [(_, _, ended)] = handler.rec.event_ends
+    assert isinstance(ended, ToolCallEvent) and ended.name == "search"
 
 
 def test_a_failing_stream_is_still_a_failure() -> None:

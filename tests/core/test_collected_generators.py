@@ -26,6 +26,7 @@ from instrumentation.events.base import BaseEvent
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers import SimpleSpanHandler
+from instrumentation.testing import capture_spans
 
 from ._support import fresh
 
@@ -211,11 +212,12 @@ def test_an_end_put_off_is_made_at_exit() -> None:
     assert done.stdout.splitlines() == ["main done", "dropped stream"]
 
 
-def test_a_collection_in_the_applications_own_code_makes_the_ends_as_it_ends(
+def test_a_collection_in_the_applications_own_code_waits_for_the_next_end_too(
     setup: tuple[Any, LockingHandler, list[BaseEvent]],
 ) -> None:
-    """``gc.collect()`` in a decorated function's body: the wrapper on the stack holds
-    no lock, so the ends are made when the collection ends, not put off."""
+    """``gc.collect()`` in a decorated function's body: where the collection ran says
+    nothing of the locks held there (a library's, say), so its ends wait as well, for
+    the next span end, which makes them first; the test kit's reads make them too."""
     d, handler, _ = setup
 
     @d.span
@@ -226,14 +228,66 @@ def test_a_collection_in_the_applications_own_code_makes_the_ends_as_it_ends(
     def body() -> None:
         _leave_in_a_cycle(stream())
         gc.collect()
-        assert ("drop", "stream") in handler.ends
+        assert ("drop", "stream") not in handler.ends
 
     gc.disable()
     try:
-        body()
+        with capture_spans(d) as spans:
+            body()
+            _leave_in_a_cycle(stream())
+            gc.collect()
+            assert len(spans) == 2  # body, and the stream its end made
     finally:
         gc.enable()
-    assert handler.ends == [("drop", "stream"), ("exit", "body")]
+    # The block's end made the last one.
+    assert [s.name.rsplit(".", 1)[-1] for s in spans] == ["body", "stream", "stream"]
+    assert handler.ends == [("drop", "stream"), ("exit", "body"), ("drop", "stream")]
+
+
+def test_an_exporter_lock_held_where_the_collection_ran_is_not_taken_again() -> None:
+    """The application reads an OpenTelemetry in-memory exporter (which holds the
+    exporter's lock) and the collector runs there: a dropped span exported as the
+    collection ended waited for that lock for ever."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from instrumentation.otel import OpenTelemetrySpanHandler
+
+    class Collecting(InMemorySpanExporter):
+        """Reads under its lock, as the SDK's does; the collector runs there."""
+
+        def get_finished_spans(self) -> Any:
+            with self._lock:
+                gc.collect()
+                return tuple(self._finished_spans)
+
+    exporter = Collecting()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    d = get_dispatcher(fresh("collected_otel"))
+    d.add_span_handler(OpenTelemetrySpanHandler(tracer_provider=provider))
+
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    def step() -> None:
+        return None
+
+    def work() -> None:
+        _leave_in_a_cycle(stream())
+        exporter.get_finished_spans()
+        step()
+
+    try:
+        _in_thread(work)
+    finally:
+        d.shutdown()
+    names = [span.name.rsplit(".", 1)[-1] for span in exporter.get_finished_spans()]
+    assert names == ["stream", "step"]
 
 
 def test_ends_made_by_hand_keep_their_place_and_wait_too(
@@ -417,3 +471,40 @@ def test_an_end_put_off_in_a_multiprocessing_child_is_made_before_it_exits() -> 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["child done", "child dropped stream", "exit code 0"]
+
+
+def test_an_event_sent_from_a_finally_the_collector_runs_waits_too() -> None:
+    """A generator's own ``finally`` sending an event as the collector frees it, while
+    an event handler holds its lock: the event is handled after the collection."""
+    d = get_dispatcher(fresh("collected_event"))
+    lock = threading.Lock()
+    seen: list[str] = []
+
+    class Note(BaseEvent):
+        text: str
+
+    class Locking(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            with lock:
+                seen.append(getattr(event, "text", ""))
+                if getattr(event, "text", "") == "collect here":
+                    gc.collect()
+
+    def chunks() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            d.event(Note(text="closed"))
+
+    d.add_event_handler(Locking())
+
+    def work() -> None:
+        _leave_in_a_cycle(chunks())
+        d.event(Note(text="collect here"))
+        d.event(Note(text="after"))
+
+    try:
+        _in_thread(work)
+    finally:
+        d.shutdown()
+    assert seen == ["collect here", "closed", "after"]

@@ -164,7 +164,8 @@ def test_stream_freed_by_the_collector_inside_a_handlers_lock_ends_after() -> No
         gc.enable()
         root.remove_event_handler(handler)
     ends = [(name, finish) for name, finish in seen if name == "LLMChatEndEvent"]
-    assert ends == [("LLMChatEndEvent", "stop"), ("LLMChatEndEvent", "abandoned")]
+    # Put off during the other call's start event, made before its next event.
+    assert ends == [("LLMChatEndEvent", "abandoned"), ("LLMChatEndEvent", "stop")]
 
 
 def test_stream_dropped_by_the_caller_is_ended_by_garbage_collection(cap: Capture) -> None:
