@@ -463,10 +463,10 @@ def start(
     span_id = name + "-" + span_hex
     span = _new_context(SpanContext, (span_id, trace_id, parent_id, name))
     _next(_started)
-    if (
-        _collecting is not None
-        and in_collection()
-        and later(
+    if _deferred or _collecting is not None:
+        if not in_collection():
+            run_deferred()  # what was put off comes first
+        elif later(
             "span_enter",
             span_id,
             partial(
@@ -475,9 +475,8 @@ def start(
                 (span_id, bound_args, instance, parent_id, tags, name, trace_id),
                 attributes,
             ),
-        )
-    ):
-        return span  # called from a generator's finally the collector runs (see later)
+        ):
+            return span  # called from a generator's finally the collector runs (see later)
     for handler, positional in chain.enters:
         try:
             if positional is not None:

@@ -41,7 +41,13 @@ class LockingHandler(SimpleSpanHandler):
     from LlamaIndex's guide does with ``self.lock``; ``while_locked`` runs inside it."""
 
     ends: list[tuple[str, str]] = Field(default_factory=list)
+    starts: list[str] = Field(default_factory=list)
     while_locked: Optional[Callable[[], None]] = None  # Optional: pydantic on 3.10
+
+    def new_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
+        with self.lock:
+            self.starts.append(_name(id_))
+        return super().new_span(id_, *args, **kwargs)
 
     def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
         with self.lock:
@@ -508,3 +514,35 @@ def test_an_event_sent_from_a_finally_the_collector_runs_waits_too() -> None:
     finally:
         d.shutdown()
     assert seen == ["collect here", "closed", "after"]
+
+
+def test_a_traced_call_in_a_finally_the_collector_runs_waits_too(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """A generator's ``finally`` calls a traced function as the collector frees it,
+    inside a handler's lock: the call runs, its span's start and end wait, in order."""
+    d, handler, _ = setup
+
+    @d.span
+    def cleanup() -> str:
+        return "cleaned"
+
+    def chunks() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            assert cleanup() == "cleaned"
+
+    @d.span
+    def step() -> None:
+        return None
+
+    def work() -> None:
+        _leave_in_a_cycle(chunks())
+        handler.while_locked = gc.collect
+        step()
+        step()
+
+    _in_thread(work)
+    assert handler.starts == ["step", "cleanup", "step"]
+    assert handler.ends == [("exit", "step"), ("exit", "cleanup"), ("exit", "step")]
