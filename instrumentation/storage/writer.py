@@ -229,6 +229,23 @@ class BatchWriter:
         return True
 
     def _put_when_full(self, entry: Any, root: bool = False) -> bool:
+        try:
+            placed = self._place_when_full(entry, root)
+        except BaseException:
+            # Ctrl-C, or SIGTERM's SystemExit (flush_on_sigterm), mostly while it waited
+            # for room: the entry was neither queued nor counted, and would be lost
+            # unseen. It is queued (over the limit), for the exit flush to write.
+            if not any(e is entry for e in self._queue) and not any(
+                e is entry for e in self._set_aside
+            ):
+                self._queue.append(entry)
+                self._wake.set()
+            raise
+        if not placed:
+            self._count_drop()
+        return placed
+
+    def _place_when_full(self, entry: Any, root: bool) -> bool:
         # After one wait that ran out, the writer is stuck (a database locked for long):
         # waiting again for each entry would hold the application up once per span and
         # event. Until the queue has room again, entries are dropped at once.
@@ -260,8 +277,7 @@ class BatchWriter:
             self._set_aside.append(entry)
             self._wake.set()
             return True
-        self._count_drop()
-        return False
+        return False  # dropped: counted by the caller
 
     def _count_drop(self) -> None:
         with self._state_lock:

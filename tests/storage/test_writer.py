@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -837,8 +838,45 @@ print("kept running", flush=True)
     words = done.stdout.split()
     calls, dropped = int(words[words.index("calls") + 1]), int(words[words.index("dropped") + 1])
     assert dropped > 0  # the queue was full when SIGTERM came
-    # Every span accepted is stored; the call SIGTERM interrupted may be one either way.
-    assert abs(count(SQLiteStore(db), "spans") - (calls - dropped)) <= 1
+    # Every span accepted is stored. The call SIGTERM interrupts is one either way:
+    # interrupted before it counted itself, its span may be stored (+1), or refused
+    # with its SpanDropEvent, two entries that `dropped` counts (+2); interrupted
+    # between the handler taking its span and queuing it, it is lost (-1). (While it
+    # waits for room in the queue, where SIGTERM mostly lands, it is kept: see
+    # test_an_entry_interrupted_while_it_waits_for_room_is_kept.)
+    assert -1 <= count(SQLiteStore(db), "spans") - (calls - dropped) <= 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+def test_an_entry_interrupted_while_it_waits_for_room_is_kept(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Ctrl-C (or SIGTERM's SystemExit) while the application waits for room in a full
+    queue: the entry it was queuing was neither queued nor counted as dropped. It is
+    queued now, and written."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()  # the writer holds its first batch: the queue fills
+    handler = make_handler(store, max_queue=5, block_timeout=60, debounce=0.01)
+    handler.handle(NoteEvent(text="first"))
+    deadline = time.monotonic() + 10
+    while store.attempts == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(5):
+        handler.handle(NoteEvent(text=f"queued {i}"))
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            handler.handle(NoteEvent(text="interrupted"))
+    finally:
+        timer.cancel()
+    store.gate.set()
+    assert handler.flush(10)
+    assert handler.writer.dropped == 0
+    texts = sorted(e.payload["text"] for e in store.events())
+    assert texts == sorted(["first", "interrupted", *(f"queued {i}" for i in range(5))])
+
+
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
