@@ -6,13 +6,13 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from collecting import in_thread, leave_in_a_cycle
 
 from instrumentation import audit, get_dispatcher
 from instrumentation.audit import RequestEnd, ToolCallEvent
@@ -133,23 +133,14 @@ def test_a_request_in_a_generator_the_collector_frees_inside_the_registry_ends_a
                 gc.collect()
 
     def work() -> None:
-        chunks = answer()
-        next(chunks)
-        cycle: list[Any] = [chunks]
-        cycle.append(cycle)
-        del chunks, cycle
+        leave_in_a_cycle(answer())
         with audit.request(question="outer", handlers=[SyncRecorder()]):
             step()
 
     registry.span_runs = CollectOnce(registry.span_runs)
     try:
-        gc.disable()  # only the collection the test makes, inside the lock
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        thread.join(20)
-        assert not thread.is_alive(), "deadlocked on the registry's lock"
+        in_thread(work)
     finally:
-        gc.enable()
         registry.span_runs = dict(registry.span_runs)
     assert fired
     deadline = time.monotonic() + 10
@@ -173,24 +164,13 @@ def test_an_event_block_the_collector_closes_inside_the_requests_lock_ends_after
 
     def work() -> None:
         with audit.request(question="q", handlers=[handler]) as req:
-            chunks = steps()
-            next(chunks)
-            cycle: list[Any] = [chunks]
-            cycle.append(cycle)
-            del chunks, cycle
+            leave_in_a_cycle(steps())
             run = req._run
             assert run is not None
             with run._lock:
                 gc.collect()
 
-    gc.disable()  # only the collection the test makes, inside the lock
-    try:
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        thread.join(20)
-        assert not thread.is_alive(), "deadlocked on the request's lock"
-    finally:
-        gc.enable()
+    in_thread(work)
     deadline = time.monotonic() + 10
     while not _ends(handler) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from collecting import in_thread, leave_in_a_cycle
 from pydantic import Field
 
 from instrumentation import get_dispatcher
@@ -63,35 +64,18 @@ class LockingHandler(SimpleSpanHandler):
         return super().prepare_to_drop_span(id_, *args, **kwargs)
 
 
-def _in_thread(work: Callable[[], None], seconds: float = 20) -> None:
-    """Run ``work`` on a thread; fail (instead of hanging the suite) if it never ends."""
-    errors: list[BaseException] = []
+def _stream_and_step(d: Any) -> tuple[Callable[[], Iterator[int]], Callable[[], None]]:
+    """A traced generator to leave in a cycle, and a traced call to end after it."""
 
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    @d.span
+    def stream() -> Iterator[int]:
+        yield 1
 
-    # Only the collections the test makes: an automatic one could free the cycle
-    # earlier, outside any lock.
-    gc.disable()
-    try:
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        thread.join(seconds)
-    finally:
-        gc.enable()
-    assert not thread.is_alive(), "deadlocked: the span's end waited for a lock its thread held"
-    if errors:
-        raise errors[0]
+    @d.span
+    def step() -> None:
+        return None
 
-
-def _leave_in_a_cycle(gen: Iterator[Any]) -> None:
-    """Start ``gen`` and drop it where only the cyclic collector will find it."""
-    next(gen)
-    cycle: list[Any] = [gen]
-    cycle.append(cycle)
+    return stream, step
 
 
 @pytest.fixture
@@ -132,13 +116,13 @@ def test_a_generator_collected_inside_a_handlers_lock_ends_after_the_collection(
         return None
 
     def work() -> None:
-        _leave_in_a_cycle(stream())
+        leave_in_a_cycle(stream())
         handler.while_locked = gc.collect  # the collector runs while the lock is held
         step()
         assert ("drop", "stream") not in handler.ends  # not while the lock was held
         later()  # the next end runs what waited, first
 
-    _in_thread(work)
+    in_thread(work)
     assert handler.ends == [("exit", "step"), ("drop", "stream"), ("exit", "later")]
     drops = [e for e in events if isinstance(e, SpanDropEvent)]
     assert [(_name(e.span_id), e.err_type) for e in drops] == [("stream", "GeneratorExit")]
@@ -150,72 +134,75 @@ def test_a_collected_generators_end_reaches_the_handlers_at_shutdown(
 ) -> None:
     d, handler, _ = setup
 
-    @d.span
-    def stream() -> Iterator[int]:
-        yield 1
-
-    @d.span
-    def step() -> None:
-        return None
+    stream, step = _stream_and_step(d)
 
     def work() -> None:
-        _leave_in_a_cycle(stream())
+        leave_in_a_cycle(stream())
         handler.while_locked = gc.collect
         step()
 
-    _in_thread(work)
+    in_thread(work)
     assert ("drop", "stream") not in handler.ends
     d.shutdown()  # no span ended since: shutdown makes the end before closing
     assert handler.ends[-1] == ("drop", "stream")
     assert [_name(s.id_) for s in handler.dropped_spans] == ["stream"]
 
 
+#: The start of the programs the tests below run on their own: a handler that runs a
+#: collection inside its lock as a span called ``step`` ends, with a suspended traced
+#: generator left in a cycle for it (``freed_in_a_cycle()``).
+_CHILD = """
+import gc
+gc.disable()  # only the collection the handler makes
+from instrumentation import get_dispatcher
+from instrumentation.span_handlers import SimpleSpanHandler
+
+class Handler(SimpleSpanHandler):
+    def prepare_to_exit_span(self, id_, *args, **kwargs):
+        with self.lock:
+            if id_.startswith("step"):
+                gc.collect()
+        return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+    def prepare_to_drop_span(self, id_, *args, **kwargs):
+        with self.lock:
+            print("dropped", id_.split("-")[0], flush=True)
+        return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+d = get_dispatcher("child")
+d.add_span_handler(Handler())
+
+@d.span
+def stream():
+    yield 1
+
+@d.span
+def step():
+    return None
+
+def freed_in_a_cycle():
+    g = stream()
+    next(g)
+    cycle = [g, None]
+    cycle[1] = cycle
+"""
+
+
+def _run_child(scenario: str) -> list[str]:
+    code = _CHILD + textwrap.dedent(scenario)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_an_end_put_off_is_made_at_exit() -> None:
     """No span ends after the collection: the interpreter's exit makes the end."""
-    code = textwrap.dedent(
-        """
-        import gc
-        gc.disable()  # only the collection the handler makes
-        from instrumentation import get_dispatcher
-        from instrumentation.span_handlers import SimpleSpanHandler
-
-        class Handler(SimpleSpanHandler):
-            def prepare_to_exit_span(self, id_, *args, **kwargs):
-                with self.lock:
-                    if id_.startswith("step"):
-                        gc.collect()
-                return super().prepare_to_exit_span(id_, *args, **kwargs)
-
-            def prepare_to_drop_span(self, id_, *args, **kwargs):
-                with self.lock:
-                    print("dropped", id_.split("-")[0], flush=True)
-                return super().prepare_to_drop_span(id_, *args, **kwargs)
-
-        d = get_dispatcher("exit_check")
-        d.add_span_handler(Handler())
-
-        @d.span
-        def stream():
-            yield 1
-
-        @d.span
-        def step():
-            return None
-
-        g = stream()
-        next(g)
-        cycle = [g, None]
-        cycle[1] = cycle
-        del g, cycle
+    scenario = """
+        freed_in_a_cycle()
         step()
         print("main done", flush=True)
         """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["main done", "dropped stream"]
+    assert _run_child(scenario) == ["main done", "dropped stream"]
 
 
 def test_a_collection_in_the_applications_own_code_waits_for_the_next_end_too(
@@ -232,7 +219,7 @@ def test_a_collection_in_the_applications_own_code_waits_for_the_next_end_too(
 
     @d.span
     def body() -> None:
-        _leave_in_a_cycle(stream())
+        leave_in_a_cycle(stream())
         gc.collect()
         assert ("drop", "stream") not in handler.ends
 
@@ -240,7 +227,7 @@ def test_a_collection_in_the_applications_own_code_waits_for_the_next_end_too(
     try:
         with capture_spans(d) as spans:
             body()
-            _leave_in_a_cycle(stream())
+            leave_in_a_cycle(stream())
             gc.collect()
             assert len(spans) == 2  # body, and the stream its end made
     finally:
@@ -275,21 +262,15 @@ def test_an_exporter_lock_held_where_the_collection_ran_is_not_taken_again() -> 
     d = get_dispatcher(fresh("collected_otel"))
     d.add_span_handler(OpenTelemetrySpanHandler(tracer_provider=provider))
 
-    @d.span
-    def stream() -> Iterator[int]:
-        yield 1
-
-    @d.span
-    def step() -> None:
-        return None
+    stream, step = _stream_and_step(d)
 
     def work() -> None:
-        _leave_in_a_cycle(stream())
+        leave_in_a_cycle(stream())
         exporter.get_finished_spans()
         step()
 
     try:
-        _in_thread(work)
+        in_thread(work)
     finally:
         d.shutdown()
     names = [span.name.rsplit(".", 1)[-1] for span in exporter.get_finished_spans()]
@@ -304,13 +285,7 @@ def test_ends_made_by_hand_keep_their_place_and_wait_too(
     d, handler, _ = setup
     no_args = inspect.Signature().bind()
 
-    @d.span
-    def stream() -> Iterator[int]:
-        yield 1
-
-    @d.span
-    def step() -> None:
-        return None
+    stream, step = _stream_and_step(d)
 
     def by_hand() -> Iterator[int]:
         d.span_enter("manual-1", bound_args=no_args)
@@ -321,13 +296,13 @@ def test_ends_made_by_hand_keep_their_place_and_wait_too(
 
     def work() -> None:
         d.span_enter("parent-1", bound_args=no_args)
-        _leave_in_a_cycle(stream())
-        _leave_in_a_cycle(by_hand())
+        leave_in_a_cycle(stream())
+        leave_in_a_cycle(by_hand())
         handler.while_locked = gc.collect
         step()
         d.span_exit("parent-1", bound_args=no_args)
 
-    _in_thread(work)
+    in_thread(work)
     # The two freed together end in the collector's order; both before the parent's.
     assert len(handler.ends) == 4
     assert handler.ends[0] == ("exit", "step") and handler.ends[3] == ("exit", "parent")
@@ -342,17 +317,11 @@ def test_a_forked_child_leaves_the_parents_put_off_ends_to_it(
     twice (each process stored a drop event of its own)."""
     d, handler, _ = setup
 
-    @d.span
-    def stream() -> Iterator[int]:
-        yield 1
-
-    @d.span
-    def step() -> None:
-        return None
+    stream, step = _stream_and_step(d)
 
     gc.disable()
     try:
-        _leave_in_a_cycle(stream())
+        leave_in_a_cycle(stream())
         handler.while_locked = gc.collect
         step()
         assert ("drop", "stream") not in handler.ends
@@ -376,95 +345,30 @@ def test_a_forked_child_leaves_the_parents_put_off_ends_to_it(
 def test_an_end_put_off_while_the_exit_runs_is_made() -> None:
     """An exit-time callback whose span's handler runs a collection: the exit's own
     drain runs after it (atexit did not run a drain registered while it ran)."""
-    code = textwrap.dedent(
-        """
-        import atexit, gc
-        gc.disable()
-        from instrumentation import get_dispatcher
-        from instrumentation.span_handlers import SimpleSpanHandler
-
-        class Handler(SimpleSpanHandler):
-            def prepare_to_exit_span(self, id_, *args, **kwargs):
-                with self.lock:
-                    if id_.startswith("final_step"):
-                        gc.collect()
-                return super().prepare_to_exit_span(id_, *args, **kwargs)
-
-            def prepare_to_drop_span(self, id_, *args, **kwargs):
-                with self.lock:
-                    print("dropped", id_.split("-")[0], flush=True)
-                return super().prepare_to_drop_span(id_, *args, **kwargs)
-
-        d = get_dispatcher("exit_time")
-        d.add_span_handler(Handler())
-
-        @d.span
-        def stream():
-            yield 1
-
-        @d.span
-        def final_step():
-            return None
+    scenario = """
+        import atexit
 
         def at_exit():
-            g = stream()
-            next(g)
-            cycle = [g, None]
-            cycle[1] = cycle
-            del g, cycle
-            final_step()
+            freed_in_a_cycle()
+            step()
             print("at_exit done", flush=True)
 
         atexit.register(at_exit)
         print("main done", flush=True)
         """
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["main done", "at_exit done", "dropped stream"]
+    assert _run_child(scenario) == ["main done", "at_exit done", "dropped stream"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork start method here")
 def test_an_end_put_off_in_a_multiprocessing_child_is_made_before_it_exits() -> None:
     """A multiprocessing child ends with ``os._exit`` (no atexit): its threads' exit
     hooks make what was put off after its last span end."""
-    code = textwrap.dedent(
-        """
-        import gc, multiprocessing, os
-        from instrumentation import get_dispatcher
-        from instrumentation.span_handlers import SimpleSpanHandler
-
-        class Handler(SimpleSpanHandler):
-            def prepare_to_exit_span(self, id_, *args, **kwargs):
-                with self.lock:
-                    if id_.startswith("last_step"):
-                        gc.collect()
-                return super().prepare_to_exit_span(id_, *args, **kwargs)
-
-            def prepare_to_drop_span(self, id_, *args, **kwargs):
-                with self.lock:
-                    print("child dropped", id_.split("-")[0], flush=True)
-                return super().prepare_to_drop_span(id_, *args, **kwargs)
-
-        d = get_dispatcher("mp_child")
-        d.add_span_handler(Handler())
-
-        @d.span
-        def stream():
-            yield 1
-
-        @d.span
-        def last_step():
-            return None
+    scenario = """
+        import multiprocessing
 
         def target():
-            gc.disable()
-            g = stream()
-            next(g)
-            cycle = [g, None]
-            cycle[1] = cycle
-            del g, cycle
-            last_step()
+            freed_in_a_cycle()
+            step()
             print("child done", flush=True)
 
         if __name__ == "__main__":
@@ -473,10 +377,7 @@ def test_an_end_put_off_in_a_multiprocessing_child_is_made_before_it_exits() -> 
             child.join()
             print("exit code", child.exitcode, flush=True)
         """
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["child done", "child dropped stream", "exit code 0"]
+    assert _run_child(scenario) == ["child done", "dropped stream", "exit code 0"]
 
 
 def test_an_event_sent_from_a_finally_the_collector_runs_waits_too() -> None:
@@ -505,12 +406,12 @@ def test_an_event_sent_from_a_finally_the_collector_runs_waits_too() -> None:
     d.add_event_handler(Locking())
 
     def work() -> None:
-        _leave_in_a_cycle(chunks())
+        leave_in_a_cycle(chunks())
         d.event(Note(text="collect here"))
         d.event(Note(text="after"))
 
     try:
-        _in_thread(work)
+        in_thread(work)
     finally:
         d.shutdown()
     assert seen == ["collect here", "closed", "after"]
@@ -538,11 +439,11 @@ def test_a_traced_call_in_a_finally_the_collector_runs_waits_too(
         return None
 
     def work() -> None:
-        _leave_in_a_cycle(chunks())
+        leave_in_a_cycle(chunks())
         handler.while_locked = gc.collect
         step()
         step()
 
-    _in_thread(work)
+    in_thread(work)
     assert handler.starts == ["step", "cleanup", "step"]
     assert handler.ends == [("exit", "step"), ("exit", "cleanup"), ("exit", "step")]

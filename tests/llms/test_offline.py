@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from collecting import in_thread, leave_in_a_cycle
 from pydantic import BaseModel
 
 from instrumentation import BaseEventHandler, SpanDropEvent, get_dispatcher, telemetry
@@ -146,22 +147,13 @@ def test_stream_freed_by_the_collector_inside_a_handlers_lock_ends_after() -> No
     root.add_event_handler(handler)
 
     def work() -> None:
-        stream = llm().stream_chat(QUESTION)
-        next(stream)
-        cycle: list[Any] = [stream]
-        cycle.append(cycle)
-        del stream, cycle
+        leave_in_a_cycle(llm().stream_chat(QUESTION))
         collect_at.append("LLMChatStartEvent")
         llm().chat("another question")
 
     try:
-        gc.disable()  # only the collection the test makes, inside the lock
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        thread.join(20)
-        assert not thread.is_alive(), "deadlocked: the end event waited for a lock its thread held"
+        in_thread(work)
     finally:
-        gc.enable()
         root.remove_event_handler(handler)
     ends = [(name, finish) for name, finish in seen if name == "LLMChatEndEvent"]
     # Put off during the other call's start event, made before its next event.
