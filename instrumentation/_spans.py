@@ -2,7 +2,8 @@
 
 A live span is a :class:`SpanContext`; it carries the handler chain that saw it
 start, so that handlers added or removed while it runs never see an exit without an
-enter. Nothing here takes a lock: handler chains are immutable tuples.
+enter. Dispatch takes no lock: handler chains are immutable tuples. (Making what was
+put off, :func:`_run_deferred`, takes one, and never waits for it.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ _report = telemetry.report_handler_error
 #: Span ends put off near the recursion limit (a traced function recursing until
 #: ``RecursionError``): there the handlers have no stack to run on, and would fail half
 #: way through. Each is run by a later span end that has room, usually a caller's on
-#: the way up, so that no handler keeps the span open for ever. Entries are
-#: ``(handler or None, method, span id, end)``.
+#: the way up, so that no handler keeps the span open for ever. Also what a garbage
+#: collection caused (see :data:`_collecting`). Entries are
+#: ``(handler or None, method, span id, end)``, oldest first.
 _deferred: deque[tuple[Any, str, str, Callable[[], Any]]] = deque()
 _DEFERRED_KEPT = 1_000
 #: The frames an end needs left (a handler, its event, logging an error).

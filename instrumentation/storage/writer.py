@@ -229,23 +229,22 @@ class BatchWriter:
         return True
 
     def _put_when_full(self, entry: Any, root: bool = False) -> bool:
+        placed = [False]  # set as soon as the entry is in the queue or set aside
         try:
-            placed = self._place_when_full(entry, root)
+            if self._place_when_full(entry, root, placed):
+                return True
         except BaseException:
             # Ctrl-C, or SIGTERM's SystemExit (flush_on_sigterm), mostly while it waited
             # for room: the entry was neither queued nor counted, and would be lost
             # unseen. It is queued (over the limit), for the exit flush to write.
-            if not any(e is entry for e in self._queue) and not any(
-                e is entry for e in self._set_aside
-            ):
+            if not placed[0]:
                 self._queue.append(entry)
                 self._wake.set()
             raise
-        if not placed:
-            self._count_drop()
-        return placed
+        self._count_drop()
+        return False
 
-    def _place_when_full(self, entry: Any, root: bool) -> bool:
+    def _place_when_full(self, entry: Any, root: bool, placed: list[bool]) -> bool:
         # After one wait that ran out, the writer is stuck (a database locked for long):
         # waiting again for each entry would hold the application up once per span and
         # event. Until the queue has room again, entries are dropped at once.
@@ -268,6 +267,7 @@ class BatchWriter:
                         self._space.wait(remaining)
                     if len(queue) < self._limit and not self._closed:
                         queue.append(entry)
+                        placed[0] = True
                         self._wake.set()
                         return True
                     self._waited_in_vain = True
@@ -275,6 +275,7 @@ class BatchWriter:
                     self._space_waiters -= 1
         if root and not self._closed and len(self._set_aside) < _SET_ASIDE_LIMIT:
             self._set_aside.append(entry)
+            placed[0] = True
             self._wake.set()
             return True
         return False  # dropped: counted by the caller
