@@ -16,6 +16,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import copy_context
 from functools import partial
 from threading import get_ident
 from types import FrameType
@@ -80,44 +81,56 @@ def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
     _report(handler, method, span_id, exc)
 
 
-def _run_deferred() -> None:
-    """Run the ends put off, oldest first, if there is room for them here and no
-    other call is running them (an end run here must not run the later ones first)."""
-    if _short_of_stack() or not _draining.acquire(blocking=False):
-        return
-    try:
-        while True:
-            try:
-                item = _deferred.popleft()
-            except IndexError:  # emptied here, or by another thread meanwhile
-                return
-            handler, method, span_id, end = item
-            try:
-                end()
-            except RecursionError as exc:
-                if _short_of_stack():
-                    _deferred.appendleft(item)  # too deep after all: a later end runs it
-                    return
-                _give_up(handler, method, span_id, exc)  # it recurses at any depth
-            except Exception as exc:
-                _give_up(handler, method, span_id, exc)
-    finally:
-        _draining.release()
+def _run_deferred() -> bool:
+    """Run what was put off, oldest first, if there is room for it here; whether
+    nothing is left waiting behind another thread that is running it now (a caller's
+    own end must then wait behind it: see :func:`must_wait`)."""
+    global _draining_thread
+    if _short_of_stack():
+        return True
+    while True:
+        if not _draining.acquire(blocking=False):
+            return False
+        _draining_thread = get_ident()
+        try:
+            while True:
+                try:
+                    item = _deferred.popleft()
+                except IndexError:  # emptied here, or by another thread meanwhile
+                    break
+                handler, method, span_id, end = item
+                try:
+                    end()
+                except RecursionError as exc:
+                    if _short_of_stack():
+                        _deferred.appendleft(item)  # too deep after all: a later end runs it
+                        return True
+                    _give_up(handler, method, span_id, exc)  # it recurses at any depth
+                except Exception as exc:
+                    _give_up(handler, method, span_id, exc)
+        finally:
+            _draining_thread = None
+            _draining.release()
+        if not _deferred:  # nothing put behind it between its last look and the release
+            return True
 
 
-#: Held by the call of :func:`_run_deferred` that is running the ends put off.
+#: Held by the call of :func:`_run_deferred` that is running what was put off, and
+#: the thread it runs on.
 _draining = threading.Lock()
+_draining_thread: int | None = None
 
 #: The thread the cyclic garbage collector runs on now, if it runs. It may run at
 #: almost any point of that thread: inside a handler holding its lock, or inside a
 #: library a handler calls into (an exporter, a logging queue) holding its own. There
 #: it may close a traced generator that only a reference cycle kept, whose span's end
 #: then called the handlers, which waited for that lock, held by their own thread,
-#: for ever. So on that thread, while it collects, the span starts and ends, the
-#: events and the ends of LLM streams and audit blocks are put off (:func:`later`),
-#: and made, in the order they came, by the next span end or event on any thread,
-#: ``Dispatcher.shutdown()``, the exit flush of a store or exporter, or the
-#: interpreter's exit: not as the collection ends, which is inside the same lock.
+#: for ever. So on that thread, while it collects, span starts and ends, events, and
+#: the ends of LLM streams and audit blocks are put off (:func:`later`), and made, in
+#: the order they came and in the context each came from, by the next span start or
+#: end or event on any thread (which waits behind them: :func:`must_wait`),
+#: ``Dispatcher.shutdown()``, the exit flushes, or the interpreter's exit; not as the
+#: collection ends, which is inside the same lock.
 _collecting: int | None = None
 #: How many may wait so; past it, they are made at once, as before.
 _COLLECTED_KEPT = 100_000
@@ -137,36 +150,45 @@ def in_collection() -> bool:
 
 
 def ending_now() -> bool:
-    """Whether a wait for handlers would be inside the collector, or after the exit."""
-    return _exited or in_collection()
+    """Whether a wait for handlers would be inside the collector, after the exit, or
+    hold up the unrelated call that is making what was put off."""
+    return _exited or in_collection() or _draining_thread == get_ident()
 
 
 def later(method: str, span_id: str, end: Callable[[], Any]) -> bool:
-    """Put ``end`` off until the collection is over; whether it was."""
+    """Put ``end`` off, behind what waits already, to be made in the context it was
+    put off in; whether it was."""
     if _exited or len(_deferred) >= _COLLECTED_KEPT:
         return False
-    _deferred.append((None, method, span_id, end))
+    _deferred.append((None, method, span_id, partial(copy_context().run, end)))
     return True
 
 
-def catch_up_or_put_off(method: str, span_id: str, end: Callable[[], Any]) -> bool:
-    """For an end made by hand: whether it was put off (the collector runs here), after
-    the ends put off earlier were made, if it was not."""
-    if not _deferred and _collecting is None:
-        return False
+def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
+    """For a span start or end, an event: whether ``end`` (the caller's own) was put
+    off, inside a collection or behind what another thread is making now; if not, what
+    waited has been made first, here."""
     if in_collection():
         return later(method, span_id, end)
+    if _draining_thread == get_ident():
+        return False  # one of those put off, being made now
     try:
-        _run_deferred()
+        if _run_deferred():
+            return False
     except RecursionError:  # no room to look even: a later end runs them
+        return False
+    queued = later(method, span_id, end)
+    try:  # the other thread may have let go meanwhile, leaving it
+        _run_deferred()
+    except RecursionError:
         pass
-    return False
+    return queued
 
 
 def run_deferred() -> None:
-    """Make the span ends put off now: by ``Dispatcher.shutdown()``, and at exit
-    before a store or an exporter is flushed for the last time."""
-    if _deferred and not in_collection():
+    """Make what was put off now: by ``Dispatcher.shutdown()``, and at exit before a
+    store or an exporter is flushed for the last time."""
+    if _deferred and not in_collection() and _draining_thread != get_ident():
         _run_deferred()
 
 
@@ -465,20 +487,17 @@ def start(
     span_id = name + "-" + span_hex
     span = _new_context(SpanContext, (span_id, trace_id, parent_id, name))
     _next(_started)
-    if _deferred or _collecting is not None:
-        if not in_collection():
-            run_deferred()  # what was put off comes first
-        elif later(
-            "span_enter",
-            span_id,
-            partial(
-                _enter_all,
-                chain,
-                (span_id, bound_args, instance, parent_id, tags, name, trace_id),
-                attributes,
-            ),
-        ):
-            return span  # called from a generator's finally the collector runs (see later)
+    if (_deferred or _collecting is not None) and must_wait(
+        "span_enter",
+        span_id,
+        partial(
+            _enter_all,
+            chain,
+            (span_id, bound_args, instance, parent_id, tags, name, trace_id),
+            attributes,
+        ),
+    ):
+        return span  # in a collection (a generator's finally), or behind what waits
     for handler, positional in chain.enters:
         try:
             if positional is not None:
@@ -535,16 +554,11 @@ def _enter_all(chain: Chain, given: tuple[Any, ...], attributes: Any) -> None:
 
 def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
     """Close ``span`` normally."""
-    if _deferred or _collecting is not None:
-        if not in_collection():
-            try:  # a recursion caught inside a traced call, or a collection: its ends, now
-                _run_deferred()
-            except RecursionError:  # no room to look even: a later end runs them
-                pass
-        elif later(
-            "span_exit", span.id_, partial(finish, chain, span, bound_args, instance, result)
-        ):
-            return
+    # What a recursion caught inside a traced call, or a collection, put off: first.
+    if (_deferred or _collecting is not None) and must_wait(
+        "span_exit", span.id_, partial(finish, chain, span, bound_args, instance, result)
+    ):
+        return
     _next(_ended)
     span_id = span.id_
     for handler, positional in chain.exits:
@@ -581,18 +595,12 @@ def fail(
     chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
 ) -> None:
     """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
-    if _deferred or _collecting is not None:
-        if not in_collection():
-            try:
-                _run_deferred()
-            except RecursionError:  # no room to look even: a later end runs them
-                pass
-        elif later(
-            "span_drop",
-            span.id_,
-            partial(_fail, chain, span, bound_args, instance, err, _active_tags.get()),
-        ):
-            return
+    if (_deferred or _collecting is not None) and must_wait(
+        "span_drop",
+        span.id_,
+        partial(_fail, chain, span, bound_args, instance, err, _active_tags.get()),
+    ):
+        return
     if type(err) is RecursionError and _put_off(
         None,
         "span_drop",
@@ -694,7 +702,6 @@ __all__ = [
     "LazyBoundArguments",
     "LazySignature",
     "after_span_end",
-    "catch_up_or_put_off",
     "dispatch_event",
     "ending_now",
     "enter_extras",
@@ -703,6 +710,7 @@ __all__ = [
     "handle_all",
     "in_collection",
     "later",
+    "must_wait",
     "run_deferred",
     "start",
 ]

@@ -32,12 +32,12 @@ from instrumentation._spans import (
     Chain,
     _deferred,
     after_span_end,
-    catch_up_or_put_off,
     dispatch_event,
     enter_extras,
     fail,
     finish,
     handle_all,
+    must_wait,
     run_deferred,
     start,
 )
@@ -510,15 +510,13 @@ class Dispatcher:
             own = event.tags
             for key, value in tags.items():
                 own.setdefault(key, value)
-        if _deferred or _spans._collecting is not None:
-            if not _spans.in_collection():
-                _spans.run_deferred()  # what was put off comes first
-            elif _spans.later(
-                "handle", event.id_, partial(dispatch_event, handlers, event, kwargs)
-            ):
-                # Sent from a generator's ``finally`` as the garbage collector frees it,
-                # maybe inside a handler holding its lock: handled after the collection.
-                return
+        # Sent from a generator's ``finally`` as the garbage collector frees it, maybe
+        # inside a handler holding its lock, or while what was put off is made on
+        # another thread: handled after those (see instrumentation._spans).
+        if (_deferred or _spans._collecting is not None) and must_wait(
+            "handle", event.id_, partial(dispatch_event, handlers, event, kwargs)
+        ):
+            return
         _next(_events_dispatched)
         for handler in handlers:
             try:
@@ -566,6 +564,12 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` started (it is not made current)."""
+        if (_deferred or _spans._collecting is not None) and must_wait(
+            "span_enter",
+            id_,
+            partial(self.span_enter, id_, bound_args, instance, parent_id, tags, **kwargs),
+        ):
+            return
         chain = self._hot
         if chain is None:
             return
@@ -600,7 +604,7 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended with ``result``."""
-        if (_spans._deferred or _spans._collecting is not None) and catch_up_or_put_off(
+        if (_deferred or _spans._collecting is not None) and must_wait(
             "span_exit",
             id_,
             partial(self.span_exit, id_, bound_args, instance, result, **kwargs),
@@ -630,7 +634,7 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended early because of ``err``."""
-        if (_spans._deferred or _spans._collecting is not None) and catch_up_or_put_off(
+        if (_deferred or _spans._collecting is not None) and must_wait(
             "span_drop", id_, partial(self.span_drop, id_, bound_args, instance, err, **kwargs)
         ):
             return

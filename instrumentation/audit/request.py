@@ -230,8 +230,16 @@ class AuditEvent(Generic[E]):
             # not change after it is handed over (lists in it included), unless a
             # field cannot be copied.
             self.started = dataclasses.replace(_deep_copy(self.given), timestamp=_now())
-            self._runs = tuple(run for run in runs if run.begin_event(self._key, self.started))
+            self._runs = runs
+            if not in_collection():
+                run_deferred()  # what a collection put off comes first
+            elif later("event_start", "", self._send_start):
+                return self  # in a generator's finally the collector runs: see _end
+            self._send_start()
         return self
+
+    def _send_start(self) -> None:
+        self._runs = tuple(run for run in self._runs if run.begin_event(self._key, self.started))
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if not self._runs:
@@ -241,7 +249,9 @@ class AuditEvent(Generic[E]):
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
         ended = dataclasses.replace(self.given, **changes)
-        if in_collection() and later("event_end", "", partial(self._send_end, ended)):
+        if not in_collection():
+            run_deferred()  # an inner block the collector closed ends first
+        elif later("event_end", "", partial(self._send_end, ended)):
             return  # a generator closed by the garbage collector: see AuditRequest._end
         self._send_end(ended)
 

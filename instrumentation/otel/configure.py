@@ -811,8 +811,10 @@ class OTLPHandle:
         return False
 
     def _at_exit(self) -> None:
-        run_deferred()  # span ends put off (see instrumentation._spans) are exported too
-        self.shutdown(timeout_millis=self.exit_timeout_millis)
+        try:
+            run_deferred()  # span ends put off (see instrumentation._spans) are exported too
+        finally:  # a handler's Ctrl-C there: the spans still go
+            self.shutdown(timeout_millis=self.exit_timeout_millis)
 
     def __enter__(self) -> OTLPHandle:
         return self

@@ -853,7 +853,10 @@ _exiting = [False]
 def _shutdown_all_at_exit() -> None:
     _exiting[0] = True
     try:
-        run_deferred()  # span ends put off (see instrumentation._spans) go in too
+        try:
+            run_deferred()  # span ends put off (see instrumentation._spans) go in too
+        except BaseException:  # a handler's Ctrl-C: the flush goes on
+            logger.exception("instrumentation.storage: making what was put off failed at exit")
         for writer in list(_writers):
             try:
                 writer.shutdown(writer.exit_timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
@@ -177,6 +178,99 @@ def test_an_event_block_the_collector_closes_inside_the_requests_lock_ends_after
     assert handler.rec.calls == ["request_start", "event_start", "event_end", "request_end"]
     [(_, _, ended)] = handler.rec.event_ends
     assert isinstance(ended, ToolCallEvent) and ended.name == "search"
+
+
+def test_an_event_block_opened_by_a_finally_the_collector_runs_waits_too() -> None:
+    """A generator's ``finally`` opens ``with audit.event(...)`` as the collector frees
+    it, while this thread holds the request's lock: the block's start waits as its end
+    does, and both come, in order, before the enclosing block's end."""
+    order: list[tuple[str, ...]] = []
+
+    class Ordered(SyncRecorder):
+        def event_start(self, event: Any, request_context: Any) -> Any:
+            order.append(("start", event.name))
+            return super().event_start(event, request_context)
+
+        def event_end(self, event: Any, request_context: Any, event_context: Any) -> None:
+            order.append(("end", event.name))
+            super().event_end(event, request_context, event_context)
+
+    handler = Ordered()
+
+    def steps() -> Generator[int, None, None]:
+        try:
+            yield 1
+        finally:
+            with audit.event(ToolCallEvent(name="cleanup")):
+                pass
+
+    def work() -> None:
+        with (
+            audit.request(question="q", handlers=[handler], timeout=5) as req,
+            audit.event(ToolCallEvent(name="outer")),
+        ):
+            leave_in_a_cycle(steps())
+            run = req._run
+            assert run is not None
+            with run._lock:
+                gc.collect()
+
+    in_thread(work)
+    assert order == [
+        ("start", "outer"),
+        ("start", "cleanup"),
+        ("end", "cleanup"),
+        ("end", "outer"),
+    ]
+
+
+def test_a_request_span_end_made_for_another_thread_does_not_wait_there() -> None:
+    """A request span the collector ended is made by the next span on any thread:
+    that unrelated call does not wait for the request's handlers."""
+    release = threading.Event()
+
+    class Slow(SyncRecorder):
+        def request_end(self, output: RequestEnd, request_context: Any) -> None:
+            release.wait(10)
+            super().request_end(output, request_context)
+
+    handler = Slow()
+    d = get_dispatcher("tests.audit.collected_wait")
+    adapter = audit.attach(d, [handler], timeout=30)
+
+    @d.span(request=True)
+    def answer(question: str) -> Generator[str, None, None]:
+        yield "a"
+        yield "b"
+
+    @d.span
+    def unrelated() -> None:
+        return None
+
+    took: list[float] = []
+
+    def work() -> None:
+        leave_in_a_cycle(answer("q"))
+        gc.collect()  # the request's end put off
+
+        def other() -> None:
+            began = time.monotonic()
+            unrelated()  # makes the request's end, and must not wait for Slow
+            took.append(time.monotonic() - began)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(20)
+
+    try:
+        in_thread(work)
+        assert took and took[0] < 5
+    finally:
+        release.set()
+        adapter.flush(10)
+        adapter.detach()
+    (end,) = _ends(handler)
+    assert end.abandoned is True
 
 
 def test_a_failing_stream_is_still_a_failure() -> None:

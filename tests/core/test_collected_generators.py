@@ -5,6 +5,7 @@ not call that handler again on the same thread (which waited for ever)."""
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import inspect
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -447,3 +449,130 @@ def test_a_traced_call_in_a_finally_the_collector_runs_waits_too(
     in_thread(work)
     assert handler.starts == ["step", "cleanup", "step"]
     assert handler.ends == [("exit", "step"), ("exit", "cleanup"), ("exit", "step")]
+
+
+def test_what_waits_keeps_its_place_while_another_thread_makes_it(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """Thread A is making what was put off, slowly; thread B's own start, put off by a
+    collection, and then B's end of that span must come after it, not before (the span
+    was ended before it started, and stayed open for good)."""
+    d, handler, _ = setup
+    stream, step = _stream_and_step(d)
+    slow = threading.Event()
+
+    @d.span
+    def later_gen() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    kept: list[Iterator[int]] = []
+
+    def starts_in_finally() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            started = later_gen()
+            next(started)
+            kept.append(started)
+
+    original = handler.prepare_to_drop_span
+
+    def slow_drop(id_: str, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "drainer" and not slow.is_set():
+            slow.set()
+            time.sleep(0.5)
+        return original(id_, *args, **kwargs)
+
+    object.__setattr__(handler, "prepare_to_drop_span", slow_drop)
+
+    def work() -> None:
+        leave_in_a_cycle(stream())
+        gc.collect()  # stream's drop put off
+        drainer = threading.Thread(target=step, name="drainer")
+        drainer.start()  # makes stream's drop, slowly
+        assert slow.wait(10)
+        leave_in_a_cycle(starts_in_finally())
+        gc.collect()  # later_gen's start put off, behind the drop being made
+        kept.pop().close()  # later_gen ends while the drainer still works
+        drainer.join()
+
+    in_thread(work)
+    assert handler.starts.count("later_gen") == 1
+    order = [e for e in handler.ends if e[1] in ("stream", "later_gen")]
+    assert order == [("drop", "stream"), ("drop", "later_gen")]
+    assert not handler.open_spans
+
+
+def test_what_waits_is_made_in_the_context_it_was_put_off_in(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """A span started from a ``finally`` during a collection is made later, on whatever
+    thread makes what waited: its handlers read the context it started in (an audit
+    request, OpenTelemetry's current span), not that thread's."""
+    d, _, _ = setup
+    where: contextvars.ContextVar[str] = contextvars.ContextVar("where", default="none")
+    seen: list[tuple[str, str]] = []
+
+    class Reads(SimpleSpanHandler):
+        def new_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
+            seen.append((_name(id_), where.get()))
+            return super().new_span(id_, *args, **kwargs)
+
+    d.add_span_handler(Reads())
+
+    @d.span
+    def tool() -> None:
+        return None
+
+    @d.span
+    def step() -> None:
+        return None
+
+    def chunks() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            tool()
+
+    def elsewhere() -> None:
+        where.set("thread X")
+        step()
+
+    def work() -> None:
+        where.set("thread B")
+        leave_in_a_cycle(chunks())
+        gc.collect()  # tool's start and end put off, in thread B's context
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join()
+
+    in_thread(work)
+    assert ("tool", "thread B") in seen
+
+
+def test_a_span_entered_by_hand_in_a_collection_waits_too(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """``Dispatcher.span_enter`` from a generator's ``finally`` as the collector runs
+    inside a handler's lock: put off, as its ``span_exit`` is."""
+    d, handler, _ = setup
+    no_args = inspect.Signature().bind()
+    _, step = _stream_and_step(d)
+
+    def by_hand() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            d.span_enter("manual-2", bound_args=no_args)
+            d.span_exit("manual-2", bound_args=no_args)
+
+    def work() -> None:
+        leave_in_a_cycle(by_hand())
+        handler.while_locked = gc.collect
+        step()
+        step()
+
+    in_thread(work)
+    assert handler.starts == ["step", "manual", "step"]
+    assert handler.ends == [("exit", "step"), ("exit", "manual"), ("exit", "step")]
