@@ -152,6 +152,14 @@ def test_a_request_in_a_generator_the_collector_frees_inside_the_registry_ends_a
     assert not registry.span_runs and not registry.active
 
 
+def _collect_holding_the_lock_of(req: Any) -> None:
+    """A collection where the request's own bookkeeping holds its lock."""
+    run = req._run
+    assert run is not None
+    with run._lock:
+        gc.collect()
+
+
 def test_an_event_block_the_collector_closes_inside_the_requests_lock_ends_after() -> None:
     """``with audit.event(...)`` in a generator the garbage collector frees while this
     thread holds the request's lock (as its own bookkeeping does): the event's end
@@ -166,10 +174,7 @@ def test_an_event_block_the_collector_closes_inside_the_requests_lock_ends_after
     def work() -> None:
         with audit.request(question="q", handlers=[handler]) as req:
             leave_in_a_cycle(steps())
-            run = req._run
-            assert run is not None
-            with run._lock:
-                gc.collect()
+            _collect_holding_the_lock_of(req)
 
     in_thread(work)
     deadline = time.monotonic() + 10
@@ -210,10 +215,7 @@ def test_an_event_block_opened_by_a_finally_the_collector_runs_waits_too() -> No
             audit.event(ToolCallEvent(name="outer")),
         ):
             leave_in_a_cycle(steps())
-            run = req._run
-            assert run is not None
-            with run._lock:
-                gc.collect()
+            _collect_holding_the_lock_of(req)
 
     in_thread(work)
     assert order == [
