@@ -309,12 +309,7 @@ class Dispatcher:
         self._rebuild()
         self._parent_name_given = parent_name or None
         if manager is not None:
-            manager.add_dispatcher(self)
-            if manager.dispatchers.get(self.name) is not self:
-                raise ValueError(
-                    f"the tree already has a dispatcher {self.name!r}: "
-                    f"use get_dispatcher({self.name!r}) to get it"
-                )
+            self._join(manager)
 
     # -- the tree -------------------------------------------------------------------
 
@@ -358,11 +353,16 @@ class Dispatcher:
                 f"dispatcher {self.name!r} is in a tree already, and stays in it; make "
                 "another dispatcher for the other tree"
             )
+        self._join(manager)
+
+    def _join(self, manager: Manager) -> None:
+        """Put this dispatcher in ``manager``'s tree, unless its name is taken there."""
         manager.add_dispatcher(self)
         if manager.dispatchers.get(self.name) is not self:
             raise ValueError(
-                f"the tree already has a dispatcher {self.name!r}: "
-                f"use its manager.dispatchers[{self.name!r}]"
+                f"the tree already has a dispatcher {self.name!r}: use "
+                f"get_dispatcher({self.name!r}) (or manager.dispatchers[{self.name!r}]) "
+                "to get it"
             )
 
     @property
