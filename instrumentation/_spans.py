@@ -164,6 +164,15 @@ def later(method: str, span_id: str, end: Callable[[], Any]) -> bool:
     return True
 
 
+def put_off_in_collection(method: str, span_id: str, end: Callable[[], Any]) -> bool:
+    """For an audit request's or block's start or end: whether ``end`` was put off
+    (the collector runs here); if not, what waited has been made first, here."""
+    if in_collection():
+        return later(method, span_id, end)
+    run_deferred()
+    return False
+
+
 def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
     """For a span start or end, an event: whether ``end`` (the caller's own) was put
     off, inside a collection or behind what another thread is making now; if not, what
@@ -711,6 +720,7 @@ __all__ = [
     "in_collection",
     "later",
     "must_wait",
+    "put_off_in_collection",
     "run_deferred",
     "start",
 ]

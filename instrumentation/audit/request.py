@@ -30,7 +30,7 @@ from contextvars import Token
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from instrumentation._spans import ending_now, in_collection, later, run_deferred
+from instrumentation._spans import ending_now, put_off_in_collection
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import current_run, registry
 from instrumentation.audit.events import Event, RequestStart, _now
@@ -125,9 +125,7 @@ class AuditRequest:
             except ValueError:  # left in another context than it was entered in
                 current_run.set(None)
             self._token = None
-        if not in_collection():
-            run_deferred()  # an event block of this request the collector closed, first
-        elif later("request_end", "", partial(self._close, run, exc)):
+        if put_off_in_collection("request_end", "", partial(self._close, run, exc)):
             # A generator closed by the garbage collector, which may have stopped this
             # library on this thread holding the registry's lock: the request ends once
             # the collection is over (see instrumentation._spans.later), unwaited.
@@ -231,9 +229,7 @@ class AuditEvent(Generic[E]):
             # field cannot be copied.
             self.started = dataclasses.replace(_deep_copy(self.given), timestamp=_now())
             self._runs = runs
-            if not in_collection():
-                run_deferred()  # what a collection put off comes first
-            elif later("event_start", "", self._send_start):
+            if put_off_in_collection("event_start", "", self._send_start):
                 return self  # in a generator's finally the collector runs: see _end
             self._send_start()
         return self
@@ -249,9 +245,7 @@ class AuditEvent(Generic[E]):
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
             changes.setdefault("error", f"{type(exc).__name__}: {exc}")
         ended = dataclasses.replace(self.given, **changes)
-        if not in_collection():
-            run_deferred()  # an inner block the collector closed ends first
-        elif later("event_end", "", partial(self._send_end, ended)):
+        if put_off_in_collection("event_end", "", partial(self._send_end, ended)):
             return  # a generator closed by the garbage collector: see AuditRequest._end
         self._send_end(ended)
 
