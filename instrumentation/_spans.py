@@ -3,7 +3,8 @@
 A live span is a :class:`SpanContext`; it carries the handler chain that saw it
 start, so that handlers added or removed while it runs never see an exit without an
 enter. Dispatch takes no lock: handler chains are immutable tuples. (Making what was
-put off, :func:`_run_deferred`, takes one, and never waits for it.)
+put off, :func:`_run_deferred`, takes one, and never waits for it; a span or event
+that finds it taken waits in line behind it instead.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import inspect
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import copy_context
@@ -84,7 +86,10 @@ def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
 def _run_deferred() -> bool:
     """Run what was put off, oldest first, if there is room for it here; whether
     nothing is left waiting behind another thread that is running it now (a caller's
-    own end must then wait behind it: see :func:`must_wait`)."""
+    own end must then wait behind it: see :func:`must_wait`).
+
+    Each item leaves the queue only once made: a span or event on another thread,
+    seeing the queue empty, would otherwise overtake the one being made."""
     global _draining_thread
     if _short_of_stack():
         return True
@@ -93,26 +98,35 @@ def _run_deferred() -> bool:
             return False
         _draining_thread = get_ident()
         try:
-            while True:
-                try:
-                    item = _deferred.popleft()
-                except IndexError:  # emptied here, or by another thread meanwhile
-                    break
+            while _deferred:
+                item = _deferred[0]
                 handler, method, span_id, end = item
                 try:
                     end()
                 except RecursionError as exc:
                     if _short_of_stack():
-                        _deferred.appendleft(item)  # too deep after all: a later end runs it
-                        return True
+                        return True  # too deep after all: it stays first, for a later end
+                    _made(item)
                     _give_up(handler, method, span_id, exc)  # it recurses at any depth
                 except Exception as exc:
+                    _made(item)
                     _give_up(handler, method, span_id, exc)
+                except BaseException:  # Ctrl-C in a handler: not made again
+                    _made(item)
+                    raise
+                else:
+                    _made(item)
         finally:
             _draining_thread = None
             _draining.release()
         if not _deferred:  # nothing put behind it between its last look and the release
             return True
+
+
+def _made(item: tuple[Any, str, str, Callable[[], Any]]) -> None:
+    """Take ``item`` off the front of the queue (which a fork inside it emptied)."""
+    if _deferred and _deferred[0] is item:
+        _deferred.popleft()
 
 
 #: Held by the call of :func:`_run_deferred` that is running what was put off, and
@@ -128,9 +142,10 @@ _draining_thread: int | None = None
 #: for ever. So on that thread, while it collects, span starts and ends, events, and
 #: the ends of LLM streams and audit blocks are put off (:func:`later`), and made, in
 #: the order they came and in the context each came from, by the next span start or
-#: end or event on any thread (which waits behind them: :func:`must_wait`),
-#: ``Dispatcher.shutdown()``, the exit flushes, or the interpreter's exit; not as the
-#: collection ends, which is inside the same lock.
+#: end or event on any thread (which waits behind them: :func:`must_wait`), the
+#: drainer thread shortly after the collection (:data:`_DRAIN_AFTER`),
+#: ``Dispatcher.shutdown()``, the exit flushes, or the interpreter's exit; not on that
+#: thread as the collection ends, which is inside the same lock.
 _collecting: int | None = None
 #: How many may wait so; past it, they are made at once, as before.
 _COLLECTED_KEPT = 100_000
@@ -140,7 +155,67 @@ _exited = False
 
 def _watch_collections(phase: str, info: dict[str, int]) -> None:
     global _collecting
-    _collecting = get_ident() if phase == "start" else None
+    if phase == "start":
+        _collecting = get_ident()
+        return
+    _collecting = None
+    if _deferred and _drainer is not None and _wakeup.locked():
+        try:  # neither blocks nor allocates: safe wherever the collection ran
+            _wakeup.release()
+        except RuntimeError:  # another thread woke it meanwhile
+            pass
+
+
+#: What a collection put off is made on a thread of its own (the drainer) if, this
+#: many seconds after the collection, nothing on the collecting thread has made it: a
+#: program that goes quiet would otherwise end those spans at its next span or event,
+#: timed then (minutes late in an idle server). The drainer waits for the locks the
+#: collecting thread held, which that thread lets go of as it goes on. Waiting first
+#: leaves them to a busy thread, whose next span or event makes them in its own order.
+#: ``None``: only the next span or event makes them.
+_DRAIN_AFTER: float | None = 0.05
+#: Held while the drainer has nothing to do; the collector's callback releases it.
+_wakeup = threading.Lock()
+_wakeup.acquire()
+_drainer: threading.Thread | None = None
+_starting_drainer = threading.Lock()
+#: How long ``run_deferred()`` waits for another thread (the drainer) to finish making
+#: what was put off, so that a read, a shutdown or an exit flush sees all of it.
+_WAIT_FOR_DRAIN = 2.0
+
+
+def start_drainer() -> None:
+    """Start the drainer, once per process: at the first traced generator (what a
+    collection most often frees), or when what a collection put off is first made."""
+    global _drainer
+    if _drainer is not None or _exited or in_collection():
+        return
+    with _starting_drainer:
+        if _drainer is not None:
+            return
+        thread = threading.Thread(
+            target=_drain_after_collections, name="instrumentation-after-gc", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # the interpreter is shutting down: the exit makes them
+            return
+        _drainer = thread
+
+
+def _drain_after_collections() -> None:
+    while True:
+        _wakeup.acquire()
+        pause = _DRAIN_AFTER
+        if pause is None:
+            continue
+        time.sleep(pause)
+        if not _deferred or _exited:
+            continue
+        try:
+            _run_deferred()
+        except BaseException:  # an item's SystemExit, say: the drainer goes on
+            telemetry.logger.exception("instrumentation: making what was put off failed")
 
 
 def in_collection() -> bool:
@@ -183,6 +258,8 @@ def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
         return False  # one of those put off, being made now
     try:
         if _run_deferred():
+            if _drainer is None:
+                start_drainer()
             return False
     except RecursionError:  # no room to look even: a later end runs them
         return False
@@ -195,10 +272,20 @@ def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
 
 
 def run_deferred() -> None:
-    """Make what was put off now: by ``Dispatcher.shutdown()``, and at exit before a
-    store or an exporter is flushed for the last time."""
-    if _deferred and not in_collection() and _draining_thread != get_ident():
+    """Make what was put off now, or wait (for at most :data:`_WAIT_FOR_DRAIN`) for the
+    thread making it: by ``Dispatcher.shutdown()``, the test kit's reads, and at exit
+    before a store or an exporter is flushed for the last time."""
+    if in_collection():
+        return
+    draining = _draining_thread
+    if draining is not None:
+        if draining == get_ident():
+            return
+        if _draining.acquire(timeout=_WAIT_FOR_DRAIN):
+            _draining.release()
+    if _deferred:
         _run_deferred()
+        start_drainer()
 
 
 def _run_deferred_at_exit() -> None:
@@ -209,10 +296,15 @@ def _run_deferred_at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     """The parent makes the ends it put off; a drain it was running is not the child's."""
-    global _draining, _collecting
+    global _draining, _collecting, _drainer, _wakeup, _starting_drainer, _draining_thread
     _deferred.clear()
     _draining = threading.Lock()
+    _draining_thread = None
     _collecting = None
+    _drainer = None  # not copied by fork: the child starts its own when needed
+    _wakeup = threading.Lock()
+    _wakeup.acquire()
+    _starting_drainer = threading.Lock()
 
 
 gc.callbacks.append(_watch_collections)

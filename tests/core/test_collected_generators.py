@@ -23,7 +23,7 @@ import pytest
 from collecting import in_thread, leave_in_a_cycle
 from pydantic import Field
 
-from instrumentation import get_dispatcher
+from instrumentation import _spans, get_dispatcher
 from instrumentation.event_handlers import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.events.span import SpanDropEvent
@@ -81,7 +81,10 @@ def _stream_and_step(d: Any) -> tuple[Callable[[], Iterator[int]], Callable[[], 
 
 
 @pytest.fixture
-def setup() -> Iterator[tuple[Any, LockingHandler, list[BaseEvent]]]:
+def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, LockingHandler, list[BaseEvent]]]:
+    """The tests using it check the ways what waits is made other than the drainer,
+    which is kept out of their way (the tests of the drainer bring it back)."""
+    monkeypatch.setattr(_spans, "_DRAIN_AFTER", None)
     d = get_dispatcher(fresh("collected"))
     handler = LockingHandler()
     events: list[BaseEvent] = []
@@ -156,6 +159,8 @@ def test_a_collected_generators_end_reaches_the_handlers_at_shutdown(
 _CHILD = """
 import gc
 gc.disable()  # only the collection the handler makes
+from instrumentation import _spans
+_spans._DRAIN_AFTER = None  # these programs check the other ways what waits is made
 from instrumentation import get_dispatcher
 from instrumentation.span_handlers import SimpleSpanHandler
 
@@ -576,3 +581,124 @@ def test_a_span_entered_by_hand_in_a_collection_waits_too(
     in_thread(work)
     assert handler.starts == ["step", "manual", "step"]
     assert handler.ends == [("exit", "step"), ("exit", "manual"), ("exit", "step")]
+
+
+# -- the drainer: what a collection put off, made soon after it in a quiet program ----
+
+
+def _wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "never made"
+        time.sleep(0.01)
+
+
+def test_in_a_program_gone_quiet_what_a_collection_put_off_is_made_soon(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No span or event after the collection: the drop was made only at the next one,
+    and timed then (here, at shutdown, a second late). Now the drainer makes it."""
+    monkeypatch.setattr(_spans, "_DRAIN_AFTER", 0.05)
+    d, handler, events = setup
+    stream, step = _stream_and_step(d)
+    collected_at: list[float] = []
+
+    def collect() -> None:
+        gc.collect()
+        collected_at.append(time.time())
+
+    def work() -> None:
+        leave_in_a_cycle(stream())
+        handler.while_locked = collect
+        step()
+        time.sleep(1)  # quiet: no span, no event
+        assert ("drop", "stream") in handler.ends
+
+    in_thread(work)
+    assert handler.ends == [("exit", "step"), ("drop", "stream")]
+    (dropped,) = handler.dropped_spans
+    assert dropped.end_time is not None
+    assert dropped.end_time.timestamp() - collected_at[0] < 0.5  # not the second of quiet
+    assert [_name(e.span_id) for e in events if isinstance(e, SpanDropEvent)] == ["stream"]
+
+
+def test_the_drainer_waits_for_the_lock_the_collecting_thread_still_holds(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collecting thread keeps the handler's lock a while after the collection
+    (and sends nothing): the drainer waits for it, then makes the drop; spans that
+    thread starts meanwhile line up behind the drop."""
+    monkeypatch.setattr(_spans, "_DRAIN_AFTER", 0.0)
+    d, handler, _ = setup
+    stream, step = _stream_and_step(d)
+
+    @d.span
+    def after() -> None:
+        return None
+
+    def collect_and_hold() -> None:
+        gc.collect()
+        time.sleep(0.3)  # the drainer is waiting for the lock by now
+
+    def work() -> None:
+        leave_in_a_cycle(stream())
+        handler.while_locked = collect_and_hold
+        step()
+        after()
+
+    in_thread(work)
+    _wait_for(lambda: ("exit", "after") in handler.ends)
+    assert handler.ends == [("exit", "step"), ("drop", "stream"), ("exit", "after")]
+    assert not handler.open_spans
+
+
+def test_reads_and_shutdown_wait_for_what_the_drainer_is_making(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture block ending, or ``shutdown()``, while the drainer is half way through
+    a slow handler: they wait for it, so that the block holds the drop."""
+    monkeypatch.setattr(_spans, "_DRAIN_AFTER", 0.0)
+    d, handler, _ = setup
+    stream, step = _stream_and_step(d)
+    draining = threading.Event()
+    original = handler.prepare_to_drop_span
+
+    def slow_drop(id_: str, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "instrumentation-after-gc":
+            draining.set()
+            time.sleep(0.3)
+        return original(id_, *args, **kwargs)
+
+    object.__setattr__(handler, "prepare_to_drop_span", slow_drop)
+
+    def work() -> None:
+        with capture_spans(d) as spans:
+            leave_in_a_cycle(stream())
+            handler.while_locked = gc.collect
+            step()
+            assert draining.wait(10)
+        assert [_name(s.id_) for s in spans] == ["stream", "step"]  # by start time
+
+    in_thread(work)
+    assert handler.ends == [("exit", "step"), ("drop", "stream")]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_a_forked_child_starts_a_drainer_of_its_own() -> None:
+    """The parent's drainer thread is not copied by ``fork``: the child starts its own,
+    so its quiet end is made even though it leaves with ``os._exit``."""
+    scenario = """
+        import os, time
+        _spans._DRAIN_AFTER = 0.05
+        list(stream())  # the parent's drainer starts
+        pid = os.fork()
+        if pid == 0:
+            freed_in_a_cycle()
+            step()
+            time.sleep(1)
+            print("child quiet", flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent done", flush=True)
+        """
+    assert _run_child(scenario) == ["dropped stream", "child quiet", "parent done"]
