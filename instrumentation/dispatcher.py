@@ -564,6 +564,8 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` started (it is not made current)."""
+        if not isinstance(id_, str):
+            raise _not_a_span_id("span_enter", id_)
         if (_deferred or _spans._collecting is not None) and must_wait(
             "span_enter",
             id_,
@@ -604,6 +606,8 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended with ``result``."""
+        if not isinstance(id_, str):
+            raise _not_a_span_id("span_exit", id_)
         if (_deferred or _spans._collecting is not None) and must_wait(
             "span_exit",
             id_,
@@ -634,6 +638,8 @@ class Dispatcher:
         **kwargs: Any,
     ) -> None:
         """Tell the span handlers that span ``id_`` ended early because of ``err``."""
+        if not isinstance(id_, str):
+            raise _not_a_span_id("span_drop", id_)
         if (_deferred or _spans._collecting is not None) and must_wait(
             "span_drop", id_, partial(self.span_drop, id_, bound_args, instance, err, **kwargs)
         ):
@@ -927,6 +933,7 @@ def _check_event_handler(handler: object) -> BaseEventHandler:
             "expected an event handler (a subclass of BaseEventHandler with handle()); "
             + _got(handler, BaseEventHandler, BaseSpanHandler, "a span handler", "add_span_handler")
         )
+    _check_not_async(handler, ("handle",), "; async code goes in ahandle(), awaited by aevent()")
     return handler
 
 
@@ -938,7 +945,38 @@ def _check_span_handler(handler: object) -> BaseSpanHandler[Any]:
                 handler, BaseSpanHandler, BaseEventHandler, "an event handler", "add_event_handler"
             )
         )
+    _check_not_async(handler, _SPAN_HANDLER_HOOKS, "")
     return handler
+
+
+#: What a span handler implements; each is called inside the traced call, never awaited.
+_SPAN_HANDLER_HOOKS = (
+    "new_span",
+    "prepare_to_exit_span",
+    "prepare_to_drop_span",
+    "span_enter",
+    "span_exit",
+    "span_drop",
+)
+
+
+def _check_not_async(handler: object, hooks: tuple[str, ...], hint: str) -> None:
+    """An ``async def`` hook would be called and never awaited: each call would make a
+    coroutine and drop it, losing everything, with no error to log or count."""
+    for hook in hooks:
+        method = getattr(type(handler), hook, None)
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            raise TypeError(
+                f"{type(handler).__name__}.{hook}() is async: handlers are called inside the "
+                f"application's call and never awaited; make it a plain def{hint}"
+            )
+
+
+def _not_a_span_id(method: str, id_: object) -> TypeError:
+    return TypeError(
+        f"dispatcher.{method}() takes the span's id as a str, one per span (such as "
+        f"'my_step-<hex>'); got {type(id_).__name__}"
+    )
 
 
 def _not_an_event(method: str, event: object) -> TypeError:
@@ -1091,6 +1129,9 @@ class Manager:
     """Owns the name tree; one per process (``root_manager``)."""
 
     def __init__(self, root: Dispatcher) -> None:
+        if not isinstance(root, Dispatcher):
+            got = type(root).__name__
+            raise TypeError(f"Manager(root) takes the Dispatcher at the top of the tree; got {got}")
         self.root = root
         # Placeholders stand in the same dict as dispatchers, as in ``logging``; the
         # public ``dispatchers`` shows the dispatchers only.
@@ -1203,6 +1244,8 @@ class Manager:
 
     def parent_name_for(self, name: str) -> str:
         """The name of the dispatcher that one called ``name`` would hang from now."""
+        if not isinstance(name, str):
+            raise TypeError(f"a dispatcher's name must be a str; got {type(name).__name__}")
         for prefix in _ancestor_names(name):
             if isinstance(self._nodes.get(prefix), Dispatcher):
                 return prefix
@@ -1211,6 +1254,9 @@ class Manager:
     def add_dispatcher(self, d: Dispatcher) -> None:
         """Put a dispatcher made by hand into the tree (LlamaIndex's spelling); a name
         the tree has already is left as it is."""
+        if not isinstance(d, Dispatcher):
+            hint = f": write get_dispatcher({d!r})" if isinstance(d, str) else ""
+            raise TypeError(f"add_dispatcher() takes a Dispatcher; got {type(d).__name__}{hint}")
         with _lock:
             if isinstance(self._nodes.get(d.name), Dispatcher):
                 return

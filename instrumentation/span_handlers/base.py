@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import inspect
+import sys
 import threading
 from abc import abstractmethod
 from collections import deque
@@ -104,7 +105,10 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     dropped_spans: SpanDeque[T] = Field(default_factory=SpanDeque, description="Spans that raised.")
     current_span_ids: dict[Any, str | None] = Field(default_factory=dict)
     max_completed_spans: int = Field(
-        default=10_000, ge=0, description="How many completed (and dropped) spans to keep."
+        default=10_000,
+        ge=0,
+        le=sys.maxsize,  # a deque's bound
+        description="How many completed (and dropped) spans to keep.",
     )
     _lock: _thread.LockType | None = PrivateAttr(default=None)
     # Spans that Dispatcher.shutdown() dropped while their calls still ran: the calls'

@@ -181,12 +181,21 @@ def _open_capture(
         detach(handler)  # a dispatcher made by hand is not in the tree
 
 
+def _target(block: str, dispatcher: object) -> Dispatcher:
+    if dispatcher is None:
+        return root_dispatcher
+    if isinstance(dispatcher, Dispatcher):
+        return dispatcher
+    hint = f": write {block}(get_dispatcher({dispatcher!r}))" if isinstance(dispatcher, str) else ""
+    raise TypeError(f"{block}() takes a Dispatcher or None; got {type(dispatcher).__name__}{hint}")
+
+
 @contextmanager
 def capture_events(dispatcher: Dispatcher | None = None) -> Iterator[CapturedEvents]:
     """Record the events that reach ``dispatcher`` (the root by default) in the block.
 
     ``of(kind)`` on the list picks the events of one class."""
-    target = root_dispatcher if dispatcher is None else dispatcher
+    target = _target("capture_events", dispatcher)
     handler = _CapturingEvents()
     events = cast(CapturedEvents, handler.events)  # made so in model_post_init
     with _open_capture(handler, target.add_event_handler, target.remove_event_handler):
@@ -201,7 +210,7 @@ def capture_spans(
 
     The list holds the spans ended so far whenever it is read, in the block or after.
     """
-    target = root_dispatcher if dispatcher is None else dispatcher
+    target = _target("capture_spans", dispatcher)
     handler = _CapturingSpans(max_completed_spans=max_spans)
     with _open_capture(handler, target.add_span_handler, target.remove_span_handler):
         yield CapturedSpans(handler)

@@ -62,6 +62,8 @@ def test_simple_span_handler_is_bounded(d: Dispatcher) -> None:
     assert all(s.end_time is not None and s.duration >= 0 for s in h.completed_spans)
     with pytest.raises(ValueError):
         SimpleSpanHandler(max_completed_spans=-1)
+    with pytest.raises(ValueError, match="less than or equal to"):  # was an OverflowError
+        SimpleSpanHandler(max_completed_spans=10**30)
 
 
 def test_format_and_print_trace_trees(d: Dispatcher, capsys: pytest.CaptureFixture[str]) -> None:
@@ -346,6 +348,13 @@ def test_capture_events_and_spans_restore_handlers(d: Dispatcher) -> None:
         root_dispatcher.span_handlers,
         d.event_handlers,
     ) == before
+
+
+def test_capture_blocks_given_a_name_say_to_pass_the_dispatcher() -> None:
+    with pytest.raises(TypeError, match=r"write capture_events\(get_dispatcher\('app'\)\)"):
+        capture_events("app").__enter__()  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"capture_spans\(\) takes a Dispatcher or None; got int"):
+        capture_spans(3).__enter__()  # type: ignore[arg-type]
 
 
 def test_captured_events_pick_one_class(d: Dispatcher) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any
 
@@ -246,6 +247,52 @@ def test_wrong_handler_types_raise_type_error_with_advice() -> None:
     with pytest.raises(TypeError, match=r"the class BaseEvent itself: write BaseEvent\(...\)"):
         d.event(BaseEvent)  # type: ignore[arg-type]
     assert d.event_handlers == [] and d.span_handlers == []
+
+
+def test_async_handler_hooks_are_refused_when_added() -> None:
+    """An ``async def handle`` was called and never awaited: every event was lost, with
+    nothing logged or counted. It is refused, saying where async code goes."""
+
+    class AsyncEvents(BaseEventHandler):
+        async def handle(self, event: BaseEvent, **kwargs: Any) -> None:  # type: ignore[override]
+            return None
+
+    class AsyncSpans(SimpleSpanHandler):
+        async def new_span(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+            return None
+
+    class AsyncAhandle(BaseEventHandler):  # ahandle may be async: aevent awaits it
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            return None
+
+        async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+            return None
+
+    d = get_dispatcher(fresh())
+    with pytest.raises(TypeError, match=r"AsyncEvents.handle\(\) is async: .*ahandle\(\)"):
+        d.add_event_handler(AsyncEvents())
+    with pytest.raises(TypeError, match=r"AsyncSpans.new_span\(\) is async"):
+        d.add_span_handler(AsyncSpans())
+    with pytest.raises(TypeError, match="is async"):
+        dispatcher_module.root_manager.tap(event_handlers=[AsyncEvents()])
+    d.add_event_handler(AsyncAhandle())
+    assert len(d.event_handlers) == 1 and d.span_handlers == []
+
+
+def test_tree_and_manual_span_calls_refuse_wrong_types_with_advice() -> None:
+    manager = dispatcher_module.root_manager
+    with pytest.raises(TypeError, match=r"write get_dispatcher\('x'\)"):
+        manager.add_dispatcher("x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a str"):
+        manager.parent_name_for(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes the Dispatcher at the top"):
+        dispatcher_module.Manager(None)  # type: ignore[arg-type]
+    d = get_dispatcher(fresh())
+    d.add_span_handler(SimpleSpanHandler())
+    args = inspect.Signature().bind()
+    for call in (d.span_enter, d.span_exit, d.span_drop):
+        with pytest.raises(TypeError, match=r"takes the span's id as a str"):
+            call(id_=None, bound_args=args)  # type: ignore[arg-type]
 
 
 def test_manager_dispatchers_shows_dispatchers_only() -> None:
