@@ -1217,7 +1217,8 @@ class Manager:
                 child._parent = made
 
     def _subtree(self, top: Dispatcher) -> list[Dispatcher]:
-        nodes = [d for d in self._nodes.values() if isinstance(d, Dispatcher)]
+        with _lock:  # re-entrant: shutdown holds it already
+            nodes = [d for d in self._nodes.values() if isinstance(d, Dispatcher)]
         if top is self.root:
             return nodes
         prefix = top.name + "."

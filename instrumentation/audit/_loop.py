@@ -42,6 +42,8 @@ from instrumentation.context import suppress_instrumentation
 #: :func:`set_worker_threads` says otherwise. A plain ``def`` call holds one while it
 #: runs: as many slow calls at once as there are threads delay every other one.
 SYNC_WORKERS = 4
+#: A pool starts all its threads: a typo (200000) would start thousands, then fail.
+MAX_SYNC_WORKERS = 256
 
 #: Seconds a dying loop's thread gives the calls it leaves to take their cancellation.
 DISPOSE_SECONDS = 1.0
@@ -273,8 +275,11 @@ class AuditLoop:
         """
         if isinstance(count, bool) or not isinstance(count, int):
             raise TypeError(f"the number of worker threads is an int; got {type(count).__name__}")
-        if count < 1:
-            raise ValueError(f"the number of worker threads is at least 1; got {count}")
+        if not 1 <= count <= MAX_SYNC_WORKERS:
+            raise ValueError(
+                f"the number of worker threads is from 1 to {MAX_SYNC_WORKERS} (each is "
+                f"started at once; more only wait on each other); got {count}"
+            )
         with self._lock:
             self.sync_workers = count
             old = self._executor

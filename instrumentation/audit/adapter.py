@@ -309,9 +309,31 @@ def attach(
         timeout=check_timeout(timeout),
         collection=collection,
     )
+    _refuse_running_twice(dispatcher, adapter.handlers)
     dispatcher.add_span_handler(adapter)
     adapter._attached.append(dispatcher)
     return adapter
+
+
+def _refuse_running_twice(dispatcher: Dispatcher, handlers: Sequence[Any]) -> None:
+    """A handler that another adapter already runs for the requests this one would see
+    (attached here, above, or below) would run twice per request: two files, two log
+    lines for each."""
+    wanted = {id(h) for h in handlers}
+    manager = dispatcher.manager
+    nodes = [dispatcher] if manager is None else manager._subtree(dispatcher)
+    for node in nodes:
+        chain = node._hot
+        for other in () if chain is None else chain.spans:
+            if not isinstance(other, AuditAdapter):
+                continue
+            for handler in other.handlers:
+                if id(handler) in wanted:
+                    raise ValueError(
+                        f"{type(handler).__name__} already runs for requests reaching "
+                        f"{node.name!r} through another audit.attach(): pass all handlers to "
+                        "one attach(), or detach() the other adapter first"
+                    )
 
 
 __all__ = ["QUESTION_ARGUMENTS", "AuditAdapter", "attach"]

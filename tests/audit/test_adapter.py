@@ -389,3 +389,23 @@ def test_a_long_request_does_not_keep_the_spans_that_ended_inside_it() -> None:
     assert kept == [1]  # the request's own span, not its 2,000 steps
     handler.rec.check(expected_requests=1, events_per_request=0)
     assert not collector.registry.span_runs
+
+
+def test_a_handler_attached_twice_for_the_same_requests_is_refused() -> None:
+    """It ran twice per request (two files from a FileEventHandler); attaching it again
+    at the same dispatcher, above it or below it is refused, saying what to do."""
+    top = get_dispatcher("tests.audit.twice")
+    below = get_dispatcher("tests.audit.twice.below")
+    handler, other = SyncRecorder(), SyncRecorder()
+    first = audit.attach(top, [handler])
+    try:
+        for where in (top, below, get_dispatcher("tests.audit")):
+            with pytest.raises(ValueError, match="pass all handlers to one attach"):
+                audit.attach(where, [other, handler])
+        second = audit.attach(below, [other])  # another handler: fine
+        second.detach()
+    finally:
+        first.detach()
+    again = audit.attach(below, [handler])  # the first one is gone
+    again.detach()
+    assert not top.span_handlers and not below.span_handlers

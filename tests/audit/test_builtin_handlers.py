@@ -190,6 +190,23 @@ def test_logging_handler_failed_request_is_an_error_record(
         raise OSError("gone")
     last = [r for r in caplog.records if r.name == "tests.audit.records"][-1]
     assert last.levelno == logging.ERROR and "OSError: gone" in last.getMessage()
+    assert last.audit["result"] is None  # type: ignore[attr-defined]  # not the text "None"
+
+
+@pytest.mark.parametrize("result", [None, 3, 2.5, True, [1, 2], {"rows": [1, 2]}])
+def test_logging_handler_keeps_a_results_json_type(
+    caplog: pytest.LogCaptureFixture, result: Any
+) -> None:
+    """A JSON log reader must tell no result from the text "None": the result went out
+    as its repr(), text whatever it was."""
+    handler = LoggingEventHandler("tests.audit.records")
+    with (
+        caplog.at_level(logging.INFO, logger="tests.audit.records"),
+        audit.request(question="q", handlers=[handler]) as req,
+    ):
+        req.result = result
+    last = [r for r in caplog.records if r.name == "tests.audit.records"][-1]
+    assert json.loads(json.dumps(last.audit["result"])) == result  # type: ignore[attr-defined]
 
 
 # -- times are the application's, never the handler thread's clock ----------------------

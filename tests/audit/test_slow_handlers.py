@@ -60,8 +60,12 @@ def test_worker_threads_can_be_set_and_are_checked() -> None:
         audit.set_worker_threads("8")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="int"):
         audit.set_worker_threads(True)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="from 1 to 256"):
         audit.set_worker_threads(0)
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="from 1 to 256"):  # started 22,000, then failed
+        audit.set_worker_threads(200_000)
+    assert threading.active_count() == before
 
 
 def test_more_worker_threads_let_a_fast_handler_pass_slow_ones() -> None:

@@ -107,7 +107,10 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
             {
                 "phase": "request_end",
                 "request_id": output.request_id,
-                "result": clip(output.result),
+                # As the events' fields are: JSON's own None, numbers, lists, dicts.
+                "result": clip(output.result)
+                if isinstance(output.result, str)
+                else jsonable(output.result),
                 "error": error,
                 "abandoned": output.abandoned,
                 "duration_ms": output.duration_s * 1000,
