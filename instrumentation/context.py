@@ -21,6 +21,7 @@ from contextvars import ContextVar, Token
 from operator import itemgetter
 from typing import Any, Protocol
 
+from instrumentation import telemetry
 from instrumentation._bounded import put_bounded
 from instrumentation._ids import new_trace_id
 
@@ -298,7 +299,8 @@ class ContextBridge(Protocol):
     returns the parent to use instead (for example a foreign span that is more
     recent), or ``own`` unchanged. ``attach`` is called each time one of our spans
     becomes current in a context (enter, and each resume of a generator) and
-    ``detach`` with what it returned when it stops being current. They must not raise.
+    ``detach`` with what it returned when it stops being current. What they raise is
+    logged and counted as a handler's error (``telemetry``), and the call goes on.
 
     A bridge may also have ``restore(parent, sampled)``, called when
     ``restore_propagation_context`` makes ``parent`` (a remote span, or None) current
@@ -449,8 +451,8 @@ def activate(
                 attached.append((bridge, bridge.reattach(state)))  # type: ignore[attr-defined]
             else:
                 attached.append((bridge, bridge.attach(span)))
-        except Exception:
-            pass
+        except Exception as exc:
+            telemetry.report_handler_error(bridge, "attach", span.id_, exc)
     return _Activation(token, attached)
 
 
@@ -469,8 +471,8 @@ def suspend(
                     if resumed is None:
                         resumed = {}
                     resumed[bridge] = capture()
-                except Exception:
-                    pass
+                except Exception as exc:
+                    telemetry.report_handler_error(bridge, "capture", "a yield", exc)
     deactivate(handle)
     return resumed
 
@@ -480,8 +482,8 @@ def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
         for bridge, tok in reversed(handle.attached):
             try:
                 bridge.detach(tok)
-            except Exception:
-                pass
+            except Exception as exc:
+                telemetry.report_handler_error(bridge, "detach", "a span's end", exc)
         handle = handle.token
     try:
         _active_span.reset(handle)  # type: ignore[arg-type]

@@ -56,6 +56,8 @@ _EXPORT_FAILURES = telemetry.counter("otel.export_failures")
 _SPANS_NOT_EXPORTED = telemetry.counter("otel.spans_not_exported")
 _SPANS_DROPPED = telemetry.counter("otel.spans_dropped")
 _SPANS_EXPORTED_LATE = telemetry.counter("otel.spans_exported_late")
+#: The provider's or exporter's ``shutdown()`` raised (a vendor exporter failing to close).
+_SHUTDOWN_ERRORS = telemetry.counter("otel.shutdown_errors")
 
 #: When shutdown() has a collector still not answering this close to its deadline, it
 #: stops the exporter (cutting short a retry) and waits out the rest of its time.
@@ -389,6 +391,7 @@ class _Queued:
         if error is None:
             self.outcome.append(future.result())
         else:  # as a thread of its own would, it reports and ends
+            _SHUTDOWN_ERRORS.inc()
             logger.error("%s failed", self.name, exc_info=error)
 
     def join(self, timeout: float | None = None) -> None:
@@ -416,7 +419,14 @@ def _in_thread(target: Callable[[], Any], name: str, standby: ThreadPool | None 
     start a thread (exiting, on CPython 3.12.0-3.12.2), ``standby`` runs it.
     """
     outcome: list[Any] = []
-    worker = threading.Thread(target=lambda: outcome.append(target()), name=name, daemon=True)
+
+    def run() -> None:
+        try:
+            outcome.append(target())
+        except Exception:
+            _report_shutdown_error(name)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
     try:
         worker.start()
     except RuntimeError:
@@ -425,6 +435,12 @@ def _in_thread(target: Callable[[], Any], name: str, standby: ThreadPool | None 
         job = _Queued(standby.submit(target), name)
         return job, job.outcome
     return worker, outcome
+
+
+def _report_shutdown_error(name: str) -> None:
+    """Logged and counted, not left to ``threading.excepthook``'s stderr."""
+    _SHUTDOWN_ERRORS.inc()
+    logger.exception("%s failed", name)
 
 
 def resolve_protocol(protocol: str | None) -> str:
@@ -857,6 +873,22 @@ def configure_otlp(
       application's own OpenTelemetry spans go to the same place.
     - ``exporter``: use this exporter instead of OTLP (tests, or a vendor exporter).
     """
+    for flag, value in (
+        ("capture_content", capture_content),
+        ("openinference", openinference),
+        ("set_global", set_global),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} is True or False; got {value!r}")
+    if exporter is not None and (
+        isinstance(exporter, type) or not callable(getattr(exporter, "export", None))
+    ):
+        got = (
+            f"the class {exporter.__name__} itself: write {exporter.__name__}(...)"
+            if isinstance(exporter, type)
+            else type(exporter).__name__
+        )
+        raise TypeError(f"exporter is a SpanExporter instance; got {got}")
     chosen = resolve_protocol(protocol)
     checked_endpoint = _check_endpoint(endpoint, chosen)
     if checked_endpoint is None and exporter is None:

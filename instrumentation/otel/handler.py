@@ -60,6 +60,11 @@ class OpenTelemetrySpanHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
         provider = self.tracer_provider
+        if isinstance(provider, type):
+            raise TypeError(
+                f"tracer_provider takes a TracerProvider instance; got the class "
+                f"{provider.__name__} itself: write {provider.__name__}(...)"
+            )
         if provider is not None and not hasattr(provider, "get_tracer"):
             raise TypeError(
                 "tracer_provider must be an OpenTelemetry TracerProvider (or None for the "

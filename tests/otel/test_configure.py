@@ -583,6 +583,51 @@ def test_a_bad_exporter_timeout_is_refused_not_every_export_failing(timeout: obj
     assert root_dispatcher.span_handlers == []
 
 
+def test_a_bad_exporter_or_flag_is_refused_before_anything_starts() -> None:
+    """The exporter's class where an instance belongs was taken: every export failed.
+    capture_content=None failed only once the provider and its thread existed."""
+    before = _otel_threads()
+    with pytest.raises(TypeError, match=r"the class Silent itself: write Silent\(...\)"):
+        configure_otlp(exporter=Silent)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="SpanExporter instance; got str"):
+        configure_otlp(exporter="x")  # type: ignore[arg-type]
+    for flag in ("capture_content", "openinference", "set_global"):
+        with pytest.raises(TypeError, match=f"{flag} is True or False"):
+            configure_otlp(exporter=Silent(), **{flag: None})  # type: ignore[arg-type]
+    assert root_dispatcher.span_handlers == []
+    assert _otel_threads() == before
+
+
+class Silent(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+class FailsToClose(Silent):
+    def shutdown(self) -> None:
+        raise RuntimeError("vendor exporter failed to close")
+
+
+def test_an_exporter_failing_to_close_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its error went to threading.excepthook's stderr, not to logging or a counter."""
+    d = get_dispatcher("tests.otel.fails_to_close")
+    otlp = configure_otlp(exporter=FailsToClose(), dispatcher=d)
+
+    @d.span
+    def work() -> None:
+        return None
+
+    work()
+    before = telemetry.snapshot().get("otel.shutdown_errors", 0)
+    with caplog.at_level(logging.ERROR, logger="instrumentation"):
+        assert otlp.shutdown() is True  # every span was exported all the same
+    assert telemetry.snapshot()["otel.shutdown_errors"] - before == 1
+    assert "vendor exporter failed to close" in caplog.text
+    assert "Exception in thread" not in capsys.readouterr().err
+
+
 class Ids(BaseEvent):
     big: int
     many: list[int]

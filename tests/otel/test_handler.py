@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
@@ -18,10 +19,12 @@ from opentelemetry.trace import StatusCode
 from instrumentation import (
     BaseEvent,
     ContextThreadPoolExecutor,
+    SimpleSpanHandler,
     get_dispatcher,
     instrument_tags,
     telemetry,
 )
+from instrumentation.context import register_bridge, unregister_bridge
 from instrumentation.otel import BRIDGE, OpenTelemetrySpanHandler
 from instrumentation.otel.spans import unix_nanos
 
@@ -615,7 +618,48 @@ def test_bad_provider_is_refused() -> None:
     """A tracer_provider that is not one gets a TypeError saying what to pass."""
     with pytest.raises(TypeError, match="TracerProvider"):
         OpenTelemetrySpanHandler(tracer_provider="http://localhost:4318")
+    # The class passed where an instance belongs: every span was lost (logged, counted).
+    with pytest.raises(TypeError, match=r"the class TracerProvider itself: write TracerProvider"):
+        OpenTelemetrySpanHandler(tracer_provider=TracerProvider)
     assert BRIDGE.tables() == []
+
+
+def test_a_bridge_that_raises_is_logged_and_counted_not_silent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A context bridge's attach, capture and detach errors were swallowed unseen."""
+
+    class Broken:
+        def parent_for(self, own: Any) -> Any:
+            return own
+
+        def attach(self, span: Any) -> object:
+            raise RuntimeError("attach broke")
+
+        def detach(self, token: object) -> None:
+            raise RuntimeError("detach broke")
+
+    d = get_dispatcher("tests.otel.broken_bridge")
+    d.add_span_handler(SimpleSpanHandler())
+    seen: list[int] = []
+
+    @d.span
+    def work() -> int:
+        seen.append(1)
+        return 2
+
+    bridge = Broken()
+    register_bridge(bridge)
+    before = telemetry.HANDLER_ERRORS.value
+    try:
+        with caplog.at_level(logging.ERROR, logger="instrumentation"):
+            assert work() == 2
+    finally:
+        unregister_bridge(bridge)
+        d.shutdown()
+    assert seen == [1]
+    assert telemetry.HANDLER_ERRORS.value - before == 1  # attach; nothing to detach then
+    assert "failed in attach" in caplog.text and "attach broke" in caplog.text
 
 
 def test_global_provider_is_used_when_none_given() -> None:
