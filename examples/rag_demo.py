@@ -13,6 +13,7 @@ questions with any extra handlers and returns what it printed.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -199,6 +200,12 @@ def run_demo(
     return tree
 
 
+def _python() -> str:
+    """How to name this interpreter from here (``.venv/bin/python`` under ``make demo``)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo, record it into SQLite, and print the traces read back from the file."""
     import argparse
@@ -219,7 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             recorder.shutdown()
         read_back = storage.format_traces(store, limit=10)
-        fitted_stream(sys.stdout).write(f"\nRead back from {args.db}:\n{read_back}\n")
+        fitted_stream(sys.stdout).write(
+            f"\nRead back from {args.db}:\n{read_back}\n"
+            f"\nMore: {_python()} -m instrumentation --db {args.db} "
+            "list | show <trace id> | tail | export\n"
+        )
     return 0
 
 
