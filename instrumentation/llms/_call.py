@@ -3,7 +3,8 @@
 Shared by :class:`BaseLLM` and the OpenAI instrumentation so both report the same
 way: redaction applied before any event exists, latency and time to first token
 measured here, usage taken from the provider or estimated (and flagged so), cost from
-the price table. Event objects are only built when some handler listens.
+the price table. Event objects are only built when some handler listens, and building
+one never fails the call (see :func:`build`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from instrumentation import telemetry
 from instrumentation.dispatcher import Dispatcher
+from instrumentation.events.base import BaseEvent
 from instrumentation.events.llm import (
     ChatMessage,
     ChatResponse,
@@ -29,6 +33,7 @@ from instrumentation.events.llm import (
     LLMCompletionInProgressEvent,
     LLMCompletionStartEvent,
     MessageRole,
+    ModelCallEvent,
     TokenUsage,
     ToolCall,
 )
@@ -38,6 +43,7 @@ from instrumentation.llms.tokens import count_block_tokens, count_message_tokens
 
 logger = logging.getLogger(__name__)
 _usage_errors = telemetry.counter("llms.usage_errors")
+_event_errors = telemetry.counter("llms.event_errors")
 
 Kind = Literal["chat", "completion"]
 
@@ -48,6 +54,69 @@ ABANDONED = "abandoned"
 def listening(dispatcher: Dispatcher) -> bool:
     """Whether any handler would see this dispatcher's events (a cheap read)."""
     return dispatcher.is_listening
+
+
+E = TypeVar("E", bound=BaseModel)
+
+
+def build(cls: type[E], fields: dict[str, Any]) -> E | None:
+    """``cls(**fields)``: an event made of what the provider or an LLM class gave, which
+    may not fit it (a finish reason that is not a str, ``provider = 5``, a ``metadata``
+    that is not a dict). The application's call goes on as it would untraced, so this
+    never raises: the fields that do not fit are left out (they take their defaults,
+    None or empty) or, if the event cannot be built even so, there is none. Either way
+    it is logged (rate-limited) and counted in ``llms.event_errors``.
+    """
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        # Field names and messages only: the values may be text the redaction hides.
+        errors = exc.errors()
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        misfits = {str(e["loc"][0]) for e in errors if e["loc"]}
+    except Exception as exc:
+        event_error(cls.__name__, f"{cls.__name__} could not be built ({exc!r}); it is not sent")
+        return None
+    reduced = {name: value for name, value in fields.items() if name not in misfits}
+    made: E | None = None
+    if len(reduced) < len(fields):
+        try:
+            made = cls(**reduced)
+        except Exception:
+            made = None
+    left_out = ", ".join(sorted(misfits))
+    outcome = f"sent without {left_out}" if made is not None else "not sent"
+    event_error(left_out, f"{cls.__name__} could not be built as given ({problem}); {outcome}")
+    return made
+
+
+def emit(dispatcher: Dispatcher, cls: type[BaseEvent], **fields: Any) -> None:
+    """Emit ``cls(**fields)``, or what :func:`build` makes of it."""
+    event = build(cls, fields)
+    if event is not None:
+        dispatcher.event(event)
+
+
+def event_error(problem: str, message: str) -> None:
+    """Count, and log, what kept an LLM event from being built whole: at most one line
+    per kind of ``problem`` every ``telemetry.LOG_INTERVAL_SECONDS``, since an LLM class
+    that gets it wrong does so on every call and chunk."""
+    _event_errors.inc()
+    held_back = telemetry.log_turn(("llms.event_errors", problem))
+    if held_back is None:
+        return
+    more = f" ({held_back} more such events since the last warning)" if held_back else ""
+    logger.warning("%s%s", message, more)
+
+
+def price(prices: PriceTable, model: str | None, usage: TokenUsage | None) -> float | None:
+    """``prices.cost(model, usage)``, or None (logged and counted) when the table fails:
+    a cost is only recorded."""
+    try:
+        return prices.cost(model, usage)
+    except Exception as exc:
+        event_error("cost", f"the price table failed ({exc!r}); the cost is left out")
+        return None
 
 
 _COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -195,27 +264,29 @@ class LLMCall:
             red = self.redaction
             if self.kind == "chat":
                 self._red_messages = red.messages(self.messages)
-                self.dispatcher.event(
-                    LLMChatStartEvent(
-                        messages=self._red_messages,
-                        additional_kwargs=red.values(self.additional_kwargs),
-                        model_dict=self.model_dict,
-                        model=self.model,
-                        provider=self.provider,
-                    )
+                self._send(
+                    LLMChatStartEvent,
+                    messages=self._red_messages,
+                    additional_kwargs=red.values(self.additional_kwargs),
+                    model_dict=self.model_dict,
                 )
             else:
                 self._red_prompt = red.text(self.prompt) or ""
-                self.dispatcher.event(
-                    LLMCompletionStartEvent(
-                        prompt=self._red_prompt,
-                        additional_kwargs=red.values(self.additional_kwargs),
-                        model_dict=self.model_dict,
-                        model=self.model,
-                        provider=self.provider,
-                    )
+                self._send(
+                    LLMCompletionStartEvent,
+                    prompt=self._red_prompt,
+                    additional_kwargs=red.values(self.additional_kwargs),
+                    model_dict=self.model_dict,
                 )
         self._t0 = time.perf_counter()
+
+    def _send(self, cls: type[ModelCallEvent], **fields: Any) -> None:
+        """Emit ``cls`` with ``fields``, the model and the provider (see :func:`build`)."""
+        fields["model"] = self.model
+        fields["provider"] = self.provider
+        event = build(cls, fields)
+        if event is not None:
+            self.dispatcher.event(event)
 
     # -- chunks ---------------------------------------------------------------------
 
@@ -264,23 +335,9 @@ class LLMCall:
         if red.active:
             response = self._redact_response(response)
         if self.kind == "chat":
-            self.dispatcher.event(
-                LLMChatInProgressEvent(
-                    messages=self._red_messages,
-                    response=response,
-                    model=self.model,
-                    provider=self.provider,
-                )
-            )
+            self._send(LLMChatInProgressEvent, messages=self._red_messages, response=response)
         else:
-            self.dispatcher.event(
-                LLMCompletionInProgressEvent(
-                    prompt=self._red_prompt,
-                    response=response,
-                    model=self.model,
-                    provider=self.provider,
-                )
-            )
+            self._send(LLMCompletionInProgressEvent, prompt=self._red_prompt, response=response)
 
     def _redact_response(self, response: Any) -> Any:
         red = self.redaction
@@ -300,9 +357,9 @@ class LLMCall:
     # -- end ------------------------------------------------------------------------
 
     def _cost(self, usage: TokenUsage | None) -> float | None:
-        cost = self.prices.cost(self.model, usage)
+        cost = price(self.prices, self.model, usage)
         if cost is None and self.requested_model and self.requested_model != self.model:
-            cost = self.prices.cost(self.requested_model, usage)
+            cost = price(self.prices, self.requested_model, usage)
         return cost
 
     def estimate_usage(
@@ -368,8 +425,6 @@ class LLMCall:
         if response is not None and self.redaction.active:
             response = self._redact_response(response)
         common: dict[str, Any] = {
-            "model": self.model,
-            "provider": self.provider,
             "usage": usage,
             "latency_ms": latency_ms,
             "time_to_first_token_ms": ttft_ms,
@@ -377,15 +432,9 @@ class LLMCall:
             "cost_usd": self._cost(usage),
         }
         if self.kind == "chat":
-            assert response is None or isinstance(response, ChatResponse)
-            self.dispatcher.event(
-                LLMChatEndEvent(messages=self._red_messages, response=response, **common)
-            )
+            self._send(LLMChatEndEvent, messages=self._red_messages, response=response, **common)
         else:
-            assert response is None or isinstance(response, CompletionResponse)
-            self.dispatcher.event(
-                LLMCompletionEndEvent(prompt=self._red_prompt, response=response, **common)
-            )
+            self._send(LLMCompletionEndEvent, prompt=self._red_prompt, response=response, **common)
         return usage
 
     def end_stream(
@@ -422,7 +471,7 @@ def emit_embedding_start(
 ) -> float:
     """Emit :class:`EmbeddingStartEvent`; returns the start time for the end event."""
     if listening(dispatcher):
-        dispatcher.event(EmbeddingStartEvent(model_dict=model_dict, model=model, provider=provider))
+        emit(dispatcher, EmbeddingStartEvent, model_dict=model_dict, model=model, provider=provider)
     return time.perf_counter()
 
 
@@ -446,24 +495,28 @@ def emit_embedding_end(
     if usage is None and estimate:
         prompt = sum(count_tokens(c) for c in chunks)
         usage = TokenUsage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
-    dispatcher.event(
-        EmbeddingEndEvent(
-            chunks=[redaction.text(c) or "" for c in chunks],
-            embeddings=embeddings,
-            model=model,
-            provider=provider,
-            usage=usage,
-            latency_ms=(time.perf_counter() - t0) * 1000.0,
-            cost_usd=prices.cost(model, usage),
-        )
+    emit(
+        dispatcher,
+        EmbeddingEndEvent,
+        chunks=[redaction.text(c) or "" for c in chunks],
+        embeddings=embeddings,
+        model=model,
+        provider=provider,
+        usage=usage,
+        latency_ms=(time.perf_counter() - t0) * 1000.0,
+        cost_usd=price(prices, model, usage),
     )
 
 
 __all__ = [
     "ABANDONED",
     "LLMCall",
+    "build",
     "coerce_usage",
+    "emit",
     "emit_embedding_end",
     "emit_embedding_start",
+    "event_error",
     "listening",
+    "price",
 ]

@@ -13,19 +13,30 @@ Usage and finish reason travel from a subclass in ``response.additional_kwargs``
 (keys ``"usage"`` - a :class:`TokenUsage` or dict - and ``"finish_reason"``); a
 streamed chunk carries them on the last chunk. Without usage the call reports an
 estimate (``usage.estimated`` is True).
+
+A hook of the wrong kind (an ``async def _chat``, a plain ``def _achat``) is a
+TypeError when the subclass is defined, and a hook that returns or yields the wrong
+type a TypeError naming it when called, whether or not a handler listens: the
+tracing reads what the hooks give, and a mistake must not surface as an error from
+inside it, nor only once someone listens.
 """
 
 from __future__ import annotations
 
 import abc
 import functools
+import inspect
+import string
 import time
 import types
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Generator,
+    Iterable,
     Iterator,
     Sequence,
 )
@@ -46,9 +57,18 @@ from instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
     LLMStructuredPredictStartEvent,
     MessageRole,
+    ModelCallEvent,
     TokenUsage,
 )
-from instrumentation.llms._call import ABANDONED, Kind, LLMCall, coerce_usage, listening
+from instrumentation.llms._call import (
+    ABANDONED,
+    Kind,
+    LLMCall,
+    coerce_usage,
+    emit,
+    event_error,
+    listening,
+)
 from instrumentation.llms._streams import (
     READY,
     AsyncEndOnClose,
@@ -87,6 +107,50 @@ def _check_prompt(prompt: object) -> str:
     return prompt
 
 
+def _check_template(template: object) -> str:
+    if not isinstance(template, str):
+        raise TypeError(f"template is a str with {{placeholders}}, got {type(template).__name__}")
+    return template
+
+
+def _fill(template: str, args: dict[str, Any]) -> str:
+    """``template.format(**args)``; a placeholder with no argument is a TypeError naming
+    it (as a missing argument of a call is), not a bare ``KeyError: 'x'``."""
+    try:
+        return template.format(**args)
+    except (KeyError, IndexError):
+        missing = _unfilled(template, args)
+        if not missing:  # raised by an argument's own lookup ({user[name]}): theirs
+            raise
+    named = [name for name in missing if name and not name.isdigit()]
+    if not named:
+        raise TypeError(
+            "the template has a positional placeholder ({} or {0}); predict fills named "
+            "ones only: write {name} and pass name=..."
+        )
+    them = "them" if len(named) > 1 else "it"
+    raise TypeError(
+        f"no value for the template's {', '.join('{' + name + '}' for name in named)}: "
+        f"pass {them} by name, as predict(template, {', '.join(name + '=...' for name in named)})"
+    )
+
+
+def _unfilled(template: str, args: dict[str, Any]) -> list[str]:
+    """The placeholders of ``template`` (and of its format specs: ``{x:>{width}}``) that
+    ``args`` has no value for ("" for ``{}``, digits for ``{0}``, which keyword
+    arguments never fill)."""
+    missing: list[str] = []
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        name = field.partition(".")[0].partition("[")[0]
+        nested = _unfilled(spec, args) if spec else []
+        for each in (name, *nested):
+            if (each not in args or not each or each.isdigit()) and each not in missing:
+                missing.append(each)
+    return missing
+
+
 def _finish_reason(extra: dict[str, Any]) -> str | None:
     reason = extra.get("finish_reason")
     return reason if isinstance(reason, str) else None
@@ -94,6 +158,124 @@ def _finish_reason(extra: dict[str, Any]) -> str | None:
 
 def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | None]:
     return coerce_usage(extra.get("usage")), _finish_reason(extra)
+
+
+# -- the hooks a subclass implements, checked -----------------------------------------
+
+#: What each hook must be: the kinds of function that fit, and what to say if it is not.
+_HOOK_KINDS: dict[str, tuple[frozenset[str], str]] = {
+    "_chat": (
+        frozenset({"def"}),
+        "a plain def returning a ChatResponse (async code goes in _achat)",
+    ),
+    "_complete": (
+        frozenset({"def"}),
+        "a plain def returning a CompletionResponse (async code goes in _acomplete)",
+    ),
+    "_stream_chat": (
+        frozenset({"def", "def with yield"}),
+        "a def that yields ChatResponse chunks (async code goes in _astream_chat)",
+    ),
+    "_stream_complete": (
+        frozenset({"def", "def with yield"}),
+        "a def that yields CompletionResponse chunks (async code goes in _astream_complete)",
+    ),
+    "_achat": (frozenset({"async def"}), "an async def returning a ChatResponse"),
+    "_acomplete": (frozenset({"async def"}), "an async def returning a CompletionResponse"),
+    "_astream_chat": (
+        frozenset({"async def with yield"}),
+        "an async def that yields ChatResponse chunks",
+    ),
+    "_astream_complete": (
+        frozenset({"async def with yield"}),
+        "an async def that yields CompletionResponse chunks",
+    ),
+}
+
+
+def _kind(function: Callable[..., Any]) -> str:
+    if inspect.isasyncgenfunction(function):
+        return "async def with yield"
+    if inspect.iscoroutinefunction(function):
+        return "async def"
+    if inspect.isgeneratorfunction(function):
+        return "def with yield"
+    return "def"
+
+
+def _check_hook(cls: type, name: str, function: object) -> None:
+    """A TypeError if ``cls`` defines the hook ``name`` as the wrong kind of function.
+
+    A decorated hook fits if the decorator or what it wraps (``__wrapped__``) does;
+    what is not a function (a callable object) is checked when called."""
+    if not inspect.isfunction(function):
+        return
+    fits, must = _HOOK_KINDS[name]
+    try:
+        inner = inspect.unwrap(function)
+    except ValueError:  # a cycle of __wrapped__
+        inner = function
+    if _kind(function) in fits or _kind(inner) in fits:
+        return
+    kind = _kind(function)
+    article = "an" if kind.startswith("async") else "a"
+    raise TypeError(f"{cls.__name__}.{name} must be {must}; it is {article} {kind}")
+
+
+def _hook_error(llm: BaseLLM, hook: str, value: object, did: str, must: str) -> TypeError:
+    """The TypeError of a hook that gave ``value``, which does not fit."""
+    if inspect.iscoroutine(value):
+        value.close()  # never to be awaited: no "never awaited" warning on top of this
+    got = "None" if value is None else f"a {type(value).__name__}"
+    return TypeError(f"{type(llm).__name__}.{hook} {did} {got}; it must {must}")
+
+
+R = TypeVar("R")
+
+
+def _returned(llm: BaseLLM, hook: str, expected: type[R], value: object) -> R:
+    """``value``, what ``hook`` returned, if it is an ``expected``."""
+    if isinstance(value, expected):
+        return value
+    raise _hook_error(llm, hook, value, "returned", f"return a {expected.__name__}")
+
+
+def _awaitable(llm: BaseLLM, hook: str, expected: type, value: object) -> Awaitable[object]:
+    """``value``, what the async ``hook`` returned, if it can be awaited."""
+    if inspect.isawaitable(value):
+        return value
+    raise _hook_error(
+        llm, hook, value, "returned", f"be an async def returning a {expected.__name__}"
+    )
+
+
+def _iterator(llm: BaseLLM, hook: str, expected: type, value: object) -> Iterator[Any]:
+    """An iterator over ``value``, what the stream ``hook`` returned."""
+    if isinstance(value, Iterable):
+        return iter(value)
+    raise _hook_error(
+        llm,
+        hook,
+        value,
+        "returned",
+        f"yield {expected.__name__} chunks (or return an iterator of them)",
+    )
+
+
+def _async_iterable(llm: BaseLLM, hook: str, expected: type, value: object) -> AsyncIterable[Any]:
+    """``value``, what the async stream ``hook`` returned, if ``async for`` can read it."""
+    if isinstance(value, AsyncIterable):
+        return value
+    raise _hook_error(
+        llm, hook, value, "returned", f"be an async def that yields {expected.__name__} chunks"
+    )
+
+
+def _yielded(llm: BaseLLM, hook: str, expected: type[R], chunk: object) -> R:
+    """``chunk``, one the stream ``hook`` yielded, if it is an ``expected``."""
+    if isinstance(chunk, expected):
+        return chunk
+    raise _hook_error(llm, hook, chunk, "yielded", f"yield {expected.__name__} chunks")
 
 
 #: Inside structured_predict: the finish reason each model's predict() reported (by
@@ -156,6 +338,20 @@ class BaseLLM(abc.ABC):
 
     provider: str | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a hook of the wrong kind, or a ``provider`` that is not a name, when
+        the class is defined: found at a call, either failed inside the tracing, and
+        only once a handler listened."""
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            if name in _HOOK_KINDS:
+                _check_hook(cls, name, value)
+        provider = vars(cls).get("provider")
+        if not (provider is None or isinstance(provider, str) or hasattr(provider, "__get__")):
+            raise TypeError(
+                f"{cls.__name__}.provider is the provider's name, a str or None; got {provider!r}"
+            )
+
     def __init__(
         self,
         model: str,
@@ -170,6 +366,11 @@ class BaseLLM(abc.ABC):
             raise TypeError(f"provider is a str or None, got {type(provider).__name__}")
         if redaction is not None and not isinstance(redaction, Redaction):
             raise TypeError("redaction is a Redaction(mask=..., record_content=...) or None")
+        if price_table is not None and not isinstance(price_table, PriceTable):
+            raise TypeError(
+                "price_table is a PriceTable (PriceTable({model: ModelPrice(...)})) or None; "
+                f"got {type(price_table).__name__}"
+            )
         self.model = model
         if provider is not None:
             self.provider = provider
@@ -187,7 +388,8 @@ class BaseLLM(abc.ABC):
         """Answer ``messages`` chunk by chunk (each response's ``delta`` is the new text)."""
 
     def _complete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
-        response = self._chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
+        messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+        response = _returned(self, "_chat", ChatResponse, self._chat(messages, **kwargs))
         return CompletionResponse(
             text=response.message.content or "",
             raw=response.raw,
@@ -200,7 +402,9 @@ class BaseLLM(abc.ABC):
         # either ``text`` or ``delta``.
         messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
         so_far = ""
-        for chunk in self._stream_chat(messages, **kwargs):
+        source = self._stream_chat(messages, **kwargs)
+        for chunk in _iterator(self, "_stream_chat", ChatResponse, source):
+            chunk = _yielded(self, "_stream_chat", ChatResponse, chunk)
             delta = _new_text(chunk, so_far)
             so_far += delta
             yield CompletionResponse(
@@ -211,22 +415,24 @@ class BaseLLM(abc.ABC):
             )
 
     async def _achat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._chat(messages, **kwargs)
+        return _returned(self, "_chat", ChatResponse, self._chat(messages, **kwargs))
 
     async def _acomplete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
-        return self._complete(prompt, **kwargs)
+        return _returned(self, "_complete", CompletionResponse, self._complete(prompt, **kwargs))
 
     async def _astream_chat(
         self, messages: list[ChatMessage], **kwargs: Any
     ) -> AsyncIterator[ChatResponse]:
-        for chunk in self._stream_chat(messages, **kwargs):
-            yield chunk
+        source = self._stream_chat(messages, **kwargs)
+        for chunk in _iterator(self, "_stream_chat", ChatResponse, source):
+            yield _yielded(self, "_stream_chat", ChatResponse, chunk)
 
     async def _astream_complete(
         self, prompt: str, **kwargs: Any
     ) -> AsyncIterator[CompletionResponse]:
-        for chunk in self._stream_complete(prompt, **kwargs):
-            yield chunk
+        source = self._stream_complete(prompt, **kwargs)
+        for chunk in _iterator(self, "_stream_complete", CompletionResponse, source):
+            yield _yielded(self, "_stream_complete", CompletionResponse, chunk)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -234,6 +440,16 @@ class BaseLLM(abc.ABC):
     def metadata(self) -> dict[str, Any]:
         """What the start events carry as ``model_dict``."""
         return {"class_name": type(self).__name__, "model": self.model, "provider": self.provider}
+
+    def _model_dict(self) -> dict[str, Any]:
+        """:attr:`metadata`, which a subclass may override: one that fails gives {}, as
+        the events are only a record (see :func:`instrumentation.llms._call.build`)."""
+        try:
+            return self.metadata
+        except Exception as exc:
+            name = f"{type(self).__name__}.metadata"
+            event_error(name, f"{name} failed ({exc!r}); the events' model_dict is left out")
+            return {}
 
     def _call(
         self,
@@ -252,7 +468,7 @@ class BaseLLM(abc.ABC):
             messages=messages,
             prompt=prompt,
             additional_kwargs=dict(kwargs),
-            model_dict=self.metadata,
+            model_dict=self._model_dict(),
         )
 
     @staticmethod
@@ -269,10 +485,10 @@ class BaseLLM(abc.ABC):
         """Answer ``messages`` (a list of ChatMessage, or a str as one user message)."""
         msgs = as_messages(messages)
         if not listening(dispatcher):
-            return self._chat(msgs, **kwargs)
+            return _returned(self, "_chat", ChatResponse, self._chat(msgs, **kwargs))
         call = self._call("chat", kwargs, messages=msgs)
         call.start()
-        response = self._chat(msgs, **kwargs)
+        response = _returned(self, "_chat", ChatResponse, self._chat(msgs, **kwargs))
         self._finish(call, response)
         return response
 
@@ -283,10 +499,10 @@ class BaseLLM(abc.ABC):
         """Async :meth:`chat`."""
         msgs = as_messages(messages)
         if not listening(dispatcher):
-            return await self._achat(msgs, **kwargs)
+            return await self._answer("_achat", ChatResponse, self._achat(msgs, **kwargs))
         call = self._call("chat", kwargs, messages=msgs)
         call.start()
-        response = await self._achat(msgs, **kwargs)
+        response = await self._answer("_achat", ChatResponse, self._achat(msgs, **kwargs))
         self._finish(call, response)
         return response
 
@@ -297,10 +513,14 @@ class BaseLLM(abc.ABC):
         """Complete ``prompt``."""
         _check_prompt(prompt)
         if not listening(dispatcher):
-            return self._complete(prompt, **kwargs)
+            return _returned(
+                self, "_complete", CompletionResponse, self._complete(prompt, **kwargs)
+            )
         call = self._call("completion", kwargs, prompt=prompt)
         call.start()
-        response = self._complete(prompt, **kwargs)
+        response = _returned(
+            self, "_complete", CompletionResponse, self._complete(prompt, **kwargs)
+        )
         self._finish(call, response)
         return response
 
@@ -309,12 +529,20 @@ class BaseLLM(abc.ABC):
         """Async :meth:`complete`."""
         _check_prompt(prompt)
         if not listening(dispatcher):
-            return await self._acomplete(prompt, **kwargs)
+            return await self._answer(
+                "_acomplete", CompletionResponse, self._acomplete(prompt, **kwargs)
+            )
         call = self._call("completion", kwargs, prompt=prompt)
         call.start()
-        response = await self._acomplete(prompt, **kwargs)
+        response = await self._answer(
+            "_acomplete", CompletionResponse, self._acomplete(prompt, **kwargs)
+        )
         self._finish(call, response)
         return response
+
+    async def _answer(self, hook: str, expected: type[R], pending: object) -> R:
+        """What the async ``hook`` returned (``pending``), awaited and checked."""
+        return _returned(self, hook, expected, await _awaitable(self, hook, expected, pending))
 
     # -- streams ------------------------------------------------------------------------
 
@@ -325,14 +553,16 @@ class BaseLLM(abc.ABC):
         msgs = as_messages(messages)
         call = self._call("chat", kwargs, messages=msgs)
         span = _stream_span(self, "stream_chat", (messages,), kwargs)
-        body = _stream_body(call, span, lambda: self._stream_chat(msgs, **kwargs))
+        hook = _Hook(self, "_stream_chat", ChatResponse)
+        body = _stream_body(call, span, lambda: self._stream_chat(msgs, **kwargs), hook)
         return _started(start_stream(span, body))
 
     def stream_complete(self, prompt: str, **kwargs: Any) -> SpannedStream[CompletionResponse]:
         """Complete ``prompt`` chunk by chunk."""
         call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
         span = _stream_span(self, "stream_complete", (prompt,), kwargs)
-        body = _stream_body(call, span, lambda: self._stream_complete(prompt, **kwargs))
+        hook = _Hook(self, "_stream_complete", CompletionResponse)
+        body = _stream_body(call, span, lambda: self._stream_complete(prompt, **kwargs), hook)
         return _started(start_stream(span, body))
 
     async def astream_chat(
@@ -343,7 +573,8 @@ class BaseLLM(abc.ABC):
         msgs = as_messages(messages)
         call = self._call("chat", kwargs, messages=msgs)
         span = _stream_span(self, "astream_chat", (messages,), kwargs)
-        body = _astream_body(call, span, lambda: self._astream_chat(msgs, **kwargs))
+        hook = _Hook(self, "_astream_chat", ChatResponse)
+        body = _astream_body(call, span, lambda: self._astream_chat(msgs, **kwargs), hook)
         return _started(await astart_stream(span, body))
 
     async def astream_complete(
@@ -352,7 +583,8 @@ class BaseLLM(abc.ABC):
         """Async :meth:`stream_complete`."""
         call = self._call("completion", kwargs, prompt=_check_prompt(prompt))
         span = _stream_span(self, "astream_complete", (prompt,), kwargs)
-        body = _astream_body(call, span, lambda: self._astream_complete(prompt, **kwargs))
+        hook = _Hook(self, "_astream_complete", CompletionResponse)
+        body = _astream_body(call, span, lambda: self._astream_complete(prompt, **kwargs), hook)
         return _started(await astart_stream(span, body))
 
     # -- prompts ------------------------------------------------------------------------
@@ -368,39 +600,35 @@ class BaseLLM(abc.ABC):
 
     def _predict(self, template: str, template_args: dict[str, Any]) -> tuple[str, str | None]:
         """The answer, with the finish reason its end event reports."""
-        if not isinstance(template, str):
-            raise TypeError(
-                f"template is a str with {{placeholders}}, got {type(template).__name__}"
-            )
+        question = _fill(_check_template(template), template_args)
         listen = listening(dispatcher)
         if listen:
-            dispatcher.event(
-                LLMPredictStartEvent(
-                    template=self._redacted(template),
-                    template_args=self._redacted_args(template_args),
-                    model=self.model,
-                    provider=self.provider,
-                )
+            self._send(
+                LLMPredictStartEvent,
+                template=self._redacted(template),
+                template_args=self._redacted_args(template_args),
             )
         started = time.perf_counter()
-        messages = [ChatMessage(role=MessageRole.USER, content=template.format(**template_args))]
-        answer = self.chat(messages)
+        answer = self.chat([ChatMessage(role=MessageRole.USER, content=question)])
         output = answer.message.content or ""
         if not listen:
             return output, None
         reason = _finish_reason(answer.additional_kwargs)
-        dispatcher.event(
-            LLMPredictEndEvent(output=self._redacted(output), **self._end_info(reason, started))
+        self._send(
+            LLMPredictEndEvent, output=self._redacted(output), **self._end_info(reason, started)
         )
         return output, reason
+
+    def _send(self, cls: type[ModelCallEvent], **fields: Any) -> None:
+        """Emit ``cls`` with ``fields``, the model and the provider; one that cannot be
+        built as given never fails the call (see :func:`instrumentation.llms._call.build`)."""
+        emit(dispatcher, cls, model=self.model, provider=self.provider, **fields)
 
     def _end_info(self, reason: str | None, started: float) -> dict[str, Any]:
         # No usage nor cost: the chat end event inside reports the model call, and a
         # handler (or a store) summing usage over every end event would count the
         # call two or three times. LlamaIndex's predict events carry none either.
         return {
-            "model": self.model,
-            "provider": self.provider,
             "latency_ms": (time.perf_counter() - started) * 1000.0,
             "finish_reason": reason,
         }
@@ -410,16 +638,14 @@ class BaseLLM(abc.ABC):
         """Like :meth:`predict`, the answer parsed as JSON into ``output_cls``."""
         if not (isinstance(output_cls, type) and issubclass(output_cls, BaseModel)):
             raise TypeError("output_cls is a pydantic model class")
+        _check_template(template)
         listen = listening(dispatcher)
         if listen:
-            dispatcher.event(
-                LLMStructuredPredictStartEvent(
-                    output_cls=output_cls.__name__,
-                    template=self._redacted(template),
-                    template_args=self._redacted_args(template_args),
-                    model=self.model,
-                    provider=self.provider,
-                )
+            self._send(
+                LLMStructuredPredictStartEvent,
+                output_cls=output_cls.__name__,
+                template=self._redacted(template),
+                template_args=self._redacted_args(template_args),
             )
         started = time.perf_counter()
         reports: dict[int, str | None] = {}
@@ -434,8 +660,8 @@ class BaseLLM(abc.ABC):
         output = output_cls.model_validate_json(text)
         if listen:
             recorded: Any = output if not self._redaction().active else None
-            dispatcher.event(
-                LLMStructuredPredictEndEvent(output=recorded, **self._end_info(reason, started))
+            self._send(
+                LLMStructuredPredictEndEvent, output=recorded, **self._end_info(reason, started)
             )
         return output
 
@@ -487,10 +713,34 @@ def _stream_span(
     return StreamSpan(dispatcher, name, llm, _STREAM_SIGNATURES[method], args, kwargs)
 
 
-def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator[Any, Any, None]:
+class _Hook:
+    """A stream hook of ``llm``, whose chunks are ``expected``: what it gives is checked."""
+
+    __slots__ = ("expected", "llm", "name")
+
+    def __init__(
+        self, llm: BaseLLM, name: str, expected: type[ChatResponse | CompletionResponse]
+    ) -> None:
+        self.llm = llm
+        self.name = name
+        self.expected = expected
+
+    def iterator(self, returned: object) -> Iterator[Any]:
+        return _iterator(self.llm, self.name, self.expected, returned)
+
+    def async_iterable(self, returned: object) -> AsyncIterable[Any]:
+        return _async_iterable(self.llm, self.name, self.expected, returned)
+
+    def chunk(self, chunk: object) -> ChatResponse | CompletionResponse:
+        return _yielded(self.llm, self.name, self.expected, chunk)
+
+
+def _stream_body(
+    call: LLMCall, span: StreamSpan, open_stream: Any, hook: _Hook
+) -> Generator[Any, Any, None]:
     """The span-side generator of a sync stream (see :mod:`._streams`)."""
     call.start()
-    source: Iterator[ChatResponse | CompletionResponse] = iter(open_stream())
+    source = hook.iterator(open_stream())
     usage: TokenUsage | None = None
     reason: str | None = None
 
@@ -499,7 +749,8 @@ def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator
 
     with EndOnClose(span, abandon, lambda: _close_source(source)):
         yield READY
-        for chunk in source:
+        for item in source:
+            chunk = hook.chunk(item)
             call.chunk(_new_text(chunk, call.text), raw=chunk.raw)
             u, r = _usage_and_reason(chunk.additional_kwargs)
             usage, reason = u or usage, r or reason
@@ -508,11 +759,11 @@ def _stream_body(call: LLMCall, span: StreamSpan, open_stream: Any) -> Generator
 
 
 async def _astream_body(
-    call: LLMCall, span: StreamSpan, open_stream: Any
+    call: LLMCall, span: StreamSpan, open_stream: Any, hook: _Hook
 ) -> AsyncGenerator[Any, Any]:
     """The span-side async generator of an async stream."""
     call.start()
-    source: AsyncIterator[ChatResponse | CompletionResponse] = open_stream()
+    source = hook.async_iterable(open_stream())
     usage: TokenUsage | None = None
     reason: str | None = None
 
@@ -521,7 +772,8 @@ async def _astream_body(
 
     async with AsyncEndOnClose(span, abandon, lambda: _aclose_source(source, span)):
         yield READY
-        async for chunk in source:
+        async for item in source:
+            chunk = hook.chunk(item)
             call.chunk(_new_text(chunk, call.text), raw=chunk.raw)
             u, r = _usage_and_reason(chunk.additional_kwargs)
             usage, reason = u or usage, r or reason

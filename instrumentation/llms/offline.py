@@ -11,6 +11,7 @@ are configurable.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -28,13 +29,16 @@ class OfflineLLMError(RuntimeError):
 
 
 class OfflineLLM(BaseLLM):
-    """A scripted LLM. All arguments are keyword-only:
+    """A scripted LLM. The model's name (default ``"offline"``) may be given first, as
+    to any :class:`BaseLLM`; the other arguments are keyword-only:
 
     * ``answers``: a mapping ``keyword -> answer`` (first keyword found, case-insensitive,
       in the last user message wins) or a sequence of answers used in turn; unmatched
       questions get ``"Echo: <question>"``;
     * ``latency_s``: seconds before the answer (before the first chunk when streaming);
-      ``chunk_delay_s``: seconds between chunks; ``words_per_chunk``: stream chunk size;
+      ``chunk_delay_s``: seconds between chunks (both finite: an infinite wait hangs an
+      async call, and is an OverflowError in a sync one); ``words_per_chunk``: stream
+      chunk size;
     * ``fail_with``: an exception (or message) raised by every call, or by the first
       ``fail_times`` calls; ``fail_after_chunks``: a stream fails after that many chunks;
     * ``report_usage=False``: no usage from the "provider", so events carry an estimate.
@@ -44,8 +48,8 @@ class OfflineLLM(BaseLLM):
 
     def __init__(
         self,
-        *,
         model: str = "offline",
+        *,
         answers: Mapping[str, str] | Sequence[str] | None = None,
         latency_s: float = 0.0,
         chunk_delay_s: float = 0.0,
@@ -65,8 +69,13 @@ class OfflineLLM(BaseLLM):
         if answers is not None and not isinstance(answers, (Mapping, Sequence)):
             raise TypeError(f"answers is a mapping or a list, got {type(answers).__name__}")
         for name, value in (("latency_s", latency_s), ("chunk_delay_s", chunk_delay_s)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} is a number of seconds >= 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} is a finite number of seconds >= 0, got {value!r}")
         if (
             isinstance(words_per_chunk, bool)
             or not isinstance(words_per_chunk, int)

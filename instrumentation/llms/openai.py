@@ -26,7 +26,9 @@ The events describe the first choice (index 0), its text, its tool calls (a lega
 
 The instrumentation never changes what the client returns or raises: if a request
 cannot be described (e.g. an odd message), the call runs untraced and the problem is
-logged and counted (``llms.openai.describe_errors``).
+logged and counted (``llms.openai.describe_errors``); what a reply holds that an event
+cannot (a finish reason that is not a str, from a compatible server) is left out of
+the event, logged and counted (``llms.event_errors``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ change: override them with :func:`set_model_price` (or give an LLM its own
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from instrumentation.events.llm import TokenUsage
 
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """Dollars per million tokens; cached prompt tokens cost ``cached_input`` when given."""
+    """Dollars per million tokens; cached prompt tokens cost ``cached_input`` when given.
+
+    Finite numbers only: a NaN or infinite price would make every cost NaN or infinite,
+    which no end event can carry."""
 
     input: float
     output: float = 0.0
@@ -33,9 +37,14 @@ class ModelPrice:
             value = getattr(self, field)
             if value is None and field == "cached_input":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(
-                    f"ModelPrice.{field} is dollars per million tokens, a number >= 0; "
+                    f"ModelPrice.{field} is dollars per million tokens, a finite number >= 0; "
                     f"got {value!r}"
                 )
 
@@ -83,7 +92,9 @@ class PriceTable:
 
     def __init__(self, prices: Mapping[str, ModelPrice] | None = None) -> None:
         self._lock = threading.Lock()
-        self._prices: dict[str, ModelPrice] = dict(DEFAULT_PRICES if prices is None else prices)
+        self._prices: dict[str, ModelPrice] = dict(
+            DEFAULT_PRICES if prices is None else _checked_prices(prices)
+        )
 
     def set(
         self,
@@ -112,6 +123,8 @@ class PriceTable:
     def get(self, model: str | None) -> ModelPrice | None:
         """The price of ``model`` (without a provider prefix), or of its alias when it is
         a snapshot of :data:`SNAPSHOT_ALIASES`; None when unknown."""
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"the model name is a str or None, got {type(model).__name__}")
         if not model:
             return None
         prices = self._prices
@@ -142,6 +155,22 @@ class PriceTable:
             fresh * price.input + cached * cached_rate + usage.completion_tokens * price.output
         )
         return dollars / 1_000_000
+
+
+def _checked_prices(prices: object) -> Mapping[str, ModelPrice]:
+    """``prices``, if it maps model names to :class:`ModelPrice`: checked when the table
+    is made, not when a call is priced (where it could only be logged)."""
+    if not isinstance(prices, Mapping):
+        raise TypeError(
+            f"prices maps model names to ModelPrice(input, output), got {type(prices).__name__}"
+        )
+    for model, price in prices.items():
+        if not isinstance(model, str) or not isinstance(price, ModelPrice):
+            raise TypeError(
+                "prices maps model names (str) to ModelPrice(input, output, cached_input); "
+                f"got {model!r}: {price!r}"
+            )
+    return prices
 
 
 #: The table every LLM uses unless given its own.

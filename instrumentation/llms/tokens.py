@@ -18,8 +18,10 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 def count_tokens(text: str | None) -> int:
     """The number of words and punctuation marks in ``text`` (0 for None or "")."""
-    if not text:
-        return 0
+    if not isinstance(text, str):
+        if text is None:
+            return 0
+        raise TypeError(f"count_tokens takes a str (or None), got {type(text).__name__}")
     return len(_TOKEN.findall(text))
 
 

@@ -534,6 +534,29 @@ def test_bad_configuration_is_rejected(kwargs: dict[str, Any], error: type[Excep
         OfflineLLM(**kwargs)
 
 
+@pytest.mark.parametrize("setting", ["latency_s", "chunk_delay_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_a_delay_that_is_not_finite_is_rejected(setting: str, value: float) -> None:
+    """latency_s=inf was accepted: achat then hung for ever and chat raised an
+    OverflowError; nan made chat raise a ValueError and achat return at once."""
+    kwargs: dict[str, Any] = {setting: value}
+    with pytest.raises(ValueError, match=f"{setting} is a finite number of seconds >= 0"):
+        OfflineLLM(**kwargs)
+
+
+def test_the_model_may_be_given_first_as_to_any_llm(cap: Capture) -> None:
+    """OfflineLLM("gpt-4o-mini") was a TypeError (it took the model by keyword only),
+    where BaseLLM subclasses take it first; by keyword still works."""
+    by_position, by_keyword = OfflineLLM("gpt-4o-mini"), OfflineLLM(model="gpt-4o-mini")
+    assert by_position.model == by_keyword.model == "gpt-4o-mini"
+    assert OfflineLLM().model == "offline"
+    by_position.chat("hi")
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.model == "gpt-4o-mini" and end.cost_usd is not None  # priced as that model
+    with pytest.raises(TypeError):
+        OfflineLLM("gpt-4o-mini", {"hi": "there"})  # type: ignore[call-arg]
+
+
 def test_structured_predict_goes_through_an_overridden_predict(cap: Capture) -> None:
     """A subclass's predict (a cache, say) is what structured_predict uses."""
 

@@ -99,3 +99,40 @@ def test_usage_as_a_dict_is_a_type_error_that_names_token_usage() -> None:
     with pytest.raises(TypeError, match=r"TokenUsage\(prompt_tokens=.*got dict"):
         cost_usd("gpt-4o", {"prompt_tokens": 5})  # type: ignore[arg-type]
     assert cost_usd("gpt-4o", None) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_price_that_is_not_finite_is_rejected(bad: float) -> None:
+    """NaN and the infinities were accepted, made every cost NaN, and then every traced
+    call of the model failed (its end event could not hold the cost) once a handler
+    listened: they are refused up front, for each field, saying a finite number is due."""
+    for args in ((bad,), (1.0, bad), (1.0, 1.0, bad)):
+        with pytest.raises(ValueError, match="a finite number >= 0"):
+            ModelPrice(*args)
+        with pytest.raises(ValueError, match="a finite number >= 0"):
+            set_model_price("gpt-4o", *args)
+        with pytest.raises(ValueError, match="a finite number >= 0"):
+            PriceTable().set("offline", *args)
+    assert cost_usd("gpt-4o", USAGE) == pytest.approx(12.5)  # the price is unchanged
+
+
+@pytest.mark.parametrize(
+    "prices",
+    [{"offline": 5}, {"offline": (1.0, 2.0)}, {5: ModelPrice(1.0)}, [("offline", 1.0)]],
+    ids=["number", "tuple", "non-str-model", "list"],
+)
+def test_a_table_of_anything_but_model_prices_is_rejected(prices: object) -> None:
+    """PriceTable(prices={"x": 5}) was accepted; pricing a call then raised an
+    AttributeError."""
+    with pytest.raises(TypeError, match=r"prices maps model names .*ModelPrice"):
+        PriceTable(prices)  # type: ignore[arg-type]
+    assert PriceTable({}).get("gpt-4o") is None  # an empty table is a table
+
+
+def test_a_model_name_that_is_not_a_str_is_a_type_error_saying_so() -> None:
+    """Was "argument of type 'int' is not iterable"."""
+    with pytest.raises(TypeError, match="the model name is a str or None, got int"):
+        default_price_table.get(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="the model name is a str or None, got int"):
+        cost_usd(5, USAGE)  # type: ignore[arg-type]
+    assert default_price_table.get(None) is None

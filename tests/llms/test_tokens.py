@@ -39,3 +39,10 @@ def test_chunk_size_must_be_positive() -> None:
     """words_per_chunk < 1 is refused with a message naming it."""
     with pytest.raises(ValueError, match="words_per_chunk"):
         split_chunks("a b", 0)
+
+
+def test_counting_what_is_not_text_is_a_type_error_saying_so() -> None:
+    """Was "expected string or bytes-like object" from inside the regex."""
+    with pytest.raises(TypeError, match=r"count_tokens takes a str .*got int"):
+        count_tokens(5)  # type: ignore[arg-type]
+    assert count_tokens(None) == count_tokens("") == 0
