@@ -46,6 +46,10 @@ DB_ENV = "INSTRUMENTATION_DB"
 
 
 def is_postgres_dsn(target: str) -> bool:
+    """Whether ``target`` is a PostgreSQL DSN (``postgresql://...``, ``postgres://...``
+    or libpq's ``host=... dbname=...``), not a SQLite path."""
+    if not isinstance(target, str):
+        raise TypeError(f"is_postgres_dsn() takes an address (a str), got {type(target).__name__}")
     # URL schemes are case-insensitive (RFC 3986); libpq takes PostgreSQL:// too.
     return target[:13].lower().startswith(("postgresql://", "postgres://")) or (
         "=" in target and ("dbname=" in target or "host=" in target)

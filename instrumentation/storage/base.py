@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from instrumentation import telemetry
 from instrumentation._text import without_lone_surrogates
+from instrumentation.storage import checks
 from instrumentation.storage.models import (
     METADATA_KEYS,
     StoredEvent,
@@ -444,15 +445,18 @@ class SQLStore(Store):
             where.append(f"r.status = {p}")
             params.append(status)
         if min_duration is not None:
-            if not isinstance(min_duration, (int, float)) or isinstance(min_duration, bool):
-                raise TypeError(f"min_duration is seconds (a number), got {min_duration!r}")
             where.append(f"r.duration >= {p}")
-            params.append(float(min_duration))
+            params.append(checks.seconds("min_duration", min_duration, most=None))
         if dispatcher is not None:
             if not isinstance(dispatcher, str):
                 raise TypeError(f"dispatcher is a dispatcher name, got {type(dispatcher).__name__}")
             where.append(f"(r.dispatcher = {p} OR r.dispatcher LIKE {p} ESCAPE '\\')")
             params.extend([dispatcher, _like_literal(dispatcher) + ".%"])
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(
+                "metadata is a mapping of keys to the values to match, e.g. "
+                f"{{'user': 'alice'}}; got {metadata!r}"
+            )
         for key, wanted in (metadata or {}).items():
             column: str | None = METADATA_KEYS.get(key) or (key if key in META_COLUMNS else None)
             if column is None:
@@ -615,6 +619,7 @@ class SQLStore(Store):
         if not isinstance(prefix, str):
             kind = type(prefix).__name__
             raise TypeError(f"prefix is a str (the start of a trace id), got {kind}")
+        _check_limit(limit)
         p = self.dialect.param
         # ``LIKE 'ab%'`` reads the whole trace_id index (PostgreSQL uses an index for
         # it only under the C collation): ``export`` of 8,000 traces took 12 s. A

@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TextIO, cast
@@ -125,6 +125,40 @@ def _seconds(value: str) -> float:
         seconds = -1.0
     if not (0 <= seconds < 10**9):  # also NaN and inf
         raise argparse.ArgumentTypeError(f"takes seconds (0 or more), got {value!r}")
+    return seconds
+
+
+#: The units ``--min-duration`` takes, as ``list`` prints durations (``381 µs``, or
+#: ``381 us`` where the output has no ``µ``; Greek mu too), and minutes and hours.
+_DURATION_UNITS = {
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z\u00b5\u03bc]*)\s*")
+
+
+def _duration(value: str) -> float:
+    """Seconds, 0 or more: a plain number, as before, or one with a unit as ``list``
+    prints durations (``381us`` or ``381µs``, ``12.5ms``, ``2s``), or minutes and hours
+    (``1.5m``, ``2h``, as ``--since`` takes ages)."""
+    found = _DURATION.fullmatch(value)
+    if found is None or not found.group(2):
+        try:
+            seconds = _seconds(value)
+        except argparse.ArgumentTypeError:
+            seconds = -1.0
+    else:
+        unit = _DURATION_UNITS.get(found.group(2).lower())
+        seconds = float(found.group(1)) * unit if unit is not None else -1.0
+    if not 0 <= seconds < 10**9:
+        raise argparse.ArgumentTypeError(
+            f"takes seconds, or a duration with its unit (381us, 12ms, 2s, 1.5m), got {value!r}"
+        )
     return seconds
 
 
@@ -293,24 +327,55 @@ def _failed_inside(count: int) -> str:
     return f" ({count} span{'s' if count != 1 else ''} failed inside)"
 
 
+#: The fields that hold what a call answered (``response`` of the LLM chat and
+#: completion events, ``output`` of the predict ones): ``show --events`` puts them
+#: first, as text, with the room the line has. After the messages, usage and latency,
+#: cut at 40 characters, the model's answer was never seen.
+_ANSWER_FIELDS = ("response", "output")
+#: The most characters of a field's value on an event's line (an answer: the line's).
+_VALUE_CHARS = 40
+
+
+def _answer_text(value: Any) -> str | None:
+    """The text of a stored answer: a chat response's message content, a completion's
+    text, or a plain string; ``None`` for anything else (shown as its ``repr``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        message = value.get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            return str(message["content"])
+        if isinstance(value.get("text"), str):
+            return str(value["text"])
+    return None
+
+
 def _event_fields(
     payload: Any, shown: str | None, width: int = 100, metadata: Mapping[str, str] | None = None
 ) -> str:
     """An event's own fields on one line, cut at ``width`` characters (not the one
     whose value is ``shown`` already, as its error; nor the tags that ``metadata``
-    shows already, the same on every event of a request, which took up the line)."""
+    shows already, the same on every event of a request, which took up the line).
+
+    What the call answered comes first, as its text (see :data:`_ANSWER_FIELDS`);
+    the value of any other field is cut at :data:`_VALUE_CHARS` characters."""
     if not isinstance(payload, dict):
         return ""
+    answers = [k for k in _ANSWER_FIELDS if payload.get(k) is not None]
     parts = []
-    for key, value in payload.items():
+    for key in [*answers, *(k for k in payload if k not in answers)]:
+        value = payload[key]
         if key == "tags" and isinstance(value, dict) and metadata:
             value = {k: v for k, v in value.items() if metadata.get(k) != v}
         if (key == "tags" and not value) or (shown is not None and value == shown):
             continue
         if key == "err_type" and shown is not None:  # a drop event's: its error is shown
             continue
-        text = _printable(repr(value))
-        parts.append(f"{_printable(str(key))}={text if len(text) <= 40 else text[:39] + '…'}")
+        answer = _answer_text(value) if key in answers else None
+        text = _printable(repr(value if answer is None else answer))
+        room = width if key in answers else _VALUE_CHARS
+        cut = text if len(text) <= room else text[: room - 1] + "…"
+        parts.append(f"{_printable(str(key))}={cut}")
     line = " ".join(parts)
     return line if len(line) <= width else line[: width - 1] + "…"
 
@@ -356,6 +421,11 @@ def format_trace(
     The tree is built and drawn without recursion: a trace thousands of spans deep
     (a recursive algorithm, an agent's loop) is drawn like any other.
     """
+    if not isinstance(spans, (list, tuple)) or not all(isinstance(s, StoredSpan) for s in spans):
+        raise TypeError(
+            "format_trace() takes the spans of one trace, as store.trace(trace_id) returns "
+            f"them (a list of StoredSpan); got {_kinds(spans)}"
+        )
     if events:
         hidden = dict(metadata or {})
 
@@ -386,10 +456,23 @@ def format_traces(store: Store, limit: int = 20, **filters: Any) -> str:
     ``filters`` are those of ``store.traces()``. What ``make demo`` prints after
     reading the demo's traces back from its SQLite file.
     """
+    if not isinstance(store, Store):
+        raise TypeError(
+            "format_traces() takes a store (storage.open_store(path) or SQLiteStore(path)), "
+            f"got {type(store).__name__}"
+        )
     blocks = []
     for summary in reversed(store.traces(limit=limit, **filters)):
         blocks.append(summary_line(summary) + "\n" + format_trace(store.trace(summary.trace_id)))
     return "\n\n".join(blocks) if blocks else "(no traces)"
+
+
+def _kinds(value: Any) -> str:
+    """What ``value`` is, for an error message: its type, and for a list the types in it."""
+    if isinstance(value, (list, tuple)):
+        inside = sorted({type(item).__name__ for item in value})
+        return f"a {type(value).__name__} of {', '.join(inside)}" if inside else "an empty list"
+    return f"a {type(value).__name__}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -590,11 +673,55 @@ class _Follower:
             self._position = floor
 
 
+def _start_tail(args: argparse.Namespace) -> None:
+    """Note when ``tail`` started, before it opens the database (which it may wait
+    for): ``--max-seconds`` counts from then, and the traces that end after then are
+    shown, with ``--lookback`` those that ended up to that long before."""
+    args.started = time.monotonic()
+    args.shown_from = datetime.now(timezone.utc) - timedelta(seconds=args.lookback)
+
+
+def _tail_out_of_time(args: argparse.Namespace) -> bool:
+    return args.max_seconds is not None and time.monotonic() - args.started >= args.max_seconds
+
+
+#: How long ``tail`` takes a database file that has appeared but is no trace database
+#: yet for one being made: the application's writer makes the tables a moment after
+#: the file.
+_BEING_MADE = 5.0
+
+
+def _open_when_made(
+    open_store: Callable[[], Store], args: argparse.Namespace, shown: str, named_by: str
+) -> Store | None:
+    """The store ``tail`` follows, once the application has made it; ``None`` if
+    ``--max-seconds`` pass first. Starting ``tail`` before the application is natural:
+    it exited at once, telling to set ``$INSTRUMENTATION_DB`` when that was set."""
+    print(
+        f"no trace database at {shown!r} yet ({named_by}); waiting for it to be made "
+        "(Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    appeared: float | None = None
+    while not _tail_out_of_time(args):
+        time.sleep(args.interval)
+        try:
+            return open_store()
+        except FileNotFoundError:
+            appeared = None
+        except Exception:
+            now = time.monotonic()
+            appeared = now if appeared is None else appeared
+            if now - appeared >= _BEING_MADE:
+                raise
+    return None
+
+
 def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    started = time.monotonic()
-    # Only traces that end after this are shown: those that finish once tail has
-    # started, and with --lookback those that finished up to that long before.
-    shown_from = datetime.now(timezone.utc) - timedelta(seconds=args.lookback)
+    if not hasattr(args, "started"):
+        _start_tail(args)
+    shown_from: datetime = args.shown_from
     print(
         f"following traces that end after {shown_from.astimezone():%Y-%m-%d %H:%M:%S}"
         " (Ctrl-C stops)",
@@ -606,7 +733,7 @@ def _cmd_tail(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     down_since: float | None = None
 
     def out_of_time() -> bool:
-        return args.max_seconds is not None and time.monotonic() - started >= args.max_seconds
+        return _tail_out_of_time(args)
 
     while True:
         found = follower.new_traces()
@@ -829,7 +956,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="recent traces, newest first", parents=[common])
-    ls.add_argument("--limit", type=_positive_int, default=20)
+    ls.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=20,
+        help="how many traces, newest first (default: 20)",
+    )
     ls.add_argument(
         "--since", type=_when, help="ISO time (local unless it has an offset) or age (15m, 2h)"
     )
@@ -838,7 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--name", help="root span name (* is a wildcard)")
     ls.add_argument("--status", choices=["ok", "error"], help="how the trace's root span ended")
-    ls.add_argument("--min-duration", type=_seconds, help="seconds")
+    ls.add_argument(
+        "--min-duration",
+        type=_duration,
+        metavar="DURATION",
+        help="only traces that took this long or longer: seconds, or with a unit as list "
+        "prints them (381us, 12ms, 2s, 1.5m)",
+    )
     ls.add_argument("--dispatcher", help="dispatcher name (and those below it)")
     ls.add_argument(
         "--meta", action="append", type=_meta_item, help="KEY=VALUE, e.g. user=alice (repeatable)"
@@ -853,10 +991,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     tail = sub.add_parser("tail", help="print traces as they finish, from now on", parents=[common])
     tail.add_argument(
-        "--interval", type=_positive_seconds, default=1.0, help="seconds between polls"
+        "--interval",
+        type=_positive_seconds,
+        default=1.0,
+        help="seconds between polls (default: 1)",
     )
-    tail.add_argument("--max-seconds", type=_seconds, help="stop after this long")
-    tail.add_argument("--count", type=_positive_int, help="stop after this many traces")
+    tail.add_argument(
+        "--max-seconds", type=_seconds, help="stop after this many seconds (default: never)"
+    )
+    tail.add_argument(
+        "--count", type=_positive_int, help="stop after this many traces (default: never)"
+    )
     tail.add_argument(
         "--lookback",
         type=_seconds,
@@ -869,9 +1014,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="traces as JSON lines", parents=[common])
     export.add_argument(
-        "trace_ids", nargs="*", type=_trace_ref, help="traces to export (default: recent)"
+        "trace_ids",
+        nargs="*",
+        type=_trace_ref,
+        help="trace ids, unique prefixes of ids, or 'latest' (default: the --limit most recent)",
     )
-    export.add_argument("--limit", type=_positive_int, default=100)
+    export.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=100,
+        help="how many recent traces, when no ids are given (default: 100)",
+    )
     export.add_argument("--since", type=_when, help="as list --since")
     export.add_argument("--until", type=_until, help="as list --until")
     export.add_argument(
@@ -889,23 +1042,52 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     from instrumentation.storage.addresses import redacted
 
     args = build_parser().parse_args(argv)
+    if args.command == "tail":
+        _start_tail(args)
     stream = out if out is not None else sys.stdout
     writer = fitted_stream(cast(TextIO, _Output(stream)))
     # ``--db ""`` is a mistake (an unset shell variable), not a request for the default.
     where = database_target(args.db)
     shown = redacted(where)  # lines on stderr end up in logs: no password in them
-    try:
+    # Where the address came from: telling to set $INSTRUMENTATION_DB when it named
+    # the database already sent the user looking in the wrong place.
+    if args.db is not None:
+        named_by = "given with --db"
+    elif os.environ.get(DB_ENV):
+        named_by = f"named by ${DB_ENV}"
+    else:
+        named_by = f"the default; give --db or set ${DB_ENV}"
+
+    def read_only_store() -> Store:
         # A read-only store creates no database, no tables and migrates nothing: a
         # file that is not a trace database (an application's own SQLite file, say)
         # is refused, and left as it was.
-        store = open_store(where, read_only=True)
+        return open_store(where, read_only=True)
+
+    try:
+        try:
+            made: Store | None = read_only_store()
+        except FileNotFoundError:
+            if args.command != "tail":
+                raise
+            # tail started before the application made its database: it waits.
+            made = _open_when_made(read_only_store, args, shown, named_by)
+        if made is None:
+            print(
+                f"no trace database was made at {shown!r} within --max-seconds ({named_by})",
+                file=sys.stderr,
+            )
+            return 2
+        store = made
     except FileNotFoundError:
         # No such SQLite file: a mistyped path must not look like an empty store.
-        print(f"no trace database at {shown!r} (give --db or set ${DB_ENV})", file=sys.stderr)
+        print(f"no trace database at {shown!r} ({named_by})", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:  # not a database address, a folder...
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while tail waited for the database
+        return 130
     except Exception as exc:
         print(f"cannot open the trace database {shown!r}: {exc}", file=sys.stderr)
         return 2

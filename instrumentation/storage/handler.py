@@ -38,6 +38,7 @@ from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
+from instrumentation.storage import checks
 from instrumentation.storage import writer as writer_module
 from instrumentation.storage.base import Store
 from instrumentation.storage.models import METADATA_ALIASES, METADATA_KEYS
@@ -267,7 +268,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     retry_backoff: float = 0.05
     replay_interval: float = 1.0
     spool_dir: str | None = None
-    max_payload_chars: int = Field(default=65_536, gt=100)
+    max_payload_chars: int = 65_536
     metadata: dict[str, str] = Field(default_factory=dict)
     dispatcher_metadata: dict[str, dict[str, str]] = Field(default_factory=dict)
     close_store: bool = False
@@ -299,6 +300,9 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
 
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
+        # Through the check every number of the storage takes (the writer's options
+        # are checked there): more than 100, for the truncation marker to fit.
+        checks.count("max_payload_chars", self.max_payload_chars, least=101)
         rows = RowMaker(self.metadata, self.dispatcher_metadata, self.max_payload_chars)
         self._writer = BatchWriter(
             self.store,
@@ -328,7 +332,8 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
 
     @property
     def dropped(self) -> int:
-        """Entries refused because the queue was full (or after shutdown)."""
+        """Entries refused because the queue was full (or after shutdown, or once the
+        writer thread stopped by an error)."""
         return self._writer.dropped
 
     # -- events ------------------------------------------------------------------------
@@ -537,10 +542,18 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         With ``dispatcher_metadata``, attached to another dispatcher than the root,
         the handler also has the parent of every span made current recorded (see
         ``_SpanParents``) until :meth:`detach` or :meth:`shutdown`.
+
+        A handler that is shut down is refused (``RuntimeError``): its writer has
+        stopped, and every span and event would be dropped.
         """
         target = root_dispatcher if dispatcher is None else dispatcher
         if not isinstance(target, Dispatcher):
             raise TypeError(f"attach() takes a Dispatcher, got {type(target).__name__}")
+        if self._writer.closed:
+            raise RuntimeError(
+                "this StorageHandler is shut down and writes nothing more; make a new one "
+                "(StorageHandler(...) or storage.record_to()) to record again"
+            )
         if self._fast_by_dispatcher and target is not root_dispatcher:
             _span_parents.hold(self)  # before the first span this handler sees
         target.add_event_handler(self)
@@ -562,11 +575,17 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         return self._writer.flush(timeout)
 
     def shutdown(self, timeout: float | None = 10.0) -> bool:
-        """Write what is queued and stop the writer (idempotent); see ``BatchWriter.shutdown``.
+        """Detach, write what is queued and stop the writer (idempotent); see
+        ``BatchWriter.shutdown``.
 
-        With ``close_store``, the store is closed too once the writer has stopped.
+        It is detached first from the dispatchers :meth:`attach` (or ``record_to()``)
+        added it to, as an OpenTelemetry provider's ``shutdown()`` ends its recording:
+        left attached, every later span and event was refused, counted in
+        ``storage.dropped`` and logged as lost. With ``close_store``, the store is
+        closed too once the writer has stopped.
         """
-        _span_parents.release(self)
+        checks.timeout(timeout)  # before anything changes
+        self.detach()
         return self._writer.shutdown(timeout)
 
     def close(self) -> None:
@@ -577,8 +596,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
-        self.shutdown()
+        self.shutdown()  # detaches first
 
 
 __all__ = ["StorageHandler", "metadata"]

@@ -8,11 +8,11 @@ costs the writer a retry, not a restart of the application.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
+from instrumentation.storage import checks
 from instrumentation.storage.base import Row, SQLStore, text_for_databases
 from instrumentation.storage.schema import (
     POSTGRES,
@@ -26,6 +26,8 @@ _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
 
 #: What PostgreSQL (in English) answers to a wrong database, role or password, and what
 #: libpq says of a connection string it cannot use: waiting will not put these right.
+#: (A port out of range, ``port=-5`` or ``:99999``, was taken for a server that cannot
+#: be reached yet, and its rows retried and spooled for ever.)
 _MISCONFIGURED = (
     "does not exist",
     "password authentication failed",
@@ -35,6 +37,7 @@ _MISCONFIGURED = (
     "for connection option",
     "invalid connection option",
     "invalid integer value",
+    "invalid port number",
     "invalid sslmode value",
 )
 
@@ -121,18 +124,14 @@ class PostgresStore(SQLStore):
         self, dsn: str, *, connect_timeout: float | None = None, read_only: bool = False
     ) -> None:
         super().__init__()
-        self.read_only = bool(read_only)
+        self.read_only = checks.flag("read_only", read_only)
         if not isinstance(dsn, str) or not dsn.strip():
             raise TypeError(
                 "PostgresStore takes a connection string such as "
                 "'postgresql://user@localhost:5432/traces' or 'host=... dbname=...'"
             )
-        if connect_timeout is not None and (
-            isinstance(connect_timeout, bool)
-            or not isinstance(connect_timeout, (int, float))
-            or not 0 < connect_timeout < math.inf
-        ):
-            raise ValueError(f"connect_timeout is seconds > 0, got {connect_timeout!r}")
+        if connect_timeout is not None:
+            checks.seconds("connect_timeout", connect_timeout, positive=True)
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self._psycopg = _psycopg()

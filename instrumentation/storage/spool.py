@@ -71,6 +71,39 @@ def default_spool_dir() -> Path:
     return Path(tempfile.gettempdir()) / "instrumentation-spool"
 
 
+def checked_directory(value: str | os.PathLike[str]) -> Path:
+    """The spool folder ``value`` names, absolute, made if it is missing.
+
+    Checked when the writer is made, not when a database outage first needs it: a
+    file (``/etc/passwd``), a place no folder can be made (``/proc/x``), an empty path
+    (the working directory) or one with a NUL character were taken, and found out
+    only once rows had nowhere to go (a NUL even killed the writer thread). Refused
+    with a ``TypeError`` (not a path) or ``ValueError`` saying what is wrong.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"spool_dir is a folder's path (str or pathlib.Path), got {value!r}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise TypeError(f"spool_dir is a folder's path as str, got {text!r}")
+    use = f"give a folder this process can write, or None for {default_spool_dir()}"
+    if not text.strip():
+        raise ValueError(f"spool_dir is empty; {use}")
+    if "\x00" in text:
+        raise ValueError(f"spool_dir {text!r} holds a NUL character; {use}")
+    path = Path(text).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"spool_dir {text!r} is a file, not a folder; {use}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"spool_dir {text!r} cannot be made ({exc.strerror or exc}); {use}"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"spool_dir {text!r} cannot be written (permission denied); {use}")
+    return path
+
+
 def _pid_alive_posix(pid: int) -> bool:
     """Whether process ``pid`` runs: its spool file is not an orphan to adopt. When
     that cannot be told, it is taken to run (its rows wait, they are not taken)."""
@@ -550,4 +583,11 @@ class Spool:
         return copied
 
 
-__all__ = ["CHUNK_BYTES", "Spool", "SpoolChunk", "default_spool_dir", "malformed"]
+__all__ = [
+    "CHUNK_BYTES",
+    "Spool",
+    "SpoolChunk",
+    "checked_directory",
+    "default_spool_dir",
+    "malformed",
+]

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from instrumentation import telemetry
 from instrumentation._text import without_lone_surrogates
+from instrumentation.storage import checks
 from instrumentation.storage.addresses import redacted
 from instrumentation.storage.base import Row, SQLStore
 from instrumentation.storage.schema import (
@@ -167,7 +168,7 @@ class SQLiteStore(SQLStore):
         read_only: bool = False,
     ) -> None:
         super().__init__()
-        self.read_only = bool(read_only)
+        self.read_only = checks.flag("read_only", read_only)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 f"SQLiteStore takes a file path (str or pathlib.Path), got {type(path).__name__}"
@@ -176,11 +177,7 @@ class SQLiteStore(SQLStore):
         self.path = text if text == ":memory:" else str(Path(text).resolve())
         if self.path != ":memory:":
             _check_place(self.path, self.read_only)
-        if not isinstance(busy_timeout, (int, float)) or isinstance(busy_timeout, bool):
-            raise TypeError(f"busy_timeout is seconds (a number), got {busy_timeout!r}")
-        if not 0 <= busy_timeout <= 86_400:
-            raise ValueError(f"busy_timeout is 0 to 86400 seconds, got {busy_timeout!r}")
-        self.busy_timeout = float(busy_timeout)
+        self.busy_timeout = checks.seconds("busy_timeout", busy_timeout)
         self._conn: sqlite3.Connection | None = None
         #: (device, inode) of the file the connection writes, to notice it being replaced.
         self._file_id: tuple[int, int] | None = None

@@ -21,7 +21,10 @@ Nothing is lost silently:
   keeping the batch; then the rows go to a local spool file (see
   :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
   database answers again, a bounded chunk at a time. Inserts skip rows already
-  stored, so a replay never duplicates.
+  stored, so a replay never duplicates;
+- a writer thread that stops by an error (a bug, or a store raising what no ``except
+  Exception`` catches) counts what it held and what was queued as lost, and every
+  entry put afterwards as dropped, and logs both (see ``_died``).
 
 ``flush(timeout)`` is true only when everything queued before the call is in the
 database (not merely in the spool); ``shutdown(timeout)`` writes what is queued and
@@ -47,8 +50,9 @@ from typing import Any, Literal
 from instrumentation import telemetry
 from instrumentation._spans import run_deferred
 from instrumentation.context import suppress_instrumentation
+from instrumentation.storage import checks
 from instrumentation.storage.base import Row, Store
-from instrumentation.storage.spool import Spool, SpoolChunk
+from instrumentation.storage.spool import Spool, SpoolChunk, checked_directory
 
 logger = logging.getLogger("instrumentation.storage")
 
@@ -62,6 +66,7 @@ _WRITE_ERRORS = telemetry.counter("storage.write_errors")
 _REPLAYED = telemetry.counter("storage.replayed_rows")
 _LOST = telemetry.counter("storage.lost_rows")
 _REJECTED = telemetry.counter("storage.rejected_rows")
+_UNWRITABLE = telemetry.counter("storage.unwritable_entries")
 
 _LOG_EVERY = 10.0
 #: Root spans a full queue refused, kept aside to be written when there is room: a
@@ -85,12 +90,6 @@ class _Marker:
         self.ok = False
         self.stop = stop
         self.lost_before = 0
-
-
-def _positive(name: str, value: Any) -> Any:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value
 
 
 class BatchWriter:
@@ -130,39 +129,35 @@ class BatchWriter:
                 f"{store!r} was opened with read_only=True; a writer needs a store that "
                 "writes (read_only=False)"
             )
-        if not isinstance(batch_size, int):
-            raise TypeError(f"batch_size is an int, got {type(batch_size).__name__}")
-        if not isinstance(max_queue, int):
-            raise TypeError(f"max_queue is an int, got {type(max_queue).__name__}")
-        _positive("batch_size", batch_size)
-        _positive("max_queue", max_queue)
-        _positive("debounce", debounce)
-        _positive("retry_backoff", retry_backoff)
-        _positive("max_backoff", max_backoff)
-        _positive("replay_interval", replay_interval)
-        _positive("exit_timeout", exit_timeout)
+        if not callable(rows_of):
+            raise TypeError(
+                "rows_of is a function of a list of entries, returning (span rows, event "
+                f"rows); got {rows_of!r}"
+            )
         if on_full not in ("block", "drop_newest"):
             raise ValueError(f"on_full is 'block' or 'drop_newest', got {on_full!r}")
-        if not isinstance(block_timeout, (int, float)) or block_timeout < 0:
-            raise ValueError(f"block_timeout is seconds >= 0, got {block_timeout!r}")
-        if not isinstance(retry_for, (int, float)) or retry_for < 0:
-            raise ValueError(f"retry_for is seconds >= 0, got {retry_for!r}")
         self.store = store
         self._rows_of = rows_of
-        self.batch_size = batch_size
-        self.debounce = float(debounce)
-        self.max_queue = max_queue
+        self.batch_size = checks.count("batch_size", batch_size)
+        self.max_queue = checks.count("max_queue", max_queue)
         self.on_full: OnFull = on_full
-        self.block_timeout = float(block_timeout)
-        self.retry_for = float(retry_for)
-        self.retry_backoff = float(retry_backoff)
-        self.max_backoff = float(max_backoff)
-        self.replay_interval = float(replay_interval)
-        self.exit_timeout = float(exit_timeout)
+        # Checked for NaN and the infinities too: ``retry_for=nan`` made every write
+        # fail, and ``block_timeout=inf`` every put() that waited overflow the clock.
+        seconds = checks.seconds
+        self.debounce = seconds("debounce", debounce, positive=True)
+        self.block_timeout = seconds("block_timeout", block_timeout)
+        self.retry_for = seconds("retry_for", retry_for)
+        self.retry_backoff = seconds("retry_backoff", retry_backoff, positive=True)
+        self.max_backoff = seconds("max_backoff", max_backoff, positive=True)
+        self.replay_interval = seconds("replay_interval", replay_interval, positive=True)
+        self.exit_timeout = seconds("exit_timeout", exit_timeout, positive=True)
         #: Close ``store`` when the writer stops (after its last write): the writer owns it.
-        self.close_store = bool(close_store)
-        self.spool = Spool(store.spool_key, spool_dir, on_lost=self._count_lost)
-        #: Entries refused because the queue was full or the writer shut down.
+        self.close_store = checks.flag("close_store", close_store)
+        # The folder is checked (and made) now, not when an outage first needs it.
+        folder = checked_directory(spool_dir) if spool_dir is not None else None
+        self.spool = Spool(store.spool_key, folder, on_lost=self._count_lost)
+        #: Entries refused because the queue was full, the writer shut down or its
+        #: thread stopped by an error.
         self.dropped = 0
         self.rows_written = 0
         #: Rows neither written nor spooled (refused by the database, or the spool failed),
@@ -171,6 +166,8 @@ class BatchWriter:
         self._queue: deque[Any] = deque()
         self._set_aside: deque[Any] = deque()
         self._limit = max_queue  # 0 once shut down: every put() then takes the slow path
+        #: Why the writer thread ended by an error (``None`` while it runs): see _died().
+        self.failure: str | None = None
         #: Run once when shutdown begins, before entries are refused (see before_stop).
         self._before_stop: list[weakref.WeakMethod[Callable[[], object]]] = []
         self._init_runtime()
@@ -245,6 +242,8 @@ class BatchWriter:
         return False
 
     def _place_when_full(self, entry: Any, root: bool, placed: list[bool]) -> bool:
+        if self.failure is not None:
+            return False  # no thread is left to write it: dropped, counted by the caller
         # After one wait that ran out, the writer is stuck (a database locked for long):
         # waiting again for each entry would hold the application up once per span and
         # event. Until the queue has room again, entries are dropped at once.
@@ -291,11 +290,12 @@ class BatchWriter:
             self._last_drop_log = now
             count, self._drops_since_log = self._drops_since_log, 0
         _DROPPED.inc()
-        reason = (
-            "the writer is shut down"
-            if self._closed
-            else (f"the queue is full ({self.max_queue} entries; on_full={self.on_full!r})")
-        )
+        if self.failure is not None:
+            reason = f"the writer thread stopped by an error ({self.failure})"
+        elif self._closed:
+            reason = "the writer is shut down"
+        else:
+            reason = f"the queue is full ({self.max_queue} entries; on_full={self.on_full!r})"
         logger.warning(
             "instrumentation.storage dropped %d entr%s because %s; %d dropped in all",
             count,
@@ -305,6 +305,11 @@ class BatchWriter:
         )
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` has begun: entries put from then on are refused."""
+        return self._closed
+
+    @property
     def queued(self) -> int:
         """Entries waiting to be written (approximate while others put)."""
         return len(self._queue) + len(self._set_aside)
@@ -312,11 +317,16 @@ class BatchWriter:
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until everything queued before the call is in the database.
 
-        ``False`` when ``timeout`` seconds pass first, when rows are in the spool
-        because the database cannot be reached, or when rows that were waiting were lost
-        (refused by the database, the spool could not be written, or no row could be made
-        of an entry: see ``rows_lost``).
+        ``False`` when ``timeout`` seconds (0 to a day; ``None``: no limit) pass first,
+        when rows are in the spool because the database cannot be reached, when rows
+        that were waiting were lost (refused by the database, the spool could not be
+        written, or no row could be made of an entry: see ``rows_lost``), or at once
+        when the writer thread has stopped by an error (see ``failure``).
         """
+        timeout = checks.timeout(timeout)
+        if self.failure is not None:
+            self._lose_queued()
+            return False
         if self._closed:
             self._stopped.wait(timeout)
             return self._stopped_with_all_stored()
@@ -357,9 +367,10 @@ class BatchWriter:
         """Write what is queued, stop the thread; ``True`` if all of it reached the database.
 
         Entries put afterwards are refused (and counted). If the database still fails
-        when most of ``timeout`` has passed, the rest goes to the spool file. Safe to
-        call twice and from several threads.
+        when most of ``timeout`` (seconds, 0 to a day; ``None``: no limit) has passed,
+        the rest goes to the spool file. Safe to call twice and from several threads.
         """
+        timeout = checks.timeout(timeout)
         if not self._closed:
             self._run_before_stop()
         with self._state_lock:
@@ -369,8 +380,9 @@ class BatchWriter:
         if first:
             with self._space:
                 self._space.notify_all()
-            self._stop_marker = _Marker(stop=True)
-            self._put_marker(self._stop_marker)
+            if self.failure is None:
+                self._stop_marker = _Marker(stop=True)
+                self._put_marker(self._stop_marker)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             if timeout is None:
@@ -383,6 +395,8 @@ class BatchWriter:
                 if thread.is_alive():
                     self._warn_still_writing(timeout)
         _writers.discard(self)
+        if self.failure is not None:
+            self._lose_queued()
         if first:
             self._log_unlogged_drops()
         return self._stopped_with_all_stored()
@@ -430,7 +444,8 @@ class BatchWriter:
         # Done with its stop marker, the writer has stored all it will: closing the
         # store (copying SQLite's log into the file) may still go on, and loses nothing.
         return (
-            (self._stopped.is_set() or (stop is not None and stop.done.is_set()))
+            self.failure is None
+            and (self._stopped.is_set() or (stop is not None and stop.done.is_set()))
             and not self._queue
             and not self._set_aside
             and not self.spool.pending
@@ -461,15 +476,69 @@ class BatchWriter:
                 logger.exception("instrumentation.storage could not look for old spool files")
             try:
                 self._loop()
-            except BaseException:  # pragma: no cover - a bug here must not kill silently
-                logger.exception("instrumentation.storage writer stopped by an error")
-                raise
+            except BaseException as exc:  # a bug, or a store that raised BaseException
+                self._died(exc)
             finally:
                 if self.close_store:
                     self._close_store()
                 self._stopped.set()
                 with self._space:
                     self._space.notify_all()
+
+    def _died(self, exc: BaseException) -> None:
+        """The writer thread ends by ``exc``: nothing will write what it held, what is
+        queued, nor what is put from now on. The first two are counted as lost
+        (``rows_lost``, ``storage.lost_rows``), the rest refused as dropped
+        (``dropped``, ``storage.dropped``), all of it logged; ``flush()`` and
+        ``shutdown()`` answer False at once. (The thread died without a count before,
+        and every entry after it stayed queued, unseen.)"""
+        with self._state_lock:
+            self.failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._limit = 0  # every put() takes the slow path, which refuses it
+        with self._space:
+            self._space.notify_all()  # a put() waiting for room gives up
+        held, self._holding = self._holding, 0
+        if held:
+            self._count_lost(held)
+        lost = self._lose_queued(log=False)
+        logger.error(
+            "instrumentation.storage: the writer thread for %r stopped by an error; %d "
+            "entries it was writing or had queued are lost, and entries from now on are "
+            "dropped (storage.lost_rows, storage.dropped): make a new handler to record "
+            "again",
+            self.store,
+            held + lost,
+            exc_info=exc,
+        )
+
+    def _lose_queued(self, log: bool = True) -> int:
+        """Once the writer thread has died: count what is queued or set aside as lost,
+        and answer the flushes waiting in the queue (False). What a put() appended just
+        as the thread died is found here, by the next flush() or shutdown()."""
+        lost = 0
+        for waiting in (self._queue, self._set_aside):
+            while True:
+                try:
+                    item = waiting.popleft()
+                except IndexError:
+                    break
+                if type(item) is _Marker:
+                    with self._state_lock:
+                        self._markers_pending -= 1
+                    item.done.set()  # ok stays False
+                else:
+                    lost += 1
+        if lost:
+            self._count_lost(lost)
+            if log:
+                logger.error(
+                    "instrumentation.storage: %d entries queued for %r are lost: the "
+                    "writer thread stopped by an error (%s)",
+                    lost,
+                    self.store,
+                    self.failure,
+                )
+        return lost
 
     def _close_store(self) -> None:
         # Closing SQLite's last connection copies its -wal file into the database.
@@ -530,7 +599,11 @@ class BatchWriter:
                     self._space.notify_all()
             if batch:
                 self._holding = len(batch)
-                spans, events = self._rows_of(batch)
+                try:
+                    spans, events = self._rows_of(batch)
+                except Exception:  # a rows_of given to BatchWriter that fails
+                    self._unusable_batch(len(batch))
+                    spans, events = [], []
                 self._write(spans, events)
                 self._holding = 0
             if marker is not None:
@@ -546,6 +619,16 @@ class BatchWriter:
                     marker.done.set()
                     return
                 marker.done.set()
+
+    def _unusable_batch(self, n: int) -> None:
+        """``rows_of`` raised for a batch of ``n`` entries: they are lost, counted as
+        entries no row could be made of, and logged; the writer goes on."""
+        _UNWRITABLE.add(n)
+        self.rows_lost += n
+        logger.exception(
+            "instrumentation.storage: rows_of failed for a batch of %d entries; they are lost",
+            n,
+        )
 
     def _write(self, spans: list[Row], events: list[Row]) -> None:
         if not spans and not events:
@@ -782,9 +865,9 @@ class BatchWriter:
         self.dropped = 0
         self.rows_written = 0
         self.rows_lost = 0
-        if was_closed:
-            self._closed = True
-            self._stopped.set()
+        if was_closed or self.failure is not None:
+            self._closed = was_closed
+            self._stopped.set()  # a writer that died stays so: its entries are refused
         else:
             self._limit = self.max_queue
             self._start()

@@ -24,6 +24,7 @@ from instrumentation.storage import (
     NotATraceDatabaseError,
     SchemaVersionError,
     SQLiteStore,
+    StorageHandler,
     Store,
     database_target,
     open_store,
@@ -125,7 +126,7 @@ def test_memory_database_and_output_errors(
     assert "out.jsonl" in err and "trace database" not in err
 
 
-@pytest.mark.parametrize("command", [["list"], ["show", "latest"], ["export"], ["tail"]])
+@pytest.mark.parametrize("command", [["list"], ["show", "latest"], ["export"]])
 def test_a_missing_database_is_an_error_and_is_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
@@ -940,3 +941,196 @@ def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> N
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.split()[-1] == declared
+
+
+# -- what a new user met first -------------------------------------------------------------
+
+
+def test_a_missing_database_says_where_its_name_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It told to "set $INSTRUMENTATION_DB" when that variable had named the database."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INSTRUMENTATION_DB", "later.db")
+    assert main(["list"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "no trace database at 'later.db' (named by $INSTRUMENTATION_DB)" in err
+    assert "set $INSTRUMENTATION_DB" not in err
+    assert main(["--db", "typo.db", "show", "latest"], out=io.StringIO()) == 2
+    assert "no trace database at 'typo.db' (given with --db)" in capsys.readouterr().err
+    monkeypatch.delenv("INSTRUMENTATION_DB")
+    assert main(["list"], out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "'instrumentation.db' (the default; give --db or set $INSTRUMENTATION_DB)" in err
+
+
+def _tail_in_a_thread(argv: list[str], out: io.StringIO) -> tuple[threading.Thread, list[int]]:
+    result: list[int] = []
+    follower = threading.Thread(target=lambda: result.append(main(argv, out=out)))
+    follower.start()
+    return follower, result
+
+
+def test_tail_started_before_the_database_waits_for_it(
+    tmp_path: Path, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting tail first, then the application, is natural: tail exited at once (2),
+    "no trace database". It says once that it waits, and follows the traces from when
+    it started, those that end as the database is being made included."""
+    from instrumentation.storage import cli
+
+    counting = CountingTime()
+    monkeypatch.setattr(cli, "time", counting)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setenv("INSTRUMENTATION_DB", str(tmp_path / "later.db"))
+    out = io.StringIO()
+    argv = ["tail", "--interval", "0.05", "--count", "1", "--max-seconds", "30"]
+    follower, result = _tail_in_a_thread(argv, out)
+    try:
+        assert wait_until(lambda: counting.pauses >= 3, 10)  # it has looked, in vain
+        assert follower.is_alive() and not (tmp_path / "later.db").exists()
+        handler = make_handler(SQLiteStore(tmp_path / "later.db")).attach(d)
+        pipeline()
+        assert handler.flush(10)
+    finally:
+        follower.join(40)
+    assert result == [0]
+    assert "pipeline" in out.getvalue()
+    assert err.getvalue().count("waiting for it to be made") == 1
+    assert "at " + repr(str(tmp_path / "later.db")) + " yet (named by $INSTRUMENTATION_DB)" in (
+        err.getvalue()
+    )
+
+
+def test_tail_takes_a_file_just_made_for_a_database_being_made(
+    tmp_path: Path, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file appears a moment before its tables: tail, waiting, reads on."""
+    from instrumentation.storage import cli
+
+    counting = CountingTime()
+    monkeypatch.setattr(cli, "time", counting)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    db = tmp_path / "t.db"
+    out = io.StringIO()
+    argv = ["--db", str(db), "tail", "--interval", "0.05", "--count", "1", "--max-seconds", "30"]
+    follower, result = _tail_in_a_thread(argv, out)
+    try:
+        assert wait_until(lambda: counting.pauses >= 2, 10)
+        db.write_bytes(b"")  # made, no tables yet
+        seen = counting.pauses
+        assert wait_until(lambda: counting.pauses >= seen + 3, 10)  # read it, no tables
+        assert follower.is_alive()
+        handler = make_handler(SQLiteStore(db)).attach(d)
+        pipeline()
+        assert handler.flush(10)
+    finally:
+        follower.join(40)
+    assert result == [0] and "pipeline" in out.getvalue()
+
+
+def test_tail_gives_up_waiting_for_the_database_after_max_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.db"
+    argv = ["--db", str(typo), "tail", "--interval", "0.05", "--max-seconds", "0.3"]
+    started = time.monotonic()
+    assert main(argv, out=io.StringIO()) == 2
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert "waiting for it to be made" in err
+    assert f"no trace database was made at {str(typo)!r} within --max-seconds" in err
+    assert not typo.exists()
+
+
+def test_every_option_says_what_it_is_and_its_default() -> None:
+    """list --help and export --help showed "--limit LIMIT" and nothing else (20 and 100
+    in the code); export's ids said just "default: recent"."""
+    import argparse
+
+    from instrumentation.storage.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction) or action.dest == "db":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in action.help, f"{name} {action.option_strings}"
+    assert "(default: 20)" in commands.choices["list"].format_help()
+    export_help = " ".join(commands.choices["export"].format_help().split())
+    assert "(default: 100)" in export_help and "(default: the --limit most recent)" in export_help
+
+
+def _write_durations(store: Store, durations: dict[str, float]) -> None:
+    from instrumentation.storage.serialise import RowMaker
+
+    maker = RowMaker({}, {}, 1000)
+    start = time.time() - 60
+    rows = []
+    for name, seconds in durations.items():
+        info = (start, 0.0, None, True, name, name.ljust(32, "0"), "app", None, None, None)
+        rows.append(maker.span_row((info, f"{name}-root", seconds, None)))
+    store.write(rows, [])
+
+
+def test_min_duration_takes_the_units_list_prints(tmp_path: Path) -> None:
+    """list prints "381 µs", "12.0 ms"; --min-duration took seconds only. Plain
+    numbers stay seconds."""
+    store = SQLiteStore(tmp_path / "t.db")
+    _write_durations(store, {"micros": 0.000300, "millis": 0.012, "seconds": 2.5})
+    store.close()
+    for given, listed in [
+        ("381us", ["millis", "seconds"]),
+        ("381 µs", ["millis", "seconds"]),
+        ("381µs", ["millis", "seconds"]),
+        ("12ms", ["millis", "seconds"]),
+        ("12.5ms", ["seconds"]),
+        ("2s", ["seconds"]),
+        ("0.0125", ["seconds"]),
+        ("1.5m", []),
+    ]:
+        out = _run("--db", str(tmp_path / "t.db"), "list", "--min-duration", given)
+        found = sorted(line.split()[3] for line in out.splitlines() if "spans" in line)
+        assert found == listed, given
+
+
+@pytest.mark.parametrize("given", ["5 parsecs", "-1ms", "nan", "ms", "1e400s"])
+def test_a_min_duration_that_is_none_says_what_it_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    SQLiteStore(tmp_path / "t.db").close()
+    with pytest.raises(SystemExit):
+        main(["--db", str(tmp_path / "t.db"), "list", f"--min-duration={given}"])
+    assert "takes seconds, or a duration with its unit (381us, 12ms" in capsys.readouterr().err
+
+
+def test_show_events_shows_what_the_model_answered_first(tmp_path: Path) -> None:
+    """An LLM end event's response came after its messages, usage and latency, each
+    cut at 40 characters on a line of 100: the answer was never on screen. It comes
+    first, as its text."""
+    from instrumentation.events.llm import ChatMessage, ChatResponse, LLMChatEndEvent, TokenUsage
+
+    answer = "Paris is the capital of France, and has been for a long time."
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = StorageHandler(store=store, debounce=0.01).attach(d)
+    with d.span("ask"):
+        d.event(
+            LLMChatEndEvent(
+                model="m",
+                provider="offline",
+                messages=[ChatMessage(role="user", content="What is the capital of France? " * 5)],
+                usage=TokenUsage(prompt_tokens=40, completion_tokens=14),
+                latency_ms=12.5,
+                response=ChatResponse(message=ChatMessage(role="assistant", content=answer)),
+            )
+        )
+    assert handler.shutdown(10)
+    shown = _run("--db", str(tmp_path / "t.db"), "show", "latest", "--events")
+    (line,) = [x for x in shown.splitlines() if "LLMChatEndEvent" in x]
+    assert f"LLMChatEndEvent  response={answer!r} model='m'" in line
+    assert len(line.split("LLMChatEndEvent  ", 1)[1]) <= 100  # still one tidy line
+    store.close()

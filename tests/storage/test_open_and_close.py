@@ -443,3 +443,76 @@ assert recorder.shutdown(10)
         assert summary.name == "request" and summary.status == "ok"
         names = sorted(s.name or "" for s in reader.trace(summary.trace_id))
         assert names == ["in_child", "request"]
+
+
+# -- 5. shutdown() ends the recording ------------------------------------------------------
+
+
+def test_shutdown_detaches_the_handler_record_to_attached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """shutdown() is one way the page gives to end record_to(): the handler stayed
+    attached, and every later span and event was refused, counted in storage.dropped
+    and logged as lost ("dropped 1 entry because the writer is shut down"), though the
+    application had only stopped recording."""
+    from instrumentation import root_dispatcher, telemetry
+
+    recorder = record_to(tmp_path / "t.db", debounce=0.01)
+    work(1)
+    assert recorder.shutdown(10)
+    assert recorder not in root_dispatcher.span_handlers
+    assert recorder not in root_dispatcher.event_handlers
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        for i in range(3):
+            work(i)
+    assert recorder.dropped == 0 and telemetry.counter("storage.dropped").value == 0
+    assert "dropped" not in caplog.text
+
+
+def test_record_to_run_twice_and_both_shut_down_leaves_nothing_attached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notebook cell with record_to() run twice: both handlers record; shut down,
+    neither is left behind to count the notebook's later spans as lost."""
+    from instrumentation import root_dispatcher, telemetry
+
+    db = tmp_path / "nb.db"
+    first, second = record_to(db, debounce=0.01), record_to(db, debounce=0.01)
+    work(1)
+    assert first.shutdown(10) and second.shutdown(10)
+    assert not root_dispatcher.span_handlers and not root_dispatcher.event_handlers
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        work(2)
+    assert telemetry.counter("storage.dropped").value == 0 and "dropped" not in caplog.text
+    with open_store(db, read_only=True) as reader:
+        assert [t.name for t in reader.traces()] == ["work"]
+
+
+def test_a_handler_that_is_shut_down_cannot_be_attached_again(tmp_path: Path) -> None:
+    """attach() after shutdown() was taken, and every span and event then dropped."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = StorageHandler(store=store)
+    handler.shutdown(10)
+    with pytest.raises(RuntimeError, match=r"shut down.*make a new one"):
+        handler.attach(d)
+    assert handler not in d.span_handlers and handler not in d.event_handlers
+    store.close()
+
+
+def test_a_refused_shutdown_timeout_changes_nothing(tmp_path: Path) -> None:
+    """shutdown(nan) raised from inside threading, after the handler was half shut
+    down; flush("x") and flush(1e300) the same. They say what a timeout is, and the
+    handler goes on recording."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = StorageHandler(store=store, debounce=0.01).attach(d)
+    for bad, error in [(float("nan"), ValueError), (-1, ValueError), ("10", TypeError)]:
+        with pytest.raises(error, match="timeout is seconds, 0 to 86400, or None"):
+            handler.shutdown(bad)
+    for bad, error in [("x", TypeError), (1e300, ValueError), (float("inf"), ValueError)]:
+        with pytest.raises(error, match="timeout is seconds"):
+            handler.flush(bad)
+    assert handler in d.span_handlers
+    work(1)
+    assert handler.flush(None) and handler.shutdown(10)
+    assert [t.name for t in store.traces()] == ["work"]
+    store.close()

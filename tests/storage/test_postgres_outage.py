@@ -144,6 +144,7 @@ def test_a_misconfigured_server_address_is_still_an_error_at_once(
         # libpq's own: no password to send, a connection string it cannot use.
         ('connection to server at "h" failed: fe_sendauth: no password supplied', False),
         ('invalid integer value "54x2" for connection option "port"', False),
+        ('connection is bad: invalid port number: "-5"', False),
         ('invalid connection option "colour"', False),
     ],
 )
@@ -153,6 +154,23 @@ def test_which_connection_errors_count_as_down(message: str, down: bool) -> None
     store._psycopg = psycopg
     assert store._unreachable(psycopg.OperationalError(message)) is down
     assert store._unreachable(ValueError(message)) is False
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 port=-5 dbname=traces",
+        "postgresql://postgres@127.0.0.1:0/traces",
+        "host=127.0.0.1 port=99999 dbname=traces",
+    ],
+)
+def test_a_port_out_of_range_is_an_error_at_once(dsn: str) -> None:
+    """libpq's "invalid port number" was taken for a server that cannot be reached yet:
+    the store was made, and its rows retried and spooled for ever. It is a mistake in
+    the address, raised when the store is made, as a missing database is."""
+    with pytest.raises(psycopg.OperationalError, match="invalid port number"):
+        PostgresStore(dsn, connect_timeout=1)
+    assert telemetry.counter("storage.connect_errors").value == 0
 
 
 def test_tail_keeps_following_across_a_server_restart(
@@ -220,7 +238,7 @@ def test_a_timeout_in_the_dsn_is_used_and_a_reader_waits_once(tmp_path: Path) ->
     assert PostgresStore._timeout_option(_bare(dsn, connect_timeout=3)) == {"connect_timeout": 3}
     no_timeout = dsn.replace("?connect_timeout=2", "")
     assert PostgresStore._timeout_option(_bare(no_timeout)) == {"connect_timeout": 5}
-    with pytest.raises(ValueError, match="connect_timeout is seconds > 0"):
+    with pytest.raises(ValueError, match="connect_timeout is seconds, more than 0"):
         PostgresStore(no_timeout, connect_timeout=0)
 
 

@@ -298,6 +298,38 @@ def test_bad_arguments_say_what_to_do(tmp_path: Any) -> None:
         store.events(trace_id=5)  # type: ignore[arg-type]
 
 
+def test_bad_reader_arguments_are_type_and_value_errors_that_say_what_to_do(
+    tmp_path: Any,
+) -> None:
+    """They were AttributeErrors, a "not subscriptable", a raw int() error, a string
+    "no" taken as True, and NaN taken as a duration."""
+    from instrumentation import storage
+
+    store = SQLiteStore(tmp_path / "x.db")
+    with pytest.raises(TypeError, match=r"metadata is a mapping .*\{'user': 'alice'\}"):
+        store.traces(metadata=[1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"store\.trace\(trace_id\).*got a list of int"):
+        storage.format_trace([1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"format_traces\(\) takes a store.*got NoneType"):
+        storage.format_traces(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"is_postgres_dsn\(\) takes an address"):
+        storage.is_postgres_dsn(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit is a positive int"):
+        store.trace_ids_starting_with("ab", limit="x")  # type: ignore[arg-type]
+    for flag in ("no", 1, None):
+        with pytest.raises(TypeError, match="read_only is True or False"):
+            SQLiteStore(tmp_path / "x.db", read_only=flag)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="read_only is True or False"):
+            storage.open_store(tmp_path / "x.db", read_only=flag)  # type: ignore[arg-type]
+    for duration in (float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError, match="min_duration is seconds, 0 or more"):
+            store.traces(min_duration=duration)
+    with pytest.raises(TypeError, match="min_duration is seconds"):
+        store.traces(min_duration="1")  # type: ignore[arg-type]
+    assert store.traces(min_duration=0) == [] and storage.format_trace([]) == ""
+    store.close()
+
+
 def test_a_trace_continued_elsewhere_is_listed_once(tmp_path: Any, make_handler: Any) -> None:
     """A span whose parent is remote is a root here; once the parent is stored, one trace."""
     import contextvars

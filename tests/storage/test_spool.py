@@ -551,3 +551,41 @@ def test_whether_a_spool_owner_runs_is_asked_of_windows_without_os_kill() -> Non
         spool_module._pid_alive_windows if os.name == "nt" else spool_module._pid_alive_posix
     )
     assert spool_module._pid_alive_posix(os.getpid()) is True
+
+
+def _spool_dirs_refused(tmp_path: Path) -> list[tuple[str, str]]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        (str(a_file), "is a file, not a folder"),
+        (str(a_file / "below"), "cannot be made"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+        (str(tmp_path / "a\0b"), "holds a NUL character"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: no folder can be made in /proc, even as root
+        cases.append(("/proc/no-such-spool", "cannot be made"))
+    return cases
+
+
+def test_a_spool_dir_that_cannot_be_a_folder_is_refused_when_the_handler_is_made(
+    tmp_path: Path,
+) -> None:
+    """A file, a place no folder can be made, an empty path (the working directory) or
+    a NUL were taken, and found out only when an outage needed the spool; a NUL killed
+    the writer thread at its start, after which every span vanished uncounted."""
+    from instrumentation.storage import StorageHandler
+
+    store = SQLiteStore(tmp_path / "t.db")
+    for spool_dir, why in _spool_dirs_refused(tmp_path):
+        with pytest.raises(ValueError, match=f"spool_dir .*{why}.*give a folder"):
+            StorageHandler(store=store, spool_dir=spool_dir)
+    assert not (tmp_path / "a-file").is_dir()
+    store.close()
+
+
+def test_a_spool_dir_is_made_when_the_handler_is(tmp_path: Path, make_handler: Any) -> None:
+    """A folder that can be made is made at once, so that the check is the real thing."""
+    target = tmp_path / "not" / "yet"
+    handler = make_handler(SQLiteStore(tmp_path / "t.db"), spool_dir=str(target))
+    assert target.is_dir() and handler.writer.spool.directory == target

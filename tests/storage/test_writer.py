@@ -506,9 +506,10 @@ def test_flush_is_false_when_rows_waiting_for_it_were_lost(
     and flush() says so instead of reporting success."""
     store = ControlledSQLiteStore(tmp_path / "t.db")
     store.fail = True
-    not_a_dir = tmp_path / "file-not-dir"
-    not_a_dir.write_text("")
-    handler = make_handler(store, retry_for=0.1, retry_backoff=0.02, spool_dir=str(not_a_dir))
+    spool_dir = tmp_path / "spool-then-a-file"
+    handler = make_handler(store, retry_for=0.1, retry_backoff=0.02, spool_dir=str(spool_dir))
+    spool_dir.rmdir()  # a folder when the handler was made (it is checked), a file now
+    spool_dir.write_text("")
     for i in range(10):
         handler.handle(NoteEvent(text=str(i)))
     assert handler.flush(5) is False
@@ -877,8 +878,6 @@ def test_an_entry_interrupted_while_it_waits_for_room_is_kept(
     assert texts == sorted(["first", "interrupted", *(f"queued {i}" for i in range(5))])
 
 
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_flush_on_sigterm_leaves_children_and_the_exit_flush_alone(tmp_path: Path) -> None:
     """A child forked after flush_on_sigterm() (a Pool worker being terminated) dies of
@@ -1221,3 +1220,129 @@ def test_a_span_whose_start_readings_were_split_by_another_thread_stays_in_its_p
     fresh = entry("fresh", "long", offset + 0.012 + 619.9, 619.9, 619.95)
     rows, _ = RowMaker({}, {}, 1_000_000).rows([fresh, long])
     assert {row[0]: row[6] for row in rows}["long"] == offset + 20.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("retry_for", float("nan")),
+        ("retry_for", float("inf")),
+        ("debounce", float("nan")),
+        ("debounce", float("inf")),
+        ("debounce", 1e300),
+        ("block_timeout", float("nan")),
+        ("block_timeout", float("inf")),
+        ("retry_backoff", float("nan")),
+        ("replay_interval", float("nan")),
+        ("replay_interval", 1e300),
+        ("batch_size", 10**30),
+        ("max_queue", 10**30),
+        ("max_payload_chars", 10**30),
+    ],
+)
+def test_a_number_out_of_range_is_refused_naming_the_option(
+    tmp_path: Path, option: str, value: Any
+) -> None:
+    """retry_for=nan was taken, and every SQLite write then failed ("cannot convert float
+    NaN to integer"), its rows spooled and the database blamed; block_timeout=inf made
+    each put() that waited raise OverflowError into the application. Every number goes
+    through one check: finite, and within what it can mean (a day of seconds, 10**9
+    entries or characters)."""
+    store = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(ValueError, match=rf"{option} is (seconds|a whole number).*got"):
+        StorageHandler(store=store, **{option: value})
+    store.close()
+
+
+def test_the_writer_checks_its_own_numbers_and_rows_of_the_same_way(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    for option, value in [("max_backoff", float("nan")), ("exit_timeout", float("inf"))]:
+        with pytest.raises(ValueError, match=f"{option} is seconds, more than 0, at most 86400"):
+            BatchWriter(store, lambda batch: ([], []), **{option: value})
+    with pytest.raises(TypeError, match="close_store is True or False"):
+        BatchWriter(store, lambda batch: ([], []), close_store="no")  # type: ignore[arg-type]
+    # Not callable: the thread died on the first batch, and every entry after it was
+    # kept in the queue, uncounted.
+    with pytest.raises(TypeError, match="rows_of is a function"):
+        BatchWriter(store, 5)  # type: ignore[arg-type]
+    store.close()
+
+
+class _WriterKilled(BaseException):
+    """What no ``except Exception`` catches: it ends the writer thread."""
+
+
+def test_a_writer_thread_that_dies_counts_and_logs_what_it_loses(
+    tmp_path: Path, make_handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer thread ended by an error (a NUL in spool_dir did it, as did a rows_of
+    that was not callable): what it held and what was queued behind it vanished,
+    uncounted (dropped=0, rows_lost=0, queued stayed above 0), every later entry was
+    queued for nobody, and flush() waited out its timeout. Now the entries it held or
+    had queued are lost and counted, later ones dropped and counted, both logged, and
+    flush() and shutdown() answer False at once."""
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    writing, die = threading.Event(), threading.Event()
+
+    def fail_inside_the_write() -> None:
+        writing.set()
+        die.wait(10)
+        raise _WriterKilled("the store raised what no except Exception catches")
+
+    store.on_write = fail_inside_the_write
+    handler = make_handler(store, batch_size=1)
+    with caplog.at_level(logging.ERROR, logger="instrumentation.storage"):
+        handler.handle(NoteEvent(text="held"))
+        assert writing.wait(10)
+        for i in range(4):
+            handler.handle(NoteEvent(text=f"queued {i}"))
+        die.set()
+        thread = handler.writer._thread
+        assert thread is not None
+        thread.join(10)
+        assert not thread.is_alive()
+    assert "writer thread for" in caplog.text and "stopped by an error" in caplog.text
+    assert "5 entries it was writing or had queued are lost" in caplog.text
+    assert handler.writer.rows_lost == 5 and handler.writer.queued == 0
+    assert telemetry.counter("storage.lost_rows").value == 5
+    failure = handler.writer.failure
+    assert failure == "_WriterKilled: the store raised what no except Exception catches"
+    with caplog.at_level(logging.WARNING, logger="instrumentation.storage"):
+        for _ in range(3):
+            handler.handle(NoteEvent(text="after"))
+    assert handler.dropped == 3 and telemetry.counter("storage.dropped").value == 3
+    assert "because the writer thread stopped by an error (_WriterKilled" in caplog.text
+    started = time.monotonic()
+    assert handler.flush(10) is False
+    assert handler.shutdown(10) is False
+    assert time.monotonic() - started < 5
+    assert handler.writer.queued == 0 and count(store, "events") == 0
+
+
+def test_a_rows_of_that_raises_costs_its_batch_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rows_of given to BatchWriter that raises ended the thread; now its batch is
+    lost, counted and logged, and the writer goes on with the next."""
+    from instrumentation.storage.serialise import RowMaker
+
+    store = SQLiteStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 10_000)
+
+    def rows_of(entries: list[Any]) -> tuple[list[Any], list[Any]]:
+        if any(e == "bad" for e in entries):
+            raise RuntimeError("rows_of broke")
+        return [], [maker.event_row(e, None) for e in entries]
+
+    writer = BatchWriter(store, rows_of, batch_size=1, debounce=0.01)
+    with caplog.at_level(logging.ERROR, logger="instrumentation.storage"):
+        writer.put("bad")
+        assert writer.flush(10) is False
+    assert "rows_of failed for a batch of 1 entries" in caplog.text
+    assert writer.rows_lost == 1
+    assert telemetry.counter("storage.unwritable_entries").value == 1
+    writer.put(NoteEvent(text="fine"))
+    assert writer.flush(10) is True and writer.failure is None
+    assert writer.shutdown(10) is True
+    assert [e.payload["text"] for e in store.events()] == ["fine"]
+    store.close()
