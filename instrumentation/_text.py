@@ -49,6 +49,13 @@ def safe_str(value: Any) -> str:
         return f"<unprintable {type(value).__qualname__}>"
 
 
+def describe_error(err: BaseException) -> str:
+    """``"ValueError: bad input"``; the class name alone when the message is empty
+    (``GeneratorExit``, a bare ``raise KeyboardInterrupt``), not a dangling colon."""
+    message = safe_str(err)
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def safe_repr(value: Any) -> str:
     """``repr(value)``, or a placeholder naming its type when that raises (or recurses
     past the limit)."""

@@ -23,6 +23,7 @@ import threading
 from contextvars import ContextVar
 from typing import Any
 
+from instrumentation._text import describe_error
 from instrumentation.audit import _llm
 from instrumentation.audit.events import _now
 from instrumentation.audit.runner import RequestRun
@@ -168,7 +169,7 @@ class _SpanTracker(BaseSpanHandler[BaseSpan]):
     ) -> None:
         runs = registry.span_runs.get(id_)
         if runs is not None:
-            error = f"{type(err).__name__}: {err}" if err is not None else "span dropped"
+            error = describe_error(err) if err is not None else "span dropped"
             ended = _now()
             for run in runs:
                 # A failed LLM call emits no end event: end it here, with the error.

@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 from instrumentation._spans import ending_now, put_off_in_collection
+from instrumentation._text import describe_error
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import current_run, registry
 from instrumentation.audit.events import Event, RequestStart, _now
@@ -243,7 +244,7 @@ class AuditEvent(Generic[E]):
         changes = dict(self.changes)
         changes.setdefault("timestamp", _now())  # when it ended, on the application's side
         if exc is not None and any(f.name == "error" for f in dataclasses.fields(self.started)):
-            changes.setdefault("error", f"{type(exc).__name__}: {exc}")
+            changes.setdefault("error", describe_error(exc))
         ended = dataclasses.replace(self.given, **changes)
         if put_off_in_collection("event_end", "", partial(self._send_end, ended)):
             return  # a generator closed by the garbage collector: see AuditRequest._end

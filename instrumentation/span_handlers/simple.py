@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer
 
+from instrumentation._text import describe_error
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict, move_buffer
 from instrumentation.span_handlers.base import BaseSpanHandler
@@ -308,7 +309,7 @@ class SimpleSpanHandler(BaseSpanHandler[SimpleSpan]):
         if span is None:
             return None
         _end(span, _clock())
-        span.metadata = {"error": f"{type(err).__name__}: {err}" if err is not None else None}
+        span.metadata = {"error": describe_error(err) if err is not None else None}
         self.dropped_spans.append(span)
         return span
 

@@ -535,3 +535,26 @@ def test_a_generator_its_caller_stopped_reading_is_drawn_as_closed_early() -> No
     lines = h.format_trace_trees().splitlines()
     assert lines[0].endswith("(closed early)") and "✗" not in lines[0]
     assert lines[1].endswith("✗ ValueError: bad input")
+
+
+def test_an_error_with_no_message_is_named_without_a_dangling_colon() -> None:
+    """``GeneratorExit``, a bare ``raise KeyError()``: the kept error was "KeyError: "."""
+    h = SimpleSpanHandler()
+    d = get_dispatcher(fresh("buf"))
+    d.add_span_handler(h)
+
+    @d.span
+    def bare() -> None:
+        raise KeyError()
+
+    @d.span
+    def worded() -> None:
+        raise KeyError("k")
+
+    for call in (bare, worded):
+        with pytest.raises(KeyError):
+            call()
+    assert [s.metadata for s in h.dropped_spans] == [
+        {"error": "KeyError"},
+        {"error": "KeyError: 'k'"},
+    ]

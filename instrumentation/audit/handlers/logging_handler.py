@@ -13,7 +13,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from instrumentation._text import safe_str
+from instrumentation._text import describe_error
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
@@ -90,11 +90,7 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
         )
 
     def request_end(self, output: RequestEnd, request_context: str) -> None:
-        error = (
-            None
-            if output.error is None
-            else f"{type(output.error).__name__}: {safe_str(output.error)}"
-        )
+        error = None if output.error is None else describe_error(output.error)
         if error:
             how = f"failed: {one_line(clip(error, 200))}"
         elif output.abandoned:
