@@ -135,8 +135,28 @@ class PostgresStore(SQLStore):
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self._psycopg = _psycopg()
+        self._check_ports()
         self._connect_options = self._timeout_option()
         self._connect_at_start()
+
+    def _check_ports(self) -> None:
+        """A port out of range (``port=-5``, ``:99999``) is a mistake in the address, not
+        a server that cannot be reached yet. Checked here: libpq before 16 says only
+        ``connection is bad: "99999"``, which reads like an outage."""
+        try:
+            given = self._psycopg.conninfo.conninfo_to_dict(self.dsn).get("port")
+        except Exception:  # a malformed DSN: connecting says what is wrong with it
+            return
+        source = "the connection string"
+        if given is None:
+            given, source = os.environ.get("PGPORT"), "$PGPORT"
+        for port in str(given or "").split(","):
+            port = port.strip()
+            if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(
+                    f"invalid port number {port!r} in {source}: a port is 1 to 65535 "
+                    "(PostgreSQL's default is 5432)"
+                )
 
     def _timeout_option(self) -> dict[str, Any]:
         if self.connect_timeout is not None:

@@ -168,9 +168,17 @@ def test_a_port_out_of_range_is_an_error_at_once(dsn: str) -> None:
     """libpq's "invalid port number" was taken for a server that cannot be reached yet:
     the store was made, and its rows retried and spooled for ever. It is a mistake in
     the address, raised when the store is made, as a missing database is."""
-    with pytest.raises(psycopg.OperationalError, match="invalid port number"):
+    with pytest.raises(ValueError, match=r"invalid port number .* a port is 1 to 65535"):
         PostgresStore(dsn, connect_timeout=1)
     assert telemetry.counter("storage.connect_errors").value == 0
+
+
+def test_a_port_out_of_range_in_pgport_is_an_error_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PGPORT", "70000")
+    with pytest.raises(ValueError, match=r"invalid port number '70000' in \$PGPORT"):
+        PostgresStore("host=127.0.0.1 dbname=traces", connect_timeout=1)
 
 
 def test_tail_keeps_following_across_a_server_restart(
