@@ -180,15 +180,23 @@ _HOOK_KINDS: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"def", "def with yield"}),
         "a def that yields CompletionResponse chunks (async code goes in _astream_complete)",
     ),
-    "_achat": (frozenset({"async def"}), "an async def returning a ChatResponse"),
-    "_acomplete": (frozenset({"async def"}), "an async def returning a CompletionResponse"),
+    # A plain def fits the async hooks too, returning what they would (a client's
+    # coroutine, an async iterator): what it returns is checked when called.
+    "_achat": (
+        frozenset({"async def", "def"}),
+        "an async def returning a ChatResponse (or a def returning an awaitable of one)",
+    ),
+    "_acomplete": (
+        frozenset({"async def", "def"}),
+        "an async def returning a CompletionResponse (or a def returning an awaitable of one)",
+    ),
     "_astream_chat": (
-        frozenset({"async def with yield"}),
-        "an async def that yields ChatResponse chunks",
+        frozenset({"async def with yield", "def"}),
+        "an async def that yields ChatResponse chunks (or a def returning an async iterator)",
     ),
     "_astream_complete": (
-        frozenset({"async def with yield"}),
-        "an async def that yields CompletionResponse chunks",
+        frozenset({"async def with yield", "def"}),
+        "an async def that yields CompletionResponse chunks (or a def returning an async iterator)",
     ),
 }
 

@@ -80,9 +80,8 @@ def plain_yielding(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
         ("_complete", async_returning, "a plain def returning a Completion", "an async def"),
         ("_stream_chat", async_yielding, "a def that yields", "an async def with yield"),
         ("_stream_complete", async_returning, "a def that yields", "an async def"),
-        ("_achat", plain_returning, "an async def returning a ChatResponse", "a def"),
+        ("_achat", plain_yielding, "an async def returning a ChatResponse", "a def with yield"),
         ("_acomplete", async_yielding, "an async def returning", "an async def with yield"),
-        ("_astream_chat", plain_returning, "an async def that yields ChatResponse", "a def"),
         ("_astream_chat", async_returning, "an async def that yields", "an async def"),
         ("_astream_complete", plain_yielding, "an async def that yields", "a def with yield"),
     ],
@@ -96,6 +95,31 @@ def test_a_hook_of_the_wrong_kind_is_refused_when_the_class_is_defined(
     and the kind it must be."""
     with pytest.raises(TypeError, match=rf"Custom\.{hook} must be {must}.*; it is {it_is}$"):
         define(**{hook: function})
+
+
+def test_a_plain_def_returning_what_an_async_hook_would_still_works() -> None:
+    """A plain ``def _achat`` returning a client's coroutine, and a plain ``def
+    _astream_chat`` returning an async generator, worked before the hooks were checked:
+    they still do."""
+
+    async def answer() -> ChatResponse:
+        return reply("awaited")
+
+    async def chunks() -> AsyncIterator[ChatResponse]:
+        yield reply("chunk")
+
+    model = define(
+        _achat=lambda self, messages, **kwargs: answer(),
+        _astream_chat=lambda self, messages, **kwargs: chunks(),
+    )("m")
+
+    async def run() -> list[str]:
+        said = [str((await model.achat("hi")).message.content)]
+        async for chunk in await model.astream_chat("hi"):
+            said.append(str(chunk.delta))
+        return said
+
+    assert asyncio.run(run()) == ["awaited", "chunk"]
 
 
 def test_a_decorated_hook_is_judged_by_what_it_wraps() -> None:
