@@ -9,6 +9,7 @@ that finds it taken waits in line behind it instead.)
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import gc
 import inspect
@@ -159,11 +160,8 @@ def _watch_collections(phase: str, info: dict[str, int]) -> None:
         _collecting = get_ident()
         return
     _collecting = None
-    if _deferred and _drainer is not None and _wakeup.locked():
-        try:  # neither blocks nor allocates: safe wherever the collection ran
-            _wakeup.release()
-        except RuntimeError:  # another thread woke it meanwhile
-            pass
+    if _deferred and _DRAIN_AFTER is not None and not _exited:
+        _wake_drainer()
 
 
 #: What a collection put off is made on a thread of its own (the drainer) if, this
@@ -174,38 +172,59 @@ def _watch_collections(phase: str, info: dict[str, int]) -> None:
 #: leaves them to a busy thread, whose next span or event makes them in its own order.
 #: ``None``: only the next span or event makes them.
 _DRAIN_AFTER: float | None = 0.05
+#: The drainer ends after this many seconds with nothing to make, and the next
+#: collection that puts something off starts another: a process is left with no
+#: thread of ours (``fork`` on 3.12 and newer warns about threads) but for a moment.
+_DRAINER_IDLE = 2.0
 #: Held while the drainer has nothing to do; the collector's callback releases it.
 _wakeup = threading.Lock()
 _wakeup.acquire()
-_drainer: threading.Thread | None = None
-_starting_drainer = threading.Lock()
+#: The drainer's thread id while it runs (0 while it starts), else None.
+_drainer: int | None = None
+#: When a drainer could not be started (threads refused: the interpreter exiting, a
+#: thread limit, a platform without threads): none is tried again before then.
+_drainer_refused_until = 0.0
 #: How long ``run_deferred()`` waits for another thread (the drainer) to finish making
 #: what was put off, so that a read, a shutdown or an exit flush sees all of it.
 _WAIT_FOR_DRAIN = 2.0
 
 
-def start_drainer() -> None:
-    """Start the drainer, once per process: at the first traced generator (what a
-    collection most often frees), or when what a collection put off is first made."""
-    global _drainer
-    if _drainer is not None or _exited or in_collection():
-        return
-    with _starting_drainer:
-        if _drainer is not None:
+def _wake_drainer() -> None:
+    """Wake the drainer, or start it, from the collector's callback: wherever the
+    collection ran, so nothing here may wait. Releasing a lock does not; nor does
+    ``_thread.start_new_thread``, which takes none of ``threading``'s locks (the
+    collecting thread may hold them) and does not wait for the thread to run."""
+    global _drainer, _drainer_refused_until
+    if _drainer is None:
+        if time.monotonic() < _drainer_refused_until:
             return
-        thread = threading.Thread(
-            target=_drain_after_collections, name="instrumentation-after-gc", daemon=True
-        )
+        _drainer = 0
         try:
-            thread.start()
-        except RuntimeError:  # the interpreter is shutting down: the exit makes them
+            _thread.start_new_thread(_drain_after_collections, ())
+        except RuntimeError:  # no thread to be had: the next span or event makes them
+            _drainer = None
+            _drainer_refused_until = time.monotonic() + 60.0
             return
-        _drainer = thread
+    if _wakeup.locked():
+        try:
+            _wakeup.release()
+        except RuntimeError:  # another thread woke it meanwhile
+            pass
 
 
 def _drain_after_collections() -> None:
+    global _drainer
+    me = get_ident()
+    _drainer = me
     while True:
-        _wakeup.acquire()
+        if not _wakeup.acquire(timeout=_DRAINER_IDLE):
+            _drainer = None  # from here, a collection starts another drainer
+            if not _deferred or _drainer is not None:
+                return
+            _drainer = me  # put off just as it was ending: it stays for them
+            continue
+        if _drainer != me:  # a fork's child, or replaced: not the drainer any more
+            return
         pause = _DRAIN_AFTER
         if pause is None:
             continue
@@ -258,8 +277,6 @@ def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
         return False  # one of those put off, being made now
     try:
         if _run_deferred():
-            if _drainer is None:
-                start_drainer()
             return False
     except RecursionError:  # no room to look even: a later end runs them
         return False
@@ -274,18 +291,15 @@ def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
 def run_deferred() -> None:
     """Make what was put off now, or wait (for at most :data:`_WAIT_FOR_DRAIN`) for the
     thread making it: by ``Dispatcher.shutdown()``, the test kit's reads, and at exit
-    before a store or an exporter is flushed for the last time."""
-    if in_collection():
+    before a store or an exporter is flushed for the last time. (What is being made
+    stays first in the queue until it is made: an empty queue means nothing waits.)"""
+    if not _deferred or in_collection() or _draining_thread == get_ident():
         return
-    draining = _draining_thread
-    if draining is not None:
-        if draining == get_ident():
-            return
-        if _draining.acquire(timeout=_WAIT_FOR_DRAIN):
-            _draining.release()
-    if _deferred:
+    if _run_deferred():
+        return
+    if _draining.acquire(timeout=_WAIT_FOR_DRAIN):  # another thread makes them
+        _draining.release()
         _run_deferred()
-        start_drainer()
 
 
 def _run_deferred_at_exit() -> None:
@@ -294,17 +308,39 @@ def _run_deferred_at_exit() -> None:
     _exited = True
 
 
+#: Whether the thread forking holds ``_draining`` (taken for the fork: see below).
+_held_for_fork = False
+
+
+def _before_fork() -> None:
+    """A child must not inherit a handler's lock that the drainer (or another thread
+    making what was put off) holds, and that no thread of the child would let go of:
+    the fork waits for the drain to finish, a bounded while."""
+    global _held_for_fork
+    _held_for_fork = _draining_thread != get_ident() and _draining.acquire(timeout=1.0)
+
+
+def _after_fork_in_parent() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _draining.release()
+        if _deferred:  # put behind the drain the fork held off: made by the drainer
+            _wake_drainer()
+
+
 def _after_fork_in_child() -> None:
-    """The parent makes the ends it put off; a drain it was running is not the child's."""
-    global _draining, _collecting, _drainer, _wakeup, _starting_drainer, _draining_thread
+    """The parent makes the ends it put off; a drain it was running is not the child's,
+    nor is its drainer thread (the child starts its own when it needs one)."""
+    global _draining, _collecting, _drainer, _wakeup, _draining_thread, _held_for_fork
     _deferred.clear()
     _draining = threading.Lock()
     _draining_thread = None
+    _held_for_fork = False
     _collecting = None
-    _drainer = None  # not copied by fork: the child starts its own when needed
+    _drainer = None
     _wakeup = threading.Lock()
     _wakeup.acquire()
-    _starting_drainer = threading.Lock()
 
 
 gc.callbacks.append(_watch_collections)
@@ -314,7 +350,11 @@ if _register_before_threads_stop is not None:  # pragma: no branch
     _register_before_threads_stop(run_deferred)
 atexit.register(_run_deferred_at_exit)
 if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 class Chain:

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from contextvars import Token
 from typing import Any
 
-from instrumentation import _spans
 from instrumentation import context as _context
 from instrumentation._spans import (
     _DEFERRED_KEPT,
@@ -167,8 +166,6 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
     """Run generator ``gen`` to its end as the span: current at each resume (not while
     it is suspended, so interleaved generators each parent their own work), ended when
     it returns, raises or is closed."""
-    if _spans._drainer is None:  # what a collection frees is made soon, not late
-        _spans.start_drainer()
     to_send: Any = None
     to_throw: BaseException | None = None
     # What is current inside the body when it yields (a block it opened, say) is made
@@ -433,8 +430,6 @@ def _wrap_callable(
             span = bound = instance = None
             if chain is not None and not _suppressed.get():
                 span, bound, instance = begin(chain, args, kwargs)
-                if _spans._drainer is None:  # as in _drive
-                    _spans.start_drainer()
             guard = None if span is None else _EndWhenDiscarded(chain, span, bound, instance)
             try:
                 try:

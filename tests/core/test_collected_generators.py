@@ -664,7 +664,7 @@ def test_reads_and_shutdown_wait_for_what_the_drainer_is_making(
     original = handler.prepare_to_drop_span
 
     def slow_drop(id_: str, *args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread().name == "instrumentation-after-gc":
+        if threading.get_ident() == _spans._drainer:
             draining.set()
             time.sleep(0.3)
         return original(id_, *args, **kwargs)
@@ -690,7 +690,10 @@ def test_a_forked_child_starts_a_drainer_of_its_own() -> None:
     scenario = """
         import os, time
         _spans._DRAIN_AFTER = 0.05
-        list(stream())  # the parent's drainer starts
+        freed_in_a_cycle()
+        step()  # the parent's drainer starts, and makes the drop
+        time.sleep(0.5)
+        assert _spans._drainer, "the parent's drainer runs"
         pid = os.fork()
         if pid == 0:
             freed_in_a_cycle()
@@ -701,4 +704,84 @@ def test_a_forked_child_starts_a_drainer_of_its_own() -> None:
         os.waitpid(pid, 0)
         print("parent done", flush=True)
         """
-    assert _run_child(scenario) == ["dropped stream", "child quiet", "parent done"]
+    assert _run_child(scenario) == [
+        "dropped stream",
+        "dropped stream",
+        "child quiet",
+        "parent done",
+    ]
+
+
+def _threads() -> int:
+    """The process's threads, as the OS counts them (``fork`` warns by this count)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_no_thread_runs_until_a_collection_puts_something_off_nor_long_after() -> None:
+    """A thread started at the first traced generator made every later ``fork`` warn
+    (3.12+) in processes where nothing is ever put off. The drainer starts when a
+    collection puts something off, and ends once idle."""
+    scenario = """
+        import os, time
+        _spans._DRAIN_AFTER = 0.05
+        _spans._DRAINER_IDLE = 0.3
+        threads = lambda: len(os.listdir("/proc/self/task"))
+        before = threads()
+        list(stream())
+        step()
+        print("after spans", threads() - before, _spans._drainer, flush=True)
+        freed_in_a_cycle()
+        step()
+        time.sleep(0.2)
+        print("after a collection", threads() - before, bool(_spans._drainer), flush=True)
+        time.sleep(1)
+        print("idle", threads() - before, _spans._drainer, flush=True)
+        freed_in_a_cycle()
+        step()
+        time.sleep(0.2)
+        print("again", threads() - before, bool(_spans._drainer), flush=True)
+        """
+    assert _run_child(scenario) == [
+        "after spans 0 None",
+        "dropped stream",
+        "after a collection 1 True",
+        "idle 0 None",
+        "dropped stream",
+        "again 1 True",
+    ]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_a_fork_waits_for_a_drain_holding_a_handlers_lock() -> None:
+    """Forked while the drainer was inside a handler's lock, the child inherited the lock
+    held, by a thread it does not have, and hung at its first span."""
+    scenario = """
+        import os, threading, time
+        _spans._DRAIN_AFTER = 0.0
+
+        class Slow(SimpleSpanHandler):
+            def prepare_to_drop_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    time.sleep(0.3)
+                return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+            def prepare_to_exit_span(self, id_, *args, **kwargs):
+                with self.lock:
+                    pass
+                return super().prepare_to_exit_span(id_, *args, **kwargs)
+
+        d.add_span_handler(Slow())
+        freed_in_a_cycle()
+        gc.collect()  # the drop is put off, and the drainer makes it at once
+        time.sleep(0.15)  # inside Slow's lock by now
+        pid = os.fork()
+        if pid == 0:
+            t = threading.Thread(target=step, daemon=True)
+            t.start()
+            t.join(5)
+            print("child", "hung" if t.is_alive() else "ok", flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """
+    assert _run_child(scenario) == ["dropped stream", "child ok"]
