@@ -67,7 +67,7 @@ from instrumentation.context import (
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.events.span import SpanDropEvent
-from instrumentation.span_handlers.base import BaseSpanHandler
+from instrumentation.span_handlers.base import _SPAN_METHODS, BaseSpanHandler
 from instrumentation.span_handlers.null import NullSpanHandler
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -945,19 +945,8 @@ def _check_span_handler(handler: object) -> BaseSpanHandler[Any]:
                 handler, BaseSpanHandler, BaseEventHandler, "an event handler", "add_event_handler"
             )
         )
-    _check_not_async(handler, _SPAN_HANDLER_HOOKS, "")
+    _check_not_async(handler, _SPAN_METHODS, "")  # called in the traced call
     return handler
-
-
-#: What a span handler implements; each is called inside the traced call, never awaited.
-_SPAN_HANDLER_HOOKS = (
-    "new_span",
-    "prepare_to_exit_span",
-    "prepare_to_drop_span",
-    "span_enter",
-    "span_exit",
-    "span_drop",
-)
 
 
 def _check_not_async(handler: object, hooks: tuple[str, ...], hint: str) -> None:
