@@ -31,6 +31,7 @@ from instrumentation.context import SpanContext, _active_span, _active_tags, par
 from instrumentation.events.span import SpanDropEvent
 
 _report = telemetry.report_handler_error
+_LOST_AT_EXIT = telemetry.counter("spans.lost_at_exit")
 
 #: Span ends put off near the recursion limit (a traced function recursing until
 #: ``RecursionError``): there the handlers have no stack to run on, and would fail half
@@ -94,8 +95,11 @@ def _run_deferred() -> bool:
     global _draining_thread
     if _short_of_stack():
         return True
+    if _drainer is None and not _START_IN_CALLBACK and _DRAIN_AFTER is not None and not _exited:
+        _start_drainer()  # (3.10, 3.11) for what the next collections put off
     while True:
-        if not _draining.acquire(blocking=False):
+        lock = _draining  # the one released below, even if a fork in a handler replaced it
+        if not lock.acquire(blocking=False):
             return False
         _draining_thread = get_ident()
         try:
@@ -119,15 +123,23 @@ def _run_deferred() -> bool:
                     _made(item)
         finally:
             _draining_thread = None
-            _draining.release()
+            lock.release()
         if not _deferred:  # nothing put behind it between its last look and the release
             return True
 
 
 def _made(item: tuple[Any, str, str, Callable[[], Any]]) -> None:
     """Take ``item`` off the front of the queue (which a fork inside it emptied)."""
+    global _made_count
+    _made_count += 1
     if _deferred and _deferred[0] is item:
         _deferred.popleft()
+
+
+#: How many items were made (see :func:`_wait_in_line`), and the count at which a
+#: wait gave up on a drain that made nothing meanwhile.
+_made_count = 0
+_stuck_at = -1
 
 
 #: Held by the call of :func:`_run_deferred` that is running what was put off, and
@@ -161,7 +173,7 @@ def _watch_collections(phase: str, info: dict[str, int]) -> None:
         return
     _collecting = None
     if _deferred and _DRAIN_AFTER is not None and not _exited:
-        _wake_drainer()
+        _wake_drainer(start=_START_IN_CALLBACK)
 
 
 #: What a collection put off is made on a thread of its own (the drainer) if, this
@@ -172,39 +184,38 @@ def _watch_collections(phase: str, info: dict[str, int]) -> None:
 #: leaves them to a busy thread, whose next span or event makes them in its own order.
 #: ``None``: only the next span or event makes them.
 _DRAIN_AFTER: float | None = 0.05
+#: From 3.12 a collection runs only between bytecodes, so the collector's callback may
+#: start the drainer (``_thread.start_new_thread`` waits for nothing, and takes none of
+#: ``threading``'s locks). Before, a collection may run inside C code that holds the
+#: interpreter's thread-list lock (``sys._current_frames()``), which starting a thread
+#: takes: there the drainer is started by the first drain outside a collection, and
+#: the first collection's ends wait for the next span or event.
+_START_IN_CALLBACK = sys.version_info >= (3, 12)
 #: The drainer ends after this many seconds with nothing to make, and the next
 #: collection that puts something off starts another: a process is left with no
 #: thread of ours (``fork`` on 3.12 and newer warns about threads) but for a moment.
-_DRAINER_IDLE = 2.0
+#: Before 3.12 it stays (the callback cannot start another).
+_DRAINER_IDLE: float | None = 2.0 if _START_IN_CALLBACK else None
 #: Held while the drainer has nothing to do; the collector's callback releases it.
 _wakeup = threading.Lock()
 _wakeup.acquire()
 #: The drainer's thread id while it runs (0 while it starts), else None.
 _drainer: int | None = None
 #: When a drainer could not be started (threads refused: the interpreter exiting, a
-#: thread limit, a platform without threads): none is tried again before then.
+#: thread limit, an audit hook): none is tried again before then.
 _drainer_refused_until = 0.0
 #: How long ``run_deferred()`` waits for another thread (the drainer) to finish making
 #: what was put off, so that a read, a shutdown or an exit flush sees all of it.
 _WAIT_FOR_DRAIN = 2.0
 
 
-def _wake_drainer() -> None:
-    """Wake the drainer, or start it, from the collector's callback: wherever the
-    collection ran, so nothing here may wait. Releasing a lock does not; nor does
-    ``_thread.start_new_thread``, which takes none of ``threading``'s locks (the
-    collecting thread may hold them) and does not wait for the thread to run."""
-    global _drainer, _drainer_refused_until
+def _wake_drainer(start: bool) -> None:
+    """Wake the drainer, or (``start``) start it; from the collector's callback too,
+    wherever the collection ran, so nothing here may wait."""
     if _drainer is None:
-        if time.monotonic() < _drainer_refused_until:
-            return
-        _drainer = 0
-        try:
-            _thread.start_new_thread(_drain_after_collections, ())
-        except RuntimeError:  # no thread to be had: the next span or event makes them
-            _drainer = None
-            _drainer_refused_until = time.monotonic() + 60.0
-            return
+        if start:
+            _start_drainer()
+        return
     if _wakeup.locked():
         try:
             _wakeup.release()
@@ -212,28 +223,60 @@ def _wake_drainer() -> None:
             pass
 
 
+def _start_drainer() -> None:
+    global _drainer, _drainer_refused_until
+    if _drainer is not None:
+        return
+    _drainer = 0  # no switch of threads between the look and this (no call between)
+    if time.monotonic() < _drainer_refused_until:
+        _drainer = None
+        return
+    try:
+        _thread.start_new_thread(_drain_after_collections, ())
+    except Exception:  # no thread to be had (exiting, a limit, an audit hook refused)
+        _drainer = None
+        _drainer_refused_until = time.monotonic() + 60.0
+
+
 def _drain_after_collections() -> None:
     global _drainer
     me = get_ident()
-    _drainer = me
+    if _drainer == 0:
+        _drainer = me
+    # The first wake-up is the collection's that started it (the lock may still be
+    # held: then what waits is made after the pause all the same).
+    woken = True
     while True:
-        if not _wakeup.acquire(timeout=_DRAINER_IDLE):
-            _drainer = None  # from here, a collection starts another drainer
-            if not _deferred or _drainer is not None:
-                return
-            _drainer = me  # put off just as it was ending: it stays for them
-            continue
-        if _drainer != me:  # a fork's child, or replaced: not the drainer any more
+        if woken:
+            pause = _DRAIN_AFTER
+            if pause is None:
+                pause = 0.0 if _drainer != me else None  # an old drainer goes on its way
+            if pause is not None:
+                time.sleep(pause)
+                _make_what_waits()
+        if _drainer != me:  # another drainer took over (two woken at once): it stays
+            _make_what_waits()
             return
-        pause = _DRAIN_AFTER
-        if pause is None:
+        idle = _DRAINER_IDLE
+        woken = _wakeup.acquire(timeout=idle) if idle is not None else _wakeup.acquire()
+        if woken:
             continue
-        time.sleep(pause)
-        if not _deferred or _exited:
+        _drainer = None  # from here, a collection starts another
+        if _deferred and _drainer is None and not _exited:
+            _drainer = me  # put off just as it was ending: it stays for them
+            woken = True
             continue
+        _make_what_waits()  # what another drainer, starting now, would make too
+        return
+
+
+def _make_what_waits() -> None:
+    """Make what waits, unless another thread is making it (then it makes all)."""
+    while _deferred and not _exited:
         try:
             _run_deferred()
-        except BaseException:  # an item's SystemExit, say: the drainer goes on
+            return
+        except BaseException:  # an item's SystemExit: it is off the queue, the rest goes on
             telemetry.logger.exception("instrumentation: making what was put off failed")
 
 
@@ -252,7 +295,15 @@ def ending_now() -> bool:
 def later(method: str, span_id: str, end: Callable[[], Any]) -> bool:
     """Put ``end`` off, behind what waits already, to be made in the context it was
     put off in; whether it was."""
-    if _exited or len(_deferred) >= _COLLECTED_KEPT:
+    if _exited:
+        drainer = _draining_thread
+        if drainer is not None and drainer != get_ident():
+            # A thread frozen by the exit in the middle of a drain holds what the
+            # handlers need: made now, this would wait for ever. Lost, counted.
+            _LOST_AT_EXIT.inc()
+            return True
+        return False
+    if len(_deferred) >= _COLLECTED_KEPT:
         return False
     _deferred.append((None, method, span_id, partial(copy_context().run, end)))
     return True
@@ -267,16 +318,44 @@ def put_off_in_collection(method: str, span_id: str, end: Callable[[], Any]) -> 
     return False
 
 
+#: How long a span or event waits, at a time, for another thread making what was put
+#: off (see :func:`_wait_in_line`).
+_WAIT_IN_LINE = 0.1
+
+
+def _wait_in_line() -> bool:
+    """Wait while another thread makes what was put off; whether it is done.
+
+    Going in line behind it at once, two busy threads kept a third making their spans
+    for good (in line is cheaper than made), and the line reached its bound. So a span
+    waits as long as the drain goes on making items; one that makes none for
+    :data:`_WAIT_IN_LINE` (a slow handler, or one waiting for a lock this thread holds)
+    is given up on, and not waited for again until it makes one."""
+    global _stuck_at
+    while True:
+        seen = _made_count
+        if seen == _stuck_at:
+            return False
+        if _draining.acquire(timeout=_WAIT_IN_LINE):
+            _draining.release()
+            return True
+        if _made_count == seen:
+            _stuck_at = seen
+            return False
+
+
 def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
     """For a span start or end, an event: whether ``end`` (the caller's own) was put
     off, inside a collection or behind what another thread is making now; if not, what
-    waited has been made first, here."""
+    waited has been made first, here (see :func:`_wait_in_line`)."""
     if in_collection():
         return later(method, span_id, end)
     if _draining_thread == get_ident():
         return False  # one of those put off, being made now
     try:
         if _run_deferred():
+            return False
+        if _wait_in_line() and _run_deferred():
             return False
     except RecursionError:  # no room to look even: a later end runs them
         return False
@@ -295,11 +374,12 @@ def run_deferred() -> None:
     stays first in the queue until it is made: an empty queue means nothing waits.)"""
     if not _deferred or in_collection() or _draining_thread == get_ident():
         return
-    if _run_deferred():
-        return
-    if _draining.acquire(timeout=_WAIT_FOR_DRAIN):  # another thread makes them
+    deadline = time.monotonic() + _WAIT_FOR_DRAIN
+    while not _run_deferred():  # another thread makes them: wait for it, then look again
+        left = deadline - time.monotonic()
+        if left <= 0 or not _draining.acquire(timeout=left):
+            return
         _draining.release()
-        _run_deferred()
 
 
 def _run_deferred_at_exit() -> None:
@@ -325,8 +405,8 @@ def _after_fork_in_parent() -> None:
     if _held_for_fork:
         _held_for_fork = False
         _draining.release()
-        if _deferred:  # put behind the drain the fork held off: made by the drainer
-            _wake_drainer()
+        if _deferred and _DRAIN_AFTER is not None and not _exited:
+            _wake_drainer(start=True)  # what went behind the drain the fork held off
 
 
 def _after_fork_in_child() -> None:

@@ -593,12 +593,26 @@ def _wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
         time.sleep(0.01)
 
 
+def _with_a_drainer() -> None:
+    """Before 3.12 the drainer is started by the first drain outside a collection (what
+    the collector's callback cannot do safely there): as an earlier test may have."""
+    if not _spans._START_IN_CALLBACK:
+        _spans._start_drainer()
+        _wait_for(lambda: bool(_spans._drainer))
+
+
+NEW_PYTHON = pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="the collector's callback starts the drainer on 3.12+"
+)
+
+
 def test_in_a_program_gone_quiet_what_a_collection_put_off_is_made_soon(
     setup: tuple[Any, LockingHandler, list[BaseEvent]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No span or event after the collection: the drop was made only at the next one,
     and timed then (here, at shutdown, a second late). Now the drainer makes it."""
     monkeypatch.setattr(_spans, "_DRAIN_AFTER", 0.05)
+    _with_a_drainer()
     d, handler, events = setup
     stream, step = _stream_and_step(d)
     collected_at: list[float] = []
@@ -629,6 +643,7 @@ def test_the_drainer_waits_for_the_lock_the_collecting_thread_still_holds(
     (and sends nothing): the drainer waits for it, then makes the drop; spans that
     thread starts meanwhile line up behind the drop."""
     monkeypatch.setattr(_spans, "_DRAIN_AFTER", 0.0)
+    _with_a_drainer()
     d, handler, _ = setup
     stream, step = _stream_and_step(d)
 
@@ -658,6 +673,7 @@ def test_reads_and_shutdown_wait_for_what_the_drainer_is_making(
     """A capture block ending, or ``shutdown()``, while the drainer is half way through
     a slow handler: they wait for it, so that the block holds the drop."""
     monkeypatch.setattr(_spans, "_DRAIN_AFTER", 0.0)
+    _with_a_drainer()
     d, handler, _ = setup
     stream, step = _stream_and_step(d)
     draining = threading.Event()
@@ -683,6 +699,7 @@ def test_reads_and_shutdown_wait_for_what_the_drainer_is_making(
     assert handler.ends == [("exit", "step"), ("drop", "stream")]
 
 
+@NEW_PYTHON
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
 def test_a_forked_child_starts_a_drainer_of_its_own() -> None:
     """The parent's drainer thread is not copied by ``fork``: the child starts its own,
@@ -717,6 +734,7 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+@NEW_PYTHON
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
 def test_no_thread_runs_until_a_collection_puts_something_off_nor_long_after() -> None:
     """A thread started at the first traced generator made every later ``fork`` warn
@@ -752,6 +770,32 @@ def test_no_thread_runs_until_a_collection_puts_something_off_nor_long_after() -
     ]
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.10 and 3.11 only")
+def test_before_3_12_the_first_drain_starts_the_drainer_for_the_next_collections() -> None:
+    """There a collection may run inside C code holding the interpreter's thread-list
+    lock, which starting a thread takes (the process froze): the callback only wakes a
+    drainer that the first drain outside a collection started."""
+    scenario = """
+        import time
+        _spans._DRAIN_AFTER = 0.05
+        freed_in_a_cycle()
+        step()
+        time.sleep(0.3)
+        print("quiet, no drainer yet", _spans._drainer, flush=True)
+        step()  # makes the drop first, and starts the drainer
+        freed_in_a_cycle()
+        step()
+        time.sleep(0.3)
+        print("quiet", bool(_spans._drainer), flush=True)
+        """
+    assert _run_child(scenario) == [
+        "quiet, no drainer yet None",
+        "dropped stream",
+        "dropped stream",
+        "quiet True",
+    ]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
 def test_a_fork_waits_for_a_drain_holding_a_handlers_lock() -> None:
     """Forked while the drainer was inside a handler's lock, the child inherited the lock
@@ -772,6 +816,9 @@ def test_a_fork_waits_for_a_drain_holding_a_handlers_lock() -> None:
                 return super().prepare_to_exit_span(id_, *args, **kwargs)
 
         d.add_span_handler(Slow())
+        if not _spans._START_IN_CALLBACK:
+            _spans._start_drainer()
+            time.sleep(0.1)
         freed_in_a_cycle()
         gc.collect()  # the drop is put off, and the drainer makes it at once
         time.sleep(0.15)  # inside Slow's lock by now
@@ -785,3 +832,54 @@ def test_a_fork_waits_for_a_drain_holding_a_handlers_lock() -> None:
         os.waitpid(pid, 0)
         """
     assert _run_child(scenario) == ["dropped stream", "child ok"]
+
+
+def test_busy_threads_keep_their_pace_behind_a_slow_drain(
+    setup: tuple[Any, LockingHandler, list[BaseEvent]],
+) -> None:
+    """One end put off, made slowly by one of two busy threads: the other's spans went
+    in line behind it, the first made them all, for good (0 spans a second returned on
+    its own), and the line grew to its bound, past which ends came before starts. Now
+    the other waits while the drain goes on (in line only while it is stuck)."""
+    d, handler, _ = setup
+    stream, step = _stream_and_step(d)
+    original = handler.prepare_to_drop_span
+
+    def slow_drop(id_: str, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)  # an exporter's lock, say: longer than a span waits in line
+        return original(id_, *args, **kwargs)
+
+    object.__setattr__(handler, "prepare_to_drop_span", slow_drop)
+    stop = threading.Event()
+    made = [0, 0]
+
+    def work(k: int) -> None:
+        while not stop.is_set():
+            step()
+            made[k] += 1
+
+    workers = [threading.Thread(target=work, args=(k,), daemon=True) for k in (0, 1)]
+    longest = 0
+    gc.disable()
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(0.2)
+        leave_in_a_cycle(stream())
+        gc.collect()  # one drop put off; the next step of either thread makes it
+        time.sleep(0.5)
+        before = list(made)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            longest = max(longest, len(_spans._deferred))
+            time.sleep(0.005)
+        after = list(made)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+        gc.enable()
+    _spans.run_deferred()
+    assert all(b - a > 100 for a, b in zip(before, after, strict=True)), (before, after)
+    assert longest < _spans._COLLECTED_KEPT  # past it, ends were made before their starts
+    assert not handler.open_spans and not _spans._deferred
