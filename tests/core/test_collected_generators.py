@@ -883,3 +883,31 @@ def test_busy_threads_keep_their_pace_behind_a_slow_drain(
     assert all(b - a > 100 for a, b in zip(before, after, strict=True)), (before, after)
     assert longest < _spans._COLLECTED_KEPT  # past it, ends were made before their starts
     assert not handler.open_spans and not _spans._deferred
+
+
+def test_a_collection_inside_sys_current_frames_does_not_freeze_the_process() -> None:
+    """Before 3.12 a collection may run inside C code holding the interpreter's
+    thread-list lock (``sys._current_frames()``, as sampling profilers call it):
+    starting the drainer there, which takes that lock, froze every thread."""
+    scenario = """
+        import sys, threading, time
+        _spans._DRAIN_AFTER = 0.05
+        release = threading.Event()
+
+        def deep(n):
+            return deep(n - 1) if n else release.wait()
+
+        for _ in range(3):
+            threading.Thread(target=deep, args=(20,), daemon=True).start()
+        time.sleep(0.1)
+        gc.set_threshold(1)
+        gc.enable()
+        freed_in_a_cycle()
+        frames = sys._current_frames()  # collections run as it makes frame objects
+        gc.set_threshold(700)
+        gc.disable()
+        release.set()
+        print("returned", len(frames) >= 4, flush=True)
+        """
+    lines = _run_child(scenario)
+    assert lines[0] == "returned True"
