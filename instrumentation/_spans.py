@@ -375,6 +375,8 @@ def run_deferred() -> None:
     if not _deferred or in_collection() or _draining_thread == get_ident():
         return
     deadline = time.monotonic() + _WAIT_FOR_DRAIN
+    if _exit_deadline is not None:  # the exit's flushes wait once in all, not each
+        deadline = min(deadline, _exit_deadline)
     while not _run_deferred():  # another thread makes them: wait for it, then look again
         left = deadline - time.monotonic()
         if left <= 0 or not _draining.acquire(timeout=left):
@@ -382,9 +384,21 @@ def run_deferred() -> None:
         _draining.release()
 
 
+#: When the exit began (its first hook), plus :data:`_WAIT_FOR_DRAIN`: the last moment
+#: any exit flush waits for a drain (one stuck in a handler made each wait in turn).
+_exit_deadline: float | None = None
+
+
+def _run_deferred_as_the_exit_begins() -> None:
+    global _exit_deadline
+    if _exit_deadline is None:
+        _exit_deadline = time.monotonic() + _WAIT_FOR_DRAIN
+    run_deferred()
+
+
 def _run_deferred_at_exit() -> None:
     global _exited
-    run_deferred()
+    _run_deferred_as_the_exit_begins()
     _exited = True
 
 
@@ -427,7 +441,7 @@ gc.callbacks.append(_watch_collections)
 # Before the threads stop (as concurrent.futures does), and again as atexit's last.
 _register_before_threads_stop = getattr(threading, "_register_atexit", None)
 if _register_before_threads_stop is not None:  # pragma: no branch
-    _register_before_threads_stop(run_deferred)
+    _register_before_threads_stop(_run_deferred_as_the_exit_begins)
 atexit.register(_run_deferred_at_exit)
 if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
     os.register_at_fork(

@@ -911,3 +911,33 @@ def test_a_collection_inside_sys_current_frames_does_not_freeze_the_process() ->
         """
     lines = _run_child(scenario)
     assert lines[0] == "returned True"
+
+
+def test_the_exit_waits_once_for_a_stuck_drain_not_once_per_flush() -> None:
+    """A drain stuck in a handler at exit: each exit flush (a store's, an exporter's,
+    the audit handlers') waited its own 2 s for it, in turn."""
+    scenario = """
+        import atexit, threading, time
+        _spans._DRAIN_AFTER = 0.0
+        never = threading.Event()
+
+        class Stuck(SimpleSpanHandler):
+            def prepare_to_drop_span(self, id_, *args, **kwargs):
+                never.wait()
+
+        d.add_span_handler(Stuck())
+        if not _spans._START_IN_CALLBACK:
+            _spans._start_drainer()
+            time.sleep(0.1)
+        for _ in range(3):  # as storage, OpenTelemetry and audit register theirs
+            atexit.register(_spans.run_deferred)
+        freed_in_a_cycle()
+        gc.collect()  # the drainer takes the drop, and never comes back
+        time.sleep(0.2)
+        print("main done", flush=True)
+        """
+    began = time.monotonic()
+    lines = _run_child(scenario)
+    took = time.monotonic() - began
+    assert lines == ["dropped stream", "main done"]  # Handler's, before Stuck's wait
+    assert took < 5, took  # one wait of 2 s; it was five
