@@ -85,14 +85,17 @@ def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
     _report(handler, method, span_id, exc)
 
 
-def _run_deferred() -> bool:
+def _run_deferred(whole: bool = True) -> bool:
     """Run what was put off, oldest first, if there is room for it here; whether
     nothing is left waiting behind another thread that is running it now (a caller's
     own end must then wait behind it: see :func:`must_wait`).
 
     Each item leaves the queue only once made: a span or event on another thread,
-    seeing the queue empty, would otherwise overtake the one being made."""
-    global _draining_thread
+    seeing the queue empty, would otherwise overtake the one being made. Each round
+    (one hold of the lock) makes what was there when it began, then lets go, so that
+    threads waiting in line take their turn; not ``whole`` (a span's own call: what
+    came before it is made), it stops there, and wakes the drainer for the rest."""
+    global _draining_thread, _drain_round
     if _short_of_stack():
         return True
     if _drainer is None and not _START_IN_CALLBACK and _DRAIN_AFTER is not None and not _exited:
@@ -102,8 +105,11 @@ def _run_deferred() -> bool:
         if not lock.acquire(blocking=False):
             return False
         _draining_thread = get_ident()
+        _drain_round += 1
+        round_left = len(_deferred)
         try:
-            while _deferred:
+            while _deferred and round_left > 0:
+                round_left -= 1
                 item = _deferred[0]
                 handler, method, span_id, end = item
                 try:
@@ -126,6 +132,10 @@ def _run_deferred() -> bool:
             lock.release()
         if not _deferred:  # nothing put behind it between its last look and the release
             return True
+        if not whole:
+            if _DRAIN_AFTER is not None and not _exited:
+                _wake_drainer(start=True)  # for what others put behind, should they stop
+            return True
 
 
 def _made(item: tuple[Any, str, str, Callable[[], Any]]) -> None:
@@ -136,10 +146,10 @@ def _made(item: tuple[Any, str, str, Callable[[], Any]]) -> None:
         _deferred.popleft()
 
 
-#: How many items were made (see :func:`_wait_in_line`), and the count at which a
-#: wait gave up on a drain that made nothing meanwhile.
+#: How many items were made, and how many times a thread took the drain (one round
+#: each): see :func:`_wait_in_line`.
 _made_count = 0
-_stuck_at = -1
+_drain_round = 0
 
 
 #: Held by the call of :func:`_run_deferred` that is running what was put off, and
@@ -318,30 +328,48 @@ def put_off_in_collection(method: str, span_id: str, end: Callable[[], Any]) -> 
     return False
 
 
-#: How long a span or event waits, at a time, for another thread making what was put
-#: off (see :func:`_wait_in_line`).
+#: How long a span or event waits for another thread making what was put off: at
+#: most :data:`_WAIT_IN_LINE_MOST` in all, and no longer than :data:`_WAIT_IN_LINE`
+#: without an item made (see :func:`_wait_in_line`).
 _WAIT_IN_LINE = 0.1
+_WAIT_IN_LINE_MOST = 0.5
+#: The drain round each thread gave up waiting for: it goes in line at once after,
+#: until this many wait in line (then it waits each time: in line is cheaper than
+#: made, and a line of tens of thousands left one thread a second's work).
+_gave_up = threading.local()
+_IN_LINE_BEFORE_WAITING = 1_000
+_DONE, _FREE, _GAVE_UP = 1, 2, 0
 
 
-def _wait_in_line() -> bool:
-    """Wait while another thread makes what was put off; whether it is done.
+def _wait_in_line() -> int:
+    """Wait while another thread makes what was put off before this call: ``_DONE``
+    once all of that is made (what others put off since may follow this span),
+    ``_FREE`` if the drain ended first, ``_GAVE_UP`` if it made nothing for
+    :data:`_WAIT_IN_LINE` (a slow handler, or one waiting for a lock this thread
+    holds) or took :data:`_WAIT_IN_LINE_MOST` in all; a thread that gave up on a drain
+    does not wait for it again.
 
     Going in line behind it at once, two busy threads kept a third making their spans
-    for good (in line is cheaper than made), and the line reached its bound. So a span
-    waits as long as the drain goes on making items; one that makes none for
-    :data:`_WAIT_IN_LINE` (a slow handler, or one waiting for a lock this thread holds)
-    is given up on, and not waited for again until it makes one."""
-    global _stuck_at
-    while True:
+    for good (in line is cheaper than made), and the line reached its bound."""
+    drain = _drain_round
+    if getattr(_gave_up, "round", -1) == drain and len(_deferred) < _IN_LINE_BEFORE_WAITING:
+        return _GAVE_UP
+    target = _made_count + len(_deferred)
+    deadline = time.monotonic() + _WAIT_IN_LINE_MOST
+    while _made_count < target:
         seen = _made_count
-        if seen == _stuck_at:
-            return False
-        if _draining.acquire(timeout=_WAIT_IN_LINE):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if _draining.acquire(timeout=min(_WAIT_IN_LINE, left)):
             _draining.release()
-            return True
+            return _FREE
         if _made_count == seen:
-            _stuck_at = seen
-            return False
+            break
+    else:
+        return _DONE
+    _gave_up.round = drain
+    return _GAVE_UP
 
 
 def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
@@ -353,15 +381,16 @@ def must_wait(method: str, span_id: str, end: Callable[[], Any]) -> bool:
     if _draining_thread == get_ident():
         return False  # one of those put off, being made now
     try:
-        if _run_deferred():
+        if _run_deferred(whole=False):
             return False
-        if _wait_in_line() and _run_deferred():
+        waited = _wait_in_line()
+        if waited == _DONE or (waited == _FREE and _run_deferred(whole=False)):
             return False
     except RecursionError:  # no room to look even: a later end runs them
         return False
     queued = later(method, span_id, end)
     try:  # the other thread may have let go meanwhile, leaving it
-        _run_deferred()
+        _run_deferred(whole=False)
     except RecursionError:
         pass
     return queued
@@ -375,8 +404,11 @@ def run_deferred() -> None:
     if not _deferred or in_collection() or _draining_thread == get_ident():
         return
     deadline = time.monotonic() + _WAIT_FOR_DRAIN
-    if _exit_deadline is not None:  # the exit's flushes wait once in all, not each
-        deadline = min(deadline, _exit_deadline)
+    if _exit_began:  # the exit's flushes wait for one drain once in all, not each
+        global _exit_wait
+        if _exit_wait is None or _exit_wait[0] != _drain_round:
+            _exit_wait = (_drain_round, deadline)
+        deadline = _exit_wait[1]
     while not _run_deferred():  # another thread makes them: wait for it, then look again
         left = deadline - time.monotonic()
         if left <= 0 or not _draining.acquire(timeout=left):
@@ -384,15 +416,16 @@ def run_deferred() -> None:
         _draining.release()
 
 
-#: When the exit began (its first hook), plus :data:`_WAIT_FOR_DRAIN`: the last moment
-#: any exit flush waits for a drain (one stuck in a handler made each wait in turn).
-_exit_deadline: float | None = None
+#: Whether the exit began (its first hook ran), and the drain round the exit's flushes
+#: wait for with the moment they stop waiting for it: one stuck in a handler made each
+#: flush wait its own 2 s in turn. A drain begun later gets its own 2 s.
+_exit_began = False
+_exit_wait: tuple[int, float] | None = None
 
 
 def _run_deferred_as_the_exit_begins() -> None:
-    global _exit_deadline
-    if _exit_deadline is None:
-        _exit_deadline = time.monotonic() + _WAIT_FOR_DRAIN
+    global _exit_began
+    _exit_began = True
     run_deferred()
 
 
