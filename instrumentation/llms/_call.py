@@ -92,9 +92,14 @@ def build(cls: type[E], fields: dict[str, Any]) -> E | None:
 
 def emit(dispatcher: Dispatcher, cls: type[BaseEvent], **fields: Any) -> None:
     """Emit ``cls(**fields)``, or what :func:`build` makes of it."""
-    event = build(cls, fields)
-    if event is not None:
-        dispatcher.event(event)
+    try:  # build() itself only when this fails: one call less on every event
+        event = cls(**fields)
+    except Exception:
+        built = build(cls, fields)
+        if built is None:
+            return
+        event = built
+    dispatcher.event(event)
 
 
 def event_error(problem: str, message: str) -> None:
@@ -282,16 +287,7 @@ class LLMCall:
 
     def _send(self, cls: type[ModelCallEvent], **fields: Any) -> None:
         """Emit ``cls`` with ``fields``, the model and the provider (see :func:`build`)."""
-        fields["model"] = self.model
-        fields["provider"] = self.provider
-        try:  # build() itself only when this fails: one call less on every event
-            event = cls(**fields)
-        except Exception:
-            built = build(cls, fields)
-            if built is None:
-                return
-            event = built
-        self.dispatcher.event(event)
+        emit(self.dispatcher, cls, model=self.model, provider=self.provider, **fields)
 
     # -- chunks ---------------------------------------------------------------------
 
