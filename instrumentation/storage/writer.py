@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from instrumentation import telemetry
 from instrumentation._spans import run_deferred
+from instrumentation._text import describe_error
 from instrumentation.context import suppress_instrumentation
 from instrumentation.storage import checks
 from instrumentation.storage.base import Row, Store
@@ -493,7 +494,7 @@ class BatchWriter:
         ``shutdown()`` answer False at once. (The thread died without a count before,
         and every entry after it stayed queued, unseen.)"""
         with self._state_lock:
-            self.failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.failure = describe_error(exc)
             self._limit = 0  # every put() takes the slow path, which refuses it
         with self._space:
             self._space.notify_all()  # a put() waiting for room gives up
