@@ -48,16 +48,19 @@ def _out_of_range(value: str) -> argparse.ArgumentTypeError:
     return argparse.ArgumentTypeError(f"{value!r} is out of range ({_TIME_RANGE})")
 
 
+#: Seconds in each unit of an age (``--since 15m``) and of a duration.
+_AGE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
 def _when(value: str) -> datetime:
     """``2026-11-23T10:00``, or an age such as ``15m``, ``2h``, ``3d``.
 
     A time or an age beyond what a ``datetime`` holds (``--since 99999999d``, the
     year 10000) is an argument error, as a misspelt one is, not a traceback.
     """
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
+    if value and value[-1] in _AGE_UNITS and value[:-1].replace(".", "", 1).isdigit():
         try:
-            ago = timedelta(seconds=float(value[:-1]) * units[value[-1]])
+            ago = timedelta(seconds=float(value[:-1]) * _AGE_UNITS[value[-1]])
             return datetime.now(timezone.utc) - ago
         except (OverflowError, ValueError):
             raise _out_of_range(value) from None
@@ -135,9 +138,7 @@ _DURATION_UNITS = {
     "\u00b5s": 1e-6,
     "\u03bcs": 1e-6,
     "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
+    **{unit: _AGE_UNITS[unit] for unit in ("s", "m", "h")},
 }
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z\u00b5\u03bc]*)\s*")
 
