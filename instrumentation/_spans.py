@@ -401,11 +401,11 @@ def run_deferred() -> None:
     thread making it: by ``Dispatcher.shutdown()``, the test kit's reads, and at exit
     before a store or an exporter is flushed for the last time. (What is being made
     stays first in the queue until it is made: an empty queue means nothing waits.)"""
+    global _exit_wait
     if not _deferred or in_collection() or _draining_thread == get_ident():
         return
     deadline = time.monotonic() + _WAIT_FOR_DRAIN
     if _exit_began:  # the exit's flushes wait for one drain once in all, not each
-        global _exit_wait
         if _exit_wait is None or _exit_wait[0] != _drain_round:
             _exit_wait = (_drain_round, deadline)
         deadline = _exit_wait[1]
