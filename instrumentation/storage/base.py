@@ -628,8 +628,8 @@ class SQLStore(Store):
         # bytewise order, a string that starts with the prefix sorts within it. That
         # is SQLite's order; PostgreSQL's depends on the database's collation (one
         # that compares digits as numbers puts "19000" after "2"), so there the range
-        # is compared under "C". The ``substr`` check keeps exactly the ids that start
-        # with the prefix.
+        # is compared under "C", the collation the schema gives the column (and so its
+        # index). The ``substr`` check keeps exactly the ids that start with the prefix.
         where = f"substr(trace_id, 1, {len(prefix)}) = {p}"
         params: list[Any] = [prefix]
         upper = _hex_successor(prefix)

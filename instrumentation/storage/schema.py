@@ -94,6 +94,11 @@ class Dialect:
     integer: str
     timestamp: str
     json: str
+    #: Trace ids are looked up by prefix as a range compared bytewise (see
+    #: ``SQLStore.trace_ids_starting_with``). PostgreSQL's index on a column serves a
+    #: range only in the column's collation, so the column is kept in "C" rather than
+    #: in the database's (which may order "19000" after "2", or ignore case).
+    trace_id: str
 
     def time_param(self) -> str:
         """A placeholder for a time given as epoch seconds."""
@@ -112,11 +117,22 @@ class Dialect:
         return column if self.json == self.text else f"{column}::text"
 
 
-SQLITE = Dialect("sqlite", "?", "TEXT", "REAL", "INTEGER", "REAL", "TEXT")
-POSTGRES = Dialect("postgres", "%s", "TEXT", "DOUBLE PRECISION", "BIGINT", "TIMESTAMPTZ", "JSONB")
+SQLITE = Dialect("sqlite", "?", "TEXT", "REAL", "INTEGER", "REAL", "TEXT", "TEXT")
+POSTGRES = Dialect(
+    "postgres",
+    "%s",
+    "TEXT",
+    "DOUBLE PRECISION",
+    "BIGINT",
+    "TIMESTAMPTZ",
+    "JSONB",
+    'TEXT COLLATE "C"',
+)
 
 
 def _column_type(d: Dialect, column: str) -> str:
+    if column == "trace_id":
+        return d.trace_id
     if column in TIME_COLUMNS:
         return d.timestamp
     if column in JSON_COLUMNS:

@@ -354,6 +354,45 @@ def test_a_prefix_is_found_in_a_database_whose_collation_orders_digits_as_number
             assert sorted(found) == sorted(t for t in ids if t.startswith(prefix)), prefix
 
 
+def test_a_prefix_is_a_range_of_an_index_in_a_database_of_another_collation(
+    postgres_server: Any,
+) -> None:
+    """Under a collation other than "C" the range compared under "C" matched no index
+    (the trace_id index is in the database's collation): every lookup read the whole
+    index. A new database keeps trace ids in "C", so its index serves the range."""
+    import uuid
+
+    import psycopg
+
+    from instrumentation.storage.postgres import PostgresStore
+
+    name = f"t_icu_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
+        try:
+            admin.execute(
+                f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+                "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+        except psycopg.Error as exc:  # a server built without ICU
+            pytest.skip(f"no ICU collation on this server: {exc}")
+
+    class Recording(PostgresStore):
+        queries: list[tuple[str, list[Any]]] = []
+
+        def _query(self, sql: str, params: Any) -> Any:
+            self.queries.append((sql, list(params)))
+            return super()._query(sql, params)
+
+    with Recording(postgres_server.dsn(name)) as store:
+        store.write([_span(f"n{i}", tid, f"r{i}") for i, tid in enumerate(IDS)], [])
+        assert sorted(store.trace_ids_starting_with("ab", limit=10)) == sorted(IDS[:3])
+        (sql, params) = store.queries[-1]
+    with psycopg.connect(postgres_server.dsn(name), autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql, params))
+    assert "Index Cond" in plan and "trace_id" in plan.split("Index Cond", 1)[1], plan
+
+
 # -- 6. terminals that are not UTF-8 ----------------------------------------------------
 
 
