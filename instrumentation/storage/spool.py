@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from instrumentation import telemetry
+from instrumentation._paths import make_writable_folder
 from instrumentation.storage.base import Row
 from instrumentation.storage.schema import EVENT_COLUMNS, SPAN_COLUMNS
 
@@ -88,19 +89,10 @@ def checked_directory(value: str | os.PathLike[str]) -> Path:
     use = f"give a folder this process can write, or None for {default_spool_dir()}"
     if not text.strip():
         raise ValueError(f"spool_dir is empty; {use}")
-    if "\x00" in text:
-        raise ValueError(f"spool_dir {text!r} holds a NUL character; {use}")
     path = Path(text).absolute()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"spool_dir {text!r} is a file, not a folder; {use}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(
-            f"spool_dir {text!r} cannot be made ({exc.strerror or exc}); {use}"
-        ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"spool_dir {text!r} cannot be written (permission denied); {use}")
+    problem = make_writable_folder(path)
+    if problem is not None:
+        raise ValueError(f"spool_dir {text!r} {problem[1]}; {use}")
     return path
 
 

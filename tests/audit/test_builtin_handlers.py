@@ -338,16 +338,23 @@ def test_events_are_stamped_on_the_application_side() -> None:
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_a_directory_that_cannot_be_made_is_refused_when_the_handler_is_made() -> None:
     """It was accepted, and then every request logged a FileNotFoundError traceback."""
-    with pytest.raises(OSError, match=r"'/proc/nope'.*cannot be created"):
+    with pytest.raises(OSError, match=r"'/proc/nope'.*cannot be made"):
         FileEventHandler("/proc/nope")
 
 
 def test_a_directory_below_a_file_or_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(NotADirectoryError, match=r"a-file.*exists and is not a directory"):
+    with pytest.raises(NotADirectoryError, match=r"a-file.*is a file, not a folder"):
         FileEventHandler(tmp_path / "a-file")
-    with pytest.raises(OSError, match=r"a-file/logs.*cannot be created"):
+    with pytest.raises(NotADirectoryError, match=r"a-file/logs.*cannot be made"):
         FileEventHandler(tmp_path / "a-file" / "logs")
+
+
+def test_a_directory_with_a_nul_character_is_an_os_error_naming_it(tmp_path: Path) -> None:
+    """It was a bare ``ValueError: embedded null byte`` from ``mkdir``, naming no path
+    and not one of the ``OSError`` subclasses the handler documents."""
+    with pytest.raises(OSError, match=r"a\\x00b.*holds a NUL character.*pass a directory"):
+        FileEventHandler(tmp_path / "a\0b")
 
 
 def test_a_missing_directory_is_made_when_the_handler_is(tmp_path: Path) -> None:
@@ -415,10 +422,11 @@ def test_a_directory_that_is_not_writable_is_refused(tmp_path: Path) -> None:
             (tmp_path / "open").mkdir(mode=0o777)
             (tmp_path / "open").chmod(0o777)  # whatever the umask
             refused, accepted = _made_without_root(tmp_path, ["locked", "open"])
-            assert re.fullmatch(r"PermissionError: .*'locked'.*not writable.*", refused), refused
+            expected = r"PermissionError: .*'locked'.*cannot be written.*"
+            assert re.fullmatch(expected, refused), refused
             assert accepted == "accepted"
         else:
-            with pytest.raises(PermissionError, match=r"locked.*not writable"):
+            with pytest.raises(PermissionError, match=r"locked.*cannot be written"):
                 FileEventHandler(locked)
     finally:
         locked.chmod(0o700)

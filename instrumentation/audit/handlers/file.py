@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from instrumentation._paths import make_writable_folder
 from instrumentation._text import safe_str
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
@@ -53,28 +54,17 @@ class FileContext:
 
 
 def _writable_directory(directory: Path) -> None:
-    """Make ``directory`` if it is missing; an ``OSError`` saying which path and why if
-    it cannot be made or files cannot be written in it."""
-
-    def refuse(code: int, why: str) -> OSError:
-        # OSError(errno, ...) is the matching subclass (FileNotFoundError, ...).
-        return OSError(
+    """Make ``directory`` if it is missing; an ``OSError`` of the matching subclass
+    (``OSError(errno, ...)`` picks it: ``NotADirectoryError``, ``PermissionError``...)
+    saying which path and why if files cannot be written in it."""
+    problem = make_writable_folder(directory)
+    if problem is not None:
+        code, why = problem
+        raise OSError(
             code,
-            f"FileEventHandler cannot write its log files in {str(directory)!r}: {why}; "
+            f"FileEventHandler cannot write its log files in {str(directory)!r}: it {why}; "
             "pass a directory it can create or write to",
         )
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # there, and not a directory
-        raise refuse(errno.ENOTDIR, "it exists and is not a directory") from None
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        raise refuse(exc.errno or errno.EIO, f"it cannot be created ({why})") from exc
-    if not directory.is_dir():  # pragma: no cover - mkdir said so already
-        raise refuse(errno.ENOTDIR, "it is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise refuse(errno.EACCES, "it is not writable")
 
 
 def _open_part(part: Path) -> IO[str]:
