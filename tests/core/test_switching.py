@@ -581,3 +581,76 @@ def test_the_token_of_active_span_id_can_be_given_to_deactivate() -> None:
     assert current_span() is not None and current_span().id_ == "mixed-1"  # type: ignore[union-attr]
     deactivate(token)  # type: ignore[arg-type]
     assert current_span() is None
+
+
+def test_a_span_handler_stamping_naive_local_times_the_llamaindex_way_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LlamaIndex's handlers set ``span.end_time = datetime.now()`` (naive, local) and
+    subtract ``start_time``; ours is aware UTC, so every span of such a handler failed
+    ("can't subtract offset-naive and offset-aware datetimes") and none was kept."""
+    import time
+    from datetime import datetime, timedelta, timezone
+    from typing import cast
+
+    class Ported(BaseSpanHandler[SimpleSpan]):
+        def new_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            parent_span_id: str | None = None,
+            tags: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> SimpleSpan:
+            return SimpleSpan(id_=id_, parent_id=parent_span_id, start_time=datetime.now())
+
+        def prepare_to_exit_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            result: Any | None = None,
+            **kwargs: Any,
+        ) -> SimpleSpan:
+            span = cast(SimpleSpan, self.open_spans[id_])
+            span.end_time = datetime.now()
+            span.duration = (span.end_time - span.start_time).total_seconds()
+            with self.lock:
+                self.completed_spans += [span]
+            return span
+
+        def prepare_to_drop_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            err: BaseException | None = None,
+            **kwargs: Any,
+        ) -> None:
+            return None
+
+    monkeypatch.setenv("TZ", "America/New_York")  # local time is not UTC
+    time.tzset()
+    try:
+        handler = Ported()
+        d = get_dispatcher("switching.naive_times")
+        d.add_span_handler(handler)
+
+        @d.span
+        def work() -> int:
+            return 1
+
+        before = datetime.now(timezone.utc)
+        work()
+        d.remove_span_handler(handler)
+        assert telemetry.handler_errors() == {}
+        (span,) = handler.completed_spans
+        assert span.end_time is not None
+        for stamp in (span.start_time, span.end_time):
+            assert stamp.utcoffset() == timedelta(0)
+            assert abs(stamp - before) < timedelta(seconds=5)  # local time, converted
+        assert 0 <= span.duration < 5
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
