@@ -64,6 +64,17 @@ def count(name: str, value: Any, *, least: int = 1, most: int = MAX_COUNT) -> in
     return int(value)
 
 
+def number(name: str, value: Any, *, whole: bool = False) -> Any:
+    """``value`` as it is if it is a number (an ``int`` if ``whole``), else a
+    ``TypeError`` naming ``name``. For pydantic fields, checked before pydantic takes
+    ``"5"`` for 5 and ``True`` for 1; the range is :func:`seconds`' or :func:`count`'s
+    to check after."""
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        kind = "a whole number" if whole else "a number of seconds"
+        raise TypeError(f"{name} is {kind}, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def flag(name: str, value: Any) -> bool:
     """``value`` if it is ``True`` or ``False``, else a ``TypeError``: ``read_only="no"``
     is a true string, and was taken as ``True``."""
@@ -80,4 +91,4 @@ def timeout(value: Any) -> float | None:
     return seconds("timeout", value, also=", or None to wait as long as it takes")
 
 
-__all__ = ["MAX_COUNT", "MAX_SECONDS", "count", "flag", "seconds", "timeout"]
+__all__ = ["MAX_COUNT", "MAX_SECONDS", "count", "flag", "number", "seconds", "timeout"]

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from typing_extensions import TypedDict
 
 from instrumentation import telemetry
@@ -285,6 +285,23 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         def _fast_by_dispatcher(self) -> bool: ...
         @property
         def _recent_scopes(self) -> _RecentScopes: ...
+
+    @field_validator("batch_size", "max_queue", "max_payload_chars", mode="before")
+    @classmethod
+    def _a_count(cls, value: Any, info: ValidationInfo) -> Any:
+        return checks.number(str(info.field_name), value, whole=True)
+
+    @field_validator(
+        "debounce", "block_timeout", "retry_for", "retry_backoff", "replay_interval", mode="before"
+    )
+    @classmethod
+    def _seconds(cls, value: Any, info: ValidationInfo) -> Any:
+        return checks.number(str(info.field_name), value)
+
+    @field_validator("close_store", mode="before")
+    @classmethod
+    def _a_flag(cls, value: Any) -> bool:
+        return checks.flag("close_store", value)
 
     @field_validator("metadata", mode="before")
     @classmethod

@@ -1254,6 +1254,35 @@ def test_a_number_out_of_range_is_refused_naming_the_option(
     store.close()
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("debounce", "1"),
+        ("debounce", None),
+        ("retry_for", True),
+        ("replay_interval", [1]),
+        ("batch_size", "5"),
+        ("batch_size", True),
+        ("batch_size", 5.0),
+        ("max_queue", "many"),
+        ("max_payload_chars", None),
+        ("close_store", "no"),
+        ("close_store", 1),
+    ],
+)
+def test_a_value_that_is_no_number_is_a_type_error_naming_the_option(
+    tmp_path: Path, option: str, value: Any
+) -> None:
+    """The handler's options are pydantic fields, which took ``"1"`` for one second and
+    ``True`` for a batch of one, and refused ``None`` with a ``ValidationError``; the
+    docs (and the writer, and ``flush()``) say a value that is no number is a
+    ``TypeError``."""
+    store = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(TypeError, match=rf"^{option} is (a number|a whole number|True or).*got"):
+        StorageHandler(store=store, **{option: value})
+    store.close()
+
+
 def test_the_writer_checks_its_own_numbers_and_rows_of_the_same_way(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     for option, value in [("max_backoff", float("nan")), ("exit_timeout", float("inf"))]:
