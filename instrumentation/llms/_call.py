@@ -114,6 +114,17 @@ def event_error(problem: str, message: str) -> None:
     logger.warning("%s%s", message, more)
 
 
+def reason_text(reason: Any) -> str | None:
+    """``reason`` if it is a finish reason (a str) or None; anything else (``7``, a
+    list) is left out of the events, logged and counted as :func:`build` does: it was
+    dropped without a word, unlike every other field an event cannot hold."""
+    if reason is None or isinstance(reason, str):
+        return reason
+    kind = type(reason).__name__
+    event_error("finish_reason", f"the finish reason is not a str (it is {kind}); it is left out")
+    return None
+
+
 def price(prices: PriceTable, model: str | None, usage: TokenUsage | None) -> float | None:
     """``prices.cost(model, usage)``, or None (logged and counted) when the table fails:
     a cost is only recorded."""

@@ -68,6 +68,7 @@ from instrumentation.llms._call import (
     emit,
     event_error,
     listening,
+    reason_text,
 )
 from instrumentation.llms._streams import (
     READY,
@@ -152,8 +153,7 @@ def _unfilled(template: str, args: dict[str, Any]) -> list[str]:
 
 
 def _finish_reason(extra: dict[str, Any]) -> str | None:
-    reason = extra.get("finish_reason")
-    return reason if isinstance(reason, str) else None
+    return reason_text(extra.get("finish_reason"))
 
 
 def _usage_and_reason(extra: dict[str, Any]) -> tuple[TokenUsage | None, str | None]:

@@ -69,6 +69,7 @@ from instrumentation.llms._call import (
     emit_embedding_end,
     emit_embedding_start,
     listening,
+    reason_text,
 )
 from instrumentation.llms._streams import (
     READY,
@@ -359,8 +360,8 @@ class _ChunkState:
         if choice is None:
             return "", False
         reason = _get(choice, "finish_reason")
-        if isinstance(reason, str):
-            self.finish_reason = reason
+        if reason is not None:
+            self.finish_reason = reason_text(reason) or self.finish_reason
         delta = _get(choice, "delta")
         text = _get(delta, "content")
         text = text if isinstance(text, str) else ""

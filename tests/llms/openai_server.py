@@ -191,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
                     for i, w in enumerate(split)
                     if position < len(w)
                 ]
-            events += [chunk({}, "stop" if i == 0 else "length", i) for i in range(n)]
+            first = self.server.finish_reason or "stop"
+            events += [chunk({}, first if i == 0 else "length", i) for i in range(n)]
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_chunk = chunk({}, None, usage=self._usage(body, answer))
             usage_chunk["choices"] = []

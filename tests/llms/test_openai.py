@@ -395,6 +395,26 @@ def test_a_finish_reason_that_is_not_a_str_is_left_out_and_the_reply_returned(
     assert "sent without finish_reason" in record.getMessage()
 
 
+def test_a_streamed_finish_reason_that_is_not_a_str_is_left_out_logged_and_counted(
+    cap: Capture,
+    client: openai.OpenAI,
+    server: OpenAIServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a stream it was dropped without a word (the reply's own is logged and
+    counted, as above)."""
+    server.finish_reason = 5  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="instrumentation.llms._call"):
+        stream = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == ANSWER
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason is None and end.response is not None
+    assert telemetry.counter("llms.event_errors").value == 1
+    [record] = caplog.records
+    assert "finish reason is not a str (it is int)" in record.getMessage()
+
+
 def test_a_price_set_for_the_model_asked_for_prices_the_snapshot_the_reply_names(
     cap: Capture, client: openai.OpenAI, server: OpenAIServer
 ) -> None:

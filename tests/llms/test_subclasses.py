@@ -295,6 +295,37 @@ def test_what_does_not_fit_an_event_is_left_out_and_the_call_goes_on(
     assert record.levelno == logging.WARNING
 
 
+@pytest.mark.parametrize("reason", [7, ["stop"]], ids=["int", "list"])
+def test_a_finish_reason_that_is_not_a_str_is_left_out_logged_and_counted(
+    cap: Capture, caplog: pytest.LogCaptureFixture, reason: object
+) -> None:
+    """A subclass's finish reason that was not a str became None without a word, while
+    every other field an event cannot hold is logged and counted (as the docs say)."""
+
+    def with_reason(text: str) -> ChatResponse:
+        answer = reply(text)
+        answer.additional_kwargs = {"finish_reason": reason}
+        return answer
+
+    def _chat(self: BaseLLM, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return with_reason("whole")
+
+    def _stream_chat(
+        self: BaseLLM, messages: list[ChatMessage], **kwargs: Any
+    ) -> Iterator[ChatResponse]:
+        yield with_reason("part")
+
+    model = define(_chat=_chat, _stream_chat=_stream_chat)("m")
+    with caplog.at_level(logging.WARNING, logger="instrumentation.llms._call"):
+        assert model.chat("hi").message.content == "whole"
+        assert [c.delta for c in model.stream_chat("hi")] == ["part"]
+    ends = cap.events_of(LLMChatEndEvent)
+    assert len(ends) == 2 and all(end.finish_reason is None for end in ends)
+    assert telemetry.counter("llms.event_errors").value == 2
+    [record] = caplog.records  # once an interval, not once a call
+    assert f"finish reason is not a str (it is {type(reason).__name__})" in record.getMessage()
+
+
 def test_a_price_table_that_is_not_one_is_refused_up_front() -> None:
     """A dict was accepted, then every traced call failed with an AttributeError."""
     with pytest.raises(TypeError, match="price_table is a PriceTable"):
