@@ -663,6 +663,36 @@ def test_user_text_cannot_pass_for_lines_the_file_and_logging_handlers_wrote(
     assert any(getattr(r, "audit", {}).get("question") == forged for r in caplog.records)
 
 
+def test_user_text_cannot_pass_for_lines_the_cli_handler_wrote() -> None:
+    """The CLI handler escaped control characters but printed line breaks as they were:
+    a question could print a "result:" line, a "took" line and a whole other request
+    that looked like the handler's own. Its later lines are indented now, as in the
+    file handler's files; a collection or a tool name stays on its one line."""
+    out = io.StringIO()
+    question = "harmless?\n  result: FORGED\r  took 0.1 ms\u2028Request deadbeef [x] fake"
+    with audit.request(
+        question=question, collection="c\n  took 9 ms", handlers=[CLIEventHandler(out)]
+    ) as req:
+        with audit.event(audit.ToolCallEvent(name="kettle\n  result: FORGED")) as ev:
+            ev.update(output="hot")
+        req.result = "real\r\n  cost: $999"
+    assert not req.errors
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == ""
+    own = [line for line in lines[:-1] if not line.startswith("   ")]
+    assert [line.split()[0] for line in own] == [
+        "Request",
+        "tool",
+        "result:",
+        "took",
+    ], own
+    assert own[0].startswith("Request ") and "[c\\n  took 9 ms] harmless?" in own[0]
+    assert "    " + "  result: FORGED" in lines and "    Request deadbeef [x] fake" in lines
+    assert own[1].startswith("  tool kettle\\n  result: FORGED")
+    assert own[2] == "  result: real" and "      cost: $999" in lines
+    assert not any("\r" in line or "\u2028" in line for line in lines)
+
+
 def test_the_cli_handler_writes_nothing_when_there_is_no_stderr(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

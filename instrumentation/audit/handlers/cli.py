@@ -19,9 +19,11 @@ from instrumentation.audit.base import EventHandler
 from instrumentation.audit.events import Event, RequestEnd, RequestStart
 from instrumentation.audit.handlers._format import (
     ENDED_EARLY,
+    block,
     clip,
     duration_ms,
     end_lines,
+    one_line,
     started_at,
     title,
 )
@@ -69,8 +71,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
 
     def request_start(self, user_request: RequestStart) -> list[str]:
         head = self._paint(_BOLD, f"Request {user_request.request_id[:8]}")
-        collection = f" [{_shown(user_request.collection)}]" if user_request.collection else ""
-        return [f"{head}{collection} {_shown(clip(user_request.question, 500))}"]
+        collection = f" [{one_line(user_request.collection)}]" if user_request.collection else ""
+        return [f"{head}{collection} {block(clip(user_request.question, 500))}"]
 
     def event_start(self, event: Event, request_context: list[str]) -> datetime | None:
         return started_at(event)
@@ -84,7 +86,9 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
         took = "" if elapsed is None else f" ({elapsed:.1f} ms)"
         failed = getattr(event, "error", None)
         request_context.append(
-            "  " + self._paint(_RED if failed else _CYAN, title(event)) + self._paint(_DIM, took)
+            "  "
+            + self._paint(_RED if failed else _CYAN, one_line(title(event)))
+            + self._paint(_DIM, took)
         )
         request_context.extend(f"    {line}" for line in end_lines(event))  # escaped there
 
@@ -95,13 +99,14 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
                 "  "
                 + self._paint(
                     _RED,
-                    f"error: {type(output.error).__name__}: {clip(safe_str(output.error), 500)}",
+                    f"error: {type(output.error).__name__}: "
+                    + block(clip(safe_str(output.error), 500)),
                 )
             )
         elif output.abandoned:
             lines.append("  " + self._paint(_DIM, ENDED_EARLY))
         else:
-            lines.append("  " + self._paint(_GREEN, f"result: {clip(output.result, 500)}"))
+            lines.append("  " + self._paint(_GREEN, f"result: {block(clip(output.result, 500))}"))
         lines.append(self._paint(_DIM, f"  took {output.duration_s * 1000:.1f} ms"))
         text = "\n".join(lines) + "\n"
         with _write_lock:
