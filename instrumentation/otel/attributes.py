@@ -54,10 +54,19 @@ def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
             ]
         try:
             return clean(fit_json(value, limit))
-        except ValueError:  # NaN or an infinity
+        except ValueError as err:  # NaN or an infinity, or a container that holds itself
+            if _CIRCULAR in str(err):
+                # No JSON can hold it, NaN replaced or not: its repr, below. finite()
+                # would copy it 100 levels deep first (seconds when it holds a long
+                # list, for ever when it holds itself twice).
+                raise
             return clean(fit_json(finite(value), limit))
     except Exception:  # RecursionError, a key that is no string, a model that fails
         return clip(safe_str(value), limit)
+
+
+#: How json's ValueError for a container that holds itself begins (its C encoder's too).
+_CIRCULAR = "Circular reference"
 
 
 def _dumps(value: Any) -> str:
@@ -164,10 +173,11 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     strings are cut (a list of a million numbers, a dict holding one) is never
     serialised whole: only its latest items that may fit, and the beginning of its
     text. For a value JSON can encode the result is the same as if it were. Only a
-    value that holds a long list or dict, itself or one level down, is looked at so
-    (:func:`_holds_a_long_container`): a chat's messages are serialised at once.
+    value that holds a long list or dict, at any depth, or too many items in all to
+    fit, is looked at so (:func:`_holds_a_long_container`): a chat's messages are
+    serialised at once.
     """
-    if _holds_a_long_container(value) and _least_size(value, limit) > limit:
+    if _holds_a_long_container(value, limit) and _least_size(value, limit) > limit:
         if isinstance(value, (list, tuple)):
             latest = _latest_within(value, limit)
             fitted = _latest_that_fit(latest, limit) if latest else None
@@ -200,20 +210,44 @@ def _as_cut_string(text: str, limit: int) -> str:
 
 #: A list or dict longer than this is long (see :func:`fit_json`).
 _LONG = 256
-
-
-def _holds_a_long_container(value: Any) -> bool:
-    """Whether ``value`` is a list or dict longer than :data:`_LONG`, or holds one."""
-    if not isinstance(value, (list, tuple, dict)):
-        return False
-    if len(value) > _LONG:
-        return True
-    items = value.values() if isinstance(value, dict) else value
-    return any(isinstance(item, (list, tuple, dict)) and len(item) > _LONG for item in items)
-
-
 #: How deep :func:`_least_size` and :func:`_front` look, as :func:`_cut_strings` does.
 _DEPTH = 32
+_CONTAINERS = (list, tuple, dict)
+#: What most items are: known at once not to be containers (isinstance costs more).
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def _holds_a_long_container(value: Any, limit: int) -> bool:
+    """Whether ``value`` is a list or dict longer than :data:`_LONG`, or holds one as
+    deep as :func:`_least_size` looks, or more than ``limit // 2`` items in all.
+
+    A long list two levels down was serialised whole (and again to be cut) for the 8 KB
+    kept of it, where one on top or one level down is not. Each item takes at least
+    two characters of JSON (itself, and the comma or bracket after it), so past
+    ``limit // 2`` items the value cannot fit however short its containers are: the
+    walk stops there, which also bounds it in a container that holds itself.
+    """
+    return isinstance(value, _CONTAINERS) and _items_left(value, limit // 2, 0) < 0
+
+
+def _items_left(container: Any, left: int, depth: int) -> int:
+    """``left`` less the items of ``container`` and of the containers in it, negative
+    as soon as one is long or they are too many: a huge value costs no more than
+    ``left`` items, and the common small one no serialisation of its own."""
+    size = len(container)
+    if size > _LONG:
+        return -1
+    left -= size
+    if left < 0 or depth >= _DEPTH:
+        return left
+    for item in container.values() if isinstance(container, dict) else container:
+        if type(item) not in _LEAVES and isinstance(item, _CONTAINERS):
+            left = _items_left(item, left, depth + 1)
+            if left < 0:
+                return left
+    return left
+
+
 #: Closing brackets and quotes past ``limit`` that :func:`_front` keeps text for.
 _FRONT_MARGIN = 2 * _DEPTH + 8
 

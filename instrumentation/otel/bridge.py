@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
@@ -63,6 +63,8 @@ _get_current_span = trace_api.get_current_span
 _set_span_in_context = trace_api.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
+#: What OpenTelemetry's context holds where nothing was ever attached.
+_EMPTY_CONTEXT = otel_context.Context()
 
 
 def _undo_mirror() -> None:
@@ -156,14 +158,42 @@ class OpenTelemetryBridge:
             live = True
             opened = table.open.get(span_id)
             if opened is not None:
-                return _attach(opened.context)
+                context = opened.context
+                return _attach(context), context
         if not live:
             return None
-        return _attach(stand_in_context(span))
+        context = stand_in_context(span)
+        return _attach(context), context
 
     def detach(self, token: Any) -> None:
-        if token is not None:
-            _detach(token)
+        """Undo what :meth:`attach` or :meth:`reattach` did, in any context.
+
+        The token may come back in another context than the one it was made in: a
+        block in a generator the garbage collector closes on whatever thread it runs,
+        an async generator the loop closes in a task of its own, a block entered in one
+        task and left in another. OpenTelemetry's ``detach`` cannot reset it there and
+        logs "Failed to detach context" with a traceback, an error the application did
+        not make. Nor would doing nothing be right: where the span is still current
+        (inherited from where it became current, or made current again by a
+        generator's resume), it stayed so after its end, and what started next there
+        was its child. So there, what it replaced becomes current again; where
+        something else is current (the span never was, or a span started since is),
+        that stays. Its attached context is kept with the token to tell the two apart.
+        """
+        if token is None:
+            return
+        made, attached = token
+        if type(made) is not Token:  # another runtime context than contextvars
+            _detach(made)
+            return
+        try:
+            made.var.reset(made)  # what OpenTelemetry's detach does, minus its log
+        except ValueError:  # made in another context
+            if otel_context.get_current() is attached:
+                before = made.old_value
+                _attach(_EMPTY_CONTEXT if before is Token.MISSING else before)
+        except RuntimeError:  # used already: a bug of ours, which OpenTelemetry reports
+            _detach(made)
 
     def capture(self) -> otel_context.Context:
         """OpenTelemetry's context inside a generator that yields now."""
@@ -171,7 +201,7 @@ class OpenTelemetryBridge:
 
     def reattach(self, state: otel_context.Context) -> object:
         """Make current again, as the generator resumes, what :meth:`capture` saw."""
-        return _attach(state)
+        return _attach(state), state
 
     def sampled(self) -> bool | None:
         """The sampled flag of the current OpenTelemetry span (the one made for our

@@ -20,7 +20,7 @@ from instrumentation.otel import attributes, configure_otlp
 from instrumentation.otel.attributes import to_attribute
 from instrumentation.otel.receiver import OTLPReceiver
 
-from .conftest import short
+from .conftest import Traced, short
 
 SURROGATE = os.fsdecode(b"caf\xe9")  # undecodable bytes, as a file name gives them
 
@@ -238,3 +238,59 @@ def test_a_huge_value_is_not_serialised_whole(shape: Any) -> None:
     assert isinstance(sent, str) and 0 < len(sent) <= attributes.MAX_VALUE_CHARS
     assert "c" in sent
     assert Counted.calls < 30_000  # a few times the items that fit, not 200,000
+
+
+def _holding_itself(value: Any) -> list[Any]:
+    itself: list[Any] = [value]
+    itself.append(itself)
+    return itself
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda items: [[items]],
+        lambda items: {"a": {"b": items}},
+        lambda items: [{"a": [items]}],
+        lambda items: {"a": [{"b": items}]},
+        lambda items: _holding_itself([items]),
+        lambda items: _holding_itself({"a": [items]}),
+    ],
+    ids=["list2", "dict2", "list3", "dict3", "itself2", "itself3"],
+)
+def test_a_long_list_nested_deeper_is_bounded_as_one_on_top(traced: Traced, shape: Any) -> None:
+    """Two levels down or more, a list of 100,000 went through json whole, twice, for
+    the 8 KB kept of it (and, in a list that holds itself, was copied 100 levels deep
+    first: seconds). As a span attribute and as an event's field, through the SDK."""
+    Counted.calls = 0
+    value = shape([Counted() for _ in range(100_000)])
+    d = traced.dispatcher
+    with d.span("work", attributes={"payload": value}):
+        d.event(Odd(value=value))
+    [span] = traced.spans()
+    [event] = span.events
+    assert span.attributes is not None and event.attributes is not None
+    for sent in (span.attributes["payload"], event.attributes["value"]):
+        assert isinstance(sent, str) and 0 < len(sent) <= attributes.MAX_VALUE_CHARS
+        text = json.loads(sent)  # the beginning of the value's JSON, cut: a JSON string
+        assert isinstance(text, str) and text[0] in "[{" and '"c"' in text
+    assert Counted.calls < 30_000  # a few times the items that fit, twice: not 200,000
+
+
+def test_a_nested_long_value_gives_what_serialising_it_whole_gives() -> None:
+    """Looking at less changed nothing of what is sent."""
+    for value in ([[list(range(100_000))]], {"a": [{"b": list(range(100_000))}]}):
+        whole = _fit_json_serialising_everything(value, attributes.MAX_VALUE_CHARS)
+        assert attributes.fit_json(value) == whole
+
+
+@pytest.mark.timeout(30)
+def test_a_container_holding_itself_is_sent_as_its_repr() -> None:
+    """One holding itself twice was never sent: its copy without NaN went 100 levels
+    deep in each of two ways (2**100 lists)."""
+    small = _holding_itself(1)
+    twice: list[Any] = []
+    twice += [twice, twice]
+    # The repr of to_json's copy of the list (its models dumped), which holds the original.
+    assert to_attribute(small) == "[1, [1, [...]]]"
+    assert to_attribute(twice) == "[[[...], [...]], [[...], [...]]]"
