@@ -18,23 +18,31 @@ MAX_DEPTH = 100
 
 def finite(value: Any) -> Any:
     """``value`` with NaN and infinite floats in it, in dicts, lists and tuples (made
-    lists), replaced by None. Walked without recursion, copying what it walks."""
+    lists), replaced by None. Walked without recursion, copying what it walks.
+
+    A container met twice (held in two places, or holding itself) is copied once and
+    that copy put in both places: copied anew each time, ``x = [x, x]`` made 2**100
+    copies (the process hung), and one holding itself a chain of 100. So the copy of
+    one that holds itself holds itself too, and ``json`` says so at once."""
     root: list[Any] = [value]
     stack: list[tuple[Any, Any, int]] = [(root, 0, 0)]
+    copies: dict[int, Any] = {}  # by id(): the originals live as long as this call
     while stack:
         container, key, depth = stack.pop()
         item = container[key]
         if isinstance(item, float):
             if not math.isfinite(item):
                 container[key] = None
-        elif depth < MAX_DEPTH and isinstance(item, dict):
-            copied = dict(item)
-            container[key] = copied
-            stack.extend((copied, k, depth + 1) for k in copied)
-        elif depth < MAX_DEPTH and isinstance(item, (list, tuple)):
-            items = list(item)
-            container[key] = items
-            stack.extend((items, i, depth + 1) for i in range(len(items)))
+        elif depth < MAX_DEPTH and isinstance(item, (dict, list, tuple)):
+            copied = copies.get(id(item))
+            if copied is not None:
+                container[key] = copied
+            elif isinstance(item, dict):
+                container[key] = copies[id(item)] = copied = dict(item)
+                stack.extend((copied, k, depth + 1) for k in copied)
+            else:
+                container[key] = copies[id(item)] = copied = list(item)
+                stack.extend((copied, i, depth + 1) for i in range(len(copied)))
     return root[0]
 
 

@@ -362,6 +362,27 @@ def test_a_lone_surrogate_or_a_value_that_holds_itself_costs_only_itself(
     assert telemetry.counter("storage.rejected_rows").value == 0
 
 
+@pytest.mark.timeout(30)
+def test_a_value_holding_itself_twice_is_a_marker_at_once(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """``x = [x, x]`` never reached the database: NaN-cleaning copied it anew at each of
+    its places, 2**100 copies deep, and the writer thread hung on it (every later row
+    with it). A container met twice is copied once; one with NaN in two places is
+    still cleaned in both."""
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store)
+    twice: list[Any] = []
+    twice += [twice, twice]
+    shared = [1.5, float("nan")]
+    handler.handle(NoteEvent(text="looped", value=twice))
+    handler.handle(NoteEvent(text="shared", value={"a": shared, "b": shared}))
+    assert handler.flush(10)
+    by_text = {e.payload["text"]: e.payload for e in store.events()}
+    assert by_text["looped"]["value"][UNSERIALISABLE] == "list"
+    assert by_text["shared"]["value"] == {"a": [1.5, None], "b": [1.5, None]}
+
+
 def test_large_payloads_are_truncated_with_a_marker(tmp_path: Path, make_handler: Any) -> None:
     """The largest fields of an event too long to store give way to markers, one at a
     time, until it fits: the rest of the event is kept as it was."""
