@@ -6,6 +6,7 @@ import asyncio
 import gc
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -308,6 +309,152 @@ async def test_a_reader_cancelled_mid_stream_still_reports_what_was_produced(
     [drop] = cap.events_of(SpanDropEvent)
     assert drop.span_id == end.span_id
     assert model.closed == [True]
+
+
+async def _cancel_a_reader_between_chunks(model: OfflineLLM) -> None:
+    """Read two chunks of ``model``'s stream in a task that then awaits its own I/O (an
+    ASGI ``send``), and cancel the task there: the cancellation never enters the
+    stream. Returns once the task is over."""
+    two = asyncio.Event()
+
+    async def read() -> None:
+        async with _work.span("reader"):
+            stream = await model.astream_chat(QUESTION)
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == 2:
+                    two.set()
+                    await asyncio.sleep(10)  # sends the chunk on, to a client gone quiet
+
+    reader = asyncio.create_task(read())
+    await two.wait()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    with _work.span("after"):  # nothing of the stream's is current here
+        pass
+
+
+def _dropped_with_the_cancellation(cap: Capture) -> None:
+    """One end event, as abandoned with the two chunks read, in the stream's span,
+    which is dropped with the cancellation once, under its reader's span; nothing left
+    open, and what comes after is no child of the stream's."""
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.completion_tokens == 2 and end.usage.estimated
+    [stream] = [s for s in cap.spans if s.name.endswith("astream_chat")]
+    [reader] = cap.spans.named("reader")
+    [after] = cap.spans.named("after")
+    assert end.span_id == stream.id_ and stream.parent_id == reader.id_
+    assert after.parent_id is None
+    drops = {d.span_id: d.err_type for d in cap.events_of(SpanDropEvent)}
+    assert drops == {stream.id_: "CancelledError", reader.id_: "CancelledError"}
+    assert stream not in cap._spans.completed_spans and not cap._spans.open_spans
+
+
+async def test_a_reader_cancelled_in_its_own_await_between_chunks_ends_the_call_at_once(
+    cap: Capture,
+) -> None:
+    """The reader's task cancelled while it awaits its own I/O between chunks, as an
+    ASGI server cancels a request whose client went away: the call ends as it does for
+    a cancellation that lands in the stream, by the time the task's awaiter resumes (it
+    used to end only when the loop closed the stream it dropped, as a normal end, or
+    never); the source is closed once the stream is let go, and nothing more is sent."""
+    model = ClosingSource(answers=["one two three four five six"])
+    await _cancel_a_reader_between_chunks(model)
+    _dropped_with_the_cancellation(cap)
+    await _until(lambda: model.closed == [True])
+    for _ in range(3):
+        await asyncio.sleep(0)
+    _dropped_with_the_cancellation(cap)
+
+
+def test_a_reader_cancelled_between_chunks_as_asyncio_run_returns_leaves_no_span_open(
+    cap: Capture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, with ``asyncio.run`` returning as soon as the reader is gone: the span
+    stayed open for good (the loop's shutdown cancelled the task that was to close the
+    stream, and that cancellation, which came into the stream from no read of it,
+    ended nothing but the call)."""
+    model = ClosingSource(answers=["one two three four five six"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(_cancel_a_reader_between_chunks(model))
+        gc.collect()
+    _dropped_with_the_cancellation(cap)
+    assert model.closed == [True]
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+async def test_a_task_that_handed_its_stream_on_ends_nothing_when_it_ends(cap: Capture) -> None:
+    """Only the task that last read a stream counts: one that read it and handed it on
+    ends nothing when it is cancelled later, nor one that only made it, nor one that
+    returns it (a first token read in a task of its own); the stream is read on to its
+    end elsewhere."""
+    handed = asyncio.Event()
+    streams: list[Any] = []
+
+    async def make_then_wait() -> None:
+        streams.append(await llm().astream_chat(QUESTION))
+        handed.set()
+        await asyncio.sleep(10)
+
+    maker = asyncio.create_task(make_then_wait())
+    await handed.wait()
+    maker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await maker
+    assert len([c async for c in streams.pop()]) == len(ANSWER.split())
+    handed.clear()
+
+    async def read_one_then_wait() -> None:
+        streams.append(await llm().astream_chat(QUESTION))
+        await streams[0].__anext__()
+        handed.set()
+        await asyncio.sleep(10)
+
+    first = asyncio.create_task(read_one_then_wait())
+    await handed.wait()
+    await streams[0].__anext__()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert len([c async for c in streams[0]]) == len(ANSWER.split()) - 2
+
+    async def first_token() -> Any:
+        stream = await llm().astream_chat(QUESTION)
+        await stream.__anext__()
+        return stream
+
+    second = await asyncio.create_task(first_token())
+    await asyncio.sleep(0)
+    assert len([c async for c in second]) == len(ANSWER.split()) - 1
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["stop"] * 3
+    assert not cap.events_of(SpanDropEvent)
+
+
+def test_a_stream_left_by_break_as_asyncio_run_returns_is_ended_not_dropped(
+    cap: Capture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader that breaks out and returns, with ``asyncio.run`` ending at once: the
+    loop's shutdown cancels the task the loop made to close the dropped stream before
+    it runs. The call ends as abandoned and its span as closed early, as when the
+    loop's shutdown closes the stream itself (the span stayed open for good)."""
+
+    async def main() -> None:
+        async for _ in await llm().astream_chat(QUESTION):
+            break
+
+    asyncio.run(main())
+    gc.collect()
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    [span] = cap.spans
+    assert span.id_ == end.span_id and span.end_time is not None
+    assert not cap.events_of(SpanDropEvent) and not cap._spans.open_spans
+    assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 async def test_async_stream_closed_before_reading_ends_as_abandoned(cap: Capture) -> None:

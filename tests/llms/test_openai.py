@@ -761,6 +761,81 @@ async def test_a_stop_button_in_another_task_stops_the_stream_as_abandoned(
     assert end.span_id == span.id_ and span.end_time is not None
 
 
+async def _cancel_a_reader_between_chunks(aclient: openai.AsyncOpenAI) -> list[Any]:
+    """Read three chunks of a stream in a task that then awaits its own I/O (an ASGI
+    ``send``), and cancel the task there: the cancellation never enters the stream.
+    Returns, once the task is over, the HTTP response the stream read."""
+    responses: list[Any] = []
+    three = asyncio.Event()
+
+    async def read() -> None:
+        stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        responses.append(stream.response)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                three.set()
+                await asyncio.sleep(10)  # sends the chunk on, to a client gone quiet
+
+    reader = asyncio.create_task(read())
+    await three.wait()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    return responses
+
+
+def _dropped_with_the_cancellation(cap: Capture) -> None:
+    """One end event, as abandoned with the two words read, and the span dropped with
+    the cancellation: ended once, nothing left open."""
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.completion_tokens == 2 and end.usage.estimated
+    [drop] = cap.events_of(SpanDropEvent)
+    assert drop.span_id == end.span_id and drop.err_type == "CancelledError"
+    [span] = cap.spans
+    assert span.name == CHAT_SPAN and span.id_ == end.span_id and span.end_time is not None
+    assert not cap._spans.completed_spans and not cap._spans.open_spans
+
+
+async def test_a_reader_cancelled_in_its_own_await_between_chunks_ends_the_call_at_once(
+    cap: Capture, aclient: openai.AsyncOpenAI, server: OpenAIServer
+) -> None:
+    """The reader's task cancelled while it awaits its own I/O between chunks (an ASGI
+    server whose client went away): the call ends as abandoned and its span with the
+    cancellation by the time the task's awaiter resumes (it used to end only when the
+    loop closed the dropped stream, as a normal end, or never); the HTTP response is
+    closed once the stream is let go, and nothing more is sent."""
+    server.answer = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+    [response] = await _cancel_a_reader_between_chunks(aclient)
+    _dropped_with_the_cancellation(cap)
+    for _ in range(200):
+        if response.is_closed:
+            break
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert response.is_closed
+    _dropped_with_the_cancellation(cap)
+
+
+def test_a_reader_cancelled_between_chunks_as_asyncio_run_returns_leaves_no_span_open(
+    cap: Capture, server: OpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, with ``asyncio.run`` returning as soon as the reader is gone: the span
+    stayed open for good."""
+    server.answer = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+
+    async def main() -> None:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+        await _cancel_a_reader_between_chunks(aclient)
+
+    asyncio.run(main())
+    gc.collect()
+    _dropped_with_the_cancellation(cap)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
 def test_a_stop_button_in_another_thread_stops_the_stream_as_abandoned(
     cap: Capture, client: openai.OpenAI, server: OpenAIServer
 ) -> None:
