@@ -208,14 +208,14 @@ class _ActiveSpanId:
             span = SpanContext(value, trace_id, None, span_name_of(value))
         else:
             span = SpanContext(value, parent.trace_id, parent.id_, span_name_of(value))
-        return SpanIdToken(activate(span))
+        return SpanIdToken(activate(span), span)
 
     def reset(self, token: SpanIdToken) -> None:
         if not isinstance(token, SpanIdToken):
             raise TypeError(
                 f"active_span_id.reset() takes what active_span_id.set() returned; got {token!r}"
             )
-        deactivate(token.handle)
+        deactivate(token.handle, token.span)
 
 
 class SpanIdToken:
@@ -224,12 +224,15 @@ class SpanIdToken:
     parent from ``token.old_value`` (the id current before, ``None``, or
     ``Token.MISSING`` when nothing was ever current here)."""
 
-    __slots__ = ("handle",)
+    __slots__ = ("handle", "span")
 
     MISSING = Token.MISSING
 
-    def __init__(self, handle: Token[SpanContext | None] | _Activation) -> None:
+    def __init__(
+        self, handle: Token[SpanContext | None] | _Activation, span: SpanContext | None = None
+    ) -> None:
         self.handle = handle
+        self.span = span  # the span set() made current
 
     @property
     def var(self) -> _ActiveSpanId:
@@ -477,7 +480,11 @@ def suspend(
     return resumed
 
 
-def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
+def deactivate(
+    handle: Token[SpanContext | None] | _Activation, span: SpanContext | None = None
+) -> None:
+    """Undo :func:`activate`. ``span``, the span it made current, if the caller knows
+    it: a span block may be left in another context than the one that entered it."""
     if type(handle) is _Activation:
         for bridge, tok in reversed(handle.attached):
             try:
@@ -490,10 +497,15 @@ def deactivate(handle: Token[SpanContext | None] | _Activation) -> None:
     except TypeError:
         if not isinstance(handle, SpanIdToken):
             raise
-        deactivate(handle.handle)  # what active_span_id.set() returned
+        deactivate(handle.handle, handle.span)  # what active_span_id.set() returned
     except ValueError:
         # The token was made in another context (a generator or coroutine driven
-        # from elsewhere): put back the value it replaced instead.
+        # from elsewhere). Where the span is current (a task started inside it), put
+        # back the value it replaced; where it never was (a generator holding a
+        # block, closed inside another call), what is current stays: putting back
+        # the value took the call's own span away, and its next span began a trace.
+        if span is not None and _active_span.get() is not span:
+            return
         old = handle.old_value  # type: ignore[union-attr]
         _active_span.set(None if old is Token.MISSING else old)
 

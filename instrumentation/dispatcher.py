@@ -1059,7 +1059,7 @@ class SpanBlock:
             else:
                 finish(chain, span, EMPTY_BOUND_ARGS, None, self.result)
         finally:
-            deactivate(self._handle)
+            deactivate(self._handle, span)
             self.context = None
             self._handle = None
             self._chain = None

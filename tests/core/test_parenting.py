@@ -291,3 +291,89 @@ def test_suppress_instrumentation(d: Dispatcher, rec: Recorder) -> None:
         with d.span("blk"):
             pass
     assert rec.records == {} and ev.events == []
+
+
+def test_a_block_closed_where_it_was_never_current_leaves_that_context_alone(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """A generator holding a span block, advanced in one context and closed in another
+    (inside a traced call, as the collector or a caller's ``close()`` does), put back
+    the block's predecessor there: the call's own span was no longer current, and what
+    it started next was a root of a new trace."""
+    import contextvars
+    from collections.abc import Iterator
+
+    def stream() -> Iterator[int]:
+        with d.span("block"):
+            yield 1
+
+    gen = stream()
+    contextvars.copy_context().run(next, gen)
+
+    @d.span
+    def after() -> None:
+        return None
+
+    @d.span
+    def outer() -> None:
+        gen.close()  # the block ends here, where outer is current
+        assert current_span() is not None and current_span().id_ == rec.one(  # type: ignore[union-attr]
+            outer.__qualname__
+        ).id_
+        after()
+
+    outer()
+    assert rec.one(after.__qualname__).parent_id == rec.one(outer.__qualname__).id_
+    assert rec.one("block").parent_id is None
+    assert current_span() is None
+
+
+async def test_a_block_left_in_a_task_that_inherited_it_is_no_longer_current_there(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """Where the block is current (a task started inside it), leaving it there puts
+    back what it replaced, as in the context that entered it."""
+
+    @d.span
+    async def after() -> None:
+        return None
+
+    seen: list[str | None] = []
+
+    @d.span
+    async def outer() -> None:
+        block = d.span("block")
+        block.__enter__()
+
+        async def leave_it() -> None:
+            block.__exit__(None, None, None)
+            span = current_span()
+            seen.append(None if span is None else span.id_)
+            await after()
+
+        await asyncio.create_task(leave_it())
+
+    await outer()
+    assert seen == [rec.one(outer.__qualname__).id_]
+    assert rec.one(after.__qualname__).parent_id == rec.one(outer.__qualname__).id_
+
+
+def test_a_hand_made_span_reset_where_it_was_never_current_leaves_that_context_alone(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """``active_span_id.set()`` in one context and ``reset()`` in another: as for a
+    block, the context that resets it keeps its own current span."""
+    import contextvars
+
+    from instrumentation.span import active_span_id
+
+    holder: list[object] = []
+    contextvars.copy_context().run(lambda: holder.append(active_span_id.set("by-hand-1")))
+
+    @d.span
+    def outer() -> str | None:
+        active_span_id.reset(holder[0])  # type: ignore[arg-type]
+        span = current_span()
+        return None if span is None else span.id_
+
+    assert outer() == rec.one(outer.__qualname__).id_
