@@ -176,10 +176,24 @@ _COLLECTED_KEPT = 100_000
 _exited = False
 
 
+#: Before 3.12 a collection may start inside ``ContextVar.set`` or ``reset`` (a node of
+#: the context's mapping being allocated), and what it closes (a traced generator's
+#: wrapper, the calls in its ``finally``) sets context variables in that same context,
+#: which frees the mapping the interrupted call is still reading: a crash
+#: (python/cpython#148891). A copy of the context taken as the collection starts
+#: keeps that mapping alive; the last few are kept, since the interrupted call goes on
+#: reading it after the collection (a later collection, possibly inside the same
+#: call, lets go of the oldest).
+_HOLD_MAPPING = sys.version_info < (3, 12)
+_held_mappings: deque[Any] = deque(maxlen=16)
+
+
 def _watch_collections(phase: str, info: dict[str, int]) -> None:
     global _collecting
     if phase == "start":
         _collecting = get_ident()
+        if _HOLD_MAPPING:
+            _held_mappings.append(copy_context())
         return
     _collecting = None
     if _deferred and _DRAIN_AFTER is not None and not _exited:

@@ -941,3 +941,56 @@ def test_the_exit_waits_once_for_a_stuck_drain_not_once_per_flush() -> None:
     took = time.monotonic() - began
     assert lines == ["dropped stream", "main done"]  # Handler's, before Stuck's wait
     assert took < 5, took  # one wait of 2 s; it was five
+
+
+def test_generators_closed_by_collections_inside_context_var_sets_do_not_crash() -> None:
+    """Before 3.12 a collection may start inside ``ContextVar.set`` (allocating a node
+    of the context's mapping); closing a traced generator there sets context variables
+    in the same context, which freed the mapping the interrupted set was still reading
+    (python/cpython#148891): the process died of a segmentation fault within a few
+    thousand such generators."""
+    code = textwrap.dedent(
+        """
+        import contextvars
+        import instrumentation as instrument
+        from instrumentation.span_handlers import SimpleSpanHandler
+
+        d = instrument.get_dispatcher("crash")
+        instrument.root_dispatcher.add_span_handler(SimpleSpanHandler(max_completed_spans=10))
+
+        @d.span
+        def leaf(n):
+            return n
+
+        @d.span
+        def numbers(n):
+            try:
+                for i in range(n):
+                    yield leaf(i)
+            finally:
+                leaf(-1)
+
+        class Holder:
+            pass
+
+        def run():
+            for _ in range(3_000):
+                with d.span("request"):
+                    stream = numbers(10)
+                    next(stream)
+                    holder = Holder()
+                    holder.stream, holder.me = stream, holder  # only the collector frees it
+                    del stream, holder
+
+        # Other context variables (the application's, a framework's) shape the
+        # context's mapping: one of these shapes has a collection start inside a node
+        # allocation, in a few hundred milliseconds.
+        pads = [contextvars.ContextVar(f"pad{i}") for i in range(24)]
+        for count in range(len(pads) + 1):
+            contextvars.Context().run(lambda: ([v.set(object()) for v in pads[:count]], run()))
+        print("survived")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["survived"]
