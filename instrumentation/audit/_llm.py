@@ -9,6 +9,7 @@ and completion calls are audited: predict/structured-predict call chat underneat
 
 from __future__ import annotations
 
+import weakref
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,7 +17,9 @@ from instrumentation.audit.events import LLMEvent
 
 _STARTS = {"LLMChatStartEvent": "chat", "LLMCompletionStartEvent": "completion"}
 _ENDS = {"LLMChatEndEvent": "chat", "LLMCompletionEndEvent": "completion"}
-_kinds: dict[type, tuple[str, str] | None] = {}
+#: Held weakly: an event class made at run time (pydantic's ``create_model``, one per
+#: request) is not kept alive by having been seen once.
+_kinds: weakref.WeakKeyDictionary[type, tuple[str, str] | None] = weakref.WeakKeyDictionary()
 
 
 def classify(event: object) -> tuple[str, str] | None:

@@ -14,6 +14,7 @@ import enum
 import json
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -279,7 +280,9 @@ _META_KEYSET = frozenset(METADATA_KEYS)
 #: The key of ``dispatcher_metadata`` that applies to every dispatcher.
 ROOT_KEY = ROOT_NAME
 _LLM_FIELDS = ("usage", "err_str", "error", "model", "provider", "cost_usd", "latency_ms")
-_fields_cache: dict[type, frozenset[str]] = {}
+#: Held weakly: an event class made at run time (pydantic's ``create_model``, one per
+#: request) is not kept alive by having been stored once.
+_fields_cache: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _fields_of(cls: type) -> frozenset[str]:
