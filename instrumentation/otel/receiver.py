@@ -161,8 +161,12 @@ class OTLPReceiver:
             return list(self._spans)
 
     def clear(self) -> None:
+        """Forget what arrived: the spans and each request's headers and path (a
+        receiver cleared between the rounds of a long test kept every request's)."""
         with self._lock:
             self._spans.clear()
+            self.request_headers.clear()
+            self.request_paths.clear()
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedSpan]:
         """Wait until at least ``count`` spans arrived (or ``timeout``); return all of them."""

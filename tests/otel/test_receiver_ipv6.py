@@ -52,3 +52,25 @@ def test_ipv4_endpoint_is_unchanged() -> None:
         host = urllib.parse.urlsplit(rx.endpoint).hostname
         assert host == "127.0.0.1"
         assert "[" not in rx.endpoint
+
+
+def test_clear_forgets_each_requests_headers_and_path_too() -> None:
+    """A receiver cleared between rounds kept every request's headers and path."""
+    with OTLPReceiver() as rx:
+        provider = TracerProvider()
+        exporter = OTLPSpanExporter(endpoint=f"{rx.endpoint}/v1/traces")
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        try:
+            tracer = provider.get_tracer("tests.otel.clear")
+            with tracer.start_as_current_span("first"):
+                pass
+            rx.wait_for(1)
+            assert len(rx.request_headers) == len(rx.request_paths) == 1
+            rx.clear()
+            assert rx.spans == [] and rx.request_headers == [] and rx.request_paths == []
+            with tracer.start_as_current_span("second"):
+                pass
+            (span,) = rx.wait_for(1)
+        finally:
+            provider.shutdown()
+        assert span.name == "second" and rx.request_paths == ["/v1/traces"]
