@@ -26,7 +26,9 @@ def finite(value: Any) -> Any:
     one that holds itself holds itself too, and ``json`` says so at once."""
     root: list[Any] = [value]
     stack: list[tuple[Any, Any, int]] = [(root, 0, 0)]
-    copies: dict[int, Any] = {}  # by id(): the originals live as long as this call
+    # By id(), with the original kept beside its copy: a container made during the
+    # walk (by a subclass's iteration, say) is freed once copied, and its id reused.
+    copies: dict[int, tuple[Any, Any]] = {}
     while stack:
         container, key, depth = stack.pop()
         item = container[key]
@@ -34,14 +36,16 @@ def finite(value: Any) -> Any:
             if not math.isfinite(item):
                 container[key] = None
         elif depth < MAX_DEPTH and isinstance(item, (dict, list, tuple)):
-            copied = copies.get(id(item))
-            if copied is not None:
-                container[key] = copied
+            known = copies.get(id(item))
+            if known is not None:
+                container[key] = known[1]
             elif isinstance(item, dict):
-                container[key] = copies[id(item)] = copied = dict(item)
+                container[key] = copied = dict(item)
+                copies[id(item)] = (item, copied)
                 stack.extend((copied, k, depth + 1) for k in copied)
             else:
-                container[key] = copies[id(item)] = copied = list(item)
+                container[key] = copied = list(item)
+                copies[id(item)] = (item, copied)
                 stack.extend((copied, i, depth + 1) for i in range(len(copied)))
     return root[0]
 

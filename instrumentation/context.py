@@ -484,7 +484,15 @@ def deactivate(
     handle: Token[SpanContext | None] | _Activation, span: SpanContext | None = None
 ) -> None:
     """Undo :func:`activate`. ``span``, the span it made current, if the caller knows
-    it: a span block may be left in another context than the one that entered it."""
+    it: a span block may be left where it is not current. A generator holding one,
+    advanced inside one call and closed (or collected) inside another, left it there:
+    putting back what it replaced made the first call, ended, current again in the
+    second (or, in another context, took the second's span away), and what the second
+    started next had the wrong parent or began a trace. What is current there stays,
+    ours and the bridges'. (Where it is current, in a task started inside it say,
+    what it replaced is put back as usual.)"""
+    if span is not None and _active_span.get() is not span:
+        return
     if type(handle) is _Activation:
         for bridge, tok in reversed(handle.attached):
             try:
@@ -500,12 +508,7 @@ def deactivate(
         deactivate(handle.handle, handle.span)  # what active_span_id.set() returned
     except ValueError:
         # The token was made in another context (a generator or coroutine driven
-        # from elsewhere). Where the span is current (a task started inside it), put
-        # back the value it replaced; where it never was (a generator holding a
-        # block, closed inside another call), what is current stays: putting back
-        # the value took the call's own span away, and its next span began a trace.
-        if span is not None and _active_span.get() is not span:
-            return
+        # from elsewhere): put back the value it replaced instead.
         old = handle.old_value  # type: ignore[union-attr]
         _active_span.set(None if old is Token.MISSING else old)
 

@@ -22,8 +22,8 @@ class SimpleSpan(BaseSpan):
 
     @field_validator("start_time", "end_time")
     @classmethod
-    def _to_utc(cls, value: datetime | None) -> datetime | None:
-        return None if value is None else value.astimezone(timezone.utc)
+    def _to_utc(cls, value: Any) -> Any:
+        return _as_utc(value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # LlamaIndex's spans are in naive local time, and span handlers written for it
@@ -31,9 +31,21 @@ class SimpleSpan(BaseSpan):
         # one naive time and one aware, every span of such a handler failed. A time
         # set by hand is made UTC here as one given to the constructor is (a naive
         # one taken as local time), without validating every other assignment.
-        if isinstance(value, datetime) and (name == "end_time" or name == "start_time"):
-            value = value.astimezone(timezone.utc)
+        if name == "end_time" or name == "start_time":
+            value = _as_utc(value)
         super().__setattr__(name, value)
+
+
+def _as_utc(value: Any) -> Any:
+    """A datetime in UTC (a naive one taken as local time); anything else, or one that
+    has no UTC form (``datetime.min`` east of Greenwich), as it is: a subclass may
+    keep its times as floats."""
+    if isinstance(value, datetime):
+        try:
+            return value.astimezone(timezone.utc)
+        except (OverflowError, ValueError):
+            return value
+    return value
 
 
 __all__ = ["SimpleSpan"]

@@ -377,3 +377,35 @@ def test_a_hand_made_span_reset_where_it_was_never_current_leaves_that_context_a
         return None if span is None else span.id_
 
     assert outer() == rec.one(outer.__qualname__).id_
+
+
+def test_a_block_closed_in_the_same_context_inside_a_later_call_leaves_it_alone(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    """Advanced inside one call and closed inside the next, on the same thread: the
+    block's reset put back the first call, ended, as the current span in the second,
+    and the second's child became the first's."""
+    from collections.abc import Iterator
+
+    def stream() -> Iterator[int]:
+        with d.span("block"):
+            yield 1
+
+    @d.span
+    def first() -> Iterator[int]:
+        gen = stream()
+        next(gen)
+        return gen
+
+    @d.span
+    def child() -> None:
+        return None
+
+    @d.span
+    def second(gen: Iterator[int]) -> None:
+        gen.close()  # type: ignore[attr-defined]
+        child()
+
+    second(first())
+    assert rec.one(child.__qualname__).parent_id == rec.one(second.__qualname__).id_
+    assert current_span() is None

@@ -277,3 +277,23 @@ def test_a_handler_failing_to_end_spans_does_not_keep_them_open(failing: str) ->
             work(True)
     assert handler.open_spans == {}
     assert telemetry.handler_errors().get("Failing", 0) == before + 50
+
+
+def test_nan_cleaning_keeps_containers_made_while_it_walks_apart() -> None:
+    """Copies were remembered by ``id()`` to copy a container met twice once; a list
+    whose iteration makes its rows freed each row once copied, the next row got its
+    address, and was taken for it: the second list came out as the first's rows."""
+    from instrumentation._finite import finite
+
+    class Rows(list):  # type: ignore[type-arg]
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.tag = tag
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(3):
+                yield [self.tag, i, float("nan")]
+
+    assert finite([Rows("A"), Rows("B")]) == [
+        [[tag, i, None] for i in range(3)] for tag in ("A", "B")
+    ]

@@ -654,3 +654,31 @@ def test_a_span_handler_stamping_naive_local_times_the_llamaindex_way_works(
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_a_simple_span_subclass_with_other_time_types_and_extreme_times_still_builds() -> None:
+    """The UTC conversion assumed a datetime: a subclass keeping its times as floats,
+    and ``datetime.min`` east of Greenwich (no UTC form), failed to build."""
+    import time
+    from datetime import datetime
+
+    class EpochSpan(SimpleSpan):
+        start_time: float = 0.0  # type: ignore[assignment]
+        end_time: float | None = None  # type: ignore[assignment]
+
+    span = EpochSpan(id_="x", start_time=1.5)
+    span.end_time = 2.5
+    assert (span.start_time, span.end_time) == (1.5, 2.5)
+    import os
+
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        assert SimpleSpan(id_="y", start_time=datetime.min).start_time == datetime.min
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
