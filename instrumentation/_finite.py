@@ -40,13 +40,15 @@ def finite(value: Any) -> Any:
             if known is not None:
                 container[key] = known[1]
             elif isinstance(item, dict):
-                container[key] = copied = dict(item)
-                copies[id(item)] = (item, copied)
-                stack.extend((copied, k, depth + 1) for k in copied)
+                mapping = dict(item)
+                container[key] = mapping
+                copies[id(item)] = (item, mapping)
+                stack.extend((mapping, k, depth + 1) for k in mapping)
             else:
-                container[key] = copied = list(item)
-                copies[id(item)] = (item, copied)
-                stack.extend((copied, i, depth + 1) for i in range(len(copied)))
+                items = list(item)
+                container[key] = items
+                copies[id(item)] = (item, items)
+                stack.extend((items, i, depth + 1) for i in range(len(items)))
     return root[0]
 
 
