@@ -18,14 +18,6 @@ next runs. Nothing else is needed: no registry keeps a
 stream alive, no finaliser has to run before another, and the caller's object is
 not itself an async generator that the event loop would close on its own.
 
-One thing no close says: that an async stream's reader was cancelled while it
-awaited its own work between chunks (an ASGI server cancelling the request of a client
-that went away, while it sends a chunk). That cancellation never comes into the body,
-and the stream is closed only when the loop finds it dropped, or shuts down, which
-looks like any stream left early. So the stream watches the task that last read it
-(:meth:`StreamSpan.watch`): when that task ends cancelled, the call ends as it does
-for a cancellation that came into the body, before anything awaiting the task resumes.
-
 Streams start eagerly: the body is advanced once at creation, so the request (and a
 request error, which drops the span) happens inside the span, as with LlamaIndex.
 """
@@ -35,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from asyncio import current_task
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -79,16 +70,6 @@ class _Marker:
 
 #: Yielded first by a stream body, once the request is made.
 READY: Any = _Marker("READY")
-#: ``StreamSpan.reader`` while no task that read the stream is watched: none read it
-#: yet, or the last one ended, not cancelled. A close that comes now is no read (see
-#: ``_read_cancelled``).
-_LEFT: Any = _Marker("LEFT")
-#: ``StreamSpan.reader`` once the span is over: the next read finds it so at once.
-_ENDED: Any = _Marker("ENDED")
-
-
-def _is_task(reader: Any) -> bool:
-    return reader is not None and type(reader) is not _Marker
 
 
 def _count_close_error(exc: BaseException) -> None:
@@ -103,9 +84,8 @@ class StreamSpan:
     It also carries what the caller's side and the body say to each other: whether
     the caller asked to stop while another thread or task was waiting for a chunk
     (``stop_requested``), how the body's source can be interrupted then
-    (``interrupt``, set by the body), whether a close comes from the caller
-    (``by_caller``) rather than from the garbage collector or the event loop, and, for
-    an async stream, the task that last read it (``reader``, see :meth:`watch`).
+    (``interrupt``, set by the body), and whether a close comes from the caller
+    (``by_caller``) rather than from the garbage collector or the event loop.
 
     Given a ``signature``, span handlers receive the call's arguments (``args`` and
     ``kwargs``, bound lazily) and ``instance``, as for ``@dispatcher.span``.
@@ -121,8 +101,7 @@ class StreamSpan:
         "context",
         "interrupt",
         "over",
-        "reader",
-        "reader_cancelled",
+        "reading",
         "stop_requested",
     )
 
@@ -137,12 +116,11 @@ class StreamSpan:
     ) -> None:
         chain = dispatcher._hot
         self.over = False
+        #: An async read is under way (see ``_read_cancelled``).
+        self.reading = False
         self.stop_requested = False
         self.by_caller = False
         self.interrupt: Callable[[], Any] | None = None
-        self.reader: Any = None  # a task; None if none is watched, _LEFT or _ENDED
-        #: Ends the call of a reader cancelled between chunks (set by the body).
-        self.reader_cancelled: Callable[[], object] | None = None
         self._resumed: Any = None
         self._instance = instance
         self._bound: Any = EMPTY_BOUND_ARGS
@@ -174,7 +152,6 @@ class StreamSpan:
         if self.over:
             return
         self.over = True
-        self._unwatch()
         if self._chain is not None and self.context is not None:
             finish(self._chain, self.context, self._bound, self._instance, None)
 
@@ -182,43 +159,8 @@ class StreamSpan:
         if self.over:
             return
         self.over = True
-        self._unwatch()
         if self._chain is not None and self.context is not None:
             fail(self._chain, self.context, self._bound, self._instance, err)
-
-    def watch(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """The current task on ``loop`` reads the async stream from now on; False if
-        the stream is over.
-
-        Cancelled between chunks, the task ends the call when it ends (see the module
-        docstring). Only the last reader counts: a task that handed the stream on and
-        was cancelled later ends nothing. The watch is one done-callback, removed when
-        the span ends, so a task that reads many streams does not gather them.
-        """
-        if self.over:
-            return False
-        task = current_task(loop)
-        old = self.reader
-        if _is_task(old):
-            old.remove_done_callback(self._reader_done)
-        self.reader = task
-        if task is not None:
-            task.add_done_callback(self._reader_done)
-        return True
-
-    def _reader_done(self, task: asyncio.Task[Any]) -> None:
-        if task is not self.reader:
-            return
-        self.reader = _LEFT  # its callbacks are spent; whoever reads next is watched
-        end = self.reader_cancelled
-        if end is not None and not self.over and task.cancelled():
-            end()
-
-    def _unwatch(self) -> None:
-        reader, self.reader = self.reader, _ENDED
-        self.reader_cancelled = None  # and with it the body's closer, which holds this
-        if _is_task(reader):
-            reader.remove_done_callback(self._reader_done)
 
     def ended_by(self, err: BaseException) -> None:
         """The body raised ``err``: the span is dropped, unless the caller had asked to
@@ -301,45 +243,27 @@ class EndOnClose:
 
 
 def _read_cancelled(span: StreamSpan) -> bool:
-    """For a CancelledError come into an async body: whether a read of the stream
-    brought it (its reader's task was cancelled), not the event loop's own task that
-    was closing the dropped stream, cancelled by the loop's shutdown."""
-    reader = span.reader
-    if reader is None:  # not watched (nothing listens, or no loop): as a read
-        return True
-    try:
-        return current_task() is reader
-    except RuntimeError:  # thrown in by hand, with no event loop running
-        return True
+    """For a CancelledError come into an async body: whether a read brought it (the
+    reader's task was cancelled while it waited for a chunk), not the task of the event
+    loop's that was closing a dropped stream, cancelled by the loop's shutdown (the
+    stream was left early, as a ``break`` leaves it)."""
+    return span.reading
 
 
 class AsyncEndOnClose(EndOnClose):
     """:class:`EndOnClose` for an async body: ``close()`` returns an awaitable. The end
     event goes out first, before anything else can run.
 
-    A reader's task cancelled mid-stream (a client that went away, to an ASGI server)
-    ends the call too: what the model produced so far was produced, and billed. Its end
-    event goes out, as abandoned, and the span ends with the cancellation, which goes
-    on: whether it came into the body during a read, or the task was cancelled between
-    chunks (:meth:`reader_cancelled`, called by :meth:`StreamSpan.watch`'s callback).
+    A reader's task cancelled while it waits for a chunk (a client that went away, to
+    an ASGI server) ends the call too: what the model produced so far was produced,
+    and billed. Its end event goes out, as abandoned, and the span ends with the
+    cancellation, which goes on. A cancellation that comes with no read (the loop's
+    shutdown cancelling its close of a dropped stream) ends the span as that close
+    would have: the stream was left early. Either way the span ends: it stayed open
+    for good when ``asyncio.run()`` returned at once.
     """
 
     __slots__ = ()
-
-    def __init__(
-        self, span: StreamSpan, end: Callable[[], object], close: Callable[[], Any]
-    ) -> None:
-        super().__init__(span, end, close)
-        span.reader_cancelled = self.reader_cancelled
-
-    def reader_cancelled(self) -> None:
-        """The reader's task ended cancelled between chunks: end the call as if the
-        cancellation had come in. The body is left as it is, to be closed with the
-        stream (which then sends nothing more): closing it here would need a task of
-        our own, which a loop that stops next would destroy pending."""
-        span = self.span
-        span.end_call(self.end)
-        span.fail(asyncio.CancelledError())
 
     async def __aenter__(self) -> None:
         return None
@@ -354,7 +278,7 @@ class AsyncEndOnClose(EndOnClose):
         if not cancelled and not _abandoning(span, typ):
             return
         try:
-            if not span.over:  # over if its reader was cancelled between chunks: sent then
+            if not span.over:
                 span.end_call(self.end)
         finally:
             try:
@@ -362,9 +286,7 @@ class AsyncEndOnClose(EndOnClose):
             except Exception as err:
                 _count_close_error(err)
             finally:
-                # Nothing more if the end event failed: the span was dropped. A
-                # cancellation that came with no read interrupted the loop's close of a
-                # dropped stream: the stream ends as that close would have ended it.
+                # Nothing more if the end event failed: the span was dropped.
                 if cancelled and _read_cancelled(span):
                     span.ended_by(exc if exc is not None else typ())
                 else:
@@ -487,21 +409,11 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
     ``athrow`` raises the exception in the span's body, which drops the span.
     """
 
-    __slots__ = ("__weakref__", "_body", "_loop", "_span")
+    __slots__ = ("__weakref__", "_body", "_span")
 
     def __init__(self, body: AsyncGenerator[Any, Any], span: StreamSpan) -> None:
         self._body = body
         self._span = span
-        # The loop its reader is looked up on, at every chunk: current_task() with no
-        # loop finds the running one, which before Python 3.12 is a getpid() system
-        # call (a fork check). None, and no reader is watched, when the stream has
-        # nothing to report (no handler listened when it started), or no loop runs.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        if span.context is not None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                pass
 
     def __aiter__(self) -> AsyncSpannedStream[T]:
         return self
@@ -515,14 +427,8 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
         if getattr(self._body, "ag_running", False):  # another task reads it: as Python says
             verb = "anext" if thrown is None else "athrow"
             raise RuntimeError(f"{verb}(): asynchronous generator is already running")
-        loop = self._loop
-        if loop is not None and current_task(loop) is not span.reader and not span.watch(loop):
-            # Over. Ended when its reader's task was cancelled between chunks, the body
-            # is still open, and must send nothing more.
-            if thrown is not None:
-                raise thrown
-            raise StopAsyncIteration
         handle = span.enter()
+        span.reading = True
         try:
             if thrown is None:
                 item: T = await self._body.__anext__()
@@ -535,6 +441,7 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
             span.ended_by(err)
             raise
         finally:
+            span.reading = False
             span.leave(handle)
         if span.stop_requested:  # asked while this chunk was on its way
             await self.aclose()
@@ -591,20 +498,10 @@ async def astart_stream(
     """Async :func:`start_stream`: the returned async generator, when ``aclose()``-d or
     collected before its end, ends the span with what was seen so far."""
     stream: AsyncSpannedStream[Any] = AsyncSpannedStream(body, span)
-    loop = stream._loop
-    if loop is not None:
-        # Making the stream is no read of it: the task that made it may hand it on (a
-        # request's task to its response's) and end, or be cancelled, with nothing
-        # said of the stream's reader. So its step is taken as watched already, and
-        # the first read, whoever makes it, is watched.
-        span.reader = current_task(loop)
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
         return None
-    finally:
-        if loop is not None and not span.over:
-            span.reader = _LEFT
     if first is not READY:  # pragma: no cover
         raise RuntimeError("a stream body must yield READY first")
     return stream
