@@ -55,7 +55,8 @@ class AuditRequest:
 
     After the block, :attr:`completed` tells whether the handlers finished within the
     timeout (with ``timeout=0``, whether they had finished already) and :attr:`errors`
-    lists the handler calls that raised.
+    lists the handler calls that raised (the first ``runner.MAX_KEPT_ERRORS``; see
+    :attr:`errors_omitted`).
     """
 
     def __init__(
@@ -103,6 +104,19 @@ class AuditRequest:
         """Handler calls of this request that raised (complete once they all ran: after
         the block, if :attr:`completed`)."""
         return [] if self._run is None else list(self._run.errors)
+
+    @property
+    def errors_omitted(self) -> int:
+        """Handler errors left out of :attr:`errors`, which keeps the first
+        ``runner.MAX_KEPT_ERRORS`` (they are logged and counted all the same)."""
+        return 0 if self._run is None else self._run.errors_omitted
+
+    @property
+    def calls_dropped(self) -> int:
+        """Handler calls not made: events not handed to a handler that had
+        ``runner.MAX_QUEUED_CALLS`` calls of this request waiting (start and end count
+        one each)."""
+        return 0 if self._run is None else self._run.calls_dropped
 
     def _begin(self) -> None:
         if self._used:

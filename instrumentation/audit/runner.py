@@ -55,6 +55,7 @@ EXIT_UNFINISHED = telemetry.counter("audit.exit_unfinished")
 SLOW_CALLS = telemetry.counter("audit.slow_calls")
 LOST_IN_FORK = telemetry.counter("audit.requests_lost_in_fork")
 REQUESTS_DROPPED = telemetry.counter("audit.requests_dropped")
+CALLS_DROPPED = telemetry.counter("audit.calls_dropped")
 
 #: Ended requests whose handler calls may be waiting at once; read at each request.
 #: Handlers slower than the application (a 2 ms call, 4 threads, ``timeout=0``) left
@@ -63,6 +64,21 @@ REQUESTS_DROPPED = telemetry.counter("audit.requests_dropped")
 #: ``audit.requests_dropped`` and logged, as the storage and OpenTelemetry queues drop
 #: what does not fit. Requests still open do not count: the application holds them.
 MAX_PENDING_REQUESTS = 10_000
+
+#: Calls of one request that may wait for one handler at once; read at each call. The
+#: bound above counts ended requests only, so one request open for hours (an agent's
+#: loop) queued every event for a slow handler without limit: 255,000 calls and 170 MB
+#: in 30 seconds. An event whose ``event_start`` finds this many waiting is not handed
+#: to that handler (its ``event_end`` neither), and both calls are counted in
+#: ``audit.calls_dropped``; ``request_start``, ``request_end`` and the end of an event
+#: the handler was given are never dropped, so each handler's calls stay consistent.
+MAX_QUEUED_CALLS = 10_000
+
+#: Handler errors a request keeps in ``errors``, each with its traceback (and the
+#: frames, events included, it holds); read at each error. Later ones are counted in
+#: ``errors_omitted`` (and logged and counted as usual): a handler failing on every
+#: event of a long request kept them all.
+MAX_KEPT_ERRORS = 100
 
 #: Seconds after which a handler call not finished is logged (a WARNING naming the
 #: handler and the method, once per call) and counted in ``audit.slow_calls``; read at
@@ -371,6 +387,10 @@ class RequestRun:
         #: True when too many requests were waiting for their handlers: not audited.
         self.dropped = False
         self.errors: list[HandlerError] = []
+        #: Handler errors not kept in ``errors`` (beyond :data:`MAX_KEPT_ERRORS`).
+        self.errors_omitted = 0
+        #: Handler calls not made: a handler :data:`MAX_QUEUED_CALLS` behind.
+        self.calls_dropped = 0
         #: True once every handler call ran; False at once if the audit loop's thread
         #: ended first (it says so in the log).
         self.done: concurrent.futures.Future[bool] = concurrent.futures.Future()
@@ -388,6 +408,9 @@ class RequestRun:
         self._event_ctx: list[dict[int, Any]] = [{} for _ in range(count)]
         self._queues: list[deque[tuple[Any, ...]]] = [deque() for _ in range(count)]
         self._draining = [False] * count
+        # Per handler index, the events whose event_start it was not given: their
+        # event_end is not given either. Empty but for a handler that far behind.
+        self._skipped: dict[int, set[int]] = {}
         self._remaining = count
         self._worker: Worker | None = None
         #: ``done`` settled: a plain flag, read on every event (Future.done() takes a lock).
@@ -545,11 +568,51 @@ class RequestRun:
     def _enqueue(self, call: tuple[Any, ...]) -> None:
         if self._over:  # lost with its loop: no new call starts on a loop being disposed
             return
+        kind = call[0]
+        starting = kind == "event_start"
+        skipped = self._skipped if kind == "event_end" else None
         for index, queue in enumerate(self._queues):
+            if starting:
+                if len(queue) >= MAX_QUEUED_CALLS:
+                    # The newest call goes: those queued are older, and a handler that
+                    # far behind would only fall further back keeping them all.
+                    self._skipped.setdefault(index, set()).add(call[1])
+                    self._drop_call(index)
+                    continue
+            elif skipped:
+                numbers = skipped.get(index)
+                if numbers is not None and call[1] in numbers:
+                    numbers.discard(call[1])
+                    if not numbers:
+                        del skipped[index]
+                    self._drop_call(index)  # its start was dropped: not given alone
+                    continue
             queue.append(call)
             if not self._draining[index]:
                 self._draining[index] = True
                 self._start_drain(index)
+
+    def _drop_call(self, index: int) -> None:
+        self.calls_dropped += 1
+        CALLS_DROPPED.inc()
+        name = type(self.handlers[index]).__name__
+        held = telemetry.log_turn(("audit", name, "queue full"))
+        if held is None:
+            return
+        try:
+            logger.warning(
+                "audit handler %s has %d calls of request %s waiting for it "
+                "(runner.MAX_QUEUED_CALLS): the request's newest events are not handed to it "
+                "until it catches up; its request_end still is (%d calls dropped so far in "
+                "this request, counted in audit.calls_dropped)%s",
+                name,
+                len(self._queues[index]),
+                self.start.request_id,
+                self.calls_dropped,
+                f" ({held} more such drops of it in the last interval)" if held else "",
+            )
+        except Exception:  # pragma: no cover - a broken log filter: counted all the same
+            pass
 
     def _start_drain(self, index: int) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -607,7 +670,10 @@ class RequestRun:
             # Whatever the handler raised, SystemExit and KeyboardInterrupt included, is
             # its failure: on this thread they could only kill the audit loop, not stop
             # the application (a real Ctrl-C goes to the main thread, never here).
-            self.errors.append(HandlerError(handler, kind, exc))
+            if len(self.errors) < MAX_KEPT_ERRORS:
+                self.errors.append(HandlerError(handler, kind, exc))
+            else:
+                self.errors_omitted += 1
             _report(handler, kind, exc)
             if isinstance(exc, GeneratorExit):  # this coroutine may be being closed
                 closing = exc
@@ -818,6 +884,9 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
 
 __all__ = [
     "EXIT_FLUSH_SECONDS",
+    "MAX_KEPT_ERRORS",
+    "MAX_PENDING_REQUESTS",
+    "MAX_QUEUED_CALLS",
     "SLOW_CALL_SECONDS",
     "HandlerError",
     "RequestRun",

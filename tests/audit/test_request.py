@@ -326,9 +326,12 @@ def test_nested_requests_llm_call_goes_to_the_inner_one() -> None:
     inner.rec.check(expected_requests=1, events_per_request=1)
 
 
-def test_collector_detached_when_no_request_is_active() -> None:
+def test_collector_detached_when_no_request_is_active(monkeypatch: pytest.MonkeyPatch) -> None:
     from instrumentation import root_dispatcher
+    from instrumentation.audit import collector
 
+    # 0: at once, when the last request ends (see test_collector_idle for the delay).
+    monkeypatch.setattr(collector, "IDLE_DETACH_SECONDS", 0.0)
     before = (len(root_dispatcher.event_handlers), len(root_dispatcher.span_handlers))
     with audit.request(question="q", handlers=[SyncRecorder()]):
         assert len(root_dispatcher.event_handlers) == before[0] + 1
