@@ -326,26 +326,32 @@ def test_a_prefix_is_looked_up_by_a_range_of_the_index(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_prefix_is_found_in_a_database_whose_collation_orders_digits_as_numbers(
-    postgres_server: Any,
-) -> None:
-    """In a PostgreSQL database with a collation that compares digit runs as numbers
-    ("19000" after "2"), the range missed ids: 'show 1991' said no trace matches."""
+def _icu_database(postgres_server: Any, locale: str) -> str:
+    """The name of a new database whose default collation is ICU's ``locale``."""
     import uuid
 
     import psycopg
-
-    from instrumentation.storage.postgres import PostgresStore
 
     name = f"t_icu_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
         try:
             admin.execute(
                 f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
-                "ICU_LOCALE 'en-US-u-kn-true' LOCALE 'C.UTF-8'"
+                f"ICU_LOCALE '{locale}' LOCALE 'C.UTF-8'"
             )
         except psycopg.Error as exc:  # a server built without ICU
             pytest.skip(f"no ICU collation on this server: {exc}")
+    return name
+
+
+def test_a_prefix_is_found_in_a_database_whose_collation_orders_digits_as_numbers(
+    postgres_server: Any,
+) -> None:
+    """In a PostgreSQL database with a collation that compares digit runs as numbers
+    ("19000" after "2"), the range missed ids: 'show 1991' said no trace matches."""
+    from instrumentation.storage.postgres import PostgresStore
+
+    name = _icu_database(postgres_server, "en-US-u-kn-true")
     ids = ["19" + "1" * 30, "1" + "9" * 31, "2" + "0" * 31, "190" + "0" * 29, "9" * 32]
     with PostgresStore(postgres_server.dsn(name)) as store:
         store.write([_span(f"n{i}", tid, f"r{i}") for i, tid in enumerate(ids)], [])
@@ -360,21 +366,11 @@ def test_a_prefix_is_a_range_of_an_index_in_a_database_of_another_collation(
     """Under a collation other than "C" the range compared under "C" matched no index
     (the trace_id index is in the database's collation): every lookup read the whole
     index. A new database keeps trace ids in "C", so its index serves the range."""
-    import uuid
-
     import psycopg
 
     from instrumentation.storage.postgres import PostgresStore
 
-    name = f"t_icu_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_server.dsn(), autocommit=True) as admin:
-        try:
-            admin.execute(
-                f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
-                "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-            )
-        except psycopg.Error as exc:  # a server built without ICU
-            pytest.skip(f"no ICU collation on this server: {exc}")
+    name = _icu_database(postgres_server, "en-US")
 
     class Recording(PostgresStore):
         queries: list[tuple[str, list[Any]]] = []
