@@ -18,6 +18,11 @@ next runs. Nothing else is needed: no registry keeps a
 stream alive, no finaliser has to run before another, and the caller's object is
 not itself an async generator that the event loop would close on its own.
 
+But a loop closes an async body only while it runs: one closed without
+``shutdown_asyncgens()`` (``loop.close()`` after ``run_until_complete``) frees the
+body unclosed. Then the body's frame lets go of its :class:`AsyncEndOnClose`, whose
+``__del__`` ends the call, as abandoned.
+
 Streams start eagerly: the body is advanced once at creation, so the request (and a
 request error, which drops the span) happens inside the span, as with LlamaIndex.
 """
@@ -261,9 +266,46 @@ class AsyncEndOnClose(EndOnClose):
     shutdown cancelling its close of a dropped stream) ends the span as that close
     would have: the stream was left early. Either way the span ends: it stayed open
     for good when ``asyncio.run()`` returned at once.
+
+    A loop closed without ``shutdown_asyncgens()`` closes no body, and discards the
+    closes it had scheduled: the body is freed with no ``finally`` of it run. Only the
+    body's frame holds this object, so its ``__del__`` is then the one thing of the
+    stream's that runs: it ends the call, as abandoned, as ``@dispatcher.span`` ends an
+    async generator freed so (``instrumentation._wrap._EndWhenDiscarded``). The source
+    is left unclosed, as it would be untraced: closing it takes a loop.
     """
 
-    __slots__ = ()
+    __slots__ = ("left",)
+
+    def __init__(
+        self, span: StreamSpan, end: Callable[[], object], close: Callable[[], Any]
+    ) -> None:
+        super().__init__(span, end, close)
+        #: Whether the body left its reading (``__aexit__`` ran), or ``__del__`` ended
+        #: the call for it: whichever comes first ends the call, and only it.
+        self.left = False
+
+    def __del__(self) -> None:
+        if self.left:
+            return
+        self.left = True
+        span = self.span
+        if span.over:  # a read's task destroyed as it waited: the read ended the span
+            return
+        # In a collection, maybe inside a handler's lock: put off, as EndOnClose does.
+        # A collection may also run this before the loop brings the body back to close
+        # it (a body in a reference cycle): that close then finds the call ended.
+        context = span.context
+        if in_collection() and later("span_exit", context.id_ if context else "", self._freed):
+            return
+        self._freed()
+
+    def _freed(self) -> None:
+        span = self.span
+        try:
+            span.end_call(self.end)
+        finally:
+            span.finish()  # nothing more if the end event failed: the span was dropped
 
     async def __aenter__(self) -> None:
         return None
@@ -271,9 +313,16 @@ class AsyncEndOnClose(EndOnClose):
     async def __aexit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
+        ended, self.left = self.left, True
         if typ is None:
             return
         span = self.span
+        if ended:  # by __del__, before the loop brought the body back to close it
+            try:
+                await self.close()
+            except Exception as err:
+                _count_close_error(err)
+            return
         cancelled = issubclass(typ, asyncio.CancelledError)
         if not cancelled and not _abandoning(span, typ):
             return
