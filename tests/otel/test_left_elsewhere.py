@@ -207,3 +207,41 @@ def test_a_hand_made_span_reset_in_another_context(
     d.span_exit(id_=span_id, bound_args=EMPTY_BOUND_ARGS)
     _no_failed_detach(otel_log)
     assert _current_otel_name() is None
+
+
+def test_a_block_closed_in_the_same_context_inside_a_later_call_leaves_otel_alone(
+    traced: Traced, otel_log: pytest.LogCaptureFixture
+) -> None:
+    """Advanced inside one call and closed inside the next, on the same thread: the
+    block's reset made the first call, ended, current again in OpenTelemetry's context
+    too, and the second call's child became the first's."""
+    d = traced.dispatcher
+
+    def stream() -> Iterator[int]:
+        with d.span("block"):
+            yield 1
+
+    @d.span
+    def first() -> Iterator[int]:
+        gen = stream()
+        next(gen)
+        return gen
+
+    @d.span
+    def child() -> None:
+        return None
+
+    seen: list[str | None] = []
+
+    @d.span
+    def second(gen: Iterator[int]) -> None:
+        gen.close()  # type: ignore[attr-defined]
+        seen.append(_current_otel_name())
+        child()
+
+    second(first())
+    _no_failed_detach(otel_log)
+    assert seen == ["second"]
+    spans = {short(s.name): s for s in traced.spans()}
+    assert hex_parent(spans["child"]) == hex_span(spans["second"])
+    assert _current_otel_name() is None
