@@ -121,7 +121,7 @@ class StreamSpan:
     ) -> None:
         chain = dispatcher._hot
         self.over = False
-        #: An async read is under way (see ``_read_cancelled``).
+        #: An async read is under way (see ``AsyncEndOnClose.__aexit__``).
         self.reading = False
         self.stop_requested = False
         self.by_caller = False
@@ -247,14 +247,6 @@ class EndOnClose:
                 span.finish()  # nothing more if the end event failed: the span was dropped
 
 
-def _read_cancelled(span: StreamSpan) -> bool:
-    """For a CancelledError come into an async body: whether a read brought it (the
-    reader's task was cancelled while it waited for a chunk), not the task of the event
-    loop's that was closing a dropped stream, cancelled by the loop's shutdown (the
-    stream was left early, as a ``break`` leaves it)."""
-    return span.reading
-
-
 class AsyncEndOnClose(EndOnClose):
     """:class:`EndOnClose` for an async body: ``close()`` returns an awaitable. The end
     event goes out first, before anything else can run.
@@ -335,8 +327,12 @@ class AsyncEndOnClose(EndOnClose):
             except Exception as err:
                 _count_close_error(err)
             finally:
-                # Nothing more if the end event failed: the span was dropped.
-                if cancelled and _read_cancelled(span):
+                # Nothing more if the end event failed: the span was dropped. A
+                # cancellation a read brought (the reader's task, cancelled while it
+                # waited for a chunk) drops it; one that came with no read (the loop's
+                # shutdown cancelling its close of a dropped stream) ends it as left
+                # early, as a ``break`` leaves it.
+                if cancelled and span.reading:
                     span.ended_by(exc if exc is not None else typ())
                 else:
                     span.finish()

@@ -361,7 +361,9 @@ class _ChunkState:
             return "", False
         reason = _get(choice, "finish_reason")
         if reason is not None:
-            self.finish_reason = reason_text(reason) or self.finish_reason
+            text = reason_text(reason)
+            if text is not None:
+                self.finish_reason = text
         delta = _get(choice, "delta")
         text = _get(delta, "content")
         text = text if isinstance(text, str) else ""
