@@ -98,7 +98,7 @@ def _run_deferred(whole: bool = True) -> bool:
     global _draining_thread, _drain_round
     if _short_of_stack():
         return True
-    if _drainer is None and not _START_IN_CALLBACK and _DRAIN_AFTER is not None and not _exited:
+    if _drainer is None and not _START_IN_CALLBACK:
         _start_drainer()  # (3.10, 3.11) for what the next collections put off
     while True:
         lock = _draining  # the one released below, even if a fork in a handler replaced it
@@ -133,8 +133,7 @@ def _run_deferred(whole: bool = True) -> bool:
         if not _deferred:  # nothing put behind it between its last look and the release
             return True
         if not whole:
-            if _DRAIN_AFTER is not None and not _exited:
-                _wake_drainer(start=True)  # for what others put behind, should they stop
+            _wake_drainer(start=True)  # for what others put behind, should they stop
             return True
 
 
@@ -196,7 +195,7 @@ def _watch_collections(phase: str, info: dict[str, int]) -> None:
             _held_mappings.append(copy_context())
         return
     _collecting = None
-    if _deferred and _DRAIN_AFTER is not None and not _exited:
+    if _deferred:
         _wake_drainer(start=_START_IN_CALLBACK)
 
 
@@ -235,7 +234,10 @@ _WAIT_FOR_DRAIN = 2.0
 
 def _wake_drainer(start: bool) -> None:
     """Wake the drainer, or (``start``) start it; from the collector's callback too,
-    wherever the collection ran, so nothing here may wait."""
+    wherever the collection ran, so nothing here may wait. Nothing once drainers are
+    off (``_DRAIN_AFTER`` None) or the exit made what waited."""
+    if _DRAIN_AFTER is None or _exited:
+        return
     if _drainer is None:
         if start:
             _start_drainer()
@@ -249,7 +251,7 @@ def _wake_drainer(start: bool) -> None:
 
 def _start_drainer() -> None:
     global _drainer, _drainer_refused_until
-    if _drainer is not None:
+    if _drainer is not None or _DRAIN_AFTER is None or _exited:
         return
     _drainer = 0  # no switch of threads between the look and this (no call between)
     if time.monotonic() < _drainer_refused_until:
@@ -466,7 +468,7 @@ def _after_fork_in_parent() -> None:
     if _held_for_fork:
         _held_for_fork = False
         _draining.release()
-        if _deferred and _DRAIN_AFTER is not None and not _exited:
+        if _deferred:
             _wake_drainer(start=True)  # what went behind the drain the fork held off
 
 
