@@ -54,19 +54,10 @@ def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
             ]
         try:
             return clean(fit_json(value, limit))
-        except ValueError as err:  # NaN or an infinity, or a container that holds itself
-            if _CIRCULAR in str(err):
-                # No JSON can hold it, NaN replaced or not: its repr, below. finite()
-                # would copy it 100 levels deep first (seconds when it holds a long
-                # list, for ever when it holds itself twice).
-                raise
+        except ValueError:  # NaN or an infinity (or a container holding itself: below)
             return clean(fit_json(finite(value), limit))
     except Exception:  # RecursionError, a key that is no string, a model that fails
         return clip(safe_str(value), limit)
-
-
-#: How json's ValueError for a container that holds itself begins (its C encoder's too).
-_CIRCULAR = "Circular reference"
 
 
 def _dumps(value: Any) -> str:
