@@ -43,7 +43,7 @@ from instrumentation.storage import writer as writer_module
 from instrumentation.storage.base import Store
 from instrumentation.storage.models import METADATA_ALIASES, METADATA_KEYS
 from instrumentation.storage.serialise import RowMaker
-from instrumentation.storage.writer import BatchWriter, OnFull
+from instrumentation.storage.writer import DEFAULT_MAX_SPOOL_BYTES, BatchWriter, OnFull
 
 _perf_counter = time.perf_counter
 _time = time.time
@@ -230,6 +230,7 @@ class StorageOptions(TypedDict, total=False):
     retry_backoff: float
     replay_interval: float
     spool_dir: str | None
+    max_spool_bytes: int | None
     max_payload_chars: int
     metadata: dict[str, str]
     dispatcher_metadata: dict[str, dict[str, str]]
@@ -268,6 +269,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     retry_backoff: float = 0.05
     replay_interval: float = 1.0
     spool_dir: str | None = None
+    max_spool_bytes: int | None = DEFAULT_MAX_SPOOL_BYTES
     max_payload_chars: int = 65_536
     metadata: dict[str, str] = Field(default_factory=dict)
     dispatcher_metadata: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -290,6 +292,11 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     @classmethod
     def _a_count(cls, value: Any, info: ValidationInfo) -> Any:
         return checks.number(str(info.field_name), value, whole=True)
+
+    @field_validator("max_spool_bytes", mode="before")
+    @classmethod
+    def _a_bound(cls, value: Any) -> Any:
+        return None if value is None else checks.number("max_spool_bytes", value, whole=True)
 
     @field_validator(
         "debounce", "block_timeout", "retry_for", "retry_backoff", "replay_interval", mode="before"
@@ -333,6 +340,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
             retry_backoff=self.retry_backoff,
             replay_interval=self.replay_interval,
             spool_dir=self.spool_dir,
+            max_spool_bytes=self.max_spool_bytes,
             close_store=self.close_store,
         )
         rows.on_unwritable = self._writer.count_unwritable

@@ -28,6 +28,13 @@ waiting in the old one are logged and counted as lost. Writers whose ``spool_dir
 is spelled differently (relative or absolute, through a symbolic link) share what is
 known of the file: it is keyed by its real path.
 
+The rows waiting in the file (not yet replayed) take at most ``max_bytes`` bytes
+(1 GiB by default; ``None``: no bound): a database down for days must not fill the
+disk. What would take the file past it is not written; :meth:`Spool.append` returns
+how many rows that was, for the writer to log and count as lost. The oldest rows are
+kept (a trace's root and its first spans come first). Files adopted from dead
+processes are copied whole: they were on the disk already.
+
 A line cut short by a crash (in an adopted file, or one left under this process's own
 pid by a process that crashed) is ended before anything is appended after it, skipped
 on replay and counted once (``storage.spool_bad_lines``); a line that is JSON but not
@@ -62,6 +69,10 @@ _BAD_LINES = telemetry.counter("storage.spool_bad_lines")
 
 #: A replay chunk stops at the first line that takes it past this many bytes.
 CHUNK_BYTES = 4 * 1024 * 1024
+#: How many bytes of rows not yet replayed a spool file holds at most, by default.
+DEFAULT_MAX_BYTES = 1 << 30
+#: The largest bound taken: a pebibyte (more is a slip, bits for bytes or a timestamp).
+MAX_BYTES_BOUND = 1 << 50
 _COPY_BLOCK = 1024 * 1024
 _N_SPAN_COLUMNS = len(SPAN_COLUMNS)
 _N_EVENT_COLUMNS = len(EVENT_COLUMNS)
@@ -265,7 +276,8 @@ class Spool:
     Each writer has its own ``Spool``; those of one store in one process share the
     file and what is known of it (thread-safe). ``on_lost(n)`` is called (on the
     calling thread) when ``n`` rows waiting in the file were found gone: the file was
-    removed or replaced by something else.
+    removed or replaced by something else. ``max_bytes`` bounds the rows waiting in
+    the file (see the module's docstring); each ``Spool`` applies its own.
     """
 
     def __init__(
@@ -274,6 +286,7 @@ class Spool:
         directory: str | os.PathLike[str] | None = None,
         *,
         on_lost: Callable[[int], None] | None = None,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> None:
         # Absolute now: a later chdir() must not move the file.
         self.directory = (
@@ -281,6 +294,7 @@ class Spool:
         )
         self.prefix = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         self.on_lost = on_lost
+        self.max_bytes = max_bytes
         self._pid = -1
         self._state_cache: _FileState | None = None
 
@@ -326,20 +340,35 @@ class Spool:
         finally:
             lock.release()
 
-    def append(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
-        """Add rows to the file, flushed to the OS before returning (see :meth:`_write_at_end`)."""
+    def append(self, spans: Sequence[Row], events: Sequence[Row]) -> int:
+        """Add rows to the file, flushed to the OS before returning (see
+        :meth:`_write_at_end`); how many were not added because the rows waiting in
+        the file would have taken more than ``max_bytes`` (the last ones given)."""
         items = [("s", r) for r in spans] + [("e", r) for r in events]
-        data = b"".join(_line(kind, row) for kind, row in items)
+        lines = [_line(kind, row) for kind, row in items]
+        state = self._state
+        limit = self.max_bytes
 
         def write(f: BinaryIO) -> int:
-            f.write(data)
-            return len(items)
+            taken = len(lines)
+            if limit is not None:
+                # f is at the file's end: its size; replayed_bytes is up to date
+                # (_check_file ran), so this is what waits.
+                room = limit - (f.tell() - state.replayed_bytes)
+                for i, line in enumerate(lines):
+                    room -= len(line)
+                    if room < 0:
+                        taken = i
+                        break
+            if taken:
+                f.write(b"".join(lines[:taken]) if taken < len(lines) else b"".join(lines))
+            return taken
 
-        state = self._state
         with state.lock:
-            _, lost = self._write_at_end(state, write)
-        _SPOOLED.add(len(items))
+            written, lost = self._write_at_end(state, write)
+        _SPOOLED.add(written)
         self._report_lost(lost)
+        return len(lines) - written
 
     def _write_at_end(self, state: _FileState, write: Callable[[BinaryIO], int]) -> tuple[int, int]:
         """Append to our file what ``write(f)`` writes (``state.lock`` held): the one
@@ -577,6 +606,8 @@ class Spool:
 
 __all__ = [
     "CHUNK_BYTES",
+    "DEFAULT_MAX_BYTES",
+    "MAX_BYTES_BOUND",
     "Spool",
     "SpoolChunk",
     "checked_directory",

@@ -21,7 +21,9 @@ Nothing is lost silently:
   keeping the batch; then the rows go to a local spool file (see
   :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
   database answers again, a bounded chunk at a time. Inserts skip rows already
-  stored, so a replay never duplicates;
+  stored, so a replay never duplicates. The rows waiting there take at most
+  ``max_spool_bytes`` (1 GiB; ``None``: no bound): what does not fit is lost,
+  counted (``rows_lost``, counter ``storage.spool_full_rows``) and logged;
 - a writer thread that stops by an error (a bug, or a store raising what no ``except
   Exception`` catches) counts what it held and what was queued as lost, and every
   entry put afterwards as dropped, and logs both (see ``_died``).
@@ -53,7 +55,8 @@ from instrumentation._text import describe_error
 from instrumentation.context import suppress_instrumentation
 from instrumentation.storage import checks
 from instrumentation.storage.base import Row, Store
-from instrumentation.storage.spool import Spool, SpoolChunk, checked_directory
+from instrumentation.storage.spool import DEFAULT_MAX_BYTES as DEFAULT_MAX_SPOOL_BYTES
+from instrumentation.storage.spool import MAX_BYTES_BOUND, Spool, SpoolChunk, checked_directory
 
 logger = logging.getLogger("instrumentation.storage")
 
@@ -68,6 +71,7 @@ _REPLAYED = telemetry.counter("storage.replayed_rows")
 _LOST = telemetry.counter("storage.lost_rows")
 _REJECTED = telemetry.counter("storage.rejected_rows")
 _UNWRITABLE = telemetry.counter("storage.unwritable_entries")
+_SPOOL_FULL = telemetry.counter("storage.spool_full_rows")
 
 _LOG_EVERY = 10.0
 #: Root spans a full queue refused, kept aside to be written when there is room: a
@@ -117,6 +121,7 @@ class BatchWriter:
         max_backoff: float = 2.0,
         replay_interval: float = 1.0,
         spool_dir: str | os.PathLike[str] | None = None,
+        max_spool_bytes: int | None = DEFAULT_MAX_SPOOL_BYTES,
         exit_timeout: float = 10.0,
         close_store: bool = False,
     ) -> None:
@@ -156,7 +161,16 @@ class BatchWriter:
         self.close_store = checks.flag("close_store", close_store)
         # The folder is checked (and made) now, not when an outage first needs it.
         folder = checked_directory(spool_dir) if spool_dir is not None else None
-        self.spool = Spool(store.spool_key, folder, on_lost=self._count_lost)
+        #: The most bytes of rows waiting in the spool file (``None``: no bound); rows
+        #: beyond are lost, logged and counted (``storage.spool_full_rows``).
+        self.max_spool_bytes = (
+            None
+            if max_spool_bytes is None
+            else checks.count("max_spool_bytes", max_spool_bytes, most=MAX_BYTES_BOUND)
+        )
+        self.spool = Spool(
+            store.spool_key, folder, on_lost=self._count_lost, max_bytes=self.max_spool_bytes
+        )
         #: Entries refused because the queue was full, the writer shut down or its
         #: thread stopped by an error.
         self.dropped = 0
@@ -194,6 +208,8 @@ class BatchWriter:
         self._last_error = ""
         self._last_drop_log = 0.0
         self._drops_since_log = 0
+        self._last_spool_full_log = -_LOG_EVERY
+        self._spool_full_since_log = 0
         self._stop_marker: _Marker | None = None
         self._thread: threading.Thread | None = None
         #: Entries of the batch being written (0 while replaying the spool, or idle).
@@ -765,7 +781,7 @@ class BatchWriter:
 
     def _to_spool(self, spans: list[Row], events: list[Row]) -> None:
         try:
-            self.spool.append(spans, events)
+            refused = self.spool.append(spans, events)
         except Exception:
             self._count_lost(len(spans) + len(events))
             logger.exception(
@@ -774,6 +790,31 @@ class BatchWriter:
                 len(spans) + len(events),
                 self.spool.path,
             )
+            return
+        if refused:
+            self._spool_full(refused)
+
+    def _spool_full(self, n: int) -> None:
+        """``n`` rows did not fit in the spool file (``max_spool_bytes``): lost, counted,
+        and logged at most every ``_LOG_EVERY`` seconds (a long outage refuses every
+        batch)."""
+        _SPOOL_FULL.add(n)
+        self._count_lost(n)
+        self._spool_full_since_log += n
+        now = time.monotonic()
+        if now - self._last_spool_full_log < _LOG_EVERY:
+            return
+        self._last_spool_full_log = now
+        count, self._spool_full_since_log = self._spool_full_since_log, 0
+        logger.warning(
+            "instrumentation.storage lost %d rows: the database does not take writes and "
+            "the spool file %s holds max_spool_bytes=%d bytes of rows waiting for it; "
+            "%d rows lost in all",
+            count,
+            self.spool.path,
+            self.max_spool_bytes,
+            self.rows_lost,
+        )
 
     def count_unwritable(self, n: int) -> None:
         """``n`` entries no row could be made of (``rows_of`` logged them): lost, so that
@@ -1000,4 +1041,4 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
 atexit.register(_shutdown_all_at_exit)
 
 
-__all__ = ["BatchWriter", "OnFull", "flush_on_sigterm"]
+__all__ = ["DEFAULT_MAX_SPOOL_BYTES", "BatchWriter", "OnFull", "flush_on_sigterm"]

@@ -589,3 +589,77 @@ def test_a_spool_dir_is_made_when_the_handler_is(tmp_path: Path, make_handler: A
     target = tmp_path / "not" / "yet"
     handler = make_handler(SQLiteStore(tmp_path / "t.db"), spool_dir=str(target))
     assert target.is_dir() and handler.writer.spool.directory == target
+
+
+def test_the_spool_keeps_at_most_max_bytes_of_rows_waiting(tmp_path: Path, spool_dir: Path) -> None:
+    """A database down for days must not fill the disk: the rows that would take what
+    waits past the bound are not written, the oldest are kept, and the count of those
+    not written is returned; once rows are replayed there is room again."""
+    store = SQLiteStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 10_000)
+    rows = [maker.event_row(NoteEvent(text=f"{i:04d}" + "x" * 200), None) for i in range(50)]
+    line = len(spool_module._line("e", rows[0]))
+    spool = Spool(store.spool_key, spool_dir, max_bytes=10 * line + line // 2)
+    assert spool.append([], rows[:4]) == 0
+    assert spool.append([], rows[4:20]) == 10  # 6 of 16 fit
+    assert spool.rows_pending == 10 and spool.path.stat().st_size <= spool.max_bytes
+    assert spool.append([], rows[20:21]) == 1
+    chunk = spool.next_chunk(4)
+    assert chunk is not None and chunk.events == rows[:4]
+    spool.mark_replayed(chunk)  # 4 lines replayed: room for 4 more, though the file is not cut
+    assert spool.append([], rows[30:36]) == 2
+    waiting: list[Row] = []
+    while (chunk := spool.next_chunk(100)) is not None:
+        waiting += chunk.events
+        spool.mark_replayed(chunk)
+    assert waiting == rows[4:10] + rows[30:34]
+    assert telemetry.counter("storage.spooled_rows").value == 14
+
+
+def test_rows_beyond_max_spool_bytes_are_lost_counted_and_logged_once_a_while(
+    tmp_path: Path, make_handler: Any, caplog: Any
+) -> None:
+    """The writer counts the rows the full spool did not take as lost (so flush says
+    False), in ``storage.spool_full_rows`` too, and warns once, not for each batch."""
+    store = CountingStore(tmp_path / "t.db")
+    store.fail_writes = set(range(1, 1000))
+    handler = make_handler(store, retry_for=0, replay_interval=3600, max_spool_bytes=4096)
+    answers = []
+    for batch in range(3):
+        for i in range(20):
+            handler.handle(NoteEvent(text=f"{batch} {i} " + "y" * 100))
+        answers.append(handler.flush(0.5))
+    assert answers == [False, False, False]
+    spool = handler.writer.spool
+    size = spool.path.stat().st_size
+    assert 3000 < size <= 4096
+    lost = telemetry.counter("storage.spool_full_rows").value
+    assert lost == 60 - spool.rows_pending and lost > 30
+    assert handler.writer.rows_lost == lost
+    assert telemetry.counter("storage.lost_rows").value == lost
+    warnings = [r.getMessage() for r in caplog.records if "max_spool_bytes" in r.getMessage()]
+    assert len(warnings) == 1 and str(spool.path) in warnings[0]
+    store.fail_writes = set()
+    assert handler.flush(30) is True  # nothing lost since this flush began
+    assert count(store, "events") == 60 - lost
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (2**60, ValueError),
+        ("1GB", TypeError),
+        (1.5, TypeError),
+        (True, TypeError),
+    ],
+)
+def test_max_spool_bytes_is_a_whole_number_of_bytes_or_none(
+    tmp_path: Path, make_handler: Any, value: Any, error: type[Exception]
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(error, match="max_spool_bytes"):
+        make_handler(store, max_spool_bytes=value)
+    assert make_handler(store, max_spool_bytes=None).writer.spool.max_bytes is None
+    assert make_handler(store).writer.spool.max_bytes == 1 << 30
