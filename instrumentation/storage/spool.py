@@ -52,6 +52,7 @@ import logging
 import os
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,7 @@ class _FileState:
     """
 
     __slots__ = (
+        "__weakref__",
         "generation",
         "ident",
         "judged_bytes",
@@ -245,7 +247,10 @@ class _FileState:
 
 
 _states_lock = threading.Lock()
-_states: dict[str, _FileState] = {}
+# Weak: what is known of a file lives as long as a Spool of it (a process that opens
+# a store per job must not keep one per job). Made again, it is read afresh, as an
+# adopted file is: rows already stored are skipped.
+_states: weakref.WeakValueDictionary[str, _FileState] = weakref.WeakValueDictionary()
 
 
 def _state_of(path: Path) -> _FileState:

@@ -387,7 +387,8 @@ def test_two_writers_replaying_one_file_send_each_row_once(
     neither sends (nor counts) a chunk the other is writing."""
     store = ControlledSQLiteStore(tmp_path / "t.db")
     turn = WatchedLock()
-    _spool_events(store, spool_dir, 3000)._state.replay_lock = turn  # type: ignore[assignment]
+    spool = _spool_events(store, spool_dir, 3000)  # kept: its file's state is the handlers'
+    spool._state.replay_lock = turn  # type: ignore[assignment]
     handlers = [make_handler(store, batch_size=100, replay_interval=3600) for _ in range(2)]
     store.gate.clear()  # the first chunk's write waits
     results: list[bool] = []
@@ -663,3 +664,25 @@ def test_max_spool_bytes_is_a_whole_number_of_bytes_or_none(
         make_handler(store, max_spool_bytes=value)
     assert make_handler(store, max_spool_bytes=None).writer.spool.max_bytes is None
     assert make_handler(store).writer.spool.max_bytes == 1 << 30
+
+
+def test_what_is_known_of_a_spool_file_lives_as_long_as_a_spool_of_it(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """A process that opens a store per job must not keep a record per job; a spool
+    made again for the file reads it afresh, and its rows are all still there."""
+    before = len(spool_module._states)
+    store = SQLiteStore(tmp_path / "t.db")
+    maker = RowMaker({}, {}, 10_000)
+    rows = [maker.event_row(NoteEvent(text=str(i)), None) for i in range(3)]
+    spool = Spool(store.spool_key, spool_dir)
+    spool.append([], rows)
+    twin = Spool(store.spool_key, spool_dir)
+    assert twin.rows_pending == 3 and len(spool_module._states) == before + 1
+    del spool, twin
+    assert len(spool_module._states) == before
+    again = Spool(store.spool_key, spool_dir)
+    again.adopt_orphans()  # what a writer does first: our own file is counted afresh
+    assert again.rows_pending == 3
+    chunk = again.next_chunk(10)
+    assert chunk is not None and chunk.events == rows
