@@ -27,6 +27,7 @@ from typing import Any
 
 from instrumentation import _ids, telemetry
 from instrumentation import context as _context
+from instrumentation._classcache import remember
 from instrumentation.context import SpanContext, _active_span, _active_tags, parent_for_new_span
 from instrumentation.events.span import SpanDropEvent
 
@@ -559,7 +560,8 @@ def _parts(spans: tuple[Any, ...]) -> tuple[Any, ...]:
 #: What the dispatcher passes to ``span_enter`` besides the guide's arguments.
 ENTER_EXTRAS = ("name", "trace_id", "dispatcher", "attributes")
 
-_enter_extras_cache: dict[type, tuple[str, ...] | None] = {}
+
+_enter_extras_found: dict[int, tuple[str, ...] | None] = {}
 
 
 def enter_extras(cls: type) -> tuple[str, ...] | None:
@@ -570,20 +572,19 @@ def enter_extras(cls: type) -> tuple[str, ...] | None:
     extras it names), instead of failing on every span.
     """
     try:
-        return _enter_extras_cache[cls]
+        return _enter_extras_found[id(cls)]
     except KeyError:
-        pass
-    found: tuple[str, ...] | None = None
+        return remember(_enter_extras_found, cls, _work_out_enter_extras(cls))
+
+
+def _work_out_enter_extras(cls: type) -> tuple[str, ...] | None:
     try:
         params = inspect.signature(cls.span_enter).parameters  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):
-        params = None
-    if params is not None and not any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-    ):
-        found = tuple(name for name in ENTER_EXTRAS if name in params)
-    _enter_extras_cache[cls] = found
-    return found
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return tuple(name for name in ENTER_EXTRAS if name in params)
 
 
 def _positional_enter(handler: Any) -> Any:

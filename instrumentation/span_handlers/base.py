@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Generic, TypeVar, get_origin
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from instrumentation._bounded import put_bounded
+from instrumentation._classcache import remember
 from instrumentation.context import span_name_of
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers._buffered import SpanDeque
@@ -35,24 +36,29 @@ _SPAN_METHODS = (
     "span_drop",
 )
 
-_takes_kwargs_cache: dict[type, tuple[bool, bool, bool]] = {}
-_bounded_cache: dict[type, frozenset[str]] = {}
+
+_bounded_found: dict[int, frozenset[str]] = {}
+_takes_kwargs_found: dict[int, tuple[bool, bool, bool]] = {}
 
 
 def _bounded_fields(cls: type[BaseModel]) -> frozenset[str]:
     """Which of ``completed_spans``/``dropped_spans`` the class keeps bounded: all,
     unless a subclass declared its own type for one (``List[MySpan]``, as LlamaIndex
     handlers do), which it then gets as it declared it, growing as it appends."""
-    found = _bounded_cache.get(cls)
-    if found is None:
-        found = frozenset(
-            name
-            for name in _BOUNDED
-            if isinstance(kind := get_origin(ann := cls.model_fields[name].annotation) or ann, type)
-            and issubclass(kind, SpanDeque)
-        )
-        _bounded_cache[cls] = found
-    return found
+    try:
+        return _bounded_found[id(cls)]
+    except KeyError:
+        return remember(_bounded_found, cls, _work_out_bounded(cls))
+
+
+def _work_out_bounded(cls: type) -> frozenset[str]:
+    fields = cls.model_fields  # type: ignore[attr-defined]
+    return frozenset(
+        name
+        for name in _BOUNDED
+        if isinstance(kind := get_origin(ann := fields[name].annotation) or ann, type)
+        and issubclass(kind, SpanDeque)
+    )
 
 
 def _accepts_var_keyword(func: Any) -> bool:
@@ -70,15 +76,18 @@ def _takes_kwargs(cls: type) -> tuple[bool, bool, bool]:
     the guide's arguments only, and the extra ones (``name``, ``trace_id``, ...) are
     filled into the span afterwards.
     """
-    found = _takes_kwargs_cache.get(cls)
-    if found is None:
-        found = (
-            _accepts_var_keyword(cls.new_span),  # type: ignore[attr-defined]
-            _accepts_var_keyword(cls.prepare_to_exit_span),  # type: ignore[attr-defined]
-            _accepts_var_keyword(cls.prepare_to_drop_span),  # type: ignore[attr-defined]
-        )
-        _takes_kwargs_cache[cls] = found
-    return found
+    try:
+        return _takes_kwargs_found[id(cls)]
+    except KeyError:
+        return remember(_takes_kwargs_found, cls, _work_out_takes_kwargs(cls))
+
+
+def _work_out_takes_kwargs(cls: type) -> tuple[bool, bool, bool]:
+    return (
+        _accepts_var_keyword(cls.new_span),  # type: ignore[attr-defined]
+        _accepts_var_keyword(cls.prepare_to_exit_span),  # type: ignore[attr-defined]
+        _accepts_var_keyword(cls.prepare_to_drop_span),  # type: ignore[attr-defined]
+    )
 
 
 class BaseSpanHandler(BaseModel, Generic[T]):

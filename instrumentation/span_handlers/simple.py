@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, SerializerFunctionWrapHandler, field_serializer
 
+from instrumentation._classcache import remember
 from instrumentation._text import describe_error
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers._buffered import BufferedDeque, BufferedDict, move_buffer
@@ -49,7 +50,6 @@ _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 _FIELDS = frozenset(SimpleSpan.model_fields)
-_fast_classes: dict[type, bool] = {}
 
 #: What the fast path buffers for an open span, in this order: id_, parent_id, tags,
 #: trace_id, name, dispatcher, start (``_clock()``); and for an ended one
@@ -100,22 +100,28 @@ def _end(span: SimpleSpan, end: float) -> None:
     span.duration = end - span.start_time.timestamp()
 
 
+_fast_found: dict[int, bool] = {}
+
+
 def _uses_own_methods(cls: type) -> bool:
     """Whether ``cls`` keeps SimpleSpanHandler's span methods (so the fast path is right)."""
-    found = _fast_classes.get(cls)
-    if found is None:
-        found = all(
-            getattr(cls, name) is getattr(SimpleSpanHandler, name)
-            for name in (
-                "new_span",
-                "prepare_to_exit_span",
-                "prepare_to_drop_span",
-                "span_enter",
-                "span_exit",
-            )
+    try:
+        return _fast_found[id(cls)]
+    except KeyError:
+        return remember(_fast_found, cls, _work_out_uses_own_methods(cls))
+
+
+def _work_out_uses_own_methods(cls: type) -> bool:
+    return all(
+        getattr(cls, name) is getattr(SimpleSpanHandler, name)
+        for name in (
+            "new_span",
+            "prepare_to_exit_span",
+            "prepare_to_drop_span",
+            "span_enter",
+            "span_exit",
         )
-        _fast_classes[cls] = found
-    return found
+    )
 
 
 _CONTAINERS = frozenset({"open_spans", "completed_spans"})

@@ -5,13 +5,17 @@ kept every one for the life of the process (tens of kB each)."""
 from __future__ import annotations
 
 import gc
+import inspect
 import weakref
 from pathlib import Path
+from typing import Any
 
 from pydantic import create_model
 
 from instrumentation import BaseEvent, audit, get_dispatcher, storage
 from instrumentation.audit import EventHandler
+from instrumentation.span.simple import SimpleSpan
+from instrumentation.span_handlers import BaseSpanHandler, SimpleSpanHandler
 
 d = get_dispatcher("tests.core.run_time_classes")
 
@@ -59,3 +63,97 @@ def test_an_event_class_seen_in_a_request_is_not_kept_by_the_audit() -> None:
     ref = weakref.ref(cls)
     del cls
     assert _freed(ref)
+
+
+def _span_handler_classes() -> list[type[BaseSpanHandler[Any]]]:
+    """Handler classes made at run time (a factory's, one per tenant or test), each
+    taking a path of its own: SimpleSpanHandler's fast one, and a LlamaIndex-style
+    handler without ``**kwargs``, with its own span list."""
+
+    class Fast(SimpleSpanHandler):
+        pass
+
+    class LlamaStyle(BaseSpanHandler[SimpleSpan]):
+        completed_spans: list[SimpleSpan] = []
+
+        def new_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            parent_span_id: str | None = None,
+            tags: dict[str, Any] | None = None,
+        ) -> SimpleSpan | None:
+            return SimpleSpan(id_=id_, parent_id=parent_span_id)
+
+        def prepare_to_exit_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            result: Any | None = None,
+        ) -> SimpleSpan | None:
+            span = self.open_spans.get(id_)
+            if span is not None:
+                self.completed_spans.append(span)
+            return span
+
+        def prepare_to_drop_span(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            err: BaseException | None = None,
+        ) -> SimpleSpan | None:
+            return None
+
+        def span_enter(
+            self,
+            id_: str,
+            bound_args: inspect.BoundArguments,
+            instance: Any | None = None,
+            parent_id: str | None = None,
+            tags: dict[str, Any] | None = None,
+        ) -> None:
+            super().span_enter(id_, bound_args, instance, parent_id, tags)
+
+    return [Fast, LlamaStyle]
+
+
+def test_span_handler_classes_made_at_run_time_are_freed() -> None:
+    refs = []
+    for cls in _span_handler_classes():
+        handler = cls()
+        d.add_span_handler(handler)
+        try:
+            d.span(lambda: None)()
+            with d.span("block"):
+                pass
+        finally:
+            d.remove_span_handler(handler)
+        assert handler.open_spans == {} and len(handler.completed_spans) == 2, cls
+        refs.append(weakref.ref(cls))
+        del cls, handler
+    assert all(_freed(ref) for ref in refs)
+
+
+def test_a_subclass_works_its_own_answers_out() -> None:
+    """What is kept on a class for it is not taken by its subclasses: a subclass of the
+    fast handler that overrides a span method takes the ordinary path."""
+    fast, _ = _span_handler_classes()
+    seen: list[str] = []
+
+    class Overriding(fast):  # type: ignore[valid-type,misc]
+        def prepare_to_exit_span(self, id_: str, *args: Any, **kwargs: Any) -> SimpleSpan | None:
+            seen.append(id_)
+            return super().prepare_to_exit_span(id_, *args, **kwargs)  # type: ignore[no-any-return]
+
+    for cls in (fast, Overriding, fast):
+        handler = cls()
+        d.add_span_handler(handler)
+        try:
+            d.span(lambda: None)()
+        finally:
+            d.remove_span_handler(handler)
+        assert len(handler.completed_spans) == 1
+    assert len(seen) == 1

@@ -1,0 +1,36 @@
+"""Answers worked out once per class (a handler's signatures, its kept fields), forgotten
+with the class.
+
+A dict keyed by the class kept every class it was asked about alive: handler classes
+made at run time (one per test, a factory's per tenant) were never freed. These tables
+are keyed by ``id(cls)`` instead, and a weak reference to the class takes its entry out
+when the class is freed (before its id can be another's). A lookup stays a plain dict
+lookup: a weak-keyed dict makes a weak reference per lookup, and an attribute kept on a
+pydantic class is read through its metaclass's ``__getattr__`` hook; both cost two to
+three times as much on paths taken for every span.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# The weak references, kept alive until their class goes (each takes itself out).
+_watching: set[weakref.ref[type]] = set()
+
+
+def remember(table: dict[int, T], cls: type, value: T) -> T:
+    """``table[id(cls)] = value`` until ``cls`` is freed; returns ``value``."""
+
+    def forget(ref: weakref.ref[type], key: int = id(cls)) -> None:
+        table.pop(key, None)
+        _watching.discard(ref)
+
+    table[id(cls)] = value
+    _watching.add(weakref.ref(cls, forget))
+    return value
+
+
+__all__ = ["remember"]
