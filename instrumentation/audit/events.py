@@ -39,6 +39,13 @@ class RequestStart:
     request_id: str = field(default_factory=_new_id)
     started_at: datetime = field(default_factory=_now)
 
+    @property
+    def collection_name(self) -> str:
+        """``collection`` under db-ally's name: its ``RequestStart`` has ``collection_name``,
+        which its own handlers (CLI, LangSmith, OpenTelemetry) read; its how-to says
+        ``collection``. Read-only, and not a field (``asdict()`` and ``==`` leave it out)."""
+        return self.collection
+
 
 @dataclass
 class RequestEnd:

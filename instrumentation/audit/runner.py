@@ -145,25 +145,35 @@ def _check_methods(handler: EventHandler[Any, Any]) -> None:
             signature = inspect.signature(method)
         except (TypeError, ValueError):  # no signature to read (a builtin): trusted
             continue
-        if not _binds(signature, parameters):
-            # inspect.signature follows __wrapped__, to the function a decorator wraps
-            # (singledispatchmethod, a decorator adding an argument): what is called
-            # is the wrapper, which is refused only if it cannot take the call either.
-            try:
-                outer = inspect.signature(method, follow_wrapped=False)
-            except (TypeError, ValueError):
-                continue
-            if _binds(outer, parameters):
-                continue
-            raise TypeError(
-                f"{cls.__name__}.{name}{_shown(signature)} cannot be called as the audit "
-                f"runner calls it: define it as {expected}"
-                + (
-                    " (db-ally's how-to stub leaves out event_context; its reference has it)"
-                    if name == "event_end"
-                    else ""
+        if _binds(signature, parameters):
+            misplaced = _misplaced(signature, parameters)
+            if misplaced and not _fits_unwrapped(method, signature, parameters):
+                raise TypeError(
+                    f"{cls.__name__}.{name}{_shown(signature)} names its parameters in another "
+                    "order than the audit runner passes them: it passes them by position, so "
+                    + ", ".join(f"{mine} would get the {given}" for mine, given in misplaced)
+                    + f"; define it as {expected} (db-ally passed request_context= and "
+                    "event_context= by keyword, where the order did not matter)"
                 )
-            ) from None
+            continue
+        # inspect.signature follows __wrapped__, to the function a decorator wraps
+        # (singledispatchmethod, a decorator adding an argument): what is called
+        # is the wrapper, which is refused only if it cannot take the call either.
+        try:
+            outer = inspect.signature(method, follow_wrapped=False)
+        except (TypeError, ValueError):
+            continue
+        if _binds(outer, parameters):
+            continue
+        raise TypeError(
+            f"{cls.__name__}.{name}{_shown(signature)} cannot be called as the audit "
+            f"runner calls it: define it as {expected}"
+            + (
+                " (db-ally's how-to stub leaves out event_context; its reference has it)"
+                if name == "event_end"
+                else ""
+            )
+        ) from None
     if not shadowed:
         try:
             _checked[cls] = methods
@@ -177,6 +187,29 @@ def _binds(signature: inspect.Signature, parameters: tuple[str, ...]) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _misplaced(signature: inspect.Signature, parameters: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(parameter, argument)`` pairs where a parameter named as one of the runner's
+    arguments would get another one of them (``event_context`` the request context, say)."""
+    bound = signature.bind(*parameters)
+    return [
+        (mine, given)
+        for mine, given in bound.arguments.items()
+        if mine in parameters and isinstance(given, str) and given != mine
+    ]
+
+
+def _fits_unwrapped(method: Any, signature: inspect.Signature, parameters: tuple[str, ...]) -> bool:
+    """The method as called (not the function a decorator wraps) takes the arguments
+    with no parameter named as another one: a decorator that adds an argument of its own."""
+    try:
+        outer = inspect.signature(method, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return True
+    if outer == signature:
+        return False
+    return _binds(outer, parameters) and not _misplaced(outer, parameters)
 
 
 def _shown(signature: inspect.Signature) -> str:
