@@ -17,8 +17,10 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# The weak references, kept alive until their class goes (each takes itself out).
-_watching: set[weakref.ref[type]] = set()
+# The weak references, kept alive until their class goes (each takes itself out). By
+# the reference's id: a set would take two references to one live class as one, and
+# the second one, dropped, would never take its entry out.
+_watching: dict[int, weakref.ref[type]] = {}
 
 
 def remember(table: dict[int, T], cls: type, value: T) -> T:
@@ -26,10 +28,11 @@ def remember(table: dict[int, T], cls: type, value: T) -> T:
 
     def forget(ref: weakref.ref[type], key: int = id(cls)) -> None:
         table.pop(key, None)
-        _watching.discard(ref)
+        _watching.pop(id(ref), None)
 
     table[id(cls)] = value
-    _watching.add(weakref.ref(cls, forget))
+    ref = weakref.ref(cls, forget)
+    _watching[id(ref)] = ref
     return value
 
 

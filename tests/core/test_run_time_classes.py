@@ -12,10 +12,12 @@ from typing import Any
 
 from pydantic import create_model
 
-from instrumentation import BaseEvent, audit, get_dispatcher, storage
+from instrumentation import BaseEvent, _spans, audit, get_dispatcher, storage
 from instrumentation.audit import EventHandler
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers import BaseSpanHandler, SimpleSpanHandler
+from instrumentation.span_handlers import base as span_handlers_base
+from instrumentation.span_handlers import simple as simple_module
 
 d = get_dispatcher("tests.core.run_time_classes")
 
@@ -122,7 +124,9 @@ def _span_handler_classes() -> list[type[BaseSpanHandler[Any]]]:
 
 def test_span_handler_classes_made_at_run_time_are_freed() -> None:
     refs = []
+    ids = []
     for cls in _span_handler_classes():
+        ids.append(id(cls))
         handler = cls()
         d.add_span_handler(handler)
         try:
@@ -135,6 +139,15 @@ def test_span_handler_classes_made_at_run_time_are_freed() -> None:
         refs.append(weakref.ref(cls))
         del cls, handler
     assert all(_freed(ref) for ref in refs)
+    # What was worked out for them goes too, from every table that asked (an id is
+    # reused: a stale answer would be another class's).
+    tables = (
+        span_handlers_base._bounded_found,
+        span_handlers_base._takes_kwargs_found,
+        simple_module._fast_found,
+        _spans._enter_extras_found,
+    )
+    assert [i for i in ids for table in tables if i in table] == []
 
 
 def test_a_subclass_works_its_own_answers_out() -> None:
