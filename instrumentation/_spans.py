@@ -506,6 +506,7 @@ class Chain:
 
     __slots__ = (
         "afters",
+        "async_afters",
         "dispatcher",
         "enters",
         "events",
@@ -537,7 +538,7 @@ class Chain:
             parts = _parts(spans)
             if shared is not None:
                 shared[key] = parts
-        self.needs_bound_args, self.enters, self.exits, self.afters = parts
+        self.needs_bound_args, self.enters, self.exits, self.afters, self.async_afters = parts
 
 
 def _parts(spans: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -554,7 +555,13 @@ def _parts(spans: tuple[Any, ...]) -> tuple[Any, ...]:
     afters = tuple(
         (h, after) for h in spans if (after := getattr(h, "after_span_end", None)) is not None
     )
-    return needs_bound_args, enters, exits, afters
+    # The same for a span that ends in async code (a coroutine, an async generator, an
+    # ``async with`` block), awaited there: waiting in after_span_end would block the
+    # event loop, and every other task on it with the caller.
+    async_afters = tuple(
+        (h, after) for h in spans if (after := getattr(h, "after_span_end_async", None)) is not None
+    )
+    return needs_bound_args, enters, exits, afters, async_afters
 
 
 #: What the dispatcher passes to ``span_enter`` besides the guide's arguments.
@@ -837,8 +844,16 @@ def _enter_all(chain: Chain, given: tuple[Any, ...], attributes: Any) -> None:
             _report(handler, "span_enter", span_id, exc)
 
 
-def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, result: Any) -> None:
-    """Close ``span`` normally."""
+def finish(
+    chain: Chain,
+    span: SpanContext,
+    bound_args: Any,
+    instance: Any,
+    result: Any,
+    in_async: bool = False,
+) -> None:
+    """Close ``span`` normally. ``in_async``: async code ends it, and awaits
+    :func:`after_span_end_async` next."""
     # What a recursion caught inside a traced call, or a collection, put off: first.
     if (_deferred or _collecting is not None) and must_wait(
         "span_exit", span.id_, partial(finish, chain, span, bound_args, instance, result)
@@ -864,7 +879,7 @@ def finish(chain: Chain, span: SpanContext, bound_args: Any, instance: Any, resu
                 continue
             _give_up(handler, "span_exit", span_id, exc)
     if chain.afters:
-        after_span_end(chain, span_id)
+        after_span_end(chain, span_id, in_async)
 
 
 def _exit(
@@ -877,9 +892,15 @@ def _exit(
 
 
 def fail(
-    chain: Chain, span: SpanContext, bound_args: Any, instance: Any, err: BaseException
+    chain: Chain,
+    span: SpanContext,
+    bound_args: Any,
+    instance: Any,
+    err: BaseException,
+    in_async: bool = False,
 ) -> None:
-    """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``."""
+    """Close ``span`` because of ``err``: a ``SpanDropEvent``, then ``span_drop``
+    (``in_async`` as for :func:`finish`)."""
     if (_deferred or _collecting is not None) and must_wait(
         "span_drop",
         span.id_,
@@ -893,7 +914,7 @@ def fail(
         partial(_fail, chain, span, bound_args, instance, err, _active_tags.get()),
     ):
         return  # not even tried here: handlers would fail half way and lose the span
-    _fail(chain, span, bound_args, instance, err, None)
+    _fail(chain, span, bound_args, instance, err, None, in_async)
 
 
 def _fail(
@@ -903,6 +924,7 @@ def _fail(
     instance: Any,
     err: BaseException,
     tags: Mapping[str, Any] | None,
+    in_async: bool = False,
 ) -> None:
     _next(_dropped)
     span_id = span.id_
@@ -931,7 +953,7 @@ def _fail(
                 continue
             _give_up(handler, "span_drop", span_id, exc)
     if chain.afters:
-        after_span_end(chain, span_id)
+        after_span_end(chain, span_id, in_async)
 
 
 def _drop_event(
@@ -951,13 +973,26 @@ def _drop_event(
     dispatch_event(events, drop_event, {})
 
 
-def after_span_end(chain: Chain, span_id: str) -> None:
-    """Call ``after_span_end(span_id)`` of the handlers that have one, in chain order."""
+def after_span_end(chain: Chain, span_id: str, in_async: bool = False) -> None:
+    """Call ``after_span_end(span_id)`` of the handlers that have one, in chain order;
+    ``in_async``, not of those that have ``after_span_end_async``: it is awaited next."""
     for handler, after in chain.afters:
+        if in_async and hasattr(handler, "after_span_end_async"):
+            continue
         try:
             after(span_id)
         except Exception as exc:
             _report(handler, "after_span_end", span_id, exc)
+
+
+async def after_span_end_async(chain: Chain, span_id: str) -> None:
+    """Await ``after_span_end_async(span_id)`` of the handlers that have one, in chain
+    order: what async code does once its span ended, after :func:`after_span_end`."""
+    for handler, after in chain.async_afters:
+        try:
+            await after(span_id)
+        except Exception as exc:
+            _report(handler, "after_span_end_async", span_id, exc)
 
 
 def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]) -> None:
@@ -987,6 +1022,7 @@ __all__ = [
     "LazyBoundArguments",
     "LazySignature",
     "after_span_end",
+    "after_span_end_async",
     "dispatch_event",
     "ending_now",
     "enter_extras",

@@ -29,6 +29,7 @@ from instrumentation._spans import (
     LazySignature,
     _deferred,
     _fail,
+    after_span_end_async,
     fail,
     finish,
     start,
@@ -142,10 +143,15 @@ def _await_in_span(
         try:
             result = await awaitable
         except BaseException as err:
-            fail(chain, span, bound, instance, err)
+            closing = isinstance(err, GeneratorExit)  # no await then: "ignored GeneratorExit"
+            fail(chain, span, bound, instance, err, not closing)
+            if chain.async_afters and not closing:
+                await after_span_end_async(chain, span.id_)
             raise
         else:
-            finish(chain, span, bound, instance, result)
+            finish(chain, span, bound, instance, result, True)
+            if chain.async_afters:
+                await after_span_end_async(chain, span.id_)
             return result
         finally:
             deactivate(handle)
@@ -279,17 +285,17 @@ class _EndWhenDiscarded:
     def __del__(self) -> None:
         self.fail(GeneratorExit())
 
-    def finish(self) -> None:
+    def finish(self, in_async: bool = False) -> None:
         """End the span normally, unless it has ended already."""
         if not self.ended:
             self.ended = True
-            finish(*self.args, None)
+            finish(*self.args, None, in_async)
 
-    def fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException, in_async: bool = False) -> None:
         """End the span with ``err``, unless it has ended already."""
         if not self.ended:
             self.ended = True
-            fail(*self.args, err)
+            fail(*self.args, err, in_async)
 
 
 def _drop_unstarted(
@@ -458,11 +464,21 @@ def _wrap_callable(
                             item = await agen.asend(to_send)
                     except StopAsyncIteration:
                         if guard is not None:
-                            guard.finish()
+                            guard.finish(True)
+                            if chain is not None and chain.async_afters and span is not None:
+                                await after_span_end_async(chain, span.id_)
                         return
                     except BaseException as err:
                         if guard is not None:
-                            guard.fail(err)
+                            closing = isinstance(err, GeneratorExit)
+                            guard.fail(err, not closing)
+                            if (
+                                chain is not None
+                                and chain.async_afters
+                                and span is not None
+                                and not closing
+                            ):
+                                await after_span_end_async(chain, span.id_)
                         raise
                     finally:
                         if handle is not None:
@@ -548,10 +564,16 @@ def _wrap_callable(
             try:
                 result = await func(*args, **kwargs)
             except BaseException as err:
-                fail(chain, span, bound, instance, err)
+                # Not while being closed: an await there is "ignored GeneratorExit".
+                closing = isinstance(err, GeneratorExit)
+                fail(chain, span, bound, instance, err, not closing)
+                if chain.async_afters and not closing:
+                    await after_span_end_async(chain, span.id_)
                 raise
             else:
-                finish(chain, span, bound, instance, result)
+                finish(chain, span, bound, instance, result, True)
+                if chain.async_afters:
+                    await after_span_end_async(chain, span.id_)
                 return result
             finally:
                 deactivate(handle)

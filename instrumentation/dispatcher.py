@@ -32,6 +32,7 @@ from instrumentation._spans import (
     Chain,
     _deferred,
     after_span_end,
+    after_span_end_async,
     dispatch_event,
     enter_extras,
     fail,
@@ -1082,15 +1083,18 @@ class SpanBlock:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close(exc, False)
+
+    def _close(self, exc: BaseException | None, in_async: bool) -> None:
         span = self.context
         chain = self._chain
         if span is None or chain is None:
             return
         try:
             if exc is not None:
-                fail(chain, span, EMPTY_BOUND_ARGS, None, exc)
+                fail(chain, span, EMPTY_BOUND_ARGS, None, exc, in_async)
             else:
-                finish(chain, span, EMPTY_BOUND_ARGS, None, self.result)
+                finish(chain, span, EMPTY_BOUND_ARGS, None, self.result, in_async)
         finally:
             deactivate(self._handle, span)
             self.context = None
@@ -1101,7 +1105,12 @@ class SpanBlock:
         return self.__enter__()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self.__exit__(exc_type, exc, tb)
+        chain, span = self._chain, self.context
+        # Closed (an async generator holding the block): an await here would fail.
+        in_async = not isinstance(exc, GeneratorExit)
+        self._close(exc, in_async)
+        if chain is not None and span is not None and chain.async_afters and in_async:
+            await after_span_end_async(chain, span.id_)
 
 
 def _ancestor_names(name: str) -> Iterator[str]:

@@ -24,10 +24,12 @@ parent and one on a child dispatcher) each make a request of it, and each gets a
 its events.
 
 When the span ends, the adapter waits for the request's handler calls, at most
-``timeout`` seconds, on the thread that ends the span (an event loop's thread, for
-async functions: keep ``timeout`` small there, or 0 not to wait and ``await
-adapter.aflush()`` when convenient). It does not wait when the span ended with
-``KeyboardInterrupt``, ``SystemExit`` or a cancellation: the application is stopping.
+``timeout`` seconds, before the call returns: it blocks the thread that ends the span,
+and in async code (a coroutine, an async generator, an ``async with`` block) it awaits
+instead, so the event loop's other tasks go on meanwhile. (A plain function called
+from a coroutine blocks the loop while it runs, and while it waits.) It does not wait
+when the span ended with ``KeyboardInterrupt``, ``SystemExit`` or a cancellation: the
+application is stopping.
 
 It waits once every span handler has seen the span end, in
 :meth:`AuditAdapter.after_span_end` (which the core calls after the whole handler
@@ -222,6 +224,14 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
             run = self._deferred.pop(id_, None)
         if run is not None:
             run.wait(self.timeout)
+
+    async def after_span_end_async(self, id_: str) -> None:
+        """:meth:`after_span_end` for a span ended in async code: awaits the handler
+        calls, at most ``timeout`` seconds, without blocking the event loop."""
+        with self._guard:
+            run = self._deferred.pop(id_, None)
+        if run is not None:
+            await run.await_done(self.timeout)
 
     def _forget(self, id_: str, run: RequestRun) -> None:
         with self._guard:

@@ -409,3 +409,95 @@ def test_a_handler_attached_twice_for_the_same_requests_is_refused() -> None:
     again = audit.attach(below, [handler])  # the first one is gone
     again.detach()
     assert not top.span_handlers and not below.span_handlers
+
+
+class _SlowEnd(AsyncRecorder):
+    """request_end takes a while, as a handler posting to a remote service does."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.end_pause = pause
+
+    async def request_end(self, output: Any, request_context: Any) -> None:
+        import asyncio
+
+        await asyncio.sleep(self.end_pause)
+        self.rec.request_end(output, request_context)
+
+
+def _ticks_while(coro: Any) -> tuple[int, Any]:
+    """How often a 10 ms heartbeat task ran while ``coro`` ran on the same loop."""
+    import asyncio
+
+    async def main() -> tuple[int, Any]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def beat() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        beater = asyncio.create_task(beat())
+        try:
+            result = await coro
+        finally:
+            stop.set()
+            await beater
+        return ticks, result
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "async generator", "async with", "awaitable"])
+def test_async_requests_await_their_handlers_without_blocking_the_loop(kind: str) -> None:
+    """An async request returns once its handlers ran (as a sync one does), awaiting
+    them: the loop's other tasks run meanwhile. Blocking there held up every task of
+    the loop, and concurrent requests waited for each other's handlers in turn."""
+    import asyncio
+
+    d = get_dispatcher(f"tests.audit.async_wait.{kind.replace(' ', '_')}")
+    handler = _SlowEnd(0.3)
+    adapter = audit.attach(d, [handler])  # the default timeout: wait for the handlers
+
+    @d.span(request=True)
+    async def ask(question: str) -> str:
+        await asyncio.sleep(0)
+        return question
+
+    @d.span(request=True)
+    async def stream(question: str) -> Any:
+        yield question
+
+    @d.span(request=True)
+    def later(question: str) -> Any:
+        return ask.__wrapped__(question)  # a sync function returning a coroutine
+
+    async def one(i: int) -> None:
+        q = f"q{i}"
+        if kind == "coroutine":
+            await ask(q)
+        elif kind == "async generator":
+            assert [x async for x in stream(q)] == [q]
+        elif kind == "async with":
+            async with d.span("block", attributes={"request": True}):
+                await asyncio.sleep(0)
+        else:
+            await later(q)
+        # Done before the call returned, as for a sync request.
+        assert len(handler.rec.request_ends) >= 1
+
+    async def four() -> float:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.gather(*(one(i) for i in range(4)))
+        return loop.time() - began
+
+    try:
+        ticks, took = _ticks_while(four())
+    finally:
+        adapter.detach()
+    assert len(handler.rec.request_ends) == 4
+    assert took < 1.0, f"the four requests' handlers ran one after another ({took:.2f}s)"
+    assert ticks >= 10, f"the loop was blocked: the heartbeat ran {ticks} times"
