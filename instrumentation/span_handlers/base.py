@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from instrumentation._bounded import put_bounded
 from instrumentation._classcache import remember
-from instrumentation.context import span_name_of
+from instrumentation.context import _EMPTY_TAGS, span_name_of
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers._buffered import SpanDeque
 from instrumentation.threads import Thread  # LlamaIndex's home for it
@@ -190,6 +190,11 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         """Make and keep a span with :meth:`new_span`, unless ``id_`` is open already."""
         if id_ in self.open_spans:
             return
+        if tags is _EMPTY_TAGS:
+            # Outside every instrument_tags block: an empty dict of this span's own, so
+            # that a new_span writing into it (LlamaIndex's OpenTelemetry handler tags
+            # each root span with its traceparent) neither fails nor tags later spans.
+            tags = {}
         if _takes_kwargs(type(self))[0]:
             span = self.new_span(
                 id_=id_,
