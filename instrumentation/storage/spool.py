@@ -32,8 +32,10 @@ The rows waiting in the file (not yet replayed) take at most ``max_bytes`` bytes
 (1 GiB by default; ``None``: no bound): a database down for days must not fill the
 disk. What would take the file past it is not written; :meth:`Spool.append` returns
 how many rows that was, for the writer to log and count as lost. The oldest rows are
-kept (a trace's root and its first spans come first). Files adopted from dead
-processes are copied whole: they were on the disk already.
+kept: of one batch, its spans (in the order they ended, so a trace's root after the
+spans below it) before its events; a cut among the spans may keep spans whose root
+is lost (stored, but heading no trace). Files adopted from dead processes are copied
+whole: they were on the disk already.
 
 A line cut short by a crash (in an adopted file, or one left under this process's own
 pid by a process that crashed) is ended before anything is appended after it, skipped
@@ -117,7 +119,25 @@ def _pid_alive_posix(pid: int) -> bool:
         return False
     except OSError:  # PermissionError: it runs, as another user
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited and waits for its parent to reap it (Linux:
+    state ``Z`` or ``X`` in ``/proc/<pid>/stat``). ``os.kill(pid, 0)`` succeeds on
+    such a process: the file of a worker killed by ``kill -9`` was not adopted for as
+    long as its parent had not waited for it (a supervisor starting the replacement
+    first, a container's pid 1 that reaps nothing). ``False`` where that cannot be
+    read (no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows
+    # the last ')'.
+    end = stat.rfind(b")")
+    return end >= 0 and stat[end + 2 : end + 3] in (b"Z", b"X")
 
 
 #: OpenProcess's right to read a process's exit code, and its error for no such process.

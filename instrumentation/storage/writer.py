@@ -416,6 +416,7 @@ class BatchWriter:
             self._lose_queued()
         if first:
             self._log_unlogged_drops()
+            self._log_unlogged_spool_full()
         return self._stopped_with_all_stored()
 
     def _warn_still_writing(self, timeout: float) -> None:
@@ -778,6 +779,8 @@ class BatchWriter:
         self.rows_written += n
         _ROWS_WRITTEN.add(n)
         _BATCHES.inc()
+        if self._spool_full_since_log:  # the database takes writes again
+            self._log_unlogged_spool_full()
 
     def _to_spool(self, spans: list[Row], events: list[Row]) -> None:
         try:
@@ -800,12 +803,13 @@ class BatchWriter:
         batch)."""
         _SPOOL_FULL.add(n)
         self._count_lost(n)
-        self._spool_full_since_log += n
-        now = time.monotonic()
-        if now - self._last_spool_full_log < _LOG_EVERY:
-            return
-        self._last_spool_full_log = now
-        count, self._spool_full_since_log = self._spool_full_since_log, 0
+        with self._state_lock:
+            self._spool_full_since_log += n
+            now = time.monotonic()
+            if now - self._last_spool_full_log < _LOG_EVERY:
+                return
+            self._last_spool_full_log = now
+            count, self._spool_full_since_log = self._spool_full_since_log, 0
         logger.warning(
             "instrumentation.storage lost %d rows: the database does not take writes and "
             "the spool file %s holds max_spool_bytes=%d bytes of rows waiting for it; "
@@ -815,6 +819,26 @@ class BatchWriter:
             self.max_spool_bytes,
             self.rows_lost,
         )
+
+    def _log_unlogged_spool_full(self) -> None:
+        """The rows the full spool refused since its last warning, logged: once the
+        database takes writes again, and at shutdown. The warnings come at most every
+        ``_LOG_EVERY`` seconds, so those lost in the last stretch of an outage were
+        counted but never logged (a service that ran on, a process that exited)."""
+        with self._state_lock:
+            count, self._spool_full_since_log = self._spool_full_since_log, 0
+            if count:  # the next warning comes _LOG_EVERY seconds after this one
+                self._last_spool_full_log = time.monotonic()
+        if count:
+            logger.warning(
+                "instrumentation.storage lost %d more rows since the last warning: the "
+                "spool file %s held max_spool_bytes=%d bytes of rows waiting for the "
+                "database; %d rows lost in all",
+                count,
+                self.spool.path,
+                self.max_spool_bytes,
+                self.rows_lost,
+            )
 
     def count_unwritable(self, n: int) -> None:
         """``n`` entries no row could be made of (``rows_of`` logged them): lost, so that

@@ -318,3 +318,63 @@ def test_a_session_the_server_closed_while_idle_is_made_again_quietly(postgres_d
         store.write([], [maker.event_row(NoteEvent(text="2"), None)])
         time.sleep(0.8)
         assert sorted(e.payload["text"] for e in store.events()) == ["1", "2"]
+
+
+def _spool_full_logged(caplog: Any) -> int:
+    """The rows the full spool refused, as the warnings tell them."""
+    import re
+
+    total = 0
+    for record in caplog.records:
+        message = record.getMessage()
+        if "max_spool_bytes" in message:
+            total += int(re.search(r"lost (\d+) (?:more )?rows", message).group(1))  # type: ignore[union-attr]
+    return total
+
+
+def test_rows_the_full_spool_refused_are_all_logged_once_the_server_is_back(
+    postgres_server: Any, postgres_dsn: str, make_handler: Any, caplog: Any
+) -> None:
+    """The spool-full warning comes at most every 10 s: the rows refused after it were
+    counted, but logged only if the outage went on 10 s more. A service that rode out
+    the outage never logged them; they are once the database takes writes again."""
+    caplog.set_level("WARNING", logger="instrumentation.storage")
+    store = PostgresStore(postgres_dsn, connect_timeout=1)
+    handler = make_handler(store, retry_for=0, replay_interval=0.05, max_spool_bytes=4096)
+    postgres_server.stop()
+    try:
+        for batch in range(3):
+            for i in range(20):
+                handler.handle(NoteEvent(text=f"{batch} {i} " + "y" * 100))
+            assert handler.flush(0.5) is False
+        lost = telemetry.counter("storage.spool_full_rows").value
+        assert lost > 20 and handler.writer.rows_lost == lost
+        assert _spool_full_logged(caplog) < lost  # the first warning, at once; the rest held
+    finally:
+        postgres_server.start()
+    handler.handle(NoteEvent(text="after"))
+    assert wait_until(lambda: handler.flush(2), 30)
+    assert _spool_full_logged(caplog) == lost
+    assert count(store, "events") == 61 - lost
+
+
+def test_rows_the_full_spool_refused_are_all_logged_at_shutdown(
+    postgres_server: Any, postgres_dsn: str, make_handler: Any, caplog: Any
+) -> None:
+    """A process that exits during the outage logs the rows refused since the last
+    spool-full warning, as it does entries dropped from a full queue."""
+    caplog.set_level("WARNING", logger="instrumentation.storage")
+    store = PostgresStore(postgres_dsn, connect_timeout=1)
+    handler = make_handler(store, retry_for=0, replay_interval=3600, max_spool_bytes=4096)
+    postgres_server.stop()
+    try:
+        for batch in range(3):
+            for i in range(20):
+                handler.handle(NoteEvent(text=f"{batch} {i} " + "y" * 100))
+            handler.flush(0.5)
+        assert handler.shutdown(5) is False
+    finally:
+        postgres_server.start()
+    lost = telemetry.counter("storage.spool_full_rows").value
+    assert lost > 20 and handler.writer.rows_lost == lost
+    assert _spool_full_logged(caplog) == lost

@@ -686,3 +686,33 @@ def test_what_is_known_of_a_spool_file_lives_as_long_as_a_spool_of_it(
     assert again.rows_pending == 3
     chunk = again.next_chunk(10)
     assert chunk is not None and chunk.events == rows
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_the_spool_file_of_a_dead_process_not_reaped_yet_is_adopted(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """A worker killed (``kill -9``) whose parent has not waited for it yet is a
+    zombie: ``os.kill(pid, 0)`` succeeds, and its spool file was taken for a live
+    process's and left, however long the parent took to reap it."""
+    store = SQLiteStore(tmp_path / "t.db")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+
+        def state() -> bytes:
+            stat = Path(f"/proc/{child.pid}/stat").read_bytes()
+            return stat[stat.rfind(b")") + 2 :][:1]
+
+        assert wait_until(lambda: state() == b"Z", 30)  # exited, not reaped (no wait())
+        maker = RowMaker({}, {}, 10_000)
+        rows = [maker.event_row(NoteEvent(text=f"orphan {i}"), None) for i in range(3)]
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        prefix = Spool(store.spool_key, spool_dir).prefix
+        (spool_dir / f"{prefix}-{child.pid}.jsonl").write_bytes(
+            b"".join(spool_module._line("e", r) for r in rows)
+        )
+        assert spool_module._pid_alive(os.getpid()) is True
+        assert spool_module._pid_alive(child.pid) is False
+        assert Spool(store.spool_key, spool_dir).adopt_orphans() == 3
+    finally:
+        child.wait()
