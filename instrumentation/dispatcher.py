@@ -441,63 +441,54 @@ class Dispatcher:
 
     def add_event_handler(self, handler: BaseEventHandler) -> None:
         """Attach ``handler``; attaching the same handler twice is a no-op."""
-        _check_event_handler(handler)
-        with _lock:
-            if not any(h is handler for h in self._event_handlers):
-                self._event_handlers = (*self._event_handlers, handler)
-                self._changed()
+        self._update(events_in=(_check_event_handler(handler),))
 
     def add_span_handler(self, handler: BaseSpanHandler[Any]) -> None:
         """Attach ``handler``; attaching the same handler twice is a no-op."""
-        _check_span_handler(handler)
-        with _lock:
-            if not any(h is handler for h in self._span_handlers):
-                self._span_handlers = (*self._span_handlers, handler)
-                self._changed()
+        self._update(spans_in=(_check_span_handler(handler),))
 
     def remove_event_handler(self, handler: BaseEventHandler) -> None:
         """Detach ``handler``; a handler that is not attached is ignored."""
-        with _lock:
-            self._event_handlers = tuple(h for h in self._event_handlers if h is not handler)
-            self._changed()
+        self._update(events_out=(handler,))
 
     def remove_span_handler(self, handler: BaseSpanHandler[Any]) -> None:
         """Detach ``handler``; a handler that is not attached is ignored."""
-        with _lock:
-            self._span_handlers = tuple(h for h in self._span_handlers if h is not handler)
-            self._changed()
+        self._update(spans_out=(handler,))
 
     def _attach_together(
         self, event_handler: BaseEventHandler, span_handler: BaseSpanHandler[Any]
     ) -> None:
-        """Attach both, with one rebuild of the chains below, none if both are there.
-
-        For the library's own pairs (the audit collector, on every request that finds
-        it detached): each change rebuilds the chain of every dispatcher below, which
-        costs milliseconds in a tree of thousands.
-        """
-        with _lock:
-            ev = any(h is event_handler for h in self._event_handlers)
-            sp = any(h is span_handler for h in self._span_handlers)
-            if ev and sp:
-                return
-            if not ev:
-                self._event_handlers = (*self._event_handlers, event_handler)
-            if not sp:
-                self._span_handlers = (*self._span_handlers, span_handler)
-            self._changed()
+        """Attach both, with one rebuild of the chains below (none if both are there):
+        for the library's own pairs, the audit collector's, attached for requests. Each
+        change rebuilds the chain of every dispatcher below, milliseconds in a tree of
+        thousands."""
+        self._update(events_in=(event_handler,), spans_in=(span_handler,))
 
     def _detach_together(
         self, event_handler: BaseEventHandler, span_handler: BaseSpanHandler[Any]
     ) -> None:
-        """Detach both, with one rebuild of the chains below, none if neither is there."""
+        """Detach both, with one rebuild of the chains below (none if neither is there)."""
+        self._update(events_out=(event_handler,), spans_out=(span_handler,))
+
+    def _update(
+        self,
+        *,
+        events_in: tuple[Any, ...] = (),
+        spans_in: tuple[Any, ...] = (),
+        events_out: tuple[Any, ...] = (),
+        spans_out: tuple[Any, ...] = (),
+    ) -> None:
+        """Take handlers out and put others in (by identity, each once), rebuilding the
+        chains below once, and not at all when nothing changed."""
         with _lock:
-            events = tuple(h for h in self._event_handlers if h is not event_handler)
-            spans = tuple(h for h in self._span_handlers if h is not span_handler)
-            if len(events) == len(self._event_handlers) and len(spans) == len(self._span_handlers):
+            events = _updated(self._event_handlers, events_in, events_out)
+            spans = _updated(self._span_handlers, spans_in, spans_out)
+            if events is None and spans is None:
                 return
-            self._event_handlers = events
-            self._span_handlers = spans
+            if events is not None:
+                self._event_handlers = events
+            if spans is not None:
+                self._span_handlers = spans
             self._changed()
 
     def _changed(self) -> None:
@@ -1111,6 +1102,19 @@ class SpanBlock:
         self._close(exc, in_async)
         if chain is not None and span is not None and chain.async_afters and in_async:
             await after_span_end_async(chain, span.id_)
+
+
+def _updated(
+    handlers: tuple[Any, ...], put_in: tuple[Any, ...], take_out: tuple[Any, ...]
+) -> tuple[Any, ...] | None:
+    """``handlers`` without ``take_out`` and with ``put_in`` appended (those not in it
+    already), compared by identity: handlers are pydantic models, equal when their
+    fields are. ``None`` when that changes nothing."""
+    kept = tuple(h for h in handlers if not any(h is x for x in take_out))
+    added = tuple(h for h in put_in if not any(h is k for k in kept))
+    if not added and len(kept) == len(handlers):
+        return None
+    return (*kept, *added)
 
 
 def _ancestor_names(name: str) -> Iterator[str]:
