@@ -86,12 +86,26 @@ def foreign_parent(span_context: trace_api.SpanContext) -> SpanContext:
 
 
 def stand_in_context(span: SpanContext) -> otel_context.Context:
-    """An OpenTelemetry context whose current span carries ``span``'s ids (not recorded)."""
+    """An OpenTelemetry context whose current span carries ``span``'s ids (not recorded).
+
+    Its sampled flag and trace state are those of the OpenTelemetry span current where
+    it becomes current when that one is in the same trace (its parent, or an ancestor):
+    a span of ours no handler exported, inside a trace its root chose not to sample,
+    must not make the spans started inside it sampled (a parent-based sampler would
+    export them, children of a parent no backend has). Otherwise, sampled.
+    """
+    trace_id = int(span.trace_id, 16)
+    current = _get_current_span().get_span_context()
+    if current.is_valid and current.trace_id == trace_id:
+        flags, state = current.trace_flags, current.trace_state
+    else:
+        flags, state = _SAMPLED, None
     ids = trace_api.SpanContext(
-        int(span.trace_id, 16),
+        trace_id,
         int(span_hex_of(span.id_), 16),
         is_remote=False,
-        trace_flags=_SAMPLED,
+        trace_flags=flags,
+        trace_state=state,
     )
     return _set_span_in_context(trace_api.NonRecordingSpan(ids))
 

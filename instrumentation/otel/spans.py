@@ -49,6 +49,7 @@ _OTEL_SUPPRESSED = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
 _get_value = otel_context.get_value
 _set_span_in_context = trace_api.set_span_in_context
 _get_current_span = trace_api.get_current_span
+_get_current = otel_context.get_current
 _HEX16 = frozenset("0123456789abcdef")
 
 _EVENTS_WITHOUT_SPAN = telemetry.counter("otel.events_without_span")
@@ -147,13 +148,20 @@ class SpanTable:
         if _OTEL_SUPPRESSED is not None and _get_value(_OTEL_SUPPRESSED):
             return
         tracer = self.tracers.get(dispatcher) or self.tracer_for(dispatcher)
+        # The parent context keeps what else the application put in OpenTelemetry's
+        # context (baggage, read by span processors' on_start: a BaggageSpanProcessor).
         if parent_id is None:
-            parent = _ROOT_CONTEXT
+            parent = _get_current()
+            if _get_current_span(parent).get_span_context().is_valid:
+                parent = _set_span_in_context(trace_api.INVALID_SPAN, parent)
         else:
             opened = self.open.get(parent_id)
-            parent = (
-                opened.context if opened is not None else self.foreign_parent(parent_id, trace_id)
-            )
+            if opened is None:
+                parent = self.foreign_parent(parent_id, trace_id)
+            elif _get_current_span() is opened.span:
+                parent = None  # current: the parent's, with baggage set inside it since
+            else:
+                parent = opened.context
         span_attributes: dict[str, Any] | None = None
         if tags or attributes or self.openinference:
             span_attributes = {}
