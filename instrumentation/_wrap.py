@@ -525,10 +525,22 @@ def _wrap_callable(
                             if handle is not None:
                                 deactivate(handle)
                         if guard is not None:
+                            # Closed by aclose() (asyncio's hooks close an abandoned
+                            # stream that way too), this may await: not wait for the
+                            # handlers blocking the loop. With no loop running here it
+                            # may be a close by the collector, which cannot await.
+                            in_async = asyncio._get_running_loop() is not None
                             if returned:
-                                guard.finish()
+                                guard.finish(in_async)
                             else:
-                                guard.fail(closing)
+                                guard.fail(closing, in_async)
+                            if (
+                                in_async
+                                and chain is not None
+                                and chain.async_afters
+                                and span is not None
+                            ):
+                                await after_span_end_async(chain, span.id_)
                         raise
                     except BaseException as err:
                         to_throw, to_send = err, None

@@ -27,7 +27,9 @@ When the span ends, the adapter waits for the request's handler calls, at most
 ``timeout`` seconds, before the call returns: it blocks the thread that ends the span,
 and in async code (a coroutine, an async generator, an ``async with`` block) it awaits
 instead, so the event loop's other tasks go on meanwhile. (A plain function called
-from a coroutine blocks the loop while it runs, and while it waits.) It does not wait
+from a coroutine blocks the loop while it runs, and while it waits.) Awaited, the wait
+is part of the call: a cancellation or an ``asyncio.timeout`` that comes during it is
+raised, and the call's result is lost (its request ended all the same). It does not wait
 when the span ended with ``KeyboardInterrupt``, ``SystemExit`` or a cancellation: the
 application is stopping.
 
@@ -40,6 +42,7 @@ the wait, and export a fast call as a span as long as the audit handlers took.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 import time
@@ -230,8 +233,16 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
         calls, at most ``timeout`` seconds, without blocking the event loop."""
         with self._guard:
             run = self._deferred.pop(id_, None)
-        if run is not None:
-            await run.await_done(self.timeout)
+        if run is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # Not asyncio's (trio, a coroutine driven by hand): nothing to await on,
+            # and after_span_end was skipped for this span: wait as it does.
+            run.wait(self.timeout)
+            return
+        await run.await_done(self.timeout)
 
     def _forget(self, id_: str, run: RequestRun) -> None:
         with self._guard:

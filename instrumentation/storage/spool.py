@@ -135,9 +135,18 @@ def _is_zombie(pid: int) -> bool:
     except OSError:
         return False
     # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows
-    # the last ')'.
+    # the last ')'. A process whose main thread ended (pthread_exit) while its other
+    # threads run shows "Z" too: alive while more than one thread is counted.
     end = stat.rfind(b")")
-    return end >= 0 and stat[end + 2 : end + 3] in (b"Z", b"X")
+    if end < 0:
+        return False
+    fields = stat[end + 2 :].split()
+    if not fields or fields[0] not in (b"Z", b"X"):
+        return False
+    try:
+        return int(fields[17]) <= 1  # num_threads
+    except (IndexError, ValueError):
+        return True
 
 
 #: OpenProcess's right to read a process's exit code, and its error for no such process.

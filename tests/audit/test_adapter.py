@@ -501,3 +501,59 @@ def test_async_requests_await_their_handlers_without_blocking_the_loop(kind: str
     assert len(handler.rec.request_ends) == 4
     assert took < 1.0, f"the four requests' handlers ran one after another ({took:.2f}s)"
     assert ticks >= 10, f"the loop was blocked: the heartbeat ran {ticks} times"
+
+
+def test_an_async_stream_read_no_further_awaits_its_handlers_without_blocking_the_loop() -> None:
+    """A stream its caller stops reading is closed by ``aclose()`` (``aclosing``, or the
+    loop's hook for one dropped): the span ends there, in async code. It waited for
+    the handlers blocking the loop, as in sync code."""
+    import contextlib
+
+    d = get_dispatcher("tests.audit.async_wait.abandoned")
+    handler = _SlowEnd(0.3)
+    adapter = audit.attach(d, [handler])
+
+    @d.span(request=True)
+    async def stream(question: str) -> Any:
+        for i in range(10):
+            yield i
+
+    async def read_one() -> None:
+        async with contextlib.aclosing(stream("q")) as s:
+            async for _ in s:
+                break
+        assert len(handler.rec.request_ends) == 1  # done before the close returned
+
+    try:
+        ticks, _ = _ticks_while(read_one())
+    finally:
+        adapter.detach()
+    assert handler.rec.request_ends[0][0].abandoned is True
+    assert ticks >= 10, f"the loop was blocked: the heartbeat ran {ticks} times"
+
+
+def test_an_async_request_run_without_asyncio_still_waits_for_its_handlers() -> None:
+    """A coroutine another event loop runs (trio), or one driven by hand, has no asyncio
+    loop to await on: its handlers are waited for as in sync code. asyncio's
+    get_running_loop() raised there: reported as the adapter's error on every request,
+    and nothing waited."""
+    from instrumentation import telemetry
+
+    d = get_dispatcher("tests.audit.async_wait.no_asyncio")
+    handler = _SlowEnd(0.2)
+    adapter = audit.attach(d, [handler])
+
+    @d.span(request=True)
+    async def ask(question: str) -> str:
+        return question
+
+    coro = ask("q")
+    try:
+        with pytest.raises(StopIteration) as stop:
+            coro.send(None)
+        assert stop.value.value == "q"
+        assert len(handler.rec.request_ends) == 1
+        assert "AuditAdapter" not in telemetry.handler_errors()
+    finally:
+        adapter.flush()
+        adapter.detach()

@@ -716,3 +716,33 @@ def test_the_spool_file_of_a_dead_process_not_reaped_yet_is_adopted(
         assert Spool(store.spool_key, spool_dir).adopt_orphans() == 3
     finally:
         child.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_a_process_whose_main_thread_ended_while_others_run_is_alive() -> None:
+    """Its /proc stat shows ``Z`` as a dead process's does, with more than one thread:
+    taken for dead, its spool file was adopted (renamed away) while it wrote to it."""
+    code = (
+        "import ctypes, sys, threading\n"
+        "go = threading.Event()\n"
+        "threading.Thread(target=lambda: (sys.stdin.readline(), go.set())).start()\n"
+        "print('ready', flush=True)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+
+        def state() -> bytes:
+            stat = Path(f"/proc/{child.pid}/stat").read_bytes()
+            return stat[stat.rfind(b")") + 2 :][:1]
+
+        assert wait_until(lambda: state() == b"Z", 30)  # its main thread is gone
+        assert spool_module._pid_alive(child.pid) is True
+    finally:
+        assert child.stdin is not None
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(30)
