@@ -13,7 +13,7 @@ three times as much on paths taken for every span.
 from __future__ import annotations
 
 import weakref
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -26,9 +26,13 @@ _watching: dict[int, weakref.ref[type]] = {}
 def remember(table: dict[int, T], cls: type, value: T) -> T:
     """``table[id(cls)] = value`` until ``cls`` is freed; returns ``value``."""
 
-    def forget(ref: weakref.ref[type], key: int = id(cls)) -> None:
+    # Both tables bound now: at interpreter exit the module's globals may be gone
+    # before the last classes are.
+    def forget(
+        ref: weakref.ref[type], key: int = id(cls), watching: dict[int, Any] = _watching
+    ) -> None:
         table.pop(key, None)
-        _watching.pop(id(ref), None)
+        watching.pop(id(ref), None)
 
     table[id(cls)] = value
     ref = weakref.ref(cls, forget)
