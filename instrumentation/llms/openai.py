@@ -20,8 +20,8 @@ wrapped: each chunk emits an in-progress event; usage is taken from the final ch
 when the request asked for it (``stream_options={"include_usage": True}``; the
 request is never changed behind the application's back) and estimated otherwise.
 The events describe the first choice (index 0), its text, its tool calls (a legacy
-``function_call`` among them) and its refusal. A stream closed early (``close()``,
-``aclose()``) ends its span with the tokens seen so far. openai's
+``function_call`` and custom tool calls among them) and its refusal. A stream closed
+early (``close()``, ``aclose()``) ends its span with the tokens seen so far. openai's
 ``chat.completions.stream()`` helper calls ``create``, so it is traced too.
 
 The instrumentation never changes what the client returns or raises: if a request
@@ -145,12 +145,9 @@ def to_chat_message(message: Any) -> ChatMessage:
                 blocks.append(ContentBlock(type=str(kind), data=data))
         text = None
     calls = [
-        ToolCall(
-            id=_get(call, "id"),
-            name=_get(_get(call, "function"), "name") or "",
-            arguments=_arguments_text(_get(_get(call, "function"), "arguments")),
-        )
+        ToolCall(id=_get(call, "id"), name=name, arguments=arguments)
         for call in (_get(message, "tool_calls") or ())
+        for name, arguments in (_tool_call_body(call),)
     ]
     function_call = _get(message, "function_call")
     if function_call is not None:  # legacy function calling (``functions=``): no id
@@ -177,6 +174,18 @@ def to_chat_message(message: Any) -> ChatMessage:
         tool_calls=calls,
         additional_kwargs=extra,
     )
+
+
+def _tool_call_body(call: Any) -> tuple[str, str]:
+    """A tool call's name and arguments: a function call's, or a custom tool call's
+    (``type: "custom"``, ``custom: {name, input}``), whose free-form input stands for
+    the arguments."""
+    function = _get(call, "function")
+    if function is None:
+        custom = _get(call, "custom")
+        if custom is not None:
+            return _get(custom, "name") or "", _arguments_text(_get(custom, "input"))
+    return _get(function, "name") or "", _arguments_text(_get(function, "arguments"))
 
 
 def _refusal_block(refusal: str) -> ContentBlock:
@@ -372,8 +381,11 @@ class _ChunkState:
             index = _get(fragment, "index")
             acc = self.calls.setdefault(index if isinstance(index, int) else position, ["", "", ""])
             function = _get(fragment, "function")
+            arguments = "arguments"
+            if function is None and _get(fragment, "custom") is not None:
+                function, arguments = _get(fragment, "custom"), "input"  # a custom tool
             for slot, value in enumerate(
-                (_get(fragment, "id"), _get(function, "name"), _get(function, "arguments"))
+                (_get(fragment, "id"), _get(function, "name"), _get(function, arguments))
             ):
                 if value is not None:
                     piece = _piece(value)
@@ -536,14 +548,22 @@ class AsyncTracedStream(_Proxy):
         await self.close()
 
 
-def _listed(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with ``messages`` read once into a list when it is a one-pass iterable
-    (a generator, say), so that describing the request does not use it up: the client
-    is then given that list."""
-    messages = kwargs.get("messages")
-    if isinstance(messages, (Sequence, Mapping)) or not isinstance(messages, Iterable):
-        return kwargs
-    return {**kwargs, "messages": list(messages)}
+#: The parameters of chat ``create`` that openai types as any ``Iterable``.
+_ITERABLE_PARAMETERS = ("messages", "tools", "functions")
+
+
+def _listed(kwargs: dict[str, Any], keys: Sequence[str] = _ITERABLE_PARAMETERS) -> dict[str, Any]:
+    """``kwargs`` with each of ``keys`` (chat: ``messages``, ``tools``, ``functions``)
+    read once into a list when it is a one-pass iterable (a generator, say), so that
+    describing the request (or a handler serialising its start event) does not use it
+    up: the client is then given that list."""
+    listed: dict[str, Any] = {}
+    for key in keys:
+        value = kwargs.get(key)
+        if isinstance(value, (Sequence, Mapping, str)) or not isinstance(value, Iterable):
+            continue
+        listed[key] = list(value)
+    return {**kwargs, **listed} if listed else kwargs
 
 
 class _Patch:
@@ -708,6 +728,7 @@ def _embed_wrapper(patch: _Patch) -> Wrapper:
     def embed(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args or not listening(dispatcher) or not patch.on:
             return wrapped(*args, **kwargs)
+        kwargs = _listed(kwargs, ("input",))  # its texts are read after the call
         with dispatcher.span(EMBEDDING_SPAN):
             t0 = _embed_start(instance, kwargs)
             response = wrapped(*args, **kwargs)
@@ -723,6 +744,7 @@ def _aembed_wrapper(patch: _Patch) -> Wrapper:
     ) -> Any:
         if args or not listening(dispatcher) or not patch.on:
             return await wrapped(*args, **kwargs)
+        kwargs = _listed(kwargs, ("input",))  # its texts are read after the call
         async with dispatcher.span(EMBEDDING_SPAN):
             t0 = _embed_start(instance, kwargs)
             response = await wrapped(*args, **kwargs)

@@ -21,6 +21,11 @@ chunks instead of the answer's words (for replies such as legacy function calls 
 refusals). ``server.finish_reason``, if set, is choice 0's finish reason.
 ``server.embedding_usage = False`` leaves the usage out of embedding replies.
 ``server.reply_model`` is the model a chat reply names, as OpenAI names a snapshot.
+``server.fail_first`` (a list of statuses) answers the next requests with those
+errors, one each (for the client's retries); ``server.delay_s`` delays every answer;
+``server.stream_error_after = k`` ends a stream with an error event after k chunks.
+``POST /v1/completions`` (legacy) and ``POST /v1/responses`` echo their input, not
+streamed.
 """
 
 from __future__ import annotations
@@ -71,8 +76,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length) or b"{}")
         self.server.requests.append({"path": self.path, "body": body})
         model = body.get("model", "")
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)
+        status = self.server.fail_first.pop(0) if self.server.fail_first else 0
         if model in ("error-429", "error-500"):
             status = int(model[-3:])
+        if status:
             self._send_json(
                 status,
                 {
@@ -84,9 +93,14 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
-        if self.path.endswith("/chat/completions"):
+        path = self.path.split("?", 1)[0]  # Azure adds ?api-version=...
+        if path.endswith("/chat/completions"):
             self._chat(body)
-        elif self.path.endswith("/embeddings"):
+        elif path.endswith("/completions"):
+            self._completion(body)
+        elif path.endswith("/responses"):
+            self._response(body)
+        elif path.endswith("/embeddings"):
             self._embeddings(body)
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
@@ -197,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
             usage_chunk = chunk({}, None, usage=self._usage(body, answer))
             usage_chunk["choices"] = []
             events.append(usage_chunk)
+        if self.server.stream_error_after is not None:  # an error in place of the rest
+            events = events[: self.server.stream_error_after]
+            events.append({"error": {"message": "injected stream error", "type": "server_error"}})
         try:
             for event in events:
                 self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -208,6 +225,56 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
             pass
         self.close_connection = True
+
+    def _completion(self, body: dict[str, Any]) -> None:
+        """The legacy completions endpoint (not streamed): the prompt echoed."""
+        answer = f"Echo: {body.get('prompt', '')}"
+        self._send_json(
+            200,
+            {
+                "id": "cmpl-test",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [
+                    {"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            },
+        )
+
+    def _response(self, body: dict[str, Any]) -> None:
+        """The Responses API (not streamed): the input echoed."""
+        answer = f"Echo: {body.get('input', '')}"
+        self._send_json(
+            200,
+            {
+                "id": "resp_test",
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": body.get("model"),
+                "status": "completed",
+                "output": [
+                    {
+                        "type": "message",
+                        "id": "msg_test",
+                        "status": "completed",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": answer, "annotations": []}],
+                    }
+                ],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": {
+                    "input_tokens": 3,
+                    "output_tokens": 3,
+                    "total_tokens": 6,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                },
+            },
+        )
 
     def _embeddings(self, body: dict[str, Any]) -> None:
         inputs = body.get("input")
@@ -246,6 +313,12 @@ class OpenAIServer(ThreadingHTTPServer):
         self.cached_tokens = 0
         self.chunk_delay_s = 0.0
         self.tool_calls: list[tuple[str, str, str]] | None = None
+        #: Statuses to answer the next requests with, one each, before answering normally.
+        self.fail_first: list[int] = []
+        #: Seconds to wait before answering a request (for client timeouts).
+        self.delay_s = 0.0
+        #: A stream sends an error event after this many chunks, and nothing more.
+        self.stream_error_after: int | None = None
         self._thread: threading.Thread | None = None
 
     @property

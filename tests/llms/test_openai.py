@@ -70,6 +70,9 @@ def _instrumented(server: OpenAIServer) -> Iterator[None]:
     server.finish_reason = None
     server.embedding_usage = True
     server.reply_model = None
+    server.fail_first = []
+    server.delay_s = 0.0
+    server.stream_error_after = None
     server.requests.clear()
     instrument_openai()
     yield
@@ -1489,3 +1492,134 @@ def test_token_id_embeddings_record_their_vectors_and_count_their_tokens(
     assert ids.chunks == [] and len(ids.embeddings) == 2
     assert ids.usage == TokenUsage(prompt_tokens=5, total_tokens=5, estimated=True)
     assert text.usage == TokenUsage(prompt_tokens=2, total_tokens=2, estimated=True)
+
+
+CUSTOM_CALL = {
+    "id": "call_sql",
+    "type": "custom",
+    "custom": {"name": "run_sql", "input": "SELECT 1"},
+}
+
+
+def test_a_custom_tool_call_is_recorded_in_a_reply_and_in_the_history(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """A custom tool call (``type: "custom"``, ``custom: {name, input}``) has no
+    ``function``: its name and input were recorded as empty strings."""
+    server.message = {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]}
+    completion = client.chat.completions.create(
+        model="gpt-4o", messages=HELLO, tools=[{"type": "custom", "custom": {"name": "run_sql"}}]
+    )
+    [end] = cap.events_of(LLMChatEndEvent)
+    expected = [ToolCall(id="call_sql", name="run_sql", arguments="SELECT 1")]
+    assert end.response is not None and end.response.message.tool_calls == expected
+    server.message = None
+    history = [
+        *HELLO,
+        completion.choices[0].message,
+        {"role": "tool", "tool_call_id": "call_sql", "content": "1"},
+    ]
+    client.chat.completions.create(model="gpt-4o", messages=history)
+    assert cap.events_of(LLMChatStartEvent)[-1].messages[1].tool_calls == expected
+
+
+def test_a_streamed_custom_tool_call_is_recorded(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """Streamed, a custom tool call's fragments carry ``custom`` (name, then input in
+    pieces) in place of ``function``."""
+    server.deltas = [
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_sql",
+                    "type": "custom",
+                    "custom": {"name": "run_sql", "input": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": 0, "custom": {"input": "SELECT"}}]},
+        {"tool_calls": [{"index": 0, "custom": {"input": " 1"}}]},
+    ]
+    server.finish_reason = "tool_calls"
+    list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.response is not None
+    assert end.response.message.tool_calls == [
+        ToolCall(id="call_sql", name="run_sql", arguments="SELECT 1")
+    ]
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_a_generator_of_tools_is_sent_whole_when_a_handler_serialises_the_start_event(
+    client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """openai types ``tools`` (and ``functions``) as any iterable. A handler serialising
+    the start event (as a JSON log or a store does) read the generator the event held,
+    and the request went out with ``"tools": []``."""
+    dumped: list[str] = []
+
+    class Dumper(BaseEventHandler):
+        def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+            if isinstance(event, LLMChatStartEvent):
+                dumped.append(event.model_dump_json())
+
+    with isolated() as cap:
+        get_dispatcher().add_event_handler(Dumper())
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=HELLO,
+            tools=(t for t in [TOOL]),
+            functions=(f for f in [TOOL["function"]]),
+        )
+        [start] = cap.events_of(LLMChatStartEvent)
+    body = server.requests[-1]["body"]
+    assert body["tools"] == [TOOL] and body["functions"] == [TOOL["function"]]
+    assert start.additional_kwargs["tools"] == [TOOL]
+    assert json.loads(dumped[0])["additional_kwargs"]["tools"] == [TOOL]
+
+
+def test_a_generator_of_embedding_inputs_is_recorded(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """The texts of an embedding are read after the call: a generator, used up by the
+    client by then, left the event with no chunks."""
+    client.embeddings.create(model="text-embedding-3-small", input=(t for t in ["a b", "c"]))
+    assert server.requests[-1]["body"]["input"] == ["a b", "c"]
+    [end] = cap.events_of(EmbeddingEndEvent)
+    assert end.chunks == ["a b", "c"] and len(end.embeddings) == 2
+
+
+def test_retries_are_one_call(cap: Capture, server: OpenAIServer) -> None:
+    """The client's retries (429, then 500, then a reply) are one call: one span, one
+    start and one end event, with the reply's usage."""
+    server.fail_first = [429, 500]
+    with openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=2) as retrying:
+        retrying.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert len(server.requests) == 3
+    assert len(cap.events_of(LLMChatStartEvent)) == 1
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.usage is not None and not end.usage.estimated
+    assert [s.name for s in cap.spans] == [CHAT_SPAN]
+
+
+async def test_an_error_event_in_a_stream_reaches_the_reader_and_drops_the_span(
+    cap: Capture, client: openai.OpenAI, aclient: openai.AsyncOpenAI, server: OpenAIServer
+) -> None:
+    """An error sent in the stream is the client's own ``APIError``, raised to the
+    reader (sync and async); the span is dropped and no end event is sent."""
+    server.stream_error_after = 3
+    with pytest.raises(openai.APIError, match="injected stream error"):
+        list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
+    stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+    with pytest.raises(openai.APIError, match="injected stream error"):
+        async for _ in stream:
+            pass
+    assert cap.events_of(LLMChatEndEvent) == []
+    assert len(cap.events_of(SpanDropEvent)) == 2
