@@ -93,13 +93,39 @@ _events_dispatched = telemetry.EVENTS_DISPATCHED.ticks
 _lock = threading.RLock()
 
 
+#: Whether the thread forking holds ``_lock`` (taken for the fork: see below).
+_held_for_fork = False
+
+
+def _take_lock_before_fork() -> None:
+    """A change (``_update``, ``propagate``, a new dispatcher) sets a handler list, then
+    rebuilds the chains below one by one: a child forked in between kept that list
+    with chains half rebuilt, events reaching handlers the tree no longer has and
+    missing those it has, until the next change above. The fork waits for the change
+    to finish (a bounded while, as ``logging`` does, which waits for ever)."""
+    global _held_for_fork
+    _held_for_fork = _lock.acquire(timeout=1.0)
+
+
+def _release_lock_after_fork_in_parent() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _lock.release()
+
+
 def _reinit_lock_after_fork() -> None:
-    global _lock
+    global _lock, _held_for_fork
     _lock = threading.RLock()
+    _held_for_fork = False
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch
-    os.register_at_fork(after_in_child=_reinit_lock_after_fork)
+    os.register_at_fork(
+        before=_take_lock_before_fork,
+        after_in_parent=_release_lock_after_fork_in_parent,
+        after_in_child=_reinit_lock_after_fork,
+    )
 
 
 def _check_name(name: object) -> str:
@@ -871,10 +897,17 @@ class Dispatcher:
                 continue
             closed.append(handler)
             open_spans = getattr(handler, "open_spans", {})
+            # A call may end one of these spans on its thread while it is dropped here:
+            # each end claims the span first (see BaseSpanHandler._claim_end), and the
+            # claim is held until the drop is noted, so that the handler sees one end.
+            claim = handler._claim_end if isinstance(handler, BaseSpanHandler) else None
             for span_id in list(open_spans):
-                if span_id not in open_spans:
-                    continue  # its call ended meanwhile, on another thread
+                claimed = claim(span_id) if claim is not None else False
+                if claimed is None:
+                    continue  # its call is ending it now, on another thread
                 try:
+                    if span_id not in open_spans:
+                        continue  # its call ended meanwhile, on another thread
                     outcome = handler.span_drop(id_=span_id, bound_args=EMPTY_BOUND_ARGS, err=error)
                 except Exception as exc:
                     telemetry.report_handler_error(handler, "span_drop", span_id, exc)
@@ -886,6 +919,9 @@ class Dispatcher:
                     if span_id not in dropped:
                         dropped.add(span_id)
                         telemetry.SPANS_DROPPED_BY_SHUTDOWN.inc()
+                finally:
+                    if claimed:
+                        handler._release_end(span_id)
             _close(handler)
         for ev_handler in event_handlers:
             if not any(ev_handler is c for c in closed):

@@ -120,9 +120,14 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         description="How many completed (and dropped) spans to keep.",
     )
     _lock: _thread.LockType | None = PrivateAttr(default=None)
-    # Spans that Dispatcher.shutdown() dropped while their calls still ran: the calls'
-    # own exit or drop, when it comes, is not passed on a second time.
-    _ended_by_shutdown: dict[str, None] | None = PrivateAttr(default=None)
+    # Two tables kept in the instance's __dict__ (made when first needed), not as
+    # pydantic private attributes: those are read through BaseModel.__getattr__, over
+    # a microsecond, and these are read at every span's end.
+    # "_ended_by_shutdown": spans Dispatcher.shutdown() dropped while their calls still
+    # ran: the calls' own exit or drop, when it comes, is not passed on a second time.
+    # "_ending": spans being ended now, by the thread ending them: a call's own end and
+    # shutdown() dropping the span on another thread each claim it there first, so
+    # that only one of them reaches prepare_to_exit_span/prepare_to_drop_span.
 
     #: Set to False in a handler that never reads ``bound_args``: the dispatcher then
     #: passes an empty one and saves making it on every call.
@@ -238,15 +243,22 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         not open here (``new_span`` kept nothing), as in LlamaIndex."""
         if self._was_ended_by_shutdown(id_):
             return
-        self._prepared_end(
-            self.prepare_to_exit_span,
-            _takes_kwargs(type(self))[1],
-            id_,
-            kwargs,
-            bound_args=bound_args,
-            instance=instance,
-            result=result,
-        )
+        claimed = self._claim_end(id_)
+        if claimed is None:
+            return  # shutdown() drops it on another thread right now
+        try:
+            self._prepared_end(
+                self.prepare_to_exit_span,
+                _takes_kwargs(type(self))[1],
+                id_,
+                kwargs,
+                bound_args=bound_args,
+                instance=instance,
+                result=result,
+            )
+        finally:
+            if claimed:
+                self._release_end(id_)
 
     def span_drop(
         self,
@@ -264,16 +276,44 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         """
         if self._was_ended_by_shutdown(id_):
             return False
-        span = self._prepared_end(
-            self.prepare_to_drop_span,
-            _takes_kwargs(type(self))[2],
-            id_,
-            kwargs,
-            bound_args=bound_args,
-            instance=instance,
-            err=err,
-        )
+        claimed = self._claim_end(id_)
+        if claimed is None:
+            return False  # another thread ends it right now
+        try:
+            span = self._prepared_end(
+                self.prepare_to_drop_span,
+                _takes_kwargs(type(self))[2],
+                id_,
+                kwargs,
+                bound_args=bound_args,
+                instance=instance,
+                err=err,
+            )
+        finally:
+            if claimed:
+                self._release_end(id_)
         return span is not None
+
+    def _claim_end(self, id_: str) -> bool | None:
+        """Claim the end of span ``id_`` for this thread: ``True`` (release it after),
+        ``False`` (this thread holds it already: ``shutdown()`` dropping it), ``None``
+        (another thread ends it now: leave it to that one)."""
+        ending = self.__dict__.get("_ending")
+        if ending is None:
+            ending = self.__dict__.setdefault("_ending", {})
+        me = _thread.get_ident()
+        holder = ending.get(id_)
+        if holder == me:
+            return False
+        if holder is not None or ending.setdefault(id_, me) != me:  # setdefault: atomic
+            return None
+        return True
+
+    def _release_end(self, id_: str) -> None:
+        """Let go of the claim :meth:`_claim_end` gave (``True``)."""
+        ending = self.__dict__.get("_ending")
+        if ending is not None:
+            ending.pop(id_, None)
 
     def _prepared_end(
         self,
@@ -300,7 +340,7 @@ class BaseSpanHandler(BaseModel, Generic[T]):
 
     def _was_ended_by_shutdown(self, id_: str) -> bool:
         """Whether shutdown dropped span ``id_`` already (forgotten once asked)."""
-        ended = self._ended_by_shutdown
+        ended = self.__dict__.get("_ended_by_shutdown")
         if ended is not None and id_ in ended:
             ended.pop(id_, None)
             return True
@@ -308,11 +348,12 @@ class BaseSpanHandler(BaseModel, Generic[T]):
 
     def _dropped_at_shutdown(self, id_: str) -> None:
         """Note that shutdown dropped span ``id_`` (see ``_ended_by_shutdown``)."""
-        if self._ended_by_shutdown is None:
-            self._ended_by_shutdown = {}
+        ended = self.__dict__.get("_ended_by_shutdown")
+        if ended is None:
+            ended = self.__dict__.setdefault("_ended_by_shutdown", {})
         # Calls that never come back (or handlers that end spans their own way) would
         # keep ids for ever: bounded.
-        put_bounded(self._ended_by_shutdown, id_, None, _ENDED_BY_SHUTDOWN_KEPT)
+        put_bounded(ended, id_, None, _ENDED_BY_SHUTDOWN_KEPT)
 
     def capture_propagation_context(self) -> dict[str, Any]:
         """What this handler needs to continue a trace in another process (nothing here)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from forking import in_child
 from instrumentation import SimpleSpanHandler, get_dispatcher, telemetry
 from instrumentation import dispatcher as dispatcher_module
 from instrumentation._ids import new_span_hex, new_trace_id
+from instrumentation.events import BaseEvent
+from instrumentation.testing import RecordingEventHandler
 
 from ._support import fresh
 
@@ -96,3 +99,43 @@ def test_forked_child_counts_from_zero() -> None:
     assert child["after"] == {"mine": 1, "errors": {"object": 1}}
     # The parent keeps its own figures.
     assert mine.value == 5
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_fork_during_a_handler_change_leaves_no_chain_half_rebuilt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork while another thread attaches a handler waits for the chains below to be
+    rebuilt: the child's tree says the handler is attached, so its events reach it.
+    (The fork came between the handler list and the rebuild of the chains below, and
+    the child's dispatchers below kept their old chains.)"""
+    name = fresh("forkchange")
+    top = get_dispatcher(name)
+    leaf = get_dispatcher(f"{name}.leaf")
+    recorder = RecordingEventHandler()
+    rebuilding = threading.Event()
+    real_rebuild = dispatcher_module.Dispatcher._rebuild
+
+    def slow_rebuild(self: Any, shared: Any = None) -> None:
+        if self is leaf and not rebuilding.is_set():
+            rebuilding.set()
+            time.sleep(0.5)  # the fork comes here, between top's chain and leaf's
+        real_rebuild(self, shared)
+
+    monkeypatch.setattr(dispatcher_module.Dispatcher, "_rebuild", slow_rebuild)
+    changer = threading.Thread(target=top.add_event_handler, args=(recorder,))
+    changer.start()
+    try:
+        assert rebuilding.wait(10)
+
+        def child_work() -> dict[str, Any]:
+            attached = any(h is recorder for h in top._event_handlers)
+            leaf.event(BaseEvent())
+            return {"attached": attached, "received": len(recorder.events)}
+
+        child = in_child(child_work)
+    finally:
+        changer.join()
+        top.remove_event_handler(recorder)
+    assert child == {"attached": True, "received": 1}

@@ -13,6 +13,7 @@ import pytest
 from instrumentation import (
     BaseEvent,
     BaseEventHandler,
+    BaseSpanHandler,
     Dispatcher,
     SimpleSpanHandler,
     current_span,
@@ -678,3 +679,63 @@ def test_spans_ending_while_shutdown_drops_them_end_once_and_are_counted_right(
             assert len(completed | dropped_here) == 1500 and not handler.open_spans
             dropped |= dropped_here
         assert telemetry.SPANS_DROPPED_BY_SHUTDOWN.value - before == len(dropped)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_drop_and_the_calls_own_end_on_another_thread_reach_a_handler_once() -> None:
+    """shutdown() dropping a span while its call ends it on another thread: the handler
+    sees one end, not the drop and then the exit (the call's end came while a slow
+    prepare_to_drop_span ran, before the drop was noted)."""
+    import threading
+
+    from instrumentation.span.base import BaseSpan
+
+    in_call, call_may_end, call_ended = threading.Event(), threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    class Slow(BaseSpanHandler[BaseSpan]):
+        def new_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            parent_span_id: str | None = None,
+            tags: Any = None,
+            **kwargs: Any,
+        ) -> BaseSpan:
+            return BaseSpan(id_=id_, parent_id=parent_span_id)
+
+        def prepare_to_exit_span(
+            self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any
+        ) -> BaseSpan:
+            seen.append("exit")
+            return self.open_spans[id_]
+
+        def prepare_to_drop_span(
+            self,
+            id_: str,
+            bound_args: Any,
+            instance: Any = None,
+            err: BaseException | None = None,
+            **kwargs: Any,
+        ) -> BaseSpan:
+            seen.append("drop")
+            call_may_end.set()
+            call_ended.wait(0.5)  # the call's end comes meanwhile (it waits, fixed)
+            return self.open_spans[id_]
+
+    d = get_dispatcher(fresh("shutrace"))
+    d.add_span_handler(Slow())
+
+    @d.span
+    def work() -> None:
+        in_call.set()
+        call_may_end.wait(10)
+
+    worker = threading.Thread(target=lambda: (work(), call_ended.set()))
+    worker.start()
+    assert in_call.wait(10)
+    d.shutdown()
+    worker.join(10)
+    assert seen == ["drop"]
+    assert telemetry.handler_errors().get("Slow", 0) == 0
