@@ -47,7 +47,7 @@ import inspect
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import PrivateAttr, field_validator
 
@@ -124,12 +124,19 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
     handlers: list[Any]
     timeout: float = DEFAULT_TIMEOUT
     collection: str | None = None
-    _runs: dict[str, RequestRun] = PrivateAttr(default_factory=dict)
     _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
-    _guard: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _pending: set[RequestRun] = PrivateAttr(default_factory=set)
-    # Ended request spans whose wait is for after_span_end, by span id.
-    _deferred: dict[str, RequestRun] = PrivateAttr(default_factory=dict)
+    if TYPE_CHECKING:
+        # Put straight in __dict__ by model_post_init: every span's end reads them (most
+        # to find it is no request), and a pydantic private attribute is read through
+        # BaseModel.__getattr__, over a microsecond each time.
+        @property
+        def _runs(self) -> dict[str, RequestRun]: ...
+        @property
+        def _guard(self) -> threading.Lock: ...
+        @property
+        def _deferred(self) -> dict[str, RequestRun]:
+            """Ended request spans whose wait is for after_span_end, by span id."""
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -139,6 +146,7 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
 
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
+        self.__dict__.update(_runs={}, _guard=threading.Lock(), _deferred={})
         self.handlers = list(check_handlers(self.handlers))
 
     def span_enter(
