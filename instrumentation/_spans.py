@@ -452,22 +452,25 @@ def _run_deferred_at_exit() -> None:
     _exited = True
 
 
-#: Whether the thread forking holds ``_draining`` (taken for the fork: see below).
-_held_for_fork = False
+#: The threads forking now that hold ``_draining`` for it (see below), by ident: one
+#: flag shared by all was cleared by a second fork whose wait timed out meanwhile,
+#: and the first fork's thread then never let go of it (no drain ever ran again).
+_held_for_fork: list[int] = []
 
 
 def _before_fork() -> None:
     """A child must not inherit a handler's lock that the drainer (or another thread
     making what was put off) holds, and that no thread of the child would let go of:
     the fork waits for the drain to finish, a bounded while."""
-    global _held_for_fork
-    _held_for_fork = _draining_thread != get_ident() and _draining.acquire(timeout=1.0)
+    me = get_ident()
+    if _draining_thread != me and _draining.acquire(timeout=1.0):
+        _held_for_fork.append(me)
 
 
 def _after_fork_in_parent() -> None:
-    global _held_for_fork
-    if _held_for_fork:
-        _held_for_fork = False
+    me = get_ident()
+    if me in _held_for_fork:
+        _held_for_fork.remove(me)
         _draining.release()
         if _deferred:
             _wake_drainer(start=True)  # what went behind the drain the fork held off
@@ -476,11 +479,11 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     """The parent makes the ends it put off; a drain it was running is not the child's,
     nor is its drainer thread (the child starts its own when it needs one)."""
-    global _draining, _collecting, _drainer, _wakeup, _draining_thread, _held_for_fork
+    global _draining, _collecting, _drainer, _wakeup, _draining_thread
     _deferred.clear()
     _draining = threading.Lock()
     _draining_thread = None
-    _held_for_fork = False
+    _held_for_fork.clear()
     _collecting = None
     _drainer = None
     _wakeup = threading.Lock()

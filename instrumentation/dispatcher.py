@@ -93,8 +93,10 @@ _events_dispatched = telemetry.EVENTS_DISPATCHED.ticks
 _lock = threading.RLock()
 
 
-#: Whether the thread forking holds ``_lock`` (taken for the fork: see below).
-_held_for_fork = False
+#: The threads forking now that hold ``_lock`` for it (see below), by ident: one
+#: flag shared by all was cleared by a second fork whose wait timed out while the
+#: first's fork went on, and the first then never let go of the lock.
+_held_for_fork: list[int] = []
 
 
 def _take_lock_before_fork() -> None:
@@ -103,21 +105,21 @@ def _take_lock_before_fork() -> None:
     with chains half rebuilt, events reaching handlers the tree no longer has and
     missing those it has, until the next change above. The fork waits for the change
     to finish (a bounded while, as ``logging`` does, which waits for ever)."""
-    global _held_for_fork
-    _held_for_fork = _lock.acquire(timeout=1.0)
+    if _lock.acquire(timeout=1.0):
+        _held_for_fork.append(threading.get_ident())
 
 
 def _release_lock_after_fork_in_parent() -> None:
-    global _held_for_fork
-    if _held_for_fork:
-        _held_for_fork = False
+    me = threading.get_ident()
+    if me in _held_for_fork:
+        _held_for_fork.remove(me)
         _lock.release()
 
 
 def _reinit_lock_after_fork() -> None:
-    global _lock, _held_for_fork
+    global _lock
     _lock = threading.RLock()
-    _held_for_fork = False
+    _held_for_fork.clear()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch

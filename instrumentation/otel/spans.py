@@ -42,7 +42,6 @@ TRACER_NAME = "instrumentation"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
-_ROOT_CONTEXT = otel_context.Context()
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
 #: OpenTelemetry's own "suppress instrumentation" flag, set around exporters' I/O.
 _OTEL_SUPPRESSED = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
@@ -200,12 +199,13 @@ class SpanTable:
         parent_hex = int(span_hex_of(parent_id), 16)
         if _get_current_span().get_span_context().span_id == parent_hex:
             return None
+        # From the current context, as a root span is: its baggage goes along.
         if trace_id is None:
-            return _ROOT_CONTEXT
+            return _set_span_in_context(trace_api.INVALID_SPAN, _get_current())
         ids = trace_api.SpanContext(
             int(trace_id, 16), parent_hex, is_remote=True, trace_flags=_SAMPLED
         )
-        return _set_span_in_context(trace_api.NonRecordingSpan(ids), _ROOT_CONTEXT)
+        return _set_span_in_context(trace_api.NonRecordingSpan(ids), _get_current())
 
     def exit(self, id_: str, bound_args: Any, instance: Any, result: Any) -> None:
         """End the span normally (the dispatcher's fast path)."""

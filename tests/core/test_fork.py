@@ -139,3 +139,44 @@ def test_fork_during_a_handler_change_leaves_no_chain_half_rebuilt(
         changer.join()
         top.remove_event_handler(recorder)
     assert child == {"attached": True, "received": 1}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("which", ["tree", "drain"])
+def test_a_fork_whose_wait_times_out_does_not_keep_another_forks_lock(which: str) -> None:
+    """Two threads fork at once, the first slowly (another library's before-fork hook,
+    the import lock): the second's wait for the lock the first holds for its fork
+    timed out and cleared a flag both shared, and the first's fork then never let go
+    of the lock (the tree's: every later handler change waited for ever; the drain's:
+    no put-off end ran again)."""
+    from instrumentation import _spans
+
+    if which == "tree":
+        before = dispatcher_module._take_lock_before_fork
+        after = dispatcher_module._release_lock_after_fork_in_parent
+        lock: Any = dispatcher_module._lock
+    else:
+        before, after, lock = _spans._before_fork, _spans._after_fork_in_parent, _spans._draining
+    first_holds, second_done = threading.Event(), threading.Event()
+
+    def first() -> None:
+        before()
+        first_holds.set()
+        assert second_done.wait(10)  # its fork goes on while the second's wait times out
+        after()
+
+    def second() -> None:
+        assert first_holds.wait(10)
+        before()  # waits 1 s for the lock the first holds, and gives up
+        second_done.set()
+        after()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    free = lock.acquire(timeout=2)
+    if free:
+        lock.release()
+    assert free

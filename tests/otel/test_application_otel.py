@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
+from opentelemetry import trace as trace_api
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -140,3 +141,24 @@ def test_span_processors_see_the_applications_baggage(with_baggage_processor: Tr
     assert spans["child"] == {"tenant": "acme", "step": "rerank"}
     roots = [s for s in t.spans() if short(s.name) == "llm_call"]
     assert roots[0].parent is None
+
+
+def test_a_parent_not_current_in_opentelemetry_keeps_the_applications_baggage(
+    with_baggage_processor: Traced,
+) -> None:
+    """A span of ours whose parent is not the current OpenTelemetry span (a remote
+    parent restored before any handler existed, which the bridge could not mirror)
+    was started from an empty context: its span processors saw none of the baggage
+    current where it started."""
+    t = with_baggage_processor
+    table = t.handler.table
+    token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+    try:
+        under_remote = table.foreign_parent("b7ad6b7169203331", "0af7651916cd43dd8448eb211c80319c")
+        no_trace = table.foreign_parent("b7ad6b7169203331", None)
+    finally:
+        otel_context.detach(token)
+    assert baggage.get_all(under_remote) == {"tenant": "acme"}
+    assert baggage.get_all(no_trace) == {"tenant": "acme"}
+    assert trace_api.get_current_span(under_remote).get_span_context().span_id == 0xB7AD6B7169203331
+    assert not trace_api.get_current_span(no_trace).get_span_context().is_valid
