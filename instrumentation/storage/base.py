@@ -243,8 +243,10 @@ _inherited_connections: list[Any] = []
 
 #: Every store, so that ``fork()`` waits for their statements in progress.
 _stores: weakref.WeakSet[SQLStore] = weakref.WeakSet()
-#: The stores whose lock the forking thread holds, from before fork() to after it.
-_held_at_fork: list[SQLStore] = []
+#: The stores whose lock each forking thread holds, from before fork() to after it, by
+#: the thread's ident: with one list for all, a second fork at the same time released
+#: (from its own thread, which raised) the locks the first one held, or left them held.
+_held_at_fork: dict[int, list[SQLStore]] = {}
 #: How long fork() waits in all for statements stores are running (a write may be
 #: waiting for another process's lock): past that, it forks without waiting more.
 FORK_WAIT = 2.0
@@ -257,16 +259,18 @@ def _before_fork() -> None:
     # as it was in the parent: the child's own connection then found the file locked
     # for good. Holding each store's lock, fork() happens between statements.
     deadline = time.monotonic() + FORK_WAIT
+    held = _held_at_fork.setdefault(threading.get_ident(), [])
     for store in list(_stores):
         # Each store gets a moment at least, for a statement that is nearly done.
         wait = max(deadline - time.monotonic(), FORK_WAIT_EACH)
         if store._lock.acquire(timeout=wait):
-            _held_at_fork.append(store)
+            held.append(store)
 
 
 def _after_fork_in_parent() -> None:
-    while _held_at_fork:
-        _held_at_fork.pop()._lock.release()
+    held = _held_at_fork.pop(threading.get_ident(), [])
+    while held:
+        held.pop()._lock.release()
 
 
 def _after_fork_in_child_of_stores() -> None:

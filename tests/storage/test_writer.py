@@ -756,6 +756,50 @@ def test_a_fork_in_the_middle_of_a_write_leaves_the_child_able_to_write(
     assert sorted(e.payload["text"] for e in store.events()) == ["child", "parent"]
 
 
+@pytest.mark.timeout(30)
+def test_two_forks_at_once_each_let_go_of_the_store_locks_they_took(tmp_path: Path) -> None:
+    """Two threads fork at once, the first slowly (another library's before-fork hook):
+    the second, whose wait for the store's lock timed out, released (from its thread)
+    the lock the first held, or the first found its list emptied and never let go:
+    every later write waited for ever."""
+    from instrumentation.storage import base as storage_base
+
+    store = SQLiteStore(tmp_path / "t.db")
+    first_holds, second_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run(steps: Any) -> None:
+        try:
+            steps()
+        except BaseException as exc:  # pragma: no cover - the failure being checked
+            errors.append(exc)
+
+    def first() -> None:
+        storage_base._before_fork()
+        first_holds.set()
+        assert second_done.wait(10)
+        storage_base._after_fork_in_parent()
+
+    def second() -> None:
+        assert first_holds.wait(10)
+        storage_base._before_fork()  # waits for the lock the first holds, and gives up
+        second_done.set()
+        storage_base._after_fork_in_parent()
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == []
+    free = store._lock.acquire(timeout=2)
+    if free:
+        store._lock.release()
+    assert free
+    assert storage_base._held_at_fork == {}
+    store.close()
+
+
 def _note_and_return() -> None:
     for i in range(50):
         d.event(NoteEvent(text=f"child {i}"))
