@@ -557,3 +557,13 @@ def test_an_async_request_run_without_asyncio_still_waits_for_its_handlers() -> 
     finally:
         adapter.flush()
         adapter.detach()
+
+
+def test_two_adapters_with_the_same_fields_are_two() -> None:
+    """Each adapter runs requests of its own: equal fields do not make them one."""
+    handler = SyncRecorder()
+    first = audit.AuditAdapter(handlers=[handler])
+    second = audit.AuditAdapter(handlers=[handler])
+    assert first == first and first != second
+    assert [first, second].index(second) == 1
+    assert len({first, second}) == 2
