@@ -534,16 +534,24 @@ class Dispatcher:
         events: list[BaseEventHandler] = []
         spans: list[BaseSpanHandler[Any]] = []
         node: Dispatcher | None = self
+        # Most dispatchers have no handlers of their own: an empty tuple is skipped
+        # rather than filtered (each change rebuilds every chain below it).
         while node is not None:
-            events.extend(h for h in node._event_handlers if not any(h is e for e in events))
-            spans.extend(h for h in node._span_handlers if not any(h is s for s in spans))
+            if node._event_handlers:
+                events.extend(h for h in node._event_handlers if not any(h is e for e in events))
+            if node._span_handlers:
+                spans.extend(h for h in node._span_handlers if not any(h is s for s in spans))
             if not node._propagate:
                 break
             node = node._parent
         manager = self._manager
         if manager is not None:
-            events.extend(h for h in manager.tap_event_handlers if not any(h is e for e in events))
-            spans.extend(h for h in manager.tap_span_handlers if not any(h is s for s in spans))
+            if manager.tap_event_handlers:
+                events.extend(
+                    h for h in manager.tap_event_handlers if not any(h is e for e in events)
+                )
+            if manager.tap_span_handlers:
+                spans.extend(h for h in manager.tap_span_handlers if not any(h is s for s in spans))
         self._ev = tuple(events)
         self._hot = (
             Chain(self.name, self._ev, tuple(spans), self, shared) if events or spans else None

@@ -121,6 +121,23 @@ PROTOCOL: dict[str, tuple[str, ...]] = {
 _checked: weakref.WeakKeyDictionary[type, tuple[object, ...]] = weakref.WeakKeyDictionary()
 
 
+def _defined(cls: type) -> tuple[object, ...]:
+    """The protocol's methods as ``cls`` defines them (``inspect.getattr_static``'s
+    answer): looked up in the MRO's own dicts first, about a fifth of its cost, as every
+    request asks."""
+    mro = cls.__mro__
+    found: list[object] = []
+    for name in PROTOCOL:
+        for klass in mro:
+            own = klass.__dict__
+            if name in own:
+                found.append(own[name])
+                break
+        else:
+            found.append(inspect.getattr_static(cls, name, None))
+    return tuple(found)
+
+
 def _check_methods(handler: EventHandler[Any, Any]) -> None:
     """A TypeError, at once, for a method the runner could not call (see PROTOCOL)."""
     cls = type(handler)
@@ -129,7 +146,7 @@ def _check_methods(handler: EventHandler[Any, Any]) -> None:
     if not shadowed:
         # As defined on the class: getattr() makes a new object on each access for a
         # classmethod or a descriptor such as a wrapt decorator, never found again.
-        methods = tuple(inspect.getattr_static(cls, name, None) for name in PROTOCOL)
+        methods = _defined(cls)
         known = _checked.get(cls)
         if known is not None and all(a is b for a, b in zip(known, methods, strict=True)):
             return

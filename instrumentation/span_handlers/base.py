@@ -165,6 +165,8 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         ):
             maxlen = value.maxlen if isinstance(value, deque) else None
             value = SpanDeque(value, maxlen=self.max_completed_spans if maxlen is None else maxlen)
+        elif name == "_lock":
+            self.__dict__.pop("_fast_lock", None)  # the lock property reads the new one
         elif name == "max_completed_spans" and "max_completed_spans" in self.__dict__:
             raise ValueError(
                 "max_completed_spans is fixed when the handler is made "
@@ -179,9 +181,17 @@ class BaseSpanHandler(BaseModel, Generic[T]):
 
     @property
     def lock(self) -> threading.Lock:
-        if self._lock is None:
-            self._lock = threading.Lock()
-        return self._lock
+        # Kept in the instance's __dict__ too ("_fast_lock"): LlamaIndex-style handlers
+        # take it at every span's end, and the private attribute is read through
+        # BaseModel.__getattr__ (over a microsecond a read).
+        lock: threading.Lock | None = self.__dict__.get("_fast_lock")
+        if lock is None:
+            made = self._lock
+            if made is None:
+                made = self._lock = threading.Lock()
+            # setdefault: two threads here at once both get the one kept.
+            lock = self.__dict__.setdefault("_fast_lock", made)
+        return lock
 
     def span_enter(
         self,
