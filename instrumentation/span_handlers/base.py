@@ -251,24 +251,15 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     ) -> None:
         """End span ``id_`` with :meth:`prepare_to_exit_span`, called even when ``id_`` is
         not open here (``new_span`` kept nothing), as in LlamaIndex."""
-        if self._was_ended_by_shutdown(id_):
-            return
-        claimed = self._claim_end(id_)
-        if claimed is None:
-            return  # shutdown() drops it on another thread right now
-        try:
-            self._prepared_end(
-                self.prepare_to_exit_span,
-                _takes_kwargs(type(self))[1],
-                id_,
-                kwargs,
-                bound_args=bound_args,
-                instance=instance,
-                result=result,
-            )
-        finally:
-            if claimed:
-                self._release_end(id_)
+        self._end_once(
+            self.prepare_to_exit_span,
+            _takes_kwargs(type(self))[1],
+            id_,
+            kwargs,
+            bound_args=bound_args,
+            instance=instance,
+            result=result,
+        )
 
     def span_drop(
         self,
@@ -284,25 +275,38 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         :meth:`Dispatcher.shutdown` counts, as a call may end the span on another thread
         meanwhile. An override may return None (not known).
         """
+        span = self._end_once(
+            self.prepare_to_drop_span,
+            _takes_kwargs(type(self))[2],
+            id_,
+            kwargs,
+            bound_args=bound_args,
+            instance=instance,
+            err=err,
+        )
+        return span is not None
+
+    def _end_once(
+        self,
+        prepare: Callable[..., T | None],
+        with_kwargs: bool,
+        id_: str,
+        kwargs: dict[str, Any],
+        **given: Any,
+    ) -> T | None:
+        """:meth:`_prepared_end`, unless shutdown() dropped span ``id_`` already, or
+        another thread ends it right now (shutdown's drop and the call's own end): the
+        handler sees one end. ``None`` when skipped."""
         if self._was_ended_by_shutdown(id_):
-            return False
+            return None
         claimed = self._claim_end(id_)
         if claimed is None:
-            return False  # another thread ends it right now
+            return None
         try:
-            span = self._prepared_end(
-                self.prepare_to_drop_span,
-                _takes_kwargs(type(self))[2],
-                id_,
-                kwargs,
-                bound_args=bound_args,
-                instance=instance,
-                err=err,
-            )
+            return self._prepared_end(prepare, with_kwargs, id_, kwargs, **given)
         finally:
             if claimed:
                 self._release_end(id_)
-        return span is not None
 
     def _claim_end(self, id_: str) -> bool | None:
         """Claim the end of span ``id_`` for this thread: ``True`` (release it after),
