@@ -294,16 +294,31 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         kwargs: dict[str, Any],
         **given: Any,
     ) -> T | None:
-        """:meth:`_prepared_end`, unless shutdown() dropped span ``id_`` already, or
-        another thread ends it right now (shutdown's drop and the call's own end): the
-        handler sees one end. ``None`` when skipped."""
+        """Run ``prepare`` (to exit or to drop) for span ``id_``, once: not after
+        shutdown() dropped it, nor while another thread ends it (shutdown's drop and the
+        call's own end each claim it first); ``None`` when skipped. The span is taken out
+        of ``open_spans`` once ``prepare`` gave it back ended, or raised: the call has
+        ended all the same, and a handler that fails on every span must not keep them
+        all open (its error is reported by the dispatcher)."""
         if self._was_ended_by_shutdown(id_):
             return None
         claimed = self._claim_end(id_)
         if claimed is None:
             return None
-        try:
-            return self._prepared_end(prepare, with_kwargs, id_, kwargs, **given)
+        try:  # the claim is let go once the span is out of open_spans
+            try:
+                if with_kwargs:
+                    span = prepare(id_=id_, **given, **kwargs)
+                else:
+                    span = prepare(id_=id_, **given)
+            except RecursionError:
+                raise  # no stack left here: the span stays for the end put off (see _spans)
+            except BaseException:
+                self.open_spans.pop(id_, None)
+                raise
+            if span is not None:
+                self.open_spans.pop(id_, None)
+            return span
         finally:
             if claimed:
                 self._release_end(id_)
@@ -328,29 +343,6 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         ending = self.__dict__.get("_ending")
         if ending is not None:
             ending.pop(id_, None)
-
-    def _prepared_end(
-        self,
-        prepare: Callable[..., T | None],
-        with_kwargs: bool,
-        id_: str,
-        kwargs: dict[str, Any],
-        **given: Any,
-    ) -> T | None:
-        """Run ``prepare`` (to exit or to drop) for span ``id_``, and take the span out
-        of ``open_spans`` once it gave it back ended, or raised: the call has ended all
-        the same, and a handler that fails on every span must not keep them all open
-        (its error is reported by the dispatcher)."""
-        try:
-            span = prepare(id_=id_, **given, **kwargs) if with_kwargs else prepare(id_=id_, **given)
-        except RecursionError:
-            raise  # no stack left here: the span stays for the end put off (see _spans)
-        except BaseException:
-            self.open_spans.pop(id_, None)
-            raise
-        if span is not None:
-            self.open_spans.pop(id_, None)
-        return span
 
     def _was_ended_by_shutdown(self, id_: str) -> bool:
         """Whether shutdown dropped span ``id_`` already (forgotten once asked)."""
