@@ -1,8 +1,9 @@
-"""Answers worked out once per class (a handler's signatures, its kept fields), forgotten
-with the class.
+"""Answers worked out once per class (a handler's signatures, its kept fields; an event
+class's LLM kind and columns), forgotten with the class.
 
-A dict keyed by the class kept every class it was asked about alive: handler classes
-made at run time (one per test, a factory's per tenant) were never freed. These tables
+A dict keyed by the class kept every class it was asked about alive: handler and event
+classes made at run time (one per test, a factory's per tenant, pydantic's
+``create_model`` per request) were never freed. These tables
 are keyed by ``id(cls)`` instead, and a weak reference to the class takes its entry out
 when the class is freed (before its id can be another's). A lookup stays a plain dict
 lookup: a weak-keyed dict makes a weak reference per lookup, and an attribute kept on a

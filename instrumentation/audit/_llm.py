@@ -9,35 +9,36 @@ and completion calls are audited: predict/structured-predict call chat underneat
 
 from __future__ import annotations
 
-import weakref
 from datetime import datetime, timezone
 from typing import Any
 
+from instrumentation._classcache import remember
 from instrumentation.audit.events import LLMEvent
 
 _STARTS = {"LLMChatStartEvent": "chat", "LLMCompletionStartEvent": "completion"}
 _ENDS = {"LLMChatEndEvent": "chat", "LLMCompletionEndEvent": "completion"}
-#: Held weakly: an event class made at run time (pydantic's ``create_model``, one per
-#: request) is not kept alive by having been seen once.
-_kinds: weakref.WeakKeyDictionary[type, tuple[str, str] | None] = weakref.WeakKeyDictionary()
+#: By ``id(cls)``, forgotten with the class (see :mod:`instrumentation._classcache`):
+#: an event class made at run time (pydantic's ``create_model``, one per request) is
+#: not kept alive by having been seen once.
+_kinds: dict[int, tuple[str, str] | None] = {}
 
 
 def classify(event: object) -> tuple[str, str] | None:
     """``("start"|"end", "chat"|"completion")`` for an LLM event, else ``None``."""
     cls = type(event)
-    found = _kinds.get(cls, False)
-    if found is not False:
-        return found  # type: ignore[return-value]
-    kind: tuple[str, str] | None = None
+    try:
+        return _kinds[id(cls)]
+    except KeyError:
+        return remember(_kinds, cls, _work_out_kind(cls))
+
+
+def _work_out_kind(cls: type) -> tuple[str, str] | None:
     for base in cls.__mro__:
         if base.__name__ in _STARTS:
-            kind = ("start", _STARTS[base.__name__])
-            break
+            return ("start", _STARTS[base.__name__])
         if base.__name__ in _ENDS:
-            kind = ("end", _ENDS[base.__name__])
-            break
-    _kinds[cls] = kind
-    return kind
+            return ("end", _ENDS[base.__name__])
+    return None
 
 
 def _role(message: Any) -> str:

@@ -14,7 +14,6 @@ import enum
 import json
 import logging
 import math
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -26,6 +25,7 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from instrumentation import telemetry
+from instrumentation._classcache import remember
 from instrumentation._finite import finite
 from instrumentation.dispatcher import ROOT_NAME
 from instrumentation.events.span import SpanDropEvent
@@ -280,9 +280,10 @@ _META_KEYSET = frozenset(METADATA_KEYS)
 #: The key of ``dispatcher_metadata`` that applies to every dispatcher.
 ROOT_KEY = ROOT_NAME
 _LLM_FIELDS = ("usage", "err_str", "error", "model", "provider", "cost_usd", "latency_ms")
-#: Held weakly: an event class made at run time (pydantic's ``create_model``, one per
-#: request) is not kept alive by having been stored once.
-_fields_cache: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+#: By ``id(cls)``, forgotten with the class (see :mod:`instrumentation._classcache`):
+#: an event class made at run time (pydantic's ``create_model``, one per request) is
+#: not kept alive by having been stored once.
+_fields_found: dict[int, frozenset[str]] = {}
 
 
 def _fields_of(cls: type) -> frozenset[str]:
@@ -293,16 +294,19 @@ def _fields_of(cls: type) -> frozenset[str]:
     events that are not LLM events, whether or not ``instrumentation.events.llm``
     exists.
     """
-    found = _fields_cache.get(cls)
-    if found is None:
-        found = frozenset(
-            name
-            for name in _LLM_FIELDS
-            if name in getattr(cls, "model_fields", {})
-            or isinstance(getattr(cls, name, None), property)
-        )
-        _fields_cache[cls] = found
-    return found
+    try:
+        return _fields_found[id(cls)]
+    except KeyError:
+        return remember(_fields_found, cls, _work_out_fields(cls))
+
+
+def _work_out_fields(cls: type) -> frozenset[str]:
+    return frozenset(
+        name
+        for name in _LLM_FIELDS
+        if name in getattr(cls, "model_fields", {})
+        or isinstance(getattr(cls, name, None), property)
+    )
 
 
 class RowMaker:
