@@ -13,7 +13,6 @@ import _thread
 import atexit
 import gc
 import inspect
-import os
 import sys
 import threading
 import time
@@ -458,7 +457,7 @@ def _run_deferred_at_exit() -> None:
 _held_for_fork: list[int] = []
 
 
-def _before_fork() -> None:
+def before_fork() -> None:
     """A child must not inherit a handler's lock that the drainer (or another thread
     making what was put off) holds, and that no thread of the child would let go of:
     the fork waits for the drain to finish, a bounded while."""
@@ -467,7 +466,7 @@ def _before_fork() -> None:
         _held_for_fork.append(me)
 
 
-def _after_fork_in_parent() -> None:
+def after_fork_in_parent() -> None:
     me = get_ident()
     if me in _held_for_fork:
         _held_for_fork.remove(me)
@@ -476,7 +475,7 @@ def _after_fork_in_parent() -> None:
             _wake_drainer(start=True)  # what went behind the drain the fork held off
 
 
-def _after_fork_in_child() -> None:
+def after_fork_in_child() -> None:
     """The parent makes the ends it put off; a drain it was running is not the child's,
     nor is its drainer thread (the child starts its own when it needs one)."""
     global _draining, _collecting, _drainer, _wakeup, _draining_thread
@@ -496,12 +495,8 @@ _register_before_threads_stop = getattr(threading, "_register_atexit", None)
 if _register_before_threads_stop is not None:  # pragma: no branch
     _register_before_threads_stop(_run_deferred_as_the_exit_begins)
 atexit.register(_run_deferred_at_exit)
-if hasattr(os, "register_at_fork"):  # pragma: no branch - absent on Windows only
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+# The fork hooks (before_fork and the two after it) are registered by the dispatcher,
+# with the tree's own in the order they must run in.
 
 
 class Chain:

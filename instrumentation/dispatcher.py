@@ -99,34 +99,43 @@ _lock = threading.RLock()
 _held_for_fork: list[int] = []
 
 
-def _take_lock_before_fork() -> None:
+def _take_locks_before_fork() -> None:
     """A change (``_update``, ``propagate``, a new dispatcher) sets a handler list, then
     rebuilds the chains below one by one: a child forked in between kept that list
     with chains half rebuilt, events reaching handlers the tree no longer has and
     missing those it has, until the next change above. The fork waits for the change
-    to finish (a bounded while, as ``logging`` does, which waits for ever)."""
+    to finish (a bounded while, as ``logging`` does, which waits for ever).
+
+    The drain of put-off ends (see :func:`instrumentation._spans.before_fork`) is
+    waited for first: its handlers may make a dispatcher or change one, taking the
+    tree's lock, while nothing holding the tree's lock waits for a drain. Taken the
+    other way round, such a drain waited for the fork, which waited its whole second
+    for the drain."""
+    _spans.before_fork()
     if _lock.acquire(timeout=1.0):
         _held_for_fork.append(threading.get_ident())
 
 
-def _release_lock_after_fork_in_parent() -> None:
+def _release_locks_after_fork_in_parent() -> None:
     me = threading.get_ident()
     if me in _held_for_fork:
         _held_for_fork.remove(me)
         _lock.release()
+    _spans.after_fork_in_parent()
 
 
-def _reinit_lock_after_fork() -> None:
+def _reinit_locks_after_fork() -> None:
     global _lock
     _lock = threading.RLock()
     _held_for_fork.clear()
+    _spans.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch
     os.register_at_fork(
-        before=_take_lock_before_fork,
-        after_in_parent=_release_lock_after_fork_in_parent,
-        after_in_child=_reinit_lock_after_fork,
+        before=_take_locks_before_fork,
+        after_in_parent=_release_locks_after_fork_in_parent,
+        after_in_child=_reinit_locks_after_fork,
     )
 
 

@@ -834,6 +834,41 @@ def test_a_fork_waits_for_a_drain_holding_a_handlers_lock() -> None:
     assert _run_child(scenario) == ["dropped stream", "child ok"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_a_fork_does_not_wait_out_a_drain_whose_handler_needs_the_tree() -> None:
+    """The fork took the tree's lock, then waited for the drain; the drain's handler,
+    making a dispatcher (which takes the tree's lock), waited for the fork: the fork
+    waited its whole second and went on without the drain, its child inheriting
+    whatever the handler held. The drain is now taken first, then the tree."""
+    scenario = """
+        import os, threading, time
+        _spans._DRAIN_AFTER = 0.0
+
+        class NeedsTheTree(SimpleSpanHandler):
+            def prepare_to_drop_span(self, id_, *args, **kwargs):
+                time.sleep(0.3)
+                get_dispatcher("made.inside.a.drain")
+                return super().prepare_to_drop_span(id_, *args, **kwargs)
+
+        d.add_span_handler(NeedsTheTree())
+        if not _spans._START_IN_CALLBACK:
+            _spans._start_drainer()
+            time.sleep(0.1)
+        freed_in_a_cycle()
+        gc.collect()  # the drop is put off, and the drainer makes it at once
+        time.sleep(0.15)  # inside the handler by now
+        began = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            step()
+            os._exit(0)
+        took = time.monotonic() - began
+        os.waitpid(pid, 0)
+        print("fork waited", "its second" if took >= 0.9 else "for the drain", flush=True)
+        """
+    assert _run_child(scenario) == ["dropped stream", "fork waited for the drain"]
+
+
 def test_busy_threads_keep_their_pace_behind_a_slow_drain(
     setup: tuple[Any, LockingHandler, list[BaseEvent]],
 ) -> None:

@@ -152,11 +152,11 @@ def test_a_fork_whose_wait_times_out_does_not_keep_another_forks_lock(which: str
     from instrumentation import _spans
 
     if which == "tree":
-        before = dispatcher_module._take_lock_before_fork
-        after = dispatcher_module._release_lock_after_fork_in_parent
+        before = dispatcher_module._take_locks_before_fork
+        after = dispatcher_module._release_locks_after_fork_in_parent
         lock: Any = dispatcher_module._lock
     else:
-        before, after, lock = _spans._before_fork, _spans._after_fork_in_parent, _spans._draining
+        before, after, lock = _spans.before_fork, _spans.after_fork_in_parent, _spans._draining
     first_holds, second_done = threading.Event(), threading.Event()
 
     def first() -> None:
