@@ -698,8 +698,10 @@ class LazyBoundArguments(inspect.BoundArguments):
         self._lazy_bound = value
 
     def __repr__(self) -> str:
+        # As inspect.BoundArguments reads (binding now, if not done yet): a handler
+        # that logs the arguments shows what it would show undecorated.
         shown = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
-        return f"<LazyBoundArguments ({shown})>"
+        return f"<BoundArguments ({shown})>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Copied or pickled (a handler that keeps or queues the arguments), it is the
@@ -724,7 +726,7 @@ class _NoArguments(LazyBoundArguments):
         return None
 
     def __repr__(self) -> str:
-        return "<LazyBoundArguments ()>"
+        return "<BoundArguments ()>"
 
 
 EMPTY_BOUND_ARGS: LazyBoundArguments = _NoArguments(None, (), {})

@@ -139,6 +139,19 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
     )
 
 
+#: Told of each change to a dispatcher's handler lists or ``propagate``, and to a
+#: manager's taps, with the lock held, after the change: ``(owner, attribute, old,
+#: new)``. The test kit sets it, to undo at the end of a capture block what the code
+#: in the block changed (see ``instrumentation.testing``); ``None`` otherwise.
+_on_change: Callable[[object, str, Any, Any], None] | None = None
+
+
+def _noted(owner: object, attr: str, old: Any, new: Any) -> None:
+    hook = _on_change
+    if hook is not None:
+        hook(owner, attr, old, new)
+
+
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(
@@ -434,8 +447,10 @@ class Dispatcher:
         if not isinstance(value, bool):
             raise TypeError(f"propagate is True or False, got {value!r}")
         with _lock:
-            self._propagate = value
+            old, self._propagate = self._propagate, value
             self._changed()
+            if old is not value:
+                _noted(self, "_propagate", old, value)
 
     # -- handlers -------------------------------------------------------------------
 
@@ -473,8 +488,10 @@ class Dispatcher:
         check = _check_event_handler if attr == "_event_handlers" else _check_span_handler
         checked = tuple(check(h) for h in handlers)
         with _lock:
+            old = getattr(self, attr)
             setattr(self, attr, checked)
             self._changed()
+            _noted(self, attr, old, checked)
 
     def add_event_handler(self, handler: BaseEventHandler) -> None:
         """Attach ``handler``; attaching the same handler twice is a no-op."""
@@ -522,11 +539,16 @@ class Dispatcher:
             spans = _updated(self._span_handlers, spans_in, spans_out)
             if events is None and spans is None:
                 return
+            old_events, old_spans = self._event_handlers, self._span_handlers
             if events is not None:
                 self._event_handlers = events
             if spans is not None:
                 self._span_handlers = spans
             self._changed()
+            if events is not None:
+                _noted(self, "_event_handlers", old_events, events)
+            if spans is not None:
+                _noted(self, "_span_handlers", old_spans, spans)
 
     def _changed(self) -> None:
         # Only the chains of this dispatcher and those below it include its handlers
@@ -892,12 +914,22 @@ class Dispatcher:
             nodes = [self] if manager is None else manager._subtree(self)
             event_handlers: list[BaseEventHandler] = []
             span_handlers: list[BaseSpanHandler[Any]] = []
+            # What was taken off, for the test kit (see _on_change), told once rebuilt.
+            detached: list[tuple[object, str, tuple[Any, ...]]] = []
             for node in nodes:
+                for attr, found in (
+                    ("_event_handlers", node._event_handlers),
+                    ("_span_handlers", node._span_handlers),
+                ):
+                    if found:
+                        detached.append((node, attr, found))
                 event_handlers.extend(node._event_handlers)
                 span_handlers.extend(node._span_handlers)
                 node._event_handlers = ()
                 node._span_handlers = ()
             if manager is not None and manager.root is self:  # the whole tree: taps too
+                detached.append((manager, "tap_event_handlers", manager.tap_event_handlers))
+                detached.append((manager, "tap_span_handlers", manager.tap_span_handlers))
                 event_handlers.extend(manager.tap_event_handlers)
                 span_handlers.extend(manager.tap_span_handlers)
                 manager.tap_event_handlers = manager.tap_span_handlers = ()
@@ -908,6 +940,9 @@ class Dispatcher:
                 event_handlers = [h for h in event_handlers if id(h) not in elsewhere]
                 span_handlers = [h for h in span_handlers if id(h) not in elsewhere]
             self._changed()
+            for owner, attr, found in detached:
+                if found:
+                    _noted(owner, attr, found, ())
         error = RuntimeError(_SHUTDOWN_ERROR_TEXT)
         closed: list[object] = []
         dropped: set[str] = set()  # a span open in two handlers is one span dropped
@@ -1244,8 +1279,38 @@ class Manager:
         ev = tuple(_check_event_handler(h) for h in event_handlers)
         sp = tuple(_check_span_handler(h) for h in span_handlers)
         with _lock:
+            old = (self.tap_event_handlers, self.tap_span_handlers)
             self.tap_event_handlers, self.tap_span_handlers = ev, sp
             self._rebuild_all()
+            _noted(self, "tap_event_handlers", old[0], ev)
+            _noted(self, "tap_span_handlers", old[1], sp)
+
+    def _update_taps(
+        self,
+        *,
+        events_in: tuple[Any, ...] = (),
+        spans_in: tuple[Any, ...] = (),
+        events_out: tuple[Any, ...] = (),
+        spans_out: tuple[Any, ...] = (),
+    ) -> None:
+        """What :meth:`Dispatcher._update` does for a dispatcher's own handlers, for the
+        taps: by identity, one rebuild, none when nothing changes. Another tap set
+        meanwhile (a capture block on another thread) stays."""
+        with _lock:
+            events = _updated(self.tap_event_handlers, events_in, events_out)
+            spans = _updated(self.tap_span_handlers, spans_in, spans_out)
+            if events is None and spans is None:
+                return
+            old_events, old_spans = self.tap_event_handlers, self.tap_span_handlers
+            if events is not None:
+                self.tap_event_handlers = events
+            if spans is not None:
+                self.tap_span_handlers = spans
+            self._rebuild_all()
+            if events is not None:
+                _noted(self, "tap_event_handlers", old_events, events)
+            if spans is not None:
+                _noted(self, "tap_span_handlers", old_spans, spans)
 
     def get(self, name: str) -> Dispatcher:
         found = self._nodes.get(name)

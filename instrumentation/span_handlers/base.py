@@ -9,7 +9,7 @@ import threading
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar, get_origin
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -25,6 +25,9 @@ T = TypeVar("T", bound=BaseSpan)
 _ENDED_BY_SHUTDOWN_KEPT = 1_000
 
 _BOUNDED = frozenset({"completed_spans", "dropped_spans"})
+
+#: The fields LlamaIndex's ``BaseSpanHandler.__init__`` takes by position, in its order.
+_POSITIONAL = ("open_spans", "completed_spans", "dropped_spans", "current_span_ids")
 
 #: The methods that receive ``bound_args``.
 _SPAN_METHODS = (
@@ -149,6 +152,27 @@ class BaseSpanHandler(BaseModel, Generic[T]):
         said_so = provider("needs_bound_args")
         if any(provider(name) < said_so for name in _SPAN_METHODS):
             cls.needs_bound_args = True
+
+    if not TYPE_CHECKING:  # type checkers see pydantic's keyword form, field by field
+
+        def __init__(self, *args: Any, **data: Any) -> None:
+            """LlamaIndex's positional form too: ``SimpleSpanHandler({}, [], [])`` is
+            ``open_spans``, ``completed_spans``, ``dropped_spans`` and
+            ``current_span_ids``, in that order; every field by keyword as well."""
+            if args:
+                if len(args) > len(_POSITIONAL):
+                    raise TypeError(
+                        f"{type(self).__name__}() takes at most {len(_POSITIONAL)} positional "
+                        f"arguments ({', '.join(_POSITIONAL)}); got {len(args)}: pass the "
+                        "others by keyword"
+                    )
+                for name, value in zip(_POSITIONAL, args, strict=False):
+                    if name in data:
+                        raise TypeError(
+                            f"{type(self).__name__}() got multiple values for argument {name!r}"
+                        )
+                    data[name] = value
+            super().__init__(**data)
 
     def model_post_init(self, __context: Any) -> None:
         for name in _bounded_fields(type(self)):

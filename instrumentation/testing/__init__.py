@@ -1,24 +1,34 @@
 """Helpers for testing code that is instrumented, shipped with the library.
 
 ``capture_events()`` and ``capture_spans()`` record what a block of code emits, as
-the pydantic objects themselves, and afterwards put back the handler lists of the
-dispatchers that existed before (see :class:`Snapshot`). The
-pytest plugin (registered automatically) offers the same as the fixture
-``instrumentation_capture``.
+the pydantic objects themselves. The pytest plugin (registered automatically) offers
+the same as the fixture ``instrumentation_capture``, and :func:`isolated` as a block.
+
+At its end a block takes its own handler off again and undoes what was changed
+during it: a handler attached is taken off, one detached (``shutdown()`` included) is
+put back, a ``propagate`` flag is set back. It leaves alone what other blocks open at
+the same time changed in their own context (their thread or task, and the tasks and
+threads that carry a copy of it), and what a module imported in the block set up at
+its import (which happens once in a process). A change made outside any block's
+context (a plain ``threading.Thread`` starts from an empty one) is every open
+block's: the threads a test starts are undone with it. See :class:`_Journal`.
 """
 
 from __future__ import annotations
 
+import contextvars
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any, SupportsIndex, TypeVar, cast, overload
 
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
 from instrumentation._spans import run_deferred
 from instrumentation.context import _active_span, _active_tags, _suppressed, context_keepers
-from instrumentation.dispatcher import Dispatcher, root_dispatcher, root_manager
+from instrumentation.dispatcher import Dispatcher, Manager, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.span.simple import SimpleSpan
@@ -67,9 +77,175 @@ class _CapturingSpans(SimpleSpanHandler):
 
 
 #: The handlers of the capture blocks open now, by id. Blocks may overlap without
-#: nesting (two asyncio tasks, two threads, each in its own block): when one ends and
-#: puts the handler lists back, the others' handlers stay attached.
+#: nesting (two asyncio tasks, two threads, each in its own block): when one ends,
+#: the others' handlers stay attached.
 _open_captures: dict[int, BaseEventHandler | SimpleSpanHandler] = {}
+
+
+def _is_capture(handler: object) -> bool:
+    return isinstance(handler, (_CapturingEvents, _CapturingSpans))
+
+
+def _has(handlers: tuple[Any, ...], handler: object) -> bool:
+    return any(h is handler for h in handlers)
+
+
+class _Journal:
+    """What the code in one capture block changed in the tree, net of what it undid.
+
+    The dispatcher tells :func:`_note` of each change (``_on_change``, with its lock
+    held); the change is the block's when it is made in the block's context, where
+    :data:`_journals` holds the block's journal: the block's thread or task, and the
+    tasks and threads (``instrumentation.Thread``, ``ContextThreadPoolExecutor``,
+    ``asyncio.to_thread``) that start from a copy of it; and when it is made in no
+    block's context, as every open block's. Nested blocks each keep the change. Kept
+    per handler, as whether it was there before the block first moved it, so that
+    attaching and detaching one handler a thousand times keeps nothing.
+    """
+
+    __slots__ = ("flags", "handlers", "open")
+
+    def __init__(self) -> None:
+        #: False once the block has ended: a thread started in it with a copy of its
+        #: context, and outliving it, adds nothing more.
+        self.open = True
+        #: (id of the dispatcher or manager, attribute) -> (owner, attribute,
+        #: {id(handler): (handler, whether it was there)}).
+        self.handlers: dict[tuple[int, str], tuple[Any, str, dict[int, tuple[Any, bool]]]] = {}
+        #: id of the dispatcher -> (dispatcher, its ``propagate`` before the block set it).
+        self.flags: dict[int, tuple[Dispatcher, bool]] = {}
+
+    def note(self, owner: object, attr: str, old: Any, new: Any) -> None:
+        if not self.open:
+            return
+        if attr == "_propagate":
+            flag = self.flags.get(id(owner))
+            if flag is None:
+                self.flags[id(owner)] = (cast(Dispatcher, owner), old)
+            elif flag[1] is new:
+                del self.flags[id(owner)]  # set back as it was
+            return
+        key = (id(owner), attr)
+        entry = self.handlers.get(key)
+        if entry is None:
+            entry = self.handlers[key] = (owner, attr, {})
+        moved = entry[2]
+        for handler, there in [
+            *((h, False) for h in old if not _has(new, h)),
+            *((h, True) for h in new if not _has(old, h)),
+        ]:
+            was = moved.get(id(handler))
+            if was is None:
+                moved[id(handler)] = (handler, not there)
+            elif was[1] is there:
+                del moved[id(handler)]  # back as it was before the block moved it
+
+    def undo(self) -> None:
+        """Take off the handlers the block attached and put back those it detached
+        (at the end of their lists: one rebuild per dispatcher, through its own
+        add/remove path), unless something else has since; set ``propagate`` back."""
+        with _dispatcher_module._lock:
+            self.open = False
+            changes: dict[int, tuple[Any, dict[str, tuple[Any, ...]]]] = {}
+            for owner, attr, moved in list(self.handlers.values()):
+                now: tuple[Any, ...] = getattr(owner, attr)
+                put_in = tuple(
+                    h
+                    for h, was in moved.values()
+                    if was and not _has(now, h) and (not _is_capture(h) or id(h) in _open_captures)
+                )
+                take_out = tuple(
+                    h
+                    for h, was in moved.values()
+                    if not was and _has(now, h) and id(h) not in _open_captures
+                )
+                found = changes.setdefault(id(owner), (owner, {}))[1]
+                kind = "events" if "event" in attr else "spans"
+                if put_in:
+                    found[f"{kind}_in"] = put_in
+                if take_out:
+                    found[f"{kind}_out"] = take_out
+            for owner, change in changes.values():
+                if not change:
+                    continue
+                if isinstance(owner, Dispatcher):
+                    owner._update(**change)
+                else:
+                    cast(Manager, owner)._update_taps(**change)
+            for node, propagate in list(self.flags.values()):
+                if node.propagate is not propagate:
+                    node.propagate = propagate
+        self.handlers.clear()
+        self.flags.clear()
+
+
+#: The journals of the capture blocks this context is in, outermost first; ``()`` in
+#: :func:`keep_changes`, and None in no block's context (never in one, or all ended).
+_journals: contextvars.ContextVar[tuple[_Journal, ...] | None] = contextvars.ContextVar(
+    "instrumentation_testing_journals", default=None
+)
+
+
+def _in_import(frame: FrameType | None) -> bool:
+    """Whether ``frame`` or one of its callers is the body of a module being imported:
+    what a module sets up at its import, it sets up once in a process, and later tests
+    rely on it whichever test imported it first."""
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            spec = frame.f_globals.get("__spec__")
+            if getattr(spec, "_initializing", False):  # importlib's mark, while it runs
+                return True
+        frame = frame.f_back
+    return False
+
+
+#: Every capture block open now, in any thread or task.
+_open_journals: list[_Journal] = []
+
+
+def _note(owner: object, attr: str, old: Any, new: Any) -> None:
+    """The dispatcher's ``_on_change``: a change made in capture blocks' context goes
+    into their journals; one made outside any block's context (a plain
+    ``threading.Thread``, which starts from an empty context, say one the code under
+    test started) into every open block's, so that a test's threads are undone too.
+    What a module's import sets up goes into none."""
+    journals = _journals.get()
+    if journals is None:
+        journals = tuple(_open_journals)
+    if journals and not _in_import(sys._getframe(1)):
+        for journal in journals:
+            journal.note(owner, attr, old, new)
+
+
+@contextmanager
+def keep_changes() -> Iterator[None]:
+    """What is attached, detached or set in this block (and in the tasks and threads
+    that carry its context) outlives the capture blocks open around it: for set-up a
+    test does lazily, at its first use, that later tests rely on."""
+    token = _journals.set(())
+    try:
+        yield
+    finally:
+        _journals.reset(token)
+
+
+_dispatcher_module._on_change = _note
+
+
+def _open_journal() -> _Journal:
+    journal = _Journal()
+    with _dispatcher_module._lock:  # the changes are noted with it held
+        _open_journals.append(journal)
+    _journals.set((*(_journals.get() or ()), journal))
+    return journal
+
+
+def _close_journal(journal: _Journal) -> None:
+    with _dispatcher_module._lock:
+        _open_journals[:] = [j for j in _open_journals if j is not journal]
+    # Set, not reset with a token: blocks that overlap without nesting end in any order.
+    rest = tuple(j for j in _journals.get() or () if j is not journal)
+    _journals.set(rest or None)
 
 
 def _merge(saved: tuple[Any, ...], current: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -167,18 +343,30 @@ class CapturedSpans(list[SimpleSpan]):
 def _open_capture(
     handler: Any, attach: Callable[[Any], None], detach: Callable[[Any], None]
 ) -> Iterator[None]:
-    """Attach a capture block's ``handler`` for the block; then put back the state
-    :class:`Snapshot` keeps (other blocks still open keep theirs)."""
-    snapshot = Snapshot()
+    """Attach a capture block's ``handler`` for the block; then undo what the block
+    changed (see :class:`_Journal`), take the handler off, and put back what
+    :class:`_Outside` keeps."""
+    outside = _Outside()
     _open_captures[id(handler)] = handler
     attach(handler)
+    journal = _open_journal()
     try:
         yield
     finally:
-        run_deferred()  # what a garbage collection put off is part of the block
-        _open_captures.pop(id(handler), None)
-        snapshot.restore()
-        detach(handler)  # a dispatcher made by hand is not in the tree
+        try:
+            run_deferred()  # what a garbage collection put off is part of the block
+        finally:
+            _close_journal(journal)
+            _open_captures.pop(id(handler), None)
+            try:
+                # Not noted by the other blocks open now: undoing is not a change of theirs.
+                with keep_changes():
+                    try:
+                        journal.undo()
+                    finally:
+                        detach(handler)
+            finally:
+                outside.restore()
 
 
 def _target(block: str, dispatcher: object) -> Dispatcher:
@@ -216,15 +404,42 @@ def capture_spans(
         yield CapturedSpans(handler)
 
 
+class _Outside:
+    """What a capture block puts back besides the tree: ``telemetry.raise_handler_errors``
+    (if it differs at the end), and the current span, tags and suppression (which
+    ``restore_propagation_context`` sets without a token to undo it), with what
+    integrations keep beside them (OpenTelemetry's current context). All but the
+    switch are the block's context's own."""
+
+    def __init__(self) -> None:
+        self.raise_handler_errors = telemetry.raise_handler_errors
+        self.context = (_active_span.get(), _active_tags.get(), _suppressed.get())
+        self.kept = {keeper: keeper.save() for keeper in context_keepers()}
+
+    def restore(self) -> None:
+        if telemetry.raise_handler_errors is not self.raise_handler_errors:
+            telemetry.raise_handler_errors = self.raise_handler_errors
+        span, tags, suppressed = self.context
+        _active_span.set(span)
+        _active_tags.set(tags)
+        _suppressed.set(suppressed)
+        for keeper in context_keepers():
+            keeper.put_back(self.kept.get(keeper))
+
+
 class Snapshot:
-    """The global state a test can change, to put back later.
+    """The whole global state, to put back later as it was, whoever changed it since.
 
     The handler lists and ``propagate`` flags of every dispatcher (one made after the
     snapshot is left as it is; the handlers of capture blocks still open are kept, so
-    that blocks may overlap), the tree's taps,
-    ``telemetry.raise_handler_errors``, and the current span, tags and suppression
-    (which ``restore_propagation_context`` sets without a token to undo it), with
-    what integrations keep beside them (OpenTelemetry's current context).
+    that blocks may overlap), the tree's taps, ``telemetry.raise_handler_errors``, and
+    the current span, tags and suppression (which ``restore_propagation_context`` sets
+    without a token to undo it), with what integrations keep beside them
+    (OpenTelemetry's current context).
+
+    Unlike the capture blocks, which undo only what was changed in them, this puts
+    back every list as it was: what other threads attached or detached meanwhile is
+    undone too. For a test suite's own set-up between tests, with nothing else running.
     """
 
     def __init__(self) -> None:
@@ -234,9 +449,7 @@ class Snapshot:
                 for name, node in root_manager.dispatchers.items()
             }
             self.taps = (root_manager.tap_event_handlers, root_manager.tap_span_handlers)
-        self.raise_handler_errors = telemetry.raise_handler_errors
-        self.context = (_active_span.get(), _active_tags.get(), _suppressed.get())
-        self.kept = {keeper: keeper.save() for keeper in context_keepers()}
+        self.outside = _Outside()
 
     def restore(self) -> None:
         with _dispatcher_module._lock:  # looked up each time: re-made after fork
@@ -252,13 +465,7 @@ class Snapshot:
             root_manager.tap_event_handlers = _merge(self.taps[0], root_manager.tap_event_handlers)
             root_manager.tap_span_handlers = _merge(self.taps[1], root_manager.tap_span_handlers)
             root_manager._rebuild_all()
-        telemetry.raise_handler_errors = self.raise_handler_errors
-        span, tags, suppressed = self.context
-        _active_span.set(span)
-        _active_tags.set(tags)
-        _suppressed.set(suppressed)
-        for keeper in context_keepers():
-            keeper.put_back(self.kept.get(keeper))
+        self.outside.restore()
 
 
 class Capture:
@@ -273,10 +480,7 @@ class Capture:
         self._spans = _CapturingSpans(max_completed_spans=100_000)
         _open_captures[id(self._events)] = self._events
         _open_captures[id(self._spans)] = self._spans
-        root_manager.tap(
-            (*root_manager.tap_event_handlers, self._events),
-            (*root_manager.tap_span_handlers, self._spans),
-        )
+        root_manager._update_taps(events_in=(self._events,), spans_in=(self._spans,))
 
     @property
     def events(self) -> CapturedEvents:
@@ -302,9 +506,12 @@ class Capture:
         return f"<Capture: {len(self.events)} events, {spans} spans ended>"
 
     def _end(self) -> None:
-        """The block is over: its handlers go when the state is put back."""
+        """The block is over: its handlers are no longer kept by others' ends."""
         _open_captures.pop(id(self._events), None)
         _open_captures.pop(id(self._spans), None)
+
+    def _detach(self) -> None:
+        root_manager._update_taps(events_out=(self._events,), spans_out=(self._spans,))
 
     def events_of(self, kind: type[_E] | tuple[type[_E], ...]) -> list[_E]:
         """``events.of(kind)``: the events of one class, typed."""
@@ -317,17 +524,29 @@ class Capture:
 
 @contextmanager
 def isolated() -> Iterator[Capture]:
-    """Record everything in the block, then put back the state :class:`Snapshot` keeps.
+    """Record everything in the block, then undo what the block changed, as the capture
+    blocks do (see the module's docstring).
 
     Counters are not zeroed (see :func:`reset_counters`)."""
-    snapshot = Snapshot()
+    outside = _Outside()
     capture = Capture()
+    journal = _open_journal()
     try:
         yield capture
     finally:
-        run_deferred()
-        capture._end()
-        snapshot.restore()
+        try:
+            run_deferred()
+        finally:
+            _close_journal(journal)
+            capture._end()
+            try:
+                with keep_changes():  # as in _open_capture
+                    try:
+                        journal.undo()
+                    finally:
+                        capture._detach()
+            finally:
+                outside.restore()
 
 
 def reset_counters() -> None:
@@ -343,5 +562,6 @@ __all__ = [
     "capture_events",
     "capture_spans",
     "isolated",
+    "keep_changes",
     "reset_counters",
 ]

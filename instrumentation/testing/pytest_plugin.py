@@ -14,9 +14,12 @@ from instrumentation.testing import Capture, isolated
 def instrumentation_capture() -> Iterator[Capture]:
     """Events and spans emitted during the test. The counters start from zero (and the
     first handler error of each kind is logged again), so that what a test reads in
-    ``telemetry`` is its own. Afterwards the handler lists of the dispatchers that
-    existed before it, and the current span and tags, are put back (a dispatcher made
-    during the test keeps its handlers: see ``Snapshot``)."""
+    ``telemetry`` is its own. Afterwards what the test changed is undone: handlers it
+    attached are taken off, those it detached put back, ``propagate`` set back, the
+    current span and tags put back, in the threads the test started too. What other
+    tests running at once changed, what a module imported during the test set up at
+    its import, and what the test did in ``keep_changes()`` stay (see
+    ``instrumentation.testing``)."""
     telemetry.reset()
     with isolated() as capture:
         yield capture

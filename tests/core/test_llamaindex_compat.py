@@ -398,3 +398,55 @@ def test_setting_manager_as_llamaindex_code_does() -> None:
         Dispatcher(name=loose.name).manager = root_manager
     with pytest.raises(TypeError, match="manager is a Manager"):
         Dispatcher(name=fresh("compat_bad")).manager = 3  # type: ignore[assignment]
+
+
+def test_span_handlers_take_llamaindex_positional_arguments() -> None:
+    """LlamaIndex's ``BaseSpanHandler.__init__`` takes ``open_spans``,
+    ``completed_spans``, ``dropped_spans`` and ``current_span_ids`` by position, and
+    code written for it calls ``SimpleSpanHandler({}, [], [])``: pydantic's keyword-only
+    constructor refused it."""
+    done = instrument.SimpleSpan(id_="done")
+    handler = SimpleSpanHandler({}, [done], [], {})
+    assert list(handler.completed_spans) == [done] and handler.open_spans == {}
+    assert SimpleSpanHandler({}, [], [], max_completed_spans=2).max_completed_spans == 2
+
+    class Mine(BaseSpanHandler[BaseSpan]):
+        def new_span(self, id_: str, bound_args: Any, **kwargs: Any) -> BaseSpan:
+            return BaseSpan(id_=id_)
+
+        def prepare_to_exit_span(self, id_: str, bound_args: Any, **kwargs: Any) -> None:
+            return None
+
+        def prepare_to_drop_span(self, id_: str, bound_args: Any, **kwargs: Any) -> None:
+            return None
+
+    assert Mine({"x": BaseSpan(id_="x")}).open_spans["x"].id_ == "x"
+    with pytest.raises(TypeError, match="at most 4 positional arguments"):
+        SimpleSpanHandler({}, [], [], {}, 5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="multiple values for argument 'open_spans'"):
+        SimpleSpanHandler({}, open_spans={})  # type: ignore[misc]
+
+
+def test_bound_args_read_as_inspect_bound_arguments() -> None:
+    """Handlers get the arguments bound lazily; printed or logged, they read as
+    ``inspect.BoundArguments`` does, not ``<LazyBoundArguments ...>``."""
+    d = instrument.get_dispatcher(fresh("compat_repr"))
+    rec = Recorder()
+    d.add_span_handler(rec)
+
+    @d.span
+    def f(a: int, b: int = 2, *rest: int, **named: str) -> None:
+        return None
+
+    def plain(a: int, b: int = 2, *rest: int, **named: str) -> None:
+        return None
+
+    f(1, 3, 4, k="v")
+    with d.span("block"):
+        pass
+    (called,) = rec.named(f.__qualname__)
+    expected = inspect.signature(plain).bind(1, 3, 4, k="v")
+    assert repr(called.bound_args) == str(called.bound_args) == repr(expected)
+    assert repr(expected) == "<BoundArguments (a=1, b=3, rest=(4,), named={'k': 'v'})>"
+    assert repr(rec.one("block").bound_args) == "<BoundArguments ()>"
+    assert called.bound_args == expected

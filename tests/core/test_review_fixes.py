@@ -198,7 +198,7 @@ def test_span_ended_after_shutdown_does_not_reach_the_closed_handler() -> None:
 
 
 def test_capture_helpers_restore_handlers_added_inside_the_block() -> None:
-    """capture_events()/capture_spans() put every handler list back as it was."""
+    """capture_events()/capture_spans() take off a handler attached in the block."""
     from instrumentation.testing import capture_events
 
     before = instrument.root_dispatcher.span_handlers
