@@ -19,9 +19,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from instrumentation import telemetry
+from instrumentation import _w3c, telemetry
 from instrumentation._bounded import put_bounded
 from instrumentation._ids import new_trace_id
 
@@ -308,10 +308,13 @@ class ContextBridge(Protocol):
     A bridge may also have ``restore(parent, sampled)``, called when
     ``restore_propagation_context`` makes ``parent`` (a remote span, or None) current
     in this context without a token to undo it, so that the other system continues
-    the restored trace too; ``capture()`` and ``reattach(state)``, to keep what is
-    current in the other system inside a generator across its ``yield``; and
-    ``sampled()``, False when the other system's current
-    span is not sampled (``capture_propagation_context`` then sends flags ``00``).
+    the restored trace too (with the flags, ``tracestate`` and ``baggage`` received,
+    from :func:`restored_propagation`); ``capture()`` and ``reattach(state)``, to keep
+    what is current in the other system inside a generator across its ``yield``;
+    ``sampled()``, False when the other system's current span is not sampled
+    (``capture_propagation_context`` then sends flags ``00``); and
+    ``propagation(span)``, the ``(flags, tracestate, baggage)`` the other system holds
+    where ``span`` (ours, or None) is current, None for each it does not know.
     """
 
     def parent_for(self, own: SpanContext | None) -> SpanContext | None: ...
@@ -384,6 +387,58 @@ def register_context_keeper(keeper: ContextKeeper) -> None:
 
 def context_keepers() -> tuple[ContextKeeper, ...]:
     return _keepers
+
+
+class Propagated(NamedTuple):
+    """What ``restore_propagation_context`` received beside the parent span, kept in
+    the context it restored into (see :func:`restored_propagation`).
+
+    ``trace_id``: the restored trace (None when no span was restored), which ``flags``
+    (the known trace-flags bits, sampled included) and ``tracestate`` belong to;
+    ``baggage`` goes with the context whatever the trace.
+    """
+
+    trace_id: str | None
+    flags: int
+    tracestate: str | None
+    baggage: str | None
+
+
+_propagated: ContextVar[Propagated | None] = ContextVar("instrumentation_propagated", default=None)
+
+
+def restored_propagation() -> Propagated | None:
+    """The flags, ``tracestate`` and ``baggage`` the last ``restore_propagation_context``
+    in this context received (None: nothing restored, or none of them). Bridges read
+    it in ``restore`` to give the other system all of it."""
+    return _propagated.get()
+
+
+def propagation_in_bridges(
+    span: SpanContext | None,
+) -> tuple[int | None, str | None, str | None]:
+    """``(flags, tracestate, baggage)`` the bridges know for a context captured with
+    ``span`` current; None where none knows (the first bridge that does wins)."""
+    flags: int | None = None
+    tracestate: str | None = None
+    baggage: str | None = None
+    for bridge in _bridges:
+        propagation = getattr(bridge, "propagation", None)
+        if propagation is None:
+            continue
+        try:
+            known = propagation(span)
+        except Exception:  # a bridge must not break the application
+            continue
+        if known is None:
+            continue
+        if flags is None:
+            flags = known[0]
+        if tracestate is None:
+            tracestate = known[1]
+        if baggage is None:
+            baggage = known[2]
+    return flags, tracestate, baggage
 
 
 def restored_in_bridges(parent: SpanContext | None, sampled: bool) -> None:
@@ -515,31 +570,15 @@ def deactivate(
 
 # -- W3C traceparent ---------------------------------------------------------------
 
-_TRACEPARENT = re.compile(r"\A00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
-
-
-def format_traceparent(trace_id: str, span_hex: str, sampled: bool = True) -> str:
-    return f"00-{trace_id}-{span_hex}-{'01' if sampled else '00'}"
-
-
-def parse_traceparent(value: str) -> tuple[str, str, bool]:
-    """``(trace_id, span_hex, sampled)`` from a W3C ``traceparent`` header value."""
-    if not isinstance(value, str):
-        raise TypeError(f"traceparent must be a string, got {type(value).__name__}")
-    match = _TRACEPARENT.match(value.strip().lower())
-    if match is None:
-        raise ValueError(
-            f"not a W3C traceparent (expected '00-<32 hex>-<16 hex>-<2 hex>'): {value!r}"
-        )
-    trace_id, span_hex, flags = match.groups()
-    if trace_id == "0" * 32 or span_hex == "0" * 16:
-        raise ValueError(f"traceparent has an all-zero trace or span id: {value!r}")
-    return trace_id, span_hex, bool(int(flags, 16) & 1)
+# Re-exported: they have always been importable from here.
+format_traceparent = _w3c.format_traceparent
+parse_traceparent = _w3c.parse_traceparent
 
 
 __all__ = [
     "ContextBridge",
     "ContextKeeper",
+    "Propagated",
     "RemoteSpanContext",
     "SpanContext",
     "SpanIdToken",
@@ -556,9 +595,11 @@ __all__ = [
     "instrument_tags",
     "is_suppressed",
     "parse_traceparent",
+    "propagation_in_bridges",
     "register_bridge",
     "register_context_keeper",
     "remember_manual_trace",
+    "restored_propagation",
     "span_hex_of",
     "span_name_of",
     "suppress_instrumentation",

@@ -42,13 +42,16 @@ from instrumentation._spans import (
     run_deferred,
     start,
 )
+from instrumentation._w3c import SAMPLED, read_baggage, read_traceparent, read_tracestate
 from instrumentation._wrap import LLAMA_MARK, MARK, check_span_name, wrap
 from instrumentation.context import (
     _EMPTY_TAGS,
+    Propagated,
     RemoteSpanContext,
     SpanContext,
     _active_span,
     _active_tags,
+    _propagated,
     _suppressed,
     activate,
     active_instrument_tags,
@@ -58,7 +61,7 @@ from instrumentation.context import (
     forget_manual_trace,
     format_traceparent,
     instrument_tags,
-    parse_traceparent,
+    propagation_in_bridges,
     remember_manual_trace,
     restored_in_bridges,
     sampled_in_bridges,
@@ -825,7 +828,9 @@ class Dispatcher:
         """The current trace as a JSON-able dict, to continue it in another process.
 
         Holds a W3C ``traceparent``, the active span id, the active tags, and whatever
-        the span handlers add. Pass it to :meth:`restore_propagation_context` there.
+        the span handlers add; when known, also the W3C ``tracestate`` and ``baggage``
+        header values (OpenTelemetry's, with its bridge; else those a restore received,
+        forwarded unchanged). Pass it to :meth:`restore_propagation_context` there.
         """
         out: dict[str, Any] = {}
         chain = self._hot
@@ -836,25 +841,43 @@ class Dispatcher:
                 telemetry.report_handler_error(
                     handler, "capture_propagation_context", self.name, exc
                 )
+        span = current_span()
+        flags, tracestate, baggage = propagation_in_bridges(span)
+        received = _propagated.get()
+        if received is not None:  # what a restore here received, where no bridge knows
+            if span is not None and received.trace_id == span.trace_id:
+                if flags is None:
+                    flags = received.flags
+                if tracestate is None:
+                    tracestate = received.tracestate
+            if baggage is None:
+                baggage = received.baggage
         # All three keys are always there, so that restoring a context captured outside
         # any span, or without tags, also clears what an earlier restore left current.
-        span = current_span()
         if span is not None:
-            out["traceparent"] = format_traceparent(
-                span.trace_id, span.span_hex, sampled_in_bridges()
-            )
+            if flags is None:
+                flags = SAMPLED
+            sampled = bool(flags & SAMPLED) and sampled_in_bridges()
+            out["traceparent"] = format_traceparent(span.trace_id, span.span_hex, sampled, flags)
+            if tracestate:
+                out["tracestate"] = tracestate
         else:  # unless a handler's bridge knows another system's current span
             out.setdefault("traceparent", None)
         out["active_span_id"] = None if span is None else span.id_
         tags = _active_tags.get()
         out["instrument_tags"] = dict(tags) if isinstance(tags, Mapping) else {}
+        if baggage:
+            out["baggage"] = baggage
         return out
 
     def restore_propagation_context(self, context: Mapping[str, Any]) -> None:
         """Continue the trace captured by :meth:`capture_propagation_context`.
 
         Spans started afterwards in this context (thread, task) are children of the
-        captured span, in its trace, with its tags.
+        captured span, in its trace, with its tags. The ``traceparent``'s flags (its
+        sampling decision), ``tracestate`` and ``baggage`` go with the span: sent on by
+        :meth:`capture_propagation_context` here, and made current in OpenTelemetry's
+        context when its bridge is in use. Absent, there are none.
         """
         if not isinstance(context, Mapping):
             raise TypeError(
@@ -864,20 +887,25 @@ class Dispatcher:
         # Everything is checked before anything changes: a rejected context leaves the
         # current span, the tags and the handlers as they were.
         # A key that is not there leaves its part as it is (as in LlamaIndex); what
-        # capture_propagation_context() gives always has both.
+        # capture_propagation_context() gives always has both. tracestate and baggage
+        # belong to the span's part: restored (absent: cleared) with it.
         parent: RemoteSpanContext | None = None
         traceparent = context.get("traceparent")
         span_id = context.get("active_span_id")
         if span_id is not None and not isinstance(span_id, str):
             raise TypeError(f"active_span_id must be a str or None, got {type(span_id).__name__}")
-        sampled = True
+        tracestate = read_tracestate(context.get("tracestate"))
+        baggage = read_baggage(context.get("baggage"))
+        flags = SAMPLED
         if traceparent is not None:
-            trace_id, span_hex, sampled = parse_traceparent(traceparent)
+            trace_id, span_hex, flags = read_traceparent(traceparent)
             if span_id is None or span_hex_of(span_id) != span_hex:
                 span_id = span_hex
             parent = RemoteSpanContext(span_id, trace_id, None, None)
-        elif span_id is not None:  # LlamaIndex's own key alone: the trace is not known
-            parent = RemoteSpanContext(span_id, new_trace_id(), None, None)
+        else:
+            tracestate = None  # W3C: it goes with a traceparent only
+            if span_id is not None:  # LlamaIndex's own key alone: the trace is not known
+                parent = RemoteSpanContext(span_id, new_trace_id(), None, None)
         sets_span = "traceparent" in context or "active_span_id" in context
         tags = context.get("instrument_tags")
         if tags and not isinstance(tags, Mapping):
@@ -892,7 +920,14 @@ class Dispatcher:
                 )
         if sets_span:
             _active_span.set(parent)
-            restored_in_bridges(parent, sampled)
+            _propagated.set(
+                None
+                if parent is None and baggage is None
+                else Propagated(
+                    None if parent is None else parent.trace_id, flags, tracestate, baggage
+                )
+            )
+            restored_in_bridges(parent, bool(flags & SAMPLED))
         if "instrument_tags" in context:
             _active_tags.set(dict(tags) if tags else _EMPTY_TAGS)
 

@@ -15,9 +15,13 @@ The core knows other tracing systems only through the ``ContextBridge`` protocol
   innermost span), that foreign span is its parent and its trace is ours.
 
 - ``restore``: ``restore_propagation_context`` makes the remote parent current in
-  OpenTelemetry's context as well (a non-recording span with its ids and its sampled
-  flag), so an OpenTelemetry span started next continues the restored trace, and is
-  sampled or not as the sender decided.
+  OpenTelemetry's context as well (a non-recording span with its ids, its trace flags
+  and its ``tracestate``), with the ``baggage`` received, so an OpenTelemetry span
+  started next continues the restored trace, and is sampled or not as the sender
+  decided, and ``opentelemetry.baggage`` reads what the sender set.
+- ``propagation``: ``capture_propagation_context`` sends the trace flags and the
+  ``tracestate`` of the current OpenTelemetry span, and the baggage of
+  OpenTelemetry's current context, as OpenTelemetry's own propagators would.
 
 How "more recent" is decided without clocks: since ``attach`` makes each of our spans
 current in OpenTelemetry's context, the current OpenTelemetry span is our innermost
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as trace_api
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from instrumentation.context import (
     RemoteSpanContext,
@@ -43,6 +48,7 @@ from instrumentation.context import (
     current_span,
     register_bridge,
     register_context_keeper,
+    restored_propagation,
     span_hex_of,
     unregister_bridge,
 )
@@ -53,12 +59,14 @@ if TYPE_CHECKING:
 _SAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
 _UNSAMPLED = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 
-#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context, the
-#: OpenTelemetry context it replaced (what restoring no span puts back), and the one it
-#: attached (to tell whether the mirror is still what is current there).
-_mirrored: ContextVar[tuple[SpanContext, otel_context.Context, otel_context.Context] | None] = (
-    ContextVar("instrumentation_otel_mirrored_parent", default=None)
-)
+#: The remote parent :meth:`OpenTelemetryBridge.restore` mirrored in this context (None:
+#: only baggage was), the OpenTelemetry context it replaced (what restoring no span puts
+#: back), and the one it attached (to tell whether the mirror is still what is current
+#: there).
+_mirrored: ContextVar[
+    tuple[SpanContext | None, otel_context.Context, otel_context.Context] | None
+] = ContextVar("instrumentation_otel_mirrored_parent", default=None)
+_BAGGAGE = W3CBaggagePropagator()
 _get_current_span = trace_api.get_current_span
 _set_span_in_context = trace_api.set_span_in_context
 _attach = otel_context.attach
@@ -78,6 +86,21 @@ def _undo_mirror() -> None:
             _attach(mirrored[1])
 
 
+def received_flags_and_state(
+    trace_id: str, default: trace_api.TraceFlags
+) -> tuple[trace_api.TraceFlags, trace_api.TraceState | None]:
+    """The trace flags and trace state ``restore_propagation_context`` received in this
+    context for trace ``trace_id``; ``default`` and None for another trace, or none."""
+    received = restored_propagation()
+    if received is None or received.trace_id != trace_id:
+        return default, None
+    state = received.tracestate
+    return (
+        trace_api.TraceFlags(received.flags),
+        trace_api.TraceState.from_header([state]) if state else None,
+    )
+
+
 def foreign_parent(span_context: trace_api.SpanContext) -> SpanContext:
     """Our view of an OpenTelemetry span: 16-hex id, 32-hex trace id, ``remote``."""
     return RemoteSpanContext(
@@ -92,14 +115,17 @@ def stand_in_context(span: SpanContext) -> otel_context.Context:
     it becomes current when that one is in the same trace (its parent, or an ancestor):
     a span of ours no handler exported, inside a trace its root chose not to sample,
     must not make the spans started inside it sampled (a parent-based sampler would
-    export them, children of a parent no backend has). Otherwise, sampled.
+    export them, children of a parent no backend has). Otherwise those a restore in this
+    context received for the trace (restored before any bridge could mirror it), else
+    sampled.
     """
     trace_id = int(span.trace_id, 16)
     current = _get_current_span().get_span_context()
+    state: trace_api.TraceState | None
     if current.is_valid and current.trace_id == trace_id:
         flags, state = current.trace_flags, current.trace_state
     else:
-        flags, state = _SAMPLED, None
+        flags, state = received_flags_and_state(span.trace_id, _SAMPLED)
     ids = trace_api.SpanContext(
         trace_id,
         int(span_hex_of(span.id_), 16),
@@ -232,29 +258,62 @@ class OpenTelemetryBridge:
             return False
         return None
 
+    def propagation(self, span: SpanContext | None) -> tuple[int | None, str | None, str | None]:
+        """What OpenTelemetry's propagators would send where ``span`` is current: the
+        trace flags and ``tracestate`` of the current OpenTelemetry span (when in
+        ``span``'s trace), and the baggage of the current context. ``""``: known to be
+        empty; None: OpenTelemetry does not know (the core then sends what a restore
+        received, if any)."""
+        if not self._tables:
+            return None, None, None
+        flags: int | None = None
+        state: str | None = None
+        current = _get_current_span().get_span_context()
+        if span is not None and current.is_valid and current.trace_id == int(span.trace_id, 16):
+            flags = int(current.trace_flags)
+            state = current.trace_state.to_header() if current.trace_state else ""
+        carrier: dict[str, str] = {}
+        _BAGGAGE.inject(carrier)
+        baggage = carrier.get("baggage")
+        if baggage is None and _mirrored.get() is not None:
+            baggage = ""  # a restore put what it received there, and it was taken off
+        return flags, state, baggage
+
     def restore(self, parent: SpanContext | None, sampled: bool) -> None:
-        """Make ``parent`` current in OpenTelemetry's context too (no token: like
+        """Make ``parent`` current in OpenTelemetry's context too, with the trace flags
+        and trace state received, and the baggage (no token: like
         ``restore_propagation_context`` itself, it is not undone).
 
         Restoring no span hides no span of the application's own (a server or task
-        span stays the parent); it only takes back what an earlier restore mirrored.
+        span stays the parent); it only takes back what an earlier restore mirrored
+        (and adds the baggage received, if any).
         """
         if not self._tables:
             return
-        if parent is None:
+        received = restored_propagation()
+        baggage = None if received is None else received.baggage
+        if parent is None and not baggage:
             _undo_mirror()
             return
         # Replacing a mirror still current: what it replaced is what to put back.
         mirrored = _mirrored.get()
         current = otel_context.get_current()
         before = mirrored[1] if mirrored is not None and current is mirrored[2] else current
-        ids = trace_api.SpanContext(
-            int(parent.trace_id, 16),
-            int(span_hex_of(parent.id_), 16),
-            is_remote=True,
-            trace_flags=_SAMPLED if sampled else _UNSAMPLED,
-        )
-        mine = _set_span_in_context(trace_api.NonRecordingSpan(ids))
+        mine = before
+        if baggage:
+            mine = _BAGGAGE.extract({"baggage": baggage}, mine)
+        if parent is not None:
+            flags, state = received_flags_and_state(
+                parent.trace_id, _SAMPLED if sampled else _UNSAMPLED
+            )
+            ids = trace_api.SpanContext(
+                int(parent.trace_id, 16),
+                int(span_hex_of(parent.id_), 16),
+                is_remote=True,
+                trace_flags=flags,
+                trace_state=state,
+            )
+            mine = _set_span_in_context(trace_api.NonRecordingSpan(ids), mine)
         _attach(mine)
         _mirrored.set((parent, before, mine))
 

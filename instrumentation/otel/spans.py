@@ -35,6 +35,7 @@ from instrumentation.otel.attributes import (
     tag_attributes,
     to_attribute,
 )
+from instrumentation.otel.bridge import received_flags_and_state
 from instrumentation.otel.ids import PendingIdGenerator
 
 #: The instrumentation scope of spans whose dispatcher is unknown (others use its name).
@@ -202,8 +203,11 @@ class SpanTable:
         # From the current context, as a root span is: its baggage goes along.
         if trace_id is None:
             return _set_span_in_context(trace_api.INVALID_SPAN, _get_current())
+        # Sampled or not as a restore here received it (restored before any handler
+        # could mirror it in OpenTelemetry's context), with its trace state.
+        flags, state = received_flags_and_state(trace_id, _SAMPLED)
         ids = trace_api.SpanContext(
-            int(trace_id, 16), parent_hex, is_remote=True, trace_flags=_SAMPLED
+            int(trace_id, 16), parent_hex, is_remote=True, trace_flags=flags, trace_state=state
         )
         return _set_span_in_context(trace_api.NonRecordingSpan(ids), _get_current())
 

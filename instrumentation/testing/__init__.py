@@ -27,7 +27,13 @@ from typing import Any, SupportsIndex, TypeVar, cast, overload
 from instrumentation import dispatcher as _dispatcher_module
 from instrumentation import telemetry
 from instrumentation._spans import run_deferred
-from instrumentation.context import _active_span, _active_tags, _suppressed, context_keepers
+from instrumentation.context import (
+    _active_span,
+    _active_tags,
+    _propagated,
+    _suppressed,
+    context_keepers,
+)
 from instrumentation.dispatcher import Dispatcher, Manager, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
@@ -406,23 +412,30 @@ def capture_spans(
 
 class _Outside:
     """What a capture block puts back besides the tree: ``telemetry.raise_handler_errors``
-    (if it differs at the end), and the current span, tags and suppression (which
-    ``restore_propagation_context`` sets without a token to undo it), with what
+    (if it differs at the end), and the current span, tags and suppression and what a
+    restore received (which ``restore_propagation_context`` sets without a token to
+    undo it), with what
     integrations keep beside them (OpenTelemetry's current context). All but the
     switch are the block's context's own."""
 
     def __init__(self) -> None:
         self.raise_handler_errors = telemetry.raise_handler_errors
-        self.context = (_active_span.get(), _active_tags.get(), _suppressed.get())
+        self.context = (
+            _active_span.get(),
+            _active_tags.get(),
+            _suppressed.get(),
+            _propagated.get(),
+        )
         self.kept = {keeper: keeper.save() for keeper in context_keepers()}
 
     def restore(self) -> None:
         if telemetry.raise_handler_errors is not self.raise_handler_errors:
             telemetry.raise_handler_errors = self.raise_handler_errors
-        span, tags, suppressed = self.context
+        span, tags, suppressed, propagated = self.context
         _active_span.set(span)
         _active_tags.set(tags)
         _suppressed.set(suppressed)
+        _propagated.set(propagated)
         for keeper in context_keepers():
             keeper.put_back(self.kept.get(keeper))
 

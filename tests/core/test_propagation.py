@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from instrumentation import Dispatcher, current_span, get_dispatcher, instrument_tags
+from instrumentation import Dispatcher, current_span, get_dispatcher, instrument_tags, telemetry
 from instrumentation.context import (
     current_tags,
     format_traceparent,
     parse_traceparent,
     span_hex_of,
 )
+from instrumentation.testing import isolated
 
 from ._support import Recorder, fresh
 
@@ -179,3 +180,215 @@ def test_round_trip_across_a_subprocess(d: Dispatcher, rec: Recorder) -> None:
     parent()
     p = rec.one(parent.__qualname__)
     assert out == {"parent_id": p.id_, "trace_id": p.trace_id, "tags": {"job": 7}}
+
+
+# -- W3C Trace Context: versions, flags, tracestate, baggage ------------------------------
+
+TRACE_HEX, PARENT_HEX = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+BAGGAGE = "userId=alice,serverNode=DF%2028;shard=3, isProduction=false"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (f"01-{TRACE_HEX}-{PARENT_HEX}-01", (TRACE_HEX, PARENT_HEX, True)),
+        (f"cc-{TRACE_HEX}-{PARENT_HEX}-00-what-the-future-holds", (TRACE_HEX, PARENT_HEX, False)),
+        (f"fe-{TRACE_HEX}-{PARENT_HEX}-09-", (TRACE_HEX, PARENT_HEX, True)),
+    ],
+)
+def test_a_higher_traceparent_version_is_read_by_its_first_four_fields(
+    value: str, expected: tuple[str, str, bool]
+) -> None:
+    """W3C: a version above 00 is parsed as 00 is, when the flags end the string or are
+    followed by '-' (its own fields, not read). It used to be refused."""
+    assert parse_traceparent(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (f"ff-{TRACE_HEX}-{PARENT_HEX}-01", "version ff"),
+        (f"01-{TRACE_HEX}-{PARENT_HEX}-01x", "not a W3C traceparent"),
+        (f"01-{TRACE_HEX}-{PARENT_HEX}-1", "not a W3C traceparent"),
+        (f"00-{TRACE_HEX}-{PARENT_HEX}-01-", "exactly four fields"),
+        (f"00-{TRACE_HEX}-{PARENT_HEX}-01-extra", "exactly four fields"),
+        (f"00-{TRACE_HEX.upper()}-{PARENT_HEX}-01", "lowercase"),
+        (f"0-{TRACE_HEX}-{PARENT_HEX}-01", "not a W3C traceparent"),
+        (f"01-{'0' * 32}-{PARENT_HEX}-01", "all-zero"),
+        (f"01-{TRACE_HEX}-{PARENT_HEX}-01-" + "x" * 500, "longer than 512"),
+    ],
+)
+def test_malformed_traceparents_are_still_refused(value: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_traceparent(value)
+
+
+def test_a_higher_version_continues_the_trace_and_is_sent_on_as_version_00(
+    d: Dispatcher, rec: Recorder
+) -> None:
+    sent: list[str] = []
+
+    @d.span
+    def handler() -> None:
+        sent.append(d.capture_propagation_context()["traceparent"])
+
+    def run() -> None:
+        d.restore_propagation_context({"traceparent": f"01-{TRACE_HEX}-{PARENT_HEX}-01-beyond"})
+        handler()
+
+    contextvars.Context().run(run)
+    r = rec.one(handler.__qualname__)
+    assert r.trace_id == TRACE_HEX and r.parent_id == PARENT_HEX
+    assert sent == [f"00-{TRACE_HEX}-{span_hex_of(r.id_)}-01"]
+
+
+@pytest.mark.parametrize(
+    ("received", "sent"),
+    [("00", "00"), ("01", "01"), ("02", "02"), ("03", "03"), ("ff", "03"), ("fc", "00")],
+)
+def test_the_flags_received_are_sent_on(
+    d: Dispatcher, rec: Recorder, received: str, sent: str
+) -> None:
+    """A hop without OpenTelemetry keeps the sender's sampling decision (a restored
+    ``-00`` was sent on as ``-01``) and its random-trace-id bit (W3C level 2); the
+    reserved bits, which W3C asks to send as zero, are not forwarded."""
+    onward: list[str] = []
+
+    @d.span
+    def hop() -> None:
+        onward.append(d.capture_propagation_context()["traceparent"])
+
+    def run() -> None:
+        d.restore_propagation_context({"traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-{received}"})
+        hop()
+        onward.append(d.capture_propagation_context()["traceparent"])  # the parent itself
+
+    contextvars.Context().run(run)
+    r = rec.one(hop.__qualname__)
+    assert onward == [
+        f"00-{TRACE_HEX}-{span_hex_of(r.id_)}-{sent}",
+        f"00-{TRACE_HEX}-{PARENT_HEX}-{sent}",
+    ]
+    assert format_traceparent("a" * 32, "b" * 16, False, flags=0xFF).endswith("-02")
+
+
+def test_tracestate_and_baggage_cross_a_hop_unchanged(d: Dispatcher, rec: Recorder) -> None:
+    """Received with the traceparent, sent on (as JSON-able strings) by every span of the
+    trace in this context, as they came: a hop without OpenTelemetry used to lose them."""
+    incoming = {
+        "traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01",
+        "tracestate": TRACESTATE,
+        "baggage": BAGGAGE,
+    }
+    onward: list[dict[str, Any]] = []
+
+    @d.span
+    def hop() -> None:
+        onward.append(json.loads(json.dumps(d.capture_propagation_context())))
+
+    @d.span
+    def next_hop() -> None:
+        onward.append(d.capture_propagation_context())
+
+    def first() -> None:
+        d.restore_propagation_context(incoming)
+        hop()
+
+    def second() -> None:
+        d.restore_propagation_context(onward[0])
+        next_hop()
+
+    contextvars.Context().run(first)
+    contextvars.Context().run(second)
+    for sent in onward:
+        assert sent["traceparent"].startswith(f"00-{TRACE_HEX}-")
+        assert sent["tracestate"] == TRACESTATE and sent["baggage"] == BAGGAGE
+    assert rec.one(next_hop.__qualname__).parent_id == rec.one(hop.__qualname__).id_
+
+
+def test_without_tracestate_and_baggage_nothing_changes(d: Dispatcher, rec: Recorder) -> None:
+    """No such keys received, none sent (the dict is what it always was, as LlamaIndex
+    has it); restoring a context without them takes back those an earlier restore
+    received (a queue consumer's previous message); a new trace does not get the
+    restored trace's tracestate, and baggage stays with the context."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    @d.span
+    def work(label: str) -> None:
+        seen[label] = d.capture_propagation_context()
+
+    def consumer() -> None:
+        d.restore_propagation_context({"traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01"})
+        work("plain")
+        d.restore_propagation_context(
+            {
+                "traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01",
+                "tracestate": TRACESTATE,
+                "baggage": BAGGAGE,
+            }
+        )
+        d.restore_propagation_context({"instrument_tags": {"a": 1}})  # keeps them
+        work("full")
+        d.restore_propagation_context({"traceparent": None, "baggage": BAGGAGE})
+        work("new trace")
+        d.restore_propagation_context({"traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01"})
+        work("next message")
+
+    contextvars.Context().run(consumer)
+    assert set(seen["plain"]) == {"traceparent", "active_span_id", "instrument_tags"}
+    assert seen["full"]["tracestate"] == TRACESTATE and seen["full"]["baggage"] == BAGGAGE
+    assert "tracestate" not in seen["new trace"] and seen["new trace"]["baggage"] == BAGGAGE
+    assert not seen["new trace"]["traceparent"].startswith(f"00-{TRACE_HEX}")
+    assert set(seen["next message"]) == {"traceparent", "active_span_id", "instrument_tags"}
+
+
+def test_bad_tracestate_and_baggage(d: Dispatcher, rec: Recorder) -> None:
+    """A non-string is refused (TypeError saying what to pass), before anything changes.
+    A malformed tracestate is dropped whole and the traceparent beside it still restored
+    (W3C); malformed baggage members are left out, the others kept. Both counted."""
+    for key in ("tracestate", "baggage"):
+        with pytest.raises(TypeError, match=f"{key} must be a string .*header"):
+            contextvars.Context().run(
+                d.restore_propagation_context,
+                {"traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01", key: {"congo": "x"}},
+            )
+    seen: list[dict[str, Any]] = []
+
+    @d.span
+    def work() -> None:
+        seen.append(d.capture_propagation_context())
+
+    def run(tracestate: str, baggage: str) -> None:
+        d.restore_propagation_context(
+            {
+                "traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01",
+                "tracestate": tracestate,
+                "baggage": baggage,
+            }
+        )
+        work()
+
+    dropped = telemetry.counter("propagation.entries_dropped").value
+    contextvars.Context().run(run, "congo=ok,Upper=no", 'a=1,b="quoted",c=3\r\nInjected: x')
+    contextvars.Context().run(run, "a=1,a=2", "")
+    contextvars.Context().run(run, ",".join(f"k{i}=v" for i in range(33)), "ümlaut=1")
+    assert [s.get("tracestate") for s in seen] == [None, None, None]
+    assert [s.get("baggage") for s in seen] == ["a=1", None, None]
+    assert all(s["traceparent"].startswith(f"00-{TRACE_HEX}-") for s in seen)
+    assert telemetry.counter("propagation.entries_dropped").value - dropped == 2 + 2 + 2 + 33 + 1
+
+
+def test_the_test_kit_puts_back_what_a_restore_received(d: Dispatcher, rec: Recorder) -> None:
+    def run() -> None:
+        with isolated():
+            d.restore_propagation_context(
+                {"traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-00", "baggage": BAGGAGE}
+            )
+        assert d.capture_propagation_context() == {
+            "traceparent": None,
+            "active_span_id": None,
+            "instrument_tags": {},
+        }
+
+    contextvars.Context().run(run)

@@ -65,7 +65,7 @@ def test_span_of_a_dispatcher_without_the_handler_keeps_the_trace_unsampled(
     finally:
         other.shutdown()
     assert [s.name for s in t.spans()] == []
-    assert traceparent.endswith("-00")
+    assert not int(traceparent[-2:], 16) & 1  # not sampled (the SDK may set random-trace-id)
 
 
 def test_span_of_a_dispatcher_without_the_handler_in_a_sampled_trace_stays_sampled(

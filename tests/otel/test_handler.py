@@ -239,7 +239,11 @@ def test_our_span_inside_otel_span_joins_its_trace(traced: Traced) -> None:
     app_trace = format(request.get_span_context().trace_id, "032x")
     assert hex_trace(spans["work"]) == app_trace
     assert hex_parent(spans["work"]) == hex_span(spans["http.request"])
-    assert seen["traceparent"] == f"00-{app_trace}-{hex_span(spans['work'])}-01"
+    # The flags are the OpenTelemetry span's (sampled, and random-trace-id where the SDK
+    # sets it), as OpenTelemetry's own propagator sends them.
+    flags = spans["work"].context.trace_flags  # type: ignore[union-attr]
+    assert seen["traceparent"] == f"00-{app_trace}-{hex_span(spans['work'])}-{flags:02x}"
+    assert flags.sampled
 
 
 def test_interleaved_generators_parent_their_own_work(traced: Traced) -> None:
@@ -690,7 +694,8 @@ def test_global_provider_is_used_when_none_given() -> None:
         (span,) = exporter.get_finished_spans()
         assert span.name == "work", span.name
         ctx = span.get_span_context()
-        assert tp == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01", tp
+        assert tp == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}", tp
+        assert ctx.trace_flags.sampled, tp
         print("ok")
         """
     )
@@ -722,7 +727,10 @@ def test_threads_get_their_own_ids(traced: Traced) -> None:
         t.start()
     for t in threads:
         t.join()
-    exported = {f"00-{hex_trace(s)}-{hex_span(s)}-01" for s in traced.spans()}
+    exported = {
+        f"00-{hex_trace(s)}-{hex_span(s)}-{s.context.trace_flags:02x}"  # type: ignore[union-attr]
+        for s in traced.spans()
+    }
     assert len(seen) == 800 and set(seen) == exported
 
 
