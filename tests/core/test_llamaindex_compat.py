@@ -450,3 +450,55 @@ def test_bound_args_read_as_inspect_bound_arguments() -> None:
     assert repr(expected) == "<BoundArguments (a=1, b=3, rest=(4,), named={'k': 'v'})>"
     assert repr(rec.one("block").bound_args) == "<BoundArguments ()>"
     assert called.bound_args == expected
+
+
+async def test_span_names_follow_the_class_of_the_instance_called() -> None:
+    """A method's span is named after the class of the object it was called on (the class
+    itself, not its dotted path, for a nested one), as LlamaIndex names it; a plain
+    function's after its ``__qualname__``. LlamaIndex's own tests read these names by
+    patching ``Dispatcher.span_enter``; here a span handler reads them."""
+    d = instrument.get_dispatcher(fresh("compat_names"))
+    rec = Recorder()
+    d.add_span_handler(rec)
+
+    class Shape:
+        @d.span
+        def area(self) -> int:
+            return 1
+
+        @d.span
+        async def later(self) -> int:
+            return 2
+
+    class Square(Shape):
+        pass
+
+    class Tile(Square):
+        @d.span
+        def area(self) -> int:
+            return 3
+
+    class Outer:
+        class Inner:
+            @d.span
+            def step(self) -> int:
+                return 4
+
+    @d.span
+    def loose() -> int:
+        return 5
+
+    results = [Shape().area(), Square().area(), Tile().area(), Outer.Inner().step(), loose()]
+    assert results == [1, 1, 3, 4, 5]
+    assert await Square().later() == 2
+    names = [rec.records[id_].name for kind, id_ in rec.order if kind == "enter"]
+    assert names == [
+        "Shape.area",
+        "Square.area",
+        "Tile.area",
+        "Inner.step",
+        loose.__qualname__,
+        "Square.later",
+    ]
+    for id_, record in rec.records.items():
+        assert id_.rpartition("-")[0] == record.name
