@@ -33,9 +33,20 @@ The rows waiting in the file (not yet replayed) take at most ``max_bytes`` bytes
 disk. What would take the file past it is not written; :meth:`Spool.append` returns
 how many rows that was, for the writer to log and count as lost. The oldest rows are
 kept: of one batch, its spans (in the order they ended, so a trace's root after the
-spans below it) before its events; a cut among the spans may keep spans whose root
-is lost (stored, but heading no trace). Files adopted from dead processes are copied
-whole: they were on the disk already.
+spans below it) before its events; a trace whose root is cut off is refused whole, as
+far as the batch holds it (its spans would be stored heading no trace, unseen). Files
+adopted from dead processes are copied whole: they were on the disk already.
+
+Rows replayed stay in the file (the position moves past them) until it is removed,
+once all are replayed. A database that comes and goes, each replay stopping part-way
+while newer rows are appended, would grow the file for as long as it never empties:
+before an append would take the file past ``max_bytes``, it is compacted if the rows
+replayed in it are an eighth of the rest at least (the rest copied to
+``<prefix>-<pid>.compacting``, synced, renamed over the file), so the file stays
+within ``max_bytes`` and an eighth of it, and compaction copies at most eight bytes
+for each it removes. A process killed while compacting leaves either its file as it
+was (the rows it had replayed are replayed again by the writer that adopts it, and
+skipped as stored) or the compacted file; that writer removes the copy left behind.
 
 A line cut short by a crash (in an adopted file, or one left under this process's own
 pid by a process that crashed) is ended before anything is appended after it, skipped
@@ -52,6 +63,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import weakref
@@ -77,8 +89,16 @@ DEFAULT_MAX_BYTES = 1 << 30
 #: The largest bound taken: a pebibyte (more is a slip, bits for bytes or a timestamp).
 MAX_BYTES_BOUND = 1 << 50
 _COPY_BLOCK = 1024 * 1024
+#: The file is compacted once the rows replayed in it are an eighth of the rest (and it
+#: would pass the bound): so it stays within ``max_bytes`` and an eighth of it.
+_DEAD_SHARE = 8
+#: The suffix of the copy a compaction makes before renaming it over the file.
+_COMPACTING = ".compacting"
 _N_SPAN_COLUMNS = len(SPAN_COLUMNS)
 _N_EVENT_COLUMNS = len(EVENT_COLUMNS)
+_SPAN_TRACE = SPAN_COLUMNS.index("trace_id")
+_SPAN_IS_ROOT = SPAN_COLUMNS.index("is_root")
+_EVENT_TRACE = EVENT_COLUMNS.index("trace_id")
 _SCALARS = (str, int, float)
 
 
@@ -192,6 +212,64 @@ def _lines_of(src: BinaryIO, copy_to: BinaryIO | None = None) -> int:
     return lines
 
 
+def _sync_directory(directory: Path) -> None:
+    """Sync a rename in ``directory`` to disk (where a folder can be opened: not on
+    Windows, whose renames need none of this)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _trace_of(is_span: bool, row: Row) -> str | None:
+    """The trace id of a span or event row (``None``: none, or not a row of its table)."""
+    if len(row) != (_N_SPAN_COLUMNS if is_span else _N_EVENT_COLUMNS):
+        return None
+    trace = row[_SPAN_TRACE if is_span else _EVENT_TRACE]
+    return trace if isinstance(trace, str) else None
+
+
+def _fitting(items: Sequence[tuple[bool, Row]], lines: list[bytes], room: int) -> list[bytes]:
+    """The ``lines`` of ``items`` (``(is_span, row)``) to write in ``room`` bytes.
+
+    All of them if they fit; else the oldest: spans (in the order they ended, so a
+    trace's root after the spans below it) before events, up to the first line that
+    does not fit. A trace whose root is cut off that way is refused whole, as far as
+    this batch holds it (its spans and events): kept, its spans would be stored
+    heading no trace (a trace is listed by its root), unseen, and the room they took
+    goes to the rows after the cut.
+    """
+    cut, left = 0, room
+    while cut < len(lines) and len(lines[cut]) <= left:
+        left -= len(lines[cut])
+        cut += 1
+    if cut == len(lines):
+        return lines
+    headless = {
+        _trace_of(True, row)
+        for is_span, row in items[cut:]
+        if is_span and len(row) == _N_SPAN_COLUMNS and row[_SPAN_IS_ROOT]
+    }
+    headless.discard(None)
+    if not headless:
+        return lines[:cut]
+    kept = []
+    for (is_span, row), line in zip(items, lines, strict=True):
+        if _trace_of(is_span, row) in headless:
+            continue
+        room -= len(line)
+        if room < 0:
+            break
+        kept.append(line)
+    return kept
+
+
 def _line(kind: str, row: Row) -> bytes:
     text = json.dumps({"t": kind, "r": list(row)}, ensure_ascii=False)
     try:
@@ -237,6 +315,9 @@ class SpoolChunk:
     malformed_example: str = ""
     #: Which incarnation of the file the offsets are about (see ``_FileState``).
     generation: int = 0
+    #: The bytes compaction had cut from the front of the file when the chunk was read
+    #: (``_FileState.cut``): the offsets are moved back by what it cut since.
+    cut: int = 0
 
 
 class _FileState:
@@ -246,7 +327,9 @@ class _FileState:
     the file; ``lock`` keeps an append from interleaving with a read, and the file
     from being removed while rows not yet replayed are in it; ``replay_lock`` lets one
     writer at a time replay a chunk. ``generation`` counts the times the position
-    was reset, so that a chunk read before cannot move the position in the next file.
+    was reset, so that a chunk read before cannot move the position in the next file;
+    ``cut`` counts the bytes compaction removed from the front of the file (rows
+    replayed already), so that a chunk read before it still marks its rows replayed.
     ``ident`` and ``size`` are the device and inode of the file and its size as this
     process last left it (``None``: no file known); ``judged_bytes`` is how far bad and
     malformed lines have been counted already.
@@ -254,6 +337,7 @@ class _FileState:
 
     __slots__ = (
         "__weakref__",
+        "cut",
         "generation",
         "ident",
         "judged_bytes",
@@ -270,6 +354,7 @@ class _FileState:
         self.rows_pending = 0
         self.replayed_bytes = 0
         self.generation = 0
+        self.cut = 0
         self.ident: tuple[int, int] | None = None
         self.size = 0
         self.judged_bytes = 0
@@ -377,47 +462,50 @@ class Spool:
     def append(self, spans: Sequence[Row], events: Sequence[Row]) -> int:
         """Add rows to the file, flushed to the OS before returning (see
         :meth:`_write_at_end`); how many were not added because the rows waiting in
-        the file would have taken more than ``max_bytes`` (the last ones given)."""
-        items = [("s", r) for r in spans] + [("e", r) for r in events]
-        lines = [_line(kind, row) for kind, row in items]
+        the file would have taken more than ``max_bytes`` (see :func:`_fitting`)."""
+        items = [(True, r) for r in spans] + [(False, r) for r in events]
+        lines = [_line("s" if is_span else "e", row) for is_span, row in items]
         state = self._state
         limit = self.max_bytes
 
         def write(f: BinaryIO) -> int:
-            taken = len(lines)
+            kept = lines
             if limit is not None:
                 # f is at the file's end: its size; replayed_bytes is up to date
                 # (_check_file ran), so this is what waits.
-                room = limit - (f.tell() - state.replayed_bytes)
-                for i, line in enumerate(lines):
-                    room -= len(line)
-                    if room < 0:
-                        taken = i
-                        break
-            if taken:
-                f.write(b"".join(lines[:taken]) if taken < len(lines) else b"".join(lines))
-            return taken
+                kept = _fitting(items, lines, limit - (f.tell() - state.replayed_bytes))
+            if kept:
+                f.write(b"".join(kept))
+            return len(kept)
 
         with state.lock:
-            written, lost = self._write_at_end(state, write)
+            written, lost = self._write_at_end(state, write, sum(map(len, lines)))
         _SPOOLED.add(written)
         self._report_lost(lost)
         return len(lines) - written
 
-    def _write_at_end(self, state: _FileState, write: Callable[[BinaryIO], int]) -> tuple[int, int]:
+    def _write_at_end(
+        self, state: _FileState, write: Callable[[BinaryIO], int], adding: int
+    ) -> tuple[int, int]:
         """Append to our file what ``write(f)`` writes (``state.lock`` held): the one
         way anything is added to it. ``write`` returns how many lines it wrote; they
         are pending replay once flushed and synced to disk. Returns those lines and the
-        rows found lost on the way (see :meth:`_check_file`).
+        rows found lost on the way (see :meth:`_check_file`). ``adding`` is about how
+        many bytes ``write`` may add: the file is compacted first if they would take
+        it past ``max_bytes`` (see :meth:`_compaction_due`).
 
         If the write fails part-way (a full disk), the file is cut back to where it
         was, so a half-written line cannot swallow the next one; if even that fails,
         the file is counted again from its start the next time it is used.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as f:
+        f: BinaryIO = open(self.path, "a+b")  # noqa: SIM115 - closed below (or replaced)
+        try:
             lost = self._check_file(state, f)
             start = f.seek(0, os.SEEK_END)
+            if self._compaction_due(state.replayed_bytes, start, adding):
+                f = self._compact(state, f)
+                start = f.seek(0, os.SEEK_END)
             try:
                 lines = write(f)
                 f.flush()
@@ -431,8 +519,82 @@ class Spool:
             finally:
                 with contextlib.suppress(OSError):
                     state.size = os.fstat(f.fileno()).st_size
+        finally:
+            f.close()
         state.rows_pending += lines
         return lines, lost
+
+    def _compaction_due(self, dead: int, size: int, adding: int) -> bool:
+        """Whether the file (``size`` bytes, the first ``dead`` of them replayed
+        already) is to be compacted before ``adding`` bytes more are written.
+
+        With a bound: when the file would pass ``max_bytes`` and the replayed part is
+        an eighth of the rest at least. So the file stays within ``max_bytes`` and an
+        eighth of it (what waits stays within ``max_bytes``; beyond, what is dead is
+        less than an eighth of it), and compaction copies at most eight bytes for each
+        byte it removes (each of which was replayed into the database once): a flapping
+        database with the spool full does not copy the whole file for each row
+        replayed. Without a bound: when half the file, and ``CHUNK_BYTES`` at least,
+        is dead.
+        """
+        if dead <= 0:
+            return False
+        live = size - dead
+        if self.max_bytes is None:
+            return dead >= live and dead >= CHUNK_BYTES
+        return size + adding > self.max_bytes and dead * _DEAD_SHARE >= live
+
+    @property
+    def _compacting_path(self) -> Path:
+        return self.directory / f"{self.prefix}-{os.getpid()}{_COMPACTING}"
+
+    def _compact(self, state: _FileState, f: BinaryIO) -> BinaryIO:
+        """Cut the rows replayed already from the front of our file (open as ``f``,
+        ``state.lock`` held); the file, open for appending (``f`` itself if that failed).
+
+        The rows not replayed yet are copied to ``<prefix>-<pid>.compacting``, synced to
+        disk, and that file renamed over ours (atomic). A process killed meanwhile
+        leaves the file whole (and the copy, removed by the writer that adopts the file,
+        or by the next one with this pid): the rows it replayed already are replayed
+        again, and skipped as stored, as after any crash; killed after the rename, it
+        leaves the rows not replayed, once. Nothing but the owner writes a live
+        process's file, and this lock is held: no row can be appended to the old file
+        after the copy was taken. A chunk being replayed meanwhile (by another writer of
+        this process) still marks its rows replayed (see ``_FileState.cut``).
+        """
+        dead = state.replayed_bytes
+        tmp = self._compacting_path
+        try:
+            with open(tmp, "wb") as out:
+                f.seek(dead)
+                shutil.copyfileobj(f, out, _COPY_BLOCK)
+                out.flush()
+                os.fsync(out.fileno())
+            f.close()  # Windows renames nothing over a file that is open
+            os.replace(tmp, self.path)
+        except OSError:
+            logger.warning(
+                "instrumentation.storage could not compact the spool file %s (its %d bytes "
+                "of rows replayed already stay in it)",
+                self.path,
+                dead,
+                exc_info=True,
+            )
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if f.closed:  # the rename failed: our file is as it was
+                f = open(self.path, "a+b")  # noqa: SIM115 - the caller closes it
+            return f
+        _sync_directory(self.directory)
+        state.cut += dead
+        state.replayed_bytes = 0
+        state.judged_bytes = max(0, state.judged_bytes - dead)
+        state.ident = None  # until it is open again: then it is the compacted file
+        compacted = open(self.path, "a+b")  # noqa: SIM115 - the caller closes it
+        st = os.fstat(compacted.fileno())
+        state.ident = (st.st_dev, st.st_ino)
+        state.size = st.st_size
+        return compacted
 
     def _check_file(self, state: _FileState, f: BinaryIO) -> int:
         """Make ``state`` about the file open as ``f`` (``state.lock`` held); rows lost.
@@ -522,7 +684,10 @@ class Spool:
     @staticmethod
     def _read(state: _FileState, f: BinaryIO, max_rows: int, max_bytes: int) -> SpoolChunk:
         chunk = SpoolChunk(
-            start=state.replayed_bytes, end=state.replayed_bytes, generation=state.generation
+            start=state.replayed_bytes,
+            end=state.replayed_bytes,
+            generation=state.generation,
+            cut=state.cut,
         )
         f.seek(state.replayed_bytes)
         offset = state.replayed_bytes
@@ -562,11 +727,13 @@ class Spool:
 
         A chunk another writer has replayed meanwhile (the position moved, or the
         file was replaced) changes nothing: its rows are stored, and no later row is
-        skipped.
+        skipped. The file compacted meanwhile (by another writer's append), the
+        chunk's offsets are moved back by what was cut.
         """
         state = self._state
         with state.lock:
-            if chunk.generation != state.generation or chunk.start != state.replayed_bytes:
+            shift = state.cut - chunk.cut
+            if chunk.generation != state.generation or chunk.start - shift != state.replayed_bytes:
                 return
             if rows_done is None or rows_done >= len(chunk.rows):
                 end, lines = chunk.end, chunk.lines
@@ -574,7 +741,7 @@ class Spool:
                 return
             else:
                 _, _, end, lines = chunk.rows[rows_done - 1]
-            state.replayed_bytes = end
+            state.replayed_bytes = end - shift
             state.rows_pending = max(0, state.rows_pending - lines)
 
     @staticmethod
@@ -590,16 +757,23 @@ class Spool:
         """Take over the spool files left by dead processes for this store; rows adopted.
 
         A file an adopting process had claimed (renamed ``.claimed-<its pid>``) when it
-        died is adopted too.
+        died is adopted too. The copy a process killed while compacting its file left
+        (``<prefix>-<pid>.compacting``) is removed: its file is whole.
         """
         adopted = 0
         try:
             candidates = list(self.directory.glob(f"{self.prefix}-*.jsonl"))
             candidates += self.directory.glob(f"{self.prefix}-*.claimed-*")
+            copies = list(self.directory.glob(f"{self.prefix}-*{_COMPACTING}"))
         except OSError:
             return 0
         state = self._state
         me = os.getpid()
+        for copy in copies:
+            pid_text = copy.stem.rpartition("-")[2]
+            if pid_text.isdigit() and int(pid_text) != me and not _pid_alive(int(pid_text)):
+                with contextlib.suppress(OSError):
+                    copy.unlink()
         for candidate in candidates:
             if candidate.suffix == ".jsonl":
                 pid_text = candidate.stem.rpartition("-")[2]
@@ -618,9 +792,12 @@ class Spool:
             except OSError:
                 logger.exception("instrumentation.storage could not adopt spool %s", candidate)
         # Our own file may also exist from an earlier writer in this very process, or
-        # from a dead process that had our pid.
+        # from a dead process that had our pid (and so may its copy: ours are made and
+        # renamed while this lock is held).
         lost = 0
         with state.lock:
+            with contextlib.suppress(OSError):
+                self._compacting_path.unlink()
             try:
                 with open(self.path, "r+b") as f:
                     lost = self._check_file(state, f)
@@ -633,7 +810,8 @@ class Spool:
         """Copy ``source`` to the end of our file, a block at a time; lines copied."""
         state = self._state
         with open(source, "rb") as src, state.lock:
-            copied, lost = self._write_at_end(state, lambda dst: _lines_of(src, dst))
+            size = os.fstat(src.fileno()).st_size
+            copied, lost = self._write_at_end(state, lambda dst: _lines_of(src, dst), size)
         self._report_lost(lost)
         return copied
 

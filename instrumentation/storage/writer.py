@@ -22,8 +22,9 @@ Nothing is lost silently:
   :mod:`instrumentation.storage.spool`) and are replayed, before newer rows, once the
   database answers again, a bounded chunk at a time. Inserts skip rows already
   stored, so a replay never duplicates. The rows waiting there take at most
-  ``max_spool_bytes`` (1 GiB; ``None``: no bound): what does not fit is lost,
-  counted (``rows_lost``, counter ``storage.spool_full_rows``) and logged;
+  ``max_spool_bytes`` (1 GiB; ``None``: no bound), the file itself at most an eighth
+  more (it is compacted): what does not fit is lost, counted (``rows_lost``, counter
+  ``storage.spool_full_rows``) and logged;
 - a writer thread that stops by an error (a bug, or a store raising what no ``except
   Exception`` catches) counts what it held and what was queued as lost, and every
   entry put afterwards as dropped, and logs both (see ``_died``).

@@ -607,7 +607,7 @@ def test_the_spool_keeps_at_most_max_bytes_of_rows_waiting(tmp_path: Path, spool
     assert spool.append([], rows[20:21]) == 1
     chunk = spool.next_chunk(4)
     assert chunk is not None and chunk.events == rows[:4]
-    spool.mark_replayed(chunk)  # 4 lines replayed: room for 4 more, though the file is not cut
+    spool.mark_replayed(chunk)  # 4 lines replayed: room for 4 more (the file is compacted)
     assert spool.append([], rows[30:36]) == 2
     waiting: list[Row] = []
     while (chunk := spool.next_chunk(100)) is not None:
@@ -746,3 +746,274 @@ def test_a_process_whose_main_thread_ended_while_others_run_is_alive() -> None:
         child.stdin.write("\n")
         child.stdin.close()
         child.wait(30)
+
+
+def _event_rows(n: int, text: str = "") -> list[Row]:
+    maker = RowMaker({}, {}, 10_000)
+    return [maker.event_row(NoteEvent(text=f"{i:05d} {text}"), None) for i in range(n)]
+
+
+def _lines(rows: Sequence[Row]) -> int:
+    return sum(len(spool_module._line("e", r)) for r in rows)
+
+
+def test_the_spool_file_stays_within_its_bound_while_replays_stop_part_way(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """Rows replayed from the front of the file while newer ones are appended at its
+    end (a database that comes and goes, each replay stopping part-way) left the
+    replayed rows in the file: what waited kept within max_bytes, the file grew for as
+    long as the spool never emptied. It is compacted, and stays within an eighth more
+    than the bound; every row is replayed once, in order."""
+    store = SQLiteStore(tmp_path / "t.db")
+    rows = _event_rows(600, "x" * 150)
+    bound = _lines(rows[:60])
+    spool = Spool(store.spool_key, spool_dir, max_bytes=bound)
+    assert spool.append([], rows[:60]) == 0
+    sizes = []
+    replayed: list[Row] = []
+    taken = rows[:60]
+    for start in range(60, 600, 20):
+        chunk = spool.next_chunk(15)  # the database takes one chunk, then fails again
+        assert chunk is not None
+        replayed += chunk.events
+        spool.mark_replayed(chunk)
+        refused = spool.append([], rows[start : start + 20])
+        taken += rows[start : start + 20 - refused]
+        sizes.append(spool.path.stat().st_size)
+    assert max(sizes) <= bound + bound // 8, (bound, sizes)
+    assert spool.path.stat().st_size - spool.replayed_bytes <= bound
+    replayed += _replay_all(spool)
+    assert replayed == taken
+    assert not spool.path.exists()
+    assert [p.name for p in spool_dir.iterdir()] == []
+
+
+def test_the_writer_keeps_the_spool_file_within_max_spool_bytes_across_partial_replays(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """The same through the writer: each replay takes one chunk (1,000 rows) and the
+    database fails on the next, while new rows keep coming. Nothing is stored twice."""
+    store = CountingStore(tmp_path / "t.db")
+    bound = 512 * 1024
+    store.fail_writes = set(range(1, 10**6))
+    handler = make_handler(
+        store, batch_size=500, retry_for=0, replay_interval=3600, max_spool_bytes=bound
+    )
+    n = 0
+
+    def produce(count_: int) -> None:
+        nonlocal n
+        for _ in range(count_):
+            handler.handle(NoteEvent(text=f"{n} " + "y" * 150))
+            n += 1
+
+    produce(3000)
+    assert handler.flush(30) is False
+    path = handler.writer.spool.path
+    sizes = []
+    for _ in range(6):
+        # The next write (a chunk of the replay) goes in, the ones after fail.
+        store.fail_writes = set(range(store.attempts + 2, 10**6))
+        produce(1000)
+        assert handler.flush(30) is False
+        sizes.append(path.stat().st_size)
+    assert max(sizes) <= bound + bound // 8, sizes
+    store.fail_writes = set()
+    assert handler.flush(60) is True
+    texts = [e.payload["text"] for e in store.events(limit=None)]
+    assert len(texts) == len(set(texts)) == n - handler.writer.rows_lost
+    assert handler.writer.rows_lost == telemetry.counter("storage.spool_full_rows").value
+    assert not path.exists()
+
+
+def test_a_chunk_being_replayed_while_another_writer_compacts_the_file_is_marked_right(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """A chunk read before another writer of the process compacted the shared file
+    still marks its rows replayed: the next chunk starts just after it (nothing sent
+    twice, nothing skipped)."""
+    store = SQLiteStore(tmp_path / "t.db")
+    rows = _event_rows(40)
+    bound = max(_lines(rows[:30]), _lines(rows[10:40]))  # lines differ by a byte or so
+    a = Spool(store.spool_key, spool_dir, max_bytes=bound)
+    b = Spool(store.spool_key, spool_dir, max_bytes=bound)
+    assert a.append([], rows[:30]) == 0
+    first = a.next_chunk(10)
+    assert first is not None
+    a.mark_replayed(first)
+    in_flight = a.next_chunk(10)
+    assert in_flight is not None and in_flight.events == rows[10:20]
+    assert b.append([], rows[30:40]) == 0  # compacts: the first ten are cut
+    assert a.path.stat().st_size == _lines(rows[10:40]) and a.replayed_bytes == 0
+    a.mark_replayed(in_flight)
+    assert a.rows_pending == 20
+    assert _replay_all(a) == rows[20:40]
+
+
+def test_without_a_bound_a_file_mostly_replayed_is_compacted(
+    tmp_path: Path, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_bytes=None`` bounds what waits by nothing, but the rows replayed already
+    do not stay in the file for ever: once they are half of it (and a chunk at least)."""
+    monkeypatch.setattr(spool_module, "CHUNK_BYTES", 1000)
+    store = SQLiteStore(tmp_path / "t.db")
+    rows = _event_rows(21)
+    spool = Spool(store.spool_key, spool_dir, max_bytes=None)
+    spool.append([], rows[:20])
+    chunk = spool.next_chunk(15)
+    assert chunk is not None
+    spool.mark_replayed(chunk)
+    assert spool.append([], rows[20:]) == 0
+    assert spool.path.stat().st_size == _lines(rows[15:])
+    assert _replay_all(spool) == rows[15:]
+
+
+_KILLED_WHILE_COMPACTING = """
+import json, os, shutil, signal, sys
+from instrumentation.storage import SQLiteStore
+from instrumentation.storage.spool import Spool
+
+db, folder, rows_file, bound, point = sys.argv[1:]
+rows = [tuple(r) for r in json.load(open(rows_file))]
+store = SQLiteStore(db)
+spool = Spool(store.spool_key, folder, max_bytes=int(bound))
+spool.append([], rows[:60])
+chunk = spool.next_chunk(20)  # the database takes a chunk, then goes away
+store.write(chunk.spans, chunk.events)
+spool.mark_replayed(chunk)
+store.close()
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_copy, real_replace = shutil.copyfileobj, os.replace
+if point == "copying":
+    def copy(src, dst, length=0):
+        dst.write(src.read(1000))
+        dst.flush()
+        die()
+    shutil.copyfileobj = copy
+elif point == "before the rename":
+    os.replace = lambda src, dst: die()
+else:
+    def replace(src, dst):
+        real_replace(src, dst)
+        die()
+    os.replace = replace
+spool.append([], rows[60:])  # compacts first
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("point", ["copying", "before the rename", "after the rename"])
+def test_a_process_killed_while_compacting_its_spool_loses_and_duplicates_nothing(
+    tmp_path: Path, make_handler: Any, spool_dir: Path, point: str
+) -> None:
+    """``kill -9`` at any point of a compaction: the next writer adopts the file (whole,
+    or compacted), removes the copy left behind, and stores every row once."""
+    db = tmp_path / "t.db"
+    rows = _event_rows(80, "z" * 100)
+    rows_file = tmp_path / "rows.json"
+    rows_file.write_text(json.dumps(rows), encoding="utf-8")
+    spool_dir.mkdir()
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_WHILE_COMPACTING,
+            str(db),
+            str(spool_dir),
+            str(rows_file),
+            str(_lines(rows[:60])),
+            point,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9, child.stderr
+    left = sorted(p.name.rpartition(".")[2] for p in spool_dir.iterdir())
+    assert left == (["jsonl"] if point == "after the rename" else ["compacting", "jsonl"])
+    [file] = spool_dir.glob("*.jsonl")
+    whole = _lines(rows[:60])
+    assert file.stat().st_size == (_lines(rows[20:60]) if point == "after the rename" else whole)
+    store = SQLiteStore(db)
+    assert count(store, "events") == 20  # the rows replayed before the kill
+    handler = make_handler(store, replay_interval=3600)
+    assert handler.flush(30) is True
+    ids = [r[0] for r in store._query("SELECT id FROM events", [])]
+    # The last twenty were never written: the process died before appending them.
+    assert sorted(ids) == sorted(r[0] for r in rows[:60])
+    assert list(spool_dir.iterdir()) == []
+    assert handler.writer.rows_lost == 0
+
+
+def test_a_cut_within_a_batch_refuses_a_trace_whose_root_is_cut_off(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """The bound cut a batch after a trace's first spans and before its root (spans go
+    in the order they ended): those spans were spooled, and stored heading no trace,
+    unseen. A trace whose root does not fit is refused whole, its events too, and the
+    room goes to the rows after it."""
+    store = SQLiteStore(tmp_path / "t.db")
+
+    def span(span_id: str, trace: str, root: bool) -> Row:
+        parent = None if root else f"{trace}-root"
+        return (
+            span_id,
+            trace,
+            parent,
+            1 if root else 0,
+            "n" * 300,
+            "d",
+            1.0,
+            2.0,
+            1.0,
+            "ok",
+            None,
+            "{}",
+            "{}",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    def event(text: str, trace: str | None) -> Row:
+        row = RowMaker({}, {}, 100).event_row(NoteEvent(text=text), None)
+        return (*row[:4], trace, *row[5:])
+
+    spans = [
+        span("a1", "A", False),
+        span("a2", "A", False),
+        span("A-root", "A", True),
+        span("b1", "B", False),
+        span("b2", "B", False),
+        span("B-root", "B", True),
+    ]
+    events = [event("in a", "A"), event("in b", "B"), event("outside", None)]
+    kept = [*spans[:3], *events[:1], *events[2:]]
+    size = sum(len(spool_module._line("s", r)) for r in spans[:3])
+    size += sum(len(spool_module._line("e", r)) for r in (events[0], events[2]))
+    assert size <= sum(len(spool_module._line("s", r)) for r in spans[:5])  # cut in B
+    spool = Spool(store.spool_key, spool_dir, max_bytes=size)
+    assert spool.append(spans, events) == 4
+    chunk = spool.next_chunk(100)
+    assert chunk is not None
+    assert (chunk.spans, chunk.events) == (
+        [r for r in kept if len(r) == len(spans[0])],
+        [r for r in kept if len(r) != len(spans[0])],
+    )
+
+
+def test_a_cut_within_a_batch_keeps_the_oldest_rows_when_no_root_is_cut_off(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    rows = _event_rows(10)
+    spool = Spool(store.spool_key, spool_dir, max_bytes=_lines(rows[:4]) + 10)
+    assert spool.append([], rows) == 6
+    assert _replay_all(spool) == rows[:4]
