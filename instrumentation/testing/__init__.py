@@ -10,8 +10,9 @@ put back, a ``propagate`` flag is set back. It leaves alone what other blocks op
 the same time changed in their own context (their thread or task, and the tasks and
 threads that carry a copy of it), and what a module imported in the block set up at
 its import (which happens once in a process). A change made outside any block's
-context (a plain ``threading.Thread`` starts from an empty one) is every open
-block's: the threads a test starts are undone with it. See :class:`_Journal`.
+context (a plain ``threading.Thread`` starts from an empty one; a task or thread
+left running from a block that has ended is in none either) is every open block's:
+the threads a test starts are undone with it. See :class:`_Journal`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class _Journal:
 
     def __init__(self) -> None:
         #: False once the block has ended: a thread started in it with a copy of its
-        #: context, and outliving it, adds nothing more.
+        #: context, and outliving it, adds nothing more here (see :func:`_note`).
         self.open = True
         #: (id of the dispatcher or manager, attribute) -> (owner, attribute,
         #: {id(handler): (handler, whether it was there)}).
@@ -145,6 +146,8 @@ class _Journal:
                 moved[id(handler)] = (handler, not there)
             elif was[1] is there:
                 del moved[id(handler)]  # back as it was before the block moved it
+        if not moved:  # nor the owner: a block making throwaway dispatchers kept them all
+            del self.handlers[key]
 
     def undo(self) -> None:
         """Take off the handlers the block attached and put back those it detached
@@ -185,11 +188,19 @@ class _Journal:
         self.flags.clear()
 
 
-#: The journals of the capture blocks this context is in, outermost first; ``()`` in
-#: :func:`keep_changes`, and None in no block's context (never in one, or all ended).
+#: The journals of the capture blocks this context is in, outermost first; in
+#: :func:`keep_changes`, :data:`_KEEP` first, then those of the blocks opened in it
+#: since (their ends leave ``(_KEEP,)``: a bare ``()`` left it for None, and what the
+#: ``keep_changes()`` block changed after a block nested in it ended was undone by the
+#: blocks around it); None in no block's context (never in one, or all ended).
 _journals: contextvars.ContextVar[tuple[_Journal, ...] | None] = contextvars.ContextVar(
     "instrumentation_testing_journals", default=None
 )
+
+#: What :func:`keep_changes` puts first in :data:`_journals`: the blocks open around
+#: it are not told; a journal that is never open.
+_KEEP = _Journal()
+_KEEP.open = False
 
 
 def _in_import(frame: FrameType | None) -> bool:
@@ -214,8 +225,18 @@ def _note(owner: object, attr: str, old: Any, new: Any) -> None:
     into their journals; one made outside any block's context (a plain
     ``threading.Thread``, which starts from an empty context, say one the code under
     test started) into every open block's, so that a test's threads are undone too.
-    What a module's import sets up goes into none."""
+    What a module's import sets up goes into none.
+
+    A context whose blocks have all ended (a task or thread started in a block with a
+    copy of its context, outliving it) is in no open block's: what it changes is every
+    open block's, as a plain thread's is. Ignored, what a test's leftover task changed
+    during a later test outlived every block."""
     journals = _journals.get()
+    if journals is not None and not all(j.open for j in journals):
+        keep = journals[0] is _KEEP
+        journals = tuple(j for j in journals if j.open)
+        if not journals and not keep:
+            journals = None
     if journals is None:
         journals = tuple(_open_journals)
     if journals and not _in_import(sys._getframe(1)):
@@ -228,7 +249,7 @@ def keep_changes() -> Iterator[None]:
     """What is attached, detached or set in this block (and in the tasks and threads
     that carry its context) outlives the capture blocks open around it: for set-up a
     test does lazily, at its first use, that later tests rely on."""
-    token = _journals.set(())
+    token = _journals.set((_KEEP,))
     try:
         yield
     finally:

@@ -131,6 +131,50 @@ async def test_a_change_made_in_keep_changes_stays(d: Dispatcher) -> None:
     assert d.event_handlers == [kept, kept_in_task]
 
 
+def test_keep_changes_keeps_after_a_block_nested_in_it_ends(
+    block: Callable[[], AbstractContextManager[Any]], d: Dispatcher
+) -> None:
+    """A block that ended inside ``keep_changes()`` left the context in no block's, so
+    what ``keep_changes()`` changed after it went to the blocks around it, which undid
+    it."""
+    kept, undone = EventList(), EventList()
+    with capture_events():
+        with keep_changes():
+            with block():
+                d.add_event_handler(undone)
+            d.add_event_handler(kept)
+        assert d.event_handlers == [kept]
+    assert d.event_handlers == [kept]
+
+
+@pytest.mark.parametrize("kind", [Thread, threading.Thread], ids=["carrying", "plain"])
+def test_a_thread_outliving_its_block_changes_later_blocks_as_a_plain_one(
+    kind: type[threading.Thread], d: Dispatcher
+) -> None:
+    """A thread started in a block with a copy of its context, still running in a later
+    block: what it changes then is undone by that block, as a plain thread's change
+    is. It went into the ended block's journal, which adds nothing, and a handler it
+    detached stayed detached for every later test."""
+    base = EventList()
+    d.add_event_handler(base)
+    go, done = threading.Event(), threading.Event()
+
+    def later() -> None:
+        go.wait(10)
+        d.remove_event_handler(base)
+        d.propagate = False
+        done.set()
+
+    with capture_events():
+        thread = kind(target=later)
+        thread.start()
+    with capture_events():
+        go.set()
+        assert done.wait(10)
+    thread.join(10)
+    assert d.event_handlers == [base] and d.propagate is True
+
+
 def test_a_handler_attached_and_detached_many_times_is_forgotten(d: Dispatcher) -> None:
     """A block that attaches and detaches handlers per request keeps nothing of them."""
     with isolated():
@@ -142,6 +186,29 @@ def test_a_handler_attached_and_detached_many_times_is_forgotten(d: Dispatcher) 
             d.add_event_handler(handler)
             d.remove_event_handler(handler)
         assert all(not moved for _, _, moved in journal.handlers.values())
+
+
+def test_throwaway_dispatchers_changed_and_changed_back_are_not_kept() -> None:
+    """Each dispatcher whose handlers changed and changed back kept an empty entry in
+    the journal, and with it the dispatcher, for as long as the block lasted."""
+    import gc
+    import weakref
+
+    handler = EventList()
+    with isolated():
+        from instrumentation.testing import _journals
+
+        (journal,) = _journals.get()
+        made = []
+        for i in range(100):
+            throwaway = Dispatcher(fresh(f"throwaway{i}_"))
+            throwaway.add_event_handler(handler)
+            throwaway.remove_event_handler(handler)
+            made.append(weakref.ref(throwaway))
+        del throwaway
+        gc.collect()
+        assert journal.handlers == {}
+        assert all(ref() is None for ref in made)
 
 
 def test_shutdown_in_the_block_puts_the_handlers_back_closed_in_order(d: Dispatcher) -> None:
