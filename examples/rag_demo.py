@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -227,11 +228,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             recorder.shutdown()
         read_back = storage.format_traces(store, limit=10)
         fitted_stream(sys.stdout).write(
-            f"\nRead back from {args.db}:\n{read_back}\n"
-            f"\nMore: {_python()} -m instrumentation --db {args.db} "
-            "list | show <trace id> | tail | export\n"
+            f"\nRead back from {args.db}:\n{read_back}\n\n{more_commands(args.db)}"
         )
     return 0
+
+
+def more_commands(db: str) -> str:
+    """What to run next, one command a line, each ready to paste into a shell."""
+    cli = f"{shlex.quote(_python())} -m instrumentation --db {shlex.quote(db)}"
+    commands = [
+        ("list", "one line per trace"),
+        ("show latest --events", "the newest trace's tree, with its events"),
+        ("export --limit 1", "the newest trace as one JSON line"),
+        ("tail", "traces as they finish (Ctrl-C stops)"),
+    ]
+    width = max(len(command) for command, _ in commands)
+    lines = [f"  {cli} {command:<{width}}  # {what}" for command, what in commands]
+    return "More, each a command to run:\n" + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -163,7 +163,16 @@ def report_handler_error(handler: object, where: str, subject: str, exc: BaseExc
         suppressed = log_turn(name)
         if suppressed is None:
             return
-        more = f" ({suppressed} more errors from it in the last interval)" if suppressed else ""
+        more = (
+            f" ({suppressed} more errors from it in the last interval)"
+            if suppressed
+            else (
+                f"; its further errors within {LOG_INTERVAL_SECONDS:g} s are counted, not"
+                " logged (instrumentation.telemetry.handler_errors()); set"
+                " instrumentation.telemetry.raise_handler_errors = True to raise them"
+                " instead, in tests"
+            )
+        )
         logger.error(
             "instrumentation handler %s failed in %s while handling %s: %r%s",
             name,

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,11 @@ def test_doc_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     second time (what the first run wrote is still there)."""
     monkeypatch.chdir(tmp_path)
     blocks = python_blocks(page)
-    namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
+    # A module of its own, as a script's __main__ is: pydantic looks its classes' module
+    # up in sys.modules (a generic such as BaseSpanHandler[MySpan] made in a block).
+    module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace: dict[str, object] = module.__dict__
     for number, code in enumerate(blocks, start=1):
         try:
             exec(compile(code, f"{page.name}[block {number}]", "exec"), namespace)
@@ -58,9 +63,10 @@ def test_doc_page_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 #: Runs the blocks given as a JSON list on stdin, as test_doc_page_runs does.
 _RUN_BLOCKS = """
-import json, sys
+import json, sys, types
 page, name = sys.argv[1], sys.argv[2]
-namespace = {"__name__": name}
+module = sys.modules[name] = types.ModuleType(name)
+namespace = module.__dict__
 for number, code in enumerate(json.load(sys.stdin), start=1):
     exec(compile(code, f"{page}[block {number}]", "exec"), namespace)
 """

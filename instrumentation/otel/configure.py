@@ -148,8 +148,11 @@ class SuppressedExporter(SpanExporter):
     child's copy of the queue, and the parent's batches are the parent's.
     """
 
-    def __init__(self, inner: SpanExporter) -> None:
+    def __init__(self, inner: SpanExporter, destination: str | None = None) -> None:
         self.inner = inner
+        #: Where ``inner`` sends (protocol and URL), named in the warnings; None when
+        #: the exporter was given by hand.
+        self.destination = destination
         self._give_up_at: float | None = None
         self._accepting = True
         self._settled = False
@@ -275,9 +278,10 @@ class SuppressedExporter(SpanExporter):
             return
         if first:
             logger.warning(
-                "%d spans were not exported (the collector failed or did not answer); "
+                "%d spans were not exported (the collector failed or did not answer%s); "
                 "the count is in telemetry counter otel.spans_not_exported",
                 n,
+                "" if self.destination is None else f"; sent to {self.destination}",
             )
 
     def shutdown(self) -> None:
@@ -817,12 +821,13 @@ class OTLPHandle:
             reasons.append(f"{accounts.refused} ended after shutdown began")
         logger.warning(
             "OTLP shutdown %s after %d ms: %d of %d spans handed to the exporter were not "
-            "exported (%s); the count is in telemetry counter otel.spans_not_exported",
+            "exported (%s)%s; the count is in telemetry counter otel.spans_not_exported",
             "interrupted" if interrupted else "ended",
             took_ms,
             accounts.not_exported,
             accounts.handed,
             ", ".join(reasons),
+            "" if self.destination is None else f"; sent to {self.destination}",
         )
         return False
 
@@ -960,7 +965,7 @@ def configure_otlp(
         if exporter is not None
         else make_exporter(checked_endpoint, chosen, checked_headers, timeout)
     )
-    wrapped = SuppressedExporter(inner)
+    wrapped = SuppressedExporter(inner, destination)
     provider.add_span_processor(AccountedBatchSpanProcessor(wrapped))
     if set_global:
         trace_api.set_tracer_provider(provider)

@@ -88,6 +88,24 @@ def test_errors_are_rate_limited_in_the_log_but_all_counted(
     assert telemetry.handler_errors()["Boom"] == 50
 
 
+def test_first_log_line_says_what_happens_to_the_next_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one line a reader sees says that later errors are counted, not logged, where
+    to read the count, and how to make them raise in tests: otherwise a handler failing
+    on every event looks like one that failed once."""
+    d = get_dispatcher(fresh())
+    d.add_event_handler(Boom())
+    with caplog.at_level(logging.ERROR, logger="instrumentation"):
+        for _ in range(3):
+            d.event(Ping())
+    (record,) = [r for r in caplog.records if r.name == "instrumentation"]
+    message = record.getMessage()
+    assert "further errors within 10 s are counted, not logged" in message
+    assert "telemetry.handler_errors()" in message
+    assert "raise_handler_errors = True" in message
+
+
 @pytest.mark.parametrize("where", ["enter", "exit", "drop"])
 def test_raising_span_handler_does_not_break_the_call(where: str) -> None:
     """A span handler failing in span_enter/exit/drop leaves the call's result or error and the

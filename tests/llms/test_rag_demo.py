@@ -70,3 +70,36 @@ def test_demo_runs_as_a_script(tmp_path: Path) -> None:
     read_back = done.stdout.split("Read back from demo-traces.db:", 1)[1]
     assert "RagApp.answer_streaming" in read_back and "OfflineLLM.chat" in read_back
     assert "3 spans" in read_back
+
+
+def test_demo_ends_with_commands_that_run_as_printed(tmp_path: Path) -> None:
+    """The commands the demo suggests last are each a line a shell runs as it is (the
+    hint once read ``list | show <trace id> | tail | export``, a shell syntax error)."""
+    done = subprocess.run(
+        [sys.executable, str(DEMO), "--db", "my traces.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    hint = done.stdout.split("More, each a command to run:\n", 1)[1]
+    commands = [line.split("  # ")[0].strip() for line in hint.splitlines() if line.strip()]
+    assert [c.split("'my traces.db'")[1].split()[0] for c in commands] == [
+        "list",
+        "show",
+        "export",
+        "tail",
+    ]
+    for command in commands[:-1]:  # tail follows until Ctrl-C
+        ran = subprocess.run(
+            ["bash", "-c", command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert ran.returncode == 0, (command, ran.stderr)
+        assert ran.stdout.strip(), command

@@ -149,6 +149,26 @@ def test_a_collector_that_does_not_answer_bounds_flush_and_shutdown() -> None:
     _assert_stopped(_otel_threads() - before)  # stopping the exporter ended its retries
 
 
+def test_the_warnings_about_spans_not_exported_name_where_they_were_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A mistyped port is the usual reason nothing arrives: the warnings name the
+    protocol and the URL the spans went to, not only how many were lost."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="instrumentation.otel")
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", timeout=30)
+    with get_dispatcher("tests.otel.where").span("unit"):
+        pass
+    assert otlp.shutdown(timeout_millis=1_000) is False
+    where = f"sent to http/protobuf http://127.0.0.1:{port}/v1/traces"
+    summary = [m for m in caplog.messages if m.startswith("OTLP shutdown")]
+    assert len(summary) == 1 and where in summary[0], caplog.messages
+    failed = [m for m in caplog.messages if "were not exported (the collector failed" in m]
+    assert all(where in m for m in failed), failed
+
+
 def test_flushes_that_time_out_keep_at_most_one_thread_waiting() -> None:
     """Each flush that times out used to leave a thread behind until its export ended."""
     with socket.socket() as probe:
