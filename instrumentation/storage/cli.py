@@ -290,7 +290,7 @@ def _summary_columns(s: TraceSummary) -> list[str]:
         _printable(s.trace_id),
         _cap(_printable(s.name or "?"), _NAME_COLUMNS),
         format_duration(s.duration),
-        f"{s.span_count} spans",
+        f"{s.span_count} span" if s.span_count == 1 else f"{s.span_count} spans",
         outcome,
         _tokens(s.total_tokens),
         _cost(s.cost_usd),

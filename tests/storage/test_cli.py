@@ -1094,7 +1094,7 @@ def test_min_duration_takes_the_units_list_prints(tmp_path: Path) -> None:
         ("1.5m", []),
     ]:
         out = _run("--db", str(tmp_path / "t.db"), "list", "--min-duration", given)
-        found = sorted(line.split()[3] for line in out.splitlines() if "spans" in line)
+        found = sorted(line.split()[3] for line in out.splitlines() if " span" in line)
         assert found == listed, given
 
 

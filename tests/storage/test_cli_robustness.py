@@ -647,7 +647,7 @@ def test_list_prints_one_line_per_trace_whatever_the_names_and_errors(tmp_path: 
     assert "ValidationError: 2 validation errors for M …" in parse and "Input" not in parse
     assert "L" * 119 + "…" in long and "L" * 120 not in long
     # Names padded to the widest (up to 48 columns), durations and counts aligned.
-    assert ok.index("1 spans") == control.index("1 spans") == parse.index("1 spans")
+    assert ok.index("1 span ") == control.index("1 span ") == parse.index("1 span ")
     shown = _run("--db", store.path, "show", "1" * 8).splitlines()
     assert shown[1:] == ["parse  500.0 ms  ✗ " + MULTILINE.replace("\n", "\\n")]
     shown = _run("--db", store.path, "show", "2" * 8).splitlines()
