@@ -33,9 +33,10 @@ The rows waiting in the file (not yet replayed) take at most ``max_bytes`` bytes
 disk. What would take the file past it is not written; :meth:`Spool.append` returns
 how many rows that was, for the writer to log and count as lost. The oldest rows are
 kept: of one batch, its spans (in the order they ended, so a trace's root after the
-spans below it) before its events; a trace whose root is cut off is refused whole, as
-far as the batch holds it (its spans would be stored heading no trace, unseen). Files
-adopted from dead processes are copied whole: they were on the disk already.
+spans below it) before its events; a trace whose root is cut off (and none of whose
+other roots in the batch fits) is refused whole, as far as the batch holds it (its
+spans would be stored heading no trace, unseen). Files adopted from dead processes are
+copied whole: they were on the disk already.
 
 Rows replayed stay in the file (the position moves past them) until it is removed,
 once all are replayed. A database that comes and goes, each replay stopping part-way
@@ -47,6 +48,8 @@ within ``max_bytes`` and an eighth of it, and compaction copies at most eight by
 for each it removes. A process killed while compacting leaves either its file as it
 was (the rows it had replayed are replayed again by the writer that adopts it, and
 skipped as stored) or the compacted file; that writer removes the copy left behind.
+A compaction that failed (a full disk: it is not tried without room for the copy) is
+logged, and not tried again before another eighth of what waits is replayed.
 
 A line cut short by a crash (in an adopted file, or one left under this process's own
 pid by a process that crashed) is ended before anything is appended after it, skipped
@@ -243,7 +246,9 @@ def _fitting(items: Sequence[tuple[bool, Row]], lines: list[bytes], room: int) -
     does not fit. A trace whose root is cut off that way is refused whole, as far as
     this batch holds it (its spans and events): kept, its spans would be stored
     heading no trace (a trace is listed by its root), unseen, and the room they took
-    goes to the rows after the cut.
+    goes to the rows after the cut. Unless another root of that trace (spans under
+    one remote parent, a parent this handler did not see open) fits: that one lists
+    the trace, and the rows that fit are kept.
     """
     cut, left = 0, room
     while cut < len(lines) and len(lines[cut]) <= left:
@@ -251,11 +256,15 @@ def _fitting(items: Sequence[tuple[bool, Row]], lines: list[bytes], room: int) -
         cut += 1
     if cut == len(lines):
         return lines
-    headless = {
-        _trace_of(True, row)
-        for is_span, row in items[cut:]
-        if is_span and len(row) == _N_SPAN_COLUMNS and row[_SPAN_IS_ROOT]
-    }
+
+    def roots(part: Sequence[tuple[bool, Row]]) -> set[str | None]:
+        return {
+            _trace_of(True, row)
+            for is_span, row in part
+            if is_span and len(row) == _N_SPAN_COLUMNS and row[_SPAN_IS_ROOT]
+        }
+
+    headless = roots(items[cut:]) - roots(items[:cut])
     headless.discard(None)
     if not headless:
         return lines[:cut]
@@ -329,7 +338,9 @@ class _FileState:
     writer at a time replay a chunk. ``generation`` counts the times the position
     was reset, so that a chunk read before cannot move the position in the next file;
     ``cut`` counts the bytes compaction removed from the front of the file (rows
-    replayed already), so that a chunk read before it still marks its rows replayed.
+    replayed already), so that a chunk read before it still marks its rows replayed;
+    after a compaction failed, ``compact_after`` is how far the rows replayed are to
+    reach before it is tried again.
     ``ident`` and ``size`` are the device and inode of the file and its size as this
     process last left it (``None``: no file known); ``judged_bytes`` is how far bad and
     malformed lines have been counted already.
@@ -337,6 +348,7 @@ class _FileState:
 
     __slots__ = (
         "__weakref__",
+        "compact_after",
         "cut",
         "generation",
         "ident",
@@ -355,6 +367,7 @@ class _FileState:
         self.replayed_bytes = 0
         self.generation = 0
         self.cut = 0
+        self.compact_after = 0
         self.ident: tuple[int, int] | None = None
         self.size = 0
         self.judged_bytes = 0
@@ -503,7 +516,7 @@ class Spool:
         try:
             lost = self._check_file(state, f)
             start = f.seek(0, os.SEEK_END)
-            if self._compaction_due(state.replayed_bytes, start, adding):
+            if self._compaction_due(state, start, adding):
                 f = self._compact(state, f)
                 start = f.seek(0, os.SEEK_END)
             try:
@@ -524,9 +537,9 @@ class Spool:
         state.rows_pending += lines
         return lines, lost
 
-    def _compaction_due(self, dead: int, size: int, adding: int) -> bool:
-        """Whether the file (``size`` bytes, the first ``dead`` of them replayed
-        already) is to be compacted before ``adding`` bytes more are written.
+    def _compaction_due(self, state: _FileState, size: int, adding: int) -> bool:
+        """Whether the file (``size`` bytes, the first ``state.replayed_bytes`` of them
+        replayed already) is to be compacted before ``adding`` bytes more are written.
 
         With a bound: when the file would pass ``max_bytes`` and the replayed part is
         an eighth of the rest at least. So the file stays within ``max_bytes`` and an
@@ -535,9 +548,13 @@ class Spool:
         byte it removes (each of which was replayed into the database once): a flapping
         database with the spool full does not copy the whole file for each row
         replayed. Without a bound: when half the file, and ``CHUNK_BYTES`` at least,
-        is dead.
+        is dead. After a compaction failed (a full disk), not before another eighth of
+        what waits was replayed (``state.compact_after``): it was tried again before
+        each append, each copying what the disk took, filling it to the last byte,
+        and logging it.
         """
-        if dead <= 0:
+        dead = state.replayed_bytes
+        if dead <= 0 or dead < state.compact_after:
             return False
         live = size - dead
         if self.max_bytes is None:
@@ -563,9 +580,32 @@ class Spool:
         this process) still marks its rows replayed (see ``_FileState.cut``).
         """
         dead = state.replayed_bytes
+        live = os.fstat(f.fileno()).st_size - dead
         tmp = self._compacting_path
         try:
-            with open(tmp, "wb") as out:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = live
+        if free < live:
+            logger.warning(
+                "instrumentation.storage could not compact the spool file %s: %d bytes free "
+                "for the copy of its %d bytes of rows waiting (its %d bytes of rows replayed "
+                "already stay in it)",
+                self.path,
+                free,
+                live,
+                dead,
+            )
+            state.compact_after = dead + max(1, live // _DEAD_SHARE)
+            return f
+        try:
+            # Made afresh (a copy left by a process that had our pid is removed): never
+            # through a link someone put in a shared folder, whose target "wb" would cut.
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = os.open(tmp, flags, 0o666)  # as open() makes the file
+            with open(fd, "wb") as out:
                 f.seek(dead)
                 shutil.copyfileobj(f, out, _COPY_BLOCK)
                 out.flush()
@@ -580,6 +620,7 @@ class Spool:
                 dead,
                 exc_info=True,
             )
+            state.compact_after = dead + max(1, live // _DEAD_SHARE)
             with contextlib.suppress(OSError):
                 tmp.unlink()
             if f.closed:  # the rename failed: our file is as it was
@@ -588,6 +629,7 @@ class Spool:
         _sync_directory(self.directory)
         state.cut += dead
         state.replayed_bytes = 0
+        state.compact_after = 0
         state.judged_bytes = max(0, state.judged_bytes - dead)
         state.ident = None  # until it is open again: then it is the compacted file
         compacted = open(self.path, "a+b")  # noqa: SIM115 - the caller closes it
@@ -750,6 +792,7 @@ class Spool:
         state.replayed_bytes = 0
         state.judged_bytes = 0
         state.generation += 1
+        state.compact_after = 0
         state.ident = None
         state.size = 0
 

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1017,3 +1018,109 @@ def test_a_cut_within_a_batch_keeps_the_oldest_rows_when_no_root_is_cut_off(
     spool = Spool(store.spool_key, spool_dir, max_bytes=_lines(rows[:4]) + 10)
     assert spool.append([], rows) == 6
     assert _replay_all(spool) == rows[:4]
+
+
+def _filled_and_partly_replayed(store: SQLiteStore, spool_dir: Path, rows: list[Row]) -> Spool:
+    """A spool file at its bound (``rows[:40]``), the first ten replayed: the next
+    append is to compact it."""
+    spool = Spool(store.spool_key, spool_dir, max_bytes=_lines(rows[:40]))
+    assert spool.append([], rows[:40]) == 0
+    chunk = spool.next_chunk(10)
+    assert chunk is not None
+    spool.mark_replayed(chunk)
+    return spool
+
+
+@pytest.mark.parametrize("failure", ["the copy fails", "no room for the copy"])
+def test_a_compaction_that_failed_is_not_tried_again_before_each_append(
+    tmp_path: Path,
+    spool_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    """A disk nearly full: the copy failed part-way, and was tried again before each
+    append (each batch while the database is down), each time writing what the disk
+    took (filling it to the last byte, for the database and every other process too)
+    and logging a warning with its traceback. It is tried once, with the free space
+    looked at first, and again once another eighth of what waits was replayed."""
+    store = SQLiteStore(tmp_path / "t.db")
+    rows = _event_rows(60, "x" * 100)
+    spool = _filled_and_partly_replayed(store, spool_dir, rows)
+    copies = []
+    real_copy = shutil.copyfileobj
+
+    def copy(src: Any, dst: Any, length: int = 0) -> None:
+        copies.append(dst.name)
+        if failure == "the copy fails":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_copy(src, dst, length)
+
+    monkeypatch.setattr(spool_module.shutil, "copyfileobj", copy)
+    if failure == "no room for the copy":
+        usage = shutil.disk_usage(spool_dir)
+        monkeypatch.setattr(
+            spool_module.shutil, "disk_usage", lambda path: usage._replace(free=1000)
+        )
+    for i in range(40, 45):
+        assert spool.append([], rows[i : i + 1]) == 0
+    assert len(copies) == (1 if failure == "the copy fails" else 0)
+    assert sum("could not compact" in r.getMessage() for r in caplog.records) == 1
+    assert spool.path.stat().st_size == _lines(rows[:45])  # whole, the copy gone
+    assert [p.name for p in spool_dir.iterdir()] == [spool.path.name]
+    monkeypatch.undo()
+    chunk = spool.next_chunk(4)  # another eighth of what waits is replayed
+    assert chunk is not None and chunk.events == rows[10:14]
+    spool.mark_replayed(chunk)
+    assert spool.append([], rows[45:46]) == 0  # compacts
+    assert spool.path.stat().st_size == _lines(rows[14:46])
+    assert _replay_all(spool) == rows[14:46]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need a privilege on Windows")
+def test_compacting_writes_no_file_through_a_link_left_at_the_copys_name(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """The spool folder may be shared (the system's temporary folder), and the copy's
+    name is told by the pid: a symbolic link put there had its target cut and filled
+    with the spool's rows, and renamed over the spool file, that target got every
+    append after. The copy is made afresh."""
+    store = SQLiteStore(tmp_path / "t.db")
+    rows = _event_rows(60, "x" * 100)
+    spool = _filled_and_partly_replayed(store, spool_dir, rows)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious", encoding="utf-8")
+    os.symlink(victim, spool_dir / f"{spool.prefix}-{os.getpid()}.compacting")
+    assert spool.append([], rows[40:41]) == 0  # compacts
+    assert victim.read_text(encoding="utf-8") == "precious"
+    assert not spool.path.is_symlink()
+    assert spool.path.stat().st_size == _lines(rows[10:41])
+    assert _replay_all(spool) == rows[10:41]
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_a_cut_within_a_batch_keeps_a_trace_one_of_whose_roots_fits(
+    tmp_path: Path, spool_dir: Path
+) -> None:
+    """Spans under one remote parent (or under a parent this handler did not see open)
+    are roots of one trace: the second of them cut off, the whole trace was refused,
+    the root that fit and the spans below it too, though that root lists the trace."""
+    store = SQLiteStore(tmp_path / "t.db")
+
+    def span(span_id: str, parent: str, root: bool, name: str = "n" * 300) -> Row:
+        row: list[Any] = [None] * len(spool_module.SPAN_COLUMNS)
+        row[:10] = [span_id, "T", parent, 1 if root else 0, name, "d", 1.0, 2.0, 1.0, "ok"]
+        row[10:13] = [None, "{}", "{}"]
+        return tuple(row)
+
+    spans = [
+        span("c1", "R1", False),
+        span("R1", "remote", True),
+        span("c2", "R2", False),
+        span("R2", "remote", True, "n" * 3000),
+    ]
+    size = sum(len(spool_module._line("s", r)) for r in spans[:3])
+    spool = Spool(store.spool_key, spool_dir, max_bytes=size)
+    assert spool.append(spans, []) == 1
+    chunk = spool.next_chunk(100)
+    assert chunk is not None and chunk.spans == spans[:3]
