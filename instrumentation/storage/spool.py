@@ -67,6 +67,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import weakref
@@ -106,7 +107,36 @@ _SCALARS = (str, int, float)
 
 
 def default_spool_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "instrumentation-spool"
+    """A folder of this user's own in the temporary folder (``instrumentation-spool-<uid>``
+    where there are uids): the spool holds prompts and replies, which another user must
+    not read, and the files another user might put there must not be adopted as rows.
+    One folder shared by all users, made by the first, also left the others nowhere to
+    write."""
+    getuid = getattr(os, "getuid", None)
+    name = "instrumentation-spool" if getuid is None else f"instrumentation-spool-{getuid()}"
+    return Path(tempfile.gettempdir()) / name
+
+
+def _not_private(folder: Path) -> str | None:
+    """Why the default spool folder is not this user's alone (None: it is). One made
+    open to others (by an older version, or a loose umask) is closed first."""
+    getuid = getattr(os, "getuid", None)
+    if getuid is None:  # Windows: the temporary folder is the user's own already
+        return None
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        return f"cannot be looked at ({exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder (a link, say)"
+    if st.st_uid != getuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(folder, 0o700)
+        except OSError as exc:
+            return f"is open to other users and could not be closed ({exc})"
+    return None
 
 
 def checked_directory(value: str | os.PathLike[str]) -> Path:
@@ -213,6 +243,18 @@ def _lines_of(src: BinaryIO, copy_to: BinaryIO | None = None) -> int:
         if copy_to is not None:
             copy_to.write(b"\n")
     return lines
+
+
+def _open_appending(path: Path) -> BinaryIO:
+    """``path`` open for reading and appending, made readable by this user only (it
+    holds prompts and replies) if it is new."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        return open(fd, "a+b")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _sync_directory(directory: Path) -> None:
@@ -424,6 +466,8 @@ class Spool:
         self.directory = (
             Path(directory).absolute() if directory is not None else default_spool_dir()
         )
+        #: The default folder is checked to be this user's alone before each use.
+        self._shared_tmp = directory is None
         self.prefix = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         self.on_lost = on_lost
         self.max_bytes = max_bytes
@@ -433,6 +477,19 @@ class Spool:
     @property
     def path(self) -> Path:
         return self.directory / f"{self.prefix}-{os.getpid()}.jsonl"
+
+    def _make_folder(self) -> None:
+        """Make the folder (for this user only), and refuse the default one, in the
+        shared temporary folder, unless it is this user's alone (see
+        :func:`default_spool_dir`): a ``PermissionError`` saying what to do."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._shared_tmp:
+            problem = _not_private(self.directory)
+            if problem is not None:
+                raise PermissionError(
+                    f"the spool folder {self.directory} {problem}: rows are not spooled "
+                    "there; pass spool_dir= a folder of your own"
+                )
 
     @property
     def _state(self) -> _FileState:
@@ -511,8 +568,8 @@ class Spool:
         was, so a half-written line cannot swallow the next one; if even that fails,
         the file is counted again from its start the next time it is used.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        f: BinaryIO = open(self.path, "a+b")  # noqa: SIM115 - closed below (or replaced)
+        self._make_folder()
+        f = _open_appending(self.path)
         try:
             lost = self._check_file(state, f)
             start = f.seek(0, os.SEEK_END)
@@ -604,7 +661,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            fd = os.open(tmp, flags, 0o666)  # as open() makes the file
+            fd = os.open(tmp, flags, 0o600)  # this user's, as the file it replaces
             with open(fd, "wb") as out:
                 f.seek(dead)
                 shutil.copyfileobj(f, out, _COPY_BLOCK)
@@ -624,7 +681,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             if f.closed:  # the rename failed: our file is as it was
-                f = open(self.path, "a+b")  # noqa: SIM115 - the caller closes it
+                f = _open_appending(self.path)
             return f
         _sync_directory(self.directory)
         state.cut += dead
@@ -632,7 +689,7 @@ class Spool:
         state.compact_after = 0
         state.judged_bytes = max(0, state.judged_bytes - dead)
         state.ident = None  # until it is open again: then it is the compacted file
-        compacted = open(self.path, "a+b")  # noqa: SIM115 - the caller closes it
+        compacted = _open_appending(self.path)
         st = os.fstat(compacted.fileno())
         state.ident = (st.st_dev, st.st_ino)
         state.size = st.st_size
@@ -804,6 +861,16 @@ class Spool:
         (``<prefix>-<pid>.compacting``) is removed: its file is whole.
         """
         adopted = 0
+        if self._shared_tmp and self.directory.exists():
+            problem = _not_private(self.directory)
+            if problem is not None:
+                logger.warning(
+                    "instrumentation.storage does not adopt the spool files in %s: it %s; "
+                    "pass spool_dir= a folder of your own",
+                    self.directory,
+                    problem,
+                )
+                return 0
         try:
             candidates = list(self.directory.glob(f"{self.prefix}-*.jsonl"))
             candidates += self.directory.glob(f"{self.prefix}-*.claimed-*")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -141,16 +142,50 @@ def test_a_line_cut_short_is_skipped_and_counted(
 
 
 def test_the_spool_file_is_named_as_documented(tmp_path: Path, make_handler: Any) -> None:
-    """``<tempdir>/instrumentation-spool/<first 16 hex of sha256(spool_key)>-<pid>.jsonl``."""
+    """``<tempdir>/instrumentation-spool-<uid>/<first 16 hex of sha256(spool_key)>-<pid>.jsonl``."""
     store = SQLiteStore(tmp_path / "t.db")
     assert store.spool_key == f"sqlite:{tmp_path / 't.db'}"
     handler = make_handler(store, spool_dir=None)
     key_hash = hashlib.sha256(store.spool_key.encode("utf-8")).hexdigest()[:16]
     assert handler.writer.spool.path == default_spool_dir() / f"{key_hash}-{os.getpid()}.jsonl"
-    assert default_spool_dir() == Path(tempfile.gettempdir()) / "instrumentation-spool"
+    folder = "instrumentation-spool" + (f"-{os.getuid()}" if hasattr(os, "getuid") else "")
+    assert default_spool_dir() == Path(tempfile.gettempdir()) / folder
     doc = (ROOT / "docs" / "storage.md").read_text(encoding="utf-8")
     assert "`<spool_dir>/<key hash>-<pid>.jsonl`" in doc
-    assert "first 16 hex digits of the SHA-256" in doc and "instrumentation-spool" in doc
+    assert "first 16 hex digits of the SHA-256" in doc
+    assert "`<tempdir>/instrumentation-spool-<uid>`" in doc
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_the_default_spool_folder_and_files_are_the_users_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool holds prompts and replies: one folder for all users in the shared
+    temporary folder, made with the umask's modes (0755 and 0644), let any user read
+    them, and a folder another user made there was written into (or, not writable,
+    left this user nowhere to spool). Now the folder is the user's own (0700, closed if
+    found open), its files 0600; one that is a link (or another user's) is refused."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = default_spool_dir()
+    assert folder == tmp_path / f"instrumentation-spool-{os.getuid()}"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)  # as an older version, or a loose umask, left it
+    spool = Spool("sqlite:/x.db")
+    assert spool.append([], [("e1", "x")]) == 0
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(spool.path).st_mode) == 0o600
+
+    elsewhere = tmp_path / "someone-elses"
+    elsewhere.mkdir()
+    shutil.rmtree(folder)
+    folder.symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match=r"is not a folder.*spool_dir="):
+        Spool("sqlite:/x.db").append([], [("e1", "x")])
+    assert list(elsewhere.iterdir()) == []
+    planted = elsewhere / f"{Spool('sqlite:/x.db').prefix}-999999999.jsonl"
+    planted.write_text('{"t": "e", "r": ["planted"]}\n')
+    assert Spool("sqlite:/x.db").adopt_orphans() == 0
+    assert planted.exists()
 
 
 def test_two_writers_of_one_store_share_the_spool_without_skipping_rows(
