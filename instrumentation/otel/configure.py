@@ -127,6 +127,80 @@ def _not_exported(accounts: SpanAccounts | SuppressedExporter) -> int:
     )
 
 
+#: Set to pick the HTTP exporter's session from an entry point: configure_otlp then
+#: leaves the session to the SDK (and refused connections to its retries).
+_CREDENTIAL_PROVIDER_VARIABLES = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+)
+
+
+class _CollectorRefused(Exception):
+    """Raised by the HTTP exporter's session, once shutting down, for a refused connection.
+
+    Not a connection error to the exporter, so it fails the batch at once instead of
+    retrying it after a backoff: nothing listens there.
+    """
+
+
+def _is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` (requests' or urllib3's, wrapping the socket's) is a refused
+    connection: nothing listens at that address."""
+    seen: set[int] = set()
+    pending: list[object] = [error]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        seen.add(id(current))
+        pending.extend((current.__cause__, current.__context__, getattr(current, "reason", None)))
+        pending.extend(current.args)
+    return False
+
+
+class _Refusals:
+    """What the session of the OTLP/HTTP exporter :func:`configure_otlp` builds sees.
+
+    While running, nothing changes: a refused connection is retried after the
+    exporter's backoff, as the SDK does. Once :attr:`final` (shutting down), a refused
+    connection fails its batch at once (:class:`_CollectorRefused`): one attempt, no
+    backoff, for a collector known not to be there.
+    """
+
+    def __init__(self) -> None:
+        #: The collector refused the last connection, and no request is under way.
+        self.last_refused = False
+        #: Shutting down: a refused connection is not retried.
+        self.final = False
+
+    def session(self) -> Any:
+        """A ``requests.Session`` that tells refusals apart, for the HTTP exporter."""
+        import requests
+
+        session = requests.Session()
+        request = session.request
+
+        def watched_request(*args: Any, **kwargs: Any) -> Any:
+            self.last_refused = False
+            try:
+                return request(*args, **kwargs)
+            except Exception as exc:
+                if not _is_refusal(exc):
+                    raise
+                self.last_refused = True
+                if self.final:
+                    raise _CollectorRefused(
+                        "the collector refused the connection (nothing listens there): "
+                        "not retried while shutting down"
+                    ) from exc
+                raise
+
+        session.request = watched_request  # type: ignore[method-assign]  # session.post too
+        return session
+
+
 class SuppressedExporter(SpanExporter):
     """Runs another exporter under ``suppress_instrumentation()`` and keeps the accounts.
 
@@ -142,17 +216,25 @@ class SuppressedExporter(SpanExporter):
 
     It also bounds shutting down: after :meth:`give_up_at`'s deadline every batch
     still waiting fails at once, instead of each waiting out the exporter's retries
-    against a collector that does not answer.
+    against a collector that does not answer. With ``refusals`` (the OTLP/HTTP exporter
+    configure_otlp builds), a collector that refuses the connection is known not to be
+    there: from :meth:`give_up_at` on, each batch gets one attempt, without backoff.
 
     In a child made by ``fork()`` the accounts start from zero: the SDK empties the
     child's copy of the queue, and the parent's batches are the parent's.
     """
 
-    def __init__(self, inner: SpanExporter, destination: str | None = None) -> None:
+    def __init__(
+        self,
+        inner: SpanExporter,
+        destination: str | None = None,
+        refusals: _Refusals | None = None,
+    ) -> None:
         self.inner = inner
         #: Where ``inner`` sends (protocol and URL), named in the warnings; None when
         #: the exporter was given by hand.
         self.destination = destination
+        self._refusals = refusals
         self._give_up_at: float | None = None
         self._accepting = True
         self._settled = False
@@ -174,6 +256,8 @@ class SuppressedExporter(SpanExporter):
         self.unconfirmed = 0
         self.refused = 0
         self.exported_late = 0
+        #: Exports under way in ``inner`` (possibly waiting out its backoff).
+        self._exporting = 0
 
     def accounts(self) -> SpanAccounts:
         """A consistent snapshot of the accounts."""
@@ -186,8 +270,21 @@ class SuppressedExporter(SpanExporter):
         return _not_exported(self)
 
     def give_up_at(self, deadline: float) -> None:
-        """From ``deadline`` (``time.monotonic()``) on, fail batches without sending."""
+        """From ``deadline`` (``time.monotonic()``) on, fail batches without sending.
+
+        Called when shutting down: from now on a refused connection is not retried.
+        """
         self._give_up_at = deadline
+        if self._refusals is not None:
+            self._refusals.final = True
+
+    def retrying_refused(self) -> bool:
+        """An export is under way, the collector refused its last connection, and no
+        request is under way: the export waits out the exporter's backoff before trying
+        a collector that is not there again."""
+        with self._lock:
+            exporting = self._exporting > 0
+        return exporting and self._refusals is not None and self._refusals.last_refused
 
     def stop_accepting(self) -> None:
         """From now on, every span handed over is counted as not exported at once.
@@ -232,12 +329,17 @@ class SuppressedExporter(SpanExporter):
         if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
             self._record(len(spans), SpanExportResult.FAILURE, cut_off=True)
             return SpanExportResult.FAILURE
+        with self._lock:
+            self._exporting += 1
         with suppress_instrumentation():
             try:
                 result = self.inner.export(spans)
             except Exception:
                 logger.exception("OTLP export of %d spans failed", len(spans))
                 result = SpanExportResult.FAILURE
+            finally:
+                with self._lock:
+                    self._exporting -= 1
         self._record(len(spans), result)
         return result
 
@@ -594,8 +696,13 @@ def make_exporter(
     protocol: str,
     headers: dict[str, str] | None,
     timeout: float | None,
+    *,
+    session: Any = None,
 ) -> SpanExporter:
-    """The SDK's OTLP span exporter for ``protocol``; unset values come from ``OTEL_*``."""
+    """The SDK's OTLP span exporter for ``protocol``; unset values come from ``OTEL_*``.
+
+    ``session``: the ``requests.Session`` the HTTP exporter sends with.
+    """
     kwargs: dict[str, Any] = {}
     if headers is not None:
         kwargs["headers"] = headers
@@ -618,6 +725,8 @@ def make_exporter(
 
     if endpoint is not None:
         kwargs["endpoint"] = traces_url(endpoint)
+    if session is not None:
+        kwargs["session"] = session
     exporter = HttpExporter(**kwargs)
     return exporter
 
@@ -728,7 +837,9 @@ class OTLPHandle:
         """Detach the handler, end spans still open, flush everything, stop the exporter.
 
         Returns within about ``timeout_millis``. Spans not confirmed exported by then
-        (in flight, or still queued) are given up. True when every span handed to the
+        (in flight, or still queued) are given up; sooner when the collector refuses the
+        connection (OTLP/HTTP): each batch then gets one attempt, without the exporter's
+        backoff, as nothing listens there. True when every span handed to the
         SDK since :func:`configure_otlp` was exported; otherwise, before returning,
         every span not exported (failed earlier or now, dropped because the queue was
         full, given up) is counted in ``otel.spans_not_exported`` and a warning says
@@ -771,6 +882,10 @@ class OTLPHandle:
             worker, _ = _in_thread(
                 self.tracer_provider.shutdown, "instrumentation-otel-shutdown", self._standby
             )
+            if self.exporter.retrying_refused():
+                # The collector refused the last connection: its export's backoff is not
+                # waited out (stopping the exporter cuts it short); nothing listens there.
+                _in_thread(self.exporter.shutdown, "instrumentation-otel-stop", self._standby)
             worker.join(max(cut_short_at - time.monotonic(), 0.0))
             if worker.is_alive():
                 # An export is still retrying, or waiting on a collector that does not
@@ -960,12 +1075,25 @@ def configure_otlp(
         attributes[SERVICE_NAME] = service_name
     # Our handle shuts the provider down at exit, with a bound on the wait.
     provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    refusals = None
+    if (
+        exporter is None
+        and chosen == "http/protobuf"
+        and not any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES)
+    ):
+        refusals = _Refusals()
     inner = (
         exporter
         if exporter is not None
-        else make_exporter(checked_endpoint, chosen, checked_headers, timeout)
+        else make_exporter(
+            checked_endpoint,
+            chosen,
+            checked_headers,
+            timeout,
+            session=None if refusals is None else refusals.session(),
+        )
     )
-    wrapped = SuppressedExporter(inner, destination)
+    wrapped = SuppressedExporter(inner, destination, refusals)
     provider.add_span_processor(AccountedBatchSpanProcessor(wrapped))
     if set_global:
         trace_api.set_tracer_provider(provider)

@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -367,6 +368,164 @@ def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer(
     ]
     assert warned and warned[0] < lines.index(report[0]), done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _answer_late(receiver: OTLPReceiver, seconds: float) -> None:
+    """A healthy collector that is slow: each batch is confirmed ``seconds`` late."""
+    received = receiver._received
+
+    def late(*args: Any) -> None:
+        time.sleep(seconds)
+        received(*args)
+
+    receiver._received = late  # type: ignore[method-assign]
+
+
+_EXIT_WITHOUT_SHUTDOWN = """
+import atexit, sys, time
+from instrumentation import get_dispatcher, telemetry
+from instrumentation.otel import configure_otlp
+
+ended = []
+
+def report():  # registered first, so it runs after the handle's own exit hook
+    print(
+        "exit took %.3f s, spans_exported=%d, spans_not_exported=%d"
+        % (
+            time.monotonic() - ended[0],
+            telemetry.counter("otel.spans_exported").value,
+            telemetry.counter("otel.spans_not_exported").value,
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
+
+atexit.register(report)
+otlp = configure_otlp(endpoint=sys.argv[1])  # exit_timeout_millis: its 5 s default
+d = get_dispatcher("cli")
+
+@d.span
+def work(i):
+    return i
+
+for i in range(5):
+    work(i)
+if sys.argv[2] == "flush first":
+    # Refused: the export is now waiting out the exporter's backoff (about 1 s) before
+    # trying again.
+    print("flushed:", otlp.force_flush(300), file=sys.stderr, flush=True)
+ended.append(time.monotonic())
+"""
+
+
+def _exit_without_shutdown(endpoint: str, before_exit: str = "nothing") -> tuple[float, str]:
+    """Run a short script tracing 5 calls, ending without shutdown(); how long its exit
+    hook took, and its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_SHUTDOWN, endpoint, before_exit],
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    report = [line for line in done.stderr.splitlines() if line.startswith("exit took")]
+    assert len(report) == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return float(report[0].split()[2]), done.stderr
+
+
+@pytest.mark.parametrize("before_exit", ["nothing", "flush first"])
+def test_interpreter_exit_does_not_wait_for_a_collector_that_refuses_the_connection(
+    before_exit: str,
+) -> None:
+    """Nothing listens at the endpoint (a wrong port, the collector not started): the
+    connection is refused at once, so exit makes one attempt and gives up, instead of
+    waiting out the exporter's backoff until exit_timeout_millis (5 s). Also when an
+    export was already waiting out its backoff after a refusal. The spans are counted
+    and warned about all the same."""
+    took, stderr = _exit_without_shutdown(f"http://127.0.0.1:{_free_port()}", before_exit)
+    if before_exit == "flush first":
+        assert "flushed: False" in stderr
+    # Well under the 5 s the exit used to wait, with room for a loaded machine.
+    assert took < 2, stderr
+    assert "spans_exported=0, spans_not_exported=5" in stderr
+    assert "5 of 5 spans handed to the exporter were not exported (5 failed" in stderr
+
+
+def test_interpreter_exit_still_waits_for_a_slow_collector_that_answers() -> None:
+    """A collector that accepts the connection and answers late is not given up on: exit
+    waits for it (within exit_timeout_millis) and every span arrives."""
+    with OTLPReceiver() as receiver:
+        _answer_late(receiver, 1.5)
+        took, stderr = _exit_without_shutdown(receiver.endpoint)
+        assert len(receiver.spans) == 5, stderr
+    assert 1.4 < took < 4.5, stderr
+    assert "spans_exported=5, spans_not_exported=0" in stderr
+
+
+def test_shutdown_gives_a_refused_connection_one_attempt_not_its_whole_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """shutdown() (and a with block's end) with nothing listening: each batch is tried
+    once and fails at once, counted and warned about, instead of being retried with
+    backoff for the whole 10 s timeout."""
+    before = _otel_threads()
+    caplog.set_level(logging.WARNING, logger="instrumentation.otel")
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{_free_port()}")
+    for i in range(600):  # two batches, each tried once
+        with get_dispatcher("tests.otel.refused").span(f"unit{i % 3}"):
+            pass
+    started = time.monotonic()
+    assert otlp.shutdown(timeout_millis=10_000) is False
+    assert time.monotonic() - started < 3  # the exporter would retry for its 10 s
+    assert telemetry.counter("otel.spans_exported").value == 0
+    assert telemetry.counter("otel.spans_not_exported").value == 600
+    assert any("600 of 600 spans" in m and "600 failed to export" in m for m in caplog.messages)
+    _assert_stopped(_otel_threads() - before)
+
+
+def test_a_collector_answering_503_is_still_retried_at_shutdown(receiver: OTLPReceiver) -> None:
+    """A collector that answers "unavailable" is there: shutdown retries it after the
+    exporter's backoff, within its timeout, as before; it is only a refused connection
+    that is not retried."""
+    otlp = configure_otlp(endpoint=receiver.endpoint)
+    for i in range(5):
+        with get_dispatcher("tests.otel.busy").span(f"unit{i}"):
+            pass
+    receiver.status = 503
+    recovers = threading.Timer(0.3, lambda: setattr(receiver, "status", 200))
+    recovers.start()
+    try:
+        assert otlp.shutdown(timeout_millis=10_000) is True
+    finally:
+        recovers.cancel()
+    assert len(receiver.spans) == 5
+    assert telemetry.counter("otel.spans_exported").value == 5
+
+
+def test_a_refused_connection_is_still_retried_while_the_application_runs() -> None:
+    """Only shutting down gives up on a refused connection: while running, the export
+    retries (in the background) and reaches a collector that starts listening later."""
+    port = _free_port()
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}")
+    try:
+        with get_dispatcher("tests.otel.late_collector").span("unit"):
+            pass
+        assert otlp.force_flush(300) is False  # refused: retrying after its backoff
+        with OTLPReceiver(port=port) as receiver:
+            assert len(receiver.wait_for(1, timeout=10)) == 1
+            assert otlp.shutdown(timeout_millis=5_000) is True
+    finally:
+        otlp.shutdown(timeout_millis=1_000)
+    assert telemetry.counter("otel.spans_not_exported").value == 0
 
 
 def test_otel_environment_variables_are_honoured(
