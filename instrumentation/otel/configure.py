@@ -334,8 +334,16 @@ class SuppressedExporter(SpanExporter):
         with suppress_instrumentation():
             try:
                 result = self.inner.export(spans)
-            except Exception:
-                logger.exception("OTLP export of %d spans failed", len(spans))
+            except Exception as exc:
+                if _is_refusal(exc):  # a collector that is down: no traceback to read
+                    logger.warning(
+                        "OTLP export of %d spans failed: the collector refused the "
+                        "connection (nothing listens there)%s",
+                        len(spans),
+                        "" if self.destination is None else f"; sent to {self.destination}",
+                    )
+                else:
+                    logger.exception("OTLP export of %d spans failed", len(spans))
                 result = SpanExportResult.FAILURE
             finally:
                 with self._lock:
