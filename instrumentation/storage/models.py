@@ -47,7 +47,9 @@ def to_datetime(epoch: float | None) -> datetime | None:
 
 @dataclass
 class StoredEvent:
-    """One event as stored: the columns, and the full event in ``payload``."""
+    """One event as stored: the columns, and the event's other fields in ``payload``
+    (a streamed chunk's without what its call's start and end events hold: the
+    messages or prompt, and the answer so far; its ``delta`` is there)."""
 
     id_: str
     type: str

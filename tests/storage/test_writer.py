@@ -402,6 +402,45 @@ def test_large_payloads_are_truncated_with_a_marker(tmp_path: Path, make_handler
     assert small.payload["text"] == "small"
 
 
+def test_a_streamed_chunk_is_stored_without_what_its_call_holds(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Each chunk event of a stream repeats the messages (or prompt) and the answer so
+    far: stored whole, a stream of n chunks kept n copies of the prompt and a square
+    of the answer. A chunk's payload keeps its delta (and the rest of its response);
+    the start event has the messages, the end event the whole answer."""
+    from instrumentation.llms import ChatMessage, OfflineLLM
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store)
+    d = get_dispatcher()  # the LLM events come from the library's own dispatchers
+    d.add_event_handler(handler)
+    try:
+        llm = OfflineLLM(answers=["one two three"])
+        prompt = "context " * 500
+        chat = "".join(c.delta or "" for c in llm.stream_chat([ChatMessage(content=prompt)]))
+        text = "".join(c.delta or "" for c in llm.stream_complete(prompt))
+    finally:
+        d.remove_event_handler(handler)
+    assert handler.flush(10)
+    by_type: dict[str, list[Any]] = {}
+    for event in store.events():
+        by_type.setdefault(event.type, []).append(event.payload)
+    chunks = by_type["LLMChatInProgressEvent"]
+    assert "".join(c["response"]["delta"] for c in chunks) == chat == "one two three"
+    assert all("messages" not in c and "message" not in c["response"] for c in chunks)
+    assert all(c["model"] == "offline" for c in chunks)
+    pieces = by_type["LLMCompletionInProgressEvent"]
+    assert "".join(p["response"]["delta"] for p in pieces) == text
+    assert all("prompt" not in p and "text" not in p["response"] for p in pieces)
+    (start,) = by_type["LLMChatStartEvent"]
+    assert start["messages"][0]["content"] == prompt
+    (end,) = by_type["LLMChatEndEvent"]
+    assert end["response"]["message"]["content"] == chat
+    (done,) = by_type["LLMCompletionEndEvent"]
+    assert done["prompt"] == prompt and done["response"]["text"] == text
+
+
 def test_a_payload_of_many_small_fields_too_long_is_one_marker(
     tmp_path: Path, make_handler: Any
 ) -> None:
