@@ -155,6 +155,30 @@ def _noted(owner: object, attr: str, old: Any, new: Any) -> None:
         hook(owner, attr, old, new)
 
 
+def _update_lists(
+    owner: object,
+    events: tuple[str, tuple[Any, ...], tuple[Any, ...]],
+    spans: tuple[str, tuple[Any, ...], tuple[Any, ...]],
+    rebuild: Callable[[], None],
+) -> None:
+    """Take handlers out of ``owner``'s two lists and put others in (``(attribute,
+    in, out)`` each; by identity, each once), then ``rebuild`` once, or not at all when
+    nothing changed; the test kit is told of each list changed."""
+    with _lock:
+        changed = []
+        for attr, put_in, take_out in (events, spans):
+            old = getattr(owner, attr)
+            new = _updated(old, put_in, take_out)
+            if new is not None:
+                setattr(owner, attr, new)
+                changed.append((attr, old, new))
+        if not changed:
+            return
+        rebuild()
+        for attr, old, new in changed:
+            _noted(owner, attr, old, new)
+
+
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(
@@ -537,21 +561,12 @@ class Dispatcher:
     ) -> None:
         """Take handlers out and put others in (by identity, each once), rebuilding the
         chains below once, and not at all when nothing changed."""
-        with _lock:
-            events = _updated(self._event_handlers, events_in, events_out)
-            spans = _updated(self._span_handlers, spans_in, spans_out)
-            if events is None and spans is None:
-                return
-            old_events, old_spans = self._event_handlers, self._span_handlers
-            if events is not None:
-                self._event_handlers = events
-            if spans is not None:
-                self._span_handlers = spans
-            self._changed()
-            if events is not None:
-                _noted(self, "_event_handlers", old_events, events)
-            if spans is not None:
-                _noted(self, "_span_handlers", old_spans, spans)
+        _update_lists(
+            self,
+            ("_event_handlers", events_in, events_out),
+            ("_span_handlers", spans_in, spans_out),
+            self._changed,
+        )
 
     def _changed(self) -> None:
         # Only the chains of this dispatcher and those below it include its handlers
@@ -1331,21 +1346,12 @@ class Manager:
         """What :meth:`Dispatcher._update` does for a dispatcher's own handlers, for the
         taps: by identity, one rebuild, none when nothing changes. Another tap set
         meanwhile (a capture block on another thread) stays."""
-        with _lock:
-            events = _updated(self.tap_event_handlers, events_in, events_out)
-            spans = _updated(self.tap_span_handlers, spans_in, spans_out)
-            if events is None and spans is None:
-                return
-            old_events, old_spans = self.tap_event_handlers, self.tap_span_handlers
-            if events is not None:
-                self.tap_event_handlers = events
-            if spans is not None:
-                self.tap_span_handlers = spans
-            self._rebuild_all()
-            if events is not None:
-                _noted(self, "tap_event_handlers", old_events, events)
-            if spans is not None:
-                _noted(self, "tap_span_handlers", old_spans, spans)
+        _update_lists(
+            self,
+            ("tap_event_handlers", events_in, events_out),
+            ("tap_span_handlers", spans_in, spans_out),
+            self._rebuild_all,
+        )
 
     def get(self, name: str) -> Dispatcher:
         found = self._nodes.get(name)
