@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TextIO, cast
@@ -895,12 +895,14 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     if args.output and args.output not in _STDOUT_NAMES:
         _refuse_database_as_output(args.output, store)
     given: list[str] = args.trace_ids
-    # Ids that traces() returned are whole ids already: only those given on the
-    # command line (prefixes, "latest") are looked up (a query each).
-    ids: list[tuple[str, bool]] = [(g, True) for g in given] or [
-        (s.trace_id, False)
-        for s in store.traces(limit=args.limit, since=args.since, until=args.until)
-    ]
+    # Ids that trace_ids() returns are whole ids already: only those given on the
+    # command line (prefixes, "latest") are looked up (a query each). trace_ids()
+    # reads a page at a time, so ``--limit`` of every trace holds a page in memory,
+    # not a summary of each trace.
+    ids: Iterable[tuple[str, bool]] = [(g, True) for g in given] or (
+        (trace_id, False)
+        for trace_id in store.trace_ids(limit=args.limit, since=args.since, until=args.until)
+    )
     # Standard output by name: written through it, not opened again (a new opening of
     # a file the shell redirected to would truncate it, and write over what is there).
     to_stdout = args.output in _STDOUT_NAMES

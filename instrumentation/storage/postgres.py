@@ -8,6 +8,7 @@ costs the writer a retry, not a restart of the application.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from instrumentation.storage import checks
 from instrumentation.storage.base import Row, SQLStore, text_for_databases
 from instrumentation.storage.schema import (
     POSTGRES,
+    READABLE_FROM,
     TABLES,
     check_readable,
     check_version,
@@ -82,6 +84,8 @@ _NOT_IDENTITY = frozenset(
     }
 )
 
+logger = logging.getLogger("instrumentation.storage")
+
 #: How long a connection attempt waits when neither the DSN nor PGCONNECT_TIMEOUT says.
 DEFAULT_CONNECT_TIMEOUT = 5
 
@@ -134,6 +138,7 @@ class PostgresStore(SQLStore):
             checks.seconds("connect_timeout", connect_timeout, positive=True)
         self.dsn = dsn
         self.connect_timeout = connect_timeout
+        self._told_not_migrated = False
         self._psycopg = _psycopg()
         self._check_ports()
         self._connect_options = self._timeout_option()
@@ -204,11 +209,34 @@ class PostgresStore(SQLStore):
         # Reconnecting after a restart must not need more than the writes do: tables
         # at this release's version are used without DDL or the migration lock.
         present = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+        found = None
         if present:
             found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             check_version(found)
             if found is not None and found >= max(migrations(POSTGRES)):
                 return
+        try:
+            self._migrate_locked(conn)
+        except self._psycopg.errors.InsufficientPrivilege as exc:
+            # The versions from READABLE_FROM on differ in indexes only: a role that may
+            # only read and insert (see above) records into such tables as they are,
+            # rather than not at all, until an administrator migrates them.
+            if found is None or found < READABLE_FROM:
+                raise
+            if not self._told_not_migrated:
+                self._told_not_migrated = True
+                logger.warning(
+                    "instrumentation.storage: %r has trace schema version %s and this "
+                    "role may not migrate it to %s (%s); recording into it as it is (reads "
+                    "that its new indexes serve are slower): open it once with "
+                    "storage.open_store() as its owner to migrate it",
+                    self,
+                    found,
+                    max(migrations(POSTGRES)),
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+
+    def _migrate_locked(self, conn: Any) -> None:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

@@ -362,7 +362,8 @@ def test_an_older_trace_schema_is_refused_not_migrated(
     path = tmp_path / "old.db"
     SQLiteStore(path).close()
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE schema_version SET version = 0")
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version (version) VALUES (0)")
     conn.close()
     assert main(["--db", str(path), "list"], out=io.StringIO()) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,353 @@
+"""What keeps reading a store that has been filled for weeks quick: the indexes of
+schema version 2 (and the migration of a version 1 store to it, in place), query
+plans that use them, and ``export`` reading trace ids a page at a time."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from instrumentation import get_dispatcher
+from instrumentation.storage import SQLiteStore, Store, base
+from instrumentation.storage.cli import main
+from instrumentation.storage.schema import (
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    SPAN_COLUMNS,
+    SQLITE,
+    insert_sql,
+    migrations,
+)
+
+from .helpers import FakeLLMEndEvent, NoteEvent, Usage
+
+d = get_dispatcher("tests.storage.large")
+
+
+@d.span
+def leaf(i: int) -> int:
+    d.event(NoteEvent(text=f"leaf {i}"))
+    return i
+
+
+@d.span
+def handle_request(i: int) -> None:
+    leaf(i)
+    d.event(FakeLLMEndEvent(model="m", usage=Usage(3, 2), cost_usd=0.001))
+    if i % 3 == 0:
+        raise ValueError("failed")
+
+
+def _record(store: Store, make_handler: Any, n: int = 6) -> None:
+    handler = make_handler(store).attach(d)
+    for i in range(n):
+        try:
+            handle_request(i)
+        except ValueError:
+            pass
+    assert handler.flush(10)
+    handler.detach()
+
+
+def _span_row(trace_id: str, span_id: str, start: float, name: str = "root") -> tuple[Any, ...]:
+    values: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
+    values.update(
+        id=span_id,
+        trace_id=trace_id,
+        is_root=1,
+        name=name,
+        dispatcher="app",
+        start_time=start,
+        end_time=start + 0.5,
+        duration=0.5,
+        status="ok",
+    )
+    return tuple(values[c] for c in SPAN_COLUMNS)
+
+
+def _version_1_store(path: Path, source: Path) -> None:
+    """A store as release 1 of the schema made it, holding the rows of ``source``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in migrations(SQLITE)[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    with sqlite3.connect(source) as old:
+        spans = old.execute(f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans").fetchall()
+        events = old.execute(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events").fetchall()
+    old.close()
+    conn.executemany(insert_sql(SQLITE, "spans", SPAN_COLUMNS), spans)
+    conn.executemany(insert_sql(SQLITE, "events", EVENT_COLUMNS), events)
+    conn.close()
+
+
+def _indexes(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    conn.close()
+    return {name for name in found if not name.startswith("sqlite_")}
+
+
+def _versions(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        found = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+    conn.close()
+    return found
+
+
+def test_a_version_1_store_is_read_as_it_is_and_migrated_in_place(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """Version 2 adds indexes only: the command line (read-only) reads a version 1
+    store without migrating it, and the first store opened for writing migrates it
+    in place, keeping every row."""
+    source = tmp_path / "source.db"
+    with SQLiteStore(source) as store:
+        _record(store, make_handler)
+        before = store.traces(limit=100)
+        events_before = store.events(limit=None)
+    old = tmp_path / "old.db"
+    _version_1_store(old, source)
+    assert {"spans_name_start", "events_span_id"} <= _indexes(old)
+
+    out = io.StringIO()
+    assert main(["--db", str(old), "list"], out=out) == 0
+    assert out.getvalue().count("handle_request") == 6
+    with SQLiteStore(old, read_only=True) as reader:
+        assert reader.traces(limit=100) == before
+    assert _versions(old) == [1]  # reading migrated nothing
+
+    with SQLiteStore(old) as store:  # opened for writing: migrated
+        assert store.traces(limit=100) == before
+        assert store.events(limit=None) == events_before
+        assert store.schema_version() == SCHEMA_VERSION == 2
+    assert _versions(old) == [1, 2]
+    indexes = _indexes(old)
+    assert {"spans_roots_name", "spans_roots_status", "events_time"} <= indexes
+    assert not {"spans_name_start", "events_span_id"} & indexes
+    with SQLiteStore(source) as fresh_store:  # a new store has the same indexes
+        assert _versions(source) == [1, 2]
+    assert _indexes(source) == indexes
+    del fresh_store
+
+
+def test_a_store_older_than_version_1_is_still_refused_for_reading(tmp_path: Path) -> None:
+    path = tmp_path / "older.db"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+    conn.close()
+    with pytest.raises(Exception, match="older than the version this release reads"):
+        SQLiteStore(path, read_only=True)
+
+
+@pytest.fixture
+def plans(tmp_path: Path, make_handler: Any) -> Iterator[tuple[Store, Callable[[], str]]]:
+    """A store with a few traces, and the query plans of the queries run since the
+    last call (SQLite's EXPLAIN QUERY PLAN, one line per step)."""
+    store = SQLiteStore(tmp_path / "plans.db")
+    _record(store, make_handler)
+    seen: list[str] = []
+    query = store._query
+
+    def explaining(sql: str, params: Any) -> list[Any]:
+        plan = query("EXPLAIN QUERY PLAN " + sql, params)
+        seen.extend(str(row[3]) for row in plan)
+        return query(sql, params)
+
+    store._query = explaining  # type: ignore[method-assign]
+
+    def taken() -> str:
+        text = "\n".join(seen)
+        seen.clear()
+        return text
+
+    try:
+        yield store, taken
+    finally:
+        store.close()
+
+
+def test_traces_by_root_name_and_status_use_the_roots_indexes(
+    plans: tuple[Store, Callable[[], str]],
+) -> None:
+    store, taken = plans
+    assert len(store.traces(name="handle_request")) == 6
+    assert "USING INDEX spans_roots_name (name=?)" in taken()
+    # A nested span's name is no root's: found so in the roots' index.
+    assert store.traces(name="leaf") == []
+    assert "USING INDEX spans_roots_name (name=?)" in taken()
+    assert len(store.traces(name="handle*")) == 6
+    assert "USING INDEX spans_roots_name (name>? AND name<?)" in taken()
+    assert len(store.traces(status="error")) == 2
+    assert "USING INDEX spans_roots_status (status=?)" in taken()
+
+
+def test_events_of_one_trace_and_the_oldest_events_use_an_index(
+    plans: tuple[Store, Callable[[], str]],
+) -> None:
+    store, taken = plans
+    trace_id = store.traces(limit=1)[0].trace_id
+    taken()
+    assert [e.type for e in store.events(trace_id=trace_id, type="NoteEvent")] == ["NoteEvent"]
+    assert "USING INDEX events_trace_id (trace_id=?)" in taken()
+    assert len(store.events(limit=3)) == 3
+    plan = taken()
+    assert "SCAN events USING INDEX events_time" in plan and "TEMP B-TREE" not in plan
+
+
+def test_a_prefix_of_any_characters_is_a_range_of_the_trace_id_index(
+    plans: tuple[Store, Callable[[], str]],
+) -> None:
+    """Only hex digits took the range: a mistyped prefix read the whole index."""
+    store, taken = plans
+    assert store.trace_ids_starting_with("zz") == []
+    assert "(trace_id>? AND trace_id<?)" in taken()
+    ids = ["zz-1", "zz\U0010ffff", "z\U0010ffff\U0010ffffa", "zé", "z\ud7ff", "z\ue000x", "{"]
+    store.write([_span_row(t, uuid.uuid4().hex, 1000.0 + i) for i, t in enumerate(ids)], [])
+    for prefix in ["z", "zz", "z\U0010ffff", "zé", "z\ud7ff", "z\ue000", "{", "Z", "\U0010ffff"]:
+        found = sorted(store.trace_ids_starting_with(prefix, limit=100))
+        assert found == sorted(t for t in ids if t.startswith(prefix)), prefix
+        # (nothing sorts above every string that starts with the last character)
+        if prefix != "\U0010ffff":
+            assert "(trace_id>? AND trace_id<?)" in taken(), prefix
+
+
+def test_traces_counts_and_sums_only_the_traces_it_lists(tmp_path: Path, make_handler: Any) -> None:
+    """The counts and sums of each trace were computed for every root that matched a
+    wildcard name, before the sort kept ``limit`` of them: listing 1 of 60 cost as
+    much as listing all 60 (2.6 s for 20 of 100,000)."""
+    with SQLiteStore(tmp_path / "t.db") as store:
+        _record(store, make_handler, n=60)
+        conn = store._connection()
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        conn.set_progress_handler(count, 1)
+        store.traces(limit=60)
+        every, steps[0] = steps[0], 0
+        [one] = store.traces(name="handle*", limit=1)
+        assert steps[0] < every / 3, (steps[0], every)
+        conn.set_progress_handler(None, 1)
+        assert (one.span_count, one.total_tokens) == (2, 5)
+
+
+def test_trace_ids_reads_pages_and_neither_skips_nor_repeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export`` reads trace ids a page at a time (it held a summary of every trace
+    before writing the first): roots that started at the same moment across a page's
+    end are each read once, and ``limit``, ``since`` and ``until`` hold."""
+    monkeypatch.setattr(base, "_ID_PAGE", 3)
+    with SQLiteStore(tmp_path / "t.db") as store:
+        starts = [1000.0, 1001.0, 1001.0, 1001.0, 1001.0, 1002.0, 1003.0, 1003.0, 1004.0]
+        rows = [_span_row(f"t{i:02d}", f"s{i:02d}", start) for i, start in enumerate(starts)]
+        store.write(rows, [])
+        every = list(store.trace_ids())
+        assert sorted(every) == sorted(r[1] for r in rows)
+        by_start = dict(zip((r[1] for r in rows), starts, strict=True))
+        assert [by_start[t] for t in every] == sorted(starts, reverse=True)
+        assert list(store.trace_ids(limit=4)) == every[:4]
+        assert list(store.trace_ids(limit=3)) == every[:3]
+        assert set(store.trace_ids(since=1001.0, until=1003.0)) == {
+            "t01",
+            "t02",
+            "t03",
+            "t04",
+            "t05",
+        }
+        with pytest.raises(ValueError, match="limit"):
+            list(store.trace_ids(limit=0))
+
+
+def test_export_of_every_trace_holds_no_summary_of_each(
+    tmp_path: Path, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "t.db"
+    with SQLiteStore(path) as store:
+        _record(store, make_handler, n=7)
+    monkeypatch.setattr(base, "_ID_PAGE", 2)
+    asked: list[int] = []
+    traces = base.SQLStore.traces
+
+    def recorded(self: Any, limit: int = 20, **filters: Any) -> Any:
+        asked.append(limit)
+        return traces(self, limit, **filters)
+
+    monkeypatch.setattr(base.SQLStore, "traces", recorded)
+    out = io.StringIO()
+    assert main(["--db", str(path), "export", "--limit", str(10**9)], out=out) == 0
+    assert len(out.getvalue().splitlines()) == 7
+    assert asked == []
+
+
+def _postgres_version_1(dsn: str) -> None:
+    import psycopg
+
+    from instrumentation.storage.schema import POSTGRES
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in migrations(POSTGRES)[1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+
+
+def test_a_version_1_postgres_database_is_read_as_it_is_and_migrated(
+    postgres_dsn: str, make_handler: Any
+) -> None:
+    from instrumentation.storage.postgres import PostgresStore
+
+    _postgres_version_1(postgres_dsn)
+    with PostgresStore(postgres_dsn, read_only=True) as reader:
+        assert reader.traces() == []
+    with PostgresStore(postgres_dsn) as store:
+        _record(store, make_handler)
+        assert len(store.traces(name="handle*")) == 6
+        assert len(store.traces(status="error")) == 2
+        found = store._query("SELECT version FROM schema_version ORDER BY 1", [])
+        assert [r[0] for r in found] == [1, 2]
+        names = {
+            r[0]
+            for r in store._query(
+                "SELECT indexname FROM pg_indexes WHERE tablename IN ('spans', 'events')", []
+            )
+        }
+        assert {"spans_roots_name", "spans_roots_status", "events_time"} <= names
+        assert not {"spans_name_start", "events_span_id"} & names
+
+
+def test_a_role_that_may_not_migrate_records_into_version_1_tables(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Version 2 adds indexes only: a role that may only read and insert keeps
+    recording into version 1 tables (with a warning), rather than not at all."""
+    import psycopg
+
+    from instrumentation.storage.postgres import PostgresStore
+    from instrumentation.storage.serialise import RowMaker
+
+    _postgres_version_1(postgres_dsn)
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+        admin.execute(f"GRANT SELECT, INSERT ON spans, events, schema_version TO {role}")
+    dsn = postgres_dsn.replace("postgres@", f"{role}@")
+    with PostgresStore(dsn) as store:
+        store.write([], [RowMaker({}, {}, 100).event_row(NoteEvent(text="hi"), None)])
+        assert [e.payload["text"] for e in store.events()] == ["hi"]
+    assert "may not migrate it" in caplog.text
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT MAX(version) FROM schema_version").fetchone() == (1,)
