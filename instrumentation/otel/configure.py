@@ -143,21 +143,28 @@ class _CollectorRefused(Exception):
     """
 
 
-def _is_refusal(error: BaseException) -> bool:
-    """Whether ``error`` (requests' or urllib3's, wrapping the socket's) is a refused
-    connection: nothing listens at that address."""
+def _refused_by(error: BaseException) -> str | None:
+    """Who refused the connection ``error`` (requests' or urllib3's, wrapping the
+    socket's) failed on: ``"the collector"``, ``"the proxy"`` (``HTTP(S)_PROXY``: nothing
+    listens at the proxy's address), or None when it is no refused connection."""
     seen: set[int] = set()
     pending: list[object] = [error]
+    refused = through_proxy = False
     while pending:
         current = pending.pop()
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
-        if isinstance(current, ConnectionRefusedError):
-            return True
         seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            refused = True
+            continue
+        # requests' and urllib3's: connecting to the proxy failed.
+        through_proxy = through_proxy or type(current).__name__ == "ProxyError"
         pending.extend((current.__cause__, current.__context__, getattr(current, "reason", None)))
         pending.extend(current.args)
-    return False
+    if not refused:
+        return None
+    return "the proxy" if through_proxy else "the collector"
 
 
 class _Refusals:
@@ -187,12 +194,13 @@ class _Refusals:
             try:
                 return request(*args, **kwargs)
             except Exception as exc:
-                if not _is_refusal(exc):
+                refused_by = _refused_by(exc)
+                if refused_by is None:
                     raise
                 self.last_refused = True
                 if self.final:
                     raise _CollectorRefused(
-                        "the collector refused the connection (nothing listens there): "
+                        f"{refused_by} refused the connection (nothing listens there): "
                         "not retried while shutting down"
                     ) from exc
                 raise
@@ -219,6 +227,9 @@ class SuppressedExporter(SpanExporter):
     against a collector that does not answer. With ``refusals`` (the OTLP/HTTP exporter
     configure_otlp builds), a collector that refuses the connection is known not to be
     there: from :meth:`give_up_at` on, each batch gets one attempt, without backoff.
+    ``remake`` builds another such exporter: :meth:`stop_retrying_refused` swaps it in to
+    cut short the backoff of an export already retrying a refusal, without failing the
+    batches after it unsent.
 
     In a child made by ``fork()`` the accounts start from zero: the SDK empties the
     child's copy of the queue, and the parent's batches are the parent's.
@@ -229,12 +240,14 @@ class SuppressedExporter(SpanExporter):
         inner: SpanExporter,
         destination: str | None = None,
         refusals: _Refusals | None = None,
+        remake: Callable[[], SpanExporter] | None = None,
     ) -> None:
         self.inner = inner
         #: Where ``inner`` sends (protocol and URL), named in the warnings; None when
         #: the exporter was given by hand.
         self.destination = destination
         self._refusals = refusals
+        self._remake = remake
         self._give_up_at: float | None = None
         self._accepting = True
         self._settled = False
@@ -286,6 +299,33 @@ class SuppressedExporter(SpanExporter):
             exporting = self._exporting > 0
         return exporting and self._refusals is not None and self._refusals.last_refused
 
+    def stop_retrying_refused(self) -> None:
+        """Cut short the backoff of an export retrying a refused connection (shutting
+        down: see :meth:`retrying_refused`).
+
+        Stopping the exporter is what cuts a backoff short, but a stopped exporter fails
+        every later batch unsent, also when the collector is back by then. So a new
+        exporter (``remake``: the same settings) takes its place first: the batch cut
+        short and every later one each get one attempt. Without ``remake``, the exporter
+        is stopped.
+        """
+        replacement = None
+        if self._remake is not None:
+            try:
+                with suppress_instrumentation():
+                    replacement = self._remake()
+            except Exception:  # pragma: no cover - built the same way at configure time
+                logger.exception("could not make another OTLP exporter; stopping this one")
+        if replacement is None:
+            self.shutdown()
+            return
+        with self._lock:
+            stale = None if self._inner_shut else self.inner
+            if stale is not None:
+                self.inner = replacement
+        with suppress_instrumentation():
+            (replacement if stale is None else stale).shutdown()
+
     def stop_accepting(self) -> None:
         """From now on, every span handed over is counted as not exported at once.
 
@@ -331,25 +371,41 @@ class SuppressedExporter(SpanExporter):
             return SpanExportResult.FAILURE
         with self._lock:
             self._exporting += 1
+        try:
+            inner = self.inner
+            result = self._attempt(inner, spans)
+            if (
+                result is not SpanExportResult.SUCCESS
+                and self.inner is not inner
+                and self._give_up_at is not None
+                and time.monotonic() < self._give_up_at
+            ):
+                # stop_retrying_refused() cut this export's backoff short by stopping its
+                # exporter: one attempt with the exporter now in its place.
+                result = self._attempt(self.inner, spans)
+        finally:
+            with self._lock:
+                self._exporting -= 1
+        self._record(len(spans), result)
+        return result
+
+    def _attempt(self, inner: SpanExporter, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         with suppress_instrumentation():
             try:
-                result = self.inner.export(spans)
+                return inner.export(spans)
             except Exception as exc:
-                if _is_refusal(exc):  # a collector that is down: no traceback to read
+                refused_by = _refused_by(exc)
+                if refused_by is not None:  # a collector (proxy) that is down: no traceback
                     logger.warning(
-                        "OTLP export of %d spans failed: the collector refused the "
-                        "connection (nothing listens there)%s",
+                        "OTLP export of %d spans failed: %s refused the connection "
+                        "(nothing listens there)%s",
                         len(spans),
+                        refused_by,
                         "" if self.destination is None else f"; sent to {self.destination}",
                     )
                 else:
                     logger.exception("OTLP export of %d spans failed", len(spans))
-                result = SpanExportResult.FAILURE
-            finally:
-                with self._lock:
-                    self._exporting -= 1
-        self._record(len(spans), result)
-        return result
+                return SpanExportResult.FAILURE
 
     def _record(self, n: int, result: SpanExportResult, *, cut_off: bool = False) -> None:
         exported = result is SpanExportResult.SUCCESS
@@ -399,8 +455,9 @@ class SuppressedExporter(SpanExporter):
             if self._inner_shut:
                 return
             self._inner_shut = True
+            inner = self.inner
         with suppress_instrumentation():
-            self.inner.shutdown()
+            inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         with suppress_instrumentation():
@@ -652,6 +709,22 @@ def _endpoint_from_environment(protocol: str) -> str | None:
         raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT: {exc}") from None
 
 
+def _shown(url: str) -> str:
+    """``url`` as the warnings name it: the values of its query string and its user
+    and password hidden, since an API key may be there (``https://h/otel?key=k``) and
+    logs travel further than the key should."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        netloc = parts.netloc
+    except ValueError:
+        return url
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    hidden = "&".join(f"{name}=***" for name, _ in query) if query else parts.query
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=hidden))
+
+
 def _url_problem(url: str, example: str) -> str | None:
     """What is wrong with ``url`` as a collector's URL, or None."""
     try:
@@ -759,8 +832,11 @@ class OTLPHandle:
         self.exporter = exporter
         self.dispatcher = dispatcher
         self.protocol = protocol
-        #: Where the spans go (``None`` for an exporter given by hand).
+        #: Where the spans go (``None`` for an exporter given by hand), as the warnings
+        #: name it: a key in the URL hidden.
         self.destination = destination
+        #: The same, whole (configure_otlp's check for a second handle).
+        self._sends_to: str | None = None
         self._closed = False
         self._clean_shutdown = False
         self._shutting_down_in: int | None = None
@@ -892,8 +968,12 @@ class OTLPHandle:
             )
             if self.exporter.retrying_refused():
                 # The collector refused the last connection: its export's backoff is not
-                # waited out (stopping the exporter cuts it short); nothing listens there.
-                _in_thread(self.exporter.shutdown, "instrumentation-otel-stop", self._standby)
+                # waited out; the batches, that one too, get one attempt each.
+                _in_thread(
+                    self.exporter.stop_retrying_refused,
+                    "instrumentation-otel-stop",
+                    self._standby,
+                )
             worker.join(max(cut_short_at - time.monotonic(), 0.0))
             if worker.is_alive():
                 # An export is still retrying, or waiting on a collector that does not
@@ -1042,7 +1122,7 @@ def configure_otlp(
             f"dispatcher is a Dispatcher (get_dispatcher(name)); got {type(dispatcher).__name__}"
         )
     target = root_dispatcher if dispatcher is None else dispatcher
-    destination = None
+    destination = sends_to = None
     if exporter is None:
         if checked_endpoint is not None:
             where = (
@@ -1052,12 +1132,14 @@ def configure_otlp(
             )
         else:
             where = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-        destination = f"{chosen} {where or '(the OTLP default endpoint)'}"
+        destination = f"{chosen} {_shown(where) or '(the OTLP default endpoint)'}"
+        # Compared whole: two keys for one URL (two tenants) are two destinations.
+        sends_to = f"{chosen} {where}"
         for earlier in list(_live_handles):
             if (
                 not earlier.closed
                 and earlier.dispatcher is target
-                and earlier.destination == destination
+                and earlier._sends_to == sends_to
             ):
                 raise ValueError(
                     f"configure_otlp already sends the spans of {target.name!r} to "
@@ -1090,18 +1172,20 @@ def configure_otlp(
         and not any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES)
     ):
         refusals = _Refusals()
-    inner = (
-        exporter
-        if exporter is not None
-        else make_exporter(
+
+    def remake() -> SpanExporter:
+        return make_exporter(
             checked_endpoint,
             chosen,
             checked_headers,
             timeout,
             session=None if refusals is None else refusals.session(),
         )
+
+    inner = exporter if exporter is not None else remake()
+    wrapped = SuppressedExporter(
+        inner, destination, refusals, remake if refusals is not None else None
     )
-    wrapped = SuppressedExporter(inner, destination, refusals)
     provider.add_span_processor(AccountedBatchSpanProcessor(wrapped))
     if set_global:
         trace_api.set_tracer_provider(provider)
@@ -1111,6 +1195,7 @@ def configure_otlp(
     target.add_span_handler(handler)
     target.add_event_handler(handler)
     handle = OTLPHandle(provider, handler, wrapped, target, chosen, destination)
+    handle._sends_to = sends_to
     _live_handles.add(handle)
     return handle
 

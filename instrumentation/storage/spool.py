@@ -245,11 +245,11 @@ def _lines_of(src: BinaryIO, copy_to: BinaryIO | None = None) -> int:
     return lines
 
 
-def _open_appending(path: Path) -> BinaryIO:
-    """``path`` open for reading and appending, made readable by this user only (it
-    holds prompts and replies) if it is new."""
+def _open_appending(path: Path, mode: int) -> BinaryIO:
+    """``path`` open for reading and appending, made with ``mode`` (less the umask) if
+    it is new."""
     flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o600)
+    fd = os.open(path, flags, mode)
     try:
         return open(fd, "a+b")
     except BaseException:
@@ -468,6 +468,11 @@ class Spool:
         )
         #: The default folder is checked to be this user's alone before each use.
         self._shared_tmp = directory is None
+        # The default folder and its files are this user's only (they hold prompts and
+        # replies). A spool_dir given is the user's to share or not (a group's folder,
+        # whose processes adopt each other's files): made with the umask's modes.
+        self._folder_mode = 0o700 if self._shared_tmp else 0o777
+        self._file_mode = 0o600 if self._shared_tmp else 0o666
         self.prefix = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         self.on_lost = on_lost
         self.max_bytes = max_bytes
@@ -479,10 +484,10 @@ class Spool:
         return self.directory / f"{self.prefix}-{os.getpid()}.jsonl"
 
     def _make_folder(self) -> None:
-        """Make the folder (for this user only), and refuse the default one, in the
-        shared temporary folder, unless it is this user's alone (see
+        """Make the folder (the default one for this user only), and refuse the default
+        one, in the shared temporary folder, unless it is this user's alone (see
         :func:`default_spool_dir`): a ``PermissionError`` saying what to do."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.mkdir(mode=self._folder_mode, parents=True, exist_ok=True)
         if self._shared_tmp:
             problem = _not_private(self.directory)
             if problem is not None:
@@ -569,7 +574,7 @@ class Spool:
         the file is counted again from its start the next time it is used.
         """
         self._make_folder()
-        f = _open_appending(self.path)
+        f = _open_appending(self.path, self._file_mode)
         try:
             lost = self._check_file(state, f)
             start = f.seek(0, os.SEEK_END)
@@ -661,7 +666,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            fd = os.open(tmp, flags, 0o600)  # this user's, as the file it replaces
+            fd = os.open(tmp, flags, self._file_mode)  # as the file it replaces
             with open(fd, "wb") as out:
                 f.seek(dead)
                 shutil.copyfileobj(f, out, _COPY_BLOCK)
@@ -681,7 +686,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             if f.closed:  # the rename failed: our file is as it was
-                f = _open_appending(self.path)
+                f = _open_appending(self.path, self._file_mode)
             return f
         _sync_directory(self.directory)
         state.cut += dead
@@ -689,7 +694,7 @@ class Spool:
         state.compact_after = 0
         state.judged_bytes = max(0, state.judged_bytes - dead)
         state.ident = None  # until it is open again: then it is the compacted file
-        compacted = _open_appending(self.path)
+        compacted = _open_appending(self.path, self._file_mode)
         st = os.fstat(compacted.fileno())
         state.ident = (st.st_dev, st.st_ino)
         state.size = st.st_size

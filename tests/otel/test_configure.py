@@ -170,6 +170,26 @@ def test_the_warnings_about_spans_not_exported_name_where_they_were_sent(
     assert all(where in m for m in failed), failed
 
 
+def test_the_warnings_name_the_destination_without_its_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An API key in the endpoint's query string (``https://h/otel?key=k``, as the
+    docs allow) or its user and password is not written into the log lines that name
+    where spans were sent, nor in the handle's repr or its destination: logs travel
+    further than the key should."""
+    caplog.set_level(logging.WARNING)
+    otlp = configure_otlp(endpoint=f"http://user:pw@127.0.0.1:{_free_port()}/?key=s3cret")
+    with get_dispatcher("tests.otel.key").span("unit"):
+        pass
+    assert otlp.shutdown(timeout_millis=1_000) is False
+    assert otlp.destination is not None and "s3cret" not in otlp.destination
+    assert "/v1/traces?key=***" in otlp.destination and "***@127.0.0.1" in otlp.destination
+    summary = [m for m in caplog.messages if m.startswith("OTLP shutdown")]
+    assert len(summary) == 1 and otlp.destination in summary[0], caplog.messages
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("instrumentation")]
+    assert ours and not any("s3cret" in m or ":pw@" in m for m in ours), ours
+
+
 def test_flushes_that_time_out_keep_at_most_one_thread_waiting() -> None:
     """Each flush that times out used to leave a thread behind until its export ended."""
     with socket.socket() as probe:
@@ -530,6 +550,53 @@ def test_a_refused_connection_is_still_retried_while_the_application_runs() -> N
     assert telemetry.counter("otel.spans_not_exported").value == 0
 
 
+def test_a_collector_back_when_shutdown_begins_gets_every_batch() -> None:
+    """An export waits out its backoff after a refusal, and the collector is listening
+    again when shutdown() begins (it was restarting, or started after the
+    application): shutdown cuts the backoff short, and still sends that batch and every
+    batch queued behind it, one attempt each, instead of failing them all unsent with
+    the exporter it stopped to cut the backoff short."""
+    port = _free_port()
+    otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}")
+    try:
+        with get_dispatcher("tests.otel.back").span("first"):
+            pass
+        assert otlp.force_flush(300) is False  # refused: retrying after its backoff
+        if otlp.exporter.accounts().failed:
+            pytest.skip("this (older) OTLP exporter fails a refused connection at once")
+        for i in range(10):  # queued behind the batch waiting out its backoff
+            with get_dispatcher("tests.otel.back").span(f"later{i}"):
+                pass
+        with OTLPReceiver(port=port) as receiver:
+            assert otlp.shutdown(timeout_millis=5_000) is True
+            assert len(receiver.spans) == 11
+    finally:
+        otlp.shutdown(timeout_millis=1_000)
+    assert telemetry.counter("otel.spans_exported").value == 11
+    assert telemetry.counter("otel.spans_not_exported").value == 0
+
+
+def test_a_proxy_that_refuses_the_connection_is_named_not_the_collector(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP_PROXY names a proxy nothing listens at: the refusal is the proxy's, and the
+    log says so (the collector may well be up), and shutting down gives up at once as
+    for a collector that refuses."""
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_free_port()}")
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    otlp = configure_otlp(endpoint="http://collector.example:4318")
+    with get_dispatcher("tests.otel.proxy").span("unit"):
+        pass
+    started = time.monotonic()
+    assert otlp.shutdown(timeout_millis=10_000) is False
+    assert time.monotonic() - started < 3
+    assert telemetry.counter("otel.spans_not_exported").value == 1
+    assert any("the proxy refused the connection" in m for m in caplog.messages), caplog.text
+    assert not any("the collector refused" in m for m in caplog.messages), caplog.text
+
+
 def test_otel_environment_variables_are_honoured(
     receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -610,6 +677,16 @@ def test_a_second_handle_to_the_same_collector_is_refused(receiver: OTLPReceiver
             endpoint=receiver.endpoint, dispatcher=get_dispatcher("tests.otel.twice")
         )
         elsewhere.shutdown()
+        # A key in the URL is hidden where the handle is named, but two keys (two
+        # tenants of one collector) are two destinations.
+        keyed = configure_otlp(endpoint=receiver.endpoint + "/t?key=one")
+        other_tenant = configure_otlp(endpoint=receiver.endpoint + "/t?key=two")
+        with pytest.raises(ValueError, match=r"send each span twice"):
+            configure_otlp(endpoint=receiver.endpoint + "/t?key=one")
+        assert keyed.destination == other_tenant.destination
+        assert "one" not in (keyed.destination or "")
+        keyed.shutdown()
+        other_tenant.shutdown()
     finally:
         first.shutdown()
     again = configure_otlp(endpoint=receiver.endpoint)

@@ -188,6 +188,32 @@ def test_the_default_spool_folder_and_files_are_the_users_alone(
     assert planted.exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_spool_dir_given_keeps_the_umasks_modes_for_a_group_to_share(tmp_path: Path) -> None:
+    """Only the default folder is made this user's alone: a spool_dir given is the
+    user's to share, e.g. a group's folder whose processes, run as different users,
+    adopt each other's files after a crash. Its files (the compaction's copy too) and
+    the folder, if the spool makes it, follow the umask as before: files made 0600
+    there could not be read by the group's other users, who claimed them and failed."""
+    old = os.umask(0o002)
+    try:
+        folder = tmp_path / "group-spool"
+        spool = Spool("sqlite:/x.db", folder, max_bytes=200)
+        assert spool.append([], [("e1", "x")]) == 0
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o775
+        assert stat.S_IMODE(os.stat(spool.path).st_mode) == 0o664
+        with spool.replaying():
+            chunk = spool.next_chunk(10)
+            assert chunk is not None
+            spool.mark_replayed(chunk)
+        before = os.stat(spool.path).st_ino
+        assert spool.append([], [("e2", "y" * 150)]) == 0
+        assert os.stat(spool.path).st_ino != before  # compacted: a copy renamed over it
+        assert stat.S_IMODE(os.stat(spool.path).st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
 def test_two_writers_of_one_store_share_the_spool_without_skipping_rows(
     tmp_path: Path, spool_dir: Path
 ) -> None:
