@@ -373,10 +373,18 @@ def _event_fields(
         if key == "err_type" and shown is not None:  # a drop event's: its error is shown
             continue
         answer = _answer_text(value) if key in answers else None
+        label = key
+        if key in answers and answer is None and isinstance(value, dict):
+            # A streamed chunk's response is stored without the answer so far (see
+            # ``serialise._REPEATED_IN_CHUNKS``): its new text is what it answered.
+            # Shown as the dict, its ``raw`` provider chunk filled the line.
+            delta = value.get("delta")
+            if isinstance(delta, str):
+                answer, label = delta, "delta"
         text = _printable(repr(value if answer is None else answer))
         room = width if key in answers else _VALUE_CHARS
         cut = text if len(text) <= room else text[: room - 1] + "…"
-        parts.append(f"{_printable(str(key))}={cut}")
+        parts.append(f"{_printable(str(label))}={cut}")
     line = " ".join(parts)
     return line if len(line) <= width else line[: width - 1] + "…"
 

@@ -463,9 +463,14 @@ class SQLiteStore(SQLStore):
             )
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        # Stored text had lone surrogates replaced (see cleaned()): a filter value is
+        # matched the same way, as on PostgreSQL, not refused by sqlite3's encoding
+        # (a trace id prefix or a name decoded with surrogateescape raised
+        # UnicodeEncodeError).
+        values = tuple(without_lone_surrogates(v) if isinstance(v, str) else v for v in params)
         with self._lock:
             try:
-                return list(self._connection().execute(sql, tuple(params)).fetchall())
+                return list(self._connection().execute(sql, values).fetchall())
             finally:
                 if self._snapshot:  # immutable: opened again for the next query
                     self.close()

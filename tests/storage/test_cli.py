@@ -1135,3 +1135,30 @@ def test_show_events_shows_what_the_model_answered_first(tmp_path: Path) -> None
     assert f"LLMChatEndEvent  response={answer!r} model='m'" in line
     assert len(line.split("LLMChatEndEvent  ", 1)[1]) <= 100  # still one tidy line
     store.close()
+
+
+def test_show_events_shows_a_streamed_chunk_s_new_text(tmp_path: Path) -> None:
+    """A chunk's event is stored without the answer so far, its ``delta`` kept: shown
+    as the rest of its response, a dict whose ``raw`` (the provider's chunk) filled the
+    line. Its new text is what it answered."""
+    from instrumentation.events.llm import ChatMessage, ChatResponse, LLMChatInProgressEvent
+
+    raw = {"id": "chatcmpl-" + "x" * 30, "object": "chat.completion.chunk", "choices": []}
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = StorageHandler(store=store, debounce=0.01).attach(d)
+    with d.span("ask"):
+        for so_far, delta in [("Paris", "Paris"), ("Paris is", " is")]:
+            d.event(
+                LLMChatInProgressEvent(
+                    model="m",
+                    messages=[ChatMessage(role="user", content="Where?")],
+                    response=ChatResponse(
+                        message=ChatMessage(role="assistant", content=so_far), delta=delta, raw=raw
+                    ),
+                )
+            )
+    assert handler.shutdown(10)
+    shown = _run("--db", str(tmp_path / "t.db"), "show", "latest", "--events")
+    lines = [x.split("LLMChatInProgressEvent  ", 1)[1] for x in shown.splitlines() if "InProg" in x]
+    assert lines == ["delta='Paris' model='m' provider=None", "delta=' is' model='m' provider=None"]
+    store.close()

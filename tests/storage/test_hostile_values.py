@@ -206,6 +206,23 @@ def test_a_name_with_a_nul_is_found_on_both_databases(any_store: Store, make_han
     assert any_store.traces(name="a\x00*")[0].name in ("a\x00b", "a\ufffdb")
 
 
+def test_a_filter_with_a_lone_surrogate_is_matched_as_stored(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Text decoded with surrogateescape (a file name, a command line argument) holds
+    lone surrogates: both databases store U+FFFD for them, and PostgreSQL matched a
+    filter that way; SQLite raised UnicodeEncodeError (a name, a trace id prefix)."""
+    handler = make_handler(any_store).attach(d)
+    with d.span("file \udcff.txt"):
+        pass
+    assert handler.flush(10)
+    (found,) = any_store.traces(name="file \udcff.txt")
+    assert found.name == "file \ufffd.txt"
+    assert len(any_store.traces(name="file \udcff*")) == 1
+    assert any_store.trace_ids_starting_with("\udcff") == []
+    assert any_store.events(trace_id="\udcff", type="\udcff") == []
+
+
 def test_export_of_an_old_database_with_nan_is_strict_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -326,6 +328,46 @@ def test_a_version_1_postgres_database_is_read_as_it_is_and_migrated(
         }
         assert {"spans_roots_name", "spans_roots_status", "events_time"} <= names
         assert not {"spans_name_start", "events_span_id"} & names
+
+
+def test_reading_goes_on_while_a_postgres_database_is_migrated(postgres_dsn: str) -> None:
+    """Building version 2's indexes lets readers read (CREATE INDEX locks writes out
+    only), but DROP INDEX locks its table against reading until the migration commits:
+    dropped first, the old index of names kept ``list`` and ``tail`` waiting for the
+    whole migration (1 s for 1,000,000 spans). The indexes are dropped last."""
+    import psycopg
+
+    from instrumentation.storage.postgres import PostgresStore
+
+    _postgres_version_1(postgres_dsn)
+    with psycopg.connect(postgres_dsn, autocommit=True) as holder:
+        # A writer's transaction on events holds the migration up half way: its spans
+        # indexes made, the events' one waiting.
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+        done: list[Any] = []
+        migrating = threading.Thread(target=lambda: done.append(PostgresStore(postgres_dsn)))
+        migrating.start()
+        try:
+            for _ in range(500):
+                waiting = holder.execute(
+                    "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = "
+                    "'events'::regclass"
+                ).fetchone()
+                if waiting and waiting[0]:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the migration never reached the events table")
+            with psycopg.connect(postgres_dsn, autocommit=True) as reader:
+                reader.execute("SET lock_timeout = '2s'")
+                assert reader.execute("SELECT COUNT(*) FROM spans").fetchone() == (0,)
+        finally:
+            holder.execute("COMMIT")
+            migrating.join(30)
+    (store,) = done
+    with store:
+        assert store._query("SELECT MAX(version) FROM schema_version", []) == [(2,)]
 
 
 def test_a_role_that_may_not_migrate_records_into_version_1_tables(
