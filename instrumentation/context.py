@@ -428,7 +428,8 @@ def propagation_in_bridges(
             continue
         try:
             known = propagation(span)
-        except Exception:  # a bridge must not break the application
+        except Exception as exc:  # a bridge must not break the application
+            telemetry.report_handler_error(bridge, "propagation", "a capture", exc)
             continue
         if known is None:
             continue
@@ -448,8 +449,8 @@ def restored_in_bridges(parent: SpanContext | None, sampled: bool) -> None:
         if restore is not None:
             try:
                 restore(parent, sampled)
-            except Exception:  # a bridge must not break the application
-                pass
+            except Exception as exc:  # a bridge must not break the application
+                telemetry.report_handler_error(bridge, "restore", "a restore", exc)
 
 
 def sampled_in_bridges() -> bool:
@@ -461,8 +462,8 @@ def sampled_in_bridges() -> bool:
             try:
                 if sampled() is False:
                     return False
-            except Exception:  # a bridge must not break the application
-                pass
+            except Exception as exc:  # a bridge must not break the application
+                telemetry.report_handler_error(bridge, "sampled", "a capture", exc)
     return True
 
 
@@ -472,8 +473,8 @@ def parent_for_new_span() -> SpanContext | None:
     for bridge in _bridges:
         try:
             own = bridge.parent_for(own)
-        except Exception:  # a bridge must not break the application
-            pass
+        except Exception as exc:  # a bridge must not break the application
+            telemetry.report_handler_error(bridge, "parent_for", "a span's start", exc)
     return own
 
 

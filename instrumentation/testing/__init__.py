@@ -435,9 +435,8 @@ class _Outside:
     """What a capture block puts back besides the tree: ``telemetry.raise_handler_errors``
     (if it differs at the end), and the current span, tags and suppression and what a
     restore received (which ``restore_propagation_context`` sets without a token to
-    undo it), with what
-    integrations keep beside them (OpenTelemetry's current context). All but the
-    switch are the block's context's own."""
+    undo it), with what integrations keep beside them (OpenTelemetry's current
+    context). All but the switch are the block's context's own."""
 
     def __init__(self) -> None:
         self.raise_handler_errors = telemetry.raise_handler_errors

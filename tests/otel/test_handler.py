@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import subprocess
 import sys
@@ -664,6 +665,50 @@ def test_a_bridge_that_raises_is_logged_and_counted_not_silent(
     assert seen == [1]
     assert telemetry.HANDLER_ERRORS.value - before == 1  # attach; nothing to detach then
     assert "failed in attach" in caplog.text and "attach broke" in caplog.text
+
+
+def test_a_bridge_failing_in_parent_for_restore_sampled_or_propagation_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Those four were swallowed without a word (attach, capture and detach were not):
+    a bridge that breaks there broke the trace unseen."""
+
+    class Broken:
+        def parent_for(self, own: Any) -> Any:
+            raise RuntimeError("parent_for broke")
+
+        def attach(self, span: Any) -> object:
+            return None
+
+        def detach(self, token: object) -> None:
+            pass
+
+        def restore(self, parent: Any, sampled: bool) -> None:
+            raise RuntimeError("restore broke")
+
+        def sampled(self) -> bool:
+            raise RuntimeError("sampled broke")
+
+        def propagation(self, span: Any) -> Any:
+            raise RuntimeError("propagation broke")
+
+    d = get_dispatcher("tests.otel.broken_bridge_four")
+    d.add_span_handler(SimpleSpanHandler())
+    bridge = Broken()
+    register_bridge(bridge)
+    before = telemetry.HANDLER_ERRORS.value
+    try:
+        with caplog.at_level(logging.ERROR, logger="instrumentation"):
+            with d.span("work"):
+                captured = d.capture_propagation_context()
+            contextvars.Context().run(d.restore_propagation_context, captured)
+    finally:
+        unregister_bridge(bridge)
+        d.shutdown()
+    assert captured["traceparent"] is not None  # the capture went on
+    assert telemetry.HANDLER_ERRORS.value - before == 4
+    # The first is logged; the others within 10 s are counted (one line a handler).
+    assert "failed in parent_for" in caplog.text and "parent_for broke" in caplog.text
 
 
 def test_global_provider_is_used_when_none_given() -> None:
