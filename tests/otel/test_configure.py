@@ -1165,9 +1165,11 @@ def test_an_interrupted_shutdown_still_counts_and_warns(
     them before, not even at exit: the exit hook was already gone)."""
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # exported at shutdown only
     threads_before = _otel_threads()
-    # The exporter's own timeout bounds the export the interrupted shutdown leaves behind.
+    # The exporter's own timeout bounds the export the interrupted shutdown leaves behind;
+    # long enough that a Ctrl-C thread slow to wake on a loaded machine still lands
+    # while shutdown waits (at 3 s the test failed now and then on a busy machine).
     otlp = configure_otlp(
-        endpoint=silent_collector.endpoint, timeout=3, dispatcher=get_dispatcher("tests.otel.int")
+        endpoint=silent_collector.endpoint, timeout=6, dispatcher=get_dispatcher("tests.otel.int")
     )
     tracer = otlp.tracer_provider.get_tracer("app")
     for _ in range(100):
@@ -1180,7 +1182,7 @@ def test_an_interrupted_shutdown_still_counts_and_warns(
 
     def ctrl_c() -> None:
         # The batch reaches the collector only once shutdown() has begun (and it cannot
-        # end before the exporter's 3 s): Ctrl-C then, while it waits.
+        # end before the exporter's 6 s): Ctrl-C then, while it waits.
         if silent_collector.connected.wait(5) and not otlp._shut_down.is_set():
             interrupted_while_waiting.append(True)
             signal.pthread_kill(main, signal.SIGINT)
@@ -1192,9 +1194,8 @@ def test_an_interrupted_shutdown_still_counts_and_warns(
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             otlp.shutdown(timeout_millis=10_000)
-        # At the interrupt, not after its 10 s (on a loaded machine the interrupt has
-        # landed as late as the exporter's own 3 s timeout).
-        assert time.monotonic() - started < 5
+        # At the interrupt, not after its 10 s.
+        assert time.monotonic() - started < 8
     finally:
         sender.join()
         signal.signal(signal.SIGINT, previous)
