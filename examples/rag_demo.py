@@ -242,8 +242,9 @@ def more_commands(db: str) -> str:
         ("export --limit 1", "the newest trace as one JSON line"),
         ("tail", "traces as they finish (Ctrl-C stops)"),
     ]
-    width = max(len(command) for command, _ in commands)
-    lines = [f"  {cli} {command:<{width}}  # {what}" for command, what in commands]
+    # What each does on a line of its own: a trailing "# ..." is a comment in bash, but
+    # more words of the command in zsh (macOS's shell) unless interactivecomments is on.
+    lines = [f"  {what}:\n    {cli} {command}" for command, what in commands]
     return "More, each a command to run:\n" + "\n".join(lines) + "\n"
 
 

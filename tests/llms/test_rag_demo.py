@@ -85,7 +85,10 @@ def test_demo_ends_with_commands_that_run_as_printed(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     hint = done.stdout.split("More, each a command to run:\n", 1)[1]
-    commands = [line.split("  # ")[0].strip() for line in hint.splitlines() if line.strip()]
+    # Each command is a whole line (no trailing comment, which zsh would read as
+    # arguments), under the line that says what it does.
+    commands = [line.strip() for line in hint.splitlines() if line.startswith("    ")]
+    assert "#" not in "".join(commands)
     assert [c.split("'my traces.db'")[1].split()[0] for c in commands] == [
         "list",
         "show",
