@@ -775,7 +775,6 @@ class Dispatcher:
     def span(
         self,
         func: F,
-        /,
         *,
         name: str | None = None,
         request: bool = False,
@@ -786,7 +785,6 @@ class Dispatcher:
     def span(
         self,
         func: str,
-        /,
         *,
         tags: Mapping[str, Any] | None = None,
         request: bool = False,
@@ -797,7 +795,6 @@ class Dispatcher:
     def span(
         self,
         func: None = None,
-        /,
         *,
         name: str | None = None,
         tags: Mapping[str, Any] | None = None,
@@ -808,7 +805,6 @@ class Dispatcher:
     def span(
         self,
         func: Any = None,
-        /,
         *,
         name: str | None = None,
         tags: Mapping[str, Any] | None = None,

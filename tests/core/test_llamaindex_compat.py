@@ -502,3 +502,21 @@ async def test_span_names_follow_the_class_of_the_instance_called() -> None:
     ]
     for id_, record in rec.records.items():
         assert id_.rpartition("-")[0] == record.name
+
+
+def test_span_takes_the_function_by_keyword_too() -> None:
+    """LlamaIndex's signature is ``span(self, func)``: ``dispatcher.span(func=f)`` is a
+    call its users may have written; it was refused (the function was positional only)."""
+    d = instrument.get_dispatcher(fresh("compat.span_keyword"))
+    handler = SimpleSpanHandler()
+    d.add_span_handler(handler)
+    try:
+
+        def work(x: int) -> int:
+            return x * 2
+
+        traced = d.span(func=work)
+        assert traced(21) == 42
+        assert [s.name for s in handler.completed_spans] == [traced.__qualname__]
+    finally:
+        d.remove_span_handler(handler)
