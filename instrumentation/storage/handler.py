@@ -42,7 +42,7 @@ from instrumentation.storage import checks
 from instrumentation.storage import writer as writer_module
 from instrumentation.storage.base import Store
 from instrumentation.storage.models import METADATA_ALIASES, METADATA_KEYS
-from instrumentation.storage.serialise import RowMaker
+from instrumentation.storage.serialise import RowMaker, closed_early
 from instrumentation.storage.writer import DEFAULT_MAX_SPOOL_BYTES, BatchWriter, OnFull
 
 _perf_counter = time.perf_counter
@@ -364,6 +364,12 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
     # -- events ------------------------------------------------------------------------
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        if closed_early(event):
+            # A generator whose caller stopped reading: its span is stored as ok and
+            # the writer would not store this. Queued, it took a place in the queue
+            # and, refused by a full one, was counted as dropped (storage.dropped)
+            # though it was never to be stored.
+            return
         if self._fast_by_dispatcher:
             span_id = event.span_id
             opened = self.open_spans.get(span_id) if span_id else None

@@ -496,9 +496,9 @@ class RowMaker:
                 if type(entry) is tuple:
                     if len(entry) == 4:
                         spans.append(self.span_row(entry, clock_offsets))
-                    elif not _closed_early(entry[0]):
+                    elif not closed_early(entry[0]):
                         events.append(self.event_row(entry[0], entry[1]))
-                elif not _closed_early(entry):
+                elif not closed_early(entry):
                     events.append(self.event_row(entry, None))
             except Exception:
                 self._unwritable(entry)
@@ -537,11 +537,11 @@ def _clock_offsets(entries: list[Any]) -> dict[int, float]:
     return found
 
 
-def _closed_early(event: Any) -> bool:
+def closed_early(event: Any) -> bool:
     """The drop event of a generator whose caller stopped reading: its span is stored
     as ok, and a drop event under it would say otherwise (the OpenTelemetry export
     leaves it out too)."""
     return type(event) is SpanDropEvent and event.err_type == "GeneratorExit"
 
 
-__all__ = ["TRUNCATED", "UNSERIALISABLE", "RowMaker", "event_payload", "to_json"]
+__all__ = ["TRUNCATED", "UNSERIALISABLE", "RowMaker", "closed_early", "event_payload", "to_json"]

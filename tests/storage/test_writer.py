@@ -228,6 +228,35 @@ def test_drop_newest_counts_and_logs(
     )
 
 
+def test_the_drop_event_of_a_generator_closed_early_takes_no_place_in_the_queue(
+    tmp_path: Path, make_handler: Any
+) -> None:
+    """The drop event of a generator its caller stopped reading is never stored (its
+    span is stored as ok): it is not queued either, so a full queue does not count it
+    as dropped, and storage.dropped counts only what was to be stored and was not."""
+
+    @d.span
+    def rows() -> Any:
+        yield 1
+        yield 2
+
+    store = ControlledSQLiteStore(tmp_path / "t.db")
+    store.gate.clear()
+    handler = make_handler(store, max_queue=1, batch_size=1, on_full="drop_newest").attach(d)
+    handler.handle(NoteEvent())
+    assert wait_until(lambda: store.attempts == 1)  # the writer holds one, waiting
+    handler.handle(NoteEvent())  # the queue is full now
+    for _ in range(3):
+        for _ in rows():
+            break
+    assert handler.dropped == 0  # the roots are set aside; nothing else was to be stored
+    assert telemetry.counter("storage.dropped").value == 0
+    store.gate.set()
+    assert handler.flush(10)
+    assert count(store, "spans") == 3 and count(store, "events") == 2
+    assert {s.status for s in store.traces()} == {"ok"}
+
+
 def test_a_root_span_refused_by_a_full_queue_is_set_aside_so_its_trace_is_listed(
     tmp_path: Path, make_handler: Any
 ) -> None:
