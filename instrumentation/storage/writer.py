@@ -786,13 +786,17 @@ class BatchWriter:
     def _to_spool(self, spans: list[Row], events: list[Row]) -> None:
         try:
             refused = self.spool.append(spans, events)
-        except Exception:
+        except Exception as exc:
             self._count_lost(len(spans) + len(events))
-            logger.exception(
+            # A folder this process may not use (see Spool._make_folder) says why in its
+            # message; a traceback adds nothing there.
+            logger.error(
                 "instrumentation.storage lost %d rows: the database failed and the spool "
-                "file %s could not be written",
+                "file %s could not be written%s",
                 len(spans) + len(events),
                 self.spool.path,
+                f": {exc}" if isinstance(exc, PermissionError) else "",
+                exc_info=not isinstance(exc, PermissionError),
             )
             return
         if refused:

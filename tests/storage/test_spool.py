@@ -554,6 +554,28 @@ def test_the_log_of_a_spooled_batch_says_where_and_what_happens_next(
     assert str(handler.writer.spool.path) in message and "takes writes again" in message
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_refused_default_spool_folder_is_logged_with_its_reason_not_a_traceback(
+    tmp_path: Path, make_handler: Any, caplog: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are lost, counted, and the error says why (the folder is a link) and
+    what to do; the traceback of the refusal said nothing more."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    default_spool_dir().symlink_to(elsewhere)
+    store = CountingStore(tmp_path / "t.db")
+    store.fail_writes = {1}
+    handler = make_handler(store, retry_for=0, replay_interval=3600, spool_dir=None)
+    handler.handle(NoteEvent(text="lost"))
+    handler.flush(10)
+    (record,) = [r for r in caplog.records if "could not be written" in r.getMessage()]
+    assert "is not a folder" in record.getMessage() and "spool_dir=" in record.getMessage()
+    assert not record.exc_info
+    assert handler.writer.rows_lost == 1
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_file_that_is_not_sqlite_is_named_in_the_error(tmp_path: Path) -> None:
     """``record_to('notes.txt')`` by mistake: SQLite's own message names no file."""
     import sqlite3
