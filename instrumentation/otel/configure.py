@@ -143,6 +143,11 @@ class _CollectorRefused(Exception):
     """
 
 
+def _sent_to(destination: str | None) -> str:
+    """The end of a warning about spans not exported: where they went, if known."""
+    return "" if destination is None else f"; sent to {destination}"
+
+
 def _refused_by(error: BaseException) -> str | None:
     """Who refused the connection ``error`` (requests' or urllib3's, wrapping the
     socket's) failed on: ``"the collector"``, ``"the proxy"`` (``HTTP(S)_PROXY``: nothing
@@ -401,7 +406,7 @@ class SuppressedExporter(SpanExporter):
                         "(nothing listens there)%s",
                         len(spans),
                         refused_by,
-                        "" if self.destination is None else f"; sent to {self.destination}",
+                        _sent_to(self.destination),
                     )
                 else:
                     logger.exception("OTLP export of %d spans failed", len(spans))
@@ -447,7 +452,7 @@ class SuppressedExporter(SpanExporter):
                 "%d spans were not exported (the collector failed or did not answer%s); "
                 "the count is in telemetry counter otel.spans_not_exported",
                 n,
-                "" if self.destination is None else f"; sent to {self.destination}",
+                _sent_to(self.destination),
             )
 
     def shutdown(self) -> None:
@@ -1030,7 +1035,7 @@ class OTLPHandle:
             accounts.not_exported,
             accounts.handed,
             ", ".join(reasons),
-            "" if self.destination is None else f"; sent to {self.destination}",
+            _sent_to(self.destination),
         )
         return False
 
