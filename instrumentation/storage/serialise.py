@@ -61,14 +61,18 @@ _excludes: dict[int, Any] = {}
 
 
 def _exclude_of(cls: type) -> Any:
-    found = _excludes.get(id(cls))
-    if found is None:
-        found = dict.fromkeys(_EVENT_COLUMN_FIELDS, True)
-        for kind, repeated in _REPEATED_IN_CHUNKS:
-            if issubclass(cls, kind):
-                found.update(repeated)
-        found = remember(_excludes, cls, found)
-    return found
+    try:
+        return _excludes[id(cls)]
+    except KeyError:
+        return remember(_excludes, cls, _work_out_exclude(cls))
+
+
+def _work_out_exclude(cls: type) -> dict[str, Any]:
+    exclude: dict[str, Any] = dict.fromkeys(_EVENT_COLUMN_FIELDS, True)
+    for kind, repeated in _REPEATED_IN_CHUNKS:
+        if issubclass(cls, kind):
+            exclude.update(repeated)
+    return exclude
 
 
 def _safe_repr(value: Any, limit: int = 2000) -> str:
