@@ -200,13 +200,33 @@ class Store(ABC):
 
     @abstractmethod
     def events(
-        self, *, trace_id: str | None = None, type: str | None = None, limit: int | None = 1000
+        self,
+        *,
+        trace_id: str | None = None,
+        type: str | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        limit: int | None = 1000,
     ) -> list[StoredEvent]:
-        """Stored events, oldest first, optionally of one trace and/or one type.
+        """Stored events, oldest first, optionally of one trace and/or one type, at or
+        after ``since`` and before ``until``.
 
         At most ``limit`` of them (the oldest): 1000 by default, every one with
-        ``limit=None``.
+        ``limit=None`` (held in memory at once: :meth:`iter_events` reads them a page
+        at a time).
         """
+
+    def iter_events(
+        self,
+        *,
+        trace_id: str | None = None,
+        type: str | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+    ) -> Iterator[StoredEvent]:
+        """Every event :meth:`events` would return with ``limit=None``, in its order,
+        read a page at a time: memory stays bounded however many there are."""
+        yield from self.events(trace_id=trace_id, type=type, since=since, until=until, limit=None)
 
     @abstractmethod
     def resolve_trace_id(self, prefix: str) -> str | None:
@@ -679,13 +699,66 @@ class SQLStore(Store):
         return spans
 
     def events(
-        self, *, trace_id: str | None = None, type: str | None = None, limit: int | None = 1000
+        self,
+        *,
+        trace_id: str | None = None,
+        type: str | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        limit: int | None = 1000,
     ) -> list[StoredEvent]:
         _check_limit(limit, none_means="every event")
+        where, params = self._event_conditions(trace_id, type, since, until)
+        return self._read_events(where, params, limit)
+
+    def iter_events(
+        self,
+        *,
+        trace_id: str | None = None,
+        type: str | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+    ) -> Iterator[StoredEvent]:
+        # Checked now, not at the first next(): a bad filter is the caller's mistake.
+        where, params = self._event_conditions(trace_id, type, since, until)
+        return self._event_pages(where, params)
+
+    def _event_pages(self, where: list[str], params: list[Any]) -> Iterator[StoredEvent]:
+        # Each page starts after the last event read, by (time, id), compared with that
+        # event's stored time: a time read back may differ from it in the last digits
+        # (SQLite keeps more than microseconds), which could skip or repeat events.
+        p = self.dialect.param
+        last: StoredEvent | None = None
+        while True:
+            page_where, page_params = list(where), list(params)
+            if last is not None:
+                bound = (
+                    f"COALESCE((SELECT c.time FROM events c WHERE c.id = {p}), "
+                    f"{self.dialect.time_param()})"
+                )
+                page_where.append(f"time >= {bound} AND (time > {bound} OR id > {p})")
+                at = last.time.timestamp()
+                page_params.extend([last.id_, at, last.id_, at, last.id_])
+            page = self._read_events(page_where, page_params, _EVENT_PAGE)
+            yield from page
+            if len(page) < _EVENT_PAGE:
+                return
+            last = page[-1]
+
+    def _event_conditions(
+        self,
+        trace_id: str | None,
+        type: str | None,
+        since: datetime | float | None,
+        until: datetime | float | None,
+    ) -> tuple[list[str], list[Any]]:
+        """The conditions on an event that :meth:`events` returns, and their parameters
+        (the filters checked)."""
         for value, what in ((trace_id, "trace_id"), (type, "type")):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{what} is a str, got {builtins.type(value).__name__}")
-        p = self.dialect.param
+        d = self.dialect
+        p = d.param
         where: list[str] = []
         params: list[Any] = []
         if trace_id is not None:
@@ -695,15 +768,27 @@ class SQLStore(Store):
             # Of one trace, by the trace id index: SQLite took the type index (which
             # gives the order too), and read every event of that type in the store to
             # find the trace's (0.35 s of 1,000,000). The unary + keeps it from that.
-            plus = "+" if trace_id is not None and self.dialect is SQLITE else ""
+            plus = "+" if trace_id is not None and d is SQLITE else ""
             where.append(f"{plus}type = {p}")
             params.append(index_key(type))
+        # Compared at the microsecond, as traces() compares its times.
+        half_us = 0.5e-6 if d.timestamp == d.real else 0.0
+        for moment, op, what in ((since, ">=", "since"), (until, "<", "until")):
+            epoch = _epoch(moment, what)
+            if epoch is not None:
+                where.append(f"time {op} {d.time_param()}")
+                params.append(epoch - half_us)
+        return where, params
+
+    def _read_events(
+        self, where: list[str], params: list[Any], limit: int | None
+    ) -> list[StoredEvent]:
+        # Then by id: events of the same moment come in one order, page after page.
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause += " ORDER BY time, id"
         if limit is not None:
-            clause += f" ORDER BY time LIMIT {p}"
-            params.append(limit)
-        else:
-            clause += " ORDER BY time"
+            clause += f" LIMIT {self.dialect.param}"
+            params = [*params, limit]
         rows = self._query(f"SELECT {self._event_select()} FROM events {clause}", params)
         return [_event_from_row(row) for row in rows]
 
@@ -766,6 +851,9 @@ MAX_LIMIT = 2**63 - 1
 
 #: How many trace ids :meth:`SQLStore.trace_ids` reads at a time.
 _ID_PAGE = 500
+
+#: How many events :meth:`SQLStore.iter_events` reads at a time.
+_EVENT_PAGE = 1000
 
 #: The columns of a root span that :meth:`SQLStore.traces` reads.
 _SUMMARY_COLUMNS = (

@@ -317,9 +317,13 @@ def test_a_block_closed_where_it_was_never_current_leaves_that_context_alone(
     @d.span
     def outer() -> None:
         gen.close()  # the block ends here, where outer is current
-        assert current_span() is not None and current_span().id_ == rec.one(  # type: ignore[union-attr]
-            outer.__qualname__
-        ).id_
+        assert (
+            current_span() is not None
+            and current_span().id_
+            == rec.one(  # type: ignore[union-attr]
+                outer.__qualname__
+            ).id_
+        )
         after()
 
     outer()

@@ -175,9 +175,11 @@ _json_values = st.recursive(
     | st.integers(-(10**6), 10**6)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=60),
-    lambda inner: st.lists(inner, max_size=30)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=30)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=12)
+    ),
     max_leaves=400,
 )
 

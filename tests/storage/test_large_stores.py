@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,10 @@ def test_events_of_one_trace_and_the_oldest_events_use_an_index(
     assert "USING INDEX events_trace_id (trace_id=?)" in taken()
     assert len(store.events(limit=3)) == 3
     plan = taken()
-    assert "SCAN events USING INDEX events_time" in plan and "TEMP B-TREE" not in plan
+    # Read in time order, those of one moment sorted by id as they come: the store is
+    # not sorted whole to find the oldest.
+    assert "SCAN events USING INDEX events_time" in plan
+    assert "TEMP B-TREE FOR ORDER BY" not in plan
 
 
 def test_a_prefix_of_any_characters_is_a_range_of_the_trace_id_index(
@@ -271,6 +275,67 @@ def test_trace_ids_reads_pages_and_neither_skips_nor_repeats(
         }
         with pytest.raises(ValueError, match="limit"):
             list(store.trace_ids(limit=0))
+
+
+def _event_row(
+    event_id: str, at: float, trace_id: str = "t1", type: str = "Note"
+) -> tuple[Any, ...]:
+    values: dict[str, Any] = dict.fromkeys(EVENT_COLUMNS)
+    values.update(
+        id=event_id, type=type, time=at, trace_id=trace_id, payload=f'{{"n": "{event_id}"}}'
+    )
+    return tuple(values[c] for c in EVENT_COLUMNS)
+
+
+def test_iter_events_reads_pages_and_neither_skips_nor_repeats(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``events(limit=None)`` held every event of the store at once; ``iter_events``
+    reads them a page at a time, in the same order, each once, even where events of one
+    moment cross a page's end; ``since``/``until`` hold on both."""
+    monkeypatch.setattr(base, "_EVENT_PAGE", 3)
+    times = [10.0, 11.0, 11.0, 11.0, 11.0, 12.0, 13.0, 13.0, 14.0, 15.000001]
+    rows = [
+        _event_row(f"e{i:02d}", at, trace_id="t1" if i % 2 else "t2", type="A" if i < 6 else "B")
+        for i, at in enumerate(times)
+    ]
+    any_store.write([], list(reversed(rows)))
+    every = any_store.events(limit=None)
+    assert [e.id_ for e in every] == [r[0] for r in rows]  # by time, then id
+    pages: list[int] = []
+    read = any_store._query  # type: ignore[attr-defined]
+
+    def counted(sql: str, params: Any) -> Any:
+        out = read(sql, params)
+        pages.append(len(out))
+        return out
+
+    monkeypatch.setattr(any_store, "_query", counted)
+    assert [e.id_ for e in any_store.iter_events()] == [e.id_ for e in every]
+    assert max(pages) == 3 and len(pages) == 4
+    for filters in (
+        {"trace_id": "t1"},
+        {"type": "A"},
+        {"type": "B", "trace_id": "t2"},
+        {"since": 11.0, "until": 13.0},
+        {"since": datetime.fromtimestamp(15.000001, timezone.utc)},
+        {"until": 11.0},
+    ):
+        listed = [e.id_ for e in any_store.events(limit=None, **filters)]
+        assert listed, filters
+        assert [e.id_ for e in any_store.iter_events(**filters)] == listed, filters
+    assert [e.id_ for e in any_store.events(since=11.0, until=13.0)] == [
+        "e01",
+        "e02",
+        "e03",
+        "e04",
+        "e05",
+    ]
+    assert [e.id_ for e in any_store.events(since=11.0, limit=2)] == ["e01", "e02"]
+    with pytest.raises(TypeError, match="trace_id is a str"):
+        any_store.iter_events(trace_id=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="since"):
+        any_store.events(since=float("nan"))
 
 
 def test_export_of_every_trace_holds_no_summary_of_each(
