@@ -23,6 +23,7 @@ import collections
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -173,19 +174,37 @@ def _refused_by(error: BaseException) -> str | None:
 
 
 class _Refusals:
-    """What the session of the OTLP/HTTP exporter :func:`configure_otlp` builds sees.
+    """Whether the collector of the OTLP exporter :func:`configure_otlp` builds refuses
+    connections: nothing listens there.
 
     While running, nothing changes: a refused connection is retried after the
     exporter's backoff, as the SDK does. Once :attr:`final` (shutting down), a refused
-    connection fails its batch at once (:class:`_CollectorRefused`): one attempt, no
-    backoff, for a collector known not to be there.
+    connection fails its batch at once: one attempt, no backoff, for a collector known
+    not to be there.
+
+    The HTTP exporter sends with :meth:`session`, which sees each refusal (and raises
+    :class:`_CollectorRefused` once final). The gRPC exporter tells nobody why an
+    export is retrying: for it, ``probe`` tries a connection to the collector's address
+    when asked (:meth:`refused`), and :meth:`checks_first` says a batch is not sent
+    while shutting down if that connection is refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[], bool] | None = None) -> None:
         #: The collector refused the last connection, and no request is under way.
         self.last_refused = False
         #: Shutting down: a refused connection is not retried.
         self.final = False
+        self._probe = probe
+
+    @property
+    def checks_first(self) -> bool:
+        """Shutting down, a batch is sent only if :meth:`refused` says no (gRPC)."""
+        return self.final and self._probe is not None
+
+    def refused(self) -> bool:
+        """The collector refuses connections: it refused the last one (HTTP), or one
+        tried now (gRPC)."""
+        return self._probe() if self._probe is not None else self.last_refused
 
     def session(self) -> Any:
         """A ``requests.Session`` that tells refusals apart, for the HTTP exporter."""
@@ -212,6 +231,51 @@ class _Refusals:
 
         session.request = watched_request  # type: ignore[method-assign]  # session.post too
         return session
+
+
+#: How long a connection to a gRPC collector is given to be refused or made: one that
+#: does not answer (a black hole) is not known to be absent.
+_PROBE_TIMEOUT_S = 0.25
+
+#: gRPC sends through the proxy these name (the probe would try the wrong address).
+_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
+
+
+def _grpc_address(endpoint: str | None) -> tuple[str, int] | None:
+    """The host and port the gRPC exporter connects to for ``endpoint`` (or the
+    environment's, or its default), as the SDK reads them; None when a probe could not
+    tell (a proxy, a unix socket, gRPC's own target names, no port)."""
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
+        return None
+    target = (
+        endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        or "http://localhost:4317"
+    )
+    if target.lower().startswith(_GRPC_NAME_SCHEMES):
+        return None
+    netloc = urllib.parse.urlsplit(target).netloc if "://" in target else target
+    try:
+        parts = urllib.parse.urlsplit("//" + netloc)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.hostname is None or port is None:
+        return None
+    return parts.hostname, port
+
+
+def _refused_now(host: str, port: int) -> bool:
+    """Whether a connection to ``host:port`` is refused now: nothing listens there. A
+    connection made, or not answered in a moment, or a name not found, is not that."""
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 class SuppressedExporter(SpanExporter):
@@ -302,7 +366,7 @@ class SuppressedExporter(SpanExporter):
         a collector that is not there again."""
         with self._lock:
             exporting = self._exporting > 0
-        return exporting and self._refusals is not None and self._refusals.last_refused
+        return exporting and self._refusals is not None and self._refusals.refused()
 
     def stop_retrying_refused(self) -> None:
         """Cut short the backoff of an export retrying a refused connection (shutting
@@ -395,6 +459,15 @@ class SuppressedExporter(SpanExporter):
         return result
 
     def _attempt(self, inner: SpanExporter, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        refusals = self._refusals
+        if refusals is not None and refusals.checks_first and refusals.refused():
+            logger.warning(
+                "OTLP export of %d spans failed: the collector refused the connection "
+                "(nothing listens there): not sent while shutting down%s",
+                len(spans),
+                _sent_to(self.destination),
+            )
+            return SpanExportResult.FAILURE
         with suppress_instrumentation():
             try:
                 return inner.export(spans)
@@ -1171,11 +1244,13 @@ def configure_otlp(
     # Our handle shuts the provider down at exit, with a bound on the wait.
     provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     refusals = None
-    if (
-        exporter is None
-        and chosen == "http/protobuf"
-        and not any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES)
-    ):
+    if exporter is not None:
+        pass
+    elif chosen == "grpc":
+        address = _grpc_address(checked_endpoint)
+        if address is not None:
+            refusals = _Refusals(probe=lambda: _refused_now(*address))
+    elif not any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES):
         refusals = _Refusals()
 
     def remake() -> SpanExporter:
