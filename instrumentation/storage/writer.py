@@ -211,6 +211,8 @@ class BatchWriter:
         self._drops_since_log = 0
         self._last_spool_full_log = -_LOG_EVERY
         self._spool_full_since_log = 0
+        #: The spool folder refused the last batch (this process may not use it).
+        self._spool_refused = False
         self._stop_marker: _Marker | None = None
         self._thread: threading.Thread | None = None
         #: Entries of the batch being written (0 while replaying the spool, or idle).
@@ -684,11 +686,7 @@ class BatchWriter:
                     self.store,
                     type(exc).__name__,
                     exc,
-                    "retrying"
-                    if time.monotonic() + delay <= deadline
-                    else f"spooling them to {self.spool.path}, to be written when the "
-                    "database takes writes again (by this process, or the next one "
-                    "that records to it)",
+                    "retrying" if time.monotonic() + delay <= deadline else self._after_retries(),
                 )
                 if time.monotonic() + delay > deadline or self._abort.wait(delay):
                     break
@@ -698,6 +696,18 @@ class BatchWriter:
             return
         self._to_spool(spans, events)
         self._next_replay = time.monotonic() + self.replay_interval
+
+    def _after_retries(self) -> str:
+        """What happens to a batch the database did not take in ``retry_for``."""
+        if self._spool_refused:
+            return (
+                f"they are lost: the spool folder {self.spool.directory} refused the last "
+                "rows (the error logged then says why)"
+            )
+        return (
+            f"spooling them to {self.spool.path}, to be written when the database takes "
+            "writes again (by this process, or the next one that records to it)"
+        )
 
     def _lock_wait_at_least(self) -> float:
         # Shutting down, the wait must fit in shutdown's timeout, or rows that could
@@ -787,6 +797,7 @@ class BatchWriter:
         try:
             refused = self.spool.append(spans, events)
         except Exception as exc:
+            self._spool_refused = isinstance(exc, PermissionError)
             self._count_lost(len(spans) + len(events))
             # A folder this process may not use (see Spool._make_folder) says why in its
             # message; a traceback adds nothing there.
@@ -799,6 +810,7 @@ class BatchWriter:
                 exc_info=not isinstance(exc, PermissionError),
             )
             return
+        self._spool_refused = False
         if refused:
             self._spool_full(refused)
 

@@ -559,20 +559,26 @@ def test_a_refused_default_spool_folder_is_logged_with_its_reason_not_a_tracebac
     tmp_path: Path, make_handler: Any, caplog: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rows are lost, counted, and the error says why (the folder is a link) and
-    what to do; the traceback of the refusal said nothing more."""
+    what to do; the traceback of the refusal said nothing more. The warning about the
+    next batch the database does not take says it is lost, not "spooling them to"."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     default_spool_dir().symlink_to(elsewhere)
     store = CountingStore(tmp_path / "t.db")
-    store.fail_writes = {1}
+    store.fail_writes = {1, 2}
     handler = make_handler(store, retry_for=0, replay_interval=3600, spool_dir=None)
     handler.handle(NoteEvent(text="lost"))
     handler.flush(10)
     (record,) = [r for r in caplog.records if "could not be written" in r.getMessage()]
     assert "is not a folder" in record.getMessage() and "spool_dir=" in record.getMessage()
     assert not record.exc_info
-    assert handler.writer.rows_lost == 1
+    handler.handle(NoteEvent(text="lost too"))
+    handler.flush(10)
+    warnings = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+    assert "spooling them to" in warnings[0]  # not known refused yet
+    assert "spooling them" not in warnings[1] and "they are lost" in warnings[1]
+    assert handler.writer.rows_lost == 2
     assert list(elsewhere.iterdir()) == []
 
 
