@@ -455,7 +455,12 @@ class SQLStore(Store):
         )
         d = self.dialect
         p = d.param
-        order = "r.end_time ASC, r.id ASC" if ended_after is not None else "r.start_time DESC"
+        # Ties by id, as trace_ids() breaks them: list and export pick the same traces.
+        order = (
+            "r.end_time ASC, r.id ASC"
+            if ended_after is not None
+            else "r.start_time DESC, r.id DESC"
+        )
         # The roots are chosen (and sorted) first, and their traces' counts and sums
         # taken for those alone: computed in the same SELECT, they were computed for
         # every root that matched before the sort kept ``limit`` of them (a ``name``

@@ -259,12 +259,14 @@ def test_trace_ids_reads_pages_and_neither_skips_nor_repeats(
     with SQLiteStore(tmp_path / "t.db") as store:
         starts = [1000.0, 1001.0, 1001.0, 1001.0, 1001.0, 1002.0, 1003.0, 1003.0, 1004.0]
         rows = [_span_row(f"t{i:02d}", f"s{i:02d}", start) for i, start in enumerate(starts)]
-        store.write(rows, [])
+        store.write(rows[::2] + rows[1::2], [])  # stored in another order than by id
         every = list(store.trace_ids())
         assert sorted(every) == sorted(r[1] for r in rows)
         by_start = dict(zip((r[1] for r in rows), starts, strict=True))
         assert [by_start[t] for t in every] == sorted(starts, reverse=True)
         assert list(store.trace_ids(limit=4)) == every[:4]
+        # traces() (list) picks the same among roots that started together (export).
+        assert [t.trace_id for t in store.traces(limit=6)] == every[:6]
         assert list(store.trace_ids(limit=3)) == every[:3]
         assert set(store.trace_ids(since=1001.0, until=1003.0)) == {
             "t01",
