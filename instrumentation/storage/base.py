@@ -207,13 +207,15 @@ class Store(ABC):
         since: datetime | float | None = None,
         until: datetime | float | None = None,
         limit: int | None = 1000,
+        newest_first: bool = False,
     ) -> list[StoredEvent]:
-        """Stored events, oldest first, optionally of one trace and/or one type, at or
-        after ``since`` and before ``until``.
+        """Stored events, oldest first (``newest_first``: newest first), optionally of
+        one trace and/or one type, at or after ``since`` and before ``until``; events
+        of the same moment by id.
 
-        At most ``limit`` of them (the oldest): 1000 by default, every one with
-        ``limit=None`` (held in memory at once: :meth:`iter_events` reads them a page
-        at a time).
+        At most ``limit`` of them (the oldest, or the newest): 1000 by default, every
+        one with ``limit=None`` (held in memory at once: :meth:`iter_events` reads them
+        a page at a time).
         """
 
     def iter_events(
@@ -711,10 +713,13 @@ class SQLStore(Store):
         since: datetime | float | None = None,
         until: datetime | float | None = None,
         limit: int | None = 1000,
+        newest_first: bool = False,
     ) -> list[StoredEvent]:
         _check_limit(limit, none_means="every event")
+        if not isinstance(newest_first, bool):
+            raise TypeError(f"newest_first is True or False, got {newest_first!r}")
         where, params = self._event_conditions(trace_id, type, since, until)
-        return self._read_events(where, params, limit)
+        return self._read_events(where, params, limit, newest_first)
 
     def iter_events(
         self,
@@ -786,11 +791,11 @@ class SQLStore(Store):
         return where, params
 
     def _read_events(
-        self, where: list[str], params: list[Any], limit: int | None
+        self, where: list[str], params: list[Any], limit: int | None, newest_first: bool = False
     ) -> list[StoredEvent]:
         # Then by id: events of the same moment come in one order, page after page.
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        clause += " ORDER BY time, id"
+        clause += " ORDER BY time DESC, id DESC" if newest_first else " ORDER BY time, id"
         if limit is not None:
             clause += f" LIMIT {self.dialect.param}"
             params = [*params, limit]

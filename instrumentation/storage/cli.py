@@ -511,6 +511,83 @@ def trace_record(trace_id: str, spans: list[StoredSpan]) -> dict[str, Any]:
     return {"trace_id": trace_id, "roots": [s.id_ for s in roots_of(spans)], "spans": flat}
 
 
+#: The characters of a trace id ``events`` prints: unique among many traces, and
+#: taken by ``show`` and ``export`` as a prefix.
+_SHORT_ID = 12
+
+
+def event_line(event: StoredEvent) -> str:
+    """One event on one line: when (local time, to the millisecond), its type and its
+    trace's id (cut), what an LLM call's end event holds (model, tokens, cost,
+    latency, error), then its own fields, cut to fit."""
+    parts = [
+        event.time.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+        _cap(_printable(event.type), _NAME_COLUMNS),
+        _printable((event.trace_id or "-")[:_SHORT_ID]),
+    ]
+    if event.model:
+        parts.append(_cap(_printable(event.model), _NAME_COLUMNS))
+    if event.total_tokens:
+        parts.append(_tokens(event.total_tokens))
+    parts.append(_cost(event.cost_usd))
+    if event.latency_ms is not None:
+        parts.append(format_duration(event.latency_ms / 1000))
+    if event.error:
+        parts.append("✗ " + _cap(_printable(_first_line(event.error)), _ERROR_COLUMNS))
+    # Not again among the fields what the columns before show.
+    shown = {
+        key
+        for key, value in (
+            ("model", event.model),
+            ("usage", event.total_tokens),
+            ("cost_usd", event.cost_usd),
+            ("latency_ms", event.latency_ms),
+        )
+        if value
+    }
+    payload = {k: v for k, v in event.payload.items() if k not in shown}
+    parts.append(_event_fields(payload, event.error))
+    return "  ".join(p for p in parts if p)
+
+
+def _event_record(event: StoredEvent) -> dict[str, Any]:
+    """One ``events --json`` line: the event's stored fields (``export``'s event)."""
+    return {name: getattr(event, name) for name in _EVENT_FIELDS}
+
+
+def _cmd_events(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    trace_id = None
+    if args.trace is not None:
+        trace_id = store.resolve_trace_id(args.trace)
+        if trace_id is None:
+            print(_no_match(store, args.trace), file=sys.stderr)
+            return 1
+    filters: dict[str, Any] = {
+        "trace_id": trace_id,
+        "type": args.type,
+        "since": args.since,
+        "until": args.until,
+    }
+    # The last ones, in the order they happened (as ``tail`` shows a log); --all reads
+    # every one a page at a time.
+    found: Iterable[StoredEvent] = (
+        store.iter_events(**filters)
+        if args.all
+        else reversed(store.events(limit=args.limit, newest_first=True, **filters))
+    )
+    printed = False
+    for event in found:
+        if args.json:
+            out.write(_json_line(_event_record(event), out))
+            out.write("\n")
+        else:
+            print(event_line(event), file=out)
+        printed = True
+    if not printed and not args.json:
+        print("(no events)", file=out)
+    return 0
+
+
 def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     found = store.traces(
         limit=args.limit,
@@ -1023,6 +1100,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--tree", action="store_true", help="print each trace's tree")
 
+    events = sub.add_parser(
+        "events", help="the last events, in the order they happened", parents=[common]
+    )
+    events.add_argument("--type", help="event class name, e.g. LLMChatEndEvent")
+    events.add_argument(
+        "--trace", type=_trace_ref, help="a trace id, a unique prefix of one, or 'latest'"
+    )
+    events.add_argument("--since", type=_when, help="as list --since")
+    events.add_argument("--until", type=_until, help="as list --until")
+    how_many = events.add_mutually_exclusive_group()
+    how_many.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=50,
+        help="how many of the last matching events (default: 50)",
+    )
+    how_many.add_argument("--all", action="store_true", help="every matching event, oldest first")
+    events.add_argument("--json", action="store_true", help="print each event as a JSON line")
+
     export = sub.add_parser("export", help="traces as JSON lines", parents=[common])
     export.add_argument(
         "trace_ids",
@@ -1044,7 +1140,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"list": _cmd_list, "show": _cmd_show, "tail": _cmd_tail, "export": _cmd_export}
+_COMMANDS = {
+    "list": _cmd_list,
+    "show": _cmd_show,
+    "tail": _cmd_tail,
+    "events": _cmd_events,
+    "export": _cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -1177,6 +1279,7 @@ def _quiet_closed_stdout(stream: TextIO) -> None:
 
 __all__ = [
     "build_parser",
+    "event_line",
     "format_trace",
     "format_traces",
     "main",

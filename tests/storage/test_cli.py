@@ -31,7 +31,7 @@ from instrumentation.storage import (
 )
 from instrumentation.storage.cli import main
 
-from .helpers import CountingTime, FakeLLMEndEvent, Usage, wait_until
+from .helpers import CountingTime, FakeLLMEndEvent, NoteEvent, Usage, wait_until
 
 d = get_dispatcher("tests.storage.cli")
 
@@ -1162,3 +1162,58 @@ def test_show_events_shows_a_streamed_chunk_s_new_text(tmp_path: Path) -> None:
     lines = [x.split("LLMChatInProgressEvent  ", 1)[1] for x in shown.splitlines() if "InProg" in x]
     assert lines == ["delta='Paris' model='m' provider=None", "delta=' is' model='m' provider=None"]
     store.close()
+
+
+def test_events_prints_the_last_ones_in_the_order_they_happened(
+    any_store: Store, make_handler: Any
+) -> None:
+    """``events``: the last ``--limit`` matching events, oldest of them first, one line
+    each with the trace id and what an LLM call's end event holds; ``--all`` streams
+    every one, ``--json`` prints the stored fields."""
+    handler = make_handler(any_store).attach(d)
+    for i in range(5):
+        d.event(NoteEvent(text=f"note {i}"))
+        time.sleep(0.002)
+    pipeline()
+    assert handler.flush(10)
+    db = _db_arg(any_store)
+    notes = _run("--db", db, "events", "--type", "NoteEvent", "--limit", "3").splitlines()
+    assert [line.split("text='")[1][:6] for line in notes] == ["note 2", "note 3", "note 4"]
+    every = _run("--db", db, "events", "--all").splitlines()
+    assert len(every) == 5 + 2  # the notes, the LLM end event and the failed step's drop
+    assert every[:3] == _run("--db", db, "events", "--limit", "7").splitlines()[:3]
+    (llm,) = [line for line in every if "FakeLLMEndEvent" in line]
+    trace_id = any_store.traces(limit=1)[0].trace_id
+    assert trace_id[:12] in llm and "m-cli" in llm and "10 tok" in llm and "$0.5000" in llm
+    assert "model=" not in llm  # the column says it once
+    in_trace = _run("--db", db, "events", "--trace", "latest", "--json").splitlines()
+    records = [json.loads(line) for line in in_trace]
+    assert [r["type"] for r in records] == ["FakeLLMEndEvent", "SpanDropEvent"]
+    assert {r["trace_id"] for r in records} == {trace_id}
+    assert records[0]["total_tokens"] == 10 and records[1]["error"]
+    assert _run("--db", db, "events", "--type", "Nothing") == "(no events)\n"
+
+
+def test_events_of_an_unknown_trace_and_bad_options_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    SQLiteStore(tmp_path / "t.db").close()
+    db = str(tmp_path / "t.db")
+    assert main(["--db", db, "events", "--trace", "abc"], out=io.StringIO()) == 1
+    assert "no single trace matches 'abc'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--db", db, "events", "--all", "--limit", "3"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_newest_first_reads_the_last_events(any_store: Store, make_handler: Any) -> None:
+    handler = make_handler(any_store).attach(d)
+    for i in range(4):
+        d.event(NoteEvent(text=f"note {i}"))
+        time.sleep(0.002)
+    assert handler.flush(10)
+    oldest_first = any_store.events(limit=None)
+    assert any_store.events(limit=None, newest_first=True) == oldest_first[::-1]
+    assert any_store.events(limit=2, newest_first=True) == oldest_first[:-3:-1]
+    with pytest.raises(TypeError, match="newest_first is True or False"):
+        any_store.events(newest_first="yes")  # type: ignore[arg-type]
