@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from instrumentation._classcache import remember
+from instrumentation._dump import dump
 from instrumentation._finite import finite
 from instrumentation._text import safe_str
 from instrumentation._text import without_lone_surrogates as clean
@@ -44,12 +46,12 @@ def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     infinities are ``null``, as pydantic writes them."""
     try:
         if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json", exclude_none=True)
+            value = dump(value, mode="json", exclude_none=True)
         elif isinstance(value, (list, tuple)):
             if len(value) > 2 * limit:  # fit_json shows no more than its first and latest
                 value = [*value[:limit], *value[-limit:]]
             value = [
-                v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v
+                dump(v, mode="json", exclude_none=True) if isinstance(v, BaseModel) else v
                 for v in value
             ]
         try:
@@ -165,10 +167,11 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     serialised whole: only its latest items that may fit, and the beginning of its
     text. For a value JSON can encode the result is the same as if it were. Only a
     value that holds a long list or dict, at any depth, or too many items in all to
-    fit, is looked at so (:func:`_holds_a_long_container`): a chat's messages are
+    fit, is looked at so (:func:`_items_left_in`): a chat's messages are
     serialised at once.
     """
-    if _holds_a_long_container(value, limit) and _least_size(value, limit) > limit:
+    left = _items_left_in(value, limit)
+    if left < 0 and _least_size(value, limit) > limit:
         if isinstance(value, (list, tuple)):
             latest = _latest_within(value, limit)
             fitted = _latest_that_fit(latest, limit) if latest else None
@@ -176,6 +179,10 @@ def fit_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
                 return fitted
         front, _ = _front(value, limit + _FRONT_MARGIN)
         return _as_cut_string(_dumps(front), limit)
+    if left == _STRING_TOO_LONG:
+        # No string longer than ``limit`` can be whole in what fits: cut to that first,
+        # the result is the same, and a 10 MB one is not serialised (a dozen times).
+        value = _cut_strings(value, limit)
     text = _dumps(value)
     if len(text) <= limit:
         return text
@@ -208,9 +215,14 @@ _CONTAINERS = (list, tuple, dict)
 _LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
-def _holds_a_long_container(value: Any, limit: int) -> bool:
-    """Whether ``value`` is a list or dict longer than :data:`_LONG`, or holds one as
-    deep as :func:`_least_size` looks, or more than ``limit // 2`` items in all.
+#: What :func:`_items_left` answers on finding a string too long to fit, whatever left.
+_STRING_TOO_LONG = -(2**62)
+
+
+def _items_left_in(value: Any, limit: int) -> int:
+    """Negative when ``value`` is a list or dict longer than :data:`_LONG`, or holds one
+    as deep as :func:`_least_size` looks, or more than ``limit // 2`` items in all;
+    :data:`_STRING_TOO_LONG` when a string longer than ``limit`` is found first.
 
     A long list two levels down was serialised whole (and again to be cut) for the 8 KB
     kept of it, where one on top or one level down is not. Each item takes at least
@@ -218,13 +230,14 @@ def _holds_a_long_container(value: Any, limit: int) -> bool:
     ``limit // 2`` items the value cannot fit however short its containers are: the
     walk stops there, which also bounds it in a container that holds itself.
     """
-    return isinstance(value, _CONTAINERS) and _items_left(value, limit // 2, 0) < 0
+    return _items_left(value, limit // 2, 0, limit) if isinstance(value, _CONTAINERS) else 0
 
 
-def _items_left(container: Any, left: int, depth: int) -> int:
+def _items_left(container: Any, left: int, depth: int, longest: int) -> int:
     """``left`` less the items of ``container`` and of the containers in it, negative
-    as soon as one is long or they are too many: a huge value costs no more than
-    ``left`` items, and the common small one no serialisation of its own."""
+    as soon as one is long (a string too: longer than ``longest``) or they are too
+    many: a huge value costs no more than ``left`` items, and the common small one no
+    serialisation of its own."""
     size = len(container)
     if size > _LONG:
         return -1
@@ -232,8 +245,12 @@ def _items_left(container: Any, left: int, depth: int) -> int:
     if left < 0 or depth >= _DEPTH:
         return left
     for item in container.values() if isinstance(container, dict) else container:
-        if type(item) not in _LEAVES and isinstance(item, _CONTAINERS):
-            left = _items_left(item, left, depth + 1)
+        kind = type(item)
+        if kind is str:
+            if len(item) > longest:
+                return _STRING_TOO_LONG
+        elif kind not in _LEAVES and isinstance(item, _CONTAINERS):
+            left = _items_left(item, left, depth + 1, longest)
             if left < 0:
                 return left
     return left
@@ -287,7 +304,8 @@ def _front(value: Any, budget: int, depth: int = 0) -> tuple[Any, int]:
     characters as that: what :func:`_as_cut_string` keeps of a value too large to
     serialise whole. Also returns the fewest characters the copy's JSON takes."""
     if isinstance(value, str):
-        return value, len(value) + 2
+        # Its first ``budget`` characters are all of it that can be in the text kept.
+        return value[:budget], len(value) + 2
     if depth > _DEPTH or not isinstance(value, (list, tuple, dict)):
         return value, 1
     size = 1  # as in _least_size
@@ -376,12 +394,31 @@ def tag_attributes(tags: Mapping[str, Any] | None, out: dict[str, Any]) -> None:
             out[clean(f"instrumentation.tag.{name}")] = converted
 
 
+#: The fields each event class exports, by ``id(cls)`` (see ``remember``).
+_exported: dict[int, tuple[str, ...]] = {}
+
+
+def _exported_fields(cls: type) -> tuple[str, ...]:
+    try:
+        return _exported[id(cls)]
+    except KeyError:
+        return remember(_exported, cls, _work_out_exported(cls))
+
+
+def _work_out_exported(cls: type) -> tuple[str, ...]:
+    """The fields of ``cls`` but the base event's and those declared
+    ``Field(exclude=True)``: kept out of every dump of the event (a client, a key),
+    they were sent to the backend all the same."""
+    fields: dict[str, Any] = getattr(cls, "model_fields", {})
+    return tuple(
+        name for name, info in fields.items() if name not in BASE_EVENT_FIELDS and not info.exclude
+    )
+
+
 def event_attributes(event: Any) -> dict[str, Any]:
     """The attributes of the span event that stands for one of our events."""
     out: dict[str, Any] = {"instrumentation.event_id": event.id_}
-    for name in type(event).model_fields:
-        if name in BASE_EVENT_FIELDS:
-            continue
+    for name in _exported_fields(type(event)):
         converted = to_attribute(getattr(event, name, None))
         if converted is not None:
             out[name] = converted

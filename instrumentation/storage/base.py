@@ -127,8 +127,23 @@ def _json(text: Any) -> Any:
         return text
     try:
         return json.loads(text)
-    except (TypeError, ValueError, RecursionError):  # nested deeper than the parser goes
+    except ValueError:  # an integer of more digits than Python converts (4,300)
+        try:
+            return json.loads(text, parse_int=_int_or_digits)
+        except (TypeError, ValueError, RecursionError):
+            return {"__unreadable__": str(text)}
+    except (TypeError, RecursionError):  # nested deeper than the parser goes
         return {"__unreadable__": str(text)}
+
+
+def _int_or_digits(digits: str) -> int | str:
+    """A JSON integer as an ``int``, or as its digits when longer than Python converts
+    (``sys.get_int_max_str_digits()``): pydantic writes such an int whole, and reading
+    it back failed the whole value, every other field with it."""
+    try:
+        return int(digits)
+    except ValueError:
+        return digits
 
 
 def _metadata(values: Sequence[Any]) -> dict[str, str]:

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from instrumentation import telemetry
 from instrumentation._classcache import remember
+from instrumentation._dump import dump, dump_json
 from instrumentation._finite import finite
 from instrumentation.dispatcher import ROOT_NAME
 from instrumentation.events.llm import LLMChatInProgressEvent, LLMCompletionInProgressEvent
@@ -102,12 +103,12 @@ def _by_value(value: Any) -> Any:
     # has its NaNs made null here.
     if isinstance(value, BaseModel):
         try:
-            return finite(value.model_dump(mode="json", fallback=unserialisable))
+            return finite(dump(value, mode="json", fallback=unserialisable))
         except Exception:  # pydantic before 2.11 has no fallback; a field that fails
             pass
         try:
             # Plain values: what JSON does not take goes through this hook in turn.
-            return finite(value.model_dump())
+            return finite(dump(value))
         except Exception:
             return unserialisable(value)
     if isinstance(value, (datetime, date, time)):
@@ -235,17 +236,34 @@ def event_payload(event: Any, limit: int) -> str:
     chunk repeats of its call) as JSON text."""
     exclude = _exclude_of(type(event))
     try:
-        text = event.model_dump_json(exclude=exclude, fallback=unserialisable)
+        text = dump_json(event, exclude=exclude, fallback=unserialisable)
     except Exception:
         try:
-            data = event.model_dump(exclude=exclude)
+            data = dump(event, exclude=exclude)
         except Exception:
-            data = unserialisable(event)
+            data = _fields_one_by_one(event, exclude)
         else:
             if "class_name" not in type(event).model_fields:
                 data.pop("class_name", None)  # BaseEvent.model_dump adds it; the type column has it
         return to_json(data, limit)
     return _truncate(text, limit)
+
+
+def _fields_one_by_one(event: Any, exclude: Mapping[str, Any]) -> dict[str, Any]:
+    """The event's stored fields as they are, for an event pydantic cannot dump at all
+    (a computed field that raises): each is written, or marked, on its own, where the
+    whole payload was one marker (whose ``repr`` failed too)."""
+    try:
+        fields = type(event).model_fields
+        data = {
+            name: value
+            for name, value in vars(event).items()
+            if exclude.get(name) is not True and not (name in fields and fields[name].exclude)
+        }
+        data.update(event.__pydantic_extra__ or {})
+    except Exception:  # not a pydantic model
+        return unserialisable(event)
+    return data
 
 
 def _key(value: Any) -> Any:
@@ -268,7 +286,7 @@ _OUT_OF_RANGE = telemetry.counter("storage.out_of_range_columns")
 
 
 def _int_or_none(value: Any) -> int | None:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
         return None
     if 0 <= value < _MAX_TOKENS:
         return value
@@ -277,12 +295,15 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _float_or_none(value: Any) -> float | None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if type(value) is float:
+        number = value
+    elif not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int past 1e308
-        number = math.inf
+    else:
+        try:
+            number = float(value)
+        except OverflowError:  # an int past 1e308
+            number = math.inf
     if math.isfinite(number) and abs(number) < _MAX_COLUMN_FLOAT:
         return number
     _OUT_OF_RANGE.inc()

@@ -209,6 +209,22 @@ def test_logging_handler_keeps_a_results_json_type(
     assert json.loads(json.dumps(last.audit["result"])) == result  # type: ignore[attr-defined]
 
 
+def test_logging_handler_records_with_an_integer_too_long_to_print_are_json(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Python prints no int of more than 4,300 digits: json.dumps of the record raised,
+    and a JSON log formatter lost it. Such an int is a placeholder; the rest is kept."""
+    handler = LoggingEventHandler("tests.audit.records")
+    with (
+        caplog.at_level(logging.INFO, logger="tests.audit.records"),
+        audit.request(question="q", handlers=[handler], metadata={"n": 10**5000}) as req,
+    ):
+        req.result = {"rows": [10**5000, 2**1999, 3]}
+    start, end = [r.audit for r in caplog.records if r.name == "tests.audit.records"]  # type: ignore[attr-defined]
+    assert json.loads(json.dumps(start))["metadata"] == {"n": "<int of 16610 bits>"}
+    assert json.loads(json.dumps(end))["result"] == {"rows": ["<int of 16610 bits>", 2**1999, 3]}
+
+
 # -- times are the application's, never the handler thread's clock ----------------------
 
 SLOW_START_S = 0.6  # the handler's request_start: its later calls all run this late

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field, PrivateAttr, field_serializer
 
 from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
 from instrumentation.events.llm import ChatMessage, ChatResponse, LLMChatEndEvent, TokenUsage
@@ -296,3 +297,100 @@ def test_a_container_holding_itself_is_sent_as_its_repr() -> None:
     # The repr of to_json's copy of the list (its models dumped), which holds the original.
     assert to_attribute(small) == "[1, [1, [...]]]"
     assert to_attribute(twice) == "[[[...], [...]], [[...], [...]]]"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda text: {"prompt": text},
+        lambda text: [text],
+        lambda text: {"prompt": text, **{str(i): i for i in range(5_000)}},
+        lambda text: [{"id": 1}, {"messages": [text, text]}],
+    ],
+    ids=["dict", "list", "dict-long", "nested"],
+)
+def test_a_long_string_in_a_value_is_not_serialised_whole(
+    shape: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 10 MB string in a dict or list was serialised whole on the application's thread,
+    then a dozen times more cut (50 to 150 ms per attribute), for the 8 KB kept; one
+    alone costs nothing. What is sent is what it was."""
+    written: list[int] = []
+    dumps = attributes._dumps
+
+    def counted(value: Any) -> str:
+        text = dumps(value)
+        written.append(len(text))
+        return text
+
+    monkeypatch.setattr(attributes, "_dumps", counted)
+    value = shape("ab\n" * 3_000_000)
+    sent = to_attribute(value)
+    assert isinstance(sent, str) and len(sent) <= attributes.MAX_VALUE_CHARS
+    json.loads(sent)
+    assert max(written) < 20 * attributes.MAX_VALUE_CHARS
+    monkeypatch.setattr(attributes, "_least_size", lambda value, budget, depth=0: 0)
+    monkeypatch.setattr(attributes, "_items_left_in", lambda value, limit: 0)
+    assert to_attribute(value) == sent  # the same as serialising everything
+
+
+class _Holder(BaseModel):
+    items: Any = None
+
+
+def test_iterators_are_not_read_out(traced: Traced) -> None:
+    """pydantic dumps a model's iterator in JSON mode by reading it out: a span
+    attribute or an event field holding one took the application's items."""
+    numbers = (i for i in range(3))
+    letters = iter("abc")
+    d = traced.dispatcher
+    with d.span("work", attributes={"holder": _Holder(items=numbers)}):
+        d.event(Odd(value=_Holder(items=letters)))
+    assert list(numbers) == [0, 1, 2] and list(letters) == ["a", "b", "c"]
+    [span] = traced.spans()
+    assert span.attributes is not None and "generator" in str(span.attributes["holder"])
+    assert span.events[0].attributes is not None
+    assert "str_ascii_iterator" in str(span.events[0].attributes["value"])
+
+
+class _GrowsItsOwner(BaseModel):
+    """Adds to the dict it is in when serialised: another thread changing a dict in the
+    moment pydantic reads it, made certain."""
+
+    n: int = 0
+    _owner: dict[Any, Any] = PrivateAttr(default_factory=dict)
+
+    @field_serializer("n")
+    def _grow(self, n: int) -> int:
+        self._owner[len(self._owner)] = "added"
+        return n
+
+
+def test_a_panic_of_pydantic_does_not_reach_the_application(traced: Traced) -> None:
+    """pydantic-core panics on a dict changed while it reads it, and its PanicException
+    is no Exception: no handler guard caught it, and it was raised in the application,
+    out of ``with d.span(...)``. The span is sent, the value as text."""
+    grower = _GrowsItsOwner()
+    grower._owner["odd"] = grower
+    d = traced.dispatcher
+    with d.span("work", attributes={"value": _Holder(items=grower._owner)}):
+        pass
+    [span] = traced.spans()
+    assert span.attributes is not None and "value" in span.attributes
+
+
+def test_fields_excluded_from_dumps_are_not_exported(traced: Traced) -> None:
+    """``Field(exclude=True)`` keeps a field out of every dump of the event (a client, a
+    key); the span event carried it all the same."""
+
+    class Keyed(BaseEvent):
+        question: str = ""
+        api_key: str = Field("sk-secret", exclude=True)
+
+    d = traced.dispatcher
+    with d.span("work"):
+        d.event(Keyed(question="why?"))
+    [span] = traced.spans()
+    [event] = span.events
+    assert event.attributes is not None
+    assert event.attributes["question"] == "why?" and "api_key" not in event.attributes

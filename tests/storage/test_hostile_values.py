@@ -3,6 +3,7 @@ for them, the same on SQLite and on a real PostgreSQL, and never a lost row."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, Field, computed_field
 
 from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
 from instrumentation.storage import SQLiteStore, Store, open_store
@@ -312,8 +316,6 @@ def test_a_server_limit_a_row_passes_is_about_the_row(postgres_dsn: str) -> None
 def test_nan_inside_a_model_or_a_set_is_null_and_the_model_kept(
     any_store: Store, make_handler: Any
 ) -> None:
-    from pydantic import BaseModel
-
     class Score(BaseModel):
         value: float
         label: str
@@ -342,3 +344,199 @@ def test_a_very_long_metadata_value_is_stored_short_and_found(
     assert handler.flush(10)
     [summary] = any_store.traces(metadata={"user": long_user})
     assert summary.name == "tagged" and len(summary.metadata["user"]) <= 512
+
+
+class _GrowsItsDict:
+    """Adds to the dict it is in when printed: another thread changing a dict in the
+    moment the writer reads it, made certain."""
+
+    def __init__(self, owner: dict[Any, Any]) -> None:
+        self.owner = owner
+
+    def __repr__(self) -> str:
+        self.owner[len(self.owner)] = "added"
+        return "_GrowsItsDict()"
+
+
+def test_a_dict_changed_while_it_is_written_costs_only_its_event(
+    any_store: Store, make_handler: Any
+) -> None:
+    """pydantic-core panics on a dict that changes while it reads it, and its
+    PanicException is no Exception: it stopped the writer thread for good (every
+    later row dropped). The event is stored, with a marker, and the writer goes on."""
+    handler = make_handler(any_store).attach(d)
+    shared: dict[Any, Any] = {}
+    shared["odd"] = _GrowsItsDict(shared)
+    with d.span("changing"):
+        d.event(NoteEvent(text="changing", value=shared))
+    assert handler.flush(10)
+    with d.span("after"):
+        d.event(NoteEvent(text="after"))
+    assert handler.flush(10)
+    assert handler.writer.rows_lost == 0 and handler.dropped == 0
+    [summary] = any_store.traces(name="changing")
+    [span] = any_store.trace(summary.trace_id)
+    [event] = span.events
+    assert event.payload["text"] == "changing"
+    assert any_store.trace(any_store.traces(name="after")[0].trace_id)[0].events
+
+
+def test_iterators_in_events_and_attributes_are_not_read_out(
+    any_store: Store, make_handler: Any, tmp_path: Path
+) -> None:
+    """pydantic writes an iterator as JSON by reading it out: the writer thread took a
+    generator's items from the application, and read an open file to its end. Each is
+    stored as a marker, and left as it was."""
+
+    class Holder(BaseModel):
+        items: Any = None
+
+    handler = make_handler(any_store).attach(d)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("first line\nsecond line\n")
+    numbers = (i for i in range(3))
+    letters = iter("abc")
+    with notes.open() as file, d.span("streams", attributes={"holder": Holder(items=letters)}):
+        d.event(NoteEvent(text="gen", value=numbers))
+        d.event(NoteEvent(text="file", value={"file": file}))
+        assert handler.flush(10)
+        assert file.tell() == 0
+    assert handler.flush(10)
+    assert list(numbers) == [0, 1, 2] and list(letters) == ["a", "b", "c"]
+    [summary] = any_store.traces(name="streams")
+    [span] = any_store.trace(summary.trace_id)
+    assert "__unserialisable__" in span.attributes["holder"]["items"]
+    values = {e.payload["text"]: e.payload["value"] for e in span.events}
+    assert "generator" in values["gen"]["repr"]
+    assert "notes.txt" in values["file"]["file"]["repr"]
+
+
+def test_a_computed_field_that_raises_costs_only_itself(
+    any_store: Store, make_handler: Any
+) -> None:
+    """pydantic cannot dump such an event at all: its payload was one marker whose
+    repr failed too. Its fields are kept (and the excluded one left out)."""
+
+    class Scored(BaseEvent):
+        question: str = ""
+        secret: str = Field("hidden", exclude=True)
+
+        @computed_field  # type: ignore[prop-decorator]
+        @property
+        def score(self) -> float:
+            raise RuntimeError("no score yet")
+
+    handler = make_handler(any_store).attach(d)
+    with d.span("scored"):
+        d.event(Scored(question="why?"))
+    assert handler.flush(10)
+    [summary] = any_store.traces(name="scored")
+    [event] = any_store.trace(summary.trace_id)[0].events
+    assert event.payload == {"tags": {}, "question": "why?"}
+
+
+def test_an_integer_longer_than_python_prints_is_read_back(
+    any_store: Store, make_handler: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pydantic writes an int of any length; reading back one of more than 4,300 digits
+    failed (Python's limit), and the whole payload came back as `__unreadable__`."""
+    handler = make_handler(any_store).attach(d)
+    huge = 10**5000
+    with d.span("huge"):
+        d.event(NoteEvent(text="kept", value=[huge, 7]))
+    assert handler.flush(10)
+    [summary] = any_store.traces(name="huge")
+    [event] = any_store.trace(summary.trace_id)[0].events
+    assert event.payload["text"] == "kept"
+    assert event.payload["value"] == ["1" + "0" * 5000, 7]
+    if isinstance(any_store, SQLiteStore):
+        assert cli_main(["--db", str(any_store.path), "export"]) == 0
+        [line] = capsys.readouterr().out.splitlines()
+        [span] = json.loads(line)["spans"]
+        assert span["events"][0]["payload"]["text"] == "kept"
+
+
+class _Watched:
+    """An iterator that says whether anything took an item from it."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def __iter__(self) -> _Watched:
+        return self
+
+    def __next__(self) -> int:
+        self.taken += 1
+        if self.taken > 3:
+            raise StopIteration
+        return self.taken
+
+    def __repr__(self) -> str:
+        return "_Watched()"
+
+
+class _Box(BaseModel):
+    inside: Any = None
+
+
+@dataclasses.dataclass
+class _Pair:
+    left: Any
+    right: Any = None
+
+
+_odd_values = st.recursive(
+    st.none()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=8)
+    | st.datetimes()
+    | st.builds(_Watched),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.frozensets(st.integers(), max_size=3)
+        | st.dictionaries(st.text(max_size=5) | st.integers(), inner, max_size=4)
+        | st.builds(_Box, inside=inner)
+        | st.builds(_Pair, inner, inner)
+    ),
+    max_leaves=30,
+)
+
+
+def _watched_in(value: Any) -> list[_Watched]:
+    if isinstance(value, _Watched):
+        return [value]
+    if isinstance(value, _Box):
+        return _watched_in(value.inside)
+    if isinstance(value, _Pair):
+        return _watched_in(value.left) + _watched_in(value.right)
+    if isinstance(value, dict):
+        return [w for v in value.values() for w in _watched_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [w for v in value for w in _watched_in(v)]
+    return []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_odd_values)
+def test_serialising_neither_reads_nor_changes_what_it_is_given(value: Any) -> None:
+    """Whatever an event, a span attribute or a tag holds, the storage's rows and the
+    OpenTelemetry attributes are made without taking an item from an iterator in it or
+    changing it, and what is stored is strict JSON."""
+    from instrumentation.otel.attributes import event_attributes, to_attribute
+    from instrumentation.storage.serialise import event_payload, to_json
+
+    before = repr(value)
+    event = NoteEvent(text="odd", value=value)
+    for text in (
+        event_payload(event, 2_000),
+        to_json({"a": value, "b": _Box(inside=value)}, 2_000),
+    ):
+        json.loads(text, parse_constant=_refuse)
+    to_attribute(value)
+    to_attribute(_Box(inside=value))
+    event_attributes(event)
+    assert [w.taken for w in _watched_in(value)] == [0] * len(_watched_in(value))
+    assert repr(value) == before

@@ -17,6 +17,9 @@ MAX_TEXT = 2_000
 MAX_DEPTH = 4
 MAX_ITEMS = 100
 
+#: An int of at most this many bits has fewer digits than Python prints at the least.
+_PRINTABLE_INT_BITS = 2_000
+
 #: What a request or an LLM call that its caller stopped reading says, in text.
 ENDED_EARLY = "ended early: the caller stopped reading the stream"
 
@@ -101,8 +104,10 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
     (a chat message's content) as a ``repr()`` is, text given alone is not."""
     if isinstance(value, str):
         return value if depth == MAX_DEPTH else clip(value)
-    if value is None or isinstance(value, (bool, int)):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= _PRINTABLE_INT_BITS else _long_int(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)  # JSON has no nan/inf (float repr)
     if isinstance(value, datetime):
@@ -121,6 +126,17 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
             out["..."] = f"{len(value) - MAX_ITEMS} more"
         return out
     return clip(value)
+
+
+def _long_int(value: int) -> int | str:
+    """``value``, or a placeholder when it has more digits than Python prints
+    (``sys.get_int_max_str_digits()``, 4,300 by default): ``json.dumps`` raised for it,
+    and a JSON log formatter lost the record."""
+    try:
+        int.__repr__(value)
+    except ValueError:
+        return f"<int of {value.bit_length()} bits>"
+    return value
 
 
 def fields(event: Event | None) -> dict[str, Any]:
