@@ -9,10 +9,15 @@ when the class is freed (before its id can be another's). A lookup stays a plain
 lookup: a weak-keyed dict makes a weak reference per lookup, and an attribute kept on a
 pydantic class is read through its metaclass's ``__getattr__`` hook; both cost two to
 three times as much on paths taken for every span.
+
+Where even ``id()`` would cost every traced call (some 25 ns, 1 to 2 percent of it),
+a table is split in two (:func:`keep`): classes that live as long as the process
+anyway are keyed by themselves, the others by ``id()``, forgotten with them.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, TypeVar
 
@@ -41,4 +46,34 @@ def remember(table: dict[int, T], cls: type, value: T) -> T:
     return value
 
 
-__all__ = ["remember"]
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement or type()
+
+
+def lives_for_good(cls: type) -> bool:
+    """Whether ``cls`` is kept alive by the interpreter anyway: a built-in type, or a
+    class its module holds under its qualified name (defined at a module's top level,
+    or in such a class). A class made in a function, by ``type()`` or by pydantic's
+    ``create_model`` is not."""
+    if not cls.__flags__ & _HEAP_TYPE:
+        return True
+    try:
+        found: Any = sys.modules.get(cls.__module__)
+        for part in cls.__qualname__.split("."):  # "<locals>" is found nowhere
+            found = getattr(found, part, None)
+    except Exception:  # an odd __module__, a module __getattr__ that raises
+        return False
+    return found is cls
+
+
+def keep(by_class: dict[type, T], by_id: dict[int, T], cls: type, value: T) -> T:
+    """Remember ``value`` for ``cls``: in ``by_class``, a lookup by the class itself,
+    if it lives for good (keeping it costs nothing), else in ``by_id`` until it is
+    freed (see :func:`remember`); returns ``value``."""
+    if lives_for_good(cls):
+        by_class[cls] = value
+    else:
+        remember(by_id, cls, value)
+    return value
+
+
+__all__ = ["keep", "lives_for_good", "remember"]

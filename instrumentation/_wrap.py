@@ -21,6 +21,7 @@ from contextvars import Token
 from typing import Any
 
 from instrumentation import context as _context
+from instrumentation._classcache import keep
 from instrumentation._spans import (
     _DEFERRED_KEPT,
     EMPTY_BOUND_ARGS,
@@ -76,7 +77,13 @@ def _traced_by(func: Any, dispatcher: Any) -> bool:
 
 _METHOD_FIRST_PARAMS = frozenset({"self", "cls", "mcs", "klass", "metacls"})
 
+#: Whether a result of each class is awaited in its call's span: by the class for the
+#: classes that live for good (the traced call's plain lookup), by ``id()`` for the
+#: others, forgotten with them (see :func:`instrumentation._classcache.keep`). Keyed
+#: by the class alone, it kept alive every class a traced call had returned, up to its
+#: bound: pydantic models made per call (``create_model``), and all they refer to.
 _awaitable_types: dict[type, bool] = {}
+_awaitable_made_types: dict[int, bool] = {}
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -90,11 +97,13 @@ def _is_awaitable(value: Any) -> bool:
     kind = type(value)
     known = _awaitable_types.get(kind)
     if known is None:
+        known = _awaitable_made_types.get(id(kind))
+    if known is None:
         if kind is types.GeneratorType:  # a coroutine only if its code says so
             return inspect.isawaitable(value)
         known = issubclass(kind, (asyncio.Future, collections.abc.Coroutine))
-        if len(_awaitable_types) < 4096:
-            _awaitable_types[kind] = known
+        if len(_awaitable_types) + len(_awaitable_made_types) < 4096:
+            keep(_awaitable_types, _awaitable_made_types, kind, known)
     return known
 
 
@@ -135,10 +144,13 @@ def _looks_like_method(func: Callable[..., Any]) -> bool:
 def _await_in_span(
     awaitable: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any
 ) -> Any:
-    started = [False]
+    # What the span is dropped with if the coroutine is never awaited; emptied once it
+    # is, so that a coroutine kept after its end (by its finished Task) does not keep the
+    # instance and the arguments alive through its finalizer.
+    unstarted: list[Any] = [chain, span, bound, instance]
 
     async def run() -> Any:
-        started[0] = True
+        unstarted.clear()
         handle = activate(span)
         try:
             result = await awaitable
@@ -160,11 +172,11 @@ def _await_in_span(
     def run_generator_based() -> Any:
         # A ``types.coroutine`` result stays one: plain generators may ``yield from`` it.
         # Whoever drives it, the span is current only while it runs.
-        started[0] = True
+        unstarted.clear()
         return (yield from _drive(awaitable, chain, span, bound, instance))
 
     coro = run_generator_based() if type(awaitable) is types.GeneratorType else run()
-    weakref.finalize(coro, _drop_unstarted, started, chain, span, bound, instance)
+    weakref.finalize(coro, _drop_unstarted, unstarted)
     return coro
 
 
@@ -298,10 +310,9 @@ class _EndWhenDiscarded:
             fail(*self.args, err, in_async)
 
 
-def _drop_unstarted(
-    started: list[bool], chain: Chain, span: SpanContext, bound: Any, instance: Any
-) -> None:
-    if not started[0]:
+def _drop_unstarted(unstarted: list[Any]) -> None:
+    if unstarted:
+        chain, span, bound, instance = unstarted
         fail(chain, span, bound, instance, RuntimeError("the returned awaitable was never awaited"))
 
 
@@ -397,7 +408,10 @@ def _wrap_callable(
     short = getattr(named, "__name__", None) or type(named).__name__
     if fixed_name is None and not is_method:
         fixed_name = getattr(named, "__qualname__", None) or short
+    # Split as _awaitable_types is: subclasses made at run time (per tenant, per test)
+    # are not kept alive by a method they inherit.
     names_by_type: dict[type, str] = {}
+    names_by_made_type: dict[int, str] = {}
 
     def method_name(instance: Any) -> str:
         # Named after the instance's own class, as LlamaIndex does ("Sub.method"), and
@@ -405,9 +419,11 @@ def _wrap_callable(
         owner = instance if isinstance(instance, type) else type(instance)
         found = names_by_type.get(owner)
         if found is None:
+            found = names_by_made_type.get(id(owner))
+        if found is None:
             found = f"{owner.__name__}.{short}"
-            if len(names_by_type) < 1024:
-                names_by_type[owner] = found
+            if len(names_by_type) + len(names_by_made_type) < 1024:
+                keep(names_by_type, names_by_made_type, owner, found)
         return found
 
     def begin(

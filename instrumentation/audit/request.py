@@ -67,6 +67,7 @@ class AuditRequest:
         metadata: Mapping[str, Any] | None,
         timeout: float,
     ) -> None:
+        self._run: RequestRun | None = None  # first: __del__ reads it, also if a check fails
         if not isinstance(question, str):
             raise TypeError(
                 f"question is the user's request as a str; got {type(question).__name__}"
@@ -85,9 +86,9 @@ class AuditRequest:
         )
         self.result: Any = None
         self.completed: bool | None = None
-        self._run: RequestRun | None = None
         self._token: Token[RequestRun | None] | None = None
         self._used = False
+        self._left = False
 
     @property
     def id(self) -> str:
@@ -132,6 +133,7 @@ class AuditRequest:
 
     def _end(self, exc: BaseException | None) -> RequestRun | None:
         run = self._run
+        self._left = True
         if run is None:
             return None
         if self._token is not None:
@@ -160,6 +162,21 @@ class AuditRequest:
             )
         finally:
             registry.deactivate(run)
+
+    def __del__(self) -> None:
+        # Freed inside the block: an async generator that an event loop closed without
+        # shutdown_asyncgens() freed unclosed (its finally blocks, this block's exit
+        # among them, never ran). The request ends as a generator closed early does,
+        # abandoned, rather than stay active for good (its run kept, every later LLM
+        # call collected for nothing). current_run is left alone: this runs in whatever
+        # context freed the block.
+        run = self._run
+        if run is None or self._left:
+            return
+        self._left = True
+        close = partial(self._close, run, GeneratorExit())
+        if not put_off_in_collection("request_end", "", close):
+            close()
 
     def __enter__(self) -> AuditRequest:
         self._begin()

@@ -159,6 +159,7 @@ class StreamSpan:
         self.over = True
         if self._chain is not None and self.context is not None:
             finish(self._chain, self.context, self._bound, self._instance, None)
+        self._let_go()
 
     def fail(self, err: BaseException) -> None:
         if self.over:
@@ -166,6 +167,14 @@ class StreamSpan:
         self.over = True
         if self._chain is not None and self.context is not None:
             fail(self._chain, self.context, self._bound, self._instance, err)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The handlers have seen the span end: a stream its caller keeps after that
+        keeps the call's arguments (the messages, a long prompt) alive no more, as an
+        untraced one does not."""
+        self._bound = EMPTY_BOUND_ARGS
+        self._instance = None
 
     def ended_by(self, err: BaseException) -> None:
         """The body raised ``err``: the span is dropped, unless the caller had asked to

@@ -18,8 +18,10 @@ the threads a test starts are undone with it. See :class:`_Journal`.
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -42,6 +44,7 @@ from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers.simple import SimpleSpanHandler
 
 _E = TypeVar("_E", bound=BaseEvent)
+_O = TypeVar("_O")
 
 
 class CapturedEvents(list[BaseEvent]):
@@ -107,7 +110,10 @@ class _Journal:
     ``asyncio.to_thread``) that start from a copy of it; and when it is made in no
     block's context, as every open block's. Nested blocks each keep the change. Kept
     per handler, as whether it was there before the block first moved it, so that
-    attaching and detaching one handler a thousand times keeps nothing.
+    attaching and detaching one handler a thousand times keeps nothing. The owners
+    are held weakly: a dispatcher made and dropped in the block (one per request,
+    ``Dispatcher(...)`` by hand) is freed with its handlers, and what it changed is
+    forgotten with it, there being nothing left to undo.
     """
 
     __slots__ = ("flags", "handlers", "open")
@@ -116,11 +122,14 @@ class _Journal:
         #: False once the block has ended: a thread started in it with a copy of its
         #: context, and outliving it, adds nothing more here (see :func:`_note`).
         self.open = True
-        #: (id of the dispatcher or manager, attribute) -> (owner, attribute,
-        #: {id(handler): (handler, whether it was there)}).
-        self.handlers: dict[tuple[int, str], tuple[Any, str, dict[int, tuple[Any, bool]]]] = {}
-        #: id of the dispatcher -> (dispatcher, its ``propagate`` before the block set it).
-        self.flags: dict[int, tuple[Dispatcher, bool]] = {}
+        #: (id of the dispatcher or manager, attribute) -> (weak reference to the
+        #: owner, attribute, {id(handler): (handler, whether it was there)}).
+        self.handlers: dict[
+            tuple[int, str], tuple[weakref.ref[Any], str, dict[int, tuple[Any, bool]]]
+        ] = {}
+        #: id of the dispatcher -> (weak reference to it, its ``propagate`` before the
+        #: block set it).
+        self.flags: dict[int, tuple[weakref.ref[Dispatcher], bool]] = {}
 
     def note(self, owner: object, attr: str, old: Any, new: Any) -> None:
         if not self.open:
@@ -128,14 +137,14 @@ class _Journal:
         if attr == "_propagate":
             flag = self.flags.get(id(owner))
             if flag is None:
-                self.flags[id(owner)] = (cast(Dispatcher, owner), old)
+                self.flags[id(owner)] = (self._watch(cast(Dispatcher, owner)), old)
             elif flag[1] is new:
                 del self.flags[id(owner)]  # set back as it was
             return
         key = (id(owner), attr)
         entry = self.handlers.get(key)
         if entry is None:
-            entry = self.handlers[key] = (owner, attr, {})
+            entry = self.handlers[key] = (self._watch(owner), attr, {})
         moved = entry[2]
         for handler, there in [
             *((h, False) for h in old if not _has(new, h)),
@@ -149,6 +158,17 @@ class _Journal:
         if not moved:  # nor the owner: a block making throwaway dispatchers kept them all
             del self.handlers[key]
 
+    def _watch(self, owner: _O) -> weakref.ref[_O]:
+        """A weak reference to ``owner`` that forgets its changes when it is freed."""
+        return weakref.ref(owner, functools.partial(self._forget, id(owner)))
+
+    def _forget(self, owner_id: int, _freed: object) -> None:
+        # Called as the owner is freed, before its id can be another's.
+        self.flags.pop(owner_id, None)
+        for key in list(self.handlers):
+            if key[0] == owner_id:
+                self.handlers.pop(key, None)
+
     def undo(self) -> None:
         """Take off the handlers the block attached and put back those it detached
         (at the end of their lists: one rebuild per dispatcher, through its own
@@ -156,7 +176,10 @@ class _Journal:
         with _dispatcher_module._lock:
             self.open = False
             changes: dict[int, tuple[Any, dict[str, tuple[Any, ...]]]] = {}
-            for owner, attr, moved in list(self.handlers.values()):
+            for ref, attr, moved in list(self.handlers.values()):
+                owner = ref()
+                if owner is None:
+                    continue
                 now: tuple[Any, ...] = getattr(owner, attr)
                 put_in = tuple(
                     h
@@ -181,8 +204,9 @@ class _Journal:
                     owner._update(**change)
                 else:
                     cast(Manager, owner)._update_taps(**change)
-            for node, propagate in list(self.flags.values()):
-                if node.propagate is not propagate:
+            for node_ref, propagate in list(self.flags.values()):
+                node = node_ref()
+                if node is not None and node.propagate is not propagate:
                     node.propagate = propagate
         self.handlers.clear()
         self.flags.clear()

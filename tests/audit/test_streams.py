@@ -3,6 +3,7 @@ failure: ``request_end`` gets ``error=None`` and ``abandoned=True``."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import logging
@@ -16,7 +17,7 @@ import pytest
 from collecting import in_thread, leave_in_a_cycle
 
 from instrumentation import audit, get_dispatcher
-from instrumentation.audit import RequestEnd, ToolCallEvent
+from instrumentation.audit import RequestEnd, ToolCallEvent, runner
 from instrumentation.audit.collector import registry
 from instrumentation.llms import OfflineLLM
 
@@ -104,6 +105,40 @@ def test_audit_request_in_a_generator_closed_early_is_abandoned() -> None:
     chunks.close()
     (end,) = _ends(handler)
     assert end.abandoned is True and end.error is None
+
+
+# On 3.13 a warning pytest records (the loop's close, never awaited) keeps the
+# generator alive until the test ends.
+@pytest.mark.filterwarnings("ignore:coroutine method 'aclose':RuntimeWarning")
+def test_audit_request_in_an_async_generator_a_closed_loop_frees_is_abandoned() -> None:
+    """An event loop closed without shutdown_asyncgens() frees an async generator left
+    unfinished without running its finally blocks: the request in it stayed active for
+    good (its run kept till exit, the collector attached for every later LLM call).
+    Freed, it ends as abandoned, as a generator closed early does."""
+    handler = SyncRecorder()
+
+    async def answer(question: str) -> AsyncGenerator[str, None]:
+        async with audit.request(question=question, handlers=[handler]):
+            yield "a"
+            yield "b"
+
+    async def first_chunk() -> str:
+        async for chunk in answer("by hand"):
+            return chunk
+        raise AssertionError("no chunk")
+
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(first_chunk()) == "a"
+        finally:
+            loop.close()  # no shutdown_asyncgens(): the loop closes nothing
+    gc.collect()
+    assert not registry.active and all(run.ended for run in runner._in_flight.runs())
+    deadline = time.monotonic() + 10
+    while len(_ends(handler)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(end.abandoned, end.error) for end in _ends(handler)] == [(True, None)] * 3
 
 
 def test_a_request_in_a_generator_the_collector_frees_inside_the_registry_ends_after() -> None:

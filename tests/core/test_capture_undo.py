@@ -5,9 +5,11 @@ but not what other blocks changed in their own context, a module's import set up
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -209,6 +211,32 @@ def test_throwaway_dispatchers_changed_and_changed_back_are_not_kept() -> None:
         gc.collect()
         assert journal.handlers == {}
         assert all(ref() is None for ref in made)
+
+
+def test_throwaway_dispatchers_left_changed_are_not_kept(
+    block: Callable[[], AbstractContextManager[Any]],
+) -> None:
+    """A dispatcher made by hand per request, given handlers of its own and
+    ``propagate = False``, then dropped: the block's journal held it and its handlers
+    (their spans too) until the block ended, to put back what nothing used any more."""
+    with block():
+        from instrumentation.testing import _journals
+
+        journals = _journals.get() or ()
+        made = []
+        for i in range(100):
+            throwaway = Dispatcher(fresh(f"request{i}_"))
+            handler = SimpleSpanHandler()
+            throwaway.add_span_handler(handler)
+            throwaway.add_event_handler(EventList())
+            throwaway.propagate = False
+            with throwaway.span("work"):
+                pass
+            made += [weakref.ref(throwaway), weakref.ref(handler)]
+        del throwaway, handler
+        gc.collect()
+        assert [ref for ref in made if ref() is not None] == []
+        assert journals and all(not j.handlers and not j.flags for j in journals)
 
 
 def test_shutdown_in_the_block_puts_the_handlers_back_closed_in_order(d: Dispatcher) -> None:

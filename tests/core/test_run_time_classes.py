@@ -1,6 +1,7 @@
 """Event classes made at run time (pydantic's ``create_model``, one per request or per
 tool) are freed once the application lets go of them: a per-class cache that held them
-kept every one for the life of the process (tens of kB each)."""
+kept every one for the life of the process (tens of kB each). So are the classes of
+what traced calls return, and of the instances whose traced methods they call."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from pydantic import create_model
 
-from instrumentation import BaseEvent, _spans, audit, get_dispatcher, storage
+from instrumentation import BaseEvent, _spans, _wrap, audit, get_dispatcher, storage
 from instrumentation.audit import EventHandler
 from instrumentation.span.simple import SimpleSpan
 from instrumentation.span_handlers import BaseSpanHandler, SimpleSpanHandler
@@ -170,3 +171,48 @@ def test_a_subclass_works_its_own_answers_out() -> None:
             d.remove_span_handler(handler)
         assert len(handler.completed_spans) == 1
     assert len(seen) == 1
+
+
+def test_a_result_class_made_at_run_time_is_not_kept_by_the_traced_call() -> None:
+    """A pydantic model made for one request's structured output, returned by a traced
+    call: what the call worked out about the result's class (whether to await it) kept
+    up to 4096 such classes."""
+
+    @d.span
+    def structured(model: type[BaseEvent], value: int) -> BaseEvent:
+        return model(value=value)
+
+    handler = SimpleSpanHandler()
+    d.add_span_handler(handler)
+    try:
+        model = _made_at_run_time("StructuredAnswer")
+        assert [structured(model, i).value for i in range(2)] == [0, 1]  # asked, then known
+    finally:
+        d.remove_span_handler(handler)
+    assert len(handler.completed_spans) == 2
+    ref, key = weakref.ref(model), id(model)
+    del model
+    assert _freed(ref)
+    assert key not in _wrap._awaitable_made_types
+
+
+def test_a_subclass_made_at_run_time_is_not_kept_by_an_inherited_traced_method() -> None:
+    """A traced method's span is named after the instance's class ("Tenant.answer"):
+    the name kept for each class kept the class (up to 1024 per method)."""
+
+    class Service:
+        @d.span
+        def answer(self) -> int:
+            return 1
+
+    handler = SimpleSpanHandler()
+    d.add_span_handler(handler)
+    try:
+        tenant = type("Tenant", (Service,), {})
+        assert tenant().answer() + tenant().answer() == 2
+    finally:
+        d.remove_span_handler(handler)
+    assert [s.name for s in handler.completed_spans] == ["Tenant.answer"] * 2
+    ref = weakref.ref(tenant)
+    del tenant
+    assert _freed(ref)

@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from instrumentation import Dispatcher, SimpleSpanHandler, current_span, get_dispatcher
+from instrumentation import (
+    Dispatcher,
+    NullSpanHandler,
+    SimpleSpanHandler,
+    current_span,
+    get_dispatcher,
+)
 from instrumentation._spans import LazyBoundArguments
 
 from ._support import Recorder, fresh
@@ -364,6 +370,33 @@ async def test_function_returning_a_coroutine(d: Dispatcher, rec: Recorder) -> N
     assert await aw == 2
     assert s.status == "exit" and s.result == 2
     assert rec.one(leaf.__qualname__).parent_id == s.id_
+
+
+async def test_a_returned_coroutine_lets_go_of_the_call_once_it_ran(d: Dispatcher) -> None:
+    """A finished Task keeps its coroutine, which has let go of what it ran with: the
+    span's finalizer on it (for a coroutine never awaited) kept the instance and the
+    arguments for as long."""
+    d.add_span_handler(NullSpanHandler())  # binds the arguments: it may read them
+
+    class Document:
+        pass
+
+    class Client:
+        @d.span
+        def index(self, document: Document) -> Awaitable[int]:
+            return self._index(document)
+
+        async def _index(self, document: Document) -> int:
+            await asyncio.sleep(0)
+            return 1
+
+    client, document = Client(), Document()
+    task = asyncio.ensure_future(client.index(document))
+    assert await task == 1
+    kept = [weakref.ref(client), weakref.ref(document)]
+    del client, document
+    gc.collect()
+    assert task.done() and [ref() for ref in kept] == [None, None]
 
 
 async def test_function_returning_a_generator_based_coroutine(d: Dispatcher, rec: Recorder) -> None:

@@ -15,7 +15,13 @@ import pytest
 from collecting import in_thread, leave_in_a_cycle
 from pydantic import BaseModel
 
-from instrumentation import BaseEventHandler, SpanDropEvent, get_dispatcher, telemetry
+from instrumentation import (
+    BaseEventHandler,
+    NullSpanHandler,
+    SpanDropEvent,
+    get_dispatcher,
+    telemetry,
+)
 from instrumentation.events.base import BaseEvent
 from instrumentation.llms import (
     LLM_END_EVENTS,
@@ -648,6 +654,36 @@ def test_a_stream_reachable_from_its_own_body_is_collected(cap: Capture, manual_
     assert gone() is None
     assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
     assert not cap.events_of(SpanDropEvent)
+
+
+class Messages(list[ChatMessage]):
+    """A list of messages that a weak reference can watch."""
+
+
+async def test_a_stream_kept_after_its_end_keeps_no_messages(cap: Capture) -> None:
+    """A handler that may read the call's arguments (one written for LlamaIndex, the
+    storage's, the audit's) has them bound for the stream's span: a stream its caller
+    kept after reading it through, or closing it, kept its messages (a long prompt)
+    alive for as long. An untraced stream does not."""
+    get_dispatcher().add_span_handler(NullSpanHandler())
+    model, kept, watched = llm(), [], []
+    for read in ("whole", "closed"):
+        messages = Messages([ChatMessage(role="user", content=QUESTION)])
+        stream = model.stream_chat(messages)
+        if read == "whole":
+            assert "".join(chunk.delta or "" for chunk in stream) == ANSWER
+        else:
+            next(stream)
+            stream.close()
+        astream = await model.astream_chat(messages)
+        async for _ in astream:
+            pass
+        kept += [stream, astream]
+        watched.append(weakref.ref(messages))
+        del messages
+    gc.collect()
+    assert [ref() for ref in watched] == [None, None]
+    assert [e.finish_reason for e in cap.events_of(LLMChatEndEvent)].count("abandoned") == 1
 
 
 async def test_async_stream_collected_in_a_reference_cycle_is_ended(
