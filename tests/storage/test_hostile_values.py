@@ -4,6 +4,7 @@ for them, the same on SQLite and on a real PostgreSQL, and never a lost row."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -448,7 +449,10 @@ def test_an_integer_longer_than_python_prints_is_read_back(
     [summary] = any_store.traces(name="huge")
     [event] = any_store.trace(summary.trace_id)[0].events
     assert event.payload["text"] == "kept"
-    assert event.payload["value"] == ["1" + "0" * 5000, 7]
+    if "fallback" in inspect.signature(BaseModel.model_dump_json).parameters:
+        assert event.payload["value"] == ["1" + "0" * 5000, 7]
+    else:  # pydantic before 2.11: written by json.dumps, which refuses it, as a marker
+        assert "__unserialisable__" in event.payload["value"]
     if isinstance(any_store, SQLiteStore):
         assert cli_main(["--db", str(any_store.path), "export"]) == 0
         [line] = capsys.readouterr().out.splitlines()
