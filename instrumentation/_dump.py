@@ -1,6 +1,6 @@
 """Pydantic's serialisation of the application's models, made safe to run on them.
 
-Two ways it harmed what it was given:
+Three ways it harmed what it was given:
 
 - In JSON mode, pydantic-core writes an iterator (a generator, ``iter(...)``, an open
   file, the ``ValidatorIterator`` of a field typed ``Iterable[...]``) as the list of what
@@ -14,6 +14,12 @@ Two ways it harmed what it was given:
   ``except Exception`` caught it; it stopped the storage writer thread for good, and
   reached the application from the OpenTelemetry handler. Both functions raise it as
   a ``RuntimeError``.
+- A field holding what its type does not say (assigned after the model was made, an
+  OpenAI-compatible server's reply of another shape) made pydantic warn, from the
+  storage writer's thread onto the application's stderr; where warnings are errors
+  (``-W error``, pytest's ``filterwarnings = error``) the warning was raised, and the
+  storage stored a marker for the value, OpenTelemetry the model's ``str``. Both
+  functions ask for no warning: such a value is written as it is.
 """
 
 from __future__ import annotations
@@ -181,13 +187,13 @@ def _closed(annotation: Any, seen: set[type]) -> bool:
 def dump_json(
     model: BaseModel, exclude: Mapping[str, Any] | None, fallback: Callable[[Any], Any]
 ) -> str:
-    """``model.model_dump_json(exclude=exclude, fallback=fallback)``; ``ValueError``
-    rather than read out an iterator ``model`` holds, ``RuntimeError`` for a panic of
-    pydantic-core."""
+    """``model.model_dump_json(exclude=exclude, fallback=fallback)`` warning of nothing;
+    ``ValueError`` rather than read out an iterator ``model`` holds, ``RuntimeError``
+    for a panic of pydantic-core (see the module docstring)."""
     if holds_an_iterator(model, exclude):
         raise ValueError(f"{type(model).__qualname__} holds an iterator, which JSON reads out")
     try:
-        return model.model_dump_json(exclude=exclude, fallback=fallback)
+        return model.model_dump_json(exclude=exclude, fallback=fallback, warnings=False)
     except Exception:
         raise
     except BaseException as exc:
@@ -197,13 +203,14 @@ def dump_json(
 
 
 def dump(model: BaseModel, **options: Any) -> Any:
-    """``model.model_dump(**options)``, in Python mode rather than JSON mode
-    (``mode="json"``) when ``model`` holds an iterator: JSON mode would read it out,
-    Python mode leaves it as it is. ``RuntimeError`` for a panic of pydantic-core."""
+    """``model.model_dump(**options)`` warning of nothing, in Python mode rather than
+    JSON mode (``mode="json"``) when ``model`` holds an iterator: JSON mode would read
+    it out, Python mode leaves it as it is. ``RuntimeError`` for a panic of
+    pydantic-core."""
     if options.get("mode") == "json" and holds_an_iterator(model, options.get("exclude")):
         options = {**options, "mode": "python"}
     try:
-        return model.model_dump(**options)
+        return model.model_dump(**options, warnings=False)
     except Exception:
         raise
     except BaseException as exc:

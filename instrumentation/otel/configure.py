@@ -1114,9 +1114,14 @@ class OTLPHandle:
 
     def _at_exit(self) -> None:
         try:
-            run_deferred()  # span ends put off (see instrumentation._spans) are exported too
-        finally:  # a handler's Ctrl-C there: the spans still go
-            self.shutdown(timeout_millis=self.exit_timeout_millis)
+            try:
+                run_deferred()  # span ends put off (see instrumentation._spans) are exported too
+            finally:  # a handler's Ctrl-C there: the spans still go
+                self.shutdown(timeout_millis=self.exit_timeout_millis)
+        except KeyboardInterrupt:
+            # Ctrl-C while the exit waits for the collector: the user wants out, and
+            # shutdown has counted and warned; atexit would add a traceback.
+            pass
 
     def __enter__(self) -> OTLPHandle:
         return self

@@ -391,6 +391,22 @@ class BatchWriter:
         the rest goes to the spool file. Safe to call twice and from several threads.
         """
         timeout = checks.timeout(timeout)
+        first = self._begin_shutdown()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            if timeout is None:
+                thread.join()
+            else:
+                thread.join(timeout * 0.8)
+                if thread.is_alive():
+                    self._abort.set()  # stop retrying: spool the rest
+                    thread.join(timeout * 0.2)
+                if thread.is_alive():
+                    self._warn_still_writing(f"within {timeout:.1f} s")
+        return self._end_shutdown(first)
+
+    def _begin_shutdown(self) -> bool:
+        """Refuse entries from now on, and queue the stop marker; True on the first call."""
         if not self._closed:
             self._run_before_stop()
         with self._state_lock:
@@ -403,17 +419,10 @@ class BatchWriter:
             if self.failure is None:
                 self._stop_marker = _Marker(stop=True)
                 self._put_marker(self._stop_marker)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            if timeout is None:
-                thread.join()
-            else:
-                thread.join(timeout * 0.8)
-                if thread.is_alive():
-                    self._abort.set()  # stop retrying: spool the rest
-                    thread.join(timeout * 0.2)
-                if thread.is_alive():
-                    self._warn_still_writing(timeout)
+        return first
+
+    def _end_shutdown(self, first: bool) -> bool:
+        """What shutdown does once it has waited (for as long as it would)."""
         _writers.discard(self)
         if self.failure is not None:
             self._lose_queued()
@@ -422,15 +431,21 @@ class BatchWriter:
             self._log_unlogged_spool_full()
         return self._stopped_with_all_stored()
 
-    def _warn_still_writing(self, timeout: float) -> None:
+    def _stop_at_once(self) -> None:
+        """Begin shutting down, and have the thread stop retrying and spool what it has
+        (the exit's wait was cut short by Ctrl-C)."""
+        self._begin_shutdown()
+        self._abort.set()
+
+    def _warn_still_writing(self, when: str) -> None:
         stop = self._stop_marker
         if stop is not None and stop.done.is_set():
             logger.info(
                 "instrumentation.storage: the writer for %r is still closing the store "
-                "after %.1f s (for SQLite, copying the write-ahead log into the file); "
-                "every row it had is stored",
+                "(for SQLite, copying the write-ahead log into the file): it did not "
+                "stop %s; every row it had is stored",
                 self.store,
-                timeout,
+                when,
             )
             return
         queued = sum(1 for entry in list(self._queue) if type(entry) is not _Marker)
@@ -439,23 +454,23 @@ class BatchWriter:
         if not queued and not holding:
             # Only a replay of rows already in the spool file: they stay there.
             logger.warning(
-                "instrumentation.storage: the writer for %r did not stop within %.1f s "
-                "(a replay of the spool file %s still waits for the database); nothing "
-                "is lost: the rows stay in that file, for the next process that records "
-                "to this database",
+                "instrumentation.storage: the writer for %r did not stop %s (a replay "
+                "of the spool file %s still waits for the database); nothing is lost: "
+                "the rows stay in that file, for the next process that records to this "
+                "database",
                 self.store,
-                timeout,
+                when,
                 self.spool.path,
             )
             return
         # Still inside one write: what it holds and what is queued are neither stored
         # nor spooled yet, and at exit they never will be.
         logger.warning(
-            "instrumentation.storage: the writer for %r did not stop within %.1f s (a "
-            "write still waits for the database); %d queued entries and the %d being "
-            "written are not stored or spooled yet, and are lost if the process exits now",
+            "instrumentation.storage: the writer for %r did not stop %s (a write "
+            "still waits for the database); %d queued entries and the %d being written "
+            "are not stored or spooled yet, and are lost if the process exits now",
             self.store,
-            timeout,
+            when,
             queued,
             holding,
         )
@@ -1023,13 +1038,48 @@ def _shutdown_all_at_exit() -> None:
             run_deferred()  # span ends put off (see instrumentation._spans) go in too
         except BaseException:  # a handler's Ctrl-C: the flush goes on
             logger.exception("instrumentation.storage: making what was put off failed at exit")
-        for writer in list(_writers):
-            try:
-                writer.shutdown(writer.exit_timeout)
-            except Exception:  # pragma: no cover
-                logger.exception("instrumentation.storage could not flush a writer at exit")
+        writers = list(_writers)
+        try:
+            for writer in writers:
+                try:
+                    writer.shutdown(writer.exit_timeout)
+                except Exception:  # pragma: no cover
+                    logger.exception("instrumentation.storage could not flush a writer at exit")
+        except KeyboardInterrupt:
+            _cut_short_at_exit(writers)
     finally:
         _exiting[0] = False
+
+
+#: Once Ctrl-C has cut the exit's wait short, how long the writers still get to put
+#: what they hold in the spool file (the local disk: a moment).
+SPOOL_AFTER_CTRL_C = 1.0
+
+
+def _cut_short_at_exit(writers: list[BatchWriter]) -> None:
+    """Ctrl-C while the exit waits for a database that does not answer: the user wants
+    out, as with the audit's exit flush, not a traceback ("Exception ignored in atexit
+    callback") and the queued rows gone without a word.
+
+    Every writer stops retrying and spools what it has, given ``SPOOL_AFTER_CTRL_C``
+    seconds for it (Ctrl-C again ends that wait too); what is still neither stored nor
+    spooled then (a write stuck in the database's connect timeout) is logged.
+    """
+    left = [writer for writer in writers if writer in _writers]  # not shut down yet
+    for writer in left:
+        writer._stop_at_once()
+    deadline = time.monotonic() + SPOOL_AFTER_CTRL_C
+    # Waited for on the writers' own events: a Thread whose join() Ctrl-C interrupted
+    # says it is no longer alive, though it runs on (Python 3.11's threading).
+    try:
+        for writer in left:
+            writer._stopped.wait(max(deadline - time.monotonic(), 0.0))
+    except KeyboardInterrupt:
+        pass
+    for writer in left:
+        if not writer._stopped.is_set():
+            writer._warn_still_writing("before Ctrl-C cut the exit short")
+        writer._end_shutdown(first=True)  # logs the drops not logged yet, if any
 
 
 #: The exit status of a process that ``flush_on_sigterm`` ended (as shells report one

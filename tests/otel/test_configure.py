@@ -390,6 +390,39 @@ def test_interpreter_exit_is_bounded_when_the_collector_does_not_answer(
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_ctrl_c_while_the_exit_waits_for_the_collector_prints_no_traceback() -> None:
+    """Ctrl-C while interpreter exit waits for a collector that does not answer: the
+    exit stops waiting, counts and warns as an interrupted shutdown() does, and that
+    is all. atexit added "Exception ignored in atexit callback" and the
+    KeyboardInterrupt's traceback."""
+    code = textwrap.dedent(
+        """
+        import os, signal, socket, threading
+        from instrumentation import get_dispatcher
+        from instrumentation.otel import configure_otlp
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+        collector = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; no answer
+        port = collector.getsockname()[1]
+        otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", timeout=30)
+        otlp.exit_timeout_millis = 20_000
+        d = get_dispatcher("exit")
+        for i in range(20):
+            with d.span("unit"):
+                pass
+        otlp.force_flush(100)  # a batch is in flight, hanging
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+        """
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
+    assert time.monotonic() - started < 10, done.stderr  # not the 20 s it would wait
+    assert "OTLP shutdown interrupted" in done.stderr and "20 of 20 spans" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
 def _free_port() -> int:
     """A loopback port nothing listens on: a connection to it is refused at once."""
     with socket.socket() as probe:

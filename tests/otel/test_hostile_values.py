@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import pytest
@@ -288,6 +289,18 @@ def test_a_nested_long_value_gives_what_serialising_it_whole_gives() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_field_holding_another_type_is_sent_as_json_where_warnings_are_errors() -> None:
+    """A field assigned what its type does not say is sent as it is, in JSON, and
+    pydantic warns of nothing: where warnings are errors (``-W error``, pytest's
+    ``filterwarnings = error``) its warning made the value the model's str."""
+    usage = TokenUsage(prompt_tokens=1)
+    usage.prompt_tokens = "one"  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert json.loads(attributes.to_json(usage))["prompt_tokens"] == "one"
+        assert json.loads(attributes.to_json([usage]))[0]["prompt_tokens"] == "one"
+
+
 def test_a_container_holding_itself_is_sent_as_its_repr() -> None:
     """One holding itself twice was never sent: its copy without NaN went 100 levels
     deep in each of two ways (2**100 lists)."""

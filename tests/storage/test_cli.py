@@ -268,10 +268,11 @@ def test_open_store_picks_the_backend(tmp_path: Path, postgres_dsn: str) -> None
     from instrumentation import storage
     from instrumentation.storage.postgres import PostgresStore
 
-    sqlite_store = storage.open_store(tmp_path / "x.db")
-    pg_store = storage.open_store(postgres_dsn)
-    assert isinstance(sqlite_store, SQLiteStore) and isinstance(pg_store, PostgresStore)
-    assert "password" not in pg_store.spool_key
+    with storage.open_store(tmp_path / "x.db") as sqlite_store:
+        assert isinstance(sqlite_store, SQLiteStore)
+    with storage.open_store(postgres_dsn) as pg_store:
+        assert isinstance(pg_store, PostgresStore)
+        assert "password" not in pg_store.spool_key
     with pytest.raises(TypeError, match="connection string"):
         PostgresStore("")
 

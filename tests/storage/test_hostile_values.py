@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sqlite3
+import warnings
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,31 @@ class BrokenZone(tzinfo):
 
     def tzname(self, dt: datetime | None) -> str:
         return "broken"
+
+
+class Part(BaseModel):
+    count: int = 0
+
+
+def test_a_field_holding_another_type_is_stored_as_it_is_where_warnings_are_errors(
+    any_store: Store, make_handler: Any
+) -> None:
+    """Pydantic validates a field when the model is made, not when it is assigned (nor
+    does it check an OpenAI-compatible server's reply of another shape): serialising
+    such a value warns. That warning came from the writer thread onto the application's
+    stderr, and where warnings are errors (``-W error``, pytest's ``filterwarnings =
+    error``) the value was stored as an ``__unserialisable__`` marker."""
+    handler = make_handler(any_store).attach(d)
+    event = NoteEvent(value=Part())
+    event.text = 12  # type: ignore[assignment]
+    event.value.count = "twelve"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what the writer thread sees too
+        d.event(event)
+        assert handler.flush(10)
+    (stored,) = any_store.events()
+    assert stored.payload["text"] == 12
+    assert stored.payload["value"] == {"count": "twelve"}
 
 
 def test_non_finite_floats_are_null_and_the_rows_kept(any_store: Store, make_handler: Any) -> None:

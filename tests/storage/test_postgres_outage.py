@@ -79,10 +79,10 @@ def test_every_entry_arrives_exactly_once_across_a_server_restart(
     assert telemetry.counter("storage.write_errors").value > 0
     assert telemetry.counter("storage.replayed_rows").value > 0
     assert handler.dropped == 0
-    reader = PostgresStore(postgres_dsn)
-    assert count(reader, "events") == produced
-    assert count(reader, "spans") == produced
-    texts = reader._query("SELECT payload->>'text' FROM events", [])
+    with PostgresStore(postgres_dsn) as reader:
+        assert count(reader, "events") == produced
+        assert count(reader, "spans") == produced
+        texts = reader._query("SELECT payload->>'text' FROM events", [])
     assert sorted(int(t[0]) for t in texts) == list(range(produced))
     assert handler.writer.rows_written > written_before
     assert not handler.writer.spool.path.exists()
@@ -106,8 +106,8 @@ def test_a_server_down_when_the_application_starts_does_not_stop_it(
     finally:
         postgres_server.start()
     assert wait_until(lambda: handler.flush(2), 30)
-    reader = PostgresStore(postgres_dsn)
-    texts = reader._query("SELECT payload->>'text' FROM events", [])
+    with PostgresStore(postgres_dsn) as reader:
+        texts = reader._query("SELECT payload->>'text' FROM events", [])
     early = sorted(t[0] for t in texts if t[0] and t[0].startswith("early-"))
     assert early == sorted(f"early-{i}" for i in range(10))
 

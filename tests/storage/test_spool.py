@@ -832,10 +832,11 @@ def test_a_process_whose_main_thread_ended_while_others_run_is_alive() -> None:
         assert wait_until(lambda: state() == b"Z", 30)  # its main thread is gone
         assert spool_module._pid_alive(child.pid) is True
     finally:
-        assert child.stdin is not None
+        assert child.stdin is not None and child.stdout is not None
         child.stdin.write("\n")
         child.stdin.close()
         child.wait(30)
+        child.stdout.close()
 
 
 def _event_rows(n: int, text: str = "") -> list[Row]:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1056,6 +1057,72 @@ for delay, call, args in ((0.5, os.kill, (os.getpid(), signal.SIGTERM)),
     assert "child False -15" in done.stdout  # killed by SIGTERM, as by default
     assert "child True 143" in done.stdout  # SystemExit, its own choice
     assert count(SQLiteStore(db), "spans") == 1
+
+
+_CTRL_C_AT_EXIT = """
+import os, signal, sqlite3, threading
+from instrumentation import get_dispatcher
+from instrumentation.storage import open_store, record_to
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+record_to(open_store({target!r}), retry_for=60, spool_dir={spool!r})
+d = get_dispatcher("ctrl_c.app")
+for i in range(50):
+    with d.span("queued"):
+        pass
+{before_exit}
+# Ctrl-C once the exit waits for the writer (8 s of its exit_timeout, then 2 s more).
+timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
+timer.daemon = True
+timer.start()
+"""
+
+
+def _exit_with_ctrl_c(target: str, spool: Path, before_exit: str = "") -> str:
+    """Run a script that records 50 spans to ``target`` and exits; Ctrl-C comes while
+    the exit waits for the writer. Its stderr, once it is checked that the exit was
+    quick (not the exit_timeout of 10 s) and printed no traceback."""
+    script = _CTRL_C_AT_EXIT.format(target=target, spool=str(spool), before_exit=before_exit)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], timeout=60, capture_output=True, text=True
+    )
+    assert time.monotonic() - started < 7, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def _spooled_rows(spool: Path) -> int:
+    return sum(len(path.read_text().splitlines()) for path in spool.glob("*.jsonl"))
+
+
+def test_ctrl_c_while_the_exit_waits_for_the_database_spools_the_rest(tmp_path: Path) -> None:
+    """Ctrl-C while the exit retries writes to a database that is down: the exit stops
+    waiting, with the rows in the spool file. It printed atexit's "Exception ignored"
+    and the KeyboardInterrupt's traceback, and the rows being retried were lost
+    without a word (the writer thread died with the process)."""
+    pytest.importorskip("psycopg")
+    spool = tmp_path / "spool"
+    with socket.socket() as probe:  # a port nothing listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _exit_with_ctrl_c(f"postgresql://postgres@127.0.0.1:{port}/traces", spool)
+    assert _spooled_rows(spool) == 50
+
+
+def test_ctrl_c_while_a_write_waits_for_the_database_says_what_is_lost(tmp_path: Path) -> None:
+    """Ctrl-C while the exit waits for a write that waits on its own (for a lock held
+    elsewhere, here; a connect timeout): the exit stops waiting, and says how many
+    entries are neither stored nor spooled."""
+    db = tmp_path / "t.db"
+    SQLiteStore(db).close()
+    locker = (
+        f"locker = sqlite3.connect({str(db)!r}, isolation_level=None, check_same_thread=False)\n"
+        'locker.execute("BEGIN EXCLUSIVE")'
+    )
+    stderr = _exit_with_ctrl_c(str(db), tmp_path / "spool", before_exit=locker)
+    assert "did not stop before Ctrl-C cut the exit short" in stderr, stderr
+    assert "0 queued entries and the 50 being written are not stored" in stderr, stderr
+    assert count(SQLiteStore(db), "spans") == 0
 
 
 def test_sigterm_without_flush_on_sigterm_loses_the_queue(tmp_path: Path) -> None:
