@@ -26,7 +26,8 @@ early (``close()``, ``aclose()``) ends its span with the tokens seen so far. ope
 
 The instrumentation never changes what the client returns or raises: if a request
 cannot be described (e.g. an odd message), the call runs untraced and the problem is
-logged and counted (``llms.openai.describe_errors``); what a reply holds that an event
+logged (at most once every 10 s for each kind) and counted
+(``llms.openai.describe_errors``); what a reply holds that an event
 cannot (a finish reason that is not a str, from a compatible server) is left out of
 the event, logged and counted (``llms.event_errors``).
 """
@@ -225,10 +226,7 @@ def _new_call(instance: Any, kwargs: Mapping[str, Any]) -> LLMCall | None:
             model_dict=_model_dict(instance, model),
         )
     except Exception as exc:
-        _describe_errors.inc()
-        logger.warning(
-            "an OpenAI chat request could not be described, so it is not traced: %r", exc
-        )
+        _describe_failed("chat request", exc, ", so it is not traced")
         return None
 
 
@@ -291,9 +289,16 @@ def _finish_completion(call: LLMCall, completion: Any, streamed: bool = False) -
     call.end(response, usage, reason, model)
 
 
-def _describe_failed(what: str, exc: object) -> None:
+def _describe_failed(what: str, exc: object, consequence: str = "") -> None:
+    """Count, and log, what the events could not describe: at most one line per kind
+    (``what``) every ``telemetry.LOG_INTERVAL_SECONDS``, since an application or a
+    compatible server that sends it once sends it in every call (and every chunk)."""
     _describe_errors.inc()
-    logger.warning("an OpenAI %s could not be described: %r", what, exc)
+    held_back = telemetry.log_turn(("llms.openai.describe_errors", what))
+    if held_back is None:
+        return
+    more = f" ({held_back} more since the last warning)" if held_back else ""
+    logger.warning("an OpenAI %s could not be described%s: %r%s", what, consequence, exc, more)
 
 
 def _describe_completion(completion: Any) -> tuple[ChatResponse | None, str | None, str | None]:

@@ -21,6 +21,9 @@ one of the keys of :data:`LABEL_KEYS` (``type``, ``detail``, ``format``,
 
 When either is on, the provider's ``raw`` response object is left out of the events
 too, since it holds the same text. The application itself always gets the real answer.
+A mask that raises, or returns no ``str``, withholds that text (``"[redaction
+failed]"``); the failure is counted (``llms.redaction_errors``) and logged at most once
+every ``telemetry.LOG_INTERVAL_SECONDS``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ _LABEL = re.compile(r"[A-Za-z0-9_.:/-]{0,64}")
 _MAX_DEPTH = 32
 
 
+def _mask_failed(why: str) -> None:
+    """Count a text the mask failed on, and log it: at most one line every
+    ``telemetry.LOG_INTERVAL_SECONDS``, since a broken mask fails on every message,
+    chunk and setting of every call (a few streamed calls logged dozens of lines)."""
+    telemetry.counter("llms.redaction_errors").inc()
+    held_back = telemetry.log_turn("llms.redaction_errors")
+    if held_back is None:
+        return
+    more = f" ({held_back} more failures since the last warning)" if held_back else ""
+    logger.warning("the redaction mask %s; the text is withheld%s", why, more)
+
+
 class Redaction:
     """What to hide from LLM events; immutable, so it can be shared between threads."""
 
@@ -85,12 +100,10 @@ class Redaction:
         try:
             masked = self.mask(value)
         except Exception as exc:  # a broken mask must not leak the text nor break the call
-            telemetry.counter("llms.redaction_errors").inc()
-            logger.warning("the redaction mask raised %r; the text is withheld", exc)
+            _mask_failed(f"raised {exc!r}")
             return _MASK_FAILED
         if not isinstance(masked, str):
-            telemetry.counter("llms.redaction_errors").inc()
-            logger.warning("the redaction mask returned %s, not str", type(masked).__name__)
+            _mask_failed(f"returned {type(masked).__name__}, not str")
             return _MASK_FAILED
         return masked
 

@@ -12,7 +12,7 @@
     store.close()
 
 Or, for a script: ``with storage.record_to("traces.db"): main()``. From a shell:
-``python -m instrumentation --db traces.db list|show ID|tail|export``.
+``python -m instrumentation --db traces.db list|show ID|tail|events|export``.
 See ``docs/storage.md``.
 """
 

@@ -1,9 +1,11 @@
-"""``python -m instrumentation``: list, show, follow and export stored traces.
+"""``python -m instrumentation``: list, show, follow and export stored traces, and list
+their events.
 
     python -m instrumentation --db traces.db list --limit 20 --status error
     python -m instrumentation --db traces.db show latest          # or an id (prefix)
     python -m instrumentation --db postgresql://localhost/traces tail --interval 1
     python -m instrumentation --db traces.db tail --lookback 300  # and the last 5 minutes
+    python -m instrumentation --db traces.db events --type LLMChatEndEvent --since 1h
     python -m instrumentation --db traces.db export --limit 100 > traces.jsonl
 
 ``--db`` takes a SQLite path (or ``sqlite:///path``) or a PostgreSQL DSN; it defaults to

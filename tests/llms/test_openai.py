@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -322,6 +323,21 @@ def test_untraceable_request_runs_untraced(cap: Capture, client: openai.OpenAI) 
     assert completion.choices[0].message.content == "Echo: "  # the server saw no user
     assert not cap.events_of(LLMChatStartEvent)
     assert telemetry.counter("llms.openai.describe_errors").value == 1
+
+
+def test_untraceable_requests_are_logged_once_per_interval(
+    cap: Capture, client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application that sends such a request sends it in every call: one warning
+    per interval says so (with how many more), and every call is counted."""
+    odd: Any = [{"role": "critic", "content": "hello there friend"}]
+    with caplog.at_level(logging.WARNING, logger="instrumentation.llms"):
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o", messages=odd)
+    lines = [r.getMessage() for r in caplog.records if "could not be described" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("an OpenAI chat request could not be described, so it is not")
+    assert telemetry.counter("llms.openai.describe_errors").value == 3
 
 
 @pytest.mark.parametrize(

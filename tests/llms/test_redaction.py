@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import re
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from instrumentation import get_dispatcher, telemetry
@@ -85,6 +87,26 @@ def test_a_raising_mask_withholds_the_text_and_is_counted(cap: Capture) -> None:
     assert OfflineLLM().chat(SECRET).message.content == f"Echo: {SECRET}"
     assert cap.events_of(LLMChatStartEvent)[0].messages[0].content == "[redaction failed]"
     assert telemetry.counter("llms.redaction_errors").value >= 1
+
+
+def test_a_broken_mask_is_logged_once_per_interval_and_counted_every_time(
+    cap: Capture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mask fails on every message and chunk of every call: a few streamed calls
+    logged a warning for each (dozens of lines); one line per interval says it."""
+
+    def broken(text: str) -> str:
+        raise ValueError("bad regex")
+
+    configure_redaction(mask=broken)
+    model = OfflineLLM(answers=["one two three four five six seven eight"])
+    with caplog.at_level(logging.WARNING, logger="instrumentation.llms"):
+        for _ in range(3):
+            list(model.stream_chat(SECRET))
+    lines = [r for r in caplog.records if "redaction mask" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "raised ValueError('bad regex')" in lines[0].getMessage()
+    assert telemetry.counter("llms.redaction_errors").value > 20
 
 
 class _Answer(BaseModel):
