@@ -280,6 +280,18 @@ _ERROR_COLUMNS = 200
 _ALIGN_COLUMNS = 48
 
 
+def _clock(moment: datetime, milliseconds: bool = False) -> str:
+    """``moment`` in local time, to the second (or millisecond); in UTC where local
+    time would leave the years 1 to 9999 (an event dated by hand to the year 1, west
+    of Greenwich). The year has four digits (``strftime`` writes the year 1 as 1)."""
+    try:
+        moment = moment.astimezone()
+    except (OverflowError, ValueError):
+        pass
+    text = f"{moment.year:04d}-{moment:%m-%d %H:%M:%S}"
+    return f"{text}.{moment.microsecond // 1000:03d}" if milliseconds else text
+
+
 def _summary_columns(s: TraceSummary) -> list[str]:
     """``list``'s columns for one trace: time, id, name, duration, spans, outcome,
     tokens, cost (the last two empty when there are none)."""
@@ -288,7 +300,7 @@ def _summary_columns(s: TraceSummary) -> list[str]:
     else:
         outcome = "ok" + (_failed_inside(s.error_count) if s.error_count else "")
     return [
-        s.start.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        _clock(s.start),
         _printable(s.trace_id),
         _cap(_printable(s.name or "?"), _NAME_COLUMNS),
         format_duration(s.duration),
@@ -523,7 +535,7 @@ def event_line(event: StoredEvent) -> str:
     trace's id (cut), what an LLM call's end event holds (model, tokens, cost,
     latency, error), then its own fields, cut to fit."""
     parts = [
-        event.time.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+        _clock(event.time, milliseconds=True),
         _cap(_printable(event.type), _NAME_COLUMNS),
         _printable((event.trace_id or "-")[:_SHORT_ID]),
     ]

@@ -1218,3 +1218,30 @@ def test_newest_first_reads_the_last_events(any_store: Store, make_handler: Any)
     assert any_store.events(limit=2, newest_first=True) == oldest_first[:-3:-1]
     with pytest.raises(TypeError, match="newest_first is True or False"):
         any_store.events(newest_first="yes")  # type: ignore[arg-type]
+
+
+def test_times_at_the_ends_of_the_calendar_are_printed_not_an_error(
+    tmp_path: Path, make_handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event dated by hand to the year 1 has no local time west of Greenwich (nor one
+    on 31 December 9999 east of it): printed in UTC, not "cannot read the database"."""
+    if not hasattr(time, "tzset"):
+        pytest.skip("needs time.tzset")
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = make_handler(store).attach(d)
+    for moment in (
+        datetime(1, 1, 1, tzinfo=timezone.utc),
+        datetime(9999, 12, 31, 23, tzinfo=timezone.utc),
+    ):
+        d.event(NoteEvent(text="dated by hand", timestamp=moment))
+    assert handler.flush(10)
+    store.close()
+    for zone in ("America/New_York", "Asia/Tokyo"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        try:
+            lines = _run("--db", str(tmp_path / "t.db"), "events").splitlines()
+        finally:
+            monkeypatch.delenv("TZ")
+            time.tzset()
+        assert [line[:10] for line in lines] == ["0001-01-01", "9999-12-31"]
