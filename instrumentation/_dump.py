@@ -25,29 +25,26 @@ Three ways it harmed what it was given:
 from __future__ import annotations
 
 import dataclasses
-import enum
-import types
-import typing
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel
 
-from instrumentation._classcache import remember
+from instrumentation._classcache import lives_for_good, remember
 
-#: Types holding nothing pydantic reads out, known at once (most values are of these).
-_LEAVES = frozenset(
-    {str, int, float, bool, type(None), bytes, datetime, date, time, timedelta, UUID, Decimal}
-)
+#: Types holding nothing pydantic reads out, known at once (most values are of these);
+#: those found so (an enum, a chat message's role) are added once, unless made at run
+#: time (kept here, such a class would live for good), up to :data:`_MORE_LEAVES`.
+_leaves = {str, int, float, bool, type(None), bytes, datetime, date, time, timedelta, UUID, Decimal}
+_MORE_LEAVES = 1024
 #: How :func:`holds_an_iterator` looks into a value of a type, by ``id(type)`` (see
-#: ``remember``): worked out once per type. A model's way is the tuple of its fields
-#: that may hold an iterator (see :func:`_open_fields`).
-_LEAF, _MAPPING, _SEQUENCE, _DATACLASS, _ITERATOR = range(5)
-_ways: dict[int, int | tuple[str, ...]] = {}
+#: ``remember``): worked out once per type.
+_LEAF, _MAPPING, _SEQUENCE, _DATACLASS, _ITERATOR, _MODEL, _COMPUTING = range(7)
+_ways: dict[int, int] = {}
 #: Containers a model's field often holds empty, not walked then.
 _EMPTIABLE = frozenset({list, dict})
 #: Past this many values looked into (text and numbers are not), the walk stops and
@@ -58,17 +55,22 @@ MAX_VALUES = 100_000
 
 def holds_an_iterator(value: Any, exclude: Mapping[str, Any] | None = None) -> bool:
     """Whether pydantic, writing ``value`` as JSON, could read out an iterator in it: in
-    a model's fields (and extra fields) but those ``exclude`` leaves out (as pydantic's
-    ``exclude`` does), a dataclass's fields, and the values of the dicts, lists,
-    tuples, sets and deques among them, at any depth. True too past
-    :data:`MAX_VALUES` values looked into, without walking on."""
+    a model's fields (and extra and computed fields) but those ``exclude`` leaves out
+    (as pydantic's ``exclude`` does), a dataclass's fields, and the values of the
+    dicts, lists, tuples, sets and deques among them, at any depth. True too past
+    :data:`MAX_VALUES` values looked into, without walking on.
+
+    A field's value is looked at whatever the field declares: pydantic writes one
+    assigned past validation (``model_construct``, assignment without
+    ``validate_assignment``) as it finds it, and a model's subclass with its own
+    fields (``SerializeAsAny``, ``polymorphic_serialization``)."""
     stack = _included(value, exclude) if exclude else [value]
     left = MAX_VALUES
-    ways = _ways
+    leaves = _leaves
     while stack:
         item = stack.pop()
         kind = type(item)
-        if kind in _LEAVES:
+        if kind in leaves:
             continue
         left -= 1
         if left < 0:
@@ -79,19 +81,13 @@ def holds_an_iterator(value: Any, exclude: Mapping[str, Any] | None = None) -> b
         if kind is list:
             stack.extend(item)
             continue
-        try:
-            way = ways[id(kind)]
-        except KeyError:
-            way = remember(ways, kind, _way_into(kind))
-        if way == _LEAF:
-            continue
-        if type(way) is tuple:  # a model: the fields that may hold one
-            values = item.__dict__
-            for name in way:
-                field = values.get(name)
-                # Not None, nor an empty list or dict (most are). Only those are
-                # asked for their truth: an array's raises.
-                if field is not None and (type(field) not in _EMPTIABLE or field):
+        way = _way_of(kind)
+        if way == _MODEL:
+            for field in item.__dict__.values():
+                # Not text, a number or None, nor an empty list or dict (most are).
+                # Only those are asked for their truth: an array's raises.
+                held = type(field)
+                if held not in leaves and (held not in _EMPTIABLE or field):
                     stack.append(field)
             if item.__pydantic_extra__:
                 stack.extend(item.__pydantic_extra__.values())
@@ -101,26 +97,31 @@ def holds_an_iterator(value: Any, exclude: Mapping[str, Any] | None = None) -> b
             stack.extend(item)
         elif way == _DATACLASS:
             stack.extend(getattr(item, f.name, None) for f in dataclasses.fields(item))
-        else:
+        elif way == _COMPUTING:
+            stack.extend(_model_values(item))
+        elif way == _ITERATOR:
             return True
     return False
+
+
+def _way_of(kind: type) -> int:
+    try:
+        return _ways[id(kind)]
+    except KeyError:
+        way = _way_into(kind)
+        if way == _LEAF and len(_leaves) < _MORE_LEAVES and lives_for_good(kind):
+            _leaves.add(kind)
+        return remember(_ways, kind, way)
 
 
 def _included(model: Any, exclude: Mapping[str, Any]) -> list[Any]:
     """The field values of ``model`` (a model) that ``exclude`` does not leave out whole,
     those of a nested model it names (``{"response": {"message": True}}``) looked at
     the same way: a streamed chunk's event leaves out the messages, which are long."""
-    kind = type(model)
-    try:
-        way = _ways[id(kind)]
-    except KeyError:
-        way = remember(_ways, kind, _way_into(kind))
-    if type(way) is not tuple:
+    if _way_of(type(model)) != _MODEL:
         return [model]
-    values = model.__dict__
     found: list[Any] = []
-    for name in way:
-        field = values.get(name)
+    for name, field in model.__dict__.items():
         if field is None or (type(field) in _EMPTIABLE and not field):
             continue
         inner = exclude.get(name)
@@ -134,13 +135,13 @@ def _included(model: Any, exclude: Mapping[str, Any]) -> list[Any]:
     return found
 
 
-def _way_into(kind: type) -> int | tuple[str, ...]:
+def _way_into(kind: type) -> int:
     if issubclass(kind, dict):
         return _MAPPING
     if issubclass(kind, (list, tuple, set, frozenset, deque)):
         return _SEQUENCE
     if issubclass(kind, BaseModel):
-        return _open_fields(kind)
+        return _COMPUTING if kind.model_computed_fields else _MODEL
     if dataclasses.is_dataclass(kind):
         return _DATACLASS
     if hasattr(kind, "__next__"):
@@ -148,40 +149,17 @@ def _way_into(kind: type) -> int | tuple[str, ...]:
     return _LEAF
 
 
-#: Declared types whose validated values hold no iterator.
-_CLOSED = (str, int, float, bool, bytes, date, time, timedelta, UUID, Decimal, enum.Enum)
-_UNIONS = (Union, types.UnionType)
-
-
-def _open_fields(model: type[BaseModel]) -> tuple[str, ...]:
-    """The fields of ``model`` whose declared type may hold an iterator: not those of
-    text, numbers, times, enums, literals, or models of such fields only (a chat
-    message's role and content, an event's ids, times and token counts), which the
-    walk skips. A value assigned past validation (``model_construct``, or assignment
-    without ``validate_assignment``) is taken to be what its field declares."""
-    return tuple(
-        name for name, info in model.model_fields.items() if not _closed(info.annotation, {model})
-    )
-
-
-def _closed(annotation: Any, seen: set[type]) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _closed(typing.get_args(annotation)[0], seen)
-    if origin is Literal or annotation is None or annotation is type(None):
-        return True
-    if origin in _UNIONS:
-        return all(_closed(arg, seen) for arg in typing.get_args(annotation))
-    if not isinstance(annotation, type) or origin is not None:
-        return False  # Any, containers, type variables, forward references
-    if issubclass(annotation, _CLOSED):
-        return True
-    if issubclass(annotation, BaseModel) and annotation not in seen:
-        if annotation.model_config.get("extra") == "allow":
-            return False
-        inner = seen | {annotation}
-        return all(_closed(info.annotation, inner) for info in annotation.model_fields.values())
-    return False
+def _model_values(model: BaseModel) -> list[Any]:
+    """What pydantic writes of ``model``: its fields, extra fields and computed fields
+    (each computed as pydantic will; one that raises is left to pydantic's dump)."""
+    values = list(model.__dict__.values())
+    values.extend((model.__pydantic_extra__ or {}).values())
+    for name in type(model).model_computed_fields:
+        try:
+            values.append(getattr(model, name))
+        except Exception:
+            pass
+    return values
 
 
 def dump_json(

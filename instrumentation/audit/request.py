@@ -133,6 +133,7 @@ class AuditRequest:
 
     def _end(self, exc: BaseException | None) -> RequestRun | None:
         run = self._run
+        ended_when_freed = self._left
         self._left = True
         if run is None:
             return None
@@ -142,6 +143,11 @@ class AuditRequest:
             except ValueError:  # left in another context than it was entered in
                 current_run.set(None)
             self._token = None
+        if ended_when_freed:
+            # The garbage collector ran __del__ first, then closed the generator this
+            # block is in (the two were garbage together): the request has ended.
+            self.completed = False
+            return None
         if put_off_in_collection("request_end", "", partial(self._close, run, exc)):
             # A generator closed by the garbage collector, which may have stopped this
             # library on this thread holding the registry's lock: the request ends once

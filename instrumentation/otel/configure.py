@@ -368,6 +368,11 @@ class SuppressedExporter(SpanExporter):
             exporting = self._exporting > 0
         return exporting and self._refusals is not None and self._refusals.refused()
 
+    def stop_if_retrying_refused(self) -> None:
+        """:meth:`stop_retrying_refused` if :meth:`retrying_refused`."""
+        if self.retrying_refused():
+            self.stop_retrying_refused()
+
     def stop_retrying_refused(self) -> None:
         """Cut short the backoff of an export retrying a refused connection (shutting
         down: see :meth:`retrying_refused`).
@@ -1044,14 +1049,15 @@ class OTLPHandle:
             worker, _ = _in_thread(
                 self.tracer_provider.shutdown, "instrumentation-otel-shutdown", self._standby
             )
-            if self.exporter.retrying_refused():
-                # The collector refused the last connection: its export's backoff is not
-                # waited out; the batches, that one too, get one attempt each.
-                _in_thread(
-                    self.exporter.stop_retrying_refused,
-                    "instrumentation-otel-stop",
-                    self._standby,
-                )
+            # The collector refused the last connection: its export's backoff is not
+            # waited out; the batches, that one too, get one attempt each. Found in the
+            # thread too: over gRPC, by trying a connection, which a collector that does
+            # not answer held here for 250 ms (per address), past a shorter timeout.
+            _in_thread(
+                self.exporter.stop_if_retrying_refused,
+                "instrumentation-otel-stop",
+                self._standby,
+            )
             worker.join(max(cut_short_at - time.monotonic(), 0.0))
             if worker.is_alive():
                 # An export is still retrying, or waiting on a collector that does not

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from collecting import in_thread, leave_in_a_cycle
 
-from instrumentation import audit, get_dispatcher
+from instrumentation import audit, get_dispatcher, telemetry
 from instrumentation.audit import RequestEnd, ToolCallEvent, runner
 from instrumentation.audit.collector import registry
 from instrumentation.llms import OfflineLLM
@@ -139,6 +139,40 @@ def test_audit_request_in_an_async_generator_a_closed_loop_frees_is_abandoned() 
     while len(_ends(handler)) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [(end.abandoned, end.error) for end in _ends(handler)] == [(True, None)] * 3
+
+
+def test_a_request_made_before_its_generator_and_freed_with_it_ends_once() -> None:
+    """The request made first (kept by the object whose generator enters it), the two
+    garbage together: the collector ran the request's __del__ first (it ended the
+    request), then closed the generator, whose exit ended it again: "this request has
+    ended already" logged as a handler error, and the registry counted one request
+    less than were active (the collector detached under another one still running)."""
+    handler = SyncRecorder()
+
+    class Answer:
+        def __init__(self) -> None:
+            self.request = audit.request(question="freed", handlers=[handler])
+            self.chunks = self.read()  # made after the request
+
+        def read(self) -> Generator[str, None, None]:
+            with self.request:
+                yield from ["a", "b"]
+
+    errors_before = telemetry.handler_errors()
+    with audit.request(question="still running", handlers=[SyncRecorder()]):
+        answer = Answer()
+        assert next(answer.chunks) == "a"
+        del answer  # the generator's frame holds the Answer: a cycle
+        gc.collect()
+        with audit.event(ToolCallEvent(name="after")):  # made what the collection put off
+            pass
+        assert registry.active == 1
+    deadline = time.monotonic() + 10
+    while not _ends(handler) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (end,) = _ends(handler)
+    assert end.abandoned is True and end.error is None
+    assert telemetry.handler_errors() == errors_before
 
 
 def test_a_request_in_a_generator_the_collector_frees_inside_the_registry_ends_after() -> None:

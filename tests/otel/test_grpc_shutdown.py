@@ -198,3 +198,43 @@ def test_the_address_tried_is_the_one_the_grpc_exporter_connects_to(
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     assert _grpc_address(endpoint) == probed
+
+
+def test_shutdown_keeps_its_timeout_with_a_collector_that_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection that tells whether the collector refuses was tried on the
+    caller's thread: a collector that does not answer (its connections dropped, as a
+    firewall or a full queue does) held shutdown() for the probe's wait, 250 ms (per
+    address of its name), whatever its timeout. Here the wait is made longer (a slow
+    name lookup is as long) to be plain."""
+    from instrumentation.otel import configure
+
+    monkeypatch.setattr(configure, "_PROBE_TIMEOUT_S", 2.0)
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    port = black_hole.getsockname()[1]
+    queued = []
+    for _ in range(3):  # fill its queue: later connections are dropped, never answered
+        waiting = socket.socket()
+        waiting.settimeout(0.3)
+        try:
+            waiting.connect(("127.0.0.1", port))
+        except OSError:
+            pass
+        queued.append(waiting)
+    try:
+        otlp = configure_otlp(endpoint=f"http://127.0.0.1:{port}", protocol="grpc")
+        _trace(1)
+        assert otlp.force_flush(200) is False  # its export waits on the collector
+        started = time.monotonic()
+        assert otlp.shutdown(timeout_millis=200) is False
+        assert time.monotonic() - started < 1.5  # it took 2.2 s
+    finally:
+        for thread in threading.enumerate():  # the probe, before the port closes
+            if thread.name == "instrumentation-otel-stop":
+                thread.join(5)
+        for waiting in queued:
+            waiting.close()
+        black_hole.close()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, computed_field
 
 from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
 from instrumentation.storage import SQLiteStore, Store, open_store
@@ -570,3 +570,77 @@ def test_serialising_neither_reads_nor_changes_what_it_is_given(value: Any) -> N
     event_attributes(event)
     assert [w.taken for w in _watched_in(value)] == [0] * len(_watched_in(value))
     assert repr(value) == before
+
+
+class _Reply(BaseModel):
+    text: str = ""
+
+
+class _ReplyWithParts(_Reply):
+    parts: Any = None
+
+
+class _Polymorphic(BaseModel):
+    model_config = ConfigDict(polymorphic_serialization=True)
+
+    text: str = ""
+
+
+class _PolymorphicWithParts(_Polymorphic):
+    parts: Any = None
+
+
+class _ReplyEvent(BaseEvent):
+    reply: SerializeAsAny[_Reply] | None = None
+    polymorphic: _Polymorphic | None = None
+
+
+class _StreamingEvent(BaseEvent):
+    """Its computed field hands out the iterator it keeps (a live stream)."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def parts(self) -> Any:
+        return self.__dict__.get("_parts")
+
+
+def _streaming(parts: Any) -> _StreamingEvent:
+    event = _StreamingEvent()
+    event.__dict__["_parts"] = parts
+    return event
+
+
+def _assigned(parts: Any) -> NoteEvent:
+    event = NoteEvent()
+    event.text = parts  # pydantic validates a field when the model is made, not after
+    return event
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda it: _ReplyEvent(reply=_ReplyWithParts(text="r", parts=it)),
+        lambda it: _ReplyEvent(polymorphic=_PolymorphicWithParts(text="p", parts=it)),
+        _streaming,
+        _assigned,
+        lambda it: NoteEvent.model_construct(text=it),
+    ],
+    ids=["SerializeAsAny", "polymorphic_serialization", "computed_field", "assigned", "construct"],
+)
+def test_an_iterator_where_the_declared_types_say_there_is_none_is_not_read_out(
+    make: Any,
+) -> None:
+    """Fields declared closed (text, a model of text only) were skipped by the look for
+    iterators, and computed fields never looked at: pydantic writes what such a field
+    holds past validation, a subclass's own fields (``SerializeAsAny``,
+    ``polymorphic_serialization``) and what a computed field returns, and read out the
+    iterator there."""
+    from instrumentation.otel.attributes import event_attributes
+    from instrumentation.storage.serialise import event_payload
+
+    watched = _Watched()
+    event = make(watched)
+    payload = json.loads(event_payload(event, 2_000), parse_constant=_refuse)
+    event_attributes(event)
+    assert watched.taken == 0
+    assert "_Watched()" in json.dumps(payload)
