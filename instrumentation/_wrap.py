@@ -171,19 +171,33 @@ def _await_in_span(
     @types.coroutine
     def run_generator_based() -> Any:
         # A ``types.coroutine`` result stays one: plain generators may ``yield from`` it.
-        # Whoever drives it, the span is current only while it runs.
+        # Whoever drives it, the span is current only while it runs. Awaited, as the
+        # coroutine above: waiting for the handlers (an audit request's) blocked the loop.
         unstarted.clear()
-        return (yield from _drive(awaitable, chain, span, bound, instance))
+        try:
+            result = yield from _drive(awaitable, chain, span, bound, instance, awaited=True)
+        except BaseException as err:
+            if chain.async_afters and not isinstance(err, GeneratorExit):
+                yield from after_span_end_async(chain, span.id_)
+            raise
+        if chain.async_afters:
+            yield from after_span_end_async(chain, span.id_)
+        return result
 
     coro = run_generator_based() if type(awaitable) is types.GeneratorType else run()
     weakref.finalize(coro, _drop_unstarted, unstarted)
     return coro
 
 
-def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any) -> Any:
+def _drive(
+    gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any, awaited: bool = False
+) -> Any:
     """Run generator ``gen`` to its end as the span: current at each resume (not while
     it is suspended, so interleaved generators each parent their own work), ended when
-    it returns, raises or is closed."""
+    it returns, raises or is closed.
+
+    ``awaited``: ``gen`` is a generator-based coroutine, whose caller awaits
+    :func:`after_span_end_async` once it ended (unless it was closed: no await then)."""
     to_send: Any = None
     to_throw: BaseException | None = None
     # What is current inside the body when it yields (a block it opened, say) is made
@@ -199,10 +213,10 @@ def _drive(gen: Any, chain: Chain, span: SpanContext, bound: Any, instance: Any)
             else:
                 item = gen.send(to_send)
         except StopIteration as stop:
-            finish(chain, span, bound, instance, stop.value)
+            finish(chain, span, bound, instance, stop.value, awaited)
             return stop.value
         except BaseException as err:
-            fail(chain, span, bound, instance, err)
+            fail(chain, span, bound, instance, err, awaited and not isinstance(err, GeneratorExit))
             raise
         finally:
             current = _active_span.get() or span

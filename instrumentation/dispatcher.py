@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import sys
 import threading
 from abc import ABC
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
+from types import FrameType
 from typing import Any, Protocol, SupportsIndex, TypeVar, overload
 
 from typing_extensions import Self
@@ -1233,11 +1235,27 @@ class SpanBlock:
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         chain, span = self._chain, self.context
-        # Closed (an async generator holding the block): an await here would fail.
-        in_async = not isinstance(exc, GeneratorExit)
+        in_async = not isinstance(exc, GeneratorExit) or _closed_by_aclose()
         self._close(exc, in_async)
         if chain is not None and span is not None and chain.async_afters and in_async:
             await after_span_end_async(chain, span.id_)
+
+
+def _closed_by_aclose() -> bool:
+    """Whether a block left with ``GeneratorExit`` may still await: it is an async
+    generator's, closed by ``aclose()`` in a running event loop (a reader that stopped,
+    the loop closing one dropped), which awaits its ``finally`` blocks. A coroutine
+    being closed may not (an await there is "ignored GeneratorExit"), nor a generator
+    closed with no loop: the block then waits for its handlers as sync code does.
+
+    The frame leaving the block is the first one up the stack that is no coroutine
+    (``__aexit__``, and an ``AsyncExitStack`` holding the block, are)."""
+    if asyncio._get_running_loop() is None:
+        return False
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code.co_flags & inspect.CO_COROUTINE:
+        frame = frame.f_back
+    return frame is not None and bool(frame.f_code.co_flags & inspect.CO_ASYNC_GENERATOR)
 
 
 def _updated(

@@ -52,11 +52,18 @@ from typing import TYPE_CHECKING, Any
 from pydantic import PrivateAttr, field_validator
 
 from instrumentation._spans import ending_now
+from instrumentation.audit import runner
 from instrumentation.audit.base import EventHandler
 from instrumentation.audit.collector import registry
 from instrumentation.audit.events import RequestStart
 from instrumentation.audit.request import DEFAULT_TIMEOUT
-from instrumentation.audit.runner import RequestRun, check_handlers, check_timeout, interrupting
+from instrumentation.audit.runner import (
+    HandlerError,
+    RequestRun,
+    check_handlers,
+    check_timeout,
+    interrupting,
+)
 from instrumentation.dispatcher import Dispatcher
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
@@ -118,6 +125,27 @@ def _collection(
     return fixed if fixed is not None else dispatcher
 
 
+class _Tally:
+    """What an adapter's requests ran into, summed as each one's handler calls have all
+    run: a request span has no object of its own to read it from, as an
+    ``audit.request()`` block has (``req.errors``, ``req.calls_dropped``...)."""
+
+    __slots__ = ("calls_dropped", "errors", "errors_omitted", "requests_dropped")
+
+    def __init__(self) -> None:
+        self.errors: list[HandlerError] = []
+        self.errors_omitted = 0
+        self.calls_dropped = 0
+        self.requests_dropped = 0
+
+    def add(self, run: RequestRun) -> None:
+        room = max(0, runner.MAX_KEPT_ERRORS - len(self.errors))
+        self.errors.extend(run.errors[:room])
+        self.errors_omitted += run.errors_omitted + max(0, len(run.errors) - room)
+        self.calls_dropped += run.calls_dropped
+        self.requests_dropped += run.dropped
+
+
 class AuditAdapter(BaseSpanHandler[BaseSpan]):
     """A span handler that runs audit handlers for each request span (see the module doc)."""
 
@@ -126,6 +154,7 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
     collection: str | None = None
     _attached: list[Dispatcher] = PrivateAttr(default_factory=list)
     _pending: set[RequestRun] = PrivateAttr(default_factory=set)
+    _tally: _Tally = PrivateAttr(default_factory=_Tally)
     if TYPE_CHECKING:
         # Put straight in __dict__ by model_post_init: every span's end reads them (most
         # to find it is no request), and a pydantic private attribute is read through
@@ -273,6 +302,7 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
     def _settled(self, run: RequestRun) -> None:
         with self._guard:
             self._pending.discard(run)
+            self._tally.add(run)
 
     def flush(self, timeout: float = DEFAULT_TIMEOUT) -> bool:
         """Wait until the handler calls of every ended request have run (``timeout=0`` mode)."""
@@ -294,6 +324,34 @@ class AuditAdapter(BaseSpanHandler[BaseSpan]):
     @property
     def active_requests(self) -> int:
         return len(self._runs)
+
+    @property
+    def errors(self) -> list[HandlerError]:
+        """Handler calls that raised, in this adapter's requests whose calls have all run
+        (after :meth:`flush`, all of them): the first ``runner.MAX_KEPT_ERRORS``, as a
+        request keeps them. Each is logged and counted too."""
+        with self._guard:
+            return list(self._tally.errors)
+
+    @property
+    def errors_omitted(self) -> int:
+        """Handler errors left out of :attr:`errors` (logged and counted all the same)."""
+        with self._guard:
+            return self._tally.errors_omitted
+
+    @property
+    def calls_dropped(self) -> int:
+        """Handler calls not made in this adapter's requests: events not handed to a
+        handler too far behind (``req.calls_dropped`` of ``audit.request()``)."""
+        with self._guard:
+            return self._tally.calls_dropped
+
+    @property
+    def requests_dropped(self) -> int:
+        """Request spans no handler saw: the calls of ``runner.MAX_PENDING_REQUESTS``
+        ended requests were waiting (``req.dropped`` of ``audit.request()``)."""
+        with self._guard:
+            return self._tally.requests_dropped
 
     def detach(self) -> None:
         """Remove this adapter from every dispatcher :func:`attach` put it on."""

@@ -65,6 +65,10 @@ class RequestEnd:
     ended_at: datetime = field(default_factory=_now)
     #: The caller stopped reading a streamed request early (an early stop, no error).
     abandoned: bool = False
+    #: Events of the request this handler was not handed, neither start nor end: it was
+    #: ``runner.MAX_QUEUED_CALLS`` calls behind, or the audit loop was blocked. Its
+    #: record of the request lacks that many events (each handler gets its own count).
+    events_dropped: int = 0
 
 
 @dataclass

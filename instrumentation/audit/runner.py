@@ -74,6 +74,14 @@ MAX_PENDING_REQUESTS = 10_000
 #: the handler was given are never dropped, so each handler's calls stay consistent.
 MAX_QUEUED_CALLS = 10_000
 
+#: Event starts of one request posted to the audit loop and not yet taken by it; read
+#: at each event. The loop takes them at once, into the handlers' queues (bounded
+#: above), unless something blocks it: an ``async def`` handler making a blocking call
+#: to a service that hangs left every later event of a long request waiting there,
+#: without limit. An event that finds this many waiting is handed to no handler, and
+#: counted as above (its start and end, for each handler).
+MAX_POSTED_EVENTS = 10_000
+
 #: Handler errors a request keeps in ``errors``, each with its traceback (and the
 #: frames, events included, it holds); read at each error. Later ones are counted in
 #: ``errors_omitted`` (and logged and counted as usual): a handler failing on every
@@ -219,14 +227,23 @@ def _misplaced(signature: inspect.Signature, parameters: tuple[str, ...]) -> lis
 
 def _fits_unwrapped(method: Any, signature: inspect.Signature, parameters: tuple[str, ...]) -> bool:
     """The method as called (not the function a decorator wraps) takes the arguments
-    with no parameter named as another one: a decorator that adds an argument of its own."""
+    in parameters of its own, none named as another one: a decorator that adds an
+    argument of its own, or passes them on by name.
+
+    One that takes them as ``*args`` (``@functools.wraps(f) def call(*args, **kwargs)``,
+    a logging or retrying decorator) passes them on in the order they came: the
+    function it wraps gets them by position, and its names are the ones that count.
+    """
     try:
         outer = inspect.signature(method, follow_wrapped=False)
     except (TypeError, ValueError):
         return True
-    if outer == signature:
+    if outer == signature or not _binds(outer, parameters):
         return False
-    return _binds(outer, parameters) and not _misplaced(outer, parameters)
+    taken = outer.bind(*parameters).arguments
+    if any(outer.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL for name in taken):
+        return False
+    return not _misplaced(outer, parameters)
 
 
 def _shown(signature: inspect.Signature) -> str:
@@ -439,7 +456,8 @@ class RequestRun:
         self.errors: list[HandlerError] = []
         #: Handler errors not kept in ``errors`` (beyond :data:`MAX_KEPT_ERRORS`).
         self.errors_omitted = 0
-        #: Handler calls not made: a handler :data:`MAX_QUEUED_CALLS` behind.
+        #: Handler calls not made: a handler :data:`MAX_QUEUED_CALLS` behind, or the
+        #: audit loop not taking the request's calls (see :meth:`begin_event`).
         self.calls_dropped = 0
         #: True once every handler call ran; False at once if the audit loop's thread
         #: ended first (it says so in the log).
@@ -452,6 +470,12 @@ class RequestRun:
         self._lock = threading.Lock()
         self._keys = itertools.count()
         self._open: dict[object, list[tuple[int, Event]]] = {}
+        # Event starts posted to the audit loop, and taken by it (counted there): the
+        # difference waits in the loop's posted calls. Events posted to no handler, as
+        # too many were waiting: their ends are not posted either.
+        self._starts_posted = 0
+        self._starts_taken = 0
+        self._unposted: set[int] = set()
         # Loop-side state (touched only on the audit loop's thread).
         count = len(self.handlers)
         self._request_ctx: list[Any] = [None] * count
@@ -462,6 +486,8 @@ class RequestRun:
         # event_end is not given either. Empty but for a handler that far behind.
         self._skipped: dict[int, set[int]] = {}
         self._remaining = count
+        #: Per handler index, the events it was not handed (see ``RequestEnd``).
+        self._events_dropped = [0] * count
         self._worker: Worker | None = None
         #: ``done`` settled: a plain flag, read on every event (Future.done() takes a lock).
         self._over = count == 0
@@ -490,14 +516,26 @@ class RequestRun:
     # -- application side (any thread) ---------------------------------------------
 
     def begin_event(self, key: object, event: Event) -> bool:
-        """Start ``event``; a later :meth:`end_event` with the same ``key`` ends it."""
+        """Start ``event``; a later :meth:`end_event` with the same ``key`` ends it.
+
+        Handed to no handler when :data:`MAX_POSTED_EVENTS` starts of this request are
+        waiting for the audit loop to take them (it is blocked): they would pile up there.
+        """
         with self._lock:
             if self.ended:
                 return False
             number = next(self._keys)
             self._open.setdefault(key, []).append((number, event))
+            posted = self._over or self._starts_posted - self._starts_taken < MAX_POSTED_EVENTS
+            if posted:
+                self._starts_posted += 1
+            else:
+                self._unposted.add(number)
         EVENTS.inc()
-        self._post(("event_start", number, event))
+        if posted:
+            self._post(("event_start", number, event))
+        else:
+            self._not_posted(1, starts=True)
         return True
 
     def end_event(self, key: object, event: Event | None = None) -> bool:
@@ -509,8 +547,42 @@ class RequestRun:
             number, started = stack.pop()
             if not stack:
                 del self._open[key]
-        self._post(("event_end", number, started if event is None else event))
+            unposted = number in self._unposted
+            self._unposted.discard(number)
+        if unposted:
+            self._not_posted(1, starts=False)  # its start was not: nor is its end
+        else:
+            self._post(("event_end", number, started if event is None else event))
         return True
+
+    def _not_posted(self, calls: int, starts: bool) -> None:
+        """``calls`` calls of every handler not posted (event starts, or their ends)."""
+        dropped = calls * len(self.handlers)
+        with self._lock:
+            self.calls_dropped += dropped
+            if starts:
+                self._events_dropped = [n + calls for n in self._events_dropped]
+            total = self.calls_dropped
+        CALLS_DROPPED.add(dropped)
+        if not starts:  # an end follows its start, which was logged
+            return
+        held = telemetry.log_turn(("audit", "loop", "not taking calls"))
+        if held is None:
+            return
+        try:
+            logger.warning(
+                "the audit loop has not taken the last %d event starts of request %s "
+                "(runner.MAX_POSTED_EVENTS; is an async def handler blocking it?): the "
+                "request's newest events are handed to no handler until it does; its "
+                "request_end still is (%d calls dropped so far in this request, counted in "
+                "audit.calls_dropped)%s",
+                MAX_POSTED_EVENTS,
+                self.start.request_id,
+                total,
+                f" ({held} more such drops in the last interval)" if held else "",
+            )
+        except Exception:  # pragma: no cover - a broken log filter: counted all the same
+            pass
 
     def has_open(self, key: object) -> bool:
         with self._lock:
@@ -529,6 +601,11 @@ class RequestRun:
             self.ended = True
             left = [item for stack in self._open.values() for item in stack]
             self._open.clear()
+            unposted = self._unposted
+            self._unposted = set()
+        if unposted:
+            left = [item for item in left if item[0] not in unposted]
+            self._not_posted(len(unposted), starts=False)
         _in_flight.ended(self)  # before request_end is posted: it cannot settle before
         # Measured here, on the application's side: handlers may run much later.
         end = RequestEnd(
@@ -620,6 +697,8 @@ class RequestRun:
             return
         kind = call[0]
         starting = kind == "event_start"
+        if starting:
+            self._starts_taken += 1  # read by begin_event, on the application's side
         skipped = self._skipped if kind == "event_end" else None
         for index, queue in enumerate(self._queues):
             if starting:
@@ -627,7 +706,7 @@ class RequestRun:
                     # The newest call goes: those queued are older, and a handler that
                     # far behind would only fall further back keeping them all.
                     self._skipped.setdefault(index, set()).add(call[1])
-                    self._drop_call(index)
+                    self._drop_call(index, starting)
                     continue
             elif skipped:
                 numbers = skipped.get(index)
@@ -635,15 +714,18 @@ class RequestRun:
                     numbers.discard(call[1])
                     if not numbers:
                         del skipped[index]
-                    self._drop_call(index)  # its start was dropped: not given alone
+                    self._drop_call(index, starting)  # its start was dropped: not given alone
                     continue
             queue.append(call)
             if not self._draining[index]:
                 self._draining[index] = True
                 self._start_drain(index)
 
-    def _drop_call(self, index: int) -> None:
-        self.calls_dropped += 1
+    def _drop_call(self, index: int, start: bool) -> None:
+        with self._lock:  # begin_event's drops change them too, on another thread
+            self.calls_dropped += 1
+            if start:
+                self._events_dropped[index] += 1
         CALLS_DROPPED.inc()
         name = type(self.handlers[index]).__name__
         held = telemetry.log_turn(("audit", name, "queue full"))
@@ -704,7 +786,7 @@ class RequestRun:
         elif kind == "event_end":
             args = (call[2], self._request_ctx[index], self._event_ctx[index].pop(call[1], None))
         else:
-            args = (call[1], self._request_ctx[index])
+            args = (self._told_of_drops(index, call[1]), self._request_ctx[index])
         result: Any = None
         closing: GeneratorExit | None = None
         watch: _Watch | None = None
@@ -744,6 +826,12 @@ class RequestRun:
                     audit_loop.release(self._worker, self)
         if closing is not None:
             raise closing
+
+    def _told_of_drops(self, index: int, end: RequestEnd) -> RequestEnd:
+        """``end`` for handler ``index``, with the events it was not handed: all are
+        counted by now (their starts were taken before this request_end)."""
+        missed = self._events_dropped[index]
+        return dataclasses.replace(end, events_dropped=missed) if missed else end
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -936,6 +1024,7 @@ __all__ = [
     "EXIT_FLUSH_SECONDS",
     "MAX_KEPT_ERRORS",
     "MAX_PENDING_REQUESTS",
+    "MAX_POSTED_EVENTS",
     "MAX_QUEUED_CALLS",
     "SLOW_CALL_SECONDS",
     "HandlerError",

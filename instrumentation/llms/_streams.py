@@ -291,7 +291,7 @@ class AsyncEndOnClose(EndOnClose):
             return
         self.left = True
         span = self.span
-        if span.over:  # a read's task destroyed as it waited: the read ended the span
+        if span.over:  # a read that failed ended it
             return
         # In a collection, maybe inside a handler's lock: put off, as EndOnClose does.
         # A collection may also run this before the loop brings the body back to close
@@ -369,6 +369,11 @@ class SpannedStream(Iterator[T], Generic[T]):
 
     def __iter__(self) -> SpannedStream[T]:
         return self
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or being closed, by its caller (its span is over, or about to be)."""
+        return self._span.by_caller
 
     def __next__(self) -> T:
         span = self._span
@@ -472,6 +477,11 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
     def __aiter__(self) -> AsyncSpannedStream[T]:
         return self
 
+    @property
+    def closed(self) -> bool:
+        """Closed, or being closed, by its caller (its span is over, or about to be)."""
+        return self._span.by_caller
+
     async def _step(self, thrown: BaseException | None) -> T:
         span = self._span
         if span.by_caller:  # closed, or being closed, by the caller (in another task)
@@ -490,6 +500,12 @@ class AsyncSpannedStream(AsyncGenerator[T, None], Generic[T]):
                 item = await self._body.athrow(thrown)
         except StopAsyncIteration:
             span.finish()
+            raise
+        except GeneratorExit:
+            # The reader's coroutine closed where it waited (its task destroyed with a
+            # loop closed under it): the stream was left, as after a ``break``, not
+            # failed. Its body ends the call as abandoned when it is closed or freed
+            # (AsyncEndOnClose), whichever of the two the collector comes to first.
             raise
         except BaseException as err:
             span.ended_by(err)

@@ -49,7 +49,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import wrapt
 
@@ -75,6 +75,7 @@ from instrumentation.llms._call import (
 from instrumentation.llms._streams import (
     READY,
     AsyncEndOnClose,
+    AsyncSpannedStream,
     EndOnClose,
     SpannedStream,
     StreamSpan,
@@ -502,7 +503,12 @@ async def _aclose_quietly(stream: Any) -> None:
 
 
 class TracedStream(_Proxy):
-    """The client's ``Stream``, iterated through the span; everything else passes through."""
+    """The client's ``Stream``, iterated through the span; everything else passes through.
+
+    Read after ``close()``, it is the client's own stream, as untraced: the chunks its
+    response had buffered, then the error of reading a closed response. The span
+    ended at the close, with what was read until then.
+    """
 
     def __init__(self, stream: Any, spanned: SpannedStream[Any]) -> None:
         super().__init__(stream)
@@ -512,6 +518,8 @@ class TracedStream(_Proxy):
         return self
 
     def __next__(self) -> Any:
+        if self._self_spanned.closed:
+            return next(self.__wrapped__)
         return next(self._self_spanned)
 
     def close(self) -> None:
@@ -525,9 +533,10 @@ class TracedStream(_Proxy):
 
 
 class AsyncTracedStream(_Proxy):
-    """The client's ``AsyncStream``, iterated through the span."""
+    """The client's ``AsyncStream``, iterated through the span (after ``close()``, as
+    untraced: see :class:`TracedStream`)."""
 
-    def __init__(self, stream: Any, spanned: AsyncGenerator[Any, None]) -> None:
+    def __init__(self, stream: Any, spanned: AsyncSpannedStream[Any]) -> None:
         super().__init__(stream)
         self._self_spanned = spanned
 
@@ -535,6 +544,8 @@ class AsyncTracedStream(_Proxy):
         return self
 
     async def __anext__(self) -> Any:
+        if self._self_spanned.closed:
+            return await self.__wrapped__.__anext__()
         return await self._self_spanned.__anext__()
 
     async def close(self) -> None:
@@ -557,6 +568,11 @@ class AsyncTracedStream(_Proxy):
 _ITERABLE_PARAMETERS = ("messages", "tools", "functions")
 
 
+def _one_pass(value: Any) -> TypeGuard[Iterable[Any]]:
+    """Whether ``value`` is an iterable that reading may use up (a generator, say)."""
+    return isinstance(value, Iterable) and not isinstance(value, (Sequence, Mapping, str))
+
+
 def _listed(kwargs: dict[str, Any], keys: Sequence[str] = _ITERABLE_PARAMETERS) -> dict[str, Any]:
     """``kwargs`` with each of ``keys`` (chat: ``messages``, ``tools``, ``functions``)
     read once into a list when it is a one-pass iterable (a generator, say), so that
@@ -565,10 +581,20 @@ def _listed(kwargs: dict[str, Any], keys: Sequence[str] = _ITERABLE_PARAMETERS) 
     listed: dict[str, Any] = {}
     for key in keys:
         value = kwargs.get(key)
-        if isinstance(value, (Sequence, Mapping, str)) or not isinstance(value, Iterable):
-            continue
-        listed[key] = list(value)
+        if _one_pass(value):
+            listed[key] = list(value)
     return {**kwargs, **listed} if listed else kwargs
+
+
+def _listed_input(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_listed` for an embedding's ``input``, and the token-id iterables in it
+    too (``Iterable[Iterable[int]]``): the client used them up, and the usage estimate
+    for a reply with none, read after the call, found no ids (0 tokens)."""
+    kwargs = _listed(kwargs, ("input",))
+    inputs = kwargs.get("input")
+    if isinstance(inputs, list) and any(_one_pass(item) for item in inputs):
+        kwargs = {**kwargs, "input": [list(i) if _one_pass(i) else i for i in inputs]}
+    return kwargs
 
 
 class _Patch:
@@ -733,7 +759,7 @@ def _embed_wrapper(patch: _Patch) -> Wrapper:
     def embed(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args or not listening(dispatcher) or not patch.on:
             return wrapped(*args, **kwargs)
-        kwargs = _listed(kwargs, ("input",))  # its texts are read after the call
+        kwargs = _listed_input(kwargs)  # its texts are read after the call
         with dispatcher.span(EMBEDDING_SPAN):
             t0 = _embed_start(instance, kwargs)
             response = wrapped(*args, **kwargs)
@@ -749,7 +775,7 @@ def _aembed_wrapper(patch: _Patch) -> Wrapper:
     ) -> Any:
         if args or not listening(dispatcher) or not patch.on:
             return await wrapped(*args, **kwargs)
-        kwargs = _listed(kwargs, ("input",))  # its texts are read after the call
+        kwargs = _listed_input(kwargs)  # its texts are read after the call
         async with dispatcher.span(EMBEDDING_SPAN):
             t0 = _embed_start(instance, kwargs)
             response = await wrapped(*args, **kwargs)

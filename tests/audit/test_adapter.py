@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -450,7 +451,9 @@ def _ticks_while(coro: Any) -> tuple[int, Any]:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("kind", ["coroutine", "async generator", "async with", "awaitable"])
+@pytest.mark.parametrize(
+    "kind", ["coroutine", "async generator", "async with", "awaitable", "types.coroutine"]
+)
 def test_async_requests_await_their_handlers_without_blocking_the_loop(kind: str) -> None:
     """An async request returns once its handlers ran (as a sync one does), awaiting
     them: the loop's other tasks run meanwhile. Blocking there held up every task of
@@ -474,6 +477,12 @@ def test_async_requests_await_their_handlers_without_blocking_the_loop(kind: str
     def later(question: str) -> Any:
         return ask.__wrapped__(question)  # a sync function returning a coroutine
 
+    @d.span(request=True)
+    @types.coroutine
+    def legacy(question: str) -> Any:  # a generator-based coroutine: it blocked the loop
+        yield from asyncio.sleep(0)
+        return question
+
     async def one(i: int) -> None:
         q = f"q{i}"
         if kind == "coroutine":
@@ -483,8 +492,10 @@ def test_async_requests_await_their_handlers_without_blocking_the_loop(kind: str
         elif kind == "async with":
             async with d.span("block", attributes={"request": True}):
                 await asyncio.sleep(0)
-        else:
+        elif kind == "awaitable":
             await later(q)
+        else:
+            assert await legacy(q) == q
         # Done before the call returned, as for a sync request.
         assert len(handler.rec.request_ends) >= 1
 
@@ -503,13 +514,17 @@ def test_async_requests_await_their_handlers_without_blocking_the_loop(kind: str
     assert ticks >= 10, f"the loop was blocked: the heartbeat ran {ticks} times"
 
 
-def test_an_async_stream_read_no_further_awaits_its_handlers_without_blocking_the_loop() -> None:
+@pytest.mark.parametrize("kind", ["traced", "span block"])
+def test_an_async_stream_read_no_further_awaits_its_handlers_without_blocking_the_loop(
+    kind: str,
+) -> None:
     """A stream its caller stops reading is closed by ``aclose()`` (``aclosing``, or the
     loop's hook for one dropped): the span ends there, in async code. It waited for
-    the handlers blocking the loop, as in sync code."""
+    the handlers blocking the loop, as in sync code (an ``async with`` request block in
+    the stream did until now)."""
     import contextlib
 
-    d = get_dispatcher("tests.audit.async_wait.abandoned")
+    d = get_dispatcher(f"tests.audit.async_wait.abandoned.{kind.replace(' ', '_')}")
     handler = _SlowEnd(0.3)
     adapter = audit.attach(d, [handler])
 
@@ -518,8 +533,14 @@ def test_an_async_stream_read_no_further_awaits_its_handlers_without_blocking_th
         for i in range(10):
             yield i
 
+    async def stream_in_a_block(question: str) -> Any:
+        async with d.span("stream", request=True):
+            for i in range(10):
+                yield i
+
     async def read_one() -> None:
-        async with contextlib.aclosing(stream("q")) as s:
+        made = stream("q") if kind == "traced" else stream_in_a_block("q")
+        async with contextlib.aclosing(made) as s:
             async for _ in s:
                 break
         assert len(handler.rec.request_ends) == 1  # done before the close returned
@@ -567,3 +588,66 @@ def test_two_adapters_with_the_same_fields_are_two() -> None:
     assert first == first and first != second
     assert [first, second].index(second) == 1
     assert len({first, second}) == 2
+
+
+class _FailsOnEachEnd(SyncRecorder):
+    def event_end(self, event: Any, request_context: Any, event_context: Any) -> None:
+        raise RuntimeError("log service said 500")
+
+
+class _Gated(SyncRecorder):
+    """Held in request_start until its gate opens: every later call waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def request_start(self, user_request: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().request_start(user_request)
+
+
+def test_an_adapter_sums_what_its_requests_ran_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request span has no object to read its handler errors and dropped calls from,
+    as an ``audit.request()`` block has: the adapter sums them (logged and counted
+    before, but neither readable for its requests alone)."""
+    from instrumentation.audit import runner
+
+    monkeypatch.setattr(runner, "MAX_KEPT_ERRORS", 2)
+    monkeypatch.setattr(runner, "MAX_QUEUED_CALLS", 5)
+    d = get_dispatcher("tests.audit.adapter.tally")
+    failing, behind = _FailsOnEachEnd(), _Gated()
+    adapter = audit.attach(d, [failing, behind])
+    llm = OfflineLLM()
+
+    @d.span(request=True)
+    def ask(question: str, steps: int) -> str:
+        if not behind.gate.is_set():
+            assert behind.entered.wait(10)
+        for step in range(steps):
+            llm.chat(f"{question} {step}")
+        behind.gate.set()
+        return question
+
+    try:
+        assert adapter.errors == [] and adapter.calls_dropped == 0
+        ask("first", 20)
+        ask("second", 1)
+        assert adapter.flush()
+        assert [(e.method, str(e.error)) for e in adapter.errors] == [
+            ("event_end", "log service said 500")
+        ] * 2
+        # Each event_end it was handed failed: the two kept, the others counted.
+        handed = len(failing.rec.returned_events)
+        assert adapter.errors_omitted == handed - 2
+        # The held handler missed 17 events of the first request; the failing one, fast
+        # but plain def, what it could not take of the burst (start and end count one).
+        assert adapter.calls_dropped == 2 * (17 + 21 - handed)
+        monkeypatch.setattr(runner, "MAX_PENDING_REQUESTS", 0)
+        ask("third", 0)
+        assert adapter.requests_dropped == 1
+    finally:
+        behind.gate.set()
+        adapter.detach()

@@ -106,3 +106,74 @@ def test_a_request_keeps_its_first_errors_and_counts_the_rest(
     ] * 3
     assert req.errors_omitted == 7
     assert telemetry.counter("audit.handler_errors").value == 10  # all counted still
+
+
+class BlocksTheLoop(SyncRecorder):
+    """An ``async def`` request_start that blocks (a blocking call where it should
+    await): the audit loop's thread, every async handler's, waits with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    async def request_start(self, user_request: RequestStart) -> ReqCtx:  # type: ignore[override]
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().request_start(user_request)
+
+
+def test_what_waits_for_a_blocked_audit_loop_is_bounded_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The calls posted to the audit loop wait there until it takes them: a loop that a
+    handler blocks takes none, and every event of a long request piled up there, past
+    MAX_QUEUED_CALLS (which bounds the handlers' queues, filled by the loop)."""
+    monkeypatch.setattr(runner, "MAX_POSTED_EVENTS", 5)
+    handler = BlocksTheLoop()
+    with (
+        caplog.at_level(logging.WARNING, logger="instrumentation.audit"),
+        audit.request(question="agent loop", handlers=[handler]) as req,
+    ):
+        try:
+            assert handler.entered.wait(10)  # the loop is blocked from here
+            worker = req._run._worker  # type: ignore[union-attr]
+            assert worker is not None
+            for step in range(200):
+                with audit.event(audit.ToolCallEvent(name=f"step {step}")):
+                    pass
+            waiting = len(worker.posted)
+        finally:
+            handler.gate.set()
+    assert waiting <= 2 * 5, f"{waiting} calls waited for the blocked loop"
+    assert req.completed is True
+    # Each handler was handed whole events (never an end without its start), and told
+    # in its request_end how many of the request's events it was not handed.
+    handler.rec.check(expected_requests=1, events_per_request=5)
+    ((end, _),) = handler.rec.request_ends
+    assert end.events_dropped == 200 - 5
+    assert req.calls_dropped == 2 * (200 - 5)
+    warnings = [r.getMessage() for r in caplog.records if "blocking it" in r.getMessage()]
+    assert len(warnings) == 1 and req.id in warnings[0]
+
+
+def test_a_handler_is_told_of_the_events_it_was_not_handed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each handler's request_end says how many of the request's events it missed: a
+    record written from its calls alone looked complete."""
+    monkeypatch.setattr(runner, "MAX_QUEUED_CALLS", 5)
+    behind, fast = Gated(), SyncRecorder()
+    with audit.request(question="agent loop", handlers=[behind, fast]) as req:
+        assert behind.entered.wait(10)
+        for step in range(20):
+            _ask(OfflineLLM(), f"agent loop step {step}")
+        behind.gate.set()
+    assert req.completed is True
+    ((behind_end, _),) = behind.rec.request_ends
+    ((fast_end, _),) = fast.rec.request_ends
+    assert behind_end.events_dropped == 17
+    # The other handler was handed what it could take, and is told of the rest (none,
+    # unless it too fell this far behind the burst).
+    assert fast_end.events_dropped == 20 - len(fast.rec.returned_events)
+    assert req.calls_dropped == 2 * (behind_end.events_dropped + fast_end.events_dropped)

@@ -717,3 +717,30 @@ def test_the_cli_handler_writes_nothing_when_there_is_no_stderr(
     with audit.request(question="q", handlers=[CLIEventHandler()]) as req:
         req.result = "a"
     assert req.errors == [] and req.completed is True
+
+
+def test_built_in_handlers_say_how_many_events_their_record_lacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that fell behind is not handed the request's newest events; its
+    request_end says how many (``RequestEnd.events_dropped``), and the built-in ones
+    write it where the request's record ends: a file, a block or a log record that
+    looked complete was not."""
+    start = RequestStart(question="agent loop", collection="tools")
+    end = audit.RequestEnd(result="done", request_id=start.request_id, events_dropped=17)
+    stream = io.StringIO()
+    file_handler, cli, log = (
+        FileEventHandler(tmp_path),
+        CLIEventHandler(stream),
+        LoggingEventHandler(),
+    )
+    with caplog.at_level(logging.INFO, logger="instrumentation.audit.events"):
+        for handler in (file_handler, cli, log):
+            handler.request_end(end, handler.request_start(start))
+    missing = "17 event(s) of this request not recorded: this handler fell behind"
+    (written,) = tmp_path.glob("*.log")
+    assert f"Missing: {missing}" in written.read_text()
+    assert missing in stream.getvalue()
+    (record,) = [r for r in caplog.records if getattr(r, "audit", {}).get("phase") == "request_end"]
+    assert missing in record.getMessage()
+    assert cast(Any, record).audit["events_dropped"] == 17

@@ -10,12 +10,13 @@ contexts swapped, silently when they have the same type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import pytest
 
 from instrumentation import audit, get_dispatcher
-from instrumentation.audit import Event, EventHandler, RequestEnd, RequestStart
+from instrumentation.audit import Event, EventHandler, RequestEnd, RequestStart, ToolCallEvent
 from instrumentation.llms import OfflineLLM
 
 Span = dict[str, Any]
@@ -136,3 +137,69 @@ def test_db_allys_optional_contexts_and_other_names_still_run() -> None:
         OfflineLLM().chat("hi")
     assert req.errors == []
     assert handler.ended == ["event ctx", {"events": 1}]
+
+
+def _passing_through(method: Any) -> Any:
+    """A decorator as logging and retrying ones are written: it takes whatever comes
+    (``*args, **kwargs``) and passes it on as it came."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    return call
+
+
+class DecoratedEndsByKeyword(EndsByKeyword):
+    event_end = _passing_through(EndsByKeyword.event_end)  # type: ignore[assignment]
+
+
+class DecoratedRequestEndContextFirst(RequestEndContextFirst):
+    request_end = _passing_through(RequestEndContextFirst.request_end)  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        (DecoratedEndsByKeyword(), r"event_context would get the request_context"),
+        (DecoratedRequestEndContextFirst(), r"request_context would get the output"),
+    ],
+)
+def test_a_decorator_passing_the_arguments_through_hides_no_other_order(
+    handler: Any, expected: str
+) -> None:
+    """A ``*args`` wrapper says nothing of the order: the function it wraps gets the
+    arguments by position. It was taken for a decorator adding an argument of its own,
+    and the handler was accepted, its two contexts swapped at every event_end."""
+    with pytest.raises(TypeError, match=expected):
+        audit.request(question="q", handlers=[handler])
+    with pytest.raises(TypeError, match=expected):
+        audit.attach(get_dispatcher("tests.audit.dbally_port"), [handler])
+
+
+class ReordersByName(EndsByKeyword):
+    """A decorator whose own parameters are in the runner's order, passing them on by
+    name: the function it wraps gets each where it belongs."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[object, object]] = []
+
+    def _event_end(self, event: Event | None, event_context: Span, request_context: Span) -> None:
+        self.got.append((event_context["kind"], request_context["kind"]))
+
+    @functools.wraps(_event_end)
+    def event_end(  # type: ignore[override]
+        self, event: Event | None, request_context: Span, event_context: Span
+    ) -> None:
+        self._event_end(event, event_context=event_context, request_context=request_context)
+
+
+def test_a_decorator_that_names_the_arguments_itself_is_judged_by_its_own_names() -> None:
+    handler = ReordersByName()
+    with (
+        audit.request(question="q", handlers=[handler]) as req,
+        audit.event(ToolCallEvent(name="t")),
+    ):
+        pass
+    assert req.completed and req.errors == []
+    assert handler.got == [("event", "request")]

@@ -575,6 +575,40 @@ def test_a_reader_cancelled_between_chunks_in_a_loop_closed_without_shutdown_end
     _ended_as_left_early(cap)
 
 
+@pytest.mark.filterwarnings("ignore:coroutine method 'aclose':RuntimeWarning")  # see above
+def test_a_reader_waiting_when_its_loop_closes_leaves_the_stream_as_abandoned(
+    cap: Capture, manual_gc: None
+) -> None:
+    """A reader's task still waiting for a chunk when its loop is closed (the loop run
+    until another coroutine returned, then closed) is destroyed with the loop: its
+    coroutine is closed where it waits. That is the stream left early, not a failed
+    call: the span was dropped with ``GeneratorExit`` (on Python 3.11), with no end
+    event for the chunk read."""
+    model = llm(chunk_delay_s=10.0)
+
+    async def reader() -> None:
+        async for _ in await model.astream_chat(QUESTION):
+            pass
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(reader())
+        await asyncio.sleep(0.05)  # the reader has its first chunk, and waits for the next
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()  # the reader's task is still pending
+    gc.collect()
+    assert not cap.events_of(SpanDropEvent)
+    [end] = cap.events_of(LLMChatEndEvent)
+    assert end.finish_reason == "abandoned"
+    assert end.usage is not None and end.usage.completion_tokens == 1
+    [stream] = cap.spans
+    assert stream.end_time is not None and end.span_id == stream.id_
+    assert not cap._spans.open_spans
+
+
 async def test_async_stream_closed_before_reading_ends_as_abandoned(cap: Capture) -> None:
     """aclose() before the first chunk (of astream_chat or astream_complete) ends the span
     as abandoned, once however often it is called; the stream is then over."""

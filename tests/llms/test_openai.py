@@ -1228,8 +1228,6 @@ async def test_aclose_ends_an_async_stream_as_abandoned(
     await stream.aclose()
     assert stream.response.is_closed
     assert _abandoned(cap) == ["abandoned"]
-    with pytest.raises(StopAsyncIteration):
-        await stream.__anext__()
     opened = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
     async with contextlib.aclosing(opened) as second:
         async for _ in second:
@@ -1255,6 +1253,70 @@ def test_every_closing_method_of_the_clients_streams_goes_through_the_span(
     ) as stream:
         next(stream)
     assert _abandoned(cap) == ["abandoned"]
+
+
+def _text_of(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def _read_on_after_close(read: list[Any], after: list[Any], error: BaseException | None) -> None:
+    """What a stream read on after ``close()`` gave, untraced or traced: the chunks the
+    client had buffered, then the error of reading a closed response; or, had it
+    buffered the whole reply, its rest. Never a quiet end with part of the reply."""
+    text = _text_of(read + after)
+    if error is None:
+        assert text == ANSWER
+    else:
+        assert isinstance(error, openai.APIConnectionError), repr(error)
+        assert ANSWER.startswith(text)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_stream_read_on_after_close_is_the_clients_own(
+    cap: Capture, client: openai.OpenAI, traced: bool
+) -> None:
+    """Read after ``close()``, a traced stream ended at once (StopIteration), as if the
+    reply were complete, where the client's own stream gives what it had buffered and
+    then raises. It is now the client's stream then; its span ended at the close."""
+    if not traced:
+        uninstrument_openai()
+    for _ in range(5):  # what was buffered differs from one run to the next
+        stream = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        read = [next(stream), next(stream)]
+        stream.close()
+        after: list[Any] = []
+        try:
+            after.extend(stream)
+        except Exception as exc:
+            _read_on_after_close(read, after, exc)
+        else:
+            _read_on_after_close(read, after, None)
+    if traced:
+        assert _abandoned(cap) == ["abandoned"] * 5
+        for end in cap.events_of(LLMChatEndEvent):  # what was read before the close
+            assert end.response is not None and end.response.message.content == "Echo:"
+
+
+@pytest.mark.parametrize("traced", [False, True])
+async def test_an_async_stream_read_on_after_close_is_the_clients_own(
+    cap: Capture, aclient: openai.AsyncOpenAI, traced: bool
+) -> None:
+    if not traced:
+        uninstrument_openai()
+    for _ in range(5):
+        stream = await aclient.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
+        read = [await stream.__anext__(), await stream.__anext__()]
+        await stream.close()
+        after: list[Any] = []
+        try:
+            async for chunk in stream:
+                after.append(chunk)
+        except Exception as exc:
+            _read_on_after_close(read, after, exc)
+        else:
+            _read_on_after_close(read, after, None)
+    if traced:
+        assert _abandoned(cap) == ["abandoned"] * 5
 
 
 def _usage_of(end: LLMChatEndEvent) -> tuple[int, int, bool]:
@@ -1610,6 +1672,23 @@ def test_a_generator_of_embedding_inputs_is_recorded(
     assert server.requests[-1]["body"]["input"] == ["a b", "c"]
     [end] = cap.events_of(EmbeddingEndEvent)
     assert end.chunks == ["a b", "c"] and len(end.embeddings) == 2
+
+
+def test_token_ids_given_as_generators_are_counted(
+    cap: Capture, client: openai.OpenAI, server: OpenAIServer
+) -> None:
+    """Token ids inside the input given as iterators (``Iterable[Iterable[int]]``) are
+    read once, into lists the client sends: it used them up, and a reply with no usage
+    was estimated at 0 tokens (no cost) where the same ids in lists count 5."""
+    server.embedding_usage = False
+    client.embeddings.create(model="text-embedding-3-small", input=[iter([1, 2, 3]), iter([4, 5])])
+    client.embeddings.create(
+        model="text-embedding-3-small", input=(iter(ids) for ids in ([1, 2, 3], [4, 5]))
+    )
+    assert [r["body"]["input"] for r in server.requests] == [[[1, 2, 3], [4, 5]]] * 2
+    for end in cap.events_of(EmbeddingEndEvent):
+        assert end.usage == TokenUsage(prompt_tokens=5, total_tokens=5, estimated=True)
+        assert len(end.embeddings) == 2
 
 
 def test_retries_are_one_call(cap: Capture, server: OpenAIServer) -> None:

@@ -24,6 +24,14 @@ _PRINTABLE_INT_BITS = 2_000
 ENDED_EARLY = "ended early: the caller stopped reading the stream"
 
 
+def events_dropped_text(count: int) -> str:
+    """What a record says of the request's events its handler was not handed."""
+    return (
+        f"{count} event(s) of this request not recorded: this handler fell behind "
+        "(see audit.calls_dropped)"
+    )
+
+
 def clip(value: Any, limit: int = MAX_TEXT) -> str:
     text = value if isinstance(value, str) else safe_repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -195,6 +203,7 @@ __all__ = [
     "cost_text",
     "duration_ms",
     "end_lines",
+    "events_dropped_text",
     "fields",
     "jsonable",
     "one_line",

@@ -23,6 +23,7 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     end_lines,
+    events_dropped_text,
     one_line,
     started_at,
     title,
@@ -107,6 +108,8 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
             lines.append("  " + self._paint(_DIM, ENDED_EARLY))
         else:
             lines.append("  " + self._paint(_GREEN, f"result: {block(clip(output.result, 500))}"))
+        if output.events_dropped:
+            lines.append("  " + self._paint(_RED, events_dropped_text(output.events_dropped)))
         lines.append(self._paint(_DIM, f"  took {output.duration_s * 1000:.1f} ms"))
         text = "\n".join(lines) + "\n"
         with _write_lock:

@@ -36,6 +36,7 @@ from instrumentation.audit.handlers._format import (
     clip,
     duration_ms,
     end_lines,
+    events_dropped_text,
     started_at,
     title,
 )
@@ -151,6 +152,8 @@ class FileEventHandler(EventHandler[FileContext | None, datetime | None]):
                 out.write(f"\nOutput: none, {ENDED_EARLY}\n")
             else:
                 out.write(f"\nOutput: {block(clip(output.result))}\n")
+            if output.events_dropped:
+                out.write(f"Missing: {events_dropped_text(output.events_dropped)}\n")
             out.write(f"Duration: {output.duration_s * 1000:.1f} ms\n")
             out.write(f"Ended: {output.ended_at.isoformat()}\n")
             out.close()  # flushes: it fails too when what was buffered cannot be written

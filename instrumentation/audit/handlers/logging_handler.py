@@ -20,6 +20,7 @@ from instrumentation.audit.handlers._format import (
     ENDED_EARLY,
     clip,
     duration_ms,
+    events_dropped_text,
     fields,
     jsonable,
     one_line,
@@ -99,7 +100,8 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
             how = f"ended: {one_line(clip(output.result, 200))}"
         self._log(
             logging.ERROR if error else self.level,
-            f"audit request {one_line(output.request_id[:8])} {how}",
+            f"audit request {one_line(output.request_id[:8])} {how}"
+            + (f"; {events_dropped_text(output.events_dropped)}" if output.events_dropped else ""),
             {
                 "phase": "request_end",
                 "request_id": output.request_id,
@@ -109,6 +111,7 @@ class LoggingEventHandler(EventHandler[str, datetime | None]):
                 else jsonable(output.result),
                 "error": error,
                 "abandoned": output.abandoned,
+                "events_dropped": output.events_dropped,
                 "duration_ms": output.duration_s * 1000,
             },
         )
