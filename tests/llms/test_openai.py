@@ -1267,7 +1267,10 @@ def _read_on_after_close(read: list[Any], after: list[Any], error: BaseException
     if error is None:
         assert text == ANSWER
     else:
-        assert isinstance(error, openai.APIConnectionError), repr(error)
+        # Older openai releases let their HTTP library's own error through.
+        httpx = sys.modules.get("httpx")
+        older = (httpx.ReadError,) if httpx is not None else ()
+        assert isinstance(error, (openai.APIConnectionError, *older)), repr(error)
         assert ANSWER.startswith(text)
 
 
