@@ -172,12 +172,9 @@ def dump_json(
         raise ValueError(f"{type(model).__qualname__} holds an iterator, which JSON reads out")
     try:
         return model.model_dump_json(exclude=exclude, fallback=fallback, warnings=False)
-    except Exception:
-        raise
     except BaseException as exc:
-        if not _is_panic(exc):  # SystemExit, KeyboardInterrupt
-            raise
-        raise RuntimeError(f"pydantic-core panicked: {exc}") from exc
+        _raise_if_panic(exc)
+        raise
 
 
 def dump(model: BaseModel, **options: Any) -> Any:
@@ -189,17 +186,16 @@ def dump(model: BaseModel, **options: Any) -> Any:
         options = {**options, "mode": "python"}
     try:
         return model.model_dump(**options, warnings=False)
-    except Exception:
-        raise
     except BaseException as exc:
-        if not _is_panic(exc):  # SystemExit, KeyboardInterrupt
-            raise
+        _raise_if_panic(exc)
+        raise
+
+
+def _raise_if_panic(exc: BaseException) -> None:
+    """A ``RuntimeError`` in place of pyo3's ``PanicException`` (a ``BaseException``,
+    whose module is not importable); anything else is the caller's to raise."""
+    if type(exc).__name__ == "PanicException":
         raise RuntimeError(f"pydantic-core panicked: {exc}") from exc
-
-
-def _is_panic(exc: BaseException) -> bool:
-    """Whether ``exc`` is pyo3's ``PanicException`` (its module is not importable)."""
-    return type(exc).__name__ == "PanicException"
 
 
 __all__ = ["MAX_VALUES", "dump", "dump_json", "holds_an_iterator"]
