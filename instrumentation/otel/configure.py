@@ -266,6 +266,17 @@ def _grpc_address(endpoint: str | None) -> tuple[str, int] | None:
     return parts.hostname, port
 
 
+def _refusals_for(protocol: str, endpoint: str | None) -> _Refusals | None:
+    """How the exporter configure_otlp builds tells a collector that is not there; None
+    where it cannot (a session of the user's choosing, a gRPC target behind a proxy)."""
+    if protocol == "grpc":
+        address = _grpc_address(endpoint)
+        return None if address is None else _Refusals(probe=lambda: _refused_now(*address))
+    if any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES):
+        return None
+    return _Refusals()
+
+
 def _refused_now(host: str, port: int) -> bool:
     """Whether a connection to ``host:port`` is refused now: nothing listens there. A
     connection made, or not answered in a moment, or a name not found, is not that."""
@@ -1254,15 +1265,7 @@ def configure_otlp(
         attributes[SERVICE_NAME] = service_name
     # Our handle shuts the provider down at exit, with a bound on the wait.
     provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
-    refusals = None
-    if exporter is not None:
-        pass
-    elif chosen == "grpc":
-        address = _grpc_address(checked_endpoint)
-        if address is not None:
-            refusals = _Refusals(probe=lambda: _refused_now(*address))
-    elif not any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES):
-        refusals = _Refusals()
+    refusals = None if exporter is not None else _refusals_for(chosen, checked_endpoint)
 
     def remake() -> SpanExporter:
         return make_exporter(
