@@ -643,4 +643,8 @@ def test_an_iterator_where_the_declared_types_say_there_is_none_is_not_read_out(
     payload = json.loads(event_payload(event, 2_000), parse_constant=_refuse)
     event_attributes(event)
     assert watched.taken == 0
-    assert "_Watched()" in json.dumps(payload)
+    # An older pydantic knows no polymorphic_serialization: it writes the declared
+    # fields only, and the iterator is in none of them.
+    subclass_fields_written = "polymorphic_serialization" in ConfigDict.__annotations__
+    if subclass_fields_written or payload.get("polymorphic") is None:
+        assert "_Watched()" in json.dumps(payload)
