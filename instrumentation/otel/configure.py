@@ -245,8 +245,6 @@ def _grpc_address(endpoint: str | None) -> tuple[str, int] | None:
     """The host and port the gRPC exporter connects to for ``endpoint`` (or the
     environment's, or its default), as the SDK reads them; None when a probe could not
     tell (a proxy, a unix socket, gRPC's own target names, no port)."""
-    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
-        return None
     target = (
         endpoint
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
@@ -261,9 +259,28 @@ def _grpc_address(endpoint: str | None) -> tuple[str, int] | None:
         port = parts.port
     except ValueError:
         return None
-    if parts.hostname is None or port is None:
+    if parts.hostname is None or port is None or _through_proxy(parts.hostname):
         return None
     return parts.hostname, port
+
+
+def _through_proxy(host: str) -> bool:
+    """Whether gRPC connects to ``host`` through a proxy (set, and ``no_grpc_proxy`` or
+    ``no_proxy`` not naming the host): the probe would try the proxy's address."""
+    if not any(_variable(name) for name in _PROXY_VARIABLES):
+        return False
+    host = host.lower()
+    for name in ("no_grpc_proxy", "no_proxy"):
+        for entry in _variable(name).lower().split(","):
+            entry = entry.strip().lstrip(".")  # ".internal" and "internal" both match below
+            if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+                return False
+    return True
+
+
+def _variable(name: str) -> str:
+    """An environment variable by its lower-case name, or its upper-case one."""
+    return os.environ.get(name) or os.environ.get(name.upper()) or ""
 
 
 def _refusals_for(protocol: str, endpoint: str | None) -> _Refusals | None:

@@ -171,6 +171,21 @@ def test_a_collector_back_when_shutdown_begins_gets_every_batch(port: int) -> No
         ("dns:///collector:4317", {}, None),
         ("http://127.0.0.1:4317", {"https_proxy": "http://proxy:3128"}, None),
         ("http://127.0.0.1:4317", {"GRPC_PROXY": "http://proxy:3128"}, None),
+        (
+            "http://127.0.0.1:4317",
+            {"https_proxy": "http://proxy:3128", "no_proxy": "localhost,127.0.0.1"},
+            ("127.0.0.1", 4317),
+        ),
+        (
+            "http://collector.internal:4317",
+            {"HTTPS_PROXY": "http://proxy:3128", "NO_GRPC_PROXY": ".internal"},
+            ("collector.internal", 4317),
+        ),
+        (
+            "http://collector.example:4317",
+            {"https_proxy": "http://proxy:3128", "no_proxy": ".internal"},
+            None,
+        ),
         ("http://collector.example", {}, None),
     ],
 )
@@ -193,6 +208,10 @@ def test_the_address_tried_is_the_one_the_grpc_exporter_connects_to(
         "GRPC_PROXY",
         "HTTPS_PROXY",
         "HTTP_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+        "no_grpc_proxy",
+        "NO_GRPC_PROXY",
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
