@@ -228,9 +228,13 @@ def _tokens(n: int) -> str:
 
 def _cost(c: float | None) -> str:
     """Dollars to the hundredth of a cent; below a cent, to two significant digits
-    (a call to a small model costs $0.000023, which four decimals showed as $0.0000)."""
-    if not c:
+    (a call to a small model costs $0.000023, which four decimals showed as $0.0000).
+    Empty for no cost known; ``$0`` for a known one of nothing (a local model priced
+    at zero), which showed as unknown."""
+    if c is None:
         return ""
+    if c == 0:
+        return "$0"
     if abs(c) >= 0.01:
         return f"${c:.4f}"
     return "$" + format(Decimal(f"{c:.2g}"), "f")

@@ -762,7 +762,9 @@ def test_small_costs_show_their_significant_digits() -> None:
     assert _cost(0.001) == "$0.001"
     assert _cost(0.5) == "$0.5000"
     assert _cost(12.3456789) == "$12.3457"
-    assert _cost(None) == _cost(0.0) == ""
+    # Unknown (no price) shows nothing; known to be nothing (priced at zero) says so.
+    assert _cost(None) == ""
+    assert _cost(0.0) == _cost(0) == "$0"
 
 
 def test_show_events_leaves_out_the_tags_the_metadata_shows(
