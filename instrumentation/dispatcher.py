@@ -1547,10 +1547,8 @@ class DispatcherSpanMixin(ABC):  # noqa: B024 - abstract for its subclasses, as 
 __all__ = [
     "DISPATCHER_SPAN_DECORATED_ATTR",
     "Dispatcher",
-    "DispatcherMap",
     "DispatcherSpanMixin",
     "EventDispatcher",
-    "HandlerList",
     "Manager",
     "NullSpanHandler",
     "SpanBlock",

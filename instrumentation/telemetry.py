@@ -209,18 +209,4 @@ def reset() -> None:
     _suppressed_since_log.clear()
 
 
-__all__ = [
-    "EVENTS_DISPATCHED",
-    "HANDLER_ERRORS",
-    "SPANS_DROPPED",
-    "SPANS_DROPPED_BY_SHUTDOWN",
-    "SPANS_ENDED",
-    "SPANS_STARTED",
-    "Counter",
-    "counter",
-    "handler_errors",
-    "log_turn",
-    "report_handler_error",
-    "reset",
-    "snapshot",
-]
+__all__ = ["Counter", "counter", "handler_errors", "raise_handler_errors", "reset", "snapshot"]

@@ -137,4 +137,4 @@ def fitted_stream(stream: TextIO) -> TextIO:
     return cast(TextIO, FittedStream(stream, encoding))
 
 
-__all__ = ["MAX_INDENT", "FittedStream", "draw_tree", "fitted_stream", "format_duration"]
+__all__ = ["draw_tree", "fitted_stream", "format_duration"]

@@ -430,4 +430,4 @@ def _refuse_running_twice(dispatcher: Dispatcher, handlers: Sequence[Any]) -> No
                     )
 
 
-__all__ = ["QUESTION_ARGUMENTS", "AuditAdapter", "attach"]
+__all__ = ["AuditAdapter", "attach"]

@@ -319,4 +319,4 @@ class _LLMCollector(BaseEventHandler):
 _events = _LLMCollector()
 _spans = _SpanTracker()
 
-__all__ = ["current_run", "registry"]
+__all__ = ["IDLE_DETACH_SECONDS"]

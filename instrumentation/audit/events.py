@@ -140,7 +140,6 @@ class ToolCallEvent(Event):
 AnyEvent = Union[LLMEvent, RetrievalEvent, ToolCallEvent]
 
 __all__ = [
-    "AnyEvent",
     "ChatFormat",
     "Event",
     "LLMEvent",

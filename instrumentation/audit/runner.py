@@ -1028,8 +1028,4 @@ __all__ = [
     "MAX_QUEUED_CALLS",
     "SLOW_CALL_SECONDS",
     "HandlerError",
-    "RequestRun",
-    "check_handlers",
-    "check_timeout",
-    "interrupting",
 ]

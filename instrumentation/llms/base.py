@@ -814,4 +814,4 @@ async def _aclose_source(source: Any, span: StreamSpan) -> None:
         await aclose()
 
 
-__all__ = ["BaseLLM", "ChatStream", "CompletionStream", "as_messages", "dispatcher"]
+__all__ = ["BaseLLM"]

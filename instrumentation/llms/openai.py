@@ -877,6 +877,5 @@ __all__ = [
     "TracedStream",
     "instrument_openai",
     "is_instrumented",
-    "to_chat_message",
     "uninstrument_openai",
 ]

@@ -189,7 +189,6 @@ def get_redaction() -> Redaction:
 
 __all__ = [
     "LABEL_KEYS",
-    "NO_REDACTION",
     "WITHHELD",
     "Mask",
     "Redaction",

@@ -64,4 +64,4 @@ def split_chunks(text: str, words_per_chunk: int = 1) -> list[str]:
     return chunks
 
 
-__all__ = ["count_block_tokens", "count_message_tokens", "count_tokens", "split_chunks"]
+__all__ = ["count_tokens"]

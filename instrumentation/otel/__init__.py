@@ -20,14 +20,7 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in CI
         "pip install 'instrumentation[otel]'"
     ) from exc
 
-from instrumentation.otel.bridge import BRIDGE, OpenTelemetryBridge
 from instrumentation.otel.configure import OTLPHandle, configure_otlp
 from instrumentation.otel.handler import OpenTelemetrySpanHandler
 
-__all__ = [
-    "BRIDGE",
-    "OTLPHandle",
-    "OpenTelemetryBridge",
-    "OpenTelemetrySpanHandler",
-    "configure_otlp",
-]
+__all__ = ["OTLPHandle", "OpenTelemetrySpanHandler", "configure_otlp"]

@@ -426,18 +426,4 @@ def event_attributes(event: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = [
-    "BASE_EVENT_FIELDS",
-    "CUT_MARK",
-    "MAX_VALUE_CHARS",
-    "AttributeValue",
-    "clean",
-    "clean_attributes",
-    "clip",
-    "event_attributes",
-    "fit_json",
-    "safe_str",
-    "tag_attributes",
-    "to_attribute",
-    "to_json",
-]
+__all__: list[str] = []

@@ -1316,14 +1316,4 @@ def configure_otlp(
 _live_handles: weakref.WeakSet[OTLPHandle] = weakref.WeakSet()
 
 
-__all__ = [
-    "PROTOCOLS",
-    "AccountedBatchSpanProcessor",
-    "OTLPHandle",
-    "SpanAccounts",
-    "SuppressedExporter",
-    "configure_otlp",
-    "make_exporter",
-    "resolve_protocol",
-    "traces_url",
-]
+__all__ = ["OTLPHandle", "SpanAccounts", "configure_otlp"]

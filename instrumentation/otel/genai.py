@@ -403,16 +403,4 @@ def _openinference_end(llm: ModuleType, event: Any, out: dict[str, Any], content
             out["output.mime_type"] = "text/plain" if is_text else "application/json"
 
 
-__all__ = [
-    "END",
-    "MAX_MESSAGE_ATTRIBUTES",
-    "MAX_OUTPUT_MESSAGE_ATTRIBUTES",
-    "OPENINFERENCE_DEFAULT_KIND",
-    "PROGRESS",
-    "REQUEST_PARAMETERS",
-    "START",
-    "event_attributes",
-    "kind_of",
-    "llm_events",
-    "span_attributes",
-]
+__all__: list[str] = []

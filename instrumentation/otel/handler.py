@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.otel.bridge import BRIDGE
-from instrumentation.otel.spans import TRACER_NAME, SpanTable
+from instrumentation.otel.spans import SpanTable
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers.base import BaseSpanHandler
 
@@ -202,4 +202,4 @@ class OpenTelemetrySpanHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
         return None
 
 
-__all__ = ["TRACER_NAME", "OpenTelemetrySpanHandler"]
+__all__ = ["OpenTelemetrySpanHandler"]

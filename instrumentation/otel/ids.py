@@ -63,4 +63,4 @@ class PendingIdGenerator(IdGenerator):
         return bool(answer()) if answer is not None else False
 
 
-__all__ = ["PendingIdGenerator"]
+__all__: list[str] = []

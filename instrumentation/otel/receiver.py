@@ -241,4 +241,4 @@ class OTLPReceiver:
         self.stop()
 
 
-__all__ = ["OTLPReceiver", "ReceivedEvent", "ReceivedSpan", "decode"]
+__all__ = ["OTLPReceiver", "ReceivedEvent", "ReceivedSpan"]

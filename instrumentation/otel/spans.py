@@ -24,14 +24,14 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
 from instrumentation import telemetry
+from instrumentation._text import safe_str
+from instrumentation._text import without_lone_surrogates as clean
 from instrumentation.context import span_hex_of
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.otel import genai
 from instrumentation.otel.attributes import (
-    clean,
     clean_attributes,
     event_attributes,
-    safe_str,
     tag_attributes,
     to_attribute,
 )
@@ -324,4 +324,4 @@ def _error_type(err: BaseException) -> str:
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
-__all__ = ["MAX_PROGRESS_EVENTS", "TRACER_NAME", "OpenSpan", "SpanTable", "unix_nanos"]
+__all__: list[str] = []

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import Unpack
 
 from instrumentation.dispatcher import Dispatcher
-from instrumentation.storage.base import SQLStore, Store
+from instrumentation.storage.base import Store
 from instrumentation.storage.handler import StorageHandler, StorageOptions, metadata
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
 from instrumentation.storage.schema import (
@@ -201,7 +201,6 @@ else:
 
 
 __all__ = [
-    "ACCEPTED_ADDRESSES",
     "DEFAULT_DB",
     "SCHEMA_VERSION",
     "TRUNCATED",
@@ -209,7 +208,6 @@ __all__ = [
     "BatchWriter",
     "NotATraceDatabaseError",
     "PostgresStore",
-    "SQLStore",
     "SQLiteStore",
     "SchemaVersionError",
     "StorageHandler",
@@ -218,11 +216,9 @@ __all__ = [
     "StoredEvent",
     "StoredSpan",
     "TraceSummary",
-    "database_target",
     "flush_on_sigterm",
     "format_trace",
     "format_traces",
-    "is_postgres_dsn",
     "metadata",
     "open_store",
     "record_to",

@@ -28,4 +28,4 @@ def redacted(address: str) -> str:
     return scheme + netloc + _KEY_VALUE.sub(r"\1***", rest)
 
 
-__all__ = ["redacted"]
+__all__: list[str] = []

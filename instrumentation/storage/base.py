@@ -949,4 +949,4 @@ def _event_from_row(row: Row) -> StoredEvent:
     )
 
 
-__all__ = ["Row", "SQLStore", "Store"]
+__all__ = ["Store"]

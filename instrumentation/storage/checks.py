@@ -91,4 +91,4 @@ def timeout(value: Any) -> float | None:
     return seconds("timeout", value, also=", or None to wait as long as it takes")
 
 
-__all__ = ["MAX_COUNT", "MAX_SECONDS", "count", "flag", "number", "seconds", "timeout"]
+__all__: list[str] = []

@@ -1295,15 +1295,4 @@ def _quiet_closed_stdout(stream: TextIO) -> None:
         pass
 
 
-__all__ = [
-    "build_parser",
-    "event_line",
-    "format_trace",
-    "format_traces",
-    "main",
-    "shared_metadata",
-    "span_label",
-    "summary_line",
-    "summary_lines",
-    "trace_record",
-]
+__all__ = ["main"]

@@ -43,7 +43,8 @@ from instrumentation.storage import writer as writer_module
 from instrumentation.storage.base import Store
 from instrumentation.storage.models import METADATA_ALIASES, METADATA_KEYS
 from instrumentation.storage.serialise import RowMaker, closed_early
-from instrumentation.storage.writer import DEFAULT_MAX_SPOOL_BYTES, BatchWriter, OnFull
+from instrumentation.storage.spool import DEFAULT_MAX_BYTES as DEFAULT_MAX_SPOOL_BYTES
+from instrumentation.storage.writer import BatchWriter, OnFull
 
 _perf_counter = time.perf_counter
 _time = time.time

@@ -135,12 +135,4 @@ def roots_of(spans: list[StoredSpan]) -> list[StoredSpan]:
     return [s for s in spans if s.parent_id is None or s.parent_id not in ids]
 
 
-__all__ = [
-    "METADATA_ALIASES",
-    "METADATA_KEYS",
-    "StoredEvent",
-    "StoredSpan",
-    "TraceSummary",
-    "roots_of",
-    "to_datetime",
-]
+__all__ = ["StoredEvent", "StoredSpan", "TraceSummary", "roots_of"]

@@ -260,20 +260,4 @@ def check_readable(where: str, tables: set[str], found: int | None) -> None:
         )
 
 
-__all__ = [
-    "EVENT_COLUMNS",
-    "META_COLUMNS",
-    "POSTGRES",
-    "READABLE_FROM",
-    "SCHEMA_VERSION",
-    "SPAN_COLUMNS",
-    "SQLITE",
-    "TABLES",
-    "Dialect",
-    "NotATraceDatabaseError",
-    "SchemaVersionError",
-    "check_readable",
-    "check_version",
-    "insert_sql",
-    "migrations",
-]
+__all__ = ["READABLE_FROM", "SCHEMA_VERSION", "NotATraceDatabaseError", "SchemaVersionError"]

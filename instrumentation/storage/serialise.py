@@ -569,4 +569,4 @@ def closed_early(event: Any) -> bool:
     return type(event) is SpanDropEvent and event.err_type == "GeneratorExit"
 
 
-__all__ = ["TRUNCATED", "UNSERIALISABLE", "RowMaker", "closed_early", "event_payload", "to_json"]
+__all__ = ["TRUNCATED", "UNSERIALISABLE"]

@@ -931,13 +931,4 @@ class Spool:
         return copied
 
 
-__all__ = [
-    "CHUNK_BYTES",
-    "DEFAULT_MAX_BYTES",
-    "MAX_BYTES_BOUND",
-    "Spool",
-    "SpoolChunk",
-    "checked_directory",
-    "default_spool_dir",
-    "malformed",
-]
+__all__: list[str] = []

@@ -492,4 +492,4 @@ class SQLiteStore(SQLStore):
         )
 
 
-__all__ = ["ACCEPTED_ADDRESSES", "SQLiteStore", "sqlite_path"]
+__all__ = ["SQLiteStore"]

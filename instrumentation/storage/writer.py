@@ -1132,4 +1132,4 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch
 atexit.register(_shutdown_all_at_exit)
 
 
-__all__ = ["DEFAULT_MAX_SPOOL_BYTES", "BatchWriter", "OnFull", "flush_on_sigterm"]
+__all__ = ["SPOOL_AFTER_CTRL_C", "BatchWriter", "flush_on_sigterm"]

@@ -23,3 +23,6 @@ def instrumentation_capture() -> Iterator[Capture]:
     telemetry.reset()
     with isolated() as capture:
         yield capture
+
+
+__all__ = ["instrumentation_capture"]

@@ -311,7 +311,8 @@ def test_waiting_for_the_handlers_does_not_lengthen_the_other_handlers_spans(
     from instrumentation import root_dispatcher
     from instrumentation.audit import RequestEnd
     from instrumentation.context import unregister_bridge
-    from instrumentation.otel import BRIDGE, OpenTelemetrySpanHandler
+    from instrumentation.otel import OpenTelemetrySpanHandler
+    from instrumentation.otel.bridge import BRIDGE
 
     span_ended = threading.Event()
     ended: list[ReadableSpan] = []

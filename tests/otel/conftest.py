@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from instrumentation import Dispatcher, get_dispatcher
 from instrumentation.context import unregister_bridge
-from instrumentation.otel import BRIDGE, OpenTelemetrySpanHandler
+from instrumentation.otel import OpenTelemetrySpanHandler
+from instrumentation.otel.bridge import BRIDGE
 from instrumentation.otel.receiver import OTLPReceiver
 
 _names = itertools.count()

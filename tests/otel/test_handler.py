@@ -26,7 +26,8 @@ from instrumentation import (
     telemetry,
 )
 from instrumentation.context import register_bridge, unregister_bridge
-from instrumentation.otel import BRIDGE, OpenTelemetrySpanHandler
+from instrumentation.otel import OpenTelemetrySpanHandler
+from instrumentation.otel.bridge import BRIDGE
 from instrumentation.otel.spans import unix_nanos
 
 from .conftest import Traced, hex_parent, hex_span, hex_trace, short

@@ -1,0 +1,3 @@
+"""Audit handlers the docs show in full; import each from its module (``typed_handler``)."""
+
+__all__: list[str] = []
