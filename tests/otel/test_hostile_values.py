@@ -363,7 +363,8 @@ def test_iterators_are_not_read_out(traced: Traced) -> None:
     [span] = traced.spans()
     assert span.attributes is not None and "generator" in str(span.attributes["holder"])
     assert span.events[0].attributes is not None
-    assert "str_ascii_iterator" in str(span.events[0].attributes["value"])
+    # str_ascii_iterator from 3.11 on, str_iterator before.
+    assert type(iter("abc")).__name__ in str(span.events[0].attributes["value"])
 
 
 class _GrowsItsOwner(BaseModel):
