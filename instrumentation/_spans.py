@@ -10,6 +10,7 @@ that finds it taken waits in line behind it instead.)
 from __future__ import annotations
 
 import _thread
+import asyncio
 import atexit
 import gc
 import inspect
@@ -71,6 +72,44 @@ def _put_off(handler: Any, method: str, span_id: str, end: Callable[[], Any]) ->
     return True
 
 
+#: What a handler's call raises as its own error, to be reported as ``Exception`` is.
+#: An ``asyncio.CancelledError`` is, though no ``Exception``: a cancellation comes in
+#: at an ``await``, and a handler's call has none (it read a cancelled future of its
+#: own, say); ``GeneratorExit`` comes in at a ``yield`` only.
+_HANDLERS_OWN = (Exception, asyncio.CancelledError, GeneratorExit)
+
+
+def stops_the_caller(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a handler's call, is to reach the caller rather than
+    be reported as the handler's error: ``KeyboardInterrupt``, ``SystemExit``, and
+    what else comes in from outside at any point (gevent's ``Timeout``), which stop
+    or interrupt the application. Not an ``Exception``, nor what can only be the
+    handler's own (see :data:`_HANDLERS_OWN`), nor pyo3's ``PanicException``:
+    pydantic-core given a dict that changed as it read it (its class cannot be
+    imported; :mod:`instrumentation._dump` tells it by name too)."""
+    return not isinstance(exc, _HANDLERS_OWN) and type(exc).__name__ != "PanicException"
+
+
+def stops_the_awaiting_caller(exc: BaseException) -> bool:
+    """:func:`stops_the_caller` for a handler's call the caller awaits, which comes
+    to an ``await``: ``GeneratorExit`` there is the caller's coroutine being closed,
+    and an ``asyncio.CancelledError`` may be its task being cancelled, taken so while
+    the task is (``Task.cancelling()``); before Python 3.11, which cannot tell, always."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task() if asyncio._get_running_loop() is not None else None
+        cancelling = getattr(task, "cancelling", None)
+        return cancelling is None or cancelling() > 0
+    return isinstance(exc, GeneratorExit) or stops_the_caller(exc)
+
+
+def report_or_raise(handler: Any, where: str, subject: str, exc: BaseException) -> None:
+    """Report ``exc`` as ``handler``'s error (raised in ``where``, handling
+    ``subject``), or raise it if it stops the caller."""
+    if stops_the_caller(exc):
+        raise exc
+    _report(handler, where, subject, exc)
+
+
 def _forget(handler: Any, span_id: str) -> None:
     """The end of ``span_id`` failed for good: a handler's own ``open_spans`` must not
     keep it (the handler's error is reported)."""
@@ -79,7 +118,7 @@ def _forget(handler: Any, span_id: str) -> None:
         open_spans.pop(span_id, None)
 
 
-def _give_up(handler: Any, method: str, span_id: str, exc: Exception) -> None:
+def _give_up(handler: Any, method: str, span_id: str, exc: BaseException) -> None:
     if handler is not None:
         _forget(handler, span_id)
     _report(handler, method, span_id, exc)
@@ -818,7 +857,56 @@ def start(
                 )
         except Exception as exc:
             _report(handler, "span_enter", span_id, exc)
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                _drop_where_entered(chain, span, bound_args, instance, handler, exc)
+                raise
+            _report(handler, "span_enter", span_id, exc)
     return span
+
+
+def _drop_where_entered(
+    chain: Chain,
+    span: SpanContext,
+    bound_args: Any,
+    instance: Any,
+    handler: Any,
+    err: BaseException,
+) -> None:
+    """A stop (see :func:`stops_the_caller`) came out of ``handler``'s ``span_enter``:
+    the call is not made. The span is dropped with it in the handlers told that it
+    started, ``handler`` included (it may keep it half made), as a call's span is when
+    the stop comes in its first line; those after ``handler`` never hear of it."""
+    told = chain.spans[: position(chain, handler) + 1]
+    _fail(
+        Chain(chain.dispatcher, chain.events, told, chain.owner),
+        span,
+        bound_args,
+        instance,
+        err,
+        None,
+    )
+
+
+def position(chain: Chain, handler: Any) -> int:
+    """Where ``handler`` is in ``chain.spans`` (and so in ``enters`` and ``exits``)."""
+    return next(i for i, each in enumerate(chain.spans) if each is handler)
+
+
+def _end_after_a_stop(
+    handlers: Iterable[Any], method: str, span_id: str, end: Callable[[Any], object]
+) -> None:
+    """A stop came out of a handler's end of span ``span_id``: each of ``handlers``, those
+    after it, ends the span all the same (``end(handler)``) before the stop is raised,
+    so that none keeps it open for good. A second stop (Ctrl-C pressed again) is raised
+    at once."""
+    for handler in handlers:
+        try:
+            end(handler)
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                raise
+            _give_up(handler, method, span_id, exc)
 
 
 def _enter_all(chain: Chain, given: tuple[Any, ...], attributes: Any) -> None:
@@ -840,8 +928,8 @@ def _enter_all(chain: Chain, given: tuple[Any, ...], attributes: Any) -> None:
                     dispatcher=chain.dispatcher,
                     attributes=attributes,
                 )
-        except Exception as exc:
-            _report(handler, "span_enter", span_id, exc)
+        except BaseException as exc:
+            report_or_raise(handler, "span_enter", span_id, exc)
 
 
 def finish(
@@ -877,6 +965,13 @@ def finish(
                 partial(_exit, handler, positional, span_id, bound_args, instance, result),
             ):
                 continue
+            _give_up(handler, "span_exit", span_id, exc)
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                _forget(handler, span_id)
+                rest = chain.spans[position(chain, handler) + 1 :]
+                exit_after_a_stop(rest, span_id, bound_args, instance, result)
+                raise
             _give_up(handler, "span_exit", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id, in_async)
@@ -933,7 +1028,11 @@ def _fail(
     # one removed, or closed by ``shutdown()``, while the span was open.
     events = chain.events if chain.owner is None else chain.owner._ev
     if events:
-        _drop_event(events, span, err, _active_tags.get() if tags is None else tags)
+        try:
+            _drop_event(events, span, err, _active_tags.get() if tags is None else tags)
+        except BaseException:  # a stop in an event handler (their errors are reported)
+            drop_after_a_stop(chain.spans, span_id, bound_args, instance, err)
+            raise
     for handler in chain.spans:
         try:
             handler.span_drop(id_=span_id, bound_args=bound_args, instance=instance, err=err)
@@ -952,8 +1051,54 @@ def _fail(
             ):
                 continue
             _give_up(handler, "span_drop", span_id, exc)
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                _forget(handler, span_id)
+                rest = chain.spans[position(chain, handler) + 1 :]
+                drop_after_a_stop(rest, span_id, bound_args, instance, err)
+                raise
+            _give_up(handler, "span_drop", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id, in_async)
+
+
+def exit_after_a_stop(
+    handlers: tuple[Any, ...],
+    span_id: str,
+    bound_args: Any,
+    instance: Any,
+    result: Any,
+    **kwargs: Any,
+) -> None:
+    """``span_exit`` in ``handlers`` as :func:`_end_after_a_stop` makes it (a closure
+    of its own: one in :func:`finish` would slow every call down)."""
+    _end_after_a_stop(
+        handlers,
+        "span_exit",
+        span_id,
+        lambda handler: handler.span_exit(
+            id_=span_id, bound_args=bound_args, instance=instance, result=result, **kwargs
+        ),
+    )
+
+
+def drop_after_a_stop(
+    handlers: tuple[Any, ...],
+    span_id: str,
+    bound_args: Any,
+    instance: Any,
+    err: BaseException | None,
+    **kwargs: Any,
+) -> None:
+    """``span_drop`` in ``handlers`` as :func:`_end_after_a_stop` makes it."""
+    _end_after_a_stop(
+        handlers,
+        "span_drop",
+        span_id,
+        lambda handler: handler.span_drop(
+            id_=span_id, bound_args=bound_args, instance=instance, err=err, **kwargs
+        ),
+    )
 
 
 def _drop_event(
@@ -981,8 +1126,8 @@ def after_span_end(chain: Chain, span_id: str, in_async: bool = False) -> None:
             continue
         try:
             after(span_id)
-        except Exception as exc:
-            _report(handler, "after_span_end", span_id, exc)
+        except BaseException as exc:
+            report_or_raise(handler, "after_span_end", span_id, exc)
 
 
 async def after_span_end_async(chain: Chain, span_id: str) -> None:
@@ -992,6 +1137,10 @@ async def after_span_end_async(chain: Chain, span_id: str) -> None:
         try:
             await after(span_id)
         except Exception as exc:
+            _report(handler, "after_span_end_async", span_id, exc)
+        except BaseException as exc:
+            if stops_the_awaiting_caller(exc):
+                raise
             _report(handler, "after_span_end_async", span_id, exc)
 
 
@@ -1011,8 +1160,8 @@ def handle_all(
                 handler.handle(event, **kwargs)
             else:
                 handler.handle(event)
-        except Exception as exc:
-            _report(handler, where, event.class_name(), exc)
+        except BaseException as exc:
+            report_or_raise(handler, where, event.class_name(), exc)
 
 
 __all__ = [
@@ -1024,15 +1173,21 @@ __all__ = [
     "after_span_end",
     "after_span_end_async",
     "dispatch_event",
+    "drop_after_a_stop",
     "ending_now",
     "enter_extras",
+    "exit_after_a_stop",
     "fail",
     "finish",
     "handle_all",
     "in_collection",
     "later",
     "must_wait",
+    "position",
     "put_off_in_collection",
+    "report_or_raise",
     "run_deferred",
     "start",
+    "stops_the_awaiting_caller",
+    "stops_the_caller",
 ]

@@ -36,13 +36,19 @@ from instrumentation._spans import (
     after_span_end,
     after_span_end_async,
     dispatch_event,
+    drop_after_a_stop,
     enter_extras,
+    exit_after_a_stop,
     fail,
     finish,
     handle_all,
     must_wait,
+    position,
+    report_or_raise,
     run_deferred,
     start,
+    stops_the_awaiting_caller,
+    stops_the_caller,
 )
 from instrumentation._w3c import SAMPLED, read_baggage, read_traceparent, read_tracestate
 from instrumentation._wrap import LLAMA_MARK, MARK, check_span_name, wrap
@@ -637,8 +643,8 @@ class Dispatcher:
                     handler.handle(event, **kwargs)
                 else:
                     handler.handle(event)
-            except Exception as exc:
-                telemetry.report_handler_error(handler, "handle", event.class_name(), exc)
+            except BaseException as exc:
+                report_or_raise(handler, "handle", event.class_name(), exc)
 
     async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
         """Like :meth:`event`, awaiting the handlers' own ``ahandle`` methods side by
@@ -706,7 +712,13 @@ class Dispatcher:
                     tags=tags,
                     **(kwargs if extras is None else {k: kwargs[k] for k in extras}),
                 )
-            except Exception as exc:
+            except BaseException as exc:
+                if stops_the_caller(exc):  # dropped where it started, as a call's span is
+                    telemetry.SPANS_DROPPED.inc()
+                    forget_manual_trace(id_)
+                    told = chain.spans[: position(chain, handler) + 1]
+                    drop_after_a_stop(told, id_, bound_args, instance, exc)
+                    raise
                 telemetry.report_handler_error(handler, "span_enter", id_, exc)
 
     def span_exit(
@@ -736,7 +748,11 @@ class Dispatcher:
                 handler.span_exit(
                     id_=id_, bound_args=bound_args, instance=instance, result=result, **kwargs
                 )
-            except Exception as exc:
+            except BaseException as exc:
+                if stops_the_caller(exc):  # the handlers after it end the span all the same
+                    rest = chain.spans[position(chain, handler) + 1 :]
+                    exit_after_a_stop(rest, id_, bound_args, instance, result, **kwargs)
+                    raise
                 telemetry.report_handler_error(handler, "span_exit", id_, exc)
         if chain.afters:
             after_span_end(chain, id_)
@@ -766,7 +782,11 @@ class Dispatcher:
                 handler.span_drop(
                     id_=id_, bound_args=bound_args, instance=instance, err=err, **kwargs
                 )
-            except Exception as exc:
+            except BaseException as exc:
+                if stops_the_caller(exc):  # the handlers after it end the span all the same
+                    rest = chain.spans[position(chain, handler) + 1 :]
+                    drop_after_a_stop(rest, id_, bound_args, instance, err, **kwargs)
+                    raise
                 telemetry.report_handler_error(handler, "span_drop", id_, exc)
         if chain.afters:
             after_span_end(chain, id_)
@@ -850,10 +870,8 @@ class Dispatcher:
         for handler in chain.spans if chain is not None else ():
             try:
                 out.update(handler.capture_propagation_context())
-            except Exception as exc:
-                telemetry.report_handler_error(
-                    handler, "capture_propagation_context", self.name, exc
-                )
+            except BaseException as exc:
+                report_or_raise(handler, "capture_propagation_context", self.name, exc)
         span = current_span()
         flags, tracestate, baggage = propagation_in_bridges(span)
         received = _propagated.get()
@@ -927,10 +945,8 @@ class Dispatcher:
         for handler in chain.spans if chain is not None else ():
             try:
                 handler.restore_propagation_context(dict(context))
-            except Exception as exc:
-                telemetry.report_handler_error(
-                    handler, "restore_propagation_context", self.name, exc
-                )
+            except BaseException as exc:
+                report_or_raise(handler, "restore_propagation_context", self.name, exc)
         if sets_span:
             _active_span.set(parent)
             _propagated.set(
@@ -1011,8 +1027,8 @@ class Dispatcher:
                     if span_id not in open_spans:
                         continue  # its call ended meanwhile, on another thread
                     outcome = handler.span_drop(id_=span_id, bound_args=EMPTY_BOUND_ARGS, err=error)
-                except Exception as exc:
-                    telemetry.report_handler_error(handler, "span_drop", span_id, exc)
+                except BaseException as exc:
+                    report_or_raise(handler, "span_drop", span_id, exc)
                 else:
                     if outcome is False:
                         continue  # it ended meanwhile: nothing was dropped
@@ -1053,15 +1069,17 @@ _DEFAULT_AHANDLE = BaseEventHandler.ahandle
 async def _ahandle(handler: BaseEventHandler, event: BaseEvent, kwargs: dict[str, Any]) -> None:
     try:
         await handler.ahandle(event, **kwargs)
-    except Exception as exc:
+    except BaseException as exc:
+        if stops_the_awaiting_caller(exc):
+            raise
         telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
 
 
 def _close(handler: Any) -> None:
     try:
         handler.close()
-    except Exception as exc:
-        telemetry.report_handler_error(handler, "close", "shutdown", exc)
+    except BaseException as exc:
+        report_or_raise(handler, "close", "shutdown", exc)
 
 
 def _merge_attributes(attributes: Mapping[str, Any] | None, request: bool) -> dict[str, Any] | None:

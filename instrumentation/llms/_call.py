@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from instrumentation import telemetry
+from instrumentation._spans import stops_the_caller
 from instrumentation.dispatcher import Dispatcher
 from instrumentation.events.base import BaseEvent
 from instrumentation.events.llm import (
@@ -130,7 +131,9 @@ def price(prices: PriceTable, model: str | None, usage: TokenUsage | None) -> fl
     a cost is only recorded."""
     try:
         return prices.cost(model, usage)
-    except Exception as exc:
+    except BaseException as exc:
+        if stops_the_caller(exc):
+            raise
         event_error("cost", f"the price table failed ({exc!r}); the cost is left out")
         return None
 

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from instrumentation._spans import LazySignature
+from instrumentation._spans import LazySignature, stops_the_caller
 from instrumentation._wrap import MARK, mark_traced
 from instrumentation.dispatcher import get_dispatcher
 from instrumentation.events.llm import (
@@ -454,7 +454,9 @@ class BaseLLM(abc.ABC):
         the events are only a record (see :func:`instrumentation.llms._call.build`)."""
         try:
             return self.metadata
-        except Exception as exc:
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                raise
             name = f"{type(self).__name__}.metadata"
             event_error(name, f"{name} failed ({exc!r}); the events' model_dict is left out")
             return {}

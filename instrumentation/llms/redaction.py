@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from instrumentation import telemetry
+from instrumentation._spans import stops_the_caller
 from instrumentation.events.llm import ChatMessage, TokenUsage
 
 logger = logging.getLogger("instrumentation.llms")
@@ -99,7 +100,9 @@ class Redaction:
         assert self.mask is not None
         try:
             masked = self.mask(value)
-        except Exception as exc:  # a broken mask must not leak the text nor break the call
+        except BaseException as exc:  # a broken mask must not leak the text nor break the call
+            if stops_the_caller(exc):
+                raise
             _mask_failed(f"raised {exc!r}")
             return _MASK_FAILED
         if not isinstance(masked, str):

@@ -31,6 +31,7 @@ from instrumentation.llms import (
     OfflineLLM,
     PriceTable,
     TokenUsage,
+    configure_redaction,
 )
 from instrumentation.testing import Capture, isolated
 
@@ -293,6 +294,62 @@ def test_what_does_not_fit_an_event_is_left_out_and_the_call_goes_on(
     assert telemetry.counter("llms.event_errors").value > 0
     [record] = [r for r in caplog.records if logged in r.getMessage()]
     assert record.levelno == logging.WARNING
+
+
+def _read_a_cancelled_future() -> None:
+    """What a callback does that raises ``asyncio.CancelledError`` (no ``Exception``):
+    no cancellation of the caller's, which comes in at an ``await`` only."""
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        future.cancel()
+        future.result()
+    finally:
+        loop.close()
+
+
+class CancelledMetadata(OfflineLLM):
+    @property
+    def metadata(self) -> dict[str, Any]:
+        _read_a_cancelled_future()
+        return {}
+
+
+class CancelledPrices(PriceTable):
+    def cost(self, model: str | None, usage: TokenUsage | None) -> float | None:
+        _read_a_cancelled_future()
+        return None
+
+
+def _cancelled_mask(text: str) -> str:
+    _read_a_cancelled_future()
+    return text
+
+
+@pytest.mark.parametrize("broken", ["mask", "metadata", "price table"])
+def test_a_callback_raising_cancelled_error_does_not_cancel_the_call(
+    cap: Capture, broken: str
+) -> None:
+    """A mask, a ``metadata`` or a price table raising ``CancelledError``: no
+    ``except Exception`` caught it, and the awaited call ended its task as cancelled.
+    It fails as any error of theirs does (the value left out, counted)."""
+    model = OfflineLLM()
+    if broken == "mask":
+        configure_redaction(mask=_cancelled_mask)
+    elif broken == "metadata":
+        model = CancelledMetadata()
+    else:
+        model = OfflineLLM(price_table=CancelledPrices())
+    reply = asyncio.run(model.achat("hi there"))
+    assert reply.message.content == "Echo: hi there"
+    [start] = cap.events_of(LLMChatStartEvent)
+    [end] = cap.events_of(LLMChatEndEvent)
+    if broken == "mask":
+        assert start.messages[0].content == "[redaction failed]"
+    elif broken == "metadata":
+        assert start.model_dict == {}
+    else:
+        assert end.cost_usd is None
 
 
 @pytest.mark.parametrize("reason", [7, ["stop"]], ids=["int", "list"])
