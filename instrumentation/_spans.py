@@ -893,16 +893,20 @@ def position(chain: Chain, handler: Any) -> int:
     return next(i for i, each in enumerate(chain.spans) if each is handler)
 
 
-def _end_after_a_stop(
-    handlers: Iterable[Any], method: str, span_id: str, end: Callable[[Any], object]
-) -> None:
-    """A stop came out of a handler's end of span ``span_id``: each of ``handlers``, those
-    after it, ends the span all the same (``end(handler)``) before the stop is raised,
-    so that none keeps it open for good. A second stop (Ctrl-C pressed again) is raised
-    at once."""
+def after(chain: Chain, handler: Any) -> tuple[Any, ...]:
+    """The span handlers of ``chain`` after ``handler``."""
+    return chain.spans[position(chain, handler) + 1 :]
+
+
+def end_after_a_stop(handlers: Iterable[Any], method: str, span_id: str, **fields: Any) -> None:
+    """A stop (see :func:`stops_the_caller`) came out of a handler's end of span
+    ``span_id``: each of ``handlers`` (those after it) ends the span all the same, by
+    ``method`` (``span_exit`` or ``span_drop``) with ``fields``, before the stop is
+    raised, so that none keeps it open for good. A second stop (Ctrl-C pressed again)
+    is raised at once."""
     for handler in handlers:
         try:
-            end(handler)
+            getattr(handler, method)(id_=span_id, **fields)
         except BaseException as exc:
             if stops_the_caller(exc):
                 raise
@@ -969,8 +973,14 @@ def finish(
         except BaseException as exc:
             if stops_the_caller(exc):
                 _forget(handler, span_id)
-                rest = chain.spans[position(chain, handler) + 1 :]
-                exit_after_a_stop(rest, span_id, bound_args, instance, result)
+                end_after_a_stop(
+                    after(chain, handler),
+                    "span_exit",
+                    span_id,
+                    bound_args=bound_args,
+                    instance=instance,
+                    result=result,
+                )
                 raise
             _give_up(handler, "span_exit", span_id, exc)
     if chain.afters:
@@ -1031,7 +1041,9 @@ def _fail(
         try:
             _drop_event(events, span, err, _active_tags.get() if tags is None else tags)
         except BaseException:  # a stop in an event handler (their errors are reported)
-            drop_after_a_stop(chain.spans, span_id, bound_args, instance, err)
+            end_after_a_stop(
+                chain.spans, "span_drop", span_id, bound_args=bound_args, instance=instance, err=err
+            )
             raise
     for handler in chain.spans:
         try:
@@ -1054,51 +1066,18 @@ def _fail(
         except BaseException as exc:
             if stops_the_caller(exc):
                 _forget(handler, span_id)
-                rest = chain.spans[position(chain, handler) + 1 :]
-                drop_after_a_stop(rest, span_id, bound_args, instance, err)
+                end_after_a_stop(
+                    after(chain, handler),
+                    "span_drop",
+                    span_id,
+                    bound_args=bound_args,
+                    instance=instance,
+                    err=err,
+                )
                 raise
             _give_up(handler, "span_drop", span_id, exc)
     if chain.afters:
         after_span_end(chain, span_id, in_async)
-
-
-def exit_after_a_stop(
-    handlers: tuple[Any, ...],
-    span_id: str,
-    bound_args: Any,
-    instance: Any,
-    result: Any,
-    **kwargs: Any,
-) -> None:
-    """``span_exit`` in ``handlers`` as :func:`_end_after_a_stop` makes it (a closure
-    of its own: one in :func:`finish` would slow every call down)."""
-    _end_after_a_stop(
-        handlers,
-        "span_exit",
-        span_id,
-        lambda handler: handler.span_exit(
-            id_=span_id, bound_args=bound_args, instance=instance, result=result, **kwargs
-        ),
-    )
-
-
-def drop_after_a_stop(
-    handlers: tuple[Any, ...],
-    span_id: str,
-    bound_args: Any,
-    instance: Any,
-    err: BaseException | None,
-    **kwargs: Any,
-) -> None:
-    """``span_drop`` in ``handlers`` as :func:`_end_after_a_stop` makes it."""
-    _end_after_a_stop(
-        handlers,
-        "span_drop",
-        span_id,
-        lambda handler: handler.span_drop(
-            id_=span_id, bound_args=bound_args, instance=instance, err=err, **kwargs
-        ),
-    )
 
 
 def _drop_event(
@@ -1170,13 +1149,13 @@ __all__ = [
     "Chain",
     "LazyBoundArguments",
     "LazySignature",
+    "after",
     "after_span_end",
     "after_span_end_async",
     "dispatch_event",
-    "drop_after_a_stop",
+    "end_after_a_stop",
     "ending_now",
     "enter_extras",
-    "exit_after_a_stop",
     "fail",
     "finish",
     "handle_all",

@@ -33,12 +33,12 @@ from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
     Chain,
     _deferred,
+    after,
     after_span_end,
     after_span_end_async,
     dispatch_event,
-    drop_after_a_stop,
+    end_after_a_stop,
     enter_extras,
-    exit_after_a_stop,
     fail,
     finish,
     handle_all,
@@ -717,7 +717,9 @@ class Dispatcher:
                     telemetry.SPANS_DROPPED.inc()
                     forget_manual_trace(id_)
                     told = chain.spans[: position(chain, handler) + 1]
-                    drop_after_a_stop(told, id_, bound_args, instance, exc)
+                    end_after_a_stop(
+                        told, "span_drop", id_, bound_args=bound_args, instance=instance, err=exc
+                    )
                     raise
                 telemetry.report_handler_error(handler, "span_enter", id_, exc)
 
@@ -750,8 +752,15 @@ class Dispatcher:
                 )
             except BaseException as exc:
                 if stops_the_caller(exc):  # the handlers after it end the span all the same
-                    rest = chain.spans[position(chain, handler) + 1 :]
-                    exit_after_a_stop(rest, id_, bound_args, instance, result, **kwargs)
+                    end_after_a_stop(
+                        after(chain, handler),
+                        "span_exit",
+                        id_,
+                        bound_args=bound_args,
+                        instance=instance,
+                        result=result,
+                        **kwargs,
+                    )
                     raise
                 telemetry.report_handler_error(handler, "span_exit", id_, exc)
         if chain.afters:
@@ -784,8 +793,15 @@ class Dispatcher:
                 )
             except BaseException as exc:
                 if stops_the_caller(exc):  # the handlers after it end the span all the same
-                    rest = chain.spans[position(chain, handler) + 1 :]
-                    drop_after_a_stop(rest, id_, bound_args, instance, err, **kwargs)
+                    end_after_a_stop(
+                        after(chain, handler),
+                        "span_drop",
+                        id_,
+                        bound_args=bound_args,
+                        instance=instance,
+                        err=err,
+                        **kwargs,
+                    )
                     raise
                 telemetry.report_handler_error(handler, "span_drop", id_, exc)
         if chain.afters:
