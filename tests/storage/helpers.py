@@ -134,3 +134,18 @@ def refused_row(maker: Any, text: str = "huge") -> Row:
     row = list(maker.event_row(NoteEvent(text=text), None))
     row[EVENT_COLUMNS.index("prompt_tokens")] = 2**70
     return tuple(row)
+
+
+def app_role_dsn(postgres_dsn: str) -> str:
+    """The address of a new role that may read and add rows to the trace tables, and
+    create nothing (as an application's database role often is)."""
+    import uuid
+
+    import psycopg
+
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+        admin.execute(f"GRANT SELECT, INSERT ON spans, events, schema_version TO {role}")
+    return postgres_dsn.replace("postgres@", f"{role}@")

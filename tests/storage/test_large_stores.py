@@ -28,7 +28,7 @@ from instrumentation.storage.schema import (
     migrations,
 )
 
-from .helpers import FakeLLMEndEvent, NoteEvent, Usage
+from .helpers import FakeLLMEndEvent, NoteEvent, Usage, app_role_dsn
 
 d = get_dispatcher("tests.storage.large")
 
@@ -448,12 +448,7 @@ def test_a_role_that_may_not_migrate_records_into_version_1_tables(
     from instrumentation.storage.serialise import RowMaker
 
     _postgres_version_1(postgres_dsn)
-    role = f"app_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE ROLE {role} LOGIN")
-        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
-        admin.execute(f"GRANT SELECT, INSERT ON spans, events, schema_version TO {role}")
-    dsn = postgres_dsn.replace("postgres@", f"{role}@")
+    dsn = app_role_dsn(postgres_dsn)
     with PostgresStore(dsn) as store:
         store.write([], [RowMaker({}, {}, 100).event_row(NoteEvent(text="hi"), None)])
         assert [e.payload["text"] for e in store.events()] == ["hi"]

@@ -13,7 +13,7 @@ import pytest
 from instrumentation import get_dispatcher, telemetry
 from instrumentation.storage.postgres import PostgresStore
 
-from .helpers import CountingTime, NoteEvent, count, wait_until
+from .helpers import CountingTime, NoteEvent, app_role_dsn, count, wait_until
 
 d = get_dispatcher("tests.storage.outage")
 
@@ -286,15 +286,8 @@ def test_a_role_that_may_only_read_and_insert_can_record(
     """Every connection ran the migration's DDL (CREATE TABLE IF NOT EXISTS): a role
     without CREATE on the schema could not record, and a writer lost its way after the
     next reconnect. Tables at this release's version are used as they are."""
-    import uuid
-
     PostgresStore(postgres_dsn).close()  # an administrator creates the tables
-    role = f"app_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE ROLE {role} LOGIN")
-        admin.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
-        admin.execute(f"GRANT SELECT, INSERT ON spans, events, schema_version TO {role}")
-    dsn = postgres_dsn.replace("postgres@", f"{role}@")
+    dsn = app_role_dsn(postgres_dsn)
     from instrumentation.storage.serialise import RowMaker
 
     with PostgresStore(dsn) as store:
