@@ -28,6 +28,7 @@ from typing import Any
 from instrumentation import _ids, telemetry
 from instrumentation import context as _context
 from instrumentation._classcache import remember
+from instrumentation._exit import run_exit_hooks
 from instrumentation.context import SpanContext, _active_span, _active_tags, parent_for_new_span
 from instrumentation.events.span import SpanDropEvent
 
@@ -486,7 +487,10 @@ def _run_deferred_as_the_exit_begins() -> None:
 
 def _run_deferred_at_exit() -> None:
     global _exited
-    _run_deferred_as_the_exit_begins()
+    try:
+        run_exit_hooks()  # when no exit flush ran them (see instrumentation._exit)
+    finally:
+        _run_deferred_as_the_exit_begins()
     _exited = True
 
 

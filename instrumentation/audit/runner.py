@@ -40,6 +40,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from instrumentation import telemetry
+from instrumentation._exit import run_exit_hooks
 from instrumentation._spans import run_deferred
 from instrumentation.audit._loop import Worker, audit_loop, report_loop_error
 from instrumentation.audit.base import EventHandler
@@ -107,11 +108,14 @@ UNFINISHED = "the request ended before this event did"
 
 
 class HandlerError(NamedTuple):
-    """A handler method that raised: which handler, which method, what."""
+    """A handler method that raised: which handler, which method, what, and in which
+    request (``RequestStart.request_id``: a handler serves many requests, and an
+    adapter's ``errors`` gathers those of all of them)."""
 
     handler: EventHandler[Any, Any]
     method: str
     error: BaseException
+    request_id: str
 
 
 #: The handler methods and the arguments the runner passes them, positionally.
@@ -308,7 +312,9 @@ CONSEQUENCES = {
 }
 
 
-def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) -> None:
+def _report(
+    handler: EventHandler[Any, Any], method: str, request_id: str, exc: BaseException
+) -> None:
     HANDLER_ERRORS.inc()
     name = type(handler).__name__
     held = telemetry.log_turn(("audit", name, method))
@@ -319,9 +325,10 @@ def _report(handler: EventHandler[Any, Any], method: str, exc: BaseException) ->
     note = "" if isinstance(exc, Exception) else "; raised in a handler, it stops nothing"
     try:
         logger.error(
-            "audit handler %s failed in %s: %r (the request goes on; %s%s)%s",
+            "audit handler %s failed in %s of request %s: %r (the request goes on; %s%s)%s",
             name,
             method,
+            request_id,
             exc,
             CONSEQUENCES.get(method, "its later calls run as usual"),
             note,
@@ -555,15 +562,28 @@ class RequestRun:
             self._post(("event_end", number, started if event is None else event))
         return True
 
-    def _not_posted(self, calls: int, starts: bool) -> None:
-        """``calls`` calls of every handler not posted (event starts, or their ends)."""
-        dropped = calls * len(self.handlers)
+    def _count_dropped(self, calls: int, starts: bool, index: int | None = None) -> int:
+        """Count ``calls`` calls not made (event starts, or their ends) of handler
+        ``index``, or of every handler; returns the request's calls dropped so far.
+
+        Both kinds of drop count here: the audit loop not taking a request's calls
+        (:meth:`_not_posted`, on the application's side) and one handler's queue full
+        (:meth:`_drop_call`, on the loop's). Each logs its own warning: what is behind,
+        and what to look at, differ."""
+        handlers = range(len(self.handlers)) if index is None else (index,)
+        dropped = calls * len(handlers)
         with self._lock:
             self.calls_dropped += dropped
             if starts:
-                self._events_dropped = [n + calls for n in self._events_dropped]
+                for each in handlers:
+                    self._events_dropped[each] += calls
             total = self.calls_dropped
         CALLS_DROPPED.add(dropped)
+        return total
+
+    def _not_posted(self, calls: int, starts: bool) -> None:
+        """``calls`` calls of every handler not posted (event starts, or their ends)."""
+        total = self._count_dropped(calls, starts)
         if not starts:  # an end follows its start, which was logged
             return
         held = telemetry.log_turn(("audit", "loop", "not taking calls"))
@@ -722,11 +742,8 @@ class RequestRun:
                 self._start_drain(index)
 
     def _drop_call(self, index: int, start: bool) -> None:
-        with self._lock:  # begin_event's drops change them too, on another thread
-            self.calls_dropped += 1
-            if start:
-                self._events_dropped[index] += 1
-        CALLS_DROPPED.inc()
+        """One call of handler ``index`` not queued: the handler is too far behind."""
+        total = self._count_dropped(1, start, index)
         name = type(self.handlers[index]).__name__
         held = telemetry.log_turn(("audit", name, "queue full"))
         if held is None:
@@ -740,7 +757,7 @@ class RequestRun:
                 name,
                 len(self._queues[index]),
                 self.start.request_id,
-                self.calls_dropped,
+                total,
                 f" ({held} more such drops of it in the last interval)" if held else "",
             )
         except Exception:  # pragma: no cover - a broken log filter: counted all the same
@@ -802,11 +819,12 @@ class RequestRun:
             # Whatever the handler raised, SystemExit and KeyboardInterrupt included, is
             # its failure: on this thread they could only kill the audit loop, not stop
             # the application (a real Ctrl-C goes to the main thread, never here).
+            request_id = self.start.request_id
             if len(self.errors) < MAX_KEPT_ERRORS:
-                self.errors.append(HandlerError(handler, kind, exc))
+                self.errors.append(HandlerError(handler, kind, exc, request_id))
             else:
                 self.errors_omitted += 1
-            _report(handler, kind, exc)
+            _report(handler, kind, request_id, exc)
             if isinstance(exc, GeneratorExit):  # this coroutine may be being closed
                 closing = exc
         finally:
@@ -947,6 +965,10 @@ def _flush_before_threads_stop() -> None:
 
 def _flush_at_exit() -> None:
     """Last part of the exit flush: wait for what non-daemon threads ended, then report."""
+    try:
+        run_exit_hooks()  # the LLM streams still open end (see instrumentation._exit)
+    except KeyboardInterrupt:  # Ctrl-C there: wait no more, report
+        _in_flight.interrupted = True
     _wait_at_exit(again=True)
     _report_at_exit()
 

@@ -25,18 +25,27 @@ body unclosed. Then the body's frame lets go of its :class:`AsyncEndOnClose`, wh
 
 Streams start eagerly: the body is advanced once at creation, so the request (and a
 request error, which drops the span) happens inside the span, as with LlamaIndex.
+
+A stream still open when the interpreter exits (kept by the application, neither read
+to its end nor closed) was closed by the garbage collector after the exit flushes, and
+its end event went to a store or exporter already shut down. The streams are known
+weakly (:data:`_open_streams`, :data:`_open_async_bodies`), and those still open end as
+abandoned before those flushes (see :mod:`instrumentation._exit`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from instrumentation import telemetry
+from instrumentation._exit import before_exit_flush
 from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
     LazyBoundArguments,
@@ -276,14 +285,14 @@ class AsyncEndOnClose(EndOnClose):
     is left unclosed, as it would be untraced: closing it takes a loop.
     """
 
-    __slots__ = ("left",)
+    __slots__ = ("__weakref__", "left")
 
     def __init__(
         self, span: StreamSpan, end: Callable[[], object], close: Callable[[], Any]
     ) -> None:
         super().__init__(span, end, close)
-        #: Whether the body left its reading (``__aexit__`` ran), or ``__del__`` ended
-        #: the call for it: whichever comes first ends the call, and only it.
+        #: Whether the body left its reading (``__aexit__`` ran), or ``__del__`` or the
+        #: exit ended the call for it: whichever comes first ends the call, and only it.
         self.left = False
 
     def __del__(self) -> None:
@@ -301,6 +310,16 @@ class AsyncEndOnClose(EndOnClose):
             return
         self._freed()
 
+    def end_at_exit(self) -> None:
+        """The interpreter exits with the body open, in a loop that will not close it
+        (never closed, or closed without ``shutdown_asyncgens()``): the call ends as
+        ``__del__`` ends it. One whose read is under way (in a loop still running in a
+        daemon thread) is left to that reader."""
+        if self.left or self.span.over or self.span.reading:
+            return
+        self.left = True
+        self._freed()
+
     def _freed(self) -> None:
         span = self.span
         try:
@@ -309,7 +328,7 @@ class AsyncEndOnClose(EndOnClose):
             span.finish()  # nothing more if the end event failed: the span was dropped
 
     async def __aenter__(self) -> None:
-        return None
+        _open_async_bodies.add(self)
 
     async def __aexit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
@@ -457,6 +476,7 @@ def start_stream(span: StreamSpan, body: Generator[Any, Any, Any]) -> SpannedStr
         return None
     if first is not READY:  # pragma: no cover - a programming error in this package
         raise RuntimeError("a stream body must yield READY first")
+    _open_streams.add(stream)
     return stream
 
 
@@ -575,6 +595,41 @@ async def astart_stream(
     if first is not READY:  # pragma: no cover
         raise RuntimeError("a stream body must yield READY first")
     return stream
+
+
+#: The sync streams handed out, and the async bodies reading, whose calls the exit
+#: ends if still open: weakly, since dropping a stream ends its call.
+_open_streams: weakref.WeakSet[SpannedStream[Any]] = weakref.WeakSet()
+_open_async_bodies: weakref.WeakSet[AsyncEndOnClose] = weakref.WeakSet()
+
+
+def _end_open_streams_at_exit() -> None:
+    """The streams still open end as abandoned, their end event reporting what was
+    received: a sync one closed as its caller would close it (its source too), an
+    async one as when its body is freed (see :meth:`AsyncEndOnClose.end_at_exit`).
+    Those that ended already are passed over."""
+    for stream in list(_open_streams):
+        _end_at_exit(stream.close)
+    for body in list(_open_async_bodies):
+        _end_at_exit(body.end_at_exit)
+
+
+def _end_at_exit(end: Callable[[], None]) -> None:
+    try:
+        end()
+    except Exception as err:
+        _count_close_error(err)
+
+
+def _forget_the_parents_streams() -> None:
+    """A forked child's copies of its parent's streams are the parent's to end."""
+    _open_streams.clear()
+    _open_async_bodies.clear()
+
+
+before_exit_flush(_end_open_streams_at_exit)
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_forget_the_parents_streams)
 
 
 __all__ = [

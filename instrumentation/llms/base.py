@@ -86,9 +86,6 @@ dispatcher = get_dispatcher(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-ChatStream = Iterator[ChatResponse]
-CompletionStream = Iterator[CompletionResponse]
-
 
 def as_messages(messages: Sequence[ChatMessage | dict[str, Any]] | str) -> list[ChatMessage]:
     """Messages as :class:`ChatMessage` (a str is one user message; dicts are validated)."""

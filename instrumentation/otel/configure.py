@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from instrumentation import telemetry
+from instrumentation._exit import run_exit_hooks
 from instrumentation._pool import ThreadPool
 from instrumentation._spans import run_deferred
 from instrumentation.context import suppress_instrumentation
@@ -1149,6 +1150,7 @@ class OTLPHandle:
     def _at_exit(self) -> None:
         try:
             try:
+                run_exit_hooks()  # the LLM streams still open end (see instrumentation._exit)
                 run_deferred()  # span ends put off (see instrumentation._spans) are exported too
             finally:  # a handler's Ctrl-C there: the spans still go
                 self.shutdown(timeout_millis=self.exit_timeout_millis)

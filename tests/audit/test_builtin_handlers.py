@@ -132,7 +132,8 @@ async def test_cli_handler_blocks_do_not_interleave() -> None:
         assert f"result: Echo: {asked}\n" in block
 
 
-def test_cli_handler_colour_on_a_terminal() -> None:
+def test_cli_handler_colour_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
     leader, follower = pty.openpty()
     try:
         with os.fdopen(follower, "w", closefd=False) as tty:
@@ -150,6 +151,30 @@ def test_cli_handler_colour_on_a_terminal() -> None:
     assert "\033[" in forced.getvalue()
     with pytest.raises(TypeError, match="color"):
         CLIEventHandler(color="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("no_color", ["1", "0", "false", ""])
+def test_cli_handler_honours_no_color_on_a_terminal(
+    no_color: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NO_COLOR set to anything but "" (https://no-color.org) turns the colour off on a
+    terminal; color=True, the handler's own setting, still turns it on."""
+    monkeypatch.setenv("NO_COLOR", no_color)
+    leader, follower = pty.openpty()
+    try:
+        with os.fdopen(follower, "w", closefd=False) as tty:
+            for color in (None, True):
+                with audit.request(question="coloured?", handlers=[CLIEventHandler(tty, color)]):
+                    pass
+        out = ""
+        while out.count("took") < 2:  # each block may come in a read of its own
+            out += os.read(leader, 8192).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+    auto, forced = re.split(r"(?m)^(?=\S*Request )", out)[1:]
+    assert ("\033[" in auto) is (no_color == "")
+    assert "\033[1mRequest" in forced
 
 
 def test_logging_handler_one_structured_record_per_event(

@@ -119,6 +119,29 @@ def test_the_log_says_what_a_failure_means_for_that_method(
         assert "None" not in message, message
 
 
+def test_a_handler_error_says_which_request_it_was_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler serves many requests (an adapter gathers the errors of all of them):
+    the error it left, and its log line, named no request."""
+    broken = _failing(SyncRecorder, "event_end")
+    requests = []
+    with caplog.at_level(logging.ERROR, logger="instrumentation.audit"):
+        for _ in range(2):
+            with (
+                audit.request(question="q", handlers=[broken], timeout=5) as req,
+                audit.event(audit.ToolCallEvent(name="t")),
+            ):
+                requests.append(req)
+    first, second = requests
+    assert [e.request_id for e in first.errors + second.errors] == [
+        first.id,
+        second.id,
+    ]
+    (message,) = [r.getMessage() for r in caplog.records if "Failing" in r.getMessage()]
+    assert f"failed in event_end of request {first.id}:" in message
+
+
 def test_raising_base_exception_subclass_cancelled_is_survived() -> None:
     class Cancels(AsyncRecorder):
         async def event_start(self, event: Event, request_context: Any) -> Any:

@@ -2,13 +2,15 @@
 
 A request's lines are gathered in its context and written in one piece when it ends,
 under a lock shared by every instance, so concurrent requests never interleave.
-Colour (ANSI) is on when the stream is a terminal, unless ``color=`` says otherwise.
+Colour (ANSI) is on when the stream is a terminal and ``NO_COLOR`` is not set (to
+anything but an empty string: https://no-color.org), unless ``color=`` says otherwise.
 Times shown are measured on the application's side (an LLM call's ``latency_ms``, the
 events' timestamps, the request's ``duration_s``), never when this handler runs.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from datetime import datetime
@@ -62,13 +64,19 @@ class CLIEventHandler(EventHandler[list[str], datetime | None]):
     def _out(self) -> TextIO | None:
         return self.stream if self.stream is not None else sys.stderr
 
+    def _colored(self) -> bool:
+        """``color`` if given (the handler's own setting wins, as no-color.org asks);
+        else a terminal is coloured unless ``NO_COLOR`` is set and not empty."""
+        if self.color is not None:
+            return self.color
+        if os.environ.get("NO_COLOR"):
+            return False
+        isatty = getattr(self._out(), "isatty", None)
+        return bool(isatty()) if callable(isatty) else False
+
     def _paint(self, code: str, text: str) -> str:
         text = _shown(text)
-        color = self.color
-        if color is None:
-            isatty = getattr(self._out(), "isatty", None)
-            color = bool(isatty()) if callable(isatty) else False
-        return f"{code}{text}{_RESET}" if color else text
+        return f"{code}{text}{_RESET}" if self._colored() else text
 
     def request_start(self, user_request: RequestStart) -> list[str]:
         head = self._paint(_BOLD, f"Request {user_request.request_id[:8]}")
