@@ -1,15 +1,19 @@
-"""NaN and the infinities out of JSON-bound values.
+"""NaN and the infinities out of JSON-bound values, and ints too long to print.
 
 Python's ``json`` writes them as ``NaN`` and ``Infinity``, which no other JSON parser
 takes (PostgreSQL's ``jsonb``, ``jq``, ``JSON.parse``, OTLP backends). The storage,
 its command line and the OpenTelemetry export all write them as ``null``, as pydantic
-does.
+does. An int of more digits than Python prints (4,300 by default) ``json`` does not
+write at all: it is written as ``"<int of N bits>"`` (see
+:func:`instrumentation._text.printable_int`).
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from instrumentation._text import printable_int
 
 #: Deeper than this, containers are left as they are (a list that holds itself stops
 #: here; what then still fails is the caller's to mark as unserialisable).
@@ -18,7 +22,8 @@ MAX_DEPTH = 100
 
 def finite(value: Any) -> Any:
     """``value`` with NaN and infinite floats in it, in dicts, lists and tuples (made
-    lists), replaced by None. Walked without recursion, copying what it walks.
+    lists), replaced by None, and ints too long to print by a placeholder. Walked
+    without recursion, copying what it walks.
 
     A container met twice (held in two places, or holding itself) is copied once and
     that copy put in both places: copied anew each time, ``x = [x, x]`` made 2**100
@@ -35,6 +40,8 @@ def finite(value: Any) -> Any:
         if isinstance(item, float):
             if not math.isfinite(item):
                 container[key] = None
+        elif isinstance(item, int):
+            container[key] = printable_int(item)
         elif depth < MAX_DEPTH and isinstance(item, (dict, list, tuple)):
             known = copies.get(id(item))
             if known is not None:

@@ -29,6 +29,7 @@ from instrumentation import _ids, telemetry
 from instrumentation import context as _context
 from instrumentation._classcache import remember
 from instrumentation._exit import run_exit_hooks
+from instrumentation._text import cut
 from instrumentation.context import SpanContext, _active_span, _active_tags, parent_for_new_span
 from instrumentation.events.span import SpanDropEvent
 
@@ -892,6 +893,18 @@ def _drop_where_entered(
     )
 
 
+def activate_started(chain: Chain, span: SpanContext, bound_args: Any, instance: Any) -> Any:
+    """Make ``span``, just started, current (see :func:`instrumentation.context.activate`).
+    A stop a bridge raises there (which leaves nothing current) drops the span in its
+    handlers before it reaches the caller, as a stop in ``span_enter`` does: the call
+    is not made, and no span is left open in them for good."""
+    try:
+        return _context.activate(span)
+    except BaseException as err:
+        fail(chain, span, bound_args, instance, err)
+        raise
+
+
 def position(chain: Chain, handler: Any) -> int:
     """Where ``handler`` is in ``chain.spans`` (and so in ``enters`` and ``exits``)."""
     return next(i for i, each in enumerate(chain.spans) if each is handler)
@@ -1088,7 +1101,7 @@ def _drop_event(
     events: tuple[Any, ...], span: SpanContext, err: BaseException, tags: Mapping[str, Any]
 ) -> None:
     try:
-        text = str(err)
+        text = cut(str(err))
     except Exception:  # str() of a broken exception can itself raise
         text = type(err).__name__
     drop_event = SpanDropEvent(
@@ -1133,11 +1146,34 @@ def dispatch_event(handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any]
 
 
 def handle_all(
-    handlers: Iterable[Any], event: Any, kwargs: dict[str, Any], where: str = "handle"
+    handlers: tuple[Any, ...], event: Any, kwargs: dict[str, Any], where: str = "handle"
 ) -> None:
     """``handle(event)`` of each handler in turn; an error is reported (as raised in
-    ``where``), not raised."""
+    ``where``), not raised, and a stop is raised once the handlers after have the event
+    (see :func:`handle_after_a_stop`)."""
     for handler in handlers:
+        try:
+            if kwargs:
+                handler.handle(event, **kwargs)
+            else:
+                handler.handle(event)
+        except BaseException as exc:
+            if stops_the_caller(exc):
+                handle_after_a_stop(handlers, handler, event, kwargs, where)
+                raise
+            _report(handler, where, event.class_name(), exc)
+
+
+def handle_after_a_stop(
+    handlers: tuple[Any, ...], stopped: Any, event: Any, kwargs: dict[str, Any], where: str
+) -> None:
+    """A stop (see :func:`stops_the_caller`) came out of ``stopped``'s ``handle(event)``:
+    each of ``handlers`` after it gets the event all the same, before the stop is
+    raised, as the span handlers after a stop still end the span (see
+    :func:`end_after_a_stop`): a Ctrl-C in one handler lost the event for the others,
+    a parent's storage or exporter among them. A second stop is raised at once."""
+    rest = handlers[next(i for i, each in enumerate(handlers) if each is stopped) + 1 :]
+    for handler in rest:
         try:
             if kwargs:
                 handler.handle(event, **kwargs)
@@ -1153,6 +1189,7 @@ __all__ = [
     "Chain",
     "LazyBoundArguments",
     "LazySignature",
+    "activate_started",
     "after",
     "after_span_end",
     "after_span_end_async",
@@ -1162,6 +1199,7 @@ __all__ = [
     "enter_extras",
     "fail",
     "finish",
+    "handle_after_a_stop",
     "handle_all",
     "in_collection",
     "later",

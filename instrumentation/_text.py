@@ -16,6 +16,16 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
+#: Longest text written out of one value the application handed over: an
+#: OpenTelemetry attribute, the message of a span's error. An exception's ``str()``
+#: can be any size (a 50 MB document quoted in a ``ValueError``), and each span
+#: handler wrote it whole: to every row, export request and printed tree.
+MAX_TEXT_CHARS = 8192
+
+#: An int of at most this many bits has fewer digits than Python prints at the least
+#: (640, the lowest ``sys.set_int_max_str_digits()`` takes).
+_PRINTABLE_INT_BITS = 2_000
+
 
 def without_lone_surrogates(text: str) -> str:
     """``text`` with lone surrogates replaced by U+FFFD (ASCII text as it is, cheaply)."""
@@ -49,10 +59,31 @@ def safe_str(value: Any) -> str:
         return f"<unprintable {type(value).__qualname__}>"
 
 
+def cut(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text``, or its first characters ending with ``...`` when it is longer than
+    ``limit``."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable_int(value: int) -> int | str:
+    """``value``, or ``"<int of N bits>"`` in its place when it has more digits than
+    Python prints (``sys.get_int_max_str_digits()``, 4,300 by default): ``str()``,
+    ``repr()`` and ``json.dumps`` raise for it, and what wrote it out lost the value
+    it was in, or left a marker saying its ``repr`` failed."""
+    if value.bit_length() <= _PRINTABLE_INT_BITS:
+        return value
+    try:
+        int.__repr__(value)
+    except ValueError:
+        return f"<int of {value.bit_length()} bits>"
+    return value
+
+
 def describe_error(err: BaseException) -> str:
     """``"ValueError: bad input"``; the class name alone when the message is empty
-    (``GeneratorExit``, a bare ``raise KeyboardInterrupt``), not a dangling colon."""
-    message = safe_str(err)
+    (``GeneratorExit``, a bare ``raise KeyboardInterrupt``), not a dangling colon. The
+    message is :func:`cut` to :data:`MAX_TEXT_CHARS`."""
+    message = cut(safe_str(err))
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
@@ -65,4 +96,13 @@ def safe_repr(value: Any) -> str:
         return f"<unprintable {type(value).__qualname__}>"
 
 
-__all__ = ["escape_controls", "safe_repr", "safe_str", "without_lone_surrogates"]
+__all__ = [
+    "MAX_TEXT_CHARS",
+    "cut",
+    "describe_error",
+    "escape_controls",
+    "printable_int",
+    "safe_repr",
+    "safe_str",
+    "without_lone_surrogates",
+]

@@ -30,6 +30,7 @@ from instrumentation._spans import (
     LazySignature,
     _deferred,
     _fail,
+    activate_started,
     after_span_end_async,
     fail,
     finish,
@@ -151,7 +152,7 @@ def _await_in_span(
 
     async def run() -> Any:
         unstarted.clear()
-        handle = activate(span)
+        handle = activate_started(chain, span, bound, instance)
         try:
             result = await awaitable
         except BaseException as err:
@@ -205,7 +206,11 @@ def _drive(
     current: SpanContext = span
     resumed = None  # what other tracing systems had current inside, at the last yield
     while True:
-        handle = activate(current, resumed)
+        try:
+            handle = activate(current, resumed)
+        except BaseException as err:  # a bridge's stop, nothing left current: see activate
+            fail(chain, span, bound, instance, err)
+            raise
         try:
             if to_throw is not None:
                 pending, to_throw = to_throw, None
@@ -482,7 +487,12 @@ def _wrap_callable(
                 resumed = None  # what other tracing systems had current inside, at the last yield
                 first = True
                 while True:
-                    handle = activate(current, resumed) if current is not None else None
+                    try:
+                        handle = activate(current, resumed) if current is not None else None
+                    except BaseException as err:  # a bridge's stop: see activate
+                        if guard is not None:
+                            guard.fail(err)
+                        raise
                     try:
                         if to_throw is not None:
                             pending, to_throw = to_throw, None
@@ -585,7 +595,7 @@ def _wrap_callable(
             if chain is None or _suppressed.get():
                 return (yield from func(*args, **kwargs))
             span, bound, instance = begin(chain, args, kwargs)
-            handle = activate(span)
+            handle = activate_started(chain, span, bound, instance)
             try:
                 gen = func(*args, **kwargs)
             except BaseException as err:
@@ -602,7 +612,11 @@ def _wrap_callable(
             if chain is None or _suppressed.get():
                 return await func(*args, **kwargs)
             span, bound, instance = begin(chain, args, kwargs)
-            handle = _set_active(span) if not _context._bridges else activate(span)
+            handle = (
+                _set_active(span)
+                if not _context._bridges
+                else activate_started(chain, span, bound, instance)
+            )
             try:
                 result = await func(*args, **kwargs)
             except BaseException as err:
@@ -644,7 +658,11 @@ def _wrap_callable(
                     else EMPTY_BOUND_ARGS
                 )
             span = start(chain, span_name, instance, bound, attrs)
-            handle = activate(span) if _context._bridges else _set_active(span)
+            handle = (
+                activate_started(chain, span, bound, instance)
+                if _context._bridges
+                else _set_active(span)
+            )
             try:
                 result = func(*args, **kwargs)
             except BaseException as err:

@@ -303,7 +303,9 @@ class ContextBridge(Protocol):
     recent), or ``own`` unchanged. ``attach`` is called each time one of our spans
     becomes current in a context (enter, and each resume of a generator) and
     ``detach`` with what it returned when it stops being current. What they raise is
-    logged and counted as a handler's error (``telemetry``), and the call goes on.
+    logged and counted as a handler's error (``telemetry``), and the call goes on;
+    a stop (``KeyboardInterrupt``, ``SystemExit``) ``attach`` raises reaches the
+    caller once nothing is left current, and a span starting is dropped with it.
 
     A bridge may also have ``restore(parent, sampled)``, called when
     ``restore_propagation_context`` makes ``parent`` (a remote span, or None) current
@@ -498,6 +500,7 @@ def activate(
     ``resumed`` is what :func:`suspend` noted when a generator last yielded: each
     bridge makes current again what was current in its system inside the generator
     then (a foreign span the body opened before the ``yield`` and is still inside).
+    A bridge's stop (see ``ContextBridge``) is raised once this is undone.
     """
     token = _active_span.set(span)
     if not _bridges:
@@ -512,6 +515,12 @@ def activate(
                 attached.append((bridge, bridge.attach(span)))
         except Exception as exc:
             telemetry.report_handler_error(bridge, "attach", span.id_, exc)
+        except BaseException:
+            # A stop (Ctrl-C, sys.exit()) raised by the bridge: it reaches the caller
+            # with nothing left current, ours or the bridges' before it, since no
+            # deactivate() comes to undo it; the span was left current for good.
+            deactivate(_Activation(token, attached))
+            raise
     return _Activation(token, attached)
 
 

@@ -33,6 +33,7 @@ from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
     Chain,
     _deferred,
+    activate_started,
     after,
     after_span_end,
     after_span_end_async,
@@ -41,6 +42,7 @@ from instrumentation._spans import (
     enter_extras,
     fail,
     finish,
+    handle_after_a_stop,
     handle_all,
     must_wait,
     position,
@@ -61,7 +63,6 @@ from instrumentation.context import (
     _active_tags,
     _propagated,
     _suppressed,
-    activate,
     active_instrument_tags,
     active_span_id,
     current_span,
@@ -644,12 +645,16 @@ class Dispatcher:
                 else:
                     handler.handle(event)
             except BaseException as exc:
-                report_or_raise(handler, "handle", event.class_name(), exc)
+                if stops_the_caller(exc):
+                    handle_after_a_stop(handlers, handler, event, kwargs, "handle")
+                    raise
+                telemetry.report_handler_error(handler, "handle", event.class_name(), exc)
 
     async def aevent(self, event: BaseEvent, **kwargs: Any) -> None:
         """Like :meth:`event`, awaiting the handlers' own ``ahandle`` methods side by
         side (each in a task, as LlamaIndex does), so that a slow one does not hold up
-        the others; ``aevent`` returns when all are done."""
+        the others; ``aevent`` returns when all are done, and raises a stop one of them
+        raised (Ctrl-C, ``sys.exit()``) then."""
         if not isinstance(event, BaseEvent):
             raise _not_an_event("aevent", event)
         handlers = self._ev
@@ -666,9 +671,13 @@ class Dispatcher:
         if all(type(h).ahandle is _DEFAULT_AHANDLE for h in handlers):
             handle_all(handlers, event, kwargs, "ahandle")
         elif len(handlers) == 1:  # nothing to run beside it: no task to make
-            await _ahandle(handlers[0], event, kwargs)
+            stop = await _ahandle(handlers[0], event, kwargs)
+            if stop is not None:
+                raise stop
         else:
-            await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in handlers])
+            _raise_first_stop(
+                await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in handlers])
+            )
 
     # -- spans by hand --------------------------------------------------------------
 
@@ -1082,13 +1091,30 @@ class Dispatcher:
 _DEFAULT_AHANDLE = BaseEventHandler.ahandle
 
 
-async def _ahandle(handler: BaseEventHandler, event: BaseEvent, kwargs: dict[str, Any]) -> None:
+async def _ahandle(
+    handler: BaseEventHandler, event: BaseEvent, kwargs: dict[str, Any]
+) -> BaseException | None:
+    """Await ``handler.ahandle(event)``; a stop (see :func:`stops_the_caller`) is
+    returned, for :meth:`Dispatcher.aevent` to raise once the others are done: raised in
+    a task of ``gather``, it stopped the event loop there and then, out of reach of the
+    caller's ``except``, and the handlers beside it never had the event."""
     try:
         await handler.ahandle(event, **kwargs)
     except BaseException as exc:
+        if stops_the_caller(exc):
+            return exc
         if stops_the_awaiting_caller(exc):
             raise
         telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
+    return None
+
+
+def _raise_first_stop(stops: list[BaseException | None]) -> None:
+    """Raise the first stop the handlers of :meth:`Dispatcher.aevent` returned, once all
+    of them are done (as :meth:`Dispatcher.event` does after the handlers after it)."""
+    for stop in stops:
+        if stop is not None:
+            raise stop
 
 
 def _close(handler: Any) -> None:
@@ -1240,9 +1266,9 @@ class SpanBlock:
         if chain is None or _suppressed.get():
             return self
         span = start(chain, self._name, None, EMPTY_BOUND_ARGS, self._attributes, self._tags)
+        self._handle = activate_started(chain, span, EMPTY_BOUND_ARGS, None)
         self.context = span
         self._chain = chain
-        self._handle = activate(span)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:

@@ -153,7 +153,11 @@ class StreamSpan:
         current = self._current
         if current is None or self.over:
             return None
-        return activate(current, self._resumed)
+        try:
+            return activate(current, self._resumed)
+        except BaseException as err:  # a bridge's stop, nothing left current: see activate
+            self.fail(err)
+            raise
 
     def leave(self, handle: Any) -> None:
         if handle is None:

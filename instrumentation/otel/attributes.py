@@ -19,11 +19,11 @@ from pydantic import BaseModel
 from instrumentation._classcache import remember
 from instrumentation._dump import dump
 from instrumentation._finite import finite
-from instrumentation._text import safe_str
+from instrumentation._text import MAX_TEXT_CHARS, cut, printable_int, safe_str
 from instrumentation._text import without_lone_surrogates as clean
 
 #: Longest string value we put in an attribute (longer ones end with "...").
-MAX_VALUE_CHARS = 8192
+MAX_VALUE_CHARS = MAX_TEXT_CHARS
 
 #: Fields every event has, reported through the span event itself rather than as attributes.
 BASE_EVENT_FIELDS = frozenset({"timestamp", "id_", "span_id", "trace_id", "tags"})
@@ -37,7 +37,7 @@ AttributeValue = str | bool | int | float | tuple[str, ...] | tuple[int, ...] | 
 
 
 def clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
-    return clean(text if len(text) <= limit else text[: limit - 3] + "...")
+    return clean(cut(text, limit))
 
 
 def to_json(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
@@ -352,7 +352,7 @@ def _to_attribute(value: Any) -> AttributeValue | None:
         return clip(value)
     if isinstance(value, _PRIMITIVES):
         if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
-            return str(value)  # exact, where an int64 could not hold it
+            return str(printable_int(value))  # exact, where an int64 could not hold it
         return value
     if isinstance(value, datetime):
         return clean(value.isoformat())
@@ -364,7 +364,7 @@ def _to_attribute(value: Any) -> AttributeValue | None:
                     return to_json(value)
                 return tuple(clip(v) for v in value)
             if kind is int and not all(_INT64_MIN <= v <= _INT64_MAX for v in value):
-                return tuple(str(v) for v in value)
+                return tuple(str(printable_int(v)) for v in value)
             return tuple(value)
     return to_json(value)
 

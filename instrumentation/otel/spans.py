@@ -24,12 +24,13 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 
 from instrumentation import telemetry
-from instrumentation._text import safe_str
+from instrumentation._text import cut, safe_str
 from instrumentation._text import without_lone_surrogates as clean
 from instrumentation.context import span_hex_of
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.otel import genai
 from instrumentation.otel.attributes import (
+    MAX_VALUE_CHARS,
     clean_attributes,
     event_attributes,
     tag_attributes,
@@ -232,16 +233,18 @@ class SpanTable:
         elif err is not None:
             # It left the span: escaped. error.type as the semantic conventions ask.
             try:
-                message = str(err)
-                printable = message.isascii()
+                whole = str(err)
+                printable = whole.isascii() and len(whole) <= MAX_VALUE_CHARS
             except Exception:
-                message, printable = safe_str(err), False
+                whole, printable = safe_str(err), False
+            message = cut(whole)
             if printable:
                 span.record_exception(err, escaped=True)
             else:
                 # The SDK would take str(err) as it is: a lone surrogate in it (a file
-                # name decoded with surrogateescape) failed the export of its batch, and
-                # a str() that raises failed the span's end.
+                # name decoded with surrogateescape) failed the export of its batch, a
+                # str() that raises failed the span's end, and a 50 MB one (twice, in
+                # the message and the stack trace) made a request no collector takes.
                 span.add_event(
                     "exception",
                     {
@@ -312,10 +315,14 @@ class SpanTable:
 
 
 def _stacktrace(err: BaseException) -> str:
+    """The stack trace as Python prints it, each part (a frame, an error's message)
+    :func:`cut` to :data:`MAX_VALUE_CHARS`: every frame is kept, and each message is
+    cut as ``exception.message`` is."""
     try:
-        return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        parts = traceback.format_exception(type(err), err, err.__traceback__)
     except Exception:
         return ""
+    return "".join(cut(part, MAX_VALUE_CHARS) for part in parts)
 
 
 def _error_type(err: BaseException) -> str:

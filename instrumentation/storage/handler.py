@@ -25,6 +25,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from typing_extensions import TypedDict
 
 from instrumentation import telemetry
+from instrumentation._text import cut
 from instrumentation.context import (
     SpanContext,
     current_span,
@@ -506,7 +507,7 @@ class StorageHandler(BaseSpanHandler[BaseSpan], BaseEventHandler):
                 error = "dropped"
             else:
                 try:
-                    message = str(err)
+                    message = cut(str(err))
                 except Exception:  # str(err) itself can raise
                     message = ""
                 error = f"{type(err).__name__}: {message}" if message else type(err).__name__

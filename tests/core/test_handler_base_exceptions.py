@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +23,9 @@ from instrumentation import (
     get_dispatcher,
     telemetry,
 )
+from instrumentation.context import current_span, register_bridge, unregister_bridge
 from instrumentation.events.span import SpanDropEvent
+from instrumentation.llms import OfflineLLM
 
 from ._support import EventList, Recorder, fresh
 
@@ -352,4 +355,200 @@ def test_a_coroutine_closed_while_an_async_handler_awaits_is_closed() -> None:
         coro.close()
     finally:
         loop.close()
+    assert telemetry.HANDLER_ERRORS.value == 0
+
+
+class StopsHandling(BaseEventHandler):
+    """Ctrl-C (or ``sys.exit()``) while it handles an event, sync or awaited."""
+
+    kind: str = "KeyboardInterrupt"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        _stop(self.kind)
+
+
+class AwaitsThenStops(StopsHandling):
+    async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+        await asyncio.sleep(0)
+        _stop(self.kind)
+
+
+class AwaitedList(EventList):
+    """Keeps the events given to its own ``ahandle``, which waits its turn first."""
+
+    async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+        await asyncio.sleep(0.01)
+        self.events.append(event)
+
+
+def _stopping_tree(stops: BaseEventHandler, after: BaseEventHandler) -> tuple[Any, EventList]:
+    """A dispatcher whose chain is ``stops``, ``after``, then its parent's handler."""
+    parent = get_dispatcher(fresh())
+    child = get_dispatcher(f"{parent.name}.child")
+    parents = EventList()
+    parent.add_event_handler(parents)
+    child.add_event_handler(stops)
+    child.add_event_handler(after)
+    return child, parents
+
+
+@pytest.mark.parametrize("kind", STOPS)
+def test_a_stop_in_an_event_handler_still_reaches_the_handlers_after(kind: str) -> None:
+    """The stop reaches the caller once the handlers after the stopping one, its
+    parents' among them, have the event: they never got it (a Ctrl-C cost the
+    storage and the exporter on the root the event)."""
+    after = EventList()
+    d, parents = _stopping_tree(StopsHandling(kind=kind), after)
+    with pytest.raises(STOPS[kind]):
+        d.event(Note(value=1))
+    assert [e.value for e in after.events] == [1]  # type: ignore[attr-defined]
+    assert [e.value for e in parents.events] == [1]  # type: ignore[attr-defined]
+    assert telemetry.HANDLER_ERRORS.value == 0
+
+
+def test_a_second_stop_in_an_event_handler_after_a_stop_is_raised_at_once() -> None:
+    """As for a span's end (``end_after_a_stop``): Ctrl-C pressed again stops there."""
+    d, parents = _stopping_tree(StopsHandling(), StopsHandling(kind="sys.exit"))
+    with pytest.raises((KeyboardInterrupt, SystemExit)) as raised:
+        d.event(Note())
+    assert type(raised.value) is SystemExit
+    assert isinstance(raised.value.__context__, KeyboardInterrupt)
+    assert parents.events == []
+
+
+@pytest.mark.parametrize("awaited", [False, True], ids=["default-ahandle", "own-ahandle"])
+def test_a_stop_in_an_event_handler_under_aevent_reaches_the_others_and_the_caller(
+    awaited: bool,
+) -> None:
+    """With handlers that keep the default ``ahandle``, as with ``event()``. With
+    their own, each in a task of ``gather``: the stop, raised in its task, stopped the
+    event loop there and then, so that the handlers beside it never had the event,
+    and the caller's ``except KeyboardInterrupt`` never saw it."""
+    after = AwaitedList() if awaited else EventList()
+    stops = AwaitsThenStops() if awaited else StopsHandling()
+    d, parents = _stopping_tree(stops, after)
+
+    async def caller() -> str:
+        try:
+            await d.aevent(Note(value=2))
+        except KeyboardInterrupt:
+            return "caught"
+        return "not raised"
+
+    try:
+        outcome = asyncio.run(caller())
+    except KeyboardInterrupt:
+        outcome = "out of the event loop"
+    assert outcome == "caught"
+    assert [e.value for e in after.events] == [2]  # type: ignore[attr-defined]
+    assert [e.value for e in parents.events] == [2]  # type: ignore[attr-defined]
+    assert telemetry.HANDLER_ERRORS.value == 0
+
+
+def test_a_stop_in_an_event_handler_of_the_drop_event_reaches_the_handlers_after() -> None:
+    """The SpanDropEvent goes to the event handlers after the stopping one as well."""
+    d = get_dispatcher(fresh())
+    spans, after = SimpleSpanHandler(), EventList()
+    d.add_span_handler(spans)
+    d.add_event_handler(StopsHandling())
+    d.add_event_handler(after)
+
+    @d.span
+    def work() -> None:
+        raise ValueError("app error")
+
+    with pytest.raises(KeyboardInterrupt):
+        work()
+    assert [type(e) for e in after.events] == [SpanDropEvent]
+    assert spans.open_spans == {} and len(spans.dropped_spans) == 1
+
+
+class StopsAttaching:
+    """A bridge (see ``instrumentation.context.ContextBridge``) whose ``attach`` is
+    where Ctrl-C comes."""
+
+    def __init__(self) -> None:
+        self.attached: list[Any] = []
+
+    def parent_for(self, own: Any) -> Any:
+        return own
+
+    def attach(self, span: Any) -> object:
+        raise KeyboardInterrupt
+
+    def detach(self, token: object) -> None:
+        self.attached.remove(token)
+
+
+class Attaches(StopsAttaching):
+    """A bridge that works: what it holds attached is in ``attached``."""
+
+    def attach(self, span: Any) -> object:
+        self.attached.append(span)
+        return span
+
+
+def _run_traced(kind: str, d: Any) -> None:
+    """Enter a span of ``d`` the way ``kind`` says (each makes the span current)."""
+
+    @d.span
+    def call() -> None:
+        pass
+
+    @d.span
+    async def coroutine() -> None:
+        pass
+
+    @d.span
+    def generator() -> Iterator[int]:
+        yield 1
+
+    @d.span
+    async def async_generator() -> AsyncIterator[int]:
+        yield 1
+
+    async def read_all() -> None:
+        async for _ in async_generator():
+            pass
+
+    if kind == "LLM stream":
+        list(OfflineLLM().stream_chat("hi"))
+    elif kind == "call":
+        call()
+    elif kind == "coroutine":
+        asyncio.run(coroutine())
+    elif kind == "generator":
+        list(generator())
+    elif kind == "async generator":
+        asyncio.run(read_all())
+    else:
+        with d.span("block"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "kind", ["call", "coroutine", "generator", "async generator", "block", "LLM stream"]
+)
+def test_a_stop_in_a_bridges_attach_leaves_nothing_current_nor_open(kind: str) -> None:
+    """A bridge's ``attach`` raising Ctrl-C as a span was entered: the span stayed
+    current, the bridges before it attached, and the span open in every handler."""
+    d = get_dispatcher(fresh())
+    spans, recorder = SimpleSpanHandler(), Recorder()
+    get_dispatcher().add_span_handler(spans)  # the root: the LLM's spans reach it too
+    get_dispatcher().add_span_handler(recorder)
+    works, stops = Attaches(), StopsAttaching()
+    register_bridge(works)
+    register_bridge(stops)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_traced(kind, d)
+    finally:
+        unregister_bridge(stops)
+        unregister_bridge(works)
+    assert current_span() is None
+    assert works.attached == []
+    assert spans.open_spans == {} and len(spans.dropped_spans) == 1
+    [record] = recorder.records.values()
+    assert record.status == "drop" and isinstance(record.err, KeyboardInterrupt)
+    assert telemetry.SPANS_STARTED.value == telemetry.SPANS_DROPPED.value == 1
     assert telemetry.HANDLER_ERRORS.value == 0

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from instrumentation import Dispatcher, SpanDropEvent, current_span, get_dispatcher
+from instrumentation import (
+    Dispatcher,
+    SimpleSpanHandler,
+    SpanDropEvent,
+    current_span,
+    get_dispatcher,
+)
+from instrumentation._text import MAX_TEXT_CHARS
 
 from ._support import EventList, Recorder, fresh
 
@@ -563,3 +570,31 @@ def test_a_handler_whose_exit_recurses_at_any_depth_is_reported_at_once(d: Dispa
     first = len(calls)
     f()  # an unrelated end does not run the first one again
     assert len(calls) == 2 * first and handler.open_spans == {}
+
+
+def test_a_huge_error_message_is_cut_where_it_becomes_text(
+    d: Dispatcher, rec: Recorder, events: EventList
+) -> None:
+    """An exception's ``str()`` of megabytes (a document quoted in a ValueError) was
+    copied whole into the drop event, the span's error and the printed tree; the
+    exception itself reaches the caller untouched, and ``span_drop`` gets it."""
+    message = "x" * 1_000_000
+    err = AppError(message)
+    simple = SimpleSpanHandler()
+    d.add_span_handler(simple)
+
+    @d.span
+    def f() -> None:
+        raise err
+
+    with pytest.raises(AppError) as caught:
+        f()
+    assert caught.value is err and str(err) is message
+    (record,) = rec.records.values()
+    assert record.err is err
+    (drop,) = events.events
+    assert isinstance(drop, SpanDropEvent)
+    assert drop.err_str == "x" * (MAX_TEXT_CHARS - 3) + "..."
+    (span,) = simple.dropped_spans
+    assert span.metadata == {"error": f"AppError: {'x' * (MAX_TEXT_CHARS - 3)}..."}
+    assert len(simple.format_trace_trees()) < MAX_TEXT_CHARS + 100

@@ -128,6 +128,60 @@ def test_values_that_cannot_be_printed_cost_only_themselves(receiver: OTLPReceiv
     assert exception.attributes["exception.type"].endswith("Failing")
 
 
+def test_an_integer_longer_than_python_prints_says_its_size(receiver: OTLPReceiver) -> None:
+    """Python prints no int of more than 4,300 digits: as a tag, span attribute or
+    event field it was sent as ``<unprintable int>``, and a dict holding one as
+    ``<unprintable dict>``, its other fields lost."""
+    otlp = configure_otlp(endpoint=receiver.endpoint)
+    d = get_dispatcher("tests.otel.huge_int")
+    huge = 10**5000
+
+    @d.span(attributes={"n": huge, "ns": [huge, 7], "nested": {"n": huge, "kept": "yes"}})
+    def counted() -> None:
+        d.event(Odd(value=huge))
+
+    try:
+        with instrument_tags({"n": huge}):
+            counted()
+    finally:
+        assert otlp.shutdown()
+    [span] = receiver.spans
+    size = "<int of 16610 bits>"
+    assert span.attributes["n"] == span.attributes["instrumentation.tag.n"] == size
+    assert list(span.attributes["ns"]) == [size, "7"]
+    assert json.loads(span.attributes["nested"]) == {"n": size, "kept": "yes"}
+    assert [e.attributes["value"] for e in span.events] == [size]
+
+
+def test_a_huge_error_message_is_sent_cut(receiver: OTLPReceiver) -> None:
+    """``str()`` of the exception went whole into the status and twice into the
+    exception event (its message and stack trace): megabytes in one span, which a
+    collector refuses with the whole batch. The caller gets the exception untouched."""
+    otlp = configure_otlp(endpoint=receiver.endpoint)
+    d = get_dispatcher("tests.otel.huge_error")
+    message = "x" * 1_000_000
+    err = ValueError(message)
+
+    @d.span
+    def fails() -> None:
+        raise err
+
+    try:
+        with pytest.raises(ValueError) as caught:
+            fails()
+    finally:
+        assert otlp.shutdown()
+    assert caught.value is err and str(err) is message
+    [span] = receiver.spans
+    cut = "x" * (attributes.MAX_VALUE_CHARS - 3) + "..."
+    assert span.status_message == f"ValueError: {cut}"
+    [exception] = [e for e in span.events if e.name == "exception"]
+    assert exception.attributes["exception.message"] == cut
+    stacktrace = exception.attributes["exception.stacktrace"]
+    assert stacktrace.startswith("Traceback") and "in fails" in stacktrace
+    assert len(stacktrace) < 2 * attributes.MAX_VALUE_CHARS
+
+
 def test_token_counts_past_int64_are_left_out_and_the_rest_sent(
     receiver: OTLPReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:

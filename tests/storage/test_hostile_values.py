@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, computed_field
 
 from instrumentation import BaseEvent, get_dispatcher, instrument_tags, telemetry
+from instrumentation._text import MAX_TEXT_CHARS
 from instrumentation.storage import SQLiteStore, Store, open_store
 from instrumentation.storage import roots_of as storage_roots
 from instrumentation.storage.cli import main as cli_main
@@ -484,6 +485,48 @@ def test_an_integer_longer_than_python_prints_is_read_back(
         [line] = capsys.readouterr().out.splitlines()
         [span] = json.loads(line)["spans"]
         assert span["events"][0]["payload"]["text"] == "kept"
+
+
+def test_an_integer_longer_than_python_prints_in_attributes_and_tags_says_its_size(
+    any_store: Store, make_handler: Any
+) -> None:
+    """``json.dumps`` refuses an int of more than 4,300 digits: the span's attribute or
+    tag became a marker saying its ``repr`` failed, and a dict holding one was such a
+    marker whole, its other fields lost."""
+    handler = make_handler(any_store).attach(d)
+    huge = 10**5000
+
+    @d.span(attributes={"n": huge, "nested": {"n": [huge, 7], "kept": "yes"}})
+    def counted() -> None:
+        pass
+
+    with instrument_tags({"n": huge, "user": "ann"}):
+        counted()
+    assert handler.flush(10)
+    [summary] = any_store.traces(name=counted.__qualname__)
+    [span] = any_store.trace(summary.trace_id)
+    assert span.attributes == {
+        "n": "<int of 16610 bits>",
+        "nested": {"n": ["<int of 16610 bits>", 7], "kept": "yes"},
+    }
+    assert span.tags == {"n": "<int of 16610 bits>", "user": "ann"}
+
+
+def test_a_huge_error_message_is_stored_cut(any_store: Store, make_handler: Any) -> None:
+    """The span's error was ``str()`` of the exception whole: megabytes in one row,
+    written again on every retry and sent to the terminal by ``show``."""
+    handler = make_handler(any_store).attach(d)
+
+    @d.span
+    def fails() -> None:
+        raise ValueError("x" * 1_000_000)
+
+    with pytest.raises(ValueError):
+        fails()
+    assert handler.flush(10)
+    [summary] = any_store.traces(name=fails.__qualname__)
+    [span] = any_store.trace(summary.trace_id)
+    assert span.error == "ValueError: " + "x" * (MAX_TEXT_CHARS - 3) + "..."
 
 
 class _Watched:

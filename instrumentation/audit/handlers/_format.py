@@ -8,7 +8,7 @@ import math
 from datetime import datetime
 from typing import Any
 
-from instrumentation._text import escape_controls, safe_repr, safe_str
+from instrumentation._text import escape_controls, printable_int, safe_repr, safe_str
 from instrumentation.audit.events import Event, LLMEvent, RetrievalEvent, ToolCallEvent
 
 MAX_TEXT = 2_000
@@ -16,9 +16,6 @@ MAX_TEXT = 2_000
 #: How deep and how many items :func:`jsonable` keeps of nested lists and dicts.
 MAX_DEPTH = 4
 MAX_ITEMS = 100
-
-#: An int of at most this many bits has fewer digits than Python prints at the least.
-_PRINTABLE_INT_BITS = 2_000
 
 #: What a request or an LLM call that its caller stopped reading says, in text.
 ENDED_EARLY = "ended early: the caller stopped reading the stream"
@@ -115,7 +112,7 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return value if value.bit_length() <= _PRINTABLE_INT_BITS else _long_int(value)
+        return printable_int(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)  # JSON has no nan/inf (float repr)
     if isinstance(value, datetime):
@@ -134,17 +131,6 @@ def jsonable(value: Any, depth: int = MAX_DEPTH) -> Any:
             out["..."] = f"{len(value) - MAX_ITEMS} more"
         return out
     return clip(value)
-
-
-def _long_int(value: int) -> int | str:
-    """``value``, or a placeholder when it has more digits than Python prints
-    (``sys.get_int_max_str_digits()``, 4,300 by default): ``json.dumps`` raised for it,
-    and a JSON log formatter lost the record."""
-    try:
-        int.__repr__(value)
-    except ValueError:
-        return f"<int of {value.bit_length()} bits>"
-    return value
 
 
 def fields(event: Event | None) -> dict[str, Any]:
