@@ -78,11 +78,14 @@ def draw_tree(
 
 
 def format_duration(seconds: float | None) -> str:
+    """``seconds`` with a readable unit (``252 µs``, ``12.3 ms``, ``2.50 s``); ``open``
+    for ``None``. The unit is the one the rounded figure fits: 999.7 µs is ``1.0 ms``,
+    not ``1000 µs``."""
     if seconds is None:
         return "open"
-    if seconds < 1e-3:
+    if round(seconds * 1e6, 0) < 1000:
         return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
+    if round(seconds * 1e3, 1) < 1000:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.2f} s"
 

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import errno
 import heapq
+import itertools
 import json
 import os
 import re
@@ -460,10 +461,11 @@ def format_trace(
             if isinstance(item, StoredSpan):
                 return span_label(item)
             fields = _event_fields(item.payload, item.error, metadata=hidden)
+            error = _event_error(item)
             return (
                 f"· {_printable(item.type)}"
                 + (f"  {fields}" if fields else "")
-                + (f"  ✗ {_printable(item.error)}" if item.error else "")
+                + (f"  ✗ {_printable(error)}" if error else "")
             )
 
         items: list[Any] = [*spans, *(e for s in spans for e in s.events)]
@@ -538,6 +540,25 @@ def event_line(event: StoredEvent) -> str:
     """One event on one line: when (local time, to the millisecond), its type and its
     trace's id (cut), what an LLM call's end event holds (model, tokens, cost,
     latency, error), then its own fields, cut to fit."""
+    return "  ".join(p for p in _event_columns(event) if p)
+
+
+def event_lines(events: Sequence[StoredEvent]) -> list[str]:
+    """:func:`event_line` of each event, in columns: the types padded to the widest
+    (up to 48 columns, as ``list`` pads names) and the trace ids to 12 characters, so
+    that the ids and what follows them line up."""
+    rows = [_event_columns(e) for e in events]
+    width = max([_width(r[1]) for r in rows if _width(r[1]) <= _ALIGN_COLUMNS] or [0])
+    lines = []
+    for row in rows:
+        row[1] = _pad(row[1], width)
+        row[2] = _pad(row[2], _SHORT_ID)
+        lines.append("  ".join(p for p in row if p).rstrip(" "))
+    return lines
+
+
+def _event_columns(event: StoredEvent) -> list[str]:
+    """:func:`event_line`'s columns for one event (those it lacks empty)."""
     parts = [
         _clock(event.time, milliseconds=True),
         _cap(_printable(event.type), _NAME_COLUMNS),
@@ -550,8 +571,9 @@ def event_line(event: StoredEvent) -> str:
     parts.append(_cost(event.cost_usd))
     if event.latency_ms is not None:
         parts.append(format_duration(event.latency_ms / 1000))
-    if event.error:
-        parts.append("✗ " + _cap(_printable(_first_line(event.error)), _ERROR_COLUMNS))
+    error = _event_error(event)
+    if error:
+        parts.append("✗ " + _cap(_printable(_first_line(error)), _ERROR_COLUMNS))
     # Not again among the fields what the columns before show.
     shown = {
         key
@@ -565,7 +587,18 @@ def event_line(event: StoredEvent) -> str:
     }
     payload = {k: v for k, v in event.payload.items() if k not in shown}
     parts.append(_event_fields(payload, event.error))
-    return "  ".join(p for p in parts if p)
+    return parts
+
+
+def _event_error(event: StoredEvent) -> str | None:
+    """An event's error as its line shows it: a ``SpanDropEvent``'s with the exception's
+    class first (``KeyError: 'k'``), as the span's line has it. Its stored error is
+    ``str()`` of the exception, which for a ``KeyError`` is only the key, and for a
+    ``ValueError()`` or a cancellation nothing at all."""
+    kind = event.payload.get("err_type") if isinstance(event.payload, dict) else None
+    if not isinstance(kind, str) or not kind:
+        return event.error
+    return f"{kind}: {event.error}" if event.error else kind
 
 
 def _event_record(event: StoredEvent) -> dict[str, Any]:
@@ -593,17 +626,26 @@ def _cmd_events(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         if args.all
         else reversed(store.events(limit=args.limit, newest_first=True, **filters))
     )
-    printed = False
-    for event in found:
-        if args.json:
+    if args.json:
+        for event in found:
             out.write(_json_line(_event_record(event), out))
             out.write("\n")
-        else:
-            print(event_line(event), file=out)
+        return 0
+    printed = False
+    # In columns a page at a time: --all prints as it reads.
+    for page in _pages(found, _PAGE):
+        for line in event_lines(page):
+            print(line, file=out)
         printed = True
-    if not printed and not args.json:
+    if not printed:
         print("(no events)", file=out)
     return 0
+
+
+def _pages(items: Iterable[StoredEvent], size: int) -> Iterator[list[StoredEvent]]:
+    iterator = iter(items)
+    while page := list(itertools.islice(iterator, size)):
+        yield page
 
 
 def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
@@ -1046,12 +1088,28 @@ def _version() -> str:
     return __version__
 
 
+#: The end of ``--help``: a first command to type, and what makes the database.
+_EXAMPLES = """examples:
+  {prog} --db traces.db list --status error --since 2h
+  {prog} --db traces.db show latest --events
+  {prog} --db traces.db tail --tree
+  {prog} --db traces.db events --type LLMChatEndEvent --since 1h
+  {prog} --db traces.db export --limit 100 -o traces.jsonl
+
+An application records traces with instrumentation.storage:
+  with storage.record_to("traces.db"): ...
+Each command's --help lists its options: {prog} list --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Started as the ``instrumentation`` command, say so; else ``python -m``.
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "instrumentation" if invoked == "instrumentation" else "python -m instrumentation"
     parser = argparse.ArgumentParser(
-        prog="instrumentation" if invoked == "instrumentation" else "python -m instrumentation",
+        prog=prog,
         description="Read traces kept by instrumentation.storage.",
+        epilog=_EXAMPLES.format(prog=prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     db_help = "SQLite path or PostgreSQL DSN (default: $INSTRUMENTATION_DB or instrumentation.db)"
     parser.add_argument("--db", help=db_help)

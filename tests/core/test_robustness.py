@@ -160,6 +160,16 @@ def test_forest_with_missing_parents_and_durations() -> None:
     assert draw_tree(loop, lambda i: i[0], lambda i: i[1], lambda i: i[0]) == ""
 
 
+def test_a_duration_that_rounds_up_to_the_next_unit_is_shown_in_it() -> None:
+    """The unit was chosen before rounding: 999.7 µs printed as ``1000 µs`` and
+    999.97 ms as ``1000.0 ms``, where the trees and ``list`` say ``1.0 ms`` and
+    ``1.00 s``."""
+    assert format_duration(0.0009997) == "1.0 ms"
+    assert format_duration(0.0009994) == "999 µs"
+    assert format_duration(0.99997) == "1.00 s"
+    assert format_duration(0.99994) == "999.9 ms"
+
+
 def test_simple_span_handler_draws_a_trace_thousands_of_levels_deep() -> None:
     """The trees were drawn by recursion, which stopped at about 500 levels: a traced
     recursive algorithm could not be printed."""

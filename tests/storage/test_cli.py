@@ -85,7 +85,7 @@ def test_list_show_and_export(any_store: Store, make_handler: Any, tmp_path: Pat
     assert _run("--db", db, "show", "latest") == shown
     with_events = _run("--db", db, "show", "latest", "--events")
     assert "· FakeLLMEndEvent  " in with_events and "cost_usd=0.5" in with_events  # fields too
-    assert "· SpanDropEvent  ✗ tool broke" in with_events  # err_str is its error: once
+    assert "· SpanDropEvent  ✗ RuntimeError: tool broke\n" in with_events  # its error: once
     out_file = tmp_path / "out.jsonl"
     _run("--db", db, "export", "--output", str(out_file))
     (record,) = [json.loads(x) for x in out_file.read_text().splitlines()]
@@ -876,6 +876,19 @@ def test_the_usage_line_names_the_command_that_was_run(
         assert capsys.readouterr().out.startswith(usage)
 
 
+def test_the_help_shows_examples_and_how_traces_get_recorded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--help`` listed the five commands and ``--db``: nothing said what a first
+    command looks like, nor what makes the database it reads."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert "\n  python -m instrumentation --db traces.db show latest --events\n" in shown
+    assert 'storage.record_to("traces.db")' in shown
+    assert "Each command's --help lists its options: python -m instrumentation list --help" in shown
+
+
 def test_a_prefix_of_several_traces_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1193,6 +1206,52 @@ def test_events_prints_the_last_ones_in_the_order_they_happened(
     assert {r["trace_id"] for r in records} == {trace_id}
     assert records[0]["total_tokens"] == 10 and records[1]["error"]
     assert _run("--db", db, "events", "--type", "Nothing") == "(no events)\n"
+
+
+def test_events_line_up_their_trace_ids(any_store: Store, make_handler: Any) -> None:
+    """``events`` joined its columns with two spaces whatever the type's length, so
+    the trace ids after ``LLMChatStartEvent`` and ``LLMChatInProgressEvent`` started
+    at different columns; ``list`` pads its names. The types are padded to the widest
+    (with ``--all`` too), and an event outside any trace pads its ``-``."""
+    handler = make_handler(any_store).attach(d)
+    d.event(NoteEvent(text="outside any span"))
+    pipeline()
+    assert handler.flush(10)
+    db = _db_arg(any_store)
+    for how_many in ([], ["--all"]):
+        lines = _run("--db", db, "events", *how_many).splitlines()
+        assert len(lines) == 3
+        trace_id = any_store.traces(limit=1)[0].trace_id[:12]
+        (column,) = {line.index(trace_id) for line in lines[1:]}
+        assert lines[0][column - 2 : column + 15] == "  -" + " " * 13 + "t", lines
+
+
+def test_a_drop_event_s_error_names_the_exception_class(tmp_path: Path) -> None:
+    """A ``SpanDropEvent``'s stored error is ``str()`` of the exception: ``'k'`` for
+    ``KeyError('k')``, nothing for ``ValueError()``. ``events`` and ``show --events``
+    showed that alone (``✗ 'k'``, or no error at all); they name the class, as the
+    span's own line does."""
+
+    @d.span
+    def lookup(key: str) -> None:
+        raise KeyError(key)
+
+    @d.span
+    def check() -> None:
+        raise ValueError()
+
+    store = SQLiteStore(tmp_path / "t.db")
+    handler = StorageHandler(store=store, debounce=0.01).attach(d)
+    for failing in (lambda: lookup("k"), check):
+        with pytest.raises((KeyError, ValueError)):
+            failing()
+    assert handler.shutdown(10)
+    db = str(tmp_path / "t.db")
+    lines = _run("--db", db, "events", "--type", "SpanDropEvent").splitlines()
+    assert [line.rsplit("  ", 1)[1] for line in lines] == ["✗ KeyError: 'k'", "✗ ValueError"]
+    shown = _run("--db", db, "show", "latest", "--events").splitlines()
+    assert shown[-1] == "└── · SpanDropEvent  ✗ ValueError"
+    store.close()
 
 
 def test_events_of_an_unknown_trace_and_bad_options_fail(
