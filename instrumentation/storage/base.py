@@ -209,6 +209,32 @@ class Store(ABC):
         ):
             yield summary.trace_id
 
+    def iter_traces(
+        self,
+        limit: int | None = None,
+        *,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        name: str | None = None,
+        status: str | None = None,
+        min_duration: float | None = None,
+        dispatcher: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Iterator[TraceSummary]:
+        """The traces :meth:`traces` lists (``limit`` of them, or all with ``None``), in
+        its order (newest first), read a page at a time: memory stays bounded however
+        many there are (what ``list --all`` reads)."""
+        yield from self.traces(
+            limit=MAX_LIMIT if limit is None else limit,
+            since=since,
+            until=until,
+            name=name,
+            status=status,
+            min_duration=min_duration,
+            dispatcher=dispatcher,
+            metadata=metadata,
+        )
+
     @abstractmethod
     def trace(self, trace_id: str) -> list[StoredSpan]:
         """Every stored span of one trace, by start time, with ``events`` and ``children``."""
@@ -470,14 +496,78 @@ class SQLStore(Store):
             metadata=metadata,
             ended_after=ended_after,
         )
+        # Ties by id, as trace_ids() breaks them: list and export pick the same traces.
+        order = _OLDEST_END_FIRST if ended_after is not None else _NEWEST_FIRST
+        return self._summaries(where, params, order, limit)
+
+    def iter_traces(
+        self,
+        limit: int | None = None,
+        *,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        name: str | None = None,
+        status: str | None = None,
+        min_duration: float | None = None,
+        dispatcher: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Iterator[TraceSummary]:
+        # Checked now, not at the first next(): a bad filter is the caller's mistake.
+        _check_limit(limit, none_means="every trace")
+        where, params = self._root_conditions(
+            since=since,
+            until=until,
+            name=name,
+            status=status,
+            min_duration=min_duration,
+            dispatcher=dispatcher,
+            metadata=metadata,
+        )
+        return self._summary_pages(where, params, limit)
+
+    def _summary_pages(
+        self, where: list[str], params: list[Any], limit: int | None
+    ) -> Iterator[TraceSummary]:
+        # A page at a time, each after the last root read (see _before_root):
+        # traces(limit=...) holds a summary of every trace at once (123 MB for 100,000).
+        left = limit
+        last: TraceSummary | None = None
+        while left is None or left > 0:
+            page_where, page_params = list(where), list(params)
+            if last is not None:
+                page_where.append(
+                    self._before_root(last.root_span_id, last.start.timestamp(), page_params)
+                )
+            size = _TRACE_PAGE if left is None else min(left, _TRACE_PAGE)
+            page = self._summaries(page_where, page_params, _NEWEST_FIRST, size)
+            yield from page
+            if len(page) < size:
+                return
+            last = page[-1]
+            if left is not None:
+                left -= len(page)
+
+    def _before_root(self, root_span_id: str, start: float, params: list[Any]) -> str:
+        """The condition "after the root span ``root_span_id`` (that started at
+        ``start``) newest first": before it by start time, then by id. The start
+        compared is the one stored for that span (a time read back may differ from it
+        in the last digits: SQLite keeps more than microseconds), which could skip or
+        repeat roots that started together; ``start`` stands in only if that span is
+        no longer there."""
+        p = self.dialect.param
+        bound = (
+            f"COALESCE((SELECT c.start_time FROM spans c WHERE c.id = {p}), "
+            f"{self.dialect.time_param()})"
+        )
+        params.extend([root_span_id, start, root_span_id, start, root_span_id])
+        return f"r.start_time <= {bound} AND (r.start_time < {bound} OR r.id < {p})"
+
+    def _summaries(
+        self, where: list[str], params: list[Any], order: str, limit: int
+    ) -> list[TraceSummary]:
+        """The summaries of the first ``limit`` roots ``r`` that meet ``where``, by ``order``."""
         d = self.dialect
         p = d.param
-        # Ties by id, as trace_ids() breaks them: list and export pick the same traces.
-        order = (
-            "r.end_time ASC, r.id ASC"
-            if ended_after is not None
-            else "r.start_time DESC, r.id DESC"
-        )
         # The roots are chosen (and sorted) first, and their traces' counts and sums
         # taken for those alone: computed in the same SELECT, they were computed for
         # every root that matched before the sort kept ``limit`` of them (a ``name``
@@ -503,10 +593,9 @@ class SQLStore(Store):
             ) r
             ORDER BY {order}
         """
-        params.append(limit)
         out = []
         n_meta = len(META_COLUMNS)
-        for row in self._query(sql, params):
+        for row in self._query(sql, [*params, limit]):
             meta = row[9 : 9 + n_meta]
             counts = row[9 + n_meta :]
             out.append(
@@ -631,17 +720,12 @@ class SQLStore(Store):
         while left is None or left > 0:
             where, params = self._root_conditions(since=since, until=until)
             if last is not None:
-                bound = (
-                    f"COALESCE((SELECT c.start_time FROM spans c WHERE c.id = {p}), "
-                    f"{self.dialect.time_param()})"
-                )
-                where.append(f"r.start_time <= {bound} AND (r.start_time < {bound} OR r.id < {p})")
-                params.extend([last[1], last[0], last[1], last[0], last[1]])
+                where.append(self._before_root(last[1], last[0], params))
             page = _ID_PAGE if left is None else min(left, _ID_PAGE)
             rows = self._query(
                 f"SELECT r.trace_id, r.id, {self.dialect.time_value('r.start_time')} "
                 f"FROM spans r WHERE {' AND '.join(where)} "
-                f"ORDER BY r.start_time DESC, r.id DESC LIMIT {p}",
+                f"ORDER BY {_NEWEST_FIRST} LIMIT {p}",
                 [*params, page],
             )
             for row in rows:
@@ -879,6 +963,13 @@ _ID_PAGE = 500
 
 #: How many events :meth:`SQLStore.iter_events` reads at a time.
 _EVENT_PAGE = 1000
+
+#: How many traces :meth:`SQLStore.iter_traces` reads at a time.
+_TRACE_PAGE = 500
+
+#: The orders :meth:`SQLStore.traces` lists roots ``r`` in (ties by id).
+_NEWEST_FIRST = "r.start_time DESC, r.id DESC"
+_OLDEST_END_FIRST = "r.end_time ASC, r.id ASC"
 
 #: The columns of a root span that :meth:`SQLStore.traces` reads.
 _SUMMARY_COLUMNS = (

@@ -649,8 +649,10 @@ def _pages(items: Iterable[StoredEvent], size: int) -> Iterator[list[StoredEvent
 
 
 def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    found = store.traces(
-        limit=args.limit,
+    # Read and printed a page at a time, each page's columns lined up: traces() held a
+    # summary of every trace, and its line, before the first was printed.
+    found = store.iter_traces(
+        limit=None if args.all else args.limit,
         since=args.since,
         until=args.until,
         name=args.name,
@@ -659,9 +661,12 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         dispatcher=args.dispatcher,
         metadata=_meta(args.meta),
     )
-    for line in summary_lines(found):
-        print(line, file=out)
-    if not found:
+    printed = False
+    while page := list(itertools.islice(found, _PAGE)):
+        for line in summary_lines(page):
+            print(line, file=out)
+        printed = True
+    if not printed:
         print("(no traces)", file=out)
     return 0
 
@@ -1120,11 +1125,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="recent traces, newest first", parents=[common])
-    ls.add_argument(
+    how_many_traces = ls.add_mutually_exclusive_group()
+    how_many_traces.add_argument(
         "--limit",
         type=_positive_int,
         default=20,
         help="how many traces, newest first (default: 20)",
+    )
+    how_many_traces.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every matching trace, newest first (columns line up by {_PAGE} lines)",
     )
     ls.add_argument(
         "--since", type=_when, help="ISO time (local unless it has an offset) or age (15m, 2h)"

@@ -8,6 +8,7 @@ costs the writer a retry, not a restart of the application.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -19,12 +20,18 @@ from instrumentation.storage.schema import (
     POSTGRES,
     READABLE_FROM,
     TABLES,
+    IndexChange,
     check_readable,
     check_version,
     migrations,
 )
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
+
+#: How long (seconds) a migration of tables that were there before waits, at each
+#: index it makes or drops, for the transactions it must outlast (see
+#: ``PostgresStore._migrate_concurrently``); past that it is left for the next connection.
+MIGRATION_WAIT = 10.0
 
 #: What PostgreSQL (in English) answers to a wrong database, role or password, and what
 #: libpq says of a connection string it cannot use: waiting will not put these right.
@@ -103,6 +110,27 @@ def _psycopg() -> Any:
 def _holds_a_nul(row: Row) -> bool:
     """Whether ``row`` has text with a NUL, or with ``\\u0000`` (a NUL in JSON text)."""
     return any(type(value) is str and ("\x00" in value or "\\u0000" in value) for value in row)
+
+
+def _without_jit(conn: Any) -> None:
+    """Turn JIT compilation off for the session (PostgreSQL 11 and later have it).
+
+    The store's queries are index lookups of milliseconds, but the planner costs the
+    per-trace counts of ``traces()`` for every root it may read: given a filter few
+    roots meet (``list --min-duration``, ``--dispatcher``, ``--meta``), it expects a
+    read of every root, past ``jit_above_cost``, and each query was compiled first:
+    0.6 to 0.8 s for a ``list`` of 100,000 roots whose scan takes 16 to 25 ms.
+    """
+    if conn.info.server_version >= 110000:
+        conn.execute("SET jit = off")
+
+
+def _invalid_index(conn: Any, name: str) -> bool:
+    """Whether index ``name`` is there, left invalid by a concurrent build cut short."""
+    found = conn.execute(
+        "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
+    ).fetchone()
+    return bool(found and found[0])
 
 
 class PostgresStore(SQLStore):
@@ -199,6 +227,7 @@ class PostgresStore(SQLStore):
                 self._check_readable(conn)
             else:
                 self._migrate(conn)
+            _without_jit(conn)
         except BaseException:
             conn.close()
             raise
@@ -216,7 +245,10 @@ class PostgresStore(SQLStore):
             if found is not None and found >= max(migrations(POSTGRES)):
                 return
         try:
-            self._migrate_locked(conn)
+            if found is None or found < READABLE_FROM:
+                self._migrate_locked(conn)
+            else:
+                self._migrate_concurrently(conn)
         except self._psycopg.errors.InsufficientPrivilege as exc:
             # The versions from READABLE_FROM on differ in indexes only: a role that may
             # only read and insert (see above) records into such tables as they are,
@@ -237,6 +269,8 @@ class PostgresStore(SQLStore):
                 )
 
     def _migrate_locked(self, conn: Any) -> None:
+        """Make the tables (and bring them to this release's version) in one
+        transaction: new tables hold no rows, so their indexes are made at once."""
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -246,8 +280,87 @@ class PostgresStore(SQLStore):
                 if found is not None and version <= found:
                     continue
                 for statement in statements:
-                    conn.execute(statement)
+                    conn.execute(str(statement))
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def _migrate_concurrently(self, conn: Any) -> None:
+        """Bring tables that were there before to this release's version without
+        locking their writers out.
+
+        In one transaction, as new tables are, a ``CREATE INDEX`` on tables holding
+        millions of rows held every other process's inserts until it committed (and a
+        ``DROP INDEX`` their reads too). Here each index is made (or dropped)
+        ``CONCURRENTLY``, which cannot run in a transaction: one at a time, the
+        version recorded once all of its steps are done. An index that a build cut
+        short left invalid (``IF NOT EXISTS`` would take it as made) is dropped and
+        made again. A concurrent build waits for the transactions that write the table
+        and those holding an older snapshot, anywhere in the database: for at most
+        :data:`MIGRATION_WAIT` seconds at each step, after which the migration is left
+        for the next connection, and the tables are recorded into as they are (the
+        versions from ``READABLE_FROM`` on differ in indexes only). So it is when
+        another process is migrating them already.
+        """
+        take = conn.execute("SELECT pg_try_advisory_lock(%s)", (_MIGRATION_LOCK,)).fetchone()
+        if not take[0]:
+            logger.info(
+                "instrumentation.storage: another process is migrating %r; recording into "
+                "it as it is meanwhile",
+                self,
+            )
+            return
+        found = None
+        try:
+            found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            check_version(found)
+            for version, statements in sorted(migrations(POSTGRES).items()):
+                if found is not None and version <= found:
+                    continue
+                for statement in statements:
+                    if isinstance(statement, IndexChange):
+                        self._change_index_concurrently(conn, statement)
+                    else:
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        except self._psycopg.errors.LockNotAvailable as exc:
+            self._tell_not_migrated(
+                found, f"it waited {MIGRATION_WAIT:g} s for other transactions ({exc})"
+            )
+        finally:
+            with contextlib.suppress(self._psycopg.Error):  # a broken connection let it go
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+    def _change_index_concurrently(self, conn: Any, change: IndexChange) -> None:
+        """Make or drop one index CONCURRENTLY, waiting :data:`MIGRATION_WAIT` at most."""
+        conn.execute(f"SET lock_timeout = {round(MIGRATION_WAIT * 1000)}")
+        try:
+            try:
+                if change.on is not None and _invalid_index(conn, change.name):
+                    conn.execute(IndexChange(change.name).sql(concurrently=True))
+                conn.execute(change.sql(concurrently=True))
+            except self._psycopg.errors.LockNotAvailable:
+                # A build cut short leaves its index invalid, yet updated by every
+                # write: dropped if it can be now, else by the next try.
+                with contextlib.suppress(self._psycopg.errors.LockNotAvailable):
+                    if change.on is not None and _invalid_index(conn, change.name):
+                        conn.execute(IndexChange(change.name).sql(concurrently=True))
+                raise
+        finally:
+            conn.execute("RESET lock_timeout")
+
+    def _tell_not_migrated(self, found: int | None, why: str) -> None:
+        """Log once per store that its tables are recorded into at version ``found``."""
+        if self._told_not_migrated:
+            return
+        self._told_not_migrated = True
+        logger.warning(
+            "instrumentation.storage: %r has trace schema version %s and was not migrated "
+            "to %s (%s); recording into it as it is (reads that its new indexes serve are "
+            "slower) until a connection migrates it",
+            self,
+            found,
+            max(migrations(POSTGRES)),
+            why,
+        )
 
     def _check_readable(self, conn: Any) -> None:
         conn.execute("SET default_transaction_read_only = on")
@@ -356,4 +469,4 @@ class PostgresStore(SQLStore):
         )
 
 
-__all__ = ["PostgresStore"]
+__all__ = ["MIGRATION_WAIT", "PostgresStore"]

@@ -163,7 +163,30 @@ def _create_table(d: Dialect, table: str, columns: tuple[str, ...]) -> str:
     return f"CREATE TABLE IF NOT EXISTS {table} (\n" + ",\n".join(lines) + "\n)"
 
 
-def migrations(d: Dialect) -> dict[int, list[str]]:
+@dataclass(frozen=True)
+class IndexChange:
+    """A migration step that makes an index (``on``: its table, columns and condition)
+    or, with ``on=None``, drops one.
+
+    Told apart from other statements so that PostgreSQL can make it on tables that
+    hold rows without locking writers out (``CONCURRENTLY``: see
+    ``PostgresStore._migrate_concurrently``); ``str()`` is the plain statement.
+    """
+
+    name: str
+    on: str | None = None
+
+    def sql(self, concurrently: bool = False) -> str:
+        how = " CONCURRENTLY" if concurrently else ""
+        if self.on is None:
+            return f"DROP INDEX{how} IF EXISTS {self.name}"
+        return f"CREATE INDEX{how} IF NOT EXISTS {self.name} ON {self.on}"
+
+    def __str__(self) -> str:
+        return self.sql()
+
+
+def migrations(d: Dialect) -> dict[int, list[str | IndexChange]]:
     """Version -> the statements that bring a database from ``version - 1`` to it."""
     return {
         1: [
@@ -186,22 +209,20 @@ def migrations(d: Dialect) -> dict[int, list[str]]:
             # read 400,000 entries to find that a nested span's name heads no trace, and
             # took the writer's time for each span. This one has a row per root (the
             # other is dropped below).
-            "CREATE INDEX IF NOT EXISTS spans_roots_name ON spans (name, start_time) "
-            "WHERE is_root = 1",
+            IndexChange("spans_roots_name", "spans (name, start_time) WHERE is_root = 1"),
             # traces(status="error"): the failed traces, however rare, without reading
             # every root newer than them.
-            "CREATE INDEX IF NOT EXISTS spans_roots_status ON spans (status, start_time) "
-            "WHERE is_root = 1",
+            IndexChange("spans_roots_status", "spans (status, start_time) WHERE is_root = 1"),
             # events() without a type: the oldest events, not a sort of all of them.
             # It takes the place of the index by span id, which no query reads (the
             # events of a span are read with those of its trace), so that writing an
             # event costs what it did.
-            "CREATE INDEX IF NOT EXISTS events_time ON events (time)",
-            # Dropped last: on PostgreSQL, DROP INDEX locks its table against reading
-            # too until the migration commits, and building the indexes above takes a
-            # while (1 s for 1,000,000 spans); CREATE INDEX lets readers read.
-            "DROP INDEX IF EXISTS spans_name_start",
-            "DROP INDEX IF EXISTS events_span_id",
+            IndexChange("events_time", "events (time)"),
+            # Dropped last: a plain DROP INDEX locks its table against reading too
+            # until the migration commits (PostgreSQL drops them CONCURRENTLY, as it
+            # makes the indexes above, when the tables were there before).
+            IndexChange("spans_name_start"),
+            IndexChange("events_span_id"),
         ],
     }
 

@@ -35,8 +35,11 @@ how many rows that was, for the writer to log and count as lost. The oldest rows
 kept: of one batch, its spans (in the order they ended, so a trace's root after the
 spans below it) before its events; a trace whose root is cut off (and none of whose
 other roots in the batch fits) is refused whole, as far as the batch holds it (its
-spans would be stored heading no trace, unseen). Files adopted from dead processes are
-copied whole: they were on the disk already.
+spans would be stored heading no trace, unseen). Across batches (see
+:class:`TraceHeads`), a root span that may head rows kept already (stored, or spooled
+from an earlier batch) is kept, past ``max_bytes`` if need be, and the rows that come
+later of a trace refused for its root are refused too. Files adopted from dead
+processes are copied whole: they were on the disk already.
 
 Rows replayed stay in the file (the position moves past them) until it is removed,
 once all are replayed. A database that comes and goes, each replay stopping part-way
@@ -65,14 +68,17 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import stat
 import tempfile
 import threading
+import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -102,7 +108,17 @@ _N_SPAN_COLUMNS = len(SPAN_COLUMNS)
 _N_EVENT_COLUMNS = len(EVENT_COLUMNS)
 _SPAN_TRACE = SPAN_COLUMNS.index("trace_id")
 _SPAN_IS_ROOT = SPAN_COLUMNS.index("is_root")
+_SPAN_START = SPAN_COLUMNS.index("start_time")
+_SPAN_END = SPAN_COLUMNS.index("end_time")
 _EVENT_TRACE = EVENT_COLUMNS.index("trace_id")
+_EVENT_TIME = EVENT_COLUMNS.index("time")
+#: How much later than the latest row kept a root span may have started and still head
+#: it: the times of a process's rows come from one clock, read at moments a row maker
+#: may shift by up to 50 ms (see ``RowMaker.rows``).
+_CLOCK_SLACK = 1.0
+#: How many traces refused for their root :class:`TraceHeads` remembers, at least (and
+#: twice as many at most).
+_REFUSED_REMEMBERED = 10_000
 _SCALARS = (str, int, float)
 
 
@@ -280,8 +296,11 @@ def _trace_of(is_span: bool, row: Row) -> str | None:
     return trace if isinstance(trace, str) else None
 
 
-def _fitting(items: Sequence[tuple[bool, Row]], lines: list[bytes], room: int) -> list[bytes]:
-    """The ``lines`` of ``items`` (``(is_span, row)``) to write in ``room`` bytes.
+def _fitting(
+    items: Sequence[tuple[bool, Row]], lines: list[bytes], room: int, heads: TraceHeads
+) -> tuple[list[int], set[str]]:
+    """Which of ``items`` (``(is_span, row)``, made into ``lines``) to write in ``room``
+    bytes, by index, and the traces refused whole.
 
     All of them if they fit; else the oldest: spans (in the order they ended, so a
     trace's root after the spans below it) before events, up to the first line that
@@ -290,35 +309,135 @@ def _fitting(items: Sequence[tuple[bool, Row]], lines: list[bytes], room: int) -
     heading no trace (a trace is listed by its root), unseen, and the room they took
     goes to the rows after the cut. Unless another root of that trace (spans under
     one remote parent, a parent this handler did not see open) fits: that one lists
-    the trace, and the rows that fit are kept.
+    the trace, and the rows that fit are kept. Or unless rows of that trace may have
+    been kept already, from an earlier batch (see :class:`TraceHeads`): then its root
+    is kept, past the bound if need be.
     """
     cut, left = 0, room
     while cut < len(lines) and len(lines[cut]) <= left:
         left -= len(lines[cut])
         cut += 1
     if cut == len(lines):
-        return lines
+        return list(range(cut)), set()
 
-    def roots(part: Sequence[tuple[bool, Row]]) -> set[str | None]:
+    def roots(part: Iterable[tuple[bool, Row]]) -> set[str]:
         return {
-            _trace_of(True, row)
+            trace
             for is_span, row in part
-            if is_span and len(row) == _N_SPAN_COLUMNS and row[_SPAN_IS_ROOT]
+            if _is_root(is_span, row) and (trace := _trace_of(True, row)) is not None
         }
 
     headless = roots(items[cut:]) - roots(items[:cut])
-    headless.discard(None)
     if not headless:
-        return lines[:cut]
-    kept = []
-    for (is_span, row), line in zip(items, lines, strict=True):
-        if _trace_of(is_span, row) in headless:
+        return list(range(cut)), set()
+    # Roots of those traces that may head rows kept from an earlier batch.
+    owed = {
+        i
+        for i in range(cut, len(items))
+        if _is_root(*items[i])
+        and _trace_of(True, items[i][1]) in headless
+        and heads.may_head_kept_rows(items[i][1])
+    }
+    refused = headless - {_trace_of(True, items[i][1]) for i in owed}
+    kept: list[int] = []
+    full = False
+    for i, ((is_span, row), line) in enumerate(zip(items, lines, strict=True)):
+        if i in owed:
+            kept.append(i)
+            room -= len(line)
+        elif full or _trace_of(is_span, row) in refused:
             continue
-        room -= len(line)
-        if room < 0:
-            break
-        kept.append(line)
-    return kept
+        elif len(line) > room:
+            full = True
+        else:
+            kept.append(i)
+            room -= len(line)
+    return kept, refused
+
+
+def _is_root(is_span: bool, row: Row) -> bool:
+    return is_span and len(row) == _N_SPAN_COLUMNS and bool(row[_SPAN_IS_ROOT])
+
+
+class TraceHeads:
+    """What keeps the spool's bound from storing a trace without its root span when
+    the trace is split across batches (one writer's; used on its thread).
+
+    Within a batch, :func:`_fitting` refuses a trace whose root span does not fit.
+    Across batches that left spans heading no trace, unlisted: the spans below a root
+    kept from an earlier batch (spooled, or stored before the database went away),
+    its root refused by the full spool in a later one; or a trace refused for its
+    root, and then a span of it that ended later (a task the root started and did not
+    wait for) kept in the room a later batch found.
+
+    So the rows kept (stored in the database or spooled), but root spans, are
+    followed by their latest time (``kept_until``): a root span that started after
+    it (and a second more, see :data:`_CLOCK_SLACK`) heads none of them, every row of
+    its trace being later than its start; one that started before may head some, and
+    is kept even past the bound. That takes the file past ``max_bytes`` by the roots
+    of the traces that were running when it filled up, at most: once it is full,
+    nothing else is kept, and ``kept_until`` stays. The traces refused for their root
+    are remembered (the last :data:`_REFUSED_REMEMBERED` at least), and their later
+    rows refused, wherever they would go (:meth:`without_refused`).
+    """
+
+    def __init__(self) -> None:
+        #: The latest time (a span's end, an event's time) of a row kept, no later
+        #: than when it was kept; -inf before any.
+        self.kept_until = -math.inf
+        self._refused: set[str] = set()
+        self._refused_before: set[str] = set()
+
+    def kept(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        """Rows the database or the spool file took. Root spans are left out: a root
+        kept heads its trace, and counted, each root kept past the bound would have
+        the roots that started before its end kept too, and so on for ever."""
+        below = [r for r in spans if not _is_root(True, r)]
+        latest = max(_latest(below, _SPAN_END), _latest(events, _EVENT_TIME))
+        # An event dated by hand in the future must not have every root kept for ever.
+        self.kept_until = max(self.kept_until, min(latest, time.time()))
+
+    def may_head_kept_rows(self, root: Row) -> bool:
+        """Whether the root span ``root`` may head rows kept already: it started before
+        the latest of them (or its start is not a time: it is kept)."""
+        start = root[_SPAN_START]
+        if not isinstance(start, (int, float)):
+            return True
+        return bool(start <= self.kept_until + _CLOCK_SLACK)
+
+    def refuse(self, traces: Iterable[str]) -> None:
+        """Remember ``traces``, refused whole for their root: their later rows are refused."""
+        for trace in traces:
+            self._refused.add(trace)
+            if len(self._refused) >= _REFUSED_REMEMBERED:
+                self._refused_before, self._refused = self._refused, set()
+
+    def without_refused(
+        self, spans: list[Row], events: list[Row]
+    ) -> tuple[list[Row], list[Row], int]:
+        """``spans`` and ``events`` without the rows of the traces refused for their
+        root, and how many rows that leaves out."""
+        if not self._refused and not self._refused_before:
+            return spans, events, 0
+
+        def known(trace: str | None) -> bool:
+            return trace is not None and (trace in self._refused or trace in self._refused_before)
+
+        kept_spans = [r for r in spans if not known(_trace_of(True, r))]
+        kept_events = [r for r in events if not known(_trace_of(False, r))]
+        left_out = len(spans) + len(events) - len(kept_spans) - len(kept_events)
+        return kept_spans, kept_events, left_out
+
+
+def _latest(rows: Sequence[Row], at: int) -> float:
+    """The latest time at position ``at`` of ``rows``; -inf for none."""
+    try:
+        return float(max(map(itemgetter(at), rows), default=-math.inf))
+    except (TypeError, ValueError, IndexError):
+        # Not rows of this release's tables (a rows_of given to BatchWriter): what of
+        # them is a time.
+        times = [r[at] for r in rows if len(r) > at and isinstance(r[at], (int, float))]
+        return float(max(times, default=-math.inf))
 
 
 def _line(kind: str, row: Row) -> bytes:
@@ -476,6 +595,8 @@ class Spool:
         self.prefix = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         self.on_lost = on_lost
         self.max_bytes = max_bytes
+        #: What keeps the bound from leaving a trace without its root across batches.
+        self.heads = TraceHeads()
         self._pid = -1
         self._state_cache: _FileState | None = None
 
@@ -542,19 +663,30 @@ class Spool:
         lines = [_line("s" if is_span else "e", row) for is_span, row in items]
         state = self._state
         limit = self.max_bytes
+        chosen: Sequence[int] = range(len(items))
+        refused: set[str] = set()
 
         def write(f: BinaryIO) -> int:
+            nonlocal chosen, refused
             kept = lines
             if limit is not None:
                 # f is at the file's end: its size; replayed_bytes is up to date
                 # (_check_file ran), so this is what waits.
-                kept = _fitting(items, lines, limit - (f.tell() - state.replayed_bytes))
+                room = limit - (f.tell() - state.replayed_bytes)
+                chosen, refused = _fitting(items, lines, room, self.heads)
+                kept = [lines[i] for i in chosen]
             if kept:
                 f.write(b"".join(kept))
             return len(kept)
 
         with state.lock:
             written, lost = self._write_at_end(state, write, sum(map(len, lines)))
+        if limit is not None:
+            self.heads.refuse(refused)
+            self.heads.kept(
+                [items[i][1] for i in chosen if items[i][0]],
+                [items[i][1] for i in chosen if not items[i][0]],
+            )
         _SPOOLED.add(written)
         self._report_lost(lost)
         return len(lines) - written

@@ -354,7 +354,7 @@ class SQLiteStore(SQLStore):
                 if found is not None and version <= found:
                     continue
                 for statement in statements:
-                    conn.execute(statement)
+                    conn.execute(str(statement))
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
             conn.execute("COMMIT")
         except BaseException:

@@ -668,6 +668,7 @@ class BatchWriter:
         )
 
     def _write(self, spans: list[Row], events: list[Row]) -> None:
+        spans, events = self._without_refused_traces(spans, events)
         if not spans and not events:
             return
         # Keep the order: older spooled rows go first, or these join them.
@@ -708,10 +709,28 @@ class BatchWriter:
                     break
                 delay = min(delay * 2, self.max_backoff)
                 continue
-            self._written(len(spans) + len(events))
+            self._stored(spans, events)
             return
         self._to_spool(spans, events)
         self._next_replay = time.monotonic() + self.replay_interval
+
+    def _without_refused_traces(
+        self, spans: list[Row], events: list[Row]
+    ) -> tuple[list[Row], list[Row]]:
+        """The rows of a batch but those of traces the full spool refused for their
+        root (see ``TraceHeads``): stored, they would head no trace. Lost, counted as
+        the spool's."""
+        spans, events, refused = self.spool.heads.without_refused(spans, events)
+        if refused:
+            self._spool_full(refused)
+        return spans, events
+
+    def _stored(self, spans: Sequence[Row], events: Sequence[Row]) -> None:
+        """The database took these rows: counted, and (with a bound on the spool) told
+        to what keeps the spool from refusing the root spans they have."""
+        if self.max_spool_bytes is not None:
+            self.spool.heads.kept(spans, events)
+        self._written(len(spans) + len(events))
 
     def _after_retries(self) -> str:
         """What happens to a batch the database did not take in ``retry_for``."""
@@ -762,7 +781,7 @@ class BatchWriter:
             store.write_within(cleaned_spans, cleaned_events, self._lock_wait_at_least())
         except Exception:  # for its content, or the database stopped: row by row tells
             return False
-        self._written(len(spans) + len(events))
+        self._stored(cleaned_spans, cleaned_events)
         return True
 
     def _write_one_by_one(self, pending: Sequence[tuple[bool, Row]]) -> int | None:
@@ -785,7 +804,7 @@ class BatchWriter:
                         continue
                     self._last_error = f"{type(exc).__name__}: {exc}"
                     return i
-                self._written(1)
+                self._stored([attempt] if is_span else [], [] if is_span else [attempt])
                 break
             else:
                 self._reject(

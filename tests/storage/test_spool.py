@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from instrumentation import telemetry
-from instrumentation.storage import SQLiteStore
+from instrumentation.storage import BatchWriter, SQLiteStore
 from instrumentation.storage import spool as spool_module
 from instrumentation.storage.base import Row
 from instrumentation.storage.serialise import RowMaker
@@ -1214,3 +1214,157 @@ def test_a_cut_within_a_batch_keeps_a_trace_one_of_whose_roots_fits(
     assert spool.append(spans, []) == 1
     chunk = spool.next_chunk(100)
     assert chunk is not None and chunk.spans == spans[:3]
+
+
+def _span_row(
+    span_id: str, trace: str, *, root: bool, start: float, end: float | None = None, name: str = "n"
+) -> Row:
+    """A span row of ``trace``, a second long unless it ends at ``end`` (its root's id
+    is ``<trace>-root``)."""
+    end = start + 1.0 if end is None else end
+    values: dict[str, Any] = dict.fromkeys(spool_module.SPAN_COLUMNS)
+    values.update(
+        id=span_id,
+        trace_id=trace,
+        parent_id=None if root else f"{trace}-root",
+        is_root=1 if root else 0,
+        name=name,
+        dispatcher="d",
+        start_time=start,
+        end_time=end,
+        duration=end - start,
+        status="ok",
+        tags="{}",
+        attributes="{}",
+    )
+    return tuple(values[c] for c in spool_module.SPAN_COLUMNS)
+
+
+def _note_row(event_id: str, at: float) -> Row:
+    """An event row of no trace, at ``at``."""
+    values: dict[str, Any] = dict.fromkeys(spool_module.EVENT_COLUMNS)
+    values.update(id=event_id, type="Note", time=at, payload='{"text": "' + "f" * 200 + '"}')
+    return tuple(values[c] for c in spool_module.EVENT_COLUMNS)
+
+
+def _rows_as_given(entries: list[Row]) -> tuple[list[Row], list[Row]]:
+    """A ``rows_of`` for entries that are rows already."""
+    spans = [r for r in entries if len(r) == len(spool_module.SPAN_COLUMNS)]
+    return spans, [r for r in entries if len(r) != len(spool_module.SPAN_COLUMNS)]
+
+
+def _line_bytes(rows: Sequence[Row]) -> int:
+    return sum(
+        len(spool_module._line("s" if len(r) == len(spool_module.SPAN_COLUMNS) else "e", r))
+        for r in rows
+    )
+
+
+class _Outage:
+    """Makes ``store`` fail every write (the database is down) until ``end()``."""
+
+    def __init__(self, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = True
+
+        def write_within(spans: Any, events: Any, seconds: float) -> None:
+            if self.down:
+                raise OSError("database unreachable (test)")
+            type(store).write_within(store, spans, events, seconds)
+
+        monkeypatch.setattr(store, "write_within", write_within)
+
+    def end(self) -> None:
+        self.down = False
+
+
+@pytest.mark.parametrize("children", ["spooled", "stored"])
+def test_a_root_the_full_spool_would_refuse_is_kept_when_its_spans_are_kept_already(
+    any_store: Any, spool_dir: Path, monkeypatch: pytest.MonkeyPatch, children: str
+) -> None:
+    """The bound refused a trace whose root does not fit only as far as one batch held
+    it: spans of the trace kept from an earlier batch (spooled, or stored before the
+    outage) were then stored heading no trace, unlisted. Such a root is kept, past the
+    bound if need be; the spans of a new trace are refused still."""
+    now = time.time()
+    kids = [_span_row(f"a{i}", "A", root=False, start=now - 3 + i / 10) for i in range(2)]
+    root = _span_row("A-root", "A", root=True, start=now - 4, end=now - 0.2, name="r" * 300)
+    filler = [_note_row(f"f{i}", now - 2) for i in range(3)]
+    # A trace that started once the spool was full (before A's root ended): nothing
+    # of it can be kept.
+    later = [
+        _span_row("c1", "C", root=False, start=now - 0.4),
+        _span_row("C-root", "C", root=True, start=now - 0.5),
+    ]
+    bound = _line_bytes(kids if children == "spooled" else filler) + 10
+    writer = BatchWriter(
+        any_store,
+        _rows_as_given,
+        debounce=0.02,
+        retry_for=0,
+        replay_interval=3600,
+        spool_dir=spool_dir,
+        max_spool_bytes=bound,
+    )
+    outage = _Outage(any_store, monkeypatch)
+    try:
+        if children == "stored":
+            outage.end()
+        for row in kids:
+            writer.put(row)
+        assert writer.flush(5) is (children == "stored")
+        if children == "stored":
+            outage.down = True
+            for row in filler:
+                writer.put(row)
+            assert writer.flush(5) is False
+        writer.put(root, root=True)
+        writer.flush(5)
+        for row in later:
+            writer.put(row, root=row is later[1])
+        writer.flush(5)
+        lost = writer.rows_lost
+        outage.end()
+        assert writer.flush(30) is True
+    finally:
+        writer.shutdown(5)
+    assert [s.id_ for s in any_store.trace("A")] == ["A-root", "a0", "a1"]
+    assert [t.trace_id for t in any_store.traces()] == ["A"]
+    assert any_store.trace("C") == []
+    assert lost == 2
+
+
+def test_rows_of_a_trace_whose_root_the_full_spool_refused_are_refused_later_too(
+    any_store: Any, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace refused whole for its root was refused only as far as that batch held
+    it: a span that ended after its root (a task the root started and did not wait
+    for) fit in a later batch, and was stored heading no trace."""
+    now = time.time()
+    filler = [_note_row(f"f{i}", now - 100) for i in range(3)]
+    root = _span_row("B-root", "B", root=True, start=now - 10, name="r" * 300)
+    late = _span_row("b1", "B", root=False, start=now - 9)
+    room = _line_bytes([late]) + 10
+    assert _line_bytes([root]) > room
+    writer = BatchWriter(
+        any_store,
+        _rows_as_given,
+        debounce=0.02,
+        retry_for=0,
+        replay_interval=3600,
+        spool_dir=spool_dir,
+        max_spool_bytes=_line_bytes(filler) + room,
+    )
+    outage = _Outage(any_store, monkeypatch)
+    try:
+        for batch in (filler, [root], [late]):
+            for row in batch:
+                writer.put(row, root=row is root)
+            assert writer.flush(5) is False
+        lost = writer.rows_lost
+        outage.end()
+        assert writer.flush(30) is True
+    finally:
+        writer.shutdown(5)
+    assert any_store.trace("B") == []
+    assert count(any_store, "spans") == 0 and count(any_store, "events") == 3
+    assert lost == 2
