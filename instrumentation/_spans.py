@@ -489,10 +489,22 @@ def _run_deferred_as_the_exit_begins() -> None:
 def _run_deferred_at_exit() -> None:
     global _exited
     try:
-        run_exit_hooks()  # when no exit flush ran them (see instrumentation._exit)
+        try:
+            run_exit_hooks()  # when no exit flush ran them (see instrumentation._exit)
+        finally:
+            _run_deferred_as_the_exit_begins()
+    finally:  # a Ctrl-C in a hook too: what is put off after this would wait for good
+        _exited = True
+
+
+def prepare_exit_flush() -> None:
+    """What a store's or an exporter's exit flush makes first: the exit hooks (see
+    :mod:`instrumentation._exit`), then what was put off (:func:`run_deferred`); a
+    Ctrl-C in a hook is raised once that is made, not in place of it."""
+    try:
+        run_exit_hooks()
     finally:
-        _run_deferred_as_the_exit_begins()
-    _exited = True
+        run_deferred()
 
 
 #: The threads forking now that hold ``_draining`` for it (see below), by ident: one
@@ -1205,6 +1217,7 @@ __all__ = [
     "later",
     "must_wait",
     "position",
+    "prepare_exit_flush",
     "put_off_in_collection",
     "report_or_raise",
     "run_deferred",

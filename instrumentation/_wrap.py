@@ -235,7 +235,11 @@ def _drive(
         except GeneratorExit as closing:
             # What close() does, but a generator that catches the close and returns
             # ends its span normally: closing early was, for it, a way to finish.
-            handle = activate(current, resumed)
+            try:
+                handle = activate(current, resumed)
+            except BaseException as err:  # a bridge's stop, nothing left current: see activate
+                fail(chain, span, bound, instance, err)
+                raise
             try:
                 gen.throw(closing)
             except StopIteration as stop:
@@ -545,7 +549,12 @@ def _wrap_callable(
                                 guard.fail(closing)
                             raise
                         # As in _drive: returning after the close ends the span normally.
-                        handle = activate(current, resumed) if current is not None else None
+                        try:
+                            handle = activate(current, resumed) if current is not None else None
+                        except BaseException as err:  # a bridge's stop: see activate
+                            if guard is not None:
+                                guard.fail(err)
+                            raise
                         try:
                             await agen.athrow(closing)
                         except StopAsyncIteration:
@@ -595,7 +604,11 @@ def _wrap_callable(
             if chain is None or _suppressed.get():
                 return (yield from func(*args, **kwargs))
             span, bound, instance = begin(chain, args, kwargs)
-            handle = activate_started(chain, span, bound, instance)
+            handle = (
+                _set_active(span)
+                if not _context._bridges
+                else activate_started(chain, span, bound, instance)
+            )
             try:
                 gen = func(*args, **kwargs)
             except BaseException as err:

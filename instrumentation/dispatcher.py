@@ -28,6 +28,7 @@ from typing import Any, Protocol, SupportsIndex, TypeVar, overload
 from typing_extensions import Self
 
 from instrumentation import _spans, telemetry
+from instrumentation import context as _context
 from instrumentation._ids import new_trace_id
 from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
@@ -670,14 +671,18 @@ class Dispatcher:
         # event loop or none. Otherwise each runs in its own task, started in order.
         if all(type(h).ahandle is _DEFAULT_AHANDLE for h in handlers):
             handle_all(handlers, event, kwargs, "ahandle")
-        elif len(handlers) == 1:  # nothing to run beside it: no task to make
-            stop = await _ahandle(handlers[0], event, kwargs)
-            if stop is not None:
-                raise stop
-        else:
-            _raise_first_stop(
-                await asyncio.gather(*[_ahandle(handler, event, kwargs) for handler in handlers])
-            )
+            return
+        stops: list[BaseException] = []
+        try:
+            if len(handlers) == 1:  # nothing to run beside it: no task to make
+                await _ahandle(handlers[0], event, kwargs, stops)
+            else:
+                await asyncio.gather(*[_ahandle(h, event, kwargs, stops) for h in handlers])
+        finally:
+            # Also when the caller's task was cancelled as it waited for the others
+            # (a timeout): the stop wins, the cancellation its __context__.
+            if stops:
+                raise stops[0]
 
     # -- spans by hand --------------------------------------------------------------
 
@@ -1092,29 +1097,25 @@ _DEFAULT_AHANDLE = BaseEventHandler.ahandle
 
 
 async def _ahandle(
-    handler: BaseEventHandler, event: BaseEvent, kwargs: dict[str, Any]
-) -> BaseException | None:
-    """Await ``handler.ahandle(event)``; a stop (see :func:`stops_the_caller`) is
-    returned, for :meth:`Dispatcher.aevent` to raise once the others are done: raised in
-    a task of ``gather``, it stopped the event loop there and then, out of reach of the
-    caller's ``except``, and the handlers beside it never had the event."""
+    handler: BaseEventHandler,
+    event: BaseEvent,
+    kwargs: dict[str, Any],
+    stops: list[BaseException],
+) -> None:
+    """Await ``handler.ahandle(event)``; a stop (see :func:`stops_the_caller`) is put
+    in ``stops``, for :meth:`Dispatcher.aevent` to raise once the others are done: raised
+    in a task of ``gather``, it stopped the event loop there and then, out of reach of
+    the caller's ``except``, and the handlers beside it never had the event. (Returned
+    as ``gather``'s result, it was lost when the caller's task was cancelled meanwhile.)"""
     try:
         await handler.ahandle(event, **kwargs)
     except BaseException as exc:
         if stops_the_caller(exc):
-            return exc
-        if stops_the_awaiting_caller(exc):
+            stops.append(exc)
+        elif stops_the_awaiting_caller(exc):
             raise
-        telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
-    return None
-
-
-def _raise_first_stop(stops: list[BaseException | None]) -> None:
-    """Raise the first stop the handlers of :meth:`Dispatcher.aevent` returned, once all
-    of them are done (as :meth:`Dispatcher.event` does after the handlers after it)."""
-    for stop in stops:
-        if stop is not None:
-            raise stop
+        else:
+            telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
 
 
 def _close(handler: Any) -> None:
@@ -1266,7 +1267,11 @@ class SpanBlock:
         if chain is None or _suppressed.get():
             return self
         span = start(chain, self._name, None, EMPTY_BOUND_ARGS, self._attributes, self._tags)
-        self._handle = activate_started(chain, span, EMPTY_BOUND_ARGS, None)
+        self._handle = (
+            _active_span.set(span)
+            if not _context._bridges
+            else activate_started(chain, span, EMPTY_BOUND_ARGS, None)
+        )
         self.context = span
         self._chain = chain
         return self

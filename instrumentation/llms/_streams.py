@@ -318,10 +318,14 @@ class AsyncEndOnClose(EndOnClose):
         """The interpreter exits with the body open, in a loop that will not close it
         (never closed, or closed without ``shutdown_asyncgens()``): the call ends as
         ``__del__`` ends it. One whose read is under way (in a loop still running in a
-        daemon thread) is left to that reader."""
-        if self.left or self.span.over or self.span.reading:
+        daemon thread) is left to that reader; one such a loop reads again later stops
+        at its next chunk, as after ``aclose()`` from another task (reading on, it ended
+        the call a second time)."""
+        span = self.span
+        if self.left or span.over or span.reading:
             return
         self.left = True
+        span.stop_requested = True
         self._freed()
 
     def _freed(self) -> None:

@@ -41,9 +41,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from instrumentation import telemetry
-from instrumentation._exit import run_exit_hooks
 from instrumentation._pool import ThreadPool
-from instrumentation._spans import run_deferred
+from instrumentation._spans import prepare_exit_flush
 from instrumentation.context import suppress_instrumentation
 from instrumentation.dispatcher import Dispatcher, root_dispatcher
 from instrumentation.otel.handler import OpenTelemetrySpanHandler
@@ -1150,8 +1149,7 @@ class OTLPHandle:
     def _at_exit(self) -> None:
         try:
             try:
-                run_exit_hooks()  # the LLM streams still open end (see instrumentation._exit)
-                run_deferred()  # span ends put off (see instrumentation._spans) are exported too
+                prepare_exit_flush()  # LLM streams still open end, span ends put off go too
             finally:  # a handler's Ctrl-C there: the spans still go
                 self.shutdown(timeout_millis=self.exit_timeout_millis)
         except KeyboardInterrupt:

@@ -51,8 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from instrumentation import telemetry
-from instrumentation._exit import run_exit_hooks
-from instrumentation._spans import run_deferred
+from instrumentation._spans import prepare_exit_flush
 from instrumentation._text import describe_error
 from instrumentation.context import suppress_instrumentation
 from instrumentation.storage import checks
@@ -1055,10 +1054,11 @@ def _shutdown_all_at_exit() -> None:
     _exiting[0] = True
     try:
         try:
-            run_exit_hooks()  # the LLM streams still open end (see instrumentation._exit)
-            run_deferred()  # span ends put off (see instrumentation._spans) go in too
+            prepare_exit_flush()  # LLM streams still open end, span ends put off go in
         except BaseException:  # a handler's Ctrl-C: the flush goes on
-            logger.exception("instrumentation.storage: making what was put off failed at exit")
+            logger.exception(
+                "instrumentation.storage: the exit hooks or what was put off failed at exit"
+            )
         writers = list(_writers)
         try:
             for writer in writers:

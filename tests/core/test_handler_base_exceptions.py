@@ -552,3 +552,92 @@ def test_a_stop_in_a_bridges_attach_leaves_nothing_current_nor_open(kind: str) -
     assert record.status == "drop" and isinstance(record.err, KeyboardInterrupt)
     assert telemetry.SPANS_STARTED.value == telemetry.SPANS_DROPPED.value == 1
     assert telemetry.HANDLER_ERRORS.value == 0
+
+
+class StopsAttachingWhenArmed(Attaches):
+    """A bridge that works until ``armed``, then raises Ctrl-C in ``attach``."""
+
+    armed = False
+
+    def attach(self, span: Any) -> object:
+        if self.armed:
+            raise KeyboardInterrupt
+        return super().attach(span)
+
+
+@pytest.mark.parametrize("kind", ["generator", "async generator"])
+def test_a_stop_in_a_bridges_attach_as_a_traced_generator_is_closed_drops_its_span(
+    kind: str,
+) -> None:
+    """Closing a traced generator makes its span current again (its ``finally`` runs
+    in it). A bridge's stop there, unlike one as it is entered or resumed, left the
+    span open for good in every handler."""
+    d = get_dispatcher(fresh())
+    spans, recorder = SimpleSpanHandler(), Recorder()
+    d.add_span_handler(spans)
+    d.add_span_handler(recorder)
+    bridge = StopsAttachingWhenArmed()
+
+    @d.span
+    def generator() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    @d.span
+    async def async_generator() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def close_after_one() -> None:
+        agen = async_generator()
+        await agen.__anext__()
+        bridge.armed = True
+        await agen.aclose()
+
+    register_bridge(bridge)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if kind == "generator":
+                gen = generator()
+                next(gen)
+                bridge.armed = True
+                gen.close()
+            else:
+                asyncio.run(close_after_one())
+    finally:
+        unregister_bridge(bridge)
+    assert current_span() is None and bridge.attached == []
+    assert spans.open_spans == {} and len(spans.dropped_spans) == 1
+    [record] = recorder.records.values()
+    assert record.status == "drop" and isinstance(record.err, KeyboardInterrupt)
+    assert telemetry.HANDLER_ERRORS.value == 0
+
+
+class Slow(EventList):
+    """Its own ``ahandle`` takes a while (long past the caller's timeout below)."""
+
+    async def ahandle(self, event: BaseEvent, **kwargs: Any) -> None:
+        await asyncio.sleep(5)
+
+
+def test_a_stop_in_an_event_handler_under_aevent_survives_the_callers_cancellation() -> None:
+    """A handler's Ctrl-C, waiting for a slow handler beside it, was lost when the
+    caller's task was cancelled meanwhile (a timeout): the caller saw only the
+    cancellation, and nothing logged or counted the stop."""
+    d, _ = _stopping_tree(AwaitsThenStops(), Slow())
+
+    async def caller() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.2, task.cancel)
+        try:
+            await d.aevent(Note())
+        except KeyboardInterrupt as stop:
+            assert isinstance(stop.__context__, asyncio.CancelledError)
+            return "stopped"
+        except asyncio.CancelledError:
+            return "cancelled, the stop lost"
+        return "not raised"
+
+    assert asyncio.run(caller()) == "stopped"
+    assert telemetry.HANDLER_ERRORS.value == 0

@@ -3,9 +3,11 @@ exit flushes: its end event is stored, and its span stored as ended, not dropped
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +145,38 @@ def test_a_forked_child_leaves_its_parents_open_streams_to_the_parent(cap: Captu
     run_exit_hooks()  # the parent's exit ends it
     [end] = cap.events_of(LLMChatEndEvent)
     assert end.finish_reason == "abandoned"
+
+
+def test_an_async_stream_ended_at_exit_stops_there_in_a_loop_still_running(
+    cap: Capture,
+) -> None:
+    """A daemon thread's event loop runs on while the exit's hooks run: a task there
+    that kept a stream, not reading it just then, read it on afterwards to its end and
+    ended the call a second time (a "stop" end event after the "abandoned" one)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    exited = asyncio.Event()
+    received: list[object] = []
+    kept = threading.Event()
+
+    async def reads_on_after_the_exit() -> None:
+        stream = await OfflineLLM().astream_chat(QUESTION)
+        received.append(await stream.__anext__())
+        kept.set()
+        await exited.wait()
+        async for chunk in stream:
+            received.append(chunk)
+
+    try:
+        reading = asyncio.run_coroutine_threadsafe(reads_on_after_the_exit(), loop)
+        assert kept.wait(10), reading.exception(timeout=0)
+        run_exit_hooks()
+        loop.call_soon_threadsafe(exited.set)
+        reading.result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert [end.finish_reason for end in cap.events_of(LLMChatEndEvent)] == ["abandoned"]
+    assert len(received) == 1
