@@ -35,7 +35,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, TextIO, cast
+from typing import Any, TextIO, TypeVar, cast
 
 from instrumentation._finite import finite
 from instrumentation._text import escape_controls as _printable
@@ -44,6 +44,7 @@ from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary
 from instrumentation.tree import FittedStream, draw_tree, fitted_stream, format_duration
 
 #: What times are (``datetime`` runs from the year 1 to 9999), for error messages.
+_T = TypeVar("_T")
 _TIME_RANGE = "times run from the year 1 to 9999"
 
 
@@ -642,7 +643,8 @@ def _cmd_events(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _pages(items: Iterable[StoredEvent], size: int) -> Iterator[list[StoredEvent]]:
+def _pages(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    """``items`` in lists of ``size`` (the last shorter), read as they are needed."""
     iterator = iter(items)
     while page := list(itertools.islice(iterator, size)):
         yield page
@@ -662,7 +664,7 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         metadata=_meta(args.meta),
     )
     printed = False
-    while page := list(itertools.islice(found, _PAGE)):
+    for page in _pages(found, _PAGE):
         for line in summary_lines(page):
             print(line, file=out)
         printed = True

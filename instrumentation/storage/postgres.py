@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +29,8 @@ from instrumentation.storage.schema import (
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
 
-#: How long (seconds) a migration of tables that were there before waits, at each
-#: index it makes or drops, for the transactions it must outlast (see
+#: How long (seconds) a migration of tables that were there before waits in all, over
+#: the indexes it makes or drops, for the transactions it must outlast (see
 #: ``PostgresStore._migrate_concurrently``); past that it is left for the next connection.
 MIGRATION_WAIT = 10.0
 
@@ -122,15 +123,30 @@ def _without_jit(conn: Any) -> None:
     0.6 to 0.8 s for a ``list`` of 100,000 roots whose scan takes 16 to 25 ms.
     """
     if conn.info.server_version >= 110000:
-        conn.execute("SET jit = off")
+        # A server that speaks PostgreSQL's protocol without this setting (CockroachDB
+        # says it is 13) reads as it did: what matters is that it connects.
+        with contextlib.suppress(Exception):
+            conn.execute("SET jit = off")
 
 
-def _invalid_index(conn: Any, name: str) -> bool:
-    """Whether index ``name`` is there, left invalid by a concurrent build cut short."""
+def _wait_until(conn: Any, deadline: float) -> None:
+    """Have the session's next statement wait for a lock no later than ``deadline``
+    (``time.monotonic()``): a millisecond, once it has passed (0 would be no limit)."""
+    left_ms = max(1, round((deadline - time.monotonic()) * 1000))
+    conn.execute(f"SET lock_timeout = {left_ms}")
+
+
+def _drop_if_invalid(conn: Any, change: IndexChange, deadline: float) -> None:
+    """Drop the index ``change`` makes if a concurrent build cut short left it there,
+    invalid (``IF NOT EXISTS`` would take it as made), waiting until ``deadline``."""
+    if change.on is None:
+        return
     found = conn.execute(
-        "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
+        "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (change.name,)
     ).fetchone()
-    return bool(found and found[0])
+    if found and found[0]:
+        _wait_until(conn, deadline)
+        conn.execute(IndexChange(change.name).sql(concurrently=True))
 
 
 class PostgresStore(SQLStore):
@@ -294,11 +310,14 @@ class PostgresStore(SQLStore):
         version recorded once all of its steps are done. An index that a build cut
         short left invalid (``IF NOT EXISTS`` would take it as made) is dropped and
         made again. A concurrent build waits for the transactions that write the table
-        and those holding an older snapshot, anywhere in the database: for at most
-        :data:`MIGRATION_WAIT` seconds at each step, after which the migration is left
-        for the next connection, and the tables are recorded into as they are (the
-        versions from ``READABLE_FROM`` on differ in indexes only). So it is when
-        another process is migrating them already.
+        and those holding an older snapshot, anywhere in the database: each wait is
+        cut at what is left of :data:`MIGRATION_WAIT` seconds from the start (given to
+        each step, and to the drop of an index a step left invalid, the waits added
+        up: 20 s for one transaction that held the table), after which the migration
+        is left for the next connection, and the tables are recorded into as they are
+        (the versions from ``READABLE_FROM`` on differ in indexes only). So it is when
+        a step is cancelled (by a ``statement_timeout`` of the connection string), or
+        when another process is migrating them already.
         """
         take = conn.execute("SELECT pg_try_advisory_lock(%s)", (_MIGRATION_LOCK,)).fetchone()
         if not take[0]:
@@ -309,6 +328,8 @@ class PostgresStore(SQLStore):
             )
             return
         found = None
+        deadline = time.monotonic() + MIGRATION_WAIT
+        errors = self._psycopg.errors
         try:
             found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             check_version(found)
@@ -317,32 +338,36 @@ class PostgresStore(SQLStore):
                     continue
                 for statement in statements:
                     if isinstance(statement, IndexChange):
-                        self._change_index_concurrently(conn, statement)
+                        self._change_index_concurrently(conn, statement, deadline)
                     else:
                         conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-        except self._psycopg.errors.LockNotAvailable as exc:
+        except errors.LockNotAvailable as exc:
             self._tell_not_migrated(
                 found, f"it waited {MIGRATION_WAIT:g} s for other transactions ({exc})"
             )
+        except errors.QueryCanceled as exc:
+            self._tell_not_migrated(found, f"a step was cancelled: {exc}")
         finally:
             with contextlib.suppress(self._psycopg.Error):  # a broken connection let it go
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
 
-    def _change_index_concurrently(self, conn: Any, change: IndexChange) -> None:
-        """Make or drop one index CONCURRENTLY, waiting :data:`MIGRATION_WAIT` at most."""
-        conn.execute(f"SET lock_timeout = {round(MIGRATION_WAIT * 1000)}")
+    def _change_index_concurrently(self, conn: Any, change: IndexChange, deadline: float) -> None:
+        """Make or drop one index CONCURRENTLY, each wait cut at ``deadline``
+        (``time.monotonic()``)."""
+        errors = self._psycopg.errors
+        cut_short = (errors.LockNotAvailable, errors.QueryCanceled)
         try:
             try:
-                if change.on is not None and _invalid_index(conn, change.name):
-                    conn.execute(IndexChange(change.name).sql(concurrently=True))
+                _drop_if_invalid(conn, change, deadline)
+                _wait_until(conn, deadline)
                 conn.execute(change.sql(concurrently=True))
-            except self._psycopg.errors.LockNotAvailable:
+            except cut_short:
                 # A build cut short leaves its index invalid, yet updated by every
-                # write: dropped if it can be now, else by the next try.
-                with contextlib.suppress(self._psycopg.errors.LockNotAvailable):
-                    if change.on is not None and _invalid_index(conn, change.name):
-                        conn.execute(IndexChange(change.name).sql(concurrently=True))
+                # write: dropped if it can be in what is left of the wait (else by
+                # the next try).
+                with contextlib.suppress(*cut_short):
+                    _drop_if_invalid(conn, change, deadline)
                 raise
         finally:
             conn.execute("RESET lock_timeout")

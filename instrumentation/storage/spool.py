@@ -378,7 +378,8 @@ class TraceHeads:
     of the traces that were running when it filled up, at most: once it is full,
     nothing else is kept, and ``kept_until`` stays. The traces refused for their root
     are remembered (the last :data:`_REFUSED_REMEMBERED` at least), and their later
-    rows refused, wherever they would go (:meth:`without_refused`).
+    rows refused, wherever they would go, until a root span of the trace comes again
+    (:meth:`without_refused`).
     """
 
     def __init__(self) -> None:
@@ -416,9 +417,19 @@ class TraceHeads:
         self, spans: list[Row], events: list[Row]
     ) -> tuple[list[Row], list[Row], int]:
         """``spans`` and ``events`` without the rows of the traces refused for their
-        root, and how many rows that leaves out."""
+        root, and how many rows that leaves out.
+
+        A trace with a root span in the batch is refused no more: that root lists it,
+        and heads what comes of it (another request under the same remote parent's
+        trace, a span whose parent had ended). Refused for good, every later request
+        of a distributed trace was lost, hours after the database came back.
+        """
         if not self._refused and not self._refused_before:
             return spans, events, 0
+        for row in spans:
+            if _is_root(True, row) and (trace := _trace_of(True, row)) is not None:
+                self._refused.discard(trace)
+                self._refused_before.discard(trace)
 
         def known(trace: str | None) -> bool:
             return trace is not None and (trace in self._refused or trace in self._refused_before)

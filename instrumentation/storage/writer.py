@@ -849,9 +849,10 @@ class BatchWriter:
             self._spool_full(refused)
 
     def _spool_full(self, n: int) -> None:
-        """``n`` rows did not fit in the spool file (``max_spool_bytes``): lost, counted,
-        and logged at most every ``_LOG_EVERY`` seconds (a long outage refuses every
-        batch)."""
+        """``n`` rows did not fit in the spool file (``max_spool_bytes``), or are of a
+        trace whose root span it refused: lost, counted, and logged at most every
+        ``_LOG_EVERY`` seconds (a long outage refuses every batch). The warning says
+        both: the latter may come once the database takes writes again."""
         _SPOOL_FULL.add(n)
         self._count_lost(n)
         with self._state_lock:
@@ -862,9 +863,10 @@ class BatchWriter:
             self._last_spool_full_log = now
             count, self._spool_full_since_log = self._spool_full_since_log, 0
         logger.warning(
-            "instrumentation.storage lost %d rows: the database does not take writes and "
-            "the spool file %s holds max_spool_bytes=%d bytes of rows waiting for it; "
-            "%d rows lost in all",
+            "instrumentation.storage lost %d rows: the spool file %s held "
+            "max_spool_bytes=%d bytes of rows waiting for the database (rows that came "
+            "later of a trace whose root span it refused are refused too: they would be "
+            "stored heading no trace); %d rows lost in all",
             count,
             self.spool.path,
             self.max_spool_bytes,
@@ -884,7 +886,8 @@ class BatchWriter:
             logger.warning(
                 "instrumentation.storage lost %d more rows since the last warning: the "
                 "spool file %s held max_spool_bytes=%d bytes of rows waiting for the "
-                "database; %d rows lost in all",
+                "database (rows that came later of a trace whose root span it refused are "
+                "refused too); %d rows lost in all",
                 count,
                 self.spool.path,
                 self.max_spool_bytes,

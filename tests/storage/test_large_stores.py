@@ -527,6 +527,64 @@ def test_a_migration_held_up_too_long_is_left_for_the_next_connection(
         assert [t.trace_id for t in store.traces()] == ["t1"]
 
 
+def test_a_migration_waits_migration_wait_in_all_not_at_each_wait(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each wait was given MIGRATION_WAIT of its own: a build held up by a writer's
+    transaction waited it out, and the drop of the index that build left invalid
+    waited as long again (20 s, in the application's thread, for a store made while
+    another process's transaction held the table), as would each of the five steps.
+    The migration waits MIGRATION_WAIT in all."""
+    import psycopg
+
+    from instrumentation.storage import postgres
+    from instrumentation.storage.postgres import PostgresStore
+
+    monkeypatch.setattr(postgres, "MIGRATION_WAIT", 2.0)
+    _postgres_version_1(postgres_dsn)
+    with psycopg.connect(postgres_dsn, autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE spans IN ROW EXCLUSIVE MODE")
+        began = time.monotonic()
+        with PostgresStore(postgres_dsn) as store:
+            waited = time.monotonic() - began
+            store.write([_span_row("t1", "s1", 1000.0)], [])
+        holder.execute("COMMIT")
+    assert 2.0 <= waited < 3.0
+    assert "was not migrated" in caplog.text
+    with PostgresStore(postgres_dsn) as store:
+        assert store._query("SELECT MAX(version) FROM schema_version", []) == [(2,)]
+    assert all(_postgres_indexes(postgres_dsn).values())
+
+
+def test_a_migration_cut_short_by_the_dsns_statement_timeout_records_as_it_is(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``statement_timeout`` in the connection string (``options=-c
+    statement_timeout=...``) cancels a concurrent build that waits (or builds) longer:
+    the store took that for a server that cannot be reached, every write failed (each
+    new connection tried the migration again) and the rows went to the spool, with an
+    invalid index left behind. Cut short so, the tables are recorded into as they are."""
+    import psycopg
+
+    from instrumentation.storage.postgres import PostgresStore
+
+    _postgres_version_1(postgres_dsn)
+    dsn = postgres_dsn + "?options=-c%20statement_timeout%3D300"
+    with psycopg.connect(postgres_dsn, autocommit=True) as holder:
+        holder.execute("CREATE TABLE elsewhere (x INTEGER)")
+        holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT COUNT(*) FROM elsewhere")
+        with PostgresStore(dsn) as store:
+            store.write([_span_row("t1", "s1", 1000.0)], [])
+            assert [t.trace_id for t in store.traces()] == ["t1"]
+        holder.execute("COMMIT")
+    assert "was not migrated" in caplog.text and "statement timeout" in caplog.text
+    assert all(_postgres_indexes(postgres_dsn).values())
+    with PostgresStore(dsn) as store:
+        assert store._query("SELECT MAX(version) FROM schema_version", []) == [(2,)]
+
+
 def test_a_role_that_may_not_migrate_records_into_version_1_tables(
     postgres_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1368,3 +1368,52 @@ def test_rows_of_a_trace_whose_root_the_full_spool_refused_are_refused_later_too
     assert any_store.trace("B") == []
     assert count(any_store, "spans") == 0 and count(any_store, "events") == 3
     assert lost == 2
+
+
+def test_a_trace_refused_for_its_root_is_stored_again_once_a_root_of_it_comes(
+    any_store: Any, spool_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A trace refused for its root had every later row refused, for good: under a
+    remote parent (restore_propagation_context) one trace id spans many requests, and
+    each later request of it (its own root and all) was lost, hours after the database
+    came back, and logged as "the database does not take writes". A span that ended
+    after the refused root is refused still; a root of the trace lists it again."""
+    now = time.time()
+    filler = [_note_row(f"f{i}", now - 100) for i in range(3)]
+    root = _span_row("T-root", "T", root=True, start=now - 10, name="r" * 300)
+    straggler = _span_row("t1", "T", root=False, start=now - 9)
+    # Another request of trace T, an hour later, under a parent in another process.
+    parent = spool_module.SPAN_COLUMNS.index("parent_id")
+    second_root = _span_row("R2", "T", root=True, start=now)
+    second_root = (*second_root[:parent], "remote-parent", *second_root[parent + 1 :])
+    second_kid = _span_row("k1", "T", root=False, start=now)
+    second_kid = (*second_kid[:parent], "R2", *second_kid[parent + 1 :])
+    writer = BatchWriter(
+        any_store,
+        _rows_as_given,
+        debounce=0.02,
+        retry_for=0,
+        replay_interval=3600,
+        spool_dir=spool_dir,
+        max_spool_bytes=_line_bytes(filler) + _line_bytes([straggler]) + 10,
+    )
+    outage = _Outage(any_store, monkeypatch)
+    try:
+        for batch in (filler, [root]):
+            for row in batch:
+                writer.put(row, root=row is root)
+            assert writer.flush(5) is False
+        outage.end()
+        assert writer.flush(30) is True
+        caplog.clear()
+        writer.put(straggler)
+        assert writer.flush(5) is False
+        assert writer.rows_lost == 2
+        writer.put(second_kid)
+        writer.put(second_root, root=True)
+        assert writer.flush(5) is True
+    finally:
+        writer.shutdown(5)
+    assert sorted(s.id_ for s in any_store.trace("T")) == ["R2", "k1"]
+    assert [t.trace_id for t in any_store.traces()] == ["T"]
+    assert "1 more rows" in caplog.text and "does not take writes" not in caplog.text
