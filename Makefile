@@ -22,11 +22,11 @@ demo: $(STAMP)
 	$(PY) examples/rag_demo.py --db demo-traces.db
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check instrumentation tests benchmarks examples notebooks
-	$(VENV)/bin/ruff format --check instrumentation
+	$(VENV)/bin/ruff check instrumentation instrumentation_pytest.py tests benchmarks examples notebooks
+	$(VENV)/bin/ruff format --check instrumentation instrumentation_pytest.py
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy instrumentation
+	$(VENV)/bin/mypy instrumentation instrumentation_pytest.py
 	$(VENV)/bin/mypy --config-file tests/typing/mypy.ini tests/typing/user_code.py
 
 pytest: $(STAMP)

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from instrumentation.storage.cli import main as storage_main
+    # The arguments are read before storage is imported: ``--help`` and a mistyped
+    # argument take no time to answer. Only a command that runs loads the stores.
+    from instrumentation._cli_args import parse_arguments
 
-    return storage_main(argv)
+    args = parse_arguments(argv)
+    from instrumentation.storage.cli import run
+
+    return run(args)
 
 
 if __name__ == "__main__":

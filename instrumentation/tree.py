@@ -7,6 +7,7 @@ looks the same wherever it is read. A span whose parent is not among the spans g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO, TypeVar, cast
 
@@ -78,16 +79,33 @@ def draw_tree(
 
 
 def format_duration(seconds: float | None) -> str:
-    """``seconds`` with a readable unit (``252 µs``, ``12.3 ms``, ``2.50 s``); ``open``
-    for ``None``. The unit is the one the rounded figure fits: 999.7 µs is ``1.0 ms``,
-    not ``1000 µs``."""
+    """``seconds`` with a readable unit (``252 µs``, ``12.3 ms``, ``2.50 s``); from a
+    minute up in two units, the larger and the next (``2m 02s``, ``2h 02m``, ``3d
+    00h``), where ``7322.00 s`` had to be worked out. ``open`` for ``None``. The unit
+    is the one the rounded figure fits: 999.7 µs is ``1.0 ms``, not ``1000 µs``, and
+    59.999 s ``1m 00s``."""
     if seconds is None:
         return "open"
     if round(seconds * 1e6, 0) < 1000:
         return f"{seconds * 1e6:.0f} µs"
     if round(seconds * 1e3, 1) < 1000:
         return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
+    if round(seconds, 2) < 60 or not math.isfinite(seconds):
+        return f"{seconds:.2f} s"
+    return _in_two_units(seconds)
+
+
+def _in_two_units(seconds: float) -> str:
+    """A minute or more as ``2m 02s``, ``2h 02m`` or ``3d 00h``, rounded to the smaller
+    unit (the larger is the one that rounded figure reaches)."""
+    whole_seconds = round(seconds)
+    if whole_seconds < 3600:
+        return f"{whole_seconds // 60}m {whole_seconds % 60:02d}s"
+    minutes = round(seconds / 60)
+    if minutes < 24 * 60:
+        return f"{minutes // 60}h {minutes % 60:02d}m"
+    hours = round(seconds / 3600)
+    return f"{hours // 24}d {hours % 24:02d}h"
 
 
 #: What the drawing uses, and what stands for it where the output's encoding has no

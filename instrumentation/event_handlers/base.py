@@ -5,12 +5,13 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from instrumentation._options import SpellCheckedOptions
 from instrumentation.events.base import BaseEvent
 
 
-class BaseEventHandler(BaseModel):
+class BaseEventHandler(SpellCheckedOptions):
     """Subclass it and implement :meth:`handle`.
 
     ``handle`` runs on the application's thread, inside its call: it should be quick,
@@ -18,7 +19,8 @@ class BaseEventHandler(BaseModel):
     (see :mod:`instrumentation.telemetry`) and the application goes on.
     """
 
-    # A misspelt option (max_completed_span=5) is an error, not silently ignored.
+    # A misspelt option (max_completed_span=5) is an error, not silently ignored (and
+    # the error names the option meant: see SpellCheckedOptions).
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     @classmethod

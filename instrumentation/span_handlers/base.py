@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from instrumentation._bounded import put_bounded
 from instrumentation._classcache import remember
+from instrumentation._options import SpellCheckedOptions
 from instrumentation.context import _EMPTY_TAGS, span_name_of
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers._buffered import SpanDeque
@@ -93,7 +94,7 @@ def _work_out_takes_kwargs(cls: type) -> tuple[bool, bool, bool]:
     )
 
 
-class BaseSpanHandler(BaseModel, Generic[T]):
+class BaseSpanHandler(SpellCheckedOptions, Generic[T]):
     """Subclass it with your span type and implement the three ``new``/``prepare`` methods.
 
     The dispatcher calls :meth:`span_enter`, :meth:`span_exit` and :meth:`span_drop`
@@ -107,7 +108,8 @@ class BaseSpanHandler(BaseModel, Generic[T]):
     spans each (the oldest go first), so a long-running process does not grow.
     """
 
-    # A misspelt option (max_completed_span=5) is an error, not silently ignored.
+    # A misspelt option (max_completed_span=5) is an error, not silently ignored (and
+    # the error names the option meant: see SpellCheckedOptions).
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     open_spans: dict[str, T] = Field(default_factory=dict, description="Spans not ended yet.")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack
 
+from instrumentation._options import unknown_option
 from instrumentation.dispatcher import Dispatcher
 from instrumentation.storage.base import Store
 from instrumentation.storage.handler import StorageHandler, StorageOptions, metadata
@@ -160,14 +161,12 @@ def _check_option_names(options: Mapping[str, object]) -> None:
     ``ValidationError``), before the store is opened (and the file created)."""
     if "store" in options:
         raise TypeError("record_to() takes the store as its first argument (target), not store=")
-    unknown = [name for name in options if name not in StorageHandler.model_fields]
+    fields = StorageHandler.model_fields
+    unknown = [name for name in options if name not in fields]
     if unknown:
-        from pydantic_core import InitErrorDetails, ValidationError
+        from pydantic_core import ValidationError
 
-        errors = [
-            InitErrorDetails(type="extra_forbidden", loc=(name,), input=options[name])
-            for name in unknown
-        ]
+        errors = [unknown_option(name, options[name], fields) for name in unknown]
         raise ValidationError.from_exception_data(StorageHandler.__name__, errors)
 
 

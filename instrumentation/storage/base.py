@@ -281,6 +281,13 @@ class Store(ABC):
         found = self.resolve_trace_id(prefix) if prefix != "latest" else None
         return [found] if found is not None else []
 
+    def event_types(self, limit: int = 1000) -> list[str]:
+        """The types of the stored events, each once, sorted; at most ``limit`` of them
+        (what ``events --type`` tells a near miss from). This reads every event: the
+        SQL stores read the type index instead."""
+        _check_limit(limit)
+        return sorted({event.type for event in self.iter_events()})[:limit]
+
     @property
     @abstractmethod
     def spool_key(self) -> str:
@@ -936,6 +943,24 @@ class SQLStore(Store):
             f"SELECT DISTINCT trace_id FROM spans WHERE {where} LIMIT {int(limit)}", params
         )
         return [row[0] for row in rows]
+
+    def event_types(self, limit: int = 1000) -> list[str]:
+        _check_limit(limit)
+        # One step of the type index per type (the least type above the last one),
+        # not a read of every event's type, as SELECT DISTINCT is on PostgreSQL.
+        rows = self._query(
+            f"""
+            WITH RECURSIVE stored(type) AS (
+                SELECT MIN(type) FROM events
+                UNION ALL
+                SELECT (SELECT MIN(e.type) FROM events e WHERE e.type > s.type)
+                FROM stored s WHERE s.type IS NOT NULL
+            )
+            SELECT type FROM stored WHERE type IS NOT NULL LIMIT {self.dialect.param}
+            """,
+            [limit],
+        )
+        return sorted(row[0] for row in rows)  # PostgreSQL's order is its collation's
 
 
 def _successor(prefix: str) -> str | None:

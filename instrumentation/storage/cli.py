@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import errno
 import heapq
 import itertools
 import json
 import os
-import re
 import secrets
+import shlex
 import shutil
 import stat
 import sys
@@ -37,179 +38,14 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TextIO, TypeVar, cast
 
+from instrumentation._cli_args import PAGE, parse_arguments
 from instrumentation._finite import finite
 from instrumentation._text import escape_controls as _printable
-from instrumentation.storage.base import MAX_LIMIT, Store
+from instrumentation.storage.base import Store
 from instrumentation.storage.models import StoredEvent, StoredSpan, TraceSummary, roots_of
 from instrumentation.tree import FittedStream, draw_tree, fitted_stream, format_duration
 
-#: What times are (``datetime`` runs from the year 1 to 9999), for error messages.
 _T = TypeVar("_T")
-_TIME_RANGE = "times run from the year 1 to 9999"
-
-
-def _out_of_range(value: str) -> argparse.ArgumentTypeError:
-    return argparse.ArgumentTypeError(f"{value!r} is out of range ({_TIME_RANGE})")
-
-
-#: Seconds in each unit of an age (``--since 15m``) and of a duration.
-_AGE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _when(value: str) -> datetime:
-    """``2026-11-23T10:00``, or an age such as ``15m``, ``2h``, ``3d``.
-
-    A time or an age beyond what a ``datetime`` holds (``--since 99999999d``, the
-    year 10000) is an argument error, as a misspelt one is, not a traceback.
-    """
-    if value and value[-1] in _AGE_UNITS and value[:-1].replace(".", "", 1).isdigit():
-        try:
-            ago = timedelta(seconds=float(value[:-1]) * _AGE_UNITS[value[-1]])
-            return datetime.now(timezone.utc) - ago
-        except (OverflowError, ValueError):
-            raise _out_of_range(value) from None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a time: use ISO 8601 (2026-11-23T10:00) or an age (15m, 2h, 3d)"
-        ) from None
-    try:
-        # Without an offset it is local time, as ``list`` prints times: one copied
-        # from its output selects that trace.
-        found = parsed if parsed.tzinfo else _local(parsed)
-        found.timestamp()  # what the store compares: it must exist too
-    except (OverflowError, ValueError, OSError):
-        raise _out_of_range(value) from None
-    return found
-
-
-def _local(naive: datetime) -> datetime:
-    """``naive`` in the local time zone. Python finds the offset through the C library,
-    which cannot take the first or last days of the calendar (``0001-01-01`` failed
-    even in UTC): those take today's offset."""
-    try:
-        return naive.astimezone()
-    except (OverflowError, ValueError, OSError):
-        return naive.replace(tzinfo=datetime.now().astimezone().tzinfo)
-
-
-_DATE = re.compile(r"\d{4}-?\d{2}-?\d{2}")
-_TIME_OF_DAY = re.compile(r"(\d{2})(:?\d{2})?(:?\d{2})?([.,]\d+)?")
-
-
-def _until(value: str) -> datetime:
-    """Like :func:`_when`, but a time given to the second, minute, hour or day includes
-    that whole second (minute, ...): a time copied from ``list``, which prints whole
-    seconds, selects that trace with ``--until`` as it does with ``--since``."""
-    bound = _when(value)
-    try:
-        return bound + _whole_unit(value.strip())
-    except OverflowError:  # the last day there is: its end is past what times hold
-        raise _out_of_range(value) from None
-
-
-def _whole_unit(text: str) -> timedelta:
-    """How much past the time it names ``text`` reaches (0 for an age or fractions)."""
-    if _DATE.fullmatch(text):
-        return timedelta(days=1)
-    clock = re.split(r"[T ]", text, maxsplit=1)
-    if len(clock) != 2 or not _DATE.fullmatch(clock[0]):
-        return timedelta(0)  # an age: exact
-    found = _TIME_OF_DAY.match(clock[1])
-    if found is None or found.group(4):
-        return timedelta(0)  # fractions of a second: exact
-    if found.group(3):
-        return timedelta(seconds=1)
-    return timedelta(minutes=1) if found.group(2) else timedelta(hours=1)
-
-
-def _seconds(value: str) -> float:
-    """A number of seconds, 0 or more."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not (0 <= seconds < 10**9):  # also NaN and inf
-        raise argparse.ArgumentTypeError(f"takes seconds (0 or more), got {value!r}")
-    return seconds
-
-
-#: The units ``--min-duration`` takes, as ``list`` prints durations (``381 µs``, or
-#: ``381 us`` where the output has no ``µ``; Greek mu too), and minutes and hours.
-_DURATION_UNITS = {
-    "us": 1e-6,
-    "\u00b5s": 1e-6,
-    "\u03bcs": 1e-6,
-    "ms": 1e-3,
-    **{unit: _AGE_UNITS[unit] for unit in ("s", "m", "h")},
-}
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z\u00b5\u03bc]*)\s*")
-
-
-def _duration(value: str) -> float:
-    """Seconds, 0 or more: a plain number, as before, or one with a unit as ``list``
-    prints durations (``381us`` or ``381µs``, ``12.5ms``, ``2s``), or minutes and hours
-    (``1.5m``, ``2h``, as ``--since`` takes ages)."""
-    found = _DURATION.fullmatch(value)
-    if found is None or not found.group(2):
-        try:
-            seconds = _seconds(value)
-        except argparse.ArgumentTypeError:
-            seconds = -1.0
-    else:
-        unit = _DURATION_UNITS.get(found.group(2).lower())
-        seconds = float(found.group(1)) * unit if unit is not None else -1.0
-    if not 0 <= seconds < 10**9:
-        raise argparse.ArgumentTypeError(
-            f"takes seconds, or a duration with its unit (381us, 12ms, 2s, 1.5m), got {value!r}"
-        )
-    return seconds
-
-
-def _positive_seconds(value: str) -> float:
-    """A number of seconds, more than 0."""
-    try:
-        seconds = _seconds(value)
-    except argparse.ArgumentTypeError:
-        seconds = 0.0
-    if seconds == 0:
-        raise argparse.ArgumentTypeError(f"takes seconds (more than 0), got {value!r}")
-    return seconds
-
-
-def _positive_int(value: str) -> int:
-    """A count, 1 or more (and no more than a 64-bit integer, what the databases read
-    a ``LIMIT`` as: a larger one is an argument error, not the database's)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"takes a whole number, 1 or more, got {value!r}")
-    if number > MAX_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"takes a whole number up to {MAX_LIMIT} (2**63 - 1), got {value!r}"
-        )
-    return number
-
-
-def _trace_ref(value: str) -> str:
-    """A trace id, a prefix of one, or ``latest``: not empty (an empty prefix is
-    every trace's, and an unset shell variable, not a choice)."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError(
-            f"give a trace id or a prefix of one (or 'latest'), got {value!r}"
-        )
-    return value
-
-
-def _meta_item(item: str) -> tuple[str, str]:
-    """One ``--meta KEY=VALUE`` (an argument error, status 2, without the ``=``)."""
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"takes KEY=VALUE (e.g. --meta user=alice), got {item!r}")
-    return key, value
 
 
 def _meta(values: list[tuple[str, str]] | None) -> dict[str, str]:
@@ -640,7 +476,35 @@ def _cmd_events(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         printed = True
     if not printed:
         print("(no events)", file=out)
+        _hint(_type_hint(store, args.type))
     return 0
+
+
+def _hint(hint: str | None) -> None:
+    """Say on stderr why a filter may have found nothing (stdout stays the result)."""
+    if hint is not None:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+#: The most event types ``events`` reads to tell a near miss of ``--type``.
+_TYPES_READ = 1000
+
+
+def _type_hint(store: Store, given: str | None) -> str | None:
+    """The stored type ``--type`` is close to, when it is none of them (``Hitt`` for
+    ``Hit``, ``llmchatendevent``): asked only when no event was found."""
+    if given is None:
+        return None
+    stored = store.event_types(_TYPES_READ)
+    if given in stored or len(stored) == _TYPES_READ:  # it may be among those not read
+        return None
+    by_lower = {t.lower(): t for t in stored}
+    lower = given.lower()
+    meant = [lower] if lower in by_lower else difflib.get_close_matches(lower, by_lower, n=3)
+    close = [by_lower[t] for t in meant]
+    if not close:
+        return None
+    return f"no event has type {given!r}; did you mean {' or '.join(map(repr, close))}?"
 
 
 def _pages(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
@@ -653,16 +517,16 @@ def _pages(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
 def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     # Read and printed a page at a time, each page's columns lined up: traces() held a
     # summary of every trace, and its line, before the first was printed.
-    found = store.iter_traces(
-        limit=None if args.all else args.limit,
-        since=args.since,
-        until=args.until,
-        name=args.name,
-        status=args.status,
-        min_duration=args.min_duration,
-        dispatcher=args.dispatcher,
-        metadata=_meta(args.meta),
-    )
+    filters: dict[str, Any] = {
+        "since": args.since,
+        "until": args.until,
+        "name": args.name,
+        "status": args.status,
+        "min_duration": args.min_duration,
+        "dispatcher": args.dispatcher,
+        "metadata": _meta(args.meta),
+    }
+    found = store.iter_traces(limit=None if args.all else args.limit, **filters)
     printed = False
     for page in _pages(found, _PAGE):
         for line in summary_lines(page):
@@ -670,7 +534,19 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         printed = True
     if not printed:
         print("(no traces)", file=out)
+        _hint(_name_hint(store, filters))
     return 0
+
+
+def _name_hint(store: Store, filters: dict[str, Any]) -> str | None:
+    """When ``--name`` (without ``*``) is no trace's name but the start of some: the
+    user meant a prefix (``handle`` for ``handle_request``). One query, of one trace,
+    asked only when nothing was listed."""
+    name = filters["name"]
+    if name is None or "*" in name or not store.traces(limit=1, **{**filters, "name": name + "*"}):
+        return None
+    wanted = shlex.quote(name + "*")
+    return f"none is named exactly {name!r}, but names that start with it match: --name {wanted}"
 
 
 def _no_match(store: Store, given: str) -> str:
@@ -714,7 +590,7 @@ _RECHECK_EVERY = 5.0
 #: for late traces that ended before them.
 _REMEMBER = 10_000
 #: Traces read per query.
-_PAGE = 500
+_PAGE = PAGE
 #: Times read back may differ from those stored by under a microsecond (SQLite keeps
 #: more digits): what tail forgets lies this far behind where it reads again.
 _MARGIN = timedelta(milliseconds=1)
@@ -1089,146 +965,6 @@ def _cmd_export(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return status
 
 
-def _version() -> str:
-    from instrumentation import __version__
-
-    return __version__
-
-
-#: The end of ``--help``: a first command to type, and what makes the database.
-_EXAMPLES = """examples:
-  {prog} --db traces.db list --status error --since 2h
-  {prog} --db traces.db show latest --events
-  {prog} --db traces.db tail --tree
-  {prog} --db traces.db events --type LLMChatEndEvent --since 1h
-  {prog} --db traces.db export --limit 100 -o traces.jsonl
-
-An application records traces with instrumentation.storage:
-  with storage.record_to("traces.db"): ...
-Each command's --help lists its options: {prog} list --help"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    # Started as the ``instrumentation`` command, say so; else ``python -m``.
-    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    prog = "instrumentation" if invoked == "instrumentation" else "python -m instrumentation"
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Read traces kept by instrumentation.storage.",
-        epilog=_EXAMPLES.format(prog=prog),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    db_help = "SQLite path or PostgreSQL DSN (default: $INSTRUMENTATION_DB or instrumentation.db)"
-    parser.add_argument("--db", help=db_help)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    # --db is taken after the command too (``list --db x.db``).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    ls = sub.add_parser("list", help="recent traces, newest first", parents=[common])
-    how_many_traces = ls.add_mutually_exclusive_group()
-    how_many_traces.add_argument(
-        "--limit",
-        type=_positive_int,
-        default=20,
-        help="how many traces, newest first (default: 20)",
-    )
-    how_many_traces.add_argument(
-        "--all",
-        action="store_true",
-        help=f"every matching trace, newest first (columns line up by {_PAGE} lines)",
-    )
-    ls.add_argument(
-        "--since", type=_when, help="ISO time (local unless it has an offset) or age (15m, 2h)"
-    )
-    ls.add_argument(
-        "--until", type=_until, help="as --since; a time to the second includes that second"
-    )
-    ls.add_argument("--name", help="root span name (* is a wildcard)")
-    ls.add_argument("--status", choices=["ok", "error"], help="how the trace's root span ended")
-    ls.add_argument(
-        "--min-duration",
-        type=_duration,
-        metavar="DURATION",
-        help="only traces that took this long or longer: seconds, or with a unit as list "
-        "prints them (381us, 12ms, 2s, 1.5m)",
-    )
-    ls.add_argument("--dispatcher", help="dispatcher name (and those below it)")
-    ls.add_argument(
-        "--meta", action="append", type=_meta_item, help="KEY=VALUE, e.g. user=alice (repeatable)"
-    )
-
-    show = sub.add_parser("show", help="one trace as a tree", parents=[common])
-    show.add_argument(
-        "trace_id", type=_trace_ref, help="a trace id, a unique prefix of one, or 'latest'"
-    )
-    show.add_argument("--events", action="store_true", help="list each span's events too")
-    show.add_argument("--json", action="store_true", help="print the trace as JSON")
-
-    tail = sub.add_parser("tail", help="print traces as they finish, from now on", parents=[common])
-    tail.add_argument(
-        "--interval",
-        type=_positive_seconds,
-        default=1.0,
-        help="seconds between polls (default: 1)",
-    )
-    tail.add_argument(
-        "--max-seconds", type=_seconds, help="stop after this many seconds (default: never)"
-    )
-    tail.add_argument(
-        "--count", type=_positive_int, help="stop after this many traces (default: never)"
-    )
-    tail.add_argument(
-        "--lookback",
-        type=_seconds,
-        metavar="SECONDS",
-        default=0.0,
-        help="also show traces that ended up to this many seconds before tail started "
-        "(default 0: only those that end after it starts)",
-    )
-    tail.add_argument("--tree", action="store_true", help="print each trace's tree")
-
-    events = sub.add_parser(
-        "events", help="the last events, in the order they happened", parents=[common]
-    )
-    events.add_argument("--type", help="event class name, e.g. LLMChatEndEvent")
-    events.add_argument(
-        "--trace", type=_trace_ref, help="a trace id, a unique prefix of one, or 'latest'"
-    )
-    events.add_argument("--since", type=_when, help="as list --since")
-    events.add_argument("--until", type=_until, help="as list --until")
-    how_many = events.add_mutually_exclusive_group()
-    how_many.add_argument(
-        "--limit",
-        type=_positive_int,
-        default=50,
-        help="how many of the last matching events (default: 50)",
-    )
-    how_many.add_argument("--all", action="store_true", help="every matching event, oldest first")
-    events.add_argument("--json", action="store_true", help="print each event as a JSON line")
-
-    export = sub.add_parser("export", help="traces as JSON lines", parents=[common])
-    export.add_argument(
-        "trace_ids",
-        nargs="*",
-        type=_trace_ref,
-        help="trace ids, unique prefixes of ids, or 'latest' (default: the --limit most recent)",
-    )
-    export.add_argument(
-        "--limit",
-        type=_positive_int,
-        default=100,
-        help="how many recent traces, when no ids are given (default: 100)",
-    )
-    export.add_argument("--since", type=_when, help="as list --since")
-    export.add_argument("--until", type=_until, help="as list --until")
-    export.add_argument(
-        "--output", "-o", help="file to write (default, or - or /dev/stdout: standard output)"
-    )
-    return parser
-
-
 _COMMANDS = {
     "list": _cmd_list,
     "show": _cmd_show,
@@ -1240,10 +976,15 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; returns the exit status."""
+    return run(parse_arguments(argv), out)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run the command ``args`` name (as :func:`parse_arguments` read them); returns
+    the exit status."""
     from instrumentation.storage import DB_ENV, database_target, open_store
     from instrumentation.storage.addresses import redacted
 
-    args = build_parser().parse_args(argv)
     if args.command == "tail":
         _start_tail(args)
     stream = out if out is not None else sys.stdout

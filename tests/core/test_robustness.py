@@ -170,6 +170,18 @@ def test_a_duration_that_rounds_up_to_the_next_unit_is_shown_in_it() -> None:
     assert format_duration(0.99994) == "999.9 ms"
 
 
+def test_a_duration_of_a_minute_or_more_is_shown_in_two_units() -> None:
+    """``7322.00 s`` and ``259200.00 s`` had to be worked out: from a minute up the
+    duration is in the larger unit and the next, rounded to the smaller."""
+    assert format_duration(59.99) == "59.99 s"
+    assert format_duration(59.996) == "1m 00s"  # rounds up to the next unit: shown in it
+    assert format_duration(122.4) == "2m 02s"
+    assert format_duration(3599.4) == "59m 59s" and format_duration(3599.6) == "1h 00m"
+    assert format_duration(7322.0) == "2h 02m"
+    assert format_duration(86399.0) == "1d 00h" and format_duration(259200.0) == "3d 00h"
+    assert format_duration(float("inf")) == "inf s"
+
+
 def test_simple_span_handler_draws_a_trace_thousands_of_levels_deep() -> None:
     """The trees were drawn by recursion, which stopped at about 500 levels: a traced
     recursive algorithm could not be printed."""
@@ -252,6 +264,38 @@ def test_a_misspelt_handler_option_is_an_error_not_ignored() -> None:
     with pytest.raises(ValidationError, match="colour"):
         NullEventHandler(colour="red")  # type: ignore[call-arg]
     assert SimpleSpanHandler(max_completed_spans=5).max_completed_spans == 5
+
+
+def test_a_misspelt_handler_option_names_the_option_meant() -> None:
+    """pydantic said "Extra inputs are not permitted" and nothing more: the error is
+    the same ``ValidationError`` (of the same type, for the same argument) with the
+    field's name it is close to. Other errors, and a name close to none, stay as
+    they were."""
+    from pydantic import BaseModel, ValidationError
+
+    from instrumentation.span_handlers import SimpleSpanHandler
+    from instrumentation.storage import SQLiteStore, StorageHandler
+
+    with pytest.raises(ValidationError) as refused:
+        SimpleSpanHandler(max_completed_span=5, max_completed_spans=-1)  # type: ignore[call-arg]
+    too_few, misspelt = refused.value.errors()
+    assert too_few["type"] == "greater_than_equal" and too_few["loc"] == ("max_completed_spans",)
+    assert misspelt["type"] == "extra_forbidden" and misspelt["loc"] == ("max_completed_span",)
+    assert misspelt["msg"] == (
+        "Extra inputs are not permitted; did you mean 'max_completed_spans'?"
+    )
+    with pytest.raises(ValidationError, match="did you mean 'batch_size'"):
+        StorageHandler(store=SQLiteStore(":memory:"), batchsize=3)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError) as refused:
+        SimpleSpanHandler(zzz=1)  # type: ignore[call-arg]
+    assert refused.value.errors()[0]["msg"] == "Extra inputs are not permitted"
+
+    class Options(BaseModel, extra="forbid"):  # not the library's: as pydantic has it
+        batch_size: int = 1
+
+    with pytest.raises(ValidationError) as refused:
+        Options(batchsize=3)  # type: ignore[call-arg]
+    assert refused.value.errors()[0]["msg"] == "Extra inputs are not permitted"
 
 
 @pytest.mark.parametrize("failing", ["prepare_to_exit_span", "prepare_to_drop_span"])

@@ -889,6 +889,66 @@ def test_the_help_shows_examples_and_how_traces_get_recorded(
     assert "Each command's --help lists its options: python -m instrumentation list --help" in shown
 
 
+#: Runs the command line's entry point with the arguments given, then prints the
+#: modules of the library it loaded, as JSON, on a line of its own on stderr.
+_LOADED_BY = """
+import contextlib, io, json, sys
+from instrumentation.__main__ import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(sys.argv[1:])
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("instrumentation"))),
+      file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["list", "--help"], ["list", "--limit", "0"], ["shw", "latest"]]
+)
+def test_help_and_argument_errors_do_not_load_storage(argv: list[str]) -> None:
+    """``--help`` took 0.6 s: the command line imported all of storage (the stores, the
+    LLM events) before it read its arguments. Only a command that runs loads them."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED_BY, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    loaded = json.loads(done.stderr.splitlines()[-1])
+    assert "instrumentation._cli_args" in loaded  # the arguments were read
+    for heavy in ("instrumentation.storage", "instrumentation.events.llm"):
+        assert heavy not in loaded, (argv, heavy)
+
+
+def test_the_command_line_without_a_command_prints_the_whole_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It said only "the following arguments are required: command", with the usage
+    line: not what the commands are, nor an example."""
+    for run in (main, module_main):
+        with pytest.raises(SystemExit) as stopped:
+            run(["--db", "x.db"])
+        assert stopped.value.code == 2
+        shown = capsys.readouterr()
+        assert shown.out == ""
+        assert "  show                one trace as a tree\n" in shown.err
+        assert "examples:\n" in shown.err
+        assert shown.err.endswith("error: give a command (list, show, tail, events, export)\n")
+
+
+def test_an_argument_a_command_does_not_take_gets_that_commands_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``show 0f69 9ca9`` printed the top-level usage, which does not say what ``show``
+    takes."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--db", "x.db", "show", "0f69", "9ca9"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m instrumentation show [-h]")
+    assert err.endswith("show: error: unrecognized arguments: 9ca9\n")
+
+
 def test_a_prefix_of_several_traces_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1064,7 +1124,7 @@ def test_every_option_says_what_it_is_and_its_default() -> None:
     in the code); export's ids said just "default: recent"."""
     import argparse
 
-    from instrumentation.storage.cli import build_parser
+    from instrumentation._cli_args import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -1113,7 +1173,34 @@ def test_min_duration_takes_the_units_list_prints(tmp_path: Path) -> None:
         assert found == listed, given
 
 
-@pytest.mark.parametrize("given", ["5 parsecs", "-1ms", "nan", "ms", "1e400s"])
+def test_long_durations_are_listed_in_two_units_and_selected_as_listed(tmp_path: Path) -> None:
+    """list printed ``7322.00 s`` and ``259200.00 s``; from a minute up it prints two
+    units, and --min-duration takes a duration as list prints it."""
+    store = SQLiteStore(tmp_path / "t.db")
+    _write_durations(store, {"minutes": 122.0, "hours": 7322.0, "days": 259200.0})
+    store.close()
+    db = str(tmp_path / "t.db")
+    listed = {line.split()[3]: line for line in _run("--db", db, "list").splitlines()}
+    assert "  2m 02s  1 span" in listed["minutes"]
+    assert "  2h 02m  1 span" in listed["hours"]
+    assert "  3d 00h  1 span" in listed["days"]
+    for given, selected in [
+        ("2m 02s", ["days", "hours", "minutes"]),
+        ("2m03s", ["days", "hours"]),
+        ("2h 02m", ["days", "hours"]),
+        ("2h 03m", ["days"]),
+        ("3d 00h", ["days"]),
+        ("3d", ["days"]),
+        ("3d 01h", []),
+    ]:
+        out = _run("--db", db, "list", "--min-duration", given)
+        found = sorted(line.split()[3] for line in out.splitlines() if " span" in line)
+        assert found == selected, given
+
+
+@pytest.mark.parametrize(
+    "given", ["5 parsecs", "-1ms", "nan", "ms", "1e400s", "2m 02", "2m x", "3 weeks"]
+)
 def test_a_min_duration_that_is_none_says_what_it_takes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
 ) -> None:
@@ -1206,6 +1293,40 @@ def test_events_prints_the_last_ones_in_the_order_they_happened(
     assert {r["trace_id"] for r in records} == {trace_id}
     assert records[0]["total_tokens"] == 10 and records[1]["error"]
     assert _run("--db", db, "events", "--type", "Nothing") == "(no events)\n"
+
+
+def test_a_filter_that_found_nothing_but_nearly_matched_says_so(
+    any_store: Store, make_handler: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``list --name pipe`` and ``events --type NoteEvnt`` printed "(no traces)" and
+    "(no events)" alone, where the user meant a prefix (``pipe*``) or a stored type.
+    Each says so on stderr, with what was meant; other empty results stay silent."""
+    handler = make_handler(any_store).attach(d)
+    d.event(NoteEvent(text="a note"))
+    pipeline()
+    assert handler.flush(10)
+    db = _db_arg(any_store)
+    assert any_store.event_types() == ["FakeLLMEndEvent", "NoteEvent", "SpanDropEvent"]
+    assert any_store.event_types(limit=1) in (["FakeLLMEndEvent"], ["NoteEvent"])
+
+    def hint_for(*argv: str) -> str:
+        capsys.readouterr()
+        assert _run("--db", db, *argv) in ("(no traces)\n", "(no events)\n")
+        return capsys.readouterr().err
+
+    assert hint_for("list", "--name", "pipe") == (
+        "hint: none is named exactly 'pipe', but names that start with it match: --name 'pipe*'\n"
+    )
+    assert hint_for("events", "--type", "NoteEvnt") == (
+        "hint: no event has type 'NoteEvnt'; did you mean 'NoteEvent'?\n"
+    )
+    assert hint_for("events", "--type", "noteevent").endswith("did you mean 'NoteEvent'?\n")
+    # Silent where no name starts so, the prefix is excluded by another filter, no
+    # type is close, or the type is stored and another filter excluded its events.
+    assert hint_for("list", "--name", "step") == ""
+    assert hint_for("list", "--name", "pipe", "--status", "error") == ""
+    assert hint_for("events", "--type", "Unrelated") == ""
+    assert hint_for("events", "--type", "NoteEvent", "--since", "2999-01-01") == ""
 
 
 def test_events_line_up_their_trace_ids(any_store: Store, make_handler: Any) -> None:

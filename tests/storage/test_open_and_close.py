@@ -216,7 +216,7 @@ def test_a_missing_folder_or_a_folder_is_an_os_error_naming_it(tmp_path: Path) -
 
 def test_a_misspelt_option_opens_and_creates_nothing(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
-    with pytest.raises(ValidationError, match="batchsize"):
+    with pytest.raises(ValidationError, match=r"batchsize\n.*did you mean 'batch_size'"):
         record_to(db, batchsize=5)
     assert not db.exists()
     with pytest.raises(TypeError, match="first argument"):
