@@ -25,6 +25,7 @@ from instrumentation.storage.schema import (
     check_readable,
     check_version,
     migrations,
+    steps_after,
 )
 
 _MIGRATION_LOCK = 0x1A57_7ACE  # any constant: serialises concurrent migrations
@@ -271,18 +272,12 @@ class PostgresStore(SQLStore):
             # rather than not at all, until an administrator migrates them.
             if found is None or found < READABLE_FROM:
                 raise
-            if not self._told_not_migrated:
-                self._told_not_migrated = True
-                logger.warning(
-                    "instrumentation.storage: %r has trace schema version %s and this "
-                    "role may not migrate it to %s (%s); recording into it as it is (reads "
-                    "that its new indexes serve are slower): open it once with "
-                    "storage.open_store() as its owner to migrate it",
-                    self,
-                    found,
-                    max(migrations(POSTGRES)),
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                )
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._tell_not_migrated(
+                found,
+                f"this role may not migrate it: {reason}",
+                "open it once with storage.open_store() as its owner to migrate it",
+            )
 
     def _migrate_locked(self, conn: Any) -> None:
         """Make the tables (and bring them to this release's version) in one
@@ -292,9 +287,7 @@ class PostgresStore(SQLStore):
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             check_version(found)
-            for version, statements in sorted(migrations(POSTGRES).items()):
-                if found is not None and version <= found:
-                    continue
+            for version, statements in steps_after(POSTGRES, found):
                 for statement in statements:
                     conn.execute(str(statement))
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
@@ -333,9 +326,7 @@ class PostgresStore(SQLStore):
         try:
             found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             check_version(found)
-            for version, statements in sorted(migrations(POSTGRES).items()):
-                if found is not None and version <= found:
-                    continue
+            for version, statements in steps_after(POSTGRES, found):
                 for statement in statements:
                     if isinstance(statement, IndexChange):
                         self._change_index_concurrently(conn, statement, deadline)
@@ -372,7 +363,9 @@ class PostgresStore(SQLStore):
         finally:
             conn.execute("RESET lock_timeout")
 
-    def _tell_not_migrated(self, found: int | None, why: str) -> None:
+    def _tell_not_migrated(
+        self, found: int | None, why: str, remedy: str = "until a connection migrates it"
+    ) -> None:
         """Log once per store that its tables are recorded into at version ``found``."""
         if self._told_not_migrated:
             return
@@ -380,11 +373,12 @@ class PostgresStore(SQLStore):
         logger.warning(
             "instrumentation.storage: %r has trace schema version %s and was not migrated "
             "to %s (%s); recording into it as it is (reads that its new indexes serve are "
-            "slower) until a connection migrates it",
+            "slower): %s",
             self,
             found,
             max(migrations(POSTGRES)),
             why,
+            remedy,
         )
 
     def _check_readable(self, conn: Any) -> None:

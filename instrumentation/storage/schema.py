@@ -227,6 +227,12 @@ def migrations(d: Dialect) -> dict[int, list[str | IndexChange]]:
     }
 
 
+def steps_after(d: Dialect, found: int | None) -> list[tuple[int, list[str | IndexChange]]]:
+    """The versions after ``found`` (None: a database without tables), oldest first,
+    each with the statements that bring a database to it."""
+    return sorted((v, s) for v, s in migrations(d).items() if found is None or v > found)
+
+
 def insert_sql(d: Dialect, table: str, columns: tuple[str, ...]) -> str:
     """An idempotent insert: replaying a row already stored does nothing."""
     values = []

@@ -29,7 +29,7 @@ from instrumentation.storage.schema import (
     NotATraceDatabaseError,
     check_readable,
     check_version,
-    migrations,
+    steps_after,
 )
 
 #: What a trace database address may be, for error messages.
@@ -350,9 +350,7 @@ class SQLiteStore(SQLStore):
             row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
             found = row[0] if row else None
             check_version(found)
-            for version, statements in sorted(migrations(SQLITE).items()):
-                if found is not None and version <= found:
-                    continue
+            for version, statements in steps_after(SQLITE, found):
                 for statement in statements:
                     conn.execute(str(statement))
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
