@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from instrumentation.storage.schema import (
 
 Row = tuple[Any, ...]
 _S = TypeVar("_S", bound="Store")
+_R = TypeVar("_R")
 
 _STATUSES = ("ok", "error")
 
@@ -535,18 +536,38 @@ class SQLStore(Store):
     def _summary_pages(
         self, where: list[str], params: list[Any], limit: int | None
     ) -> Iterator[TraceSummary]:
-        # A page at a time, each after the last root read (see _before_root):
-        # traces(limit=...) holds a summary of every trace at once (123 MB for 100,000).
+        # A page at a time: traces(limit=...) holds a summary of every trace at once
+        # (123 MB for 100,000).
+        return self._newest_roots_paged(
+            where,
+            params,
+            limit,
+            _TRACE_PAGE,
+            lambda w, ps, size: self._summaries(w, ps, _NEWEST_FIRST, size),
+            lambda summary: (summary.root_span_id, summary.start.timestamp()),
+        )
+
+    def _newest_roots_paged(
+        self,
+        where: list[str],
+        params: list[Any],
+        limit: int | None,
+        page_size: int,
+        read: Callable[[list[str], list[Any], int], Sequence[_R]],
+        root_of: Callable[[_R], tuple[str, float]],
+    ) -> Iterator[_R]:
+        """What ``read(where, params, size)`` makes of the roots ``r`` that meet
+        ``where``, newest first, ``limit`` in all (None: every one), read
+        ``page_size`` at a time, each page after the last root read (``root_of``
+        gives its id and start: see :meth:`_before_root`)."""
         left = limit
-        last: TraceSummary | None = None
+        last: _R | None = None
         while left is None or left > 0:
             page_where, page_params = list(where), list(params)
             if last is not None:
-                page_where.append(
-                    self._before_root(last.root_span_id, last.start.timestamp(), page_params)
-                )
-            size = _TRACE_PAGE if left is None else min(left, _TRACE_PAGE)
-            page = self._summaries(page_where, page_params, _NEWEST_FIRST, size)
+                page_where.append(self._before_root(*root_of(last), page_params))
+            size = page_size if left is None else min(left, page_size)
+            page = read(page_where, page_params, size)
             yield from page
             if len(page) < size:
                 return
@@ -717,31 +738,26 @@ class SQLStore(Store):
         until: datetime | float | None = None,
     ) -> Iterator[str]:
         _check_limit(limit, none_means="every trace")
-        # A page at a time, each after the last root read (by start time, then id,
-        # compared with the stored start of that root): traces(limit=...) made a
-        # summary of each trace, with its counts and sums, and held them all before
-        # the first was written (12 s and 136 MB for 100,000 traces).
+        # A page at a time (by start time, then id, compared with the stored start of
+        # the last root read): traces(limit=...) made a summary of each trace, with
+        # its counts and sums, and held them all before the first was written (12 s
+        # and 136 MB for 100,000 traces).
         p = self.dialect.param
-        left = limit
-        last: tuple[float, str] | None = None
-        while left is None or left > 0:
-            where, params = self._root_conditions(since=since, until=until)
-            if last is not None:
-                where.append(self._before_root(last[1], last[0], params))
-            page = _ID_PAGE if left is None else min(left, _ID_PAGE)
-            rows = self._query(
+        where, params = self._root_conditions(since=since, until=until)
+        rows = self._newest_roots_paged(
+            where,
+            params,
+            limit,
+            _ID_PAGE,
+            lambda w, ps, size: self._query(
                 f"SELECT r.trace_id, r.id, {self.dialect.time_value('r.start_time')} "
-                f"FROM spans r WHERE {' AND '.join(where)} "
+                f"FROM spans r WHERE {' AND '.join(w)} "
                 f"ORDER BY {_NEWEST_FIRST} LIMIT {p}",
-                [*params, page],
-            )
-            for row in rows:
-                yield row[0]
-            if len(rows) < page:
-                return
-            last = (float(rows[-1][2]), rows[-1][1])
-            if left is not None:
-                left -= len(rows)
+                [*ps, size],
+            ),
+            lambda row: (row[1], float(row[2])),
+        )
+        return (row[0] for row in rows)
 
     def _after_position(self, position: tuple[datetime | float, str], params: list[Any]) -> str:
         """The condition "after ``(end, root_span_id)`` by end time, then root span id".
