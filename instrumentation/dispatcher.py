@@ -175,11 +175,29 @@ def _update_lists(
     in, out)`` each; by identity, each once), then ``rebuild`` once, or not at all when
     nothing changed; the test kit is told of each list changed."""
     with _lock:
+        _set_lists(
+            owner,
+            {
+                attr: _updated(getattr(owner, attr), put_in, take_out)
+                for attr, put_in, take_out in (events, spans)
+            },
+            rebuild,
+        )
+
+
+def _set_lists(
+    owner: object, lists: Mapping[str, tuple[Any, ...] | None], rebuild: Callable[[], None]
+) -> None:
+    """Give ``owner``'s handler lists the tuples ``lists`` has for them (None: as it is),
+    then ``rebuild`` once, or not at all when nothing changed; the test kit is told of
+    each list changed. The test kit puts handlers back where they were through it."""
+    with _lock:
         changed = []
-        for attr, put_in, take_out in (events, spans):
+        for attr, new in lists.items():
             old = getattr(owner, attr)
-            new = _updated(old, put_in, take_out)
-            if new is not None:
+            if new is not None and (
+                len(new) != len(old) or any(a is not b for a, b in zip(new, old, strict=True))
+            ):
                 setattr(owner, attr, new)
                 changed.append((attr, old, new))
         if not changed:
@@ -938,7 +956,8 @@ class Dispatcher:
         captured span, in its trace, with its tags. The ``traceparent``'s flags (its
         sampling decision), ``tracestate`` and ``baggage`` go with the span: sent on by
         :meth:`capture_propagation_context` here, and made current in OpenTelemetry's
-        context when its bridge is in use. Absent, there are none.
+        context when its bridge is in use. Absent, there are none. A ``baggage`` with no
+        span key (W3C Baggage does not need a trace) replaces only the baggage.
         """
         if not isinstance(context, Mapping):
             raise TypeError(
@@ -987,6 +1006,8 @@ class Dispatcher:
                 )
             )
             restored_in_bridges(parent, bool(flags & SAMPLED))
+        elif "baggage" in context:
+            _restore_baggage_alone(baggage)
         if "instrument_tags" in context:
             _active_tags.set(dict(tags) if tags else _EMPTY_TAGS)
 
@@ -1116,6 +1137,24 @@ async def _ahandle(
             raise
         else:
             telemetry.report_handler_error(handler, "ahandle", event.class_name(), exc)
+
+
+def _restore_baggage_alone(baggage: str | None) -> None:
+    """Restore a context that has ``baggage`` and no span key: the baggage is replaced,
+    the current span (with its flags and ``tracestate``) stays.
+
+    W3C Baggage is independent of Trace Context, and OpenTelemetry's propagators read a
+    ``baggage`` header that came without a ``traceparent``; ignoring it lost what the
+    sender set. The entries stay baggage: they are not made tags, which would copy
+    whatever a caller sends into every span.
+    """
+    received = _propagated.get() or Propagated(None, SAMPLED, None, None)
+    received = received._replace(baggage=baggage)
+    _propagated.set(None if received.trace_id is None and baggage is None else received)
+    span = _active_span.get()
+    restored_in_bridges(
+        span if span is not None and span.remote else None, bool(received.flags & SAMPLED)
+    )
 
 
 def _close(handler: Any) -> None:

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, field_validator
+from typing_extensions import Self
 
 from instrumentation.span.base import BaseSpan
 
 _utcnow = partial(datetime.now, timezone.utc)
+_TIMES = ("start_time", "end_time")
 
 
 class SimpleSpan(BaseSpan):
@@ -34,6 +37,27 @@ class SimpleSpan(BaseSpan):
         if name == "end_time" or name == "start_time":
             value = _as_utc(value)
         super().__setattr__(name, value)
+
+    # ``model_copy(update=...)`` and ``model_construct(...)`` skip validation: a naive
+    # time given there stayed naive, and subtracting the other time failed as above.
+    # Neither is on the path of a span the handlers make.
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        return super().model_copy(update=update and _times_as_utc(update), deep=deep)
+
+    # The pydantic mypy plugin types it with the fields as keywords, in every model.
+    @classmethod
+    def model_construct(  # type: ignore[override]
+        cls, _fields_set: set[str] | None = None, **values: Any
+    ) -> Self:
+        return cast(Self, super().model_construct(_fields_set, **_times_as_utc(values)))
+
+
+def _times_as_utc(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``values`` (field name -> value) with the span's times made UTC."""
+    if "start_time" in values or "end_time" in values:
+        return {k: _as_utc(v) if k in _TIMES else v for k, v in values.items()}
+    return values
 
 
 def _as_utc(value: Any) -> Any:

@@ -6,7 +6,7 @@ the same as the fixture ``instrumentation_capture``, and :func:`isolated` as a b
 
 At its end a block takes its own handler off again and undoes what was changed
 during it: a handler attached is taken off, one detached (``shutdown()`` included) is
-put back, a ``propagate`` flag is set back. It leaves alone what other blocks open at
+put back where it was, a ``propagate`` flag is set back. It leaves alone what other blocks open at
 the same time changed in their own context (their thread or task, and the tasks and
 threads that carry a copy of it), and what a module imported in the block set up at
 its import (which happens once in a process). A change made outside any block's
@@ -37,7 +37,7 @@ from instrumentation.context import (
     _suppressed,
     context_keepers,
 )
-from instrumentation.dispatcher import Dispatcher, Manager, root_dispatcher, root_manager
+from instrumentation.dispatcher import Dispatcher, root_dispatcher, root_manager
 from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.span.simple import SimpleSpan
@@ -123,9 +123,11 @@ class _Journal:
         #: context, and outliving it, adds nothing more here (see :func:`_note`).
         self.open = True
         #: (id of the dispatcher or manager, attribute) -> (weak reference to the
-        #: owner, attribute, {id(handler): (handler, whether it was there)}).
+        #: owner, attribute, {id(handler): (handler, whether it was there, the list it
+        #: was taken out of, None for one put in)}), in the order they were moved.
         self.handlers: dict[
-            tuple[int, str], tuple[weakref.ref[Any], str, dict[int, tuple[Any, bool]]]
+            tuple[int, str],
+            tuple[weakref.ref[Any], str, dict[int, tuple[Any, bool, tuple[Any, ...] | None]]],
         ] = {}
         #: id of the dispatcher -> (weak reference to it, its ``propagate`` before the
         #: block set it).
@@ -152,7 +154,7 @@ class _Journal:
         ]:
             was = moved.get(id(handler))
             if was is None:
-                moved[id(handler)] = (handler, not there)
+                moved[id(handler)] = (handler, not there, None if there else old)
             elif was[1] is there:
                 del moved[id(handler)]  # back as it was before the block moved it
         if not moved:  # nor the owner: a block making throwaway dispatchers kept them all
@@ -171,8 +173,8 @@ class _Journal:
 
     def undo(self) -> None:
         """Take off the handlers the block attached and put back those it detached
-        (at the end of their lists: one rebuild per dispatcher, through its own
-        add/remove path), unless something else has since; set ``propagate`` back."""
+        where they were in their lists (one rebuild per dispatcher), unless something
+        else has since; set ``propagate`` back."""
         with _dispatcher_module._lock:
             self.open = False
             changes: dict[int, tuple[Any, dict[str, tuple[Any, ...]]]] = {}
@@ -181,35 +183,42 @@ class _Journal:
                 if owner is None:
                     continue
                 now: tuple[Any, ...] = getattr(owner, attr)
-                put_in = tuple(
-                    h
-                    for h, was in moved.values()
-                    if was and not _has(now, h) and (not _is_capture(h) or id(h) in _open_captures)
+                added = tuple(
+                    h for h, was, _ in moved.values() if not was and id(h) not in _open_captures
                 )
-                take_out = tuple(
-                    h
-                    for h, was in moved.values()
-                    if not was and _has(now, h) and id(h) not in _open_captures
-                )
-                found = changes.setdefault(id(owner), (owner, {}))[1]
-                kind = "events" if "event" in attr else "spans"
-                if put_in:
-                    found[f"{kind}_in"] = put_in
-                if take_out:
-                    found[f"{kind}_out"] = take_out
-            for owner, change in changes.values():
-                if not change:
-                    continue
-                if isinstance(owner, Dispatcher):
-                    owner._update(**change)
-                else:
-                    cast(Manager, owner)._update_taps(**change)
+                handlers = [h for h in now if not _has(added, h)]
+                # The last one taken out first: each goes back into the list as it was
+                # when it left, between the same neighbours.
+                for h, was, left in reversed(moved.values()):
+                    if was and not _has(now, h) and (not _is_capture(h) or id(h) in _open_captures):
+                        handlers.insert(_place(handlers, h, cast(tuple[Any, ...], left)), h)
+                changes.setdefault(id(owner), (owner, {}))[1][attr] = tuple(handlers)
+            for owner, lists in changes.values():
+                rebuild = owner._changed if isinstance(owner, Dispatcher) else owner._rebuild_all
+                _dispatcher_module._set_lists(owner, lists, rebuild)
             for node_ref, propagate in list(self.flags.values()):
                 node = node_ref()
                 if node is not None and node.propagate is not propagate:
                     node.propagate = propagate
         self.handlers.clear()
         self.flags.clear()
+
+
+def _place(handlers: list[Any], handler: Any, left: tuple[Any, ...]) -> int:
+    """Where ``handler``, taken out of the list ``left``, goes back into ``handlers``:
+    after the nearest handler before it there that is in ``handlers``, else before the
+    nearest after it, else at the end (handlers run in list order, and a handler put
+    back at the end ran after those it used to run before, in every later test)."""
+    at = next(i for i, h in enumerate(left) if h is handler)
+    for before in reversed(left[:at]):
+        for i, h in enumerate(handlers):
+            if h is before:
+                return i + 1
+    for after in left[at + 1 :]:
+        for i, h in enumerate(handlers):
+            if h is after:
+                return i
+    return len(handlers)
 
 
 #: The journals of the capture blocks this context is in, outermost first; in
@@ -230,7 +239,12 @@ _KEEP.open = False
 def _in_import(frame: FrameType | None) -> bool:
     """Whether ``frame`` or one of its callers is the body of a module being imported:
     what a module sets up at its import, it sets up once in a process, and later tests
-    rely on it whichever test imported it first."""
+    rely on it whichever test imported it first.
+
+    ``spec._initializing`` is importlib's own mark for that (its "partially initialized
+    module" error reads it), set on 3.10 to 3.13. No public attribute tells: the module
+    is in ``sys.modules``, with the same ``__spec__``, before its body runs and after.
+    """
     while frame is not None:
         if frame.f_code.co_name == "<module>":
             spec = frame.f_globals.get("__spec__")

@@ -115,6 +115,38 @@ def test_what_the_block_changes_is_undone(
     assert root_dispatcher.event_handlers == [] and root_dispatcher.span_handlers == []
 
 
+def test_a_handler_detached_in_the_block_goes_back_where_it_was(
+    block: Callable[[], AbstractContextManager[Any]], d: Dispatcher
+) -> None:
+    """Handlers run in list order: one put back at the end of its list ran after those
+    it used to run before, in every later test. Each goes back between the same
+    neighbours, whatever else was detached with it (in any order) or kept meanwhile;
+    the tree's taps too."""
+    a, b, c, kept = EventList(), EventList(), EventList(), EventList()
+    sa, sb = SimpleSpanHandler(), SimpleSpanHandler()
+    for handler in (a, b, c):
+        d.add_event_handler(handler)
+    d.span_handlers = [sa, sb]
+    root_manager._update_taps(events_in=(a, b))
+    try:
+        with block():
+            d.remove_event_handler(b)
+            d.remove_event_handler(a)
+            d.remove_span_handler(sa)
+            root_manager._update_taps(events_out=(a,))
+            with keep_changes():
+                d.add_event_handler(kept)
+        # By identity: handlers of one class with the same fields compare equal.
+        assert list(map(id, d.event_handlers)) == list(map(id, [a, b, c, kept]))
+        assert list(map(id, d.span_handlers)) == list(map(id, [sa, sb]))
+        assert list(map(id, root_manager.tap_event_handlers)) == list(map(id, [a, b]))
+        with block():
+            d.event_handlers.clear()
+        assert list(map(id, d.event_handlers)) == list(map(id, [a, b, c, kept]))
+    finally:
+        root_manager._update_taps(events_out=(a, b))
+
+
 async def test_a_change_made_in_keep_changes_stays(d: Dispatcher) -> None:
     """What the docs offer for set-up done lazily in a test that must outlive it (in
     the block's tasks too); a thread from ``asyncio.to_thread`` carries the block's

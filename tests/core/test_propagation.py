@@ -343,6 +343,49 @@ def test_without_tracestate_and_baggage_nothing_changes(d: Dispatcher, rec: Reco
     assert set(seen["next message"]) == {"traceparent", "active_span_id", "instrument_tags"}
 
 
+def test_baggage_without_span_keys_replaces_only_the_baggage(d: Dispatcher, rec: Recorder) -> None:
+    """W3C Baggage does not need a trace: a dict with ``baggage`` and no span key (the
+    headers of a caller that only sets baggage) used to be ignored. Its baggage is
+    restored; the span, its flags and tracestate, and the tags stay; the entries do
+    not become tags."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    @d.span
+    def work(label: str) -> None:
+        seen[label] = d.capture_propagation_context()
+
+    def consumer() -> None:
+        d.restore_propagation_context({"baggage": "tenant=acme"})
+        seen["no span"] = d.capture_propagation_context()
+        d.restore_propagation_context(
+            {
+                "traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-00",
+                "tracestate": TRACESTATE,
+                "instrument_tags": {"a": 1},
+            }
+        )
+        d.restore_propagation_context({"baggage": BAGGAGE})
+        work("in the trace")
+        d.restore_propagation_context({"baggage": ""})
+        work("cleared")
+
+    contextvars.Context().run(consumer)
+    assert seen["no span"] == {
+        "traceparent": None,
+        "active_span_id": None,
+        "instrument_tags": {},
+        "baggage": "tenant=acme",
+    }
+    sent = seen["in the trace"]
+    assert sent["traceparent"].startswith(f"00-{TRACE_HEX}-") and sent["traceparent"].endswith(
+        "-00"
+    )
+    assert sent["tracestate"] == TRACESTATE and sent["baggage"] == BAGGAGE
+    assert sent["instrument_tags"] == {"a": 1}
+    assert "baggage" not in seen["cleared"] and seen["cleared"]["tracestate"] == TRACESTATE
+    assert [r.parent_id for r in rec.named(work.__qualname__)] == [PARENT_HEX, PARENT_HEX]
+
+
 def test_bad_tracestate_and_baggage(d: Dispatcher, rec: Recorder) -> None:
     """A non-string is refused (TypeError saying what to pass), before anything changes.
     A malformed tracestate is dropped whole and the traceparent beside it still restored

@@ -656,6 +656,38 @@ def test_a_span_handler_stamping_naive_local_times_the_llamaindex_way_works(
         time.tzset()
 
 
+def test_span_times_given_past_validation_are_made_utc_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``model_copy(update=...)`` and ``model_construct(...)`` skip validation: a naive
+    local time given there stayed naive, and a handler ported from LlamaIndex that
+    subtracted the span's other time raised. They make it UTC as the constructor does;
+    other fields, and a copy without an update, are as pydantic gives them."""
+    import time
+    from datetime import datetime, timedelta
+
+    monkeypatch.setenv("TZ", "America/New_York")  # local time is not UTC
+    time.tzset()
+    try:
+        naive = datetime(2024, 1, 1, 12, 0)
+        span = SimpleSpan(id_="s", start_time=naive)
+        ended = span.model_copy(update={"end_time": naive + timedelta(seconds=2), "duration": 2.0})
+        assert ended.end_time is not None and ended.end_time.utcoffset() == timedelta(0)
+        assert ended.end_time - ended.start_time == timedelta(seconds=2)
+        assert ended.duration == 2.0 and ended.id_ == "s"
+        assert span.model_copy().start_time is span.start_time
+        built = SimpleSpan.model_construct(start_time=naive, end_time=naive, name="n")
+        assert built.start_time.utcoffset() == timedelta(0) and built.start_time == span.start_time
+        assert built.end_time is not None and built.end_time - built.start_time == timedelta(0)
+        assert (
+            built.name == "n"
+            and SimpleSpan.model_construct().start_time.utcoffset() == timedelta(0)
+        )
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 def test_a_simple_span_subclass_with_other_time_types_and_extreme_times_still_builds() -> None:
     """The UTC conversion assumed a datetime: a subclass keeping its times as floats,
     and ``datetime.min`` east of Greenwich (no UTC form), failed to build."""

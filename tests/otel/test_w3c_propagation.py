@@ -285,3 +285,38 @@ def test_traceparents_accepted_as_opentelemetry_accepts_them(value: str) -> None
             f"{theirs.span_id:016x}",
             theirs.trace_flags.sampled,
         )
+
+
+def test_baggage_alone_reaches_opentelemetry_and_keeps_the_restored_parent(
+    traced: Traced,
+) -> None:
+    """Headers with ``baggage`` and no ``traceparent``: OpenTelemetry's propagator
+    reads that baggage, and so do we now (it used to be ignored). Restored after a
+    parent, the parent stays (its flags and tracestate too) and OpenTelemetry sees the
+    new baggage there; restored with no parent, the application's span stays current."""
+    d = traced.dispatcher
+    seen: list[tuple[Any, str, str]] = []
+
+    @d.span
+    def work() -> None:
+        parent = trace_api.get_current_span().get_span_context()
+        injected: dict[str, str] = {}
+        W3C.inject(injected)
+        seen.append((otel_baggage.get_all(), f"{parent.trace_id:032x}", injected["tracestate"]))
+
+    def worker() -> None:
+        d.restore_propagation_context(
+            {"traceparent": f"00-{TRACE_HEX}-{PARENT_HEX}-01", "tracestate": TRACESTATE}
+        )
+        d.restore_propagation_context({"baggage": "tenant=acme"})
+        work()
+        with traced.tracer.start_as_current_span("server") as server:
+            d.restore_propagation_context({"traceparent": None})
+            d.restore_propagation_context({"baggage": "tenant=other"})
+            assert trace_api.get_current_span() is server
+            assert otel_baggage.get_baggage("tenant") == "other"
+
+    contextvars.Context().run(worker)
+    assert seen == [({"tenant": "acme"}, TRACE_HEX, TRACESTATE)]
+    (work_span,) = [s for n, s in traced.by_name().items() if n.endswith("work")]
+    assert hex_parent(work_span) == PARENT_HEX
