@@ -30,12 +30,9 @@ def instrumentation_capture() -> Iterator[Capture]:
     tests running at once changed, what a module imported during the test set up at
     its import, and what the test did in ``keep_changes()`` stay (see
     ``instrumentation.testing``)."""
-    from instrumentation import telemetry
-    from instrumentation.testing import isolated
+    from instrumentation.testing import _fixture
 
-    telemetry.reset()
-    with isolated() as capture:
-        yield capture
+    yield from _fixture()
 
 
 __all__ = ["instrumentation_capture"]

@@ -12,7 +12,7 @@ import difflib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 _EXTRA = "extra_forbidden"
@@ -31,10 +31,30 @@ def unknown_option(name: str, value: Any, fields: Iterable[str]) -> InitErrorDet
     return InitErrorDetails(type=hint, loc=(name,), input=value)
 
 
-def with_suggestions(error: ValidationError, fields: Iterable[str]) -> ValidationError:
-    """``error`` with the closest of ``fields`` suggested for each unknown option; itself
-    when there is none to suggest (or its errors cannot be made again)."""
-    names = list(fields)
+def option_names(model: type[BaseModel]) -> list[str]:
+    """The keywords ``model`` takes for its fields: a field's alias, where it has one,
+    and its name where it has none or the model takes names too (``populate_by_name``).
+    A name taken by its alias alone is refused like a misspelt one: it is not meant."""
+    config = model.model_config
+    by_name = config.get("populate_by_name") or config.get("validate_by_name")
+    by_alias = config.get("validate_by_alias", True)
+    names = []
+    for name, field in model.model_fields.items():
+        alias = field.validation_alias if field.validation_alias is not None else field.alias
+        if alias is None or by_name:
+            names.append(name)
+        if by_alias and isinstance(alias, str):
+            names.append(alias)
+        elif by_alias and isinstance(alias, AliasChoices):
+            names.extend(choice for choice in alias.choices if isinstance(choice, str))
+    return names
+
+
+def with_suggestions(error: ValidationError, model: type[BaseModel]) -> ValidationError:
+    """``error`` with the closest of ``model``'s options suggested for each unknown one;
+    itself when there is none to suggest (or its errors cannot be made again). Inputs
+    stay hidden where the model hides them (``hide_input_in_errors``)."""
+    names = option_names(model)
     details: list[InitErrorDetails] = []
     suggested = False
     for found in error.errors():
@@ -50,7 +70,8 @@ def with_suggestions(error: ValidationError, fields: Iterable[str]) -> Validatio
     if not suggested:
         return error
     try:
-        return ValidationError.from_exception_data(error.title, details)
+        hide_input = bool(model.model_config.get("hide_input_in_errors"))
+        return ValidationError.from_exception_data(error.title, details, hide_input=hide_input)
     except (KeyError, TypeError, ValueError):  # an error type of a validator's own
         return error
 
@@ -69,7 +90,7 @@ class SpellCheckedOptions(BaseModel):
             try:
                 super().__init__(**data)
             except ValidationError as exc:
-                raise with_suggestions(exc, type(self).model_fields) from None
+                raise with_suggestions(exc, type(self)) from None
 
 
-__all__ = ["SpellCheckedOptions", "unknown_option", "with_suggestions"]
+__all__ = ["SpellCheckedOptions", "option_names", "unknown_option", "with_suggestions"]

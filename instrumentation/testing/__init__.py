@@ -624,6 +624,15 @@ def reset_counters() -> None:
     telemetry.reset()
 
 
+def _fixture() -> Iterator[Capture]:
+    """The ``instrumentation_capture`` fixture, for both modules that define it
+    (:mod:`instrumentation_pytest`, and ``pytest_plugin`` under its former name): the
+    counters from zero, then :func:`isolated` around the test."""
+    telemetry.reset()
+    with isolated() as capture:
+        yield capture
+
+
 __all__ = [
     "Capture",
     "CapturedEvents",

@@ -68,3 +68,45 @@ def test_the_entry_point_is_the_module_outside_the_package() -> None:
         "instrumentation": "instrumentation_pytest"
     }
     assert "instrumentation_pytest" in project["tool"]["setuptools"]["py-modules"]
+
+
+def test_the_former_module_gives_the_fixture_where_the_new_one_cannot_be_imported(
+    tmp_path: Path,
+) -> None:
+    """A checkout installed (``pip install -e .``) before ``instrumentation_pytest``
+    existed registers ``instrumentation.testing.pytest_plugin``, and its import finder
+    knows only the package: that module imported the new one, so every pytest run in
+    the environment stopped at loading the plugin, whether it used the fixture or not."""
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+
+            sys.modules["instrumentation_pytest"] = None  # as that installation: not found
+            pytest_plugins = ["instrumentation.testing.pytest_plugin"]
+            """
+        )
+    )
+    (tmp_path / "test_uses.py").write_text(
+        textwrap.dedent(
+            """
+            def test_uses(instrumentation_capture):
+                from instrumentation import BaseEvent, get_dispatcher
+
+                get_dispatcher("kit.app").event(BaseEvent())
+                assert len(instrumentation_capture.events) == 1
+            """
+        )
+    )
+    env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_uses.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout

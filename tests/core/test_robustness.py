@@ -298,6 +298,46 @@ def test_a_misspelt_handler_option_names_the_option_meant() -> None:
     assert refused.value.errors()[0]["msg"] == "Extra inputs are not permitted"
 
 
+def test_a_misspelt_option_of_an_aliased_field_names_what_the_handler_takes() -> None:
+    """A field taken by its alias alone was suggested by its name, which is refused
+    too: ``max_items=3`` got "did you mean 'max_items'?", itself."""
+    from pydantic import ConfigDict, Field, ValidationError
+
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    class Aliased(SimpleSpanHandler):
+        max_items: int = Field(default=1, alias="maxItems")
+
+    class ByNameToo(Aliased):
+        model_config = ConfigDict(populate_by_name=True)
+
+    for given in ("max_items", "maxItem"):
+        with pytest.raises(ValidationError) as refused:
+            Aliased(**{given: 3})
+        assert refused.value.errors()[0]["msg"].endswith("did you mean 'maxItems'?"), given
+    with pytest.raises(ValidationError, match="did you mean 'max_items'"):
+        ByNameToo(max_item=3)  # type: ignore[call-arg]
+    assert Aliased(maxItems=3).max_items == ByNameToo(max_items=3).max_items == 3
+
+
+def test_a_misspelt_option_keeps_the_inputs_a_handler_hides_from_errors() -> None:
+    """With the suggestion, the error showed every input, a handler's
+    ``hide_input_in_errors=True`` notwithstanding: its secrets were printed."""
+    from pydantic import ConfigDict, ValidationError
+
+    from instrumentation.span_handlers import SimpleSpanHandler
+
+    class Keyed(SimpleSpanHandler):
+        model_config = ConfigDict(hide_input_in_errors=True)
+        api_key: int = 0
+
+    with pytest.raises(ValidationError) as refused:
+        Keyed(api_key="sk-one", api_kye="sk-two")  # type: ignore[call-arg]
+    shown = str(refused.value)
+    assert "did you mean 'api_key'" in shown
+    assert "sk-one" not in shown and "sk-two" not in shown
+
+
 @pytest.mark.parametrize("failing", ["prepare_to_exit_span", "prepare_to_drop_span"])
 def test_a_handler_failing_to_end_spans_does_not_keep_them_open(failing: str) -> None:
     """A handler whose prepare method raises on every span is reported each time, and
