@@ -8,7 +8,6 @@ were refused with pydantic's "Extra inputs are not permitted" alone: the error n
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,8 @@ _EXTRA_MESSAGE = "Extra inputs are not permitted"
 def unknown_option(name: str, value: Any, fields: Iterable[str]) -> InitErrorDetails:
     """The error for an option ``name`` that none of ``fields`` is, with the closest of
     them suggested (if one is close)."""
+    import difflib  # here, not at import: only a misspelt option needs it
+
     close = difflib.get_close_matches(name, list(fields), n=1)
     if not close:
         return InitErrorDetails(type=_EXTRA, loc=(name,), input=value)

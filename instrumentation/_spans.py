@@ -10,7 +10,6 @@ that finds it taken waits in line behind it instead.)
 from __future__ import annotations
 
 import _thread
-import asyncio
 import atexit
 import gc
 import inspect
@@ -25,7 +24,7 @@ from threading import get_ident
 from types import FrameType
 from typing import Any
 
-from instrumentation import _ids, telemetry
+from instrumentation import _aio, _ids, telemetry
 from instrumentation import context as _context
 from instrumentation._classcache import remember
 from instrumentation._exit import run_exit_hooks
@@ -75,10 +74,11 @@ def _put_off(handler: Any, method: str, span_id: str, end: Callable[[], Any]) ->
 
 
 #: What a handler's call raises as its own error, to be reported as ``Exception`` is.
-#: An ``asyncio.CancelledError`` is, though no ``Exception``: a cancellation comes in
-#: at an ``await``, and a handler's call has none (it read a cancelled future of its
-#: own, say); ``GeneratorExit`` comes in at a ``yield`` only.
-_HANDLERS_OWN = (Exception, asyncio.CancelledError, GeneratorExit)
+#: An ``asyncio.CancelledError`` is too (told apart by :mod:`instrumentation._aio`,
+#: not to import asyncio), though no ``Exception``: a cancellation comes in at an
+#: ``await``, and a handler's call has none (it read a cancelled future of its own,
+#: say); ``GeneratorExit`` comes in at a ``yield`` only.
+_HANDLERS_OWN = (Exception, GeneratorExit)
 
 
 def stops_the_caller(exc: BaseException) -> bool:
@@ -89,7 +89,11 @@ def stops_the_caller(exc: BaseException) -> bool:
     handler's own (see :data:`_HANDLERS_OWN`), nor pyo3's ``PanicException``:
     pydantic-core given a dict that changed as it read it (its class cannot be
     imported; :mod:`instrumentation._dump` tells it by name too)."""
-    return not isinstance(exc, _HANDLERS_OWN) and type(exc).__name__ != "PanicException"
+    return (
+        not isinstance(exc, _HANDLERS_OWN)
+        and not _aio.is_cancellation(exc)
+        and type(exc).__name__ != "PanicException"
+    )
 
 
 def stops_the_awaiting_caller(exc: BaseException) -> bool:
@@ -97,8 +101,10 @@ def stops_the_awaiting_caller(exc: BaseException) -> bool:
     to an ``await``: ``GeneratorExit`` there is the caller's coroutine being closed,
     and an ``asyncio.CancelledError`` may be its task being cancelled, taken so while
     the task is (``Task.cancelling()``); before Python 3.11, which cannot tell, always."""
-    if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task() if asyncio._get_running_loop() is not None else None
+    if _aio.is_cancellation(exc):
+        import asyncio  # imported already: asyncio made exc
+
+        task = asyncio.current_task() if _aio.loop_running() else None
         cancelling = getattr(task, "cancelling", None)
         return cancelling is None or cancelling() > 0
     return isinstance(exc, GeneratorExit) or stops_the_caller(exc)

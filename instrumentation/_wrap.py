@@ -9,7 +9,6 @@ again at every resume, so that interleaved generators each parent their own work
 
 from __future__ import annotations
 
-import asyncio
 import collections.abc
 import functools
 import inspect
@@ -18,8 +17,9 @@ import types
 import weakref
 from collections.abc import Callable, Mapping
 from contextvars import Token
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from instrumentation import _aio
 from instrumentation import context as _context
 from instrumentation._classcache import keep
 from instrumentation._spans import (
@@ -45,6 +45,9 @@ from instrumentation.context import (
     deactivate,
     suspend,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 _set_active = _active_span.set
 _partial = functools.partial
@@ -78,17 +81,24 @@ def _traced_by(func: Any, dispatcher: Any) -> bool:
 
 _METHOD_FIRST_PARAMS = frozenset({"self", "cls", "mcs", "klass", "metacls"})
 
-#: Whether a result of each class is awaited in its call's span: by the class for the
-#: classes that live for good (the traced call's plain lookup), by ``id()`` for the
-#: others, forgotten with them (see :func:`instrumentation._classcache.keep`). Keyed
-#: by the class alone, it kept alive every class a traced call had returned, up to its
-#: bound: pydantic models made per call (``create_model``), and all they refer to.
-_awaitable_types: dict[type, bool] = {}
-_awaitable_made_types: dict[int, bool] = {}
+#: What a traced call's result is: returned as it is (false), awaited in the call's
+#: span, or an asyncio future whose end ends the span.
+_RETURNED, _AWAITED, _FUTURE = 0, 1, 2
+
+#: Which of those a result of each class is: by the class for the classes that live
+#: for good (the traced call's plain lookup), by ``id()`` for the others, forgotten with
+#: them (see :func:`instrumentation._classcache.keep`). Keyed by the class alone, it
+#: kept alive every class a traced call had returned, up to its bound: pydantic models
+#: made per call (``create_model``), and all they refer to. A future is told by its
+#: class, once per class: asyncio is read from ``sys.modules`` then, not imported (a
+#: class made before asyncio was imported is no future).
+_awaitable_types: dict[type, int] = {}
+_awaitable_made_types: dict[int, int] = {}
 
 
-def _is_awaitable(value: Any) -> bool:
-    """Whether the span should last until ``value`` is awaited.
+def _is_awaitable(value: Any) -> int:
+    """Whether the span should last until ``value`` is awaited (``_AWAITED``), or ends
+    with it (``_FUTURE``), or at the return (``_RETURNED``).
 
     Futures and coroutines, including generator-based ones (``types.coroutine``).
     Other objects with ``__await__`` are returned as they are, and their span ends
@@ -101,8 +111,13 @@ def _is_awaitable(value: Any) -> bool:
         known = _awaitable_made_types.get(id(kind))
     if known is None:
         if kind is types.GeneratorType:  # a coroutine only if its code says so
-            return inspect.isawaitable(value)
-        known = issubclass(kind, (asyncio.Future, collections.abc.Coroutine))
+            return _AWAITED if inspect.isawaitable(value) else _RETURNED
+        if _aio.is_future_class(kind):
+            known = _FUTURE
+        elif issubclass(kind, collections.abc.Coroutine):
+            known = _AWAITED
+        else:
+            known = _RETURNED
         if len(_awaitable_types) + len(_awaitable_made_types) < 4096:
             keep(_awaitable_types, _awaitable_made_types, kind, known)
     return known
@@ -344,6 +359,8 @@ def _end_with_future(
 ) -> asyncio.Future[Any]:
     def done(fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
+            import asyncio  # imported already: asyncio made fut
+
             fail(chain, span, bound, instance, asyncio.CancelledError())
             return
         err = fut.exception()
@@ -578,7 +595,7 @@ def _wrap_callable(
                             # stream that way too), this may await: not wait for the
                             # handlers blocking the loop. With no loop running here it
                             # may be a close by the collector, which cannot await.
-                            in_async = asyncio._get_running_loop() is not None
+                            in_async = _aio.loop_running()
                             if returned:
                                 guard.finish(in_async)
                             else:
@@ -699,7 +716,7 @@ def _wrap_callable(
                 if awaitable is None:
                     awaitable = _is_awaitable(result)
                 if awaitable:
-                    if isinstance(result, asyncio.Future):
+                    if awaitable == _FUTURE:
                         return _end_with_future(result, chain, span, bound, instance)
                     return _await_in_span(result, chain, span, bound, instance)
                 finish(chain, span, bound, instance, result)

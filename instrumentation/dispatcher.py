@@ -14,7 +14,6 @@ tuples, so the hot path reads one attribute.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 import sys
@@ -23,11 +22,11 @@ from abc import ABC
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from types import FrameType
-from typing import Any, Protocol, SupportsIndex, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, TypeVar, overload
 
 from typing_extensions import Self
 
-from instrumentation import _spans, telemetry
+from instrumentation import _aio, _spans, telemetry
 from instrumentation import context as _context
 from instrumentation._ids import new_trace_id
 from instrumentation._spans import (
@@ -82,7 +81,15 @@ from instrumentation.event_handlers.base import BaseEventHandler
 from instrumentation.events.base import BaseEvent
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.span_handlers.base import _SPAN_METHODS, BaseSpanHandler
-from instrumentation.span_handlers.null import NullSpanHandler
+
+if TYPE_CHECKING:
+    from instrumentation.span_handlers.null import NullSpanHandler
+else:  # LlamaIndex's dispatcher module has it; imported at first use (instrumentation._lazy)
+    from instrumentation import _lazy
+
+    __getattr__, __dir__ = _lazy.lazy_exports(
+        globals(), {"NullSpanHandler": "instrumentation.span_handlers.null"}
+    )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -695,6 +702,8 @@ class Dispatcher:
             if len(handlers) == 1:  # nothing to run beside it: no task to make
                 await _ahandle(handlers[0], event, kwargs, stops)
             else:
+                import asyncio  # here, not at import: only an awaited aevent needs it
+
                 await asyncio.gather(*[_ahandle(h, event, kwargs, stops) for h in handlers])
         finally:
             # Also when the caller's task was cancelled as it waited for the others
@@ -1354,7 +1363,7 @@ def _closed_by_aclose() -> bool:
 
     The frame leaving the block is the first one up the stack that is no coroutine
     (``__aexit__``, and an ``AsyncExitStack`` holding the block, are)."""
-    if asyncio._get_running_loop() is None:
+    if not _aio.loop_running():
         return False
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_flags & inspect.CO_COROUTINE:

@@ -35,7 +35,6 @@ abandoned before those flushes (see :mod:`instrumentation._exit`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -44,7 +43,7 @@ from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from instrumentation import telemetry
+from instrumentation import _aio, telemetry
 from instrumentation._exit import before_exit_flush
 from instrumentation._spans import (
     EMPTY_BOUND_ARGS,
@@ -351,7 +350,7 @@ class AsyncEndOnClose(EndOnClose):
             except Exception as err:
                 _count_close_error(err)
             return
-        cancelled = issubclass(typ, asyncio.CancelledError)
+        cancelled = _aio.is_cancellation_class(typ)
         if not cancelled and not _abandoning(span, typ):
             return
         try:

@@ -10,7 +10,6 @@ are configurable.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 import time
@@ -22,6 +21,14 @@ from instrumentation.llms.base import BaseLLM
 from instrumentation.llms.pricing import PriceTable
 from instrumentation.llms.redaction import Redaction
 from instrumentation.llms.tokens import count_message_tokens, count_tokens, split_chunks
+
+
+async def _async_sleep(seconds: float) -> None:
+    """``asyncio.sleep``, imported at the first wait, not with the module: only an
+    async call with a delay set waits."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
 
 
 class OfflineLLMError(RuntimeError):
@@ -187,7 +194,7 @@ class OfflineLLM(BaseLLM):
 
     async def _achat(self, messages: list[ChatMessage], **kwargs: Any) -> ChatResponse:
         if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+            await _async_sleep(self.latency_s)
         if self._should_fail():
             raise self._error()
         return self._response(messages)
@@ -212,13 +219,13 @@ class OfflineLLM(BaseLLM):
     ) -> AsyncIterator[ChatResponse]:
         text, chunks, failing = self._chunks(messages)
         if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+            await _async_sleep(self.latency_s)
         so_far = ""
         for i, delta in enumerate(chunks):
             if failing and i == self.fail_after_chunks:
                 raise self._error()
             if i and self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
+                await _async_sleep(self.chunk_delay_s)
             so_far += delta
             yield self._chunk_response(messages, so_far, delta, i == len(chunks) - 1, text)
         if failing:

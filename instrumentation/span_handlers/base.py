@@ -19,7 +19,13 @@ from instrumentation._options import SpellCheckedOptions
 from instrumentation.context import _EMPTY_TAGS, span_name_of
 from instrumentation.span.base import BaseSpan
 from instrumentation.span_handlers._buffered import SpanDeque
-from instrumentation.threads import Thread  # LlamaIndex's home for it
+
+if TYPE_CHECKING:
+    from instrumentation.threads import Thread
+else:  # LlamaIndex's home for it; imported at first use (see instrumentation._lazy)
+    from instrumentation import _lazy
+
+    __getattr__, __dir__ = _lazy.lazy_exports(globals(), {"Thread": "instrumentation.threads"})
 
 T = TypeVar("T", bound=BaseSpan)
 

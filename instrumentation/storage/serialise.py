@@ -14,6 +14,7 @@ import enum
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -29,7 +30,6 @@ from instrumentation._classcache import remember
 from instrumentation._dump import dump, dump_json
 from instrumentation._finite import finite
 from instrumentation.dispatcher import ROOT_NAME
-from instrumentation.events.llm import LLMChatInProgressEvent, LLMCompletionInProgressEvent
 from instrumentation.events.span import SpanDropEvent
 from instrumentation.storage.base import Row, index_key
 from instrumentation.storage.models import METADATA_KEYS
@@ -52,10 +52,14 @@ _EVENT_COLUMN_FIELDS = {"id_", "timestamp", "span_id", "trace_id"}
 #: deltas add up to it, and the end event has it whole). Stored, a stream of n chunks
 #: kept n copies of the prompt and n growing copies of the answer: five streamed
 #: answers of 500 words to a 16 kB prompt took 46 MB, 99% of it in chunk events.
-_REPEATED_IN_CHUNKS: tuple[tuple[type, dict[str, Any]], ...] = (
-    (LLMChatInProgressEvent, {"messages": True, "response": {"message": True}}),
-    (LLMCompletionInProgressEvent, {"prompt": True, "response": {"text": True}}),
+#: By class name in :mod:`instrumentation.events.llm`, looked up in ``sys.modules``:
+#: such an event exists only once that module is imported, and importing it here was an
+#: eighth of ``import instrumentation.storage`` for applications without LLM events.
+_REPEATED_IN_CHUNKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("LLMChatInProgressEvent", {"messages": True, "response": {"message": True}}),
+    ("LLMCompletionInProgressEvent", {"prompt": True, "response": {"text": True}}),
 )
+_LLM_EVENTS_MODULE = "instrumentation.events.llm"
 
 #: The ``exclude`` of each event class's payload (by ``id(cls)``: see ``remember``).
 _excludes: dict[int, Any] = {}
@@ -70,8 +74,10 @@ def _exclude_of(cls: type) -> Any:
 
 def _work_out_exclude(cls: type) -> dict[str, Any]:
     exclude: dict[str, Any] = dict.fromkeys(_EVENT_COLUMN_FIELDS, True)
-    for kind, repeated in _REPEATED_IN_CHUNKS:
-        if issubclass(cls, kind):
+    llm_events = sys.modules.get(_LLM_EVENTS_MODULE)
+    for name, repeated in _REPEATED_IN_CHUNKS:
+        kind = getattr(llm_events, name, None)
+        if kind is not None and issubclass(cls, kind):
             exclude.update(repeated)
     return exclude
 
