@@ -1171,10 +1171,7 @@ def handle_all(
     (see :func:`handle_after_a_stop`)."""
     for handler in handlers:
         try:
-            if kwargs:
-                handler.handle(event, **kwargs)
-            else:
-                handler.handle(event)
+            _handle(handler, event, kwargs)
         except BaseException as exc:
             if stops_the_caller(exc):
                 handle_after_a_stop(handlers, handler, event, kwargs, where)
@@ -1193,12 +1190,17 @@ def handle_after_a_stop(
     rest = handlers[next(i for i, each in enumerate(handlers) if each is stopped) + 1 :]
     for handler in rest:
         try:
-            if kwargs:
-                handler.handle(event, **kwargs)
-            else:
-                handler.handle(event)
+            _handle(handler, event, kwargs)
         except BaseException as exc:
             report_or_raise(handler, where, event.class_name(), exc)
+
+
+def _handle(handler: Any, event: Any, kwargs: dict[str, Any]) -> None:
+    # Without kwargs, as Dispatcher.event calls it (an empty ** costs a dict).
+    if kwargs:
+        handler.handle(event, **kwargs)
+    else:
+        handler.handle(event)
 
 
 __all__ = [

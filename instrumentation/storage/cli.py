@@ -468,13 +468,8 @@ def _cmd_events(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             out.write(_json_line(_event_record(event), out))
             out.write("\n")
         return 0
-    printed = False
     # In columns a page at a time: --all prints as it reads.
-    for page in _pages(found, _PAGE):
-        for line in event_lines(page):
-            print(line, file=out)
-        printed = True
-    if not printed:
+    if not _print_in_pages(found, event_lines, out):
         print("(no events)", file=out)
         _hint(_type_hint(store, args.type))
     return 0
@@ -507,6 +502,19 @@ def _type_hint(store: Store, given: str | None) -> str | None:
     return f"no event has type {given!r}; did you mean {' or '.join(map(repr, close))}?"
 
 
+def _print_in_pages(
+    items: Iterable[_T], lines_of: Callable[[list[_T]], list[str]], out: TextIO
+) -> bool:
+    """Print ``lines_of`` each page of ``items`` (their columns lined up within it), read
+    as it is printed; whether there was any."""
+    printed = False
+    for page in _pages(items, _PAGE):
+        for line in lines_of(page):
+            print(line, file=out)
+        printed = True
+    return printed
+
+
 def _pages(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
     """``items`` in lists of ``size`` (the last shorter), read as they are needed."""
     iterator = iter(items)
@@ -527,12 +535,7 @@ def _cmd_list(store: Store, args: argparse.Namespace, out: TextIO) -> int:
         "metadata": _meta(args.meta),
     }
     found = store.iter_traces(limit=None if args.all else args.limit, **filters)
-    printed = False
-    for page in _pages(found, _PAGE):
-        for line in summary_lines(page):
-            print(line, file=out)
-        printed = True
-    if not printed:
+    if not _print_in_pages(found, summary_lines, out):
         print("(no traces)", file=out)
         _hint(_name_hint(store, filters))
     return 0
