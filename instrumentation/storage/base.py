@@ -531,11 +531,6 @@ class SQLStore(Store):
             dispatcher=dispatcher,
             metadata=metadata,
         )
-        return self._summary_pages(where, params, limit)
-
-    def _summary_pages(
-        self, where: list[str], params: list[Any], limit: int | None
-    ) -> Iterator[TraceSummary]:
         # A page at a time: traces(limit=...) holds a summary of every trace at once
         # (123 MB for 100,000).
         return self._newest_roots_paged(
